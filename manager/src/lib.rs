@@ -1,1 +1,111 @@
-//! placeholder
+//! The fleetshift manager: registry and history, the CA, the request
+//! handlers and the operator API. It talks to the broker only as an MQTT
+//! client, so it runs unchanged against the embedded broker or an external one.
+//!
+//! # Layout
+//! - [`config`]: [`ManagerConfig`], its defaults and loading.
+//! - [`store`]: sled trees for registrations, devices, service history, certificates, nonces, audit.
+//! - [`handlers`]: activate, update, poll and status, service changes and notices ([`handlers::Core`]).
+//! - [`mqtt`]: the event-loop task and the worker pool.
+//! - [`admin`]: the operator HTTP API and its small client.
+
+pub mod admin;
+pub mod config;
+pub mod handlers;
+pub mod mqtt;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::ManagerConfig;
+pub use handlers::Core;
+
+/// A started manager.
+pub struct RunningManager {
+    pub admin_addr: SocketAddr,
+    pub core: Arc<Core>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl RunningManager {
+    /// Stops the manager and waits for its tasks; the store is flushed and
+    /// released once the last handle to `core` is dropped.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("manager tasks did not stop within 10 s");
+        }
+        let _ = self.core.store.flush();
+    }
+
+    /// Waits until shutdown is requested, then stops.
+    pub async fn wait(self) {
+        self.shutdown.cancelled().await;
+        self.stop().await;
+    }
+}
+
+/// Opens the store and PKI, connects to the broker, subscribes, and serves
+/// the operator API. Returns once the request topics are subscribed.
+pub async fn start(
+    config: ManagerConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunningManager> {
+    config.validate()?;
+    let store = store::Store::open(&config.data_dir)
+        .with_context(|| format!("opening store {}", config.data_dir.display()))?;
+    let pki = fleet_pki::Pki::open_or_create(&config.certs_dir)
+        .with_context(|| format!("opening PKI {}", config.certs_dir.display()))?;
+    let core = Arc::new(Core::new(store, Arc::new(pki), config.clone()));
+    let tracker = TaskTracker::new();
+
+    let (client, eventloop) = mqtt::connect(&config)?;
+    let (subscribed_tx, mut subscribed_rx) = watch::channel(false);
+    tracker.spawn(mqtt::serve(
+        core.clone(),
+        client.clone(),
+        eventloop,
+        subscribed_tx,
+        shutdown.clone(),
+        tracker.clone(),
+    ));
+    let listener = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("binding admin API on {}", config.admin_listen))?;
+    let admin_addr = listener.local_addr()?;
+    let admin = Arc::new(admin::Admin {
+        core: core.clone(),
+        client,
+        subscribed: subscribed_rx.clone(),
+    });
+    tracker.spawn(admin::serve(admin, listener, shutdown.clone()));
+
+    tokio::time::timeout(Duration::from_secs(30), subscribed_rx.wait_for(|s| *s))
+        .await
+        .context("manager did not subscribe at the broker within 30 s")??;
+    tracing::info!(%admin_addr, broker = %config.broker_url, "manager ready");
+    Ok(RunningManager {
+        admin_addr,
+        core,
+        tracker,
+        shutdown,
+    })
+}
+
+/// Runs until `shutdown` is cancelled.
+pub async fn run(config: ManagerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    start(config, shutdown).await?.wait().await;
+    Ok(())
+}

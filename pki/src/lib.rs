@@ -1,1 +1,797 @@
-//! placeholder
+//! The fleetshift PKI: a root CA, one intermediate CA per service id, the
+//! broker's server certificate, the manager's message-signing key, device
+//! certificates and per-service CRLs, all kept as PEM files in one directory.
+//!
+//! Everything is ECDSA P-256 with SHA-256 and goes through the `openssl`
+//! crate. The calls here are blocking (file I/O and signatures); async
+//! callers run them on `spawn_blocking`.
+//!
+//! # Layout
+//! - this file: [`Pki`], the directory and its keys; [`IssuedCert`],
+//!   [`RevokedEntry`], [`PkiError`]; the device-side helpers
+//!   [`generate_csr`], [`chain_to_pem`], [`write_private_key`].
+//! - `certs`: certificate templates (CA, server, client) and key and serial generation.
+//! - `crl`: X.509 v2 CRLs, encoded with `der` and signed with OpenSSL.
+//! - `der`: the few DER encoders a CRL needs.
+//! - `files`: atomic writes with an explicit mode, PEM loading.
+//!
+//! # Directory
+//! ```text
+//! root-ca.pem, root-ca.key            fleet root CA
+//! manager-sign.key, manager-sign.pub.pem
+//! broker.pem, broker.key              broker server certificate (signed by the root)
+//! services/{svc}-ca.pem, {svc}-ca.key per-service intermediate CAs
+//! crl/{svc}.crl.pem                   per-service CRLs
+//! ```
+//! Private keys are PKCS#8 PEM with mode 0600; every file is written
+//! atomically (temporary file, then rename).
+
+mod certs;
+mod crl;
+mod der;
+mod files;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use openssl::hash::MessageDigest;
+use openssl::pkey::{PKey, PKeyRef, Private, Public};
+use openssl::x509::{X509Req, X509};
+
+use certs::{Issuer, Profile, Template, DAY};
+use files::{KEY_MODE, PUBLIC_MODE};
+
+/// Root CA lifetime.
+const ROOT_LIFETIME_DAYS: u64 = 10 * 365;
+/// Service CA lifetime.
+const SERVICE_CA_LIFETIME_DAYS: u64 = 5 * 365;
+/// Broker server certificate lifetime.
+const BROKER_LIFETIME_DAYS: u64 = 2 * 365;
+/// A CRL's nextUpdate, counted from its thisUpdate.
+const CRL_VALIDITY_DAYS: u64 = 7;
+/// Longest device certificate we issue: it must not outlive a fresh service CA.
+pub const MAX_DEVICE_LIFETIME_DAYS: u32 = 5 * 365;
+/// Largest CSR we parse; a P-256 CSR is a few hundred bytes.
+pub const MAX_CSR_LEN: usize = 4096;
+
+const ROOT_CN: &str = "fleetshift root CA";
+const BROKER_CN: &str = "fleetshift broker";
+const BROKER_DNS: &[&str] = &["localhost"];
+const BROKER_IPS: &[&str] = &["127.0.0.1", "::1"];
+
+/// Errors of this layer.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{}: {source}", path.display())]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("openssl: {0}")]
+    OpenSsl(#[from] openssl::error::ErrorStack),
+    #[error("bad CSR: {0}")]
+    BadCsr(String),
+    #[error("bad service id {0:?}")]
+    BadServiceId(String),
+    #[error("bad device id {0:?}")]
+    BadDeviceId(String),
+    #[error("bad key: {0}")]
+    BadKey(String),
+    #[error("bad certificate lifetime {0} days (1..={max})", max = MAX_DEVICE_LIFETIME_DAYS)]
+    BadLifetime(u32),
+    #[error("bad serial {0:?}")]
+    BadSerial(String),
+    /// The PKI directory holds something we did not expect, e.g. a
+    /// certificate without its key or a service CA not signed by the root.
+    #[error("inconsistent PKI directory: {0}")]
+    Inconsistent(String),
+}
+
+/// A freshly issued device certificate.
+#[derive(Debug, Clone)]
+pub struct IssuedCert {
+    pub leaf: X509,
+    /// `[leaf, service CA]`; the root is not included.
+    pub chain: Vec<X509>,
+    /// Lowercase hex of the serial, no leading zeros.
+    pub serial_hex: String,
+    /// Lowercase hex of SHA-256 over the leaf's DER.
+    pub fingerprint_sha256: String,
+    /// Unix seconds.
+    pub not_before: u64,
+    /// Unix seconds.
+    pub not_after: u64,
+}
+
+/// One line of a CRL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedEntry {
+    /// As in [`IssuedCert::serial_hex`].
+    pub serial_hex: String,
+    /// Unix seconds.
+    pub revoked_at: u64,
+}
+
+#[derive(Clone)]
+struct ServiceCa {
+    cert: X509,
+    key: PKey<Private>,
+}
+
+/// The PKI directory with its root CA, signing key and service CAs loaded.
+/// `Send + Sync`; share it behind an `Arc`.
+pub struct Pki {
+    dir: PathBuf,
+    root: X509,
+    root_key: PKey<Private>,
+    signing_key: PKey<Private>,
+    service_cas: Mutex<HashMap<String, ServiceCa>>,
+}
+
+impl std::fmt::Debug for Pki {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        f.debug_struct("Pki")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pki {
+    /// Opens the PKI directory, creating what is missing on first use. Existing
+    /// files are kept, so reopening yields the same root, signing key and
+    /// service CAs.
+    ///
+    /// Creates `root-ca.pem`/`.key` (CN "fleetshift root CA", 10 years),
+    /// `manager-sign.key`/`.pub.pem`, `broker.pem`/`.key` (CN "fleetshift
+    /// broker", SAN localhost, 127.0.0.1, ::1, serverAuth, 2 years) and the
+    /// `services/` and `crl/` directories. The broker certificate is
+    /// recreated if either of its files is missing; the root and signing key
+    /// are never silently replaced.
+    pub fn open_or_create(dir: &Path) -> Result<Pki, PkiError> {
+        files::create_dir(dir)?;
+        files::create_dir(&dir.join("services"))?;
+        files::create_dir(&dir.join("crl"))?;
+
+        let (root, root_key) = load_or_create_root(dir)?;
+        let signing_key = load_or_create_signing_key(dir)?;
+        let pki = Pki {
+            dir: dir.to_path_buf(),
+            root,
+            root_key,
+            signing_key,
+            service_cas: Mutex::new(HashMap::new()),
+        };
+        pki.ensure_broker_cert()?;
+        Ok(pki)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn root_cert(&self) -> &X509 {
+        &self.root
+    }
+
+    /// `dir/root-ca.pem`.
+    pub fn root_pem_path(&self) -> PathBuf {
+        self.dir.join("root-ca.pem")
+    }
+
+    pub fn broker_cert_path(&self) -> PathBuf {
+        self.dir.join("broker.pem")
+    }
+
+    pub fn broker_key_path(&self) -> PathBuf {
+        self.dir.join("broker.key")
+    }
+
+    /// The manager's message-signing key.
+    pub fn signing_key(&self) -> &PKey<Private> {
+        &self.signing_key
+    }
+
+    /// The signing key's public half, SubjectPublicKeyInfo PEM; devices pin it.
+    pub fn signing_pub_path(&self) -> PathBuf {
+        self.dir.join("manager-sign.pub.pem")
+    }
+
+    /// `dir/services/{svc}-ca.pem`. The id is not checked here.
+    pub fn service_ca_path(&self, service_id: &str) -> PathBuf {
+        self.dir
+            .join("services")
+            .join(format!("{service_id}-ca.pem"))
+    }
+
+    fn service_ca_key_path(&self, service_id: &str) -> PathBuf {
+        self.dir
+            .join("services")
+            .join(format!("{service_id}-ca.key"))
+    }
+
+    /// `dir/crl/{svc}.crl.pem`. The id is not checked here.
+    pub fn crl_path(&self, service_id: &str) -> PathBuf {
+        self.dir.join("crl").join(format!("{service_id}.crl.pem"))
+    }
+
+    /// The intermediate CA of `service_id`, loaded from `services/` or created
+    /// there on first use (CN "fleetshift service CA {svc}", O = svc,
+    /// pathlen 0, 5 years). Returns clones (reference-counted in OpenSSL).
+    pub fn service_ca(&self, service_id: &str) -> Result<(X509, PKey<Private>), PkiError> {
+        let ca = self.service_ca_entry(service_id)?;
+        Ok((ca.cert, ca.key))
+    }
+
+    fn service_ca_entry(&self, service_id: &str) -> Result<ServiceCa, PkiError> {
+        fleet_protocol::topic::validate_service_id(service_id)
+            .map_err(|_| PkiError::BadServiceId(service_id.to_owned()))?;
+        // Held across load-or-create so two callers cannot mint two CAs.
+        let mut cache = self.lock_cache();
+        if let Some(ca) = cache.get(service_id) {
+            return Ok(ca.clone());
+        }
+        let ca = self.load_or_create_service_ca(service_id)?;
+        cache.insert(service_id.to_owned(), ca.clone());
+        Ok(ca)
+    }
+
+    fn lock_cache(&self) -> MutexGuard<'_, HashMap<String, ServiceCa>> {
+        // The map is only ever inserted into whole entries, so a panic while
+        // it was held cannot have left it half-updated.
+        self.service_cas.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn load_or_create_service_ca(&self, service_id: &str) -> Result<ServiceCa, PkiError> {
+        let cert_path = self.service_ca_path(service_id);
+        let key_path = self.service_ca_key_path(service_id);
+        match (cert_path.exists(), key_path.exists()) {
+            (true, true) => {
+                let cert = files::load_cert(&cert_path)?;
+                let key = files::load_private_key(&key_path)?;
+                check_pair(&cert, &key, &cert_path)?;
+                if !cert.verify(&self.root_key)? {
+                    return Err(PkiError::Inconsistent(format!(
+                        "{} is not signed by the root CA",
+                        cert_path.display()
+                    )));
+                }
+                Ok(ServiceCa { cert, key })
+            }
+            (false, false) => {
+                let key = certs::new_p256_key()?;
+                let now = unix_now();
+                let subject = certs::name(
+                    Some(service_id),
+                    &format!("fleetshift service CA {service_id}"),
+                )?;
+                let cert = certs::build(
+                    &Template {
+                        subject: &subject,
+                        public_key: &key,
+                        serial: &certs::random_serial()?,
+                        not_before: now.saturating_sub(certs::BACKDATE_SECS),
+                        not_after: now + SERVICE_CA_LIFETIME_DAYS * DAY,
+                        profile: Profile::Ca { path_len: Some(0) },
+                    },
+                    Some(&Issuer {
+                        cert: &self.root,
+                        key: &self.root_key,
+                    }),
+                    None,
+                )?;
+                // Key first: a crash in between leaves a key without a
+                // certificate, which is reported, never a certificate whose
+                // key is lost.
+                write_private_key(&key_path, &key)?;
+                files::write_atomic(&cert_path, &cert.to_pem()?, PUBLIC_MODE)?;
+                tracing::info!(service_id, path = %cert_path.display(), "created service CA");
+                Ok(ServiceCa { cert, key })
+            }
+            _ => Err(half_pair(&cert_path, &key_path)),
+        }
+    }
+
+    /// Checks a DER PKCS#10 CSR: size, parse, self-signature, EC P-256 key.
+    /// Returns the public key; any failure is [`PkiError::BadCsr`].
+    pub fn public_key_from_csr(csr_der: &[u8]) -> Result<PKey<Public>, PkiError> {
+        let bad = |reason: &str| PkiError::BadCsr(reason.to_owned());
+        if csr_der.len() > MAX_CSR_LEN {
+            return Err(bad("too large"));
+        }
+        let req = X509Req::from_der(csr_der).map_err(|_| bad("not a DER PKCS#10 request"))?;
+        // d2i stops at the end of the first object; trailing bytes are not ours to ignore.
+        if req.to_der().map_err(|_| bad("cannot re-encode"))?.len() != csr_der.len() {
+            return Err(bad("trailing bytes after the request"));
+        }
+        let key = req.public_key().map_err(|_| bad("unreadable public key"))?;
+        if !certs::is_p256(&key) {
+            return Err(bad("public key is not EC P-256"));
+        }
+        match req.verify(&key) {
+            Ok(true) => Ok(key),
+            _ => Err(bad("self-signature does not verify")),
+        }
+    }
+
+    /// Issues a device certificate with the service's CA: CN = device id,
+    /// O = service id, random 128-bit serial, valid from 5 minutes ago for
+    /// `lifetime_days`, CA:FALSE, digitalSignature, clientAuth, SAN URIs
+    /// `urn:fleetshift:device:{id}` and `urn:fleetshift:service:{svc}`.
+    pub fn issue_device_certificate(
+        &self,
+        device_id: &str,
+        service_id: &str,
+        public_key: &PKeyRef<Public>,
+        lifetime_days: u32,
+    ) -> Result<IssuedCert, PkiError> {
+        fleet_protocol::topic::validate_device_id(device_id)
+            .map_err(|_| PkiError::BadDeviceId(device_id.to_owned()))?;
+        if !(1..=MAX_DEVICE_LIFETIME_DAYS).contains(&lifetime_days) {
+            return Err(PkiError::BadLifetime(lifetime_days));
+        }
+        if !certs::is_p256(public_key) {
+            return Err(PkiError::BadKey("device key is not EC P-256".into()));
+        }
+        let ca = self.service_ca_entry(service_id)?;
+
+        let now = unix_now();
+        let not_before = now.saturating_sub(certs::BACKDATE_SECS);
+        let not_after = now + u64::from(lifetime_days) * DAY;
+        let serial = certs::random_serial()?;
+        let subject = certs::name(Some(service_id), device_id)?;
+        let uris = [
+            format!("urn:fleetshift:device:{device_id}"),
+            format!("urn:fleetshift:service:{service_id}"),
+        ];
+        let leaf = certs::build(
+            &Template {
+                subject: &subject,
+                public_key,
+                serial: &serial,
+                not_before,
+                not_after,
+                profile: Profile::Client { uris: &uris },
+            },
+            Some(&Issuer {
+                cert: &ca.cert,
+                key: &ca.key,
+            }),
+            None,
+        )?;
+        let serial_hex = serial.to_hex_str()?.to_ascii_lowercase();
+        let fingerprint_sha256 = hex::encode(leaf.digest(MessageDigest::sha256())?);
+        tracing::debug!(device_id, service_id, serial = %serial_hex, "issued device certificate");
+        Ok(IssuedCert {
+            chain: vec![leaf.clone(), ca.cert],
+            leaf,
+            serial_hex,
+            fingerprint_sha256,
+            not_before,
+            not_after,
+        })
+    }
+
+    /// Writes `crl/{svc}.crl.pem`, signed by the service's CA, listing
+    /// `revoked` (duplicates dropped), with `crl_number`, thisUpdate now and
+    /// nextUpdate in 7 days. Atomic; returns the path. Callers keep
+    /// `crl_number` increasing.
+    pub fn write_crl(
+        &self,
+        service_id: &str,
+        revoked: &[RevokedEntry],
+        crl_number: u64,
+    ) -> Result<PathBuf, PkiError> {
+        let ca = self.service_ca_entry(service_id)?;
+        let now = unix_now();
+        let params = crl::CrlParams {
+            crl_number,
+            this_update: now as i64,
+            next_update: (now + CRL_VALIDITY_DAYS * DAY) as i64,
+        };
+        let der = crl::build_crl_der(&ca.cert, &ca.key, revoked, &params)?;
+        let path = self.crl_path(service_id);
+        files::write_atomic(&path, &crl::crl_der_to_pem(&der), PUBLIC_MODE)?;
+        tracing::info!(service_id, crl_number, revoked = revoked.len(), "wrote CRL");
+        Ok(path)
+    }
+
+    /// Makes sure `broker.pem`/`broker.key` exist and come from this root.
+    fn ensure_broker_cert(&self) -> Result<(), PkiError> {
+        let cert_path = self.broker_cert_path();
+        let key_path = self.broker_key_path();
+        if cert_path.exists() && key_path.exists() {
+            let cert = files::load_cert(&cert_path)?;
+            let key = files::load_private_key(&key_path)?;
+            check_pair(&cert, &key, &cert_path)?;
+            if cert.verify(&self.root_key)? {
+                return Ok(());
+            }
+            tracing::warn!(path = %cert_path.display(), "broker certificate not signed by this root; replacing it");
+        }
+        let key = certs::new_p256_key()?;
+        let now = unix_now();
+        let subject = certs::name(None, BROKER_CN)?;
+        let cert = certs::build(
+            &Template {
+                subject: &subject,
+                public_key: &key,
+                serial: &certs::random_serial()?,
+                not_before: now.saturating_sub(certs::BACKDATE_SECS),
+                not_after: now + BROKER_LIFETIME_DAYS * DAY,
+                profile: Profile::Server {
+                    dns: BROKER_DNS,
+                    ips: BROKER_IPS,
+                },
+            },
+            Some(&Issuer {
+                cert: &self.root,
+                key: &self.root_key,
+            }),
+            None,
+        )?;
+        write_private_key(&key_path, &key)?;
+        files::write_atomic(&cert_path, &cert.to_pem()?, PUBLIC_MODE)?;
+        tracing::info!(path = %cert_path.display(), "created broker certificate");
+        Ok(())
+    }
+}
+
+fn load_or_create_root(dir: &Path) -> Result<(X509, PKey<Private>), PkiError> {
+    let cert_path = dir.join("root-ca.pem");
+    let key_path = dir.join("root-ca.key");
+    match (cert_path.exists(), key_path.exists()) {
+        (true, true) => {
+            let cert = files::load_cert(&cert_path)?;
+            let key = files::load_private_key(&key_path)?;
+            check_pair(&cert, &key, &cert_path)?;
+            Ok((cert, key))
+        }
+        (false, false) => {
+            let key = certs::new_p256_key()?;
+            let now = unix_now();
+            let subject = certs::name(None, ROOT_CN)?;
+            let cert = certs::build(
+                &Template {
+                    subject: &subject,
+                    public_key: &key,
+                    serial: &certs::random_serial()?,
+                    not_before: now.saturating_sub(certs::BACKDATE_SECS),
+                    not_after: now + ROOT_LIFETIME_DAYS * DAY,
+                    profile: Profile::Ca { path_len: None },
+                },
+                None,
+                Some(&key),
+            )?;
+            write_private_key(&key_path, &key)?;
+            files::write_atomic(&cert_path, &cert.to_pem()?, PUBLIC_MODE)?;
+            tracing::info!(path = %cert_path.display(), "created root CA");
+            Ok((cert, key))
+        }
+        _ => Err(half_pair(&cert_path, &key_path)),
+    }
+}
+
+fn load_or_create_signing_key(dir: &Path) -> Result<PKey<Private>, PkiError> {
+    let key_path = dir.join("manager-sign.key");
+    let pub_path = dir.join("manager-sign.pub.pem");
+    let key = if key_path.exists() {
+        files::load_private_key(&key_path)?
+    } else if pub_path.exists() {
+        // Devices pin the public key; a new key would silently break them.
+        return Err(half_pair(&pub_path, &key_path));
+    } else {
+        let key = certs::new_p256_key()?;
+        write_private_key(&key_path, &key)?;
+        tracing::info!(path = %key_path.display(), "created manager signing key");
+        key
+    };
+    if !certs::is_p256(&key) {
+        return Err(PkiError::Inconsistent(format!(
+            "{} is not a P-256 key",
+            key_path.display()
+        )));
+    }
+    let pub_pem = key.public_key_to_pem()?;
+    if !pub_path.exists() {
+        files::write_atomic(&pub_path, &pub_pem, PUBLIC_MODE)?;
+    } else {
+        let on_disk = PKey::public_key_from_pem(&files::read(&pub_path)?)?;
+        if !on_disk.public_eq(&key) {
+            return Err(PkiError::Inconsistent(format!(
+                "{} does not match {}",
+                pub_path.display(),
+                key_path.display()
+            )));
+        }
+    }
+    Ok(key)
+}
+
+fn check_pair(cert: &X509, key: &PKey<Private>, cert_path: &Path) -> Result<(), PkiError> {
+    if cert.public_key()?.public_eq(key) {
+        Ok(())
+    } else {
+        Err(PkiError::Inconsistent(format!(
+            "{} does not match its key",
+            cert_path.display()
+        )))
+    }
+}
+
+fn half_pair(a: &Path, b: &Path) -> PkiError {
+    PkiError::Inconsistent(format!(
+        "only one of {} and {} exists; restore the other or remove both",
+        a.display(),
+        b.display()
+    ))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A DER PKCS#10 CSR for `device_id` (subject CN only), signed with `key`
+/// using SHA-256.
+pub fn generate_csr(device_id: &str, key: &PKeyRef<Private>) -> Result<Vec<u8>, PkiError> {
+    let mut b = X509Req::builder()?;
+    b.set_version(0)?;
+    let subject = certs::name(None, device_id)?;
+    b.set_subject_name(&subject)?;
+    b.set_pubkey(key)?;
+    b.sign(key, MessageDigest::sha256())?;
+    Ok(b.build().to_der()?)
+}
+
+/// Concatenated PEM of `chain`, in order.
+pub fn chain_to_pem(chain: &[X509]) -> Result<Vec<u8>, PkiError> {
+    let mut out = Vec::new();
+    for cert in chain {
+        out.extend(cert.to_pem()?);
+    }
+    Ok(out)
+}
+
+/// Writes `key` as PKCS#8 PEM with mode 0600, atomically.
+pub fn write_private_key(path: &Path, key: &PKeyRef<Private>) -> Result<(), PkiError> {
+    files::write_atomic(path, &key.private_key_to_pem_pkcs8()?, KEY_MODE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn creates_layout_with_private_keys_0600() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::open_or_create(tmp.path()).unwrap();
+        pki.service_ca("svcA").unwrap();
+        for key in [
+            "root-ca.key",
+            "manager-sign.key",
+            "broker.key",
+            "services/svcA-ca.key",
+        ] {
+            assert_eq!(mode(&tmp.path().join(key)), 0o600, "{key}");
+        }
+        for public in [
+            "root-ca.pem",
+            "manager-sign.pub.pem",
+            "broker.pem",
+            "services/svcA-ca.pem",
+        ] {
+            assert!(tmp.path().join(public).is_file(), "{public}");
+        }
+        assert!(tmp.path().join("crl").is_dir());
+        let pem = std::fs::read_to_string(tmp.path().join("root-ca.key")).unwrap();
+        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"), "PKCS#8");
+        let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp."))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn reopen_loads_the_same_keys_and_cas() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (root_der, sign_pub, ca_der, broker_pem) = {
+            let pki = Pki::open_or_create(tmp.path()).unwrap();
+            let key = certs::new_p256_key().unwrap();
+            let public = PKey::public_key_from_pem(&key.public_key_to_pem().unwrap()).unwrap();
+            pki.issue_device_certificate("dev1", "svcA", &public, 30)
+                .unwrap();
+            (
+                pki.root_cert().to_der().unwrap(),
+                pki.signing_key().public_key_to_der().unwrap(),
+                pki.service_ca("svcA").unwrap().0.to_der().unwrap(),
+                std::fs::read(pki.broker_cert_path()).unwrap(),
+            )
+        };
+        let pki = Pki::open_or_create(tmp.path()).unwrap();
+        assert_eq!(pki.root_cert().to_der().unwrap(), root_der);
+        assert_eq!(pki.signing_key().public_key_to_der().unwrap(), sign_pub);
+        let (ca, ca_key) = pki.service_ca("svcA").unwrap();
+        assert_eq!(ca.to_der().unwrap(), ca_der);
+        assert!(ca.public_key().unwrap().public_eq(&ca_key));
+        assert_eq!(std::fs::read(pki.broker_cert_path()).unwrap(), broker_pem);
+    }
+
+    #[test]
+    fn half_a_root_pair_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        Pki::open_or_create(tmp.path()).unwrap();
+        std::fs::remove_file(tmp.path().join("root-ca.key")).unwrap();
+        let err = Pki::open_or_create(tmp.path()).unwrap_err();
+        assert!(matches!(err, PkiError::Inconsistent(_)), "{err}");
+    }
+
+    #[test]
+    fn service_ids_are_validated() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::open_or_create(tmp.path()).unwrap();
+        for bad in ["", "svc/A", "../x", "svc.A", "+", "#"] {
+            assert!(
+                matches!(pki.service_ca(bad), Err(PkiError::BadServiceId(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn service_ca_is_created_once_under_concurrency() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::open_or_create(tmp.path()).unwrap();
+        let ders: Vec<Vec<u8>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| pki.service_ca("svcB").unwrap().0.to_der().unwrap()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(ders.windows(2).all(|w| w[0] == w[1]));
+    }
+
+    #[test]
+    fn issued_certificate_fields() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::open_or_create(tmp.path()).unwrap();
+        let device_key = certs::new_p256_key().unwrap();
+        let csr = generate_csr("dev-7", &device_key).unwrap();
+        let public = Pki::public_key_from_csr(&csr).unwrap();
+        let issued = pki
+            .issue_device_certificate("dev-7", "svcA", &public, 90)
+            .unwrap();
+
+        let leaf = &issued.leaf;
+        let text = |nid| {
+            let entry = leaf.subject_name().entries_by_nid(nid).next().unwrap();
+            String::from_utf8(entry.data().as_slice().to_vec()).unwrap()
+        };
+        assert_eq!(text(openssl::nid::Nid::COMMONNAME), "dev-7");
+        assert_eq!(text(openssl::nid::Nid::ORGANIZATIONNAME), "svcA");
+        assert!(leaf.public_key().unwrap().public_eq(&device_key));
+        let (ca, _) = pki.service_ca("svcA").unwrap();
+        assert!(leaf.verify(&ca.public_key().unwrap()).unwrap());
+        assert_eq!(issued.chain.len(), 2);
+        assert_eq!(issued.chain[1].to_der().unwrap(), ca.to_der().unwrap());
+
+        let serial = leaf.serial_number().to_bn().unwrap();
+        assert_eq!(
+            issued.serial_hex,
+            serial.to_hex_str().unwrap().to_ascii_lowercase()
+        );
+        assert!(!serial.is_negative() && serial.num_bits() <= 127 && serial.num_bits() > 0);
+        assert_eq!(issued.fingerprint_sha256.len(), 64);
+        assert_eq!(
+            issued.not_after - issued.not_before,
+            90 * DAY + certs::BACKDATE_SECS
+        );
+
+        let uris: Vec<String> = leaf
+            .subject_alt_names()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n.uri().map(str::to_owned))
+            .collect();
+        assert_eq!(
+            uris,
+            ["urn:fleetshift:device:dev-7", "urn:fleetshift:service:svcA"]
+        );
+        assert_eq!(leaf.subject_key_id().unwrap().as_slice().len(), 20);
+        assert_eq!(
+            leaf.authority_key_id().unwrap().as_slice(),
+            ca.subject_key_id().unwrap().as_slice()
+        );
+    }
+
+    #[test]
+    fn issue_rejects_bad_input() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::open_or_create(tmp.path()).unwrap();
+        let key = certs::new_p256_key().unwrap();
+        let public = PKey::public_key_from_der(&key.public_key_to_der().unwrap()).unwrap();
+        let issue =
+            |dev: &str, svc: &str, days| pki.issue_device_certificate(dev, svc, &public, days);
+        assert!(matches!(
+            issue("dev/1", "svcA", 30),
+            Err(PkiError::BadDeviceId(_))
+        ));
+        assert!(matches!(
+            issue("dev1", "svc A", 30),
+            Err(PkiError::BadServiceId(_))
+        ));
+        assert!(matches!(
+            issue("dev1", "svcA", 0),
+            Err(PkiError::BadLifetime(0))
+        ));
+        assert!(matches!(
+            issue("dev1", "svcA", 100_000),
+            Err(PkiError::BadLifetime(_))
+        ));
+
+        let p384 = openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::SECP384R1).unwrap();
+        let other = PKey::from_ec_key(openssl::ec::EcKey::generate(&p384).unwrap()).unwrap();
+        let other = PKey::public_key_from_der(&other.public_key_to_der().unwrap()).unwrap();
+        let err = pki
+            .issue_device_certificate("dev1", "svcA", &other, 30)
+            .unwrap_err();
+        assert!(matches!(err, PkiError::BadKey(_)), "{err}");
+    }
+
+    #[test]
+    fn bad_csrs_are_rejected() {
+        let key = certs::new_p256_key().unwrap();
+        let good = generate_csr("dev1", &key).unwrap();
+        assert!(Pki::public_key_from_csr(&good).is_ok());
+
+        let mut cases: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", vec![]),
+            ("garbage", b"definitely not a CSR".to_vec()),
+            ("truncated", good[..good.len() - 10].to_vec()),
+            ("trailing bytes", [good.as_slice(), &[0, 0]].concat()),
+            ("oversized", vec![0x30; MAX_CSR_LEN + 1]),
+        ];
+        // The signature is the last element, so its last byte is part of `s`.
+        let mut bad_signature = good.clone();
+        *bad_signature.last_mut().unwrap() ^= 0x01;
+        cases.push(("tampered signature", bad_signature));
+        // Changing the subject ("dev1" -> "dev2") keeps the DER valid but breaks the signature.
+        let pos = good.windows(4).position(|w| w == b"dev1").unwrap();
+        let mut bad_subject = good.clone();
+        bad_subject[pos + 3] = b'2';
+        cases.push(("tampered subject", bad_subject));
+
+        let rsa = PKey::from_rsa(openssl::rsa::Rsa::generate(2048).unwrap()).unwrap();
+        cases.push(("RSA key", generate_csr("dev1", &rsa).unwrap()));
+
+        for (what, der) in cases {
+            let err = Pki::public_key_from_csr(&der).unwrap_err();
+            assert!(matches!(err, PkiError::BadCsr(_)), "{what}: {err}");
+        }
+    }
+
+    #[test]
+    fn write_private_key_replaces_atomically_with_0600() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("dev.key");
+        std::fs::write(&path, "old").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let key = certs::new_p256_key().unwrap();
+        write_private_key(&path, &key).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        let loaded = PKey::private_key_from_pem(&std::fs::read(&path).unwrap()).unwrap();
+        assert!(loaded.public_eq(&key));
+    }
+}

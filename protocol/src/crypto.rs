@@ -49,7 +49,9 @@ pub fn generate_p256() -> Result<PKey<Private>, ProtocolError> {
 }
 
 /// SEC1 uncompressed encoding (65 bytes) of a P-256 public key.
-pub fn public_point<T: openssl::pkey::HasPublic>(key: &PKeyRef<T>) -> Result<Vec<u8>, ProtocolError> {
+pub fn public_point<T: openssl::pkey::HasPublic>(
+    key: &PKeyRef<T>,
+) -> Result<Vec<u8>, ProtocolError> {
     let ec = key.ec_key()?;
     let mut ctx = BigNumContext::new()?;
     Ok(ec
@@ -130,7 +132,14 @@ pub fn seal(recipient: &[u8], device_id: &str, plaintext: &[u8]) -> Result<Seale
     let mut iv = vec![0u8; 12];
     openssl::rand::rand_bytes(&mut iv)?;
     let mut tag = [0u8; 16];
-    let mut ct = encrypt_aead(Cipher::aes_256_gcm(), &key, Some(&iv), device_id.as_bytes(), plaintext, &mut tag)?;
+    let mut ct = encrypt_aead(
+        Cipher::aes_256_gcm(),
+        &key,
+        Some(&iv),
+        device_id.as_bytes(),
+        plaintext,
+        &mut tag,
+    )?;
     ct.extend_from_slice(&tag);
     Ok(Sealed {
         epk: public_point(&eph)?,
@@ -140,15 +149,26 @@ pub fn seal(recipient: &[u8], device_id: &str, plaintext: &[u8]) -> Result<Seale
 }
 
 /// Opens a [`Sealed`] with the recipient's ephemeral private key.
-pub fn unseal(own: &PKeyRef<Private>, device_id: &str, sealed: &Sealed) -> Result<Vec<u8>, ProtocolError> {
+pub fn unseal(
+    own: &PKeyRef<Private>,
+    device_id: &str,
+    sealed: &Sealed,
+) -> Result<Vec<u8>, ProtocolError> {
     if sealed.iv.len() != 12 || sealed.ct.len() < 16 {
         return Err(ProtocolError::SealBroken);
     }
     let peer = public_from_point(&sealed.epk)?;
     let key = seal_key(own, &peer)?;
     let (ct, tag) = sealed.ct.split_at(sealed.ct.len() - 16);
-    decrypt_aead(Cipher::aes_256_gcm(), &key, Some(&sealed.iv), device_id.as_bytes(), ct, tag)
-        .map_err(|_| ProtocolError::SealBroken)
+    decrypt_aead(
+        Cipher::aes_256_gcm(),
+        &key,
+        Some(&sealed.iv),
+        device_id.as_bytes(),
+        ct,
+        tag,
+    )
+    .map_err(|_| ProtocolError::SealBroken)
 }
 
 /// `n` random bytes from OpenSSL's CSPRNG.
@@ -168,7 +188,10 @@ mod tests {
         let point = public_point(&device).unwrap();
         let sealed = seal(&point, "dev1", b"secret").unwrap();
         assert_eq!(unseal(&device, "dev1", &sealed).unwrap(), b"secret");
-        assert!(unseal(&device, "dev2", &sealed).is_err(), "AAD binds the device id");
+        assert!(
+            unseal(&device, "dev2", &sealed).is_err(),
+            "AAD binds the device id"
+        );
         let other = generate_p256().unwrap();
         assert!(unseal(&other, "dev1", &sealed).is_err());
         let mut tampered = sealed.clone();

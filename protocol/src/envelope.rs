@@ -87,7 +87,11 @@ pub fn crc32(data: &[u8]) -> u32 {
 /// `["fleetshift/v1", kind, body]`, so a body signed as one kind can never
 /// pass as another.
 pub fn to_be_signed(kind: Kind, body: &[u8]) -> Vec<u8> {
-    let tbs = ("fleetshift/v1", kind.as_str(), serde_bytes::Bytes::new(body));
+    let tbs = (
+        "fleetshift/v1",
+        kind.as_str(),
+        serde_bytes::Bytes::new(body),
+    );
     serde_cbor::to_vec(&tbs).expect("CBOR encoding of a tuple cannot fail")
 }
 
@@ -164,7 +168,10 @@ mod tests {
     #[test]
     fn rejects_oversize_before_parsing() {
         let big = vec![0u8; MAX_MESSAGE_LEN + 1];
-        assert!(matches!(Envelope::decode(&big), Err(ProtocolError::TooLarge(_))));
+        assert!(matches!(
+            Envelope::decode(&big),
+            Err(ProtocolError::TooLarge(_))
+        ));
     }
 
     #[test]

@@ -18,7 +18,9 @@ pub mod status;
 pub mod topic;
 
 pub use envelope::{Envelope, Kind};
-pub use messages::{ActivateRequest, PollRequest, Reply, ServiceChange, StatusReport, UpdateRequest};
+pub use messages::{
+    ActivateRequest, PollRequest, Reply, ServiceChange, StatusReport, UpdateRequest,
+};
 pub use status::Status;
 pub use topic::{RequestKind, Route, Topic};
 

@@ -96,12 +96,6 @@ pub struct Reply {
     pub detail: Option<String>,
 }
 
-impl Default for Status {
-    fn default() -> Self {
-        Status::Ok
-    }
-}
-
 /// `service_change`: a signed notice that the device's service changes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceChange {

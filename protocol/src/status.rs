@@ -4,8 +4,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Status of a reply. Encoded as an unsigned integer; a value this version
 /// does not know decodes to [`Status::Unknown`] rather than failing the reply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Status {
+    #[default]
     Ok,
     BadCrc,
     Malformed,

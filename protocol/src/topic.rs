@@ -65,7 +65,10 @@ pub struct Topic {
 
 impl Topic {
     pub fn bootstrap(route: Route) -> Self {
-        Topic { tenant: None, route }
+        Topic {
+            tenant: None,
+            route,
+        }
     }
 
     pub fn in_tenant(tenant: &str, route: Route) -> Self {
@@ -88,7 +91,10 @@ impl Topic {
 
     pub fn device_id(&self) -> &str {
         match &self.route {
-            Route::Request(_, d) | Route::Reply(_, d) | Route::ServiceChange(d) | Route::Telemetry(d) => d,
+            Route::Request(_, d)
+            | Route::Reply(_, d)
+            | Route::ServiceChange(d)
+            | Route::Telemetry(d) => d,
         }
     }
 
@@ -106,13 +112,17 @@ impl Topic {
         };
         let parts: Vec<&str> = rest.split('/').collect();
         let route = match parts.as_slice() {
-            ["fleet", "v1", "service", "change", device] => Route::ServiceChange(device.to_string()),
-            ["fleet", "v1", kind, device] => {
-                Route::Request(RequestKind::parse(kind).ok_or_else(bad)?, device.to_string())
+            ["fleet", "v1", "service", "change", device] => {
+                Route::ServiceChange(device.to_string())
             }
-            ["fleet", "v1", kind, device, "reply"] => {
-                Route::Reply(RequestKind::parse(kind).ok_or_else(bad)?, device.to_string())
-            }
+            ["fleet", "v1", kind, device] => Route::Request(
+                RequestKind::parse(kind).ok_or_else(bad)?,
+                device.to_string(),
+            ),
+            ["fleet", "v1", kind, device, "reply"] => Route::Reply(
+                RequestKind::parse(kind).ok_or_else(bad)?,
+                device.to_string(),
+            ),
             ["telemetry", device] if tenant.is_some() => Route::Telemetry(device.to_string()),
             _ => return Err(bad()),
         };
@@ -139,14 +149,19 @@ impl fmt::Display for Topic {
 /// Filters the manager subscribes to: every device request, bootstrap and in
 /// every tenant.
 pub fn manager_filters() -> [String; 2] {
-    [format!("{NAMESPACE}/+/+"), format!("/tenants/+/{NAMESPACE}/+/+")]
+    [
+        format!("{NAMESPACE}/+/+"),
+        format!("/tenants/+/{NAMESPACE}/+/+"),
+    ]
 }
 
 /// Device ids: 1–64 of `A-Z a-z 0-9 - _`. No `/`, `+`, `#` or `.` (rumqttd
 /// joins tenant and client id with a dot).
 pub fn validate_device_id(id: &str) -> Result<(), ProtocolError> {
     let ok = (1..=64).contains(&id.len())
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if ok {
         Ok(())
     } else {
@@ -178,7 +193,10 @@ mod tests {
         ];
         for route in routes {
             for tenant in [None, Some("svcA".to_string())] {
-                let t = Topic { tenant, route: route.clone() };
+                let t = Topic {
+                    tenant,
+                    route: route.clone(),
+                };
                 assert_eq!(Topic::parse(&t.to_string()).unwrap(), t);
             }
         }
@@ -191,7 +209,10 @@ mod tests {
     fn exact_strings() {
         let t = Topic::bootstrap(Route::Request(RequestKind::Activate, "dev1".into()));
         assert_eq!(t.to_string(), "fleet/v1/activate/dev1");
-        assert_eq!(t.reply_topic().unwrap().to_string(), "fleet/v1/activate/dev1/reply");
+        assert_eq!(
+            t.reply_topic().unwrap().to_string(),
+            "fleet/v1/activate/dev1/reply"
+        );
         let t = Topic::in_tenant("A", Route::ServiceChange("dev1".into()));
         assert_eq!(t.to_string(), "/tenants/A/fleet/v1/service/change/dev1");
     }

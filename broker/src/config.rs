@@ -1,0 +1,38 @@
+//! Broker configuration, with the defaults a single-machine deployment uses.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Plain MQTT listener for activation and first update. Loopback by default.
+    pub bootstrap_listen: SocketAddr,
+    /// Mutual-TLS service listener; `None` disables it.
+    pub service_listen: Option<SocketAddr>,
+    /// Directory of `root-ca.pem`, `broker.pem` and `broker.key`.
+    pub certs_dir: PathBuf,
+    /// Largest PUBLISH payload the broker accepts. Larger than the protocol's
+    /// own limit on purpose, so the manager sees an oversized request and
+    /// answers it with `too_large` instead of the device being cut off.
+    pub max_payload_size: usize,
+    /// Most connections the router holds.
+    pub max_connections: usize,
+    /// Time a client has to send CONNECT after the connection opens.
+    pub connect_timeout_ms: u16,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            bootstrap_listen: "127.0.0.1:1883".parse().expect("valid address"),
+            service_listen: Some("127.0.0.1:8883".parse().expect("valid address")),
+            certs_dir: PathBuf::from("certs"),
+            max_payload_size: 256 * 1024,
+            max_connections: 20_000,
+            connect_timeout_ms: 10_000,
+        }
+    }
+}

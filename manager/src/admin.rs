@@ -1,0 +1,383 @@
+//! The operator API: JSON over HTTP/1.1 on loopback.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/v1/health` | liveness and broker subscription state |
+//! | POST | `/v1/registrations` | pre-register devices: `[{device_id, service_id, factory_key_hex?}]` |
+//! | POST | `/v1/service-change` | `{devices?: [..], from_service?: "A", service_id, provider?, application?, endpoint?}` |
+//! | GET | `/v1/devices` | every active device |
+//! | GET | `/v1/devices/{id}` | one device with its service history and certificates |
+//! | POST | `/v1/devices/{id}/reset` | operator reset: the device may activate again |
+//! | GET | `/v1/summary` | devices per service, pending changes, certificates by status |
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::AsyncClient;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::handlers::Core;
+use crate::store::{CertStatus, DeviceRecord, Registration, SCHEMA_VERSION};
+
+const MAX_REQUEST: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegistrationIn {
+    pub device_id: String,
+    pub service_id: String,
+    #[serde(default)]
+    pub factory_key_hex: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChangeIn {
+    #[serde(default)]
+    pub devices: Vec<String>,
+    #[serde(default)]
+    pub from_service: Option<String>,
+    pub service_id: String,
+    #[serde(default)]
+    pub provider: Option<String>,
+    #[serde(default)]
+    pub application: Option<String>,
+    #[serde(default)]
+    pub endpoint: Option<String>,
+}
+
+/// A device as the API shows it: never its device-auth UUID.
+pub fn device_view(d: &DeviceRecord) -> Value {
+    json!({
+        "device_id": d.device_id,
+        "service_id": d.service_id,
+        "provider": d.provider,
+        "application": d.application,
+        "activated_ms": d.activated_ms,
+        "current_cert": d.current_cert,
+        "pending": d.pending,
+        "last_seen_ms": d.last_seen_ms,
+    })
+}
+
+pub struct Admin {
+    pub core: Arc<Core>,
+    pub client: AsyncClient,
+    pub subscribed: watch::Receiver<bool>,
+}
+
+pub async fn serve(admin: Arc<Admin>, listener: TcpListener, shutdown: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(err) => { warn!(error = %err, "admin accept failed"); continue; }
+            },
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            if let Err(err) =
+                tokio::time::timeout(Duration::from_secs(30), connection(&admin, stream)).await
+            {
+                warn!(error = %err, "admin request timed out");
+            }
+        });
+    }
+}
+
+async fn connection(admin: &Admin, mut stream: TcpStream) {
+    let (status, body) = match read_request(&mut stream).await {
+        Ok((method, path, body)) => route(admin, &method, &path, &body).await,
+        Err(msg) => (400, json!({ "error": msg })),
+    };
+    let body = serde_json::to_vec_pretty(&body).unwrap_or_default();
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        _ => "Internal Server Error",
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(&body).await;
+    let _ = stream.shutdown().await;
+}
+
+async fn read_request(stream: &mut TcpStream) -> Result<(String, String, Vec<u8>), String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("connection closed before the request head".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos;
+        }
+        if buf.len() > 64 * 1024 {
+            return Err("request head too large".into());
+        }
+    };
+    let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| "request head is not UTF-8")?;
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next().unwrap_or_default().split(' ');
+    let method = first.next().unwrap_or_default().to_string();
+    let path = first.next().unwrap_or_default().to_string();
+    let length = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .map(|(_, v)| v.trim().parse::<usize>().map_err(|_| "bad content-length"))
+        .transpose()?
+        .unwrap_or(0);
+    if length > MAX_REQUEST {
+        return Err("request body too large".into());
+    }
+    let mut body = buf[head_end + 4..].to_vec();
+    while body.len() < length {
+        let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("connection closed inside the body".into());
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    body.truncate(length);
+    Ok((method, path, body))
+}
+
+async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+    let core = admin.core.clone();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let result: Result<Value, (u16, String)> = match (method, segments.as_slice()) {
+        ("GET", ["v1", "health"]) => {
+            Ok(json!({ "ok": true, "subscribed": *admin.subscribed.borrow() }))
+        }
+        ("POST", ["v1", "registrations"]) => {
+            match serde_json::from_slice::<Vec<RegistrationIn>>(body) {
+                Ok(regs) => blocking(move || register(&core, regs)).await,
+                Err(e) => Err((400, e.to_string())),
+            }
+        }
+        ("POST", ["v1", "service-change"]) => match serde_json::from_slice::<ChangeIn>(body) {
+            Ok(change) => {
+                let res = blocking(move || {
+                    let mut devices = change.devices.clone();
+                    if let Some(from) = &change.from_service {
+                        devices.extend(
+                            core.store
+                                .devices()
+                                .map_err(|e| (500, e.to_string()))?
+                                .into_iter()
+                                .filter(|d| &d.service_id == from)
+                                .map(|d| d.device_id),
+                        );
+                    }
+                    Ok(core.request_change(
+                        &devices,
+                        &change.service_id,
+                        change.provider,
+                        change.application,
+                        change.endpoint,
+                    ))
+                })
+                .await;
+                match res {
+                    Ok((results, out)) => {
+                        crate::mqtt::publish_all(&admin.client, out).await;
+                        Ok(json!({ "results": results }))
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err((400, e.to_string())),
+        },
+        ("GET", ["v1", "devices"]) => {
+            blocking(move || {
+                Ok(Value::Array(
+                    core.store
+                        .devices()
+                        .map_err(internal)?
+                        .iter()
+                        .map(device_view)
+                        .collect(),
+                ))
+            })
+            .await
+        }
+        ("GET", ["v1", "devices", id]) => {
+            let id = id.to_string();
+            blocking(move || device_detail(&core, &id)).await
+        }
+        ("POST", ["v1", "devices", id, "reset"]) => {
+            let id = id.to_string();
+            blocking(move || reset(&core, &id)).await
+        }
+        ("GET", ["v1", "summary"]) => blocking(move || summary(&core)).await,
+        _ => Err((404, format!("no route {method} {path}"))),
+    };
+    match result {
+        Ok(v) => (200, v),
+        Err((code, msg)) => (code, json!({ "error": msg })),
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> (u16, String) {
+    (500, e.to_string())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, (u16, String)> + Send + 'static,
+) -> Result<T, (u16, String)> {
+    tokio::task::spawn_blocking(f).await.map_err(internal)?
+}
+
+fn register(core: &Core, regs: Vec<RegistrationIn>) -> Result<Value, (u16, String)> {
+    for r in &regs {
+        fleet_protocol::topic::validate_device_id(&r.device_id)
+            .map_err(|e| (400, e.to_string()))?;
+        fleet_protocol::topic::validate_service_id(&r.service_id)
+            .map_err(|e| (400, e.to_string()))?;
+        if let Some(k) = &r.factory_key_hex {
+            let bytes =
+                hex::decode(k).map_err(|e| (400, format!("{}: factory key: {e}", r.device_id)))?;
+            fleet_protocol::crypto::public_from_point(&bytes)
+                .map_err(|e| (400, format!("{}: factory key: {e}", r.device_id)))?;
+        }
+    }
+    for r in &regs {
+        core.store
+            .put_registration(&Registration {
+                sv: SCHEMA_VERSION,
+                device_id: r.device_id.clone(),
+                initial_service: r.service_id.clone(),
+                factory_key: r
+                    .factory_key_hex
+                    .as_ref()
+                    .map(|k| serde_bytes::ByteBuf::from(hex::decode(k).unwrap_or_default())),
+                registered_ms: fleet_protocol::now_ms(),
+            })
+            .map_err(internal)?;
+    }
+    core.store
+        .audit("register", None, format!("{} devices", regs.len()))
+        .map_err(internal)?;
+    Ok(json!({ "registered": regs.len() }))
+}
+
+fn device_detail(core: &Core, id: &str) -> Result<Value, (u16, String)> {
+    let device = core.store.device(id).map_err(internal)?;
+    let registration = core.store.registration(id).map_err(internal)?;
+    if device.is_none() && registration.is_none() {
+        return Err((404, format!("no device {id}")));
+    }
+    let history: Vec<Value> = core
+        .store
+        .history(id)
+        .map_err(internal)?
+        .into_iter()
+        .map(|(_, p)| serde_json::to_value(p).unwrap_or_default())
+        .collect();
+    let certs = core.store.certs_of(id).map_err(internal)?;
+    Ok(json!({
+        "device": device.as_ref().map(device_view),
+        "registered_service": registration.map(|r| r.initial_service),
+        "history": history,
+        "certs": certs,
+    }))
+}
+
+fn reset(core: &Core, id: &str) -> Result<Value, (u16, String)> {
+    let Some(device) = core.store.device(id).map_err(internal)? else {
+        return Err((404, format!("device {id} is not active")));
+    };
+    let now = fleet_protocol::now_ms();
+    if let Some(n) = device.open_period {
+        if let Some(mut p) = core.store.period(id, n).map_err(internal)? {
+            p.ended_ms = Some(now);
+            p.end_reason = Some("reset".into());
+            core.store.put_period(id, n, &p).map_err(internal)?;
+        }
+    }
+    let mut revoked_service = None;
+    if let Some(serial) = &device.current_cert {
+        if let Some(mut c) = core.store.cert(serial).map_err(internal)? {
+            c.status = CertStatus::Revoked;
+            c.revoked_ms = Some(now);
+            revoked_service = Some(c.service_id.clone());
+            core.store.put_cert(&c).map_err(internal)?;
+        }
+    }
+    core.store.remove_device(id).map_err(internal)?;
+    core.store
+        .audit("reset", Some(id), "device reset by operator".into())
+        .map_err(internal)?;
+    if let Some(service) = revoked_service {
+        core.publish_crl(&service)
+            .map_err(|e| (500, format!("{e:?}")))?;
+    }
+    Ok(json!({ "reset": id }))
+}
+
+fn summary(core: &Core) -> Result<Value, (u16, String)> {
+    let mut per_service: BTreeMap<String, usize> = BTreeMap::new();
+    let mut pending = 0;
+    let mut confirmed = 0;
+    for d in core.store.devices().map_err(internal)? {
+        *per_service.entry(d.service_id.clone()).or_default() += 1;
+        pending += d.pending.is_some() as usize;
+        confirmed += d.last_seen_ms.is_some() as usize;
+    }
+    let mut certs: BTreeMap<String, usize> = BTreeMap::new();
+    for c in core.store.certs().map_err(internal)? {
+        *certs
+            .entry(format!("{:?}", c.status).to_lowercase())
+            .or_default() += 1;
+    }
+    Ok(json!({
+        "registered": core.store.registrations().map_err(internal)?.len(),
+        "devices_per_service": per_service,
+        "pending_changes": pending,
+        "seen_online": confirmed,
+        "certs": certs,
+    }))
+}
+
+/// A minimal HTTP client for the CLI and tests: one request, JSON in and out.
+pub async fn call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> anyhow::Result<Value> {
+    let body = body
+        .map(serde_json::to_vec)
+        .transpose()?
+        .unwrap_or_default();
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr)).await??;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(&body).await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut response)).await??;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("bad HTTP response"))?;
+    let status = head.split(' ').nth(1).unwrap_or("0");
+    let value: Value = serde_json::from_str(body)?;
+    anyhow::ensure!(status == "200", "{method} {path}: HTTP {status}: {value}");
+    Ok(value)
+}

@@ -1,0 +1,101 @@
+//! Manager configuration: a serde struct with documented defaults, loaded
+//! from an optional TOML file plus `FLEET_*` environment overrides.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ManagerConfig {
+    /// Broker the manager connects to as an MQTT client: `mqtt://host:port`.
+    /// With `serve --embedded-broker` it is the embedded broker's bootstrap listener.
+    pub broker_url: String,
+    /// MQTT client id of the manager.
+    pub client_id: String,
+    /// sled database directory.
+    pub data_dir: PathBuf,
+    /// PKI directory (see `certs/README.md`).
+    pub certs_dir: PathBuf,
+    /// Operator HTTP API; loopback only unless changed on purpose.
+    pub admin_listen: SocketAddr,
+    /// Lifetime of a device certificate.
+    pub cert_lifetime_days: u32,
+    /// Accept activations without a factory-key signature from devices
+    /// registered without a key. Off by default; every use is logged.
+    pub open_enrollment: bool,
+    /// Failed authentications per device within `failure_window_secs` before
+    /// requests are answered `rate_limited`.
+    pub max_auth_failures: usize,
+    pub failure_window_secs: u64,
+    /// Largest clock difference accepted in a request timestamp.
+    pub max_clock_skew_ms: u64,
+    /// Handler threads working on requests at once.
+    pub workers: usize,
+    /// mTLS service endpoint announced in service-change notices, if any.
+    pub service_endpoint: Option<String>,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            broker_url: "mqtt://127.0.0.1:1883".into(),
+            client_id: "fleet-manager".into(),
+            data_dir: PathBuf::from("fleet-data/manager"),
+            certs_dir: PathBuf::from("certs"),
+            admin_listen: "127.0.0.1:8080".parse().expect("valid address"),
+            cert_lifetime_days: 30,
+            open_enrollment: false,
+            max_auth_failures: 10,
+            failure_window_secs: 300,
+            max_clock_skew_ms: fleet_protocol::MAX_CLOCK_SKEW_MS,
+            workers: 8,
+            service_endpoint: None,
+        }
+    }
+}
+
+impl ManagerConfig {
+    /// Defaults, then `file` (TOML) if given, then `FLEET_*` variables
+    /// (`FLEET_ADMIN_LISTEN=127.0.0.1:9000`).
+    pub fn load(file: Option<&Path>) -> anyhow::Result<ManagerConfig> {
+        let mut builder = config::Config::builder();
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+        }
+        let cfg: ManagerConfig = builder
+            .add_source(config::Environment::with_prefix("FLEET").try_parsing(true))
+            .build()?
+            .try_deserialize()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.broker_url.starts_with("mqtt://"),
+            "broker_url must be mqtt://host:port, got {}",
+            self.broker_url
+        );
+        anyhow::ensure!(
+            self.cert_lifetime_days > 0,
+            "cert_lifetime_days must be positive"
+        );
+        anyhow::ensure!(self.workers > 0, "workers must be positive");
+        anyhow::ensure!(
+            self.max_auth_failures > 0,
+            "max_auth_failures must be positive"
+        );
+        Ok(())
+    }
+
+    /// `(host, port)` of `broker_url`.
+    pub fn broker_host_port(&self) -> anyhow::Result<(String, u16)> {
+        let rest = self.broker_url.trim_start_matches("mqtt://");
+        let (host, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| anyhow::anyhow!("broker_url {} has no port", self.broker_url))?;
+        Ok((host.trim_matches(['[', ']']).to_string(), port.parse()?))
+    }
+}

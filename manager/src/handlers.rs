@@ -1,0 +1,943 @@
+//! Request handlers: every check DESIGN.md names, an error reply with a code
+//! for every failure, and idempotent answers to retried requests.
+//!
+//! [`Core::handle`] is synchronous (OpenSSL and sled work) and is called off
+//! the MQTT event loop. It returns the messages to publish.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use fleet_pki::{Pki, RevokedEntry};
+use fleet_protocol::crypto::{self, Sealed};
+use fleet_protocol::{
+    now_ms, ActivateRequest, Envelope, Kind, PollRequest, ProtocolError, Reply, RequestKind, Route,
+    ServiceChange, Status, StatusReport, Topic, UpdateRequest, MAX_MESSAGE_LEN,
+};
+use openssl::hash::{hash, MessageDigest};
+use openssl::pkey::{PKey, Public};
+use serde_bytes::ByteBuf;
+use tracing::{info, warn};
+
+use crate::store::{
+    Batch, CertRecord, CertStatus, DeviceRecord, DeviceState, NonceRecord, PendingChange,
+    ServicePeriod, Store, StoreError, SCHEMA_VERSION,
+};
+use crate::ManagerConfig;
+
+/// One MQTT message to publish (QoS 1, not retained).
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+/// Why a request failed: the status the device gets and a reason for it.
+#[derive(Debug)]
+pub struct Failure {
+    pub status: Status,
+    pub detail: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.status, self.detail)
+    }
+}
+
+fn fail<T>(status: Status, detail: impl Into<String>) -> Result<T, Failure> {
+    Err(Failure {
+        status,
+        detail: detail.into(),
+    })
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Failure {
+            status: Status::Internal,
+            detail: format!("store: {e}"),
+        }
+    }
+}
+
+impl From<fleet_pki::PkiError> for Failure {
+    fn from(e: fleet_pki::PkiError) -> Self {
+        Failure {
+            status: Status::Internal,
+            detail: format!("pki: {e}"),
+        }
+    }
+}
+
+impl From<ProtocolError> for Failure {
+    fn from(e: ProtocolError) -> Self {
+        let status = match e {
+            ProtocolError::TooLarge(_) => Status::TooLarge,
+            ProtocolError::UnsupportedVersion(_) => Status::UnsupportedVersion,
+            ProtocolError::OpenSsl(_) => Status::Internal,
+            _ => Status::Malformed,
+        };
+        Failure {
+            status,
+            detail: e.to_string(),
+        }
+    }
+}
+
+/// What a handler produced.
+// Built once per request and moved once; boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
+enum Outcome {
+    /// A fresh reply, plus the state to commit with its nonce record.
+    Reply {
+        reply: Box<Reply>,
+        batch: Batch,
+        after: After,
+    },
+    /// The cached reply of an identical earlier request.
+    Cached(Vec<u8>),
+}
+
+/// Side effects once the batch is committed.
+#[derive(Default)]
+struct After {
+    crl_for: Option<String>,
+    resend_notice_of: Option<DeviceRecord>,
+}
+
+/// Result of a service-change request for one device.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ChangeResult {
+    pub device_id: String,
+    pub ok: bool,
+    pub change_id: Option<String>,
+    pub detail: String,
+}
+
+/// The parts of a request every handler needs, once decoded.
+struct Checked<'a, T> {
+    env: &'a Envelope,
+    body: T,
+    nonce: Vec<u8>,
+    digest: Vec<u8>,
+}
+
+pub struct Core {
+    pub store: Store,
+    pub pki: Arc<Pki>,
+    pub config: ManagerConfig,
+    failures: Mutex<HashMap<String, VecDeque<u64>>>,
+    /// Striped per-device locks: one request per device at a time.
+    stripes: Vec<Mutex<()>>,
+}
+
+impl Core {
+    pub fn new(store: Store, pki: Arc<Pki>, config: ManagerConfig) -> Core {
+        Core {
+            store,
+            pki,
+            config,
+            failures: Mutex::new(HashMap::new()),
+            stripes: (0..64).map(|_| Mutex::new(())).collect(),
+        }
+    }
+
+    fn lock(&self, device_id: &str) -> std::sync::MutexGuard<'_, ()> {
+        let h = crc32fast::hash(device_id.as_bytes()) as usize % self.stripes.len();
+        self.stripes[h].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Handles one message from the broker. Anything on a request topic gets
+    /// a reply; anything else is logged and dropped.
+    pub fn handle(&self, topic: &str, payload: &[u8]) -> Vec<Outgoing> {
+        let parsed = match Topic::parse(topic) {
+            Ok(t) => t,
+            Err(err) => {
+                warn!(topic, error = %err, "message on an unknown topic dropped");
+                return Vec::new();
+            }
+        };
+        let (kind, device_id) = match &parsed.route {
+            Route::Request(kind, device) => (*kind, device.clone()),
+            _ => return Vec::new(),
+        };
+        let Some(reply_topic) = parsed.reply_topic() else {
+            return Vec::new();
+        };
+        let _guard = self.lock(&device_id);
+        let span = tracing::info_span!("request", device = %device_id, kind = %kind, tenant = ?parsed.tenant);
+        let _enter = span.enter();
+
+        let mut out = Vec::new();
+        let (reply_bytes, after) = match self.process(kind, &parsed, &device_id, payload) {
+            Ok(Outcome::Cached(bytes)) => {
+                info!("identical retry answered from the reply cache");
+                (bytes, After::default())
+            }
+            Ok(Outcome::Reply {
+                reply,
+                mut batch,
+                after,
+            }) => match self.finish(kind, *reply, &mut batch) {
+                Ok(bytes) => (bytes, after),
+                Err(f) => (
+                    self.error_reply(kind, &device_id, Vec::new(), f),
+                    After::default(),
+                ),
+            },
+            Err((nonce, f)) => (
+                self.error_reply(kind, &device_id, nonce, f),
+                After::default(),
+            ),
+        };
+        out.push(Outgoing {
+            topic: reply_topic.to_string(),
+            payload: reply_bytes,
+        });
+        if let Some(service) = after.crl_for {
+            if let Err(err) = self.publish_crl(&service) {
+                warn!(service, error = %err, "CRL not written");
+            }
+        }
+        if let Some(dev) = after.resend_notice_of {
+            out.extend(self.notices(&dev));
+        }
+        out
+    }
+
+    /// Signs the reply, records it under the request's nonce together with
+    /// the state change, and returns its bytes.
+    fn finish(
+        &self,
+        kind: RequestKind,
+        reply: Reply,
+        batch: &mut Batch,
+    ) -> Result<Vec<u8>, Failure> {
+        let bytes = self.sign_reply(kind, reply)?;
+        if let Some((_, rec)) = batch.nonce.as_mut() {
+            rec.reply = bytes.clone();
+        }
+        match self.store.commit(batch) {
+            Ok(()) => Ok(bytes),
+            Err(StoreError::Aborted(reason)) if reason == "nonce" => {
+                fail(Status::Replayed, "nonce recorded concurrently")
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn sign_reply(&self, kind: RequestKind, mut reply: Reply) -> Result<Vec<u8>, Failure> {
+        reply.seq = self.store.next_id()?;
+        let reply_kind = Kind::from(kind)
+            .reply()
+            .expect("request kinds have replies");
+        let env = Envelope::build(reply_kind, &reply, |tbs| {
+            crypto::sign(self.pki.signing_key(), tbs)
+        })?;
+        Ok(env.encode())
+    }
+
+    fn error_reply(
+        &self,
+        kind: RequestKind,
+        device_id: &str,
+        nonce: Vec<u8>,
+        f: Failure,
+    ) -> Vec<u8> {
+        warn!(status = %f.status, detail = %f.detail, "request refused");
+        if matches!(
+            f.status,
+            Status::AuthFailed | Status::Stale | Status::Replayed
+        ) {
+            self.count_failure(device_id);
+        }
+        let reply = Reply {
+            device_id: device_id.to_owned(),
+            nonce,
+            status: f.status,
+            detail: Some(f.detail),
+            ..Reply::default()
+        };
+        self.sign_reply(kind, reply).unwrap_or_default()
+    }
+
+    fn count_failure(&self, device_id: &str) {
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(device_id.to_owned())
+            .or_default()
+            .push_back(now_ms());
+    }
+
+    fn rate_limited(&self, device_id: &str) -> bool {
+        let window = self.config.failure_window_secs * 1000;
+        let now = now_ms();
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(times) = map.get_mut(device_id) else {
+            return false;
+        };
+        while times
+            .front()
+            .is_some_and(|t| now.saturating_sub(*t) > window)
+        {
+            times.pop_front();
+        }
+        times.len() >= self.config.max_auth_failures
+    }
+
+    /// Envelope checks shared by every request: size, frame, kind, CRC,
+    /// body, device id. Returns the nonce as soon as it is known so error
+    /// replies can echo it.
+    fn decode<'a, T: serde::de::DeserializeOwned + Identified>(
+        &self,
+        kind: RequestKind,
+        device_id: &str,
+        payload: &[u8],
+        env: &'a Envelope,
+    ) -> Result<Checked<'a, T>, (Vec<u8>, Failure)> {
+        let nonce_less = |f: Failure| (Vec::new(), f);
+        if env.kind != Kind::from(kind) {
+            return Err(nonce_less(Failure {
+                status: Status::Malformed,
+                detail: format!("kind {} on the {kind} topic", env.kind.as_str()),
+            }));
+        }
+        if !env.crc_ok() {
+            return Err(nonce_less(Failure {
+                status: Status::BadCrc,
+                detail: "CRC-32 of body does not match".into(),
+            }));
+        }
+        let body: T = env.body().map_err(|e| nonce_less(e.into()))?;
+        let nonce = body.nonce().to_vec();
+        if body.device_id() != device_id {
+            return Err((
+                nonce,
+                Failure {
+                    status: Status::Malformed,
+                    detail: "device id in body differs from the topic".into(),
+                },
+            ));
+        }
+        if nonce.len() < 8 || nonce.len() > 64 {
+            return Err((
+                nonce,
+                Failure {
+                    status: Status::Malformed,
+                    detail: "nonce must be 8 to 64 bytes".into(),
+                },
+            ));
+        }
+        if self.rate_limited(device_id) {
+            return Err((
+                nonce,
+                Failure {
+                    status: Status::RateLimited,
+                    detail: "too many failed attempts; try later".into(),
+                },
+            ));
+        }
+        let digest = hash(MessageDigest::sha256(), payload)
+            .map(|d| d.to_vec())
+            .map_err(|e| (nonce.clone(), Failure::from(ProtocolError::from(e))))?;
+        Ok(Checked {
+            env,
+            body,
+            nonce,
+            digest,
+        })
+    }
+
+    /// Freshness and replay checks, after authentication.
+    fn fresh<T: Identified>(&self, req: &Checked<'_, T>) -> Result<Option<Vec<u8>>, Failure> {
+        let now = now_ms();
+        if now.abs_diff(req.body.ts()) > self.config.max_clock_skew_ms {
+            return fail(
+                Status::Stale,
+                format!(
+                    "timestamp {} is {} ms from now",
+                    req.body.ts(),
+                    now.abs_diff(req.body.ts())
+                ),
+            );
+        }
+        match self
+            .store
+            .nonce(&crate::store::nonce_key(req.body.device_id(), &req.nonce))?
+        {
+            Some(rec) if rec.digest == req.digest => Ok(Some(rec.reply)),
+            Some(_) => fail(
+                Status::Replayed,
+                "nonce already used by a different request",
+            ),
+            None => Ok(None),
+        }
+    }
+
+    fn nonce_record<T: Identified>(&self, req: &Checked<'_, T>) -> (Vec<u8>, NonceRecord) {
+        (
+            crate::store::nonce_key(req.body.device_id(), &req.nonce),
+            NonceRecord {
+                sv: SCHEMA_VERSION,
+                digest: req.digest.clone(),
+                reply: Vec::new(),
+                ts_ms: now_ms(),
+            },
+        )
+    }
+
+    fn process(
+        &self,
+        kind: RequestKind,
+        topic: &Topic,
+        device_id: &str,
+        payload: &[u8],
+    ) -> Result<Outcome, (Vec<u8>, Failure)> {
+        if payload.len() > MAX_MESSAGE_LEN {
+            return Err((Vec::new(), ProtocolError::TooLarge(payload.len()).into()));
+        }
+        let env = Envelope::decode(payload).map_err(|e| (Vec::new(), e.into()))?;
+        match kind {
+            RequestKind::Activate => {
+                let req = self.decode::<ActivateRequest>(kind, device_id, payload, &env)?;
+                let nonce = req.nonce.clone();
+                self.activate(topic, req).map_err(|f| (nonce, f))
+            }
+            RequestKind::Update => {
+                let req = self.decode::<UpdateRequest>(kind, device_id, payload, &env)?;
+                let nonce = req.nonce.clone();
+                self.update(topic, req).map_err(|f| (nonce, f))
+            }
+            RequestKind::Poll => {
+                let req = self.decode::<PollRequest>(kind, device_id, payload, &env)?;
+                let nonce = req.nonce.clone();
+                self.poll(topic, req).map_err(|f| (nonce, f))
+            }
+            RequestKind::Status => {
+                let req = self.decode::<StatusReport>(kind, device_id, payload, &env)?;
+                let nonce = req.nonce.clone();
+                self.status(topic, req).map_err(|f| (nonce, f))
+            }
+        }
+    }
+
+    fn activate(
+        &self,
+        topic: &Topic,
+        req: Checked<'_, ActivateRequest>,
+    ) -> Result<Outcome, Failure> {
+        if topic.tenant.is_some() {
+            return fail(Status::Malformed, "activate is a bootstrap request");
+        }
+        let d = &req.body.device_id;
+        let Some(reg) = self.store.registration(d)? else {
+            return fail(Status::UnknownDevice, "device id is not registered");
+        };
+        match &reg.factory_key {
+            Some(key) => {
+                let key = crypto::public_from_point(key).map_err(|_| Failure {
+                    status: Status::Internal,
+                    detail: "registered factory key is unusable".into(),
+                })?;
+                if !crypto::verify(&key, &req.env.tbs(), &req.env.auth) {
+                    return fail(Status::AuthFailed, "factory-key signature does not verify");
+                }
+            }
+            None if self.config.open_enrollment => {
+                warn!(device = %d, "activation without factory key under open enrollment");
+            }
+            None => {
+                return fail(
+                    Status::AuthFailed,
+                    "device has no factory key and open enrollment is off",
+                )
+            }
+        }
+        if let Some(cached) = self.fresh(&req)? {
+            return Ok(Outcome::Cached(cached));
+        }
+        if self.store.device(d)?.is_some() {
+            return fail(
+                Status::AlreadyActive,
+                "device is active; an operator must reset it first",
+            );
+        }
+        let service_id = match &req.body.service_id {
+            Some(s) if *s != reg.initial_service => {
+                return fail(
+                    Status::WrongService,
+                    format!("device is registered for {}, not {s}", reg.initial_service),
+                )
+            }
+            _ => reg.initial_service.clone(),
+        };
+        let uuid = uuid::Uuid::new_v4();
+        let sealed = crypto::seal(&req.body.eph, d, uuid.as_bytes())?;
+        let device = DeviceRecord {
+            sv: SCHEMA_VERSION,
+            device_id: d.clone(),
+            state: DeviceState::Active,
+            uuid: uuid.as_bytes().to_vec(),
+            service_id: service_id.clone(),
+            provider: None,
+            application: None,
+            activated_ms: now_ms(),
+            current_cert: None,
+            open_period: None,
+            pending: None,
+            last_seen_ms: None,
+        };
+        info!(service = %service_id, "device activated");
+        Ok(Outcome::Reply {
+            reply: Box::new(Reply {
+                device_id: d.clone(),
+                nonce: req.nonce.clone(),
+                status: Status::Ok,
+                service_id: Some(service_id),
+                uuid: Some(sealed),
+                ..Reply::default()
+            }),
+            batch: Batch {
+                device: Some(device),
+                nonce: Some(self.nonce_record(&req)),
+                ..Batch::default()
+            },
+            after: After::default(),
+        })
+    }
+
+    /// Loads the device and checks the request's HMAC with its device-auth UUID.
+    fn authenticate<T: Identified>(&self, req: &Checked<'_, T>) -> Result<DeviceRecord, Failure> {
+        let d = req.body.device_id();
+        let Some(device) = self.store.device(d)? else {
+            if self.store.registration(d)?.is_some() {
+                return fail(
+                    Status::NotRegistered,
+                    "device is registered but not activated",
+                );
+            }
+            return fail(Status::UnknownDevice, "device id is not registered");
+        };
+        if !crypto::hmac_matches(&device.uuid, &req.env.tbs(), &req.env.auth) {
+            return fail(Status::AuthFailed, "HMAC does not verify");
+        }
+        Ok(device)
+    }
+
+    /// Requests on a tenant topic must come from that tenant's current service.
+    fn check_tenant(topic: &Topic, device: &DeviceRecord, claimed: &str) -> Result<(), Failure> {
+        if let Some(tenant) = &topic.tenant {
+            if *tenant != device.service_id {
+                return fail(
+                    Status::WrongService,
+                    format!(
+                        "request in tenant {tenant}, device is on {}",
+                        device.service_id
+                    ),
+                );
+            }
+        }
+        let pending = device.pending.as_ref().map(|p| p.service_id.as_str());
+        if claimed != device.service_id && Some(claimed) != pending {
+            return fail(
+                Status::WrongService,
+                format!("device is on {}, not {claimed}", device.service_id),
+            );
+        }
+        Ok(())
+    }
+
+    fn update(&self, topic: &Topic, req: Checked<'_, UpdateRequest>) -> Result<Outcome, Failure> {
+        let device = self.authenticate(&req)?;
+        if let Some(cached) = self.fresh(&req)? {
+            return Ok(Outcome::Cached(cached));
+        }
+        let target = req.body.service_id.clone();
+        Self::check_tenant(topic, &device, &target)?;
+        let migrating = target != device.service_id;
+        let d = device.device_id.clone();
+
+        let eph = req.body.eph.clone();
+        crypto::public_from_point(&eph).map_err(|_| Failure {
+            status: Status::Malformed,
+            detail: "eph is not a P-256 point".into(),
+        })?;
+        let (public, generated): (PKey<Public>, Option<Sealed>) = match &req.body.csr {
+            Some(csr) => (
+                Pki::public_key_from_csr(csr).map_err(|e| Failure {
+                    status: Status::Malformed,
+                    detail: format!("CSR refused: {e}"),
+                })?,
+                None,
+            ),
+            None => {
+                let key = crypto::generate_p256()?;
+                let der = key.private_key_to_pkcs8().map_err(ProtocolError::from)?;
+                let public = PKey::public_key_from_der(
+                    &key.public_key_to_der().map_err(ProtocolError::from)?,
+                )
+                .map_err(ProtocolError::from)?;
+                (public, Some(crypto::seal(&eph, &d, &der)?))
+            }
+        };
+        let issued = self.pki.issue_device_certificate(
+            &d,
+            &target,
+            &public,
+            self.config.cert_lifetime_days,
+        )?;
+        let now = now_ms();
+        let mut batch = Batch {
+            nonce: Some(self.nonce_record(&req)),
+            ..Batch::default()
+        };
+        let mut after = After::default();
+        batch.certs.push(CertRecord {
+            sv: SCHEMA_VERSION,
+            serial: issued.serial_hex.clone(),
+            device_id: d.clone(),
+            service_id: target.clone(),
+            not_before: issued.not_before,
+            not_after: issued.not_after,
+            fingerprint_sha256: issued.fingerprint_sha256.clone(),
+            key_mode: if generated.is_some() {
+                "manager"
+            } else {
+                "csr"
+            }
+            .into(),
+            status: CertStatus::Active,
+            issued_ms: now,
+            superseded_by: None,
+            revoked_ms: None,
+        });
+        if let Some(old_serial) = &device.current_cert {
+            if let Some(mut old) = self.store.cert(old_serial)? {
+                old.status = CertStatus::Superseded;
+                old.superseded_by = Some(issued.serial_hex.clone());
+                old.revoked_ms = Some(now);
+                after.crl_for = Some(old.service_id.clone());
+                batch.certs.push(old);
+            }
+        }
+        let mut next = device.clone();
+        next.current_cert = Some(issued.serial_hex.clone());
+        let new_period =
+            |reason: &str, change_id: Option<String>, provider, application| ServicePeriod {
+                sv: SCHEMA_VERSION,
+                device_id: d.clone(),
+                service_id: target.clone(),
+                provider,
+                application,
+                started_ms: now,
+                ended_ms: None,
+                reason: reason.into(),
+                end_reason: None,
+                change_id,
+                confirmed_ms: None,
+                cert_serial: issued.serial_hex.clone(),
+            };
+        if migrating {
+            let pending = device
+                .pending
+                .clone()
+                .expect("check_tenant allows only the pending service");
+            if let Some(n) = device.open_period {
+                if let Some(mut open) = self.store.period(&d, n)? {
+                    open.ended_ms = Some(now);
+                    open.end_reason = Some("service_change".into());
+                    batch.periods.push((n, open));
+                }
+            }
+            let n = self.store.next_id()?;
+            batch.periods.push((
+                n,
+                new_period(
+                    "service_change",
+                    Some(pending.change_id.clone()),
+                    pending.provider.clone(),
+                    pending.application.clone(),
+                ),
+            ));
+            next.open_period = Some(n);
+            next.service_id = target.clone();
+            next.provider = pending.provider;
+            next.application = pending.application;
+            next.pending = None;
+            info!(service = %target, change = %pending.change_id, serial = %issued.serial_hex, "device re-keyed to its new service");
+        } else if device.open_period.is_none() {
+            let n = self.store.next_id()?;
+            batch.periods.push((
+                n,
+                new_period(
+                    "activated",
+                    None,
+                    device.provider.clone(),
+                    device.application.clone(),
+                ),
+            ));
+            next.open_period = Some(n);
+            info!(service = %target, serial = %issued.serial_hex, "first certificate issued");
+        } else {
+            info!(service = %target, serial = %issued.serial_hex, "certificate renewed");
+        }
+        batch.device = Some(next);
+        Ok(Outcome::Reply {
+            reply: Box::new(Reply {
+                device_id: d,
+                nonce: req.nonce.clone(),
+                status: Status::Ok,
+                service_id: Some(target),
+                chain: Some(
+                    issued
+                        .chain
+                        .iter()
+                        .map(|c| c.to_der().map(ByteBuf::from))
+                        .collect::<Result<_, _>>()
+                        .map_err(ProtocolError::from)?,
+                ),
+                key: generated,
+                ..Reply::default()
+            }),
+            batch,
+            after,
+        })
+    }
+
+    fn poll(&self, topic: &Topic, req: Checked<'_, PollRequest>) -> Result<Outcome, Failure> {
+        let device = self.authenticate(&req)?;
+        if let Some(cached) = self.fresh(&req)? {
+            return Ok(Outcome::Cached(cached));
+        }
+        Self::check_tenant(topic, &device, &req.body.service_id)?;
+        Ok(Outcome::Reply {
+            reply: Box::new(Reply {
+                device_id: device.device_id.clone(),
+                nonce: req.nonce.clone(),
+                status: Status::Ok,
+                service_id: Some(device.service_id.clone()),
+                change: device
+                    .pending
+                    .as_ref()
+                    .map(|p| notice_body(&device.device_id, p)),
+                ..Reply::default()
+            }),
+            batch: Batch {
+                nonce: Some(self.nonce_record(&req)),
+                ..Batch::default()
+            },
+            after: After::default(),
+        })
+    }
+
+    fn status(&self, topic: &Topic, req: Checked<'_, StatusReport>) -> Result<Outcome, Failure> {
+        let device = self.authenticate(&req)?;
+        if let Some(cached) = self.fresh(&req)? {
+            return Ok(Outcome::Cached(cached));
+        }
+        Self::check_tenant(topic, &device, &req.body.service_id)?;
+        let mut batch = Batch {
+            nonce: Some(self.nonce_record(&req)),
+            ..Batch::default()
+        };
+        let mut after = After::default();
+        let now = now_ms();
+        info!(event = %req.body.event, detail = ?req.body.detail, "device status");
+        match req.body.event.as_str() {
+            "online" | "change_applied"
+                if req.body.service_id == device.service_id && topic.tenant.is_some() =>
+            {
+                let mut next = device.clone();
+                next.last_seen_ms = Some(now);
+                if let Some(n) = device.open_period {
+                    if let Some(mut p) = self.store.period(&device.device_id, n)? {
+                        if p.confirmed_ms.is_none() {
+                            p.confirmed_ms = Some(now);
+                            batch.periods.push((n, p));
+                        }
+                    }
+                }
+                if next.pending.is_some() {
+                    after.resend_notice_of = Some(next.clone());
+                }
+                batch.device = Some(next);
+            }
+            _ => {}
+        }
+        Ok(Outcome::Reply {
+            reply: Box::new(Reply {
+                device_id: device.device_id.clone(),
+                nonce: req.nonce.clone(),
+                status: Status::Ok,
+                ..Reply::default()
+            }),
+            batch,
+            after,
+        })
+    }
+
+    /// Rewrites the CRL of a service CA from the certificate records.
+    pub fn publish_crl(&self, service_id: &str) -> Result<std::path::PathBuf, Failure> {
+        let revoked: Vec<RevokedEntry> = self
+            .store
+            .certs()?
+            .into_iter()
+            .filter(|c| c.service_id == service_id && c.status != CertStatus::Active)
+            .map(|c| RevokedEntry {
+                serial_hex: c.serial,
+                revoked_at: c.revoked_ms.unwrap_or(0) / 1000,
+            })
+            .collect();
+        let number = self.store.next_id()?;
+        Ok(self.pki.write_crl(service_id, &revoked, number)?)
+    }
+
+    /// Assigns a new service to each device and returns the notices to send.
+    pub fn request_change(
+        &self,
+        device_ids: &[String],
+        service_id: &str,
+        provider: Option<String>,
+        application: Option<String>,
+        endpoint: Option<String>,
+    ) -> (Vec<ChangeResult>, Vec<Outgoing>) {
+        let mut results = Vec::new();
+        let mut out = Vec::new();
+        for d in device_ids {
+            let _guard = self.lock(d);
+            let result = self.request_change_one(d, service_id, &provider, &application, &endpoint);
+            match result {
+                Ok((change_id, device)) => {
+                    out.extend(self.notices(&device));
+                    results.push(ChangeResult {
+                        device_id: d.clone(),
+                        ok: true,
+                        change_id: Some(change_id),
+                        detail: format!("notified: {} -> {service_id}", device.service_id),
+                    });
+                }
+                Err(f) => results.push(ChangeResult {
+                    device_id: d.clone(),
+                    ok: false,
+                    change_id: None,
+                    detail: format!("{}: {}", f.status.name(), f.detail),
+                }),
+            }
+        }
+        (results, out)
+    }
+
+    fn request_change_one(
+        &self,
+        d: &str,
+        service_id: &str,
+        provider: &Option<String>,
+        application: &Option<String>,
+        endpoint: &Option<String>,
+    ) -> Result<(String, DeviceRecord), Failure> {
+        fleet_protocol::topic::validate_service_id(service_id).map_err(|_| Failure {
+            status: Status::Malformed,
+            detail: format!("bad service id {service_id:?}"),
+        })?;
+        let Some(mut device) = self.store.device(d)? else {
+            return fail(Status::UnknownDevice, "device is not active");
+        };
+        if device.service_id == service_id && device.pending.is_none() {
+            return fail(
+                Status::WrongService,
+                format!("device is already on {service_id}"),
+            );
+        }
+        // Create the service CA now so the CRL and trust exist before the device asks.
+        self.pki.service_ca(service_id)?;
+        let change_id = uuid::Uuid::new_v4().to_string();
+        device.pending = Some(PendingChange {
+            change_id: change_id.clone(),
+            service_id: service_id.to_owned(),
+            provider: provider.clone(),
+            application: application.clone(),
+            endpoint: endpoint
+                .clone()
+                .or_else(|| self.config.service_endpoint.clone()),
+            requested_ms: now_ms(),
+            seq: self.store.next_id()?,
+        });
+        self.store.put_device(&device)?;
+        self.store.audit(
+            "service_change",
+            Some(d),
+            format!("{} -> {service_id} provider={provider:?} application={application:?} change={change_id}", device.service_id),
+        )?;
+        info!(device = %d, from = %device.service_id, to = %service_id, change = %change_id, "service change requested");
+        Ok((change_id, device))
+    }
+
+    /// The signed notices of a device's pending change, to its current tenant
+    /// and to its bootstrap topic.
+    pub fn notices(&self, device: &DeviceRecord) -> Vec<Outgoing> {
+        let Some(pending) = &device.pending else {
+            return Vec::new();
+        };
+        let body = notice_body(&device.device_id, pending);
+        let env = match Envelope::build(Kind::ServiceChange, &body, |tbs| {
+            crypto::sign(self.pki.signing_key(), tbs)
+        }) {
+            Ok(env) => env.encode(),
+            Err(err) => {
+                warn!(error = %err, "notice not signed");
+                return Vec::new();
+            }
+        };
+        let route = Route::ServiceChange(device.device_id.clone());
+        [
+            Topic::in_tenant(&device.service_id, route.clone()),
+            Topic::bootstrap(route),
+        ]
+        .into_iter()
+        .map(|t| Outgoing {
+            topic: t.to_string(),
+            payload: env.clone(),
+        })
+        .collect()
+    }
+
+    /// Notices of every pending change, re-sent after a restart.
+    pub fn pending_notices(&self) -> Result<Vec<Outgoing>, StoreError> {
+        Ok(self
+            .store
+            .devices()?
+            .iter()
+            .flat_map(|d| self.notices(d))
+            .collect())
+    }
+}
+
+fn notice_body(device_id: &str, p: &PendingChange) -> ServiceChange {
+    ServiceChange {
+        device_id: device_id.to_owned(),
+        seq: p.seq,
+        change_id: p.change_id.clone(),
+        service_id: p.service_id.clone(),
+        provider: p.provider.clone(),
+        application: p.application.clone(),
+        endpoint: p.endpoint.clone(),
+        ts: p.requested_ms,
+    }
+}
+
+/// Fields every request body has.
+trait Identified {
+    fn device_id(&self) -> &str;
+    fn nonce(&self) -> &[u8];
+    fn ts(&self) -> u64;
+}
+
+macro_rules! identified {
+    ($($t:ty),*) => {$(
+        impl Identified for $t {
+            fn device_id(&self) -> &str { &self.device_id }
+            fn nonce(&self) -> &[u8] { &self.nonce }
+            fn ts(&self) -> u64 { self.ts }
+        }
+    )*};
+}
+identified!(ActivateRequest, UpdateRequest, PollRequest, StatusReport);

@@ -1,0 +1,128 @@
+//! The manager's MQTT side: one task polls the rumqttc event loop and hands
+//! each request to a pool of workers; handlers run on blocking threads.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_protocol::topic::manager_filters;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::handlers::{Core, Outgoing};
+use crate::ManagerConfig;
+
+pub fn connect(config: &ManagerConfig) -> anyhow::Result<(AsyncClient, EventLoop)> {
+    let (host, port) = config.broker_host_port()?;
+    let mut opts = MqttOptions::new(&config.client_id, host, port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    // A persistent session: requests published while the manager restarts
+    // wait for it in the broker.
+    opts.set_clean_session(false);
+    opts.set_max_packet_size(512 * 1024, 512 * 1024);
+    opts.set_inflight(200);
+    Ok(AsyncClient::new(opts, 10_000))
+}
+
+pub async fn publish_all(client: &AsyncClient, out: Vec<Outgoing>) {
+    for msg in out {
+        if let Err(err) = client
+            .publish(msg.topic.clone(), QoS::AtLeastOnce, false, msg.payload)
+            .await
+        {
+            warn!(topic = %msg.topic, error = %err, "publish failed");
+        }
+    }
+}
+
+/// Polls the event loop until shutdown. `subscribed` turns true once the
+/// request filters are acknowledged.
+pub async fn serve(
+    core: Arc<Core>,
+    client: AsyncClient,
+    mut eventloop: EventLoop,
+    subscribed: watch::Sender<bool>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let (tx, rx) = mpsc::channel::<Publish>(4096);
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    for _ in 0..core.config.workers {
+        let (core, client, rx) = (core.clone(), client.clone(), rx.clone());
+        tracker.spawn(async move {
+            loop {
+                let next = rx.lock().await.recv().await;
+                let Some(publish) = next else { break };
+                let core2 = core.clone();
+                let out = tokio::task::spawn_blocking(move || {
+                    core2.handle(&publish.topic, &publish.payload)
+                })
+                .await;
+                match out {
+                    Ok(out) => publish_all(&client, out).await,
+                    Err(err) => warn!(error = %err, "handler panicked"),
+                }
+            }
+        });
+    }
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            event = eventloop.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff = Duration::from_millis(100);
+                info!(
+                    session_present = ack.session_present,
+                    "manager connected to broker"
+                );
+                for filter in manager_filters() {
+                    if let Err(err) = client.subscribe(filter, QoS::AtLeastOnce).await {
+                        warn!(error = %err, "subscribe failed");
+                    }
+                }
+                let core = core.clone();
+                let client = client.clone();
+                tracker.spawn(async move {
+                    match tokio::task::spawn_blocking(move || core.pending_notices()).await {
+                        Ok(Ok(out)) => {
+                            if !out.is_empty() {
+                                info!(
+                                    count = out.len(),
+                                    "re-sending pending service-change notices"
+                                );
+                            }
+                            publish_all(&client, out).await
+                        }
+                        Ok(Err(err)) => warn!(error = %err, "pending notices not read"),
+                        Err(err) => warn!(error = %err, "pending notices task failed"),
+                    }
+                });
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                let _ = subscribed.send(true);
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if tx.send(p).await.is_err() {
+                    break;
+                }
+            }
+            Ok(other) => debug!(event = ?other, "mqtt"),
+            Err(err) => {
+                let _ = subscribed.send(false);
+                warn!(error = %err, "broker connection lost; reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    let _ = client.disconnect().await;
+    drop(tx);
+}

@@ -1,0 +1,416 @@
+//! Registry and history in sled.
+//!
+//! Trees (values are CBOR maps carrying a schema version `sv`):
+//! - `registrations`: device id → [`Registration`] (pre-registered devices, factory key).
+//! - `devices`: device id → [`DeviceRecord`] (current service, uuid, state, pending change).
+//! - `service_history`: device id ‖ 0x00 ‖ big-endian u64 → [`ServicePeriod`].
+//! - `certs`: serial hex → [`CertRecord`].
+//! - `nonces`: device id ‖ 0x00 ‖ nonce → [`NonceRecord`] (replay guard and reply cache).
+//! - `audit`: big-endian u64 id → [`AuditRecord`] (operator actions).
+//!
+//! A transition that issues a certificate and opens a service period is one
+//! sled transaction over `devices`, `service_history`, `certs` and `nonces`.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::Transactional;
+
+pub const SCHEMA_VERSION: u8 = 1;
+
+/// One raw entry of [`Store::snapshot`]: tree name, key, value.
+pub type SnapshotEntry = (String, Vec<u8>, Vec<u8>);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("stored value does not decode: {0}")]
+    Decode(#[from] serde_cbor::Error),
+    #[error("transaction aborted: {0}")]
+    Aborted(String),
+}
+
+impl From<TransactionError<String>> for StoreError {
+    fn from(e: TransactionError<String>) -> Self {
+        match e {
+            TransactionError::Abort(reason) => StoreError::Aborted(reason),
+            TransactionError::Storage(err) => StoreError::Sled(err),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    pub sv: u8,
+    pub device_id: String,
+    pub initial_service: String,
+    /// Factory public key, SEC1 P-256 point. `None` only under open enrollment.
+    #[serde(default)]
+    pub factory_key: Option<serde_bytes::ByteBuf>,
+    pub registered_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceState {
+    Active,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingChange {
+    pub change_id: String,
+    pub service_id: String,
+    pub provider: Option<String>,
+    pub application: Option<String>,
+    pub endpoint: Option<String>,
+    pub requested_ms: u64,
+    /// Sequence number of the notice, fixed when the change is requested so
+    /// every re-send is the same notice.
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub sv: u8,
+    pub device_id: String,
+    pub state: DeviceState,
+    #[serde(with = "serde_bytes")]
+    pub uuid: Vec<u8>,
+    pub service_id: String,
+    pub provider: Option<String>,
+    pub application: Option<String>,
+    pub activated_ms: u64,
+    /// Serial of the certificate in use, if any.
+    pub current_cert: Option<String>,
+    /// Key of the open service period in `service_history`, if any.
+    pub open_period: Option<u64>,
+    pub pending: Option<PendingChange>,
+    /// Last time the device reported `online` on its current service.
+    pub last_seen_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicePeriod {
+    pub sv: u8,
+    pub device_id: String,
+    pub service_id: String,
+    pub provider: Option<String>,
+    pub application: Option<String>,
+    pub started_ms: u64,
+    pub ended_ms: Option<u64>,
+    /// Why it started: `activated` or `service_change`.
+    pub reason: String,
+    pub end_reason: Option<String>,
+    pub change_id: Option<String>,
+    /// First time the device reported from this service.
+    pub confirmed_ms: Option<u64>,
+    pub cert_serial: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertStatus {
+    Active,
+    /// Replaced by a newer certificate and revoked.
+    Superseded,
+    Revoked,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertRecord {
+    pub sv: u8,
+    pub serial: String,
+    pub device_id: String,
+    pub service_id: String,
+    pub not_before: u64,
+    pub not_after: u64,
+    pub fingerprint_sha256: String,
+    /// `csr` or `manager`.
+    pub key_mode: String,
+    pub status: CertStatus,
+    pub issued_ms: u64,
+    pub superseded_by: Option<String>,
+    pub revoked_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NonceRecord {
+    pub sv: u8,
+    /// SHA-256 of the request envelope bytes.
+    #[serde(with = "serde_bytes")]
+    pub digest: Vec<u8>,
+    /// The encoded reply sent for it.
+    #[serde(with = "serde_bytes")]
+    pub reply: Vec<u8>,
+    pub ts_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub sv: u8,
+    pub at_ms: u64,
+    pub action: String,
+    pub device_id: Option<String>,
+    pub detail: String,
+}
+
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_cbor::to_vec(v).expect("CBOR encoding of a record cannot fail")
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    Ok(serde_cbor::from_slice(bytes)?)
+}
+
+pub fn period_key(device_id: &str, n: u64) -> Vec<u8> {
+    let mut k = device_id.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+
+pub fn nonce_key(device_id: &str, nonce: &[u8]) -> Vec<u8> {
+    let mut k = device_id.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(nonce);
+    k
+}
+
+/// Writes staged by a handler, applied atomically by [`Store::commit`].
+#[derive(Default, Debug)]
+pub struct Batch {
+    pub device: Option<DeviceRecord>,
+    pub periods: Vec<(u64, ServicePeriod)>,
+    pub certs: Vec<CertRecord>,
+    pub nonce: Option<(Vec<u8>, NonceRecord)>,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    registrations: sled::Tree,
+    devices: sled::Tree,
+    history: sled::Tree,
+    certs: sled::Tree,
+    nonces: sled::Tree,
+    audit: sled::Tree,
+}
+
+impl Store {
+    pub fn open(path: &std::path::Path) -> Result<Store, StoreError> {
+        let db = sled::open(path)?;
+        Ok(Store {
+            registrations: db.open_tree("registrations")?,
+            devices: db.open_tree("devices")?,
+            history: db.open_tree("service_history")?,
+            certs: db.open_tree("certs")?,
+            nonces: db.open_tree("nonces")?,
+            audit: db.open_tree("audit")?,
+            db,
+        })
+    }
+
+    /// A number greater than every one handed out before, across restarts.
+    pub fn next_id(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()? + 1)
+    }
+
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn put_registration(&self, reg: &Registration) -> Result<(), StoreError> {
+        self.registrations
+            .insert(reg.device_id.as_bytes(), encode(reg))?;
+        Ok(())
+    }
+
+    pub fn registration(&self, device_id: &str) -> Result<Option<Registration>, StoreError> {
+        self.registrations
+            .get(device_id)?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    pub fn device(&self, device_id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        self.devices.get(device_id)?.map(|v| decode(&v)).transpose()
+    }
+
+    pub fn put_device(&self, device: &DeviceRecord) -> Result<(), StoreError> {
+        self.devices
+            .insert(device.device_id.as_bytes(), encode(device))?;
+        Ok(())
+    }
+
+    pub fn remove_device(&self, device_id: &str) -> Result<(), StoreError> {
+        self.devices.remove(device_id)?;
+        Ok(())
+    }
+
+    pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.devices.iter().values().map(|v| decode(&v?)).collect()
+    }
+
+    pub fn registrations(&self) -> Result<Vec<Registration>, StoreError> {
+        self.registrations
+            .iter()
+            .values()
+            .map(|v| decode(&v?))
+            .collect()
+    }
+
+    /// Every service period of a device, oldest first.
+    pub fn history(&self, device_id: &str) -> Result<Vec<(u64, ServicePeriod)>, StoreError> {
+        let mut prefix = device_id.as_bytes().to_vec();
+        prefix.push(0);
+        self.history
+            .scan_prefix(&prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                let mut n = [0u8; 8];
+                n.copy_from_slice(&k[k.len() - 8..]);
+                Ok((u64::from_be_bytes(n), decode(&v)?))
+            })
+            .collect()
+    }
+
+    pub fn period(&self, device_id: &str, n: u64) -> Result<Option<ServicePeriod>, StoreError> {
+        self.history
+            .get(period_key(device_id, n))?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    pub fn put_period(&self, device_id: &str, n: u64, p: &ServicePeriod) -> Result<(), StoreError> {
+        self.history.insert(period_key(device_id, n), encode(p))?;
+        Ok(())
+    }
+
+    pub fn cert(&self, serial: &str) -> Result<Option<CertRecord>, StoreError> {
+        self.certs.get(serial)?.map(|v| decode(&v)).transpose()
+    }
+
+    pub fn certs(&self) -> Result<Vec<CertRecord>, StoreError> {
+        self.certs.iter().values().map(|v| decode(&v?)).collect()
+    }
+
+    pub fn certs_of(&self, device_id: &str) -> Result<Vec<CertRecord>, StoreError> {
+        let mut all: Vec<CertRecord> = self
+            .certs()?
+            .into_iter()
+            .filter(|c| c.device_id == device_id)
+            .collect();
+        all.sort_by_key(|c| c.issued_ms);
+        Ok(all)
+    }
+
+    pub fn nonce(&self, key: &[u8]) -> Result<Option<NonceRecord>, StoreError> {
+        self.nonces.get(key)?.map(|v| decode(&v)).transpose()
+    }
+
+    pub fn put_nonce(&self, key: &[u8], rec: &NonceRecord) -> Result<(), StoreError> {
+        self.nonces.insert(key, encode(rec))?;
+        Ok(())
+    }
+
+    /// Drops nonce records older than `before_ms`; their requests are stale anyway.
+    pub fn prune_nonces(&self, before_ms: u64) -> Result<usize, StoreError> {
+        let mut dropped = 0;
+        for kv in self.nonces.iter() {
+            let (k, v) = kv?;
+            let rec: NonceRecord = decode(&v)?;
+            if rec.ts_ms < before_ms {
+                self.nonces.remove(k)?;
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
+    }
+
+    pub fn audit(
+        &self,
+        action: &str,
+        device_id: Option<&str>,
+        detail: String,
+    ) -> Result<(), StoreError> {
+        let id = self.next_id()?;
+        let rec = AuditRecord {
+            sv: SCHEMA_VERSION,
+            at_ms: fleet_protocol::now_ms(),
+            action: action.to_owned(),
+            device_id: device_id.map(str::to_owned),
+            detail,
+        };
+        self.audit.insert(id.to_be_bytes(), encode(&rec))?;
+        Ok(())
+    }
+
+    pub fn audit_log(&self) -> Result<Vec<AuditRecord>, StoreError> {
+        self.audit.iter().values().map(|v| decode(&v?)).collect()
+    }
+
+    /// Applies a batch atomically. Fails with `Aborted("nonce")` when the
+    /// nonce was recorded meanwhile (a concurrent duplicate won).
+    pub fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        (&self.devices, &self.history, &self.certs, &self.nonces).transaction(
+            |(devices, history, certs, nonces)| {
+                if let Some((key, rec)) = &batch.nonce {
+                    if nonces.get(key)?.is_some() {
+                        return abort("nonce");
+                    }
+                    nonces.insert(key.as_slice(), encode(rec))?;
+                }
+                if let Some(device) = &batch.device {
+                    devices.insert(device.device_id.as_bytes(), encode(device))?;
+                }
+                for (n, period) in &batch.periods {
+                    history.insert(period_key(&period.device_id, *n), encode(period))?;
+                }
+                put_certs(certs, &batch.certs)?;
+                Ok(())
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Raw dump of every tree, for "nothing changed" assertions.
+    pub fn snapshot(&self) -> Result<Vec<SnapshotEntry>, StoreError> {
+        let mut out = Vec::new();
+        for (name, tree) in [
+            ("registrations", &self.registrations),
+            ("devices", &self.devices),
+            ("service_history", &self.history),
+            ("certs", &self.certs),
+            ("audit", &self.audit),
+        ] {
+            for kv in tree.iter() {
+                let (k, v) = kv?;
+                out.push((name.to_string(), k.to_vec(), v.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn abort<T>(reason: &str) -> Result<T, ConflictableTransactionError<String>> {
+    Err(ConflictableTransactionError::Abort(reason.to_owned()))
+}
+
+fn put_certs(
+    tree: &TransactionalTree,
+    certs: &[CertRecord],
+) -> Result<(), ConflictableTransactionError<String>> {
+    for c in certs {
+        tree.insert(c.serial.as_bytes(), encode(c))?;
+    }
+    Ok(())
+}
+
+impl Store {
+    pub fn put_cert(&self, c: &CertRecord) -> Result<(), StoreError> {
+        self.certs.insert(c.serial.as_bytes(), encode(c))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,346 @@
+//! Checks the PKI's output with the real `openssl` command-line tool, the
+//! same way an operator or an external broker would read it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use fleet_pki::{chain_to_pem, generate_csr, IssuedCert, Pki, RevokedEntry};
+use openssl::asn1::Asn1Integer;
+use openssl::bn::BigNum;
+use openssl::ec::{EcGroup, EcKey};
+use openssl::nid::Nid;
+use openssl::pkey::{PKey, Private};
+use openssl::x509::{CrlStatus, X509Crl};
+
+fn openssl(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    Command::new("openssl")
+        .args(args.iter().map(|a| a.as_ref()))
+        .output()
+        .expect("the openssl command-line tool must be installed to run these tests")
+}
+
+fn combined(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn device_key() -> PKey<Private> {
+    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+    PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap()
+}
+
+/// CSR mode, end to end: the device makes a CSR, the PKI checks it and issues.
+fn issue(pki: &Pki, device_id: &str, service_id: &str) -> IssuedCert {
+    let csr = generate_csr(device_id, &device_key()).unwrap();
+    let public = Pki::public_key_from_csr(&csr).unwrap();
+    pki.issue_device_certificate(device_id, service_id, &public, 30)
+        .unwrap()
+}
+
+fn write_leaf(dir: &Path, name: &str, issued: &IssuedCert) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, issued.leaf.to_pem().unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn device_certificate_verifies_with_openssl_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::open_or_create(&tmp.path().join("pki")).unwrap();
+    let issued = issue(&pki, "dev1", "svcA");
+    let leaf = write_leaf(tmp.path(), "leaf.pem", &issued);
+
+    let out = openssl(&[
+        &"verify",
+        &"-CAfile",
+        &pki.root_pem_path(),
+        &"-untrusted",
+        &pki.service_ca_path("svcA"),
+        &leaf,
+    ]);
+    assert!(out.status.success(), "{}", combined(&out));
+    assert!(combined(&out).contains(": OK"), "{}", combined(&out));
+
+    // The chain as a device would present it: leaf first, then its CA.
+    let chain = tmp.path().join("chain.pem");
+    std::fs::write(&chain, chain_to_pem(&issued.chain).unwrap()).unwrap();
+    let out = openssl(&[
+        &"verify",
+        &"-CAfile",
+        &pki.root_pem_path(),
+        &"-untrusted",
+        &chain,
+        &leaf,
+    ]);
+    assert!(out.status.success(), "{}", combined(&out));
+
+    // With the root alone the leaf must not verify; with another service's CA neither.
+    let out = openssl(&[&"verify", &"-CAfile", &pki.root_pem_path(), &leaf]);
+    assert!(!out.status.success(), "{}", combined(&out));
+    pki.service_ca("svcB").unwrap();
+    let out = openssl(&[
+        &"verify",
+        &"-CAfile",
+        &pki.root_pem_path(),
+        &"-untrusted",
+        &pki.service_ca_path("svcB"),
+        &leaf,
+    ]);
+    assert!(!out.status.success(), "{}", combined(&out));
+
+    let out = openssl(&[
+        &"x509",
+        &"-in",
+        &leaf,
+        &"-noout",
+        &"-text",
+        &"-nameopt",
+        &"RFC2253",
+    ]);
+    assert!(out.status.success(), "{}", combined(&out));
+    let text = combined(&out);
+    assert!(text.contains("Subject: CN=dev1,O=svcA"), "{text}");
+    assert!(text.contains("TLS Web Client Authentication"), "{text}");
+    assert!(!text.contains("TLS Web Server Authentication"), "{text}");
+    assert!(text.contains("URI:urn:fleetshift:device:dev1"), "{text}");
+    assert!(text.contains("URI:urn:fleetshift:service:svcA"), "{text}");
+    assert!(text.contains("CA:FALSE"), "{text}");
+    assert!(text.contains("ecdsa-with-SHA256"), "{text}");
+    let serial_line = issued.serial_hex.to_ascii_lowercase();
+    let out = openssl(&[&"x509", &"-in", &leaf, &"-noout", &"-serial"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .trim_start_matches("serial=")
+            .to_ascii_lowercase(),
+        // openssl prints whole octets, so a serial with a leading zero nibble gains a 0.
+        if serial_line.len() % 2 == 1 {
+            format!("0{serial_line}")
+        } else {
+            serial_line
+        }
+    );
+}
+
+#[test]
+fn service_ca_and_broker_certificates_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::open_or_create(tmp.path()).unwrap();
+    pki.service_ca("svcA").unwrap();
+
+    let out = openssl(&[
+        &"verify",
+        &"-CAfile",
+        &pki.root_pem_path(),
+        &pki.service_ca_path("svcA"),
+    ]);
+    assert!(out.status.success(), "{}", combined(&out));
+    let out = openssl(&[
+        &"verify",
+        &"-CAfile",
+        &pki.root_pem_path(),
+        &"-purpose",
+        &"sslserver",
+        &pki.broker_cert_path(),
+    ]);
+    assert!(out.status.success(), "{}", combined(&out));
+
+    let out = openssl(&[
+        &"x509",
+        &"-in",
+        &pki.service_ca_path("svcA"),
+        &"-noout",
+        &"-text",
+    ]);
+    let text = combined(&out);
+    assert!(text.contains("CA:TRUE, pathlen:0"), "{text}");
+    assert!(text.contains("Certificate Sign, CRL Sign"), "{text}");
+
+    let out = openssl(&[
+        &"x509",
+        &"-in",
+        &pki.broker_cert_path(),
+        &"-noout",
+        &"-text",
+    ]);
+    let text = combined(&out);
+    assert!(text.contains("DNS:localhost"), "{text}");
+    assert!(text.contains("IP Address:127.0.0.1"), "{text}");
+    assert!(text.contains("IP Address:0:0:0:0:0:0:0:1"), "{text}");
+
+    // The signing key's public half is a SubjectPublicKeyInfo the CLI reads.
+    let out = openssl(&[
+        &"pkey",
+        &"-pubin",
+        &"-in",
+        &pki.signing_pub_path(),
+        &"-noout",
+    ]);
+    assert!(out.status.success(), "{}", combined(&out));
+}
+
+#[test]
+fn crl_is_signed_and_revokes_with_openssl_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::open_or_create(&tmp.path().join("pki")).unwrap();
+    let revoked = issue(&pki, "dev1", "svcA");
+    let kept = issue(&pki, "dev2", "svcA");
+    let revoked_leaf = write_leaf(tmp.path(), "revoked.pem", &revoked);
+    let kept_leaf = write_leaf(tmp.path(), "kept.pem", &kept);
+
+    let entries = [
+        RevokedEntry {
+            serial_hex: revoked.serial_hex.clone(),
+            revoked_at: revoked.not_before + 60,
+        },
+        // A serial with its top bit set in the first octet checks INTEGER padding.
+        RevokedEntry {
+            serial_hex: "80".into(),
+            revoked_at: 1_700_000_000,
+        },
+    ];
+    let crl_path = pki.write_crl("svcA", &entries, 42).unwrap();
+    assert_eq!(crl_path, pki.crl_path("svcA"));
+
+    let out = openssl(&[
+        &"crl",
+        &"-in",
+        &crl_path,
+        &"-CAfile",
+        &pki.service_ca_path("svcA"),
+        &"-noout",
+    ]);
+    assert!(out.status.success(), "{}", combined(&out));
+    assert!(combined(&out).contains("verify OK"), "{}", combined(&out));
+    // Another CA's key must not verify it.
+    pki.service_ca("svcB").unwrap();
+    let out = openssl(&[
+        &"crl",
+        &"-in",
+        &crl_path,
+        &"-CAfile",
+        &pki.service_ca_path("svcB"),
+        &"-noout",
+    ]);
+    assert!(!combined(&out).contains("verify OK"), "{}", combined(&out));
+    // A flipped signature bit must be caught.
+    let mut der = X509Crl::from_pem(&std::fs::read(&crl_path).unwrap())
+        .unwrap()
+        .to_der()
+        .unwrap();
+    *der.last_mut().unwrap() ^= 0x01;
+    let tampered = tmp.path().join("tampered.crl.pem");
+    std::fs::write(
+        &tampered,
+        X509Crl::from_der(&der).unwrap().to_pem().unwrap(),
+    )
+    .unwrap();
+    let out = openssl(&[
+        &"crl",
+        &"-in",
+        &tampered,
+        &"-CAfile",
+        &pki.service_ca_path("svcA"),
+        &"-noout",
+    ]);
+    assert!(
+        combined(&out).contains("verify failure"),
+        "{}",
+        combined(&out)
+    );
+
+    let out = openssl(&[&"crl", &"-in", &crl_path, &"-noout", &"-text"]);
+    let text = combined(&out);
+    assert!(text.contains("Version 2"), "{text}");
+    assert!(
+        text.contains("X509v3 CRL Number:") && text.contains("42"),
+        "{text}"
+    );
+    assert!(text.contains("X509v3 Authority Key Identifier"), "{text}");
+    assert!(
+        text.contains("Issuer: O = svcA, CN = fleetshift service CA svcA"),
+        "{text}"
+    );
+
+    let verify = |leaf: &Path| {
+        openssl(&[
+            &"verify",
+            &"-crl_check",
+            &"-CAfile",
+            &pki.root_pem_path(),
+            &"-untrusted",
+            &pki.service_ca_path("svcA"),
+            &"-CRLfile",
+            &crl_path,
+            &leaf,
+        ])
+    };
+    let out = verify(&revoked_leaf);
+    assert!(!out.status.success(), "{}", combined(&out));
+    assert!(
+        combined(&out).contains("certificate revoked"),
+        "{}",
+        combined(&out)
+    );
+    let out = verify(&kept_leaf);
+    assert!(out.status.success(), "{}", combined(&out));
+
+    // Parsed back by the library.
+    let crl = X509Crl::from_pem(&std::fs::read(&crl_path).unwrap()).unwrap();
+    let (ca, _) = pki.service_ca("svcA").unwrap();
+    assert!(crl.verify(&ca.public_key().unwrap()).unwrap());
+    assert_eq!(crl.get_revoked().map(|r| r.len()), Some(2));
+    assert!(matches!(
+        crl.get_by_serial(revoked.leaf.serial_number()),
+        CrlStatus::Revoked(_)
+    ));
+    assert!(matches!(
+        crl.get_by_serial(kept.leaf.serial_number()),
+        CrlStatus::NotRevoked
+    ));
+    let x80 = Asn1Integer::from_bn(&BigNum::from_u32(0x80).unwrap()).unwrap();
+    assert!(matches!(crl.get_by_serial(&x80), CrlStatus::Revoked(_)));
+}
+
+#[test]
+fn empty_crl_omits_the_revoked_list() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::open_or_create(tmp.path()).unwrap();
+    let leaf = issue(&pki, "dev1", "svcA");
+    let leaf_path = write_leaf(tmp.path(), "leaf.pem", &leaf);
+    let crl_path = pki.write_crl("svcA", &[], 1).unwrap();
+
+    let out = openssl(&[
+        &"crl",
+        &"-in",
+        &crl_path,
+        &"-CAfile",
+        &pki.service_ca_path("svcA"),
+        &"-noout",
+        &"-text",
+    ]);
+    assert!(out.status.success(), "{}", combined(&out));
+    assert!(
+        combined(&out).contains("No Revoked Certificates"),
+        "{}",
+        combined(&out)
+    );
+
+    let crl = X509Crl::from_pem(&std::fs::read(&crl_path).unwrap()).unwrap();
+    assert!(crl.get_revoked().is_none());
+    let out = openssl(&[
+        &"verify",
+        &"-crl_check",
+        &"-CAfile",
+        &pki.root_pem_path(),
+        &"-untrusted",
+        &pki.service_ca_path("svcA"),
+        &"-CRLfile",
+        &crl_path,
+        &leaf_path,
+    ]);
+    assert!(out.status.success(), "{}", combined(&out));
+}
