@@ -1,1 +1,373 @@
-//! placeholder
+//! The in-process harness for end-to-end tests and the demo: a real
+//! rumqttd broker on ephemeral loopback ports, a real manager on a sled
+//! store in a temporary directory, real PKI, and plain MQTT clients for
+//! hostile and observing roles.
+//!
+//! # Layout
+//! - [`Fleet`]: broker + manager + PKI in one temporary directory; restart the manager on the same store.
+//! - [`Probe`]: a raw MQTT client that records what it receives (sniffers, forgers, attackers).
+//! - [`eventually`]: wait until a condition holds, with a deadline.
+//! - [`openssl_verify`]: run the real `openssl verify` on a certificate chain.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use fleet_broker::{BrokerConfig, RunningBroker};
+use fleet_manager::{Core, ManagerConfig, RunningManager};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+/// Installs a test log subscriber once (`RUST_LOG` to see more).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,rumqttd=error".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Waits until `check` returns `Some`, polling with a short backoff; fails
+/// with `what` after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// Broker, manager and PKI in one temporary directory.
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub broker: RunningBroker,
+    pub config: ManagerConfig,
+    manager: Option<RunningManager>,
+}
+
+impl Fleet {
+    pub async fn start() -> anyhow::Result<Fleet> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts with a manager configuration adjusted by `tune`.
+    pub async fn start_with(tune: impl FnOnce(&mut ManagerConfig)) -> anyhow::Result<Fleet> {
+        init_tracing();
+        let dir = tempfile::tempdir()?;
+        let certs = dir.path().join("certs");
+        fleet_pki::Pki::open_or_create(&certs)?;
+        let broker_config = BrokerConfig {
+            bootstrap_listen: "127.0.0.1:0".parse()?,
+            service_listen: Some("127.0.0.1:0".parse()?),
+            certs_dir: certs.clone(),
+            ..Default::default()
+        };
+        let broker =
+            tokio::task::spawn_blocking(move || fleet_broker::start(&broker_config)).await??;
+        let mut config = ManagerConfig {
+            broker_url: format!("mqtt://{}", broker.bootstrap_addr),
+            client_id: "fleet-manager".into(),
+            data_dir: dir.path().join("store"),
+            certs_dir: certs,
+            admin_listen: "127.0.0.1:0".parse()?,
+            ..Default::default()
+        };
+        tune(&mut config);
+        let manager = fleet_manager::start(config.clone(), CancellationToken::new()).await?;
+        Ok(Fleet {
+            dir,
+            broker,
+            config,
+            manager: Some(manager),
+        })
+    }
+
+    pub fn manager(&self) -> &RunningManager {
+        self.manager.as_ref().expect("manager is running")
+    }
+
+    pub fn core(&self) -> &Arc<Core> {
+        &self.manager().core
+    }
+
+    pub fn certs_dir(&self) -> &Path {
+        &self.config.certs_dir
+    }
+
+    pub fn admin(&self) -> String {
+        self.manager().admin_addr.to_string()
+    }
+
+    pub fn service_addr(&self) -> std::net::SocketAddr {
+        self.broker
+            .service_addr
+            .expect("service listener configured")
+    }
+
+    /// Stops the manager, then starts a new one on the same store and PKI.
+    pub async fn restart_manager(&mut self) -> anyhow::Result<()> {
+        self.stop_manager().await;
+        let manager = fleet_manager::start(self.config.clone(), CancellationToken::new()).await?;
+        self.manager = Some(manager);
+        Ok(())
+    }
+
+    pub async fn stop_manager(&mut self) {
+        if let Some(m) = self.manager.take() {
+            m.stop().await;
+        }
+    }
+
+    pub async fn start_manager(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.manager.is_none(), "manager already running");
+        self.manager =
+            Some(fleet_manager::start(self.config.clone(), CancellationToken::new()).await?);
+        Ok(())
+    }
+
+    /// Pre-registers a device through the operator API.
+    pub async fn register(
+        &self,
+        device_id: &str,
+        service_id: &str,
+        factory_key: Option<&[u8]>,
+    ) -> anyhow::Result<()> {
+        let body = json!([{
+            "device_id": device_id,
+            "service_id": service_id,
+            "factory_key_hex": factory_key.map(hex::encode),
+        }]);
+        fleet_manager::admin::call(&self.admin(), "POST", "/v1/registrations", Some(&body)).await?;
+        Ok(())
+    }
+
+    /// Requests a service change through the operator API; fails unless every device was notified.
+    pub async fn change(&self, devices: &[&str], service_id: &str) -> anyhow::Result<Value> {
+        let body = json!({ "devices": devices, "service_id": service_id });
+        let res =
+            fleet_manager::admin::call(&self.admin(), "POST", "/v1/service-change", Some(&body))
+                .await?;
+        for r in res["results"].as_array().context("results")? {
+            anyhow::ensure!(r["ok"] == json!(true), "change refused: {r}");
+        }
+        Ok(res)
+    }
+
+    /// The stored state of every tree, for "nothing changed" assertions.
+    pub fn snapshot(&self) -> Vec<fleet_manager::store::SnapshotEntry> {
+        self.core().store.snapshot().expect("store snapshot")
+    }
+}
+
+/// What a [`Probe`] received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+/// A raw MQTT client that subscribes where it is told and records everything.
+pub struct Probe {
+    pub client: AsyncClient,
+    pub received: Arc<Mutex<Vec<Received>>>,
+    /// Connection errors seen (a refused publish ends in a disconnect).
+    pub errors: Arc<Mutex<Vec<String>>>,
+    pub subacks: Arc<Mutex<Vec<Vec<rumqttc::SubscribeReasonCode>>>>,
+    shutdown: CancellationToken,
+}
+
+impl Probe {
+    /// Connects over plain MQTT.
+    pub async fn plain(addr: std::net::SocketAddr, client_id: &str) -> anyhow::Result<Probe> {
+        let opts = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        Self::connect(opts).await
+    }
+
+    /// Connects to the mutual-TLS listener with a chain and key (PEM).
+    pub async fn mtls(
+        addr: std::net::SocketAddr,
+        client_id: &str,
+        root_ca: &Path,
+        chain_pem: Vec<u8>,
+        key_pem: Vec<u8>,
+    ) -> anyhow::Result<Probe> {
+        let mut opts = MqttOptions::new(client_id, "localhost", addr.port());
+        opts.set_transport(Transport::Tls(TlsConfiguration::Simple {
+            ca: std::fs::read(root_ca)?,
+            alpn: None,
+            client_auth: Some((chain_pem, key_pem)),
+        }));
+        Self::connect(opts).await
+    }
+
+    async fn connect(mut opts: MqttOptions) -> anyhow::Result<Probe> {
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_max_packet_size(1024 * 1024, 1024 * 1024);
+        let (client, mut eventloop) = AsyncClient::new(opts, 100);
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let subacks = Arc::new(Mutex::new(Vec::new()));
+        let shutdown = CancellationToken::new();
+        let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
+        let (r, e, s, stop) = (
+            received.clone(),
+            errors.clone(),
+            subacks.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            let mut connected_tx = Some(connected_tx);
+            loop {
+                let event = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    ev = eventloop.poll() => ev,
+                };
+                match event {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        if let Some(tx) = connected_tx.take() {
+                            let _ = tx.send(Ok(()));
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => r.lock().unwrap().push(Received {
+                        topic: p.topic.clone(),
+                        payload: p.payload.to_vec(),
+                    }),
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        s.lock().unwrap().push(ack.return_codes)
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        e.lock().unwrap().push(err.to_string());
+                        if let Some(tx) = connected_tx.take() {
+                            let _ = tx.send(Err(err.to_string()));
+                            break;
+                        }
+                        // A probe does not reconnect: a cut connection stays cut.
+                        break;
+                    }
+                }
+            }
+        });
+        match tokio::time::timeout(Duration::from_secs(10), connected_rx).await {
+            Ok(Ok(Ok(()))) => Ok(Probe {
+                client,
+                received,
+                errors,
+                subacks,
+                shutdown,
+            }),
+            Ok(Ok(Err(err))) => bail!("connect refused: {err}"),
+            Ok(Err(_)) => bail!("probe event loop ended before CONNACK"),
+            Err(_) => bail!("no CONNACK within 10 s"),
+        }
+    }
+
+    /// Subscribes and waits for the SUBACK.
+    pub async fn subscribe(&self, filter: &str) -> anyhow::Result<()> {
+        let before = self.subacks.lock().unwrap().len();
+        self.client.subscribe(filter, QoS::AtLeastOnce).await?;
+        let acks = self.subacks.clone();
+        eventually(Duration::from_secs(10), "SUBACK", || {
+            let n = acks.lock().unwrap().len();
+            async move { (n > before).then_some(()) }
+        })
+        .await
+    }
+
+    pub async fn publish(&self, topic: &str, payload: Vec<u8>) -> anyhow::Result<()> {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await?;
+        Ok(())
+    }
+
+    pub fn messages(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn on(&self, topic: &str) -> Vec<Received> {
+        self.messages()
+            .into_iter()
+            .filter(|m| m.topic == topic)
+            .collect()
+    }
+
+    /// Waits for the `n`-th message (1-based) on `topic` and returns it.
+    pub async fn wait_for(
+        &self,
+        topic: &str,
+        n: usize,
+        within: Duration,
+    ) -> anyhow::Result<Received> {
+        eventually(within, &format!("message {n} on {topic}"), || {
+            let got = self.on(topic);
+            async move { got.get(n - 1).cloned() }
+        })
+        .await
+    }
+
+    pub fn is_cut(&self) -> bool {
+        !self.errors.lock().unwrap().is_empty()
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Runs `openssl verify` for `leaf` against `root` with `intermediate`
+/// untrusted, optionally with `-crl_check` and a CRL. Returns the tool's
+/// output on success and an error with it on failure.
+pub fn openssl_verify(
+    root: &Path,
+    intermediate: &Path,
+    leaf: &Path,
+    crl: Option<&Path>,
+) -> anyhow::Result<String> {
+    let mut cmd = Command::new("openssl");
+    cmd.arg("verify")
+        .arg("-CAfile")
+        .arg(root)
+        .arg("-untrusted")
+        .arg(intermediate);
+    if let Some(crl) = crl {
+        cmd.arg("-crl_check").arg("-CRLfile").arg(crl);
+    }
+    let out = cmd.arg(leaf).output().context("running openssl verify")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(text)
+    } else {
+        bail!("openssl verify failed: {text}")
+    }
+}
+
+/// Writes `bytes` to `dir/name` and returns the path.
+pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<PathBuf> {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes)?;
+    Ok(path)
+}

@@ -1,0 +1,279 @@
+//! Bad input through the broker: each gets its error reply with a code, and
+//! the stored registry and history do not change.
+
+use fleet_protocol::crypto;
+use fleet_protocol::{Envelope, Kind, RequestKind, Status, MAX_MESSAGE_LEN};
+use fleet_testkit::{Fleet, Probe};
+
+use crate::wire::{activate, ask, poll, HandDevice};
+
+struct Setup {
+    fleet: Fleet,
+    probe: Probe,
+    dev: HandDevice,
+}
+
+/// A fleet with `dev1` registered on `svcA` and activated by hand, and a
+/// plain client listening on every reply topic.
+async fn setup() -> Setup {
+    let fleet = Fleet::start().await.unwrap();
+    let mut dev = HandDevice::new("dev1");
+    fleet
+        .register(&dev.id, "svcA", Some(&dev.factory_point()))
+        .await
+        .unwrap();
+    let probe = Probe::plain(fleet.broker.bootstrap_addr, "tester")
+        .await
+        .unwrap();
+    probe.subscribe("fleet/v1/+/+/reply").await.unwrap();
+    activate(&fleet, &probe, &mut dev).await;
+    Setup { fleet, probe, dev }
+}
+
+/// Sends `payload` and expects `status`, with the store unchanged.
+async fn expect_refused(
+    s: &Setup,
+    device: &str,
+    kind: RequestKind,
+    payload: Vec<u8>,
+    status: Status,
+) -> fleet_protocol::Reply {
+    let before = s.fleet.snapshot();
+    let (reply, _) = ask(&s.fleet, &s.probe, device, kind, payload).await;
+    assert_eq!(reply.status, status, "{reply:?}");
+    assert!(reply.detail.is_some(), "an error reply says why");
+    assert_eq!(
+        s.fleet.snapshot(),
+        before,
+        "stored state changed after a refused request"
+    );
+    reply
+}
+
+#[tokio::test]
+async fn malformed_cbor_gets_malformed() {
+    let s = setup().await;
+    let reply = expect_refused(
+        &s,
+        "dev1",
+        RequestKind::Update,
+        b"\xff\x00 not cbor".to_vec(),
+        Status::Malformed,
+    )
+    .await;
+    assert!(reply.nonce.is_empty());
+    // A well-formed envelope whose body is not an update body.
+    let env = Envelope::build(Kind::Update, &("just", "a", "tuple"), |_| Ok(vec![])).unwrap();
+    expect_refused(
+        &s,
+        "dev1",
+        RequestKind::Update,
+        env.encode(),
+        Status::Malformed,
+    )
+    .await;
+    // A kind that does not belong on the topic.
+    let uuid = s.dev.uuid.clone().unwrap();
+    let wrong_kind = poll(
+        &s.dev,
+        "svcA",
+        crypto::random_bytes(16),
+        fleet_protocol::now_ms(),
+        &uuid,
+    );
+    expect_refused(
+        &s,
+        "dev1",
+        RequestKind::Update,
+        wrong_kind,
+        Status::Malformed,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn wrong_crc_gets_bad_crc() {
+    let s = setup().await;
+    let uuid = s.dev.uuid.clone().unwrap();
+    let good = poll(
+        &s.dev,
+        "svcA",
+        crypto::random_bytes(16),
+        fleet_protocol::now_ms(),
+        &uuid,
+    );
+    let mut env = Envelope::decode(&good).unwrap();
+    env.crc ^= 1;
+    expect_refused(&s, "dev1", RequestKind::Poll, env.encode(), Status::BadCrc).await;
+}
+
+#[tokio::test]
+async fn unknown_device_gets_unknown_device() {
+    let s = setup().await;
+    let mut ghost = HandDevice::new("ghost7");
+    let probe = &s.probe;
+    probe
+        .subscribe("fleet/v1/activate/ghost7/reply")
+        .await
+        .unwrap();
+    let before = s.fleet.snapshot();
+    let eph = crypto::generate_p256().unwrap();
+    let body = fleet_protocol::ActivateRequest {
+        device_id: ghost.id.clone(),
+        service_id: None,
+        nonce: crypto::random_bytes(16),
+        ts: fleet_protocol::now_ms(),
+        eph: crypto::public_point(&eph).unwrap(),
+    };
+    let env = Envelope::build(Kind::Activate, &body, |tbs| {
+        crypto::sign(&ghost.factory, tbs)
+    })
+    .unwrap();
+    let (reply, _) = ask(
+        &s.fleet,
+        probe,
+        &ghost.id,
+        RequestKind::Activate,
+        env.encode(),
+    )
+    .await;
+    assert_eq!(reply.status, Status::UnknownDevice);
+    assert!(reply.uuid.is_none());
+    ghost.uuid = Some(vec![0; 16]);
+    let p = poll(
+        &ghost,
+        "svcA",
+        crypto::random_bytes(16),
+        fleet_protocol::now_ms(),
+        &[0; 16],
+    );
+    expect_refused(&s, "ghost7", RequestKind::Poll, p, Status::UnknownDevice).await;
+    assert_eq!(s.fleet.snapshot(), before);
+}
+
+#[tokio::test]
+async fn wrong_hmac_gets_auth_failed() {
+    let s = setup().await;
+    let p = poll(
+        &s.dev,
+        "svcA",
+        crypto::random_bytes(16),
+        fleet_protocol::now_ms(),
+        &[7u8; 16],
+    );
+    expect_refused(&s, "dev1", RequestKind::Poll, p, Status::AuthFailed).await;
+}
+
+#[tokio::test]
+async fn activation_needs_the_factory_key_and_happens_once() {
+    let s = setup().await;
+    // Someone who knows only the device id signs with a key of their own.
+    let impostor = HandDevice::new("dev1");
+    let eph = crypto::generate_p256().unwrap();
+    let body = fleet_protocol::ActivateRequest {
+        device_id: "dev1".into(),
+        service_id: None,
+        nonce: crypto::random_bytes(16),
+        ts: fleet_protocol::now_ms(),
+        eph: crypto::public_point(&eph).unwrap(),
+    };
+    let forged = Envelope::build(Kind::Activate, &body, |tbs| {
+        crypto::sign(&impostor.factory, tbs)
+    })
+    .unwrap();
+    expect_refused(
+        &s,
+        "dev1",
+        RequestKind::Activate,
+        forged.encode(),
+        Status::AuthFailed,
+    )
+    .await;
+    // The real device cannot activate twice without an operator reset.
+    let again = Envelope::build(Kind::Activate, &body, |tbs| {
+        crypto::sign(&s.dev.factory, tbs)
+    })
+    .unwrap();
+    expect_refused(
+        &s,
+        "dev1",
+        RequestKind::Activate,
+        again.encode(),
+        Status::AlreadyActive,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn replay_is_refused_and_identical_retry_gets_the_same_answer() {
+    let s = setup().await;
+    let uuid = s.dev.uuid.clone().unwrap();
+    let nonce = crypto::random_bytes(16);
+    let first = poll(
+        &s.dev,
+        "svcA",
+        nonce.clone(),
+        fleet_protocol::now_ms(),
+        &uuid,
+    );
+    let (reply, bytes) = ask(&s.fleet, &s.probe, "dev1", RequestKind::Poll, first.clone()).await;
+    assert_eq!(reply.status, Status::Ok);
+    // The same bytes again (a retry or a replay): the cached answer, byte for byte.
+    let before = s.fleet.snapshot();
+    let (_, again) = ask(&s.fleet, &s.probe, "dev1", RequestKind::Poll, first).await;
+    assert_eq!(again, bytes);
+    assert_eq!(s.fleet.snapshot(), before);
+    // The same nonce on a different request: replayed.
+    let other = poll(&s.dev, "svcA", nonce, fleet_protocol::now_ms() + 1, &uuid);
+    expect_refused(&s, "dev1", RequestKind::Poll, other, Status::Replayed).await;
+}
+
+#[tokio::test]
+async fn stale_timestamp_gets_stale() {
+    let s = setup().await;
+    let uuid = s.dev.uuid.clone().unwrap();
+    let old = fleet_protocol::now_ms() - 10 * 60 * 1000;
+    let p = poll(&s.dev, "svcA", crypto::random_bytes(16), old, &uuid);
+    expect_refused(&s, "dev1", RequestKind::Poll, p, Status::Stale).await;
+    let future = fleet_protocol::now_ms() + 10 * 60 * 1000;
+    let p = poll(&s.dev, "svcA", crypto::random_bytes(16), future, &uuid);
+    expect_refused(&s, "dev1", RequestKind::Poll, p, Status::Stale).await;
+}
+
+#[tokio::test]
+async fn oversized_payload_gets_too_large() {
+    let s = setup().await;
+    let big = vec![0xa5u8; MAX_MESSAGE_LEN + 1];
+    expect_refused(&s, "dev1", RequestKind::Update, big, Status::TooLarge).await;
+}
+
+#[tokio::test]
+async fn repeated_failures_are_rate_limited_and_the_manager_keeps_serving() {
+    let s = setup().await;
+    for _ in 0..s.fleet.config.max_auth_failures {
+        let p = poll(
+            &s.dev,
+            "svcA",
+            crypto::random_bytes(16),
+            fleet_protocol::now_ms(),
+            &[1u8; 16],
+        );
+        expect_refused(&s, "dev1", RequestKind::Poll, p, Status::AuthFailed).await;
+    }
+    let uuid = s.dev.uuid.clone().unwrap();
+    let good = poll(
+        &s.dev,
+        "svcA",
+        crypto::random_bytes(16),
+        fleet_protocol::now_ms(),
+        &uuid,
+    );
+    expect_refused(&s, "dev1", RequestKind::Poll, good, Status::RateLimited).await;
+    // Other devices are unaffected.
+    let mut dev2 = HandDevice::new("dev2");
+    s.fleet
+        .register(&dev2.id, "svcA", Some(&dev2.factory_point()))
+        .await
+        .unwrap();
+    activate(&s.fleet, &s.probe, &mut dev2).await;
+}

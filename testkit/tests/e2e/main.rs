@@ -1,0 +1,5 @@
+//! End-to-end tests: a real rumqttd broker on loopback, the real manager on
+//! a sled store in a temporary directory, real certificates.
+
+mod bad_input;
+mod wire;
