@@ -36,3 +36,17 @@ impl Default for BrokerConfig {
         }
     }
 }
+
+impl BrokerConfig {
+    /// Defaults, then `file` (TOML) if given, then `FLEET_BROKER_*` variables.
+    pub fn load(file: Option<&std::path::Path>) -> Result<BrokerConfig, config::ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+        }
+        builder
+            .add_source(config::Environment::with_prefix("FLEET_BROKER").try_parsing(true))
+            .build()?
+            .try_deserialize()
+    }
+}

@@ -1,0 +1,48 @@
+//! `fleet-broker`: the embedded broker on its own.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use fleet_broker::BrokerConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "fleet-broker",
+    about = "fleetshift broker: rumqttd with the device listeners"
+)]
+struct Cli {
+    /// TOML configuration file; FLEET_BROKER_* environment variables override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the default configuration and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    if cli.print_config {
+        println!("{}", toml::to_string_pretty(&BrokerConfig::default())?);
+        return Ok(());
+    }
+    let config = BrokerConfig::load(cli.config.as_deref())?;
+    let running = fleet_broker::start(&config)?;
+    println!(
+        "broker ready: bootstrap mqtt://{} service mqtts://{}",
+        running.bootstrap_addr,
+        running
+            .service_addr
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".into())
+    );
+    // rumqttd runs on its own thread for the life of the process.
+    loop {
+        std::thread::park();
+    }
+}
