@@ -2,4 +2,5 @@
 //! a sled store in a temporary directory, real certificates.
 
 mod bad_input;
+mod restart;
 mod wire;

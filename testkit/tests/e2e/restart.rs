@@ -1,0 +1,103 @@
+//! Manager restart: stopped after activation, started again on the same
+//! store; an update published while it was down is answered, and the CA is
+//! the same one.
+
+use std::time::Duration;
+
+use fleet_protocol::crypto;
+use fleet_protocol::{Envelope, Kind, Reply, Status, UpdateRequest};
+use fleet_testkit::{Fleet, Probe};
+use openssl::x509::X509;
+use serde_bytes::ByteBuf;
+
+use crate::wire::{activate, HandDevice};
+
+#[tokio::test]
+async fn restart_after_activation_loses_nothing() {
+    let mut fleet = Fleet::start().await.unwrap();
+    let mut dev = HandDevice::new("dev1");
+    fleet
+        .register(&dev.id, "svcA", Some(&dev.factory_point()))
+        .await
+        .unwrap();
+    let probe = Probe::plain(fleet.broker.bootstrap_addr, "tester")
+        .await
+        .unwrap();
+    probe.subscribe("fleet/v1/+/+/reply").await.unwrap();
+    activate(&fleet, &probe, &mut dev).await;
+
+    let root_before = fleet.core().pki.root_cert().to_der().unwrap();
+    let signing_before = fleet.core().pki.signing_key().public_key_to_der().unwrap();
+    let device_before = fleet.core().store.device("dev1").unwrap().unwrap();
+    fleet.stop_manager().await;
+
+    // The device asks for its certificate while the manager is down.
+    let eph = crypto::generate_p256().unwrap();
+    let key = crypto::generate_p256().unwrap();
+    let body = UpdateRequest {
+        device_id: dev.id.clone(),
+        service_id: "svcA".into(),
+        nonce: crypto::random_bytes(16),
+        ts: fleet_protocol::now_ms(),
+        eph: crypto::public_point(&eph).unwrap(),
+        csr: Some(ByteBuf::from(
+            fleet_pki::generate_csr(&dev.id, &key).unwrap(),
+        )),
+    };
+    let env = Envelope::build(Kind::Update, &body, |tbs| {
+        crypto::hmac(dev.uuid.as_ref().unwrap(), tbs)
+    })
+    .unwrap();
+    probe
+        .publish("fleet/v1/update/dev1", env.encode())
+        .await
+        .unwrap();
+
+    fleet.start_manager().await.unwrap();
+    let got = probe
+        .wait_for("fleet/v1/update/dev1/reply", 1, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let env = Envelope::decode(&got.payload).unwrap();
+    assert!(crypto::verify(
+        fleet.core().pki.signing_key(),
+        &env.tbs(),
+        &env.auth
+    ));
+    let reply: Reply = env.body().unwrap();
+    assert_eq!(reply.status, Status::Ok, "{reply:?}");
+    assert_eq!(reply.nonce, body.nonce);
+
+    // Same CA, same signing key, same device-auth UUID.
+    assert_eq!(fleet.core().pki.root_cert().to_der().unwrap(), root_before);
+    assert_eq!(
+        fleet.core().pki.signing_key().public_key_to_der().unwrap(),
+        signing_before
+    );
+    let device_after = fleet.core().store.device("dev1").unwrap().unwrap();
+    assert_eq!(device_after.uuid, device_before.uuid);
+    assert_eq!(device_after.activated_ms, device_before.activated_ms);
+
+    // The certificate chains to the root that existed before the restart.
+    let chain = reply.chain.unwrap();
+    let leaf = X509::from_der(&chain[0]).unwrap();
+    assert!(leaf.public_key().unwrap().public_eq(&key));
+    let dir = fleet.dir.path();
+    let leaf_path = fleet_testkit::write_file(dir, "leaf.pem", &leaf.to_pem().unwrap()).unwrap();
+    let ca_path = fleet_testkit::write_file(
+        dir,
+        "ca.pem",
+        &X509::from_der(&chain[1]).unwrap().to_pem().unwrap(),
+    )
+    .unwrap();
+    let root_path = fleet_testkit::write_file(
+        dir,
+        "root.pem",
+        &X509::from_der(&root_before).unwrap().to_pem().unwrap(),
+    )
+    .unwrap();
+    fleet_testkit::openssl_verify(&root_path, &ca_path, &leaf_path, None).unwrap();
+    let history = fleet.core().store.history("dev1").unwrap();
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].1.service_id, "svcA");
+}
