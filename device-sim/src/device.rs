@@ -1,0 +1,962 @@
+//! The device state machine: activate, obtain a certificate, live on the
+//! service listener, follow service changes.
+//!
+//! ```text
+//! load store ─▶ no uuid? activate (bootstrap) ─▶ no cert for service? update (bootstrap)
+//!      ▲                                                     │
+//!      │ reconnect (backoff on error)                        ▼
+//!      └──── change applied ◀── update in old tenant ◀── service session (mTLS):
+//!                                                        online, poll, telemetry, notices
+//! ```
+//!
+//! Each pass through this picture is [`Device::pass`]; [`Device::run`]
+//! repeats it, with jittered backoff after transient errors, until shutdown
+//! or a final error (a status the manager will not change its mind about,
+//! a broken store, an unusable reply).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleet_protocol::{
+    crypto, Kind, ProtocolError, Reply, RequestKind, Route, ServiceChange, Status, Topic,
+};
+use openssl::pkey::{PKey, Public};
+use openssl::x509::X509;
+use serde::Serialize;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::{DeviceConfig, Endpoint};
+use crate::link::{
+    bootstrap_subscriptions, service_subscriptions, Link, LinkError, Message, Security,
+};
+use crate::replies::{
+    check_nonce, check_notice_seq, check_notice_target, finish_activate, finish_update,
+    open_notice, open_reply, require_ok, ReplyError, VerifyError,
+};
+use crate::requests::{self, event, Prepared};
+use crate::store::{DeviceState, Store, StoreError};
+use crate::DeviceEvent;
+
+/// Times a request is published again, byte for byte, when no reply comes.
+pub const MAX_REPUBLISH: u32 = 3;
+/// Fresh attempts after a `rate_limited` or `internal` reply.
+pub const MAX_BUSY_RETRIES: u32 = 5;
+/// How long a pass may finish its work after shutdown before it is dropped.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+/// Errors of the device layer.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("link: {0}")]
+    Link(#[from] LinkError),
+    #[error(transparent)]
+    Reply(#[from] ReplyError),
+    #[error("protocol: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("no reply to {kind} after {attempts} attempts")]
+    NoReply { kind: RequestKind, attempts: u32 },
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("background task: {0}")]
+    Task(String),
+}
+
+/// Statuses worth a fresh request after a pause.
+pub fn is_retriable(status: Status) -> bool {
+    matches!(status, Status::RateLimited | Status::Internal)
+}
+
+impl DeviceError {
+    pub fn status(&self) -> Option<Status> {
+        match self {
+            DeviceError::Reply(e) => e.status(),
+            _ => None,
+        }
+    }
+
+    /// Final errors end the device; others are retried after a backoff.
+    pub fn is_final(&self) -> bool {
+        match self {
+            DeviceError::Link(_) | DeviceError::NoReply { .. } => false,
+            DeviceError::Reply(e) => !e.status().is_some_and(is_retriable),
+            DeviceError::Store(_)
+            | DeviceError::Protocol(_)
+            | DeviceError::Config(_)
+            | DeviceError::Task(_) => true,
+        }
+    }
+}
+
+/// A [`DeviceError`] with the stage it happened in.
+#[derive(Debug)]
+pub struct Failure {
+    pub stage: &'static str,
+    pub error: DeviceError,
+}
+
+trait AtStage<T> {
+    fn stage(self, stage: &'static str) -> Result<T, Failure>;
+}
+
+impl<T, E: Into<DeviceError>> AtStage<T> for Result<T, E> {
+    fn stage(self, stage: &'static str) -> Result<T, Failure> {
+        self.map_err(|e| Failure {
+            stage,
+            error: e.into(),
+        })
+    }
+}
+
+/// How a pass ended without error.
+#[derive(Debug, PartialEq, Eq)]
+enum Pass {
+    Stopped,
+    /// Connect again at once: the service changed, or a change was refused.
+    Reconnect,
+}
+
+/// Exponential backoff with jitter in [50 %, 100 %] of the step, capped.
+pub fn backoff(attempt: u32) -> Duration {
+    let step = BACKOFF_BASE
+        .saturating_mul(1u32 << attempt.min(10))
+        .min(BACKOFF_CAP);
+    let r = crypto::random_bytes(2);
+    let frac = 0.5 + f64::from(u16::from_le_bytes([r[0], r[1]])) / f64::from(u16::MAX) / 2.0;
+    step.mul_f64(frac)
+}
+
+/// Runs CPU or disk work off the async workers.
+async fn blocking<T, E>(f: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, DeviceError>
+where
+    T: Send + 'static,
+    E: Into<DeviceError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| DeviceError::Task(e.to_string()))?
+        .map_err(Into::into)
+}
+
+/// The telemetry record published to `telemetry/{device_id}` in the tenant.
+#[derive(Debug, Serialize)]
+struct Telemetry<'a> {
+    device_id: &'a str,
+    service_id: &'a str,
+    seq: u64,
+    ts: u64,
+    temp_c: f32,
+}
+
+/// Poll and status requests in flight on the service session, re-published
+/// on timeout without blocking the session loop.
+#[derive(Default)]
+struct Outstanding {
+    entries: Vec<Tracked>,
+}
+
+struct Tracked {
+    kind: RequestKind,
+    topic: Topic,
+    nonce: Vec<u8>,
+    bytes: Vec<u8>,
+    deadline: Instant,
+    attempts: u32,
+}
+
+impl Outstanding {
+    fn next_deadline(&self) -> Option<Instant> {
+        self.entries.iter().map(|t| t.deadline).min()
+    }
+
+    fn take(&mut self, kind: RequestKind, nonce: &[u8]) -> Option<Tracked> {
+        let i = self
+            .entries
+            .iter()
+            .position(|t| t.kind == kind && t.nonce == nonce)?;
+        Some(self.entries.swap_remove(i))
+    }
+}
+
+pub(crate) struct Device {
+    id: String,
+    cfg: DeviceConfig,
+    store: Arc<Mutex<Store>>,
+    manager: PKey<Public>,
+    root_ca_pem: Vec<u8>,
+    root_ca: X509,
+    events: UnboundedSender<(String, DeviceEvent)>,
+    shutdown: CancellationToken,
+    telemetry_seq: u64,
+    /// Set when a service session came up; resets the backoff.
+    established: bool,
+}
+
+impl Device {
+    /// Loads the configuration files and the store.
+    pub(crate) async fn load(
+        cfg: DeviceConfig,
+        events: UnboundedSender<(String, DeviceEvent)>,
+        shutdown: CancellationToken,
+    ) -> Result<Device, DeviceError> {
+        if cfg.telemetry_interval.is_zero() || cfg.request_timeout.is_zero() {
+            return Err(DeviceError::Config(
+                "telemetry_interval and request_timeout must be positive".into(),
+            ));
+        }
+        let (root, id) = (cfg.store_root.clone(), cfg.device_id.clone());
+        let store = blocking(move || Store::open(&root, &id)).await?;
+        let manager_pem = read(&cfg.manager_pub_pem).await?;
+        let manager = PKey::public_key_from_pem(&manager_pem)
+            .map_err(|e| DeviceError::Config(format!("{}: {e}", cfg.manager_pub_pem.display())))?;
+        let root_ca_pem = read(&cfg.root_ca_pem).await?;
+        let root_ca = X509::from_pem(&root_ca_pem)
+            .map_err(|e| DeviceError::Config(format!("{}: {e}", cfg.root_ca_pem.display())))?;
+        Ok(Device {
+            id: cfg.device_id.clone(),
+            cfg,
+            store: Arc::new(Mutex::new(store)),
+            manager,
+            root_ca_pem,
+            root_ca,
+            events,
+            shutdown,
+            telemetry_seq: 0,
+            established: false,
+        })
+    }
+
+    fn emit(&self, event: DeviceEvent) {
+        // A dropped receiver only means nobody listens any more.
+        let _ = self.events.send((self.id.clone(), event));
+    }
+
+    fn state(&self) -> DeviceState {
+        self.store
+            .lock()
+            .expect("store lock poisoned")
+            .state()
+            .clone()
+    }
+
+    /// Runs `f` on the store off the async workers (it writes and syncs files).
+    async fn with_store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, DeviceError> {
+        let store = Arc::clone(&self.store);
+        blocking(move || f(&mut store.lock().expect("store lock poisoned"))).await
+    }
+
+    /// Repeats passes until shutdown or a final error.
+    pub(crate) async fn run(mut self) -> Result<(), Failure> {
+        let shutdown = self.shutdown.clone();
+        let mut attempt = 0u32;
+        loop {
+            let outcome = {
+                let pass = self.pass();
+                tokio::pin!(pass);
+                tokio::select! {
+                    r = &mut pass => r,
+                    _ = shutdown.cancelled() => {
+                        // The session loop disconnects cleanly on shutdown; give it a moment.
+                        let _ = tokio::time::timeout(SHUTDOWN_GRACE, pass).await;
+                        return Ok(());
+                    }
+                }
+            };
+            if std::mem::take(&mut self.established) {
+                attempt = 0;
+            }
+            match outcome {
+                Ok(Pass::Stopped) => return Ok(()),
+                Ok(Pass::Reconnect) => continue,
+                Err(failure) => {
+                    self.emit(DeviceEvent::Failed {
+                        stage: failure.stage.to_owned(),
+                        status: failure.error.status(),
+                        error: failure.error.to_string(),
+                    });
+                    if failure.error.is_final() {
+                        warn!(stage = failure.stage, error = %failure.error, "device stopped");
+                        return Err(failure);
+                    }
+                    let delay = backoff(attempt);
+                    attempt = attempt.saturating_add(1);
+                    warn!(stage = failure.stage, error = %failure.error, retry_in_ms = delay.as_millis() as u64, "retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One pass: bootstrap what is missing, then live on the service listener.
+    async fn pass(&mut self) -> Result<Pass, Failure> {
+        let shutdown = self.shutdown.clone();
+        // Everything before the session may be dropped at any await on
+        // shutdown: each step is persisted before the next starts.
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(Pass::Stopped),
+            r = self.bootstrap_phase() => r?,
+        }
+        self.service_session().await
+    }
+
+    /// Activation and the first certificate, on the bootstrap listener, as far as missing.
+    async fn bootstrap_phase(&self) -> Result<(), Failure> {
+        let mut bootstrap: Option<Link> = None;
+        if self.state().uuid.is_none() {
+            let link = self.bootstrap_link(&mut bootstrap).await?;
+            self.activate(link).await.stage("activate")?;
+        }
+        let service_id = self
+            .state()
+            .service_id
+            .ok_or_else(|| DeviceError::Config("activated but no service id".into()))
+            .stage("load")?;
+        let svc = service_id.clone();
+        if self
+            .with_store(move |s| s.service_credentials(&svc))
+            .await
+            .stage("load")?
+            .is_none()
+        {
+            let link = self.bootstrap_link(&mut bootstrap).await?;
+            self.update(link, None, &service_id).await.stage("update")?;
+        }
+        if let Some(link) = bootstrap.take() {
+            link.disconnect().await;
+        }
+        Ok(())
+    }
+
+    async fn bootstrap_link<'a>(
+        &self,
+        slot: &'a mut Option<Link>,
+    ) -> Result<&'a mut Link, Failure> {
+        if slot.is_none() {
+            let link = Link::connect(
+                &self.id,
+                &self.cfg.bootstrap,
+                Security::Plain,
+                &bootstrap_subscriptions(&self.id),
+                self.cfg.request_timeout,
+            )
+            .await
+            .stage("connect_bootstrap")?;
+            debug!(endpoint = %self.cfg.bootstrap, "bootstrap connected");
+            *slot = Some(link);
+        }
+        Ok(slot.as_mut().expect("just set"))
+    }
+
+    /// Publishes `req` and waits for its verified reply, re-publishing the
+    /// identical bytes on timeout. Other messages are kept for later.
+    async fn exchange(
+        &self,
+        link: &mut Link,
+        topic: &Topic,
+        req: &Prepared,
+    ) -> Result<Reply, DeviceError> {
+        let reply_kind = Kind::from(req.kind).reply().expect("requests have replies");
+        let reply_topic = topic.reply_topic().expect("a request topic").to_string();
+        for attempt in 0..=MAX_REPUBLISH {
+            if attempt > 0 {
+                debug!(kind = %req.kind, attempt, "no reply yet, publishing the same request again");
+            }
+            link.publish(topic, req.bytes.clone()).await?;
+            let deadline = Instant::now() + self.cfg.request_timeout;
+            loop {
+                let msg = match tokio::time::timeout_at(deadline, link.recv_fresh()).await {
+                    Err(_) => break,
+                    Ok(msg) => msg?,
+                };
+                if msg.topic != reply_topic {
+                    link.defer(msg);
+                    continue;
+                }
+                let checked = open_reply(&msg.payload, reply_kind, &self.manager, &self.id)
+                    .and_then(|r| check_nonce(&r, &req.nonce).map(|()| r));
+                match checked {
+                    Ok(reply) => return Ok(reply),
+                    Err(VerifyError::NonceMismatch) => {
+                        debug!("reply to an earlier request ignored")
+                    }
+                    Err(e) => warn!(error = %e, topic = %msg.topic, "unverifiable reply ignored"),
+                }
+            }
+        }
+        Err(DeviceError::NoReply {
+            kind: req.kind,
+            attempts: MAX_REPUBLISH + 1,
+        })
+    }
+
+    async fn activate(&self, link: &mut Link) -> Result<(), DeviceError> {
+        let topic = Topic::bootstrap(Route::Request(RequestKind::Activate, self.id.clone()));
+        let mut busy = 0;
+        loop {
+            let (id, svc) = (self.id.clone(), self.state().service_id);
+            let key = self
+                .store
+                .lock()
+                .expect("store lock poisoned")
+                .factory_key()
+                .clone();
+            let req = blocking(move || requests::build_activate(&id, svc.as_deref(), &key)).await?;
+            let reply = self.exchange(link, &topic, &req).await?;
+            match finish_activate(&reply, &req, &self.id) {
+                Ok(act) => {
+                    let service_id = act.service_id.clone();
+                    self.with_store(move |s| s.set_activation(&act.service_id, &act.uuid))
+                        .await?;
+                    info!(service_id = %service_id, "activated");
+                    self.emit(DeviceEvent::Activated { service_id });
+                    return Ok(());
+                }
+                Err(e) if e.status().is_some_and(is_retriable) && busy < MAX_BUSY_RETRIES => {
+                    self.pause_busy(&e, &mut busy).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    async fn pause_busy(&self, e: &ReplyError, busy: &mut u32) {
+        let delay = backoff(*busy);
+        *busy += 1;
+        debug!(error = %e, retry_in_ms = delay.as_millis() as u64, "manager busy");
+        tokio::time::sleep(delay).await;
+    }
+
+    /// Obtains and stores a certificate for `service_id`, on the bootstrap
+    /// listener (`tenant` None) or inside the current tenant.
+    async fn update(
+        &self,
+        link: &mut Link,
+        tenant: Option<&str>,
+        service_id: &str,
+    ) -> Result<(), DeviceError> {
+        let route = Route::Request(RequestKind::Update, self.id.clone());
+        let topic = match tenant {
+            Some(t) => Topic::in_tenant(t, route),
+            None => Topic::bootstrap(route),
+        };
+        let uuid = self
+            .state()
+            .uuid
+            .ok_or_else(|| DeviceError::Config("update before activation".into()))?;
+        let key_mode = self.cfg.key_mode;
+        let mut busy = 0;
+        loop {
+            let (id, svc, uuid) = (self.id.clone(), service_id.to_owned(), uuid.clone());
+            let req = blocking(move || requests::build_update(&id, &svc, &uuid, key_mode)).await?;
+            let reply = self.exchange(link, &topic, &req).await?;
+            let (id, svc, root) = (self.id.clone(), service_id.to_owned(), self.root_ca.clone());
+            let finished = blocking(move || {
+                finish_update(&reply, &req, &id, &svc, &root).map_err(DeviceError::from)
+            })
+            .await;
+            match finished {
+                Ok(installed) => {
+                    let serial_hex = installed.serial_hex.clone();
+                    self.with_store(move |s| {
+                        s.save_service_credentials(
+                            &installed.service_id,
+                            &installed.key,
+                            &installed.chain,
+                        )?;
+                        s.update_state(|st| st.key_mode = key_mode)
+                    })
+                    .await?;
+                    info!(service_id, serial = %serial_hex, ?key_mode, "certificate installed");
+                    self.emit(DeviceEvent::CertificateInstalled {
+                        service_id: service_id.to_owned(),
+                        serial_hex,
+                    });
+                    return Ok(());
+                }
+                Err(DeviceError::Reply(e))
+                    if e.status().is_some_and(is_retriable) && busy < MAX_BUSY_RETRIES =>
+                {
+                    self.pause_busy(&e, &mut busy).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Connected to the service listener until shutdown, an error, or an applied change.
+    async fn service_session(&mut self) -> Result<Pass, Failure> {
+        let state = self.state();
+        let service_id = state
+            .service_id
+            .clone()
+            .ok_or_else(|| DeviceError::Config("no service id".into()))
+            .stage("connect_service")?;
+        let svc = service_id.clone();
+        let creds = self
+            .with_store(move |s| s.service_credentials(&svc))
+            .await
+            .stage("connect_service")?
+            .ok_or_else(|| DeviceError::Config(format!("no certificate for {service_id}")))
+            .stage("connect_service")?;
+        let endpoint = state
+            .service_endpoint
+            .as_deref()
+            .and_then(Endpoint::parse)
+            .unwrap_or_else(|| self.cfg.service.clone());
+        let subscriptions = service_subscriptions(&service_id, &self.id);
+        let connect = Link::connect(
+            &self.id,
+            &endpoint,
+            Security::MutualTls {
+                root_ca_pem: self.root_ca_pem.clone(),
+                chain_pem: creds.chain_pem,
+                key_pem: creds.key_pem,
+            },
+            &subscriptions,
+            self.cfg.request_timeout,
+        );
+        let shutdown = self.shutdown.clone();
+        let mut link = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(Pass::Stopped),
+            link = connect => link.stage("connect_service")?,
+        };
+        self.established = true;
+        info!(service_id = %service_id, %endpoint, "connected to service");
+        self.emit(DeviceEvent::Connected {
+            service_id: service_id.clone(),
+        });
+
+        if let Some(change) = state.pending_change {
+            info!(change_id = %change.change_id, "resuming an accepted service change");
+            return self.apply_change(link, &service_id, change).await;
+        }
+
+        let mut outstanding = Outstanding::default();
+        if let Some(change_id) = state.unreported_change {
+            self.send_status(
+                &link,
+                &mut outstanding,
+                &service_id,
+                event::CHANGE_APPLIED,
+                Some(change_id.clone()),
+                None,
+            )
+            .await
+            .stage("session")?;
+            self.with_store(|s| s.update_state(|st| st.unreported_change = None))
+                .await
+                .stage("session")?;
+            info!(change_id = %change_id, service_id = %service_id, "service change applied");
+            self.emit(DeviceEvent::ChangeAccepted {
+                change_id,
+                service_id: service_id.clone(),
+            });
+        }
+        self.send_status(
+            &link,
+            &mut outstanding,
+            &service_id,
+            event::ONLINE,
+            None,
+            None,
+        )
+        .await
+        .stage("session")?;
+        self.send_poll(&link, &mut outstanding, &service_id)
+            .await
+            .stage("session")?;
+
+        let period = self.cfg.telemetry_interval;
+        let mut telemetry = tokio::time::interval_at(Instant::now() + period, period);
+        telemetry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut repoll_at: Option<Instant> = None;
+        let mut busy_polls = 0u32;
+        loop {
+            let next_resend = outstanding.next_deadline();
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    link.disconnect().await;
+                    return Ok(Pass::Stopped);
+                }
+                _ = telemetry.tick() => {
+                    self.publish_telemetry(&link, &service_id).await.stage("session")?;
+                }
+                _ = sleep_until_opt(next_resend) => {
+                    self.resend_due(&link, &mut outstanding).await.stage("session")?;
+                }
+                _ = sleep_until_opt(repoll_at) => {
+                    repoll_at = None;
+                    self.send_poll(&link, &mut outstanding, &service_id).await.stage("session")?;
+                }
+                msg = link.recv() => {
+                    let msg = msg.stage("session")?;
+                    let incoming = self.classify(msg, &mut outstanding);
+                    let notice = match incoming {
+                        Incoming::Notice(n) => Some(n),
+                        Incoming::PollReply(reply) => match require_ok(&reply) {
+                            Ok(()) => {
+                                busy_polls = 0;
+                                reply.change.map(|c| check_notice_target(&c, &self.id).map(|()| c))
+                            }
+                            Err(e) if e.status().is_some_and(is_retriable) && busy_polls < MAX_BUSY_RETRIES => {
+                                let delay = backoff(busy_polls);
+                                busy_polls += 1;
+                                debug!(error = %e, "poll refused, polling again later");
+                                repoll_at = Some(Instant::now() + delay);
+                                None
+                            }
+                            Err(e) => {
+                                warn!(error = %e, "poll refused");
+                                None
+                            }
+                        },
+                        Incoming::Nothing => None,
+                    };
+                    if let Some(notice) = notice {
+                        if let Some(change) = self
+                            .consider_notice(notice, &link, &mut outstanding, &service_id)
+                            .await
+                            .stage("service_change")?
+                        {
+                            return self.apply_change(link, &service_id, change).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sorts a message received on the service session. Replies to poll and
+    /// status are matched against what is outstanding; anything that does not
+    /// verify is logged and dropped.
+    fn classify(&self, msg: Message, outstanding: &mut Outstanding) -> Incoming {
+        let topic = match Topic::parse(&msg.topic) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(topic = %msg.topic, error = %e, "message on an unexpected topic");
+                return Incoming::Nothing;
+            }
+        };
+        match topic.route {
+            Route::ServiceChange(_) => match open_notice(&msg.payload, &self.manager, &self.id) {
+                Ok(n) => Incoming::Notice(Ok(n)),
+                Err(e) => Incoming::Notice(Err(e)),
+            },
+            Route::Reply(kind @ (RequestKind::Poll | RequestKind::Status), _) => {
+                let reply_kind = Kind::from(kind).reply().expect("requests have replies");
+                let reply = match open_reply(&msg.payload, reply_kind, &self.manager, &self.id) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        warn!(topic = %msg.topic, error = %e, "unverifiable reply ignored");
+                        return Incoming::Nothing;
+                    }
+                };
+                if outstanding.take(kind, &reply.nonce).is_none() {
+                    debug!(%kind, "reply to no outstanding request ignored");
+                    return Incoming::Nothing;
+                }
+                match kind {
+                    RequestKind::Poll => Incoming::PollReply(Box::new(reply)),
+                    _ => {
+                        if let Err(e) = require_ok(&reply) {
+                            warn!(error = %e, "status report refused");
+                        }
+                        Incoming::Nothing
+                    }
+                }
+            }
+            _ => {
+                debug!(topic = %msg.topic, "ignored");
+                Incoming::Nothing
+            }
+        }
+    }
+
+    /// Accepts a notice (persisting its sequence number and the pending
+    /// change) or rejects it and reports why.
+    async fn consider_notice(
+        &self,
+        notice: Result<ServiceChange, VerifyError>,
+        link: &Link,
+        outstanding: &mut Outstanding,
+        service_id: &str,
+    ) -> Result<Option<ServiceChange>, DeviceError> {
+        let last = self.state().last_notice_seq;
+        let checked = notice.and_then(|n| {
+            check_notice_seq(&n, last)?;
+            fleet_protocol::topic::validate_service_id(&n.service_id)
+                .map_err(|e| VerifyError::Decode(e.to_string()))?;
+            if let Some(ep) = &n.endpoint {
+                Endpoint::parse(ep)
+                    .ok_or_else(|| VerifyError::Decode(format!("endpoint {ep:?}")))?;
+            }
+            Ok(n)
+        });
+        match checked {
+            Ok(change) => {
+                let (seq, pending) = (change.seq, change.clone());
+                self.with_store(move |s| {
+                    s.update_state(|st| {
+                        st.last_notice_seq = seq;
+                        st.pending_change = Some(pending);
+                    })
+                })
+                .await?;
+                info!(change_id = %change.change_id, seq, to = %change.service_id, "service change accepted");
+                Ok(Some(change))
+            }
+            Err(reason) => {
+                let reason = reason.to_string();
+                warn!(reason = %reason, "service-change notice rejected");
+                self.emit(DeviceEvent::NoticeRejected {
+                    reason: reason.clone(),
+                });
+                self.send_status(
+                    link,
+                    outstanding,
+                    service_id,
+                    event::NOTICE_REJECTED,
+                    None,
+                    Some(reason),
+                )
+                .await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Re-keys for the new service over the current tenant, then switches.
+    async fn apply_change(
+        &mut self,
+        mut link: Link,
+        current: &str,
+        change: ServiceChange,
+    ) -> Result<Pass, Failure> {
+        let shutdown = self.shutdown.clone();
+        // The accepted change is persisted as pending: dropping the update
+        // on shutdown is safe, it resumes on the next start.
+        let updated = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(Pass::Stopped),
+            r = self.update(&mut link, Some(current), &change.service_id) => r,
+        };
+        match updated {
+            Ok(()) => {
+                let change2 = change.clone();
+                self.with_store(move |s| {
+                    s.update_state(|st| {
+                        st.service_id = Some(change2.service_id.clone());
+                        st.service_endpoint = change2.endpoint.clone();
+                        st.pending_change = None;
+                        st.unreported_change = Some(change2.change_id.clone());
+                    })
+                })
+                .await
+                .stage("service_change")?;
+                link.disconnect().await;
+                info!(change_id = %change.change_id, from = %current, to = %change.service_id, "switching service");
+                Ok(Pass::Reconnect)
+            }
+            Err(e) if e.is_final() => {
+                // The manager will not issue the certificate: stay where we are.
+                warn!(change_id = %change.change_id, error = %e, "service change abandoned");
+                self.emit(DeviceEvent::Failed {
+                    stage: "service_change".into(),
+                    status: e.status(),
+                    error: e.to_string(),
+                });
+                self.with_store(|s| s.update_state(|st| st.pending_change = None))
+                    .await
+                    .stage("service_change")?;
+                link.disconnect().await;
+                Ok(Pass::Reconnect)
+            }
+            // Transient: the pending change is resumed after reconnecting.
+            Err(e) => Err(e).stage("service_change"),
+        }
+    }
+
+    fn uuid(&self) -> Result<Vec<u8>, DeviceError> {
+        self.state()
+            .uuid
+            .ok_or_else(|| DeviceError::Config("not activated".into()))
+    }
+
+    async fn send_tracked(
+        &self,
+        link: &Link,
+        outstanding: &mut Outstanding,
+        topic: Topic,
+        req: Prepared,
+    ) -> Result<(), DeviceError> {
+        link.publish(&topic, req.bytes.clone()).await?;
+        outstanding.entries.push(Tracked {
+            kind: req.kind,
+            topic,
+            nonce: req.nonce,
+            bytes: req.bytes,
+            deadline: Instant::now() + self.cfg.request_timeout,
+            attempts: 1,
+        });
+        Ok(())
+    }
+
+    async fn send_status(
+        &self,
+        link: &Link,
+        outstanding: &mut Outstanding,
+        service_id: &str,
+        event: &str,
+        change_id: Option<String>,
+        detail: Option<String>,
+    ) -> Result<(), DeviceError> {
+        let req = requests::build_status(
+            &self.id,
+            service_id,
+            &self.uuid()?,
+            event,
+            change_id,
+            detail,
+        )?;
+        let topic = Topic::in_tenant(
+            service_id,
+            Route::Request(RequestKind::Status, self.id.clone()),
+        );
+        self.send_tracked(link, outstanding, topic, req).await
+    }
+
+    async fn send_poll(
+        &self,
+        link: &Link,
+        outstanding: &mut Outstanding,
+        service_id: &str,
+    ) -> Result<(), DeviceError> {
+        let req = requests::build_poll(&self.id, service_id, &self.uuid()?)?;
+        let topic = Topic::in_tenant(
+            service_id,
+            Route::Request(RequestKind::Poll, self.id.clone()),
+        );
+        self.send_tracked(link, outstanding, topic, req).await
+    }
+
+    async fn resend_due(
+        &self,
+        link: &Link,
+        outstanding: &mut Outstanding,
+    ) -> Result<(), DeviceError> {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < outstanding.entries.len() {
+            let t = &mut outstanding.entries[i];
+            if t.deadline > now {
+                i += 1;
+            } else if t.attempts > MAX_REPUBLISH {
+                warn!(kind = %t.kind, "no reply, giving up on this request");
+                outstanding.entries.swap_remove(i);
+            } else {
+                t.attempts += 1;
+                t.deadline = now + self.cfg.request_timeout;
+                link.publish(&t.topic, t.bytes.clone()).await?;
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish_telemetry(
+        &mut self,
+        link: &Link,
+        service_id: &str,
+    ) -> Result<(), DeviceError> {
+        self.telemetry_seq += 1;
+        let seq = self.telemetry_seq;
+        let record = Telemetry {
+            device_id: &self.id,
+            service_id,
+            seq,
+            ts: fleet_protocol::now_ms(),
+            // A slow saw-tooth between 20 and 25 °C.
+            temp_c: 20.0 + (seq % 50) as f32 * 0.1,
+        };
+        let payload = serde_cbor::to_vec(&record).map_err(ProtocolError::from)?;
+        let topic = Topic::in_tenant(service_id, Route::Telemetry(self.id.clone()));
+        link.publish(&topic, payload).await?;
+        self.emit(DeviceEvent::Telemetry {
+            service_id: service_id.to_owned(),
+            seq,
+        });
+        Ok(())
+    }
+}
+
+enum Incoming {
+    Notice(Result<ServiceChange, VerifyError>),
+    PollReply(Box<Reply>),
+    Nothing,
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn read(path: &std::path::Path) -> Result<Vec<u8>, DeviceError> {
+    tokio::fs::read(path)
+        .await
+        .map_err(|e| DeviceError::Config(format!("{}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for attempt in 0..20 {
+            let d = backoff(attempt);
+            let step = BACKOFF_BASE
+                .saturating_mul(1 << attempt.min(10))
+                .min(BACKOFF_CAP);
+            assert!(d >= step / 2 && d <= step, "{attempt}: {d:?}");
+        }
+        assert!(backoff(30) <= BACKOFF_CAP);
+    }
+
+    #[test]
+    fn finality() {
+        let status = |s| {
+            DeviceError::Reply(ReplyError::Status {
+                status: s,
+                detail: String::new(),
+            })
+        };
+        assert!(status(Status::AuthFailed).is_final());
+        assert!(status(Status::NotRegistered).is_final());
+        assert!(!status(Status::RateLimited).is_final());
+        assert!(!status(Status::Internal).is_final());
+        assert_eq!(
+            status(Status::AuthFailed).status(),
+            Some(Status::AuthFailed)
+        );
+        assert!(!DeviceError::Link(LinkError::Closed).is_final());
+        assert!(!DeviceError::NoReply {
+            kind: RequestKind::Update,
+            attempts: 4
+        }
+        .is_final());
+        assert!(DeviceError::Reply(ReplyError::Missing("chain")).is_final());
+    }
+}

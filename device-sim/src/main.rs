@@ -1,0 +1,168 @@
+//! `fleet-device-sim`: provision simulated devices, or run a fleet of them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fleet_device_sim::{
+    provision_fleet, run_fleet, DeviceConfig, DeviceEvent, Endpoint, FleetConfig, KeyMode,
+};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(version, about = "fleetshift device simulator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create device stores with factory keys; prints one JSON line per
+    /// device: {"device_id", "factory_key_hex"} (SEC1 public point).
+    Provision {
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long, default_value = "dev")]
+        prefix: String,
+        #[arg(long, default_value_t = 0)]
+        first: usize,
+    },
+    /// Run provisioned devices until SIGINT or SIGTERM.
+    Run {
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long, default_value = "dev")]
+        prefix: String,
+        #[arg(long, default_value_t = 0)]
+        first: usize,
+        /// Bootstrap listener, host:port (plain MQTT).
+        #[arg(long)]
+        bootstrap: Endpoint,
+        /// Service listener, host:port (mutual TLS; host is the TLS server name).
+        #[arg(long)]
+        service: Endpoint,
+        /// Directory with root-ca.pem and manager-sign.pub.pem.
+        #[arg(long)]
+        certs: PathBuf,
+        /// csr (device keeps its key) or manager (manager-generated key).
+        #[arg(long, default_value = "csr")]
+        key_mode: KeyMode,
+        /// Devices started per second.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 5000)]
+        telemetry_interval_ms: u64,
+        #[arg(long, default_value_t = 10_000)]
+        request_timeout_ms: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Provision {
+            store,
+            count,
+            prefix,
+            first,
+        } => {
+            for (device_id, key) in provision_fleet(&store, &prefix, first, count)? {
+                let line = serde_json::json!({ "device_id": device_id, "factory_key_hex": hex::encode(key) });
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Command::Run {
+            store,
+            count,
+            prefix,
+            first,
+            bootstrap,
+            service,
+            certs,
+            key_mode,
+            rate,
+            telemetry_interval_ms,
+            request_timeout_ms,
+        } => {
+            let root_ca_pem = certs.join("root-ca.pem");
+            let manager_pub_pem = certs.join("manager-sign.pub.pem");
+            for path in [&root_ca_pem, &manager_pub_pem] {
+                anyhow::ensure!(path.is_file(), "{} is missing", path.display());
+            }
+            let cfg = FleetConfig {
+                prefix,
+                count,
+                first_index: first,
+                connects_per_sec: rate,
+                template: DeviceConfig {
+                    device_id: String::new(),
+                    store_root: store,
+                    bootstrap,
+                    service,
+                    root_ca_pem,
+                    manager_pub_pem,
+                    key_mode,
+                    telemetry_interval: Duration::from_millis(telemetry_interval_ms),
+                    request_timeout: Duration::from_millis(request_timeout_ms),
+                },
+            };
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let logger = tokio::spawn(async move {
+                while let Some((device_id, event)) = rx.recv().await {
+                    match event {
+                        DeviceEvent::Telemetry { .. } => {
+                            tracing::debug!(%device_id, ?event, "event")
+                        }
+                        _ => tracing::info!(%device_id, ?event, "event"),
+                    }
+                }
+            });
+            let report = run_fleet(cfg, tx, shutdown).await.context("fleet")?;
+            let _ = logger.await;
+            tracing::info!(
+                started = report.started,
+                stopped = report.stopped,
+                failed = report.failed.len(),
+                "fleet finished"
+            );
+            for (device_id, error) in &report.failed {
+                tracing::warn!(%device_id, %error, "device failed");
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGTERM handler");
+            let _ = tokio::signal::ctrl_c().await;
+            shutdown.cancel();
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}

@@ -1,0 +1,458 @@
+//! Checking what the manager sends: replies and service-change notices.
+//! Pure functions; the manager's key is pinned, so anything not signed by
+//! it is ignored, whatever topic it arrived on.
+
+use fleet_protocol::crypto;
+use fleet_protocol::{Envelope, Kind, ProtocolError, Reply, ServiceChange, Status};
+use openssl::nid::Nid;
+use openssl::pkey::{PKey, PKeyRef, Private, Public};
+use openssl::stack::Stack;
+use openssl::x509::store::X509StoreBuilder;
+use openssl::x509::{X509StoreContext, X509};
+
+use crate::requests::Prepared;
+
+/// Why a received message was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error("undecodable: {0}")]
+    Decode(String),
+    #[error("CRC mismatch")]
+    BadCrc,
+    #[error("expected kind {expected:?}, got {got:?}")]
+    WrongKind { expected: Kind, got: Kind },
+    #[error("signature does not verify with the pinned manager key")]
+    BadSignature,
+    #[error("addressed to device {0:?}")]
+    WrongDevice(String),
+    #[error("nonce does not match the request")]
+    NonceMismatch,
+    #[error("notice seq {seq} is not above the last accepted {last}")]
+    Replayed { seq: u64, last: u64 },
+}
+
+/// Decodes and authenticates a manager message of `kind` and returns the envelope.
+fn open_signed(
+    bytes: &[u8],
+    kind: Kind,
+    manager: &PKeyRef<Public>,
+) -> Result<Envelope, VerifyError> {
+    let env = Envelope::decode(bytes).map_err(|e| VerifyError::Decode(e.to_string()))?;
+    if !env.crc_ok() {
+        return Err(VerifyError::BadCrc);
+    }
+    if env.kind != kind {
+        return Err(VerifyError::WrongKind {
+            expected: kind,
+            got: env.kind,
+        });
+    }
+    if !crypto::verify(manager, &env.tbs(), &env.auth) {
+        return Err(VerifyError::BadSignature);
+    }
+    Ok(env)
+}
+
+/// A signed reply of `kind` for `device_id`; the nonce is checked by the caller
+/// (see [`check_nonce`]) because some replies are matched against several
+/// outstanding requests.
+pub fn open_reply(
+    bytes: &[u8],
+    kind: Kind,
+    manager: &PKeyRef<Public>,
+    device_id: &str,
+) -> Result<Reply, VerifyError> {
+    let env = open_signed(bytes, kind, manager)?;
+    let reply: Reply = env.body().map_err(|e| VerifyError::Decode(e.to_string()))?;
+    if reply.device_id != device_id {
+        return Err(VerifyError::WrongDevice(reply.device_id));
+    }
+    Ok(reply)
+}
+
+pub fn check_nonce(reply: &Reply, nonce: &[u8]) -> Result<(), VerifyError> {
+    // Nonces are not secret; a plain comparison is fine.
+    if reply.nonce == nonce {
+        Ok(())
+    } else {
+        Err(VerifyError::NonceMismatch)
+    }
+}
+
+/// A signed `service_change` notice for `device_id`. Replay (sequence)
+/// checking is [`check_notice_seq`], shared with notices inside poll replies.
+pub fn open_notice(
+    bytes: &[u8],
+    manager: &PKeyRef<Public>,
+    device_id: &str,
+) -> Result<ServiceChange, VerifyError> {
+    let env = open_signed(bytes, Kind::ServiceChange, manager)?;
+    let notice: ServiceChange = env.body().map_err(|e| VerifyError::Decode(e.to_string()))?;
+    check_notice_target(&notice, device_id)?;
+    Ok(notice)
+}
+
+pub fn check_notice_target(notice: &ServiceChange, device_id: &str) -> Result<(), VerifyError> {
+    if notice.device_id != device_id {
+        return Err(VerifyError::WrongDevice(notice.device_id.clone()));
+    }
+    Ok(())
+}
+
+pub fn check_notice_seq(notice: &ServiceChange, last_accepted: u64) -> Result<(), VerifyError> {
+    if notice.seq > last_accepted {
+        Ok(())
+    } else {
+        Err(VerifyError::Replayed {
+            seq: notice.seq,
+            last: last_accepted,
+        })
+    }
+}
+
+/// A reply that is authentic but not usable.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplyError {
+    #[error("manager answered {status}: {detail}")]
+    Status { status: Status, detail: String },
+    #[error("reply lacks {0}")]
+    Missing(&'static str),
+    #[error("bad reply: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("openssl: {0}")]
+    OpenSsl(#[from] openssl::error::ErrorStack),
+}
+
+impl ReplyError {
+    /// The manager's status, when that is why the reply was refused.
+    pub fn status(&self) -> Option<Status> {
+        match self {
+            ReplyError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Ok, or the reply's status as an error.
+pub fn require_ok(reply: &Reply) -> Result<(), ReplyError> {
+    if reply.status == Status::Ok {
+        Ok(())
+    } else {
+        Err(ReplyError::Status {
+            status: reply.status,
+            detail: reply.detail.clone().unwrap_or_default(),
+        })
+    }
+}
+
+/// What an Ok activate reply gives the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Activation {
+    pub service_id: String,
+    pub uuid: Vec<u8>,
+}
+
+pub fn finish_activate(
+    reply: &Reply,
+    request: &Prepared,
+    device_id: &str,
+) -> Result<Activation, ReplyError> {
+    require_ok(reply)?;
+    let service_id = reply
+        .service_id
+        .clone()
+        .ok_or(ReplyError::Missing("service_id"))?;
+    fleet_protocol::topic::validate_service_id(&service_id)?;
+    let sealed = reply.uuid.as_ref().ok_or(ReplyError::Missing("uuid"))?;
+    let eph = request
+        .eph
+        .as_ref()
+        .ok_or(ReplyError::Missing("ephemeral key"))?;
+    let uuid = crypto::unseal(eph, device_id, sealed)?;
+    if uuid.len() != 16 {
+        return Err(ReplyError::Invalid(format!("uuid of {} bytes", uuid.len())));
+    }
+    Ok(Activation { service_id, uuid })
+}
+
+/// What an Ok update reply gives the device.
+pub struct Installed {
+    pub service_id: String,
+    pub key: PKey<Private>,
+    /// Device certificate, then its service CA.
+    pub chain: Vec<X509>,
+    pub serial_hex: String,
+}
+
+impl std::fmt::Debug for Installed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Installed")
+            .field("service_id", &self.service_id)
+            .field("serial_hex", &self.serial_hex)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Checks an Ok update reply for `service_id` and extracts the key and
+/// chain: the leaf names the device, holds our key (CSR mode) or the
+/// unsealed key (manager mode), and chains to the pinned root CA.
+pub fn finish_update(
+    reply: &Reply,
+    request: &Prepared,
+    device_id: &str,
+    service_id: &str,
+    root_ca: &X509,
+) -> Result<Installed, ReplyError> {
+    require_ok(reply)?;
+    if let Some(svc) = &reply.service_id {
+        if svc != service_id {
+            return Err(ReplyError::Invalid(format!(
+                "certificate for service {svc:?}, asked for {service_id:?}"
+            )));
+        }
+    }
+    let der = reply.chain.as_ref().ok_or(ReplyError::Missing("chain"))?;
+    if der.len() < 2 {
+        return Err(ReplyError::Invalid(format!(
+            "chain of {} certificates",
+            der.len()
+        )));
+    }
+    let chain = der
+        .iter()
+        .map(|c| X509::from_der(c))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ReplyError::Invalid(format!("certificate DER: {e}")))?;
+    let key = match (&request.service_key, &reply.key) {
+        (Some(own), _) => own.clone(),
+        (None, Some(sealed)) => {
+            let eph = request
+                .eph
+                .as_ref()
+                .ok_or(ReplyError::Missing("ephemeral key"))?;
+            let der = crypto::unseal(eph, device_id, sealed)?;
+            PKey::private_key_from_pkcs8(&der)
+                .map_err(|e| ReplyError::Invalid(format!("sealed key: {e}")))?
+        }
+        (None, None) => return Err(ReplyError::Missing("key")),
+    };
+    let leaf = &chain[0];
+    if !leaf.public_key()?.public_eq(&key) {
+        return Err(ReplyError::Invalid("certificate is not for our key".into()));
+    }
+    let cn = leaf
+        .subject_name()
+        .entries_by_nid(Nid::COMMONNAME)
+        .next()
+        .and_then(|e| e.data().to_string().ok());
+    if cn.as_deref() != Some(device_id) {
+        return Err(ReplyError::Invalid(format!("certificate CN {cn:?}")));
+    }
+    verify_chain(root_ca, &chain)?;
+    let serial_hex = leaf.serial_number().to_bn()?.to_hex_str()?.to_string();
+    Ok(Installed {
+        service_id: service_id.to_owned(),
+        key,
+        chain,
+        serial_hex,
+    })
+}
+
+/// The leaf must chain through the rest to `root_ca`.
+fn verify_chain(root_ca: &X509, chain: &[X509]) -> Result<(), ReplyError> {
+    let mut store = X509StoreBuilder::new()?;
+    store.add_cert(root_ca.clone())?;
+    let store = store.build();
+    let mut intermediates = Stack::new()?;
+    for cert in &chain[1..] {
+        intermediates.push(cert.clone())?;
+    }
+    let mut ctx = X509StoreContext::new()?;
+    let ok = ctx.init(&store, &chain[0], &intermediates, |c| {
+        let ok = c.verify_cert()?;
+        Ok(ok.then_some(()).ok_or_else(|| c.error().to_string()))
+    })?;
+    ok.map_err(|e| ReplyError::Invalid(format!("chain does not verify: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use fleet_protocol::{ActivateRequest, UpdateRequest};
+    use openssl::x509::X509Req;
+
+    use super::*;
+    use crate::config::KeyMode;
+    use crate::requests::{build_activate, build_update};
+    use crate::testutil::{FakeManager, UUID};
+
+    #[test]
+    fn activate_reply_round_trip() {
+        let mgr = FakeManager::new();
+        let factory = crypto::generate_p256().unwrap();
+        let req = build_activate("dev1", None, &factory).unwrap();
+        let body: ActivateRequest = Envelope::decode(&req.bytes).unwrap().body().unwrap();
+        let bytes = mgr.sign(
+            Kind::ActivateReply,
+            &Reply {
+                device_id: "dev1".into(),
+                nonce: body.nonce.clone(),
+                seq: 1,
+                service_id: Some("svcA".into()),
+                uuid: Some(crypto::seal(&body.eph, "dev1", &UUID).unwrap()),
+                ..Reply::default()
+            },
+        );
+        let reply = open_reply(&bytes, Kind::ActivateReply, &mgr.public, "dev1").unwrap();
+        check_nonce(&reply, &req.nonce).unwrap();
+        let act = finish_activate(&reply, &req, "dev1").unwrap();
+        assert_eq!(act.service_id, "svcA");
+        assert_eq!(act.uuid, UUID);
+
+        // Same reply, but to another request: the nonce and the seal both give it away.
+        let other = build_activate("dev1", None, &factory).unwrap();
+        assert_eq!(
+            check_nonce(&reply, &other.nonce),
+            Err(VerifyError::NonceMismatch)
+        );
+        assert!(finish_activate(&reply, &other, "dev1").is_err());
+    }
+
+    #[test]
+    fn forged_and_misdirected_replies_are_rejected() {
+        let mgr = FakeManager::new();
+        let impostor = FakeManager::new();
+        let reply = Reply {
+            device_id: "dev1".into(),
+            nonce: vec![1; 16],
+            seq: 1,
+            ..Reply::default()
+        };
+        let forged = impostor.sign(Kind::PollReply, &reply);
+        assert_eq!(
+            open_reply(&forged, Kind::PollReply, &mgr.public, "dev1"),
+            Err(VerifyError::BadSignature)
+        );
+        let good = mgr.sign(Kind::PollReply, &reply);
+        assert!(open_reply(&good, Kind::PollReply, &mgr.public, "dev1").is_ok());
+        assert!(matches!(
+            open_reply(&good, Kind::UpdateReply, &mgr.public, "dev1"),
+            Err(VerifyError::WrongKind { .. })
+        ));
+        assert_eq!(
+            open_reply(&good, Kind::PollReply, &mgr.public, "dev2"),
+            Err(VerifyError::WrongDevice("dev1".into()))
+        );
+        let mut env = Envelope::decode(&good).unwrap();
+        env.crc ^= 1;
+        assert_eq!(
+            open_reply(&env.encode(), Kind::PollReply, &mgr.public, "dev1"),
+            Err(VerifyError::BadCrc)
+        );
+        assert!(matches!(
+            open_reply(b"junk", Kind::PollReply, &mgr.public, "dev1"),
+            Err(VerifyError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn status_errors_carry_the_status() {
+        let reply = Reply {
+            status: Status::RateLimited,
+            detail: Some("slow down".into()),
+            ..Reply::default()
+        };
+        let err = require_ok(&reply).unwrap_err();
+        assert_eq!(err.status(), Some(Status::RateLimited));
+    }
+
+    #[test]
+    fn notices_need_signature_target_and_fresh_seq() {
+        let mgr = FakeManager::new();
+        let notice = ServiceChange {
+            device_id: "dev1".into(),
+            seq: 10,
+            change_id: "c1".into(),
+            service_id: "svcB".into(),
+            provider: None,
+            application: None,
+            endpoint: Some("mqtts://localhost:8883".into()),
+            ts: fleet_protocol::now_ms(),
+        };
+        let bytes = mgr.sign(Kind::ServiceChange, &notice);
+        assert_eq!(open_notice(&bytes, &mgr.public, "dev1").unwrap(), notice);
+        assert_eq!(
+            open_notice(&bytes, &FakeManager::new().public, "dev1"),
+            Err(VerifyError::BadSignature)
+        );
+        assert!(matches!(
+            open_notice(&bytes, &mgr.public, "dev2"),
+            Err(VerifyError::WrongDevice(_))
+        ));
+        // A reply signed by the manager cannot pass as a notice.
+        let as_reply = mgr.sign(Kind::PollReply, &notice);
+        assert!(matches!(
+            open_notice(&as_reply, &mgr.public, "dev1"),
+            Err(VerifyError::WrongKind { .. })
+        ));
+        assert!(check_notice_seq(&notice, 9).is_ok());
+        assert_eq!(
+            check_notice_seq(&notice, 10),
+            Err(VerifyError::Replayed { seq: 10, last: 10 })
+        );
+    }
+
+    #[test]
+    fn update_reply_in_csr_mode() {
+        let mgr = FakeManager::new();
+        let req = build_update("dev1", "svcB", &UUID, KeyMode::Csr).unwrap();
+        let body: UpdateRequest = Envelope::decode(&req.bytes).unwrap().body().unwrap();
+        let csr = X509Req::from_der(body.csr.as_ref().unwrap()).unwrap();
+        let leaf = mgr.issue("dev1", &csr.public_key().unwrap());
+        let reply = mgr.update_reply(&body, vec![leaf.clone(), mgr.service_ca.clone()], None);
+        let installed = finish_update(&reply, &req, "dev1", "svcB", &mgr.root).unwrap();
+        assert_eq!(installed.chain[0], leaf);
+        assert!(installed.key.public_eq(req.service_key.as_ref().unwrap()));
+        assert_eq!(
+            installed.serial_hex,
+            leaf.serial_number()
+                .to_bn()
+                .unwrap()
+                .to_hex_str()
+                .unwrap()
+                .to_string()
+        );
+
+        // A certificate for somebody else's key is refused.
+        let stranger = crypto::generate_p256().unwrap();
+        let wrong = mgr.issue("dev1", &stranger);
+        let reply = mgr.update_reply(&body, vec![wrong, mgr.service_ca.clone()], None);
+        assert!(finish_update(&reply, &req, "dev1", "svcB", &mgr.root).is_err());
+        // So is one that does not chain to the pinned root.
+        let other = FakeManager::new();
+        let foreign = other.issue("dev1", &csr.public_key().unwrap());
+        let reply = mgr.update_reply(&body, vec![foreign, other.service_ca.clone()], None);
+        assert!(finish_update(&reply, &req, "dev1", "svcB", &mgr.root).is_err());
+    }
+
+    #[test]
+    fn update_reply_in_manager_key_mode() {
+        let mgr = FakeManager::new();
+        let req = build_update("dev1", "svcB", &UUID, KeyMode::ManagerGenerated).unwrap();
+        let body: UpdateRequest = Envelope::decode(&req.bytes).unwrap().body().unwrap();
+        let key = crypto::generate_p256().unwrap();
+        let sealed = crypto::seal(&body.eph, "dev1", &key.private_key_to_pkcs8().unwrap()).unwrap();
+        let leaf = mgr.issue("dev1", &key);
+        let reply = mgr.update_reply(&body, vec![leaf, mgr.service_ca.clone()], Some(sealed));
+        let installed = finish_update(&reply, &req, "dev1", "svcB", &mgr.root).unwrap();
+        assert!(installed.key.public_eq(&key));
+        // Without the sealed key there is nothing to install.
+        let leaf = mgr.issue("dev1", &key);
+        let reply = mgr.update_reply(&body, vec![leaf, mgr.service_ca.clone()], None);
+        assert!(matches!(
+            finish_update(&reply, &req, "dev1", "svcB", &mgr.root),
+            Err(ReplyError::Missing("key"))
+        ));
+    }
+}
