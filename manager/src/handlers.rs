@@ -609,6 +609,7 @@ impl Core {
             issued_ms: now,
             superseded_by: None,
             revoked_ms: None,
+            der: issued.leaf.to_der().map_err(ProtocolError::from)?,
         });
         if let Some(old_serial) = &device.current_cert {
             if let Some(mut old) = self.store.cert(old_serial)? {

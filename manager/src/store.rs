@@ -132,6 +132,9 @@ pub struct CertRecord {
     pub issued_ms: u64,
     pub superseded_by: Option<String>,
     pub revoked_ms: Option<u64>,
+    /// The certificate itself, DER.
+    #[serde(with = "serde_bytes")]
+    pub der: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

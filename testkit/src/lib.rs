@@ -371,3 +371,117 @@ pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<PathBu
     std::fs::write(&path, bytes)?;
     Ok(path)
 }
+
+/// Simulated devices run by a test, with every event they report recorded.
+pub struct Devices {
+    pub store_root: PathBuf,
+    events: Arc<Mutex<Vec<(String, fleet_device_sim::DeviceEvent)>>>,
+    tx: tokio::sync::mpsc::UnboundedSender<(String, fleet_device_sim::DeviceEvent)>,
+    pub shutdown: CancellationToken,
+}
+
+impl Devices {
+    pub fn new(store_root: PathBuf) -> Devices {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                sink.lock().unwrap().push(ev);
+            }
+        });
+        Devices {
+            store_root,
+            events,
+            tx,
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// Provisions `device_id` (factory key in its store) and registers it on `service_id`.
+    pub async fn provision(
+        &self,
+        fleet: &Fleet,
+        device_id: &str,
+        service_id: &str,
+    ) -> anyhow::Result<()> {
+        let key = fleet_device_sim::provision(&self.store_root, device_id)?;
+        fleet.register(device_id, service_id, Some(&key)).await
+    }
+
+    /// The device configuration for this fleet's listeners and PKI.
+    pub fn config(
+        &self,
+        fleet: &Fleet,
+        device_id: &str,
+        key_mode: fleet_device_sim::KeyMode,
+    ) -> fleet_device_sim::DeviceConfig {
+        fleet_device_sim::DeviceConfig {
+            device_id: device_id.into(),
+            store_root: self.store_root.clone(),
+            bootstrap: fleet_device_sim::Endpoint::new(
+                fleet.broker.bootstrap_addr.ip().to_string(),
+                fleet.broker.bootstrap_addr.port(),
+            ),
+            // The broker certificate names localhost.
+            service: fleet_device_sim::Endpoint::new("localhost", fleet.service_addr().port()),
+            root_ca_pem: fleet.certs_dir().join("root-ca.pem"),
+            manager_pub_pem: fleet.certs_dir().join("manager-sign.pub.pem"),
+            key_mode,
+            telemetry_interval: Duration::from_millis(200),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Starts a device task.
+    pub fn spawn(
+        &self,
+        config: fleet_device_sim::DeviceConfig,
+    ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+        tokio::spawn(fleet_device_sim::run_device(
+            config,
+            self.tx.clone(),
+            self.shutdown.child_token(),
+        ))
+    }
+
+    pub fn events_of(&self, device_id: &str) -> Vec<fleet_device_sim::DeviceEvent> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(d, _)| d == device_id)
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+
+    /// Waits until `device_id` has reported an event `matches` accepts.
+    pub async fn wait_event(
+        &self,
+        device_id: &str,
+        within: Duration,
+        what: &str,
+        matches: impl Fn(&fleet_device_sim::DeviceEvent) -> bool,
+    ) -> anyhow::Result<fleet_device_sim::DeviceEvent> {
+        eventually(within, &format!("{device_id}: {what}"), || {
+            let found = self.events_of(device_id).into_iter().find(|e| matches(e));
+            async move { found }
+        })
+        .await
+        .with_context(|| format!("events so far: {:?}", self.events_of(device_id)))
+    }
+
+    /// The device's stored state (secure element).
+    pub fn store(&self, device_id: &str) -> anyhow::Result<fleet_device_sim::store::Store> {
+        Ok(fleet_device_sim::store::Store::open(
+            &self.store_root,
+            device_id,
+        )?)
+    }
+}
+
+impl Drop for Devices {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

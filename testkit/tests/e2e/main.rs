@@ -2,5 +2,7 @@
 //! a sled store in a temporary directory, real certificates.
 
 mod bad_input;
+mod lifecycle;
 mod restart;
+mod secrecy;
 mod wire;

@@ -1,0 +1,250 @@
+//! One device moves A -> B -> C through the real broker, in both key modes.
+
+use std::time::Duration;
+
+use fleet_device_sim::{DeviceEvent, KeyMode};
+use fleet_manager::store::CertStatus;
+use fleet_protocol::crypto;
+use fleet_protocol::{Envelope, Kind, Route, ServiceChange, Topic};
+use fleet_testkit::{openssl_verify, write_file, Devices, Fleet, Probe};
+use openssl::nid::Nid;
+use openssl::x509::X509;
+
+const T: Duration = Duration::from_secs(30);
+
+fn telemetry(service: &str, device: &str) -> String {
+    Topic::in_tenant(service, Route::Telemetry(device.into())).to_string()
+}
+
+async fn wait_telemetry(observer: &Probe, service: &str, device: &str) {
+    observer
+        .wait_for(&telemetry(service, device), 1, T)
+        .await
+        .unwrap_or_else(|e| panic!("telemetry on {service}: {e}"));
+}
+
+fn subject(cert: &X509, nid: Nid) -> String {
+    cert.subject_name()
+        .entries_by_nid(nid)
+        .next()
+        .map(|e| e.data().to_string().unwrap())
+        .unwrap_or_default()
+}
+
+async fn moves_a_b_c(key_mode: KeyMode) {
+    let fleet = Fleet::start().await.unwrap();
+    let devices = Devices::new(fleet.dir.path().join("devices"));
+    devices.provision(&fleet, "dev1", "svcA").await.unwrap();
+    let observer = Probe::plain(fleet.broker.bootstrap_addr, "observer")
+        .await
+        .unwrap();
+    observer.subscribe("/tenants/+/telemetry/+").await.unwrap();
+    let task = devices.spawn(devices.config(&fleet, "dev1", key_mode));
+
+    devices
+        .wait_event(
+            "dev1",
+            T,
+            "connected to svcA",
+            |e| matches!(e, DeviceEvent::Connected { service_id } if service_id == "svcA"),
+        )
+        .await
+        .unwrap();
+    wait_telemetry(&observer, "svcA", "dev1").await;
+
+    // A forged notice from another client is ignored and changes nothing.
+    let before = fleet.snapshot();
+    let attacker = Probe::plain(fleet.broker.bootstrap_addr, "attacker")
+        .await
+        .unwrap();
+    let forged = ServiceChange {
+        device_id: "dev1".into(),
+        seq: u64::MAX / 2,
+        change_id: "forged".into(),
+        service_id: "evil".into(),
+        provider: None,
+        application: None,
+        endpoint: None,
+        ts: fleet_protocol::now_ms(),
+    };
+    let attacker_key = crypto::generate_p256().unwrap();
+    let env = Envelope::build(Kind::ServiceChange, &forged, |tbs| {
+        crypto::sign(&attacker_key, tbs)
+    })
+    .unwrap();
+    for topic in [
+        Topic::in_tenant("svcA", Route::ServiceChange("dev1".into())),
+        Topic::bootstrap(Route::ServiceChange("dev1".into())),
+    ] {
+        attacker
+            .publish(&topic.to_string(), env.encode())
+            .await
+            .unwrap();
+    }
+    devices
+        .wait_event("dev1", T, "forged notice rejected", |e| {
+            matches!(e, DeviceEvent::NoticeRejected { .. })
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        fleet.snapshot(),
+        before,
+        "a forged notice changed the store"
+    );
+    assert_eq!(
+        devices.store("dev1").unwrap().state().service_id.as_deref(),
+        Some("svcA")
+    );
+
+    for (n, service) in ["svcB", "svcC"].into_iter().enumerate() {
+        fleet.change(&["dev1"], service).await.unwrap();
+        devices
+            .wait_event("dev1", T, &format!("change to {service}"), |e| {
+                matches!(e, DeviceEvent::ChangeAccepted { service_id, .. } if service_id == service)
+            })
+            .await
+            .unwrap();
+        wait_telemetry(&observer, service, "dev1").await;
+        let accepted = devices
+            .events_of("dev1")
+            .iter()
+            .filter(|e| matches!(e, DeviceEvent::ChangeAccepted { .. }))
+            .count();
+        assert_eq!(accepted, n + 1);
+    }
+
+    // History: three periods, the first two closed by the service changes.
+    let core = fleet.core();
+    let history: Vec<_> = core
+        .store
+        .history("dev1")
+        .unwrap()
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    let services: Vec<_> = history.iter().map(|p| p.service_id.as_str()).collect();
+    assert_eq!(services, ["svcA", "svcB", "svcC"]);
+    for (i, p) in history.iter().enumerate() {
+        assert!(
+            p.confirmed_ms.is_some(),
+            "period {i} confirmed by the device"
+        );
+        if i < 2 {
+            let ended = p.ended_ms.expect("older periods are closed");
+            assert!(ended >= p.started_ms);
+            assert_eq!(
+                ended,
+                history[i + 1].started_ms,
+                "the next period starts when this one ends"
+            );
+            assert_eq!(p.end_reason.as_deref(), Some("service_change"));
+        } else {
+            assert!(p.ended_ms.is_none(), "the current period is open");
+        }
+    }
+    assert_eq!(history[0].reason, "activated");
+    assert!(history[1].change_id.is_some());
+
+    // Certificates: three, O = service, verified by openssl against the
+    // right chain; the two older ones superseded and in their CA's CRL.
+    let certs = core.store.certs_of("dev1").unwrap();
+    assert_eq!(certs.len(), 3);
+    let dir = fleet.dir.path();
+    let root = fleet.certs_dir().join("root-ca.pem");
+    for (i, rec) in certs.iter().enumerate() {
+        let leaf = X509::from_der(&rec.der).unwrap();
+        assert_eq!(subject(&leaf, Nid::ORGANIZATIONNAME), rec.service_id);
+        assert_eq!(subject(&leaf, Nid::COMMONNAME), "dev1");
+        assert_eq!(rec.service_id, services[i]);
+        assert_eq!(
+            rec.key_mode,
+            if key_mode == KeyMode::Csr {
+                "csr"
+            } else {
+                "manager"
+            }
+        );
+        let leaf_path = write_file(dir, &format!("leaf{i}.pem"), &leaf.to_pem().unwrap()).unwrap();
+        let ca = core.pki.service_ca_path(&rec.service_id);
+        openssl_verify(&root, &ca, &leaf_path, None).unwrap();
+        let other = core.pki.service_ca_path(services[(i + 1) % 3]);
+        assert!(
+            openssl_verify(&root, &other, &leaf_path, None).is_err(),
+            "verifies only against its own service CA"
+        );
+        let crl = core.pki.crl_path(&rec.service_id);
+        if i < 2 {
+            assert_eq!(rec.status, CertStatus::Superseded);
+            assert_eq!(
+                rec.superseded_by.as_deref(),
+                Some(certs[i + 1].serial.as_str())
+            );
+            assert!(rec.revoked_ms.is_some());
+            let err = openssl_verify(&root, &ca, &leaf_path, Some(&crl))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("certificate revoked"), "{err}");
+        } else {
+            assert_eq!(rec.status, CertStatus::Active);
+        }
+    }
+    let device = core.store.device("dev1").unwrap().unwrap();
+    assert_eq!(device.service_id, "svcC");
+    assert_eq!(
+        device.current_cert.as_deref(),
+        Some(certs[2].serial.as_str())
+    );
+    assert!(device.pending.is_none());
+
+    // The device's credentials now belong to svcC: publishing into svcA's
+    // tenant with them is refused and delivers nothing.
+    let creds = devices
+        .store("dev1")
+        .unwrap()
+        .service_credentials("svcC")
+        .unwrap()
+        .unwrap();
+    let seen_on_a = observer.on(&telemetry("svcA", "dev1")).len();
+    let intruder = Probe::mtls(
+        fleet.service_addr(),
+        "dev1probe",
+        &root,
+        creds.chain_pem,
+        creds.key_pem,
+    )
+    .await
+    .unwrap();
+    intruder
+        .publish(&telemetry("svcA", "dev1"), b"injected".to_vec())
+        .await
+        .unwrap();
+    fleet_testkit::eventually(T, "the broker to cut the cross-tenant publisher", || {
+        let cut = intruder.is_cut();
+        async move { cut.then_some(()) }
+    })
+    .await
+    .unwrap();
+    assert!(observer
+        .on(&telemetry("svcA", "dev1"))
+        .iter()
+        .all(|m| m.payload != b"injected"));
+    assert!(observer.on(&telemetry("svcA", "dev1")).len() >= seen_on_a);
+
+    devices.shutdown.cancel();
+    tokio::time::timeout(T, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn device_moves_a_b_c_with_csr() {
+    moves_a_b_c(KeyMode::Csr).await;
+}
+
+#[tokio::test]
+async fn device_moves_a_b_c_with_manager_generated_keys() {
+    moves_a_b_c(KeyMode::ManagerGenerated).await;
+}
