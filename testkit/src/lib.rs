@@ -416,17 +416,29 @@ impl Devices {
         device_id: &str,
         key_mode: fleet_device_sim::KeyMode,
     ) -> fleet_device_sim::DeviceConfig {
+        self.config_for(&fleet.broker, fleet.certs_dir(), device_id, key_mode)
+    }
+
+    /// The device configuration for a broker and a PKI directory.
+    pub fn config_for(
+        &self,
+        broker: &RunningBroker,
+        certs_dir: &Path,
+        device_id: &str,
+        key_mode: fleet_device_sim::KeyMode,
+    ) -> fleet_device_sim::DeviceConfig {
+        let service = broker.service_addr.expect("service listener configured");
         fleet_device_sim::DeviceConfig {
             device_id: device_id.into(),
             store_root: self.store_root.clone(),
             bootstrap: fleet_device_sim::Endpoint::new(
-                fleet.broker.bootstrap_addr.ip().to_string(),
-                fleet.broker.bootstrap_addr.port(),
+                broker.bootstrap_addr.ip().to_string(),
+                broker.bootstrap_addr.port(),
             ),
             // The broker certificate names localhost.
-            service: fleet_device_sim::Endpoint::new("localhost", fleet.service_addr().port()),
-            root_ca_pem: fleet.certs_dir().join("root-ca.pem"),
-            manager_pub_pem: fleet.certs_dir().join("manager-sign.pub.pem"),
+            service: fleet_device_sim::Endpoint::new("localhost", service.port()),
+            root_ca_pem: certs_dir.join("root-ca.pem"),
+            manager_pub_pem: certs_dir.join("manager-sign.pub.pem"),
             key_mode,
             telemetry_interval: Duration::from_millis(200),
             request_timeout: Duration::from_secs(5),

@@ -1,0 +1,240 @@
+//! `fleet-demo`: broker and manager with the default embedded configuration,
+//! a simulated fleet, one migration, and the history it leaves.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use fleet_broker::BrokerConfig;
+use fleet_device_sim::{DeviceEvent, KeyMode};
+use fleet_manager::store::CertStatus;
+use fleet_manager::ManagerConfig;
+use fleet_testkit::Devices;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "fleet-demo",
+    about = "Run a small fleet through activation, certificates and one migration"
+)]
+struct Cli {
+    #[arg(long, default_value_t = 50)]
+    devices: usize,
+    #[arg(long, default_value = "structural")]
+    from: String,
+    #[arg(long, default_value = "weather")]
+    to: String,
+    /// csr (the device keeps its key) or manager (the manager generates it).
+    #[arg(long, default_value = "csr")]
+    key_mode: KeyMode,
+    #[arg(long, default_value = "certs")]
+    certs: PathBuf,
+    #[arg(long, default_value = "fleet-data")]
+    data: PathBuf,
+    /// Seconds to wait for each phase.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+}
+
+fn phase(n: usize, what: &str) {
+    println!("\n== phase {n}: {what}");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,rumqttd=off".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let within = Duration::from_secs(cli.timeout);
+    let run_dir = cli.data.join(format!("demo-{}", fleet_protocol::now_ms()));
+    std::fs::create_dir_all(&run_dir)?;
+
+    phase(1, "PKI, broker and manager");
+    let created = !cli.certs.join("root-ca.pem").exists();
+    let pki = fleet_pki::Pki::open_or_create(&cli.certs).context("creating the development PKI")?;
+    println!(
+        "PKI in {} ({})",
+        pki.dir().display(),
+        if created { "created" } else { "existing" }
+    );
+    let broker = fleet_broker::start(&BrokerConfig {
+        bootstrap_listen: "127.0.0.1:0".parse()?,
+        service_listen: Some("127.0.0.1:0".parse()?),
+        certs_dir: cli.certs.clone(),
+        ..Default::default()
+    })?;
+    let service_addr = broker.service_addr.context("service listener")?;
+    println!(
+        "broker: bootstrap mqtt://{}  service mqtts://{}",
+        broker.bootstrap_addr, service_addr
+    );
+    let config = ManagerConfig {
+        broker_url: format!("mqtt://{}", broker.bootstrap_addr),
+        data_dir: run_dir.join("manager"),
+        certs_dir: cli.certs.clone(),
+        admin_listen: "127.0.0.1:0".parse()?,
+        ..Default::default()
+    };
+    let manager = fleet_manager::start(config, CancellationToken::new()).await?;
+    let admin = manager.admin_addr.to_string();
+    println!(
+        "manager: store {}  admin http://{admin}",
+        run_dir.join("manager").display()
+    );
+
+    phase(
+        2,
+        &format!(
+            "provision and register {} devices on {}",
+            cli.devices, cli.from
+        ),
+    );
+    let devices = Devices::new(run_dir.join("devices"));
+    let ids: Vec<String> = (0..cli.devices)
+        .map(|i| fleet_device_sim::fleet_device_id("dev", i))
+        .collect();
+    let mut regs = Vec::new();
+    for id in &ids {
+        let key = fleet_device_sim::provision(&devices.store_root, id)?;
+        regs.push(
+            json!({ "device_id": id, "service_id": cli.from, "factory_key_hex": hex::encode(key) }),
+        );
+    }
+    fleet_manager::admin::call(&admin, "POST", "/v1/registrations", Some(&json!(regs))).await?;
+    println!("{} devices registered with their factory keys", ids.len());
+
+    phase(
+        3,
+        "power on: activate, get a certificate, connect over mutual TLS",
+    );
+    let started = Instant::now();
+    for id in &ids {
+        let mut cfg = devices.config_for(&broker, &cli.certs, id, cli.key_mode);
+        cfg.telemetry_interval = Duration::from_secs(1);
+        devices.spawn(cfg);
+        // Pace the start so connects do not pile up on two cores.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    wait_all(&devices, &ids, within, |e| {
+        matches!(e, DeviceEvent::Connected { .. })
+    })
+    .await?;
+    println!(
+        "{} devices online on {} in {:.1?}",
+        ids.len(),
+        cli.from,
+        started.elapsed()
+    );
+
+    phase(4, &format!("service change {} -> {}", cli.from, cli.to));
+    let started = Instant::now();
+    let res = fleet_manager::admin::call(
+        &admin,
+        "POST",
+        "/v1/service-change",
+        Some(&json!({ "from_service": cli.from, "service_id": cli.to })),
+    )
+    .await?;
+    let notified = res["results"]
+        .as_array()
+        .map(|r| r.iter().filter(|x| x["ok"] == json!(true)).count());
+    println!("{} devices notified", notified.unwrap_or(0));
+    wait_all(&devices, &ids, within, |e| {
+        matches!(e, DeviceEvent::ChangeAccepted { .. })
+    })
+    .await?;
+    println!(
+        "{} devices re-keyed and online on {} in {:.1?}",
+        ids.len(),
+        cli.to,
+        started.elapsed()
+    );
+
+    phase(5, "history");
+    let summary = fleet_manager::admin::call(&admin, "GET", "/v1/summary", None).await?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    let core = manager.core.clone();
+    let first = &ids[0];
+    println!("\n{first} (times from its first service period):");
+    let history = core.store.history(first)?;
+    let t0 = history
+        .first()
+        .map(|(_, p)| p.started_ms)
+        .unwrap_or_default();
+    let rel = |t: u64| format!("+{:.3}s", t.saturating_sub(t0) as f64 / 1000.0);
+    for (_, p) in history {
+        println!(
+            "  {:<12} from {:<9} to {:<10} started by {:<15} ended by {}",
+            p.service_id,
+            rel(p.started_ms),
+            p.ended_ms.map(rel).unwrap_or_else(|| "(current)".into()),
+            p.reason,
+            p.end_reason.unwrap_or_else(|| "-".into()),
+        );
+    }
+    for c in core.store.certs_of(first)? {
+        println!(
+            "  cert {} for {:<12} {:?}",
+            c.serial, c.service_id, c.status
+        );
+    }
+    let certs = core.store.certs()?;
+    let superseded = certs
+        .iter()
+        .filter(|c| c.status == CertStatus::Superseded)
+        .count();
+    let active = certs
+        .iter()
+        .filter(|c| c.status == CertStatus::Active)
+        .count();
+    println!(
+        "\n{} certificates: {active} active on {}, {superseded} superseded and listed in {}",
+        certs.len(),
+        cli.to,
+        core.pki.crl_path(&cli.from).display()
+    );
+    anyhow::ensure!(
+        active == ids.len() && superseded == ids.len(),
+        "unexpected certificate counts"
+    );
+
+    devices.shutdown.cancel();
+    manager.stop().await;
+    println!("\ndone; store kept in {}", run_dir.display());
+    Ok(())
+}
+
+async fn wait_all(
+    devices: &Devices,
+    ids: &[String],
+    within: Duration,
+    done: impl Fn(&DeviceEvent) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    let mut last = usize::MAX;
+    loop {
+        let ready = ids
+            .iter()
+            .filter(|id| devices.events_of(id).iter().any(&done))
+            .count();
+        if ready != last {
+            println!("  {ready}/{}", ids.len());
+            last = ready;
+        }
+        if ready == ids.len() {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {ready} of {} devices got there",
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
