@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 pub struct BrokerConfig {
     /// Plain MQTT listener for activation and first update. Loopback by default.
     pub bootstrap_listen: SocketAddr,
+    /// Server-authenticated TLS bootstrap listener (broker certificate, no
+    /// client certificate), relayed to the plain bootstrap listener; `None`
+    /// disables it.
+    pub bootstrap_tls_listen: Option<SocketAddr>,
     /// Mutual-TLS service listener; `None` disables it.
     pub service_listen: Option<SocketAddr>,
     /// Directory of `root-ca.pem`, `broker.pem` and `broker.key`.
@@ -22,17 +26,21 @@ pub struct BrokerConfig {
     pub max_connections: usize,
     /// Time a client has to send CONNECT after the connection opens.
     pub connect_timeout_ms: u16,
+    /// Time a client has to finish the TLS handshake on the bootstrap TLS listener.
+    pub tls_handshake_timeout_ms: u64,
 }
 
 impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
             bootstrap_listen: "127.0.0.1:1883".parse().expect("valid address"),
+            bootstrap_tls_listen: Some("127.0.0.1:8884".parse().expect("valid address")),
             service_listen: Some("127.0.0.1:8883".parse().expect("valid address")),
             certs_dir: PathBuf::from("certs"),
             max_payload_size: 256 * 1024,
             max_connections: 20_000,
             connect_timeout_ms: 10_000,
+            tls_handshake_timeout_ms: 10_000,
         }
     }
 }

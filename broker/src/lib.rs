@@ -1,10 +1,12 @@
 //! The fleetshift broker: rumqttd as the router, with the listeners devices
 //! connect to.
 //!
-//! Two listeners, both from [`BrokerConfig`]:
+//! Three listeners, all from [`BrokerConfig`]:
 //! - the **bootstrap** listener, plain MQTT on loopback by default, where a
 //!   device activates and fetches its first certificate (every secret on it
 //!   is sealed end to end, so the channel itself carries nothing secret);
+//! - the **bootstrap TLS** listener, the same with the broker's server
+//!   certificate, terminated by [`tls_bootstrap`] and relayed to the plain one;
 //! - the **service** listener, mutual TLS, where the client certificate's
 //!   O is the rumqttd tenant: a device there may only use topics under
 //!   `/tenants/{service_id}/` (rumqttd's `validate-tenant-prefix`).
@@ -20,6 +22,7 @@
 
 pub mod config;
 mod listeners;
+pub mod tls_bootstrap;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -36,12 +39,15 @@ pub enum BrokerError {
     NotReady(SocketAddr, Duration),
     #[error("cannot start broker thread: {0}")]
     Thread(std::io::Error),
+    #[error("TLS setup: {0}")]
+    Tls(String),
 }
 
 /// A broker that is up. Its listeners stay open for the life of the process.
 #[derive(Debug, Clone)]
 pub struct RunningBroker {
     pub bootstrap_addr: SocketAddr,
+    pub bootstrap_tls_addr: Option<SocketAddr>,
     pub service_addr: Option<SocketAddr>,
 }
 
@@ -63,11 +69,55 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
     for addr in std::iter::once(bootstrap_addr).chain(service_addr) {
         wait_until_accepting(addr, deadline)?;
     }
-    tracing::info!(%bootstrap_addr, service_addr = ?service_addr, "broker ready");
+    let bootstrap_tls_addr = match config.bootstrap_tls_listen {
+        Some(addr) => Some(start_bootstrap_tls(config, addr, bootstrap_addr)?),
+        None => None,
+    };
+    tracing::info!(%bootstrap_addr, ?bootstrap_tls_addr, ?service_addr, "broker ready");
     Ok(RunningBroker {
         bootstrap_addr,
+        bootstrap_tls_addr,
         service_addr,
     })
+}
+
+/// Binds the bootstrap TLS listener and serves it on a runtime of its own
+/// (the broker outlives any caller's runtime).
+fn start_bootstrap_tls(
+    config: &BrokerConfig,
+    addr: SocketAddr,
+    upstream: SocketAddr,
+) -> Result<SocketAddr, BrokerError> {
+    let acceptor = tls_bootstrap::acceptor(&config.certs_dir)?;
+    let listener = TcpListener::bind(addr).map_err(|e| BrokerError::NoPort(addr, e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| BrokerError::NoPort(addr, e))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| BrokerError::NoPort(addr, e))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bootstrap-tls")
+        .enable_all()
+        .build()
+        .map_err(BrokerError::Thread)?;
+    let handshake = Duration::from_millis(config.tls_handshake_timeout_ms);
+    let max = config.max_connections;
+    std::thread::Builder::new()
+        .name("bootstrap-tls".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => {
+                        tls_bootstrap::serve(listener, acceptor, upstream, handshake, max).await
+                    }
+                    Err(err) => tracing::error!(error = %err, "bootstrap TLS listener failed"),
+                }
+            })
+        })
+        .map_err(BrokerError::Thread)?;
+    Ok(bound)
 }
 
 /// Port 0 means "any free port": bind one, note it, release it for rumqttd.

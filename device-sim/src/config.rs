@@ -84,8 +84,11 @@ pub struct DeviceConfig {
     pub device_id: String,
     /// Parent of the per-device store directories (see [`crate::store`]).
     pub store_root: PathBuf,
-    /// Plain-MQTT bootstrap listener (activate, first update).
+    /// Bootstrap listener (activate, first update).
     pub bootstrap: Endpoint,
+    /// Reach the bootstrap listener over server-authenticated TLS (checked
+    /// against `root_ca_pem`) instead of plain MQTT.
+    pub bootstrap_tls: bool,
     /// Mutual-TLS service listener, unless a service-change notice names another.
     pub service: Endpoint,
     /// Fleet root CA (PEM): the trust anchor for the service listener and for issued chains.

@@ -339,6 +339,16 @@ impl Device {
         Ok(())
     }
 
+    fn bootstrap_security(&self) -> Security {
+        if self.cfg.bootstrap_tls {
+            Security::ServerTls {
+                root_ca_pem: self.root_ca_pem.clone(),
+            }
+        } else {
+            Security::Plain
+        }
+    }
+
     async fn bootstrap_link<'a>(
         &self,
         slot: &'a mut Option<Link>,
@@ -347,7 +357,7 @@ impl Device {
             let link = Link::connect(
                 &self.id,
                 &self.cfg.bootstrap,
-                Security::Plain,
+                self.bootstrap_security(),
                 &bootstrap_subscriptions(&self.id),
                 self.cfg.request_timeout,
             )
@@ -694,6 +704,15 @@ impl Device {
         service_id: &str,
     ) -> Result<Option<ServiceChange>, DeviceError> {
         let last = self.state().last_notice_seq;
+        // The manager re-sends a pending notice (after its restart, when the
+        // device comes online) under the same sequence number; a copy of the
+        // notice already accepted is no attack and needs no report.
+        if let Ok(n) = &notice {
+            if last != 0 && n.seq == last {
+                debug!(seq = n.seq, "copy of the accepted notice ignored");
+                return Ok(None);
+            }
+        }
         let checked = notice.and_then(|n| {
             check_notice_seq(&n, last)?;
             fleet_protocol::topic::validate_service_id(&n.service_id)

@@ -64,6 +64,9 @@ enum LinkEvent {
 pub enum Security {
     /// Plain MQTT (the bootstrap listener; every secret on it is sealed).
     Plain,
+    /// TLS with the broker's certificate checked against the trust anchor,
+    /// no client certificate (the bootstrap TLS listener).
+    ServerTls { root_ca_pem: Vec<u8> },
     /// Mutual TLS with the given trust anchor and client chain and key (PEM).
     MutualTls {
         root_ca_pem: Vec<u8>,
@@ -93,17 +96,26 @@ fn options(client_id: &str, endpoint: &Endpoint, security: Security) -> MqttOpti
     opts.set_keep_alive(KEEP_ALIVE)
         .set_clean_session(true)
         .set_max_packet_size(MAX_PACKET, MAX_PACKET);
-    if let Security::MutualTls {
-        root_ca_pem,
-        chain_pem,
-        key_pem,
-    } = security
-    {
-        opts.set_transport(Transport::Tls(TlsConfiguration::Simple {
-            ca: root_ca_pem,
-            alpn: None,
-            client_auth: Some((chain_pem, key_pem)),
-        }));
+    match security {
+        Security::Plain => {}
+        Security::ServerTls { root_ca_pem } => {
+            opts.set_transport(Transport::Tls(TlsConfiguration::Simple {
+                ca: root_ca_pem,
+                alpn: None,
+                client_auth: None,
+            }));
+        }
+        Security::MutualTls {
+            root_ca_pem,
+            chain_pem,
+            key_pem,
+        } => {
+            opts.set_transport(Transport::Tls(TlsConfiguration::Simple {
+                ca: root_ca_pem,
+                alpn: None,
+                client_auth: Some((chain_pem, key_pem)),
+            }));
+        }
     }
     opts
 }

@@ -42,9 +42,12 @@ enum Command {
         prefix: String,
         #[arg(long, default_value_t = 0)]
         first: usize,
-        /// Bootstrap listener, host:port (plain MQTT).
+        /// Bootstrap listener, host:port (plain MQTT unless --bootstrap-tls).
         #[arg(long)]
         bootstrap: Endpoint,
+        /// Reach the bootstrap listener over TLS (the broker's bootstrap TLS listener).
+        #[arg(long)]
+        bootstrap_tls: bool,
         /// Service listener, host:port (mutual TLS; host is the TLS server name).
         #[arg(long)]
         service: Endpoint,
@@ -91,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
             prefix,
             first,
             bootstrap,
+            bootstrap_tls,
             service,
             certs,
             key_mode,
@@ -112,6 +116,7 @@ async fn main() -> anyhow::Result<()> {
                     device_id: String::new(),
                     store_root: store,
                     bootstrap,
+                    bootstrap_tls,
                     service,
                     root_ca_pem,
                     manager_pub_pem,

@@ -412,6 +412,7 @@ async fn full_flow(key_mode: KeyMode) {
         device_id: "dev1".into(),
         store_root: store.path().to_owned(),
         bootstrap: Endpoint::new("127.0.0.1", plain),
+        bootstrap_tls: false,
         service: Endpoint::new("localhost", tls),
         root_ca_pem: certs.path().join("root-ca.pem"),
         manager_pub_pem: certs.path().join("manager-sign.pub.pem"),
@@ -549,16 +550,32 @@ async fn full_flow(key_mode: KeyMode) {
         "re-key for svcB goes through the old tenant"
     );
 
-    // Replaying the accepted notice changes nothing.
+    // A copy of the accepted notice (the manager re-sends pending notices)
+    // is ignored quietly; an older genuine notice is a replay, rejected.
     manager
         .publish(notice_topic("svcB"), QoS::AtLeastOnce, false, genuine)
+        .await
+        .unwrap();
+    let older = pki.sign(
+        Kind::ServiceChange,
+        &ServiceChange {
+            seq: 99,
+            change_id: "chg0".into(),
+            service_id: "svcC".into(),
+            ..notice.clone()
+        },
+    );
+    manager
+        .publish(notice_topic("svcB"), QoS::AtLeastOnce, false, older)
         .await
         .unwrap();
     let rejected = expect(&mut rx, "replay rejected", |e| {
         matches!(e, DeviceEvent::NoticeRejected { .. })
     })
     .await;
-    assert!(format!("{rejected:?}").contains("100"), "{rejected:?}");
+    // Events come in order: had the copy been rejected, this would be its
+    // rejection (seq 100), not the older notice's.
+    assert!(format!("{rejected:?}").contains("99"), "{rejected:?}");
 
     shutdown.cancel();
     tokio::time::timeout(WAIT, device)
@@ -591,6 +608,7 @@ async fn unprovisioned_device_fails_at_load() {
         device_id: "ghost".into(),
         store_root: store.path().to_owned(),
         bootstrap: Endpoint::new("127.0.0.1", 1),
+        bootstrap_tls: false,
         service: Endpoint::new("localhost", 1),
         root_ca_pem: store.path().join("root-ca.pem"),
         manager_pub_pem: store.path().join("manager-sign.pub.pem"),

@@ -75,6 +75,7 @@ impl Fleet {
         fleet_pki::Pki::open_or_create(&certs)?;
         let broker_config = BrokerConfig {
             bootstrap_listen: "127.0.0.1:0".parse()?,
+            bootstrap_tls_listen: Some("127.0.0.1:0".parse()?),
             service_listen: Some("127.0.0.1:0".parse()?),
             certs_dir: certs.clone(),
             ..Default::default()
@@ -431,10 +432,15 @@ impl Devices {
         fleet_device_sim::DeviceConfig {
             device_id: device_id.into(),
             store_root: self.store_root.clone(),
-            bootstrap: fleet_device_sim::Endpoint::new(
-                broker.bootstrap_addr.ip().to_string(),
-                broker.bootstrap_addr.port(),
-            ),
+            // Devices bootstrap over TLS when the broker offers it.
+            bootstrap: match broker.bootstrap_tls_addr {
+                Some(tls) => fleet_device_sim::Endpoint::new("localhost", tls.port()),
+                None => fleet_device_sim::Endpoint::new(
+                    broker.bootstrap_addr.ip().to_string(),
+                    broker.bootstrap_addr.port(),
+                ),
+            },
+            bootstrap_tls: broker.bootstrap_tls_addr.is_some(),
             // The broker certificate names localhost.
             service: fleet_device_sim::Endpoint::new("localhost", service.port()),
             root_ca_pem: certs_dir.join("root-ca.pem"),

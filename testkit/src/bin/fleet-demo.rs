@@ -65,14 +65,17 @@ async fn main() -> anyhow::Result<()> {
     );
     let broker = fleet_broker::start(&BrokerConfig {
         bootstrap_listen: "127.0.0.1:0".parse()?,
+        bootstrap_tls_listen: Some("127.0.0.1:0".parse()?),
         service_listen: Some("127.0.0.1:0".parse()?),
         certs_dir: cli.certs.clone(),
         ..Default::default()
     })?;
     let service_addr = broker.service_addr.context("service listener")?;
     println!(
-        "broker: bootstrap mqtt://{}  service mqtts://{}",
-        broker.bootstrap_addr, service_addr
+        "broker: bootstrap mqtt://{} (loopback, manager)  bootstrap mqtts://{} (devices)  service mqtts://{} (mutual TLS)",
+        broker.bootstrap_addr,
+        broker.bootstrap_tls_addr.context("bootstrap TLS listener")?,
+        service_addr
     );
     let config = ManagerConfig {
         broker_url: format!("mqtt://{}", broker.bootstrap_addr),
