@@ -178,13 +178,16 @@ impl Core {
                 reply,
                 mut batch,
                 after,
-            }) => match self.finish(kind, *reply, &mut batch) {
-                Ok(bytes) => (bytes, after),
-                Err(f) => (
-                    self.error_reply(kind, &device_id, Vec::new(), f),
-                    After::default(),
-                ),
-            },
+            }) => {
+                let nonce = reply.nonce.clone();
+                match self.finish(kind, *reply, &mut batch) {
+                    Ok(bytes) => (bytes, after),
+                    Err(f) => (
+                        self.error_reply(kind, &device_id, nonce, f),
+                        After::default(),
+                    ),
+                }
+            }
             Err((nonce, f)) => (
                 self.error_reply(kind, &device_id, nonce, f),
                 After::default(),

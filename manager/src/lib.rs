@@ -91,6 +91,7 @@ pub async fn start(
         subscribed: subscribed_rx.clone(),
     });
     tracker.spawn(admin::serve(admin, listener, shutdown.clone()));
+    tracker.spawn(prune_nonces(core.clone(), shutdown.clone()));
 
     tokio::time::timeout(Duration::from_secs(30), subscribed_rx.wait_for(|s| *s))
         .await
@@ -102,6 +103,25 @@ pub async fn start(
         tracker,
         shutdown,
     })
+}
+
+/// Drops nonce records once their requests are past the timestamp window:
+/// such a request is refused as stale before its nonce is looked at.
+async fn prune_nonces(core: Arc<Core>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let core = core.clone();
+        let horizon = fleet_protocol::now_ms().saturating_sub(2 * core.config.max_clock_skew_ms);
+        match tokio::task::spawn_blocking(move || core.store.prune_nonces(horizon)).await {
+            Ok(Ok(n)) if n > 0 => tracing::debug!(dropped = n, "old nonce records pruned"),
+            Ok(Err(err)) => tracing::warn!(error = %err, "nonce pruning failed"),
+            _ => {}
+        }
+    }
 }
 
 /// Runs until `shutdown` is cancelled.
