@@ -286,13 +286,41 @@ fn device_detail(core: &Core, id: &str) -> Result<Value, (u16, String)> {
         .into_iter()
         .map(|(_, p)| serde_json::to_value(p).unwrap_or_default())
         .collect();
-    let certs = core.store.certs_of(id).map_err(internal)?;
+    let certs: Vec<Value> = core
+        .store
+        .certs_of(id)
+        .map_err(internal)?
+        .iter()
+        .map(cert_view)
+        .collect();
     Ok(json!({
         "device": device.as_ref().map(device_view),
         "registered_service": registration.map(|r| r.initial_service),
         "history": history,
         "certs": certs,
     }))
+}
+
+/// A certificate record with the certificate as PEM.
+pub fn cert_view(c: &crate::store::CertRecord) -> Value {
+    let pem = openssl::x509::X509::from_der(&c.der)
+        .and_then(|x| x.to_pem())
+        .map(|p| String::from_utf8_lossy(&p).into_owned())
+        .unwrap_or_default();
+    json!({
+        "serial": c.serial,
+        "device_id": c.device_id,
+        "service_id": c.service_id,
+        "status": c.status,
+        "key_mode": c.key_mode,
+        "not_before": c.not_before,
+        "not_after": c.not_after,
+        "issued_ms": c.issued_ms,
+        "revoked_ms": c.revoked_ms,
+        "superseded_by": c.superseded_by,
+        "fingerprint_sha256": c.fingerprint_sha256,
+        "pem": pem,
+    })
 }
 
 fn reset(core: &Core, id: &str) -> Result<Value, (u16, String)> {

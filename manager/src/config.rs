@@ -35,6 +35,9 @@ pub struct ManagerConfig {
     pub workers: usize,
     /// mTLS service endpoint announced in service-change notices, if any.
     pub service_endpoint: Option<String>,
+    /// The broker `serve --embedded-broker` starts (its `certs_dir` is
+    /// taken from `certs_dir` above).
+    pub broker: fleet_broker::BrokerConfig,
 }
 
 impl Default for ManagerConfig {
@@ -52,6 +55,7 @@ impl Default for ManagerConfig {
             max_clock_skew_ms: fleet_protocol::MAX_CLOCK_SKEW_MS,
             workers: 8,
             service_endpoint: None,
+            broker: fleet_broker::BrokerConfig::default(),
         }
     }
 }

@@ -8,8 +8,10 @@
 //! - [`handlers`]: activate, update, poll and status, service changes and notices ([`handlers::Core`]).
 //! - [`mqtt`]: the event-loop task and the worker pool.
 //! - [`admin`]: the operator HTTP API and its small client.
+//! - [`cli`]: the `fleet-manager` command line.
 
 pub mod admin;
+pub mod cli;
 pub mod config;
 pub mod handlers;
 pub mod mqtt;

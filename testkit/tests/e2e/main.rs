@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod lifecycle;
+mod operator;
 mod restart;
 mod secrecy;
 mod wire;

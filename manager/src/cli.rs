@@ -1,0 +1,185 @@
+//! The `fleet-manager` command line, as a library so tests drive it too.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{call, ChangeIn};
+use crate::ManagerConfig;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fleet-manager",
+    about = "fleetshift manager: registry, CA, device lifecycle"
+)]
+pub struct Cli {
+    /// TOML configuration file; FLEET_* environment variables override it.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the manager (and, with --embedded-broker, the broker in this process).
+    Serve {
+        #[arg(long)]
+        embedded_broker: bool,
+    },
+    /// Create the development PKI if missing (root CA, broker certificate, signing key).
+    PkiInit {
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+    },
+    /// Print the default configuration as TOML.
+    PrintConfig,
+    /// Pre-register devices from a JSON-lines file of {"device_id","factory_key_hex"}.
+    Register {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        admin: String,
+        #[arg(long)]
+        service: String,
+        file: PathBuf,
+    },
+    /// Assign a new service to devices (by id, or every device of --from).
+    Change {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        admin: String,
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        provider: Option<String>,
+        #[arg(long)]
+        application: Option<String>,
+        #[arg(long)]
+        endpoint: Option<String>,
+        devices: Vec<String>,
+    },
+    /// Show a device's state, service history and certificates.
+    Show {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        admin: String,
+        device: String,
+    },
+    /// Show counts per service and certificate status.
+    Summary {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        admin: String,
+    },
+    /// Operator reset: the device may activate again.
+    Reset {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        admin: String,
+        device: String,
+    },
+}
+
+/// Runs one command; returns the JSON documents it printed (operator
+/// commands print the manager's answers).
+pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut printed = Vec::new();
+    let mut print = |v: serde_json::Value| {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        printed.push(v);
+    };
+    match cli.command {
+        Command::Serve { embedded_broker } => {
+            let mut config = ManagerConfig::load(cli.config.as_deref())?;
+            if embedded_broker {
+                fleet_pki::Pki::open_or_create(&config.certs_dir)?;
+                let broker_config = fleet_broker::BrokerConfig {
+                    certs_dir: config.certs_dir.clone(),
+                    ..config.broker.clone()
+                };
+                let broker = fleet_broker::start(&broker_config)?;
+                config.broker_url = format!("mqtt://{}", broker.bootstrap_addr);
+            }
+            let shutdown = CancellationToken::new();
+            let signal = shutdown.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                signal.cancel();
+            });
+            crate::run(config, shutdown).await?;
+        }
+        Command::PkiInit { dir } => {
+            let pki = fleet_pki::Pki::open_or_create(&dir)?;
+            println!("PKI ready in {}", pki.dir().display());
+        }
+        Command::PrintConfig => println!("{}", toml::to_string_pretty(&ManagerConfig::default())?),
+        Command::Register {
+            admin,
+            service,
+            file,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let mut regs = Vec::new();
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                let v: serde_json::Value = serde_json::from_str(line)?;
+                regs.push(json!({
+                    "device_id": v["device_id"],
+                    "service_id": service,
+                    "factory_key_hex": v["factory_key_hex"],
+                }));
+            }
+            print(call(&admin, "POST", "/v1/registrations", Some(&json!(regs))).await?);
+        }
+        Command::Change {
+            admin,
+            service,
+            from,
+            provider,
+            application,
+            endpoint,
+            devices,
+        } => {
+            let body = ChangeIn {
+                devices,
+                from_service: from,
+                service_id: service,
+                provider,
+                application,
+                endpoint,
+            };
+            print(
+                call(
+                    &admin,
+                    "POST",
+                    "/v1/service-change",
+                    Some(&serde_json::to_value(body)?),
+                )
+                .await?,
+            );
+        }
+        Command::Show { admin, device } => {
+            print(call(&admin, "GET", &format!("/v1/devices/{device}"), None).await?)
+        }
+        Command::Summary { admin } => print(call(&admin, "GET", "/v1/summary", None).await?),
+        Command::Reset { admin, device } => {
+            print(call(&admin, "POST", &format!("/v1/devices/{device}/reset"), None).await?)
+        }
+    }
+    Ok(printed)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,208 @@
+//! The operator's side through the `fleet-manager` command line: register,
+//! change by service, show, reset; and a device that was offline when its
+//! change was requested catches up when it comes back.
+
+use std::time::Duration;
+
+use clap::Parser;
+use fleet_device_sim::{DeviceEvent, KeyMode};
+use fleet_manager::cli::{execute, Cli};
+use fleet_protocol::{RequestKind, Status};
+use fleet_testkit::{Devices, Fleet, Probe};
+use serde_json::json;
+
+use crate::wire::{activate, ask, HandDevice};
+
+const T: Duration = Duration::from_secs(30);
+
+async fn cli(args: &[&str]) -> Vec<serde_json::Value> {
+    let cli =
+        Cli::try_parse_from(std::iter::once("fleet-manager").chain(args.iter().copied())).unwrap();
+    execute(cli).await.unwrap()
+}
+
+#[tokio::test]
+async fn operator_commands_reach_the_running_manager() {
+    let fleet = Fleet::start().await.unwrap();
+    let admin = fleet.admin();
+    let devices = Devices::new(fleet.dir.path().join("devices"));
+    let mut lines = String::new();
+    for id in ["op1", "op2"] {
+        let key = fleet_device_sim::provision(&devices.store_root, id).unwrap();
+        lines
+            .push_str(&json!({ "device_id": id, "factory_key_hex": hex::encode(key) }).to_string());
+        lines.push('\n');
+    }
+    let file =
+        fleet_testkit::write_file(fleet.dir.path(), "devices.jsonl", lines.as_bytes()).unwrap();
+    let out = cli(&[
+        "register",
+        "--admin",
+        &admin,
+        "--service",
+        "svcA",
+        file.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(out[0]["registered"], json!(2));
+
+    let tasks: Vec<_> = ["op1", "op2"]
+        .into_iter()
+        .map(|id| devices.spawn(devices.config(&fleet, id, KeyMode::Csr)))
+        .collect();
+    for id in ["op1", "op2"] {
+        devices
+            .wait_event(id, T, "connected", |e| {
+                matches!(e, DeviceEvent::Connected { .. })
+            })
+            .await
+            .unwrap();
+    }
+    let out = cli(&[
+        "change",
+        "--admin",
+        &admin,
+        "--service",
+        "svcB",
+        "--from",
+        "svcA",
+        "--application",
+        "metering",
+    ])
+    .await;
+    let results = out[0]["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    assert!(
+        results.iter().all(|r| r["ok"] == json!(true)),
+        "{results:?}"
+    );
+    for id in ["op1", "op2"] {
+        devices
+            .wait_event(id, T, "moved", |e| matches!(e, DeviceEvent::ChangeAccepted { service_id, .. } if service_id == "svcB"))
+            .await
+            .unwrap();
+    }
+    let shown = &cli(&["show", "--admin", &admin, "op1"]).await[0];
+    assert_eq!(shown["device"]["service_id"], json!("svcB"));
+    assert_eq!(shown["device"]["application"], json!("metering"));
+    assert!(
+        shown["device"].get("uuid").is_none(),
+        "the API never shows the device-auth UUID"
+    );
+    assert_eq!(shown["history"].as_array().unwrap().len(), 2);
+    let certs = shown["certs"].as_array().unwrap();
+    assert_eq!(certs[0]["status"], json!("superseded"));
+    assert!(certs[1]["pem"]
+        .as_str()
+        .unwrap()
+        .starts_with("-----BEGIN CERTIFICATE-----"));
+
+    // A change to the service a device is already on is refused, per device.
+    let out = cli(&["change", "--admin", &admin, "--service", "svcB", "op1"]).await;
+    assert_eq!(out[0]["results"][0]["ok"], json!(false));
+
+    let summary = &cli(&["summary", "--admin", &admin]).await[0];
+    assert_eq!(summary["devices_per_service"]["svcB"], json!(2));
+    assert_eq!(summary["certs"]["superseded"], json!(2));
+    devices.shutdown.cancel();
+    for t in tasks {
+        tokio::time::timeout(T, t).await.unwrap().unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn reset_lets_a_device_activate_again_with_a_new_uuid() {
+    let fleet = Fleet::start().await.unwrap();
+    let mut dev = HandDevice::new("rst1");
+    fleet
+        .register(&dev.id, "svcA", Some(&dev.factory_point()))
+        .await
+        .unwrap();
+    let probe = Probe::plain(fleet.broker.bootstrap_addr, "tester")
+        .await
+        .unwrap();
+    probe.subscribe("fleet/v1/+/+/reply").await.unwrap();
+    activate(&fleet, &probe, &mut dev).await;
+    let first_uuid = dev.uuid.clone().unwrap();
+
+    cli(&["reset", "--admin", &fleet.admin(), "rst1"]).await;
+    assert!(fleet.core().store.device("rst1").unwrap().is_none());
+    // The old device-auth UUID no longer works ...
+    let p = crate::wire::poll(
+        &dev,
+        "svcA",
+        fleet_protocol::crypto::random_bytes(16),
+        fleet_protocol::now_ms(),
+        &first_uuid,
+    );
+    let (reply, _) = ask(&fleet, &probe, "rst1", RequestKind::Poll, p).await;
+    assert_eq!(reply.status, Status::NotRegistered);
+    // ... and the device activates again with a new one.
+    activate(&fleet, &probe, &mut dev).await;
+    assert_ne!(dev.uuid.clone().unwrap(), first_uuid);
+    let audit = fleet.core().store.audit_log().unwrap();
+    assert!(audit
+        .iter()
+        .any(|a| a.action == "reset" && a.device_id.as_deref() == Some("rst1")));
+}
+
+#[tokio::test]
+async fn a_device_offline_during_its_change_catches_up_when_it_returns() {
+    let mut fleet = Fleet::start().await.unwrap();
+    let devices = Devices::new(fleet.dir.path().join("devices"));
+    devices.provision(&fleet, "off1", "svcA").await.unwrap();
+    let cfg = devices.config(&fleet, "off1", KeyMode::Csr);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let first = tokio::spawn(fleet_device_sim::run_device(cfg.clone(), tx, stop.clone()));
+    fleet_testkit::eventually(T, "off1 on svcA", || {
+        let on_a = fleet
+            .core()
+            .store
+            .device("off1")
+            .unwrap()
+            .is_some_and(|d| d.last_seen_ms.is_some());
+        async move { on_a.then_some(()) }
+    })
+    .await
+    .unwrap();
+    stop.cancel();
+    tokio::time::timeout(T, first)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    // The change is requested while the device is off, and the manager
+    // restarts before the device returns: its notice reached no one.
+    fleet.change(&["off1"], "svcB").await.unwrap();
+    fleet.restart_manager().await.unwrap();
+    assert!(fleet
+        .core()
+        .store
+        .device("off1")
+        .unwrap()
+        .unwrap()
+        .pending
+        .is_some());
+
+    let back = devices.spawn(cfg);
+    devices
+        .wait_event(
+            "off1",
+            T,
+            "change applied after coming back",
+            |e| matches!(e, DeviceEvent::ChangeAccepted { service_id, .. } if service_id == "svcB"),
+        )
+        .await
+        .unwrap();
+    let device = fleet.core().store.device("off1").unwrap().unwrap();
+    assert_eq!(device.service_id, "svcB");
+    assert!(device.pending.is_none());
+    devices.shutdown.cancel();
+    tokio::time::timeout(T, back)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
