@@ -503,3 +503,79 @@ impl Drop for Devices {
         self.shutdown.cancel();
     }
 }
+
+/// A mosquitto broker run by a test: a plain listener (manager, bootstrap)
+/// and a mutual-TLS listener trusting the fleet root, on ephemeral ports.
+pub struct Mosquitto {
+    child: std::process::Child,
+    pub plain: std::net::SocketAddr,
+    pub mtls: std::net::SocketAddr,
+}
+
+impl Mosquitto {
+    pub fn start(dir: &Path, certs: &Path) -> anyhow::Result<Mosquitto> {
+        let free = || -> anyhow::Result<std::net::SocketAddr> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+        };
+        let (plain, mtls) = (free()?, free()?);
+        let user = String::from_utf8(Command::new("id").arg("-un").output()?.stdout)?;
+        let conf = format!(
+            "per_listener_settings false\nallow_anonymous true\npersistence false\nlog_dest stderr\n\
+             # The CA and broker keys are 0600: keep the user that owns them.\n\
+             user {}\n\
+             listener {} 127.0.0.1\n\
+             listener {} 127.0.0.1\nrequire_certificate true\ncafile {}\ncertfile {}\nkeyfile {}\ntls_version tlsv1.2\n",
+            user.trim(),
+            plain.port(),
+            mtls.port(),
+            certs.join("root-ca.pem").display(),
+            certs.join("broker.pem").display(),
+            certs.join("broker.key").display(),
+        );
+        let conf_path = write_file(dir, "mosquitto.conf", conf.as_bytes())?;
+        let log = std::fs::File::create(dir.join("mosquitto.log"))?;
+        let child = Command::new("/usr/sbin/mosquitto")
+            .arg("-c")
+            .arg(&conf_path)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting mosquitto (scripts/install-deps installs it)")?;
+        // mosquitto opens its sockets before it loads keys, so an accepting
+        // port proves nothing: wait for its own "running" line instead.
+        let mut child = child;
+        let log_path = dir.join("mosquitto.log");
+        let started = Instant::now();
+        loop {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if log.contains(" running") {
+                break;
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!("mosquitto exited ({status}): {log}");
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(10),
+                "mosquitto not running after 10 s: {log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Mosquitto { child, plain, mtls })
+    }
+
+    /// The listeners as the device simulator and test kit describe brokers.
+    pub fn as_broker(&self) -> RunningBroker {
+        RunningBroker {
+            bootstrap_addr: self.plain,
+            bootstrap_tls_addr: None,
+            service_addr: Some(self.mtls),
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
