@@ -945,3 +945,79 @@ macro_rules! identified {
     )*};
 }
 identified!(ActivateRequest, UpdateRequest, PollRequest, StatusReport);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn core() -> (tempfile::TempDir, Core) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let pki = Pki::open_or_create(&dir.path().join("certs")).unwrap();
+        (
+            dir,
+            Core::new(store, Arc::new(pki), ManagerConfig::default()),
+        )
+    }
+
+    fn only_reply(core: &Core, out: &[Outgoing], topic: &str) -> Reply {
+        assert_eq!(out.len(), 1, "exactly one message");
+        assert_eq!(out[0].topic, topic);
+        let env = Envelope::decode(&out[0].payload).unwrap();
+        assert!(env.crc_ok());
+        assert!(crypto::verify(
+            core.pki.signing_key(),
+            &env.tbs(),
+            &env.auth
+        ));
+        env.body().unwrap()
+    }
+
+    #[test]
+    fn messages_off_request_topics_get_no_answer() {
+        let (_dir, core) = core();
+        assert!(core.handle("fleet/v1/update/dev1/reply", b"x").is_empty());
+        assert!(core.handle("fleet/v1/service/change/dev1", b"x").is_empty());
+        assert!(core.handle("fleet/v1/update/+", b"x").is_empty());
+        assert!(core.handle("other/topic", b"x").is_empty());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Whatever arrives on a request topic, the sender gets one signed
+        /// error reply and the store is untouched.
+        #[test]
+        fn garbage_gets_one_signed_error_reply(
+            payload in proptest::collection::vec(any::<u8>(), 0..600),
+            kind in 0usize..4,
+        ) {
+            let (_dir, core) = core();
+            let kind = RequestKind::ALL[kind];
+            let topic = Topic::bootstrap(Route::Request(kind, "dev1".into()));
+            let before = core.store.snapshot().unwrap();
+            let out = core.handle(&topic.to_string(), &payload);
+            let reply = only_reply(&core, &out, &topic.reply_topic().unwrap().to_string());
+            prop_assert_ne!(reply.status, Status::Ok);
+            prop_assert_eq!(reply.device_id, "dev1");
+            prop_assert_eq!(core.store.snapshot().unwrap(), before);
+        }
+
+        /// A valid frame around a random body is refused just the same.
+        #[test]
+        fn random_body_in_a_valid_frame_is_refused(body in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let (_dir, core) = core();
+            let env = Envelope {
+                v: fleet_protocol::PROTOCOL_VERSION,
+                kind: Kind::Update,
+                crc: fleet_protocol::envelope::crc32(&body),
+                body,
+                auth: vec![0; 32],
+            };
+            let out = core.handle("fleet/v1/update/dev1", &env.encode());
+            let reply = only_reply(&core, &out, "fleet/v1/update/dev1/reply");
+            prop_assert!(matches!(reply.status, Status::Malformed | Status::UnknownDevice), "{:?}", reply.status);
+        }
+    }
+}

@@ -179,3 +179,28 @@ mod tests {
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Decoding never panics, whatever the bytes.
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = Envelope::decode(&bytes);
+        }
+
+        /// Any envelope round-trips byte for byte.
+        #[test]
+        fn round_trip(body in proptest::collection::vec(any::<u8>(), 0..512), auth in proptest::collection::vec(any::<u8>(), 0..80)) {
+            let env = Envelope { v: PROTOCOL_VERSION, kind: Kind::Status, crc: crc32(&body), body, auth };
+            let bytes = env.encode();
+            let back = Envelope::decode(&bytes).unwrap();
+            prop_assert!(back.crc_ok());
+            prop_assert_eq!(back.encode(), bytes);
+            prop_assert_eq!(back, env);
+        }
+    }
+}

@@ -233,3 +233,20 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Parsing never panics, and whatever parses prints back the same.
+        #[test]
+        fn parse_display_agree(s in "(/tenants/[a-zA-Z0-9+#]{0,6}/)?(fleet/v1/[a-z+#]{0,8}/[a-zA-Z0-9_#+.-]{0,8}(/reply)?|telemetry/[a-z0-9+]{0,5}|fleet/v1/service/change/[a-z0-9#]{0,4})") {
+            if let Ok(t) = Topic::parse(&s) {
+                prop_assert_eq!(t.to_string(), s.clone());
+                prop_assert!(!s.contains('+') && !s.contains('#'));
+            }
+        }
+    }
+}
