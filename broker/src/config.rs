@@ -2,45 +2,66 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::frontdoor::Limits;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
-    /// Plain MQTT listener for activation and first update. Loopback by default.
-    pub bootstrap_listen: SocketAddr,
-    /// Server-authenticated TLS bootstrap listener (broker certificate, no
-    /// client certificate), relayed to the plain bootstrap listener; `None`
-    /// disables it.
+    /// Bootstrap listener over server-authenticated TLS: devices without a
+    /// certificate activate and fetch their first one here.
     pub bootstrap_tls_listen: Option<SocketAddr>,
-    /// Mutual-TLS service listener; `None` disables it.
+    /// The same over plain TCP. For development only; off by default.
+    pub bootstrap_plain_listen: Option<SocketAddr>,
+    /// Mutual-TLS service listener.
     pub service_listen: Option<SocketAddr>,
-    /// Directory of `root-ca.pem`, `broker.pem` and `broker.key`.
+    /// Internal listener for the manager (username and secret). Keep it on loopback.
+    pub internal_listen: SocketAddr,
+    /// Directory of `root-ca.pem`, `broker.pem`, `broker.key`, `services/`
+    /// and `crl/` (see `certs/README.md`).
     pub certs_dir: PathBuf,
-    /// Largest PUBLISH payload the broker accepts. Larger than the protocol's
-    /// own limit on purpose, so the manager sees an oversized request and
-    /// answers it with `too_large` instead of the device being cut off.
-    pub max_payload_size: usize,
-    /// Most connections the router holds.
+    /// File holding the internal listener's secret for user
+    /// `fleet-manager`; created (mode 0600) if missing. Default:
+    /// `{certs_dir}/internal.secret`.
+    pub internal_secret_file: Option<PathBuf>,
+    /// Largest MQTT packet accepted, checked on the fixed header before the
+    /// packet is read. Larger than the protocol's own message limit on
+    /// purpose, so an oversized request reaches the manager and is answered
+    /// `too_large`.
+    pub max_packet_size: usize,
+    /// Most connections held at once, over all listeners.
     pub max_connections: usize,
-    /// Time a client has to send CONNECT after the connection opens.
-    pub connect_timeout_ms: u16,
-    /// Time a client has to finish the TLS handshake on the bootstrap TLS listener.
+    /// Time a client has to send CONNECT once the connection (and TLS) is up.
+    pub connect_timeout_ms: u64,
+    /// Time a client has to finish the TLS handshake.
     pub tls_handshake_timeout_ms: u64,
+    /// Longest silence allowed to a client that asks for no keep-alive, and
+    /// the cap on 1.5 × the keep-alive it asks for.
+    pub max_idle_secs: u64,
+    /// New connections per second accepted from one source address, and the burst.
+    pub connects_per_sec_per_source: f64,
+    pub connect_burst_per_source: f64,
 }
 
 impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
-            bootstrap_listen: "127.0.0.1:1883".parse().expect("valid address"),
             bootstrap_tls_listen: Some("127.0.0.1:8884".parse().expect("valid address")),
+            bootstrap_plain_listen: None,
             service_listen: Some("127.0.0.1:8883".parse().expect("valid address")),
+            internal_listen: "127.0.0.1:1883".parse().expect("valid address"),
             certs_dir: PathBuf::from("certs"),
-            max_payload_size: 256 * 1024,
-            max_connections: 20_000,
+            internal_secret_file: None,
+            max_packet_size: 256 * 1024,
+            max_connections: 18_000,
             connect_timeout_ms: 10_000,
             tls_handshake_timeout_ms: 10_000,
+            max_idle_secs: 300,
+            connects_per_sec_per_source: 2_000.0,
+            connect_burst_per_source: 5_000.0,
         }
     }
 }
@@ -56,5 +77,23 @@ impl BrokerConfig {
             .add_source(config::Environment::with_prefix("FLEET_BROKER").try_parsing(true))
             .build()?
             .try_deserialize()
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_connections: self.max_connections,
+            max_packet_size: self.max_packet_size,
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            handshake_timeout: Duration::from_millis(self.tls_handshake_timeout_ms),
+            max_idle: Duration::from_secs(self.max_idle_secs),
+            connects_per_sec_per_source: self.connects_per_sec_per_source,
+            connect_burst_per_source: self.connect_burst_per_source,
+        }
+    }
+
+    pub fn secret_path(&self) -> PathBuf {
+        self.internal_secret_file
+            .clone()
+            .unwrap_or_else(|| self.certs_dir.join("internal.secret"))
     }
 }

@@ -1,145 +1,231 @@
-//! The fleetshift broker: rumqttd as the router, with the listeners devices
-//! connect to.
+//! The fleetshift broker: fleetshift's own front door in front of
+//! rumqttd's router.
 //!
-//! Three listeners, all from [`BrokerConfig`]:
-//! - the **bootstrap** listener, plain MQTT on loopback by default, where a
-//!   device activates and fetches its first certificate (every secret on it
-//!   is sealed end to end, so the channel itself carries nothing secret);
-//! - the **bootstrap TLS** listener, the same with the broker's server
-//!   certificate, terminated by [`tls_bootstrap`] and relayed to the plain one;
-//! - the **service** listener, mutual TLS, where the client certificate's
-//!   O is the rumqttd tenant: a device there may only use topics under
-//!   `/tenants/{service_id}/` (rumqttd's `validate-tenant-prefix`).
+//! rumqttd routes messages but authorizes nothing, so every listener is
+//! ours ([`frontdoor`]): who connects, under which identity, and what each
+//! connection may publish and subscribe to are decided here, and each
+//! accepted connection is handed to the router in process.
 //!
-//! rumqttd cannot report the ports it bound and cannot be stopped, so
-//! [`start`] chooses free ports for any port given as 0, runs the broker on a
-//! thread of its own and returns once every listener accepts connections.
+//! [`start`] binds every configured listener (port 0 means any free port),
+//! starts the router and the listeners on threads of their own, and returns
+//! their addresses once they accept connections.
 //!
 //! # Layout
 //! - [`config`]: listener addresses and limits, with defaults.
-//! - [`listeners`]: the rumqttd configuration built from it, the one place
-//!   that knows rumqttd's listener types.
+//! - [`frontdoor`]: listeners, identity binding, per-packet authorization,
+//!   revocation, limits.
+//! - `listeners`: the rumqttd router and its configuration.
 
 pub mod config;
+pub mod frontdoor;
 mod listeners;
-pub mod tls_bootstrap;
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
 
 pub use config::BrokerConfig;
+pub use frontdoor::Metrics;
+
+/// The internal listener's user for the manager.
+pub const MANAGER_USER: &str = "fleet-manager";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("missing TLS file {0}")]
     MissingFile(String),
-    #[error("no free port on {0}: {1}")]
+    #[error("cannot listen on {0}: {1}")]
     NoPort(SocketAddr, std::io::Error),
-    #[error("listener {0} did not start accepting within {1:?}")]
-    NotReady(SocketAddr, Duration),
     #[error("cannot start broker thread: {0}")]
     Thread(std::io::Error),
     #[error("TLS setup: {0}")]
     Tls(String),
+    #[error("internal secret {0}: {1}")]
+    Secret(String, std::io::Error),
 }
 
-/// A broker that is up. Its listeners stay open for the life of the process.
-#[derive(Debug, Clone)]
+/// A broker that is up. Its listeners stay open until [`RunningBroker::stop`]
+/// (the router itself lives as long as the process).
+#[derive(Clone)]
 pub struct RunningBroker {
-    pub bootstrap_addr: SocketAddr,
     pub bootstrap_tls_addr: Option<SocketAddr>,
+    pub bootstrap_plain_addr: Option<SocketAddr>,
     pub service_addr: Option<SocketAddr>,
+    pub internal_addr: SocketAddr,
+    /// Username and secret for the manager on the internal listener.
+    pub manager_credentials: (String, String),
+    pub metrics: Arc<Metrics>,
+    stop: CancellationToken,
 }
 
-/// Starts the embedded broker and waits until its listeners accept.
-pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
-    let bootstrap_addr = resolve_port(config.bootstrap_listen)?;
-    let service_addr = config.service_listen.map(resolve_port).transpose()?;
-    let rumqttd_config = listeners::rumqttd_config(config, bootstrap_addr, service_addr)?;
-    std::thread::Builder::new()
-        .name("rumqttd".into())
-        .spawn(move || {
-            let mut broker = rumqttd::Broker::new(rumqttd_config);
-            if let Err(err) = broker.start() {
-                tracing::error!(error = %err, "broker stopped");
-            }
-        })
-        .map_err(BrokerError::Thread)?;
-    let deadline = Duration::from_secs(15);
-    for addr in std::iter::once(bootstrap_addr).chain(service_addr) {
-        wait_until_accepting(addr, deadline)?;
+impl RunningBroker {
+    /// Closes every listener and every connection.
+    pub fn stop(&self) {
+        self.stop.cancel();
     }
-    let bootstrap_tls_addr = match config.bootstrap_tls_listen {
-        Some(addr) => Some(start_bootstrap_tls(config, addr, bootstrap_addr)?),
-        None => None,
-    };
-    tracing::info!(%bootstrap_addr, ?bootstrap_tls_addr, ?service_addr, "broker ready");
-    Ok(RunningBroker {
-        bootstrap_addr,
-        bootstrap_tls_addr,
-        service_addr,
-    })
 }
 
-/// Binds the bootstrap TLS listener and serves it on a runtime of its own
-/// (the broker outlives any caller's runtime).
-fn start_bootstrap_tls(
-    config: &BrokerConfig,
-    addr: SocketAddr,
-    upstream: SocketAddr,
-) -> Result<SocketAddr, BrokerError> {
-    let acceptor = tls_bootstrap::acceptor(&config.certs_dir)?;
-    let listener = TcpListener::bind(addr).map_err(|e| BrokerError::NoPort(addr, e))?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| BrokerError::NoPort(addr, e))?;
-    let bound = listener
+impl std::fmt::Debug for RunningBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningBroker")
+            .field("bootstrap_tls_addr", &self.bootstrap_tls_addr)
+            .field("bootstrap_plain_addr", &self.bootstrap_plain_addr)
+            .field("service_addr", &self.service_addr)
+            .field("internal_addr", &self.internal_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads the internal secret, creating it (mode 0600) if missing.
+fn internal_secret(path: &Path) -> Result<String, BrokerError> {
+    let err = |e| BrokerError::Secret(path.display().to_string(), e);
+    match std::fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let mut bytes = [0u8; 32];
+    openssl::rand::rand_bytes(&mut bytes).map_err(|e| err(std::io::Error::other(e)))?;
+    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(err)?;
+    f.write_all(secret.as_bytes()).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)?;
+    Ok(secret)
+}
+
+/// Starts the router and the front door; returns once every listener is bound.
+pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
+    let secret = internal_secret(&config.secret_path())?;
+    let link = listeners::start_router(config);
+    let shared = frontdoor::Shared::new(
+        link,
+        config.limits(),
+        HashMap::from([(MANAGER_USER.to_string(), secret.clone())]),
+    );
+    let bind = |addr: SocketAddr| frontdoor::bind(addr).map_err(|e| BrokerError::NoPort(addr, e));
+
+    let mut plan: Vec<(std::net::TcpListener, frontdoor::Transport)> = Vec::new();
+    let internal = bind(config.internal_listen)?;
+    let internal_addr = internal
         .local_addr()
-        .map_err(|e| BrokerError::NoPort(addr, e))?;
+        .map_err(|e| BrokerError::NoPort(config.internal_listen, e))?;
+    plan.push((
+        internal,
+        frontdoor::Transport::Plain(frontdoor::ListenerKind::Internal),
+    ));
+
+    let mut bootstrap_tls_addr = None;
+    if let Some(addr) = config.bootstrap_tls_listen {
+        let l = bind(addr)?;
+        bootstrap_tls_addr = Some(l.local_addr().map_err(|e| BrokerError::NoPort(addr, e))?);
+        let acceptor = server_tls_acceptor(&config.certs_dir)?;
+        plan.push((l, frontdoor::Transport::ServerTls(Arc::new(acceptor))));
+    }
+    let mut bootstrap_plain_addr = None;
+    if let Some(addr) = config.bootstrap_plain_listen {
+        let l = bind(addr)?;
+        bootstrap_plain_addr = Some(l.local_addr().map_err(|e| BrokerError::NoPort(addr, e))?);
+        tracing::warn!(%addr, "plain bootstrap listener enabled (development only)");
+        plan.push((
+            l,
+            frontdoor::Transport::Plain(frontdoor::ListenerKind::Bootstrap),
+        ));
+    }
+    let mut service_addr = None;
+    let mut trust = None;
+    if let Some(addr) = config.service_listen {
+        let l = bind(addr)?;
+        service_addr = Some(l.local_addr().map_err(|e| BrokerError::NoPort(addr, e))?);
+        let t = frontdoor::trust::Trust::load(&config.certs_dir)?;
+        trust = Some(t.clone());
+        plan.push((l, frontdoor::Transport::MutualTls(t)));
+    }
+
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
-        .thread_name("bootstrap-tls")
+        .thread_name("frontdoor")
         .enable_all()
         .build()
         .map_err(BrokerError::Thread)?;
-    let handshake = Duration::from_millis(config.tls_handshake_timeout_ms);
-    let max = config.max_connections;
+    let stop = CancellationToken::new();
+    let metrics = shared.metrics.clone();
+    let stop2 = stop.clone();
     std::thread::Builder::new()
-        .name("bootstrap-tls".into())
+        .name("frontdoor".into())
         .spawn(move || {
             runtime.block_on(async move {
-                match tokio::net::TcpListener::from_std(listener) {
-                    Ok(listener) => {
-                        tls_bootstrap::serve(listener, acceptor, upstream, handshake, max).await
+                if let Some(trust) = trust {
+                    tokio::spawn(trust.watch(stop2.clone()));
+                }
+                let mut tasks = Vec::new();
+                for (listener, transport) in plan {
+                    if let Err(err) = listener.set_nonblocking(true) {
+                        tracing::error!(error = %err, "listener setup failed");
+                        continue;
                     }
-                    Err(err) => tracing::error!(error = %err, "bootstrap TLS listener failed"),
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => tasks.push(tokio::spawn(frontdoor::serve(
+                            l,
+                            transport,
+                            shared.clone(),
+                            stop2.clone(),
+                        ))),
+                        Err(err) => tracing::error!(error = %err, "listener setup failed"),
+                    }
+                }
+                stop2.cancelled().await;
+                for t in tasks {
+                    let _ = t.await;
                 }
             })
         })
         .map_err(BrokerError::Thread)?;
-    Ok(bound)
+    tracing::info!(%internal_addr, ?bootstrap_tls_addr, ?bootstrap_plain_addr, ?service_addr, "broker ready");
+    Ok(RunningBroker {
+        bootstrap_tls_addr,
+        bootstrap_plain_addr,
+        service_addr,
+        internal_addr,
+        manager_credentials: (MANAGER_USER.to_string(), secret),
+        metrics,
+        stop,
+    })
 }
 
-/// Port 0 means "any free port": bind one, note it, release it for rumqttd.
-fn resolve_port(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
-    if addr.port() != 0 {
-        return Ok(addr);
-    }
-    let listener = TcpListener::bind(addr).map_err(|e| BrokerError::NoPort(addr, e))?;
-    listener
-        .local_addr()
-        .map_err(|e| BrokerError::NoPort(addr, e))
-}
-
-fn wait_until_accepting(addr: SocketAddr, within: Duration) -> Result<(), BrokerError> {
-    let started = Instant::now();
-    let mut pause = Duration::from_millis(5);
-    while started.elapsed() < within {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok() {
-            return Ok(());
+/// The bootstrap listener's TLS context: the broker certificate, TLS 1.2
+/// or later, no client certificate. Built once; shared by every handshake.
+fn server_tls_acceptor(certs_dir: &Path) -> Result<openssl::ssl::SslAcceptor, BrokerError> {
+    use openssl::ssl::{SslAcceptor, SslFiletype, SslMethod, SslVersion};
+    let tls = |e: openssl::error::ErrorStack| BrokerError::Tls(e.to_string());
+    let cert = certs_dir.join("broker.pem");
+    let key = certs_dir.join("broker.key");
+    for p in [&cert, &key] {
+        if !p.exists() {
+            return Err(BrokerError::MissingFile(p.display().to_string()));
         }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(200));
     }
-    Err(BrokerError::NotReady(addr, within))
+    let mut builder = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server()).map_err(tls)?;
+    builder
+        .set_min_proto_version(Some(SslVersion::TLS1_2))
+        .map_err(tls)?;
+    builder.set_certificate_chain_file(&cert).map_err(tls)?;
+    builder
+        .set_private_key_file(&key, SslFiletype::PEM)
+        .map_err(tls)?;
+    builder.check_private_key().map_err(tls)?;
+    Ok(builder.build())
 }

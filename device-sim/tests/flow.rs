@@ -1,11 +1,10 @@
-//! One simulated device against an in-process rumqttd (plain bootstrap
+//! One simulated device against the fleetshift broker (plain bootstrap
 //! listener, mutual-TLS service listener) and a manager played by the test:
 //! activation, certificate, service session, a forged notice, a real
 //! service change, a replayed notice. The real manager's end-to-end tests
 //! live in the test kit; this checks the device side on its own.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -147,87 +146,19 @@ impl Pki {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn start_broker(certs: &Path) -> (u16, u16) {
-    let (plain, tls) = (free_port(), free_port());
-    let connections = rumqttd::ConnectionSettings {
-        connection_timeout_ms: 5000,
-        max_payload_size: 64 * 1024,
-        max_inflight_count: 100,
-        auth: None,
-        external_auth: None,
-        dynamic_filters: true,
-    };
-    let path = |n: &str| certs.join(n).to_string_lossy().into_owned();
-    let mut v4 = HashMap::new();
-    v4.insert(
-        "plain".to_string(),
-        rumqttd::ServerSettings {
-            name: "plain".into(),
-            listen: SocketAddr::from(([127, 0, 0, 1], plain)),
-            tls: None,
-            next_connection_delay_ms: 0,
-            connections: connections.clone(),
-        },
-    );
-    v4.insert(
-        "tls".to_string(),
-        rumqttd::ServerSettings {
-            name: "tls".into(),
-            listen: SocketAddr::from(([127, 0, 0, 1], tls)),
-            tls: Some(rumqttd::TlsConfig::Rustls {
-                capath: Some(path("root-ca.pem")),
-                certpath: path("broker.pem"),
-                keypath: path("broker.key"),
-            }),
-            next_connection_delay_ms: 0,
-            connections,
-        },
-    );
-    let config = rumqttd::Config {
-        id: 0,
-        router: rumqttd::RouterConfig {
-            max_connections: 100,
-            max_outgoing_packet_count: 200,
-            max_segment_size: 1024 * 1024,
-            max_segment_count: 4,
-            custom_segment: None,
-            initialized_filters: None,
-            shared_subscriptions_strategy: Default::default(),
-        },
-        v4: Some(v4),
-        v5: None,
-        ws: None,
-        cluster: None,
-        console: None,
-        bridge: None,
-        prometheus: None,
-        metrics: None,
-    };
-    std::thread::spawn(move || {
-        // rumqttd cannot be stopped; it ends with the test process.
-        if let Err(e) = rumqttd::Broker::new(config).start() {
-            eprintln!("broker stopped: {e}");
-        }
-    });
-    for port in [plain, tls] {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "broker did not listen on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    (plain, tls)
+/// The fleetshift broker on ephemeral ports: plain bootstrap, mutual-TLS
+/// service listener, and the internal listener the test's manager uses.
+fn start_broker(certs: &Path) -> fleet_broker::RunningBroker {
+    let any = || Some("127.0.0.1:0".parse().unwrap());
+    fleet_broker::start(&fleet_broker::BrokerConfig {
+        internal_listen: "127.0.0.1:0".parse().unwrap(),
+        bootstrap_plain_listen: any(),
+        bootstrap_tls_listen: None,
+        service_listen: any(),
+        certs_dir: certs.to_path_buf(),
+        ..Default::default()
+    })
+    .expect("broker starts")
 }
 
 /// What the fake manager saw.
@@ -242,11 +173,14 @@ struct Seen {
 
 async fn run_manager(
     pki: Arc<Pki>,
-    port: u16,
+    broker: &fleet_broker::RunningBroker,
     factory: Vec<u8>,
     seen: Arc<Mutex<Seen>>,
 ) -> AsyncClient {
-    let mut opts = MqttOptions::new("manager", "127.0.0.1", port);
+    let addr = broker.internal_addr;
+    let mut opts = MqttOptions::new("manager", addr.ip().to_string(), addr.port());
+    let (user, secret) = &broker.manager_credentials;
+    opts.set_credentials(user, secret);
     opts.set_max_packet_size(64 * 1024, 64 * 1024);
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     for filter in fleet_protocol::topic::manager_filters() {
@@ -403,10 +337,12 @@ async fn full_flow(key_mode: KeyMode) {
     let certs = tempfile::tempdir().unwrap();
     let store = tempfile::tempdir().unwrap();
     let pki = Arc::new(Pki::new(certs.path()));
-    let (plain, tls) = start_broker(certs.path());
+    let broker = start_broker(certs.path());
+    let plain = broker.bootstrap_plain_addr.unwrap().port();
+    let tls = broker.service_addr.unwrap().port();
     let factory = provision(store.path(), "dev1").unwrap();
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let manager = run_manager(pki.clone(), plain, factory, seen.clone()).await;
+    let manager = run_manager(pki.clone(), &broker, factory, seen.clone()).await;
 
     let cfg = DeviceConfig {
         device_id: "dev1".into(),

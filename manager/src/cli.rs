@@ -98,7 +98,9 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
                     ..config.broker.clone()
                 };
                 let broker = fleet_broker::start(&broker_config)?;
-                config.broker_url = format!("mqtt://{}", broker.bootstrap_addr);
+                config.broker_url = format!("mqtt://{}", broker.internal_addr);
+                config.broker_username = Some(broker.manager_credentials.0.clone());
+                config.broker_password = Some(broker.manager_credentials.1.clone());
             }
             let shutdown = CancellationToken::new();
             let signal = shutdown.clone();

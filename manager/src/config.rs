@@ -14,6 +14,13 @@ pub struct ManagerConfig {
     pub broker_url: String,
     /// MQTT client id of the manager.
     pub client_id: String,
+    /// Username and password at the broker (fleetshift's broker: user
+    /// `fleet-manager` and the internal secret; see `broker_password_file`).
+    pub broker_username: Option<String>,
+    pub broker_password: Option<String>,
+    /// File holding the broker password, read at start when
+    /// `broker_password` is not set.
+    pub broker_password_file: Option<PathBuf>,
     /// sled database directory.
     pub data_dir: PathBuf,
     /// PKI directory (see `certs/README.md`).
@@ -45,6 +52,9 @@ impl Default for ManagerConfig {
         ManagerConfig {
             broker_url: "mqtt://127.0.0.1:1883".into(),
             client_id: "fleet-manager".into(),
+            broker_username: None,
+            broker_password: None,
+            broker_password_file: None,
             data_dir: PathBuf::from("fleet-data/manager"),
             certs_dir: PathBuf::from("certs"),
             admin_listen: "127.0.0.1:8080".parse().expect("valid address"),

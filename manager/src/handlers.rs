@@ -127,6 +127,9 @@ pub struct Core {
     pub pki: Arc<Pki>,
     pub config: ManagerConfig,
     failures: Mutex<HashMap<String, VecDeque<u64>>>,
+    /// Services whose CRL must be rewritten once the replies that revoked
+    /// certificates are published.
+    pending_crls: Mutex<std::collections::BTreeSet<String>>,
     /// Striped per-device locks: one request per device at a time.
     stripes: Vec<Mutex<()>>,
 }
@@ -138,6 +141,7 @@ impl Core {
             pki,
             config,
             failures: Mutex::new(HashMap::new()),
+            pending_crls: Mutex::new(Default::default()),
             stripes: (0..64).map(|_| Mutex::new(())).collect(),
         }
     }
@@ -198,9 +202,13 @@ impl Core {
             payload: reply_bytes,
         });
         if let Some(service) = after.crl_for {
-            if let Err(err) = self.publish_crl(&service) {
-                warn!(service, error = %err, "CRL not written");
-            }
+            // Written once the reply is on its way (see `write_pending_crls`):
+            // the broker cuts sessions of revoked certificates, and the
+            // device still needs this reply on its old session.
+            self.pending_crls
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(service);
         }
         if let Some(dev) = after.resend_notice_of {
             out.extend(self.notices(&dev));
@@ -777,6 +785,18 @@ impl Core {
             batch,
             after,
         })
+    }
+
+    /// Rewrites the CRLs that handled requests left pending. Called after
+    /// their replies are published.
+    pub fn write_pending_crls(&self) {
+        let services =
+            std::mem::take(&mut *self.pending_crls.lock().unwrap_or_else(|p| p.into_inner()));
+        for service in services {
+            if let Err(err) = self.publish_crl(&service) {
+                warn!(service, error = %err, "CRL not written");
+            }
+        }
     }
 
     /// Rewrites the CRL of a service CA from the certificate records.

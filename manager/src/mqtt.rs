@@ -23,6 +23,17 @@ pub fn connect(config: &ManagerConfig) -> anyhow::Result<(AsyncClient, EventLoop
     opts.set_clean_session(false);
     opts.set_max_packet_size(512 * 1024, 512 * 1024);
     opts.set_inflight(200);
+    if let Some(user) = &config.broker_username {
+        let password = match (&config.broker_password, &config.broker_password_file) {
+            (Some(p), _) => p.clone(),
+            (None, Some(file)) => std::fs::read_to_string(file)
+                .map_err(|e| anyhow::anyhow!("broker_password_file {}: {e}", file.display()))?
+                .trim()
+                .to_string(),
+            (None, None) => String::new(),
+        };
+        opts.set_credentials(user.clone(), password);
+    }
     Ok(AsyncClient::new(opts, 10_000))
 }
 
@@ -61,7 +72,12 @@ pub async fn serve(
                 })
                 .await;
                 match out {
-                    Ok(out) => publish_all(&client, out).await,
+                    Ok(out) => {
+                        publish_all(&client, out).await;
+                        let core = core.clone();
+                        let _ =
+                            tokio::task::spawn_blocking(move || core.write_pending_crls()).await;
+                    }
                     Err(err) => warn!(error = %err, "handler panicked"),
                 }
             }

@@ -74,8 +74,9 @@ impl Fleet {
         let certs = dir.path().join("certs");
         fleet_pki::Pki::open_or_create(&certs)?;
         let broker_config = BrokerConfig {
-            bootstrap_listen: "127.0.0.1:0".parse()?,
+            internal_listen: "127.0.0.1:0".parse()?,
             bootstrap_tls_listen: Some("127.0.0.1:0".parse()?),
+            bootstrap_plain_listen: Some("127.0.0.1:0".parse()?),
             service_listen: Some("127.0.0.1:0".parse()?),
             certs_dir: certs.clone(),
             ..Default::default()
@@ -83,8 +84,10 @@ impl Fleet {
         let broker =
             tokio::task::spawn_blocking(move || fleet_broker::start(&broker_config)).await??;
         let mut config = ManagerConfig {
-            broker_url: format!("mqtt://{}", broker.bootstrap_addr),
+            broker_url: format!("mqtt://{}", broker.internal_addr),
             client_id: "fleet-manager".into(),
+            broker_username: Some(broker.manager_credentials.0.clone()),
+            broker_password: Some(broker.manager_credentials.1.clone()),
             data_dir: dir.path().join("store"),
             certs_dir: certs,
             admin_listen: "127.0.0.1:0".parse()?,
@@ -114,6 +117,25 @@ impl Fleet {
 
     pub fn admin(&self) -> String {
         self.manager().admin_addr.to_string()
+    }
+
+    /// A client with the manager's credentials on the internal listener: it
+    /// may publish and subscribe anywhere (an observer, or a forger playing
+    /// a compromised broker).
+    pub async fn privileged(&self, client_id: &str) -> anyhow::Result<Probe> {
+        let (user, secret) = &self.broker.manager_credentials;
+        Probe::with_credentials(self.broker.internal_addr, client_id, user, secret).await
+    }
+
+    /// A client on the plain bootstrap listener, as device `client_id`.
+    pub async fn bootstrap_client(&self, client_id: &str) -> anyhow::Result<Probe> {
+        Probe::plain(
+            self.broker
+                .bootstrap_plain_addr
+                .context("plain bootstrap listener")?,
+            client_id,
+        )
+        .await
     }
 
     pub fn service_addr(&self) -> std::net::SocketAddr {
@@ -198,6 +220,33 @@ impl Probe {
     /// Connects over plain MQTT.
     pub async fn plain(addr: std::net::SocketAddr, client_id: &str) -> anyhow::Result<Probe> {
         let opts = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        Self::connect(opts).await
+    }
+
+    /// Connects over plain MQTT with a username and password.
+    pub async fn with_credentials(
+        addr: std::net::SocketAddr,
+        client_id: &str,
+        user: &str,
+        password: &str,
+    ) -> anyhow::Result<Probe> {
+        let mut opts = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        opts.set_credentials(user, password);
+        Self::connect(opts).await
+    }
+
+    /// Connects over TLS without a client certificate.
+    pub async fn tls(
+        addr: std::net::SocketAddr,
+        client_id: &str,
+        root_ca: &Path,
+    ) -> anyhow::Result<Probe> {
+        let mut opts = MqttOptions::new(client_id, "localhost", addr.port());
+        opts.set_transport(Transport::Tls(TlsConfiguration::Simple {
+            ca: std::fs::read(root_ca)?,
+            alpn: None,
+            client_auth: None,
+        }));
         Self::connect(opts).await
     }
 
@@ -373,6 +422,32 @@ pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<PathBu
     Ok(path)
 }
 
+/// Where devices connect: the bootstrap listener (TLS or plain) and the
+/// mutual-TLS service listener.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceEndpoints {
+    pub bootstrap: std::net::SocketAddr,
+    pub bootstrap_tls: bool,
+    pub service: std::net::SocketAddr,
+}
+
+impl DeviceEndpoints {
+    /// Devices bootstrap over TLS when the broker offers it.
+    pub fn of(broker: &RunningBroker) -> DeviceEndpoints {
+        let (bootstrap, bootstrap_tls) =
+            match (broker.bootstrap_tls_addr, broker.bootstrap_plain_addr) {
+                (Some(tls), _) => (tls, true),
+                (None, Some(plain)) => (plain, false),
+                (None, None) => panic!("broker has no bootstrap listener"),
+            };
+        DeviceEndpoints {
+            bootstrap,
+            bootstrap_tls,
+            service: broker.service_addr.expect("service listener configured"),
+        }
+    }
+}
+
 /// Simulated devices run by a test, with every event they report recorded.
 pub struct Devices {
     pub store_root: PathBuf,
@@ -417,32 +492,39 @@ impl Devices {
         device_id: &str,
         key_mode: fleet_device_sim::KeyMode,
     ) -> fleet_device_sim::DeviceConfig {
-        self.config_for(&fleet.broker, fleet.certs_dir(), device_id, key_mode)
+        self.config_for(
+            &DeviceEndpoints::of(&fleet.broker),
+            fleet.certs_dir(),
+            device_id,
+            key_mode,
+        )
     }
 
-    /// The device configuration for a broker and a PKI directory.
+    /// The device configuration for a set of listeners and a PKI directory.
     pub fn config_for(
         &self,
-        broker: &RunningBroker,
+        endpoints: &DeviceEndpoints,
         certs_dir: &Path,
         device_id: &str,
         key_mode: fleet_device_sim::KeyMode,
     ) -> fleet_device_sim::DeviceConfig {
-        let service = broker.service_addr.expect("service listener configured");
+        // The broker certificate names localhost; plain addresses are used as they are.
+        let host = |a: std::net::SocketAddr, tls: bool| {
+            fleet_device_sim::Endpoint::new(
+                if tls {
+                    "localhost".to_string()
+                } else {
+                    a.ip().to_string()
+                },
+                a.port(),
+            )
+        };
         fleet_device_sim::DeviceConfig {
             device_id: device_id.into(),
             store_root: self.store_root.clone(),
-            // Devices bootstrap over TLS when the broker offers it.
-            bootstrap: match broker.bootstrap_tls_addr {
-                Some(tls) => fleet_device_sim::Endpoint::new("localhost", tls.port()),
-                None => fleet_device_sim::Endpoint::new(
-                    broker.bootstrap_addr.ip().to_string(),
-                    broker.bootstrap_addr.port(),
-                ),
-            },
-            bootstrap_tls: broker.bootstrap_tls_addr.is_some(),
-            // The broker certificate names localhost.
-            service: fleet_device_sim::Endpoint::new("localhost", service.port()),
+            bootstrap: host(endpoints.bootstrap, endpoints.bootstrap_tls),
+            bootstrap_tls: endpoints.bootstrap_tls,
+            service: host(endpoints.service, true),
             root_ca_pem: certs_dir.join("root-ca.pem"),
             manager_pub_pem: certs_dir.join("manager-sign.pub.pem"),
             key_mode,
@@ -563,12 +645,12 @@ impl Mosquitto {
         Ok(Mosquitto { child, plain, mtls })
     }
 
-    /// The listeners as the device simulator and test kit describe brokers.
-    pub fn as_broker(&self) -> RunningBroker {
-        RunningBroker {
-            bootstrap_addr: self.plain,
-            bootstrap_tls_addr: None,
-            service_addr: Some(self.mtls),
+    /// Where devices connect: plain bootstrap, mutual-TLS service.
+    pub fn endpoints(&self) -> DeviceEndpoints {
+        DeviceEndpoints {
+            bootstrap: self.plain,
+            bootstrap_tls: false,
+            service: self.mtls,
         }
     }
 }

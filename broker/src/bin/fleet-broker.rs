@@ -33,15 +33,17 @@ fn main() -> anyhow::Result<()> {
     }
     let config = BrokerConfig::load(cli.config.as_deref())?;
     let running = fleet_broker::start(&config)?;
+    let show =
+        |a: Option<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
     println!(
-        "broker ready: bootstrap mqtt://{} service mqtts://{}",
-        running.bootstrap_addr,
-        running
-            .service_addr
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| "-".into())
+        "broker ready: internal mqtt://{} (manager; secret in {})  bootstrap mqtts://{}  bootstrap plain mqtt://{}  service mqtts://{}",
+        running.internal_addr,
+        config.secret_path().display(),
+        show(running.bootstrap_tls_addr),
+        show(running.bootstrap_plain_addr),
+        show(running.service_addr),
     );
-    // rumqttd runs on its own thread for the life of the process.
+    // The router and the listeners run on threads of their own.
     loop {
         std::thread::park();
     }

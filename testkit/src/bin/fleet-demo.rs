@@ -64,7 +64,7 @@ async fn main() -> anyhow::Result<()> {
         if created { "created" } else { "existing" }
     );
     let broker = fleet_broker::start(&BrokerConfig {
-        bootstrap_listen: "127.0.0.1:0".parse()?,
+        internal_listen: "127.0.0.1:0".parse()?,
         bootstrap_tls_listen: Some("127.0.0.1:0".parse()?),
         service_listen: Some("127.0.0.1:0".parse()?),
         certs_dir: cli.certs.clone(),
@@ -72,13 +72,15 @@ async fn main() -> anyhow::Result<()> {
     })?;
     let service_addr = broker.service_addr.context("service listener")?;
     println!(
-        "broker: bootstrap mqtt://{} (loopback, manager)  bootstrap mqtts://{} (devices)  service mqtts://{} (mutual TLS)",
-        broker.bootstrap_addr,
+        "broker: internal mqtt://{} (manager)  bootstrap mqtts://{} (devices)  service mqtts://{} (mutual TLS)",
+        broker.internal_addr,
         broker.bootstrap_tls_addr.context("bootstrap TLS listener")?,
         service_addr
     );
     let config = ManagerConfig {
-        broker_url: format!("mqtt://{}", broker.bootstrap_addr),
+        broker_url: format!("mqtt://{}", broker.internal_addr),
+        broker_username: Some(broker.manager_credentials.0.clone()),
+        broker_password: Some(broker.manager_credentials.1.clone()),
         data_dir: run_dir.join("manager"),
         certs_dir: cli.certs.clone(),
         admin_listen: "127.0.0.1:0".parse()?,
@@ -118,7 +120,12 @@ async fn main() -> anyhow::Result<()> {
     );
     let started = Instant::now();
     for id in &ids {
-        let mut cfg = devices.config_for(&broker, &cli.certs, id, cli.key_mode);
+        let mut cfg = devices.config_for(
+            &fleet_testkit::DeviceEndpoints::of(&broker),
+            &cli.certs,
+            id,
+            cli.key_mode,
+        );
         cfg.telemetry_interval = Duration::from_secs(1);
         devices.spawn(cfg);
         // Pace the start so connects do not pile up on two cores.

@@ -22,9 +22,7 @@ async fn setup() -> Setup {
         .register(&dev.id, "svcA", Some(&dev.factory_point()))
         .await
         .unwrap();
-    let probe = Probe::plain(fleet.broker.bootstrap_addr, "tester")
-        .await
-        .unwrap();
+    let probe = fleet.privileged("tester").await.unwrap();
     probe.subscribe("fleet/v1/+/+/reply").await.unwrap();
     activate(&fleet, &probe, &mut dev).await;
     Setup { fleet, probe, dev }

@@ -41,8 +41,8 @@ async fn lifecycle_through_mosquitto() {
     let observer = Probe::plain(mosquitto.plain, "observer").await.unwrap();
     observer.subscribe("/tenants/+/telemetry/+").await.unwrap();
 
-    let broker = mosquitto.as_broker();
-    let task = devices.spawn(devices.config_for(&broker, &certs, "ext1", KeyMode::Csr));
+    let task =
+        devices.spawn(devices.config_for(&mosquitto.endpoints(), &certs, "ext1", KeyMode::Csr));
     devices
         .wait_event("ext1", T, "connected to svcA", |e| {
             matches!(e, DeviceEvent::Connected { .. })

@@ -8,7 +8,7 @@ use clap::Parser;
 use fleet_device_sim::{DeviceEvent, KeyMode};
 use fleet_manager::cli::{execute, Cli};
 use fleet_protocol::{RequestKind, Status};
-use fleet_testkit::{Devices, Fleet, Probe};
+use fleet_testkit::{Devices, Fleet};
 use serde_json::json;
 
 use crate::wire::{activate, ask, HandDevice};
@@ -118,9 +118,7 @@ async fn reset_lets_a_device_activate_again_with_a_new_uuid() {
         .register(&dev.id, "svcA", Some(&dev.factory_point()))
         .await
         .unwrap();
-    let probe = Probe::plain(fleet.broker.bootstrap_addr, "tester")
-        .await
-        .unwrap();
+    let probe = fleet.privileged("tester").await.unwrap();
     probe.subscribe("fleet/v1/+/+/reply").await.unwrap();
     activate(&fleet, &probe, &mut dev).await;
     let first_uuid = dev.uuid.clone().unwrap();

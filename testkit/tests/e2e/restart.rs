@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use fleet_protocol::crypto;
 use fleet_protocol::{Envelope, Kind, Reply, Status, UpdateRequest};
-use fleet_testkit::{Fleet, Probe};
+use fleet_testkit::Fleet;
 use openssl::x509::X509;
 use serde_bytes::ByteBuf;
 
@@ -20,9 +20,7 @@ async fn restart_after_activation_loses_nothing() {
         .register(&dev.id, "svcA", Some(&dev.factory_point()))
         .await
         .unwrap();
-    let probe = Probe::plain(fleet.broker.bootstrap_addr, "tester")
-        .await
-        .unwrap();
+    let probe = fleet.privileged("tester").await.unwrap();
     probe.subscribe("fleet/v1/+/+/reply").await.unwrap();
     activate(&fleet, &probe, &mut dev).await;
 

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use fleet_device_sim::{DeviceEvent, KeyMode};
-use fleet_testkit::{Devices, Fleet, Probe};
+use fleet_testkit::{Devices, Fleet};
 use openssl::pkey::PKey;
 
 const T: Duration = Duration::from_secs(30);
@@ -17,9 +17,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 async fn sniffer_on_every_topic_sees_no_secret() {
     let fleet = Fleet::start().await.unwrap();
     let devices = Devices::new(fleet.dir.path().join("devices"));
-    let sniffer = Probe::plain(fleet.broker.bootstrap_addr, "sniffer")
-        .await
-        .unwrap();
+    let sniffer = fleet.privileged("sniffer").await.unwrap();
     sniffer.subscribe("#").await.unwrap();
     devices.provision(&fleet, "dev1", "svcA").await.unwrap();
     devices.provision(&fleet, "dev2", "svcA").await.unwrap();

@@ -1,0 +1,288 @@
+//! The front door: fleetshift's own device-facing listeners in front of
+//! rumqttd's router. rumqttd routes; this module decides who connects and
+//! what each connection may touch.
+//!
+//! Listeners (each optional, all from [`crate::BrokerConfig`]):
+//! - **bootstrap TLS**: server-authenticated TLS; a device acts only under
+//!   the device id it connected with ([`grants::Identity::Bootstrap`]);
+//! - **bootstrap plain**: the same without TLS, for development only;
+//! - **service**: mutual TLS; the certificate is the identity (CN = device
+//!   id, O = service id), the client id must be the CN, a revoked
+//!   certificate fails the handshake and its live sessions are cut;
+//! - **internal**: loopback, username and secret, for the manager.
+//!
+//! Every connection is handed to the router in process
+//! ([`rumqttd::local::LinkBuilder`]), so it costs one file descriptor.
+//!
+//! # Layout
+//! - [`grants`]: identities and their publish/subscribe grants.
+//! - [`trust`]: the service listener's OpenSSL context, CRLs and revocation.
+//! - [`session`]: one MQTT connection, CONNECT to close.
+
+pub mod grants;
+pub mod session;
+pub mod trust;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openssl::ssl::{Ssl, SslAcceptor};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_openssl::SslStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use trust::{CertIdentity, Trust};
+
+/// Counters of what the front door refused and accepted.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub accepted: AtomicU64,
+    pub live: AtomicU64,
+    pub handshake_failures: AtomicU64,
+    pub refused_connects: AtomicU64,
+    pub refused_publishes: AtomicU64,
+    pub refused_subscribes: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub over_capacity: AtomicU64,
+    pub revoked_cuts: AtomicU64,
+}
+
+impl Metrics {
+    pub fn get(&self, counter: fn(&Metrics) -> &AtomicU64) -> u64 {
+        counter(self).load(Ordering::Relaxed)
+    }
+}
+
+/// Limits every listener applies.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_packet_size: usize,
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+    /// Longest silence allowed when a client asks for no keep-alive, and the
+    /// cap on 1.5 × the keep-alive it asks for.
+    pub max_idle: Duration,
+    /// New connections per second from one source address, and the burst.
+    pub connects_per_sec_per_source: f64,
+    pub connect_burst_per_source: f64,
+}
+
+/// The three halves of a router link: sender, receiver, the CONNACK.
+pub type Link = (
+    rumqttd::local::LinkTx,
+    rumqttd::local::LinkRx,
+    rumqttd::Notification,
+);
+
+/// Opens a router link: client id, clean session. Fails with the router's reason.
+pub type LinkFactory = Box<dyn Fn(&str, bool) -> Result<Link, String> + Send + Sync>;
+
+/// State every connection shares.
+pub struct Shared {
+    pub link: LinkFactory,
+    pub limits: Limits,
+    pub metrics: Arc<Metrics>,
+    /// Internal listener users: name → secret.
+    pub internal_users: HashMap<String, String>,
+    slots: Arc<Semaphore>,
+    next_connection: AtomicU64,
+    rate: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+/// What a listener's connections prove about themselves.
+#[derive(Debug, Clone)]
+pub enum ListenerKind {
+    Bootstrap,
+    Service(CertIdentity),
+    Internal,
+}
+
+/// How a listener secures its connections.
+#[derive(Clone)]
+pub enum Transport {
+    Plain(ListenerKind),
+    ServerTls(Arc<SslAcceptor>),
+    MutualTls(Arc<Trust>),
+}
+
+impl Shared {
+    pub fn new(
+        link: LinkFactory,
+        limits: Limits,
+        internal_users: HashMap<String, String>,
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
+            link,
+            slots: Arc::new(Semaphore::new(limits.max_connections)),
+            limits,
+            metrics: Arc::new(Metrics::default()),
+            internal_users,
+            next_connection: AtomicU64::new(1),
+            rate: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Token bucket per source address.
+    fn admit(&self, ip: IpAddr) -> bool {
+        let (rate, burst) = (
+            self.limits.connects_per_sec_per_source,
+            self.limits.connect_burst_per_source,
+        );
+        let now = Instant::now();
+        let mut map = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > 100_000 {
+            map.retain(|_, (_, t)| now.duration_since(*t) < Duration::from_secs(60));
+        }
+        let (tokens, last) = map.entry(ip).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Binds a listener with a deep accept backlog.
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(4096)?;
+    listener.into_std()
+}
+
+/// Accepts connections until `stop` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    transport: Transport,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(err) => {
+                    warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        if !shared.admit(peer.ip()) {
+            shared.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+            debug!(%peer, "connect rate from this address exceeded");
+            continue;
+        }
+        let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
+            shared.metrics.over_capacity.fetch_add(1, Ordering::Relaxed);
+            warn!(%peer, "connection limit reached");
+            continue;
+        };
+        shared.metrics.accepted.fetch_add(1, Ordering::Relaxed);
+        let (transport, shared, stop) = (transport.clone(), shared.clone(), stop.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            shared.metrics.live.fetch_add(1, Ordering::Relaxed);
+            if let Err(err) = connection(stream, peer, transport, &shared, stop).await {
+                debug!(%peer, error = %err, "connection ended");
+            }
+            shared.metrics.live.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    transport: Transport,
+    shared: &Arc<Shared>,
+    stop: CancellationToken,
+) -> Result<(), session::SessionError> {
+    let _ = stream.set_nodelay(true);
+    let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
+    let cut = stop.child_token();
+    match transport {
+        Transport::Plain(kind) => session::run(stream, kind, shared.clone(), id, cut).await,
+        Transport::ServerTls(acceptor) => {
+            let tls = handshake(stream, &acceptor, shared).await?;
+            session::run(tls, ListenerKind::Bootstrap, shared.clone(), id, cut).await
+        }
+        Transport::MutualTls(trust) => {
+            let tls = handshake(stream, &trust.acceptor(), shared).await?;
+            let cert = match trust::identity_of(tls.ssl()) {
+                Ok(c) => c,
+                Err(why) => {
+                    shared
+                        .metrics
+                        .refused_connects
+                        .fetch_add(1, Ordering::Relaxed);
+                    warn!(%peer, reason = %why, "client certificate refused");
+                    return Err(session::SessionError::Refused(why));
+                }
+            };
+            trust.register(&cert.serial, id, cut.clone());
+            // A revocation that landed between the handshake and now.
+            if trust.is_revoked(&cert.serial) {
+                cut.cancel();
+            }
+            let serial = cert.serial.clone();
+            let result =
+                session::run(tls, ListenerKind::Service(cert), shared.clone(), id, cut).await;
+            trust.unregister(&serial, id);
+            if matches!(result, Err(session::SessionError::Revoked)) {
+                shared.metrics.revoked_cuts.fetch_add(1, Ordering::Relaxed);
+            }
+            result
+        }
+    }
+}
+
+async fn handshake(
+    stream: TcpStream,
+    acceptor: &SslAcceptor,
+    shared: &Shared,
+) -> Result<SslStream<TcpStream>, session::SessionError> {
+    let ssl =
+        Ssl::new(acceptor.context()).map_err(|e| session::SessionError::Refused(e.to_string()))?;
+    let mut tls =
+        SslStream::new(ssl, stream).map_err(|e| session::SessionError::Refused(e.to_string()))?;
+    match tokio::time::timeout(shared.limits.handshake_timeout, Pin::new(&mut tls).accept()).await {
+        Ok(Ok(())) => Ok(tls),
+        Ok(Err(err)) => {
+            shared
+                .metrics
+                .handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
+            let why = tls.ssl().verify_result().error_string().to_string();
+            debug!(error = %err, verify = %why, "TLS handshake failed");
+            Err(session::SessionError::Refused(format!(
+                "TLS handshake: {err} ({why})"
+            )))
+        }
+        Err(_) => {
+            shared
+                .metrics
+                .handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
+            Err(session::SessionError::Refused(
+                "TLS handshake timed out".into(),
+            ))
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! Trust for the service listener: the fleet root and every per-service CA
+//! in `certs/`, the CRL of each service CA, and the sessions to cut when a
+//! certificate is revoked.
+//!
+//! One OpenSSL context serves every handshake; it is rebuilt only when a
+//! file under `certs/services/` or `certs/crl/` changes, which a watcher
+//! notices within [`RELOAD_EVERY`]. Revocation is checked in the verify
+//! callback, so a revoked certificate fails the handshake itself, and the
+//! live sessions of a newly revoked certificate are cancelled on reload.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use openssl::nid::Nid;
+use openssl::ssl::{SslAcceptor, SslMethod, SslRef, SslVerifyMode, SslVersion};
+use openssl::x509::store::X509StoreBuilder;
+use openssl::x509::{X509Crl, X509Ref, X509};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::BrokerError;
+
+/// How often the watcher looks at `certs/` for new CAs and CRLs.
+pub const RELOAD_EVERY: Duration = Duration::from_millis(200);
+
+/// How long a live session of a newly revoked certificate lives on, so a
+/// reply already in flight to it (the device's new certificate, on
+/// migration) is delivered. Polling plus grace stay under one second.
+pub const CUT_GRACE: Duration = Duration::from_millis(400);
+
+/// Lowercase hex of a certificate serial, as the PKI and the CRLs write it.
+pub fn serial_hex(cert: &X509Ref) -> String {
+    cert.serial_number()
+        .to_bn()
+        .and_then(|b| b.to_hex_str().map(|s| s.to_lowercase()))
+        .unwrap_or_default()
+}
+
+fn subject_entry(cert: &X509Ref, nid: Nid) -> Option<String> {
+    cert.subject_name()
+        .entries_by_nid(nid)
+        .next()
+        .and_then(|e| e.data().to_string().ok())
+}
+
+fn issuer_entry(cert: &X509Ref, nid: Nid) -> Option<String> {
+    cert.issuer_name()
+        .entries_by_nid(nid)
+        .next()
+        .and_then(|e| e.data().to_string().ok())
+}
+
+/// The identity a verified client certificate carries.
+#[derive(Debug, Clone)]
+pub struct CertIdentity {
+    pub device_id: String,
+    pub service_id: String,
+    pub serial: String,
+}
+
+/// Reads the identity from the verified peer certificate: CN = device id,
+/// O = service id, and the issuing CA must be that service's CA.
+pub fn identity_of(ssl: &SslRef) -> Result<CertIdentity, String> {
+    let cert = ssl.peer_certificate().ok_or("no client certificate")?;
+    let device_id = subject_entry(&cert, Nid::COMMONNAME).ok_or("certificate has no CN")?;
+    let service_id = subject_entry(&cert, Nid::ORGANIZATIONNAME).ok_or("certificate has no O")?;
+    fleet_protocol::topic::validate_device_id(&device_id).map_err(|e| e.to_string())?;
+    fleet_protocol::topic::validate_service_id(&service_id).map_err(|e| e.to_string())?;
+    if issuer_entry(&cert, Nid::ORGANIZATIONNAME).as_deref() != Some(service_id.as_str()) {
+        return Err(format!(
+            "certificate for service {service_id} was not issued by that service's CA"
+        ));
+    }
+    Ok(CertIdentity {
+        device_id,
+        service_id,
+        serial: serial_hex(&cert),
+    })
+}
+
+/// What is on disk: file name → modification time, to notice changes.
+type Fingerprint = BTreeMap<PathBuf, Option<SystemTime>>;
+
+fn fingerprint(dir: &Path) -> Fingerprint {
+    let mut out = BTreeMap::new();
+    for sub in ["services", "crl"] {
+        if let Ok(entries) = std::fs::read_dir(dir.join(sub)) {
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "pem") {
+                    let mtime = e.metadata().and_then(|m| m.modified()).ok();
+                    out.insert(p, mtime);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Live service sessions by certificate serial.
+#[derive(Default)]
+struct Sessions {
+    by_serial: HashMap<String, Vec<(u64, CancellationToken)>>,
+}
+
+/// Trust state shared by every service-listener connection.
+pub struct Trust {
+    certs_dir: PathBuf,
+    acceptor: RwLock<Arc<SslAcceptor>>,
+    revoked: Arc<RwLock<HashSet<String>>>,
+    sessions: Mutex<Sessions>,
+    seen: Mutex<Fingerprint>,
+}
+
+impl Trust {
+    pub fn load(certs_dir: &Path) -> Result<Arc<Trust>, BrokerError> {
+        let revoked = Arc::new(RwLock::new(HashSet::new()));
+        let seen = fingerprint(certs_dir);
+        *revoked.write().expect("fresh lock") = load_revoked(certs_dir);
+        let acceptor = build_acceptor(certs_dir, revoked.clone())?;
+        Ok(Arc::new(Trust {
+            certs_dir: certs_dir.to_path_buf(),
+            acceptor: RwLock::new(Arc::new(acceptor)),
+            revoked,
+            sessions: Mutex::new(Sessions::default()),
+            seen: Mutex::new(seen),
+        }))
+    }
+
+    pub fn acceptor(&self) -> Arc<SslAcceptor> {
+        self.acceptor
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.revoked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(serial)
+    }
+
+    /// Registers a live session; it is cancelled if its serial is revoked.
+    pub fn register(&self, serial: &str, connection: u64, cut: CancellationToken) {
+        let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        s.by_serial
+            .entry(serial.to_owned())
+            .or_default()
+            .push((connection, cut));
+    }
+
+    pub fn unregister(&self, serial: &str, connection: u64) {
+        let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = s.by_serial.get_mut(serial) {
+            list.retain(|(c, _)| *c != connection);
+            if list.is_empty() {
+                s.by_serial.remove(serial);
+            }
+        }
+    }
+
+    /// Rebuilds the context if anything under `certs/` changed, and returns
+    /// the live sessions of revoked certificates, to be cut.
+    pub fn reload_if_changed(&self) -> Vec<CancellationToken> {
+        let now = fingerprint(&self.certs_dir);
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            if *seen == now {
+                return Vec::new();
+            }
+            *seen = now;
+        }
+        let revoked = load_revoked(&self.certs_dir);
+        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = revoked.clone();
+        match build_acceptor(&self.certs_dir, self.revoked.clone()) {
+            Ok(a) => *self.acceptor.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(a),
+            Err(err) => {
+                warn!(error = %err, "service TLS context not rebuilt; keeping the previous one")
+            }
+        }
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cuts = Vec::new();
+        for (serial, list) in &sessions.by_serial {
+            if revoked.contains(serial) {
+                for (connection, cut) in list {
+                    info!(
+                        serial,
+                        connection, "certificate revoked: closing its live session"
+                    );
+                    cuts.push(cut.clone());
+                }
+            }
+        }
+        info!(revoked = revoked.len(), "service trust reloaded");
+        cuts
+    }
+
+    /// Watches `certs/` until `stop` is cancelled.
+    pub async fn watch(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(RELOAD_EVERY);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let me = self.clone();
+            if let Ok(cuts) = tokio::task::spawn_blocking(move || me.reload_if_changed()).await {
+                if !cuts.is_empty() {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(CUT_GRACE).await;
+                        cuts.iter().for_each(CancellationToken::cancel);
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn load_revoked(certs_dir: &Path) -> HashSet<String> {
+    let mut out = HashSet::new();
+    let Ok(entries) = std::fs::read_dir(certs_dir.join("crl")) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let parsed = std::fs::read(&path)
+            .ok()
+            .and_then(|pem| X509Crl::from_pem(&pem).ok());
+        let Some(crl) = parsed else {
+            warn!(path = %path.display(), "CRL unreadable; ignored");
+            continue;
+        };
+        for r in crl.get_revoked().into_iter().flatten() {
+            if let Ok(hex) = r
+                .serial_number()
+                .to_bn()
+                .and_then(|b| b.to_hex_str().map(|s| s.to_lowercase()))
+            {
+                out.insert(hex);
+            }
+        }
+    }
+    out
+}
+
+fn build_acceptor(
+    certs_dir: &Path,
+    revoked: Arc<RwLock<HashSet<String>>>,
+) -> Result<SslAcceptor, BrokerError> {
+    let tls = |e: openssl::error::ErrorStack| BrokerError::Tls(e.to_string());
+    let read = |p: PathBuf| {
+        std::fs::read(&p).map_err(|_| BrokerError::MissingFile(p.display().to_string()))
+    };
+    let mut store = X509StoreBuilder::new().map_err(tls)?;
+    store
+        .add_cert(X509::from_pem(&read(certs_dir.join("root-ca.pem"))?).map_err(tls)?)
+        .map_err(tls)?;
+    if let Ok(entries) = std::fs::read_dir(certs_dir.join("services")) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "pem") {
+                match std::fs::read(&p)
+                    .ok()
+                    .and_then(|pem| X509::from_pem(&pem).ok())
+                {
+                    Some(ca) => store.add_cert(ca).map_err(tls)?,
+                    None => warn!(path = %p.display(), "service CA unreadable; ignored"),
+                }
+            }
+        }
+    }
+    let mut builder = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server()).map_err(tls)?;
+    builder
+        .set_min_proto_version(Some(SslVersion::TLS1_2))
+        .map_err(tls)?;
+    builder
+        .set_certificate_chain_file(certs_dir.join("broker.pem"))
+        .map_err(tls)?;
+    builder
+        .set_private_key_file(certs_dir.join("broker.key"), openssl::ssl::SslFiletype::PEM)
+        .map_err(tls)?;
+    builder.check_private_key().map_err(tls)?;
+    builder.set_verify_cert_store(store.build()).map_err(tls)?;
+    builder.set_verify_callback(
+        SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
+        move |ok, ctx| {
+            if !ok {
+                return false;
+            }
+            if ctx.error_depth() != 0 {
+                return true;
+            }
+            match ctx.current_cert() {
+                Some(cert) => !revoked
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(&serial_hex(cert)),
+                None => false,
+            }
+        },
+    );
+    // Sessions are not resumed: every connection shows its certificate, so
+    // revocation applies to every handshake.
+    builder.set_session_cache_mode(openssl::ssl::SslSessionCacheMode::OFF);
+    builder.set_num_tickets(0).map_err(tls)?;
+    Ok(builder.build())
+}
