@@ -787,6 +787,14 @@ impl Core {
         })
     }
 
+    pub fn has_pending_crls(&self) -> bool {
+        !self
+            .pending_crls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
     /// Rewrites the CRLs that handled requests left pending. Called after
     /// their replies are published.
     pub fn write_pending_crls(&self) {
@@ -799,16 +807,15 @@ impl Core {
         }
     }
 
-    /// Rewrites the CRL of a service CA from the certificate records.
+    /// Rewrites the CRL of a service CA from its revocation list.
     pub fn publish_crl(&self, service_id: &str) -> Result<std::path::PathBuf, Failure> {
         let revoked: Vec<RevokedEntry> = self
             .store
-            .certs()?
+            .revoked_of(service_id)?
             .into_iter()
-            .filter(|c| c.service_id == service_id && c.status != CertStatus::Active)
-            .map(|c| RevokedEntry {
-                serial_hex: c.serial,
-                revoked_at: c.revoked_ms.unwrap_or(0) / 1000,
+            .map(|(serial_hex, at_ms)| RevokedEntry {
+                serial_hex,
+                revoked_at: at_ms / 1000,
             })
             .collect();
         let number = self.store.next_id()?;

@@ -14,6 +14,11 @@ use tracing::{debug, info, warn};
 use crate::handlers::{Core, Outgoing};
 use crate::ManagerConfig;
 
+/// Longest a revocation waits for its CRL, so revocations close together
+/// share one write. With the broker's polling and grace it stays well
+/// under a second from re-key to the old session's end.
+const CRL_DEBOUNCE: Duration = Duration::from_millis(100);
+
 pub fn connect(config: &ManagerConfig) -> anyhow::Result<(AsyncClient, EventLoop)> {
     let (host, port) = config.broker_host_port()?;
     let mut opts = MqttOptions::new(&config.client_id, host, port);
@@ -59,9 +64,30 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let (tx, rx) = mpsc::channel::<Publish>(4096);
+    // CRLs are rewritten by one task, at most every CRL_DEBOUNCE, after the
+    // replies that revoked certificates are published: a migration of many
+    // devices writes a few CRLs, not one per device.
+    let crl_due = Arc::new(tokio::sync::Notify::new());
+    {
+        let (core, due, stop) = (core.clone(), crl_due.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = due.notified() => {}
+                }
+                tokio::time::sleep(CRL_DEBOUNCE).await;
+                let core = core.clone();
+                let _ = tokio::task::spawn_blocking(move || core.write_pending_crls()).await;
+            }
+            // Whatever is still pending is written before the manager stops.
+            let _ = tokio::task::spawn_blocking(move || core.write_pending_crls()).await;
+        });
+    }
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     for _ in 0..core.config.workers {
-        let (core, client, rx) = (core.clone(), client.clone(), rx.clone());
+        let (core, client, rx, crl_due) =
+            (core.clone(), client.clone(), rx.clone(), crl_due.clone());
         tracker.spawn(async move {
             loop {
                 let next = rx.lock().await.recv().await;
@@ -74,9 +100,9 @@ pub async fn serve(
                 match out {
                     Ok(out) => {
                         publish_all(&client, out).await;
-                        let core = core.clone();
-                        let _ =
-                            tokio::task::spawn_blocking(move || core.write_pending_crls()).await;
+                        if core.has_pending_crls() {
+                            crl_due.notify_one();
+                        }
                     }
                     Err(err) => warn!(error = %err, "handler panicked"),
                 }

@@ -6,6 +6,7 @@
 //! - `service_history`: device id ‖ 0x00 ‖ big-endian u64 → [`ServicePeriod`].
 //! - `certs`: serial hex → [`CertRecord`].
 //! - `nonces`: device id ‖ 0x00 ‖ nonce → [`NonceRecord`] (replay guard and reply cache).
+//! - `revoked`: service id ‖ 0x00 ‖ serial → revocation time (ms, big-endian), the CRL's source.
 //! - `audit`: big-endian u64 id → [`AuditRecord`] (operator actions).
 //!
 //! A transition that issues a certificate and opens a service period is one
@@ -189,6 +190,13 @@ pub struct Batch {
     pub nonce: Option<(Vec<u8>, NonceRecord)>,
 }
 
+fn revoked_key(service_id: &str, serial: &str) -> Vec<u8> {
+    let mut k = service_id.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(serial.as_bytes());
+    k
+}
+
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
@@ -198,6 +206,7 @@ pub struct Store {
     certs: sled::Tree,
     nonces: sled::Tree,
     audit: sled::Tree,
+    revoked: sled::Tree,
 }
 
 impl Store {
@@ -210,6 +219,7 @@ impl Store {
             certs: db.open_tree("certs")?,
             nonces: db.open_tree("nonces")?,
             audit: db.open_tree("audit")?,
+            revoked: db.open_tree("revoked")?,
             db,
         })
     }
@@ -357,8 +367,14 @@ impl Store {
     /// Applies a batch atomically. Fails with `Aborted("nonce")` when the
     /// nonce was recorded meanwhile (a concurrent duplicate won).
     pub fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
-        (&self.devices, &self.history, &self.certs, &self.nonces).transaction(
-            |(devices, history, certs, nonces)| {
+        (
+            &self.devices,
+            &self.history,
+            &self.certs,
+            &self.nonces,
+            &self.revoked,
+        )
+            .transaction(|(devices, history, certs, nonces, revoked)| {
                 if let Some((key, rec)) = &batch.nonce {
                     if nonces.get(key)?.is_some() {
                         return abort("nonce");
@@ -372,9 +388,13 @@ impl Store {
                     history.insert(period_key(&period.device_id, *n), encode(period))?;
                 }
                 put_certs(certs, &batch.certs)?;
+                for c in &batch.certs {
+                    if let Some(at) = c.revoked_ms {
+                        revoked.insert(revoked_key(&c.service_id, &c.serial), &at.to_be_bytes())?;
+                    }
+                }
                 Ok(())
-            },
-        )?;
+            })?;
         Ok(())
     }
 
@@ -412,8 +432,31 @@ fn put_certs(
 }
 
 impl Store {
+    /// Stores a certificate record; a revoked one also enters its CA's revocation list.
     pub fn put_cert(&self, c: &CertRecord) -> Result<(), StoreError> {
-        self.certs.insert(c.serial.as_bytes(), encode(c))?;
+        (&self.certs, &self.revoked).transaction(|(certs, revoked)| {
+            certs.insert(c.serial.as_bytes(), encode(c))?;
+            if let Some(at) = c.revoked_ms {
+                revoked.insert(revoked_key(&c.service_id, &c.serial), &at.to_be_bytes())?;
+            }
+            Ok::<_, ConflictableTransactionError<String>>(())
+        })?;
         Ok(())
+    }
+
+    /// Revoked serials of one service CA with their revocation times (ms).
+    pub fn revoked_of(&self, service_id: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut prefix = service_id.as_bytes().to_vec();
+        prefix.push(0);
+        self.revoked
+            .scan_prefix(&prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                let serial = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                let mut at = [0u8; 8];
+                at.copy_from_slice(&v[..8.min(v.len())]);
+                Ok((serial, u64::from_be_bytes(at)))
+            })
+            .collect()
     }
 }
