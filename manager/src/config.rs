@@ -40,6 +40,9 @@ pub struct ManagerConfig {
     pub max_clock_skew_ms: u64,
     /// Handler threads working on requests at once.
     pub workers: usize,
+    /// A superseded certificate is revoked when its device reports from the
+    /// new one, or after this many seconds at the latest.
+    pub revoke_superseded_after_secs: u64,
     /// mTLS service endpoint announced in service-change notices, if any.
     pub service_endpoint: Option<String>,
     /// The broker `serve --embedded-broker` starts (its `certs_dir` is
@@ -64,6 +67,7 @@ impl Default for ManagerConfig {
             failure_window_secs: 300,
             max_clock_skew_ms: fleet_protocol::MAX_CLOCK_SKEW_MS,
             workers: 8,
+            revoke_superseded_after_secs: 120,
             service_endpoint: None,
             broker: fleet_broker::BrokerConfig::default(),
         }

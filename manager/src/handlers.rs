@@ -101,7 +101,7 @@ enum Outcome {
 /// Side effects once the batch is committed.
 #[derive(Default)]
 struct After {
-    crl_for: Option<String>,
+    crl_for: std::collections::BTreeSet<String>,
     resend_notice_of: Option<DeviceRecord>,
 }
 
@@ -201,14 +201,12 @@ impl Core {
             topic: reply_topic.to_string(),
             payload: reply_bytes,
         });
-        if let Some(service) = after.crl_for {
-            // Written once the reply is on its way (see `write_pending_crls`):
-            // the broker cuts sessions of revoked certificates, and the
-            // device still needs this reply on its old session.
+        if !after.crl_for.is_empty() {
+            // Written once the reply is on its way (see `write_pending_crls`).
             self.pending_crls
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(service);
+                .extend(after.crl_for);
         }
         if let Some(dev) = after.resend_notice_of {
             out.extend(self.notices(&dev));
@@ -496,6 +494,7 @@ impl Core {
             open_period: None,
             pending: None,
             last_seen_ms: None,
+            pending_revocation: Vec::new(),
         };
         info!(service = %service_id, "device activated");
         Ok(Outcome::Reply {
@@ -601,7 +600,7 @@ impl Core {
             nonce: Some(self.nonce_record(&req)),
             ..Batch::default()
         };
-        let mut after = After::default();
+        let after = After::default();
         batch.certs.push(CertRecord {
             sv: SCHEMA_VERSION,
             serial: issued.serial_hex.clone(),
@@ -619,19 +618,23 @@ impl Core {
             status: CertStatus::Active,
             issued_ms: now,
             superseded_by: None,
+            superseded_ms: None,
             revoked_ms: None,
             der: issued.leaf.to_der().map_err(ProtocolError::from)?,
         });
+        let mut next = device.clone();
         if let Some(old_serial) = &device.current_cert {
             if let Some(mut old) = self.store.cert(old_serial)? {
+                // Superseded now, revoked once the device reports with the
+                // new certificate: until then this reply may still be on
+                // its way over the old certificate's session.
                 old.status = CertStatus::Superseded;
                 old.superseded_by = Some(issued.serial_hex.clone());
-                old.revoked_ms = Some(now);
-                after.crl_for = Some(old.service_id.clone());
+                old.superseded_ms = Some(now);
+                next.pending_revocation.push(old.serial.clone());
                 batch.certs.push(old);
             }
         }
-        let mut next = device.clone();
         next.current_cert = Some(issued.serial_hex.clone());
         let new_period =
             |reason: &str, change_id: Option<String>, provider, application| ServicePeriod {
@@ -760,6 +763,15 @@ impl Core {
             {
                 let mut next = device.clone();
                 next.last_seen_ms = Some(now);
+                // It reports from its current certificate: the ones it
+                // replaced are no longer needed by anyone.
+                for serial in std::mem::take(&mut next.pending_revocation) {
+                    if let Some(mut old) = self.store.cert(&serial)? {
+                        old.revoked_ms = Some(now);
+                        after.crl_for.insert(old.service_id.clone());
+                        batch.certs.push(old);
+                    }
+                }
                 if let Some(n) = device.open_period {
                     if let Some(mut p) = self.store.period(&device.device_id, n)? {
                         if p.confirmed_ms.is_none() {
@@ -785,6 +797,55 @@ impl Core {
             batch,
             after,
         })
+    }
+
+    /// Revokes superseded certificates whose devices never reported from
+    /// their new certificate within `grace_ms`. Returns how many.
+    pub fn revoke_overdue(&self, grace_ms: u64) -> Result<usize, StoreError> {
+        let now = now_ms();
+        let mut revoked = 0;
+        for device in self.store.devices()? {
+            if device.pending_revocation.is_empty() {
+                continue;
+            }
+            let _guard = self.lock(&device.device_id);
+            let Some(mut device) = self.store.device(&device.device_id)? else {
+                continue;
+            };
+            let mut keep = Vec::new();
+            let mut certs = Vec::new();
+            for serial in std::mem::take(&mut device.pending_revocation) {
+                match self.store.cert(&serial)? {
+                    Some(mut c)
+                        if c.superseded_ms
+                            .is_some_and(|t| now.saturating_sub(t) >= grace_ms) =>
+                    {
+                        c.revoked_ms = Some(now);
+                        self.pending_crls
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(c.service_id.clone());
+                        certs.push(c);
+                    }
+                    Some(_) => keep.push(serial),
+                    None => {}
+                }
+            }
+            device.pending_revocation = keep;
+            revoked += certs.len();
+            self.store.commit(&Batch {
+                device: Some(device),
+                certs,
+                ..Batch::default()
+            })?;
+        }
+        if revoked > 0 {
+            info!(
+                revoked,
+                "superseded certificates revoked after the grace period"
+            );
+        }
+        Ok(revoked)
     }
 
     pub fn has_pending_crls(&self) -> bool {

@@ -93,7 +93,7 @@ pub async fn start(
         subscribed: subscribed_rx.clone(),
     });
     tracker.spawn(admin::serve(admin, listener, shutdown.clone()));
-    tracker.spawn(prune_nonces(core.clone(), shutdown.clone()));
+    tracker.spawn(housekeeping(core.clone(), shutdown.clone()));
 
     tokio::time::timeout(Duration::from_secs(30), subscribed_rx.wait_for(|s| *s))
         .await
@@ -107,10 +107,11 @@ pub async fn start(
     })
 }
 
-/// Drops nonce records once their requests are past the timestamp window:
-/// such a request is refused as stale before its nonce is looked at.
-async fn prune_nonces(core: Arc<Core>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(60));
+/// Housekeeping every 10 s: drops nonce records past the timestamp window
+/// (such a request is refused as stale before its nonce is looked at) and
+/// revokes superseded certificates past their grace period.
+async fn housekeeping(core: Arc<Core>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -118,11 +119,17 @@ async fn prune_nonces(core: Arc<Core>, shutdown: CancellationToken) {
         }
         let core = core.clone();
         let horizon = fleet_protocol::now_ms().saturating_sub(2 * core.config.max_clock_skew_ms);
-        match tokio::task::spawn_blocking(move || core.store.prune_nonces(horizon)).await {
-            Ok(Ok(n)) if n > 0 => tracing::debug!(dropped = n, "old nonce records pruned"),
-            Ok(Err(err)) => tracing::warn!(error = %err, "nonce pruning failed"),
-            _ => {}
-        }
+        let grace = core.config.revoke_superseded_after_secs * 1000;
+        let work = move || {
+            if let Err(err) = core.store.prune_nonces(horizon) {
+                tracing::warn!(error = %err, "nonce pruning failed");
+            }
+            if let Err(err) = core.revoke_overdue(grace) {
+                tracing::warn!(error = %err, "overdue revocations failed");
+            }
+            core.write_pending_crls();
+        };
+        let _ = tokio::task::spawn_blocking(work).await;
     }
 }
 

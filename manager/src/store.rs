@@ -89,6 +89,11 @@ pub struct DeviceRecord {
     pub pending: Option<PendingChange>,
     /// Last time the device reported `online` on its current service.
     pub last_seen_ms: Option<u64>,
+    /// Superseded certificates not yet revoked: revoked once the device
+    /// reports from its new certificate (or after a grace period), so a
+    /// device whose reply is still in flight is never stranded.
+    #[serde(default)]
+    pub pending_revocation: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,6 +137,9 @@ pub struct CertRecord {
     pub status: CertStatus,
     pub issued_ms: u64,
     pub superseded_by: Option<String>,
+    /// When a newer certificate replaced it.
+    #[serde(default)]
+    pub superseded_ms: Option<u64>,
     pub revoked_ms: Option<u64>,
     /// The certificate itself, DER.
     #[serde(with = "serde_bytes")]

@@ -143,8 +143,27 @@ async fn moves_a_b_c(key_mode: KeyMode) {
     assert!(history[1].change_id.is_some());
 
     // Certificates: three, O = service, verified by openssl against the
-    // right chain; the two older ones superseded and in their CA's CRL.
-    let certs = core.store.certs_of("dev1").unwrap();
+    // right chain; the two older ones superseded and, once the device
+    // reported from its new certificate, revoked and in their CA's CRL.
+    let certs = fleet_testkit::eventually(T, "the superseded certificates to be revoked", || {
+        let certs = core.store.certs_of("dev1").unwrap();
+        let crls_written = certs[..certs.len().saturating_sub(1)].iter().all(|c| {
+            let crl = std::fs::read(core.pki.crl_path(&c.service_id)).unwrap_or_default();
+            openssl::x509::X509Crl::from_pem(&crl).is_ok_and(|crl| {
+                let serial = openssl::bn::BigNum::from_hex_str(&c.serial)
+                    .unwrap()
+                    .to_asn1_integer()
+                    .unwrap();
+                matches!(
+                    crl.get_by_serial(&serial),
+                    openssl::x509::CrlStatus::Revoked(_)
+                )
+            })
+        });
+        async move { (certs.len() == 3 && crls_written).then_some(certs) }
+    })
+    .await
+    .unwrap();
     assert_eq!(certs.len(), 3);
     let dir = fleet.dir.path();
     let root = fleet.certs_dir().join("root-ca.pem");
