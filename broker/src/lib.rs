@@ -155,8 +155,10 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
         plan.push((l, frontdoor::Transport::MutualTls(t)));
     }
 
+    // One worker per core for handshakes and sessions; calls that wait on
+    // the router run in place with `block_in_place` or on blocking threads.
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
         .thread_name("frontdoor")
         .enable_all()
         .build()

@@ -192,7 +192,17 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
                 .await;
                 match res {
                     Ok((results, out)) => {
-                        crate::mqtt::publish_all(&admin.client, out).await;
+                        // Paced, so a fleet-wide change does not arrive as one
+                        // thundering herd of re-keys and reconnects.
+                        let per_tick = (admin.core.config.max_notices_per_sec / 10).max(1);
+                        let mut out = out.into_iter().peekable();
+                        while out.peek().is_some() {
+                            let chunk: Vec<_> = out.by_ref().take(per_tick).collect();
+                            crate::mqtt::publish_all(&admin.client, chunk).await;
+                            if out.peek().is_some() {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                        }
                         Ok(json!({ "results": results }))
                     }
                     Err(e) => Err(e),

@@ -43,6 +43,9 @@ pub struct ManagerConfig {
     /// A superseded certificate is revoked when its device reports from the
     /// new one, or after this many seconds at the latest.
     pub revoke_superseded_after_secs: u64,
+    /// Service-change notices sent per second when an operator moves many
+    /// devices at once (each notice leads to a re-key and a reconnect).
+    pub max_notices_per_sec: usize,
     /// mTLS service endpoint announced in service-change notices, if any.
     pub service_endpoint: Option<String>,
     /// The broker `serve --embedded-broker` starts (its `certs_dir` is
@@ -68,6 +71,7 @@ impl Default for ManagerConfig {
             max_clock_skew_ms: fleet_protocol::MAX_CLOCK_SKEW_MS,
             workers: 8,
             revoke_superseded_after_secs: 120,
+            max_notices_per_sec: 200,
             service_endpoint: None,
             broker: fleet_broker::BrokerConfig::default(),
         }

@@ -207,8 +207,14 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     let label = identity.label();
     // Bootstrap sessions are always clean: a claimed identity keeps nothing.
     let clean = connect.clean_session || matches!(identity, Identity::Bootstrap { .. });
-    let (tx, rx, ack) = (shared.link)(&identity.router_client_id(connection), clean)
-        .map_err(|e| SessionError::Router(e.to_string()))?;
+    // Opening a link waits for the router's answer on a blocking channel:
+    // keep it off the listeners' async workers.
+    let router_id = identity.router_client_id(connection);
+    let opener = shared.clone();
+    let (tx, rx, ack) = tokio::task::spawn_blocking(move || (opener.link)(&router_id, clean))
+        .await
+        .map_err(|e| SessionError::Router(e.to_string()))?
+        .map_err(SessionError::Router)?;
     let ack: Option<Packet> = ack.into();
     framed.write(ack.into_iter().collect()).await?;
     debug!(identity = %label, "connected");
@@ -228,14 +234,13 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     )
     .await;
     // Tell the router this connection is gone, however it ended.
-    let _ = tx
-        .send(Packet::Disconnect(
-            Disconnect {
-                reason_code: DisconnectReasonCode::NormalDisconnection,
-            },
-            None,
-        ))
-        .await;
+    let bye = Packet::Disconnect(
+        Disconnect {
+            reason_code: DisconnectReasonCode::NormalDisconnection,
+        },
+        None,
+    );
+    let _ = send(&mut tx, bye).await;
     if let Err(err) = &result {
         debug!(identity = %label, error = %err, "session ended");
     }
@@ -292,6 +297,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         send(tx, Packet::Subscribe(subscribe, props)).await?;
                     }
                     Packet::Connect(..) => return Err(SessionError::Refused("second CONNECT".into())),
+                    // Answered here: liveness of this connection is the front
+                    // door's business, and a busy router must not make a
+                    // healthy client miss its keep-alive.
+                    Packet::PingReq(_) => framed.write(vec![Packet::PingResp(rumqttd::protocol::PingResp)]).await?,
                     Packet::Disconnect(..) => return Ok(()),
                     other => send(tx, other).await?,
                 }
@@ -329,9 +338,14 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// Hands a packet to the router. `LinkTx::send` may block on the router's
+/// bounded channel when the router is busy, so the worker is marked as
+/// blocking for the call and the listeners' other tasks move elsewhere.
 async fn send(tx: &mut LinkTx, packet: Packet) -> Result<(), SessionError> {
-    tx.send(packet)
-        .await
-        .map(|_| ())
-        .map_err(|e| SessionError::Router(e.to_string()))
+    tokio::task::block_in_place(|| {
+        tokio::runtime::Handle::current()
+            .block_on(tx.send(packet))
+            .map(|_| ())
+            .map_err(|e| SessionError::Router(e.to_string()))
+    })
 }
