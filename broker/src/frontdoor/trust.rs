@@ -293,11 +293,19 @@ fn build_acceptor(
             if ctx.error_depth() != 0 {
                 return true;
             }
+            // The device certificate: not revoked, and issued by the CA of
+            // the service it names (a service CA cannot mint another
+            // service's devices).
             match ctx.current_cert() {
-                Some(cert) => !revoked
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .contains(&serial_hex(cert)),
+                Some(cert) => {
+                    let own_service = subject_entry(cert, Nid::ORGANIZATIONNAME);
+                    own_service.is_some()
+                        && own_service == issuer_entry(cert, Nid::ORGANIZATIONNAME)
+                        && !revoked
+                            .read()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .contains(&serial_hex(cert))
+                }
                 None => false,
             }
         },

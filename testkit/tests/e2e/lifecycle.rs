@@ -83,9 +83,8 @@ async fn moves_a_b_c(key_mode: KeyMode) {
         })
         .await
         .unwrap();
-    assert_eq!(
-        fleet.snapshot(),
-        before,
+    assert!(
+        fleet.snapshot() == before,
         "a forged notice changed the store"
     );
     assert_eq!(

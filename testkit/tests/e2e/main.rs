@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod external;
+mod frontdoor;
 mod lifecycle;
 mod operator;
 mod restart;
