@@ -5,7 +5,7 @@ use fleet_protocol::crypto;
 use fleet_protocol::{Envelope, Kind, RequestKind, Status, MAX_MESSAGE_LEN};
 use fleet_testkit::{Fleet, Probe};
 
-use crate::wire::{activate, ask, poll, HandDevice};
+use crate::wire::{activate, activate_request, ask, fleet_with_active_device, poll, HandDevice};
 
 struct Setup {
     fleet: Fleet,
@@ -13,18 +13,8 @@ struct Setup {
     dev: HandDevice,
 }
 
-/// A fleet with `dev1` registered on `svcA` and activated by hand, and a
-/// plain client listening on every reply topic.
 async fn setup() -> Setup {
-    let fleet = Fleet::start().await.unwrap();
-    let mut dev = HandDevice::new("dev1");
-    fleet
-        .register(&dev.id, "svcA", Some(&dev.factory_point()))
-        .await
-        .unwrap();
-    let probe = fleet.privileged("tester").await.unwrap();
-    probe.subscribe("fleet/v1/+/+/reply").await.unwrap();
-    activate(&fleet, &probe, &mut dev).await;
+    let (fleet, probe, dev) = fleet_with_active_device("dev1").await;
     Setup { fleet, probe, dev }
 }
 
@@ -115,25 +105,8 @@ async fn unknown_device_gets_unknown_device() {
         .unwrap();
     let before = s.fleet.snapshot();
     let eph = crypto::generate_p256().unwrap();
-    let body = fleet_protocol::ActivateRequest {
-        device_id: ghost.id.clone(),
-        service_id: None,
-        nonce: crypto::random_bytes(16),
-        ts: fleet_protocol::now_ms(),
-        eph: crypto::public_point(&eph).unwrap(),
-    };
-    let env = Envelope::build(Kind::Activate, &body, |tbs| {
-        crypto::sign(&ghost.factory, tbs)
-    })
-    .unwrap();
-    let (reply, _) = ask(
-        &s.fleet,
-        probe,
-        &ghost.id,
-        RequestKind::Activate,
-        env.encode(),
-    )
-    .await;
+    let request = activate_request(&ghost.id, &eph, &ghost.factory);
+    let (reply, _) = ask(&s.fleet, probe, &ghost.id, RequestKind::Activate, request).await;
     assert_eq!(reply.status, Status::UnknownDevice);
     assert!(reply.uuid.is_none());
     ghost.uuid = Some(vec![0; 16]);
@@ -167,35 +140,22 @@ async fn activation_needs_the_factory_key_and_happens_once() {
     // Someone who knows only the device id signs with a key of their own.
     let impostor = HandDevice::new("dev1");
     let eph = crypto::generate_p256().unwrap();
-    let body = fleet_protocol::ActivateRequest {
-        device_id: "dev1".into(),
-        service_id: None,
-        nonce: crypto::random_bytes(16),
-        ts: fleet_protocol::now_ms(),
-        eph: crypto::public_point(&eph).unwrap(),
-    };
-    let forged = Envelope::build(Kind::Activate, &body, |tbs| {
-        crypto::sign(&impostor.factory, tbs)
-    })
-    .unwrap();
+    let forged = activate_request("dev1", &eph, &impostor.factory);
     expect_refused(
         &s,
         "dev1",
         RequestKind::Activate,
-        forged.encode(),
+        forged,
         Status::AuthFailed,
     )
     .await;
     // The real device cannot activate twice without an operator reset.
-    let again = Envelope::build(Kind::Activate, &body, |tbs| {
-        crypto::sign(&s.dev.factory, tbs)
-    })
-    .unwrap();
+    let again = activate_request("dev1", &eph, &s.dev.factory);
     expect_refused(
         &s,
         "dev1",
         RequestKind::Activate,
-        again.encode(),
+        again,
         Status::AlreadyActive,
     )
     .await;

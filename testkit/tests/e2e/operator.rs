@@ -11,7 +11,7 @@ use fleet_protocol::{RequestKind, Status};
 use fleet_testkit::{Devices, Fleet};
 use serde_json::json;
 
-use crate::wire::{activate, ask, HandDevice};
+use crate::wire::{activate, ask};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -112,15 +112,7 @@ async fn operator_commands_reach_the_running_manager() {
 
 #[tokio::test]
 async fn reset_lets_a_device_activate_again_with_a_new_uuid() {
-    let fleet = Fleet::start().await.unwrap();
-    let mut dev = HandDevice::new("rst1");
-    fleet
-        .register(&dev.id, "svcA", Some(&dev.factory_point()))
-        .await
-        .unwrap();
-    let probe = fleet.privileged("tester").await.unwrap();
-    probe.subscribe("fleet/v1/+/+/reply").await.unwrap();
-    activate(&fleet, &probe, &mut dev).await;
+    let (fleet, probe, mut dev) = crate::wire::fleet_with_active_device("rst1").await;
     let first_uuid = dev.uuid.clone().unwrap();
 
     cli(&["reset", "--admin", &fleet.admin(), "rst1"]).await;

@@ -6,23 +6,12 @@ use std::time::Duration;
 
 use fleet_protocol::crypto;
 use fleet_protocol::{Envelope, Kind, Reply, Status, UpdateRequest};
-use fleet_testkit::Fleet;
 use openssl::x509::X509;
 use serde_bytes::ByteBuf;
 
-use crate::wire::{activate, HandDevice};
-
 #[tokio::test]
 async fn restart_after_activation_loses_nothing() {
-    let mut fleet = Fleet::start().await.unwrap();
-    let mut dev = HandDevice::new("dev1");
-    fleet
-        .register(&dev.id, "svcA", Some(&dev.factory_point()))
-        .await
-        .unwrap();
-    let probe = fleet.privileged("tester").await.unwrap();
-    probe.subscribe("fleet/v1/+/+/reply").await.unwrap();
-    activate(&fleet, &probe, &mut dev).await;
+    let (mut fleet, probe, dev) = crate::wire::fleet_with_active_device("dev1").await;
 
     let root_before = fleet.core().pki.root_cert().to_der().unwrap();
     let signing_before = fleet.core().pki.signing_key().public_key_to_der().unwrap();

@@ -55,19 +55,40 @@ pub async fn ask(
     (env.body().expect("reply body"), got.payload)
 }
 
-/// Activates `dev` by hand and keeps its UUID.
-pub async fn activate(fleet: &Fleet, probe: &Probe, dev: &mut HandDevice) {
-    let eph = crypto::generate_p256().unwrap();
+/// An activate request for `device_id`, sealed to `eph` and signed with `key`.
+pub fn activate_request(device_id: &str, eph: &PKey<Private>, key: &PKey<Private>) -> Vec<u8> {
     let body = fleet_protocol::ActivateRequest {
-        device_id: dev.id.clone(),
+        device_id: device_id.into(),
         service_id: None,
         nonce: crypto::random_bytes(16),
         ts: fleet_protocol::now_ms(),
-        eph: crypto::public_point(&eph).unwrap(),
+        eph: crypto::public_point(eph).unwrap(),
     };
-    let env =
-        Envelope::build(Kind::Activate, &body, |tbs| crypto::sign(&dev.factory, tbs)).unwrap();
-    let (reply, _) = ask(fleet, probe, &dev.id, RequestKind::Activate, env.encode()).await;
+    Envelope::build(Kind::Activate, &body, |tbs| crypto::sign(key, tbs))
+        .unwrap()
+        .encode()
+}
+
+/// A fleet with `device_id` registered on `svcA` and activated by hand, and
+/// a privileged client listening on every bootstrap reply topic.
+pub async fn fleet_with_active_device(device_id: &str) -> (Fleet, Probe, HandDevice) {
+    let fleet = Fleet::start().await.unwrap();
+    let mut dev = HandDevice::new(device_id);
+    fleet
+        .register(&dev.id, "svcA", Some(&dev.factory_point()))
+        .await
+        .unwrap();
+    let probe = fleet.privileged("tester").await.unwrap();
+    probe.subscribe("fleet/v1/+/+/reply").await.unwrap();
+    activate(&fleet, &probe, &mut dev).await;
+    (fleet, probe, dev)
+}
+
+/// Activates `dev` by hand and keeps its UUID.
+pub async fn activate(fleet: &Fleet, probe: &Probe, dev: &mut HandDevice) {
+    let eph = crypto::generate_p256().unwrap();
+    let request = activate_request(&dev.id, &eph, &dev.factory);
+    let (reply, _) = ask(fleet, probe, &dev.id, RequestKind::Activate, request).await;
     assert_eq!(reply.status, fleet_protocol::Status::Ok, "{reply:?}");
     let uuid = crypto::unseal(&eph, &dev.id, reply.uuid.as_ref().unwrap()).unwrap();
     assert_eq!(uuid.len(), 16);
