@@ -19,6 +19,7 @@
 pub mod config;
 pub mod frontdoor;
 mod listeners;
+pub mod mosquitto;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

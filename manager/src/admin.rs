@@ -9,6 +9,7 @@
 //! | GET | `/v1/devices/{id}` | one device with its service history and certificates |
 //! | POST | `/v1/devices/{id}/reset` | operator reset: the device may activate again |
 //! | GET | `/v1/summary` | devices per service, pending changes, certificates by status |
+//! | GET | `/v1/grants` | the tenants each device may use at the broker (for external brokers' ACLs) |
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -232,6 +233,18 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
             blocking(move || reset(&core, &id)).await
         }
         ("GET", ["v1", "summary"]) => blocking(move || summary(&core)).await,
+        ("GET", ["v1", "grants"]) => {
+            blocking(move || {
+                let grants = core.grants().map_err(internal)?;
+                Ok(Value::Array(
+                    grants
+                        .into_iter()
+                        .map(|(d, s)| json!({ "device_id": d, "services": s }))
+                        .collect(),
+                ))
+            })
+            .await
+        }
         _ => Err((404, format!("no route {method} {path}"))),
     };
     match result {

@@ -72,6 +72,28 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         admin: String,
     },
+    /// Write a mosquitto 2.0 configuration (listeners, ACL from the registry,
+    /// CA bundle, CRLs) for running the fleet on mosquitto; with
+    /// --reload-pid, tell that mosquitto to reload it.
+    MosquittoConfig {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        admin: String,
+        #[arg(long, default_value = "certs")]
+        certs: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// File with the manager's secret at the broker (written hashed to the password file).
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        internal: std::net::SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:8884")]
+        bootstrap: std::net::SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:8883")]
+        service: std::net::SocketAddr,
+        #[arg(long)]
+        reload_pid: Option<u32>,
+    },
     /// Operator reset: the device may activate again.
     Reset {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -164,11 +186,92 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             print(call(&admin, "GET", &format!("/v1/devices/{device}"), None).await?)
         }
         Command::Summary { admin } => print(call(&admin, "GET", "/v1/summary", None).await?),
+        Command::MosquittoConfig {
+            admin,
+            certs,
+            out,
+            secret_file,
+            internal,
+            bootstrap,
+            service,
+            reload_pid,
+        } => {
+            let secret = secret_file
+                .map(|f| {
+                    std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))
+                })
+                .transpose()?;
+            let params = fleet_broker::mosquitto::MosquittoParams {
+                internal,
+                bootstrap_tls: bootstrap,
+                service,
+                certs_dir: certs,
+                out_dir: out,
+                user: current_user(),
+            };
+            let n = write_mosquitto_config(
+                &admin,
+                &params,
+                secret.as_deref().map(str::trim),
+                reload_pid,
+            )
+            .await?;
+            print(json!({ "devices": n, "out": params.out_dir }));
+        }
         Command::Reset { admin, device } => {
             print(call(&admin, "POST", &format!("/v1/devices/{device}/reset"), None).await?)
         }
     }
     Ok(printed)
+}
+
+/// The OS user this process runs as (mosquitto keeps it to read 0600 keys).
+pub fn current_user() -> String {
+    std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "root".into())
+}
+
+/// Renders the mosquitto configuration from the running manager's grants,
+/// writes it, and optionally sends SIGHUP to mosquitto. Returns the number
+/// of devices granted.
+pub async fn write_mosquitto_config(
+    admin: &str,
+    params: &fleet_broker::mosquitto::MosquittoParams,
+    secret: Option<&str>,
+    reload_pid: Option<u32>,
+) -> anyhow::Result<usize> {
+    let grants = call(admin, "GET", "/v1/grants", None).await?;
+    let grants: Vec<fleet_broker::mosquitto::DeviceGrant> = grants
+        .as_array()
+        .context("grants")?
+        .iter()
+        .map(|g| fleet_broker::mosquitto::DeviceGrant {
+            device_id: g["device_id"].as_str().unwrap_or_default().to_string(),
+            services: g["services"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+        .collect();
+    let files = fleet_broker::mosquitto::render(params, &grants)?;
+    fleet_broker::mosquitto::write(params, &files, secret)?;
+    if let Some(pid) = reload_pid {
+        let status = std::process::Command::new("kill")
+            .arg("-HUP")
+            .arg(pid.to_string())
+            .status()?;
+        anyhow::ensure!(status.success(), "could not signal mosquitto (pid {pid})");
+    }
+    Ok(grants.len())
 }
 
 async fn shutdown_signal() {

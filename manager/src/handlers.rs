@@ -479,6 +479,8 @@ impl Core {
             }
             _ => reg.initial_service.clone(),
         };
+        self.pki.service_ca(&service_id)?;
+        self.ensure_crl(&service_id)?;
         let uuid = uuid::Uuid::new_v4();
         let sealed = crypto::seal(&req.body.eph, d, uuid.as_bytes())?;
         let device = DeviceRecord {
@@ -883,6 +885,33 @@ impl Core {
         Ok(self.pki.write_crl(service_id, &revoked, number)?)
     }
 
+    /// Makes sure a service CA has a CRL file, empty if nothing is revoked:
+    /// brokers that check CRLs (mosquitto's `crlfile`) refuse certificates
+    /// of a CA without one.
+    pub fn ensure_crl(&self, service_id: &str) -> Result<(), Failure> {
+        if !self.pki.crl_path(service_id).exists() {
+            self.publish_crl(service_id)?;
+        }
+        Ok(())
+    }
+
+    /// The tenants each device may use at the broker: its registered
+    /// service until it is active, then its current one and, while it
+    /// migrates, the pending one.
+    pub fn grants(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+        let mut out = Vec::new();
+        for reg in self.store.registrations()? {
+            let services = match self.store.device(&reg.device_id)? {
+                Some(d) => std::iter::once(d.service_id.clone())
+                    .chain(d.pending.as_ref().map(|p| p.service_id.clone()))
+                    .collect(),
+                None => vec![reg.initial_service.clone()],
+            };
+            out.push((reg.device_id, services));
+        }
+        Ok(out)
+    }
+
     /// Assigns a new service to each device and returns the notices to send.
     pub fn request_change(
         &self,
@@ -939,8 +968,10 @@ impl Core {
                 format!("device is already on {service_id}"),
             );
         }
-        // Create the service CA now so the CRL and trust exist before the device asks.
+        // Create the service CA and its CRL now, so trust and revocation
+        // exist at every broker before the device asks.
         self.pki.service_ca(service_id)?;
+        self.ensure_crl(service_id)?;
         let change_id = uuid::Uuid::new_v4().to_string();
         device.pending = Some(PendingChange {
             change_id: change_id.clone(),

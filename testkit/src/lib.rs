@@ -615,23 +615,29 @@ impl Mosquitto {
             certs.join("broker.key").display(),
         );
         let conf_path = write_file(dir, "mosquitto.conf", conf.as_bytes())?;
-        let log = std::fs::File::create(dir.join("mosquitto.log"))?;
-        let child = Command::new("/usr/sbin/mosquitto")
+        let child = Self::spawn(&conf_path, dir)?;
+        Ok(Mosquitto { child, plain, mtls })
+    }
+
+    /// Runs mosquitto with `conf`, logging to `dir/mosquitto.log`, and
+    /// waits until it is running.
+    pub fn spawn(conf: &Path, dir: &Path) -> anyhow::Result<std::process::Child> {
+        let log_path = dir.join("mosquitto.log");
+        let log = std::fs::File::create(&log_path)?;
+        let mut child = Command::new("/usr/sbin/mosquitto")
             .arg("-c")
-            .arg(&conf_path)
+            .arg(conf)
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("starting mosquitto (scripts/install-deps installs it)")?;
         // mosquitto opens its sockets before it loads keys, so an accepting
         // port proves nothing: wait for its own "running" line instead.
-        let mut child = child;
-        let log_path = dir.join("mosquitto.log");
         let started = Instant::now();
         loop {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             if log.contains(" running") {
-                break;
+                return Ok(child);
             }
             if let Some(status) = child.try_wait()? {
                 bail!("mosquitto exited ({status}): {log}");
@@ -642,7 +648,6 @@ impl Mosquitto {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(Mosquitto { child, plain, mtls })
     }
 
     /// Where devices connect: plain bootstrap, mutual-TLS service.

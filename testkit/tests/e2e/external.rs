@@ -83,3 +83,182 @@ async fn lifecycle_through_mosquitto() {
         .unwrap();
     manager.stop().await;
 }
+
+/// The front door's rules generated for mosquitto (`fleet-manager
+/// mosquitto-config`): a device moves A -> B with the ACL following the
+/// registry, and hostile clients get nothing of others.
+#[tokio::test]
+async fn generated_mosquitto_rules_hold() {
+    use fleet_broker::mosquitto::MosquittoParams;
+
+    fleet_testkit::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    fleet_pki::Pki::open_or_create(&certs).unwrap();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let params = MosquittoParams {
+        internal: free(),
+        bootstrap_tls: free(),
+        service: free(),
+        certs_dir: certs.clone(),
+        out_dir: dir.path().join("mosquitto"),
+        user: fleet_manager::cli::current_user(),
+    };
+    let secret = "manager-secret-for-this-test";
+    // First render, before the manager runs: no grants yet.
+    let files = fleet_broker::mosquitto::render(&params, &[]).unwrap();
+    fleet_broker::mosquitto::write(&params, &files, Some(secret)).unwrap();
+    let conf = params.out_dir.join("mosquitto.conf");
+    let mut mosquitto = fleet_testkit::Mosquitto::spawn(&conf, dir.path()).unwrap();
+    let pid = mosquitto.id();
+
+    let config = ManagerConfig {
+        broker_url: format!("mqtt://{}", params.internal),
+        broker_username: Some(fleet_broker::MANAGER_USER.into()),
+        broker_password: Some(secret.into()),
+        data_dir: dir.path().join("store"),
+        certs_dir: certs.clone(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    };
+    let manager = fleet_manager::start(config, CancellationToken::new())
+        .await
+        .unwrap();
+    let admin = manager.admin_addr.to_string();
+    let regenerate =
+        || fleet_manager::cli::write_mosquitto_config(&admin, &params, None, Some(pid));
+
+    let devices = Devices::new(dir.path().join("devices"));
+    let mut regs = Vec::new();
+    for (d, s) in [("ext1", "svcA"), ("ext2", "svcB")] {
+        let key = fleet_device_sim::provision(&devices.store_root, d).unwrap();
+        regs.push(json!({ "device_id": d, "service_id": s, "factory_key_hex": hex::encode(key) }));
+    }
+    fleet_manager::admin::call(&admin, "POST", "/v1/registrations", Some(&json!(regs)))
+        .await
+        .unwrap();
+    assert_eq!(regenerate().await.unwrap(), 2);
+
+    let endpoints = fleet_testkit::DeviceEndpoints {
+        bootstrap: params.bootstrap_tls,
+        bootstrap_tls: true,
+        service: params.service,
+    };
+    let observer = Probe::with_credentials(
+        params.internal,
+        "observer",
+        fleet_broker::MANAGER_USER,
+        secret,
+    )
+    .await
+    .unwrap();
+    observer.subscribe("#").await.unwrap();
+    for d in ["ext1", "ext2"] {
+        devices.spawn(devices.config_for(&endpoints, &certs, d, KeyMode::Csr));
+    }
+    let on = |svc: &str, d: &str| Topic::in_tenant(svc, Route::Telemetry(d.into())).to_string();
+    observer.wait_for(&on("svcA", "ext1"), 1, T).await.unwrap();
+    observer.wait_for(&on("svcB", "ext2"), 1, T).await.unwrap();
+
+    // Hostile clients: an anonymous bootstrap client and a certified device
+    // of svcB reading and writing where they have no grant.
+    let root = certs.join("root-ca.pem");
+    let evil = Probe::tls(params.bootstrap_tls, "evil1", &root)
+        .await
+        .unwrap();
+    let creds = devices
+        .store("ext2")
+        .unwrap()
+        .service_credentials("svcB")
+        .unwrap()
+        .unwrap();
+    let nosy = Probe::mtls(
+        params.service,
+        "ext2-second",
+        &root,
+        creds.chain_pem,
+        creds.key_pem,
+    )
+    .await
+    .unwrap();
+    for probe in [&evil, &nosy] {
+        for filter in [
+            "#",
+            "+/#",
+            "/tenants/svcA/#",
+            "fleet/v1/update/ext1/reply",
+            "$share/g/#",
+        ] {
+            probe.subscribe(filter).await.unwrap();
+        }
+    }
+    let injected = [
+        (&evil, "fleet/v1/update/ext1".to_string()),
+        (&evil, "fleet/v1/service/change/ext1".to_string()),
+        (&nosy, on("svcA", "ext1")),
+        (
+            &nosy,
+            "/tenants/svcA/fleet/v1/service/change/ext1".to_string(),
+        ),
+    ];
+    for (probe, topic) in &injected {
+        probe.publish(topic, b"injected".to_vec()).await.unwrap();
+    }
+    let mark = observer.messages().len();
+    observer
+        .wait_for(
+            &on("svcA", "ext1"),
+            observer.on(&on("svcA", "ext1")).len() + 2,
+            T,
+        )
+        .await
+        .unwrap();
+    assert!(
+        evil.messages().is_empty(),
+        "bootstrap intruder received {:?}",
+        evil.messages().len()
+    );
+    assert!(
+        nosy.messages().iter().all(|m| m.topic.ends_with("/ext2")),
+        "service intruder received another device's traffic"
+    );
+    assert!(
+        observer.messages()[mark..]
+            .iter()
+            .all(|m| m.payload != b"injected"),
+        "an injected message was delivered"
+    );
+
+    // Migration: the ACL grants both tenants while ext1 moves, then only the new one.
+    let body = json!({ "devices": ["ext1"], "service_id": "svcC" });
+    fleet_manager::admin::call(&admin, "POST", "/v1/service-change", Some(&body))
+        .await
+        .unwrap();
+    regenerate().await.unwrap();
+    devices
+        .wait_event("ext1", T, "moved to svcC", |e| {
+            matches!(e, DeviceEvent::ChangeAccepted { .. })
+        })
+        .await
+        .unwrap();
+    observer.wait_for(&on("svcC", "ext1"), 1, T).await.unwrap();
+    regenerate().await.unwrap();
+    let acl = std::fs::read_to_string(params.out_dir.join("acl")).unwrap();
+    assert!(acl.contains("topic write /tenants/svcC/telemetry/ext1"));
+    assert!(
+        !acl.contains("/tenants/svcA/telemetry/ext1"),
+        "the old tenant is still granted"
+    );
+    let history = manager.core.store.history("ext1").unwrap();
+    assert_eq!(history.len(), 2);
+
+    devices.shutdown.cancel();
+    manager.stop().await;
+    let _ = mosquitto.kill();
+    let _ = mosquitto.wait();
+}

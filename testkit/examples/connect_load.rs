@@ -1,0 +1,433 @@
+//! Mutual-TLS connect load generator: TCP + TLS 1.3 (OpenSSL, client
+//! certificate) + MQTT 3.1.1 CONNECT / CONNACK, against any broker that
+//! accepts fleetshift device certificates (the front door's service
+//! listener, or mosquitto with `require_certificate true`).
+//!
+//! ```sh
+//! connect_load prepare --certs certs --service svcA
+//! connect_load rate --addr 127.0.0.1:8883 --certs certs --count 3000 --concurrency 200 --broker-pid PID
+//! connect_load hold --addr 127.0.0.1:8883 --certs certs --count 2000 --broker-pid PID
+//! ```
+//!
+//! Workers are OS threads doing blocking OpenSSL I/O; all of them share one
+//! `SslConnector`. Each prints one JSON line on stdout.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Parser, Subcommand};
+use openssl::pkey::{PKey, Private};
+use openssl::ssl::{SslConnector, SslMethod, SslStream, SslVersion};
+use openssl::x509::X509;
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    name = "connect_load",
+    about = "mutual-TLS MQTT connect load generator"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct Common {
+    /// Broker address (mutual-TLS MQTT listener).
+    #[arg(long)]
+    addr: SocketAddr,
+    /// PKI directory (root-ca.pem, services/).
+    #[arg(long, default_value = "certs")]
+    certs: PathBuf,
+    /// Service whose CA issues the client certificates (O of the certificate).
+    #[arg(long, default_value = "svcA")]
+    service: String,
+    /// Label printed in the JSON line.
+    #[arg(long, default_value = "broker")]
+    target: String,
+    /// Broker process id, for CPU time and resident memory from /proc.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+    /// Connections in flight at once (worker threads).
+    #[arg(long, default_value_t = 200)]
+    concurrency: usize,
+    /// Device id prefix; ids are `{prefix}-{n:06}`.
+    #[arg(long, default_value = "load")]
+    prefix: String,
+    /// MQTT keep-alive asked for, seconds.
+    #[arg(long, default_value_t = 120)]
+    keep_alive: u16,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create the service CA (so brokers can load it) and write `{certs}/bench-cafile.pem`
+    /// (root + service CA) for mosquitto.
+    Prepare {
+        #[arg(long, default_value = "certs")]
+        certs: PathBuf,
+        #[arg(long, default_value = "svcA")]
+        service: String,
+    },
+    /// Connect, wait for CONNACK, DISCONNECT and close, `count` times.
+    Rate {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 3000)]
+        count: usize,
+        /// Distinct identities, split among the workers so that no two
+        /// connections in flight share a client id. At least `concurrency`.
+        #[arg(long, default_value_t = 400)]
+        identities: usize,
+        /// Round number, printed.
+        #[arg(long, default_value_t = 0)]
+        round: u32,
+    },
+    /// Open `count` connections with distinct identities and hold them;
+    /// report the broker's resident memory per connection.
+    Hold {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 2000)]
+        count: usize,
+        /// Seconds to wait after the last CONNACK before reading memory.
+        #[arg(long, default_value_t = 3)]
+        settle_secs: u64,
+    },
+}
+
+struct Identity {
+    id: String,
+    leaf: X509,
+    ca: X509,
+    key: PKey<Private>,
+}
+
+fn issue(certs: &Path, service: &str, prefix: &str, n: usize) -> anyhow::Result<Vec<Identity>> {
+    let pki = fleet_pki::Pki::open_or_create(certs)?;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = format!("{prefix}-{i:06}");
+        let key = fleet_protocol::crypto::generate_p256()?;
+        let public = PKey::public_key_from_der(&key.public_key_to_der()?)?;
+        let issued = pki.issue_device_certificate(&id, service, &public, 30)?;
+        let ca = issued
+            .chain
+            .get(1)
+            .cloned()
+            .ok_or_else(|| anyhow!("chain without service CA"))?;
+        out.push(Identity {
+            id,
+            leaf: issued.leaf,
+            ca,
+            key,
+        });
+    }
+    Ok(out)
+}
+
+fn connector(certs: &Path) -> anyhow::Result<SslConnector> {
+    let mut b = SslConnector::builder(SslMethod::tls_client())?;
+    b.set_min_proto_version(Some(SslVersion::TLS1_3))?;
+    b.set_max_proto_version(Some(SslVersion::TLS1_3))?;
+    b.set_ca_file(certs.join("root-ca.pem"))
+        .context("root-ca.pem")?;
+    Ok(b.build())
+}
+
+/// MQTT 3.1.1 CONNECT: clean session, no will, no credentials.
+fn connect_packet(client_id: &str, keep_alive: u16) -> Vec<u8> {
+    let mut body = Vec::with_capacity(16 + client_id.len());
+    body.extend_from_slice(&[0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02]);
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    let mut pkt = vec![0x10];
+    let mut len = body.len();
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        pkt.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    pkt.extend_from_slice(&body);
+    pkt
+}
+
+/// TCP + TLS + CONNECT + CONNACK. Returns the open stream.
+fn connect_one(
+    conn: &SslConnector,
+    addr: SocketAddr,
+    ident: &Identity,
+    keep_alive: u16,
+) -> anyhow::Result<SslStream<TcpStream>> {
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(30)).context("tcp")?;
+    tcp.set_nodelay(true)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+    tcp.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let mut cfg = conn.configure()?;
+    cfg.set_certificate(&ident.leaf)?;
+    cfg.add_chain_cert(ident.ca.clone())?;
+    cfg.set_private_key(&ident.key)?;
+    let mut tls = cfg
+        .connect("localhost", tcp)
+        .map_err(|e| anyhow!("tls: {e}"))?;
+    tls.write_all(&connect_packet(&ident.id, keep_alive))
+        .context("write CONNECT")?;
+    let mut ack = [0u8; 4];
+    tls.read_exact(&mut ack).context("read CONNACK")?;
+    if ack[0] != 0x20 || ack[1] != 0x02 {
+        bail!("not a CONNACK: {ack:02x?}");
+    }
+    if ack[3] != 0 {
+        bail!("CONNACK return code {}", ack[3]);
+    }
+    Ok(tls)
+}
+
+fn proc_cpu_secs(pid: &str, clk_tck: f64) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ut: f64 = f.get(11)?.parse().ok()?;
+    let st: f64 = f.get(12)?.parse().ok()?;
+    Some((ut + st) / clk_tck)
+}
+
+fn proc_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn proc_threads(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("Threads:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+const CLK_TCK: f64 = 100.0;
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn rate(c: Common, count: usize, identities: usize, round: u32) -> anyhow::Result<()> {
+    let identities = identities.max(c.concurrency);
+    let idents = Arc::new(issue(&c.certs, &c.service, &c.prefix, identities)?);
+    let conn = Arc::new(connector(&c.certs)?);
+    let next = Arc::new(AtomicUsize::new(0));
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let load_before = loadavg();
+    let pid = c.broker_pid.map(|p| p.to_string());
+    let cpu0 = pid.as_deref().and_then(|p| proc_cpu_secs(p, CLK_TCK));
+    let self0 = proc_cpu_secs("self", CLK_TCK);
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..c.concurrency {
+        let (idents, conn, next, errors) =
+            (idents.clone(), conn.clone(), next.clone(), errors.clone());
+        let (addr, ka, conc) = (c.addr, c.keep_alive, c.concurrency);
+        workers.push(std::thread::spawn(move || {
+            let mut lat = Vec::new();
+            let mut k = 0usize;
+            // Worker w owns identities w, w + conc, w + 2 conc, ...
+            let mine: Vec<usize> = (w..idents.len()).step_by(conc).collect();
+            while next.fetch_add(1, Ordering::Relaxed) < count {
+                let ident = &idents[mine[k % mine.len()]];
+                k += 1;
+                let t = Instant::now();
+                match connect_one(&conn, addr, ident, ka) {
+                    Ok(mut s) => {
+                        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                        let _ = s.write_all(&[0xE0, 0x00]);
+                        let _ = s.shutdown();
+                    }
+                    Err(e) => {
+                        let mut errs = errors.lock().unwrap_or_else(|p| p.into_inner());
+                        if errs.len() < 1000 {
+                            errs.push(format!("{e:#}"));
+                        }
+                    }
+                }
+            }
+            lat
+        }));
+    }
+    let mut lat: Vec<f64> = Vec::with_capacity(count);
+    for w in workers {
+        lat.extend(w.join().map_err(|_| anyhow!("worker panicked"))?);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu1 = pid.as_deref().and_then(|p| proc_cpu_secs(p, CLK_TCK));
+    let self1 = proc_cpu_secs("self", CLK_TCK);
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let ok = lat.len();
+    let errs = errors.lock().unwrap_or_else(|p| p.into_inner());
+    let broker_cpu = cpu0.zip(cpu1).map(|(a, b)| b - a);
+    println!(
+        "{}",
+        json!({
+            "mode": "rate", "target": c.target, "round": round, "count": count,
+            "concurrency": c.concurrency, "identities": identities,
+            "ok": ok, "failed": count - ok,
+            "secs": round3(secs), "connects_per_sec": (ok as f64 / secs).round(),
+            "p50_ms": round3(percentile(&lat, 50.0)), "p90_ms": round3(percentile(&lat, 90.0)),
+            "p99_ms": round3(percentile(&lat, 99.0)), "max_ms": round3(percentile(&lat, 100.0)),
+            "broker_cpu_s": broker_cpu.map(round3),
+            "broker_cpu_s_per_1000": broker_cpu.map(|b| round3(b * 1000.0 / ok.max(1) as f64)),
+            "generator_cpu_s": self0.zip(self1).map(|(a, b)| round3(b - a)),
+            "loadavg_before": load_before, "loadavg_after": loadavg(),
+            "first_errors": errs.iter().take(3).collect::<Vec<_>>(),
+        })
+    );
+    Ok(())
+}
+
+fn hold(c: Common, count: usize, settle_secs: u64) -> anyhow::Result<()> {
+    let t_issue = Instant::now();
+    let idents = Arc::new(issue(&c.certs, &c.service, &c.prefix, count)?);
+    let issue_secs = t_issue.elapsed().as_secs_f64();
+    let conn = Arc::new(connector(&c.certs)?);
+    let next = Arc::new(AtomicUsize::new(0));
+    let held: Arc<Mutex<Vec<SslStream<TcpStream>>>> =
+        Arc::new(Mutex::new(Vec::with_capacity(count)));
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let pid = c.broker_pid;
+    std::thread::sleep(Duration::from_secs(1));
+    let rss0 = pid.and_then(proc_rss_kib);
+    let cpu0 = pid.and_then(|p| proc_cpu_secs(&p.to_string(), CLK_TCK));
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..c.concurrency {
+        let (idents, conn, next, held, errors) = (
+            idents.clone(),
+            conn.clone(),
+            next.clone(),
+            held.clone(),
+            errors.clone(),
+        );
+        let (addr, ka) = (c.addr, c.keep_alive);
+        workers.push(std::thread::spawn(move || loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= idents.len() {
+                break;
+            }
+            match connect_one(&conn, addr, &idents[i], ka) {
+                Ok(s) => held.lock().unwrap_or_else(|p| p.into_inner()).push(s),
+                Err(e) => {
+                    let mut errs = errors.lock().unwrap_or_else(|p| p.into_inner());
+                    if errs.len() < 1000 {
+                        errs.push(format!("{e:#}"));
+                    }
+                }
+            }
+        }));
+    }
+    for w in workers {
+        w.join().map_err(|_| anyhow!("worker panicked"))?;
+    }
+    let connect_secs = start.elapsed().as_secs_f64();
+    let cpu1 = pid.and_then(|p| proc_cpu_secs(&p.to_string(), CLK_TCK));
+    std::thread::sleep(Duration::from_secs(settle_secs));
+    let rss1 = pid.and_then(proc_rss_kib);
+    let threads = pid.and_then(proc_threads);
+    let ok = held.lock().unwrap_or_else(|p| p.into_inner()).len();
+    // Are the held connections still up? Probe a sample: the broker must not have closed them.
+    let alive = {
+        let mut h = held.lock().unwrap_or_else(|p| p.into_inner());
+        let mut alive = 0usize;
+        for s in h.iter_mut().step_by((ok / 50).max(1)) {
+            s.get_ref().set_nonblocking(true)?;
+            let mut b = [0u8; 1];
+            // Pending bytes (a session ticket) or nothing yet: open. Ok(0): closed.
+            match s.get_mut().peek(&mut b) {
+                Ok(n) if n > 0 => alive += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => alive += 1,
+                _ => {}
+            }
+            s.get_ref().set_nonblocking(false)?;
+        }
+        alive
+    };
+    let errs = errors.lock().unwrap_or_else(|p| p.into_inner());
+    let delta = rss0.zip(rss1).map(|(a, b)| b as f64 - a as f64);
+    println!(
+        "{}",
+        json!({
+            "mode": "hold", "target": c.target, "count": count, "ok": ok, "failed": count - ok,
+            "issue_secs": round3(issue_secs), "connect_secs": round3(connect_secs),
+            "connects_per_sec": (ok as f64 / connect_secs).round(),
+            "broker_cpu_s_per_1000": cpu0.zip(cpu1).map(|(a, b)| round3((b - a) * 1000.0 / ok.max(1) as f64)),
+            "rss_before_kib": rss0, "rss_after_kib": rss1,
+            "rss_kib_per_conn": delta.map(|d| round3(d / ok.max(1) as f64)),
+            "broker_threads": threads,
+            "sampled_alive": alive, "sampled": ok.div_ceil((ok / 50).max(1)),
+            "loadavg": loadavg(),
+            "first_errors": errs.iter().take(3).collect::<Vec<_>>(),
+        })
+    );
+    drop(held);
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Prepare { certs, service } => {
+            let pki = fleet_pki::Pki::open_or_create(&certs)?;
+            let (ca, _) = pki.service_ca(&service)?;
+            let mut pem = pki.root_cert().to_pem()?;
+            pem.extend(ca.to_pem()?);
+            let path = certs.join("bench-cafile.pem");
+            std::fs::write(&path, pem)?;
+            println!("{}", json!({"mode": "prepare", "cafile": path}));
+            Ok(())
+        }
+        Cmd::Rate {
+            common,
+            count,
+            identities,
+            round,
+        } => rate(common, count, identities, round),
+        Cmd::Hold {
+            common,
+            count,
+            settle_secs,
+        } => hold(common, count, settle_secs),
+    }
+}
