@@ -71,7 +71,11 @@ impl BrokerConfig {
     pub fn load(file: Option<&std::path::Path>) -> Result<BrokerConfig, config::ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(file) = file {
-            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+            // Read it ourselves: the config crate looks names up without
+            // their extension.
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| config::ConfigError::Message(format!("{}: {e}", file.display())))?;
+            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
         }
         builder
             .add_source(config::Environment::with_prefix("FLEET_BROKER").try_parsing(true))
@@ -95,5 +99,36 @@ impl BrokerConfig {
         self.internal_secret_file
             .clone()
             .unwrap_or_else(|| self.certs_dir.join("internal.secret"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_toml_over_defaults() {
+        let dir = std::env::temp_dir().join(format!("fleet-broker-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("broker.toml");
+        std::fs::write(
+            &file,
+            "max_connections = 123\nbootstrap_tls_listen = \"127.0.0.1:9999\"\n",
+        )
+        .unwrap();
+        let cfg = BrokerConfig::load(Some(&file)).unwrap();
+        assert_eq!(cfg.max_connections, 123);
+        assert_eq!(
+            cfg.bootstrap_tls_listen,
+            Some("127.0.0.1:9999".parse().unwrap())
+        );
+        assert_eq!(cfg.service_listen, BrokerConfig::default().service_listen);
+        assert!(BrokerConfig::load(Some(&dir.join("missing.toml"))).is_err());
+        std::fs::write(&file, "no_such_key = 1\n").unwrap();
+        assert!(
+            BrokerConfig::load(Some(&file)).is_err(),
+            "unknown keys are refused"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -111,6 +111,17 @@ fn internal_secret(path: &Path) -> Result<String, BrokerError> {
 /// Starts the router and the front door; returns once every listener is bound.
 pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
     let secret = internal_secret(&config.secret_path())?;
+    // One worker per core for handshakes and sessions; calls that wait on
+    // the router run in place with `block_in_place` or on blocking threads.
+    // Listeners are bound inside it, so `start` works with or without a
+    // caller's runtime.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .thread_name("frontdoor")
+        .enable_all()
+        .build()
+        .map_err(BrokerError::Thread)?;
+    let entered = runtime.enter();
     let link = listeners::start_router(config);
     let shared = frontdoor::Shared::new(
         link,
@@ -156,14 +167,7 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
         plan.push((l, frontdoor::Transport::MutualTls(t)));
     }
 
-    // One worker per core for handshakes and sessions; calls that wait on
-    // the router run in place with `block_in_place` or on blocking threads.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
-        .thread_name("frontdoor")
-        .enable_all()
-        .build()
-        .map_err(BrokerError::Thread)?;
+    drop(entered);
     let stop = CancellationToken::new();
     let metrics = shared.metrics.clone();
     let stop2 = stop.clone();

@@ -84,7 +84,11 @@ impl ManagerConfig {
     pub fn load(file: Option<&Path>) -> anyhow::Result<ManagerConfig> {
         let mut builder = config::Config::builder();
         if let Some(file) = file {
-            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+            // Read it ourselves: the config crate looks names up without
+            // their extension.
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| config::ConfigError::Message(format!("{}: {e}", file.display())))?;
+            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
         }
         let cfg: ManagerConfig = builder
             .add_source(config::Environment::with_prefix("FLEET").try_parsing(true))
@@ -119,5 +123,23 @@ impl ManagerConfig {
             .rsplit_once(':')
             .ok_or_else(|| anyhow::anyhow!("broker_url {} has no port", self.broker_url))?;
         Ok((host.trim_matches(['[', ']']).to_string(), port.parse()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_toml_with_the_embedded_broker_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("manager.toml");
+        std::fs::write(&file, "workers = 3\n[broker]\nmax_connections = 77\n").unwrap();
+        let cfg = ManagerConfig::load(Some(&file)).unwrap();
+        assert_eq!(cfg.workers, 3);
+        assert_eq!(cfg.broker.max_connections, 77);
+        assert_eq!(cfg.admin_listen, ManagerConfig::default().admin_listen);
+        std::fs::write(&file, "workers = 0\n").unwrap();
+        assert!(ManagerConfig::load(Some(&file)).is_err(), "validation runs");
     }
 }
