@@ -74,6 +74,13 @@ enum Cmd {
         #[arg(long, default_value = "svcA")]
         service: String,
     },
+    /// Run the fleetshift broker alone in this process, as `fleet-broker
+    /// --config FILE` does, but with a Tokio runtime entered around
+    /// `fleet_broker::start` (its listeners are bound with Tokio sockets).
+    Broker {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Connect, wait for CONNACK, DISCONNECT and close, `count` times.
     Rate {
         #[command(flatten)]
@@ -227,6 +234,24 @@ fn proc_threads(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// TcpExt ListenOverflows + ListenDrops from /proc/net/netstat (whole host
+/// network namespace): SYNs dropped because an accept queue was full.
+fn listen_drops() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = text.lines();
+    while let (Some(h), Some(v)) = (lines.next(), lines.next()) {
+        if h.starts_with("TcpExt:") {
+            let names: Vec<&str> = h.split_whitespace().collect();
+            let vals: Vec<&str> = v.split_whitespace().collect();
+            let get = |n: &str| -> Option<u64> {
+                vals.get(names.iter().position(|x| *x == n)?)?.parse().ok()
+            };
+            return Some(get("ListenOverflows")? + get("ListenDrops")?);
+        }
+    }
+    None
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -257,6 +282,7 @@ fn rate(c: Common, count: usize, identities: usize, round: u32) -> anyhow::Resul
     let pid = c.broker_pid.map(|p| p.to_string());
     let cpu0 = pid.as_deref().and_then(|p| proc_cpu_secs(p, CLK_TCK));
     let self0 = proc_cpu_secs("self", CLK_TCK);
+    let drops0 = listen_drops();
     let start = Instant::now();
     let mut workers = Vec::new();
     for w in 0..c.concurrency {
@@ -296,6 +322,7 @@ fn rate(c: Common, count: usize, identities: usize, round: u32) -> anyhow::Resul
     let secs = start.elapsed().as_secs_f64();
     let cpu1 = pid.as_deref().and_then(|p| proc_cpu_secs(p, CLK_TCK));
     let self1 = proc_cpu_secs("self", CLK_TCK);
+    let drops1 = listen_drops();
     lat.sort_by(|a, b| a.total_cmp(b));
     let ok = lat.len();
     let errs = errors.lock().unwrap_or_else(|p| p.into_inner());
@@ -312,6 +339,7 @@ fn rate(c: Common, count: usize, identities: usize, round: u32) -> anyhow::Resul
             "broker_cpu_s": broker_cpu.map(round3),
             "broker_cpu_s_per_1000": broker_cpu.map(|b| round3(b * 1000.0 / ok.max(1) as f64)),
             "generator_cpu_s": self0.zip(self1).map(|(a, b)| round3(b - a)),
+            "listen_drops": drops0.zip(drops1).map(|(a, b)| b - a),
             "loadavg_before": load_before, "loadavg_after": loadavg(),
             "first_errors": errs.iter().take(3).collect::<Vec<_>>(),
         })
@@ -417,6 +445,31 @@ fn main() -> anyhow::Result<()> {
             std::fs::write(&path, pem)?;
             println!("{}", json!({"mode": "prepare", "cafile": path}));
             Ok(())
+        }
+        Cmd::Broker { config } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "warn".into()),
+                )
+                .init();
+            let config = fleet_broker::BrokerConfig::load(Some(&config))?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let running = {
+                let _guard = rt.enter();
+                fleet_broker::start(&config)?
+            };
+            let show = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
+            println!(
+                "broker ready: internal mqtt://{}  service mqtts://{}",
+                running.internal_addr,
+                show(running.service_addr)
+            );
+            loop {
+                std::thread::park();
+            }
         }
         Cmd::Rate {
             common,
