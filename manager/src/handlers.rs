@@ -536,9 +536,30 @@ impl Core {
     }
 
     /// Requests on a tenant topic must come from that tenant's current service.
-    fn check_tenant(topic: &Topic, device: &DeviceRecord, claimed: &str) -> Result<(), Failure> {
+    ///
+    /// A device that has just re-keyed may still speak from its previous
+    /// tenant (the reply with its new certificate was lost, say, and it asks
+    /// again): until its old certificate is revoked, that tenant counts too.
+    fn check_tenant(
+        &self,
+        topic: &Topic,
+        device: &DeviceRecord,
+        claimed: &str,
+    ) -> Result<(), Failure> {
         if let Some(tenant) = &topic.tenant {
-            if *tenant != device.service_id {
+            let previous = || -> Result<bool, Failure> {
+                for serial in &device.pending_revocation {
+                    if self
+                        .store
+                        .cert(serial)?
+                        .is_some_and(|c| c.service_id == *tenant)
+                    {
+                        return Ok(true);
+                    }
+                }
+                Ok(false)
+            };
+            if *tenant != device.service_id && !previous()? {
                 return fail(
                     Status::WrongService,
                     format!(
@@ -564,7 +585,7 @@ impl Core {
             return Ok(Outcome::Cached(cached));
         }
         let target = req.body.service_id.clone();
-        Self::check_tenant(topic, &device, &target)?;
+        self.check_tenant(topic, &device, &target)?;
         let migrating = target != device.service_id;
         let d = device.device_id.clone();
 
@@ -725,7 +746,7 @@ impl Core {
         if let Some(cached) = self.fresh(&req)? {
             return Ok(Outcome::Cached(cached));
         }
-        Self::check_tenant(topic, &device, &req.body.service_id)?;
+        self.check_tenant(topic, &device, &req.body.service_id)?;
         Ok(Outcome::Reply {
             reply: Box::new(Reply {
                 device_id: device.device_id.clone(),
@@ -751,7 +772,7 @@ impl Core {
         if let Some(cached) = self.fresh(&req)? {
             return Ok(Outcome::Cached(cached));
         }
-        Self::check_tenant(topic, &device, &req.body.service_id)?;
+        self.check_tenant(topic, &device, &req.body.service_id)?;
         let mut batch = Batch {
             nonce: Some(self.nonce_record(&req)),
             ..Batch::default()
@@ -1091,6 +1112,86 @@ mod tests {
             &env.auth
         ));
         env.body().unwrap()
+    }
+
+    fn ask(core: &Core, topic: &Topic, payload: Vec<u8>) -> Reply {
+        let out = core.handle(&topic.to_string(), &payload);
+        only_reply(core, &out, &topic.reply_topic().unwrap().to_string())
+    }
+
+    fn update(core: &Core, d: &str, service: &str, tenant: Option<&str>, uuid: &[u8]) -> Reply {
+        let eph = crypto::generate_p256().unwrap();
+        let key = crypto::generate_p256().unwrap();
+        let body = UpdateRequest {
+            device_id: d.into(),
+            service_id: service.into(),
+            nonce: crypto::random_bytes(16),
+            ts: now_ms(),
+            eph: crypto::public_point(&eph).unwrap(),
+            csr: Some(ByteBuf::from(fleet_pki::generate_csr(d, &key).unwrap())),
+        };
+        let env = Envelope::build(Kind::Update, &body, |tbs| crypto::hmac(uuid, tbs)).unwrap();
+        let route = Route::Request(RequestKind::Update, d.into());
+        let topic = match tenant {
+            Some(t) => Topic::in_tenant(t, route),
+            None => Topic::bootstrap(route),
+        };
+        ask(core, &topic, env.encode())
+    }
+
+    /// A device whose reply with its new certificate was lost asks again,
+    /// with a fresh request, from its old tenant: it gets a certificate.
+    #[test]
+    fn a_lost_rekey_reply_can_be_asked_for_again() {
+        let (_dir, core) = core();
+        let factory = crypto::generate_p256().unwrap();
+        core.store
+            .put_registration(&crate::store::Registration {
+                sv: SCHEMA_VERSION,
+                device_id: "d1".into(),
+                initial_service: "svcA".into(),
+                factory_key: Some(ByteBuf::from(crypto::public_point(&factory).unwrap())),
+                registered_ms: now_ms(),
+            })
+            .unwrap();
+        let eph = crypto::generate_p256().unwrap();
+        let body = ActivateRequest {
+            device_id: "d1".into(),
+            service_id: None,
+            nonce: crypto::random_bytes(16),
+            ts: now_ms(),
+            eph: crypto::public_point(&eph).unwrap(),
+        };
+        let env =
+            Envelope::build(Kind::Activate, &body, |tbs| crypto::sign(&factory, tbs)).unwrap();
+        let reply = ask(
+            &core,
+            &Topic::bootstrap(Route::Request(RequestKind::Activate, "d1".into())),
+            env.encode(),
+        );
+        assert_eq!(reply.status, Status::Ok);
+        let uuid = crypto::unseal(&eph, "d1", reply.uuid.as_ref().unwrap()).unwrap();
+
+        assert_eq!(update(&core, "d1", "svcA", None, &uuid).status, Status::Ok);
+        let (results, _) = core.request_change(&["d1".to_string()], "svcB", None, None, None);
+        assert!(results[0].ok);
+        assert_eq!(
+            update(&core, "d1", "svcB", Some("svcA"), &uuid).status,
+            Status::Ok
+        );
+        // The reply was lost; the device asks again from svcA.
+        let again = update(&core, "d1", "svcB", Some("svcA"), &uuid);
+        assert_eq!(again.status, Status::Ok, "{:?}", again.detail);
+        assert_eq!(
+            core.store.history("d1").unwrap().len(),
+            2,
+            "a retry opens no new period"
+        );
+        // A tenant the device never had stays closed.
+        assert_eq!(
+            update(&core, "d1", "svcB", Some("svcC"), &uuid).status,
+            Status::WrongService
+        );
     }
 
     #[test]

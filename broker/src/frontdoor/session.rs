@@ -37,6 +37,10 @@ pub enum SessionError {
     Refused(String),
     #[error("router: {0}")]
     Router(String),
+    /// The router ended the session (a newer connection of the same
+    /// identity took it over): nothing to tell the router on the way out.
+    #[error("closed by the router: {0}")]
+    RouterClosed(String),
     #[error("idle past keep-alive")]
     KeepAlive,
     #[error("closed: certificate revoked")]
@@ -240,7 +244,9 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         },
         None,
     );
-    let _ = send(&mut tx, bye).await;
+    if !matches!(result, Err(SessionError::RouterClosed(_))) {
+        let _ = send(&mut tx, bye).await;
+    }
     if let Err(err) = &result {
         debug!(identity = %label, error = %err, "session ended");
     }
@@ -306,7 +312,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             notification = rx.next() => {
-                let notification = notification.map_err(|e| SessionError::Router(e.to_string()))?;
+                let notification = notification.map_err(|e| SessionError::RouterClosed(e.to_string()))?;
                 let Some(notification) = notification else { continue };
                 if matches!(notification, Notification::Unschedule) {
                     rx.wake().await.map_err(|e| SessionError::Router(e.to_string()))?;
@@ -328,7 +334,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     Packet::Disconnect(..) => {
                         info!(identity = %identity.label(), "router closed the session (taken over by the same identity)");
                         framed.write(vec![packet]).await?;
-                        return Ok(());
+                        return Err(SessionError::RouterClosed("taken over".into()));
                     }
                     other => other,
                 };
