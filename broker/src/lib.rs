@@ -14,12 +14,12 @@
 //! - [`config`]: listener addresses and limits, with defaults.
 //! - [`frontdoor`]: listeners, identity binding, per-packet authorization,
 //!   revocation, limits.
-//! - `listeners`: the rumqttd router and its configuration.
+//! - `router`: the rumqttd router and its configuration.
 
 pub mod config;
 pub mod frontdoor;
-mod listeners;
 pub mod mosquitto;
+mod router;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -122,7 +122,7 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
         .build()
         .map_err(BrokerError::Thread)?;
     let entered = runtime.enter();
-    let link = listeners::start_router(config);
+    let link = router::start_router(config);
     let shared = frontdoor::Shared::new(
         link,
         config.limits(),
@@ -216,23 +216,5 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
 /// The bootstrap listener's TLS context: the broker certificate, TLS 1.2
 /// or later, no client certificate. Built once; shared by every handshake.
 fn server_tls_acceptor(certs_dir: &Path) -> Result<openssl::ssl::SslAcceptor, BrokerError> {
-    use openssl::ssl::{SslAcceptor, SslFiletype, SslMethod, SslVersion};
-    let tls = |e: openssl::error::ErrorStack| BrokerError::Tls(e.to_string());
-    let cert = certs_dir.join("broker.pem");
-    let key = certs_dir.join("broker.key");
-    for p in [&cert, &key] {
-        if !p.exists() {
-            return Err(BrokerError::MissingFile(p.display().to_string()));
-        }
-    }
-    let mut builder = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server()).map_err(tls)?;
-    builder
-        .set_min_proto_version(Some(SslVersion::TLS1_2))
-        .map_err(tls)?;
-    builder.set_certificate_chain_file(&cert).map_err(tls)?;
-    builder
-        .set_private_key_file(&key, SslFiletype::PEM)
-        .map_err(tls)?;
-    builder.check_private_key().map_err(tls)?;
-    Ok(builder.build())
+    Ok(frontdoor::trust::server_builder(certs_dir)?.build())
 }

@@ -600,7 +600,7 @@ impl Mosquitto {
             Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
         };
         let (plain, mtls) = (free()?, free()?);
-        let user = String::from_utf8(Command::new("id").arg("-un").output()?.stdout)?;
+        let user = fleet_manager::cli::current_user();
         let conf = format!(
             "per_listener_settings false\nallow_anonymous true\npersistence false\nlog_dest stderr\n\
              # The CA and broker keys are 0600: keep the user that owns them.\n\

@@ -13,10 +13,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
+use openssl::asn1::Asn1IntegerRef;
 use openssl::nid::Nid;
-use openssl::ssl::{SslAcceptor, SslMethod, SslRef, SslVerifyMode, SslVersion};
+use openssl::ssl::{SslAcceptor, SslAcceptorBuilder, SslMethod, SslRef, SslVerifyMode, SslVersion};
 use openssl::x509::store::X509StoreBuilder;
-use openssl::x509::{X509Crl, X509Ref, X509};
+use openssl::x509::{X509Crl, X509NameRef, X509Ref, X509};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -30,24 +31,21 @@ pub const RELOAD_EVERY: Duration = Duration::from_millis(200);
 /// migration) is delivered. Polling plus grace stay under one second.
 pub const CUT_GRACE: Duration = Duration::from_millis(400);
 
-/// Lowercase hex of a certificate serial, as the PKI and the CRLs write it.
-pub fn serial_hex(cert: &X509Ref) -> String {
-    cert.serial_number()
+/// Lowercase hex of a serial number, as the PKI and the CRLs write it.
+fn hex_serial(serial: &Asn1IntegerRef) -> String {
+    serial
         .to_bn()
         .and_then(|b| b.to_hex_str().map(|s| s.to_lowercase()))
         .unwrap_or_default()
 }
 
-fn subject_entry(cert: &X509Ref, nid: Nid) -> Option<String> {
-    cert.subject_name()
-        .entries_by_nid(nid)
-        .next()
-        .and_then(|e| e.data().to_string().ok())
+/// Lowercase hex of a certificate's serial.
+pub fn serial_hex(cert: &X509Ref) -> String {
+    hex_serial(cert.serial_number())
 }
 
-fn issuer_entry(cert: &X509Ref, nid: Nid) -> Option<String> {
-    cert.issuer_name()
-        .entries_by_nid(nid)
+fn name_entry(name: &X509NameRef, nid: Nid) -> Option<String> {
+    name.entries_by_nid(nid)
         .next()
         .and_then(|e| e.data().to_string().ok())
 }
@@ -64,11 +62,14 @@ pub struct CertIdentity {
 /// O = service id, and the issuing CA must be that service's CA.
 pub fn identity_of(ssl: &SslRef) -> Result<CertIdentity, String> {
     let cert = ssl.peer_certificate().ok_or("no client certificate")?;
-    let device_id = subject_entry(&cert, Nid::COMMONNAME).ok_or("certificate has no CN")?;
-    let service_id = subject_entry(&cert, Nid::ORGANIZATIONNAME).ok_or("certificate has no O")?;
+    let device_id =
+        name_entry(cert.subject_name(), Nid::COMMONNAME).ok_or("certificate has no CN")?;
+    let service_id =
+        name_entry(cert.subject_name(), Nid::ORGANIZATIONNAME).ok_or("certificate has no O")?;
     fleet_protocol::topic::validate_device_id(&device_id).map_err(|e| e.to_string())?;
     fleet_protocol::topic::validate_service_id(&service_id).map_err(|e| e.to_string())?;
-    if issuer_entry(&cert, Nid::ORGANIZATIONNAME).as_deref() != Some(service_id.as_str()) {
+    if name_entry(cert.issuer_name(), Nid::ORGANIZATIONNAME).as_deref() != Some(service_id.as_str())
+    {
         return Err(format!(
             "certificate for service {service_id} was not issued by that service's CA"
         ));
@@ -234,16 +235,33 @@ fn load_revoked(certs_dir: &Path) -> HashSet<String> {
             continue;
         };
         for r in crl.get_revoked().into_iter().flatten() {
-            if let Ok(hex) = r
-                .serial_number()
-                .to_bn()
-                .and_then(|b| b.to_hex_str().map(|s| s.to_lowercase()))
-            {
-                out.insert(hex);
-            }
+            out.insert(hex_serial(r.serial_number()));
         }
     }
     out
+}
+
+/// The broker's server side of TLS, shared by every TLS listener: the
+/// broker certificate and key from `certs/`, TLS 1.2 or later.
+pub fn server_builder(certs_dir: &Path) -> Result<SslAcceptorBuilder, BrokerError> {
+    let tls = |e: openssl::error::ErrorStack| BrokerError::Tls(e.to_string());
+    let cert = certs_dir.join("broker.pem");
+    let key = certs_dir.join("broker.key");
+    for p in [&cert, &key] {
+        if !p.exists() {
+            return Err(BrokerError::MissingFile(p.display().to_string()));
+        }
+    }
+    let mut builder = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server()).map_err(tls)?;
+    builder
+        .set_min_proto_version(Some(SslVersion::TLS1_2))
+        .map_err(tls)?;
+    builder.set_certificate_chain_file(&cert).map_err(tls)?;
+    builder
+        .set_private_key_file(&key, openssl::ssl::SslFiletype::PEM)
+        .map_err(tls)?;
+    builder.check_private_key().map_err(tls)?;
+    Ok(builder)
 }
 
 fn build_acceptor(
@@ -272,17 +290,7 @@ fn build_acceptor(
             }
         }
     }
-    let mut builder = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server()).map_err(tls)?;
-    builder
-        .set_min_proto_version(Some(SslVersion::TLS1_2))
-        .map_err(tls)?;
-    builder
-        .set_certificate_chain_file(certs_dir.join("broker.pem"))
-        .map_err(tls)?;
-    builder
-        .set_private_key_file(certs_dir.join("broker.key"), openssl::ssl::SslFiletype::PEM)
-        .map_err(tls)?;
-    builder.check_private_key().map_err(tls)?;
+    let mut builder = server_builder(certs_dir)?;
     builder.set_verify_cert_store(store.build()).map_err(tls)?;
     builder.set_verify_callback(
         SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
@@ -298,9 +306,9 @@ fn build_acceptor(
             // service's devices).
             match ctx.current_cert() {
                 Some(cert) => {
-                    let own_service = subject_entry(cert, Nid::ORGANIZATIONNAME);
+                    let own_service = name_entry(cert.subject_name(), Nid::ORGANIZATIONNAME);
                     own_service.is_some()
-                        && own_service == issuer_entry(cert, Nid::ORGANIZATIONNAME)
+                        && own_service == name_entry(cert.issuer_name(), Nid::ORGANIZATIONNAME)
                         && !revoked
                             .read()
                             .unwrap_or_else(|p| p.into_inner())
