@@ -77,6 +77,7 @@ struct Pki {
     root_key: PKey<Private>,
     services: Mutex<HashMap<String, (X509, PKey<Private>)>>,
     manager: PKey<Private>,
+    dir: std::path::PathBuf,
 }
 
 impl Pki {
@@ -110,11 +111,17 @@ impl Pki {
             root_key,
             services: Mutex::new(HashMap::new()),
             manager,
+            dir: dir.to_path_buf(),
         }
     }
 
-    /// Device certificate (CN = device, O = service, the rumqttd tenant) and its service CA.
+    /// Device certificate (CN = device, O = service, the rumqttd tenant) and
+    /// its service CA, with the registry's grant of that service at the
+    /// broker, as the manager writes it.
     fn issue<T: HasPublic>(&self, device: &str, service: &str, key: &PKeyRef<T>) -> Vec<X509> {
+        let mut granted = fleet_pki::grants::read_grants(&self.dir, device).unwrap();
+        granted.push(service.to_owned());
+        fleet_pki::grants::write_grants(&self.dir, device, &granted).unwrap();
         let mut services = self.services.lock().unwrap();
         let (ca, ca_key) = services.entry(service.to_owned()).or_insert_with(|| {
             let k = crypto::generate_p256().unwrap();

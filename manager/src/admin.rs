@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::handlers::Core;
-use crate::store::{CertStatus, DeviceRecord, Registration, SCHEMA_VERSION};
+use crate::store::{DeviceRecord, Registration, SCHEMA_VERSION};
 
 const MAX_REQUEST: usize = 4 * 1024 * 1024;
 
@@ -347,35 +347,11 @@ pub fn cert_view(c: &crate::store::CertRecord) -> Value {
 }
 
 fn reset(core: &Core, id: &str) -> Result<Value, (u16, String)> {
-    let Some(device) = core.store.device(id).map_err(internal)? else {
-        return Err((404, format!("device {id} is not active")));
-    };
-    let now = fleet_protocol::now_ms();
-    if let Some(n) = device.open_period {
-        if let Some(mut p) = core.store.period(id, n).map_err(internal)? {
-            p.ended_ms = Some(now);
-            p.end_reason = Some("reset".into());
-            core.store.put_period(id, n, &p).map_err(internal)?;
-        }
+    match core.reset(id) {
+        Ok(true) => Ok(json!({ "reset": id })),
+        Ok(false) => Err((404, format!("device {id} is not active"))),
+        Err(f) => Err((500, f.to_string())),
     }
-    let mut revoked_service = None;
-    if let Some(serial) = &device.current_cert {
-        if let Some(mut c) = core.store.cert(serial).map_err(internal)? {
-            c.status = CertStatus::Revoked;
-            c.revoked_ms = Some(now);
-            revoked_service = Some(c.service_id.clone());
-            core.store.put_cert(&c).map_err(internal)?;
-        }
-    }
-    core.store.remove_device(id).map_err(internal)?;
-    core.store
-        .audit("reset", Some(id), "device reset by operator".into())
-        .map_err(internal)?;
-    if let Some(service) = revoked_service {
-        core.publish_crl(&service)
-            .map_err(|e| (500, format!("{e:?}")))?;
-    }
-    Ok(json!({ "reset": id }))
 }
 
 fn summary(core: &Core) -> Result<Value, (u16, String)> {

@@ -7,7 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use fleet_pki::{Pki, RevokedEntry};
+use fleet_pki::{grants, Pki, RevokedEntry};
 use fleet_protocol::crypto::{self, Sealed};
 use fleet_protocol::{
     now_ms, ActivateRequest, Envelope, Kind, PollRequest, ProtocolError, Reply, RequestKind, Route,
@@ -226,7 +226,7 @@ impl Core {
         if let Some((_, rec)) = batch.nonce.as_mut() {
             rec.reply = bytes.clone();
         }
-        match self.store.commit(batch) {
+        match self.commit(batch) {
             Ok(()) => Ok(bytes),
             Err(StoreError::Aborted(reason)) if reason == "nonce" => {
                 fail(Status::Replayed, "nonce recorded concurrently")
@@ -856,7 +856,7 @@ impl Core {
             }
             device.pending_revocation = keep;
             revoked += certs.len();
-            self.store.commit(&Batch {
+            self.commit(&Batch {
                 device: Some(device),
                 certs,
                 ..Batch::default()
@@ -916,16 +916,135 @@ impl Core {
         Ok(())
     }
 
-    /// The tenants each device may use at the broker: its registered
-    /// service until it is active, then its current one and, while it
-    /// migrates, the pending one.
+    /// Commits a batch, then brings the broker's grants of the device it
+    /// writes or removes up to date, before any reply relying on them is
+    /// sent.
+    pub fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        self.store.commit(batch)?;
+        if let Some(device) = &batch.device {
+            self.publish_grants(device);
+        }
+        if let Some(id) = &batch.remove_device {
+            if let Err(err) = grants::remove_grants(self.pki.dir(), id) {
+                warn!(device = %id, error = %err, "broker grants not removed");
+            }
+        }
+        Ok(())
+    }
+
+    /// An operator's reset: closes the open period, revokes every
+    /// certificate of the device not yet revoked, and forgets the device
+    /// (its registration stays, so it may activate again), in one
+    /// transaction; then withdraws its broker grants and rewrites the CRLs.
+    /// Returns false if the device is not active.
+    pub fn reset(&self, device_id: &str) -> Result<bool, Failure> {
+        let _guard = self.lock(device_id);
+        let Some(device) = self.store.device(device_id)? else {
+            return Ok(false);
+        };
+        let now = now_ms();
+        let mut batch = Batch {
+            remove_device: Some(device_id.to_owned()),
+            ..Batch::default()
+        };
+        if let Some(n) = device.open_period {
+            if let Some(mut p) = self.store.period(device_id, n)? {
+                p.ended_ms = Some(now);
+                p.end_reason = Some("reset".into());
+                batch.periods.push((n, p));
+            }
+        }
+        for serial in device
+            .current_cert
+            .iter()
+            .chain(device.pending_revocation.iter())
+        {
+            if let Some(mut c) = self.store.cert(serial)? {
+                if c.revoked_ms.is_none() {
+                    c.status = CertStatus::Revoked;
+                    c.revoked_ms = Some(now);
+                    batch.certs.push(c);
+                }
+            }
+        }
+        self.commit(&batch)?;
+        self.store
+            .audit("reset", Some(device_id), "device reset by operator".into())?;
+        let services: std::collections::BTreeSet<String> =
+            batch.certs.iter().map(|c| c.service_id.clone()).collect();
+        for service in services {
+            self.publish_crl(&service)?;
+        }
+        info!(
+            device = device_id,
+            revoked = batch.certs.len(),
+            "device reset"
+        );
+        Ok(true)
+    }
+
+    /// The services an active device may connect to at the broker's service
+    /// listener: its current one, the pending one while it migrates, and
+    /// those of its superseded certificates not yet revoked (a device whose
+    /// re-key reply was lost asks again from its old tenant).
+    pub fn granted_services(&self, device: &DeviceRecord) -> Result<Vec<String>, StoreError> {
+        let mut services = vec![device.service_id.clone()];
+        services.extend(device.pending.as_ref().map(|p| p.service_id.clone()));
+        for serial in &device.pending_revocation {
+            if let Some(c) = self.store.cert(serial)? {
+                if c.revoked_ms.is_none() {
+                    services.push(c.service_id);
+                }
+            }
+        }
+        Ok(services)
+    }
+
+    /// Writes the broker's grant file of one device (`certs/grants/`, read
+    /// at every mutual-TLS handshake). A failure is logged: the device is
+    /// then refused at the broker until the next write or restart.
+    fn publish_grants(&self, device: &DeviceRecord) {
+        let written = self
+            .granted_services(device)
+            .map_err(|e| e.to_string())
+            .and_then(|services| {
+                grants::write_grants(self.pki.dir(), &device.device_id, &services)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(err) = written {
+            warn!(device = %device.device_id, error = %err, "broker grants not written");
+        }
+    }
+
+    /// Rewrites every grant file from the store and removes those of
+    /// devices it does not hold. Run at start, so grants lost in a crash
+    /// between a commit and its file write come back. Returns how many
+    /// files changed.
+    pub fn sync_grants(&self) -> Result<usize, Failure> {
+        let dir = self.pki.dir();
+        let mut changed = 0;
+        let mut active = std::collections::HashSet::new();
+        for device in self.store.devices()? {
+            let services = self.granted_services(&device)?;
+            changed += usize::from(grants::write_grants(dir, &device.device_id, &services)?);
+            active.insert(device.device_id);
+        }
+        for id in grants::granted_devices(dir)? {
+            if !active.contains(&id) {
+                changed += usize::from(grants::remove_grants(dir, &id)?);
+            }
+        }
+        Ok(changed)
+    }
+
+    /// The tenants each device may use at the broker (`GET /v1/grants`,
+    /// the mosquitto ACL): its registered service until it is active, then
+    /// [`Core::granted_services`].
     pub fn grants(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
         let mut out = Vec::new();
         for reg in self.store.registrations()? {
             let services = match self.store.device(&reg.device_id)? {
-                Some(d) => std::iter::once(d.service_id.clone())
-                    .chain(d.pending.as_ref().map(|p| p.service_id.clone()))
-                    .collect(),
+                Some(d) => self.granted_services(&d)?,
                 None => vec![reg.initial_service.clone()],
             };
             out.push((reg.device_id, services));
@@ -1005,7 +1124,10 @@ impl Core {
             requested_ms: now_ms(),
             seq: self.store.next_id()?,
         });
-        self.store.put_device(&device)?;
+        self.commit(&Batch {
+            device: Some(device.clone()),
+            ..Batch::default()
+        })?;
         self.store.audit(
             "service_change",
             Some(d),

@@ -71,6 +71,13 @@ pub async fn start(
     let pki = fleet_pki::Pki::open_or_create(&config.certs_dir)
         .with_context(|| format!("opening PKI {}", config.certs_dir.display()))?;
     let core = Arc::new(Core::new(store, Arc::new(pki), config.clone()));
+    // The broker's grants follow the store, whatever happened while the
+    // manager was down.
+    let syncing = core.clone();
+    let changed = tokio::task::spawn_blocking(move || syncing.sync_grants())
+        .await?
+        .map_err(|f| anyhow::anyhow!("writing broker grants: {f}"))?;
+    tracing::info!(changed, "broker grants in step with the registry");
     let tracker = TaskTracker::new();
 
     let (client, eventloop) = mqtt::connect(&config)?;

@@ -196,6 +196,8 @@ pub struct Batch {
     pub periods: Vec<(u64, ServicePeriod)>,
     pub certs: Vec<CertRecord>,
     pub nonce: Option<(Vec<u8>, NonceRecord)>,
+    /// A device record to delete (an operator's reset).
+    pub remove_device: Option<String>,
 }
 
 fn revoked_key(service_id: &str, serial: &str) -> Vec<u8> {
@@ -391,6 +393,9 @@ impl Store {
                 }
                 if let Some(device) = &batch.device {
                     devices.insert(device.device_id.as_bytes(), encode(device))?;
+                }
+                if let Some(id) = &batch.remove_device {
+                    devices.remove(id.as_bytes())?;
                 }
                 for (n, period) in &batch.periods {
                     history.insert(period_key(&period.device_id, *n), encode(period))?;

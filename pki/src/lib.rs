@@ -14,6 +14,8 @@
 //! - `crl`: X.509 v2 CRLs, encoded with `der` and signed with OpenSSL.
 //! - `der`: the few DER encoders a CRL needs.
 //! - `files`: atomic writes with an explicit mode, PEM loading.
+//! - [`grants`]: the registry's grants per device, read by the broker at
+//!   every mutual-TLS handshake.
 //!
 //! # Directory
 //! ```text
@@ -22,6 +24,7 @@
 //! broker.pem, broker.key              broker server certificate (signed by the root)
 //! services/{svc}-ca.pem, {svc}-ca.key per-service intermediate CAs
 //! crl/{svc}.crl.pem                   per-service CRLs
+//! grants/{device_id}                  services the registry grants the device
 //! ```
 //! Private keys are PKCS#8 PEM with mode 0600; every file is written
 //! atomically (temporary file, then rename).
@@ -30,6 +33,7 @@ mod certs;
 mod crl;
 mod der;
 mod files;
+pub mod grants;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -123,6 +123,8 @@ fn issue(certs: &Path, service: &str, prefix: &str, n: usize) -> anyhow::Result<
         let key = fleet_protocol::crypto::generate_p256()?;
         let public = PKey::public_key_from_der(&key.public_key_to_der()?)?;
         let issued = pki.issue_device_certificate(&id, service, &public, 30)?;
+        // As the manager grants an active device its service.
+        fleet_pki::grants::write_grants(certs, &id, &[service.to_owned()])?;
         let ca = issued
             .chain
             .get(1)

@@ -45,6 +45,9 @@ pub struct Metrics {
     pub accepted: AtomicU64,
     pub live: AtomicU64,
     pub handshake_failures: AtomicU64,
+    /// Client certificates valid in themselves whose (device, service) the
+    /// registry does not grant.
+    pub not_granted: AtomicU64,
     pub refused_connects: AtomicU64,
     pub refused_publishes: AtomicU64,
     pub refused_subscribes: AtomicU64,

@@ -1,26 +1,33 @@
 //! Trust for the service listener: the fleet root and every per-service CA
-//! in `certs/`, the CRL of each service CA, and the sessions to cut when a
-//! certificate is revoked.
+//! in `certs/`, the CRL of each service CA, the registry's grants
+//! (`certs/grants/`, see [`fleet_pki::grants`]), and the sessions to cut
+//! when a certificate is revoked.
 //!
 //! One OpenSSL context serves every handshake; it is rebuilt only when a
 //! file under `certs/services/` or `certs/crl/` changes, which a watcher
-//! notices within [`RELOAD_EVERY`]. Revocation is checked in the verify
-//! callback, so a revoked certificate fails the handshake itself, and the
-//! live sessions of a newly revoked certificate are cancelled on reload.
+//! notices within [`RELOAD_EVERY`]. Revocation and the registry's grant
+//! are checked in the verify callback, so a revoked certificate, or one
+//! whose device the registry does not grant its service, fails the
+//! handshake itself; the live sessions of a newly revoked certificate are
+//! cancelled on reload. Grants are read from their file at each handshake,
+//! so the manager's latest write always counts.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
+use fleet_pki::grants;
 use openssl::asn1::Asn1IntegerRef;
 use openssl::nid::Nid;
 use openssl::ssl::{SslAcceptor, SslAcceptorBuilder, SslMethod, SslRef, SslVerifyMode, SslVersion};
 use openssl::x509::store::X509StoreBuilder;
-use openssl::x509::{X509Crl, X509NameRef, X509Ref, X509};
+use openssl::x509::{X509Crl, X509NameRef, X509Ref, X509VerifyResult, X509};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::Metrics;
 use crate::BrokerError;
 
 /// How often the watcher looks at `certs/` for new CAs and CRLs.
@@ -109,6 +116,7 @@ struct Sessions {
 /// Trust state shared by every service-listener connection.
 pub struct Trust {
     certs_dir: PathBuf,
+    metrics: Arc<Metrics>,
     acceptor: RwLock<Arc<SslAcceptor>>,
     revoked: Arc<RwLock<HashSet<String>>>,
     sessions: Mutex<Sessions>,
@@ -116,13 +124,14 @@ pub struct Trust {
 }
 
 impl Trust {
-    pub fn load(certs_dir: &Path) -> Result<Arc<Trust>, BrokerError> {
+    pub fn load(certs_dir: &Path, metrics: Arc<Metrics>) -> Result<Arc<Trust>, BrokerError> {
         let revoked = Arc::new(RwLock::new(HashSet::new()));
         let seen = fingerprint(certs_dir);
         *revoked.write().expect("fresh lock") = load_revoked(certs_dir);
-        let acceptor = build_acceptor(certs_dir, revoked.clone())?;
+        let acceptor = build_acceptor(certs_dir, revoked.clone(), metrics.clone())?;
         Ok(Arc::new(Trust {
             certs_dir: certs_dir.to_path_buf(),
+            metrics,
             acceptor: RwLock::new(Arc::new(acceptor)),
             revoked,
             sessions: Mutex::new(Sessions::default()),
@@ -176,7 +185,7 @@ impl Trust {
         }
         let revoked = load_revoked(&self.certs_dir);
         *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = revoked.clone();
-        match build_acceptor(&self.certs_dir, self.revoked.clone()) {
+        match build_acceptor(&self.certs_dir, self.revoked.clone(), self.metrics.clone()) {
             Ok(a) => *self.acceptor.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(a),
             Err(err) => {
                 warn!(error = %err, "service TLS context not rebuilt; keeping the previous one")
@@ -267,6 +276,7 @@ pub fn server_builder(certs_dir: &Path) -> Result<SslAcceptorBuilder, BrokerErro
 fn build_acceptor(
     certs_dir: &Path,
     revoked: Arc<RwLock<HashSet<String>>>,
+    metrics: Arc<Metrics>,
 ) -> Result<SslAcceptor, BrokerError> {
     let tls = |e: openssl::error::ErrorStack| BrokerError::Tls(e.to_string());
     let read = |p: PathBuf| {
@@ -292,6 +302,7 @@ fn build_acceptor(
     }
     let mut builder = server_builder(certs_dir)?;
     builder.set_verify_cert_store(store.build()).map_err(tls)?;
+    let certs = certs_dir.to_path_buf();
     builder.set_verify_callback(
         SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
         move |ok, ctx| {
@@ -301,21 +312,34 @@ fn build_acceptor(
             if ctx.error_depth() != 0 {
                 return true;
             }
-            // The device certificate: not revoked, and issued by the CA of
-            // the service it names (a service CA cannot mint another
-            // service's devices).
-            match ctx.current_cert() {
-                Some(cert) => {
-                    let own_service = name_entry(cert.subject_name(), Nid::ORGANIZATIONNAME);
-                    own_service.is_some()
-                        && own_service == name_entry(cert.issuer_name(), Nid::ORGANIZATIONNAME)
-                        && !revoked
-                            .read()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .contains(&serial_hex(cert))
-                }
-                None => false,
+            // The device certificate: not revoked, issued by the CA of the
+            // service it names (a service CA cannot mint another service's
+            // devices), and granted that service by the registry.
+            let Some(cert) = ctx.current_cert() else {
+                return false;
+            };
+            let own_service = name_entry(cert.subject_name(), Nid::ORGANIZATIONNAME);
+            let ok = own_service.is_some()
+                && own_service == name_entry(cert.issuer_name(), Nid::ORGANIZATIONNAME)
+                && !revoked
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(&serial_hex(cert));
+            if !ok {
+                return false;
             }
+            let device = name_entry(cert.subject_name(), Nid::COMMONNAME).unwrap_or_default();
+            let service = own_service.unwrap_or_default();
+            if grants::is_granted(&certs, &device, &service) {
+                return true;
+            }
+            metrics.not_granted.fetch_add(1, Ordering::Relaxed);
+            warn!(
+                device,
+                service, "certificate refused: the registry grants this device no such service"
+            );
+            ctx.set_error(X509VerifyResult::APPLICATION_VERIFICATION);
+            false
         },
     );
     // Sessions are not resumed: every connection shows its certificate, so

@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant};
 
 use fleet_device_sim::{DeviceEvent, KeyMode};
+use fleet_pki::grants;
 use fleet_protocol::crypto;
 use fleet_testkit::{eventually, Devices, Fleet, Probe};
 use openssl::asn1::Asn1Time;
@@ -48,8 +49,20 @@ async fn running_fleet() -> (Fleet, Devices, Probe) {
     (fleet, devices, observer)
 }
 
-/// A certificate the fleet's own CA issued to a device that turns hostile.
+/// A certificate the fleet's own CA issued to a device that turns hostile,
+/// with the registry's grant of that service, as the manager writes it for
+/// an active device.
 fn certified(fleet: &Fleet, device: &str, service: &str) -> (Vec<u8>, Vec<u8>) {
+    let certs = fleet.certs_dir();
+    let mut services = grants::read_grants(certs, device).unwrap();
+    services.push(service.to_owned());
+    grants::write_grants(certs, device, &services).unwrap();
+    minted(fleet, device, service)
+}
+
+/// A certificate a service CA signed, with no grant from the registry
+/// (as if the CA's key had signed outside the manager).
+fn minted(fleet: &Fleet, device: &str, service: &str) -> (Vec<u8>, Vec<u8>) {
     let key = crypto::generate_p256().unwrap();
     let public = PKey::public_key_from_der(&key.public_key_to_der().unwrap()).unwrap();
     let issued = fleet
@@ -341,6 +354,119 @@ async fn bad_certificates_fail_the_handshake() {
         .await
         .unwrap();
     assert!(fleet.broker.metrics.get(|m| &m.handshake_failures) >= 5);
+}
+
+#[tokio::test]
+async fn certificates_the_registry_does_not_grant_fail_the_handshake() {
+    let fleet = Fleet::start().await.unwrap();
+    let root = fleet.certs_dir().join("root-ca.pem");
+    let certs = fleet.certs_dir();
+    fleet.core().pki.service_ca("svcB").unwrap();
+    // Valid chains from the right service CAs, not revoked, but:
+    // a CN that is not registered at all,
+    let (ghost_chain, ghost_key) = minted(&fleet, "ghost1", "svcA");
+    // and a registered device with a certificate of a service the registry
+    // never granted it (dev1 is on svcA only).
+    let (_, _) = certified(&fleet, "dev1", "svcA");
+    let (other_chain, other_key) = minted(&fleet, "dev1", "svcB");
+    for (what, id, chain, key) in [
+        ("unregistered CN", "ghost1", &ghost_chain, &ghost_key),
+        ("service not granted", "dev1", &other_chain, &other_key),
+    ] {
+        let r = Probe::mtls(fleet.service_addr(), id, &root, chain.clone(), key.clone()).await;
+        assert!(r.is_err(), "{what}: certificate accepted");
+    }
+    assert_eq!(fleet.broker.metrics.get(|m| &m.not_granted), 2);
+    // The same certificates once the registry grants them: the grant was
+    // the only thing missing.
+    grants::write_grants(certs, "ghost1", &["svcA".to_owned()]).unwrap();
+    Probe::mtls(
+        fleet.service_addr(),
+        "ghost1",
+        &root,
+        ghost_chain,
+        ghost_key,
+    )
+    .await
+    .unwrap();
+    grants::write_grants(certs, "dev1", &["svcA".to_owned(), "svcB".to_owned()]).unwrap();
+    Probe::mtls(fleet.service_addr(), "dev1", &root, other_chain, other_key)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_registry_grants_follow_a_device_through_migration_and_reset() {
+    let fleet = Fleet::start().await.unwrap();
+    let certs = fleet.certs_dir();
+    let root = certs.join("root-ca.pem");
+    let store_root = fleet.dir.path().join("devices");
+    let granted = || grants::read_grants(certs, "mig1").unwrap();
+    let online_since = |t: u64| {
+        let seen = fleet
+            .core()
+            .store
+            .device("mig1")
+            .unwrap()
+            .and_then(|r| r.last_seen_ms);
+        async move { seen.filter(|s| *s >= t).map(|_| ()) }
+    };
+
+    // Activated and online in svcA, then switched off.
+    let first = Devices::new(store_root.clone());
+    first.provision(&fleet, "mig1", "svcA").await.unwrap();
+    let task = first.spawn(first.config(&fleet, "mig1", KeyMode::Csr));
+    eventually(T, "mig1 online in svcA", || online_since(0))
+        .await
+        .unwrap();
+    first.shutdown.cancel();
+    tokio::time::timeout(T, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(granted(), ["svcA"]);
+
+    // The operator assigns svcB while the device is off: granted before
+    // the device can hear of it.
+    fleet.change(&["mig1"], "svcB").await.unwrap();
+    assert_eq!(granted(), ["svcA", "svcB"]);
+
+    // Switched on again, the device gets its notice, re-keys and reports
+    // from its svcB certificate; the svcA one is then revoked and its grant
+    // withdrawn.
+    let second = Devices::new(store_root);
+    second.spawn(second.config(&fleet, "mig1", KeyMode::Csr));
+    eventually(T, "svcA withdrawn", || {
+        let g = granted();
+        async move { (g == ["svcB"]).then_some(()) }
+    })
+    .await
+    .unwrap();
+    let creds = second
+        .store("mig1")
+        .unwrap()
+        .service_credentials("svcB")
+        .unwrap()
+        .unwrap();
+    second.shutdown.cancel();
+
+    fleet_manager::admin::call(&fleet.admin(), "POST", "/v1/devices/mig1/reset", None)
+        .await
+        .unwrap();
+    assert!(granted().is_empty(), "reset left grants behind");
+    assert!(
+        Probe::mtls(
+            fleet.service_addr(),
+            "mig1",
+            &root,
+            creds.chain_pem,
+            creds.key_pem
+        )
+        .await
+        .is_err(),
+        "a reset device's certificate was accepted"
+    );
 }
 
 #[tokio::test]

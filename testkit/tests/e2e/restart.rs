@@ -1,9 +1,11 @@
 //! Manager restart: stopped after activation, started again on the same
-//! store; an update published while it was down is answered, and the CA is
-//! the same one.
+//! store; an update published while it was down is answered, the CA is
+//! the same one, and the broker's grant files are back in step with the
+//! store.
 
 use std::time::Duration;
 
+use fleet_pki::grants;
 use fleet_protocol::crypto;
 use fleet_protocol::{Envelope, Kind, Reply, Status, UpdateRequest};
 use openssl::x509::X509;
@@ -17,6 +19,13 @@ async fn restart_after_activation_loses_nothing() {
     let signing_before = fleet.core().pki.signing_key().public_key_to_der().unwrap();
     let device_before = fleet.core().store.device("dev1").unwrap().unwrap();
     fleet.stop_manager().await;
+
+    // Grant files out of step with the store while the manager is down:
+    // dev1's lost, a stranger's planted.
+    let certs = fleet.certs_dir().to_path_buf();
+    assert_eq!(grants::read_grants(&certs, "dev1").unwrap(), ["svcA"]);
+    assert!(grants::remove_grants(&certs, "dev1").unwrap());
+    grants::write_grants(&certs, "planted1", &["svcA".to_owned()]).unwrap();
 
     // The device asks for its certificate while the manager is down.
     let eph = crypto::generate_p256().unwrap();
@@ -41,6 +50,9 @@ async fn restart_after_activation_loses_nothing() {
         .unwrap();
 
     fleet.start_manager().await.unwrap();
+    // Back in step as soon as the manager is up.
+    assert_eq!(grants::read_grants(&certs, "dev1").unwrap(), ["svcA"]);
+    assert!(grants::read_grants(&certs, "planted1").unwrap().is_empty());
     let got = probe
         .wait_for("fleet/v1/update/dev1/reply", 1, Duration::from_secs(20))
         .await

@@ -1,0 +1,187 @@
+//! Registry grants on disk: which services each device may connect to.
+//!
+//! `grants/{device_id}` holds the service ids the registry grants that
+//! device at the broker's service listener, one per line: its current
+//! service, the pending one while it migrates, and the services of
+//! superseded certificates not yet revoked. The manager writes the file
+//! before it sends any reply that relies on it and removes it when the
+//! device is reset; the broker reads it at every mutual-TLS handshake and
+//! refuses a certificate whose (CN, O) it does not list. No file means no
+//! grant.
+//!
+//! Files are replaced by rename, so a reader sees the old list or the new
+//! one. They are not synced: the manager rewrites every file from its
+//! store when it starts, so a list lost in a crash comes back then.
+
+use std::fs;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fleet_protocol::topic::{validate_device_id, validate_service_id};
+
+use crate::files::{file_error, PUBLIC_MODE};
+use crate::PkiError;
+
+/// `certs_dir/grants`.
+pub fn grants_dir(certs_dir: &Path) -> PathBuf {
+    certs_dir.join("grants")
+}
+
+fn grant_path(certs_dir: &Path, device_id: &str) -> Result<PathBuf, PkiError> {
+    validate_device_id(device_id).map_err(|_| PkiError::BadDeviceId(device_id.to_owned()))?;
+    Ok(grants_dir(certs_dir).join(device_id))
+}
+
+/// Replaces the grants of `device_id` with `services` (deduplicated, in
+/// order); an empty list removes the file. Returns whether anything changed.
+pub fn write_grants(
+    certs_dir: &Path,
+    device_id: &str,
+    services: &[String],
+) -> Result<bool, PkiError> {
+    let path = grant_path(certs_dir, device_id)?;
+    let mut lines: Vec<&str> = Vec::with_capacity(services.len());
+    for s in services {
+        validate_service_id(s).map_err(|_| PkiError::BadServiceId(s.clone()))?;
+        if !lines.contains(&s.as_str()) {
+            lines.push(s);
+        }
+    }
+    if lines.is_empty() {
+        return remove_grants(certs_dir, device_id);
+    }
+    let mut text = lines.join("\n");
+    text.push('\n');
+    match fs::read(&path) {
+        Ok(old) if old == text.as_bytes() => return Ok(false),
+        _ => {}
+    }
+    let dir = grants_dir(certs_dir);
+    fs::create_dir_all(&dir).map_err(|e| file_error(&dir, e))?;
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let tmp = dir.join(format!(
+        ".{device_id}.tmp.{}.{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(PUBLIC_MODE)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        fs::rename(&tmp, &path)
+    })();
+    result.map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        file_error(&path, e)
+    })?;
+    Ok(true)
+}
+
+/// Removes every grant of `device_id`. Returns whether a file was there.
+pub fn remove_grants(certs_dir: &Path, device_id: &str) -> Result<bool, PkiError> {
+    let path = grant_path(certs_dir, device_id)?;
+    match fs::remove_file(&path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(file_error(&path, e)),
+    }
+}
+
+/// The services granted to `device_id`; empty if it has no grant file or
+/// its id is not a device id.
+pub fn read_grants(certs_dir: &Path, device_id: &str) -> Result<Vec<String>, PkiError> {
+    let Ok(path) = grant_path(certs_dir, device_id) else {
+        return Ok(Vec::new());
+    };
+    match fs::read_to_string(&path) {
+        Ok(text) => Ok(text
+            .lines()
+            .map(str::trim)
+            .filter(|l| validate_service_id(l).is_ok())
+            .map(str::to_owned)
+            .collect()),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(file_error(&path, e)),
+    }
+}
+
+/// Whether the registry grants `device_id` the service `service_id`.
+/// Unreadable files grant nothing.
+pub fn is_granted(certs_dir: &Path, device_id: &str, service_id: &str) -> bool {
+    read_grants(certs_dir, device_id).is_ok_and(|s| s.iter().any(|g| g == service_id))
+}
+
+/// The device ids that have a grant file.
+pub fn granted_devices(certs_dir: &Path) -> Result<Vec<String>, PkiError> {
+    let dir = grants_dir(certs_dir);
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(file_error(&dir, e)),
+    };
+    let mut out = Vec::new();
+    for e in entries {
+        let e = e.map_err(|e| file_error(&dir, e))?;
+        if let Some(name) = e.file_name().to_str() {
+            if validate_device_id(name).is_ok() {
+                out.push(name.to_owned());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn write_read_replace_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert!(!is_granted(d, "dev1", "svcA"));
+        assert!(write_grants(d, "dev1", &svc(&["svcA", "svcB", "svcA"])).unwrap());
+        assert_eq!(read_grants(d, "dev1").unwrap(), svc(&["svcA", "svcB"]));
+        assert_eq!(
+            fs::read_to_string(grants_dir(d).join("dev1")).unwrap(),
+            "svcA\nsvcB\n"
+        );
+        // The same list again changes nothing.
+        assert!(!write_grants(d, "dev1", &svc(&["svcA", "svcB"])).unwrap());
+        assert!(write_grants(d, "dev1", &svc(&["svcB"])).unwrap());
+        assert!(!is_granted(d, "dev1", "svcA"));
+        assert!(is_granted(d, "dev1", "svcB"));
+        assert!(!is_granted(d, "dev2", "svcB"));
+        assert_eq!(granted_devices(d).unwrap(), svc(&["dev1"]));
+        // An empty list is no grant at all.
+        assert!(write_grants(d, "dev1", &[]).unwrap());
+        assert!(!is_granted(d, "dev1", "svcB"));
+        assert!(!remove_grants(d, "dev1").unwrap());
+        assert!(granted_devices(d).unwrap().is_empty());
+        // No temporary file is left behind.
+        assert_eq!(fs::read_dir(grants_dir(d)).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn ids_that_could_escape_the_directory_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for bad in ["../x", "a/b", "", ".hidden", "a.b"] {
+            assert!(write_grants(d, bad, &svc(&["svcA"])).is_err(), "{bad:?}");
+            assert!(!is_granted(d, bad, "svcA"), "{bad:?}");
+        }
+        assert!(write_grants(d, "dev1", &svc(&["svc/A"])).is_err());
+        assert!(write_grants(d, "dev1", &svc(&["svcA\nsvcB"])).is_err());
+    }
+}
