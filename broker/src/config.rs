@@ -20,6 +20,9 @@ pub struct BrokerConfig {
     pub service_listen: Option<SocketAddr>,
     /// Internal listener for the manager (username and secret). Keep it on loopback.
     pub internal_listen: SocketAddr,
+    /// HTTP listener serving the front door's counters at `GET /metrics`
+    /// (Prometheus text format). Off unless set, e.g. `127.0.0.1:9883`.
+    pub metrics_listen: Option<SocketAddr>,
     /// Directory of `root-ca.pem`, `broker.pem`, `broker.key`, `services/`
     /// and `crl/` (see `certs/README.md`).
     pub certs_dir: PathBuf,
@@ -53,6 +56,7 @@ impl Default for BrokerConfig {
             bootstrap_plain_listen: None,
             service_listen: Some("127.0.0.1:8883".parse().expect("valid address")),
             internal_listen: "127.0.0.1:1883".parse().expect("valid address"),
+            metrics_listen: None,
             certs_dir: PathBuf::from("certs"),
             internal_secret_file: None,
             max_packet_size: 256 * 1024,

@@ -18,6 +18,7 @@
 
 pub mod config;
 pub mod frontdoor;
+pub mod metrics;
 pub mod mosquitto;
 mod router;
 
@@ -56,6 +57,8 @@ pub struct RunningBroker {
     pub bootstrap_plain_addr: Option<SocketAddr>,
     pub service_addr: Option<SocketAddr>,
     pub internal_addr: SocketAddr,
+    /// `GET /metrics`, if `metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     /// Username and secret for the manager on the internal listener.
     pub manager_credentials: (String, String),
     pub metrics: Arc<Metrics>,
@@ -167,6 +170,14 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
         plan.push((l, frontdoor::Transport::MutualTls(t)));
     }
 
+    let mut metrics_listener = None;
+    let mut metrics_addr = None;
+    if let Some(addr) = config.metrics_listen {
+        let l = bind(addr)?;
+        metrics_addr = Some(l.local_addr().map_err(|e| BrokerError::NoPort(addr, e))?);
+        metrics_listener = Some(l);
+    }
+
     drop(entered);
     let stop = CancellationToken::new();
     let metrics = shared.metrics.clone();
@@ -177,6 +188,17 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
             runtime.block_on(async move {
                 if let Some(trust) = trust {
                     tokio::spawn(trust.watch(stop2.clone()));
+                }
+                if let Some(l) = metrics_listener {
+                    match l
+                        .set_nonblocking(true)
+                        .and_then(|()| tokio::net::TcpListener::from_std(l))
+                    {
+                        Ok(l) => {
+                            tokio::spawn(metrics::serve(l, shared.metrics.clone(), stop2.clone()));
+                        }
+                        Err(err) => tracing::error!(error = %err, "metrics listener setup failed"),
+                    }
                 }
                 let mut tasks = Vec::new();
                 for (listener, transport) in plan {
@@ -201,12 +223,13 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
             })
         })
         .map_err(BrokerError::Thread)?;
-    tracing::info!(%internal_addr, ?bootstrap_tls_addr, ?bootstrap_plain_addr, ?service_addr, "broker ready");
+    tracing::info!(%internal_addr, ?bootstrap_tls_addr, ?bootstrap_plain_addr, ?service_addr, ?metrics_addr, "broker ready");
     Ok(RunningBroker {
         bootstrap_tls_addr,
         bootstrap_plain_addr,
         service_addr,
         internal_addr,
+        metrics_addr,
         manager_credentials: (MANAGER_USER.to_string(), secret),
         metrics,
         stop,

@@ -78,6 +78,7 @@ impl Fleet {
             bootstrap_tls_listen: Some("127.0.0.1:0".parse()?),
             bootstrap_plain_listen: Some("127.0.0.1:0".parse()?),
             service_listen: Some("127.0.0.1:0".parse()?),
+            metrics_listen: Some("127.0.0.1:0".parse()?),
             certs_dir: certs.clone(),
             ..Default::default()
         };
@@ -665,4 +666,22 @@ impl Drop for Mosquitto {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The body of `GET {path}` from an HTTP/1.1 server at `addr`, with its
+/// status line checked for 200. For the broker's `/metrics`.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        anyhow::Ok(out)
+    };
+    let out = tokio::time::timeout(Duration::from_secs(10), io).await??;
+    let (head, body) = out.split_once("\r\n\r\n").context("no end of HTTP head")?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
+    Ok(body.to_owned())
 }

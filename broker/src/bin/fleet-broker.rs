@@ -36,12 +36,13 @@ fn main() -> anyhow::Result<()> {
     let show =
         |a: Option<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
     println!(
-        "broker ready: internal mqtt://{} (manager; secret in {})  bootstrap mqtts://{}  bootstrap plain mqtt://{}  service mqtts://{}",
+        "broker ready: internal mqtt://{} (manager; secret in {})  bootstrap mqtts://{}  bootstrap plain mqtt://{}  service mqtts://{}  metrics http://{}",
         running.internal_addr,
         config.secret_path().display(),
         show(running.bootstrap_tls_addr),
         show(running.bootstrap_plain_addr),
         show(running.service_addr),
+        show(running.metrics_addr),
     );
     // The router and the listeners run on threads of their own.
     loop {

@@ -377,6 +377,15 @@ async fn certificates_the_registry_does_not_grant_fail_the_handshake() {
         assert!(r.is_err(), "{what}: certificate accepted");
     }
     assert_eq!(fleet.broker.metrics.get(|m| &m.not_granted), 2);
+    let scraped = fleet_testkit::http_get(fleet.broker.metrics_addr.unwrap(), "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        scraped
+            .lines()
+            .any(|l| l == "fleetshift_broker_certificates_not_granted_total 2"),
+        "{scraped}"
+    );
     // The same certificates once the registry grants them: the grant was
     // the only thing missing.
     grants::write_grants(certs, "ghost1", &["svcA".to_owned()]).unwrap();

@@ -1,0 +1,169 @@
+//! The front door's counters over HTTP, in the Prometheus text format
+//! (`GET /metrics`), on a listener of its own (`metrics_listen`, off unless
+//! configured; keep it on loopback or behind the scraper's network).
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::frontdoor::Metrics;
+
+/// Longest request head read; a scrape is one short line and a few headers.
+const MAX_HEAD: usize = 8 * 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Kind, name (after `fleetshift_broker_`), help, and the counter.
+type Series = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&Metrics) -> &AtomicU64,
+);
+
+const SERIES: &[Series] = &[
+    (
+        "counter",
+        "connections_accepted_total",
+        "TCP connections accepted on every listener.",
+        |m| &m.accepted,
+    ),
+    (
+        "gauge",
+        "connections_live",
+        "Connections open now, handshakes included.",
+        |m| &m.live,
+    ),
+    (
+        "counter",
+        "tls_handshake_failures_total",
+        "TLS handshakes that failed or timed out.",
+        |m| &m.handshake_failures,
+    ),
+    (
+        "counter",
+        "certificates_not_granted_total",
+        "Client certificates refused because the registry grants their device no such service.",
+        |m| &m.not_granted,
+    ),
+    (
+        "counter",
+        "connects_refused_total",
+        "CONNECTs refused: identity, client id or credentials.",
+        |m| &m.refused_connects,
+    ),
+    (
+        "counter",
+        "publishes_refused_total",
+        "PUBLISHes outside the sender's grants.",
+        |m| &m.refused_publishes,
+    ),
+    (
+        "counter",
+        "subscriptions_refused_total",
+        "SUBSCRIBE filters outside the subscriber's grants.",
+        |m| &m.refused_subscribes,
+    ),
+    (
+        "counter",
+        "connections_rate_limited_total",
+        "Connections dropped by the per-source connect rate limit.",
+        |m| &m.rate_limited,
+    ),
+    (
+        "counter",
+        "connections_over_capacity_total",
+        "Connections dropped at max_connections.",
+        |m| &m.over_capacity,
+    ),
+    (
+        "counter",
+        "revoked_sessions_cut_total",
+        "Live sessions closed because their certificate was revoked.",
+        |m| &m.revoked_cuts,
+    ),
+];
+
+/// The Prometheus text exposition of `metrics`.
+pub fn render(metrics: &Metrics) -> String {
+    let mut out = String::new();
+    for (kind, name, help, counter) in SERIES {
+        let value = counter(metrics).load(Ordering::Relaxed);
+        let _ = writeln!(out, "# HELP fleetshift_broker_{name} {help}");
+        let _ = writeln!(out, "# TYPE fleetshift_broker_{name} {kind}");
+        let _ = writeln!(out, "fleetshift_broker_{name} {value}");
+    }
+    out
+}
+
+/// Serves `GET /metrics` until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(err) => { debug!(error = %err, "metrics accept failed"); continue; }
+            },
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &metrics)).await;
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 || head.len() + n > MAX_HEAD {
+            return Ok(());
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|b| *b == b' ');
+    let (method, path) = (parts.next(), parts.next());
+    let (status, content_type, body) = match (method, path) {
+        (Some(b"GET"), Some(b"/metrics")) => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            render(metrics),
+        ),
+        (Some(b"GET"), _) => ("404 Not Found", "text/plain", "not found\n".into()),
+        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_is_exposed_with_its_value() {
+        let m = Metrics::default();
+        m.not_granted.fetch_add(3, Ordering::Relaxed);
+        m.live.fetch_add(2, Ordering::Relaxed);
+        let text = render(&m);
+        assert!(text.contains("fleetshift_broker_certificates_not_granted_total 3\n"));
+        assert!(text.contains("# TYPE fleetshift_broker_connections_live gauge\n"));
+        assert!(text.contains("fleetshift_broker_connections_live 2\n"));
+        assert_eq!(
+            text.lines().filter(|l| !l.starts_with('#')).count(),
+            SERIES.len()
+        );
+    }
+}
