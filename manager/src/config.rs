@@ -32,8 +32,9 @@ pub struct ManagerConfig {
     /// Accept activations without a factory-key signature from devices
     /// registered without a key. Off by default; every use is logged.
     pub open_enrollment: bool,
-    /// Failed authentications per device within `failure_window_secs` before
-    /// requests are answered `rate_limited`.
+    /// Failed authentications per device id within `failure_window_secs`
+    /// before further failing requests are answered `rate_limited` (a
+    /// request that authenticates is always served).
     pub max_auth_failures: usize,
     pub failure_window_secs: u64,
     /// Largest clock difference accepted in a request timestamp.

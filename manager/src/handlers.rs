@@ -122,6 +122,9 @@ struct Checked<'a, T> {
     digest: Vec<u8>,
 }
 
+/// Most device ids whose recent failures are tracked at once.
+const MAX_FAILURE_ENTRIES: usize = 100_000;
+
 pub struct Core {
     pub store: Store,
     pub pki: Arc<Pki>,
@@ -253,13 +256,22 @@ impl Core {
         nonce: Vec<u8>,
         f: Failure,
     ) -> Vec<u8> {
-        warn!(status = %f.status, detail = %f.detail, "request refused");
+        let mut f = f;
         if matches!(
             f.status,
             Status::AuthFailed | Status::Stale | Status::Replayed
         ) {
+            // Too many recent failures: the answer becomes `rate_limited`,
+            // telling the sender to back off. Only failing requests are
+            // answered so; one that passes every check is served, so nobody
+            // who merely knows a device id can lock the device out.
+            if self.rate_limited(device_id) {
+                f.detail = format!("too many failed attempts; back off ({})", f.detail);
+                f.status = Status::RateLimited;
+            }
             self.count_failure(device_id);
         }
+        warn!(status = %f.status, detail = %f.detail, "request refused");
         let reply = Reply {
             device_id: device_id.to_owned(),
             nonce,
@@ -272,9 +284,31 @@ impl Core {
 
     fn count_failure(&self, device_id: &str) {
         let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(device_id.to_owned())
-            .or_default()
-            .push_back(now_ms());
+        // Anyone may claim any device id: bound the table. Past the bound,
+        // new ids go uncounted until housekeeping drops quiet ones.
+        if map.len() >= MAX_FAILURE_ENTRIES && !map.contains_key(device_id) {
+            return;
+        }
+        let times = map.entry(device_id.to_owned()).or_default();
+        times.push_back(now_ms());
+        // Only the newest `max_auth_failures` matter.
+        while times.len() > self.config.max_auth_failures.max(1) {
+            times.pop_front();
+        }
+    }
+
+    /// Forgets devices whose failures are all past the window.
+    pub fn prune_failures(&self) {
+        let window = self.config.failure_window_secs * 1000;
+        let now = now_ms();
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, times| {
+                times
+                    .back()
+                    .is_some_and(|t| now.saturating_sub(*t) <= window)
+            });
     }
 
     fn rate_limited(&self, device_id: &str) -> bool {
@@ -333,15 +367,6 @@ impl Core {
                 Failure {
                     status: Status::Malformed,
                     detail: "nonce must be 8 to 64 bytes".into(),
-                },
-            ));
-        }
-        if self.rate_limited(device_id) {
-            return Err((
-                nonce,
-                Failure {
-                    status: Status::RateLimited,
-                    detail: "too many failed attempts; try later".into(),
                 },
             ));
         }

@@ -131,6 +131,7 @@ async fn housekeeping(core: Arc<Core>, shutdown: CancellationToken) {
             if let Err(err) = core.store.prune_nonces(horizon) {
                 tracing::warn!(error = %err, "nonce pruning failed");
             }
+            core.prune_failures();
             if let Err(err) = core.revoke_overdue(grace) {
                 tracing::warn!(error = %err, "overdue revocations failed");
             }

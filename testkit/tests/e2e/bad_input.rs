@@ -162,6 +162,33 @@ async fn activation_needs_the_factory_key_and_happens_once() {
 }
 
 #[tokio::test]
+async fn an_impostor_flooding_activations_does_not_keep_the_real_device_out() {
+    let s = setup().await;
+    let mut real = HandDevice::new("dev3");
+    s.fleet
+        .register(&real.id, "svcA", Some(&real.factory_point()))
+        .await
+        .unwrap();
+    // Someone who knows only the id: every forged activation is refused,
+    // and past the failure limit told to back off.
+    let impostor = HandDevice::new("dev3");
+    for i in 0..s.fleet.config.max_auth_failures + 2 {
+        let eph = crypto::generate_p256().unwrap();
+        let forged = activate_request("dev3", &eph, &impostor.factory);
+        let want = if i < s.fleet.config.max_auth_failures {
+            Status::AuthFailed
+        } else {
+            Status::RateLimited
+        };
+        expect_refused(&s, "dev3", RequestKind::Activate, forged, want).await;
+    }
+    assert!(s.fleet.core().store.device("dev3").unwrap().is_none());
+    // The real device, signing with its factory key, activates at once.
+    activate(&s.fleet, &s.probe, &mut real).await;
+    assert!(s.fleet.core().store.device("dev3").unwrap().is_some());
+}
+
+#[tokio::test]
 async fn replay_is_refused_and_identical_retry_gets_the_same_answer() {
     let s = setup().await;
     let uuid = s.dev.uuid.clone().unwrap();
@@ -217,6 +244,17 @@ async fn repeated_failures_are_rate_limited_and_the_manager_keeps_serving() {
         );
         expect_refused(&s, "dev1", RequestKind::Poll, p, Status::AuthFailed).await;
     }
+    // The next failing request is told to back off ...
+    let bad = poll(
+        &s.dev,
+        "svcA",
+        crypto::random_bytes(16),
+        fleet_protocol::now_ms(),
+        &[1u8; 16],
+    );
+    expect_refused(&s, "dev1", RequestKind::Poll, bad, Status::RateLimited).await;
+    // ... but the real device, whose request authenticates, is still
+    // served: failures by someone who only knows its id lock nobody out.
     let uuid = s.dev.uuid.clone().unwrap();
     let good = poll(
         &s.dev,
@@ -225,7 +263,8 @@ async fn repeated_failures_are_rate_limited_and_the_manager_keeps_serving() {
         fleet_protocol::now_ms(),
         &uuid,
     );
-    expect_refused(&s, "dev1", RequestKind::Poll, good, Status::RateLimited).await;
+    let (reply, _) = ask(&s.fleet, &s.probe, "dev1", RequestKind::Poll, good).await;
+    assert_eq!(reply.status, Status::Ok, "{reply:?}");
     // Other devices are unaffected.
     let mut dev2 = HandDevice::new("dev2");
     s.fleet
