@@ -146,6 +146,17 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
     for g in grants {
         let d = &g.device_id;
         let _ = writeln!(acl, "\nuser {d}");
+        if d.starts_with(fleet_pki::grants::PROVIDER_PREFIX) {
+            // A service provider reads its services' telemetry.
+            for s in &g.services {
+                let _ = writeln!(
+                    acl,
+                    "topic read {}",
+                    crate::frontdoor::grants::telemetry_of_every_device(s)
+                );
+            }
+            continue;
+        }
         for s in &g.services {
             for kind in ["activate", "update", "poll", "status"] {
                 let _ = writeln!(acl, "topic write /tenants/{s}/fleet/v1/{kind}/{d}");

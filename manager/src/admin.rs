@@ -9,6 +9,8 @@
 //! | GET | `/v1/devices/{id}` | one device with its service history and certificates |
 //! | POST | `/v1/devices/{id}/reset` | operator reset: the device may activate again |
 //! | GET | `/v1/summary` | devices per service, pending changes, certificates by status |
+//! | POST | `/v1/providers` | `{name, service_id}`: a service provider's certificate and key (PEM) for client id `provider.{name}` |
+//! | POST | `/v1/providers/{name}/revoke` | revoke every certificate of a provider |
 //! | GET | `/v1/grants` | the tenants each device may use at the broker (for external brokers' ACLs) |
 
 use std::collections::BTreeMap;
@@ -35,6 +37,13 @@ pub struct RegistrationIn {
     pub service_id: String,
     #[serde(default)]
     pub factory_key_hex: Option<String>,
+}
+
+/// `POST /v1/providers`: a service provider's certificate for a service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProviderIn {
+    pub name: String,
+    pub service_id: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -161,6 +170,34 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
     let result: Result<Value, (u16, String)> = match (method, segments.as_slice()) {
         ("GET", ["v1", "health"]) => {
             Ok(json!({ "ok": true, "subscribed": *admin.subscribed.borrow() }))
+        }
+        ("POST", ["v1", "providers"]) => match serde_json::from_slice::<ProviderIn>(body) {
+            Ok(p) => {
+                blocking(move || match core.issue_provider(&p.name, &p.service_id) {
+                    Ok(c) => Ok(json!({
+                        "client_id": c.client_id,
+                        "service_id": p.service_id,
+                        "serial": c.serial,
+                        "chain_pem": String::from_utf8_lossy(&c.chain_pem),
+                        "key_pem": String::from_utf8_lossy(&c.key_pem),
+                    })),
+                    Err(f) if f.status == fleet_protocol::Status::Malformed => {
+                        Err((400, f.to_string()))
+                    }
+                    Err(f) => Err((500, f.to_string())),
+                })
+                .await
+            }
+            Err(e) => Err((400, e.to_string())),
+        },
+        ("POST", ["v1", "providers", name, "revoke"]) => {
+            let name = name.to_string();
+            blocking(move || {
+                core.revoke_provider(&name)
+                    .map(|n| json!({ "provider": name, "revoked": n }))
+                    .map_err(|f| (500, f.to_string()))
+            })
+            .await
         }
         ("POST", ["v1", "registrations"]) => {
             match serde_json::from_slice::<Vec<RegistrationIn>>(body) {

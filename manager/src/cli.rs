@@ -100,6 +100,25 @@ pub enum Command {
         admin: String,
         device: String,
     },
+    /// A service provider's certificate: writes `{out}/provider.{name}.pem`
+    /// (chain) and `.key` (0600); it connects to the service listener with
+    /// client id `provider.{name}` and reads its service's telemetry.
+    ProviderAdd {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        admin: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        service: String,
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+    /// Revoke every certificate of a service provider.
+    ProviderRevoke {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        admin: String,
+        name: String,
+    },
 }
 
 /// Runs one command; returns the JSON documents it printed (operator
@@ -221,6 +240,37 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
         Command::Reset { admin, device } => {
             print(call(&admin, "POST", &format!("/v1/devices/{device}/reset"), None).await?)
         }
+        Command::ProviderAdd {
+            admin,
+            name,
+            service,
+            out,
+        } => {
+            let body = json!({ "name": name, "service_id": service });
+            let got = call(&admin, "POST", "/v1/providers", Some(&body)).await?;
+            let client_id = got["client_id"].as_str().context("client_id")?.to_owned();
+            let chain = out.join(format!("{client_id}.pem"));
+            let key = out.join(format!("{client_id}.key"));
+            std::fs::create_dir_all(&out)?;
+            std::fs::write(&chain, got["chain_pem"].as_str().context("chain_pem")?)?;
+            write_private(&key, got["key_pem"].as_str().context("key_pem")?)?;
+            print(json!({
+                "client_id": client_id,
+                "service_id": got["service_id"],
+                "serial": got["serial"],
+                "certificate": chain,
+                "key": key,
+            }));
+        }
+        Command::ProviderRevoke { admin, name } => print(
+            call(
+                &admin,
+                "POST",
+                &format!("/v1/providers/{name}/revoke"),
+                None,
+            )
+            .await?,
+        ),
     }
     Ok(printed)
 }
@@ -287,4 +337,17 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// Writes a private key readable by its owner only.
+fn write_private(path: &std::path::Path, pem: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(pem.as_bytes())
 }

@@ -122,6 +122,16 @@ struct Checked<'a, T> {
     digest: Vec<u8>,
 }
 
+/// What a service provider needs to connect: its client id, certificate
+/// chain and private key (PEM).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ProviderCredentials {
+    pub client_id: String,
+    pub serial: String,
+    pub chain_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
 /// Most device ids whose recent failures are tracked at once.
 const MAX_FAILURE_ENTRIES: usize = 100_000;
 
@@ -1008,6 +1018,145 @@ impl Core {
         Ok(true)
     }
 
+    /// Issues service provider `name` a certificate for `service_id` with a
+    /// key generated here, revokes its earlier certificates for that
+    /// service, and grants it the service at the broker. The provider then
+    /// reads `/tenants/{service_id}/telemetry/+` on the service listener
+    /// with client id `provider.{name}`.
+    pub fn issue_provider(
+        &self,
+        name: &str,
+        service_id: &str,
+    ) -> Result<ProviderCredentials, Failure> {
+        fleet_protocol::topic::validate_service_id(service_id).map_err(|_| Failure {
+            status: Status::Malformed,
+            detail: format!("bad service id {service_id:?}"),
+        })?;
+        fleet_protocol::topic::validate_device_id(name).map_err(|_| Failure {
+            status: Status::Malformed,
+            detail: format!("bad provider name {name:?} (1-64 of A-Z a-z 0-9 - _)"),
+        })?;
+        let principal = grants::provider_principal(name);
+        let _guard = self.lock(&principal);
+        self.pki.service_ca(service_id)?;
+        self.ensure_crl(service_id)?;
+        let key = crypto::generate_p256()?;
+        let public =
+            PKey::public_key_from_der(&key.public_key_to_der().map_err(ProtocolError::from)?)
+                .map_err(ProtocolError::from)?;
+        let issued = self.pki.issue_provider_certificate(
+            name,
+            service_id,
+            &public,
+            self.config.cert_lifetime_days,
+        )?;
+        let now = now_ms();
+        let mut batch = Batch::default();
+        for mut old in self.store.certs_of(&principal)? {
+            if old.service_id == service_id && old.revoked_ms.is_none() {
+                old.status = CertStatus::Revoked;
+                old.superseded_by = Some(issued.serial_hex.clone());
+                old.superseded_ms = Some(now);
+                old.revoked_ms = Some(now);
+                batch.certs.push(old);
+            }
+        }
+        let replaced = batch.certs.len();
+        batch.certs.push(CertRecord {
+            sv: SCHEMA_VERSION,
+            serial: issued.serial_hex.clone(),
+            device_id: principal.clone(),
+            service_id: service_id.to_owned(),
+            not_before: issued.not_before,
+            not_after: issued.not_after,
+            fingerprint_sha256: issued.fingerprint_sha256.clone(),
+            key_mode: "manager".into(),
+            status: CertStatus::Active,
+            issued_ms: now,
+            superseded_by: None,
+            superseded_ms: None,
+            revoked_ms: None,
+            der: issued.leaf.to_der().map_err(ProtocolError::from)?,
+        });
+        self.commit(&batch)?;
+        self.write_provider_grants(&principal)?;
+        self.store.audit(
+            "provider_issued",
+            Some(&principal),
+            format!("service {service_id} serial {}", issued.serial_hex),
+        )?;
+        if replaced > 0 {
+            self.publish_crl(service_id)?;
+        }
+        info!(
+            provider = name,
+            service = service_id,
+            replaced,
+            "provider certificate issued"
+        );
+        Ok(ProviderCredentials {
+            client_id: principal,
+            serial: issued.serial_hex,
+            chain_pem: fleet_pki::chain_to_pem(&issued.chain)?,
+            key_pem: key
+                .private_key_to_pem_pkcs8()
+                .map_err(ProtocolError::from)?,
+        })
+    }
+
+    /// Revokes every certificate of provider `name` and withdraws its
+    /// grants. Returns how many certificates were revoked.
+    pub fn revoke_provider(&self, name: &str) -> Result<usize, Failure> {
+        let principal = grants::provider_principal(name);
+        let _guard = self.lock(&principal);
+        let now = now_ms();
+        let mut batch = Batch::default();
+        for mut c in self.store.certs_of(&principal)? {
+            if c.revoked_ms.is_none() {
+                c.status = CertStatus::Revoked;
+                c.revoked_ms = Some(now);
+                batch.certs.push(c);
+            }
+        }
+        self.commit(&batch)?;
+        self.write_provider_grants(&principal)?;
+        let services: std::collections::BTreeSet<String> =
+            batch.certs.iter().map(|c| c.service_id.clone()).collect();
+        for service in &services {
+            self.publish_crl(service)?;
+        }
+        self.store.audit(
+            "provider_revoked",
+            Some(&principal),
+            format!("{} certificate(s)", batch.certs.len()),
+        )?;
+        Ok(batch.certs.len())
+    }
+
+    /// Every provider's grants, by principal (`provider.{name}`).
+    pub fn provider_grants(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+        let mut providers: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for c in self.store.certs()? {
+            if c.device_id.starts_with(grants::PROVIDER_PREFIX) && c.revoked_ms.is_none() {
+                providers.entry(c.device_id).or_default().push(c.service_id);
+            }
+        }
+        Ok(providers.into_iter().collect())
+    }
+
+    /// A provider's grants: the services of its unrevoked certificates.
+    fn write_provider_grants(&self, principal: &str) -> Result<(), Failure> {
+        let services: Vec<String> = self
+            .store
+            .certs_of(principal)?
+            .into_iter()
+            .filter(|c| c.revoked_ms.is_none())
+            .map(|c| c.service_id)
+            .collect();
+        grants::write_grants(self.pki.dir(), principal, &services)?;
+        Ok(())
+    }
+
     /// The services an active device may connect to at the broker's service
     /// listener: its current one, the pending one while it migrates, and
     /// those of its superseded certificates not yet revoked (a device whose
@@ -1042,9 +1191,9 @@ impl Core {
     }
 
     /// Rewrites every grant file from the store and removes those of
-    /// devices it does not hold. Run at start, so grants lost in a crash
-    /// between a commit and its file write come back. Returns how many
-    /// files changed.
+    /// devices and providers it does not hold. Run at start, so grants lost
+    /// in a crash between a commit and its file write come back. Returns
+    /// how many files changed.
     pub fn sync_grants(&self) -> Result<usize, Failure> {
         let dir = self.pki.dir();
         let mut changed = 0;
@@ -1053,6 +1202,10 @@ impl Core {
             let services = self.granted_services(&device)?;
             changed += usize::from(grants::write_grants(dir, &device.device_id, &services)?);
             active.insert(device.device_id);
+        }
+        for (principal, services) in self.provider_grants()? {
+            changed += usize::from(grants::write_grants(dir, &principal, &services)?);
+            active.insert(principal);
         }
         for id in grants::granted_devices(dir)? {
             if !active.contains(&id) {
@@ -1064,7 +1217,8 @@ impl Core {
 
     /// The tenants each device may use at the broker (`GET /v1/grants`,
     /// the mosquitto ACL): its registered service until it is active, then
-    /// [`Core::granted_services`].
+    /// [`Core::granted_services`]; then each provider's services, under
+    /// its principal `provider.{name}`.
     pub fn grants(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
         let mut out = Vec::new();
         for reg in self.store.registrations()? {
@@ -1074,6 +1228,7 @@ impl Core {
             };
             out.push((reg.device_id, services));
         }
+        out.extend(self.provider_grants()?);
         Ok(out)
     }
 

@@ -1,4 +1,5 @@
-//! Registry grants on disk: which services each device may connect to.
+//! Registry grants on disk: which services each device (or service
+//! provider) may connect to.
 //!
 //! `grants/{device_id}` holds the service ids the registry grants that
 //! device at the broker's service listener, one per line: its current
@@ -7,7 +8,8 @@
 //! before it sends any reply that relies on it and removes it when the
 //! device is reset; the broker reads it at every mutual-TLS handshake and
 //! refuses a certificate whose (CN, O) it does not list. No file means no
-//! grant.
+//! grant. A service provider's file is `grants/provider.{name}` and lists
+//! the services it has a certificate for.
 //!
 //! Files are replaced by rename, so a reader sees the old list or the new
 //! one. They are not synced: the manager rewrites every file from its
@@ -28,8 +30,27 @@ pub fn grants_dir(certs_dir: &Path) -> PathBuf {
     certs_dir.join("grants")
 }
 
+/// CN prefix of a service provider's certificate. Device ids never hold a
+/// dot, so no device can be taken for a provider or the other way round.
+pub const PROVIDER_PREFIX: &str = "provider.";
+
+/// The principal (certificate CN, grant file name) of provider `name`.
+pub fn provider_principal(name: &str) -> String {
+    format!("{PROVIDER_PREFIX}{name}")
+}
+
+/// Whether `principal` is a device id or `provider.{name}` with `name`
+/// spelled like a device id.
+pub fn validate_principal(principal: &str) -> bool {
+    let id = principal.strip_prefix(PROVIDER_PREFIX).unwrap_or(principal);
+    validate_device_id(id).is_ok()
+}
+
+/// Grant files are named by principal: a device id, or a provider's CN.
 fn grant_path(certs_dir: &Path, device_id: &str) -> Result<PathBuf, PkiError> {
-    validate_device_id(device_id).map_err(|_| PkiError::BadDeviceId(device_id.to_owned()))?;
+    if !validate_principal(device_id) {
+        return Err(PkiError::BadDeviceId(device_id.to_owned()));
+    }
     Ok(grants_dir(certs_dir).join(device_id))
 }
 
@@ -129,7 +150,7 @@ pub fn granted_devices(certs_dir: &Path) -> Result<Vec<String>, PkiError> {
     for e in entries {
         let e = e.map_err(|e| file_error(&dir, e))?;
         if let Some(name) = e.file_name().to_str() {
-            if validate_device_id(name).is_ok() {
+            if validate_principal(name) {
                 out.push(name.to_owned());
             }
         }
@@ -177,7 +198,18 @@ mod tests {
     fn ids_that_could_escape_the_directory_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        for bad in ["../x", "a/b", "", ".hidden", "a.b"] {
+        assert!(write_grants(d, "provider.weather", &svc(&["svcA"])).unwrap());
+        assert!(is_granted(d, "provider.weather", "svcA"));
+        for bad in [
+            "../x",
+            "a/b",
+            "",
+            ".hidden",
+            "a.b",
+            "provider.",
+            "provider.a.b",
+            "provider../x",
+        ] {
             assert!(write_grants(d, bad, &svc(&["svcA"])).is_err(), "{bad:?}");
             assert!(!is_granted(d, bad, "svcA"), "{bad:?}");
         }

@@ -335,6 +335,43 @@ impl Pki {
     ) -> Result<IssuedCert, PkiError> {
         fleet_protocol::topic::validate_device_id(device_id)
             .map_err(|_| PkiError::BadDeviceId(device_id.to_owned()))?;
+        let uris = [
+            format!("urn:fleetshift:device:{device_id}"),
+            format!("urn:fleetshift:service:{service_id}"),
+        ];
+        self.issue_client(device_id, service_id, &uris, public_key, lifetime_days)
+    }
+
+    /// Issues a service provider's certificate with the service's CA: CN =
+    /// `provider.{name}` (see [`grants::provider_principal`]; the dot keeps
+    /// it apart from every device id), O = service id, SAN URIs
+    /// `urn:fleetshift:provider:{name}` and `urn:fleetshift:service:{svc}`;
+    /// otherwise as a device certificate.
+    pub fn issue_provider_certificate(
+        &self,
+        name: &str,
+        service_id: &str,
+        public_key: &PKeyRef<Public>,
+        lifetime_days: u32,
+    ) -> Result<IssuedCert, PkiError> {
+        fleet_protocol::topic::validate_device_id(name)
+            .map_err(|_| PkiError::BadDeviceId(name.to_owned()))?;
+        let uris = [
+            format!("urn:fleetshift:provider:{name}"),
+            format!("urn:fleetshift:service:{service_id}"),
+        ];
+        let cn = grants::provider_principal(name);
+        self.issue_client(&cn, service_id, &uris, public_key, lifetime_days)
+    }
+
+    fn issue_client(
+        &self,
+        cn: &str,
+        service_id: &str,
+        uris: &[String],
+        public_key: &PKeyRef<Public>,
+        lifetime_days: u32,
+    ) -> Result<IssuedCert, PkiError> {
         if !(1..=MAX_DEVICE_LIFETIME_DAYS).contains(&lifetime_days) {
             return Err(PkiError::BadLifetime(lifetime_days));
         }
@@ -347,11 +384,7 @@ impl Pki {
         let not_before = now.saturating_sub(certs::BACKDATE_SECS);
         let not_after = now + u64::from(lifetime_days) * DAY;
         let serial = certs::random_serial()?;
-        let subject = certs::name(Some(service_id), device_id)?;
-        let uris = [
-            format!("urn:fleetshift:device:{device_id}"),
-            format!("urn:fleetshift:service:{service_id}"),
-        ];
+        let subject = certs::name(Some(service_id), cn)?;
         let leaf = certs::build(
             &Template {
                 subject: &subject,
@@ -359,7 +392,7 @@ impl Pki {
                 serial: &serial,
                 not_before,
                 not_after,
-                profile: Profile::Client { uris: &uris },
+                profile: Profile::Client { uris },
             },
             Some(&Issuer {
                 cert: &ca.cert,
@@ -369,7 +402,7 @@ impl Pki {
         )?;
         let serial_hex = serial.to_hex_str()?.to_ascii_lowercase();
         let fingerprint_sha256 = hex::encode(leaf.digest(MessageDigest::sha256())?);
-        tracing::debug!(device_id, service_id, serial = %serial_hex, "issued device certificate");
+        tracing::debug!(cn, service_id, serial = %serial_hex, "issued client certificate");
         Ok(IssuedCert {
             chain: vec![leaf.clone(), ca.cert],
             leaf,

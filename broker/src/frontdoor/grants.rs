@@ -7,6 +7,12 @@
 
 use fleet_protocol::{Route, Topic};
 
+/// `/tenants/{svc}/telemetry/+`: the filter a service provider reads its
+/// devices' telemetry with.
+pub fn telemetry_of_every_device(service_id: &str) -> String {
+    format!("/tenants/{service_id}/telemetry/+")
+}
+
 /// The identity a connection proved (or, on the bootstrap listener, claimed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity {
@@ -20,6 +26,10 @@ pub enum Identity {
         service_id: String,
         serial: String,
     },
+    /// A service provider on the service listener, proven by its
+    /// certificate: CN = `provider.{name}`, O = the service it serves. It
+    /// reads its service's telemetry and nothing else.
+    Provider { name: String, service_id: String },
     /// The manager, on the internal listener, with its credential; several
     /// clients may share one credential under different client ids.
     Manager { name: String, client_id: String },
@@ -40,6 +50,7 @@ impl Identity {
                 service_id,
                 ..
             } => format!("d.{service_id}.{device_id}"),
+            Identity::Provider { name, service_id } => format!("p.{service_id}.{name}"),
             Identity::Manager { name, client_id } => format!("m.{name}.{client_id}"),
         }
     }
@@ -62,6 +73,7 @@ impl Identity {
                 }) => t == *service_id && d == *device_id,
                 _ => false,
             },
+            Identity::Provider { .. } => false,
         }
     }
 
@@ -83,6 +95,16 @@ impl Identity {
                 }) => t == *service_id && d == *device_id,
                 _ => false,
             },
+            // Its tenant's telemetry: every device's (exactly this filter,
+            // the one wildcard granted to anyone but the manager) or one
+            // device's.
+            Identity::Provider { service_id, .. } => {
+                filter == telemetry_of_every_device(service_id)
+                    || matches!(
+                        Topic::parse(filter),
+                        Ok(Topic { tenant: Some(t), route: Route::Telemetry(_) }) if t == *service_id
+                    )
+            }
         }
     }
 
@@ -94,6 +116,7 @@ impl Identity {
                 service_id,
                 ..
             } => format!("device:{service_id}/{device_id}"),
+            Identity::Provider { name, service_id } => format!("provider:{service_id}/{name}"),
             Identity::Manager { name, client_id } => format!("manager:{name}/{client_id}"),
         }
     }
@@ -115,6 +138,40 @@ mod tests {
             service_id: "svcA".into(),
             serial: "01".into(),
         }
+    }
+
+    #[test]
+    fn provider_grants() {
+        let id = Identity::Provider {
+            name: "weather".into(),
+            service_id: "svcA".into(),
+        };
+        for ok in ["/tenants/svcA/telemetry/+", "/tenants/svcA/telemetry/dev1"] {
+            assert!(id.may_subscribe(ok), "{ok}");
+        }
+        for no in [
+            "#",
+            "+/#",
+            "/tenants/svcA/#",
+            "/tenants/svcA/telemetry/#",
+            "/tenants/svcA/+/+",
+            "/tenants/svcB/telemetry/+",
+            "/tenants/+/telemetry/+",
+            "/tenants/svcA/fleet/v1/poll/dev1/reply",
+            "/tenants/svcA/fleet/v1/service/change/dev1",
+            "$share/g//tenants/svcA/telemetry/+",
+            "fleet/v1/+/+",
+        ] {
+            assert!(!id.may_subscribe(no), "{no}");
+        }
+        for no in [
+            "/tenants/svcA/telemetry/dev1",
+            "/tenants/svcA/fleet/v1/poll/dev1",
+            "/tenants/svcA/fleet/v1/service/change/dev1",
+        ] {
+            assert!(!id.may_publish(no), "{no}");
+        }
+        assert_eq!(id.router_client_id(7), "p.svcA.weather");
     }
 
     #[test]

@@ -128,19 +128,25 @@ fn bind_identity(
             })
         }
         ListenerKind::Service(cert) => {
-            if connect.client_id != cert.device_id {
+            if connect.client_id != cert.cn {
                 return Err((
                     ConnectReturnCode::ClientIdentifierNotValid,
                     format!(
-                        "client id {:?} is not the certificate's device id {}",
-                        connect.client_id, cert.device_id
+                        "client id {:?} is not the certificate's CN {}",
+                        connect.client_id, cert.cn
                     ),
                 ));
             }
-            Ok(Identity::Device {
-                device_id: cert.device_id.clone(),
-                service_id: cert.service_id.clone(),
-                serial: cert.serial.clone(),
+            Ok(match &cert.provider {
+                Some(name) => Identity::Provider {
+                    name: name.clone(),
+                    service_id: cert.service_id.clone(),
+                },
+                None => Identity::Device {
+                    device_id: cert.cn.clone(),
+                    service_id: cert.service_id.clone(),
+                    serial: cert.serial.clone(),
+                },
             })
         }
         ListenerKind::Internal => {

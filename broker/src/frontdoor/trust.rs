@@ -60,20 +60,25 @@ fn name_entry(name: &X509NameRef, nid: Nid) -> Option<String> {
 /// The identity a verified client certificate carries.
 #[derive(Debug, Clone)]
 pub struct CertIdentity {
-    pub device_id: String,
+    /// The CN: a device id, or `provider.{name}`; the client id must equal it.
+    pub cn: String,
+    /// The provider's name when the CN is `provider.{name}`.
+    pub provider: Option<String>,
     pub service_id: String,
     pub serial: String,
 }
 
-/// Reads the identity from the verified peer certificate: CN = device id,
-/// O = service id, and the issuing CA must be that service's CA.
+/// Reads the identity from the verified peer certificate: CN = device id
+/// (or `provider.{name}` for a service provider), O = service id, and the
+/// issuing CA must be that service's CA.
 pub fn identity_of(ssl: &SslRef) -> Result<CertIdentity, String> {
     let cert = ssl.peer_certificate().ok_or("no client certificate")?;
-    let device_id =
-        name_entry(cert.subject_name(), Nid::COMMONNAME).ok_or("certificate has no CN")?;
+    let cn = name_entry(cert.subject_name(), Nid::COMMONNAME).ok_or("certificate has no CN")?;
     let service_id =
         name_entry(cert.subject_name(), Nid::ORGANIZATIONNAME).ok_or("certificate has no O")?;
-    fleet_protocol::topic::validate_device_id(&device_id).map_err(|e| e.to_string())?;
+    let provider = cn.strip_prefix(grants::PROVIDER_PREFIX).map(str::to_owned);
+    fleet_protocol::topic::validate_device_id(provider.as_deref().unwrap_or(&cn))
+        .map_err(|e| e.to_string())?;
     fleet_protocol::topic::validate_service_id(&service_id).map_err(|e| e.to_string())?;
     if name_entry(cert.issuer_name(), Nid::ORGANIZATIONNAME).as_deref() != Some(service_id.as_str())
     {
@@ -82,7 +87,8 @@ pub fn identity_of(ssl: &SslRef) -> Result<CertIdentity, String> {
         ));
     }
     Ok(CertIdentity {
-        device_id,
+        cn,
+        provider,
         service_id,
         serial: serial_hex(&cert),
     })

@@ -573,3 +573,142 @@ async fn half_open_connections_do_not_keep_devices_out() {
     );
     assert!(fleet.broker.metrics.get(|m| &m.live) >= idle.len() as u64);
 }
+
+#[tokio::test]
+async fn a_service_provider_reads_its_own_tenants_telemetry_and_nothing_else() {
+    let (fleet, _devices, observer) = running_fleet().await;
+    let root = fleet.certs_dir().join("root-ca.pem");
+    // The operator's CLI issues the provider of svcA its certificate.
+    let out = fleet.dir.path().join("provider");
+    let admin = fleet.admin();
+    let args = [
+        "fleet-manager",
+        "provider-add",
+        "--admin",
+        &admin,
+        "--name",
+        "weather",
+        "--service",
+        "svcA",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let cli = <fleet_manager::cli::Cli as clap::Parser>::try_parse_from(args).unwrap();
+    let printed = fleet_manager::cli::execute(cli).await.unwrap();
+    assert_eq!(printed[0]["client_id"], "provider.weather");
+    let chain = std::fs::read(out.join("provider.weather.pem")).unwrap();
+    let key = std::fs::read(out.join("provider.weather.key")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(out.join("provider.weather.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // Its certificate is its identity: the client id must be its CN.
+    for wrong in ["weather", "provider.other", "dev1", "provider.weather "] {
+        assert!(
+            Probe::mtls(
+                fleet.service_addr(),
+                wrong,
+                &root,
+                chain.clone(),
+                key.clone()
+            )
+            .await
+            .is_err(),
+            "client id {wrong:?} accepted for provider.weather"
+        );
+    }
+    let provider = Probe::mtls(
+        fleet.service_addr(),
+        "provider.weather",
+        &root,
+        chain.clone(),
+        key.clone(),
+    )
+    .await
+    .unwrap();
+    for filter in [
+        "#",
+        "/tenants/svcA/#",
+        "/tenants/svcB/telemetry/+",
+        "/tenants/+/telemetry/+",
+        "/tenants/svcA/fleet/v1/poll/dev1/reply",
+        "/tenants/svcA/fleet/v1/service/change/dev1",
+        "fleet/v1/+/+",
+        "$share/g//tenants/svcA/telemetry/+",
+    ] {
+        assert_eq!(
+            codes(&provider, filter).await,
+            [SubscribeReasonCode::Failure],
+            "{filter} granted to a provider"
+        );
+    }
+    assert!(matches!(
+        codes(&provider, "/tenants/svcA/telemetry/+").await[..],
+        [SubscribeReasonCode::Success(_)]
+    ));
+    let mark = observer.messages().len();
+    traffic_after(&observer, mark).await;
+    eventually(T, "dev1's telemetry at the provider", || {
+        let got = !provider.on("/tenants/svcA/telemetry/dev1").is_empty();
+        async move { got.then_some(()) }
+    })
+    .await
+    .unwrap();
+    assert!(
+        provider
+            .messages()
+            .iter()
+            .all(|m| m.topic.starts_with("/tenants/svcA/telemetry/")),
+        "the provider received {:?}",
+        provider.messages()
+    );
+
+    // It may not publish, not even into its own tenant.
+    let before = fleet.snapshot();
+    provider
+        .publish("/tenants/svcA/fleet/v1/poll/dev1", b"injected".to_vec())
+        .await
+        .unwrap();
+    eventually(T, "the publishing provider cut", || {
+        let cut = provider.is_cut();
+        async move { cut.then_some(()) }
+    })
+    .await
+    .unwrap();
+    assert!(fleet.snapshot() == before, "stored history changed");
+
+    // Revoked by the operator: a live session is cut, the next handshake
+    // refused.
+    let live = Probe::mtls(
+        fleet.service_addr(),
+        "provider.weather",
+        &root,
+        chain.clone(),
+        key.clone(),
+    )
+    .await
+    .unwrap();
+    let res =
+        fleet_manager::admin::call(&fleet.admin(), "POST", "/v1/providers/weather/revoke", None)
+            .await
+            .unwrap();
+    assert_eq!(res["revoked"], 1);
+    eventually(T, "the revoked provider's session cut", || {
+        let cut = live.is_cut();
+        async move { cut.then_some(()) }
+    })
+    .await
+    .unwrap();
+    assert!(
+        Probe::mtls(fleet.service_addr(), "provider.weather", &root, chain, key)
+            .await
+            .is_err(),
+        "a revoked provider certificate was accepted"
+    );
+    assert!(grants::read_grants(fleet.certs_dir(), "provider.weather")
+        .unwrap()
+        .is_empty());
+}
