@@ -234,6 +234,56 @@ async fn generated_mosquitto_rules_hold() {
         "an injected message was delivered"
     );
 
+    // A service provider of svcA, issued by the manager, reads svcA's
+    // telemetry through mosquitto and nothing of svcB's.
+    let issued = fleet_manager::admin::call(
+        &admin,
+        "POST",
+        "/v1/providers",
+        Some(&json!({ "name": "weather", "service_id": "svcA" })),
+    )
+    .await
+    .unwrap();
+    assert_eq!(regenerate().await.unwrap(), 3);
+    let pem = |k: &str| issued[k].as_str().unwrap().as_bytes().to_vec();
+    let provider = Probe::mtls(
+        params.service,
+        "provider.weather",
+        &root,
+        pem("chain_pem"),
+        pem("key_pem"),
+    )
+    .await
+    .unwrap();
+    for filter in [
+        "/tenants/svcA/telemetry/+",
+        "/tenants/svcB/telemetry/+",
+        "#",
+    ] {
+        provider.subscribe(filter).await.unwrap();
+    }
+    provider.wait_for(&on("svcA", "ext1"), 1, T).await.unwrap();
+    observer
+        .wait_for(
+            &on("svcB", "ext2"),
+            observer.on(&on("svcB", "ext2")).len() + 2,
+            T,
+        )
+        .await
+        .unwrap();
+    assert!(
+        provider
+            .messages()
+            .iter()
+            .all(|m| m.topic.starts_with("/tenants/svcA/telemetry/")),
+        "the provider received {:?}",
+        provider
+            .messages()
+            .iter()
+            .map(|m| &m.topic)
+            .collect::<Vec<_>>()
+    );
+
     // Migration: the ACL grants both tenants while ext1 moves, then only the new one.
     let body = json!({ "devices": ["ext1"], "service_id": "svcC" });
     fleet_manager::admin::call(&admin, "POST", "/v1/service-change", Some(&body))
