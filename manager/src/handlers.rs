@@ -132,6 +132,43 @@ pub struct ProviderCredentials {
     pub key_pem: Vec<u8>,
 }
 
+/// The record of a certificate just issued to `owner` (a device id or a
+/// provider's principal).
+fn active_record(
+    issued: &fleet_pki::IssuedCert,
+    owner: &str,
+    service_id: &str,
+    key_mode: &str,
+    now: u64,
+) -> Result<CertRecord, Failure> {
+    Ok(CertRecord {
+        sv: SCHEMA_VERSION,
+        serial: issued.serial_hex.clone(),
+        device_id: owner.to_owned(),
+        service_id: service_id.to_owned(),
+        not_before: issued.not_before,
+        not_after: issued.not_after,
+        fingerprint_sha256: issued.fingerprint_sha256.clone(),
+        key_mode: key_mode.into(),
+        status: CertStatus::Active,
+        issued_ms: now,
+        superseded_by: None,
+        superseded_ms: None,
+        revoked_ms: None,
+        der: issued.leaf.to_der().map_err(ProtocolError::from)?,
+    })
+}
+
+/// Marks a certificate revoked at `now`; false if it already was.
+fn revoke(c: &mut CertRecord, now: u64) -> bool {
+    if c.revoked_ms.is_some() {
+        return false;
+    }
+    c.status = CertStatus::Revoked;
+    c.revoked_ms = Some(now);
+    true
+}
+
 /// Most device ids whose recent failures are tracked at once.
 const MAX_FAILURE_ENTRIES: usize = 100_000;
 
@@ -659,27 +696,14 @@ impl Core {
             ..Batch::default()
         };
         let after = After::default();
-        batch.certs.push(CertRecord {
-            sv: SCHEMA_VERSION,
-            serial: issued.serial_hex.clone(),
-            device_id: d.clone(),
-            service_id: target.clone(),
-            not_before: issued.not_before,
-            not_after: issued.not_after,
-            fingerprint_sha256: issued.fingerprint_sha256.clone(),
-            key_mode: if generated.is_some() {
-                "manager"
-            } else {
-                "csr"
-            }
-            .into(),
-            status: CertStatus::Active,
-            issued_ms: now,
-            superseded_by: None,
-            superseded_ms: None,
-            revoked_ms: None,
-            der: issued.leaf.to_der().map_err(ProtocolError::from)?,
-        });
+        let key_mode = if generated.is_some() {
+            "manager"
+        } else {
+            "csr"
+        };
+        batch
+            .certs
+            .push(active_record(&issued, &d, &target, key_mode, now)?);
         let mut next = device.clone();
         if let Some(old_serial) = &device.current_cert {
             if let Some(mut old) = self.store.cert(old_serial)? {
@@ -995,9 +1019,7 @@ impl Core {
             .chain(device.pending_revocation.iter())
         {
             if let Some(mut c) = self.store.cert(serial)? {
-                if c.revoked_ms.is_none() {
-                    c.status = CertStatus::Revoked;
-                    c.revoked_ms = Some(now);
+                if revoke(&mut c, now) {
                     batch.certs.push(c);
                 }
             }
@@ -1053,31 +1075,16 @@ impl Core {
         let now = now_ms();
         let mut batch = Batch::default();
         for mut old in self.store.certs_of(&principal)? {
-            if old.service_id == service_id && old.revoked_ms.is_none() {
-                old.status = CertStatus::Revoked;
+            if old.service_id == service_id && revoke(&mut old, now) {
                 old.superseded_by = Some(issued.serial_hex.clone());
                 old.superseded_ms = Some(now);
-                old.revoked_ms = Some(now);
                 batch.certs.push(old);
             }
         }
         let replaced = batch.certs.len();
-        batch.certs.push(CertRecord {
-            sv: SCHEMA_VERSION,
-            serial: issued.serial_hex.clone(),
-            device_id: principal.clone(),
-            service_id: service_id.to_owned(),
-            not_before: issued.not_before,
-            not_after: issued.not_after,
-            fingerprint_sha256: issued.fingerprint_sha256.clone(),
-            key_mode: "manager".into(),
-            status: CertStatus::Active,
-            issued_ms: now,
-            superseded_by: None,
-            superseded_ms: None,
-            revoked_ms: None,
-            der: issued.leaf.to_der().map_err(ProtocolError::from)?,
-        });
+        batch.certs.push(active_record(
+            &issued, &principal, service_id, "manager", now,
+        )?);
         self.commit(&batch)?;
         self.write_provider_grants(&principal)?;
         self.store.audit(
@@ -1112,9 +1119,7 @@ impl Core {
         let now = now_ms();
         let mut batch = Batch::default();
         for mut c in self.store.certs_of(&principal)? {
-            if c.revoked_ms.is_none() {
-                c.status = CertStatus::Revoked;
-                c.revoked_ms = Some(now);
+            if revoke(&mut c, now) {
                 batch.certs.push(c);
             }
         }
