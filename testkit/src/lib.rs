@@ -397,6 +397,10 @@ pub struct Probe5 {
     pub subacks: Arc<Mutex<Vec<Vec<v5::SubscribeReasonCode>>>>,
     /// Packet id and reason of every PUBACK.
     pub pubacks: Arc<Mutex<Vec<(u16, v5::PubAckReason)>>>,
+    /// Packet id and reason of every PUBREC.
+    pub pubrecs: Arc<Mutex<Vec<(u16, v5::PubRecReason)>>>,
+    /// The reason codes of every UNSUBACK.
+    pub unsubacks: Arc<Mutex<Vec<Vec<v5::UnsubAckReason>>>>,
     /// Connection errors seen, the broker's DISCONNECT among them.
     pub errors: Arc<Mutex<Vec<String>>>,
     /// The reason code of the broker's DISCONNECT, if it sent one.
@@ -408,8 +412,8 @@ pub struct Probe5 {
 /// The MQTT 5 packet types [`Probe5`] uses.
 pub mod v5 {
     pub use rumqttc::v5::mqttbytes::v5::{
-        ConnAck, ConnectReturnCode, DisconnectReasonCode, LastWill, PubAckReason,
-        PublishProperties, SubscribeReasonCode,
+        ConnAck, ConnectReturnCode, DisconnectReasonCode, LastWill, PubAckReason, PubRecReason,
+        PublishProperties, SubscribeReasonCode, UnsubAckReason,
     };
     pub use rumqttc::v5::mqttbytes::QoS;
     pub use rumqttc::v5::MqttOptions;
@@ -467,6 +471,8 @@ impl Probe5 {
         let received = Arc::new(Mutex::new(Vec::new()));
         let subacks = Arc::new(Mutex::new(Vec::new()));
         let pubacks = Arc::new(Mutex::new(Vec::new()));
+        let pubrecs = Arc::new(Mutex::new(Vec::new()));
+        let unsubacks = Arc::new(Mutex::new(Vec::new()));
         let errors = Arc::new(Mutex::new(Vec::new()));
         let disconnect = Arc::new(Mutex::new(None));
         let shutdown = CancellationToken::new();
@@ -474,7 +480,7 @@ impl Probe5 {
         let (r, s, p, e, d, stop) = (
             received.clone(),
             subacks.clone(),
-            pubacks.clone(),
+            (pubacks.clone(), pubrecs.clone(), unsubacks.clone()),
             errors.clone(),
             disconnect.clone(),
             shutdown.clone(),
@@ -500,8 +506,12 @@ impl Probe5 {
                     }),
                     Ok(E::Incoming(P::SubAck(ack))) => s.lock().unwrap().push(ack.return_codes),
                     Ok(E::Incoming(P::PubAck(ack))) => {
-                        p.lock().unwrap().push((ack.pkid, ack.reason))
+                        p.0.lock().unwrap().push((ack.pkid, ack.reason))
                     }
+                    Ok(E::Incoming(P::PubRec(rec))) => {
+                        p.1.lock().unwrap().push((rec.pkid, rec.reason))
+                    }
+                    Ok(E::Incoming(P::UnsubAck(ack))) => p.2.lock().unwrap().push(ack.reasons),
                     Ok(E::Incoming(P::Disconnect(bye))) => {
                         *d.lock().unwrap() = Some(bye.reason_code)
                     }
@@ -530,6 +540,8 @@ impl Probe5 {
                 received,
                 subacks,
                 pubacks,
+                pubrecs,
+                unsubacks,
                 errors,
                 disconnect,
                 connack,
@@ -588,6 +600,34 @@ impl Probe5 {
         let acks = self.pubacks.clone();
         eventually(Duration::from_secs(10), "PUBACK", || {
             let got = acks.lock().unwrap().get(before).map(|(_, r)| *r);
+            async move { got }
+        })
+        .await
+    }
+
+    /// Publishes at QoS 2 and returns the reason of its PUBREC.
+    pub async fn publish_exactly_once(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+    ) -> anyhow::Result<v5::PubRecReason> {
+        let before = self.pubrecs.lock().unwrap().len();
+        self.publish(topic, v5::QoS::ExactlyOnce, payload).await?;
+        let recs = self.pubrecs.clone();
+        eventually(Duration::from_secs(10), "PUBREC", || {
+            let got = recs.lock().unwrap().get(before).map(|(_, r)| *r);
+            async move { got }
+        })
+        .await
+    }
+
+    /// Unsubscribes and returns the UNSUBACK's reason codes.
+    pub async fn unsubscribe(&self, filter: &str) -> anyhow::Result<Vec<v5::UnsubAckReason>> {
+        let before = self.unsubacks.lock().unwrap().len();
+        self.client.unsubscribe(filter).await?;
+        let acks = self.unsubacks.clone();
+        eventually(Duration::from_secs(10), "UNSUBACK", || {
+            let got = acks.lock().unwrap().get(before).cloned();
             async move { got }
         })
         .await

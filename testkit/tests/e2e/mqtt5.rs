@@ -3,8 +3,8 @@
 
 use fleet_device_sim::DeviceEvent;
 use fleet_testkit::v5::{
-    ConnectReturnCode, DisconnectReasonCode, LastWill, PubAckReason, PublishProperties, QoS,
-    SubscribeReasonCode,
+    ConnectReturnCode, DisconnectReasonCode, LastWill, PubAckReason, PubRecReason,
+    PublishProperties, QoS, SubscribeReasonCode, UnsubAckReason,
 };
 use fleet_testkit::{eventually, Fleet, Probe, Probe5};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -130,6 +130,13 @@ async fn publishes_outside_the_grants_get_not_authorized_and_deliver_nothing() {
             .unwrap();
         assert_eq!(reason, PubAckReason::NotAuthorized, "{topic}");
     }
+    // QoS 2: PUBREC 0x87.
+    assert_eq!(
+        svc.publish_exactly_once("/tenants/svcB/telemetry/dev2", b"injected".to_vec())
+            .await
+            .unwrap(),
+        PubRecReason::NotAuthorized
+    );
     // A topic alias names the topic it was set for, whatever else it was
     // set up with: the effective topic is what is authorized.
     assert_eq!(
@@ -205,7 +212,7 @@ async fn publishes_outside_the_grants_get_not_authorized_and_deliver_nothing() {
     }
     assert_eq!(
         fleet.broker.metrics.get(|m| &m.refused_publishes) - refused_before,
-        cases.len() as u64 + 3
+        cases.len() as u64 + 4
     );
 }
 
@@ -365,9 +372,23 @@ async fn a_granted_mqtt5_device_gets_its_replies() {
                 PubAckReason::Success
             );
         }
-        probe.wait_for(&reply, 2, T).await.unwrap();
-        // UNSUBSCRIBE is answered, and the connection stays up.
-        probe.client.unsubscribe(&reply).await.unwrap();
+        assert_eq!(
+            probe
+                .publish_exactly_once(&base, b"not cbor".to_vec())
+                .await
+                .unwrap(),
+            PubRecReason::Success
+        );
+        probe.wait_for(&reply, 3, T).await.unwrap();
+        // UNSUBSCRIBE is answered, one code per filter, and the connection stays up.
+        assert_eq!(
+            probe.unsubscribe(&reply).await.unwrap(),
+            [UnsubAckReason::Success]
+        );
+        assert_eq!(
+            probe.unsubscribe("#").await.unwrap(),
+            [UnsubAckReason::NoSubscriptionExisted]
+        );
     }
     // A second connection of the same certificate takes the session over:
     // the first is told so.
