@@ -8,12 +8,13 @@
 
 use std::collections::HashMap;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::{self, PacketType, V5};
 use rumqttd::protocol::{
     ConnAck, ConnectReturnCode, Disconnect, DisconnectProperties, DisconnectReasonCode, Packet,
-    Protocol, PubAck, PubAckReason, PubRec, PubRecReason, SubscribeReasonCode,
+    Protocol, PubAck, PubAckReason, PubRec, PubRecReason, Publish, PublishProperties,
+    SubscribeReasonCode,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -270,6 +271,34 @@ impl TopicAliases {
     /// device publishes to a handful of topics.
     pub const MAX: u16 = 16;
 
+    /// Rewrites an MQTT 5 PUBLISH for the router: the topic it is routed
+    /// to, which is the one to authorize, and no alias. A client's PUBLISH
+    /// carries no Subscription Identifier.
+    pub fn route(
+        &mut self,
+        publish: &mut Publish,
+        properties: Option<&mut PublishProperties>,
+    ) -> Result<(), SessionError> {
+        let mut alias = None;
+        if let Some(p) = properties {
+            if !p.subscription_identifiers.is_empty() {
+                return Err(SessionError::Violation(
+                    DisconnectReasonCode::ProtocolError,
+                    "subscription identifier in a PUBLISH".into(),
+                ));
+            }
+            alias = p.topic_alias.take();
+        }
+        let named = std::str::from_utf8(&publish.topic).map_err(|_| {
+            SessionError::Violation(
+                DisconnectReasonCode::MalformedPacket,
+                "topic is not UTF-8".into(),
+            )
+        })?;
+        publish.topic = Bytes::from(self.resolve(named, alias)?);
+        Ok(())
+    }
+
     /// The topic a PUBLISH with `topic` and alias `alias` is for; records a
     /// new mapping when both are given.
     pub fn resolve(&mut self, topic: &str, alias: Option<u16>) -> Result<String, SessionError> {
@@ -333,6 +362,36 @@ mod tests {
             Packet::Disconnect(d, _) if d.reason_code == DisconnectReasonCode::NotAuthorized
         ));
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn routed_publishes_carry_their_topic_and_no_alias() {
+        let mut a = TopicAliases::default();
+        let mut publish = Publish::new("t/1", "x", false);
+        let mut props = PublishProperties {
+            topic_alias: Some(3),
+            ..Default::default()
+        };
+        a.route(&mut publish, Some(&mut props)).unwrap();
+        assert_eq!(props.topic_alias, None);
+        let mut by_alias = Publish::new("", "x", false);
+        let mut props = PublishProperties {
+            topic_alias: Some(3),
+            ..Default::default()
+        };
+        a.route(&mut by_alias, Some(&mut props)).unwrap();
+        assert_eq!(&by_alias.topic[..], b"t/1");
+        let mut props = PublishProperties {
+            subscription_identifiers: vec![1],
+            ..Default::default()
+        };
+        assert!(matches!(
+            a.route(&mut publish, Some(&mut props)),
+            Err(SessionError::Violation(
+                DisconnectReasonCode::ProtocolError,
+                _
+            ))
+        ));
     }
 
     #[test]

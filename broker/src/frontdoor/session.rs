@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     Connect, ConnectProperties, Disconnect, DisconnectReasonCode, LastWill, LastWillProperties,
@@ -384,18 +383,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 match packet {
                     Packet::Publish(mut publish, mut props) => {
                         if version == Version::V5 {
-                            if props.as_ref().is_some_and(|p| !p.subscription_identifiers.is_empty()) {
-                                return Err(SessionError::Violation(
-                                    DisconnectReasonCode::ProtocolError,
-                                    "subscription identifier in a PUBLISH".into(),
-                                ));
-                            }
-                            // Authorize the topic the message is routed to.
-                            let alias = props.as_mut().and_then(|p| p.topic_alias.take());
-                            let named = std::str::from_utf8(&publish.topic).map_err(|_| {
-                                SessionError::Violation(DisconnectReasonCode::MalformedPacket, "topic is not UTF-8".into())
-                            })?;
-                            publish.topic = Bytes::from(aliases.resolve(named, alias)?);
+                            aliases.route(&mut publish, props.as_mut())?;
                         }
                         let granted = std::str::from_utf8(&publish.topic).is_ok_and(|t| identity.may_publish(t));
                         if !granted {
