@@ -126,14 +126,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         }
     }
 
-    /// Buffers one whole packet, refusing an oversized one on its fixed
-    /// header. Returns its type.
+    /// The type of the packet at the front of the buffer once it is whole;
+    /// an oversized one is refused on its fixed header.
+    fn buffered(&self) -> Result<Option<PacketType>, SessionError> {
+        match v5::check(self.buf.iter(), self.max_packet) {
+            Ok(header) => Ok(Some(header.packet_type().map_err(SessionError::Mqtt)?)),
+            Err(rumqttd::protocol::Error::InsufficientBytes(_)) => Ok(None),
+            Err(e) => Err(SessionError::Mqtt(e)),
+        }
+    }
+
+    /// Buffers one whole packet and returns its type.
     async fn fill(&mut self) -> Result<PacketType, SessionError> {
         loop {
-            match v5::check(self.buf.iter(), self.max_packet) {
-                Ok(header) => return header.packet_type().map_err(SessionError::Mqtt),
-                Err(rumqttd::protocol::Error::InsufficientBytes(_)) => {}
-                Err(e) => return Err(SessionError::Mqtt(e)),
+            if let Some(kind) = self.buffered()? {
+                return Ok(kind);
             }
             let n = self.stream.read_buf(&mut self.buf).await?;
             if n == 0 {
@@ -148,6 +155,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
             Version::V5 => V5.read_mut(&mut self.buf, self.max_packet),
         }
         .map_err(SessionError::Mqtt)
+    }
+
+    /// Decodes the packet at the front of the buffer once it is whole.
+    /// Packets only a server sends are a protocol error from a client (and
+    /// rumqttd's v5 decoder does not expect them: it panics on some).
+    fn next_buffered(&mut self) -> Result<Option<Packet>, SessionError> {
+        let Some(kind) = self.buffered()? else {
+            return Ok(None);
+        };
+        if matches!(
+            kind,
+            PacketType::ConnAck | PacketType::SubAck | PacketType::UnsubAck | PacketType::PingResp
+        ) {
+            return Err(SessionError::Violation(
+                DisconnectReasonCode::ProtocolError,
+                format!("client sent {kind:?}"),
+            ));
+        }
+        self.decode().map(Some)
     }
 
     /// Reads the first packet, which must be a CONNECT, and takes the
@@ -177,20 +203,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         self.decode()
     }
 
-    /// Reads the next packet. Packets only a server sends are a protocol
-    /// error from a client (and rumqttd's v5 decoder does not expect them).
+    /// Reads the next packet.
     pub async fn read(&mut self) -> Result<Packet, SessionError> {
-        let kind = self.fill().await?;
-        if matches!(
-            kind,
-            PacketType::ConnAck | PacketType::SubAck | PacketType::UnsubAck | PacketType::PingResp
-        ) {
-            return Err(SessionError::Violation(
-                DisconnectReasonCode::ProtocolError,
-                format!("client sent {kind:?}"),
-            ));
+        loop {
+            if let Some(packet) = self.next_buffered()? {
+                return Ok(packet);
+            }
+            let n = self.stream.read_buf(&mut self.buf).await?;
+            if n == 0 {
+                return Err(SessionError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
         }
-        self.decode()
     }
 
     pub async fn write(&mut self, packets: Vec<Packet>) -> Result<(), SessionError> {
@@ -333,6 +356,26 @@ impl TopicAliases {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4000))]
+
+        /// Whatever a client sends after its CONNECT, in either version,
+        /// decoding ends in a packet or an error, never a panic.
+        #[test]
+        fn any_packet_decodes_or_fails(
+            byte1 in proptest::prelude::any::<u8>(),
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..96),
+            v5 in proptest::prelude::any::<bool>(),
+        ) {
+            let (stream, _peer) = tokio::io::duplex(64);
+            let mut framed = Framed::new(stream, 1024);
+            framed.version = if v5 { Version::V5 } else { Version::V311 };
+            framed.buf.extend_from_slice(&[byte1, body.len() as u8]);
+            framed.buf.extend_from_slice(&body);
+            let _ = framed.next_buffered();
+        }
+    }
 
     #[test]
     fn protocol_level_of_connects() {
