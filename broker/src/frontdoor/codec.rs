@@ -375,6 +375,24 @@ mod tests {
             framed.buf.extend_from_slice(&body);
             let _ = framed.next_buffered();
         }
+
+        /// The same for a CONNECT of either level, whatever follows its
+        /// protocol name and level.
+        #[test]
+        fn any_connect_decodes_or_fails(
+            rest in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..96),
+            v5 in proptest::prelude::any::<bool>(),
+        ) {
+            let (stream, _peer) = tokio::io::duplex(64);
+            let mut framed = Framed::new(stream, 1024);
+            let level = if v5 { 5 } else { 4 };
+            let body_len = 7 + rest.len();
+            framed.buf.extend_from_slice(&[0x10, body_len as u8, 0, 4, b'M', b'Q', b'T', b'T', level]);
+            framed.buf.extend_from_slice(&rest);
+            proptest::prop_assert_eq!(protocol_level(&framed.buf), Some(level));
+            framed.version = if v5 { Version::V5 } else { Version::V311 };
+            let _ = framed.decode();
+        }
     }
 
     #[test]
