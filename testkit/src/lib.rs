@@ -6,6 +6,7 @@
 //! # Layout
 //! - [`Fleet`]: broker + manager + PKI in one temporary directory; restart the manager on the same store.
 //! - [`Probe`]: a raw MQTT client that records what it receives (sniffers, forgers, attackers).
+//! - [`Probe5`]: the same over MQTT 5, also recording reason codes.
 //! - [`eventually`]: wait until a condition holds, with a deadline.
 //! - [`openssl_verify`]: run the real `openssl verify` on a certificate chain.
 
@@ -268,7 +269,8 @@ impl Probe {
         Self::connect(opts).await
     }
 
-    async fn connect(mut opts: MqttOptions) -> anyhow::Result<Probe> {
+    /// Connects with `opts` (a Will, say); keep-alive and packet size are set here.
+    pub async fn connect(mut opts: MqttOptions) -> anyhow::Result<Probe> {
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_max_packet_size(1024 * 1024, 1024 * 1024);
         let (client, mut eventloop) = AsyncClient::new(opts, 100);
@@ -380,6 +382,303 @@ impl Probe {
 }
 
 impl Drop for Probe {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A client certificate chain and its key, both PEM.
+pub type ClientAuth = (Vec<u8>, Vec<u8>);
+
+/// An MQTT 5 client that records what it receives and every reason code
+/// the broker answers with.
+pub struct Probe5 {
+    pub client: rumqttc::v5::AsyncClient,
+    pub received: Arc<Mutex<Vec<Received>>>,
+    pub subacks: Arc<Mutex<Vec<Vec<v5::SubscribeReasonCode>>>>,
+    /// Packet id and reason of every PUBACK.
+    pub pubacks: Arc<Mutex<Vec<(u16, v5::PubAckReason)>>>,
+    /// Packet id and reason of every PUBREC.
+    pub pubrecs: Arc<Mutex<Vec<(u16, v5::PubRecReason)>>>,
+    /// The reason codes of every UNSUBACK.
+    pub unsubacks: Arc<Mutex<Vec<Vec<v5::UnsubAckReason>>>>,
+    /// Connection errors seen, the broker's DISCONNECT among them.
+    pub errors: Arc<Mutex<Vec<String>>>,
+    /// The reason code of the broker's DISCONNECT, if it sent one.
+    pub disconnect: Arc<Mutex<Option<v5::DisconnectReasonCode>>>,
+    pub connack: v5::ConnAck,
+    shutdown: CancellationToken,
+}
+
+/// The MQTT 5 packet types [`Probe5`] uses.
+pub mod v5 {
+    pub use rumqttc::v5::mqttbytes::v5::{
+        ConnAck, ConnectReturnCode, DisconnectReasonCode, LastWill, PubAckReason, PubRecReason,
+        PublishProperties, SubscribeReasonCode, UnsubAckReason,
+    };
+    pub use rumqttc::v5::mqttbytes::QoS;
+    pub use rumqttc::v5::MqttOptions;
+}
+
+impl Probe5 {
+    /// Options for `client_id` at `addr`: plain, or TLS naming `localhost`
+    /// and trusting `root_ca`, with a client certificate if given.
+    pub fn options(
+        addr: std::net::SocketAddr,
+        client_id: &str,
+        tls: Option<(&Path, Option<ClientAuth>)>,
+    ) -> anyhow::Result<v5::MqttOptions> {
+        let opts = match tls {
+            None => v5::MqttOptions::new(client_id, addr.ip().to_string(), addr.port()),
+            Some((root_ca, client_auth)) => {
+                let mut opts = v5::MqttOptions::new(client_id, "localhost", addr.port());
+                opts.set_transport(Transport::Tls(TlsConfiguration::Simple {
+                    ca: std::fs::read(root_ca)?,
+                    alpn: None,
+                    client_auth,
+                }));
+                opts
+            }
+        };
+        Ok(opts)
+    }
+
+    /// Connects over TLS without a client certificate.
+    pub async fn tls(
+        addr: std::net::SocketAddr,
+        client_id: &str,
+        root_ca: &Path,
+    ) -> anyhow::Result<Probe5> {
+        Self::connect(Self::options(addr, client_id, Some((root_ca, None)))?).await
+    }
+
+    /// Connects to the mutual-TLS listener with a chain and key (PEM).
+    pub async fn mtls(
+        addr: std::net::SocketAddr,
+        client_id: &str,
+        root_ca: &Path,
+        chain_pem: Vec<u8>,
+        key_pem: Vec<u8>,
+    ) -> anyhow::Result<Probe5> {
+        let auth = Some((chain_pem, key_pem));
+        Self::connect(Self::options(addr, client_id, Some((root_ca, auth)))?).await
+    }
+
+    /// Connects with `opts`. A refused CONNECT fails with the
+    /// [`rumqttc::v5::ConnectionError`] (see [`Probe5::refusal`]).
+    pub async fn connect(mut opts: v5::MqttOptions) -> anyhow::Result<Probe5> {
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(opts, 100);
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let subacks = Arc::new(Mutex::new(Vec::new()));
+        let pubacks = Arc::new(Mutex::new(Vec::new()));
+        let pubrecs = Arc::new(Mutex::new(Vec::new()));
+        let unsubacks = Arc::new(Mutex::new(Vec::new()));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let disconnect = Arc::new(Mutex::new(None));
+        let shutdown = CancellationToken::new();
+        let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
+        let (r, s, p, e, d, stop) = (
+            received.clone(),
+            subacks.clone(),
+            (pubacks.clone(), pubrecs.clone(), unsubacks.clone()),
+            errors.clone(),
+            disconnect.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            use rumqttc::v5::mqttbytes::v5::Packet as P;
+            use rumqttc::v5::{ConnectionError, Event as E, StateError};
+            let mut connected_tx = Some(connected_tx);
+            loop {
+                let event = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    ev = eventloop.poll() => ev,
+                };
+                match event {
+                    Ok(E::Incoming(P::ConnAck(ack))) => {
+                        if let Some(tx) = connected_tx.take() {
+                            let _ = tx.send(Ok(ack));
+                        }
+                    }
+                    Ok(E::Incoming(P::Publish(m))) => r.lock().unwrap().push(Received {
+                        topic: String::from_utf8_lossy(&m.topic).into_owned(),
+                        payload: m.payload.to_vec(),
+                    }),
+                    Ok(E::Incoming(P::SubAck(ack))) => s.lock().unwrap().push(ack.return_codes),
+                    Ok(E::Incoming(P::PubAck(ack))) => {
+                        p.0.lock().unwrap().push((ack.pkid, ack.reason))
+                    }
+                    Ok(E::Incoming(P::PubRec(rec))) => {
+                        p.1.lock().unwrap().push((rec.pkid, rec.reason))
+                    }
+                    Ok(E::Incoming(P::UnsubAck(ack))) => p.2.lock().unwrap().push(ack.reasons),
+                    Ok(E::Incoming(P::Disconnect(bye))) => {
+                        *d.lock().unwrap() = Some(bye.reason_code)
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        if let ConnectionError::MqttState(StateError::ServerDisconnect {
+                            reason_code,
+                            ..
+                        }) = &err
+                        {
+                            *d.lock().unwrap() = Some(*reason_code);
+                        }
+                        e.lock().unwrap().push(err.to_string());
+                        if let Some(tx) = connected_tx.take() {
+                            let _ = tx.send(Err(err));
+                        }
+                        // A probe does not reconnect: a cut connection stays cut.
+                        break;
+                    }
+                }
+            }
+        });
+        match tokio::time::timeout(Duration::from_secs(10), connected_rx).await {
+            Ok(Ok(Ok(connack))) => Ok(Probe5 {
+                client,
+                received,
+                subacks,
+                pubacks,
+                pubrecs,
+                unsubacks,
+                errors,
+                disconnect,
+                connack,
+                shutdown,
+            }),
+            Ok(Ok(Err(err))) => Err(anyhow::Error::new(err).context("connect refused")),
+            Ok(Err(_)) => bail!("probe event loop ended before CONNACK"),
+            Err(_) => bail!("no CONNACK within 10 s"),
+        }
+    }
+
+    /// The CONNACK code a failed [`Probe5::connect`] was refused with.
+    pub fn refusal(err: &anyhow::Error) -> Option<v5::ConnectReturnCode> {
+        use rumqttc::v5::{ConnectionError, StateError};
+        match err.downcast_ref::<ConnectionError>()? {
+            ConnectionError::ConnectionRefused(code) => Some(*code),
+            ConnectionError::MqttState(StateError::ConnFail { reason }) => Some(*reason),
+            _ => None,
+        }
+    }
+
+    /// Subscribes and returns the SUBACK's reason codes.
+    pub async fn subscribe(&self, filter: &str) -> anyhow::Result<Vec<v5::SubscribeReasonCode>> {
+        let before = self.subacks.lock().unwrap().len();
+        self.client.subscribe(filter, v5::QoS::AtLeastOnce).await?;
+        let acks = self.subacks.clone();
+        eventually(Duration::from_secs(10), "SUBACK", || {
+            let got = acks.lock().unwrap().get(before).cloned();
+            async move { got }
+        })
+        .await
+    }
+
+    pub async fn publish(&self, topic: &str, qos: v5::QoS, payload: Vec<u8>) -> anyhow::Result<()> {
+        self.client.publish(topic, qos, false, payload).await?;
+        Ok(())
+    }
+
+    /// Publishes at QoS 1 and returns the reason of its PUBACK.
+    pub async fn publish_acked(
+        &self,
+        topic: &str,
+        properties: Option<v5::PublishProperties>,
+        payload: Vec<u8>,
+    ) -> anyhow::Result<v5::PubAckReason> {
+        let before = self.pubacks.lock().unwrap().len();
+        let qos = v5::QoS::AtLeastOnce;
+        match properties {
+            Some(p) => {
+                self.client
+                    .publish_with_properties(topic, qos, false, payload, p)
+                    .await?
+            }
+            None => self.client.publish(topic, qos, false, payload).await?,
+        }
+        let acks = self.pubacks.clone();
+        eventually(Duration::from_secs(10), "PUBACK", || {
+            let got = acks.lock().unwrap().get(before).map(|(_, r)| *r);
+            async move { got }
+        })
+        .await
+    }
+
+    /// Publishes at QoS 2 and returns the reason of its PUBREC.
+    pub async fn publish_exactly_once(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+    ) -> anyhow::Result<v5::PubRecReason> {
+        let before = self.pubrecs.lock().unwrap().len();
+        self.publish(topic, v5::QoS::ExactlyOnce, payload).await?;
+        let recs = self.pubrecs.clone();
+        eventually(Duration::from_secs(10), "PUBREC", || {
+            let got = recs.lock().unwrap().get(before).map(|(_, r)| *r);
+            async move { got }
+        })
+        .await
+    }
+
+    /// Unsubscribes and returns the UNSUBACK's reason codes.
+    pub async fn unsubscribe(&self, filter: &str) -> anyhow::Result<Vec<v5::UnsubAckReason>> {
+        let before = self.unsubacks.lock().unwrap().len();
+        self.client.unsubscribe(filter).await?;
+        let acks = self.unsubacks.clone();
+        eventually(Duration::from_secs(10), "UNSUBACK", || {
+            let got = acks.lock().unwrap().get(before).cloned();
+            async move { got }
+        })
+        .await
+    }
+
+    pub fn messages(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn on(&self, topic: &str) -> Vec<Received> {
+        self.messages()
+            .into_iter()
+            .filter(|m| m.topic == topic)
+            .collect()
+    }
+
+    /// Waits for the `n`-th message (1-based) on `topic` and returns it.
+    pub async fn wait_for(
+        &self,
+        topic: &str,
+        n: usize,
+        within: Duration,
+    ) -> anyhow::Result<Received> {
+        eventually(within, &format!("message {n} on {topic}"), || {
+            let got = self.on(topic);
+            async move { got.get(n - 1).cloned() }
+        })
+        .await
+    }
+
+    pub fn is_cut(&self) -> bool {
+        !self.errors.lock().unwrap().is_empty()
+    }
+
+    /// Waits until the broker has closed the connection; returns the
+    /// reason of its DISCONNECT, if it sent one.
+    pub async fn wait_cut(
+        &self,
+        within: Duration,
+    ) -> anyhow::Result<Option<v5::DisconnectReasonCode>> {
+        eventually(within, "the connection to close", || {
+            let cut = self.is_cut();
+            async move { cut.then_some(()) }
+        })
+        .await?;
+        Ok(*self.disconnect.lock().unwrap())
+    }
+}
+
+impl Drop for Probe5 {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }

@@ -18,7 +18,9 @@
 //! - [`grants`]: identities and their publish/subscribe grants.
 //! - [`trust`]: the service listener's OpenSSL context, CRLs and revocation.
 //! - [`session`]: one MQTT connection, CONNECT to close.
+//! - [`codec`]: MQTT 3.1.1 and 5 on the wire, and how each spells a refusal.
 
+pub mod codec;
 pub mod grants;
 pub mod session;
 pub mod trust;
@@ -97,6 +99,8 @@ pub struct Shared {
     slots: Arc<Semaphore>,
     next_connection: AtomicU64,
     rate: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+    /// Router client id → the connection that holds that session now.
+    sessions: Mutex<HashMap<String, u64>>,
 }
 
 /// What a listener's connections prove about themselves.
@@ -129,7 +133,28 @@ impl Shared {
             internal_users,
             next_connection: AtomicU64::new(1),
             rate: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Records that `connection` now holds the router session `router_id`.
+    pub fn claim(&self, router_id: &str, connection: u64) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.insert(router_id.to_string(), connection);
+    }
+
+    /// Whether `connection` still holds the router session `router_id`.
+    pub fn holds(&self, router_id: &str, connection: u64) -> bool {
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.get(router_id) == Some(&connection)
+    }
+
+    /// Forgets `connection`'s hold on `router_id`, if it still has it.
+    pub fn release(&self, router_id: &str, connection: u64) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if sessions.get(router_id) == Some(&connection) {
+            sessions.remove(router_id);
+        }
     }
 
     /// Token bucket per source address.

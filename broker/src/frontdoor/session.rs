@@ -1,25 +1,24 @@
-//! One MQTT 3.1.1 connection: CONNECT and identity binding, then every
-//! packet authorized before it reaches the router, and the router's
-//! packets written back. The router link is in process (`LinkTx`/`LinkRx`),
-//! so a device costs one file descriptor.
+//! One MQTT connection, 3.1.1 or 5 ([`codec`](super::codec)): CONNECT and
+//! identity binding, then every packet authorized before it reaches the
+//! router, and the router's packets written back. The router link is in
+//! process (`LinkTx`/`LinkRx`), so a device costs one file descriptor.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{
-    ConnAck, Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode, Login, Packet, Protocol,
-    SubAck, SubscribeReasonCode,
+    Connect, ConnectProperties, Disconnect, DisconnectReasonCode, LastWill, LastWillProperties,
+    Login, Packet, Publish, PublishProperties, SubAck, UnsubAck, UnsubAckReason,
 };
 use rumqttd::Notification;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::codec::{Framed, Refusal, TopicAliases, Version};
 use super::grants::Identity;
 use super::{ListenerKind, Shared};
 
@@ -35,77 +34,78 @@ pub enum SessionError {
     NotConnect,
     #[error("refused: {0}")]
     Refused(String),
+    /// The client broke the protocol; MQTT 5 clients are told with `code`.
+    #[error("protocol violation ({0:?}): {1}")]
+    Violation(DisconnectReasonCode, String),
     #[error("router: {0}")]
     Router(String),
-    /// The router ended the session (a newer connection of the same
-    /// identity took it over): nothing to tell the router on the way out.
+    /// The router ended the session: nothing to tell the router on the way out.
     #[error("closed by the router: {0}")]
     RouterClosed(String),
+    /// A newer connection of the same identity took the session over.
+    #[error("taken over by a newer connection of the same identity")]
+    TakenOver,
     #[error("idle past keep-alive")]
     KeepAlive,
     #[error("closed: certificate revoked")]
     Revoked,
 }
 
-/// Reads MQTT packets with a size limit checked on the fixed header,
-/// before the body is buffered or decoded.
-struct Framed<S> {
-    stream: S,
-    buf: BytesMut,
-    max_packet: usize,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
-    async fn read(&mut self) -> Result<Packet, SessionError> {
-        loop {
-            match V4.read_mut(&mut self.buf, self.max_packet) {
-                Ok(p) => return Ok(p),
-                Err(rumqttd::protocol::Error::InsufficientBytes(_)) => {}
-                Err(e) => return Err(SessionError::Mqtt(e)),
+impl SessionError {
+    /// The reason an MQTT 5 client is given in the broker's DISCONNECT
+    /// when its connection ends this way, if it is told at all.
+    fn disconnect_reason(&self) -> Option<DisconnectReasonCode> {
+        match self {
+            SessionError::Refused(_) => Some(DisconnectReasonCode::NotAuthorized),
+            SessionError::Violation(code, _) => Some(*code),
+            SessionError::Mqtt(rumqttd::protocol::Error::PayloadSizeLimitExceeded(_)) => {
+                Some(DisconnectReasonCode::PacketTooLarge)
             }
-            let n = self.stream.read_buf(&mut self.buf).await?;
-            if n == 0 {
-                return Err(SessionError::Io(std::io::ErrorKind::UnexpectedEof.into()));
-            }
+            SessionError::Mqtt(_) => Some(DisconnectReasonCode::MalformedPacket),
+            SessionError::KeepAlive => Some(DisconnectReasonCode::KeepAliveTimeout),
+            SessionError::TakenOver => Some(DisconnectReasonCode::SessionTakenOver),
+            SessionError::Revoked => Some(DisconnectReasonCode::AdministrativeAction),
+            _ => None,
         }
     }
-
-    async fn write(&mut self, packets: Vec<Packet>) -> Result<(), SessionError> {
-        let mut out = BytesMut::new();
-        for p in packets {
-            V4.write(without_properties(p), &mut out)
-                .map_err(SessionError::Mqtt)?;
-        }
-        self.stream.write_all(&out).await?;
-        self.stream.flush().await?;
-        Ok(())
-    }
 }
 
-/// MQTT 3.1.1 packets carry no properties; the router may attach some.
-fn without_properties(p: Packet) -> Packet {
-    match p {
-        Packet::ConnAck(a, _) => Packet::ConnAck(a, None),
-        Packet::Publish(p, _) => Packet::Publish(p, None),
-        Packet::PubAck(a, _) => Packet::PubAck(a, None),
-        Packet::SubAck(a, _) => Packet::SubAck(a, None),
-        Packet::PubRec(a, _) => Packet::PubRec(a, None),
-        Packet::PubRel(a, _) => Packet::PubRel(a, None),
-        Packet::PubComp(a, _) => Packet::PubComp(a, None),
-        Packet::UnsubAck(a, _) => Packet::UnsubAck(a, None),
-        Packet::Disconnect(d, _) => Packet::Disconnect(d, None),
-        other => other,
-    }
-}
+/// How long a closing connection gets to take the broker's last word.
+const FAREWELL: Duration = Duration::from_secs(2);
 
-fn connack(code: ConnectReturnCode) -> Packet {
-    Packet::ConnAck(
-        ConnAck {
-            session_present: false,
-            code,
-        },
-        None,
+/// The QoS and packet id of a PUBLISH. rumqttd keeps both crate-private;
+/// its version-independent serialization starts with the fixed header byte
+/// and the packet id. Only refused publishes need them.
+fn qos_and_pkid(publish: &Publish) -> (u8, u16) {
+    let bytes = publish.serialize();
+    (
+        (bytes[0] >> 1) & 0b11,
+        u16::from_be_bytes([bytes[1], bytes[2]]),
     )
+}
+
+/// A Will the grants allow, published by the front door when the
+/// connection ends without a normal DISCONNECT.
+struct Will {
+    publish: Publish,
+    properties: Option<PublishProperties>,
+}
+
+impl Will {
+    fn new(will: LastWill, properties: Option<LastWillProperties>) -> Will {
+        Will {
+            publish: Publish::new(will.topic, will.message, will.retain),
+            properties: properties.map(|p| PublishProperties {
+                payload_format_indicator: p.payload_format_indicator,
+                message_expiry_interval: p.message_expiry_interval,
+                response_topic: p.response_topic,
+                correlation_data: p.correlation_data,
+                user_properties: p.user_properties,
+                content_type: p.content_type,
+                ..Default::default()
+            }),
+        }
+    }
 }
 
 /// Decides who the client is from its CONNECT and what its listener proved.
@@ -114,12 +114,12 @@ fn bind_identity(
     connect: &Connect,
     login: Option<&Login>,
     shared: &Shared,
-) -> Result<Identity, (ConnectReturnCode, String)> {
+) -> Result<Identity, (Refusal, String)> {
     match kind {
         ListenerKind::Bootstrap => {
             fleet_protocol::topic::validate_device_id(&connect.client_id).map_err(|_| {
                 (
-                    ConnectReturnCode::ClientIdentifierNotValid,
+                    Refusal::ClientId,
                     format!("client id {:?} is not a device id", connect.client_id),
                 )
             })?;
@@ -130,7 +130,7 @@ fn bind_identity(
         ListenerKind::Service(cert) => {
             if connect.client_id != cert.cn {
                 return Err((
-                    ConnectReturnCode::ClientIdentifierNotValid,
+                    Refusal::ClientId,
                     format!(
                         "client id {:?} is not the certificate's CN {}",
                         connect.client_id, cert.cn
@@ -151,10 +151,7 @@ fn bind_identity(
         }
         ListenerKind::Internal => {
             let Some(login) = login else {
-                return Err((
-                    ConnectReturnCode::BadUserNamePassword,
-                    "no credentials".into(),
-                ));
+                return Err((Refusal::Credentials, "no credentials".into()));
             };
             let ok = shared
                 .internal_users
@@ -165,13 +162,13 @@ fn bind_identity(
                 });
             if !ok {
                 return Err((
-                    ConnectReturnCode::BadUserNamePassword,
+                    Refusal::Credentials,
                     format!("bad credentials for {:?}", login.username),
                 ));
             }
             if connect.client_id.is_empty() || connect.client_id.contains(['+', '#', '/', '$']) {
                 return Err((
-                    ConnectReturnCode::ClientIdentifierNotValid,
+                    Refusal::ClientId,
                     format!("client id {:?}", connect.client_id),
                 ));
             }
@@ -183,6 +180,38 @@ fn bind_identity(
     }
 }
 
+/// Decides whether a CONNECT is admitted, and as whom: the identity, then
+/// what MQTT 5 adds to a CONNECT, then the Will, which is a PUBLISH too.
+fn admit(
+    kind: &ListenerKind,
+    connect: &Connect,
+    properties: Option<&ConnectProperties>,
+    will: Option<&LastWill>,
+    login: Option<&Login>,
+    shared: &Shared,
+) -> Result<Identity, (Refusal, String)> {
+    let identity = bind_identity(kind, connect, login, shared)?;
+    if let Some(method) = properties.and_then(|p| p.authentication_method.as_ref()) {
+        return Err((
+            Refusal::AuthMethod,
+            format!("authentication method {method:?}"),
+        ));
+    }
+    if let Some(will) = will {
+        let granted = std::str::from_utf8(&will.topic).is_ok_and(|t| identity.may_publish(t));
+        if !granted {
+            return Err((
+                Refusal::NotAuthorized,
+                format!(
+                    "will topic {:?} is outside the grants",
+                    String::from_utf8_lossy(&will.topic)
+                ),
+            ));
+        }
+    }
+    Ok(identity)
+}
+
 /// Runs one connection to its end.
 pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
@@ -191,43 +220,89 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     connection: u64,
     cut: CancellationToken,
 ) -> Result<(), SessionError> {
-    let mut framed = Framed {
-        stream,
-        buf: BytesMut::with_capacity(1024),
-        max_packet: shared.limits.max_packet_size,
-    };
-    let first = tokio::time::timeout(shared.limits.connect_timeout, framed.read())
+    let mut framed = Framed::new(stream, shared.limits.max_packet_size);
+    let first = tokio::time::timeout(shared.limits.connect_timeout, framed.read_connect())
         .await
         .map_err(|_| SessionError::ConnectTimeout(shared.limits.connect_timeout))??;
-    let Packet::Connect(connect, _, _will, _, login) = first else {
+    let Packet::Connect(connect, properties, will, will_properties, login) = first else {
         return Err(SessionError::NotConnect);
     };
-    let identity = match bind_identity(&kind, &connect, login.as_ref(), &shared) {
+    let version = framed.version;
+    let admitted = admit(
+        &kind,
+        &connect,
+        properties.as_ref(),
+        will.as_ref(),
+        login.as_ref(),
+        &shared,
+    );
+    let identity = match admitted {
         Ok(id) => id,
-        Err((code, why)) => {
+        Err((refusal, why)) => {
             shared
                 .metrics
                 .refused_connects
                 .fetch_add(1, Ordering::Relaxed);
-            warn!(client_id = %connect.client_id, reason = %why, "connection refused");
-            let _ = framed.write(vec![connack(code)]).await;
+            warn!(client_id = %connect.client_id, ?version, reason = %why, "connection refused");
+            let _ = framed.write(vec![version.connack_refusal(refusal)]).await;
             return Err(SessionError::Refused(why));
         }
     };
+    let will = will.map(|w| Will::new(w, will_properties));
     let label = identity.label();
-    // Bootstrap sessions are always clean: a claimed identity keeps nothing.
-    let clean = connect.clean_session || matches!(identity, Identity::Bootstrap { .. });
+    // MQTT 5 keeps a session past the connection only with a Session
+    // Expiry Interval; bootstrap sessions are always clean: a claimed
+    // identity keeps nothing.
+    let expiry = properties
+        .as_ref()
+        .and_then(|p| p.session_expiry_interval)
+        .unwrap_or(0);
+    let keeps = !connect.clean_session && (version == Version::V311 || expiry > 0);
+    let clean = !keeps || matches!(identity, Identity::Bootstrap { .. });
     // Opening a link waits for the router's answer on a blocking channel:
-    // keep it off the listeners' async workers.
+    // keep it off the listeners' async workers. The session is claimed
+    // first, so the connection it replaces knows it was taken over.
     let router_id = identity.router_client_id(connection);
+    shared.claim(&router_id, connection);
     let opener = shared.clone();
-    let (tx, rx, ack) = tokio::task::spawn_blocking(move || (opener.link)(&router_id, clean))
+    let id = router_id.clone();
+    let opened = tokio::task::spawn_blocking(move || (opener.link)(&id, clean))
         .await
-        .map_err(|e| SessionError::Router(e.to_string()))?
-        .map_err(SessionError::Router)?;
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+    let (tx, rx, ack) = match opened {
+        Ok(link) => link,
+        Err(why) => {
+            shared.release(&router_id, connection);
+            let _ = framed
+                .write(vec![version.connack_refusal(Refusal::Unavailable)])
+                .await;
+            return Err(SessionError::Router(why));
+        }
+    };
     let ack: Option<Packet> = ack.into();
+    let ack = match (version, ack) {
+        (Version::V5, Some(Packet::ConnAck(ack, props))) => {
+            let mut props = props.unwrap_or_default();
+            // Aliases are resolved here, not by the router (`TopicAliases`).
+            props.topic_alias_max = Some(TopicAliases::MAX);
+            props.max_packet_size =
+                Some(shared.limits.max_packet_size.min(u32::MAX as usize) as u32);
+            if clean && expiry > 0 {
+                props.session_expiry_interval = Some(0);
+            }
+            // The longest keep-alive the idle limit allows, announced when
+            // the client asked for none or for more.
+            let longest = (shared.limits.max_idle.as_secs() * 2 / 3).clamp(1, u16::MAX.into());
+            if connect.keep_alive == 0 || u64::from(connect.keep_alive) > longest {
+                props.server_keep_alive = Some(longest as u16);
+            }
+            Some(Packet::ConnAck(ack, Some(props)))
+        }
+        (_, ack) => ack,
+    };
     framed.write(ack.into_iter().collect()).await?;
-    debug!(identity = %label, "connected");
+    debug!(identity = %label, ?version, "connected");
     let keep_alive = match connect.keep_alive {
         0 => shared.limits.max_idle,
         k => (Duration::from_secs(k as u64) * 3 / 2).min(shared.limits.max_idle),
@@ -243,22 +318,53 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         &cut,
     )
     .await;
-    // Tell the router this connection is gone, however it ended.
-    let bye = Packet::Disconnect(
-        Disconnect {
-            reason_code: DisconnectReasonCode::NormalDisconnection,
-        },
-        None,
+    let result = match result {
+        Err(SessionError::RouterClosed(_)) if !shared.holds(&router_id, connection) => {
+            info!(identity = %label, "session taken over by a newer connection of the same identity");
+            Err(SessionError::TakenOver)
+        }
+        other => other,
+    };
+    shared.release(&router_id, connection);
+    // The router's link is gone or no longer speaks for this connection:
+    // nothing more goes to it.
+    let link_alive = !matches!(
+        result,
+        Err(SessionError::RouterClosed(_) | SessionError::TakenOver)
     );
-    if !matches!(result, Err(SessionError::RouterClosed(_))) {
+    // The Will goes out unless the client said a normal goodbye, and never
+    // for a certificate that is no longer valid.
+    let publish_will = match &result {
+        Ok(reason) => *reason == DisconnectReasonCode::DisconnectWithWillMessage,
+        Err(SessionError::Revoked) => false,
+        Err(_) => link_alive,
+    };
+    if let (true, Some(will)) = (publish_will, will) {
+        debug!(identity = %label, "publishing the will");
+        let _ = send(&mut tx, Packet::Publish(will.publish, will.properties)).await;
+    }
+    if link_alive {
+        // Tell the router this connection is gone, however it ended.
+        let bye = Packet::Disconnect(
+            Disconnect {
+                reason_code: DisconnectReasonCode::NormalDisconnection,
+            },
+            None,
+        );
         let _ = send(&mut tx, bye).await;
     }
+    let result = result.map(|_| ());
     if let Err(err) = &result {
+        if let Some(bye) = err.disconnect_reason().and_then(|r| version.disconnect(r)) {
+            let _ = tokio::time::timeout(FAREWELL, framed.write(vec![bye])).await;
+        }
         debug!(identity = %label, error = %err, "session ended");
     }
     result
 }
 
+/// Serves packets both ways until the connection ends; returns the reason
+/// of the client's DISCONNECT.
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     framed: &mut Framed<S>,
     identity: &Identity,
@@ -267,10 +373,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     keep_alive: Duration,
     shared: &Shared,
     cut: &CancellationToken,
-) -> Result<(), SessionError> {
+) -> Result<DisconnectReasonCode, SessionError> {
+    let version = framed.version;
     // SUBSCRIBE packets whose filters were partly refused: packet id → which
     // filters went to the router.
     let mut partial: HashMap<u16, Vec<bool>> = HashMap::new();
+    let mut aliases = TopicAliases::default();
     loop {
         tokio::select! {
             _ = cut.cancelled() => {
@@ -279,14 +387,28 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             read = tokio::time::timeout(keep_alive, framed.read()) => {
                 let packet = read.map_err(|_| SessionError::KeepAlive)??;
                 match packet {
-                    Packet::Publish(ref publish, _) => {
-                        let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-                        if !identity.may_publish(&topic) {
-                            shared.metrics.refused_publishes.fetch_add(1, Ordering::Relaxed);
-                            warn!(identity = %identity.label(), topic, "publish refused; closing (MQTT 3.1.1 has no refusal code)");
-                            return Err(SessionError::Refused(format!("publish to {topic}")));
+                    Packet::Publish(mut publish, mut props) => {
+                        if version == Version::V5 {
+                            aliases.route(&mut publish, props.as_mut())?;
                         }
-                        send(tx, packet).await?;
+                        let granted = std::str::from_utf8(&publish.topic).is_ok_and(|t| identity.may_publish(t));
+                        if !granted {
+                            shared.metrics.refused_publishes.fetch_add(1, Ordering::Relaxed);
+                            let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+                            let (qos, pkid) = qos_and_pkid(&publish);
+                            match version.refused_publish(qos, pkid) {
+                                Some(answer) => {
+                                    warn!(identity = %identity.label(), topic, qos, "publish refused");
+                                    framed.write(vec![answer]).await?;
+                                    continue;
+                                }
+                                None => {
+                                    warn!(identity = %identity.label(), topic, qos, ?version, "publish refused; closing");
+                                    return Err(SessionError::Refused(format!("publish to {topic}")));
+                                }
+                            }
+                        }
+                        send(tx, Packet::Publish(publish, props)).await?;
                     }
                     Packet::Subscribe(mut subscribe, props) => {
                         let allowed: Vec<bool> = subscribe.filters.iter().map(|f| identity.may_subscribe(&f.path)).collect();
@@ -297,7 +419,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             }
                         }
                         if allowed.iter().all(|a| !a) {
-                            let codes = vec![SubscribeReasonCode::Failure; allowed.len()];
+                            let codes = vec![version.refused_filter(); allowed.len()];
                             framed.write(vec![Packet::SubAck(SubAck { pkid: subscribe.pkid, return_codes: codes }, None)]).await?;
                             continue;
                         }
@@ -308,12 +430,31 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         }
                         send(tx, Packet::Subscribe(subscribe, props)).await?;
                     }
-                    Packet::Connect(..) => return Err(SessionError::Refused("second CONNECT".into())),
+                    // Answered here, one code per filter: the router answers
+                    // only filters it had, one UNSUBACK each.
+                    Packet::Unsubscribe(mut unsubscribe, props) => {
+                        let reasons = unsubscribe
+                            .filters
+                            .iter()
+                            .map(|f| if identity.may_subscribe(f) { UnsubAckReason::Success } else { UnsubAckReason::NoSubscriptionExisted })
+                            .collect();
+                        let ack = Packet::UnsubAck(UnsubAck { pkid: unsubscribe.pkid, reasons }, None);
+                        unsubscribe.filters.retain(|f| identity.may_subscribe(f));
+                        if !unsubscribe.filters.is_empty() {
+                            send(tx, Packet::Unsubscribe(unsubscribe, props)).await?;
+                        }
+                        framed.write(vec![ack]).await?;
+                    }
+                    Packet::Connect(..) => {
+                        return Err(SessionError::Violation(DisconnectReasonCode::ProtocolError, "second CONNECT".into()))
+                    }
                     // Answered here: liveness of this connection is the front
                     // door's business, and a busy router must not make a
                     // healthy client miss its keep-alive.
                     Packet::PingReq(_) => framed.write(vec![Packet::PingResp(rumqttd::protocol::PingResp)]).await?,
-                    Packet::Disconnect(..) => return Ok(()),
+                    Packet::Disconnect(bye, _) => return Ok(bye.reason_code),
+                    // The router takes a PUBREL only without properties.
+                    Packet::PubRel(pubrel, _) => send(tx, Packet::PubRel(pubrel, None)).await?,
                     other => send(tx, other).await?,
                 }
             }
@@ -330,17 +471,19 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     Packet::SubAck(mut ack, props) => {
                         if let Some(allowed) = partial.remove(&ack.pkid) {
                             let mut granted = ack.return_codes.into_iter();
+                            let refused = version.refused_filter();
                             ack.return_codes = allowed
                                 .iter()
-                                .map(|ok| if *ok { granted.next().unwrap_or(SubscribeReasonCode::Failure) } else { SubscribeReasonCode::Failure })
+                                .map(|ok| if *ok { granted.next().unwrap_or(refused) } else { refused })
                                 .collect();
                         }
                         Packet::SubAck(ack, props)
                     }
-                    Packet::Disconnect(..) => {
-                        info!(identity = %identity.label(), "router closed the session (taken over by the same identity)");
+                    Packet::UnsubAck(..) => continue,
+                    Packet::Disconnect(ref bye, _) => {
+                        info!(identity = %identity.label(), reason = ?bye.reason_code, "router closed the session");
                         framed.write(vec![packet]).await?;
-                        return Err(SessionError::RouterClosed("taken over".into()));
+                        return Err(SessionError::RouterClosed("router sent DISCONNECT".into()));
                     }
                     other => other,
                 };

@@ -13,11 +13,11 @@ use openssl::pkey::{PKey, Private};
 use openssl::x509::{X509NameBuilder, X509};
 use rumqttc::SubscribeReasonCode;
 
-const T: Duration = Duration::from_secs(30);
+pub(crate) const T: Duration = Duration::from_secs(30);
 
 /// A fleet with dev1 on svcA and dev2 on svcB running, and an observer
 /// with the manager's rights that sees everything delivered.
-async fn running_fleet() -> (Fleet, Devices, Probe) {
+pub(crate) async fn running_fleet() -> (Fleet, Devices, Probe) {
     let fleet = Fleet::start().await.unwrap();
     let devices = Devices::new(fleet.dir.path().join("devices"));
     let observer = fleet.privileged("observer").await.unwrap();
@@ -52,7 +52,7 @@ async fn running_fleet() -> (Fleet, Devices, Probe) {
 /// A certificate the fleet's own CA issued to a device that turns hostile,
 /// with the registry's grant of that service, as the manager writes it for
 /// an active device.
-fn certified(fleet: &Fleet, device: &str, service: &str) -> (Vec<u8>, Vec<u8>) {
+pub(crate) fn certified(fleet: &Fleet, device: &str, service: &str) -> (Vec<u8>, Vec<u8>) {
     let certs = fleet.certs_dir();
     let mut services = grants::read_grants(certs, device).unwrap();
     services.push(service.to_owned());
@@ -115,7 +115,7 @@ async fn codes(probe: &Probe, filter: &str) -> Vec<SubscribeReasonCode> {
 }
 
 /// Waits until telemetry of both devices has flowed again after `mark`.
-async fn traffic_after(observer: &Probe, mark: usize) {
+pub(crate) async fn traffic_after(observer: &Probe, mark: usize) {
     eventually(T, "fresh telemetry from both devices", || {
         let fresh: Vec<String> = observer.messages()[mark..]
             .iter()

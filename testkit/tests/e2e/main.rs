@@ -5,6 +5,7 @@ mod bad_input;
 mod external;
 mod frontdoor;
 mod lifecycle;
+mod mqtt5;
 mod operator;
 mod restart;
 mod secrecy;

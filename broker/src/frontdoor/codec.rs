@@ -1,0 +1,483 @@
+//! MQTT on the wire, per connection: 3.1.1 or 5, chosen from the CONNECT's
+//! protocol level, with rumqttd's own codecs (`V4`, `V5`). The size limit is
+//! checked on the fixed header, before a body is buffered or decoded.
+//!
+//! Everything that differs between the versions lives here: how a refusal
+//! is spelled ([`Refusal`], [`Version`]), which properties go out, and the
+//! MQTT 5 topic aliases a client sets up ([`TopicAliases`]).
+
+use std::collections::HashMap;
+
+use bytes::{Bytes, BytesMut};
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::v5::{self, PacketType, V5};
+use rumqttd::protocol::{
+    ConnAck, ConnectReturnCode, Disconnect, DisconnectProperties, DisconnectReasonCode, Packet,
+    Protocol, PubAck, PubAckReason, PubRec, PubRecReason, Publish, PublishProperties,
+    SubscribeReasonCode,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::session::SessionError;
+
+/// The MQTT version a connection speaks, fixed by its CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V311,
+    V5,
+}
+
+/// Why a CONNECT is refused, before it is spelled in a version's codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not a device id, or not the certificate's device id.
+    ClientId,
+    /// Wrong or missing internal credentials.
+    Credentials,
+    /// Anything else the grants forbid (a Will outside them).
+    NotAuthorized,
+    /// MQTT 5 enhanced authentication, which no listener offers.
+    AuthMethod,
+    /// The router would not open a session.
+    Unavailable,
+}
+
+impl Version {
+    pub fn connack_refusal(self, refusal: Refusal) -> Packet {
+        let code = match (self, refusal) {
+            (_, Refusal::ClientId) => ConnectReturnCode::ClientIdentifierNotValid,
+            (_, Refusal::Credentials) => ConnectReturnCode::BadUserNamePassword,
+            (_, Refusal::NotAuthorized) => ConnectReturnCode::NotAuthorized,
+            (Version::V311, Refusal::AuthMethod) => ConnectReturnCode::NotAuthorized,
+            (Version::V5, Refusal::AuthMethod) => ConnectReturnCode::BadAuthenticationMethod,
+            (Version::V311, Refusal::Unavailable) => ConnectReturnCode::ServiceUnavailable,
+            (Version::V5, Refusal::Unavailable) => ConnectReturnCode::ServerUnavailable,
+        };
+        Packet::ConnAck(
+            ConnAck {
+                session_present: false,
+                code,
+            },
+            None,
+        )
+    }
+
+    /// The SUBACK code for a filter outside the grants.
+    pub fn refused_filter(self) -> SubscribeReasonCode {
+        match self {
+            Version::V311 => SubscribeReasonCode::Failure,
+            Version::V5 => SubscribeReasonCode::NotAuthorized,
+        }
+    }
+
+    /// The answer to a PUBLISH outside the grants with packet id `pkid` at
+    /// QoS `qos`, or `None` where the protocol has no code for it (then the
+    /// connection is closed).
+    pub fn refused_publish(self, qos: u8, pkid: u16) -> Option<Packet> {
+        match (self, qos) {
+            (Version::V5, 1) => Some(Packet::PubAck(
+                PubAck {
+                    pkid,
+                    reason: PubAckReason::NotAuthorized,
+                },
+                None,
+            )),
+            (Version::V5, 2) => Some(Packet::PubRec(
+                PubRec {
+                    pkid,
+                    reason: PubRecReason::NotAuthorized,
+                },
+                None,
+            )),
+            _ => None,
+        }
+    }
+
+    /// The DISCONNECT that tells a client why the broker closes its
+    /// connection. MQTT 3.1.1 has no server DISCONNECT.
+    pub fn disconnect(self, reason: DisconnectReasonCode) -> Option<Packet> {
+        match self {
+            Version::V311 => None,
+            Version::V5 => Some(Packet::Disconnect(
+                Disconnect {
+                    reason_code: reason,
+                },
+                None,
+            )),
+        }
+    }
+}
+
+/// Reads and writes MQTT packets of one connection's version.
+pub struct Framed<S> {
+    stream: S,
+    buf: BytesMut,
+    max_packet: usize,
+    pub version: Version,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
+    pub fn new(stream: S, max_packet: usize) -> Framed<S> {
+        Framed {
+            stream,
+            buf: BytesMut::with_capacity(1024),
+            max_packet,
+            version: Version::V311,
+        }
+    }
+
+    /// The type of the packet at the front of the buffer once it is whole;
+    /// an oversized one is refused on its fixed header.
+    fn buffered(&self) -> Result<Option<PacketType>, SessionError> {
+        match v5::check(self.buf.iter(), self.max_packet) {
+            Ok(header) => Ok(Some(header.packet_type().map_err(SessionError::Mqtt)?)),
+            Err(rumqttd::protocol::Error::InsufficientBytes(_)) => Ok(None),
+            Err(e) => Err(SessionError::Mqtt(e)),
+        }
+    }
+
+    /// Buffers one whole packet and returns its type.
+    async fn fill(&mut self) -> Result<PacketType, SessionError> {
+        loop {
+            if let Some(kind) = self.buffered()? {
+                return Ok(kind);
+            }
+            let n = self.stream.read_buf(&mut self.buf).await?;
+            if n == 0 {
+                return Err(SessionError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
+    fn decode(&mut self) -> Result<Packet, SessionError> {
+        match self.version {
+            Version::V311 => V4.read_mut(&mut self.buf, self.max_packet),
+            Version::V5 => V5.read_mut(&mut self.buf, self.max_packet),
+        }
+        .map_err(SessionError::Mqtt)
+    }
+
+    /// Decodes the packet at the front of the buffer once it is whole.
+    /// Packets only a server sends are a protocol error from a client (and
+    /// rumqttd's v5 decoder does not expect them: it panics on some).
+    fn next_buffered(&mut self) -> Result<Option<Packet>, SessionError> {
+        let Some(kind) = self.buffered()? else {
+            return Ok(None);
+        };
+        if matches!(
+            kind,
+            PacketType::ConnAck | PacketType::SubAck | PacketType::UnsubAck | PacketType::PingResp
+        ) {
+            return Err(SessionError::Violation(
+                DisconnectReasonCode::ProtocolError,
+                format!("client sent {kind:?}"),
+            ));
+        }
+        self.decode().map(Some)
+    }
+
+    /// Reads the first packet, which must be a CONNECT, and takes the
+    /// connection's version from it. An unknown protocol level gets the
+    /// 3.1.1 CONNACK 0x01, as MQTT 3.1.1 answers a level it does not speak.
+    pub async fn read_connect(&mut self) -> Result<Packet, SessionError> {
+        if self.fill().await? != PacketType::Connect {
+            return Err(SessionError::NotConnect);
+        }
+        self.version = match protocol_level(&self.buf) {
+            Some(5) => Version::V5,
+            Some(4) => Version::V311,
+            level => {
+                let refusal = Packet::ConnAck(
+                    ConnAck {
+                        session_present: false,
+                        code: ConnectReturnCode::RefusedProtocolVersion,
+                    },
+                    None,
+                );
+                let _ = self.write(vec![refusal]).await;
+                return Err(SessionError::Refused(format!(
+                    "unsupported protocol level {level:?}"
+                )));
+            }
+        };
+        self.decode()
+    }
+
+    /// Reads the next packet.
+    pub async fn read(&mut self) -> Result<Packet, SessionError> {
+        loop {
+            if let Some(packet) = self.next_buffered()? {
+                return Ok(packet);
+            }
+            let n = self.stream.read_buf(&mut self.buf).await?;
+            if n == 0 {
+                return Err(SessionError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
+    pub async fn write(&mut self, packets: Vec<Packet>) -> Result<(), SessionError> {
+        let mut out = BytesMut::new();
+        for p in packets {
+            match self.version {
+                Version::V311 => V4.write(without_properties(p), &mut out),
+                Version::V5 => V5.write(with_disconnect_properties(p), &mut out),
+            }
+            .map_err(SessionError::Mqtt)?;
+        }
+        self.stream.write_all(&out).await?;
+        self.stream.flush().await?;
+        Ok(())
+    }
+}
+
+/// The protocol level of a buffered CONNECT: byte 1 is the type, then the
+/// remaining length (1–4 bytes), the protocol name (a length-prefixed
+/// string) and the level.
+fn protocol_level(frame: &[u8]) -> Option<u8> {
+    let mut at = 1;
+    while *frame.get(at)? & 0x80 != 0 {
+        at += 1;
+    }
+    at += 1;
+    let name_len = u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]) as usize;
+    frame.get(at + 2 + name_len).copied()
+}
+
+/// MQTT 3.1.1 packets carry no properties; the router may attach some.
+fn without_properties(p: Packet) -> Packet {
+    match p {
+        Packet::ConnAck(a, _) => Packet::ConnAck(a, None),
+        Packet::Publish(p, _) => Packet::Publish(p, None),
+        Packet::PubAck(a, _) => Packet::PubAck(a, None),
+        Packet::SubAck(a, _) => Packet::SubAck(a, None),
+        Packet::PubRec(a, _) => Packet::PubRec(a, None),
+        Packet::PubRel(a, _) => Packet::PubRel(a, None),
+        Packet::PubComp(a, _) => Packet::PubComp(a, None),
+        Packet::UnsubAck(a, _) => Packet::UnsubAck(a, None),
+        Packet::Disconnect(d, _) => Packet::Disconnect(d, None),
+        other => other,
+    }
+}
+
+/// rumqttd's v5 encoder writes a DISCONNECT with a reason code right only
+/// when it has properties of some length: without properties it counts one
+/// byte and writes two, with empty ones it writes no reason at all. The
+/// reason's name as Reason String makes the properties non-empty.
+fn with_disconnect_properties(p: Packet) -> Packet {
+    match p {
+        Packet::Disconnect(d, None)
+            if d.reason_code != DisconnectReasonCode::NormalDisconnection =>
+        {
+            let named = DisconnectProperties {
+                session_expiry_interval: None,
+                reason_string: Some(format!("{:?}", d.reason_code)),
+                user_properties: Vec::new(),
+                server_reference: None,
+            };
+            Packet::Disconnect(d, Some(named))
+        }
+        other => other,
+    }
+}
+
+/// The MQTT 5 topic aliases one client set up. The front door resolves
+/// them itself, so every PUBLISH is authorized on the topic it is really
+/// routed to, and the router only ever sees full topic names.
+#[derive(Default)]
+pub struct TopicAliases {
+    topics: HashMap<u16, String>,
+}
+
+impl TopicAliases {
+    /// The Topic Alias Maximum the broker announces in its CONNACK: a
+    /// device publishes to a handful of topics.
+    pub const MAX: u16 = 16;
+
+    /// Rewrites an MQTT 5 PUBLISH for the router: the topic it is routed
+    /// to, which is the one to authorize, and no alias. A client's PUBLISH
+    /// carries no Subscription Identifier.
+    pub fn route(
+        &mut self,
+        publish: &mut Publish,
+        properties: Option<&mut PublishProperties>,
+    ) -> Result<(), SessionError> {
+        let mut alias = None;
+        if let Some(p) = properties {
+            if !p.subscription_identifiers.is_empty() {
+                return Err(SessionError::Violation(
+                    DisconnectReasonCode::ProtocolError,
+                    "subscription identifier in a PUBLISH".into(),
+                ));
+            }
+            alias = p.topic_alias.take();
+        }
+        let named = std::str::from_utf8(&publish.topic).map_err(|_| {
+            SessionError::Violation(
+                DisconnectReasonCode::MalformedPacket,
+                "topic is not UTF-8".into(),
+            )
+        })?;
+        publish.topic = Bytes::from(self.resolve(named, alias)?);
+        Ok(())
+    }
+
+    /// The topic a PUBLISH with `topic` and alias `alias` is for; records a
+    /// new mapping when both are given.
+    pub fn resolve(&mut self, topic: &str, alias: Option<u16>) -> Result<String, SessionError> {
+        let Some(alias) = alias else {
+            if topic.is_empty() {
+                return Err(SessionError::Violation(
+                    DisconnectReasonCode::ProtocolError,
+                    "empty topic without an alias".into(),
+                ));
+            }
+            return Ok(topic.to_string());
+        };
+        if alias == 0 || alias > Self::MAX {
+            return Err(SessionError::Violation(
+                DisconnectReasonCode::TopicAliasInvalid,
+                format!("topic alias {alias}"),
+            ));
+        }
+        if topic.is_empty() {
+            return self.topics.get(&alias).cloned().ok_or_else(|| {
+                SessionError::Violation(
+                    DisconnectReasonCode::ProtocolError,
+                    format!("topic alias {alias} was never set"),
+                )
+            });
+        }
+        self.topics.insert(alias, topic.to_string());
+        Ok(topic.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4000))]
+
+        /// Whatever a client sends after its CONNECT, in either version,
+        /// decoding ends in a packet or an error, never a panic.
+        #[test]
+        fn any_packet_decodes_or_fails(
+            byte1 in proptest::prelude::any::<u8>(),
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..96),
+            v5 in proptest::prelude::any::<bool>(),
+        ) {
+            let (stream, _peer) = tokio::io::duplex(64);
+            let mut framed = Framed::new(stream, 1024);
+            framed.version = if v5 { Version::V5 } else { Version::V311 };
+            framed.buf.extend_from_slice(&[byte1, body.len() as u8]);
+            framed.buf.extend_from_slice(&body);
+            let _ = framed.next_buffered();
+        }
+
+        /// The same for a CONNECT of either level, whatever follows its
+        /// protocol name and level.
+        #[test]
+        fn any_connect_decodes_or_fails(
+            rest in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..96),
+            v5 in proptest::prelude::any::<bool>(),
+        ) {
+            let (stream, _peer) = tokio::io::duplex(64);
+            let mut framed = Framed::new(stream, 1024);
+            let level = if v5 { 5 } else { 4 };
+            let body_len = 7 + rest.len();
+            framed.buf.extend_from_slice(&[0x10, body_len as u8, 0, 4, b'M', b'Q', b'T', b'T', level]);
+            framed.buf.extend_from_slice(&rest);
+            proptest::prop_assert_eq!(protocol_level(&framed.buf), Some(level));
+            framed.version = if v5 { Version::V5 } else { Version::V311 };
+            let _ = framed.decode();
+        }
+    }
+
+    #[test]
+    fn protocol_level_of_connects() {
+        // CONNECT, remaining length 16, "MQTT", level 5.
+        let v5 = [0x10, 16, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60];
+        assert_eq!(protocol_level(&v5), Some(5));
+        // A two-byte remaining length, "MQIsdp", level 3.
+        let v3 = [
+            0x10, 0x80, 0x01, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3,
+        ];
+        assert_eq!(protocol_level(&v3), Some(3));
+        assert_eq!(protocol_level(&[0x10, 16, 0, 4, b'M']), None);
+    }
+
+    #[test]
+    fn a_disconnect_with_a_reason_is_framed_by_its_length() {
+        let mut out = BytesMut::new();
+        let bye = Version::V5
+            .disconnect(DisconnectReasonCode::NotAuthorized)
+            .unwrap();
+        V5.write(with_disconnect_properties(bye), &mut out).unwrap();
+        assert_eq!(out[0], 0xE0);
+        assert_eq!(out[1] as usize, out.len() - 2, "remaining length");
+        assert_eq!(out[2], 0x87);
+        assert!(matches!(
+            V5.read_mut(&mut out, 64).unwrap(),
+            Packet::Disconnect(d, _) if d.reason_code == DisconnectReasonCode::NotAuthorized
+        ));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn routed_publishes_carry_their_topic_and_no_alias() {
+        let mut a = TopicAliases::default();
+        let mut publish = Publish::new("t/1", "x", false);
+        let mut props = PublishProperties {
+            topic_alias: Some(3),
+            ..Default::default()
+        };
+        a.route(&mut publish, Some(&mut props)).unwrap();
+        assert_eq!(props.topic_alias, None);
+        let mut by_alias = Publish::new("", "x", false);
+        let mut props = PublishProperties {
+            topic_alias: Some(3),
+            ..Default::default()
+        };
+        a.route(&mut by_alias, Some(&mut props)).unwrap();
+        assert_eq!(&by_alias.topic[..], b"t/1");
+        let mut props = PublishProperties {
+            subscription_identifiers: vec![1],
+            ..Default::default()
+        };
+        assert!(matches!(
+            a.route(&mut publish, Some(&mut props)),
+            Err(SessionError::Violation(
+                DisconnectReasonCode::ProtocolError,
+                _
+            ))
+        ));
+    }
+
+    #[test]
+    fn aliases_resolve_to_the_topic_they_were_set_for() {
+        let mut a = TopicAliases::default();
+        assert_eq!(a.resolve("t/1", None).unwrap(), "t/1");
+        assert_eq!(a.resolve("t/1", Some(1)).unwrap(), "t/1");
+        assert_eq!(a.resolve("", Some(1)).unwrap(), "t/1");
+        assert_eq!(a.resolve("t/2", Some(1)).unwrap(), "t/2");
+        assert_eq!(a.resolve("", Some(1)).unwrap(), "t/2");
+        assert!(matches!(
+            a.resolve("", Some(2)),
+            Err(SessionError::Violation(
+                DisconnectReasonCode::ProtocolError,
+                _
+            ))
+        ));
+        for bad in [0, TopicAliases::MAX + 1] {
+            assert!(matches!(
+                a.resolve("t/3", Some(bad)),
+                Err(SessionError::Violation(
+                    DisconnectReasonCode::TopicAliasInvalid,
+                    _
+                ))
+            ));
+        }
+    }
+}

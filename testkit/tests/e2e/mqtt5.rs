@@ -1,0 +1,481 @@
+//! MQTT 5 clients on the front door's listeners, through real TLS: the same
+//! grants as for MQTT 3.1.1, refused with MQTT 5 reason codes.
+
+use fleet_device_sim::DeviceEvent;
+use fleet_testkit::v5::{
+    ConnectReturnCode, DisconnectReasonCode, LastWill, PubAckReason, PubRecReason,
+    PublishProperties, QoS, SubscribeReasonCode, UnsubAckReason,
+};
+use fleet_testkit::{eventually, Fleet, Probe, Probe5};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::frontdoor::{certified, running_fleet, traffic_after, T};
+
+fn alias(n: u16) -> PublishProperties {
+    PublishProperties {
+        topic_alias: Some(n),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn subscriptions_outside_the_grants_get_not_authorized() {
+    let (fleet, _devices, observer) = running_fleet().await;
+    let root = fleet.certs_dir().join("root-ca.pem");
+    let boot = Probe5::tls(fleet.broker.bootstrap_tls_addr.unwrap(), "evil1", &root)
+        .await
+        .unwrap();
+    let (chain, key) = certified(&fleet, "evil2", "svcB");
+    let svc = Probe5::mtls(fleet.service_addr(), "evil2", &root, chain, key)
+        .await
+        .unwrap();
+    let hostile = [
+        "#",
+        "+/#",
+        "fleet/v1/+/dev1/reply",
+        "fleet/v1/activate/dev1/reply",
+        "/tenants/svcA/#",
+        "/tenants/svcB/telemetry/dev2",
+        "/tenants/svcA/fleet/v1/service/change/dev1",
+        "$share/g/#",
+        "$share/g/fleet/v1/update/evil1/reply",
+        "$share/g//tenants/svcB/fleet/v1/service/change/evil2",
+    ];
+    for probe in [&boot, &svc] {
+        for filter in hostile {
+            assert_eq!(
+                probe.subscribe(filter).await.unwrap(),
+                [SubscribeReasonCode::NotAuthorized],
+                "{filter} granted"
+            );
+        }
+    }
+    // A refused filter beside a granted one: the granted one is subscribed.
+    let before = boot.subacks.lock().unwrap().len();
+    boot.client
+        .subscribe_many([
+            filter("#"),
+            filter("fleet/v1/update/evil1/reply"),
+            filter("/tenants/svcA/telemetry/dev1"),
+        ])
+        .await
+        .unwrap();
+    let acks = boot.subacks.clone();
+    let codes = eventually(T, "SUBACK", || {
+        let got = acks.lock().unwrap().get(before).cloned();
+        async move { got }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        codes,
+        [
+            SubscribeReasonCode::NotAuthorized,
+            SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            SubscribeReasonCode::NotAuthorized
+        ]
+    );
+    assert_eq!(
+        svc.subscribe("/tenants/svcB/fleet/v1/service/change/evil2")
+            .await
+            .unwrap(),
+        [SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+
+    let mark = observer.messages().len();
+    traffic_after(&observer, mark).await;
+    assert!(boot.messages().is_empty(), "{:?}", boot.messages());
+    assert!(svc.messages().is_empty(), "{:?}", svc.messages());
+    assert!(!boot.is_cut() && !svc.is_cut());
+    assert!(fleet.broker.metrics.get(|m| &m.refused_subscribes) >= 2 * hostile.len() as u64 + 2);
+}
+
+fn filter(path: &str) -> rumqttc::v5::mqttbytes::v5::Filter {
+    rumqttc::v5::mqttbytes::v5::Filter::new(path, QoS::AtLeastOnce)
+}
+
+#[tokio::test]
+async fn publishes_outside_the_grants_get_not_authorized_and_deliver_nothing() {
+    let (fleet, devices, observer) = running_fleet().await;
+    let root = fleet.certs_dir().join("root-ca.pem");
+    let before = fleet.snapshot();
+    let refused_before = fleet.broker.metrics.get(|m| &m.refused_publishes);
+    let boot = Probe5::tls(fleet.broker.bootstrap_tls_addr.unwrap(), "evil1", &root)
+        .await
+        .unwrap();
+    let (chain, key) = certified(&fleet, "evil2", "svcB");
+    let svc = Probe5::mtls(
+        fleet.service_addr(),
+        "evil2",
+        &root,
+        chain.clone(),
+        key.clone(),
+    )
+    .await
+    .unwrap();
+    let cases = [
+        (&boot, "fleet/v1/update/dev1"),
+        (&boot, "fleet/v1/service/change/dev1"),
+        (&boot, "/tenants/svcA/telemetry/dev1"),
+        (&svc, "/tenants/svcB/fleet/v1/update/dev2"),
+        (&svc, "/tenants/svcB/telemetry/dev2"),
+        (&svc, "/tenants/svcA/fleet/v1/service/change/dev1"),
+        (&svc, "fleet/v1/update/dev2"),
+    ];
+    // QoS 1: PUBACK 0x87, and the connection stays open for the next one.
+    for (probe, topic) in cases {
+        let reason = probe
+            .publish_acked(topic, None, b"injected".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(reason, PubAckReason::NotAuthorized, "{topic}");
+    }
+    // QoS 2: PUBREC 0x87.
+    assert_eq!(
+        svc.publish_exactly_once("/tenants/svcB/telemetry/dev2", b"injected".to_vec())
+            .await
+            .unwrap(),
+        PubRecReason::NotAuthorized
+    );
+    // A topic alias names the topic it was set for, whatever else it was
+    // set up with: the effective topic is what is authorized.
+    assert_eq!(
+        svc.publish_acked(
+            "/tenants/svcB/telemetry/evil2",
+            Some(alias(1)),
+            b"own".to_vec()
+        )
+        .await
+        .unwrap(),
+        PubAckReason::Success
+    );
+    assert_eq!(
+        svc.publish_acked(
+            "/tenants/svcB/telemetry/dev2",
+            Some(alias(2)),
+            b"injected".to_vec()
+        )
+        .await
+        .unwrap(),
+        PubAckReason::NotAuthorized
+    );
+    assert_eq!(
+        svc.publish_acked("", Some(alias(2)), b"injected".to_vec())
+            .await
+            .unwrap(),
+        PubAckReason::NotAuthorized
+    );
+    assert_eq!(
+        svc.publish_acked("", Some(alias(1)), b"own".to_vec())
+            .await
+            .unwrap(),
+        PubAckReason::Success
+    );
+    assert!(
+        !boot.is_cut() && !svc.is_cut(),
+        "a QoS 1 refusal closed the connection"
+    );
+    observer
+        .wait_for("/tenants/svcB/telemetry/evil2", 2, T)
+        .await
+        .unwrap();
+
+    // QoS 0 has no acknowledgement to carry a code: DISCONNECT 0x87.
+    let qos0 = Probe5::mtls(fleet.service_addr(), "evil2", &root, chain, key)
+        .await
+        .unwrap();
+    qos0.publish(
+        "/tenants/svcB/telemetry/dev2",
+        QoS::AtMostOnce,
+        b"injected".to_vec(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        qos0.wait_cut(T).await.unwrap(),
+        Some(DisconnectReasonCode::NotAuthorized)
+    );
+
+    let mark = observer.messages().len();
+    traffic_after(&observer, mark).await;
+    assert!(
+        observer.messages().iter().all(|m| m.payload != b"injected"),
+        "an injected message was delivered"
+    );
+    assert!(fleet.snapshot() == before, "stored history changed");
+    for d in ["dev1", "dev2"] {
+        let rejected = devices
+            .events_of(d)
+            .iter()
+            .any(|e| matches!(e, DeviceEvent::NoticeRejected { .. }));
+        assert!(!rejected, "{d} saw an injected notice");
+    }
+    assert_eq!(
+        fleet.broker.metrics.get(|m| &m.refused_publishes) - refused_before,
+        cases.len() as u64 + 4
+    );
+}
+
+#[tokio::test]
+async fn refused_connects_get_mqtt5_reason_codes() {
+    let fleet = Fleet::start().await.unwrap();
+    let root = fleet.certs_dir().join("root-ca.pem");
+    let (chain, key) = certified(&fleet, "evil2", "svcB");
+    let service = |id: &str| {
+        Probe5::options(
+            fleet.service_addr(),
+            id,
+            Some((root.as_path(), Some((chain.clone(), key.clone())))),
+        )
+        .unwrap()
+    };
+    let refused = |r: anyhow::Result<Probe5>| match r {
+        Ok(_) => panic!("connection accepted"),
+        Err(err) => Probe5::refusal(&err).unwrap_or_else(|| panic!("no CONNACK code: {err:#}")),
+    };
+    for id in ["dev1", "d.svcB.evil2", ""] {
+        assert_eq!(
+            refused(Probe5::connect(service(id)).await),
+            ConnectReturnCode::ClientIdentifierNotValid,
+            "{id:?}"
+        );
+    }
+    let boot = fleet.broker.bootstrap_tls_addr.unwrap();
+    assert_eq!(
+        refused(Probe5::tls(boot, "dev1/x", &root).await),
+        ConnectReturnCode::ClientIdentifierNotValid
+    );
+    let (user, _) = &fleet.broker.manager_credentials;
+    let mut internal = Probe5::options(fleet.broker.internal_addr, "m1", None).unwrap();
+    internal.set_credentials(user, "guess");
+    assert_eq!(
+        refused(Probe5::connect(internal).await),
+        ConnectReturnCode::BadUserNamePassword
+    );
+    let mut enhanced = service("evil2");
+    enhanced.set_authentication_method(Some("SCRAM-SHA-1".into()));
+    assert_eq!(
+        refused(Probe5::connect(enhanced).await),
+        ConnectReturnCode::BadAuthenticationMethod
+    );
+    // A Will is a PUBLISH: its topic must be granted too.
+    let mut will = service("evil2");
+    will.set_last_will(LastWill::new(
+        "/tenants/svcA/fleet/v1/update/dev1",
+        "injected",
+        QoS::AtLeastOnce,
+        false,
+        None,
+    ));
+    assert_eq!(
+        refused(Probe5::connect(will).await),
+        ConnectReturnCode::NotAuthorized
+    );
+    // The certificate's own id is accepted, with the broker's limits.
+    let ok = Probe5::connect(service("evil2")).await.unwrap();
+    let props = ok.connack.properties.clone().unwrap();
+    assert_eq!(props.max_packet_size, Some(256 * 1024));
+    assert_eq!(props.topic_alias_max, Some(16));
+    assert!(fleet.broker.metrics.get(|m| &m.refused_connects) >= 7);
+}
+
+#[tokio::test]
+async fn wills_are_checked_at_connect_and_published_on_abnormal_close() {
+    let (fleet, _devices, observer) = running_fleet().await;
+    let plain = fleet.broker.bootstrap_plain_addr.unwrap();
+    // MQTT 3.1.1: a Will outside the grants refuses the CONNECT (0x05).
+    let mut opts = rumqttc::MqttOptions::new("evil1", plain.ip().to_string(), plain.port());
+    opts.set_last_will(rumqttc::LastWill::new(
+        "fleet/v1/update/dev1",
+        "injected",
+        rumqttc::QoS::AtLeastOnce,
+        false,
+    ));
+    let err = Probe::connect(opts).await.err().expect("CONNECT accepted");
+    assert!(format!("{err:#}").contains("NotAuthorized"), "{err:#}");
+    // A granted Will is accepted, and published when the connection drops.
+    let own = "fleet/v1/status/w311";
+    let mut opts = rumqttc::MqttOptions::new("w311", plain.ip().to_string(), plain.port());
+    opts.set_last_will(rumqttc::LastWill::new(
+        own,
+        "gone",
+        rumqttc::QoS::AtLeastOnce,
+        false,
+    ));
+    drop(Probe::connect(opts).await.unwrap());
+    assert_eq!(observer.wait_for(own, 1, T).await.unwrap().payload, b"gone");
+
+    // MQTT 5: published on a dropped connection, not after a normal DISCONNECT.
+    let will = |id: &str, payload: &str| {
+        let mut o = Probe5::options(plain, id, None).unwrap();
+        o.set_last_will(LastWill::new(
+            format!("fleet/v1/status/{id}"),
+            payload,
+            QoS::AtLeastOnce,
+            false,
+            None,
+        ));
+        o
+    };
+    let polite = Probe5::connect(will("w5a", "polite")).await.unwrap();
+    polite.client.disconnect().await.unwrap();
+    polite.wait_cut(T).await.unwrap();
+    drop(Probe5::connect(will("w5b", "dropped")).await.unwrap());
+    assert_eq!(
+        observer
+            .wait_for("fleet/v1/status/w5b", 1, T)
+            .await
+            .unwrap()
+            .payload,
+        b"dropped"
+    );
+    let mark = observer.messages().len();
+    traffic_after(&observer, mark).await;
+    assert!(observer.on("fleet/v1/status/w5a").is_empty());
+    assert!(observer.messages().iter().all(|m| m.payload != b"injected"));
+}
+
+#[tokio::test]
+async fn a_granted_mqtt5_device_gets_its_replies() {
+    let fleet = Fleet::start().await.unwrap();
+    let root = fleet.certs_dir().join("root-ca.pem");
+    let boot = Probe5::tls(fleet.broker.bootstrap_tls_addr.unwrap(), "v5dev", &root)
+        .await
+        .unwrap();
+    let (chain, key) = certified(&fleet, "v5dev", "svcA");
+    let svc = Probe5::mtls(
+        fleet.service_addr(),
+        "v5dev",
+        &root,
+        chain.clone(),
+        key.clone(),
+    )
+    .await
+    .unwrap();
+    for (probe, base) in [
+        (&boot, "fleet/v1/poll/v5dev".to_string()),
+        (&svc, "/tenants/svcA/fleet/v1/poll/v5dev".to_string()),
+    ] {
+        let reply = format!("{base}/reply");
+        assert_eq!(
+            probe.subscribe(&reply).await.unwrap(),
+            [SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+        );
+        // The manager answers every request, garbage included (topics.md §5.2);
+        // the second request names its topic by alias only.
+        for topic in [base.as_str(), ""] {
+            assert_eq!(
+                probe
+                    .publish_acked(topic, Some(alias(1)), b"not cbor".to_vec())
+                    .await
+                    .unwrap(),
+                PubAckReason::Success
+            );
+        }
+        assert_eq!(
+            probe
+                .publish_exactly_once(&base, b"not cbor".to_vec())
+                .await
+                .unwrap(),
+            PubRecReason::Success
+        );
+        probe.wait_for(&reply, 3, T).await.unwrap();
+        // UNSUBSCRIBE is answered, one code per filter, and the connection stays up.
+        assert_eq!(
+            probe.unsubscribe(&reply).await.unwrap(),
+            [UnsubAckReason::Success]
+        );
+        assert_eq!(
+            probe.unsubscribe("#").await.unwrap(),
+            [UnsubAckReason::NoSubscriptionExisted]
+        );
+    }
+    // A second connection of the same certificate takes the session over:
+    // the first is told so.
+    let again = Probe5::mtls(fleet.service_addr(), "v5dev", &root, chain, key)
+        .await
+        .unwrap();
+    assert_eq!(
+        svc.wait_cut(T).await.unwrap(),
+        Some(DisconnectReasonCode::SessionTakenOver)
+    );
+    assert!(!again.is_cut() && !boot.is_cut());
+}
+
+/// Raw MQTT 5 on the plain bootstrap listener, for packets no client
+/// library sends.
+async fn raw_v5(fleet: &Fleet, client_id: &str) -> tokio::net::TcpStream {
+    let addr = fleet.broker.bootstrap_plain_addr.unwrap();
+    let mut s = tokio::time::timeout(T, tokio::net::TcpStream::connect(addr))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 0];
+    body.extend((client_id.len() as u16).to_be_bytes());
+    body.extend(client_id.as_bytes());
+    let mut connect = vec![0x10, body.len() as u8];
+    connect.extend(body);
+    s.write_all(&connect).await.unwrap();
+    let mut head = [0u8; 2];
+    tokio::time::timeout(T, s.read_exact(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(head[0], 0x20, "CONNACK");
+    let mut rest = vec![0u8; head[1] as usize];
+    tokio::time::timeout(T, s.read_exact(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rest[1], 0, "CONNACK code");
+    s
+}
+
+/// Reads until the broker closes; returns everything it sent.
+async fn until_closed(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut all = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut all))
+        .await
+        .expect("connection closed")
+        .ok();
+    all
+}
+
+/// The reason code of the DISCONNECT that `sent` consists of.
+fn disconnect_reason(sent: &[u8]) -> u8 {
+    assert!(
+        sent.len() >= 3 && sent[0] == 0xE0,
+        "not a DISCONNECT: {sent:02x?}"
+    );
+    assert_eq!(
+        sent[1] as usize,
+        sent.len() - 2,
+        "remaining length: {sent:02x?}"
+    );
+    sent[2]
+}
+
+#[tokio::test]
+async fn oversized_and_server_only_packets_close_with_a_reason() {
+    let fleet = Fleet::start().await.unwrap();
+    // A PUBLISH announcing 1 MiB: refused on its fixed header.
+    let mut s = raw_v5(&fleet, "raw1").await;
+    s.write_all(&[0x30, 0x80, 0x80, 0x40]).await.unwrap();
+    assert_eq!(disconnect_reason(&until_closed(&mut s).await), 0x95);
+    // A CONNACK from a client is a protocol error, not a crash.
+    let mut s = raw_v5(&fleet, "raw2").await;
+    s.write_all(&[0x20, 0x03, 0x00, 0x00, 0x00]).await.unwrap();
+    assert_eq!(disconnect_reason(&until_closed(&mut s).await), 0x82);
+    // An unknown protocol level gets CONNACK 0x01.
+    let addr = fleet.broker.bootstrap_plain_addr.unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(&[
+        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 6, 2, 0, 60, 0, 1, b'x',
+    ])
+    .await
+    .unwrap();
+    assert_eq!(until_closed(&mut s).await, [0x20, 0x02, 0x00, 0x01]);
+    // The listener still serves.
+    let ok = raw_v5(&fleet, "raw3").await;
+    drop(ok);
+}
