@@ -248,7 +248,12 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             return Err(SessionError::Refused(why));
         }
     };
-    let will = will.map(|w| Will::new(w, will_properties));
+    let manager = matches!(identity, Identity::Manager { .. });
+    let will = will.map(|mut w| {
+        // As for every PUBLISH: only the manager may retain.
+        w.retain &= manager;
+        Will::new(w, will_properties)
+    });
     let label = identity.label();
     // MQTT 5 keeps a session past the connection only with a Session
     // Expiry Interval; bootstrap sessions are always clean: a claimed
@@ -407,6 +412,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                                     return Err(SessionError::Refused(format!("publish to {topic}")));
                                 }
                             }
+                        }
+                        // topics.md: retain is always false. Only the
+                        // manager may leave a retained message behind.
+                        if !matches!(identity, Identity::Manager { .. }) {
+                            publish.retain = false;
                         }
                         send(tx, Packet::Publish(publish, props)).await?;
                     }

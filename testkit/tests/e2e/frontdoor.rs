@@ -712,3 +712,33 @@ async fn a_service_provider_reads_its_own_tenants_telemetry_and_nothing_else() {
         .unwrap()
         .is_empty());
 }
+
+#[tokio::test]
+async fn a_device_cannot_leave_a_retained_message_behind() {
+    let fleet = Fleet::start().await.unwrap();
+    let root = fleet.certs_dir().join("root-ca.pem");
+    let (chain, key) = certified(&fleet, "ret1", "svcA");
+    let device = Probe::mtls(fleet.service_addr(), "ret1", &root, chain, key)
+        .await
+        .unwrap();
+    let topic = "/tenants/svcA/telemetry/ret1";
+    let live = fleet.privileged("live").await.unwrap();
+    live.subscribe(topic).await.unwrap();
+    device
+        .client
+        .publish(topic, rumqttc::QoS::AtLeastOnce, true, b"sticky".to_vec())
+        .await
+        .unwrap();
+    // Delivered to whoever listens now ...
+    live.wait_for(topic, 1, T).await.unwrap();
+    // ... but not kept for whoever subscribes later.
+    let late = fleet.privileged("late").await.unwrap();
+    late.subscribe(topic).await.unwrap();
+    device.publish(topic, b"marker".to_vec()).await.unwrap();
+    late.wait_for(topic, 1, T).await.unwrap();
+    assert!(
+        late.on(topic).iter().all(|m| m.payload == b"marker"),
+        "a retained message reached a later subscriber"
+    );
+    assert!(!device.is_cut());
+}
