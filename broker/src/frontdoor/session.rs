@@ -211,13 +211,11 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     let label = identity.label();
     // Bootstrap sessions are always clean: a claimed identity keeps nothing.
     let clean = connect.clean_session || matches!(identity, Identity::Bootstrap { .. });
-    // Opening a link waits for the router's answer on a blocking channel:
-    // keep it off the listeners' async workers.
     let router_id = identity.router_client_id(connection);
-    let opener = shared.clone();
-    let (tx, rx, ack) = tokio::task::spawn_blocking(move || (opener.link)(&router_id, clean))
+    let (tx, rx, ack) = shared
+        .link
+        .open(router_id, clean)
         .await
-        .map_err(|e| SessionError::Router(e.to_string()))?
         .map_err(SessionError::Router)?;
     let ack: Option<Packet> = ack.into();
     framed.write(ack.into_iter().collect()).await?;
