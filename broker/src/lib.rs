@@ -125,7 +125,7 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
         .build()
         .map_err(BrokerError::Thread)?;
     let entered = runtime.enter();
-    let link = router::start_router(config);
+    let link = router::start_router(config).map_err(BrokerError::Thread)?;
     let shared = frontdoor::Shared::new(
         link,
         config.limits(),

@@ -86,12 +86,11 @@ pub type Link = (
     rumqttd::Notification,
 );
 
-/// Opens a router link: client id, clean session. Fails with the router's reason.
-pub type LinkFactory = Box<dyn Fn(&str, bool) -> Result<Link, String> + Send + Sync>;
+pub use crate::router::LinkOpener;
 
 /// State every connection shares.
 pub struct Shared {
-    pub link: LinkFactory,
+    pub link: LinkOpener,
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
     /// Internal listener users: name → secret.
@@ -121,7 +120,7 @@ pub enum Transport {
 
 impl Shared {
     pub fn new(
-        link: LinkFactory,
+        link: LinkOpener,
         limits: Limits,
         internal_users: HashMap<String, String>,
     ) -> Arc<Shared> {

@@ -264,17 +264,11 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         .unwrap_or(0);
     let keeps = !connect.clean_session && (version == Version::V311 || expiry > 0);
     let clean = !keeps || matches!(identity, Identity::Bootstrap { .. });
-    // Opening a link waits for the router's answer on a blocking channel:
-    // keep it off the listeners' async workers. The session is claimed
-    // first, so the connection it replaces knows it was taken over.
+    // The session is claimed first, so the connection it replaces knows it
+    // was taken over.
     let router_id = identity.router_client_id(connection);
     shared.claim(&router_id, connection);
-    let opener = shared.clone();
-    let id = router_id.clone();
-    let opened = tokio::task::spawn_blocking(move || (opener.link)(&id, clean))
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r);
+    let opened = shared.link.open(router_id.clone(), clean).await;
     let (tx, rx, ack) = match opened {
         Ok(link) => link,
         Err(why) => {

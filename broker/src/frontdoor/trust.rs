@@ -23,6 +23,7 @@ use openssl::asn1::Asn1IntegerRef;
 use openssl::nid::Nid;
 use openssl::ssl::{SslAcceptor, SslAcceptorBuilder, SslMethod, SslRef, SslVerifyMode, SslVersion};
 use openssl::x509::store::X509StoreBuilder;
+use openssl::x509::verify::X509VerifyFlags;
 use openssl::x509::{X509Crl, X509NameRef, X509Ref, X509VerifyResult, X509};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -279,6 +280,15 @@ pub fn server_builder(certs_dir: &Path) -> Result<SslAcceptorBuilder, BrokerErro
     Ok(builder)
 }
 
+/// Whether `root` issued `ca`: names match and the signature verifies.
+fn issued_by(ca: &X509Ref, root: &X509Ref) -> bool {
+    root.issued(ca) == X509VerifyResult::OK
+        && root
+            .public_key()
+            .and_then(|key| ca.verify(&key))
+            .unwrap_or(false)
+}
+
 fn build_acceptor(
     certs_dir: &Path,
     revoked: Arc<RwLock<HashSet<String>>>,
@@ -289,9 +299,10 @@ fn build_acceptor(
         std::fs::read(&p).map_err(|_| BrokerError::MissingFile(p.display().to_string()))
     };
     let mut store = X509StoreBuilder::new().map_err(tls)?;
-    store
-        .add_cert(X509::from_pem(&read(certs_dir.join("root-ca.pem"))?).map_err(tls)?)
-        .map_err(tls)?;
+    let root = X509::from_pem(&read(certs_dir.join("root-ca.pem"))?).map_err(tls)?;
+    store.add_cert(root.clone()).map_err(tls)?;
+    // Whether every service CA's validity lies within the root's.
+    let mut within_root = true;
     if let Ok(entries) = std::fs::read_dir(certs_dir.join("services")) {
         for e in entries.flatten() {
             let p = e.path();
@@ -300,11 +311,28 @@ fn build_acceptor(
                     .ok()
                     .and_then(|pem| X509::from_pem(&pem).ok())
                 {
-                    Some(ca) => store.add_cert(ca).map_err(tls)?,
+                    Some(ca) if issued_by(&ca, &root) => {
+                        within_root &= ca.not_before() >= root.not_before()
+                            && ca.not_after() <= root.not_after();
+                        store.add_cert(ca).map_err(tls)?
+                    }
+                    Some(_) => {
+                        warn!(path = %p.display(), "service CA not issued by the fleet root; ignored")
+                    }
                     None => warn!(path = %p.display(), "service CA unreadable; ignored"),
                 }
             }
         }
+    }
+    // Every service CA in the store was checked against the root above, so
+    // a client's chain may end at its service CA: one signature check less
+    // per handshake (about a tenth of its CPU). Only while no service CA
+    // outlives the root, so that the service CA's validity, still checked
+    // on every handshake, implies the root's.
+    if within_root {
+        store
+            .set_flags(X509VerifyFlags::PARTIAL_CHAIN)
+            .map_err(tls)?;
     }
     let mut builder = server_builder(certs_dir)?;
     builder.set_verify_cert_store(store.build()).map_err(tls)?;
