@@ -201,6 +201,59 @@ impl Fleet {
     }
 }
 
+/// What a probe received and the connection errors it saw, shared by
+/// [`Probe`] and [`Probe5`] (both dereference to it).
+#[derive(Clone, Default)]
+pub struct Inbox {
+    pub received: Arc<Mutex<Vec<Received>>>,
+    pub errors: Arc<Mutex<Vec<String>>>,
+}
+
+impl Inbox {
+    pub fn messages(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn on(&self, topic: &str) -> Vec<Received> {
+        self.messages()
+            .into_iter()
+            .filter(|m| m.topic == topic)
+            .collect()
+    }
+
+    /// Waits for the `n`-th message (1-based) on `topic` and returns it.
+    pub async fn wait_for(
+        &self,
+        topic: &str,
+        n: usize,
+        within: Duration,
+    ) -> anyhow::Result<Received> {
+        eventually(within, &format!("message {n} on {topic}"), || {
+            let got = self.on(topic);
+            async move { got.get(n - 1).cloned() }
+        })
+        .await
+    }
+
+    pub fn is_cut(&self) -> bool {
+        !self.errors.lock().unwrap().is_empty()
+    }
+}
+
+impl std::ops::Deref for Probe {
+    type Target = Inbox;
+    fn deref(&self) -> &Inbox {
+        &self.inbox
+    }
+}
+
+impl std::ops::Deref for Probe5 {
+    type Target = Inbox;
+    fn deref(&self) -> &Inbox {
+        &self.inbox
+    }
+}
+
 /// What a [`Probe`] received.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -211,9 +264,9 @@ pub struct Received {
 /// A raw MQTT client that subscribes where it is told and records everything.
 pub struct Probe {
     pub client: AsyncClient,
-    pub received: Arc<Mutex<Vec<Received>>>,
-    /// Connection errors seen (a refused publish ends in a disconnect).
-    pub errors: Arc<Mutex<Vec<String>>>,
+    /// What it received, and the connection errors it saw (a refused
+    /// publish ends in a disconnect).
+    pub inbox: Inbox,
     pub subacks: Arc<Mutex<Vec<Vec<rumqttc::SubscribeReasonCode>>>>,
     shutdown: CancellationToken,
 }
@@ -321,8 +374,7 @@ impl Probe {
         match tokio::time::timeout(Duration::from_secs(10), connected_rx).await {
             Ok(Ok(Ok(()))) => Ok(Probe {
                 client,
-                received,
-                errors,
+                inbox: Inbox { received, errors },
                 subacks,
                 shutdown,
             }),
@@ -350,35 +402,6 @@ impl Probe {
             .await?;
         Ok(())
     }
-
-    pub fn messages(&self) -> Vec<Received> {
-        self.received.lock().unwrap().clone()
-    }
-
-    pub fn on(&self, topic: &str) -> Vec<Received> {
-        self.messages()
-            .into_iter()
-            .filter(|m| m.topic == topic)
-            .collect()
-    }
-
-    /// Waits for the `n`-th message (1-based) on `topic` and returns it.
-    pub async fn wait_for(
-        &self,
-        topic: &str,
-        n: usize,
-        within: Duration,
-    ) -> anyhow::Result<Received> {
-        eventually(within, &format!("message {n} on {topic}"), || {
-            let got = self.on(topic);
-            async move { got.get(n - 1).cloned() }
-        })
-        .await
-    }
-
-    pub fn is_cut(&self) -> bool {
-        !self.errors.lock().unwrap().is_empty()
-    }
 }
 
 impl Drop for Probe {
@@ -394,7 +417,9 @@ pub type ClientAuth = (Vec<u8>, Vec<u8>);
 /// the broker answers with.
 pub struct Probe5 {
     pub client: rumqttc::v5::AsyncClient,
-    pub received: Arc<Mutex<Vec<Received>>>,
+    /// What it received, and the connection errors it saw, the broker's
+    /// DISCONNECT among them.
+    pub inbox: Inbox,
     pub subacks: Arc<Mutex<Vec<Vec<v5::SubscribeReasonCode>>>>,
     /// Packet id and reason of every PUBACK.
     pub pubacks: Arc<Mutex<Vec<(u16, v5::PubAckReason)>>>,
@@ -402,8 +427,6 @@ pub struct Probe5 {
     pub pubrecs: Arc<Mutex<Vec<(u16, v5::PubRecReason)>>>,
     /// The reason codes of every UNSUBACK.
     pub unsubacks: Arc<Mutex<Vec<Vec<v5::UnsubAckReason>>>>,
-    /// Connection errors seen, the broker's DISCONNECT among them.
-    pub errors: Arc<Mutex<Vec<String>>>,
     /// The reason code of the broker's DISCONNECT, if it sent one.
     pub disconnect: Arc<Mutex<Option<v5::DisconnectReasonCode>>>,
     pub connack: v5::ConnAck,
@@ -538,12 +561,11 @@ impl Probe5 {
         match tokio::time::timeout(Duration::from_secs(10), connected_rx).await {
             Ok(Ok(Ok(connack))) => Ok(Probe5 {
                 client,
-                received,
+                inbox: Inbox { received, errors },
                 subacks,
                 pubacks,
                 pubrecs,
                 unsubacks,
-                errors,
                 disconnect,
                 connack,
                 shutdown,
@@ -632,35 +654,6 @@ impl Probe5 {
             async move { got }
         })
         .await
-    }
-
-    pub fn messages(&self) -> Vec<Received> {
-        self.received.lock().unwrap().clone()
-    }
-
-    pub fn on(&self, topic: &str) -> Vec<Received> {
-        self.messages()
-            .into_iter()
-            .filter(|m| m.topic == topic)
-            .collect()
-    }
-
-    /// Waits for the `n`-th message (1-based) on `topic` and returns it.
-    pub async fn wait_for(
-        &self,
-        topic: &str,
-        n: usize,
-        within: Duration,
-    ) -> anyhow::Result<Received> {
-        eventually(within, &format!("message {n} on {topic}"), || {
-            let got = self.on(topic);
-            async move { got.get(n - 1).cloned() }
-        })
-        .await
-    }
-
-    pub fn is_cut(&self) -> bool {
-        !self.errors.lock().unwrap().is_empty()
     }
 
     /// Waits until the broker has closed the connection; returns the
