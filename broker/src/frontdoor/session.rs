@@ -300,13 +300,19 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         }
         (_, ack) => ack,
     };
-    framed.write(ack.into_iter().collect()).await?;
+    let mut tx = tx;
+    if let Err(err) = framed.write(ack.into_iter().collect()).await {
+        // The client went away before its CONNACK: the router holds a link
+        // for it all the same, which must not outlive this connection.
+        shared.release(&router_id, connection);
+        let _ = send(&mut tx, router_goodbye()).await;
+        return Err(err);
+    }
     debug!(identity = %label, ?version, "connected");
     let keep_alive = match connect.keep_alive {
         0 => shared.limits.max_idle,
         k => (Duration::from_secs(k as u64) * 3 / 2).min(shared.limits.max_idle),
     };
-    let mut tx = tx;
     let result = serve(
         &mut framed,
         &identity,
@@ -344,13 +350,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     }
     if link_alive {
         // Tell the router this connection is gone, however it ended.
-        let bye = Packet::Disconnect(
-            Disconnect {
-                reason_code: DisconnectReasonCode::NormalDisconnection,
-            },
-            None,
-        );
-        let _ = send(&mut tx, bye).await;
+        let _ = send(&mut tx, router_goodbye()).await;
     }
     let result = result.map(|_| ());
     if let Err(err) = &result {
@@ -360,6 +360,17 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         debug!(identity = %label, error = %err, "session ended");
     }
     result
+}
+
+/// What tells the router a connection is gone: rumqttd does not notice a
+/// dropped link by itself, and keeps its slot until it is told.
+fn router_goodbye() -> Packet {
+    Packet::Disconnect(
+        Disconnect {
+            reason_code: DisconnectReasonCode::NormalDisconnection,
+        },
+        None,
+    )
 }
 
 /// Serves packets both ways until the connection ends; returns the reason
