@@ -82,7 +82,7 @@ fn clients_reset_before_their_connack_leave_no_router_slot_behind() {
                 .await
                 .unwrap()
                 .unwrap();
-            s.set_linger(Some(Duration::ZERO)).unwrap();
+            s.set_zero_linger().unwrap();
             drop(s);
             settled(&broker).await;
         }
