@@ -108,7 +108,13 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: Cancellat
             _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok((s, _)) => s,
-                Err(err) => { debug!(error = %err, "metrics accept failed"); continue; }
+                Err(err) => {
+                    // Out of descriptors, say: the connection stays queued,
+                    // so pause rather than spin on it.
+                    debug!(error = %err, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
             },
         };
         let metrics = metrics.clone();

@@ -180,6 +180,8 @@ pub struct Core {
     /// Services whose CRL must be rewritten once the replies that revoked
     /// certificates are published.
     pending_crls: Mutex<std::collections::BTreeSet<String>>,
+    /// Devices and providers whose broker grants could not be written.
+    grants_dirty: Mutex<std::collections::BTreeSet<String>>,
     /// Striped per-device locks: one request per device at a time.
     stripes: Vec<Mutex<()>>,
 }
@@ -192,6 +194,7 @@ impl Core {
             config,
             failures: Mutex::new(HashMap::new()),
             pending_crls: Mutex::new(Default::default()),
+            grants_dirty: Mutex::new(Default::default()),
             stripes: (0..64).map(|_| Mutex::new(())).collect(),
         }
     }
@@ -985,7 +988,8 @@ impl Core {
         }
         if let Some(id) = &batch.remove_device {
             if let Err(err) = grants::remove_grants(self.pki.dir(), id) {
-                warn!(device = %id, error = %err, "broker grants not removed");
+                warn!(device = %id, error = %err, "broker grants not removed; retried later");
+                self.grants_to_retry(id);
             }
         }
         Ok(())
@@ -1086,15 +1090,15 @@ impl Core {
             &issued, &principal, service_id, "manager", now,
         )?);
         self.commit(&batch)?;
-        self.write_provider_grants(&principal)?;
+        if replaced > 0 {
+            self.publish_crl(service_id)?;
+        }
+        self.write_provider_grants(&principal);
         self.store.audit(
             "provider_issued",
             Some(&principal),
             format!("service {service_id} serial {}", issued.serial_hex),
         )?;
-        if replaced > 0 {
-            self.publish_crl(service_id)?;
-        }
         info!(
             provider = name,
             service = service_id,
@@ -1124,12 +1128,12 @@ impl Core {
             }
         }
         self.commit(&batch)?;
-        self.write_provider_grants(&principal)?;
         let services: std::collections::BTreeSet<String> =
             batch.certs.iter().map(|c| c.service_id.clone()).collect();
         for service in &services {
             self.publish_crl(service)?;
         }
+        self.write_provider_grants(&principal);
         self.store.audit(
             "provider_revoked",
             Some(&principal),
@@ -1149,17 +1153,59 @@ impl Core {
         Ok(providers.into_iter().collect())
     }
 
-    /// A provider's grants: the services of its unrevoked certificates.
-    fn write_provider_grants(&self, principal: &str) -> Result<(), Failure> {
-        let services: Vec<String> = self
+    /// A provider's grants: the services of its unrevoked certificates. A
+    /// failure is logged and the principal retried by housekeeping.
+    fn write_provider_grants(&self, principal: &str) {
+        let written = self
             .store
-            .certs_of(principal)?
-            .into_iter()
-            .filter(|c| c.revoked_ms.is_none())
-            .map(|c| c.service_id)
-            .collect();
-        grants::write_grants(self.pki.dir(), principal, &services)?;
-        Ok(())
+            .certs_of(principal)
+            .map_err(|e| e.to_string())
+            .and_then(|certs| {
+                let services: Vec<String> = certs
+                    .into_iter()
+                    .filter(|c| c.revoked_ms.is_none())
+                    .map(|c| c.service_id)
+                    .collect();
+                grants::write_grants(self.pki.dir(), principal, &services)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(err) = written {
+            warn!(principal, error = %err, "broker grants not written; retried later");
+            self.grants_to_retry(principal);
+        }
+    }
+
+    fn grants_to_retry(&self, principal: &str) {
+        self.grants_dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(principal.to_owned());
+    }
+
+    /// Writes again the grants whose last write failed (housekeeping).
+    pub fn retry_grants(&self) {
+        let dirty =
+            std::mem::take(&mut *self.grants_dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        for principal in dirty {
+            let _guard = self.lock(&principal);
+            if principal.starts_with(grants::PROVIDER_PREFIX) {
+                self.write_provider_grants(&principal);
+                continue;
+            }
+            match self.store.device(&principal) {
+                Ok(Some(device)) => self.publish_grants(&device),
+                Ok(None) => {
+                    if let Err(err) = grants::remove_grants(self.pki.dir(), &principal) {
+                        warn!(device = %principal, error = %err, "broker grants not removed; retried later");
+                        self.grants_to_retry(&principal);
+                    }
+                }
+                Err(err) => {
+                    warn!(device = %principal, error = %err, "store read failed; grants retried later");
+                    self.grants_to_retry(&principal);
+                }
+            }
+        }
     }
 
     /// The services an active device may connect to at the broker's service
@@ -1180,8 +1226,8 @@ impl Core {
     }
 
     /// Writes the broker's grant file of one device (`certs/grants/`, read
-    /// at every mutual-TLS handshake). A failure is logged: the device is
-    /// then refused at the broker until the next write or restart.
+    /// at every mutual-TLS handshake). A failure is logged and the device
+    /// retried by housekeeping ([`Core::retry_grants`]).
     fn publish_grants(&self, device: &DeviceRecord) {
         let written = self
             .granted_services(device)
@@ -1191,7 +1237,8 @@ impl Core {
                     .map_err(|e| e.to_string())
             });
         if let Err(err) = written {
-            warn!(device = %device.device_id, error = %err, "broker grants not written");
+            warn!(device = %device.device_id, error = %err, "broker grants not written; retried later");
+            self.grants_to_retry(&device.device_id);
         }
     }
 
@@ -1287,11 +1334,18 @@ impl Core {
         let Some(mut device) = self.store.device(d)? else {
             return fail(Status::UnknownDevice, "device is not active");
         };
-        if device.service_id == service_id && device.pending.is_none() {
-            return fail(
-                Status::WrongService,
-                format!("device is already on {service_id}"),
-            );
+        if device.service_id == service_id {
+            // Also while a change is pending: a "change" back to where the
+            // device is would never be completed by a re-key, and the
+            // device may already be acting on the pending notice.
+            let detail = match &device.pending {
+                Some(p) => format!(
+                    "device is already on {service_id} (a change to {} is pending; a pending change cannot be taken back)",
+                    p.service_id
+                ),
+                None => format!("device is already on {service_id}"),
+            };
+            return fail(Status::WrongService, detail);
         }
         // Create the service CA and its CRL now, so trust and revocation
         // exist at every broker before the device asks.
@@ -1499,6 +1553,20 @@ mod tests {
             update(&core, "d1", "svcB", Some("svcC"), &uuid).status,
             Status::WrongService
         );
+        // The broker's grants: the new service, and the old one until its
+        // certificate is revoked; then a pending one as soon as it is set.
+        let granted = || grants::read_grants(core.pki.dir(), "d1").unwrap();
+        assert_eq!(granted(), ["svcB", "svcA"]);
+        let (results, _) = core.request_change(&["d1".to_string()], "svcC", None, None, None);
+        assert!(results[0].ok);
+        assert_eq!(granted(), ["svcB", "svcC", "svcA"]);
+        // A "change" back to the current service while one is pending is
+        // refused, and the pending one stands.
+        let (results, notices) = core.request_change(&["d1".to_string()], "svcB", None, None, None);
+        assert!(!results[0].ok, "{:?}", results[0]);
+        assert!(notices.is_empty());
+        let pending = core.store.device("d1").unwrap().unwrap().pending.unwrap();
+        assert_eq!(pending.service_id, "svcC");
     }
 
     #[test]

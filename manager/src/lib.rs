@@ -132,6 +132,7 @@ async fn housekeeping(core: Arc<Core>, shutdown: CancellationToken) {
                 tracing::warn!(error = %err, "nonce pruning failed");
             }
             core.prune_failures();
+            core.retry_grants();
             if let Err(err) = core.revoke_overdue(grace) {
                 tracing::warn!(error = %err, "overdue revocations failed");
             }
