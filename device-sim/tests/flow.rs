@@ -119,9 +119,7 @@ impl Pki {
     /// its service CA, with the registry's grant of that service at the
     /// broker, as the manager writes it.
     fn issue<T: HasPublic>(&self, device: &str, service: &str, key: &PKeyRef<T>) -> Vec<X509> {
-        let mut granted = fleet_pki::grants::read_grants(&self.dir, device).unwrap();
-        granted.push(service.to_owned());
-        fleet_pki::grants::write_grants(&self.dir, device, &granted).unwrap();
+        fleet_pki::grants::add_grant(&self.dir, device, service).unwrap();
         let mut services = self.services.lock().unwrap();
         let (ca, ca_key) = services.entry(service.to_owned()).or_insert_with(|| {
             let k = crypto::generate_p256().unwrap();

@@ -953,6 +953,16 @@ impl Core {
         }
     }
 
+    /// Rewrites the CRL of every service that issued one of `certs`.
+    fn publish_crls_of(&self, certs: &[CertRecord]) -> Result<(), Failure> {
+        let services: std::collections::BTreeSet<&str> =
+            certs.iter().map(|c| c.service_id.as_str()).collect();
+        for service in services {
+            self.publish_crl(service)?;
+        }
+        Ok(())
+    }
+
     /// Rewrites the CRL of a service CA from its revocation list.
     pub fn publish_crl(&self, service_id: &str) -> Result<std::path::PathBuf, Failure> {
         let revoked: Vec<RevokedEntry> = self
@@ -1031,11 +1041,7 @@ impl Core {
         self.commit(&batch)?;
         self.store
             .audit("reset", Some(device_id), "device reset by operator".into())?;
-        let services: std::collections::BTreeSet<String> =
-            batch.certs.iter().map(|c| c.service_id.clone()).collect();
-        for service in services {
-            self.publish_crl(&service)?;
-        }
+        self.publish_crls_of(&batch.certs)?;
         info!(
             device = device_id,
             revoked = batch.certs.len(),
@@ -1128,11 +1134,7 @@ impl Core {
             }
         }
         self.commit(&batch)?;
-        let services: std::collections::BTreeSet<String> =
-            batch.certs.iter().map(|c| c.service_id.clone()).collect();
-        for service in &services {
-            self.publish_crl(service)?;
-        }
+        self.publish_crls_of(&batch.certs)?;
         self.write_provider_grants(&principal);
         self.store.audit(
             "provider_revoked",

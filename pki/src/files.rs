@@ -29,6 +29,16 @@ pub(crate) fn file_error(path: &Path, source: std::io::Error) -> PkiError {
 /// the new one, never a torn one, and a key is never readable by others,
 /// not even for a moment.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
+    replace(path, bytes, mode, true)
+}
+
+/// As [`write_atomic`], but without syncing: for files rebuilt from
+/// elsewhere after a crash (the broker's grants, see `grants`).
+pub(crate) fn replace_unsynced(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
+    replace(path, bytes, mode, false)
+}
+
+fn replace(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> Result<(), PkiError> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let name = path
         .file_name()
@@ -46,10 +56,12 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), P
             .mode(mode)
             .open(&tmp)?;
         file.write_all(bytes)?;
-        file.sync_all()?;
+        if durable {
+            file.sync_all()?;
+        }
         fs::rename(&tmp, path)?;
         // Make the rename itself durable.
-        if let Some(parent) = path.parent() {
+        if let (true, Some(parent)) = (durable, path.parent()) {
             fs::File::open(parent)?.sync_all()?;
         }
         Ok(())

@@ -18,11 +18,10 @@
 use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use fleet_protocol::topic::{validate_device_id, validate_service_id};
 
-use crate::files::{file_error, PUBLIC_MODE};
+use crate::files::{self, file_error, PUBLIC_MODE};
 use crate::PkiError;
 
 /// `certs_dir/grants`.
@@ -78,30 +77,16 @@ pub fn write_grants(
         Ok(old) if old == text.as_bytes() => return Ok(false),
         _ => {}
     }
-    let dir = grants_dir(certs_dir);
-    fs::create_dir_all(&dir).map_err(|e| file_error(&dir, e))?;
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let tmp = dir.join(format!(
-        ".{device_id}.tmp.{}.{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(PUBLIC_MODE)
-            .open(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        fs::rename(&tmp, &path)
-    })();
-    result.map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        file_error(&path, e)
-    })?;
+    files::create_dir(&grants_dir(certs_dir))?;
+    files::replace_unsynced(&path, text.as_bytes(), PUBLIC_MODE)?;
     Ok(true)
+}
+
+/// Adds `service_id` to the grants of `principal`, keeping the others.
+pub fn add_grant(certs_dir: &Path, principal: &str, service_id: &str) -> Result<bool, PkiError> {
+    let mut services = read_grants(certs_dir, principal)?;
+    services.push(service_id.to_owned());
+    write_grants(certs_dir, principal, &services)
 }
 
 /// Removes every grant of `device_id`. Returns whether a file was there.
@@ -180,6 +165,7 @@ mod tests {
         );
         // The same list again changes nothing.
         assert!(!write_grants(d, "dev1", &svc(&["svcA", "svcB"])).unwrap());
+        assert!(!add_grant(d, "dev1", "svcB").unwrap());
         assert!(write_grants(d, "dev1", &svc(&["svcB"])).unwrap());
         assert!(!is_granted(d, "dev1", "svcA"));
         assert!(is_granted(d, "dev1", "svcB"));
