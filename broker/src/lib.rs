@@ -147,8 +147,8 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
     if let Some(addr) = config.bootstrap_tls_listen {
         let l = bind(addr)?;
         bootstrap_tls_addr = Some(l.local_addr().map_err(|e| BrokerError::NoPort(addr, e))?);
-        let acceptor = server_tls_acceptor(&config.certs_dir)?;
-        plan.push((l, frontdoor::Transport::ServerTls(Arc::new(acceptor))));
+        let tls = frontdoor::trust::server_config(&config.certs_dir)?;
+        plan.push((l, frontdoor::Transport::ServerTls(tls)));
     }
     let mut bootstrap_plain_addr = None;
     if let Some(addr) = config.bootstrap_plain_listen {
@@ -234,10 +234,4 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
         metrics,
         stop,
     })
-}
-
-/// The bootstrap listener's TLS context: the broker certificate, TLS 1.2
-/// or later, no client certificate. Built once; shared by every handshake.
-fn server_tls_acceptor(certs_dir: &Path) -> Result<openssl::ssl::SslAcceptor, BrokerError> {
-    Ok(frontdoor::trust::server_builder(certs_dir)?.build())
 }

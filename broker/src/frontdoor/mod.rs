@@ -16,26 +16,29 @@
 //!
 //! # Layout
 //! - [`grants`]: identities and their publish/subscribe grants.
-//! - [`trust`]: the service listener's OpenSSL context, CRLs and revocation.
+//! - [`trust`]: the listeners' TLS configurations, the service listener's
+//!   client verifier, CRLs and revocation.
+//! - [`der`]: the names and serial of a verified client certificate.
 //! - [`session`]: one MQTT connection, CONNECT to close.
 //! - [`codec`]: MQTT 3.1.1 and 5 on the wire, and how each spells a refusal.
 
 pub mod codec;
+pub mod der;
 pub mod grants;
 pub mod session;
 pub mod trust;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use openssl::ssl::{Ssl, SslAcceptor};
+use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tokio_openssl::SslStream;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -114,7 +117,7 @@ pub enum ListenerKind {
 #[derive(Clone)]
 pub enum Transport {
     Plain(ListenerKind),
-    ServerTls(Arc<SslAcceptor>),
+    ServerTls(Arc<ServerConfig>),
     MutualTls(Arc<Trust>),
 }
 
@@ -224,11 +227,13 @@ pub async fn serve(
         shared.metrics.accepted.fetch_add(1, Ordering::Relaxed);
         let (transport, shared, stop) = (transport.clone(), shared.clone(), stop.clone());
         tokio::spawn(async move {
-            let _slot = slot;
             shared.metrics.live.fetch_add(1, Ordering::Relaxed);
             if let Err(err) = connection(stream, peer, transport, &shared, stop).await {
                 debug!(%peer, error = %err, "connection ended");
             }
+            // The slot goes back before `live` drops, so a connection that
+            // no longer counts as live never holds a slot.
+            drop(slot);
             shared.metrics.live.fetch_sub(1, Ordering::Relaxed);
         });
     }
@@ -246,13 +251,13 @@ async fn connection(
     let cut = stop.child_token();
     match transport {
         Transport::Plain(kind) => session::run(stream, kind, shared.clone(), id, cut).await,
-        Transport::ServerTls(acceptor) => {
-            let tls = handshake(stream, &acceptor, shared).await?;
+        Transport::ServerTls(config) => {
+            let tls = handshake(stream, config, shared).await?;
             session::run(tls, ListenerKind::Bootstrap, shared.clone(), id, cut).await
         }
         Transport::MutualTls(trust) => {
-            let tls = handshake(stream, &trust.acceptor(), shared).await?;
-            let cert = match trust::identity_of(tls.ssl()) {
+            let tls = handshake(stream, trust.config(), shared).await?;
+            let cert = match trust::identity_of(tls.get_ref().1.peer_certificates()) {
                 Ok(c) => c,
                 Err(why) => {
                     shared
@@ -282,24 +287,20 @@ async fn connection(
 
 async fn handshake(
     stream: TcpStream,
-    acceptor: &SslAcceptor,
+    config: Arc<ServerConfig>,
     shared: &Shared,
-) -> Result<SslStream<TcpStream>, session::SessionError> {
-    let ssl =
-        Ssl::new(acceptor.context()).map_err(|e| session::SessionError::Refused(e.to_string()))?;
-    let mut tls =
-        SslStream::new(ssl, stream).map_err(|e| session::SessionError::Refused(e.to_string()))?;
-    match tokio::time::timeout(shared.limits.handshake_timeout, Pin::new(&mut tls).accept()).await {
-        Ok(Ok(())) => Ok(tls),
+) -> Result<TlsStream<TcpStream>, session::SessionError> {
+    let accept = TlsAcceptor::from(config).accept(stream);
+    match tokio::time::timeout(shared.limits.handshake_timeout, accept).await {
+        Ok(Ok(tls)) => Ok(tls),
         Ok(Err(err)) => {
             shared
                 .metrics
                 .handshake_failures
                 .fetch_add(1, Ordering::Relaxed);
-            let why = tls.ssl().verify_result().error_string().to_string();
-            debug!(error = %err, verify = %why, "TLS handshake failed");
+            debug!(error = %err, "TLS handshake failed");
             Err(session::SessionError::Refused(format!(
-                "TLS handshake: {err} ({why})"
+                "TLS handshake: {err}"
             )))
         }
         Err(_) => {

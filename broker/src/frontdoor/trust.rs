@@ -3,10 +3,12 @@
 //! (`certs/grants/`, see [`fleet_pki::grants`]), and the sessions to cut
 //! when a certificate is revoked.
 //!
-//! One OpenSSL context serves every handshake; it is rebuilt only when a
-//! file under `certs/services/` or `certs/crl/` changes, which a watcher
-//! notices within [`RELOAD_EVERY`]. Revocation and the registry's grant
-//! are checked in the verify callback, so a revoked certificate, or one
+//! TLS is rustls on aws-lc-rs; the certificates and CRLs are read with
+//! OpenSSL when they load. One rustls configuration serves every
+//! handshake; it is rebuilt only when a file under `certs/services/` or
+//! `certs/crl/` changes, which a watcher notices within [`RELOAD_EVERY`].
+//! Revocation and the registry's grant are checked by the client
+//! verifier, so a revoked certificate, or one
 //! whose device the registry does not grant its service, fails the
 //! handshake itself; the live sessions of a newly revoked certificate are
 //! cancelled on reload. Grants are read from their file at each handshake,
@@ -19,16 +21,19 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use fleet_pki::grants;
-use openssl::asn1::Asn1IntegerRef;
-use openssl::nid::Nid;
-use openssl::ssl::{SslAcceptor, SslAcceptorBuilder, SslMethod, SslRef, SslVerifyMode, SslVersion};
-use openssl::x509::store::X509StoreBuilder;
-use openssl::x509::verify::X509VerifyFlags;
-use openssl::x509::{X509Crl, X509NameRef, X509Ref, X509VerifyResult, X509};
+use openssl::asn1::{Asn1IntegerRef, Asn1Time};
+use openssl::x509::{X509Crl, X509Ref, X509VerifyResult, X509};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, TrustAnchor, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::ServerConfig;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::Metrics;
+use super::{der, Metrics};
 use crate::BrokerError;
 
 /// How often the watcher looks at `certs/` for new CAs and CRLs.
@@ -47,17 +52,6 @@ fn hex_serial(serial: &Asn1IntegerRef) -> String {
         .unwrap_or_default()
 }
 
-/// Lowercase hex of a certificate's serial.
-pub fn serial_hex(cert: &X509Ref) -> String {
-    hex_serial(cert.serial_number())
-}
-
-fn name_entry(name: &X509NameRef, nid: Nid) -> Option<String> {
-    name.entries_by_nid(nid)
-        .next()
-        .and_then(|e| e.data().to_string().ok())
-}
-
 /// The identity a verified client certificate carries.
 #[derive(Debug, Clone)]
 pub struct CertIdentity {
@@ -72,17 +66,16 @@ pub struct CertIdentity {
 /// Reads the identity from the verified peer certificate: CN = device id
 /// (or `provider.{name}` for a service provider), O = service id, and the
 /// issuing CA must be that service's CA.
-pub fn identity_of(ssl: &SslRef) -> Result<CertIdentity, String> {
-    let cert = ssl.peer_certificate().ok_or("no client certificate")?;
-    let cn = name_entry(cert.subject_name(), Nid::COMMONNAME).ok_or("certificate has no CN")?;
-    let service_id =
-        name_entry(cert.subject_name(), Nid::ORGANIZATIONNAME).ok_or("certificate has no O")?;
+pub fn identity_of(peer: Option<&[CertificateDer<'_>]>) -> Result<CertIdentity, String> {
+    let cert = peer.and_then(<[_]>::first).ok_or("no client certificate")?;
+    let names = der::names(cert).ok_or("client certificate unreadable")?;
+    let cn = names.subject_cn.ok_or("certificate has no CN")?;
+    let service_id = names.subject_o.ok_or("certificate has no O")?;
     let provider = cn.strip_prefix(grants::PROVIDER_PREFIX).map(str::to_owned);
     fleet_protocol::topic::validate_device_id(provider.as_deref().unwrap_or(&cn))
         .map_err(|e| e.to_string())?;
     fleet_protocol::topic::validate_service_id(&service_id).map_err(|e| e.to_string())?;
-    if name_entry(cert.issuer_name(), Nid::ORGANIZATIONNAME).as_deref() != Some(service_id.as_str())
-    {
+    if names.issuer_o.as_deref() != Some(service_id.as_str()) {
         return Err(format!(
             "certificate for service {service_id} was not issued by that service's CA"
         ));
@@ -91,7 +84,7 @@ pub fn identity_of(ssl: &SslRef) -> Result<CertIdentity, String> {
         cn,
         provider,
         service_id,
-        serial: serial_hex(&cert),
+        serial: names.serial,
     })
 }
 
@@ -124,7 +117,7 @@ struct Sessions {
 pub struct Trust {
     certs_dir: PathBuf,
     metrics: Arc<Metrics>,
-    acceptor: RwLock<Arc<SslAcceptor>>,
+    config: RwLock<Arc<ServerConfig>>,
     revoked: Arc<RwLock<HashSet<String>>>,
     sessions: Mutex<Sessions>,
     seen: Mutex<Fingerprint>,
@@ -135,19 +128,20 @@ impl Trust {
         let revoked = Arc::new(RwLock::new(HashSet::new()));
         let seen = fingerprint(certs_dir);
         *revoked.write().expect("fresh lock") = load_revoked(certs_dir);
-        let acceptor = build_acceptor(certs_dir, revoked.clone(), metrics.clone())?;
+        let config = build_config(certs_dir, revoked.clone(), metrics.clone())?;
         Ok(Arc::new(Trust {
             certs_dir: certs_dir.to_path_buf(),
             metrics,
-            acceptor: RwLock::new(Arc::new(acceptor)),
+            config: RwLock::new(config),
             revoked,
             sessions: Mutex::new(Sessions::default()),
             seen: Mutex::new(seen),
         }))
     }
 
-    pub fn acceptor(&self) -> Arc<SslAcceptor> {
-        self.acceptor
+    /// The TLS configuration for the next handshake.
+    pub fn config(&self) -> Arc<ServerConfig> {
+        self.config
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
@@ -192,8 +186,8 @@ impl Trust {
         }
         let revoked = load_revoked(&self.certs_dir);
         *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = revoked.clone();
-        match build_acceptor(&self.certs_dir, self.revoked.clone(), self.metrics.clone()) {
-            Ok(a) => *self.acceptor.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(a),
+        match build_config(&self.certs_dir, self.revoked.clone(), self.metrics.clone()) {
+            Ok(c) => *self.config.write().unwrap_or_else(|p| p.into_inner()) = c,
             Err(err) => {
                 warn!(error = %err, "service TLS context not rebuilt; keeping the previous one")
             }
@@ -257,10 +251,16 @@ fn load_revoked(certs_dir: &Path) -> HashSet<String> {
     out
 }
 
-/// The broker's server side of TLS, shared by every TLS listener: the
-/// broker certificate and key from `certs/`, TLS 1.2 or later.
-pub fn server_builder(certs_dir: &Path) -> Result<SslAcceptorBuilder, BrokerError> {
-    let tls = |e: openssl::error::ErrorStack| BrokerError::Tls(e.to_string());
+/// The rustls provider every listener uses: aws-lc-rs, whose P-256 and
+/// X25519 are the ones the rest of the process already links.
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// The broker certificate chain and key from `certs/`.
+fn broker_identity(
+    certs_dir: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), BrokerError> {
     let cert = certs_dir.join("broker.pem");
     let key = certs_dir.join("broker.key");
     for p in [&cert, &key] {
@@ -268,16 +268,34 @@ pub fn server_builder(certs_dir: &Path) -> Result<SslAcceptorBuilder, BrokerErro
             return Err(BrokerError::MissingFile(p.display().to_string()));
         }
     }
-    let mut builder = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server()).map_err(tls)?;
-    builder
-        .set_min_proto_version(Some(SslVersion::TLS1_2))
+    let chain = CertificateDer::pem_file_iter(&cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| BrokerError::Tls(format!("{}: {e}", cert.display())))?;
+    let key = PrivateKeyDer::from_pem_file(&key)
+        .map_err(|e| BrokerError::Tls(format!("{}: {e}", key.display())))?;
+    Ok((chain, key))
+}
+
+/// Sessions are never resumed: every connection shows its certificate, so
+/// revocation and the registry's grant apply to every handshake.
+fn no_resumption(mut config: ServerConfig) -> Arc<ServerConfig> {
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Arc::new(config)
+}
+
+/// The bootstrap listener's TLS: the broker certificate, TLS 1.2 or 1.3,
+/// no client certificate. Built once; shared by every handshake.
+pub fn server_config(certs_dir: &Path) -> Result<Arc<ServerConfig>, BrokerError> {
+    let tls = |e: rustls::Error| BrokerError::Tls(e.to_string());
+    let (chain, key) = broker_identity(certs_dir)?;
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(tls)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
         .map_err(tls)?;
-    builder.set_certificate_chain_file(&cert).map_err(tls)?;
-    builder
-        .set_private_key_file(&key, openssl::ssl::SslFiletype::PEM)
-        .map_err(tls)?;
-    builder.check_private_key().map_err(tls)?;
-    Ok(builder)
+    Ok(no_resumption(config))
 }
 
 /// Whether `root` issued `ca`: names match and the signature verifies.
@@ -289,20 +307,161 @@ fn issued_by(ca: &X509Ref, root: &X509Ref) -> bool {
             .unwrap_or(false)
 }
 
-fn build_acceptor(
+/// A certificate's validity as Unix seconds.
+fn validity(cert: &X509Ref) -> Result<(i64, i64), openssl::error::ErrorStack> {
+    let epoch = Asn1Time::from_unix(0)?;
+    let secs = |t: &openssl::asn1::Asn1TimeRef| {
+        epoch
+            .diff(t)
+            .map(|d| i64::from(d.days) * 86_400 + i64::from(d.secs))
+    };
+    Ok((secs(cert.not_before())?, secs(cert.not_after())?))
+}
+
+/// Checks a service-listener client: its chain (webpki), then what the
+/// fleet adds: the anchor still valid, O issued by that service's own CA,
+/// not revoked, and granted by the registry.
+#[derive(Debug)]
+struct ClientVerifier {
+    algorithms: WebPkiSupportedAlgorithms,
+    anchors: Vec<TrustAnchor<'static>>,
+    /// Certificates a chain may pass through to reach an anchor.
+    intermediates: Vec<CertificateDer<'static>>,
+    /// Validity of each anchor, by its subject public key info: webpki
+    /// takes an anchor as valid forever.
+    anchor_validity: HashMap<Vec<u8>, (i64, i64)>,
+    revoked: Arc<RwLock<HashSet<String>>>,
+    metrics: Arc<Metrics>,
+    certs_dir: PathBuf,
+}
+
+fn refuse(error: CertificateError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(error)
+}
+
+fn pki_error(error: webpki::Error) -> rustls::Error {
+    use webpki::Error as E;
+    refuse(match error {
+        E::CertExpired { .. } => CertificateError::Expired,
+        E::CertNotValidYet { .. } => CertificateError::NotValidYet,
+        E::UnknownIssuer => CertificateError::UnknownIssuer,
+        E::BadDer | E::BadDerTime => CertificateError::BadEncoding,
+        E::InvalidSignatureForPublicKey => CertificateError::BadSignature,
+        other => CertificateError::Other(rustls::OtherError(Arc::new(other))),
+    })
+}
+
+impl ClientVerifier {
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        presented: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
+        let mut intermediates: Vec<CertificateDer<'_>> = presented.to_vec();
+        intermediates.extend(self.intermediates.iter().cloned());
+        let path = cert
+            .verify_for_usage(
+                self.algorithms.all,
+                &self.anchors,
+                &intermediates,
+                now,
+                webpki::KeyUsage::client_auth(),
+                None,
+                None,
+            )
+            .map_err(pki_error)?;
+        let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        match self
+            .anchor_validity
+            .get(path.anchor().subject_public_key_info.as_ref())
+        {
+            Some(&(from, until)) if from <= now && now <= until => {}
+            Some(&(from, _)) if now < from => return Err(refuse(CertificateError::NotValidYet)),
+            _ => return Err(refuse(CertificateError::Expired)),
+        }
+        // The device certificate: issued by the CA of the service it names
+        // (a service CA cannot mint another service's devices), not
+        // revoked, and granted that service by the registry.
+        let names = der::names(end_entity).ok_or(refuse(CertificateError::BadEncoding))?;
+        let Some(service) = names
+            .subject_o
+            .filter(|o| Some(o) == names.issuer_o.as_ref())
+        else {
+            return Err(refuse(CertificateError::ApplicationVerificationFailure));
+        };
+        if self
+            .revoked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&names.serial)
+        {
+            return Err(refuse(CertificateError::Revoked));
+        }
+        let device = names.subject_cn.unwrap_or_default();
+        if grants::is_granted(&self.certs_dir, &device, &service) {
+            return Ok(());
+        }
+        self.metrics.not_granted.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            device,
+            service, "certificate refused: the registry grants this device no such service"
+        );
+        Err(refuse(CertificateError::ApplicationVerificationFailure))
+    }
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.verify(end_entity, intermediates, now)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+fn build_config(
     certs_dir: &Path,
     revoked: Arc<RwLock<HashSet<String>>>,
     metrics: Arc<Metrics>,
-) -> Result<SslAcceptor, BrokerError> {
-    let tls = |e: openssl::error::ErrorStack| BrokerError::Tls(e.to_string());
+) -> Result<Arc<ServerConfig>, BrokerError> {
+    let ssl = |e: openssl::error::ErrorStack| BrokerError::Tls(e.to_string());
     let read = |p: PathBuf| {
         std::fs::read(&p).map_err(|_| BrokerError::MissingFile(p.display().to_string()))
     };
-    let mut store = X509StoreBuilder::new().map_err(tls)?;
-    let root = X509::from_pem(&read(certs_dir.join("root-ca.pem"))?).map_err(tls)?;
-    store.add_cert(root.clone()).map_err(tls)?;
-    // Whether every service CA's validity lies within the root's.
-    let mut within_root = true;
+    let root = X509::from_pem(&read(certs_dir.join("root-ca.pem"))?).map_err(ssl)?;
+    // Service CAs, each checked against the root here, once.
+    let mut service_cas = Vec::new();
     if let Ok(entries) = std::fs::read_dir(certs_dir.join("services")) {
         for e in entries.flatten() {
             let p = e.path();
@@ -311,11 +470,7 @@ fn build_acceptor(
                     .ok()
                     .and_then(|pem| X509::from_pem(&pem).ok())
                 {
-                    Some(ca) if issued_by(&ca, &root) => {
-                        within_root &= ca.not_before() >= root.not_before()
-                            && ca.not_after() <= root.not_after();
-                        store.add_cert(ca).map_err(tls)?
-                    }
+                    Some(ca) if issued_by(&ca, &root) => service_cas.push(ca),
                     Some(_) => {
                         warn!(path = %p.display(), "service CA not issued by the fleet root; ignored")
                     }
@@ -324,61 +479,55 @@ fn build_acceptor(
             }
         }
     }
-    // Every service CA in the store was checked against the root above, so
-    // a client's chain may end at its service CA: one signature check less
-    // per handshake (about a tenth of its CPU). Only while no service CA
-    // outlives the root, so that the service CA's validity, still checked
-    // on every handshake, implies the root's.
-    if within_root {
-        store
-            .set_flags(X509VerifyFlags::PARTIAL_CHAIN)
-            .map_err(tls)?;
+    let root_validity = validity(&root).map_err(ssl)?;
+    let mut cas = Vec::new();
+    for ca in &service_cas {
+        cas.push((ca.to_der().map_err(ssl)?, validity(ca).map_err(ssl)?));
     }
-    let mut builder = server_builder(certs_dir)?;
-    builder.set_verify_cert_store(store.build()).map_err(tls)?;
-    let certs = certs_dir.to_path_buf();
-    builder.set_verify_callback(
-        SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
-        move |ok, ctx| {
-            if !ok {
-                return false;
-            }
-            if ctx.error_depth() != 0 {
-                return true;
-            }
-            // The device certificate: not revoked, issued by the CA of the
-            // service it names (a service CA cannot mint another service's
-            // devices), and granted that service by the registry.
-            let Some(cert) = ctx.current_cert() else {
-                return false;
-            };
-            let own_service = name_entry(cert.subject_name(), Nid::ORGANIZATIONNAME);
-            let ok = own_service.is_some()
-                && own_service == name_entry(cert.issuer_name(), Nid::ORGANIZATIONNAME)
-                && !revoked
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .contains(&serial_hex(cert));
-            if !ok {
-                return false;
-            }
-            let device = name_entry(cert.subject_name(), Nid::COMMONNAME).unwrap_or_default();
-            let service = own_service.unwrap_or_default();
-            if grants::is_granted(&certs, &device, &service) {
-                return true;
-            }
-            metrics.not_granted.fetch_add(1, Ordering::Relaxed);
-            warn!(
-                device,
-                service, "certificate refused: the registry grants this device no such service"
-            );
-            ctx.set_error(X509VerifyResult::APPLICATION_VERIFICATION);
-            false
-        },
-    );
-    // Sessions are not resumed: every connection shows its certificate, so
-    // revocation applies to every handshake.
-    builder.set_session_cache_mode(openssl::ssl::SslSessionCacheMode::OFF);
-    builder.set_num_tickets(0).map_err(tls)?;
-    Ok(builder.build())
+    // The root is always an anchor (a client may present its service CA).
+    // A client's chain may also end at its service CA, already checked
+    // against the root above: one signature check less per handshake. Only
+    // while no service CA outlives the root, so that the service CA's
+    // validity, still checked on every handshake, implies the root's.
+    // Otherwise the service CAs are intermediates on the way to the root.
+    let within_root = cas
+        .iter()
+        .all(|(_, (from, until))| *from >= root_validity.0 && *until <= root_validity.1);
+    let mut anchor_certs = vec![(root.to_der().map_err(ssl)?, root_validity)];
+    let mut intermediates = Vec::new();
+    for (der, window) in cas {
+        if within_root {
+            anchor_certs.push((der, window));
+        } else {
+            intermediates.push(CertificateDer::from(der));
+        }
+    }
+    let mut anchors = Vec::new();
+    let mut anchor_validity = HashMap::new();
+    for (der, window) in anchor_certs {
+        let der = CertificateDer::from(der);
+        let anchor = webpki::anchor_from_trusted_cert(&der)
+            .map_err(|e| BrokerError::Tls(format!("trust anchor: {e}")))?
+            .to_owned();
+        anchor_validity.insert(anchor.subject_public_key_info.as_ref().to_vec(), window);
+        anchors.push(anchor);
+    }
+    let provider = provider();
+    let verifier = ClientVerifier {
+        algorithms: provider.signature_verification_algorithms,
+        anchors,
+        intermediates,
+        anchor_validity,
+        revoked,
+        metrics,
+        certs_dir: certs_dir.to_path_buf(),
+    };
+    let (chain, key) = broker_identity(certs_dir)?;
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| BrokerError::Tls(e.to_string()))?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_single_cert(chain, key)
+        .map_err(|e| BrokerError::Tls(e.to_string()))?;
+    Ok(no_resumption(config))
 }
