@@ -425,6 +425,9 @@ pub struct Probe5 {
     pub pubacks: Arc<Mutex<Vec<(u16, v5::PubAckReason)>>>,
     /// Packet id and reason of every PUBREC.
     pub pubrecs: Arc<Mutex<Vec<(u16, v5::PubRecReason)>>>,
+    /// Every PUBLISH received, whole, for [`rumqttc::v5::AsyncClient::ack`]
+    /// when the options asked for manual acknowledgements.
+    pub publishes: Arc<Mutex<Vec<v5::Publish>>>,
     /// The reason codes of every UNSUBACK.
     pub unsubacks: Arc<Mutex<Vec<Vec<v5::UnsubAckReason>>>>,
     /// The reason code of the broker's DISCONNECT, if it sent one.
@@ -436,8 +439,9 @@ pub struct Probe5 {
 /// The MQTT 5 packet types [`Probe5`] uses.
 pub mod v5 {
     pub use rumqttc::v5::mqttbytes::v5::{
-        ConnAck, ConnectReturnCode, DisconnectReasonCode, LastWill, PubAckReason, PubRecReason,
-        PublishProperties, SubscribeReasonCode, UnsubAckReason,
+        ConnAck, ConnectReturnCode, DisconnectReasonCode, LastWill, LastWillProperties,
+        PubAckReason, PubRecReason, Publish, PublishProperties, SubscribeReasonCode,
+        UnsubAckReason,
     };
     pub use rumqttc::v5::mqttbytes::QoS;
     pub use rumqttc::v5::MqttOptions;
@@ -497,10 +501,12 @@ impl Probe5 {
         let pubacks = Arc::new(Mutex::new(Vec::new()));
         let pubrecs = Arc::new(Mutex::new(Vec::new()));
         let unsubacks = Arc::new(Mutex::new(Vec::new()));
+        let publishes = Arc::new(Mutex::new(Vec::new()));
         let errors = Arc::new(Mutex::new(Vec::new()));
         let disconnect = Arc::new(Mutex::new(None));
         let shutdown = CancellationToken::new();
         let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
+        let whole = publishes.clone();
         let (r, s, p, e, d, stop) = (
             received.clone(),
             subacks.clone(),
@@ -524,10 +530,13 @@ impl Probe5 {
                             let _ = tx.send(Ok(ack));
                         }
                     }
-                    Ok(E::Incoming(P::Publish(m))) => r.lock().unwrap().push(Received {
-                        topic: String::from_utf8_lossy(&m.topic).into_owned(),
-                        payload: m.payload.to_vec(),
-                    }),
+                    Ok(E::Incoming(P::Publish(m))) => {
+                        r.lock().unwrap().push(Received {
+                            topic: String::from_utf8_lossy(&m.topic).into_owned(),
+                            payload: m.payload.to_vec(),
+                        });
+                        whole.lock().unwrap().push(m);
+                    }
                     Ok(E::Incoming(P::SubAck(ack))) => s.lock().unwrap().push(ack.return_codes),
                     Ok(E::Incoming(P::PubAck(ack))) => {
                         p.0.lock().unwrap().push((ack.pkid, ack.reason))
@@ -565,6 +574,7 @@ impl Probe5 {
                 subacks,
                 pubacks,
                 pubrecs,
+                publishes,
                 unsubacks,
                 disconnect,
                 connack,

@@ -17,6 +17,7 @@ use rumqttd::protocol::{
     SubscribeReasonCode,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tracing::debug;
 
 use super::session::SessionError;
 
@@ -40,6 +41,9 @@ pub enum Refusal {
     AuthMethod,
     /// The router would not open a session.
     Unavailable,
+    /// A CONNECT property with a value MQTT 5 forbids (a Receive Maximum
+    /// or Maximum Packet Size of 0).
+    Protocol,
 }
 
 impl Version {
@@ -52,6 +56,9 @@ impl Version {
             (Version::V5, Refusal::AuthMethod) => ConnectReturnCode::BadAuthenticationMethod,
             (Version::V311, Refusal::Unavailable) => ConnectReturnCode::ServiceUnavailable,
             (Version::V5, Refusal::Unavailable) => ConnectReturnCode::ServerUnavailable,
+            // An MQTT 3.1.1 CONNECT has no properties to get wrong.
+            (Version::V311, Refusal::Protocol) => ConnectReturnCode::RefusedProtocolVersion,
+            (Version::V5, Refusal::Protocol) => ConnectReturnCode::ProtocolError,
         };
         Packet::ConnAck(
             ConnAck {
@@ -114,6 +121,9 @@ pub struct Framed<S> {
     buf: BytesMut,
     max_packet: usize,
     pub version: Version,
+    /// The largest packet the client takes: the Maximum Packet Size of its
+    /// MQTT 5 CONNECT, unlimited otherwise. Nothing larger is written.
+    pub peer_max: usize,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
@@ -123,6 +133,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
             buf: BytesMut::with_capacity(1024),
             max_packet,
             version: Version::V311,
+            peer_max: usize::MAX,
         }
     }
 
@@ -216,18 +227,182 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         }
     }
 
+    /// Writes `packets`. A packet larger than the client's Maximum Packet
+    /// Size is sent without its Reason String and User Properties, which
+    /// MQTT 5 lets the sender leave out, or, still too large, not at all
+    /// (MQTT 5 §3.1.2.11.4). A PUBLISH is checked before it gets here (see
+    /// `session::Outbound`), so its discard is acknowledged to the router.
     pub async fn write(&mut self, packets: Vec<Packet>) -> Result<(), SessionError> {
         let mut out = BytesMut::new();
         for p in packets {
+            let start = out.len();
             match self.version {
                 Version::V311 => V4.write(without_properties(p), &mut out),
-                Version::V5 => V5.write(with_disconnect_properties(p), &mut out),
+                Version::V5 => {
+                    let p = with_disconnect_properties(p);
+                    let kept = (self.peer_max != usize::MAX).then(|| p.clone());
+                    let written = V5.write(p, &mut out);
+                    match kept {
+                        Some(p) if written.is_ok() && out.len() - start > self.peer_max => {
+                            out.truncate(start);
+                            self.write_within(p, &mut out)
+                        }
+                        _ => written,
+                    }
+                }
             }
             .map_err(SessionError::Mqtt)?;
         }
         self.stream.write_all(&out).await?;
         self.stream.flush().await?;
         Ok(())
+    }
+
+    /// Appends `p` to `out` shrunk to the client's Maximum Packet Size, or
+    /// nothing if it cannot be.
+    fn write_within(
+        &self,
+        p: Packet,
+        out: &mut BytesMut,
+    ) -> Result<usize, rumqttd::protocol::Error> {
+        let start = out.len();
+        let kind = packet_name(&p);
+        let shrunk = match without_optional_properties(p) {
+            // Without properties rumqttd cannot frame a DISCONNECT with a
+            // reason (see `with_disconnect_properties`): it is spelled
+            // here, reason code and no properties.
+            Packet::Disconnect(d, _)
+                if d.reason_code != DisconnectReasonCode::NormalDisconnection =>
+            {
+                out.extend_from_slice(&[0xE0, 0x01, disconnect_code(d.reason_code)]);
+                Ok(3)
+            }
+            p => V5.write(p, out),
+        }?;
+        if out.len() - start > self.peer_max {
+            out.truncate(start);
+            debug!(
+                packet = kind,
+                limit = self.peer_max,
+                "packet over the client's Maximum Packet Size not sent"
+            );
+            return Ok(0);
+        }
+        Ok(shrunk)
+    }
+}
+
+/// The name of a packet's type, for logs.
+fn packet_name(p: &Packet) -> &'static str {
+    match p {
+        Packet::Connect(..) => "CONNECT",
+        Packet::ConnAck(..) => "CONNACK",
+        Packet::Publish(..) => "PUBLISH",
+        Packet::PubAck(..) => "PUBACK",
+        Packet::PingReq(..) => "PINGREQ",
+        Packet::PingResp(..) => "PINGRESP",
+        Packet::Subscribe(..) => "SUBSCRIBE",
+        Packet::SubAck(..) => "SUBACK",
+        Packet::PubRec(..) => "PUBREC",
+        Packet::PubRel(..) => "PUBREL",
+        Packet::PubComp(..) => "PUBCOMP",
+        Packet::Unsubscribe(..) => "UNSUBSCRIBE",
+        Packet::UnsubAck(..) => "UNSUBACK",
+        Packet::Disconnect(..) => "DISCONNECT",
+    }
+}
+
+/// The wire value of a DISCONNECT reason code, read back from rumqttd's
+/// own encoding of it (the enum's values are not public).
+fn disconnect_code(reason: DisconnectReasonCode) -> u8 {
+    let mut out = BytesMut::new();
+    let bye = with_disconnect_properties(Packet::Disconnect(
+        Disconnect {
+            reason_code: reason,
+        },
+        None,
+    ));
+    match V5.write(bye, &mut out) {
+        Ok(_) if out.len() > 2 => out[2],
+        _ => 0x80,
+    }
+}
+
+/// A packet without the properties MQTT 5 lets a sender leave out when the
+/// packet would exceed the receiver's Maximum Packet Size: Reason String
+/// and User Properties. A PUBLISH keeps everything: its properties are
+/// part of the message.
+fn without_optional_properties(p: Packet) -> Packet {
+    match p {
+        Packet::ConnAck(a, Some(mut props)) => {
+            props.reason_string = None;
+            props.user_properties.clear();
+            Packet::ConnAck(a, Some(props))
+        }
+        Packet::PubAck(a, _) => Packet::PubAck(a, None),
+        Packet::PubRec(a, _) => Packet::PubRec(a, None),
+        Packet::PubRel(a, _) => Packet::PubRel(a, None),
+        Packet::PubComp(a, _) => Packet::PubComp(a, None),
+        Packet::SubAck(a, _) => Packet::SubAck(a, None),
+        Packet::UnsubAck(a, _) => Packet::UnsubAck(a, None),
+        Packet::Disconnect(d, _) => Packet::Disconnect(d, None),
+        other => other,
+    }
+}
+
+/// The QoS, packet id and MQTT 5 encoded size of a PUBLISH the router
+/// hands over. rumqttd keeps QoS and packet id crate-private, so they are
+/// read from the encoding of the PUBLISH without its payload (which would
+/// otherwise be copied for nothing): the fixed header byte, then the
+/// remaining length, the topic, the packet id.
+pub fn publish_shape(publish: &Publish, properties: &Option<PublishProperties>) -> PublishShape {
+    let mut shell = publish.clone();
+    let payload = std::mem::take(&mut shell.payload).len();
+    let mut out = BytesMut::new();
+    if V5
+        .write(Packet::Publish(shell, properties.clone()), &mut out)
+        .is_err()
+    {
+        return PublishShape {
+            qos: 0,
+            pkid: 0,
+            size: usize::MAX,
+        };
+    }
+    let qos = (out[0] >> 1) & 0b11;
+    let mut at = 1;
+    while out[at] & 0x80 != 0 {
+        at += 1;
+    }
+    let remaining = out.len() - at - 1 + payload;
+    let at = at + 1 + 2 + publish.topic.len();
+    let pkid = match qos {
+        0 => 0,
+        _ => u16::from_be_bytes([out[at], out[at + 1]]),
+    };
+    PublishShape {
+        qos,
+        pkid,
+        size: 1 + remaining_length_len(remaining) + remaining,
+    }
+}
+
+/// What [`publish_shape`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishShape {
+    pub qos: u8,
+    pub pkid: u16,
+    /// Bytes on the wire, MQTT 5.
+    pub size: usize,
+}
+
+/// Bytes MQTT spends on a remaining length of `len`.
+fn remaining_length_len(len: usize) -> usize {
+    match len {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
     }
 }
 
@@ -423,6 +598,57 @@ mod tests {
             Packet::Disconnect(d, _) if d.reason_code == DisconnectReasonCode::NotAuthorized
         ));
         assert!(out.is_empty());
+    }
+
+    /// What a V5 `Framed` with the client's limit `peer_max` writes for `packets`.
+    async fn written(peer_max: usize, packets: Vec<Packet>) -> Vec<u8> {
+        let (stream, mut peer) = tokio::io::duplex(4096);
+        let mut framed = Framed::new(stream, 1024);
+        framed.version = Version::V5;
+        framed.peer_max = peer_max;
+        framed.write(packets).await.unwrap();
+        drop(framed);
+        let mut out = Vec::new();
+        peer.read_to_end(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn nothing_larger_than_the_clients_maximum_is_written() {
+        let bye = || {
+            Version::V5
+                .disconnect(DisconnectReasonCode::SessionTakenOver)
+                .unwrap()
+        };
+        let ping = || Packet::PingResp(rumqttd::protocol::PingResp);
+        // Within the limit: as always, the DISCONNECT with its reason named.
+        let full = written(usize::MAX, vec![bye()]).await;
+        assert!(full.len() > 3);
+        assert_eq!(written(full.len(), vec![bye()]).await, full);
+        // Over it: the reason code without the Reason String.
+        assert_eq!(
+            written(full.len() - 1, vec![bye(), ping()]).await,
+            [0xE0, 0x01, 0x8E, 0xD0, 0x00]
+        );
+        // A SUBACK loses its Reason String; a packet still too large is
+        // not written, the next one is.
+        let suback = |codes: usize| {
+            Packet::SubAck(
+                rumqttd::protocol::SubAck {
+                    pkid: 1,
+                    return_codes: vec![SubscribeReasonCode::NotAuthorized; codes],
+                },
+                Some(rumqttd::protocol::SubAckProperties {
+                    reason_string: Some("refused".into()),
+                    user_properties: Vec::new(),
+                }),
+            )
+        };
+        assert_eq!(
+            written(6, vec![suback(1)]).await,
+            [0x90, 0x04, 0x00, 0x01, 0x00, 0x87]
+        );
+        assert_eq!(written(6, vec![suback(2), ping()]).await, [0xD0, 0x00]);
     }
 
     #[test]

@@ -1,12 +1,17 @@
 //! One MQTT connection, 3.1.1 or 5 ([`codec`](super::codec)): CONNECT and
 //! identity binding, then every packet authorized before it reaches the
-//! router, and the router's packets written back. The router link is in
-//! process (`LinkTx`/`LinkRx`), so a device costs one file descriptor.
+//! router, and the router's packets written back, within the limits the
+//! client announced ([`outbound`]). The router link is in process
+//! (`LinkTx`/`LinkRx`), so a device costs one file descriptor.
+
+mod outbound;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+
+use outbound::{Out, Outbound};
 
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
@@ -15,6 +20,7 @@ use rumqttd::protocol::{
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -84,16 +90,31 @@ fn qos_and_pkid(publish: &Publish) -> (u8, u16) {
     )
 }
 
+/// The longest a Will waits after its connection ends: a longer Will Delay
+/// Interval (or Session Expiry Interval) is cut to this, so a pending Will
+/// is not held for ever.
+pub const MAX_WILL_DELAY: Duration = Duration::from_secs(300);
+
+/// How often a pending Will looks whether its identity has reconnected.
+const WILL_RECHECK: Duration = Duration::from_secs(1);
+
 /// A Will the grants allow, published by the front door when the
 /// connection ends without a normal DISCONNECT.
 struct Will {
     publish: Publish,
     properties: Option<PublishProperties>,
+    /// The client's Will Delay Interval (MQTT 5), 0 if none.
+    delay: Duration,
 }
 
 impl Will {
     fn new(will: LastWill, properties: Option<LastWillProperties>) -> Will {
+        let delay = properties
+            .as_ref()
+            .and_then(|p| p.delay_interval)
+            .map_or(Duration::ZERO, |s| Duration::from_secs(s.into()));
         Will {
+            delay,
             publish: Publish::new(will.topic, will.message, will.retain),
             properties: properties.map(|p| PublishProperties {
                 payload_format_indicator: p.payload_format_indicator,
@@ -191,6 +212,14 @@ fn admit(
     shared: &Shared,
 ) -> Result<Identity, (Refusal, String)> {
     let identity = bind_identity(kind, connect, login, shared)?;
+    if let Some(p) = properties {
+        if p.receive_maximum == Some(0) || p.max_packet_size == Some(0) {
+            return Err((
+                Refusal::Protocol,
+                "Receive Maximum or Maximum Packet Size of 0".into(),
+            ));
+        }
+    }
     if let Some(method) = properties.and_then(|p| p.authentication_method.as_ref()) {
         return Err((
             Refusal::AuthMethod,
@@ -264,6 +293,24 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         .unwrap_or(0);
     let keeps = !connect.clean_session && (version == Version::V311 || expiry > 0);
     let clean = !keeps || matches!(identity, Identity::Bootstrap { .. });
+    // A Will waits for its delay or the end of the session, whichever comes
+    // first (MQTT 5 §3.1.3.2.2): a session that ends with its connection
+    // has its Will at once.
+    let will_wait = match (&will, clean) {
+        (Some(w), false) => w
+            .delay
+            .min(Duration::from_secs(expiry.into()))
+            .min(MAX_WILL_DELAY),
+        _ => Duration::ZERO,
+    };
+    // What the client announced it takes (MQTT 5 §3.1.2.11.3-4).
+    let (receive_max, max_packet) = match (version, properties.as_ref()) {
+        (Version::V5, Some(p)) => (p.receive_maximum, p.max_packet_size),
+        _ => (None, None),
+    };
+    if let Some(max) = max_packet {
+        framed.peer_max = max as usize;
+    }
     // The session is claimed first, so the connection it replaces knows it
     // was taken over.
     let router_id = identity.router_client_id(connection);
@@ -313,11 +360,13 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         0 => shared.limits.max_idle,
         k => (Duration::from_secs(k as u64) * 3 / 2).min(shared.limits.max_idle),
     };
+    let mut outbound = Outbound::new(receive_max, max_packet);
     let result = serve(
         &mut framed,
         &identity,
         &mut tx,
         rx,
+        &mut outbound,
         keep_alive,
         &shared,
         &cut,
@@ -330,7 +379,6 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         }
         other => other,
     };
-    shared.release(&router_id, connection);
     // The router's link is gone or no longer speaks for this connection:
     // nothing more goes to it.
     let link_alive = !matches!(
@@ -344,13 +392,34 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         Err(SessionError::Revoked) => false,
         Err(_) => link_alive,
     };
-    if let (true, Some(will)) = (publish_will, will) {
-        debug!(identity = %label, "publishing the will");
-        let _ = send(&mut tx, Packet::Publish(will.publish, will.properties)).await;
+    let will = will.filter(|_| publish_will);
+    match will {
+        Some(will) if !will_wait.is_zero() => {
+            // The session keeps its claim while the Will waits: a newer
+            // connection of the same identity takes it, which cancels the Will.
+            debug!(identity = %label, delay = ?will_wait, "will delayed");
+            tokio::spawn(publish_will_later(
+                shared.clone(),
+                router_id.clone(),
+                connection,
+                will,
+                will_wait,
+                cut.clone(),
+            ));
+        }
+        Some(will) => {
+            shared.release(&router_id, connection);
+            debug!(identity = %label, "publishing the will");
+            let _ = send(&mut tx, Packet::Publish(will.publish, will.properties)).await;
+        }
+        None => shared.release(&router_id, connection),
     }
     if link_alive {
         // Tell the router this connection is gone, however it ended.
         let _ = send(&mut tx, router_goodbye()).await;
+    }
+    if outbound.discarded > 0 {
+        debug!(identity = %label, discarded = outbound.discarded, "publishes over the client's Maximum Packet Size were discarded");
     }
     let result = result.map(|_| ());
     if let Err(err) = &result {
@@ -373,18 +442,67 @@ fn router_goodbye() -> Packet {
     )
 }
 
+/// Publishes `will` after `delay` unless a newer connection of the same
+/// identity claims the session `router_id` first, or the listeners stop.
+/// The Will goes through a link of its own (`w.` and the session's router
+/// id): the session's link is closed, and opening that again would resume
+/// the session.
+async fn publish_will_later(
+    shared: Arc<Shared>,
+    router_id: String,
+    connection: u64,
+    will: Will,
+    delay: Duration,
+    stop: CancellationToken,
+) {
+    let due = Instant::now() + delay;
+    loop {
+        let now = Instant::now();
+        if now >= due {
+            break;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => {
+                shared.release(&router_id, connection);
+                debug!(session = %router_id, "delayed will dropped: stopping");
+                return;
+            }
+            _ = tokio::time::sleep((due - now).min(WILL_RECHECK)) => {}
+        }
+        if !shared.holds(&router_id, connection) {
+            debug!(session = %router_id, "delayed will cancelled: the identity reconnected");
+            return;
+        }
+    }
+    shared.release(&router_id, connection);
+    let (mut tx, _rx, _ack) = match shared.link.open(format!("w.{router_id}"), true).await {
+        Ok(link) => link,
+        Err(why) => {
+            warn!(session = %router_id, reason = %why, "delayed will not published: no router link");
+            return;
+        }
+    };
+    debug!(session = %router_id, "publishing the delayed will");
+    let _ = send(&mut tx, Packet::Publish(will.publish, will.properties)).await;
+    let _ = send(&mut tx, router_goodbye()).await;
+}
+
 /// Serves packets both ways until the connection ends; returns the reason
 /// of the client's DISCONNECT.
+// The connection's parts, each borrowed from `run`, which still needs them.
+#[allow(clippy::too_many_arguments)]
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     framed: &mut Framed<S>,
     identity: &Identity,
     tx: &mut LinkTx,
     mut rx: LinkRx,
+    outbound: &mut Outbound,
     keep_alive: Duration,
     shared: &Shared,
     cut: &CancellationToken,
 ) -> Result<DisconnectReasonCode, SessionError> {
     let version = framed.version;
+    let mut out = Vec::new();
     // SUBSCRIBE packets whose filters were partly refused: packet id → which
     // filters went to the router.
     let mut partial: HashMap<u16, Vec<bool>> = HashMap::new();
@@ -470,6 +588,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     Packet::Disconnect(bye, _) => return Ok(bye.reason_code),
                     // The router takes a PUBREL only without properties.
                     Packet::PubRel(pubrel, _) => send(tx, Packet::PubRel(pubrel, None)).await?,
+                    // Answers to the router's PUBLISHes free the client's quota.
+                    ack @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
+                        outbound.on_client(ack, &mut out);
+                        deliver(framed, tx, &mut out).await?;
+                    }
                     other => send(tx, other).await?,
                 }
             }
@@ -502,10 +625,30 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                     other => other,
                 };
-                framed.write(vec![packet]).await?;
+                outbound.on_router(packet, &mut out)?;
+                deliver(framed, tx, &mut out).await?;
             }
         }
     }
+}
+
+/// Writes what `out` has for the client and hands the router its part.
+async fn deliver<S: AsyncRead + AsyncWrite + Unpin>(
+    framed: &mut Framed<S>,
+    tx: &mut LinkTx,
+    out: &mut Vec<Out>,
+) -> Result<(), SessionError> {
+    let mut to_client = Vec::new();
+    for o in out.drain(..) {
+        match o {
+            Out::Client(p) => to_client.push(p),
+            Out::Router(p) => send(tx, p).await?,
+        }
+    }
+    if !to_client.is_empty() {
+        framed.write(to_client).await?;
+    }
+    Ok(())
 }
 
 /// Hands a packet to the router. `LinkTx::send` may block on the router's

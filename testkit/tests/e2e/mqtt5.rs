@@ -2,9 +2,11 @@
 //! grants as for MQTT 3.1.1, refused with MQTT 5 reason codes.
 
 use fleet_device_sim::DeviceEvent;
+use std::time::{Duration, Instant};
+
 use fleet_testkit::v5::{
-    ConnectReturnCode, DisconnectReasonCode, LastWill, PubAckReason, PubRecReason,
-    PublishProperties, QoS, SubscribeReasonCode, UnsubAckReason,
+    ConnectReturnCode, DisconnectReasonCode, LastWill, LastWillProperties, MqttOptions,
+    PubAckReason, PubRecReason, PublishProperties, QoS, SubscribeReasonCode, UnsubAckReason,
 };
 use fleet_testkit::{eventually, Fleet, Probe, Probe5};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -271,12 +273,19 @@ async fn refused_connects_get_mqtt5_reason_codes() {
         refused(Probe5::connect(will).await),
         ConnectReturnCode::NotAuthorized
     );
+    // MQTT 5 forbids a Receive Maximum or Maximum Packet Size of 0.
+    let mut zero = service("evil2");
+    zero.set_receive_maximum(Some(0));
+    assert_eq!(
+        refused(Probe5::connect(zero).await),
+        ConnectReturnCode::ProtocolError
+    );
     // The certificate's own id is accepted, with the broker's limits.
     let ok = Probe5::connect(service("evil2")).await.unwrap();
     let props = ok.connack.properties.clone().unwrap();
     assert_eq!(props.max_packet_size, Some(256 * 1024));
     assert_eq!(props.topic_alias_max, Some(16));
-    assert!(fleet.broker.metrics.get(|m| &m.refused_connects) >= 7);
+    assert!(fleet.broker.metrics.get(|m| &m.refused_connects) >= 8);
 }
 
 #[tokio::test]
@@ -478,4 +487,237 @@ async fn oversized_and_server_only_packets_close_with_a_reason() {
     // The listener still serves.
     let ok = raw_v5(&fleet, "raw3").await;
     drop(ok);
+}
+
+/// Options for a service connection of `device` (certified on svcA) that
+/// keeps its session, with a Will on its own telemetry topic sent after
+/// `will_delay` seconds.
+fn lingering(
+    fleet: &Fleet,
+    device: &str,
+    auth: &(Vec<u8>, Vec<u8>),
+    will_delay: u32,
+    keep_session: bool,
+) -> MqttOptions {
+    let root = fleet.certs_dir().join("root-ca.pem");
+    let mut o = Probe5::options(
+        fleet.service_addr(),
+        device,
+        Some((root.as_path(), Some(auth.clone()))),
+    )
+    .unwrap();
+    if keep_session {
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(Some(60));
+    }
+    let properties = LastWillProperties {
+        delay_interval: Some(will_delay),
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+    };
+    o.set_last_will(LastWill::new(
+        format!("/tenants/svcA/telemetry/{device}"),
+        "gone",
+        QoS::AtLeastOnce,
+        false,
+        Some(properties),
+    ));
+    o
+}
+
+#[tokio::test]
+async fn a_will_waits_for_its_delay_and_a_reconnect_cancels_it() {
+    let fleet = Fleet::start().await.unwrap();
+    let observer = fleet.privileged("observer").await.unwrap();
+    observer
+        .subscribe("/tenants/svcA/telemetry/#")
+        .await
+        .unwrap();
+    let auth: Vec<_> = ["wd1", "wd2"]
+        .iter()
+        .map(|d| certified(&fleet, d, "svcA"))
+        .collect();
+    // wd1 comes back before its delay; wd2 does not.
+    let wd1 = Probe5::connect(lingering(&fleet, "wd1", &auth[0], 2, true))
+        .await
+        .unwrap();
+    let wd2 = Probe5::connect(lingering(&fleet, "wd2", &auth[1], 2, true))
+        .await
+        .unwrap();
+    drop(wd1);
+    let dropped = Instant::now();
+    drop(wd2);
+    let back = Probe5::connect(lingering(&fleet, "wd1", &auth[0], 2, true))
+        .await
+        .unwrap();
+    let will = observer
+        .wait_for("/tenants/svcA/telemetry/wd2", 1, T)
+        .await
+        .unwrap();
+    assert_eq!(will.payload, b"gone");
+    assert!(
+        dropped.elapsed() >= Duration::from_secs(2),
+        "the will came {:?} after the connection ended",
+        dropped.elapsed()
+    );
+    // wd1's Will was due before wd2's: a marker published now arrives after
+    // it, had it been sent.
+    observer
+        .publish("/tenants/svcA/telemetry/marker", b"m".to_vec())
+        .await
+        .unwrap();
+    observer
+        .wait_for("/tenants/svcA/telemetry/marker", 1, T)
+        .await
+        .unwrap();
+    assert!(observer.on("/tenants/svcA/telemetry/wd1").is_empty());
+    assert!(!back.is_cut());
+    // The reconnected session has its own Will, delayed as before.
+    drop(back);
+    observer
+        .wait_for("/tenants/svcA/telemetry/wd1", 1, T)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_will_goes_at_once_when_the_session_ends_with_the_connection() {
+    let fleet = Fleet::start().await.unwrap();
+    let observer = fleet.privileged("observer").await.unwrap();
+    observer
+        .subscribe("/tenants/svcA/telemetry/#")
+        .await
+        .unwrap();
+    let auth = certified(&fleet, "wd3", "svcA");
+    // A Will Delay Interval far beyond the test's timeout, and no session
+    // kept: the session ends, so the Will goes.
+    let probe = Probe5::connect(lingering(&fleet, "wd3", &auth, 3600, false))
+        .await
+        .unwrap();
+    drop(probe);
+    let will = observer
+        .wait_for("/tenants/svcA/telemetry/wd3", 1, T)
+        .await
+        .unwrap();
+    assert_eq!(will.payload, b"gone");
+}
+
+/// A service connection of a device certified on svcA with `tune` applied
+/// to its options, subscribed at QoS 1 to its service-change topic (which
+/// it returns) and at QoS 0 to its poll replies.
+async fn subscriber(
+    fleet: &Fleet,
+    device: &str,
+    tune: impl FnOnce(&mut MqttOptions),
+) -> (Probe5, String, String) {
+    let root = fleet.certs_dir().join("root-ca.pem");
+    let auth = certified(fleet, device, "svcA");
+    let mut opts = Probe5::options(
+        fleet.service_addr(),
+        device,
+        Some((root.as_path(), Some(auth))),
+    )
+    .unwrap();
+    tune(&mut opts);
+    let probe = Probe5::connect(opts).await.unwrap();
+    let acked = format!("/tenants/svcA/fleet/v1/service/change/{device}");
+    let unacked = format!("/tenants/svcA/fleet/v1/poll/{device}/reply");
+    assert_eq!(
+        probe.subscribe(&acked).await.unwrap(),
+        [SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    let before = probe.subacks.lock().unwrap().len();
+    probe
+        .client
+        .subscribe(&unacked, QoS::AtMostOnce)
+        .await
+        .unwrap();
+    let acks = probe.subacks.clone();
+    eventually(T, "SUBACK", || {
+        let n = acks.lock().unwrap().len();
+        async move { (n > before).then_some(()) }
+    })
+    .await
+    .unwrap();
+    (probe, acked, unacked)
+}
+
+#[tokio::test]
+async fn no_more_than_the_receive_maximum_is_unacknowledged() {
+    let fleet = Fleet::start().await.unwrap();
+    let manager = fleet.privileged("sender").await.unwrap();
+    let (probe, acked, unacked) = subscriber(&fleet, "rm1", |o| {
+        o.set_receive_maximum(Some(2));
+        o.set_manual_acks(true);
+    })
+    .await;
+    for i in 0..5 {
+        manager
+            .publish(&acked, format!("m{i}").into_bytes())
+            .await
+            .unwrap();
+    }
+    probe.wait_for(&acked, 2, T).await.unwrap();
+    // A QoS 0 message is outside the quota: it overtakes the held ones,
+    // and by the time it arrives the router has handed over all five.
+    manager.publish(&unacked, b"marker".to_vec()).await.unwrap();
+    probe.wait_for(&unacked, 1, T).await.unwrap();
+    assert_eq!(probe.on(&acked).len(), 2, "more than Receive Maximum sent");
+    // Each acknowledgement lets one more through, in order.
+    for n in 3..=5 {
+        let oldest = probe
+            .publishes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| p.topic == acked.as_bytes())
+            .nth(n - 3)
+            .cloned()
+            .unwrap();
+        probe.client.ack(&oldest).await.unwrap();
+        probe.wait_for(&acked, n, T).await.unwrap();
+        assert_eq!(probe.on(&acked).len(), n);
+    }
+    let payloads: Vec<_> = probe.on(&acked).into_iter().map(|m| m.payload).collect();
+    let sent: Vec<_> = (0..5).map(|i| format!("m{i}").into_bytes()).collect();
+    assert_eq!(payloads, sent);
+    assert!(!probe.is_cut());
+}
+
+#[tokio::test]
+async fn publishes_over_the_clients_maximum_packet_size_are_skipped() {
+    let fleet = Fleet::start().await.unwrap();
+    let manager = fleet.privileged("sender").await.unwrap();
+    // The probe's own decoder refuses anything larger, closing the
+    // connection: so a delivered oversized packet would show as a cut.
+    let (probe, acked, unacked) = subscriber(&fleet, "mp1", |o| {
+        o.set_max_packet_size(Some(512));
+    })
+    .await;
+    // More oversized QoS 1 messages than the router keeps unacknowledged:
+    // each must count as delivered, or the small one after them would never
+    // come.
+    for i in 0..150 {
+        manager
+            .publish(&acked, format!("{i:0>600}").into_bytes())
+            .await
+            .unwrap();
+    }
+    manager.publish(&unacked, vec![b'x'; 600]).await.unwrap();
+    manager.publish(&acked, b"small".to_vec()).await.unwrap();
+    manager.publish(&unacked, b"small".to_vec()).await.unwrap();
+    assert_eq!(
+        probe.wait_for(&acked, 1, T).await.unwrap().payload,
+        b"small"
+    );
+    assert_eq!(
+        probe.wait_for(&unacked, 1, T).await.unwrap().payload,
+        b"small"
+    );
+    assert!(!probe.is_cut(), "{:?}", probe.errors.lock().unwrap());
+    assert_eq!(probe.messages().len(), 2);
 }
