@@ -165,7 +165,11 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
     if let Some(addr) = config.service_listen {
         let l = bind(addr)?;
         service_addr = Some(l.local_addr().map_err(|e| BrokerError::NoPort(addr, e))?);
-        let t = frontdoor::trust::Trust::load(&config.certs_dir, shared.metrics.clone())?;
+        let t = frontdoor::trust::Trust::load(
+            &config.certs_dir,
+            shared.metrics.clone(),
+            shared.revoked.clone(),
+        )?;
         trust = Some(t.clone());
         plan.push((l, frontdoor::Transport::MutualTls(t)));
     }

@@ -87,6 +87,12 @@ const SERIES: &[Series] = &[
         "Live sessions closed because their certificate was revoked.",
         |m| &m.revoked_cuts,
     ),
+    (
+        "counter",
+        "publishes_discarded_total",
+        "PUBLISHes not sent because they exceed the Maximum Packet Size the client announced.",
+        |m| &m.outgoing_discarded,
+    ),
 ];
 
 /// The Prometheus text exposition of `metrics`.

@@ -28,10 +28,10 @@ pub mod grants;
 pub mod session;
 pub mod trust;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use rustls::ServerConfig;
@@ -59,6 +59,9 @@ pub struct Metrics {
     pub rate_limited: AtomicU64,
     pub over_capacity: AtomicU64,
     pub revoked_cuts: AtomicU64,
+    /// PUBLISHes not sent to a client because they exceed the Maximum
+    /// Packet Size it announced (MQTT 5).
+    pub outgoing_discarded: AtomicU64,
 }
 
 impl Metrics {
@@ -103,6 +106,9 @@ pub struct Shared {
     rate: Mutex<HashMap<IpAddr, (f64, Instant)>>,
     /// Router client id → the connection that holds that session now.
     sessions: Mutex<HashMap<String, u64>>,
+    /// Serials of revoked certificates, kept by the service listener's
+    /// [`Trust`] from the CRLs.
+    pub revoked: Arc<RwLock<HashSet<String>>>,
 }
 
 /// What a listener's connections prove about themselves.
@@ -136,7 +142,16 @@ impl Shared {
             next_connection: AtomicU64::new(1),
             rate: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
+            revoked: Arc::new(RwLock::new(HashSet::new())),
         })
+    }
+
+    /// Whether the certificate with this serial is revoked.
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.revoked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(serial)
     }
 
     /// Records that `connection` now holds the router session `router_id`.

@@ -398,10 +398,13 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             // The session keeps its claim while the Will waits: a newer
             // connection of the same identity takes it, which cancels the Will.
             debug!(identity = %label, delay = ?will_wait, "will delayed");
+            let serial = match &kind {
+                ListenerKind::Service(cert) => Some(cert.serial.clone()),
+                _ => None,
+            };
             tokio::spawn(publish_will_later(
                 shared.clone(),
-                router_id.clone(),
-                connection,
+                (router_id.clone(), connection, serial),
                 will,
                 will_wait,
                 cut.clone(),
@@ -443,14 +446,14 @@ fn router_goodbye() -> Packet {
 }
 
 /// Publishes `will` after `delay` unless a newer connection of the same
-/// identity claims the session `router_id` first, or the listeners stop.
+/// identity claims the session `router_id` first, the certificate with
+/// `serial` is revoked meanwhile, or the listeners stop.
 /// The Will goes through a link of its own (`w.` and the session's router
 /// id): the session's link is closed, and opening that again would resume
 /// the session.
 async fn publish_will_later(
     shared: Arc<Shared>,
-    router_id: String,
-    connection: u64,
+    (router_id, connection, serial): (String, u64, Option<String>),
     will: Will,
     delay: Duration,
     stop: CancellationToken,
@@ -475,6 +478,10 @@ async fn publish_will_later(
         }
     }
     shared.release(&router_id, connection);
+    if serial.as_deref().is_some_and(|s| shared.is_revoked(s)) {
+        info!(session = %router_id, "delayed will dropped: its certificate was revoked");
+        return;
+    }
     let (mut tx, _rx, _ack) = match shared.link.open(format!("w.{router_id}"), true).await {
         Ok(link) => link,
         Err(why) => {
@@ -625,7 +632,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                     other => other,
                 };
+                let before = outbound.discarded;
                 outbound.on_router(packet, &mut out)?;
+                if outbound.discarded > before {
+                    shared.metrics.outgoing_discarded.fetch_add(outbound.discarded - before, Ordering::Relaxed);
+                }
                 deliver(framed, tx, &mut out).await?;
             }
         }

@@ -124,10 +124,15 @@ pub struct Trust {
 }
 
 impl Trust {
-    pub fn load(certs_dir: &Path, metrics: Arc<Metrics>) -> Result<Arc<Trust>, BrokerError> {
-        let revoked = Arc::new(RwLock::new(HashSet::new()));
+    /// Loads the trust in `certs_dir`; `revoked` is filled with the
+    /// revoked serials and kept up to date.
+    pub fn load(
+        certs_dir: &Path,
+        metrics: Arc<Metrics>,
+        revoked: Arc<RwLock<HashSet<String>>>,
+    ) -> Result<Arc<Trust>, BrokerError> {
         let seen = fingerprint(certs_dir);
-        *revoked.write().expect("fresh lock") = load_revoked(certs_dir);
+        *revoked.write().unwrap_or_else(|p| p.into_inner()) = load_revoked(certs_dir);
         let config = build_config(certs_dir, revoked.clone(), metrics.clone())?;
         Ok(Arc::new(Trust {
             certs_dir: certs_dir.to_path_buf(),

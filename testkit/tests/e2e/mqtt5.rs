@@ -2,6 +2,8 @@
 //! grants as for MQTT 3.1.1, refused with MQTT 5 reason codes.
 
 use fleet_device_sim::DeviceEvent;
+use fleet_pki::RevokedEntry;
+use openssl::x509::X509;
 use std::time::{Duration, Instant};
 
 use fleet_testkit::v5::{
@@ -606,6 +608,83 @@ async fn a_will_goes_at_once_when_the_session_ends_with_the_connection() {
     assert_eq!(will.payload, b"gone");
 }
 
+#[tokio::test]
+async fn a_will_whose_certificate_is_revoked_while_it_waits_is_dropped() {
+    let fleet = Fleet::start().await.unwrap();
+    let observer = fleet.privileged("observer").await.unwrap();
+    observer
+        .subscribe("/tenants/svcA/telemetry/#")
+        .await
+        .unwrap();
+    let revoked = certified(&fleet, "wd4", "svcA");
+    let control = certified(&fleet, "wd5", "svcA");
+    // Revoked with wd4's, to see the revocation loaded: a connection with
+    // wd4's own certificate would take its session and cancel the Will.
+    let witness = certified(&fleet, "wd6", "svcA");
+    let delay = 3;
+    let a = Probe5::connect(lingering(&fleet, "wd4", &revoked, delay, true))
+        .await
+        .unwrap();
+    let b = Probe5::connect(lingering(&fleet, "wd5", &control, delay, true))
+        .await
+        .unwrap();
+    drop(a);
+    let dropped = Instant::now();
+    drop(b);
+    // wd4's certificate is revoked while its Will waits.
+    let serial = |pem: &[u8]| {
+        X509::from_pem(pem)
+            .unwrap()
+            .serial_number()
+            .to_bn()
+            .unwrap()
+            .to_hex_str()
+            .unwrap()
+            .to_lowercase()
+    };
+    let entries: Vec<RevokedEntry> = [&revoked.0, &witness.0]
+        .into_iter()
+        .map(|pem| RevokedEntry {
+            serial_hex: serial(pem),
+            revoked_at: 0,
+        })
+        .collect();
+    fleet.core().pki.write_crl("svcA", &entries, 1_000).unwrap();
+    let root = fleet.certs_dir().join("root-ca.pem");
+    eventually(T, "the revocation to be loaded", || async {
+        let options = Probe5::options(
+            fleet.service_addr(),
+            "wd6",
+            Some((&root, Some(witness.clone()))),
+        );
+        Probe5::connect(options.unwrap())
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    assert!(
+        dropped.elapsed() < Duration::from_secs(delay.into()),
+        "the revocation loaded only after the Will was due"
+    );
+    // The control device's Will, due at the same moment, arrives; a marker
+    // published after it would follow wd4's, had that been sent.
+    observer
+        .wait_for("/tenants/svcA/telemetry/wd5", 1, T)
+        .await
+        .unwrap();
+    observer
+        .publish("/tenants/svcA/telemetry/marker", b"m".to_vec())
+        .await
+        .unwrap();
+    observer
+        .wait_for("/tenants/svcA/telemetry/marker", 1, T)
+        .await
+        .unwrap();
+    assert!(observer.on("/tenants/svcA/telemetry/wd4").is_empty());
+}
+
 /// A service connection of a device certified on svcA with `tune` applied
 /// to its options, subscribed at QoS 1 to its service-change topic (which
 /// it returns) and at QoS 0 to its poll replies.
@@ -720,4 +799,5 @@ async fn publishes_over_the_clients_maximum_packet_size_are_skipped() {
     );
     assert!(!probe.is_cut(), "{:?}", probe.errors.lock().unwrap());
     assert_eq!(probe.messages().len(), 2);
+    assert_eq!(fleet.broker.metrics.get(|m| &m.outgoing_discarded), 151);
 }
