@@ -9,8 +9,10 @@
 //! connect_load hold --addr 127.0.0.1:8883 --certs certs --count 2000 --broker-pid PID
 //! ```
 //!
-//! Workers are OS threads doing blocking OpenSSL I/O; all of them share one
-//! `SslConnector`. Each prints one JSON line on stdout.
+//! Workers are OS threads doing blocking TLS I/O, with OpenSSL (one shared
+//! `SslConnector`, the default) or rustls on aws-lc-rs (`--client rustls`,
+//! one `ClientConfig` per identity), TLS 1.3 with X25519 either way. Each
+//! prints one JSON line on stdout.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -24,6 +26,7 @@ use clap::{Parser, Subcommand};
 use openssl::pkey::{PKey, Private};
 use openssl::ssl::{SslConnector, SslMethod, SslStream, SslVersion};
 use openssl::x509::X509;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -62,6 +65,24 @@ struct Common {
     /// MQTT keep-alive asked for, seconds.
     #[arg(long, default_value_t = 120)]
     keep_alive: u16,
+    /// The generator's TLS library.
+    #[arg(long, value_enum, default_value_t = Client::Openssl)]
+    client: Client,
+}
+
+impl Common {
+    fn client_name(&self) -> &'static str {
+        match self.client {
+            Client::Openssl => "openssl",
+            Client::Rustls => "rustls",
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum Client {
+    Openssl,
+    Rustls,
 }
 
 #[derive(Subcommand)]
@@ -113,9 +134,94 @@ struct Identity {
     leaf: X509,
     ca: X509,
     key: PKey<Private>,
+    /// With `--client rustls`: this identity's client configuration.
+    rustls: Option<Arc<rustls::ClientConfig>>,
 }
 
-fn issue(certs: &Path, service: &str, prefix: &str, n: usize) -> anyhow::Result<Vec<Identity>> {
+/// A rustls client configuration presenting `ident`'s certificate: TLS 1.3
+/// and X25519 only, as the OpenSSL generator negotiates.
+fn rustls_config(
+    certs: &Path,
+    leaf: &X509,
+    ca: &X509,
+    key: &PKey<Private>,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+    let mut roots = rustls::RootCertStore::empty();
+    let root = X509::from_pem(&std::fs::read(certs.join("root-ca.pem"))?)?;
+    roots.add(CertificateDer::from(root.to_der()?))?;
+    let chain = vec![
+        CertificateDer::from(leaf.to_der()?),
+        CertificateDer::from(ca.to_der()?),
+    ];
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.private_key_to_pkcs8()?));
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    Ok(Arc::new(config))
+}
+
+/// One generator connection, over either TLS library.
+enum Conn {
+    OpenSsl(SslStream<TcpStream>),
+    Rustls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Conn {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Conn::OpenSsl(s) => s.get_ref(),
+            Conn::Rustls(s) => &s.sock,
+        }
+    }
+
+    fn close(&mut self) {
+        match self {
+            Conn::OpenSsl(s) => {
+                let _ = s.shutdown();
+            }
+            Conn::Rustls(s) => {
+                s.conn.send_close_notify();
+                let _ = s.flush();
+            }
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::OpenSsl(s) => s.read(buf),
+            Conn::Rustls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::OpenSsl(s) => s.write(buf),
+            Conn::Rustls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::OpenSsl(s) => s.flush(),
+            Conn::Rustls(s) => s.flush(),
+        }
+    }
+}
+
+fn issue(
+    certs: &Path,
+    service: &str,
+    prefix: &str,
+    n: usize,
+    client: Client,
+) -> anyhow::Result<Vec<Identity>> {
     let pki = fleet_pki::Pki::open_or_create(certs)?;
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
@@ -130,11 +236,16 @@ fn issue(certs: &Path, service: &str, prefix: &str, n: usize) -> anyhow::Result<
             .get(1)
             .cloned()
             .ok_or_else(|| anyhow!("chain without service CA"))?;
+        let rustls = match client {
+            Client::Rustls => Some(rustls_config(certs, &issued.leaf, &ca, &key)?),
+            Client::Openssl => None,
+        };
         out.push(Identity {
             id,
             leaf: issued.leaf,
             ca,
             key,
+            rustls,
         });
     }
     Ok(out)
@@ -179,18 +290,33 @@ fn connect_one(
     addr: SocketAddr,
     ident: &Identity,
     keep_alive: u16,
-) -> anyhow::Result<SslStream<TcpStream>> {
+) -> anyhow::Result<Conn> {
     let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(30)).context("tcp")?;
     tcp.set_nodelay(true)?;
     tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
     tcp.set_write_timeout(Some(Duration::from_secs(30)))?;
-    let mut cfg = conn.configure()?;
-    cfg.set_certificate(&ident.leaf)?;
-    cfg.add_chain_cert(ident.ca.clone())?;
-    cfg.set_private_key(&ident.key)?;
-    let mut tls = cfg
-        .connect("localhost", tcp)
-        .map_err(|e| anyhow!("tls: {e}"))?;
+    let mut tls = if let Some(config) = &ident.rustls {
+        let name = ServerName::try_from("localhost")?;
+        let client = rustls::ClientConnection::new(config.clone(), name)?;
+        let mut stream = rustls::StreamOwned::new(client, tcp);
+        // The whole handshake, so that a refusal shows as a TLS error.
+        while stream.conn.is_handshaking() {
+            stream
+                .conn
+                .complete_io(&mut stream.sock)
+                .map_err(|e| anyhow!("tls: {e}"))?;
+        }
+        Conn::Rustls(Box::new(stream))
+    } else {
+        let mut cfg = conn.configure()?;
+        cfg.set_certificate(&ident.leaf)?;
+        cfg.add_chain_cert(ident.ca.clone())?;
+        cfg.set_private_key(&ident.key)?;
+        Conn::OpenSsl(
+            cfg.connect("localhost", tcp)
+                .map_err(|e| anyhow!("tls: {e}"))?,
+        )
+    };
     tls.write_all(&connect_packet(&ident.id, keep_alive))
         .context("write CONNECT")?;
     let mut ack = [0u8; 4];
@@ -276,7 +402,9 @@ fn round3(x: f64) -> f64 {
 
 fn rate(c: Common, count: usize, identities: usize, round: u32) -> anyhow::Result<()> {
     let identities = identities.max(c.concurrency);
-    let idents = Arc::new(issue(&c.certs, &c.service, &c.prefix, identities)?);
+    let idents = Arc::new(issue(
+        &c.certs, &c.service, &c.prefix, identities, c.client,
+    )?);
     let conn = Arc::new(connector(&c.certs)?);
     let next = Arc::new(AtomicUsize::new(0));
     let errors: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -304,7 +432,7 @@ fn rate(c: Common, count: usize, identities: usize, round: u32) -> anyhow::Resul
                     Ok(mut s) => {
                         lat.push(t.elapsed().as_secs_f64() * 1000.0);
                         let _ = s.write_all(&[0xE0, 0x00]);
-                        let _ = s.shutdown();
+                        s.close();
                     }
                     Err(e) => {
                         let mut errs = errors.lock().unwrap_or_else(|p| p.into_inner());
@@ -332,7 +460,7 @@ fn rate(c: Common, count: usize, identities: usize, round: u32) -> anyhow::Resul
     println!(
         "{}",
         json!({
-            "mode": "rate", "target": c.target, "round": round, "count": count,
+            "mode": "rate", "target": c.target, "client": c.client_name(), "round": round, "count": count,
             "concurrency": c.concurrency, "identities": identities,
             "ok": ok, "failed": count - ok,
             "secs": round3(secs), "connects_per_sec": (ok as f64 / secs).round(),
@@ -351,12 +479,11 @@ fn rate(c: Common, count: usize, identities: usize, round: u32) -> anyhow::Resul
 
 fn hold(c: Common, count: usize, settle_secs: u64) -> anyhow::Result<()> {
     let t_issue = Instant::now();
-    let idents = Arc::new(issue(&c.certs, &c.service, &c.prefix, count)?);
+    let idents = Arc::new(issue(&c.certs, &c.service, &c.prefix, count, c.client)?);
     let issue_secs = t_issue.elapsed().as_secs_f64();
     let conn = Arc::new(connector(&c.certs)?);
     let next = Arc::new(AtomicUsize::new(0));
-    let held: Arc<Mutex<Vec<SslStream<TcpStream>>>> =
-        Arc::new(Mutex::new(Vec::with_capacity(count)));
+    let held: Arc<Mutex<Vec<Conn>>> = Arc::new(Mutex::new(Vec::with_capacity(count)));
     let errors: Arc<Mutex<Vec<String>>> = Arc::default();
     let pid = c.broker_pid;
     std::thread::sleep(Duration::from_secs(1));
@@ -403,15 +530,15 @@ fn hold(c: Common, count: usize, settle_secs: u64) -> anyhow::Result<()> {
         let mut h = held.lock().unwrap_or_else(|p| p.into_inner());
         let mut alive = 0usize;
         for s in h.iter_mut().step_by((ok / 50).max(1)) {
-            s.get_ref().set_nonblocking(true)?;
+            s.tcp().set_nonblocking(true)?;
             let mut b = [0u8; 1];
             // Pending bytes (a session ticket) or nothing yet: open. Ok(0): closed.
-            match s.get_mut().peek(&mut b) {
+            match s.tcp().peek(&mut b) {
                 Ok(n) if n > 0 => alive += 1,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => alive += 1,
                 _ => {}
             }
-            s.get_ref().set_nonblocking(false)?;
+            s.tcp().set_nonblocking(false)?;
         }
         alive
     };
@@ -420,7 +547,7 @@ fn hold(c: Common, count: usize, settle_secs: u64) -> anyhow::Result<()> {
     println!(
         "{}",
         json!({
-            "mode": "hold", "target": c.target, "count": count, "ok": ok, "failed": count - ok,
+            "mode": "hold", "target": c.target, "client": c.client_name(), "count": count, "ok": ok, "failed": count - ok,
             "issue_secs": round3(issue_secs), "connect_secs": round3(connect_secs),
             "connects_per_sec": (ok as f64 / connect_secs).round(),
             "broker_cpu_s_per_1000": cpu0.zip(cpu1).map(|(a, b)| round3((b - a) * 1000.0 / ok.max(1) as f64)),
