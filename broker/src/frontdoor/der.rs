@@ -91,12 +91,18 @@ fn attribute(name: &[u8], oid: &[u8]) -> Option<String> {
     None
 }
 
-fn serial_hex(integer: &[u8]) -> String {
+/// A positive serial as hex; `None` for an empty or negative one, which
+/// RFC 5280 forbids and which would not match its CRL entry's spelling.
+fn serial_hex(integer: &[u8]) -> Option<String> {
+    match integer.first() {
+        Some(&b) if b & 0x80 == 0 => {}
+        _ => return None,
+    }
     let digits: &[u8] = match integer.iter().position(|&b| b != 0) {
         Some(start) => &integer[start..],
-        None => return "0".to_owned(),
+        None => return Some("0".to_owned()),
     };
-    digits.iter().map(|b| format!("{b:02x}")).collect()
+    Some(digits.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Reads subject CN and O, issuer O and serial from a DER certificate.
@@ -116,7 +122,7 @@ pub fn names(cert: &[u8]) -> Option<CertNames> {
         subject_cn: attribute(subject, OID_CN),
         subject_o: attribute(subject, OID_O),
         issuer_o: attribute(issuer, OID_O),
-        serial: serial_hex(serial),
+        serial: serial_hex(serial)?,
     })
 }
 
@@ -196,6 +202,14 @@ mod tests {
         }
         assert_eq!(names(&[0x30, 0x80, 0x00, 0x00]), None);
         assert_eq!(names(b"not a certificate"), None);
+    }
+
+    #[test]
+    fn negative_or_empty_serials_are_refused() {
+        assert_eq!(serial_hex(&[0x80, 0x01]), None);
+        assert_eq!(serial_hex(&[]), None);
+        assert_eq!(serial_hex(&[0x00]).as_deref(), Some("0"));
+        assert_eq!(serial_hex(&[0x00, 0x80]).as_deref(), Some("80"));
     }
 
     proptest! {

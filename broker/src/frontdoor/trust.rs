@@ -332,12 +332,33 @@ struct ClientVerifier {
     anchors: Vec<TrustAnchor<'static>>,
     /// Certificates a chain may pass through to reach an anchor.
     intermediates: Vec<CertificateDer<'static>>,
-    /// Validity of each anchor, by its subject public key info: webpki
-    /// takes an anchor as valid forever.
-    anchor_validity: HashMap<Vec<u8>, (i64, i64)>,
+    /// Each anchor by [`anchor_key`]: its validity, which webpki does not
+    /// check, and whether it is the root.
+    anchor_info: HashMap<Vec<u8>, AnchorInfo>,
     revoked: Arc<RwLock<HashSet<String>>>,
     metrics: Arc<Metrics>,
     certs_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct AnchorInfo {
+    /// Unix seconds.
+    not_before: u64,
+    not_after: u64,
+    root: bool,
+}
+
+/// An anchor's subject and key, as one lookup key.
+fn anchor_key(anchor: &TrustAnchor<'_>) -> Vec<u8> {
+    let (subject, spki) = (
+        anchor.subject.as_ref(),
+        anchor.subject_public_key_info.as_ref(),
+    );
+    let mut key = Vec::with_capacity(4 + subject.len() + spki.len());
+    key.extend_from_slice(&(subject.len() as u32).to_be_bytes());
+    key.extend_from_slice(subject);
+    key.extend_from_slice(spki);
+    key
 }
 
 fn refuse(error: CertificateError) -> rustls::Error {
@@ -365,27 +386,48 @@ impl ClientVerifier {
     ) -> Result<(), rustls::Error> {
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
         let mut intermediates: Vec<CertificateDer<'_>> = presented.to_vec();
-        intermediates.extend(self.intermediates.iter().cloned());
-        let path = cert
-            .verify_for_usage(
-                self.algorithms.all,
-                &self.anchors,
-                &intermediates,
-                now,
-                webpki::KeyUsage::client_auth(),
-                None,
-                None,
-            )
-            .map_err(pki_error)?;
-        let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
-        match self
-            .anchor_validity
-            .get(path.anchor().subject_public_key_info.as_ref())
-        {
-            Some(&(from, until)) if from <= now && now <= until => {}
-            Some(&(from, _)) if now < from => return Err(refuse(CertificateError::NotValidYet)),
-            _ => return Err(refuse(CertificateError::Expired)),
-        }
+        intermediates.extend(
+            self.intermediates
+                .iter()
+                .map(|c| CertificateDer::from(c.as_ref())),
+        );
+        // The only shapes a fleet chain has: device → service CA (an
+        // anchor), or device → service CA → root. webpki checks neither an
+        // anchor's validity nor its path length, so both are checked here;
+        // a path that fails is not taken, and webpki tries the next one.
+        let shape = |path: &webpki::VerifiedPath<'_>| -> Result<(), webpki::Error> {
+            let info = self
+                .anchor_info
+                .get(&anchor_key(path.anchor()))
+                .ok_or(webpki::Error::UnknownIssuer)?;
+            let hops = path.intermediate_certificates().count();
+            if hops != usize::from(info.root) {
+                return Err(webpki::Error::PathLenConstraintViolated);
+            }
+            if now.as_secs() < info.not_before {
+                return Err(webpki::Error::CertNotValidYet {
+                    time: now,
+                    not_before: UnixTime::since_unix_epoch(Duration::from_secs(info.not_before)),
+                });
+            }
+            if now.as_secs() > info.not_after {
+                return Err(webpki::Error::CertExpired {
+                    time: now,
+                    not_after: UnixTime::since_unix_epoch(Duration::from_secs(info.not_after)),
+                });
+            }
+            Ok(())
+        };
+        cert.verify_for_usage(
+            self.algorithms.all,
+            &self.anchors,
+            &intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+            None,
+            Some(&shape),
+        )
+        .map_err(pki_error)?;
         // The device certificate: issued by the CA of the service it names
         // (a service CA cannot mint another service's devices), not
         // revoked, and granted that service by the registry.
@@ -498,23 +540,28 @@ fn build_config(
     let within_root = cas
         .iter()
         .all(|(_, (from, until))| *from >= root_validity.0 && *until <= root_validity.1);
-    let mut anchor_certs = vec![(root.to_der().map_err(ssl)?, root_validity)];
+    let mut anchor_certs = vec![(root.to_der().map_err(ssl)?, root_validity, true)];
     let mut intermediates = Vec::new();
     for (der, window) in cas {
         if within_root {
-            anchor_certs.push((der, window));
+            anchor_certs.push((der, window, false));
         } else {
             intermediates.push(CertificateDer::from(der));
         }
     }
     let mut anchors = Vec::new();
-    let mut anchor_validity = HashMap::new();
-    for (der, window) in anchor_certs {
+    let mut anchor_info = HashMap::new();
+    for (der, (from, until), root) in anchor_certs {
         let der = CertificateDer::from(der);
         let anchor = webpki::anchor_from_trusted_cert(&der)
             .map_err(|e| BrokerError::Tls(format!("trust anchor: {e}")))?
             .to_owned();
-        anchor_validity.insert(anchor.subject_public_key_info.as_ref().to_vec(), window);
+        let info = AnchorInfo {
+            not_before: u64::try_from(from).unwrap_or(0),
+            not_after: u64::try_from(until).unwrap_or(0),
+            root,
+        };
+        anchor_info.insert(anchor_key(&anchor), info);
         anchors.push(anchor);
     }
     let provider = provider();
@@ -522,7 +569,7 @@ fn build_config(
         algorithms: provider.signature_verification_algorithms,
         anchors,
         intermediates,
-        anchor_validity,
+        anchor_info,
         revoked,
         metrics,
         certs_dir: certs_dir.to_path_buf(),

@@ -106,6 +106,37 @@ fn forged_leaf(
     (chain, key.private_key_to_pem_pkcs8().unwrap())
 }
 
+/// A CA certificate (CA:TRUE) for service `o`, signed by `issuer`: what a
+/// service CA's key could mint, but no fleet chain contains.
+fn forged_sub_ca(o: &str, issuer: (&X509, &PKey<Private>)) -> (X509, PKey<Private>) {
+    let key = crypto::generate_p256().unwrap();
+    let mut name = X509NameBuilder::new().unwrap();
+    name.append_entry_by_text("CN", "sub CA").unwrap();
+    name.append_entry_by_text("O", o).unwrap();
+    let name = name.build();
+    let mut b = X509::builder().unwrap();
+    b.set_version(2).unwrap();
+    b.set_serial_number(&BigNum::from_u32(77).unwrap().to_asn1_integer().unwrap())
+        .unwrap();
+    b.set_subject_name(&name).unwrap();
+    b.set_issuer_name(issuer.0.subject_name()).unwrap();
+    b.set_pubkey(&key).unwrap();
+    b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+        .unwrap();
+    b.set_not_after(&Asn1Time::days_from_now(30).unwrap())
+        .unwrap();
+    b.append_extension(
+        openssl::x509::extension::BasicConstraints::new()
+            .critical()
+            .ca()
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    b.sign(issuer.1, MessageDigest::sha256()).unwrap();
+    (b.build(), key)
+}
+
 async fn codes(probe: &Probe, filter: &str) -> Vec<SubscribeReasonCode> {
     probe.subscribe(filter).await.unwrap();
     probe.subacks.lock().unwrap().last().cloned().unwrap()
@@ -341,6 +372,26 @@ async fn bad_certificates_fail_the_handshake() {
         let r = Probe::mtls(fleet.service_addr(), "dev1", &root, chain, key).await;
         assert!(r.is_err(), "{what} certificate accepted");
     }
+    // A chain one CA longer than the fleet's, through a CA that svcA's CA
+    // minted: valid signatures all the way, and the registry grants the
+    // device, yet no fleet chain has that shape.
+    // First svcA's CA must be loaded: a leaf sent without its CA connects.
+    let (chain, key) = certified(&fleet, "dev8", "svcA");
+    let leaf_only = X509::stack_from_pem(&chain).unwrap()[0].to_pem().unwrap();
+    eventually(T, "svcA's CA to be trusted", || {
+        let (leaf, key, root) = (leaf_only.clone(), key.clone(), root.clone());
+        let addr = fleet.service_addr();
+        async move { Probe::mtls(addr, "dev8", &root, leaf, key).await.ok() }
+    })
+    .await
+    .unwrap();
+    grants::add_grant(fleet.certs_dir(), "dev9", "svcA").unwrap();
+    let (sub, sub_key) = forged_sub_ca("svcA", (&ca_a, &ca_a_key));
+    let (mut chain, key) = forged_leaf("dev9", "svcA", (&sub, &sub_key), (-1, 30));
+    chain.extend(ca_a.to_pem().unwrap());
+    let r = Probe::mtls(fleet.service_addr(), "dev9", &root, chain, key).await;
+    assert!(r.is_err(), "a chain through a sub-CA accepted");
+    assert_eq!(fleet.broker.metrics.get(|m| &m.not_granted), 0);
     // No certificate at all on the service listener.
     assert!(Probe::tls(fleet.service_addr(), "dev1", &root)
         .await
