@@ -104,8 +104,12 @@ pub struct Shared {
     slots: Arc<Semaphore>,
     next_connection: AtomicU64,
     rate: Mutex<HashMap<IpAddr, (f64, Instant)>>,
-    /// Router client id → the connection that holds that session now.
-    sessions: Mutex<HashMap<String, u64>>,
+    /// Router client id → the connection that holds that session now, and
+    /// a token cancelled when another connection claims it.
+    sessions: Mutex<HashMap<String, (u64, CancellationToken)>>,
+    /// The one router link delayed Wills are published through, opened
+    /// when the first is due.
+    pub will_link: tokio::sync::Mutex<Option<(rumqttd::local::LinkTx, rumqttd::local::LinkRx)>>,
     /// Serials of revoked certificates, kept by the service listener's
     /// [`Trust`] from the CRLs.
     pub revoked: Arc<RwLock<HashSet<String>>>,
@@ -142,6 +146,7 @@ impl Shared {
             next_connection: AtomicU64::new(1),
             rate: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
+            will_link: tokio::sync::Mutex::new(None),
             revoked: Arc::new(RwLock::new(HashSet::new())),
         })
     }
@@ -154,22 +159,43 @@ impl Shared {
             .contains(serial)
     }
 
-    /// Records that `connection` now holds the router session `router_id`.
+    /// Records that `connection` now holds the router session `router_id`;
+    /// the previous holder's [`Shared::taken`] token is cancelled.
     pub fn claim(&self, router_id: &str, connection: u64) {
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        sessions.insert(router_id.to_string(), connection);
+        let previous = sessions.insert(
+            router_id.to_string(),
+            (connection, CancellationToken::new()),
+        );
+        if let Some((_, taken)) = previous {
+            taken.cancel();
+        }
     }
 
     /// Whether `connection` still holds the router session `router_id`.
     pub fn holds(&self, router_id: &str, connection: u64) -> bool {
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        sessions.get(router_id) == Some(&connection)
+        sessions.get(router_id).map(|(c, _)| *c) == Some(connection)
+    }
+
+    /// A token cancelled when another connection claims `router_id` from
+    /// `connection` (already cancelled if one has).
+    pub fn taken(&self, router_id: &str, connection: u64) -> CancellationToken {
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        match sessions.get(router_id) {
+            Some((c, taken)) if *c == connection => taken.clone(),
+            _ => {
+                let gone = CancellationToken::new();
+                gone.cancel();
+                gone
+            }
+        }
     }
 
     /// Forgets `connection`'s hold on `router_id`, if it still has it.
     pub fn release(&self, router_id: &str, connection: u64) {
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        if sessions.get(router_id) == Some(&connection) {
+        if sessions.get(router_id).map(|(c, _)| *c) == Some(connection) {
             sessions.remove(router_id);
         }
     }

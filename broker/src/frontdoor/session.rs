@@ -20,7 +20,6 @@ use rumqttd::protocol::{
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -95,8 +94,9 @@ fn qos_and_pkid(publish: &Publish) -> (u8, u16) {
 /// is not held for ever.
 pub const MAX_WILL_DELAY: Duration = Duration::from_secs(300);
 
-/// How often a pending Will looks whether its identity has reconnected.
-const WILL_RECHECK: Duration = Duration::from_secs(1);
+/// The router id of the link delayed Wills go through; no connection's
+/// router id has this form (see [`Identity::router_client_id`]).
+const WILL_LINK: &str = "w.front-door";
 
 /// A Will the grants allow, published by the front door when the
 /// connection ends without a normal DISCONNECT.
@@ -448,9 +448,6 @@ fn router_goodbye() -> Packet {
 /// Publishes `will` after `delay` unless a newer connection of the same
 /// identity claims the session `router_id` first, the certificate with
 /// `serial` is revoked meanwhile, or the listeners stop.
-/// The Will goes through a link of its own (`w.` and the session's router
-/// id): the session's link is closed, and opening that again would resume
-/// the session.
 async fn publish_will_later(
     shared: Arc<Shared>,
     (router_id, connection, serial): (String, u64, Option<String>),
@@ -458,40 +455,49 @@ async fn publish_will_later(
     delay: Duration,
     stop: CancellationToken,
 ) {
-    let due = Instant::now() + delay;
-    loop {
-        let now = Instant::now();
-        if now >= due {
-            break;
+    let taken = shared.taken(&router_id, connection);
+    tokio::select! {
+        _ = stop.cancelled() => {
+            shared.release(&router_id, connection);
+            debug!(session = %router_id, "delayed will dropped: stopping");
+            return;
         }
-        tokio::select! {
-            _ = stop.cancelled() => {
-                shared.release(&router_id, connection);
-                debug!(session = %router_id, "delayed will dropped: stopping");
-                return;
-            }
-            _ = tokio::time::sleep((due - now).min(WILL_RECHECK)) => {}
-        }
-        if !shared.holds(&router_id, connection) {
+        _ = taken.cancelled() => {
             debug!(session = %router_id, "delayed will cancelled: the identity reconnected");
             return;
         }
+        _ = tokio::time::sleep(delay) => {}
     }
     shared.release(&router_id, connection);
     if serial.as_deref().is_some_and(|s| shared.is_revoked(s)) {
         info!(session = %router_id, "delayed will dropped: its certificate was revoked");
         return;
     }
-    let (mut tx, _rx, _ack) = match shared.link.open(format!("w.{router_id}"), true).await {
-        Ok(link) => link,
-        Err(why) => {
-            warn!(session = %router_id, reason = %why, "delayed will not published: no router link");
-            return;
-        }
-    };
     debug!(session = %router_id, "publishing the delayed will");
-    let _ = send(&mut tx, Packet::Publish(will.publish, will.properties)).await;
-    let _ = send(&mut tx, router_goodbye()).await;
+    if let Err(why) = publish_through_will_link(&shared, will).await {
+        warn!(session = %router_id, reason = %why, "delayed will not published");
+    }
+}
+
+/// Sends a due Will through the front door's one Will link (router id
+/// [`WILL_LINK`]): the session's own link is closed, and opening that again
+/// would resume the session. The link is opened on first use, and again if
+/// the router dropped it.
+async fn publish_through_will_link(shared: &Shared, will: Will) -> Result<(), String> {
+    let mut link = shared.will_link.lock().await;
+    for _ in 0..2 {
+        if link.is_none() {
+            let (tx, rx, _ack) = shared.link.open(WILL_LINK.to_owned(), true).await?;
+            *link = Some((tx, rx));
+        }
+        let (tx, _) = link.as_mut().expect("opened above");
+        let publish = Packet::Publish(will.publish.clone(), will.properties.clone());
+        match send(tx, publish).await {
+            Ok(()) => return Ok(()),
+            Err(_) => *link = None,
+        }
+    }
+    Err("the router refused the will link".into())
 }
 
 /// Serves packets both ways until the connection ends; returns the reason

@@ -543,31 +543,37 @@ async fn a_will_waits_for_its_delay_and_a_reconnect_cancels_it() {
         .iter()
         .map(|d| certified(&fleet, d, "svcA"))
         .collect();
-    // wd1 comes back before its delay; wd2 does not.
-    let wd1 = Probe5::connect(lingering(&fleet, "wd1", &auth[0], 2, true))
+    // wd1 comes back before its delay; wd2 does not, and its Will is due
+    // two seconds after wd1's would have been.
+    let (delay, later) = (4, 6);
+    let wd1 = Probe5::connect(lingering(&fleet, "wd1", &auth[0], delay, true))
         .await
         .unwrap();
-    let wd2 = Probe5::connect(lingering(&fleet, "wd2", &auth[1], 2, true))
+    let wd2 = Probe5::connect(lingering(&fleet, "wd2", &auth[1], later, true))
         .await
         .unwrap();
     drop(wd1);
     let dropped = Instant::now();
     drop(wd2);
-    let back = Probe5::connect(lingering(&fleet, "wd1", &auth[0], 2, true))
+    let back = Probe5::connect(lingering(&fleet, "wd1", &auth[0], delay, true))
         .await
         .unwrap();
+    assert!(
+        dropped.elapsed() < Duration::from_secs(delay.into()),
+        "the reconnect came after the will was due"
+    );
     let will = observer
         .wait_for("/tenants/svcA/telemetry/wd2", 1, T)
         .await
         .unwrap();
     assert_eq!(will.payload, b"gone");
     assert!(
-        dropped.elapsed() >= Duration::from_secs(2),
+        dropped.elapsed() >= Duration::from_secs(later.into()),
         "the will came {:?} after the connection ended",
         dropped.elapsed()
     );
-    // wd1's Will was due before wd2's: a marker published now arrives after
-    // it, had it been sent.
+    // wd1's Will was due two seconds before wd2's: a marker published now
+    // arrives after it, had it been sent.
     observer
         .publish("/tenants/svcA/telemetry/marker", b"m".to_vec())
         .await
@@ -621,11 +627,23 @@ async fn a_will_whose_certificate_is_revoked_while_it_waits_is_dropped() {
     // Revoked with wd4's, to see the revocation loaded: a connection with
     // wd4's own certificate would take its session and cancel the Will.
     let witness = certified(&fleet, "wd6", "svcA");
+    let root = fleet.certs_dir().join("root-ca.pem");
+    let connect_witness = || {
+        let options = Probe5::options(
+            fleet.service_addr(),
+            "wd6",
+            Some((&root, Some(witness.clone()))),
+        );
+        Probe5::connect(options.unwrap())
+    };
+    // The witness connects while not revoked.
+    drop(connect_witness().await.unwrap());
+    // wd5's Will is due two seconds after wd4's.
     let delay = 3;
     let a = Probe5::connect(lingering(&fleet, "wd4", &revoked, delay, true))
         .await
         .unwrap();
-    let b = Probe5::connect(lingering(&fleet, "wd5", &control, delay, true))
+    let b = Probe5::connect(lingering(&fleet, "wd5", &control, delay + 2, true))
         .await
         .unwrap();
     drop(a);
@@ -650,17 +668,8 @@ async fn a_will_whose_certificate_is_revoked_while_it_waits_is_dropped() {
         })
         .collect();
     fleet.core().pki.write_crl("svcA", &entries, 1_000).unwrap();
-    let root = fleet.certs_dir().join("root-ca.pem");
     eventually(T, "the revocation to be loaded", || async {
-        let options = Probe5::options(
-            fleet.service_addr(),
-            "wd6",
-            Some((&root, Some(witness.clone()))),
-        );
-        Probe5::connect(options.unwrap())
-            .await
-            .is_err()
-            .then_some(())
+        connect_witness().await.is_err().then_some(())
     })
     .await
     .unwrap();
@@ -668,7 +677,7 @@ async fn a_will_whose_certificate_is_revoked_while_it_waits_is_dropped() {
         dropped.elapsed() < Duration::from_secs(delay.into()),
         "the revocation loaded only after the Will was due"
     );
-    // The control device's Will, due at the same moment, arrives; a marker
+    // The control device's Will, due after wd4's, arrives; a marker
     // published after it would follow wd4's, had that been sent.
     observer
         .wait_for("/tenants/svcA/telemetry/wd5", 1, T)
