@@ -257,22 +257,28 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> impl std::future::Future<Output = Result<(), SessionError>> {
     let mut framed = Framed::new(stream, shared.limits.max_packet_size);
     async move {
-        let first = tokio::time::timeout(shared.limits.connect_timeout, framed.read_connect())
+        // Matched and admitted without naming the packet, the admission or
+        // the opened link: a named value moved apart stays in the future,
+        // dead, for the life of the connection.
+        let first = tokio::time::timeout(shared.limits.connect_timeout, framed.read_connect());
+        let (connect, properties, will, will_properties, login) = match first
             .await
-            .map_err(|_| SessionError::ConnectTimeout(shared.limits.connect_timeout))??;
-        let Packet::Connect(connect, properties, will, will_properties, login) = first else {
-            return Err(SessionError::NotConnect);
+            .map_err(|_| SessionError::ConnectTimeout(shared.limits.connect_timeout))??
+        {
+            Packet::Connect(connect, properties, will, will_properties, login) => {
+                (connect, properties, will, will_properties, login)
+            }
+            _ => return Err(SessionError::NotConnect),
         };
         let version = framed.version;
-        let admitted = admit(
+        let identity = match admit(
             &kind,
             &connect,
             properties.as_ref(),
             will.as_ref(),
             login.as_ref(),
             &shared,
-        );
-        let identity = match admitted {
+        ) {
             Ok(id) => id,
             Err((refusal, why)) => {
                 shared
@@ -322,8 +328,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
         // was taken over.
         let router_id = identity.router_client_id(connection);
         shared.claim(&router_id, connection);
-        let opened = shared.link.open(router_id.clone(), clean).await;
-        let (tx, rx, ack) = match opened {
+        let (tx, rx, ack) = match shared.link.open(router_id.clone(), clean).await {
             Ok(link) => link,
             Err(why) => {
                 shared.release(&router_id, connection);
@@ -359,7 +364,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             // The client went away before its CONNACK: the router holds a link
             // for it all the same, which must not outlive this connection.
             shared.release(&router_id, connection);
-            let _ = send(&mut tx, router_goodbye()).await;
+            let _ = send(&mut tx, router_goodbye());
             return Err(err);
         }
         debug!(identity = %label, ?version, "connected");
@@ -420,13 +425,13 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             Some(will) => {
                 shared.release(&router_id, connection);
                 debug!(identity = %label, "publishing the will");
-                let _ = send(&mut tx, Packet::Publish(will.publish, will.properties)).await;
+                let _ = send(&mut tx, Packet::Publish(will.publish, will.properties));
             }
             None => shared.release(&router_id, connection),
         }
         if link_alive {
             // Tell the router this connection is gone, however it ended.
-            let _ = send(&mut tx, router_goodbye()).await;
+            let _ = send(&mut tx, router_goodbye());
         }
         if outbound.discarded > 0 {
             debug!(identity = %label, discarded = outbound.discarded, "publishes over the client's Maximum Packet Size were discarded");
@@ -498,8 +503,8 @@ async fn publish_will_later(
         }
     };
     debug!(session = %router_id, "publishing the delayed will");
-    let _ = send(&mut tx, Packet::Publish(will.publish, will.properties)).await;
-    let _ = send(&mut tx, router_goodbye()).await;
+    let _ = send(&mut tx, Packet::Publish(will.publish, will.properties));
+    let _ = send(&mut tx, router_goodbye());
 }
 
 /// Serves packets both ways until the connection ends; returns the reason
@@ -556,7 +561,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         if !matches!(identity, Identity::Manager { .. }) {
                             publish.retain = false;
                         }
-                        send(tx, Packet::Publish(publish, props)).await?;
+                        send(tx, Packet::Publish(publish, props))?;
                     }
                     Packet::Subscribe(mut subscribe, props) => {
                         let allowed: Vec<bool> = subscribe.filters.iter().map(|f| identity.may_subscribe(&f.path)).collect();
@@ -576,7 +581,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             subscribe.filters.retain(|_| *keep.next().unwrap_or(&false));
                             partial.insert(subscribe.pkid, allowed);
                         }
-                        send(tx, Packet::Subscribe(subscribe, props)).await?;
+                        send(tx, Packet::Subscribe(subscribe, props))?;
                     }
                     // Answered here, one code per filter: the router answers
                     // only filters it had, one UNSUBACK each.
@@ -589,7 +594,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         let ack = Packet::UnsubAck(UnsubAck { pkid: unsubscribe.pkid, reasons }, None);
                         unsubscribe.filters.retain(|f| identity.may_subscribe(f));
                         if !unsubscribe.filters.is_empty() {
-                            send(tx, Packet::Unsubscribe(unsubscribe, props)).await?;
+                            send(tx, Packet::Unsubscribe(unsubscribe, props))?;
                         }
                         framed.write(vec![ack]).await?;
                     }
@@ -602,13 +607,13 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     Packet::PingReq(_) => framed.write(vec![Packet::PingResp(rumqttd::protocol::PingResp)]).await?,
                     Packet::Disconnect(bye, _) => return Ok(bye.reason_code),
                     // The router takes a PUBREL only without properties.
-                    Packet::PubRel(pubrel, _) => send(tx, Packet::PubRel(pubrel, None)).await?,
+                    Packet::PubRel(pubrel, _) => send(tx, Packet::PubRel(pubrel, None))?,
                     // Answers to the router's PUBLISHes free the client's quota.
                     ack @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
                         outbound.on_client(ack, &mut out);
                         deliver(framed, tx, &mut out).await?;
                     }
-                    other => send(tx, other).await?,
+                    other => send(tx, other)?,
                 }
             }
             notification = rx.next() => {
@@ -661,7 +666,7 @@ async fn deliver<S: AsyncRead + AsyncWrite + Unpin>(
     for o in out.drain(..) {
         match o {
             Out::Client(p) => to_client.push(p),
-            Out::Router(p) => send(tx, p).await?,
+            Out::Router(p) => send(tx, p)?,
         }
     }
     if !to_client.is_empty() {
@@ -673,7 +678,10 @@ async fn deliver<S: AsyncRead + AsyncWrite + Unpin>(
 /// Hands a packet to the router. `LinkTx::send` may block on the router's
 /// bounded channel when the router is busy, so the worker is marked as
 /// blocking for the call and the listeners' other tasks move elsewhere.
-async fn send(tx: &mut LinkTx, packet: Packet) -> Result<(), SessionError> {
+///
+/// Not an `async fn`: it never yields, and as a future it held the packet
+/// (400 bytes) in every future that awaits it, the connection's included.
+fn send(tx: &mut LinkTx, packet: Packet) -> Result<(), SessionError> {
     tokio::task::block_in_place(|| {
         tokio::runtime::Handle::current()
             .block_on(tx.send(packet))
