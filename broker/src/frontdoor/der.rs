@@ -102,7 +102,13 @@ fn serial_hex(integer: &[u8]) -> Option<String> {
         Some(start) => &integer[start..],
         None => return Some("0".to_owned()),
     };
-    Some(digits.iter().map(|b| format!("{b:02x}")).collect())
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(digits.len() * 2);
+    for &b in digits {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0x0f)]));
+    }
+    Some(out)
 }
 
 /// Reads subject CN and O, issuer O and serial from a DER certificate.

@@ -242,196 +242,209 @@ fn admit(
 }
 
 /// Runs one connection to its end.
-pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+///
+/// Not an `async fn`: the future is an `async move` block that works on
+/// what it captured in place. An `async fn` keeps each argument twice (as
+/// passed, and as the local it is moved into), and the stream, moved into
+/// the [`Framed`], would stay as a third, dead copy (a TLS stream is
+/// 1.2 KiB) for the life of the connection.
+pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     kind: ListenerKind,
     shared: Arc<Shared>,
     connection: u64,
     cut: CancellationToken,
-) -> Result<(), SessionError> {
+) -> impl std::future::Future<Output = Result<(), SessionError>> {
     let mut framed = Framed::new(stream, shared.limits.max_packet_size);
-    let first = tokio::time::timeout(shared.limits.connect_timeout, framed.read_connect())
-        .await
-        .map_err(|_| SessionError::ConnectTimeout(shared.limits.connect_timeout))??;
-    let Packet::Connect(connect, properties, will, will_properties, login) = first else {
-        return Err(SessionError::NotConnect);
-    };
-    let version = framed.version;
-    let admitted = admit(
-        &kind,
-        &connect,
-        properties.as_ref(),
-        will.as_ref(),
-        login.as_ref(),
-        &shared,
-    );
-    let identity = match admitted {
-        Ok(id) => id,
-        Err((refusal, why)) => {
-            shared
-                .metrics
-                .refused_connects
-                .fetch_add(1, Ordering::Relaxed);
-            warn!(client_id = %connect.client_id, ?version, reason = %why, "connection refused");
-            let _ = framed.write(vec![version.connack_refusal(refusal)]).await;
-            return Err(SessionError::Refused(why));
-        }
-    };
-    let manager = matches!(identity, Identity::Manager { .. });
-    let will = will.map(|mut w| {
-        // As for every PUBLISH: only the manager may retain.
-        w.retain &= manager;
-        Will::new(w, will_properties)
-    });
-    let label = identity.label();
-    // MQTT 5 keeps a session past the connection only with a Session
-    // Expiry Interval; bootstrap sessions are always clean: a claimed
-    // identity keeps nothing.
-    let expiry = properties
-        .as_ref()
-        .and_then(|p| p.session_expiry_interval)
-        .unwrap_or(0);
-    let keeps = !connect.clean_session && (version == Version::V311 || expiry > 0);
-    let clean = !keeps || matches!(identity, Identity::Bootstrap { .. });
-    // A Will waits for its delay or the end of the session, whichever comes
-    // first (MQTT 5 §3.1.3.2.2): a session that ends with its connection
-    // has its Will at once.
-    let will_wait = match (&will, clean) {
-        (Some(w), false) => w
-            .delay
-            .min(Duration::from_secs(expiry.into()))
-            .min(MAX_WILL_DELAY),
-        _ => Duration::ZERO,
-    };
-    // What the client announced it takes (MQTT 5 §3.1.2.11.3-4).
-    let (receive_max, max_packet) = match (version, properties.as_ref()) {
-        (Version::V5, Some(p)) => (p.receive_maximum, p.max_packet_size),
-        _ => (None, None),
-    };
-    if let Some(max) = max_packet {
-        framed.peer_max = max as usize;
-    }
-    // The session is claimed first, so the connection it replaces knows it
-    // was taken over.
-    let router_id = identity.router_client_id(connection);
-    shared.claim(&router_id, connection);
-    let opened = shared.link.open(router_id.clone(), clean).await;
-    let (tx, rx, ack) = match opened {
-        Ok(link) => link,
-        Err(why) => {
-            shared.release(&router_id, connection);
-            let _ = framed
-                .write(vec![version.connack_refusal(Refusal::Unavailable)])
-                .await;
-            return Err(SessionError::Router(why));
-        }
-    };
-    let ack: Option<Packet> = ack.into();
-    let ack = match (version, ack) {
-        (Version::V5, Some(Packet::ConnAck(ack, props))) => {
-            let mut props = props.unwrap_or_default();
-            // Aliases are resolved here, not by the router (`TopicAliases`).
-            props.topic_alias_max = Some(TopicAliases::MAX);
-            props.max_packet_size =
-                Some(shared.limits.max_packet_size.min(u32::MAX as usize) as u32);
-            if clean && expiry > 0 {
-                props.session_expiry_interval = Some(0);
+    async move {
+        // Matched and admitted without naming the packet, the admission or
+        // the opened link: a named value moved apart stays in the future,
+        // dead, for the life of the connection.
+        let first = tokio::time::timeout(shared.limits.connect_timeout, framed.read_connect());
+        let (connect, properties, will, will_properties, login) = match first
+            .await
+            .map_err(|_| SessionError::ConnectTimeout(shared.limits.connect_timeout))??
+        {
+            Packet::Connect(connect, properties, will, will_properties, login) => {
+                (connect, properties, will, will_properties, login)
             }
-            // The longest keep-alive the idle limit allows, announced when
-            // the client asked for none or for more.
-            let longest = (shared.limits.max_idle.as_secs() * 2 / 3).clamp(1, u16::MAX.into());
-            if connect.keep_alive == 0 || u64::from(connect.keep_alive) > longest {
-                props.server_keep_alive = Some(longest as u16);
+            _ => return Err(SessionError::NotConnect),
+        };
+        let version = framed.version;
+        let identity = match admit(
+            &kind,
+            &connect,
+            properties.as_ref(),
+            will.as_ref(),
+            login.as_ref(),
+            &shared,
+        ) {
+            Ok(id) => id,
+            Err((refusal, why)) => {
+                shared
+                    .metrics
+                    .refused_connects
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(client_id = %connect.client_id, ?version, reason = %why, "connection refused");
+                let _ = framed.write(vec![version.connack_refusal(refusal)]).await;
+                return Err(SessionError::Refused(why));
             }
-            Some(Packet::ConnAck(ack, Some(props)))
+        };
+        let manager = matches!(identity, Identity::Manager { .. });
+        let will = will.map(|mut w| {
+            // As for every PUBLISH: only the manager may retain.
+            w.retain &= manager;
+            Will::new(w, will_properties)
+        });
+        let label = identity.label();
+        // MQTT 5 keeps a session past the connection only with a Session
+        // Expiry Interval; bootstrap sessions are always clean: a claimed
+        // identity keeps nothing.
+        let expiry = properties
+            .as_ref()
+            .and_then(|p| p.session_expiry_interval)
+            .unwrap_or(0);
+        let keeps = !connect.clean_session && (version == Version::V311 || expiry > 0);
+        let clean = !keeps || matches!(identity, Identity::Bootstrap { .. });
+        // A Will waits for its delay or the end of the session, whichever comes
+        // first (MQTT 5 §3.1.3.2.2): a session that ends with its connection
+        // has its Will at once.
+        let will_wait = match (&will, clean) {
+            (Some(w), false) => w
+                .delay
+                .min(Duration::from_secs(expiry.into()))
+                .min(MAX_WILL_DELAY),
+            _ => Duration::ZERO,
+        };
+        // What the client announced it takes (MQTT 5 §3.1.2.11.3-4).
+        let (receive_max, max_packet) = match (version, properties.as_ref()) {
+            (Version::V5, Some(p)) => (p.receive_maximum, p.max_packet_size),
+            _ => (None, None),
+        };
+        if let Some(max) = max_packet {
+            framed.peer_max = max as usize;
         }
-        (_, ack) => ack,
-    };
-    let mut tx = tx;
-    if let Err(err) = framed.write(ack.into_iter().collect()).await {
-        // The client went away before its CONNACK: the router holds a link
-        // for it all the same, which must not outlive this connection.
-        shared.release(&router_id, connection);
-        let _ = send(&mut tx, router_goodbye()).await;
-        return Err(err);
-    }
-    debug!(identity = %label, ?version, "connected");
-    let keep_alive = match connect.keep_alive {
-        0 => shared.limits.max_idle,
-        k => (Duration::from_secs(k as u64) * 3 / 2).min(shared.limits.max_idle),
-    };
-    let mut outbound = Outbound::new(receive_max, max_packet);
-    let result = serve(
-        &mut framed,
-        &identity,
-        &mut tx,
-        rx,
-        &mut outbound,
-        keep_alive,
-        &shared,
-        &cut,
-    )
-    .await;
-    let result = match result {
-        Err(SessionError::RouterClosed(_)) if !shared.holds(&router_id, connection) => {
-            info!(identity = %label, "session taken over by a newer connection of the same identity");
-            Err(SessionError::TakenOver)
-        }
-        other => other,
-    };
-    // The router's link is gone or no longer speaks for this connection:
-    // nothing more goes to it.
-    let link_alive = !matches!(
-        result,
-        Err(SessionError::RouterClosed(_) | SessionError::TakenOver)
-    );
-    // The Will goes out unless the client said a normal goodbye, and never
-    // for a certificate that is no longer valid.
-    let publish_will = match &result {
-        Ok(reason) => *reason == DisconnectReasonCode::DisconnectWithWillMessage,
-        Err(SessionError::Revoked) => false,
-        Err(_) => link_alive,
-    };
-    let will = will.filter(|_| publish_will);
-    match will {
-        Some(will) if !will_wait.is_zero() => {
-            // The session keeps its claim while the Will waits: a newer
-            // connection of the same identity takes it, which cancels the Will.
-            debug!(identity = %label, delay = ?will_wait, "will delayed");
-            let serial = match &kind {
-                ListenerKind::Service(cert) => Some(cert.serial.clone()),
-                _ => None,
-            };
-            tokio::spawn(publish_will_later(
-                shared.clone(),
-                (router_id.clone(), connection, serial),
-                will,
-                will_wait,
-                cut.clone(),
-            ));
-        }
-        Some(will) => {
+        // The session is claimed first, so the connection it replaces knows it
+        // was taken over.
+        let router_id = identity.router_client_id(connection);
+        shared.claim(&router_id, connection);
+        let (tx, rx, ack) = match shared.link.open(router_id.clone(), clean).await {
+            Ok(link) => link,
+            Err(why) => {
+                shared.release(&router_id, connection);
+                let _ = framed
+                    .write(vec![version.connack_refusal(Refusal::Unavailable)])
+                    .await;
+                return Err(SessionError::Router(why));
+            }
+        };
+        let ack: Option<Packet> = ack.into();
+        let ack = match (version, ack) {
+            (Version::V5, Some(Packet::ConnAck(ack, props))) => {
+                let mut props = props.unwrap_or_default();
+                // Aliases are resolved here, not by the router (`TopicAliases`).
+                props.topic_alias_max = Some(TopicAliases::MAX);
+                props.max_packet_size =
+                    Some(shared.limits.max_packet_size.min(u32::MAX as usize) as u32);
+                if clean && expiry > 0 {
+                    props.session_expiry_interval = Some(0);
+                }
+                // The longest keep-alive the idle limit allows, announced when
+                // the client asked for none or for more.
+                let longest = (shared.limits.max_idle.as_secs() * 2 / 3).clamp(1, u16::MAX.into());
+                if connect.keep_alive == 0 || u64::from(connect.keep_alive) > longest {
+                    props.server_keep_alive = Some(longest as u16);
+                }
+                Some(Packet::ConnAck(ack, Some(props)))
+            }
+            (_, ack) => ack,
+        };
+        let mut tx = tx;
+        if let Err(err) = framed.write(ack.into_iter().collect()).await {
+            // The client went away before its CONNACK: the router holds a link
+            // for it all the same, which must not outlive this connection.
             shared.release(&router_id, connection);
-            debug!(identity = %label, "publishing the will");
-            let _ = send(&mut tx, Packet::Publish(will.publish, will.properties)).await;
+            let _ = send(&mut tx, router_goodbye());
+            return Err(err);
         }
-        None => shared.release(&router_id, connection),
-    }
-    if link_alive {
-        // Tell the router this connection is gone, however it ended.
-        let _ = send(&mut tx, router_goodbye()).await;
-    }
-    if outbound.discarded > 0 {
-        debug!(identity = %label, discarded = outbound.discarded, "publishes over the client's Maximum Packet Size were discarded");
-    }
-    let result = result.map(|_| ());
-    if let Err(err) = &result {
-        if let Some(bye) = err.disconnect_reason().and_then(|r| version.disconnect(r)) {
-            let _ = tokio::time::timeout(FAREWELL, framed.write(vec![bye])).await;
+        debug!(identity = %label, ?version, "connected");
+        let keep_alive = match connect.keep_alive {
+            0 => shared.limits.max_idle,
+            k => (Duration::from_secs(k as u64) * 3 / 2).min(shared.limits.max_idle),
+        };
+        let mut outbound = Outbound::new(receive_max, max_packet);
+        let result = serve(
+            &mut framed,
+            &identity,
+            &mut tx,
+            rx,
+            &mut outbound,
+            keep_alive,
+            &shared,
+            &cut,
+        )
+        .await;
+        let result = match result {
+            Err(SessionError::RouterClosed(_)) if !shared.holds(&router_id, connection) => {
+                info!(identity = %label, "session taken over by a newer connection of the same identity");
+                Err(SessionError::TakenOver)
+            }
+            other => other,
+        };
+        // The router's link is gone or no longer speaks for this connection:
+        // nothing more goes to it.
+        let link_alive = !matches!(
+            result,
+            Err(SessionError::RouterClosed(_) | SessionError::TakenOver)
+        );
+        // The Will goes out unless the client said a normal goodbye, and never
+        // for a certificate that is no longer valid.
+        let publish_will = match &result {
+            Ok(reason) => *reason == DisconnectReasonCode::DisconnectWithWillMessage,
+            Err(SessionError::Revoked) => false,
+            Err(_) => link_alive,
+        };
+        let will = will.filter(|_| publish_will);
+        match will {
+            Some(will) if !will_wait.is_zero() => {
+                // The session keeps its claim while the Will waits: a newer
+                // connection of the same identity takes it, which cancels the Will.
+                debug!(identity = %label, delay = ?will_wait, "will delayed");
+                let serial = match &kind {
+                    ListenerKind::Service(cert) => Some(cert.serial.clone()),
+                    _ => None,
+                };
+                tokio::spawn(publish_will_later(
+                    shared.clone(),
+                    (router_id.clone(), connection, serial),
+                    will,
+                    will_wait,
+                    cut.clone(),
+                ));
+            }
+            Some(will) => {
+                shared.release(&router_id, connection);
+                debug!(identity = %label, "publishing the will");
+                let _ = send(&mut tx, Packet::Publish(will.publish, will.properties));
+            }
+            None => shared.release(&router_id, connection),
         }
-        debug!(identity = %label, error = %err, "session ended");
+        if link_alive {
+            // Tell the router this connection is gone, however it ended.
+            let _ = send(&mut tx, router_goodbye());
+        }
+        if outbound.discarded > 0 {
+            debug!(identity = %label, discarded = outbound.discarded, "publishes over the client's Maximum Packet Size were discarded");
+        }
+        let result = result.map(|_| ());
+        if let Err(err) = &result {
+            if let Some(bye) = err.disconnect_reason().and_then(|r| version.disconnect(r)) {
+                let _ = tokio::time::timeout(FAREWELL, framed.write(vec![bye])).await;
+            }
+            debug!(identity = %label, error = %err, "session ended");
+        }
+        result
     }
-    result
 }
 
 /// What tells the router a connection is gone: rumqttd does not notice a
@@ -492,7 +505,7 @@ async fn publish_through_will_link(shared: &Shared, will: Will) -> Result<(), St
         }
         let (tx, _) = link.as_mut().expect("opened above");
         let publish = Packet::Publish(will.publish.clone(), will.properties.clone());
-        match send(tx, publish).await {
+        match send(tx, publish) {
             Ok(()) => return Ok(()),
             Err(_) => *link = None,
         }
@@ -554,7 +567,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         if !matches!(identity, Identity::Manager { .. }) {
                             publish.retain = false;
                         }
-                        send(tx, Packet::Publish(publish, props)).await?;
+                        send(tx, Packet::Publish(publish, props))?;
                     }
                     Packet::Subscribe(mut subscribe, props) => {
                         let allowed: Vec<bool> = subscribe.filters.iter().map(|f| identity.may_subscribe(&f.path)).collect();
@@ -574,7 +587,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             subscribe.filters.retain(|_| *keep.next().unwrap_or(&false));
                             partial.insert(subscribe.pkid, allowed);
                         }
-                        send(tx, Packet::Subscribe(subscribe, props)).await?;
+                        send(tx, Packet::Subscribe(subscribe, props))?;
                     }
                     // Answered here, one code per filter: the router answers
                     // only filters it had, one UNSUBACK each.
@@ -587,7 +600,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         let ack = Packet::UnsubAck(UnsubAck { pkid: unsubscribe.pkid, reasons }, None);
                         unsubscribe.filters.retain(|f| identity.may_subscribe(f));
                         if !unsubscribe.filters.is_empty() {
-                            send(tx, Packet::Unsubscribe(unsubscribe, props)).await?;
+                            send(tx, Packet::Unsubscribe(unsubscribe, props))?;
                         }
                         framed.write(vec![ack]).await?;
                     }
@@ -600,13 +613,13 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     Packet::PingReq(_) => framed.write(vec![Packet::PingResp(rumqttd::protocol::PingResp)]).await?,
                     Packet::Disconnect(bye, _) => return Ok(bye.reason_code),
                     // The router takes a PUBREL only without properties.
-                    Packet::PubRel(pubrel, _) => send(tx, Packet::PubRel(pubrel, None)).await?,
+                    Packet::PubRel(pubrel, _) => send(tx, Packet::PubRel(pubrel, None))?,
                     // Answers to the router's PUBLISHes free the client's quota.
                     ack @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
                         outbound.on_client(ack, &mut out);
                         deliver(framed, tx, &mut out).await?;
                     }
-                    other => send(tx, other).await?,
+                    other => send(tx, other)?,
                 }
             }
             notification = rx.next() => {
@@ -659,7 +672,7 @@ async fn deliver<S: AsyncRead + AsyncWrite + Unpin>(
     for o in out.drain(..) {
         match o {
             Out::Client(p) => to_client.push(p),
-            Out::Router(p) => send(tx, p).await?,
+            Out::Router(p) => send(tx, p)?,
         }
     }
     if !to_client.is_empty() {
@@ -671,7 +684,10 @@ async fn deliver<S: AsyncRead + AsyncWrite + Unpin>(
 /// Hands a packet to the router. `LinkTx::send` may block on the router's
 /// bounded channel when the router is busy, so the worker is marked as
 /// blocking for the call and the listeners' other tasks move elsewhere.
-async fn send(tx: &mut LinkTx, packet: Packet) -> Result<(), SessionError> {
+///
+/// Not an `async fn`: it never yields, and as a future it held the packet
+/// (400 bytes) in every future that awaits it, the connection's included.
+fn send(tx: &mut LinkTx, packet: Packet) -> Result<(), SessionError> {
     tokio::task::block_in_place(|| {
         tokio::runtime::Handle::current()
             .block_on(tx.send(packet))
