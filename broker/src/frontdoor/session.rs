@@ -45,6 +45,10 @@ pub enum SessionError {
     Violation(DisconnectReasonCode, String),
     #[error("router: {0}")]
     Router(String),
+    /// The client holds more than the broker keeps for one connection;
+    /// MQTT 5 clients are told Quota exceeded (0x97).
+    #[error("quota exceeded: {0}")]
+    Quota(String),
     /// The router ended the session: nothing to tell the router on the way out.
     #[error("closed by the router: {0}")]
     RouterClosed(String),
@@ -69,6 +73,7 @@ impl SessionError {
             }
             SessionError::Mqtt(_) => Some(DisconnectReasonCode::MalformedPacket),
             SessionError::KeepAlive => Some(DisconnectReasonCode::KeepAliveTimeout),
+            SessionError::Quota(_) => Some(DisconnectReasonCode::QuotaExceeded),
             SessionError::TakenOver => Some(DisconnectReasonCode::SessionTakenOver),
             SessionError::Revoked => Some(DisconnectReasonCode::AdministrativeAction),
             _ => None,
