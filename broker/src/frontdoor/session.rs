@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::codec::{Framed, Refusal, TopicAliases, Version};
+use super::codec::{Framed, Refusal, TopicAliases, Version, MAX_WRITE_STALL};
 use super::grants::Identity;
 use super::{ListenerKind, Shared};
 
@@ -57,6 +57,10 @@ pub enum SessionError {
     TakenOver,
     #[error("idle past keep-alive")]
     KeepAlive,
+    /// The client took nothing of a write for this long: it stopped
+    /// reading. Nothing more can be told to it.
+    #[error("the client took no data for {0:?}")]
+    WriteStalled(Duration),
     #[error("closed: certificate revoked")]
     Revoked,
 }
@@ -365,6 +369,9 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         0 => shared.limits.max_idle,
         k => (Duration::from_secs(k as u64) * 3 / 2).min(shared.limits.max_idle),
     };
+    // While a write waits the client's packets are not read, so the
+    // keep-alive is what bounds it too.
+    framed.write_stall = keep_alive.min(MAX_WRITE_STALL);
     let mut outbound = Outbound::new(receive_max, max_packet);
     let result = serve(
         &mut framed,
@@ -434,7 +441,12 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         if let Some(bye) = err.disconnect_reason().and_then(|r| version.disconnect(r)) {
             let _ = tokio::time::timeout(FAREWELL, framed.write(vec![bye])).await;
         }
-        debug!(identity = %label, error = %err, "session ended");
+        match err {
+            SessionError::WriteStalled(_) => {
+                warn!(identity = %label, error = %err, "client stopped reading; connection closed")
+            }
+            _ => debug!(identity = %label, error = %err, "session ended"),
+        }
     }
     result
 }
