@@ -22,11 +22,17 @@ fn connect_packet(client_id: &str) -> Vec<u8> {
     packet
 }
 
-/// Waits until no connection is open at the broker: every earlier one has
-/// been handled to its end.
-async fn settled(broker: &RunningBroker) {
+/// Waits until the broker has taken `connections` connections off its
+/// listen queue and none is open any more: every one has been handled to
+/// its end.
+async fn settled(broker: &RunningBroker, connections: u64) {
     let deadline = Instant::now() + T;
-    while broker.metrics.get(|m| &m.live) != 0 {
+    let taken = |b: &RunningBroker| {
+        b.metrics.get(|m| &m.accepted)
+            + b.metrics.get(|m| &m.over_capacity)
+            + b.metrics.get(|m| &m.rate_limited)
+    };
+    while taken(broker) < connections || broker.metrics.get(|m| &m.live) != 0 {
         assert!(Instant::now() < deadline, "connections never ended");
         tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -84,7 +90,7 @@ fn clients_reset_before_their_connack_leave_no_router_slot_behind() {
                 .unwrap();
             s.set_zero_linger().unwrap();
             drop(s);
-            settled(&broker).await;
+            settled(&broker, i + 1).await;
         }
         for i in 0..5 {
             assert_eq!(
@@ -92,6 +98,9 @@ fn clients_reset_before_their_connack_leave_no_router_slot_behind() {
                 0,
                 "honest client {i} refused: router slots leaked"
             );
+            // It closes on return; its slot is free again once the broker
+            // has seen that.
+            settled(&broker, 120 + i + 1).await;
         }
     });
     broker.stop();

@@ -7,6 +7,7 @@
 //! MQTT 5 topic aliases a client sets up ([`TopicAliases`]).
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::v4::V4;
@@ -115,6 +116,12 @@ impl Version {
     }
 }
 
+/// The longest a write may wait for the client to take any of it. A
+/// session writes inside its event loop, so a client that stops reading
+/// would otherwise hold that loop (revocation, keep-alive, its connection
+/// slot) for ever.
+pub const MAX_WRITE_STALL: Duration = Duration::from_secs(30);
+
 /// Reads and writes MQTT packets of one connection's version.
 pub struct Framed<S> {
     stream: S,
@@ -124,6 +131,10 @@ pub struct Framed<S> {
     /// The largest packet the client takes: the Maximum Packet Size of its
     /// MQTT 5 CONNECT, unlimited otherwise. Nothing larger is written.
     pub peer_max: usize,
+    /// How long a write may go without the client taking a byte before
+    /// it fails with [`SessionError::WriteStalled`]: [`MAX_WRITE_STALL`]
+    /// unless the session sets less.
+    pub write_stall: Duration,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
@@ -134,6 +145,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
             max_packet,
             version: Version::V311,
             peer_max: usize::MAX,
+            write_stall: MAX_WRITE_STALL,
         }
     }
 
@@ -253,8 +265,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
             }
             .map_err(SessionError::Mqtt)?;
         }
-        self.stream.write_all(&out).await?;
-        self.stream.flush().await?;
+        self.send_all(&out).await
+    }
+
+    /// Writes `out` and flushes it, failing once the client has taken
+    /// nothing for [`Framed::write_stall`]. A slow client that keeps taking
+    /// bytes is never cut; one that stopped reading is.
+    async fn send_all(&mut self, out: &[u8]) -> Result<(), SessionError> {
+        let stall = self.write_stall;
+        let stalled = |_| SessionError::WriteStalled(stall);
+        let mut at = 0;
+        while at < out.len() {
+            let n = tokio::time::timeout(stall, self.stream.write(&out[at..]))
+                .await
+                .map_err(stalled)??;
+            if n == 0 {
+                return Err(SessionError::Io(std::io::ErrorKind::WriteZero.into()));
+            }
+            at += n;
+        }
+        tokio::time::timeout(stall, self.stream.flush())
+            .await
+            .map_err(stalled)??;
         Ok(())
     }
 
@@ -649,6 +681,38 @@ mod tests {
             [0x90, 0x04, 0x00, 0x01, 0x00, 0x87]
         );
         assert_eq!(written(6, vec![suback(2), ping()]).await, [0xD0, 0x00]);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_fails_the_write() {
+        let stall = Duration::from_millis(300);
+        let (stream, mut peer) = tokio::io::duplex(1024);
+        let mut framed = Framed::new(stream, 1 << 20);
+        framed.version = Version::V5;
+        framed.write_stall = stall;
+        let big = || Packet::Publish(Publish::new(b"t/1".to_vec(), vec![b'x'; 4096], false), None);
+        // A reader that keeps taking bytes, however slowly, is waited for:
+        // the whole write takes several times the stall limit.
+        let slow = tokio::spawn(async move {
+            let mut chunk = [0u8; 512];
+            let mut total = 0;
+            while total < 4096 {
+                tokio::time::sleep(stall / 3).await;
+                total += peer.read(&mut chunk).await.unwrap();
+            }
+            peer
+        });
+        let started = std::time::Instant::now();
+        framed.write(vec![big()]).await.unwrap();
+        assert!(started.elapsed() > stall);
+        let _peer = slow.await.unwrap();
+        // One that stops reading is not.
+        let started = std::time::Instant::now();
+        assert!(matches!(
+            framed.write(vec![big()]).await,
+            Err(SessionError::WriteStalled(d)) if d == stall
+        ));
+        assert!(started.elapsed() >= stall);
     }
 
     #[test]

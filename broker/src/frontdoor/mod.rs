@@ -266,9 +266,11 @@ pub async fn serve(
             continue;
         };
         shared.metrics.accepted.fetch_add(1, Ordering::Relaxed);
+        // Live from the moment the slot is taken, so a connection that
+        // holds a slot always counts.
+        shared.metrics.live.fetch_add(1, Ordering::Relaxed);
         let (transport, shared, stop) = (transport.clone(), shared.clone(), stop.clone());
         tokio::spawn(async move {
-            shared.metrics.live.fetch_add(1, Ordering::Relaxed);
             if let Err(err) = connection(stream, peer, transport, &shared, stop).await {
                 debug!(%peer, error = %err, "connection ended");
             }

@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::codec::{Framed, Refusal, TopicAliases, Version};
+use super::codec::{Framed, Refusal, TopicAliases, Version, MAX_WRITE_STALL};
 use super::grants::Identity;
 use super::{ListenerKind, Shared};
 
@@ -44,6 +44,10 @@ pub enum SessionError {
     Violation(DisconnectReasonCode, String),
     #[error("router: {0}")]
     Router(String),
+    /// The client holds more than the broker keeps for one connection;
+    /// MQTT 5 clients are told Quota exceeded (0x97).
+    #[error("quota exceeded: {0}")]
+    Quota(String),
     /// The router ended the session: nothing to tell the router on the way out.
     #[error("closed by the router: {0}")]
     RouterClosed(String),
@@ -52,6 +56,10 @@ pub enum SessionError {
     TakenOver,
     #[error("idle past keep-alive")]
     KeepAlive,
+    /// The client took nothing of a write for this long: it stopped
+    /// reading. Nothing more can be told to it.
+    #[error("the client took no data for {0:?}")]
+    WriteStalled(Duration),
     #[error("closed: certificate revoked")]
     Revoked,
 }
@@ -68,6 +76,7 @@ impl SessionError {
             }
             SessionError::Mqtt(_) => Some(DisconnectReasonCode::MalformedPacket),
             SessionError::KeepAlive => Some(DisconnectReasonCode::KeepAliveTimeout),
+            SessionError::Quota(_) => Some(DisconnectReasonCode::QuotaExceeded),
             SessionError::TakenOver => Some(DisconnectReasonCode::SessionTakenOver),
             SessionError::Revoked => Some(DisconnectReasonCode::AdministrativeAction),
             _ => None,
@@ -372,6 +381,9 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             0 => shared.limits.max_idle,
             k => (Duration::from_secs(k as u64) * 3 / 2).min(shared.limits.max_idle),
         };
+        // While a write waits the client's packets are not read, so the
+        // keep-alive is what bounds it too.
+        framed.write_stall = keep_alive.min(MAX_WRITE_STALL);
         let mut outbound = Outbound::new(receive_max, max_packet);
         let result = serve(
             &mut framed,
@@ -441,7 +453,12 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             if let Some(bye) = err.disconnect_reason().and_then(|r| version.disconnect(r)) {
                 let _ = tokio::time::timeout(FAREWELL, framed.write(vec![bye])).await;
             }
-            debug!(identity = %label, error = %err, "session ended");
+            match err {
+                SessionError::WriteStalled(_) => {
+                    warn!(identity = %label, error = %err, "client stopped reading; connection closed")
+                }
+                _ => debug!(identity = %label, error = %err, "session ended"),
+            }
         }
         result
     }

@@ -810,3 +810,472 @@ async fn publishes_over_the_clients_maximum_packet_size_are_skipped() {
     assert_eq!(probe.messages().len(), 2);
     assert_eq!(fleet.broker.metrics.get(|m| &m.outgoing_discarded), 151);
 }
+
+/// An MQTT 5 client driven by hand over blocking OpenSSL TLS on the
+/// bootstrap TLS listener, for what rumqttc cannot do: send a refusing
+/// PUBREC, see every packet in the order it came, or stop reading. Its
+/// calls block: tests using it run on the multi-threaded runtime and make
+/// them through [`tokio::task::block_in_place`].
+struct RawTls {
+    tls: openssl::ssl::SslStream<std::net::TcpStream>,
+}
+
+/// A packet as [`RawTls`] reads it: the fixed header's first byte and the
+/// rest.
+type RawPacket = (u8, Vec<u8>);
+
+/// `first` and `body` framed as one MQTT packet.
+fn frame(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    let mut len = body.len();
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+/// An MQTT 5 CONNECT (Clean Start) of `client_id` with `keep_alive`
+/// seconds and the CONNECT properties `properties` (encoded).
+fn raw_connect(client_id: &str, keep_alive: u16, properties: &[u8]) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x02];
+    body.extend(keep_alive.to_be_bytes());
+    body.push(properties.len() as u8);
+    body.extend_from_slice(properties);
+    body.extend((client_id.len() as u16).to_be_bytes());
+    body.extend(client_id.as_bytes());
+    frame(0x10, &body)
+}
+
+impl RawTls {
+    /// Opens TLS to the bootstrap TLS listener, sends `connect` and returns
+    /// the connection with the CONNACK's reason code.
+    fn open(fleet: &Fleet, connect: &[u8]) -> (RawTls, u8) {
+        use openssl::ssl::{SslConnector, SslMethod};
+        let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
+        b.set_ca_file(fleet.certs_dir().join("root-ca.pem"))
+            .unwrap();
+        let tcp = std::net::TcpStream::connect(fleet.broker.bootstrap_tls_addr.unwrap()).unwrap();
+        tcp.set_read_timeout(Some(T)).unwrap();
+        tcp.set_write_timeout(Some(T)).unwrap();
+        let tls = b.build().connect("localhost", tcp).unwrap();
+        let mut raw = RawTls { tls };
+        raw.send(connect).unwrap();
+        let (first, body) = raw.next();
+        assert_eq!(first, 0x20, "not a CONNACK");
+        (raw, body[1])
+    }
+
+    /// Connects as bootstrap device `client_id`; fails unless accepted.
+    fn connect(fleet: &Fleet, client_id: &str, keep_alive: u16, properties: &[u8]) -> RawTls {
+        let (raw, code) = RawTls::open(fleet, &raw_connect(client_id, keep_alive, properties));
+        assert_eq!(code, 0, "CONNACK code");
+        raw
+    }
+
+    fn send(&mut self, packet: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        self.tls.write_all(packet)?;
+        self.tls.flush()
+    }
+
+    /// The next packet the broker sent; fails after `T` without one.
+    fn next(&mut self) -> RawPacket {
+        use std::io::Read;
+        let mut first = [0u8; 1];
+        self.tls.read_exact(&mut first).expect("a packet");
+        let (mut len, mut shift) = (0usize, 0);
+        loop {
+            let mut byte = [0u8; 1];
+            self.tls.read_exact(&mut byte).expect("a remaining length");
+            len |= usize::from(byte[0] & 0x7F) << shift;
+            shift += 7;
+            if byte[0] & 0x80 == 0 {
+                break;
+            }
+        }
+        let mut body = vec![0u8; len];
+        self.tls.read_exact(&mut body).expect("a packet body");
+        (first[0], body)
+    }
+
+    /// Subscribes to `filter` at `qos`; fails unless granted that QoS.
+    fn subscribe(&mut self, pkid: u16, filter: &str, qos: u8) {
+        let mut body = pkid.to_be_bytes().to_vec();
+        body.push(0);
+        body.extend((filter.len() as u16).to_be_bytes());
+        body.extend(filter.as_bytes());
+        body.push(qos);
+        self.send(&frame(0x82, &body)).unwrap();
+        let (first, body) = self.next();
+        assert_eq!(first, 0x90, "not a SUBACK");
+        assert_eq!(body[..2], pkid.to_be_bytes());
+        let codes = &body[3 + body[2] as usize..];
+        assert_eq!(codes, [qos], "{filter}");
+    }
+}
+
+/// What a raw client read, decoded as far as a test looks at it.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    Publish {
+        qos: u8,
+        pkid: u16,
+        payload: Vec<u8>,
+    },
+    PubRel(u16),
+    PingResp,
+    Other(u8),
+}
+
+fn seen((first, body): RawPacket) -> Seen {
+    match first >> 4 {
+        3 => {
+            let qos = (first >> 1) & 0b11;
+            let topic_len = u16::from_be_bytes([body[0], body[1]]) as usize;
+            let mut at = 2 + topic_len;
+            let mut pkid = 0;
+            if qos > 0 {
+                pkid = u16::from_be_bytes([body[at], body[at + 1]]);
+                at += 2;
+            }
+            // Properties: the broker sends few enough for one length byte.
+            at += 1 + body[at] as usize;
+            Seen::Publish {
+                qos,
+                pkid,
+                payload: body[at..].to_vec(),
+            }
+        }
+        6 => Seen::PubRel(u16::from_be_bytes([body[0], body[1]])),
+        13 => Seen::PingResp,
+        _ => Seen::Other(first),
+    }
+}
+
+fn pubrec(pkid: u16, reason: u8) -> Vec<u8> {
+    let [hi, lo] = pkid.to_be_bytes();
+    frame(0x50, &[hi, lo, reason])
+}
+
+fn pubcomp(pkid: u16) -> Vec<u8> {
+    frame(0x70, &pkid.to_be_bytes())
+}
+
+const PINGREQ: [u8; 2] = [0xC0, 0x00];
+
+/// An MQTT 5 client with the manager's rights on the internal listener:
+/// it sees the PUBREC of each QoS 2 message it publishes.
+async fn sender5(fleet: &Fleet) -> Probe5 {
+    let (user, secret) = &fleet.broker.manager_credentials;
+    let mut o = Probe5::options(fleet.broker.internal_addr, "sender5", None).unwrap();
+    o.set_credentials(user, secret);
+    Probe5::connect(o).await.unwrap()
+}
+
+/// Publishes `m{i}` for each `i` at QoS 2 to `topic`, one after the other:
+/// each PUBREC is awaited, so each message is in the router's log before
+/// anything published after it.
+async fn publish_qos2(sender: &Probe5, topic: &str, range: std::ops::Range<usize>) {
+    for i in range {
+        assert_eq!(
+            sender
+                .publish_exactly_once(topic, format!("m{i}").into_bytes())
+                .await
+                .unwrap(),
+            PubRecReason::Success
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_pubrec_ends_the_qos2_flow_without_a_pubrel() {
+    use tokio::task::block_in_place;
+    let fleet = Fleet::start().await.unwrap();
+    let sender = sender5(&fleet).await;
+    let (reply, marker) = ("fleet/v1/update/qr1/reply", "fleet/v1/service/change/qr1");
+    // Receive Maximum 1 (property 0x21).
+    let mut raw = block_in_place(|| {
+        let mut raw = RawTls::connect(&fleet, "qr1", 60, &[0x21, 0, 1]);
+        raw.subscribe(1, reply, 2);
+        raw.subscribe(2, marker, 0);
+        raw
+    });
+    publish_qos2(&sender, reply, 0..3).await;
+    let m0 = seen(block_in_place(|| raw.next()));
+    let Seen::Publish {
+        qos: 2, pkid: a, ..
+    } = m0
+    else {
+        panic!("{m0:?}")
+    };
+    // A QoS 0 marker overtakes m1 and m2, which wait for the quota: had
+    // either come, it would be here first.
+    sender
+        .publish(marker, QoS::AtMostOnce, b"marker".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        seen(block_in_place(|| raw.next())),
+        Seen::Publish {
+            qos: 0,
+            pkid: 0,
+            payload: b"marker".to_vec()
+        }
+    );
+    let mut got = Vec::new();
+    block_in_place(|| {
+        // m0 refused: the slot is free, and no PUBREL may follow.
+        raw.send(&pubrec(a, 0x80)).unwrap();
+        let m1 = seen(raw.next());
+        let Seen::Publish { pkid: b, .. } = m1 else {
+            panic!("m1 expected, {m1:?} came after {got:?}")
+        };
+        got.push(m1);
+        // m1 accepted: the next packet is its PUBREL, not one for m0.
+        raw.send(&pubrec(b, 0x00)).unwrap();
+        got.push(seen(raw.next()));
+        raw.send(&pubcomp(b)).unwrap();
+        let m2 = seen(raw.next());
+        let Seen::Publish { pkid: c, .. } = m2 else {
+            panic!("m2 expected, {m2:?} came after {got:?}")
+        };
+        got.push(m2);
+        raw.send(&pubrec(c, 0x00)).unwrap();
+        got.push(seen(raw.next()));
+        raw.send(&pubcomp(c)).unwrap();
+        // Still served, and nothing else came.
+        raw.send(&PINGREQ).unwrap();
+        got.push(seen(raw.next()));
+    });
+    let publish = |pkid, payload: &str| Seen::Publish {
+        qos: 2,
+        pkid,
+        payload: payload.as_bytes().to_vec(),
+    };
+    let pkid = |s: &Seen| match s {
+        Seen::Publish { pkid, .. } => *pkid,
+        _ => 0,
+    };
+    let (b, c) = (pkid(&got[0]), pkid(&got[2]));
+    assert_eq!(
+        got,
+        [
+            publish(b, "m1"),
+            Seen::PubRel(b),
+            publish(c, "m2"),
+            Seen::PubRel(c),
+            Seen::PingResp
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_maximum_packet_size_of_0_is_refused() {
+    let fleet = Fleet::start().await.unwrap();
+    // Maximum Packet Size (property 0x27) 0. rumqttc cannot send it: it
+    // takes the value as its own limit and cannot read the CONNACK.
+    let connect = raw_connect("mp0", 60, &[0x27, 0, 0, 0, 0]);
+    let (_raw, code) = tokio::task::block_in_place(|| RawTls::open(&fleet, &connect));
+    assert_eq!(code, 0x82, "CONNACK code");
+    assert_eq!(fleet.broker.metrics.get(|m| &m.refused_connects), 1);
+}
+
+/// A service connection of `device` (certified on svcA) with manual acks
+/// and Receive Maximum `receive_max`, subscribed at QoS 2 to its
+/// service-change topic (returned first) and at QoS 0 to its poll replies.
+async fn qos2_subscriber(
+    fleet: &Fleet,
+    device: &str,
+    receive_max: u16,
+) -> (Probe5, String, String) {
+    let root = fleet.certs_dir().join("root-ca.pem");
+    let auth = certified(fleet, device, "svcA");
+    let mut opts = Probe5::options(
+        fleet.service_addr(),
+        device,
+        Some((root.as_path(), Some(auth))),
+    )
+    .unwrap();
+    opts.set_receive_maximum(Some(receive_max));
+    opts.set_manual_acks(true);
+    let probe = Probe5::connect(opts).await.unwrap();
+    let acked = format!("/tenants/svcA/fleet/v1/service/change/{device}");
+    let unacked = format!("/tenants/svcA/fleet/v1/poll/{device}/reply");
+    for (filter, qos, granted) in [
+        (
+            &acked,
+            QoS::ExactlyOnce,
+            SubscribeReasonCode::Success(QoS::ExactlyOnce),
+        ),
+        (
+            &unacked,
+            QoS::AtMostOnce,
+            SubscribeReasonCode::Success(QoS::AtMostOnce),
+        ),
+    ] {
+        let before = probe.subacks.lock().unwrap().len();
+        probe.client.subscribe(filter.as_str(), qos).await.unwrap();
+        let acks = probe.subacks.clone();
+        let codes = eventually(T, "SUBACK", || {
+            let got = acks.lock().unwrap().get(before).cloned();
+            async move { got }
+        })
+        .await
+        .unwrap();
+        assert_eq!(codes, [granted]);
+    }
+    (probe, acked, unacked)
+}
+
+/// The `n`-th (0-based) PUBLISH `probe` received on `topic`, whole.
+fn nth_on(probe: &Probe5, topic: &str, n: usize) -> fleet_testkit::v5::Publish {
+    probe
+        .publishes
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|p| p.topic == topic.as_bytes())
+        .nth(n)
+        .cloned()
+        .unwrap()
+}
+
+/// Sends a QoS 0 marker to `probe` on `unacked` and waits for it (the
+/// `n`-th there): whatever the router handed over before it has been
+/// through the front door by then, so counts taken now are final.
+async fn round_trip_marker(sender: &Probe5, probe: &Probe5, unacked: &str, n: usize) {
+    sender
+        .publish(unacked, QoS::AtMostOnce, format!("marker{n}").into_bytes())
+        .await
+        .unwrap();
+    probe.wait_for(unacked, n, T).await.unwrap();
+}
+
+#[tokio::test]
+async fn qos2_deliveries_keep_to_the_receive_maximum_whatever_the_ack_order() {
+    let fleet = Fleet::start().await.unwrap();
+    let sender = sender5(&fleet).await;
+    let (probe, acked, unacked) = qos2_subscriber(&fleet, "rm2", 2).await;
+    publish_qos2(&sender, &acked, 0..5).await;
+    probe.wait_for(&acked, 2, T).await.unwrap();
+    round_trip_marker(&sender, &probe, &unacked, 1).await;
+    assert_eq!(probe.on(&acked).len(), 2, "more than Receive Maximum sent");
+    // m1's PUBREC before m0's: the router hears of both in its order, and
+    // the link stays up. A QoS 2 slot frees at PUBCOMP, which the probe
+    // sends as each PUBREL comes, and a PUBREL comes only once the router
+    // has the PUBREC.
+    let mut markers = 1;
+    for (first, second, expected) in [(1, 0, 4), (3, 2, 5)] {
+        let before = probe.on(&acked).len();
+        probe
+            .client
+            .ack(&nth_on(&probe, &acked, first))
+            .await
+            .unwrap();
+        markers += 1;
+        round_trip_marker(&sender, &probe, &unacked, markers).await;
+        assert_eq!(probe.on(&acked).len(), before, "a slot freed early");
+        probe
+            .client
+            .ack(&nth_on(&probe, &acked, second))
+            .await
+            .unwrap();
+        probe.wait_for(&acked, expected, T).await.unwrap();
+        markers += 1;
+        round_trip_marker(&sender, &probe, &unacked, markers).await;
+        assert_eq!(probe.on(&acked).len(), expected);
+    }
+    probe.client.ack(&nth_on(&probe, &acked, 4)).await.unwrap();
+    // More after all that: delivered, so the router still serves the link.
+    publish_qos2(&sender, &acked, 5..6).await;
+    probe.wait_for(&acked, 6, T).await.unwrap();
+    let payloads: Vec<_> = probe.on(&acked).into_iter().map(|m| m.payload).collect();
+    let sent: Vec<_> = (0..6).map(|i| format!("m{i}").into_bytes()).collect();
+    assert_eq!(payloads, sent);
+    assert!(!probe.is_cut(), "{:?}", probe.errors.lock().unwrap());
+}
+
+#[tokio::test]
+async fn qos1_acknowledgements_out_of_order_do_not_cut_the_link() {
+    let fleet = Fleet::start().await.unwrap();
+    let sender = sender5(&fleet).await;
+    let (probe, acked, unacked) = subscriber(&fleet, "oo1", |o| {
+        o.set_receive_maximum(Some(2));
+        o.set_manual_acks(true);
+    })
+    .await;
+    for i in 0..4 {
+        assert_eq!(
+            sender
+                .publish_acked(&acked, None, format!("m{i}").into_bytes())
+                .await
+                .unwrap(),
+            PubAckReason::Success
+        );
+    }
+    probe.wait_for(&acked, 2, T).await.unwrap();
+    // m1 before m0: m1's slot frees at once, but the router hears of m1
+    // only after m0.
+    probe.client.ack(&nth_on(&probe, &acked, 1)).await.unwrap();
+    probe.wait_for(&acked, 3, T).await.unwrap();
+    round_trip_marker(&sender, &probe, &unacked, 1).await;
+    assert_eq!(probe.on(&acked).len(), 3);
+    probe.client.ack(&nth_on(&probe, &acked, 0)).await.unwrap();
+    probe.wait_for(&acked, 4, T).await.unwrap();
+    for n in [3, 2] {
+        probe.client.ack(&nth_on(&probe, &acked, n)).await.unwrap();
+    }
+    round_trip_marker(&sender, &probe, &unacked, 2).await;
+    let payloads: Vec<_> = probe.on(&acked).into_iter().map(|m| m.payload).collect();
+    let sent: Vec<_> = (0..4).map(|i| format!("m{i}").into_bytes()).collect();
+    assert_eq!(payloads, sent);
+    assert!(!probe.is_cut(), "{:?}", probe.errors.lock().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed() {
+    let fleet = Fleet::start().await.unwrap();
+    let sender = fleet.privileged("sender").await.unwrap();
+    let topic = "fleet/v1/update/ws1/reply";
+    let live = fleet.broker.metrics.get(|m| &m.live);
+    // Keep-alive 1 s: a write may stall 1.5 s.
+    let mut raw = tokio::task::block_in_place(|| {
+        let mut raw = RawTls::connect(&fleet, "ws1", 1, &[]);
+        raw.subscribe(1, topic, 0);
+        raw
+    });
+    // From now on it never reads, but keeps its keep-alive: what closes it
+    // is the stalled write.
+    let client = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + T;
+        while Instant::now() < deadline {
+            if let Err(err) = raw.send(&PINGREQ) {
+                return Ok(err);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Err("still open")
+    });
+    // Far more than the sockets between them hold.
+    for _ in 0..100 {
+        sender.publish(topic, vec![b'x'; 200 * 1024]).await.unwrap();
+    }
+    let closed = client.await.unwrap();
+    assert!(closed.is_ok(), "{closed:?}");
+    // Its connection slot is free again.
+    eventually(T, "the connection to be gone", || {
+        let now = fleet.broker.metrics.get(|m| &m.live);
+        async move { (now == live).then_some(()) }
+    })
+    .await
+    .unwrap();
+}

@@ -3,7 +3,10 @@
 //!
 //! - **Receive Maximum**: at most that many QoS 1 and 2 PUBLISHes
 //!   unacknowledged at the client; the rest wait here in order until a
-//!   PUBACK, a PUBCOMP or a refusing PUBREC frees a slot.
+//!   PUBACK, a PUBCOMP or a refusing PUBREC frees a slot. A PUBLISH also
+//!   waits while the client still holds its packet id: rumqttd frees an id
+//!   at PUBREC and reuses ids 1 to 100, while the client holds a QoS 2 id
+//!   until its PUBCOMP.
 //! - **Maximum Packet Size**: a PUBLISH larger than that is discarded and
 //!   treated as delivered, so the router is acknowledged for it.
 //!
@@ -11,7 +14,11 @@
 //! PUBLISHes (and its PUBRELs): rumqttd drops a link that acknowledges out
 //! of order. The acknowledgements of the client and those given here for
 //! discarded PUBLISHes are therefore queued in the router's order and
-//! released in it.
+//! released in it. rumqttd takes only a successful PUBREC and always
+//! follows it with a PUBREL: for a QoS 2 flow the client ended (a refusing
+//! PUBREC) or never saw (a discarded PUBLISH), that PUBREL is completed
+//! here and never reaches the client, which would take it as a protocol
+//! error (MQTT 5 §4.3.3).
 //!
 //! No I/O here: each step says what goes to the client and what to the
 //! router.
@@ -71,10 +78,12 @@ pub struct Outbound {
     /// The router's unacknowledged PUBLISHes, in its order; `due` once the
     /// client acknowledged it or it was discarded.
     router_publishes: VecDeque<InOrder>,
-    /// The router's PUBRELs not yet completed, in its order.
+    /// The router's PUBRELs not yet completed, in its order; at most
+    /// [`ROUTER_INFLIGHT`].
     router_pubrels: VecDeque<InOrder>,
-    /// QoS 2 PUBLISHes discarded: their PUBREL is completed here.
-    discarded_qos2: Vec<u16>,
+    /// QoS 2 flows the client will not complete, discarded or refused by
+    /// its PUBREC: the router's PUBREL for them is completed here.
+    ended_qos2: Vec<u16>,
     /// PUBLISHes discarded for their size.
     pub discarded: u64,
 }
@@ -90,7 +99,7 @@ impl Outbound {
             held: VecDeque::new(),
             router_publishes: VecDeque::new(),
             router_pubrels: VecDeque::new(),
-            discarded_qos2: Vec::new(),
+            ended_qos2: Vec::new(),
             discarded: 0,
         }
     }
@@ -124,9 +133,18 @@ impl Outbound {
                 self.release(out);
             }
             Packet::PubRel(pubrel, properties) => {
-                let ours = match self.discarded_qos2.iter().position(|p| *p == pubrel.pkid) {
+                // With ids held back while the client holds them (see
+                // `release`), the router has at most one PUBREL per id
+                // outstanding here: more means a client that takes PUBRELs
+                // and never completes them, which would grow this list.
+                if self.router_pubrels.len() >= ROUTER_INFLIGHT {
+                    return Err(SessionError::Quota(format!(
+                        "more than {ROUTER_INFLIGHT} PUBRELs not completed by the client"
+                    )));
+                }
+                let ours = match self.ended_qos2.iter().position(|p| *p == pubrel.pkid) {
                     Some(at) => {
-                        self.discarded_qos2.swap_remove(at);
+                        self.ended_qos2.swap_remove(at);
                         true
                     }
                     None => false,
@@ -154,12 +172,18 @@ impl Outbound {
         let known = match &packet {
             Packet::PubAck(ack, _) => self.answer(ack.pkid, Stage::Ack, true),
             Packet::PubRec(rec, _) => {
-                // A refusing PUBREC ends the flow (§4.3.3): no PUBREL follows.
+                // A refusing PUBREC ends the flow (§4.3.3): no PUBREL may
+                // follow. The router is told of a success all the same (it
+                // knows no other), and its PUBREL is completed here.
                 let refused = !matches!(
                     rec.reason,
                     PubRecReason::Success | PubRecReason::NoMatchingSubscribers
                 );
-                self.answer(rec.pkid, Stage::Rec, refused)
+                let known = self.answer(rec.pkid, Stage::Rec, refused);
+                if known && refused {
+                    self.ended_qos2.push(rec.pkid);
+                }
+                known
             }
             Packet::PubComp(comp, _) => {
                 let known = self.answer(comp.pkid, Stage::Comp, true);
@@ -213,9 +237,17 @@ impl Outbound {
         }
     }
 
-    /// Sends held PUBLISHes while the client's quota allows.
+    /// Sends held PUBLISHes, in order, while the client's quota allows and
+    /// the next one's packet id is free at the client.
     fn release(&mut self, out: &mut Vec<Out>) {
         while self.sent.len() < self.receive_max {
+            // The router reuses an id once it has the PUBREC; the client
+            // holds it until its PUBCOMP (§4.3.3, §4.9). That PUBCOMP, not
+            // the router, frees it.
+            match self.held.front() {
+                Some((_, _, pkid, _)) if !self.sent.contains_key(pkid) => {}
+                _ => break,
+            }
             let Some((publish, properties, pkid, qos)) = self.held.pop_front() else {
                 break;
             };
@@ -225,7 +257,7 @@ impl Outbound {
                 self.discard(&publish, size);
                 self.settle(pkid);
                 if qos == 2 {
-                    self.discarded_qos2.push(pkid);
+                    self.ended_qos2.push(pkid);
                 }
                 self.flush(out);
                 continue;
@@ -445,7 +477,9 @@ mod tests {
             step(&mut flow, vec![], vec![pubcomp(1)]),
             (vec![2], vec![2001])
         );
-        // A refusing PUBREC ends the flow and frees the slot.
+        // A refusing PUBREC ends the flow and frees the slot; the router
+        // hears of a success, and its PUBREL is completed here, never
+        // forwarded: the client ended the flow (§4.3.3).
         assert_eq!(
             step(
                 &mut flow,
@@ -454,6 +488,88 @@ mod tests {
             ),
             (vec![3], vec![1002])
         );
+        assert_eq!(
+            step(&mut flow, vec![pubrel(2)], vec![]),
+            (vec![], vec![2002])
+        );
+        // The flow goes on: 3's PUBACK reaches the router.
+        assert_eq!(step(&mut flow, vec![], vec![puback(3)]), (vec![], vec![3]));
+    }
+
+    #[test]
+    fn a_refused_flows_pubrel_waits_its_turn_and_is_not_forwarded() {
+        let mut flow = Outbound::new(Some(2), None);
+        let router = vec![publish(2, 1, 1), publish(2, 2, 1)];
+        assert_eq!(step(&mut flow, router, vec![]), (vec![1, 2], vec![]));
+        // 1 is accepted, its PUBREL forwarded and not yet completed; 2 is
+        // refused.
+        assert_eq!(
+            step(
+                &mut flow,
+                vec![],
+                vec![
+                    pubrec(1, PubRecReason::Success),
+                    pubrec(2, PubRecReason::ImplementationSpecificError)
+                ]
+            ),
+            (vec![], vec![1001, 1002])
+        );
+        // The router's PUBCOMPs go in its order: 2's waits for 1's.
+        assert_eq!(
+            step(&mut flow, vec![pubrel(1), pubrel(2)], vec![]),
+            (vec![1001], vec![])
+        );
+        assert_eq!(
+            step(&mut flow, vec![], vec![pubcomp(1)]),
+            (vec![], vec![2001, 2002])
+        );
+    }
+
+    #[test]
+    fn an_id_the_client_still_holds_is_not_reused() {
+        let mut flow = Outbound::new(None, None);
+        // 1 is received, its PUBREL sent; the client has not completed it.
+        assert_eq!(
+            step(&mut flow, vec![publish(2, 1, 1)], vec![]),
+            (vec![1], vec![])
+        );
+        assert_eq!(
+            step(&mut flow, vec![], vec![pubrec(1, PubRecReason::Success)]),
+            (vec![], vec![1001])
+        );
+        assert_eq!(
+            step(&mut flow, vec![pubrel(1)], vec![]),
+            (vec![1001], vec![])
+        );
+        // The router, which freed 1 at PUBREC, uses it again: that one and
+        // those behind it wait; QoS 0 does not.
+        let router = vec![publish(1, 1, 1), publish(1, 2, 1), publish(0, 0, 1)];
+        assert_eq!(step(&mut flow, router, vec![]), (vec![0], vec![]));
+        assert_eq!(flow.held(), 2);
+        // The PUBCOMP frees the id.
+        assert_eq!(
+            step(&mut flow, vec![], vec![pubcomp(1)]),
+            (vec![1, 2], vec![2001])
+        );
+        assert_eq!(
+            step(&mut flow, vec![], vec![puback(1), puback(2)]),
+            (vec![], vec![1, 2])
+        );
+    }
+
+    #[test]
+    fn pubrels_the_client_never_completes_are_capped() {
+        let mut flow = Outbound::new(None, None);
+        let mut out = Vec::new();
+        // PUBRELs of an earlier connection, which this flow knows nothing
+        // of, all forwarded and none completed.
+        for i in 1..=ROUTER_INFLIGHT as u16 {
+            flow.on_router(pubrel(i), &mut out).unwrap();
+        }
+        assert!(matches!(
+            flow.on_router(pubrel(1), &mut out),
+            Err(SessionError::Quota(_))
+        ));
     }
 
     #[test]
