@@ -93,6 +93,12 @@ const SERIES: &[Series] = &[
         "PUBLISHes not sent because they exceed the Maximum Packet Size the client announced.",
         |m| &m.outgoing_discarded,
     ),
+    (
+        "counter",
+        "write_stalls_total",
+        "Connections closed because the client stopped taking data.",
+        |m| &m.write_stalls,
+    ),
 ];
 
 /// The Prometheus text exposition of `metrics`.

@@ -62,6 +62,8 @@ pub struct Metrics {
     /// PUBLISHes not sent to a client because they exceed the Maximum
     /// Packet Size it announced (MQTT 5).
     pub outgoing_discarded: AtomicU64,
+    /// Connections closed because the client stopped taking data.
+    pub write_stalls: AtomicU64,
 }
 
 impl Metrics {

@@ -455,6 +455,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             }
             match err {
                 SessionError::WriteStalled(_) => {
+                    shared.metrics.write_stalls.fetch_add(1, Ordering::Relaxed);
                     warn!(identity = %label, error = %err, "client stopped reading; connection closed")
                 }
                 _ => debug!(identity = %label, error = %err, "session ended"),

@@ -1278,4 +1278,5 @@ async fn a_client_that_stops_reading_is_closed() {
     })
     .await
     .unwrap();
+    assert_eq!(fleet.broker.metrics.get(|m| &m.write_stalls), 1);
 }
