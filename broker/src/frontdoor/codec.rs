@@ -257,7 +257,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
                     match kept {
                         Some(p) if written.is_ok() && out.len() - start > self.peer_max => {
                             out.truncate(start);
-                            self.write_within(p, &mut out)
+                            let connack = matches!(p, Packet::ConnAck(..));
+                            let shrunk = self.write_within(p, &mut out);
+                            // Without its CONNACK the client would wait for
+                            // ever: the connection is closed instead.
+                            if connack && matches!(shrunk, Ok(0)) {
+                                return Err(SessionError::Refused(format!(
+                                    "the CONNACK exceeds the client's Maximum Packet Size {}",
+                                    self.peer_max
+                                )));
+                            }
+                            shrunk
                         }
                         _ => written,
                     }
@@ -681,6 +691,25 @@ mod tests {
             [0x90, 0x04, 0x00, 0x01, 0x00, 0x87]
         );
         assert_eq!(written(6, vec![suback(2), ping()]).await, [0xD0, 0x00]);
+    }
+
+    #[tokio::test]
+    async fn a_connack_over_the_clients_maximum_ends_the_connection() {
+        let (stream, _peer) = tokio::io::duplex(4096);
+        let mut framed = Framed::new(stream, 1024);
+        framed.version = Version::V5;
+        framed.peer_max = 4;
+        let connack = Packet::ConnAck(
+            ConnAck {
+                session_present: false,
+                code: ConnectReturnCode::Success,
+            },
+            None,
+        );
+        assert!(matches!(
+            framed.write(vec![connack]).await,
+            Err(SessionError::Refused(_))
+        ));
     }
 
     #[tokio::test]
