@@ -267,21 +267,7 @@ fn connect_packet(client_id: &str, keep_alive: u16) -> Vec<u8> {
     body.extend_from_slice(&keep_alive.to_be_bytes());
     body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
     body.extend_from_slice(client_id.as_bytes());
-    let mut pkt = vec![0x10];
-    let mut len = body.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        pkt.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    pkt.extend_from_slice(&body);
-    pkt
+    fleet_testkit::mqtt_frame(0x10, &body)
 }
 
 /// TCP + TLS + CONNECT + CONNACK. Returns the open stream.

@@ -970,6 +970,26 @@ impl Drop for Mosquitto {
     }
 }
 
+/// `first` (the fixed header's type and flags byte) and `body` framed as
+/// one MQTT packet, with the remaining length as MQTT encodes it.
+pub fn mqtt_frame(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    let mut len = body.len();
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(body);
+    out
+}
+
 /// The body of `GET {path}` from an HTTP/1.1 server at `addr`, with its
 /// status line checked for 200. For the broker's `/metrics`.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {

@@ -10,7 +10,7 @@ use fleet_testkit::v5::{
     ConnectReturnCode, DisconnectReasonCode, LastWill, LastWillProperties, MqttOptions,
     PubAckReason, PubRecReason, PublishProperties, QoS, SubscribeReasonCode, UnsubAckReason,
 };
-use fleet_testkit::{eventually, Fleet, Probe, Probe5};
+use fleet_testkit::{eventually, mqtt_frame as frame, Fleet, Probe, Probe5};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::frontdoor::{certified, running_fleet, traffic_after, T};
@@ -823,25 +823,6 @@ struct RawTls {
 /// A packet as [`RawTls`] reads it: the fixed header's first byte and the
 /// rest.
 type RawPacket = (u8, Vec<u8>);
-
-/// `first` and `body` framed as one MQTT packet.
-fn frame(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    let mut len = body.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
-}
 
 /// An MQTT 5 CONNECT (Clean Start) of `client_id` with `keep_alive`
 /// seconds and the CONNECT properties `properties` (encoded).
