@@ -116,8 +116,9 @@ impl Pki {
     }
 
     /// Device certificate (CN = device, O = service, the rumqttd tenant) and
-    /// its service CA, with the registry's grant of that service at the
-    /// broker, as the manager writes it.
+    /// its service CA, written to `services/` on first use, with the
+    /// registry's grant of that service at the broker, as the manager
+    /// writes them.
     fn issue<T: HasPublic>(&self, device: &str, service: &str, key: &PKeyRef<T>) -> Vec<X509> {
         fleet_pki::grants::add_grant(&self.dir, device, service).unwrap();
         let mut services = self.services.lock().unwrap();
@@ -131,6 +132,14 @@ impl Pki {
                 &k,
                 true,
             );
+            // Where the fleet's PKI keeps it, and the broker trusts it.
+            let services = self.dir.join("services");
+            std::fs::create_dir_all(&services).unwrap();
+            std::fs::write(
+                services.join(format!("{service}-ca.pem")),
+                c.to_pem().unwrap(),
+            )
+            .unwrap();
             (c, k)
         });
         let leaf = cert(

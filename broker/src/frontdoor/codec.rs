@@ -18,6 +18,7 @@ use rumqttd::protocol::{
     SubscribeReasonCode,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::session::SessionError;
@@ -135,6 +136,10 @@ pub struct Framed<S> {
     /// it fails with [`SessionError::WriteStalled`]: [`MAX_WRITE_STALL`]
     /// unless the session sets less.
     pub write_stall: Duration,
+    /// Cancelled when the connection must end (its certificate revoked, the
+    /// listeners stopping): a write in progress then fails with
+    /// [`SessionError::Revoked`], however slowly the client reads.
+    pub cut: CancellationToken,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
@@ -146,6 +151,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
             version: Version::V311,
             peer_max: usize::MAX,
             write_stall: MAX_WRITE_STALL,
+            cut: CancellationToken::new(),
         }
     }
 
@@ -284,20 +290,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     async fn send_all(&mut self, out: &[u8]) -> Result<(), SessionError> {
         let stall = self.write_stall;
         let stalled = |_| SessionError::WriteStalled(stall);
+        let cut = self.cut.clone();
         let mut at = 0;
         while at < out.len() {
-            let n = tokio::time::timeout(stall, self.stream.write(&out[at..]))
-                .await
-                .map_err(stalled)??;
+            let n = tokio::select! {
+                _ = cut.cancelled() => return Err(SessionError::Revoked),
+                n = tokio::time::timeout(stall, self.stream.write(&out[at..])) => n.map_err(stalled)??,
+            };
             if n == 0 {
                 return Err(SessionError::Io(std::io::ErrorKind::WriteZero.into()));
             }
             at += n;
         }
-        tokio::time::timeout(stall, self.stream.flush())
-            .await
-            .map_err(stalled)??;
-        Ok(())
+        tokio::select! {
+            _ = cut.cancelled() => Err(SessionError::Revoked),
+            flushed = tokio::time::timeout(stall, self.stream.flush()) => {
+                flushed.map_err(stalled)?.map_err(SessionError::from)
+            }
+        }
     }
 
     /// Appends `p` to `out` shrunk to the client's Maximum Packet Size, or
@@ -710,6 +720,26 @@ mod tests {
             framed.write(vec![connack]).await,
             Err(SessionError::Refused(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_cut_ends_a_write_the_client_is_slow_to_take() {
+        let (stream, _peer) = tokio::io::duplex(64);
+        let mut framed = Framed::new(stream, 1 << 20);
+        framed.version = Version::V5;
+        // The stall limit alone would wait an hour.
+        framed.write_stall = Duration::from_secs(3600);
+        let cut = framed.cut.clone();
+        let big = Packet::Publish(Publish::new(b"t/1".to_vec(), vec![b'x'; 4096], false), None);
+        tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            cut.cancel();
+        });
+        let written = tokio::time::timeout(Duration::from_secs(10), framed.write(vec![big])).await;
+        assert!(
+            matches!(written, Ok(Err(SessionError::Revoked))),
+            "{written:?}"
+        );
     }
 
     #[tokio::test]

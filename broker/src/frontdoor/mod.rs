@@ -225,6 +225,33 @@ impl Shared {
     }
 }
 
+/// A connection's slot and its place in the `live` gauge, both given back
+/// when it is dropped: at the end of the connection, or if its task panics
+/// or is never run.
+struct Held {
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    metrics: Arc<Metrics>,
+}
+
+impl Held {
+    fn new(slot: tokio::sync::OwnedSemaphorePermit, metrics: Arc<Metrics>) -> Held {
+        metrics.live.fetch_add(1, Ordering::Relaxed);
+        Held {
+            slot: Some(slot),
+            metrics,
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // The slot goes back before `live` drops, so a connection that no
+        // longer counts as live never holds a slot.
+        drop(self.slot.take());
+        self.metrics.live.fetch_sub(1, Ordering::Release);
+    }
+}
+
 /// Binds a listener with a deep accept backlog.
 pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = if addr.is_ipv4() {
@@ -267,19 +294,16 @@ pub async fn serve(
             warn!(%peer, "connection limit reached");
             continue;
         };
-        shared.metrics.accepted.fetch_add(1, Ordering::Relaxed);
         // Live from the moment the slot is taken, so a connection that
-        // holds a slot always counts.
-        shared.metrics.live.fetch_add(1, Ordering::Relaxed);
+        // holds a slot always counts; counted as accepted after that.
+        let held = Held::new(slot, shared.metrics.clone());
+        shared.metrics.accepted.fetch_add(1, Ordering::Release);
         let (transport, shared, stop) = (transport.clone(), shared.clone(), stop.clone());
         tokio::spawn(async move {
+            let _held = held;
             if let Err(err) = connection(stream, peer, transport, &shared, stop).await {
                 debug!(%peer, error = %err, "connection ended");
             }
-            // The slot goes back before `live` drops, so a connection that
-            // no longer counts as live never holds a slot.
-            drop(slot);
-            shared.metrics.live.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }

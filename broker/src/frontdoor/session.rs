@@ -384,6 +384,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
         // While a write waits the client's packets are not read, so the
         // keep-alive is what bounds it too.
         framed.write_stall = keep_alive.min(MAX_WRITE_STALL);
+        framed.cut = cut.clone();
         let mut outbound = Outbound::new(receive_max, max_packet);
         let result = serve(
             &mut framed,
@@ -551,13 +552,17 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     // filters went to the router.
     let mut partial: HashMap<u16, Vec<bool>> = HashMap::new();
     let mut aliases = TopicAliases::default();
+    // Only a packet from the client moves the keep-alive deadline; traffic
+    // the router sends it does not.
+    let mut deadline = tokio::time::Instant::now() + keep_alive;
     loop {
         tokio::select! {
             _ = cut.cancelled() => {
                 return Err(SessionError::Revoked);
             }
-            read = tokio::time::timeout(keep_alive, framed.read()) => {
+            read = tokio::time::timeout_at(deadline, framed.read()) => {
                 let packet = read.map_err(|_| SessionError::KeepAlive)??;
+                deadline = tokio::time::Instant::now() + keep_alive;
                 match packet {
                     Packet::Publish(mut publish, mut props) => {
                         if version == Version::V5 {

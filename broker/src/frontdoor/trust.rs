@@ -335,6 +335,8 @@ struct ClientVerifier {
     /// Each anchor by [`anchor_key`]: its validity, which webpki does not
     /// check, and whether it is the root.
     anchor_info: HashMap<Vec<u8>, AnchorInfo>,
+    /// The DER of every service CA loaded from `services/`.
+    service_cas: HashSet<Vec<u8>>,
     revoked: Arc<RwLock<HashSet<String>>>,
     metrics: Arc<Metrics>,
     certs_dir: PathBuf,
@@ -404,6 +406,15 @@ impl ClientVerifier {
             if hops != usize::from(info.root) {
                 return Err(webpki::Error::PathLenConstraintViolated);
             }
+            // Through the root, only a service CA the fleet has now: not
+            // one retired (replaced in `services/`), whose leaves the new
+            // CA's CRL no longer lists.
+            if let Some(ca) = path.intermediate_certificates().next() {
+                let ca = ca.der();
+                if !self.service_cas.contains(ca.as_ref()) && !self.service_ca_on_disk(&ca) {
+                    return Err(webpki::Error::UnknownIssuer);
+                }
+            }
             if now.as_secs() < info.not_before {
                 return Err(webpki::Error::CertNotValidYet {
                     time: now,
@@ -456,6 +467,26 @@ impl ClientVerifier {
             service, "certificate refused: the registry grants this device no such service"
         );
         Err(refuse(CertificateError::ApplicationVerificationFailure))
+    }
+}
+
+impl ClientVerifier {
+    /// Whether `ca` is its service's CA file now: one created since the
+    /// last reload (the watcher looks every [`RELOAD_EVERY`]).
+    fn service_ca_on_disk(&self, ca: &CertificateDer<'_>) -> bool {
+        let Some(service) = der::names(ca).and_then(|n| n.subject_o) else {
+            return false;
+        };
+        if fleet_protocol::topic::validate_service_id(&service).is_err() {
+            return false;
+        }
+        let path = self
+            .certs_dir
+            .join("services")
+            .join(format!("{service}-ca.pem"));
+        CertificateDer::pem_file_iter(&path)
+            .map(|certs| certs.flatten().any(|c| c.as_ref() == ca.as_ref()))
+            .unwrap_or(false)
     }
 }
 
@@ -517,7 +548,9 @@ fn build_config(
                     .ok()
                     .and_then(|pem| X509::from_pem(&pem).ok())
                 {
-                    Some(ca) if issued_by(&ca, &root) => service_cas.push(ca),
+                    Some(ca) if issued_by(&ca, &root) && ca.to_der().ok() != root.to_der().ok() => {
+                        service_cas.push(ca)
+                    }
                     Some(_) => {
                         warn!(path = %p.display(), "service CA not issued by the fleet root; ignored")
                     }
@@ -540,6 +573,7 @@ fn build_config(
     let within_root = cas
         .iter()
         .all(|(_, (from, until))| *from >= root_validity.0 && *until <= root_validity.1);
+    let loaded: HashSet<Vec<u8>> = cas.iter().map(|(der, _)| der.clone()).collect();
     let mut anchor_certs = vec![(root.to_der().map_err(ssl)?, root_validity, true)];
     let mut intermediates = Vec::new();
     for (der, window) in cas {
@@ -570,6 +604,7 @@ fn build_config(
         anchors,
         intermediates,
         anchor_info,
+        service_cas: loaded,
         revoked,
         metrics,
         certs_dir: certs_dir.to_path_buf(),

@@ -386,12 +386,23 @@ async fn bad_certificates_fail_the_handshake() {
     .await
     .unwrap();
     grants::add_grant(fleet.certs_dir(), "dev9", "svcA").unwrap();
+    // For contrast, the same helper's leaf straight from svcA's CA works.
+    let (chain, key) = forged_leaf("dev9", "svcA", (&ca_a, &ca_a_key), (-1, 30));
+    Probe::mtls(fleet.service_addr(), "dev9", &root, chain, key)
+        .await
+        .unwrap();
+    let failures = fleet.broker.metrics.get(|m| &m.handshake_failures);
     let (sub, sub_key) = forged_sub_ca("svcA", (&ca_a, &ca_a_key));
     let (mut chain, key) = forged_leaf("dev9", "svcA", (&sub, &sub_key), (-1, 30));
     chain.extend(ca_a.to_pem().unwrap());
     let r = Probe::mtls(fleet.service_addr(), "dev9", &root, chain, key).await;
     assert!(r.is_err(), "a chain through a sub-CA accepted");
     assert_eq!(fleet.broker.metrics.get(|m| &m.not_granted), 0);
+    assert_eq!(
+        fleet.broker.metrics.get(|m| &m.handshake_failures),
+        failures + 1,
+        "refused at the handshake"
+    );
     // No certificate at all on the service listener.
     assert!(Probe::tls(fleet.service_addr(), "dev1", &root)
         .await
@@ -465,6 +476,51 @@ async fn tls_1_2_and_1_3_clients_are_served_and_checked_alike() {
         .unwrap();
     }
     assert!(f.broker.metrics.get(|m| &m.not_granted) >= 2);
+}
+
+#[tokio::test]
+async fn a_retired_service_ca_admits_no_one() {
+    let fleet = Fleet::start().await.unwrap();
+    let root = fleet.certs_dir().join("root-ca.pem");
+    let addr = fleet.service_addr();
+    // Issued by svcA's first CA, which the client sends along.
+    let (old_chain, old_key) = certified(&fleet, "ret1", "svcA");
+    eventually(T, "the first CA's leaf to be accepted", || {
+        let (chain, key, root) = (old_chain.clone(), old_key.clone(), root.clone());
+        async move { Probe::mtls(addr, "ret1", &root, chain, key).await.ok() }
+    })
+    .await
+    .unwrap();
+    // The operator retires that CA: its files go, and svcA gets a new one,
+    // signed by the same root.
+    let services = fleet.certs_dir().join("services");
+    std::fs::remove_file(services.join("svcA-ca.pem")).unwrap();
+    std::fs::remove_file(services.join("svcA-ca.key")).unwrap();
+    let pki = fleet_pki::Pki::open_or_create(fleet.certs_dir()).unwrap();
+    let key = crypto::generate_p256().unwrap();
+    let public = PKey::public_key_from_der(&key.public_key_to_der().unwrap()).unwrap();
+    let issued = pki
+        .issue_device_certificate("ret2", "svcA", &public, 1)
+        .unwrap();
+    grants::add_grant(fleet.certs_dir(), "ret2", "svcA").unwrap();
+    let new_chain = fleet_pki::chain_to_pem(&issued.chain).unwrap();
+    let new_key = key.private_key_to_pem_pkcs8().unwrap();
+    // The old CA's leaves are refused even with the old CA presented, and
+    // the new CA's are accepted.
+    eventually(T, "the retired CA's leaf to be refused", || {
+        let (chain, key, root) = (old_chain.clone(), old_key.clone(), root.clone());
+        async move {
+            Probe::mtls(addr, "ret1", &root, chain, key)
+                .await
+                .is_err()
+                .then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    Probe::mtls(addr, "ret2", &root, new_chain, new_key)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
