@@ -1261,3 +1261,62 @@ async fn a_client_that_stops_reading_is_closed() {
     .unwrap();
     assert_eq!(fleet.broker.metrics.get(|m| &m.write_stalls), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_sends_nothing_is_timed_out_whatever_it_receives() {
+    let fleet = Fleet::start().await.unwrap();
+    let sender = fleet.privileged("sender").await.unwrap();
+    let topic = "fleet/v1/update/ka1/reply";
+    // Keep-alive 1 s: the broker gives it 1.5 s between packets.
+    let mut raw = tokio::task::block_in_place(|| {
+        let mut raw = RawTls::connect(&fleet, "ka1", 1, &[]);
+        raw.subscribe(1, topic, 0);
+        raw
+    });
+    // Traffic to the client, far more often than its keep-alive, while it
+    // sends nothing at all.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let ticking = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                sender.publish(topic, b"tick".to_vec()).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    let (received, lasted) = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut received = Vec::new();
+        let mut chunk = [0u8; 4096];
+        // Read until the broker closes; give up well before the test's
+        // timeout, which a broker that never closes would reach.
+        while started.elapsed() < Duration::from_secs(10) {
+            match raw.tls.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&chunk[..n]),
+            }
+        }
+        (received, started.elapsed())
+    })
+    .await
+    .unwrap();
+    stop.cancel();
+    ticking.await.unwrap();
+    assert!(
+        lasted < Duration::from_secs(10),
+        "still open after {lasted:?}"
+    );
+    assert!(
+        lasted >= Duration::from_millis(1400),
+        "closed after {lasted:?}"
+    );
+    // The DISCONNECT: 0xE0, its remaining length, reason 0x8D (Keep Alive
+    // timeout). Nothing else the broker sent here has a 0xE0 byte.
+    assert!(
+        received.windows(3).any(|w| w[0] == 0xE0 && w[2] == 0x8D),
+        "no DISCONNECT 0x8D (Keep Alive timeout): {:02x?}",
+        &received[received.len().saturating_sub(40)..]
+    );
+}
