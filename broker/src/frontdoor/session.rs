@@ -514,7 +514,7 @@ async fn publish_will_later(
 /// Sends a due Will through the front door's one Will link (router id
 /// [`WILL_LINK`]): the session's own link is closed, and opening that again
 /// would resume the session. The link is opened on first use, and again if
-/// the router dropped it.
+/// a send on it fails (the router's channel closed).
 async fn publish_through_will_link(shared: &Shared, will: Will) -> Result<(), String> {
     let mut link = shared.will_link.lock().await;
     for _ in 0..2 {

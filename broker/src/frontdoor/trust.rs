@@ -387,12 +387,23 @@ impl ClientVerifier {
         now: UnixTime,
     ) -> Result<(), rustls::Error> {
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
-        let mut intermediates: Vec<CertificateDer<'_>> = presented.to_vec();
-        intermediates.extend(
-            self.intermediates
+        // The service CAs join what the client sent only when they are not
+        // anchors; usually nothing is copied.
+        let joined: Vec<CertificateDer<'_>>;
+        let intermediates = if self.intermediates.is_empty() {
+            presented
+        } else {
+            joined = presented
                 .iter()
-                .map(|c| CertificateDer::from(c.as_ref())),
-        );
+                .cloned()
+                .chain(
+                    self.intermediates
+                        .iter()
+                        .map(|c| CertificateDer::from(c.as_ref())),
+                )
+                .collect();
+            &joined
+        };
         // The only shapes a fleet chain has: device → service CA (an
         // anchor), or device → service CA → root. webpki checks neither an
         // anchor's validity nor its path length, so both are checked here;
@@ -432,7 +443,7 @@ impl ClientVerifier {
         cert.verify_for_usage(
             self.algorithms.all,
             &self.anchors,
-            &intermediates,
+            intermediates,
             now,
             webpki::KeyUsage::client_auth(),
             None,
@@ -468,9 +479,7 @@ impl ClientVerifier {
         );
         Err(refuse(CertificateError::ApplicationVerificationFailure))
     }
-}
 
-impl ClientVerifier {
     /// Whether `ca` is its service's CA file now: one created since the
     /// last reload (the watcher looks every [`RELOAD_EVERY`]).
     fn service_ca_on_disk(&self, ca: &CertificateDer<'_>) -> bool {
@@ -538,6 +547,7 @@ fn build_config(
         std::fs::read(&p).map_err(|_| BrokerError::MissingFile(p.display().to_string()))
     };
     let root = X509::from_pem(&read(certs_dir.join("root-ca.pem"))?).map_err(ssl)?;
+    let root_der = root.to_der().map_err(ssl)?;
     // Service CAs, each checked against the root here, once.
     let mut service_cas = Vec::new();
     if let Ok(entries) = std::fs::read_dir(certs_dir.join("services")) {
@@ -548,7 +558,10 @@ fn build_config(
                     .ok()
                     .and_then(|pem| X509::from_pem(&pem).ok())
                 {
-                    Some(ca) if issued_by(&ca, &root) && ca.to_der().ok() != root.to_der().ok() => {
+                    Some(ca)
+                        if issued_by(&ca, &root)
+                            && ca.to_der().ok().as_deref() != Some(root_der.as_slice()) =>
+                    {
                         service_cas.push(ca)
                     }
                     Some(_) => {
@@ -574,7 +587,7 @@ fn build_config(
         .iter()
         .all(|(_, (from, until))| *from >= root_validity.0 && *until <= root_validity.1);
     let loaded: HashSet<Vec<u8>> = cas.iter().map(|(der, _)| der.clone()).collect();
-    let mut anchor_certs = vec![(root.to_der().map_err(ssl)?, root_validity, true)];
+    let mut anchor_certs = vec![(root_der, root_validity, true)];
     let mut intermediates = Vec::new();
     for (der, window) in cas {
         if within_root {

@@ -439,11 +439,10 @@ fn connack_over(
     let tcp = std::net::TcpStream::connect(fleet.service_addr())?;
     tcp.set_read_timeout(Some(T))?;
     let mut tls = b.build().connect("localhost", tcp)?;
-    let mut connect = vec![0x10, (12 + client_id.len()) as u8, 0, 4];
-    connect.extend_from_slice(b"MQTT");
-    connect.extend_from_slice(&[4, 2, 0, 60, 0, client_id.len() as u8]);
-    connect.extend_from_slice(client_id.as_bytes());
-    tls.write_all(&connect)?;
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60];
+    body.extend((client_id.len() as u16).to_be_bytes());
+    body.extend(client_id.as_bytes());
+    tls.write_all(&fleet_testkit::mqtt_frame(0x10, &body))?;
     let mut ack = [0u8; 4];
     tls.read_exact(&mut ack)?;
     anyhow::ensure!(ack[0] == 0x20, "not a CONNACK: {ack:?}");

@@ -421,12 +421,7 @@ async fn raw_v5(fleet: &Fleet, client_id: &str) -> tokio::net::TcpStream {
         .await
         .unwrap()
         .unwrap();
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 0];
-    body.extend((client_id.len() as u16).to_be_bytes());
-    body.extend(client_id.as_bytes());
-    let mut connect = vec![0x10, body.len() as u8];
-    connect.extend(body);
-    s.write_all(&connect).await.unwrap();
+    s.write_all(&raw_connect(client_id, 60, &[])).await.unwrap();
     let mut head = [0u8; 2];
     tokio::time::timeout(T, s.read_exact(&mut head))
         .await
