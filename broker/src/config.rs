@@ -41,6 +41,10 @@ pub struct BrokerConfig {
     pub connect_timeout_ms: u64,
     /// Time a client has to finish the TLS handshake.
     pub tls_handshake_timeout_ms: u64,
+    /// Whether the service listener gives each client a TLS session ticket
+    /// to resume its next connection with. A ticket is taken only if the
+    /// certificate in it passes every check of a full handshake again.
+    pub service_session_tickets: bool,
     /// Longest silence allowed to a client that asks for no keep-alive, and
     /// the cap on 1.5 × the keep-alive it asks for.
     pub max_idle_secs: u64,
@@ -63,6 +67,7 @@ impl Default for BrokerConfig {
             max_connections: 18_000,
             connect_timeout_ms: 10_000,
             tls_handshake_timeout_ms: 10_000,
+            service_session_tickets: true,
             max_idle_secs: 300,
             connects_per_sec_per_source: 2_000.0,
             connect_burst_per_source: 5_000.0,

@@ -169,6 +169,7 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
             &config.certs_dir,
             shared.metrics.clone(),
             shared.revoked.clone(),
+            config.service_session_tickets,
         )?;
         trust = Some(t.clone());
         plan.push((l, frontdoor::Transport::MutualTls(t)));

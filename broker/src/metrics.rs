@@ -47,6 +47,12 @@ const SERIES: &[Series] = &[
     ),
     (
         "counter",
+        "tls_sessions_resumed_total",
+        "Service-listener handshakes that resumed a session from its ticket.",
+        |m| &m.resumed,
+    ),
+    (
+        "counter",
         "certificates_not_granted_total",
         "Client certificates refused because the registry grants their device no such service.",
         |m| &m.not_granted,

@@ -1,4 +1,4 @@
-//! Just enough DER to read the names and serial of a client certificate
+//! Just enough DER to read the names, serial and validity of a client certificate
 //! that webpki has already verified: the front door's identity comes from
 //! them, and reading them here spares every handshake a second, far
 //! costlier parse (OpenSSL 3 decodes the public key of every certificate
@@ -26,6 +26,8 @@ const VERSION: u8 = 0xa0;
 const UTF8_STRING: u8 = 0x0c;
 const PRINTABLE_STRING: u8 = 0x13;
 const IA5_STRING: u8 = 0x16;
+const UTC_TIME: u8 = 0x17;
+const GENERALIZED_TIME: u8 = 0x18;
 
 /// id-at-commonName, 2.5.4.3.
 const OID_CN: &[u8] = &[0x55, 0x04, 0x03];
@@ -111,8 +113,15 @@ fn serial_hex(integer: &[u8]) -> Option<String> {
     Some(out)
 }
 
-/// Reads subject CN and O, issuer O and serial from a DER certificate.
-pub fn names(cert: &[u8]) -> Option<CertNames> {
+/// The fields of a certificate's TBSCertificate up to the subject.
+struct Tbs<'a> {
+    serial: &'a [u8],
+    issuer: &'a [u8],
+    validity: &'a [u8],
+    subject: &'a [u8],
+}
+
+fn tbs(cert: &[u8]) -> Option<Tbs<'_>> {
     let (certificate, _) = expect(cert, SEQUENCE)?;
     let (tbs, _) = expect(certificate, SEQUENCE)?;
     let tbs = match tlv(tbs)? {
@@ -122,8 +131,79 @@ pub fn names(cert: &[u8]) -> Option<CertNames> {
     let (serial, rest) = expect(tbs, INTEGER)?;
     let (_signature, rest) = expect(rest, SEQUENCE)?;
     let (issuer, rest) = expect(rest, SEQUENCE)?;
-    let (_validity, rest) = expect(rest, SEQUENCE)?;
+    let (validity, rest) = expect(rest, SEQUENCE)?;
     let (subject, _) = expect(rest, SEQUENCE)?;
+    Some(Tbs {
+        serial,
+        issuer,
+        validity,
+        subject,
+    })
+}
+
+/// Days from 1970-01-01 to a proleptic Gregorian date (H. Hinnant's
+/// `days_from_civil`).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// A UTCTime (`YYMMDDHHMMSSZ`) or GeneralizedTime (`YYYYMMDDHHMMSSZ`), the
+/// only forms RFC 5280 §4.1.2.5 allows, as Unix seconds (0 for earlier).
+fn time(tag: u8, text: &[u8]) -> Option<u64> {
+    let (year, rest) = match (tag, text.len()) {
+        (UTC_TIME, 13) => {
+            let yy = digits(&text[..2])?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &text[2..])
+        }
+        (GENERALIZED_TIME, 15) => (digits(&text[..4])?, &text[4..]),
+        _ => return None,
+    };
+    if rest[10] != b'Z' {
+        return None;
+    }
+    let field = |at: usize| digits(&rest[at..at + 2]);
+    let (month, day) = (field(0)?, field(2)?);
+    let (hour, minute, second) = (field(4)?, field(6)?, field(8)?);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 59
+    {
+        return None;
+    }
+    let secs = days_from_civil(year, month, day) * 86_400 + hour * 3_600 + minute * 60 + second;
+    Some(u64::try_from(secs).unwrap_or(0))
+}
+
+fn digits(text: &[u8]) -> Option<i64> {
+    text.iter().try_fold(0i64, |acc, &b| {
+        b.is_ascii_digit().then(|| acc * 10 + i64::from(b - b'0'))
+    })
+}
+
+/// A certificate's notBefore and notAfter as Unix seconds.
+pub fn validity(cert: &[u8]) -> Option<(u64, u64)> {
+    let (tag, from, rest) = tlv(tbs(cert)?.validity)?;
+    let from = time(tag, from)?;
+    let (tag, until, _) = tlv(rest)?;
+    Some((from, time(tag, until)?))
+}
+
+/// Reads subject CN and O, issuer O and serial from a DER certificate.
+pub fn names(cert: &[u8]) -> Option<CertNames> {
+    let Tbs {
+        serial,
+        issuer,
+        subject,
+        ..
+    } = tbs(cert)?;
     Some(CertNames {
         subject_cn: attribute(subject, OID_CN),
         subject_o: attribute(subject, OID_O),
@@ -218,8 +298,73 @@ mod tests {
         assert_eq!(serial_hex(&[0x00, 0x80]).as_deref(), Some("80"));
     }
 
+    /// A certificate valid from `from` to `until` (Unix seconds).
+    fn valid_between(from: i64, until: i64) -> X509 {
+        let c = cert(&[1], &[("CN", "d")], "s");
+        let mut b = X509Builder::new().unwrap();
+        b.set_version(2).unwrap();
+        b.set_serial_number(c.serial_number()).unwrap();
+        b.set_subject_name(c.subject_name()).unwrap();
+        b.set_issuer_name(c.issuer_name()).unwrap();
+        b.set_not_before(&Asn1Time::from_unix(from).unwrap())
+            .unwrap();
+        b.set_not_after(&Asn1Time::from_unix(until).unwrap())
+            .unwrap();
+        let key = c.public_key().unwrap();
+        b.set_pubkey(&key).unwrap();
+        let signer = PKey::from_ec_key(
+            EcKey::generate(&EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap()).unwrap(),
+        )
+        .unwrap();
+        b.sign(&signer, MessageDigest::sha256()).unwrap();
+        b.build()
+    }
+
+    #[test]
+    fn validity_reads_utc_and_generalized_times() {
+        // OpenSSL writes UTCTime up to 2049 and GeneralizedTime from 2050.
+        let (from, until) = (1_764_000_000, 2_600_000_000);
+        let c = valid_between(from, until);
+        assert_eq!(
+            validity(&c.to_der().unwrap()),
+            Some((from as u64, until as u64))
+        );
+        assert_eq!(time(UTC_TIME, b"700101000000Z"), Some(0));
+        assert_eq!(time(UTC_TIME, b"491231235959Z"), Some(2_524_607_999));
+        assert_eq!(
+            time(GENERALIZED_TIME, b"20000229120000Z"),
+            Some(951_825_600)
+        );
+        assert_eq!(
+            time(UTC_TIME, b"691231235959Z"),
+            Some(0),
+            "before 1970 is 0"
+        );
+        for bad in [
+            &b"700101000000"[..],
+            b"7001010000000",
+            b"701301000000Z",
+            b"70010100000aZ",
+        ] {
+            assert_eq!(
+                time(UTC_TIME, bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(time(GENERALIZED_TIME, b"19700101000000.5Z"), None);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn validity_matches_openssl(from in 0i64..4_000_000_000, span in 0i64..2_000_000_000) {
+            let c = valid_between(from, from + span);
+            let der = c.to_der().unwrap();
+            prop_assert_eq!(validity(&der), Some((from as u64, (from + span) as u64)));
+        }
+
         #[test]
         fn serials_match_openssl(serial in proptest::collection::vec(any::<u8>(), 1..20)) {
             let c = cert(&serial, &[("CN", "d")], "s");
@@ -229,6 +374,7 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = names(&bytes);
+            let _ = validity(&bytes);
         }
     }
 }

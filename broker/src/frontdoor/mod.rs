@@ -50,6 +50,8 @@ pub struct Metrics {
     pub accepted: AtomicU64,
     pub live: AtomicU64,
     pub handshake_failures: AtomicU64,
+    /// Service-listener handshakes that resumed from a session ticket.
+    pub resumed: AtomicU64,
     /// Client certificates valid in themselves whose (device, service) the
     /// registry does not grant.
     pub not_granted: AtomicU64,
@@ -326,6 +328,9 @@ async fn connection(
         }
         Transport::MutualTls(trust) => {
             let tls = handshake(stream, trust.config(), shared).await?;
+            if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                shared.metrics.resumed.fetch_add(1, Ordering::Relaxed);
+            }
             // Read in a function of its own: a stream borrowed here would
             // stay in this future, a dead 1.2 KiB copy, while the session
             // runs.

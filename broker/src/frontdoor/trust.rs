@@ -13,7 +13,15 @@
 //! handshake itself; the live sessions of a newly revoked certificate are
 //! cancelled on reload. Grants are read from their file at each handshake,
 //! so the manager's latest write always counts.
+//!
+//! A device that reconnects does not pay for its chain again: a leaf
+//! whose chain verified is remembered, with the window in which the whole
+//! path is valid, until the set of CAs changes ([`Chains`]). And it may
+//! resume its TLS session with the ticket it was given ([`TicketGate`]):
+//! a ticket is taken only if the certificate inside it passes every check
+//! of a full handshake again, now.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -28,10 +36,10 @@ use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, TrustAnchor, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::ServerConfig;
+use rustls::server::{ProducesTickets, ServerConfig};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{der, Metrics};
 use crate::BrokerError;
@@ -118,6 +126,11 @@ pub struct Trust {
     certs_dir: PathBuf,
     metrics: Arc<Metrics>,
     config: RwLock<Arc<ServerConfig>>,
+    /// The verifier of the current configuration, which tickets are
+    /// checked with too.
+    verifier: Arc<RwLock<Arc<ClientVerifier>>>,
+    /// `None` when session tickets are off.
+    tickets: Option<Arc<TicketGate>>,
     revoked: Arc<RwLock<HashSet<String>>>,
     sessions: Mutex<Sessions>,
     seen: Mutex<Fingerprint>,
@@ -126,18 +139,40 @@ pub struct Trust {
 impl Trust {
     /// Loads the trust in `certs_dir`; `revoked` is filled with the
     /// revoked serials and kept up to date.
+    /// With `tickets`, the listener gives each client a TLS session ticket
+    /// to resume with (see [`TicketGate`]).
     pub fn load(
         certs_dir: &Path,
         metrics: Arc<Metrics>,
         revoked: Arc<RwLock<HashSet<String>>>,
+        tickets: bool,
     ) -> Result<Arc<Trust>, BrokerError> {
         let seen = fingerprint(certs_dir);
         *revoked.write().unwrap_or_else(|p| p.into_inner()) = load_revoked(certs_dir);
-        let config = build_config(certs_dir, revoked.clone(), metrics.clone())?;
+        let first = Arc::new(build_verifier(
+            certs_dir,
+            revoked.clone(),
+            metrics.clone(),
+            None,
+        )?);
+        let verifier = Arc::new(RwLock::new(first.clone()));
+        let tickets = if tickets {
+            let keys = rustls::crypto::aws_lc_rs::Ticketer::new()
+                .map_err(|e| BrokerError::Tls(format!("session tickets: {e}")))?;
+            Some(Arc::new(TicketGate {
+                keys,
+                verifier: verifier.clone(),
+            }))
+        } else {
+            None
+        };
+        let config = build_config(certs_dir, first, tickets.clone())?;
         Ok(Arc::new(Trust {
             certs_dir: certs_dir.to_path_buf(),
             metrics,
             config: RwLock::new(config),
+            verifier,
+            tickets,
             revoked,
             sessions: Mutex::new(Sessions::default()),
             seen: Mutex::new(seen),
@@ -191,8 +226,30 @@ impl Trust {
         }
         let revoked = load_revoked(&self.certs_dir);
         *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = revoked.clone();
-        match build_config(&self.certs_dir, self.revoked.clone(), self.metrics.clone()) {
-            Ok(c) => *self.config.write().unwrap_or_else(|p| p.into_inner()) = c,
+        let previous = self
+            .verifier
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .chains
+            .clone();
+        let rebuilt = build_verifier(
+            &self.certs_dir,
+            self.revoked.clone(),
+            self.metrics.clone(),
+            Some(previous),
+        )
+        .map(Arc::new)
+        .and_then(|v| {
+            Ok((
+                v.clone(),
+                build_config(&self.certs_dir, v, self.tickets.clone())?,
+            ))
+        });
+        match rebuilt {
+            Ok((verifier, config)) => {
+                *self.verifier.write().unwrap_or_else(|p| p.into_inner()) = verifier;
+                *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+            }
             Err(err) => {
                 warn!(error = %err, "service TLS context not rebuilt; keeping the previous one")
             }
@@ -281,12 +338,105 @@ fn broker_identity(
     Ok((chain, key))
 }
 
-/// Sessions are never resumed: every connection shows its certificate, so
-/// revocation and the registry's grant apply to every handshake.
-fn no_resumption(mut config: ServerConfig) -> Arc<ServerConfig> {
+/// Resumption only through `tickets`, never from server-side state: the
+/// session-id cache of TLS 1.2 and stateful TLS 1.3 tickets would resume
+/// without the checks [`TicketGate`] makes. Without `tickets`, no session
+/// is resumed and every connection shows its certificate.
+fn resumption(mut config: ServerConfig, tickets: Option<Arc<TicketGate>>) -> Arc<ServerConfig> {
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
+    match tickets {
+        Some(gate) => {
+            config.ticketer = gate;
+            // One per connection: a TLS 1.3 ticket is used once, and a
+            // resumed connection is given the next.
+            config.send_tls13_tickets = 1;
+        }
+        None => config.send_tls13_tickets = 0,
+    }
     Arc::new(config)
+}
+
+/// The service listener's session tickets (RFC 5077 construction, keys
+/// rotated every 6 hours, tickets good for 12), and the gate on resuming
+/// one. A ticket holds the client's certificate chain; it is taken only if
+/// that chain passes, now, every check a full handshake makes: the chain
+/// under the CAs loaded now (a retired CA's leaves fail), the validity of
+/// every certificate on the path, revocation and the registry's grant.
+/// A ticket that fails is ignored, not refused: the client must then show
+/// its certificate, and gets the same alert as without a ticket.
+#[derive(Debug)]
+pub struct TicketGate {
+    keys: Arc<dyn ProducesTickets>,
+    verifier: Arc<RwLock<Arc<ClientVerifier>>>,
+}
+
+impl ProducesTickets for TicketGate {
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    fn lifetime(&self) -> u32 {
+        self.keys.lifetime()
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        self.keys.encrypt(plain)
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        let plain = self.keys.decrypt(cipher)?;
+        let chain = ticket_chain(&plain)?;
+        let (leaf, presented) = chain.split_first()?;
+        let verifier = self
+            .verifier
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match verifier.check(leaf, presented, UnixTime::now()) {
+            Ok(()) => Some(plain),
+            Err(why) => {
+                debug!(error = %why, "session ticket not taken: its certificate fails now");
+                None
+            }
+        }
+    }
+}
+
+/// The client's certificate chain in a decrypted ticket, which is rustls
+/// 0.23's `ServerSessionValue` encoding (`msgs/persist.rs`): SNI (a flag,
+/// then a u8-length name), version (u16), cipher suite (u16), master
+/// secret (u8 length), extended master secret (u8), then a flag and the
+/// chain (u24 length; each certificate u24 length and DER). Anything else
+/// is `None`, and the ticket is not taken.
+fn ticket_chain(plain: &[u8]) -> Option<Vec<CertificateDer<'_>>> {
+    fn take<'a>(input: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = (input.len() >= n).then(|| input.split_at(n))?;
+        *input = rest;
+        Some(head)
+    }
+    fn u24(input: &mut &[u8]) -> Option<usize> {
+        let b = take(input, 3)?;
+        Some(usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2]))
+    }
+    let mut r = plain;
+    if take(&mut r, 1)? == [1] {
+        let len = take(&mut r, 1)?[0];
+        take(&mut r, usize::from(len))?;
+    }
+    take(&mut r, 4)?;
+    let secret = take(&mut r, 1)?[0];
+    take(&mut r, usize::from(secret) + 1)?;
+    if take(&mut r, 1)? != [1] {
+        return None;
+    }
+    let len = u24(&mut r)?;
+    let mut list = take(&mut r, len)?;
+    let mut chain = Vec::new();
+    while !list.is_empty() {
+        let len = u24(&mut list)?;
+        chain.push(CertificateDer::from(take(&mut list, len)?));
+    }
+    Some(chain)
 }
 
 /// The bootstrap listener's TLS: the broker certificate, TLS 1.2 or 1.3,
@@ -300,7 +450,7 @@ pub fn server_config(certs_dir: &Path) -> Result<Arc<ServerConfig>, BrokerError>
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(tls)?;
-    Ok(no_resumption(config))
+    Ok(resumption(config, None))
 }
 
 /// Whether `root` issued `ca`: names match and the signature verifies.
@@ -327,7 +477,7 @@ fn validity(cert: &X509Ref) -> Result<(i64, i64), openssl::error::ErrorStack> {
 /// fleet adds: the anchor still valid, O issued by that service's own CA,
 /// not revoked, and granted by the registry.
 #[derive(Debug)]
-struct ClientVerifier {
+pub struct ClientVerifier {
     algorithms: WebPkiSupportedAlgorithms,
     anchors: Vec<TrustAnchor<'static>>,
     /// Certificates a chain may pass through to reach an anchor.
@@ -335,11 +485,54 @@ struct ClientVerifier {
     /// Each anchor by [`anchor_key`]: its validity, which webpki does not
     /// check, and whether it is the root.
     anchor_info: HashMap<Vec<u8>, AnchorInfo>,
-    /// The DER of every service CA loaded from `services/`.
-    service_cas: HashSet<Vec<u8>>,
+    /// Every service CA loaded from `services/`: DER → validity (Unix
+    /// seconds).
+    service_cas: HashMap<Vec<u8>, (u64, u64)>,
+    chains: Arc<Chains>,
     revoked: Arc<RwLock<HashSet<String>>>,
     metrics: Arc<Metrics>,
     certs_dir: PathBuf,
+}
+
+/// At most this many leaves are remembered; past it, all are forgotten.
+const CHAINS_MAX: usize = 200_000;
+
+/// Leaf certificates whose chain webpki verified under the CAs loaded now,
+/// by SHA-256 of the leaf's DER, each with the window in which every
+/// certificate of its path (leaf, service CA, anchor) is valid. A device
+/// that reconnects within the window skips the chain's signature checks;
+/// its identity, revocation and grant are still checked at every
+/// handshake. Only verified chains are entered, so only holders of a
+/// fleet certificate can fill it; it is replaced by an empty one whenever
+/// the set of CAs changes (a CA added, replaced or removed).
+#[derive(Debug)]
+pub struct Chains {
+    /// SHA-256 over the DER of the root and every loaded service CA.
+    cas: [u8; 32],
+    verified: Mutex<HashMap<[u8; 32], (u64, u64)>>,
+}
+
+impl Chains {
+    fn holds(&self, leaf: &[u8; 32], now: u64) -> bool {
+        self.verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(leaf)
+            .is_some_and(|(from, until)| *from <= now && now <= *until)
+    }
+
+    fn insert(&self, leaf: [u8; 32], window: (u64, u64)) {
+        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if verified.len() >= CHAINS_MAX {
+            verified.clear();
+        }
+        verified.insert(leaf, window);
+    }
+}
+
+/// The later start and the earlier end of two validity windows.
+fn within(a: (u64, u64), b: (u64, u64)) -> (u64, u64) {
+    (a.0.max(b.0), a.1.min(b.1))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -380,12 +573,29 @@ fn pki_error(error: webpki::Error) -> rustls::Error {
 }
 
 impl ClientVerifier {
-    fn verify(
+    /// Every check of a handshake, quietly: for a session ticket, whose
+    /// failure is followed by a full handshake that reports it.
+    fn check(
         &self,
         end_entity: &CertificateDer<'_>,
         presented: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<(), rustls::Error> {
+        self.verify(end_entity, presented, now, false)
+    }
+
+    /// The chain, from [`Chains`] when this leaf's chain verified under
+    /// the CAs loaded now and `now` is within its window.
+    fn verify_chain(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        presented: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
+        let leaf = openssl::sha::sha256(end_entity);
+        if self.chains.holds(&leaf, now.as_secs()) {
+            return Ok(());
+        }
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
         // The service CAs join what the client sent only when they are not
         // anchors; usually nothing is copied.
@@ -408,6 +618,9 @@ impl ClientVerifier {
         // anchor), or device → service CA → root. webpki checks neither an
         // anchor's validity nor its path length, so both are checked here;
         // a path that fails is not taken, and webpki tries the next one.
+        // The window in which the accepted path is valid, if it is one to
+        // remember (not one through a CA not yet loaded).
+        let window = Cell::new(None);
         let shape = |path: &webpki::VerifiedPath<'_>| -> Result<(), webpki::Error> {
             let info = self
                 .anchor_info
@@ -417,13 +630,16 @@ impl ClientVerifier {
             if hops != usize::from(info.root) {
                 return Err(webpki::Error::PathLenConstraintViolated);
             }
+            let mut valid = Some((info.not_before, info.not_after));
             // Through the root, only a service CA the fleet has now: not
             // one retired (replaced in `services/`), whose leaves the new
             // CA's CRL no longer lists.
             if let Some(ca) = path.intermediate_certificates().next() {
                 let ca = ca.der();
-                if !self.service_cas.contains(ca.as_ref()) && !self.service_ca_on_disk(&ca) {
-                    return Err(webpki::Error::UnknownIssuer);
+                match self.service_cas.get(ca.as_ref()) {
+                    Some(ca_valid) => valid = valid.map(|v| within(v, *ca_valid)),
+                    None if self.service_ca_on_disk(&ca) => valid = None,
+                    None => return Err(webpki::Error::UnknownIssuer),
                 }
             }
             if now.as_secs() < info.not_before {
@@ -438,6 +654,7 @@ impl ClientVerifier {
                     not_after: UnixTime::since_unix_epoch(Duration::from_secs(info.not_after)),
                 });
             }
+            window.set(valid);
             Ok(())
         };
         cert.verify_for_usage(
@@ -450,6 +667,22 @@ impl ClientVerifier {
             Some(&shape),
         )
         .map_err(pki_error)?;
+        if let (Some(path), Some(own)) = (window.get(), der::validity(end_entity)) {
+            self.chains.insert(leaf, within(path, own));
+        }
+        Ok(())
+    }
+
+    /// Every check of a handshake; with `report`, a refusal by the
+    /// registry is logged and counted.
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        presented: &[CertificateDer<'_>],
+        now: UnixTime,
+        report: bool,
+    ) -> Result<(), rustls::Error> {
+        self.verify_chain(end_entity, presented, now)?;
         // The device certificate: issued by the CA of the service it names
         // (a service CA cannot mint another service's devices), not
         // revoked, and granted that service by the registry.
@@ -472,11 +705,13 @@ impl ClientVerifier {
         if grants::is_granted(&self.certs_dir, &device, &service) {
             return Ok(());
         }
-        self.metrics.not_granted.fetch_add(1, Ordering::Relaxed);
-        warn!(
-            device,
-            service, "certificate refused: the registry grants this device no such service"
-        );
+        if report {
+            self.metrics.not_granted.fetch_add(1, Ordering::Relaxed);
+            warn!(
+                device,
+                service, "certificate refused: the registry grants this device no such service"
+            );
+        }
         Err(refuse(CertificateError::ApplicationVerificationFailure))
     }
 
@@ -510,7 +745,7 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.verify(end_entity, intermediates, now)?;
+        self.verify(end_entity, intermediates, now, true)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -537,11 +772,14 @@ impl ClientCertVerifier for ClientVerifier {
     }
 }
 
-fn build_config(
+/// The verifier for the CAs in `certs_dir`; it keeps `previous`'s
+/// [`Chains`] if the CAs are the same.
+fn build_verifier(
     certs_dir: &Path,
     revoked: Arc<RwLock<HashSet<String>>>,
     metrics: Arc<Metrics>,
-) -> Result<Arc<ServerConfig>, BrokerError> {
+    previous: Option<Arc<Chains>>,
+) -> Result<ClientVerifier, BrokerError> {
     let ssl = |e: openssl::error::ErrorStack| BrokerError::Tls(e.to_string());
     let read = |p: PathBuf| {
         std::fs::read(&p).map_err(|_| BrokerError::MissingFile(p.display().to_string()))
@@ -577,6 +815,26 @@ fn build_config(
     for ca in &service_cas {
         cas.push((ca.to_der().map_err(ssl)?, validity(ca).map_err(ssl)?));
     }
+    cas.sort();
+    let mut digest = openssl::sha::Sha256::new();
+    for der in std::iter::once(&root_der).chain(cas.iter().map(|(der, _)| der)) {
+        digest.update(&(der.len() as u64).to_be_bytes());
+        digest.update(der);
+    }
+    let digest = digest.finish();
+    let chains = match previous {
+        Some(chains) if chains.cas == digest => chains,
+        _ => Arc::new(Chains {
+            cas: digest,
+            verified: Mutex::new(HashMap::new()),
+        }),
+    };
+    let secs = |(from, until): (i64, i64)| {
+        (
+            u64::try_from(from).unwrap_or(0),
+            u64::try_from(until).unwrap_or(0),
+        )
+    };
     // The root is always an anchor (a client may present its service CA).
     // A client's chain may also end at its service CA, already checked
     // against the root above: one signature check less per handshake. Only
@@ -586,7 +844,10 @@ fn build_config(
     let within_root = cas
         .iter()
         .all(|(_, (from, until))| *from >= root_validity.0 && *until <= root_validity.1);
-    let loaded: HashSet<Vec<u8>> = cas.iter().map(|(der, _)| der.clone()).collect();
+    let loaded: HashMap<Vec<u8>, (u64, u64)> = cas
+        .iter()
+        .map(|(der, window)| (der.clone(), secs(*window)))
+        .collect();
     let mut anchor_certs = vec![(root_der, root_validity, true)];
     let mut intermediates = Vec::new();
     for (der, window) in cas {
@@ -603,31 +864,103 @@ fn build_config(
         let anchor = webpki::anchor_from_trusted_cert(&der)
             .map_err(|e| BrokerError::Tls(format!("trust anchor: {e}")))?
             .to_owned();
+        let (not_before, not_after) = secs((from, until));
         let info = AnchorInfo {
-            not_before: u64::try_from(from).unwrap_or(0),
-            not_after: u64::try_from(until).unwrap_or(0),
+            not_before,
+            not_after,
             root,
         };
         anchor_info.insert(anchor_key(&anchor), info);
         anchors.push(anchor);
     }
-    let provider = provider();
-    let verifier = ClientVerifier {
-        algorithms: provider.signature_verification_algorithms,
+    Ok(ClientVerifier {
+        algorithms: provider().signature_verification_algorithms,
         anchors,
         intermediates,
         anchor_info,
         service_cas: loaded,
+        chains,
         revoked,
         metrics,
         certs_dir: certs_dir.to_path_buf(),
-    };
+    })
+}
+
+/// The service listener's TLS: the broker certificate, TLS 1.2 or 1.3, a
+/// client certificate required and checked by `verifier`.
+fn build_config(
+    certs_dir: &Path,
+    verifier: Arc<ClientVerifier>,
+    tickets: Option<Arc<TicketGate>>,
+) -> Result<Arc<ServerConfig>, BrokerError> {
     let (chain, key) = broker_identity(certs_dir)?;
-    let config = ServerConfig::builder_with_provider(provider)
+    let config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| BrokerError::Tls(e.to_string()))?
-        .with_client_cert_verifier(Arc::new(verifier))
+        .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(|e| BrokerError::Tls(e.to_string()))?;
-    Ok(no_resumption(config))
+    Ok(resumption(config, tickets))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A ticket's plaintext as rustls 0.23 encodes it, around `chain`.
+    fn plaintext(sni: Option<&str>, chain: Option<&[&[u8]]>) -> Vec<u8> {
+        let mut out = Vec::new();
+        match sni {
+            Some(name) => {
+                out.push(1);
+                out.push(name.len() as u8);
+                out.extend(name.as_bytes());
+            }
+            None => out.push(0),
+        }
+        out.extend([0x03, 0x04, 0x13, 0x01]);
+        out.push(48);
+        out.extend([0x5a; 48]);
+        out.push(0);
+        match chain {
+            Some(certs) => {
+                out.push(1);
+                let len: usize = certs.iter().map(|c| 3 + c.len()).sum();
+                out.extend(&(len as u32).to_be_bytes()[1..]);
+                for c in certs {
+                    out.extend(&(c.len() as u32).to_be_bytes()[1..]);
+                    out.extend(*c);
+                }
+            }
+            None => out.push(0),
+        }
+        out.extend([0, 0, 0]);
+        out
+    }
+
+    #[test]
+    fn a_tickets_chain_is_read_and_anything_else_is_none() {
+        let (leaf, ca) = (&b"leaf-der"[..], &b"service-ca-der"[..]);
+        for sni in [None, Some("localhost")] {
+            let plain = plaintext(sni, Some(&[leaf, ca]));
+            let chain = ticket_chain(&plain).unwrap();
+            assert_eq!(
+                chain,
+                [CertificateDer::from(leaf), CertificateDer::from(ca)]
+            );
+            // The chain ends 3 bytes before the end; cut short of that, none.
+            for cut in 0..plain.len() - 3 {
+                assert!(ticket_chain(&plain[..cut]).is_none(), "cut at {cut}");
+            }
+        }
+        assert!(ticket_chain(&plaintext(None, None)).is_none(), "no chain");
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_tickets_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = ticket_chain(&bytes);
+        }
+    }
 }

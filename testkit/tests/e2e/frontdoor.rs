@@ -73,12 +73,23 @@ fn minted(fleet: &Fleet, device: &str, service: &str) -> (Vec<u8>, Vec<u8>) {
     )
 }
 
-/// A leaf signed by `issuer`, with the given subject and validity.
+/// A leaf signed by `issuer`, with the given subject and validity in days
+/// from now.
 fn forged_leaf(
     cn: &str,
     o: &str,
     issuer: (&X509, &PKey<Private>),
     days: (i64, i64),
+) -> (Vec<u8>, Vec<u8>) {
+    forged_leaf_secs(cn, o, issuer, (days.0 * 86_400, days.1 * 86_400))
+}
+
+/// The same, with validity in seconds from now.
+fn forged_leaf_secs(
+    cn: &str,
+    o: &str,
+    issuer: (&X509, &PKey<Private>),
+    secs: (i64, i64),
 ) -> (Vec<u8>, Vec<u8>) {
     let key = crypto::generate_p256().unwrap();
     let mut name = X509NameBuilder::new().unwrap();
@@ -95,9 +106,9 @@ fn forged_leaf(
     b.set_issuer_name(issuer.0.subject_name()).unwrap();
     b.set_pubkey(&key).unwrap();
     let now = fleet_protocol::now_ms() as i64 / 1000;
-    b.set_not_before(&Asn1Time::from_unix(now + days.0 * 86_400).unwrap())
+    b.set_not_before(&Asn1Time::from_unix(now + secs.0).unwrap())
         .unwrap();
-    b.set_not_after(&Asn1Time::from_unix(now + days.1 * 86_400).unwrap())
+    b.set_not_after(&Asn1Time::from_unix(now + secs.1).unwrap())
         .unwrap();
     b.sign(issuer.1, MessageDigest::sha256()).unwrap();
     let leaf = b.build();
@@ -490,6 +501,15 @@ async fn a_retired_service_ca_admits_no_one() {
     })
     .await
     .unwrap();
+    // A device holding a session ticket from the first CA's days.
+    let resuming = Resuming::new(
+        &fleet,
+        "ret1",
+        (old_chain.clone(), old_key.clone()),
+        &rustls::version::TLS13,
+    );
+    resuming.connect().await.unwrap();
+    assert!(resuming.connect().await.unwrap(), "not resumed");
     // The operator retires that CA: its files go, and svcA gets a new one,
     // signed by the same root.
     let services = fleet.certs_dir().join("services");
@@ -517,6 +537,13 @@ async fn a_retired_service_ca_admits_no_one() {
     })
     .await
     .unwrap();
+    // Nor does a session ticket from before bring one back.
+    let before = fleet.broker.metrics.get(|m| &m.resumed);
+    assert!(
+        resuming.connect().await.is_err(),
+        "a retired CA's leaf resumed its session"
+    );
+    assert_eq!(fleet.broker.metrics.get(|m| &m.resumed), before);
     Probe::mtls(addr, "ret2", &root, new_chain, new_key)
         .await
         .unwrap();
@@ -905,4 +932,196 @@ async fn a_device_cannot_leave_a_retained_message_behind() {
         "a retained message reached a later subscriber"
     );
     assert!(!device.is_cut());
+}
+
+/// A device's TLS client that keeps its configuration, and with it the
+/// session tickets the broker gives it, from one connection to the next.
+#[derive(Clone)]
+struct Resuming {
+    config: std::sync::Arc<rustls::ClientConfig>,
+    addr: std::net::SocketAddr,
+    client_id: String,
+}
+
+impl Resuming {
+    fn new(
+        fleet: &Fleet,
+        client_id: &str,
+        (chain, key): (Vec<u8>, Vec<u8>),
+        version: &'static rustls::SupportedProtocolVersion,
+    ) -> Resuming {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let mut roots = rustls::RootCertStore::empty();
+        let root = std::fs::read(fleet.certs_dir().join("root-ca.pem")).unwrap();
+        for c in CertificateDer::pem_slice_iter(&root) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let chain = CertificateDer::pem_slice_iter(&chain)
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(&key).unwrap();
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        let config = rustls::ClientConfig::builder_with_provider(provider.into())
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        Resuming {
+            config: std::sync::Arc::new(config),
+            addr: fleet.service_addr(),
+            client_id: client_id.to_owned(),
+        }
+    }
+
+    /// TCP, TLS, CONNECT and a CONNACK that accepts, then DISCONNECT;
+    /// whether the handshake resumed a session.
+    async fn connect(&self) -> anyhow::Result<bool> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.connect_blocking()).await?
+    }
+
+    fn connect_blocking(&self) -> anyhow::Result<bool> {
+        use std::io::{Read, Write};
+        let tcp = std::net::TcpStream::connect(self.addr)?;
+        tcp.set_read_timeout(Some(T))?;
+        let name = rustls::pki_types::ServerName::try_from("localhost")?;
+        let conn = rustls::ClientConnection::new(self.config.clone(), name)?;
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60];
+        body.extend((self.client_id.len() as u16).to_be_bytes());
+        body.extend(self.client_id.as_bytes());
+        tls.write_all(&fleet_testkit::mqtt_frame(0x10, &body))?;
+        let mut ack = [0u8; 4];
+        tls.read_exact(&mut ack)?;
+        anyhow::ensure!(ack == [0x20, 2, 0, 0], "not an accepting CONNACK: {ack:?}");
+        let resumed = tls.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        tls.write_all(&[0xe0, 0])?;
+        tls.conn.send_close_notify();
+        tls.flush()?;
+        Ok(resumed)
+    }
+}
+
+#[tokio::test]
+async fn a_reconnecting_device_resumes_its_session_and_every_resumption_is_checked_again() {
+    let fleet = Fleet::start().await.unwrap();
+    let certs = fleet.certs_dir();
+    let resumed = || fleet.broker.metrics.get(|m| &m.resumed);
+    for (id, version) in [
+        ("res13", &rustls::version::TLS13),
+        ("res12", &rustls::version::TLS12),
+    ] {
+        let (chain, key) = certified(&fleet, id, "svcA");
+        let serial = X509::from_pem(&chain)
+            .unwrap()
+            .serial_number()
+            .to_bn()
+            .unwrap();
+        let device = Resuming::new(&fleet, id, (chain.clone(), key.clone()), version);
+        let first = eventually(T, "svcA's CA to be trusted", || {
+            let device = device.clone();
+            async move { device.connect().await.ok() }
+        })
+        .await
+        .unwrap();
+        assert!(!first, "{id}: a first connection cannot resume");
+        let before = resumed();
+        assert!(device.connect().await.unwrap(), "{id}: not resumed");
+        assert!(device.connect().await.unwrap(), "{id}: resumed only once");
+        assert_eq!(resumed(), before + 2);
+
+        // The registry withdraws the grant: the ticket is not taken, and the
+        // full handshake that follows is refused.
+        grants::write_grants(certs, id, &[]).unwrap();
+        assert!(
+            device.connect().await.is_err(),
+            "{id}: resumed without a grant"
+        );
+        assert_eq!(resumed(), before + 2);
+        grants::write_grants(certs, id, &["svcA".to_owned()]).unwrap();
+        device.connect().await.unwrap();
+        assert!(
+            device.connect().await.unwrap(),
+            "{id}: not resumed once granted"
+        );
+
+        // The certificate is revoked while the device holds a ticket: once
+        // a full handshake is refused, so is the ticket.
+        assert!(device.connect().await.unwrap(), "{id}: not resumed");
+        let revoked = fleet_pki::RevokedEntry {
+            serial_hex: serial.to_hex_str().unwrap().to_lowercase(),
+            revoked_at: fleet_protocol::now_ms() / 1000,
+        };
+        let crl_number = 1_000 + before;
+        fleet
+            .core()
+            .pki
+            .write_crl("svcA", &[revoked], crl_number)
+            .unwrap();
+        let root = certs.join("root-ca.pem");
+        eventually(T, "the revoked certificate to be refused", || {
+            let (chain, key, root) = (chain.clone(), key.clone(), root.clone());
+            let addr = fleet.service_addr();
+            async move {
+                Probe::mtls(addr, id, &root, chain, key)
+                    .await
+                    .is_err()
+                    .then_some(())
+            }
+        })
+        .await
+        .unwrap();
+        let at = resumed();
+        assert!(device.connect().await.is_err(), "{id}: revoked, yet served");
+        assert_eq!(resumed(), at, "{id}: a revoked certificate resumed");
+        fleet
+            .core()
+            .pki
+            .write_crl("svcA", &[], crl_number + 1)
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_certificate_that_expires_is_refused_from_then_on_though_it_connected_before() {
+    let fleet = Fleet::start().await.unwrap();
+    let (ca, ca_key) = fleet.core().pki.service_ca("svcA").unwrap();
+    grants::add_grant(fleet.certs_dir(), "exp1", "svcA").unwrap();
+    // Valid for 3 more seconds: connections before then verify its chain,
+    // and later ones recall it, until it expires.
+    let (chain, key) = forged_leaf_secs("exp1", "svcA", (&ca, &ca_key), (-60, 3));
+    let expires = Instant::now() + Duration::from_secs(3);
+    let device = Resuming::new(&fleet, "exp1", (chain, key), &rustls::version::TLS13);
+    eventually(T, "svcA's CA to be trusted", || {
+        let device = device.clone();
+        async move { device.connect().await.ok() }
+    })
+    .await
+    .unwrap();
+    device.connect().await.unwrap();
+    // A new client each time: full handshakes, no ticket.
+    let fresh = || {
+        let mut config = (*device.config).clone();
+        config.resumption = rustls::client::Resumption::disabled();
+        Resuming {
+            config: std::sync::Arc::new(config),
+            ..device.clone()
+        }
+    };
+    assert!(!fresh().connect().await.unwrap(), "a fresh client resumed");
+    eventually(T, "the expired certificate to be refused", || {
+        let (fresh, device) = (fresh(), device.clone());
+        async move {
+            let (full, resumed) = (fresh.connect().await, device.connect().await);
+            (full.is_err() && resumed.is_err()).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        Instant::now() + Duration::from_secs(1) >= expires,
+        "refused too early"
+    );
 }
