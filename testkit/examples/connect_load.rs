@@ -11,8 +11,10 @@
 //!
 //! Workers are OS threads doing blocking TLS I/O, with OpenSSL (one shared
 //! `SslConnector`, the default) or rustls on aws-lc-rs (`--client rustls`,
-//! one `ClientConfig` per identity), TLS 1.3 with X25519 either way. Each
-//! prints one JSON line on stdout.
+//! one `ClientConfig` per identity), TLS 1.3 with X25519 either way. With
+//! `--resume` (rustls only) an identity resumes its TLS session from the
+//! ticket its previous connection was given. Each prints one JSON line on
+//! stdout.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -68,6 +70,10 @@ struct Common {
     /// The generator's TLS library.
     #[arg(long, value_enum, default_value_t = Client::Openssl)]
     client: Client,
+    /// Keep each identity's TLS session tickets and resume with them
+    /// (`--client rustls` only). Without it no connection resumes.
+    #[arg(long)]
+    resume: bool,
 }
 
 impl Common {
@@ -145,6 +151,7 @@ fn rustls_config(
     leaf: &X509,
     ca: &X509,
     key: &PKey<Private>,
+    resume: bool,
 ) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
@@ -156,10 +163,13 @@ fn rustls_config(
         CertificateDer::from(ca.to_der()?),
     ];
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.private_key_to_pkcs8()?));
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)?;
+    if !resume {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
     Ok(Arc::new(config))
 }
 
@@ -174,6 +184,14 @@ impl Conn {
         match self {
             Conn::OpenSsl(s) => s.get_ref(),
             Conn::Rustls(s) => &s.sock,
+        }
+    }
+
+    /// Whether the handshake resumed a session.
+    fn resumed(&self) -> bool {
+        match self {
+            Conn::OpenSsl(s) => s.ssl().session_reused(),
+            Conn::Rustls(s) => s.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
         }
     }
 
@@ -221,7 +239,11 @@ fn issue(
     prefix: &str,
     n: usize,
     client: Client,
+    resume: bool,
 ) -> anyhow::Result<Vec<Identity>> {
+    if resume && client != Client::Rustls {
+        bail!("--resume needs --client rustls");
+    }
     let pki = fleet_pki::Pki::open_or_create(certs)?;
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
@@ -237,7 +259,7 @@ fn issue(
             .cloned()
             .ok_or_else(|| anyhow!("chain without service CA"))?;
         let rustls = match client {
-            Client::Rustls => Some(rustls_config(certs, &issued.leaf, &ca, &key)?),
+            Client::Rustls => Some(rustls_config(certs, &issued.leaf, &ca, &key, resume)?),
             Client::Openssl => None,
         };
         out.push(Identity {
@@ -317,13 +339,18 @@ fn connect_one(
 }
 
 fn proc_cpu_secs(pid: &str, clk_tck: f64) -> Option<f64> {
+    proc_user_sys_secs(pid, clk_tck).map(|(user, sys)| user + sys)
+}
+
+/// A process's user and system CPU seconds.
+fn proc_user_sys_secs(pid: &str, clk_tck: f64) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are 14 and 15.
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ut: f64 = f.get(11)?.parse().ok()?;
     let st: f64 = f.get(12)?.parse().ok()?;
-    Some((ut + st) / clk_tck)
+    Some((ut / clk_tck, st / clk_tck))
 }
 
 fn proc_rss_kib(pid: u32) -> Option<u64> {
@@ -389,21 +416,27 @@ fn round3(x: f64) -> f64 {
 fn rate(c: Common, count: usize, identities: usize, round: u32) -> anyhow::Result<()> {
     let identities = identities.max(c.concurrency);
     let idents = Arc::new(issue(
-        &c.certs, &c.service, &c.prefix, identities, c.client,
+        &c.certs, &c.service, &c.prefix, identities, c.client, c.resume,
     )?);
     let conn = Arc::new(connector(&c.certs)?);
     let next = Arc::new(AtomicUsize::new(0));
+    let resumed = Arc::new(AtomicUsize::new(0));
     let errors: Arc<Mutex<Vec<String>>> = Arc::default();
     let load_before = loadavg();
     let pid = c.broker_pid.map(|p| p.to_string());
-    let cpu0 = pid.as_deref().and_then(|p| proc_cpu_secs(p, CLK_TCK));
+    let cpu0 = pid.as_deref().and_then(|p| proc_user_sys_secs(p, CLK_TCK));
     let self0 = proc_cpu_secs("self", CLK_TCK);
     let drops0 = listen_drops();
     let start = Instant::now();
     let mut workers = Vec::new();
     for w in 0..c.concurrency {
-        let (idents, conn, next, errors) =
-            (idents.clone(), conn.clone(), next.clone(), errors.clone());
+        let (idents, conn, next, errors, resumed) = (
+            idents.clone(),
+            conn.clone(),
+            next.clone(),
+            errors.clone(),
+            resumed.clone(),
+        );
         let (addr, ka, conc) = (c.addr, c.keep_alive, c.concurrency);
         workers.push(std::thread::spawn(move || {
             let mut lat = Vec::new();
@@ -417,6 +450,9 @@ fn rate(c: Common, count: usize, identities: usize, round: u32) -> anyhow::Resul
                 match connect_one(&conn, addr, ident, ka) {
                     Ok(mut s) => {
                         lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                        if s.resumed() {
+                            resumed.fetch_add(1, Ordering::Relaxed);
+                        }
                         let _ = s.write_all(&[0xE0, 0x00]);
                         s.close();
                     }
@@ -436,24 +472,28 @@ fn rate(c: Common, count: usize, identities: usize, round: u32) -> anyhow::Resul
         lat.extend(w.join().map_err(|_| anyhow!("worker panicked"))?);
     }
     let secs = start.elapsed().as_secs_f64();
-    let cpu1 = pid.as_deref().and_then(|p| proc_cpu_secs(p, CLK_TCK));
+    let cpu1 = pid.as_deref().and_then(|p| proc_user_sys_secs(p, CLK_TCK));
     let self1 = proc_cpu_secs("self", CLK_TCK);
     let drops1 = listen_drops();
     lat.sort_by(|a, b| a.total_cmp(b));
     let ok = lat.len();
     let errs = errors.lock().unwrap_or_else(|p| p.into_inner());
-    let broker_cpu = cpu0.zip(cpu1).map(|(a, b)| b - a);
+    let per_1000 = |secs: f64| round3(secs * 1000.0 / ok.max(1) as f64);
+    let user_sys = cpu0.zip(cpu1).map(|(a, b)| (b.0 - a.0, b.1 - a.1));
+    let broker_cpu = user_sys.map(|(user, sys)| user + sys);
     println!(
         "{}",
         json!({
             "mode": "rate", "target": c.target, "client": c.client_name(), "round": round, "count": count,
             "concurrency": c.concurrency, "identities": identities,
-            "ok": ok, "failed": count - ok,
+            "ok": ok, "failed": count - ok, "resumed": resumed.load(Ordering::Relaxed),
             "secs": round3(secs), "connects_per_sec": (ok as f64 / secs).round(),
             "p50_ms": round3(percentile(&lat, 50.0)), "p90_ms": round3(percentile(&lat, 90.0)),
             "p99_ms": round3(percentile(&lat, 99.0)), "max_ms": round3(percentile(&lat, 100.0)),
             "broker_cpu_s": broker_cpu.map(round3),
-            "broker_cpu_s_per_1000": broker_cpu.map(|b| round3(b * 1000.0 / ok.max(1) as f64)),
+            "broker_cpu_s_per_1000": broker_cpu.map(per_1000),
+            "broker_user_s_per_1000": user_sys.map(|(user, _)| per_1000(user)),
+            "broker_sys_s_per_1000": user_sys.map(|(_, sys)| per_1000(sys)),
             "generator_cpu_s": self0.zip(self1).map(|(a, b)| round3(b - a)),
             "listen_drops": drops0.zip(drops1).map(|(a, b)| b - a),
             "loadavg_before": load_before, "loadavg_after": loadavg(),
@@ -465,7 +505,9 @@ fn rate(c: Common, count: usize, identities: usize, round: u32) -> anyhow::Resul
 
 fn hold(c: Common, count: usize, settle_secs: u64) -> anyhow::Result<()> {
     let t_issue = Instant::now();
-    let idents = Arc::new(issue(&c.certs, &c.service, &c.prefix, count, c.client)?);
+    let idents = Arc::new(issue(
+        &c.certs, &c.service, &c.prefix, count, c.client, c.resume,
+    )?);
     let issue_secs = t_issue.elapsed().as_secs_f64();
     let conn = Arc::new(connector(&c.certs)?);
     let next = Arc::new(AtomicUsize::new(0));
