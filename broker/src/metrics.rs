@@ -53,6 +53,12 @@ const SERIES: &[Series] = &[
     ),
     (
         "counter",
+        "tls_chains_recalled_total",
+        "Client certificate chains not verified again: the same certificate's chain had verified under the CAs loaded now.",
+        |m| &m.chains_recalled,
+    ),
+    (
+        "counter",
         "certificates_not_granted_total",
         "Client certificates refused because the registry grants their device no such service.",
         |m| &m.not_granted,

@@ -52,6 +52,9 @@ pub struct Metrics {
     pub handshake_failures: AtomicU64,
     /// Service-listener handshakes that resumed from a session ticket.
     pub resumed: AtomicU64,
+    /// Client chains not verified again: the same leaf's chain had
+    /// verified under the CAs loaded now.
+    pub chains_recalled: AtomicU64,
     /// Client certificates valid in themselves whose (device, service) the
     /// registry does not grant.
     pub not_granted: AtomicU64,

@@ -101,6 +101,11 @@ type Fingerprint = BTreeMap<PathBuf, Option<SystemTime>>;
 
 fn fingerprint(dir: &Path) -> Fingerprint {
     let mut out = BTreeMap::new();
+    for file in ["root-ca.pem", "broker.pem", "broker.key"] {
+        let p = dir.join(file);
+        let mtime = std::fs::metadata(&p).and_then(|m| m.modified()).ok();
+        out.insert(p, mtime);
+    }
     for sub in ["services", "crl"] {
         if let Ok(entries) = std::fs::read_dir(dir.join(sub)) {
             for e in entries.flatten() {
@@ -134,6 +139,7 @@ pub struct Trust {
     revoked: Arc<RwLock<HashSet<String>>>,
     sessions: Mutex<Sessions>,
     seen: Mutex<Fingerprint>,
+    rebuild_failing: std::sync::atomic::AtomicBool,
 }
 
 impl Trust {
@@ -159,10 +165,7 @@ impl Trust {
         let tickets = if tickets {
             let keys = rustls::crypto::aws_lc_rs::Ticketer::new()
                 .map_err(|e| BrokerError::Tls(format!("session tickets: {e}")))?;
-            Some(Arc::new(TicketGate {
-                keys,
-                verifier: verifier.clone(),
-            }))
+            Some(Arc::new(TicketGate::new(keys, verifier.clone())))
         } else {
             None
         };
@@ -176,6 +179,7 @@ impl Trust {
             revoked,
             sessions: Mutex::new(Sessions::default()),
             seen: Mutex::new(seen),
+            rebuild_failing: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -249,9 +253,17 @@ impl Trust {
             Ok((verifier, config)) => {
                 *self.verifier.write().unwrap_or_else(|p| p.into_inner()) = verifier;
                 *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+                if self.rebuild_failing.swap(false, Ordering::Relaxed) {
+                    info!("service TLS context rebuilt");
+                }
             }
             Err(err) => {
-                warn!(error = %err, "service TLS context not rebuilt; keeping the previous one")
+                // Tried again at the next look, not only when another file
+                // changes; reported once.
+                self.seen.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                if !self.rebuild_failing.swap(true, Ordering::Relaxed) {
+                    warn!(error = %err, "service TLS context not rebuilt; keeping the previous one until it can be")
+                }
             }
         }
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
@@ -267,7 +279,9 @@ impl Trust {
                 }
             }
         }
-        info!(revoked = revoked.len(), "service trust reloaded");
+        if !self.rebuild_failing.load(Ordering::Relaxed) {
+            info!(revoked = revoked.len(), "service trust reloaded");
+        }
         cuts
     }
 
@@ -357,17 +371,76 @@ fn resumption(mut config: ServerConfig, tickets: Option<Arc<TicketGate>>) -> Arc
 }
 
 /// The service listener's session tickets (RFC 5077 construction, keys
-/// rotated every 6 hours, tickets good for 12), and the gate on resuming
-/// one. A ticket holds the client's certificate chain; it is taken only if
-/// that chain passes, now, every check a full handshake makes: the chain
-/// under the CAs loaded now (a retired CA's leaves fail), the validity of
-/// every certificate on the path, revocation and the registry's grant.
-/// A ticket that fails is ignored, not refused: the client must then show
-/// its certificate, and gets the same alert as without a ticket.
+/// rotated every 6 hours), and the gate on resuming one. A ticket holds
+/// the client's certificate chain; it is taken only if it is at most
+/// [`ProducesTickets::lifetime`] (12 hours) old and that chain passes,
+/// now, every check a full handshake makes: the chain under the CAs
+/// loaded now (a retired CA's leaves fail), the validity of every
+/// certificate on the path, revocation and the registry's grant. A ticket
+/// that fails is ignored, not refused: the client must then show its
+/// certificate, and gets the same alert as without a ticket. A ticket
+/// that failed once is not checked again (a ClientHello may offer the same
+/// one many times over).
 #[derive(Debug)]
 pub struct TicketGate {
     keys: Arc<dyn ProducesTickets>,
     verifier: Arc<RwLock<Arc<ClientVerifier>>>,
+    /// SHA-256 of each ticket that failed, up to [`REFUSED_TICKETS_MAX`].
+    refused: Mutex<HashSet<[u8; 32]>>,
+}
+
+/// At most this many failed tickets are remembered; past it, all are
+/// forgotten.
+const REFUSED_TICKETS_MAX: usize = 10_000;
+
+impl TicketGate {
+    fn new(keys: Arc<dyn ProducesTickets>, verifier: Arc<RwLock<Arc<ClientVerifier>>>) -> Self {
+        TicketGate {
+            keys,
+            verifier,
+            refused: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Whether the ticket `plain` (decrypted from `cipher`) may resume now.
+    fn admits(&self, cipher: &[u8], plain: &[u8]) -> Result<(), String> {
+        let digest = openssl::sha::sha256(cipher);
+        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        if refused.contains(&digest) {
+            return Err("refused before".into());
+        }
+        drop(refused);
+        let result = self.check(plain);
+        if result.is_err() {
+            refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+            if refused.len() >= REFUSED_TICKETS_MAX {
+                refused.clear();
+            }
+            refused.insert(digest);
+        }
+        result
+    }
+
+    fn check(&self, plain: &[u8]) -> Result<(), String> {
+        let ticket = read_ticket(plain).ok_or("not a ticket this broker writes")?;
+        let now = UnixTime::now();
+        let age = now.as_secs().checked_sub(ticket.created);
+        if !age.is_some_and(|age| age <= u64::from(self.keys.lifetime())) {
+            return Err(format!(
+                "issued at {}, too old or in the future",
+                ticket.created
+            ));
+        }
+        let (leaf, presented) = ticket.chain.split_first().ok_or("no certificate")?;
+        let verifier = self
+            .verifier
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        verifier
+            .check(leaf, presented, now)
+            .map_err(|e| e.to_string())
+    }
 }
 
 impl ProducesTickets for TicketGate {
@@ -385,58 +458,72 @@ impl ProducesTickets for TicketGate {
 
     fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
         let plain = self.keys.decrypt(cipher)?;
-        let chain = ticket_chain(&plain)?;
-        let (leaf, presented) = chain.split_first()?;
-        let verifier = self
-            .verifier
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        match verifier.check(leaf, presented, UnixTime::now()) {
+        match self.admits(cipher, &plain) {
             Ok(()) => Some(plain),
             Err(why) => {
-                debug!(error = %why, "session ticket not taken: its certificate fails now");
+                debug!(reason = %why, "session ticket not taken");
                 None
             }
         }
     }
 }
 
-/// The client's certificate chain in a decrypted ticket, which is rustls
-/// 0.23's `ServerSessionValue` encoding (`msgs/persist.rs`): SNI (a flag,
-/// then a u8-length name), version (u16), cipher suite (u16), master
-/// secret (u8 length), extended master secret (u8), then a flag and the
-/// chain (u24 length; each certificate u24 length and DER). Anything else
+/// What the gate reads from a decrypted ticket.
+#[derive(Debug)]
+struct Ticket<'a> {
+    chain: Vec<CertificateDer<'a>>,
+    /// Unix seconds.
+    created: u64,
+}
+
+/// Reads a decrypted ticket, which is rustls 0.23.46's `ServerSessionValue`
+/// encoding (`msgs/persist.rs`; the workspace pins that version): SNI (a
+/// flag, then a u8-length name), version (u16), cipher suite (u16), master
+/// secret (u8 length), extended master secret (u8), a flag and the client
+/// chain (u24 length; each certificate u24 length and DER), a flag and the
+/// ALPN protocol (u8 length), application data (u16 length), creation time
+/// (u64 seconds) and the age offset (u32), and nothing after. Anything else
 /// is `None`, and the ticket is not taken.
-fn ticket_chain(plain: &[u8]) -> Option<Vec<CertificateDer<'_>>> {
+fn read_ticket(plain: &[u8]) -> Option<Ticket<'_>> {
     fn take<'a>(input: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
         let (head, rest) = (input.len() >= n).then(|| input.split_at(n))?;
         *input = rest;
         Some(head)
     }
-    fn u24(input: &mut &[u8]) -> Option<usize> {
-        let b = take(input, 3)?;
-        Some(usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2]))
+    fn number(input: &mut &[u8], width: usize) -> Option<u64> {
+        let bytes = take(input, width)?;
+        Some(bytes.iter().fold(0, |acc, &b| acc << 8 | u64::from(b)))
+    }
+    fn length(input: &mut &[u8], width: usize) -> Option<usize> {
+        number(input, width).and_then(|n| usize::try_from(n).ok())
     }
     let mut r = plain;
-    if take(&mut r, 1)? == [1] {
-        let len = take(&mut r, 1)?[0];
-        take(&mut r, usize::from(len))?;
+    if number(&mut r, 1)? == 1 {
+        let len = length(&mut r, 1)?;
+        take(&mut r, len)?;
     }
     take(&mut r, 4)?;
-    let secret = take(&mut r, 1)?[0];
-    take(&mut r, usize::from(secret) + 1)?;
-    if take(&mut r, 1)? != [1] {
+    let secret = length(&mut r, 1)?;
+    take(&mut r, secret + 1)?;
+    if number(&mut r, 1)? != 1 {
         return None;
     }
-    let len = u24(&mut r)?;
+    let len = length(&mut r, 3)?;
     let mut list = take(&mut r, len)?;
     let mut chain = Vec::new();
     while !list.is_empty() {
-        let len = u24(&mut list)?;
+        let len = length(&mut list, 3)?;
         chain.push(CertificateDer::from(take(&mut list, len)?));
     }
-    Some(chain)
+    if number(&mut r, 1)? == 1 {
+        let len = length(&mut r, 1)?;
+        take(&mut r, len)?;
+    }
+    let data = length(&mut r, 2)?;
+    take(&mut r, data)?;
+    let created = number(&mut r, 8)?;
+    take(&mut r, 4)?;
+    r.is_empty().then_some(Ticket { chain, created })
 }
 
 /// The bootstrap listener's TLS: the broker certificate, TLS 1.2 or 1.3,
@@ -594,6 +681,7 @@ impl ClientVerifier {
     ) -> Result<(), rustls::Error> {
         let leaf = openssl::sha::sha256(end_entity);
         if self.chains.holds(&leaf, now.as_secs()) {
+            self.metrics.chains_recalled.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
@@ -907,60 +995,173 @@ fn build_config(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use rustls::pki_types::ServerName;
+    use std::io::{Read, Write};
 
-    /// A ticket's plaintext as rustls 0.23 encodes it, around `chain`.
-    fn plaintext(sni: Option<&str>, chain: Option<&[&[u8]]>) -> Vec<u8> {
-        let mut out = Vec::new();
-        match sni {
-            Some(name) => {
-                out.push(1);
-                out.push(name.len() as u8);
-                out.extend(name.as_bytes());
-            }
-            None => out.push(0),
+    /// Records each ticket's plaintext on its way to `inner`.
+    #[derive(Debug)]
+    struct Recording {
+        inner: Arc<dyn ProducesTickets>,
+        seen: Mutex<Vec<Vec<u8>>>,
+    }
+
+    impl ProducesTickets for Recording {
+        fn enabled(&self) -> bool {
+            true
         }
-        out.extend([0x03, 0x04, 0x13, 0x01]);
-        out.push(48);
-        out.extend([0x5a; 48]);
-        out.push(0);
-        match chain {
-            Some(certs) => {
-                out.push(1);
-                let len: usize = certs.iter().map(|c| 3 + c.len()).sum();
-                out.extend(&(len as u32).to_be_bytes()[1..]);
-                for c in certs {
-                    out.extend(&(c.len() as u32).to_be_bytes()[1..]);
-                    out.extend(*c);
-                }
-            }
-            None => out.push(0),
+        fn lifetime(&self) -> u32 {
+            self.inner.lifetime()
         }
-        out.extend([0, 0, 0]);
-        out
+        fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+            self.seen.lock().unwrap().push(plain.to_vec());
+            self.inner.encrypt(plain)
+        }
+        fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+            self.inner.decrypt(cipher)
+        }
+    }
+
+    /// A fleet PKI with `dev1` granted `svcA`: the service listener's
+    /// configuration (tickets recorded), and dev1's client configuration
+    /// for `version`, which keeps its tickets.
+    fn fleet(
+        dir: &Path,
+        version: &'static rustls::SupportedProtocolVersion,
+    ) -> (
+        Arc<ServerConfig>,
+        Arc<rustls::ClientConfig>,
+        Arc<Recording>,
+        Vec<CertificateDer<'static>>,
+    ) {
+        let pki = fleet_pki::Pki::open_or_create(dir).unwrap();
+        let key = fleet_protocol::crypto::generate_p256().unwrap();
+        let public =
+            openssl::pkey::PKey::public_key_from_der(&key.public_key_to_der().unwrap()).unwrap();
+        let issued = pki
+            .issue_device_certificate("dev1", "svcA", &public, 1)
+            .unwrap();
+        grants::add_grant(dir, "dev1", "svcA").unwrap();
+        let chain: Vec<CertificateDer<'static>> = issued
+            .chain
+            .iter()
+            .map(|c| CertificateDer::from(c.to_der().unwrap()))
+            .collect();
+        let metrics = Arc::new(Metrics::default());
+        let revoked = Arc::new(RwLock::new(HashSet::new()));
+        let verifier = Arc::new(build_verifier(dir, revoked, metrics, None).unwrap());
+        let recording = Arc::new(Recording {
+            inner: rustls::crypto::aws_lc_rs::Ticketer::new().unwrap(),
+            seen: Mutex::new(Vec::new()),
+        });
+        let gate = TicketGate::new(recording.clone(), Arc::new(RwLock::new(verifier.clone())));
+        let server = build_config(dir, verifier, Some(Arc::new(gate))).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(pki.root_cert().to_der().unwrap()))
+            .unwrap();
+        let key = PrivateKeyDer::try_from(key.private_key_to_pkcs8().unwrap()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain.clone(), key)
+            .unwrap();
+        (server, Arc::new(client), recording, chain)
+    }
+
+    /// A handshake in memory, then a byte of data each way (which carries
+    /// the ticket to the client); whether the server resumed.
+    fn handshake(server: &Arc<ServerConfig>, client: &Arc<rustls::ClientConfig>) -> bool {
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut c = rustls::ClientConnection::new(client.clone(), name).unwrap();
+        let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+        c.writer().write_all(b"c").unwrap();
+        s.writer().write_all(b"s").unwrap();
+        let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
+        let (mut got_c, mut got_s) = (false, false);
+        for _ in 0..20 {
+            to_server.clear();
+            while c.wants_write() {
+                c.write_tls(&mut to_server).unwrap();
+            }
+            s.read_tls(&mut to_server.as_slice()).unwrap();
+            s.process_new_packets().unwrap();
+            to_client.clear();
+            while s.wants_write() {
+                s.write_tls(&mut to_client).unwrap();
+            }
+            c.read_tls(&mut to_client.as_slice()).unwrap();
+            c.process_new_packets().unwrap();
+            let mut byte = [0u8; 1];
+            got_s |= s.reader().read(&mut byte).is_ok_and(|n| n == 1);
+            got_c |= c.reader().read(&mut byte).is_ok_and(|n| n == 1);
+            if got_c && got_s && !c.is_handshaking() {
+                return s.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+            }
+        }
+        panic!("handshake did not finish");
     }
 
     #[test]
-    fn a_tickets_chain_is_read_and_anything_else_is_none() {
-        let (leaf, ca) = (&b"leaf-der"[..], &b"service-ca-der"[..]);
-        for sni in [None, Some("localhost")] {
-            let plain = plaintext(sni, Some(&[leaf, ca]));
-            let chain = ticket_chain(&plain).unwrap();
-            assert_eq!(
-                chain,
-                [CertificateDer::from(leaf), CertificateDer::from(ca)]
+    fn the_gate_reads_the_chain_rustls_puts_in_its_tickets_and_resumes_with_them() {
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            let dir = tempfile::tempdir().unwrap();
+            let (server, client, recording, chain) = fleet(dir.path(), version);
+            assert!(
+                !handshake(&server, &client),
+                "{version:?}: first handshake resumed"
             );
-            // The chain ends 3 bytes before the end; cut short of that, none.
-            for cut in 0..plain.len() - 3 {
-                assert!(ticket_chain(&plain[..cut]).is_none(), "cut at {cut}");
-            }
+            let plain = recording
+                .seen
+                .lock()
+                .unwrap()
+                .last()
+                .cloned()
+                .expect("a ticket");
+            let ticket = read_ticket(&plain).expect("ticket unreadable");
+            assert_eq!(ticket.chain, chain, "{version:?}");
+            let now = UnixTime::now().as_secs();
+            assert!(
+                ticket.created <= now && now - ticket.created < 60,
+                "{version:?}"
+            );
+            assert!(handshake(&server, &client), "{version:?}: not resumed");
+            // Withdrawn from the registry: the ticket is not taken.
+            grants::write_grants(dir.path(), "dev1", &[]).unwrap();
+            let name = ServerName::try_from("localhost").unwrap();
+            let mut c = rustls::ClientConnection::new(client.clone(), name).unwrap();
+            let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+            let mut hello = Vec::new();
+            c.write_tls(&mut hello).unwrap();
+            s.read_tls(&mut hello.as_slice()).unwrap();
+            s.process_new_packets().unwrap();
+            assert_eq!(
+                s.handshake_kind(),
+                Some(rustls::HandshakeKind::Full),
+                "{version:?}"
+            );
         }
-        assert!(ticket_chain(&plaintext(None, None)).is_none(), "no chain");
     }
 
     proptest! {
         #[test]
         fn arbitrary_tickets_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
-            let _ = ticket_chain(&bytes);
+            let _ = read_ticket(&bytes);
         }
+    }
+
+    #[test]
+    fn a_ticket_cut_short_or_with_bytes_after_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let (server, client, recording, _) = fleet(dir.path(), &rustls::version::TLS13);
+        handshake(&server, &client);
+        let plain = recording.seen.lock().unwrap().last().cloned().unwrap();
+        assert!(read_ticket(&plain).is_some());
+        for cut in 0..plain.len() {
+            assert!(read_ticket(&plain[..cut]).is_none(), "cut at {cut}");
+        }
+        let mut longer = plain.clone();
+        longer.push(0);
+        assert!(read_ticket(&longer).is_none());
     }
 }

@@ -1082,6 +1082,15 @@ async fn a_reconnecting_device_resumes_its_session_and_every_resumption_is_check
             .write_crl("svcA", &[], crl_number + 1)
             .unwrap();
     }
+    // No resumption by TLS 1.2 session id: the broker keeps no sessions.
+    let (chain, key) = certified(&fleet, "res12id", "svcA");
+    let mut device = Resuming::new(&fleet, "res12id", (chain, key), &rustls::version::TLS12);
+    let mut config = (*device.config).clone();
+    config.resumption = rustls::client::Resumption::in_memory_sessions(8)
+        .tls12_resumption(rustls::client::Tls12Resumption::SessionIdOnly);
+    device.config = std::sync::Arc::new(config);
+    assert!(!device.connect().await.unwrap());
+    assert!(!device.connect().await.unwrap(), "resumed by session id");
 }
 
 #[tokio::test]
@@ -1089,10 +1098,10 @@ async fn a_certificate_that_expires_is_refused_from_then_on_though_it_connected_
     let fleet = Fleet::start().await.unwrap();
     let (ca, ca_key) = fleet.core().pki.service_ca("svcA").unwrap();
     grants::add_grant(fleet.certs_dir(), "exp1", "svcA").unwrap();
-    // Valid for 3 more seconds: connections before then verify its chain,
+    // Valid for 6 more seconds: connections before then verify its chain,
     // and later ones recall it, until it expires.
-    let (chain, key) = forged_leaf_secs("exp1", "svcA", (&ca, &ca_key), (-60, 3));
-    let expires = Instant::now() + Duration::from_secs(3);
+    let (chain, key) = forged_leaf_secs("exp1", "svcA", (&ca, &ca_key), (-60, 6));
+    let expires = Instant::now() + Duration::from_secs(6);
     let device = Resuming::new(&fleet, "exp1", (chain, key), &rustls::version::TLS13);
     eventually(T, "svcA's CA to be trusted", || {
         let device = device.clone();
@@ -1111,6 +1120,18 @@ async fn a_certificate_that_expires_is_refused_from_then_on_though_it_connected_
         }
     };
     assert!(!fresh().connect().await.unwrap(), "a fresh client resumed");
+    // Once svcA's CA is loaded (not only found on disk), its chain is
+    // remembered: a full handshake does not verify it again.
+    let recalled = || fleet.broker.metrics.get(|m| &m.chains_recalled);
+    eventually(T, "the chain to be recalled", || {
+        let (fresh, before) = (fresh(), recalled());
+        async move {
+            fresh.connect().await.ok()?;
+            (recalled() > before).then_some(())
+        }
+    })
+    .await
+    .unwrap();
     eventually(T, "the expired certificate to be refused", || {
         let (fresh, device) = (fresh(), device.clone());
         async move {
@@ -1120,8 +1141,16 @@ async fn a_certificate_that_expires_is_refused_from_then_on_though_it_connected_
     })
     .await
     .unwrap();
+    // notAfter is in whole seconds, and the broker looks at its clock in
+    // whole seconds.
+    let refused_at = Instant::now();
     assert!(
-        Instant::now() + Duration::from_secs(1) >= expires,
+        refused_at + Duration::from_secs(1) >= expires,
         "refused too early"
+    );
+    assert!(
+        refused_at <= expires + Duration::from_secs(3),
+        "served {:?} after it expired",
+        refused_at - expires
     );
 }
