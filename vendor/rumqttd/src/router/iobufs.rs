@@ -32,7 +32,8 @@ impl Incoming {
     #[inline]
     pub(crate) fn new(client_id: String) -> Self {
         Self {
-            buffer: Arc::new(Mutex::new(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY))),
+            // fleetshift: grows on demand; was VecDeque::with_capacity(MAX_CHANNEL_CAPACITY)
+            buffer: Arc::new(Mutex::new(VecDeque::new())),
             meter: Default::default(),
             client_id,
         }
@@ -72,13 +73,15 @@ impl Outgoing {
     #[inline]
     pub(crate) fn new(client_id: String) -> (Self, Receiver<()>) {
         let (handle, rx) = flume::bounded(MAX_CHANNEL_CAPACITY);
-        let data_buffer = VecDeque::with_capacity(MAX_CHANNEL_CAPACITY);
-        let inflight_buffer = VecDeque::with_capacity(MAX_INFLIGHT);
-        let unacked_pubrels = VecDeque::with_capacity(MAX_INFLIGHT);
+        // fleetshift: the three queues grow on demand instead of being allocated in full
+        // for every link; the limits that use these constants are unchanged.
+        let data_buffer = VecDeque::new(); // fleetshift: was with_capacity(MAX_CHANNEL_CAPACITY)
+        let inflight_buffer = VecDeque::new(); // fleetshift: was with_capacity(MAX_INFLIGHT)
+        let unacked_pubrels = VecDeque::new(); // fleetshift: was with_capacity(MAX_INFLIGHT)
 
-        // Ensure that there won't be any new allocations
-        assert!(MAX_INFLIGHT <= inflight_buffer.capacity());
-        assert!(MAX_CHANNEL_CAPACITY <= data_buffer.capacity());
+        // fleetshift: removed, as nothing is preallocated now: "Ensure that there won't be any
+        // new allocations", assert!(MAX_INFLIGHT <= inflight_buffer.capacity()) and
+        // assert!(MAX_CHANNEL_CAPACITY <= data_buffer.capacity()).
 
         let outgoing = Self {
             client_id,

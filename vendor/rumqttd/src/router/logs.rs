@@ -380,8 +380,8 @@ impl AckLog {
     /// New log
     pub fn new() -> AckLog {
         AckLog {
-            committed: VecDeque::with_capacity(100),
-            recorded: VecDeque::with_capacity(100),
+            committed: VecDeque::new(), // fleetshift: grows on demand (was with_capacity(100))
+            recorded: VecDeque::new(),  // fleetshift: grows on demand (was with_capacity(100))
         }
     }
 
