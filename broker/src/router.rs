@@ -66,13 +66,6 @@ pub(crate) fn start_router(config: &BrokerConfig) -> std::io::Result<LinkOpener>
                     .dynamic_filters(true)
                     .build()
                     .map_err(|e| e.to_string());
-                // rumqttd gives every link a receive queue preallocated for
-                // 200 packets (78 KiB of address space, a page or more
-                // resident). An idle device sends nothing; the queue grows
-                // again when one does.
-                if let Ok((tx, _, _)) = &link {
-                    tx.buffer().shrink_to_fit();
-                }
                 // The session gave up waiting: tell the router the link is gone.
                 if let Err(Ok((mut tx, _rx, _ack))) = answer.send(link) {
                     let bye = Packet::Disconnect(
