@@ -196,6 +196,9 @@ pub(crate) struct Device {
     telemetry_seq: u64,
     /// Set when a service session came up; resets the backoff.
     established: bool,
+    /// The service certificate's chain (PEM) and the TLS configuration
+    /// built for it, kept so that reconnecting resumes the TLS session.
+    service_tls: Option<(Vec<u8>, Arc<rustls::ClientConfig>)>,
 }
 
 impl Device {
@@ -229,6 +232,7 @@ impl Device {
             shutdown,
             telemetry_seq: 0,
             established: false,
+            service_tls: None,
         })
     }
 
@@ -526,14 +530,20 @@ impl Device {
             .and_then(Endpoint::parse)
             .unwrap_or_else(|| self.cfg.service.clone());
         let subscriptions = service_subscriptions(&service_id, &self.id);
+        let tls = match &self.service_tls {
+            Some((chain, config)) if *chain == creds.chain_pem => config.clone(),
+            _ => {
+                let config =
+                    crate::link::mutual_tls(&self.root_ca_pem, &creds.chain_pem, &creds.key_pem)
+                        .stage("connect_service")?;
+                self.service_tls = Some((creds.chain_pem, config.clone()));
+                config
+            }
+        };
         let connect = Link::connect(
             &self.id,
             &endpoint,
-            Security::MutualTls {
-                root_ca_pem: self.root_ca_pem.clone(),
-                chain_pem: creds.chain_pem,
-                key_pem: creds.key_pem,
-            },
+            Security::MutualTls(tls),
             &subscriptions,
             self.cfg.request_timeout,
         );

@@ -8,6 +8,7 @@
 //! reconnect (after a service change the endpoint and identity differ).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_protocol::{Route, Topic};
@@ -42,6 +43,8 @@ pub enum LinkError {
     SubscribeRefused(String),
     #[error("client: {0}")]
     Client(#[from] rumqttc::ClientError),
+    #[error("TLS configuration: {0}")]
+    Tls(String),
 }
 
 /// A received PUBLISH.
@@ -67,12 +70,42 @@ pub enum Security {
     /// TLS with the broker's certificate checked against the trust anchor,
     /// no client certificate (the bootstrap TLS listener).
     ServerTls { root_ca_pem: Vec<u8> },
-    /// Mutual TLS with the given trust anchor and client chain and key (PEM).
-    MutualTls {
-        root_ca_pem: Vec<u8>,
-        chain_pem: Vec<u8>,
-        key_pem: Vec<u8>,
-    },
+    /// Mutual TLS with a client configuration from [`mutual_tls`]. Kept
+    /// from one connection to the next, it resumes the previous
+    /// connection's TLS session.
+    MutualTls(Arc<rustls::ClientConfig>),
+}
+
+/// A mutual-TLS client configuration: the trust anchor, the client chain
+/// and its key (PEM). It keeps the session tickets the broker gives it (up
+/// to 8, in memory), so a connection made with it resumes the last one's
+/// TLS session. Build a new one when the certificate changes: a ticket
+/// names the certificate it was issued for.
+pub fn mutual_tls(
+    root_ca_pem: &[u8],
+    chain_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<Arc<rustls::ClientConfig>, LinkError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let tls = |e: &dyn std::fmt::Display| LinkError::Tls(e.to_string());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(root_ca_pem) {
+        roots.add(cert.map_err(|e| tls(&e))?).map_err(|e| tls(&e))?;
+    }
+    let chain = CertificateDer::pem_slice_iter(chain_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| tls(&e))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| tls(&e))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls(&e))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| tls(&e))?;
+    config.resumption = rustls::client::Resumption::in_memory_sessions(8);
+    Ok(Arc::new(config))
 }
 
 pub struct Link {
@@ -105,16 +138,8 @@ fn options(client_id: &str, endpoint: &Endpoint, security: Security) -> MqttOpti
                 client_auth: None,
             }));
         }
-        Security::MutualTls {
-            root_ca_pem,
-            chain_pem,
-            key_pem,
-        } => {
-            opts.set_transport(Transport::Tls(TlsConfiguration::Simple {
-                ca: root_ca_pem,
-                alpn: None,
-                client_auth: Some((chain_pem, key_pem)),
-            }));
+        Security::MutualTls(config) => {
+            opts.set_transport(Transport::Tls(TlsConfiguration::Rustls(config)));
         }
     }
     opts

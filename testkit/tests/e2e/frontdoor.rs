@@ -1154,3 +1154,54 @@ async fn a_certificate_that_expires_is_refused_from_then_on_though_it_connected_
         refused_at - expires
     );
 }
+
+#[tokio::test]
+async fn a_simulated_device_resumes_its_tls_session_when_it_reconnects() {
+    let fleet = Fleet::start().await.unwrap();
+    let devices = Devices::new(fleet.dir.path().join("devices"));
+    devices.provision(&fleet, "sim1", "svcA").await.unwrap();
+    devices.spawn(devices.config(&fleet, "sim1", KeyMode::Csr));
+    let connects = || {
+        devices
+            .events_of("sim1")
+            .iter()
+            .filter(|e| matches!(e, DeviceEvent::Connected { .. }))
+            .count()
+    };
+    eventually(T, "sim1 connected", || {
+        let n = connects();
+        async move { (n >= 1).then_some(()) }
+    })
+    .await
+    .unwrap();
+    let resumed = || fleet.broker.metrics.get(|m| &m.resumed);
+    let before = resumed();
+    // Its certificate connects from elsewhere and takes the session over;
+    // the device connects again, with the ticket its last connection got.
+    let creds = devices
+        .store("sim1")
+        .unwrap()
+        .service_credentials("svcA")
+        .unwrap()
+        .unwrap();
+    let root = fleet.certs_dir().join("root-ca.pem");
+    let _taker = Probe::mtls(
+        fleet.service_addr(),
+        "sim1",
+        &root,
+        creds.chain_pem,
+        creds.key_pem,
+    )
+    .await
+    .unwrap();
+    eventually(T, "sim1 connected again", || {
+        let n = connects();
+        async move { (n >= 2).then_some(()) }
+    })
+    .await
+    .unwrap();
+    assert!(
+        resumed() > before,
+        "the device's reconnect was a full handshake"
+    );
+}
