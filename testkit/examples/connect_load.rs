@@ -7,6 +7,7 @@
 //! connect_load prepare --certs certs --service svcA
 //! connect_load rate --addr 127.0.0.1:8883 --certs certs --count 3000 --concurrency 200 --broker-pid PID
 //! connect_load hold --addr 127.0.0.1:8883 --certs certs --count 2000 --broker-pid PID
+//! connect_load burst --addr 127.0.0.1:8883 --certs certs --concurrency 200 --bursts 20
 //! ```
 //!
 //! Workers are OS threads doing blocking TLS I/O, with OpenSSL (one shared
@@ -132,6 +133,17 @@ enum Cmd {
         /// Seconds to wait after the last CONNACK before reading memory.
         #[arg(long, default_value_t = 3)]
         settle_secs: u64,
+    },
+    /// `bursts` times: `concurrency` connections (distinct identities)
+    /// started at the same instant, each timed to its CONNACK; then all
+    /// close, and the next burst starts `pause_ms` later.
+    Burst {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 20)]
+        bursts: usize,
+        #[arg(long, default_value_t = 300)]
+        pause_ms: u64,
     },
 }
 
@@ -639,5 +651,98 @@ fn main() -> anyhow::Result<()> {
             count,
             settle_secs,
         } => hold(common, count, settle_secs),
+        Cmd::Burst {
+            common,
+            bursts,
+            pause_ms,
+        } => burst(common, bursts, Duration::from_millis(pause_ms)),
     }
+}
+
+fn burst(c: Common, bursts: usize, pause: Duration) -> anyhow::Result<()> {
+    let n = c.concurrency;
+    let idents = Arc::new(issue(
+        &c.certs, &c.service, &c.prefix, n, c.client, c.resume,
+    )?);
+    let conn = Arc::new(connector(&c.certs)?);
+    let start_line = Arc::new(std::sync::Barrier::new(n));
+    let finish_line = Arc::new(std::sync::Barrier::new(n));
+    let resumed = Arc::new(AtomicUsize::new(0));
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let load_before = loadavg();
+    let pid = c.broker_pid.map(|p| p.to_string());
+    let cpu0 = pid.as_deref().and_then(|p| proc_cpu_secs(p, CLK_TCK));
+    let mut workers = Vec::new();
+    for w in 0..n {
+        let (idents, conn, resumed, errors) = (
+            idents.clone(),
+            conn.clone(),
+            resumed.clone(),
+            errors.clone(),
+        );
+        let (start_line, finish_line) = (start_line.clone(), finish_line.clone());
+        let (addr, ka) = (c.addr, c.keep_alive);
+        workers.push(std::thread::spawn(move || {
+            // (burst, ms to CONNACK) per connect that succeeded.
+            let mut lat = Vec::new();
+            for b in 0..bursts {
+                start_line.wait();
+                let t = Instant::now();
+                match connect_one(&conn, addr, &idents[w], ka) {
+                    Ok(mut s) => {
+                        lat.push((b, t.elapsed().as_secs_f64() * 1000.0));
+                        if s.resumed() {
+                            resumed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let _ = s.write_all(&[0xE0, 0x00]);
+                        s.close();
+                    }
+                    Err(e) => {
+                        let mut errs = errors.lock().unwrap_or_else(|p| p.into_inner());
+                        if errs.len() < 1000 {
+                            errs.push(format!("{e:#}"));
+                        }
+                    }
+                }
+                if finish_line.wait().is_leader() {
+                    std::thread::sleep(pause);
+                }
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.join().map_err(|_| anyhow!("worker panicked"))?);
+    }
+    let cpu1 = pid.as_deref().and_then(|p| proc_cpu_secs(p, CLK_TCK));
+    let ok = all.len();
+    // Each burst's last CONNACK, after its start.
+    let mut spans: Vec<f64> = (0..bursts)
+        .map(|b| {
+            all.iter()
+                .filter(|(burst, _)| *burst == b)
+                .map(|(_, ms)| *ms)
+                .fold(0.0, f64::max)
+        })
+        .collect();
+    spans.sort_by(|a, b| a.total_cmp(b));
+    let mut lat: Vec<f64> = all.into_iter().map(|(_, ms)| ms).collect();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let errs = errors.lock().unwrap_or_else(|p| p.into_inner());
+    println!(
+        "{}",
+        json!({
+            "mode": "burst", "target": c.target, "client": c.client_name(), "bursts": bursts,
+            "concurrency": n, "ok": ok, "failed": bursts * n - ok,
+            "resumed": resumed.load(Ordering::Relaxed),
+            "p50_ms": round3(percentile(&lat, 50.0)), "p90_ms": round3(percentile(&lat, 90.0)),
+            "p99_ms": round3(percentile(&lat, 99.0)), "max_ms": round3(percentile(&lat, 100.0)),
+            "burst_ms_median": round3(percentile(&spans, 50.0)),
+            "broker_cpu_s_per_1000": cpu0.zip(cpu1).map(|(a, b)| round3((b - a) * 1000.0 / ok.max(1) as f64)),
+            "loadavg_before": load_before, "loadavg_after": loadavg(),
+            "first_errors": errs.iter().take(3).collect::<Vec<_>>(),
+        })
+    );
+    Ok(())
 }
