@@ -15,7 +15,8 @@
 //! so grants follow the certificate, but a client id is one namespace over
 //! all listeners), refusing a CN the registry does not know at the
 //! handshake, and cutting a live session when its certificate is revoked
-//! (mosquitto checks `crlfile` at the handshake).
+//! (mosquitto checks `crlfile` at a full handshake; see topics.md §10.3 for
+//! what it does not check).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -201,7 +202,10 @@ pub fn write(
     std::fs::create_dir_all(&p.out_dir)?;
     std::fs::write(p.out_dir.join("acl"), &files.acl)?;
     std::fs::write(p.out_dir.join("cafile.pem"), &files.cafile)?;
-    // mosquitto refuses an empty CRL file: with no CRL yet, none is configured.
+    // mosquitto refuses an empty CRL file, and reads its `crlfile` setting
+    // only when it starts (a reload reads the file again, not the setting):
+    // the PKI's root CRL (`crl/_root.crl.pem`) keeps the file from being
+    // empty from the start. A PKI without any CRL configures none.
     let conf = if files.crlfile.is_empty() {
         files
             .conf

@@ -313,6 +313,18 @@ fn register(core: &Core, regs: Vec<RegistrationIn>) -> Result<Value, (u16, Strin
                 .map_err(|e| (400, format!("{}: factory key: {e}", r.device_id)))?;
         }
     }
+    // Each service's CA and CRL now, so trust and revocation exist at every
+    // broker (mosquitto loads CRLs only for CAs it knows of) before the
+    // device asks.
+    let services: std::collections::BTreeSet<&str> =
+        regs.iter().map(|r| r.service_id.as_str()).collect();
+    for service in services {
+        core.pki
+            .service_ca(service)
+            .map_err(|e| (500, format!("service CA {service}: {e}")))?;
+        core.ensure_crl(service)
+            .map_err(|e| (500, format!("CRL of {service}: {e:?}")))?;
+    }
     for r in &regs {
         core.store
             .put_registration(&Registration {

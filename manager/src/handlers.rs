@@ -978,6 +978,33 @@ impl Core {
         Ok(self.pki.write_crl(service_id, &revoked, number)?)
     }
 
+    /// Writes again the root's CRL and every service's CRL past half its
+    /// validity (housekeeping), so that none expires while nothing is
+    /// revoked: a broker that checks CRLs would then refuse the service's
+    /// certificates.
+    pub fn refresh_crls(&self) {
+        if let Err(err) = self.pki.refresh_root_crl() {
+            warn!(error = %err, "root CRL not written");
+        }
+        let Ok(entries) = std::fs::read_dir(self.pki.dir().join("crl")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(service) = name.to_str().and_then(|n| n.strip_suffix(".crl.pem")) else {
+                continue;
+            };
+            if fleet_protocol::topic::validate_service_id(service).is_err()
+                || !self.pki.crl_due(service)
+            {
+                continue;
+            }
+            if let Err(err) = self.publish_crl(service) {
+                warn!(service, error = %err, "CRL not renewed");
+            }
+        }
+    }
+
     /// Makes sure a service CA has a CRL file, empty if nothing is revoked:
     /// brokers that check CRLs (mosquitto's `crlfile`) refuse certificates
     /// of a CA without one.

@@ -137,6 +137,7 @@ async fn housekeeping(core: Arc<Core>, shutdown: CancellationToken) {
                 tracing::warn!(error = %err, "overdue revocations failed");
             }
             core.write_pending_crls();
+            core.refresh_crls();
         };
         let _ = tokio::task::spawn_blocking(work).await;
     }

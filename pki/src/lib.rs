@@ -171,7 +171,42 @@ impl Pki {
             service_cas: Mutex::new(HashMap::new()),
         };
         pki.ensure_broker_cert()?;
+        pki.refresh_root_crl()?;
         Ok(pki)
+    }
+
+    /// `dir/crl/_root.crl.pem`: the root's CRL (it revokes nothing; `_`
+    /// keeps it apart from every service id). It makes `crl/` a CRL file
+    /// any OpenSSL tool accepts from the start, before any service exists:
+    /// mosquitto reads its `crlfile` setting only when it starts.
+    pub fn root_crl_path(&self) -> PathBuf {
+        self.dir.join("crl").join("_root.crl.pem")
+    }
+
+    /// Writes the root's CRL if it is missing or past half its validity.
+    pub fn refresh_root_crl(&self) -> Result<(), PkiError> {
+        let path = self.root_crl_path();
+        if !crl_due(&path) {
+            return Ok(());
+        }
+        let now = unix_now();
+        let params = crl::CrlParams {
+            crl_number: now,
+            this_update: now as i64,
+            next_update: (now + CRL_VALIDITY_DAYS * DAY) as i64,
+        };
+        let der = crl::build_crl_der(&self.root, &self.root_key, &[], &params)?;
+        files::write_atomic(&path, &crl::crl_der_to_pem(&der), PUBLIC_MODE)?;
+        Ok(())
+    }
+
+    /// Whether the CRL of `service_id` is past half its validity (or
+    /// unreadable): it is to be written again before it expires, since a
+    /// broker that checks CRLs refuses the service's certificates once it
+    /// has. Missing is not due: a service without one has none to renew.
+    pub fn crl_due(&self, service_id: &str) -> bool {
+        let path = self.crl_path(service_id);
+        path.exists() && crl_due(&path)
     }
 
     pub fn dir(&self) -> &Path {
@@ -568,6 +603,29 @@ fn half_pair(a: &Path, b: &Path) -> PkiError {
     ))
 }
 
+/// Whether the CRL at `path` is missing, unreadable or past half its
+/// validity.
+fn crl_due(path: &Path) -> bool {
+    let Some(crl) = std::fs::read(path)
+        .ok()
+        .and_then(|pem| openssl::x509::X509Crl::from_pem(&pem).ok())
+    else {
+        return true;
+    };
+    let Some(next) = crl.next_update() else {
+        return true;
+    };
+    let (this, now) = (crl.last_update(), openssl::asn1::Asn1Time::days_from_now(0));
+    let (Ok(now), Ok(life)) = (now, this.diff(next)) else {
+        return true;
+    };
+    let Ok(left) = now.diff(next) else {
+        return true;
+    };
+    let secs = |d: openssl::asn1::TimeDiff| i64::from(d.days) * 86_400 + i64::from(d.secs);
+    secs(left) * 2 < secs(life)
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -607,6 +665,33 @@ mod tests {
 
     fn mode(path: &Path) -> u32 {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn crls_are_due_past_half_their_validity_and_the_root_has_one_from_the_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::open_or_create(tmp.path()).unwrap();
+        let root_crl = std::fs::read(pki.root_crl_path()).unwrap();
+        let crl = openssl::x509::X509Crl::from_pem(&root_crl).unwrap();
+        assert!(crl.verify(&pki.root_cert().public_key().unwrap()).unwrap());
+        assert!(crl.get_revoked().is_none_or(|r| r.is_empty()));
+        assert!(!crl_due(&pki.root_crl_path()), "a fresh CRL is due");
+        assert!(!pki.crl_due("svcA"), "a missing CRL is due");
+        pki.write_crl("svcA", &[], 1).unwrap();
+        assert!(!pki.crl_due("svcA"));
+        // Written 5 days ago for 7 days: past half.
+        let (ca, key) = pki.service_ca("svcA").unwrap();
+        let now = unix_now() as i64;
+        let params = crl::CrlParams {
+            crl_number: 2,
+            this_update: now - 5 * 86_400,
+            next_update: now + 2 * 86_400,
+        };
+        let der = crl::build_crl_der(&ca, &key, &[], &params).unwrap();
+        std::fs::write(pki.crl_path("svcA"), crl::crl_der_to_pem(&der)).unwrap();
+        assert!(pki.crl_due("svcA"));
+        std::fs::write(pki.crl_path("svcA"), b"not a CRL").unwrap();
+        assert!(pki.crl_due("svcA"));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use fleet_device_sim::{DeviceEvent, KeyMode};
 use fleet_manager::ManagerConfig;
 use fleet_protocol::{Route, Topic};
-use fleet_testkit::{Devices, Mosquitto, Probe};
+use fleet_testkit::{eventually, Devices, Mosquitto, Probe};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -284,6 +284,14 @@ async fn generated_mosquitto_rules_hold() {
             .collect::<Vec<_>>()
     );
 
+    // ext1's svcA certificate, which the migration will supersede.
+    let old = devices
+        .store("ext1")
+        .unwrap()
+        .service_credentials("svcA")
+        .unwrap()
+        .unwrap();
+
     // Migration: the ACL grants both tenants while ext1 moves, then only the new one.
     let body = json!({ "devices": ["ext1"], "service_id": "svcC" });
     fleet_manager::admin::call(&admin, "POST", "/v1/service-change", Some(&body))
@@ -306,6 +314,23 @@ async fn generated_mosquitto_rules_hold() {
     );
     let history = manager.core.store.history("ext1").unwrap();
     assert_eq!(history.len(), 2);
+
+    // The superseded svcA certificate is revoked, and mosquitto, reloaded
+    // with the new CRL, refuses it at the handshake (it was started before
+    // any service had a CRL: its `crlfile` holds the root's from the start).
+    eventually(T, "the old certificate to be refused", || {
+        let (chain, key, root) = (old.chain_pem.clone(), old.key_pem.clone(), root.clone());
+        let regenerated = regenerate();
+        async move {
+            regenerated.await.ok()?;
+            Probe::mtls(params.service, "ext1-second", &root, chain, key)
+                .await
+                .is_err()
+                .then_some(())
+        }
+    })
+    .await
+    .unwrap();
 
     devices.shutdown.cancel();
     manager.stop().await;

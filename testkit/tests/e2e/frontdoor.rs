@@ -937,15 +937,28 @@ async fn a_device_cannot_leave_a_retained_message_behind() {
 /// A device's TLS client that keeps its configuration, and with it the
 /// session tickets the broker gives it, from one connection to the next.
 #[derive(Clone)]
-struct Resuming {
-    config: std::sync::Arc<rustls::ClientConfig>,
-    addr: std::net::SocketAddr,
-    client_id: String,
+pub(crate) struct Resuming {
+    pub(crate) config: std::sync::Arc<rustls::ClientConfig>,
+    pub(crate) addr: std::net::SocketAddr,
+    pub(crate) client_id: String,
 }
 
 impl Resuming {
+    /// To the fleet's service listener.
     fn new(
         fleet: &Fleet,
+        client_id: &str,
+        creds: (Vec<u8>, Vec<u8>),
+        version: &'static rustls::SupportedProtocolVersion,
+    ) -> Resuming {
+        let root = fleet.certs_dir().join("root-ca.pem");
+        Resuming::to(fleet.service_addr(), &root, client_id, creds, version)
+    }
+
+    /// To `addr`, trusting the root CA in the PEM file `root`.
+    pub(crate) fn to(
+        addr: std::net::SocketAddr,
+        root: &std::path::Path,
         client_id: &str,
         (chain, key): (Vec<u8>, Vec<u8>),
         version: &'static rustls::SupportedProtocolVersion,
@@ -953,7 +966,7 @@ impl Resuming {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let mut roots = rustls::RootCertStore::empty();
-        let root = std::fs::read(fleet.certs_dir().join("root-ca.pem")).unwrap();
+        let root = std::fs::read(root).unwrap();
         for c in CertificateDer::pem_slice_iter(&root) {
             roots.add(c.unwrap()).unwrap();
         }
@@ -970,14 +983,14 @@ impl Resuming {
             .unwrap();
         Resuming {
             config: std::sync::Arc::new(config),
-            addr: fleet.service_addr(),
+            addr,
             client_id: client_id.to_owned(),
         }
     }
 
     /// TCP, TLS, CONNECT and a CONNACK that accepts, then DISCONNECT;
     /// whether the handshake resumed a session.
-    async fn connect(&self) -> anyhow::Result<bool> {
+    pub(crate) async fn connect(&self) -> anyhow::Result<bool> {
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.connect_blocking()).await?
     }
