@@ -135,8 +135,9 @@ enum Cmd {
         settle_secs: u64,
     },
     /// `bursts` times: `concurrency` connections (distinct identities)
-    /// started at the same instant, each timed to its CONNACK; then all
-    /// close, and the next burst starts `pause_ms` later.
+    /// started at the same instant, each timed from that instant to its
+    /// CONNACK; then all close, and the next burst starts `pause_ms` later.
+    /// One more burst before them warms up and is not counted.
     Burst {
         #[command(flatten)]
         common: Common,
@@ -665,13 +666,18 @@ fn burst(c: Common, bursts: usize, pause: Duration) -> anyhow::Result<()> {
         &c.certs, &c.service, &c.prefix, n, c.client, c.resume,
     )?);
     let conn = Arc::new(connector(&c.certs)?);
-    let start_line = Arc::new(std::sync::Barrier::new(n));
+    // Burst 0 warms up (every certificate new to the broker, no ticket
+    // yet) and is not counted. Each burst starts at a time set by the
+    // previous one's last worker; every connect is timed from it, so a
+    // worker that the scheduler wakes late is counted late.
+    let base = Instant::now();
+    let next_start = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let finish_line = Arc::new(std::sync::Barrier::new(n));
     let resumed = Arc::new(AtomicUsize::new(0));
     let errors: Arc<Mutex<Vec<String>>> = Arc::default();
     let load_before = loadavg();
     let pid = c.broker_pid.map(|p| p.to_string());
-    let cpu0 = pid.as_deref().and_then(|p| proc_cpu_secs(p, CLK_TCK));
+    let counted = Arc::new(std::sync::Barrier::new(n + 1));
     let mut workers = Vec::new();
     for w in 0..n {
         let (idents, conn, resumed, errors) = (
@@ -680,19 +686,23 @@ fn burst(c: Common, bursts: usize, pause: Duration) -> anyhow::Result<()> {
             resumed.clone(),
             errors.clone(),
         );
-        let (start_line, finish_line) = (start_line.clone(), finish_line.clone());
+        let (next_start, finish_line, counted) =
+            (next_start.clone(), finish_line.clone(), counted.clone());
         let (addr, ka) = (c.addr, c.keep_alive);
         workers.push(std::thread::spawn(move || {
-            // (burst, ms to CONNACK) per connect that succeeded.
+            // (burst, ms from the burst's start to CONNACK) per connect that succeeded.
             let mut lat = Vec::new();
-            for b in 0..bursts {
-                start_line.wait();
-                let t = Instant::now();
+            for b in 0..=bursts {
+                let start = base
+                    + Duration::from_nanos(next_start.load(Ordering::Acquire));
+                std::thread::sleep(start.saturating_duration_since(Instant::now()));
                 match connect_one(&conn, addr, &idents[w], ka) {
                     Ok(mut s) => {
-                        lat.push((b, t.elapsed().as_secs_f64() * 1000.0));
-                        if s.resumed() {
-                            resumed.fetch_add(1, Ordering::Relaxed);
+                        if b > 0 {
+                            lat.push((b, start.elapsed().as_secs_f64() * 1000.0));
+                            if s.resumed() {
+                                resumed.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                         let _ = s.write_all(&[0xE0, 0x00]);
                         s.close();
@@ -700,36 +710,55 @@ fn burst(c: Common, bursts: usize, pause: Duration) -> anyhow::Result<()> {
                     Err(e) => {
                         let mut errs = errors.lock().unwrap_or_else(|p| p.into_inner());
                         if errs.len() < 1000 {
-                            errs.push(format!("{e:#}"));
+                            errs.push(format!("burst {b}: {e:#}"));
                         }
                     }
                 }
                 if finish_line.wait().is_leader() {
-                    std::thread::sleep(pause);
+                    let at = base.elapsed() + pause;
+                    next_start.store(at.as_nanos() as u64, Ordering::Release);
                 }
+                // Everyone sees the next start before anyone reads it; after
+                // the warm-up, the counters start.
+                if b == 0 {
+                    counted.wait();
+                }
+                finish_line.wait();
             }
             lat
         }));
     }
+    counted.wait();
+    let cpu0 = pid.as_deref().and_then(|p| proc_user_sys_secs(p, CLK_TCK));
+    let self0 = proc_cpu_secs("self", CLK_TCK);
+    let drops0 = listen_drops();
     let mut all = Vec::new();
     for w in workers {
         all.extend(w.join().map_err(|_| anyhow!("worker panicked"))?);
     }
-    let cpu1 = pid.as_deref().and_then(|p| proc_cpu_secs(p, CLK_TCK));
+    let cpu1 = pid.as_deref().and_then(|p| proc_user_sys_secs(p, CLK_TCK));
+    let self1 = proc_cpu_secs("self", CLK_TCK);
+    let drops1 = listen_drops();
     let ok = all.len();
-    // Each burst's last CONNACK, after its start.
-    let mut spans: Vec<f64> = (0..bursts)
+    // Each burst's last CONNACK, from its start; per-burst p99 too.
+    let per_burst: Vec<(f64, f64)> = (1..=bursts)
         .map(|b| {
-            all.iter()
+            let mut l: Vec<f64> = all
+                .iter()
                 .filter(|(burst, _)| *burst == b)
                 .map(|(_, ms)| *ms)
-                .fold(0.0, f64::max)
+                .collect();
+            l.sort_by(|a, b| a.total_cmp(b));
+            (percentile(&l, 100.0), percentile(&l, 99.0))
         })
         .collect();
+    let mut spans: Vec<f64> = per_burst.iter().map(|(last, _)| *last).collect();
     spans.sort_by(|a, b| a.total_cmp(b));
     let mut lat: Vec<f64> = all.into_iter().map(|(_, ms)| ms).collect();
     lat.sort_by(|a, b| a.total_cmp(b));
     let errs = errors.lock().unwrap_or_else(|p| p.into_inner());
+    let per_1000 = |secs: f64| round3(secs * 1000.0 / ok.max(1) as f64);
+    let user_sys = cpu0.zip(cpu1).map(|(a, b)| (b.0 - a.0, b.1 - a.1));
     println!(
         "{}",
         json!({
@@ -739,7 +768,13 @@ fn burst(c: Common, bursts: usize, pause: Duration) -> anyhow::Result<()> {
             "p50_ms": round3(percentile(&lat, 50.0)), "p90_ms": round3(percentile(&lat, 90.0)),
             "p99_ms": round3(percentile(&lat, 99.0)), "max_ms": round3(percentile(&lat, 100.0)),
             "burst_ms_median": round3(percentile(&spans, 50.0)),
-            "broker_cpu_s_per_1000": cpu0.zip(cpu1).map(|(a, b)| round3((b - a) * 1000.0 / ok.max(1) as f64)),
+            "burst_last_ms": per_burst.iter().map(|(last, _)| round3(*last)).collect::<Vec<_>>(),
+            "burst_p99_ms": per_burst.iter().map(|(_, p99)| round3(*p99)).collect::<Vec<_>>(),
+            "broker_cpu_s_per_1000": user_sys.map(|(u, s)| per_1000(u + s)),
+            "broker_user_s_per_1000": user_sys.map(|(u, _)| per_1000(u)),
+            "broker_sys_s_per_1000": user_sys.map(|(_, s)| per_1000(s)),
+            "generator_cpu_s": self0.zip(self1).map(|(a, b)| round3(b - a)),
+            "listen_drops": drops0.zip(drops1).map(|(a, b)| b - a),
             "loadavg_before": load_before, "loadavg_after": loadavg(),
             "first_errors": errs.iter().take(3).collect::<Vec<_>>(),
         })
