@@ -1188,7 +1188,7 @@ async fn a_simulated_device_resumes_its_tls_session_when_it_reconnects() {
     .await
     .unwrap();
     let resumed = || fleet.broker.metrics.get(|m| &m.resumed);
-    let before = resumed();
+    let (before, connected) = (resumed(), connects());
     // Its certificate connects from elsewhere and takes the session over;
     // the device connects again, with the ticket its last connection got.
     let creds = devices
@@ -1209,12 +1209,31 @@ async fn a_simulated_device_resumes_its_tls_session_when_it_reconnects() {
     .unwrap();
     eventually(T, "sim1 connected again", || {
         let n = connects();
-        async move { (n >= 2).then_some(()) }
+        async move { (n > connected).then_some(()) }
     })
     .await
     .unwrap();
     assert!(
         resumed() > before,
         "the device's reconnect was a full handshake"
+    );
+    // Moved to svcB, it connects with its new certificate: a full
+    // handshake, in the new tenant (a ticket of the old one would land it
+    // in svcA).
+    let before = resumed();
+    fleet.change(&["sim1"], "svcB").await.unwrap();
+    devices
+        .wait_event(
+            "sim1",
+            T,
+            "connected to svcB",
+            |e| matches!(e, DeviceEvent::Connected { service_id } if service_id == "svcB"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        resumed(),
+        before,
+        "the new certificate's first connect resumed"
     );
 }
