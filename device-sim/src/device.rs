@@ -533,8 +533,11 @@ impl Device {
         let tls = match &self.service_tls {
             Some((chain, config)) if *chain == creds.chain_pem => config.clone(),
             _ => {
+                // A stored certificate or key that rustls cannot use will
+                // not become usable by retrying.
                 let config =
                     crate::link::mutual_tls(&self.root_ca_pem, &creds.chain_pem, &creds.key_pem)
+                        .map_err(|e| DeviceError::Config(e.to_string()))
                         .stage("connect_service")?;
                 self.service_tls = Some((creds.chain_pem, config.clone()));
                 config
