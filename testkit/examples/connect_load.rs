@@ -351,6 +351,20 @@ fn connect_one(
     Ok(tls)
 }
 
+/// DISCONNECT, then close.
+fn hang_up(mut s: Conn) {
+    let _ = s.write_all(&[0xE0, 0x00]);
+    s.close();
+}
+
+/// Keeps the first 1,000 errors.
+fn keep_error(errors: &Mutex<Vec<String>>, error: String) {
+    let mut errs = errors.lock().unwrap_or_else(|p| p.into_inner());
+    if errs.len() < 1000 {
+        errs.push(error);
+    }
+}
+
 fn proc_cpu_secs(pid: &str, clk_tck: f64) -> Option<f64> {
     proc_user_sys_secs(pid, clk_tck).map(|(user, sys)| user + sys)
 }
@@ -461,20 +475,14 @@ fn rate(c: Common, count: usize, identities: usize, round: u32) -> anyhow::Resul
                 k += 1;
                 let t = Instant::now();
                 match connect_one(&conn, addr, ident, ka) {
-                    Ok(mut s) => {
+                    Ok(s) => {
                         lat.push(t.elapsed().as_secs_f64() * 1000.0);
                         if s.resumed() {
                             resumed.fetch_add(1, Ordering::Relaxed);
                         }
-                        let _ = s.write_all(&[0xE0, 0x00]);
-                        s.close();
+                        hang_up(s);
                     }
-                    Err(e) => {
-                        let mut errs = errors.lock().unwrap_or_else(|p| p.into_inner());
-                        if errs.len() < 1000 {
-                            errs.push(format!("{e:#}"));
-                        }
-                    }
+                    Err(e) => keep_error(&errors, format!("{e:#}")),
                 }
             }
             lat
@@ -548,12 +556,7 @@ fn hold(c: Common, count: usize, settle_secs: u64) -> anyhow::Result<()> {
             }
             match connect_one(&conn, addr, &idents[i], ka) {
                 Ok(s) => held.lock().unwrap_or_else(|p| p.into_inner()).push(s),
-                Err(e) => {
-                    let mut errs = errors.lock().unwrap_or_else(|p| p.into_inner());
-                    if errs.len() < 1000 {
-                        errs.push(format!("{e:#}"));
-                    }
-                }
+                Err(e) => keep_error(&errors, format!("{e:#}")),
             }
         }));
     }
@@ -693,26 +696,19 @@ fn burst(c: Common, bursts: usize, pause: Duration) -> anyhow::Result<()> {
             // (burst, ms from the burst's start to CONNACK) per connect that succeeded.
             let mut lat = Vec::new();
             for b in 0..=bursts {
-                let start = base
-                    + Duration::from_nanos(next_start.load(Ordering::Acquire));
+                let start = base + Duration::from_nanos(next_start.load(Ordering::Acquire));
                 std::thread::sleep(start.saturating_duration_since(Instant::now()));
                 match connect_one(&conn, addr, &idents[w], ka) {
-                    Ok(mut s) => {
+                    Ok(s) => {
                         if b > 0 {
                             lat.push((b, start.elapsed().as_secs_f64() * 1000.0));
                             if s.resumed() {
                                 resumed.fetch_add(1, Ordering::Relaxed);
                             }
                         }
-                        let _ = s.write_all(&[0xE0, 0x00]);
-                        s.close();
+                        hang_up(s);
                     }
-                    Err(e) => {
-                        let mut errs = errors.lock().unwrap_or_else(|p| p.into_inner());
-                        if errs.len() < 1000 {
-                            errs.push(format!("burst {b}: {e:#}"));
-                        }
-                    }
+                    Err(e) => keep_error(&errors, format!("burst {b}: {e:#}")),
                 }
                 if finish_line.wait().is_leader() {
                     let at = base.elapsed() + pause;
