@@ -411,10 +411,14 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             Err(SessionError::RouterClosed(_) | SessionError::TakenOver)
         );
         // The Will goes out unless the client said a normal goodbye, and never
-        // for a certificate that is no longer valid.
+        // for a certificate that is no longer valid. A session taken over by
+        // a newer connection publishes its Will at once if it has no delay
+        // (MQTT 5 §3.1.4, §3.1.2.5); a delayed one is cancelled by that very
+        // connection.
         let publish_will = match &result {
             Ok(reason) => *reason == DisconnectReasonCode::DisconnectWithWillMessage,
             Err(SessionError::Revoked) => false,
+            Err(SessionError::TakenOver) => will_wait.is_zero(),
             Err(_) => link_alive,
         };
         let will = will.filter(|_| publish_will);
@@ -434,6 +438,15 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     will_wait,
                     cut.clone(),
                 ));
+            }
+            Some(will) if !link_alive => {
+                // This connection's router link is gone: the front door's
+                // own link carries the Will.
+                shared.release(&router_id, connection);
+                debug!(identity = %label, "publishing the will of a session taken over");
+                if let Err(why) = publish_through_will_link(&shared, will).await {
+                    warn!(identity = %label, error = %why, "will not published");
+                }
             }
             Some(will) => {
                 shared.release(&router_id, connection);

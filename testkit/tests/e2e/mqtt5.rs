@@ -1315,3 +1315,75 @@ async fn a_client_that_sends_nothing_is_timed_out_whatever_it_receives() {
         &received[received.len().saturating_sub(40)..]
     );
 }
+
+#[tokio::test]
+async fn a_session_taken_over_publishes_its_will_unless_it_is_delayed() {
+    let fleet = Fleet::start().await.unwrap();
+    let observer = fleet.privileged("observer").await.unwrap();
+    observer
+        .subscribe("/tenants/svcA/telemetry/#")
+        .await
+        .unwrap();
+    let root = fleet.certs_dir().join("root-ca.pem");
+    // MQTT 3.1.1: a Will has no delay, so it goes when a newer connection
+    // of the same certificate takes the session over.
+    let (chain, key) = certified(&fleet, "wt1", "svcA");
+    let will_of = |id: &str| {
+        let mut o = rumqttc::MqttOptions::new(id, "localhost", fleet.service_addr().port());
+        o.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Simple {
+            ca: std::fs::read(&root).unwrap(),
+            alpn: None,
+            client_auth: Some((chain.clone(), key.clone())),
+        }));
+        o.set_last_will(rumqttc::LastWill::new(
+            format!("/tenants/svcA/telemetry/{id}"),
+            "taken",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+        ));
+        o
+    };
+    let first = eventually(T, "svcA's CA to be trusted", || {
+        let opts = will_of("wt1");
+        async move { Probe::connect(opts).await.ok() }
+    })
+    .await
+    .unwrap();
+    let _second = Probe::connect(will_of("wt1")).await.unwrap();
+    eventually(T, "the first connection to be cut", || {
+        let cut = first.is_cut();
+        async move { cut.then_some(()) }
+    })
+    .await
+    .unwrap();
+    let will = observer
+        .wait_for("/tenants/svcA/telemetry/wt1", 1, T)
+        .await
+        .unwrap();
+    assert_eq!(will.payload, b"taken");
+    // MQTT 5 with a Will Delay Interval and a kept session: the newer
+    // connection comes before the delay is over, so the Will never goes.
+    // wt3's Will, due two seconds after wt2's would be, is the clock.
+    let auth: Vec<_> = ["wt2", "wt3"]
+        .iter()
+        .map(|d| certified(&fleet, d, "svcA"))
+        .collect();
+    let (delay, later) = (2, 4);
+    let first = Probe5::connect(lingering(&fleet, "wt2", &auth[0], delay, true))
+        .await
+        .unwrap();
+    let clock = Probe5::connect(lingering(&fleet, "wt3", &auth[1], later, true))
+        .await
+        .unwrap();
+    drop(clock);
+    let second = Probe5::connect(lingering(&fleet, "wt2", &auth[0], delay, true))
+        .await
+        .unwrap();
+    first.wait_cut(T).await.unwrap();
+    observer
+        .wait_for("/tenants/svcA/telemetry/wt3", 1, T)
+        .await
+        .unwrap();
+    assert!(observer.on("/tenants/svcA/telemetry/wt2").is_empty());
+    assert!(!second.is_cut());
+}
