@@ -133,6 +133,11 @@ enum Cmd {
         /// Seconds to wait after the last CONNACK before reading memory.
         #[arg(long, default_value_t = 3)]
         settle_secs: u64,
+        /// After its CONNACK each connection subscribes to the four topics a
+        /// device subscribes to (topics.md §2.3) and publishes one telemetry
+        /// message, as a device online in its service does.
+        #[arg(long)]
+        subscribe: bool,
     },
     /// `bursts` times: `concurrency` connections (distinct identities)
     /// started at the same instant, each timed from that instant to its
@@ -524,7 +529,41 @@ fn rate(c: Common, count: usize, identities: usize, round: u32) -> anyhow::Resul
     Ok(())
 }
 
-fn hold(c: Common, count: usize, settle_secs: u64) -> anyhow::Result<()> {
+/// What an online device does after its CONNACK: SUBSCRIBE (QoS 1) to its
+/// notice and reply topics, wait for the SUBACK, PUBLISH one telemetry
+/// message (QoS 0).
+fn act_as_device(tls: &mut Conn, service: &str, id: &str) -> anyhow::Result<()> {
+    use fleet_protocol::{RequestKind, Route, Topic};
+    let topics = [
+        Route::ServiceChange(id.to_owned()),
+        Route::Reply(RequestKind::Update, id.to_owned()),
+        Route::Reply(RequestKind::Poll, id.to_owned()),
+        Route::Reply(RequestKind::Status, id.to_owned()),
+    ]
+    .map(|route| Topic::in_tenant(service, route).to_string());
+    let mut body = vec![0x00, 0x01];
+    for t in &topics {
+        body.extend_from_slice(&(t.len() as u16).to_be_bytes());
+        body.extend_from_slice(t.as_bytes());
+        body.push(1);
+    }
+    tls.write_all(&fleet_testkit::mqtt_frame(0x82, &body))
+        .context("write SUBSCRIBE")?;
+    let mut ack = [0u8; 8];
+    tls.read_exact(&mut ack).context("read SUBACK")?;
+    if ack[..4] != [0x90, 0x06, 0x00, 0x01] || ack[4..].iter().any(|&c| c > 1) {
+        bail!("SUBACK refused: {ack:02x?}");
+    }
+    let topic = Topic::in_tenant(service, Route::Telemetry(id.to_owned())).to_string();
+    let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(b"{\"t\":21.5}");
+    tls.write_all(&fleet_testkit::mqtt_frame(0x30, &body))
+        .context("write PUBLISH")?;
+    Ok(())
+}
+
+fn hold(c: Common, count: usize, settle_secs: u64, subscribe: bool) -> anyhow::Result<()> {
     let t_issue = Instant::now();
     let idents = Arc::new(issue(
         &c.certs, &c.service, &c.prefix, count, c.client, c.resume,
@@ -548,13 +587,19 @@ fn hold(c: Common, count: usize, settle_secs: u64) -> anyhow::Result<()> {
             held.clone(),
             errors.clone(),
         );
-        let (addr, ka) = (c.addr, c.keep_alive);
+        let (addr, ka, service) = (c.addr, c.keep_alive, c.service.clone());
         workers.push(std::thread::spawn(move || loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
             if i >= idents.len() {
                 break;
             }
-            match connect_one(&conn, addr, &idents[i], ka) {
+            let connected = connect_one(&conn, addr, &idents[i], ka).and_then(|mut s| {
+                if subscribe {
+                    act_as_device(&mut s, &service, &idents[i].id)?;
+                }
+                Ok(s)
+            });
+            match connected {
                 Ok(s) => held.lock().unwrap_or_else(|p| p.into_inner()).push(s),
                 Err(e) => keep_error(&errors, format!("{e:#}")),
             }
@@ -598,6 +643,8 @@ fn hold(c: Common, count: usize, settle_secs: u64) -> anyhow::Result<()> {
             "rss_before_kib": rss0, "rss_after_kib": rss1,
             "rss_kib_per_conn": delta.map(|d| round3(d / ok.max(1) as f64)),
             "broker_threads": threads,
+            "broker_maps": pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/maps")).ok()).map(|m| m.lines().count()),
+            "subscribe": subscribe,
             "sampled_alive": alive, "sampled": ok.div_ceil((ok / 50).max(1)),
             "loadavg": loadavg(),
             "first_errors": errs.iter().take(3).collect::<Vec<_>>(),
@@ -654,7 +701,8 @@ fn main() -> anyhow::Result<()> {
             common,
             count,
             settle_secs,
-        } => hold(common, count, settle_secs),
+            subscribe,
+        } => hold(common, count, settle_secs, subscribe),
         Cmd::Burst {
             common,
             bursts,

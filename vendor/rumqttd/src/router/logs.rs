@@ -337,7 +337,7 @@ where
         // max_segment_size: usize, max_mem_segments: usize
         let log = CommitLog::new(max_segment_size, max_mem_segments).unwrap();
 
-        let waiters = Waiters::with_capacity(10);
+        let waiters = Waiters::with_capacity(0); // fleetshift: grows on demand (was 10)
         let metrics = SubscriptionMeter::default();
         Data {
             filter: filter.to_owned(),
