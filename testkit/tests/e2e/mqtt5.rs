@@ -526,6 +526,26 @@ fn lingering(
     o
 }
 
+/// Two devices of svcA, each connected with a kept session and a Will
+/// delayed by its own number of seconds; their credentials and probes.
+async fn delayed_wills(
+    fleet: &Fleet,
+    devices: [&str; 2],
+    delays: (u32, u32),
+) -> (Vec<(Vec<u8>, Vec<u8>)>, Probe5, Probe5) {
+    let auth: Vec<_> = devices
+        .iter()
+        .map(|d| certified(fleet, d, "svcA"))
+        .collect();
+    let first = Probe5::connect(lingering(fleet, devices[0], &auth[0], delays.0, true))
+        .await
+        .unwrap();
+    let second = Probe5::connect(lingering(fleet, devices[1], &auth[1], delays.1, true))
+        .await
+        .unwrap();
+    (auth, first, second)
+}
+
 #[tokio::test]
 async fn a_will_waits_for_its_delay_and_a_reconnect_cancels_it() {
     let fleet = Fleet::start().await.unwrap();
@@ -534,19 +554,10 @@ async fn a_will_waits_for_its_delay_and_a_reconnect_cancels_it() {
         .subscribe("/tenants/svcA/telemetry/#")
         .await
         .unwrap();
-    let auth: Vec<_> = ["wd1", "wd2"]
-        .iter()
-        .map(|d| certified(&fleet, d, "svcA"))
-        .collect();
     // wd1 comes back before its delay; wd2 does not, and its Will is due
     // two seconds after wd1's would have been.
     let (delay, later) = (4, 6);
-    let wd1 = Probe5::connect(lingering(&fleet, "wd1", &auth[0], delay, true))
-        .await
-        .unwrap();
-    let wd2 = Probe5::connect(lingering(&fleet, "wd2", &auth[1], later, true))
-        .await
-        .unwrap();
+    let (auth, wd1, wd2) = delayed_wills(&fleet, ["wd1", "wd2"], (delay, later)).await;
     drop(wd1);
     let dropped = Instant::now();
     drop(wd2);
@@ -1364,17 +1375,8 @@ async fn a_session_taken_over_publishes_its_will_unless_it_is_delayed() {
     // MQTT 5 with a Will Delay Interval and a kept session: the newer
     // connection comes before the delay is over, so the Will never goes.
     // wt3's Will, due two seconds after wt2's would be, is the clock.
-    let auth: Vec<_> = ["wt2", "wt3"]
-        .iter()
-        .map(|d| certified(&fleet, d, "svcA"))
-        .collect();
     let (delay, later) = (2, 4);
-    let first = Probe5::connect(lingering(&fleet, "wt2", &auth[0], delay, true))
-        .await
-        .unwrap();
-    let clock = Probe5::connect(lingering(&fleet, "wt3", &auth[1], later, true))
-        .await
-        .unwrap();
+    let (auth, first, clock) = delayed_wills(&fleet, ["wt2", "wt3"], (delay, later)).await;
     drop(clock);
     let second = Probe5::connect(lingering(&fleet, "wt2", &auth[0], delay, true))
         .await
