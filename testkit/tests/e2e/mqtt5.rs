@@ -526,6 +526,18 @@ fn lingering(
     o
 }
 
+/// A fleet, and an observer with the manager's rights that receives svcA's
+/// telemetry.
+async fn watching_telemetry() -> (Fleet, Probe) {
+    let fleet = Fleet::start().await.unwrap();
+    let observer = fleet.privileged("observer").await.unwrap();
+    observer
+        .subscribe("/tenants/svcA/telemetry/#")
+        .await
+        .unwrap();
+    (fleet, observer)
+}
+
 /// Two devices of svcA, each connected with a kept session and a Will
 /// delayed by its own number of seconds; their credentials and probes.
 async fn delayed_wills(
@@ -548,12 +560,7 @@ async fn delayed_wills(
 
 #[tokio::test]
 async fn a_will_waits_for_its_delay_and_a_reconnect_cancels_it() {
-    let fleet = Fleet::start().await.unwrap();
-    let observer = fleet.privileged("observer").await.unwrap();
-    observer
-        .subscribe("/tenants/svcA/telemetry/#")
-        .await
-        .unwrap();
+    let (fleet, observer) = watching_telemetry().await;
     // wd1 comes back before its delay; wd2 does not, and its Will is due
     // two seconds after wd1's would have been.
     let (delay, later) = (4, 6);
@@ -600,12 +607,7 @@ async fn a_will_waits_for_its_delay_and_a_reconnect_cancels_it() {
 
 #[tokio::test]
 async fn a_will_goes_at_once_when_the_session_ends_with_the_connection() {
-    let fleet = Fleet::start().await.unwrap();
-    let observer = fleet.privileged("observer").await.unwrap();
-    observer
-        .subscribe("/tenants/svcA/telemetry/#")
-        .await
-        .unwrap();
+    let (fleet, observer) = watching_telemetry().await;
     let auth = certified(&fleet, "wd3", "svcA");
     // A Will Delay Interval far beyond the test's timeout, and no session
     // kept: the session ends, so the Will goes.
@@ -622,12 +624,7 @@ async fn a_will_goes_at_once_when_the_session_ends_with_the_connection() {
 
 #[tokio::test]
 async fn a_will_whose_certificate_is_revoked_while_it_waits_is_dropped() {
-    let fleet = Fleet::start().await.unwrap();
-    let observer = fleet.privileged("observer").await.unwrap();
-    observer
-        .subscribe("/tenants/svcA/telemetry/#")
-        .await
-        .unwrap();
+    let (fleet, observer) = watching_telemetry().await;
     let revoked = certified(&fleet, "wd4", "svcA");
     let control = certified(&fleet, "wd5", "svcA");
     // Revoked with wd4's, to see the revocation loaded: a connection with
@@ -1329,12 +1326,7 @@ async fn a_client_that_sends_nothing_is_timed_out_whatever_it_receives() {
 
 #[tokio::test]
 async fn a_session_taken_over_publishes_its_will_unless_it_is_delayed() {
-    let fleet = Fleet::start().await.unwrap();
-    let observer = fleet.privileged("observer").await.unwrap();
-    observer
-        .subscribe("/tenants/svcA/telemetry/#")
-        .await
-        .unwrap();
+    let (fleet, observer) = watching_telemetry().await;
     let root = fleet.certs_dir().join("root-ca.pem");
     // MQTT 3.1.1: a Will has no delay, so it goes when a newer connection
     // of the same certificate takes the session over.
