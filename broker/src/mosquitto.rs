@@ -44,7 +44,7 @@ pub struct DeviceGrant {
 }
 
 /// The generated files' contents.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MosquittoFiles {
     pub conf: String,
     pub acl: String,

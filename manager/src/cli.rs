@@ -93,6 +93,12 @@ pub enum Command {
         service: std::net::SocketAddr,
         #[arg(long)]
         reload_pid: Option<u32>,
+        /// Keep running: look at the registry and the CRLs every this many
+        /// milliseconds, and write the files (and reload mosquitto) whenever
+        /// they change, so that grants and revocations reach mosquitto
+        /// without anyone running this again.
+        #[arg(long)]
+        watch_ms: Option<u64>,
     },
     /// Operator reset: the device may activate again.
     Reset {
@@ -214,6 +220,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             bootstrap,
             service,
             reload_pid,
+            watch_ms,
         } => {
             let secret = secret_file
                 .map(|f| {
@@ -228,14 +235,20 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
                 out_dir: out,
                 user: current_user(),
             };
-            let n = write_mosquitto_config(
-                &admin,
-                &params,
-                secret.as_deref().map(str::trim),
-                reload_pid,
-            )
-            .await?;
-            print(json!({ "devices": n, "out": params.out_dir }));
+            let secret = secret.as_deref().map(str::trim);
+            if let Some(ms) = watch_ms {
+                let stop = CancellationToken::new();
+                let stopping = stop.clone();
+                tokio::spawn(async move {
+                    shutdown_signal().await;
+                    stopping.cancel();
+                });
+                let every = std::time::Duration::from_millis(ms.max(100));
+                watch_mosquitto_config(&admin, &params, secret, reload_pid, every, stop).await?;
+            } else {
+                let n = write_mosquitto_config(&admin, &params, secret, reload_pid).await?;
+                print(json!({ "devices": n, "out": params.out_dir }));
+            }
         }
         Command::Reset { admin, device } => {
             print(call(&admin, "POST", &format!("/v1/devices/{device}/reset"), None).await?)
@@ -295,6 +308,61 @@ pub async fn write_mosquitto_config(
     secret: Option<&str>,
     reload_pid: Option<u32>,
 ) -> anyhow::Result<usize> {
+    let (files, n) = render_from_registry(admin, params).await?;
+    fleet_broker::mosquitto::write(params, &files, secret)?;
+    reload_mosquitto(reload_pid)?;
+    Ok(n)
+}
+
+/// Keeps the mosquitto configuration in step with the registry and the
+/// CRLs: renders it every `every` and, whenever it differs from the last
+/// one written, writes it and reloads mosquitto, until `stop`. A render
+/// that fails (the manager unreachable, say) is logged and tried again.
+pub async fn watch_mosquitto_config(
+    admin: &str,
+    params: &fleet_broker::mosquitto::MosquittoParams,
+    secret: Option<&str>,
+    reload_pid: Option<u32>,
+    every: std::time::Duration,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut written: Option<fleet_broker::mosquitto::MosquittoFiles> = None;
+    loop {
+        match render_from_registry(admin, params).await {
+            Ok((files, n)) if written.as_ref() != Some(&files) => {
+                let first = written.is_none();
+                fleet_broker::mosquitto::write(params, &files, secret.filter(|_| first))?;
+                reload_mosquitto(reload_pid)?;
+                tracing::info!(devices = n, "mosquitto configuration written");
+                written = Some(files);
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(error = %err, "mosquitto configuration not rendered"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+fn reload_mosquitto(pid: Option<u32>) -> anyhow::Result<()> {
+    if let Some(pid) = pid {
+        let status = std::process::Command::new("kill")
+            .arg("-HUP")
+            .arg(pid.to_string())
+            .status()?;
+        anyhow::ensure!(status.success(), "could not signal mosquitto (pid {pid})");
+    }
+    Ok(())
+}
+
+/// The files for the registry's grants now, and how many principals they
+/// grant.
+async fn render_from_registry(
+    admin: &str,
+    params: &fleet_broker::mosquitto::MosquittoParams,
+) -> anyhow::Result<(fleet_broker::mosquitto::MosquittoFiles, usize)> {
     let grants = call(admin, "GET", "/v1/grants", None).await?;
     let grants: Vec<fleet_broker::mosquitto::DeviceGrant> = grants
         .as_array()
@@ -313,15 +381,7 @@ pub async fn write_mosquitto_config(
         })
         .collect();
     let files = fleet_broker::mosquitto::render(params, &grants)?;
-    fleet_broker::mosquitto::write(params, &files, secret)?;
-    if let Some(pid) = reload_pid {
-        let status = std::process::Command::new("kill")
-            .arg("-HUP")
-            .arg(pid.to_string())
-            .status()?;
-        anyhow::ensure!(status.success(), "could not signal mosquitto (pid {pid})");
-    }
-    Ok(grants.len())
+    Ok((files, grants.len()))
 }
 
 async fn shutdown_signal() {
