@@ -314,8 +314,8 @@ fn register(core: &Core, regs: Vec<RegistrationIn>) -> Result<Value, (u16, Strin
         }
     }
     // Each service's CA and CRL now, so trust and revocation exist at every
-    // broker (mosquitto loads CRLs only for CAs it knows of) before the
-    // device asks.
+    // broker before the device asks (a broker checking CRLs, as mosquitto
+    // does, refuses a certificate whose CA has none).
     let services: std::collections::BTreeSet<&str> =
         regs.iter().map(|r| r.service_id.as_str()).collect();
     for service in services {

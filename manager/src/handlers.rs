@@ -180,6 +180,9 @@ pub struct Core {
     /// Services whose CRL must be rewritten once the replies that revoked
     /// certificates are published.
     pending_crls: Mutex<std::collections::BTreeSet<String>>,
+    /// Held while a CRL is read from the store and written: two writers
+    /// interleaving could leave on disk a list read before a revocation.
+    crl_writer: Mutex<()>,
     /// Devices and providers whose broker grants could not be written.
     grants_dirty: Mutex<std::collections::BTreeSet<String>>,
     /// Striped per-device locks: one request per device at a time.
@@ -194,6 +197,7 @@ impl Core {
             config,
             failures: Mutex::new(HashMap::new()),
             pending_crls: Mutex::new(Default::default()),
+            crl_writer: Mutex::new(()),
             grants_dirty: Mutex::new(Default::default()),
             stripes: (0..64).map(|_| Mutex::new(())).collect(),
         }
@@ -965,6 +969,7 @@ impl Core {
 
     /// Rewrites the CRL of a service CA from its revocation list.
     pub fn publish_crl(&self, service_id: &str) -> Result<std::path::PathBuf, Failure> {
+        let _writer = self.crl_writer.lock().unwrap_or_else(|p| p.into_inner());
         let revoked: Vec<RevokedEntry> = self
             .store
             .revoked_of(service_id)?

@@ -619,6 +619,10 @@ fn crl_due(path: &Path) -> bool {
     let (Ok(now), Ok(life)) = (now, this.diff(next)) else {
         return true;
     };
+    // Written while the clock was ahead: not valid yet, so write it again.
+    if this > now {
+        return true;
+    }
     let Ok(left) = now.diff(next) else {
         return true;
     };
