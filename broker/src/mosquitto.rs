@@ -192,6 +192,15 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
     })
 }
 
+/// Replaces `path` with `bytes` by renaming a file written beside it, so
+/// mosquitto never reads a half-written one.
+fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Writes the files into `p.out_dir` (the password file only if missing or
 /// `secret` is given).
 pub fn write(
@@ -200,8 +209,8 @@ pub fn write(
     secret: Option<&str>,
 ) -> std::io::Result<()> {
     std::fs::create_dir_all(&p.out_dir)?;
-    std::fs::write(p.out_dir.join("acl"), &files.acl)?;
-    std::fs::write(p.out_dir.join("cafile.pem"), &files.cafile)?;
+    replace(&p.out_dir.join("acl"), files.acl.as_bytes())?;
+    replace(&p.out_dir.join("cafile.pem"), files.cafile.as_bytes())?;
     // mosquitto refuses an empty CRL file, and reads its `crlfile` setting
     // only when it starts (a reload reads the file again, not the setting):
     // the PKI's root CRL (`crl/_root.crl.pem`) keeps the file from being
@@ -215,10 +224,10 @@ pub fn write(
             .join("\n")
             + "\n"
     } else {
-        std::fs::write(p.out_dir.join("crl.pem"), &files.crlfile)?;
+        replace(&p.out_dir.join("crl.pem"), files.crlfile.as_bytes())?;
         files.conf.clone()
     };
-    std::fs::write(p.out_dir.join("mosquitto.conf"), conf)?;
+    replace(&p.out_dir.join("mosquitto.conf"), conf.as_bytes())?;
     let passwd = p.out_dir.join("passwd");
     if let Some(secret) = secret {
         use std::io::Write;

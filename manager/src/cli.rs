@@ -316,8 +316,9 @@ pub async fn write_mosquitto_config(
 
 /// Keeps the mosquitto configuration in step with the registry and the
 /// CRLs: renders it every `every` and, whenever it differs from the last
-/// one written, writes it and reloads mosquitto, until `stop`. A render
-/// that fails (the manager unreachable, say) is logged and tried again.
+/// one written, writes it and reloads mosquitto, until `stop`. Whatever
+/// fails (the manager unreachable, a write, the reload) is logged and
+/// tried again at the next look.
 pub async fn watch_mosquitto_config(
     admin: &str,
     params: &fleet_broker::mosquitto::MosquittoParams,
@@ -331,10 +332,17 @@ pub async fn watch_mosquitto_config(
         match render_from_registry(admin, params).await {
             Ok((files, n)) if written.as_ref() != Some(&files) => {
                 let first = written.is_none();
-                fleet_broker::mosquitto::write(params, &files, secret.filter(|_| first))?;
-                reload_mosquitto(reload_pid)?;
-                tracing::info!(devices = n, "mosquitto configuration written");
-                written = Some(files);
+                // A failure is tried again at the next look.
+                let done = fleet_broker::mosquitto::write(params, &files, secret.filter(|_| first))
+                    .map_err(anyhow::Error::from)
+                    .and_then(|()| reload_mosquitto(reload_pid));
+                match done {
+                    Ok(()) => {
+                        tracing::info!(devices = n, "mosquitto configuration written");
+                        written = Some(files);
+                    }
+                    Err(err) => tracing::warn!(error = %err, "mosquitto configuration not applied"),
+                }
             }
             Ok(_) => {}
             Err(err) => tracing::warn!(error = %err, "mosquitto configuration not rendered"),

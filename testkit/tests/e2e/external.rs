@@ -351,6 +351,16 @@ async fn generated_mosquitto_rules_hold() {
     })
     .await
     .unwrap();
+    // For contrast, a svcA certificate still valid (the provider's) connects.
+    Probe::mtls(
+        params.service,
+        "weather-check",
+        &root,
+        pem("chain_pem"),
+        pem("key_pem"),
+    )
+    .await
+    .unwrap();
     watching.cancel();
     watcher.await.unwrap().unwrap();
 
