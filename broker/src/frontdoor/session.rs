@@ -397,8 +397,12 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             &cut,
         )
         .await;
+        // A newer connection of the same identity has claimed the session:
+        // the router has dropped this connection's link, whatever ended it
+        // here (the router's close, or a read error that came first).
+        let taken_over = !shared.holds(&router_id, connection);
         let result = match result {
-            Err(SessionError::RouterClosed(_)) if !shared.holds(&router_id, connection) => {
+            Err(SessionError::RouterClosed(_)) if taken_over => {
                 info!(identity = %label, "session taken over by a newer connection of the same identity");
                 Err(SessionError::TakenOver)
             }
@@ -406,21 +410,21 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
         };
         // The router's link is gone or no longer speaks for this connection:
         // nothing more goes to it.
-        let link_alive = !matches!(
-            result,
-            Err(SessionError::RouterClosed(_) | SessionError::TakenOver)
-        );
+        let link_alive = !taken_over && !matches!(result, Err(SessionError::RouterClosed(_)));
         // The Will goes out unless the client said a normal goodbye, and never
         // for a certificate that is no longer valid. A session taken over by
         // a newer connection publishes its Will at once if it has no delay
         // (MQTT 5 §3.1.4, §3.1.2.5); a delayed one is cancelled by that very
         // connection.
-        let publish_will = match &result {
-            Ok(reason) => *reason == DisconnectReasonCode::DisconnectWithWillMessage,
-            Err(SessionError::Revoked) => false,
-            Err(SessionError::TakenOver) => will_wait.is_zero(),
-            Err(_) => link_alive,
-        };
+        let revoked =
+            matches!(&kind, ListenerKind::Service(cert) if shared.is_revoked(&cert.serial));
+        let publish_will = !revoked
+            && match &result {
+                Ok(reason) => *reason == DisconnectReasonCode::DisconnectWithWillMessage,
+                Err(SessionError::Revoked) => false,
+                Err(_) if taken_over => will_wait.is_zero(),
+                Err(_) => link_alive,
+            };
         let will = will.filter(|_| publish_will);
         match will {
             Some(will) if !will_wait.is_zero() => {
