@@ -111,15 +111,33 @@ pub struct Shared {
     slots: Arc<Semaphore>,
     next_connection: AtomicU64,
     rate: Mutex<HashMap<IpAddr, (f64, Instant)>>,
-    /// Router client id → the connection that holds that session now, and
-    /// a token cancelled when another connection claims it.
-    sessions: Mutex<HashMap<String, (u64, CancellationToken)>>,
+    /// Router client id → the connection that holds that session now.
+    sessions: Mutex<HashMap<String, Holder>>,
     /// The one router link delayed Wills are published through, opened
     /// when the first is due.
     pub will_link: tokio::sync::Mutex<Option<(rumqttd::local::LinkTx, rumqttd::local::LinkRx)>>,
     /// Serials of revoked certificates, kept by the service listener's
     /// [`Trust`] from the CRLs.
     pub revoked: Arc<RwLock<HashSet<String>>>,
+}
+
+/// The connection holding a router session.
+struct Holder {
+    connection: u64,
+    /// Cancelled when another connection claims the session.
+    taken: CancellationToken,
+    /// Cancelled when the holder's session has ended (see [`Claim`]).
+    ended: CancellationToken,
+}
+
+/// A connection's claim on a router session.
+pub struct Claim {
+    /// Cancels, when dropped, the token the next holder waits on: keep it
+    /// until the session has ended and a Will due at once is published.
+    pub ended: tokio_util::sync::DropGuard,
+    /// When this claim takes the session over: the previous holder's,
+    /// cancelled once that session has ended.
+    pub previous: Option<CancellationToken>,
 }
 
 /// What a listener's connections prove about themselves.
@@ -168,21 +186,30 @@ impl Shared {
 
     /// Records that `connection` now holds the router session `router_id`;
     /// the previous holder's [`Shared::taken`] token is cancelled.
-    pub fn claim(&self, router_id: &str, connection: u64) {
+    pub fn claim(&self, router_id: &str, connection: u64) -> Claim {
+        let ended = CancellationToken::new();
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         let previous = sessions.insert(
             router_id.to_string(),
-            (connection, CancellationToken::new()),
+            Holder {
+                connection,
+                taken: CancellationToken::new(),
+                ended: ended.clone(),
+            },
         );
-        if let Some((_, taken)) = previous {
-            taken.cancel();
+        Claim {
+            ended: ended.drop_guard(),
+            previous: previous.map(|holder| {
+                holder.taken.cancel();
+                holder.ended
+            }),
         }
     }
 
     /// Whether `connection` still holds the router session `router_id`.
     pub fn holds(&self, router_id: &str, connection: u64) -> bool {
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        sessions.get(router_id).map(|(c, _)| *c) == Some(connection)
+        sessions.get(router_id).map(|h| h.connection) == Some(connection)
     }
 
     /// A token cancelled when another connection claims `router_id` from
@@ -190,7 +217,7 @@ impl Shared {
     pub fn taken(&self, router_id: &str, connection: u64) -> CancellationToken {
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         match sessions.get(router_id) {
-            Some((c, taken)) if *c == connection => taken.clone(),
+            Some(holder) if holder.connection == connection => holder.taken.clone(),
             _ => {
                 let gone = CancellationToken::new();
                 gone.cancel();
@@ -202,7 +229,7 @@ impl Shared {
     /// Forgets `connection`'s hold on `router_id`, if it still has it.
     pub fn release(&self, router_id: &str, connection: u64) {
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        if sessions.get(router_id).map(|(c, _)| *c) == Some(connection) {
+        if sessions.get(router_id).map(|h| h.connection) == Some(connection) {
             sessions.remove(router_id);
         }
     }

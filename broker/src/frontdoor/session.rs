@@ -107,6 +107,10 @@ pub const MAX_WILL_DELAY: Duration = Duration::from_secs(300);
 /// router id has this form (see [`Identity::router_client_id`]).
 const WILL_LINK: &str = "w.front-door";
 
+/// Longest a connection that takes a session over waits for the previous
+/// one to end before its CONNACK.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(1);
+
 /// A Will the grants allow, published by the front door when the
 /// connection ends without a normal DISCONNECT.
 struct Will {
@@ -336,7 +340,8 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
         // The session is claimed first, so the connection it replaces knows it
         // was taken over.
         let router_id = identity.router_client_id(connection);
-        shared.claim(&router_id, connection);
+        let claim = shared.claim(&router_id, connection);
+        let _ended = claim.ended;
         let (tx, rx, ack) = match shared.link.open(router_id.clone(), clean).await {
             Ok(link) => link,
             Err(why) => {
@@ -368,6 +373,12 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             }
             (_, ack) => ack,
         };
+        // Opening this link made the router drop the one of the session
+        // taken over, whose Will (if one goes at once) is then published:
+        // waited for, briefly, so that it comes before anything of ours.
+        if let Some(previous) = claim.previous {
+            let _ = tokio::time::timeout(TAKEOVER_WAIT, previous.cancelled()).await;
+        }
         let mut tx = tx;
         if let Err(err) = framed.write(ack.into_iter().collect()).await {
             // The client went away before its CONNACK: the router holds a link

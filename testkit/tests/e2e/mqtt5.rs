@@ -538,6 +538,20 @@ async fn watching_telemetry() -> (Fleet, Probe) {
     (fleet, observer)
 }
 
+/// Waits until a marker published now has reached `observer`: whatever was
+/// on its way before has arrived.
+async fn traffic_marker(observer: &Probe) {
+    let n = observer.on("/tenants/svcA/telemetry/marker").len();
+    observer
+        .publish("/tenants/svcA/telemetry/marker", b"m".to_vec())
+        .await
+        .unwrap();
+    observer
+        .wait_for("/tenants/svcA/telemetry/marker", n + 1, T)
+        .await
+        .unwrap();
+}
+
 /// Two devices of svcA, each connected with a kept session and a Will
 /// delayed by its own number of seconds; their credentials and probes.
 async fn delayed_wills(
@@ -1352,18 +1366,30 @@ async fn a_session_taken_over_publishes_its_will_unless_it_is_delayed() {
     })
     .await
     .unwrap();
-    let _second = Probe::connect(will_of("wt1")).await.unwrap();
+    // The newer connection says it is back as soon as it is connected: the
+    // Will of the one it replaced comes first, and once.
+    let second = Probe::connect(will_of("wt1")).await.unwrap();
+    second
+        .publish("/tenants/svcA/telemetry/wt1", b"back".to_vec())
+        .await
+        .unwrap();
     eventually(T, "the first connection to be cut", || {
         let cut = first.is_cut();
         async move { cut.then_some(()) }
     })
     .await
     .unwrap();
-    let will = observer
-        .wait_for("/tenants/svcA/telemetry/wt1", 1, T)
+    observer
+        .wait_for("/tenants/svcA/telemetry/wt1", 2, T)
         .await
         .unwrap();
-    assert_eq!(will.payload, b"taken");
+    traffic_marker(&observer).await;
+    let seen: Vec<_> = observer
+        .on("/tenants/svcA/telemetry/wt1")
+        .into_iter()
+        .map(|m| m.payload)
+        .collect();
+    assert_eq!(seen, [b"taken".to_vec(), b"back".to_vec()]);
     // MQTT 5 with a Will Delay Interval and a kept session: the newer
     // connection comes before the delay is over, so the Will never goes.
     // wt3's Will, due two seconds after wt2's would be, is the clock.
