@@ -300,16 +300,6 @@ fn connector(certs: &Path) -> anyhow::Result<SslConnector> {
     Ok(b.build())
 }
 
-/// MQTT 3.1.1 CONNECT: clean session, no will, no credentials.
-fn connect_packet(client_id: &str, keep_alive: u16) -> Vec<u8> {
-    let mut body = Vec::with_capacity(16 + client_id.len());
-    body.extend_from_slice(&[0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02]);
-    body.extend_from_slice(&keep_alive.to_be_bytes());
-    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-    body.extend_from_slice(client_id.as_bytes());
-    fleet_testkit::mqtt_frame(0x10, &body)
-}
-
 /// TCP + TLS + CONNECT + CONNACK. Returns the open stream.
 fn connect_one(
     conn: &SslConnector,
@@ -343,7 +333,7 @@ fn connect_one(
                 .map_err(|e| anyhow!("tls: {e}"))?,
         )
     };
-    tls.write_all(&connect_packet(&ident.id, keep_alive))
+    tls.write_all(&fleet_testkit::mqtt311_connect(&ident.id, keep_alive))
         .context("write CONNECT")?;
     let mut ack = [0u8; 4];
     tls.read_exact(&mut ack).context("read CONNACK")?;

@@ -970,6 +970,16 @@ impl Drop for Mosquitto {
     }
 }
 
+/// An MQTT 3.1.1 CONNECT: clean session, no Will, no credentials.
+pub fn mqtt311_connect(client_id: &str, keep_alive: u16) -> Vec<u8> {
+    let mut body = Vec::with_capacity(12 + client_id.len());
+    body.extend_from_slice(&[0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02]);
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    mqtt_frame(0x10, &body)
+}
+
 /// `first` (the fixed header's type and flags byte) and `body` framed as
 /// one MQTT packet, with the remaining length as MQTT encodes it.
 pub fn mqtt_frame(first: u8, body: &[u8]) -> Vec<u8> {

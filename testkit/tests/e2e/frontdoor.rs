@@ -428,6 +428,19 @@ async fn bad_certificates_fail_the_handshake() {
     assert!(fleet.broker.metrics.get(|m| &m.handshake_failures) >= 5);
 }
 
+/// Sends an MQTT 3.1.1 CONNECT (clean session, keep-alive 60 s) on `tls`
+/// and reads the 4-byte CONNACK.
+fn connack(
+    tls: &mut (impl std::io::Read + std::io::Write),
+    client_id: &str,
+) -> anyhow::Result<[u8; 4]> {
+    tls.write_all(&fleet_testkit::mqtt311_connect(client_id, 60))?;
+    let mut ack = [0u8; 4];
+    tls.read_exact(&mut ack)?;
+    anyhow::ensure!(ack[0] == 0x20, "not a CONNACK: {ack:?}");
+    Ok(ack)
+}
+
 /// MQTT 3.1.1 CONNECT (clean session, keep-alive 60 s) over blocking
 /// OpenSSL TLS limited to `version`; returns the CONNACK's return code.
 fn connack_over(
@@ -437,7 +450,6 @@ fn connack_over(
     (chain, key): (Vec<u8>, Vec<u8>),
 ) -> anyhow::Result<u8> {
     use openssl::ssl::{SslConnector, SslMethod};
-    use std::io::{Read, Write};
     let mut b = SslConnector::builder(SslMethod::tls_client())?;
     b.set_min_proto_version(Some(version))?;
     b.set_max_proto_version(Some(version))?;
@@ -452,14 +464,7 @@ fn connack_over(
     let tcp = std::net::TcpStream::connect(fleet.service_addr())?;
     tcp.set_read_timeout(Some(T))?;
     let mut tls = b.build().connect("localhost", tcp)?;
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60];
-    body.extend((client_id.len() as u16).to_be_bytes());
-    body.extend(client_id.as_bytes());
-    tls.write_all(&fleet_testkit::mqtt_frame(0x10, &body))?;
-    let mut ack = [0u8; 4];
-    tls.read_exact(&mut ack)?;
-    anyhow::ensure!(ack[0] == 0x20, "not a CONNACK: {ack:?}");
-    Ok(ack[3])
+    Ok(connack(&mut tls, client_id)?[3])
 }
 
 #[tokio::test]
@@ -998,18 +1003,13 @@ impl Resuming {
     }
 
     fn connect_blocking(&self) -> anyhow::Result<bool> {
-        use std::io::{Read, Write};
+        use std::io::Write;
         let tcp = std::net::TcpStream::connect(self.addr)?;
         tcp.set_read_timeout(Some(T))?;
         let name = rustls::pki_types::ServerName::try_from("localhost")?;
         let conn = rustls::ClientConnection::new(self.config.clone(), name)?;
         let mut tls = rustls::StreamOwned::new(conn, tcp);
-        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60];
-        body.extend((self.client_id.len() as u16).to_be_bytes());
-        body.extend(self.client_id.as_bytes());
-        tls.write_all(&fleet_testkit::mqtt_frame(0x10, &body))?;
-        let mut ack = [0u8; 4];
-        tls.read_exact(&mut ack)?;
+        let ack = connack(&mut tls, &self.client_id)?;
         anyhow::ensure!(ack == [0x20, 2, 0, 0], "not an accepting CONNACK: {ack:?}");
         let resumed = tls.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         tls.write_all(&[0xe0, 0])?;

@@ -601,14 +601,7 @@ async fn a_will_waits_for_its_delay_and_a_reconnect_cancels_it() {
     );
     // wd1's Will was due two seconds before wd2's: a marker published now
     // arrives after it, had it been sent.
-    observer
-        .publish("/tenants/svcA/telemetry/marker", b"m".to_vec())
-        .await
-        .unwrap();
-    observer
-        .wait_for("/tenants/svcA/telemetry/marker", 1, T)
-        .await
-        .unwrap();
+    traffic_marker(&observer).await;
     assert!(observer.on("/tenants/svcA/telemetry/wd1").is_empty());
     assert!(!back.is_cut());
     // The reconnected session has its own Will, delayed as before.
@@ -700,14 +693,7 @@ async fn a_will_whose_certificate_is_revoked_while_it_waits_is_dropped() {
         .wait_for("/tenants/svcA/telemetry/wd5", 1, T)
         .await
         .unwrap();
-    observer
-        .publish("/tenants/svcA/telemetry/marker", b"m".to_vec())
-        .await
-        .unwrap();
-    observer
-        .wait_for("/tenants/svcA/telemetry/marker", 1, T)
-        .await
-        .unwrap();
+    traffic_marker(&observer).await;
     assert!(observer.on("/tenants/svcA/telemetry/wd4").is_empty());
 }
 
