@@ -319,11 +319,8 @@ fn register(core: &Core, regs: Vec<RegistrationIn>) -> Result<Value, (u16, Strin
     let services: std::collections::BTreeSet<&str> =
         regs.iter().map(|r| r.service_id.as_str()).collect();
     for service in services {
-        core.pki
-            .service_ca(service)
-            .map_err(|e| (500, format!("service CA {service}: {e}")))?;
-        core.ensure_crl(service)
-            .map_err(|e| (500, format!("CRL of {service}: {e:?}")))?;
+        core.ensure_service(service)
+            .map_err(|e| (500, format!("service {service}: {e}")))?;
     }
     for r in &regs {
         core.store

@@ -309,8 +309,7 @@ pub async fn write_mosquitto_config(
     reload_pid: Option<u32>,
 ) -> anyhow::Result<usize> {
     let (files, n) = render_from_registry(admin, params).await?;
-    fleet_broker::mosquitto::write(params, &files, secret)?;
-    reload_mosquitto(reload_pid)?;
+    apply_mosquitto_config(params, &files, secret, reload_pid)?;
     Ok(n)
 }
 
@@ -333,10 +332,7 @@ pub async fn watch_mosquitto_config(
             Ok((files, n)) if written.as_ref() != Some(&files) => {
                 let first = written.is_none();
                 // A failure is tried again at the next look.
-                let done = fleet_broker::mosquitto::write(params, &files, secret.filter(|_| first))
-                    .map_err(anyhow::Error::from)
-                    .and_then(|()| reload_mosquitto(reload_pid));
-                match done {
+                match apply_mosquitto_config(params, &files, secret.filter(|_| first), reload_pid) {
                     Ok(()) => {
                         tracing::info!(devices = n, "mosquitto configuration written");
                         written = Some(files);
@@ -354,8 +350,15 @@ pub async fn watch_mosquitto_config(
     }
 }
 
-fn reload_mosquitto(pid: Option<u32>) -> anyhow::Result<()> {
-    if let Some(pid) = pid {
+/// Writes `files` and, with a pid, tells that mosquitto to reload them.
+fn apply_mosquitto_config(
+    params: &fleet_broker::mosquitto::MosquittoParams,
+    files: &fleet_broker::mosquitto::MosquittoFiles,
+    secret: Option<&str>,
+    reload_pid: Option<u32>,
+) -> anyhow::Result<()> {
+    fleet_broker::mosquitto::write(params, files, secret)?;
+    if let Some(pid) = reload_pid {
         let status = std::process::Command::new("kill")
             .arg("-HUP")
             .arg(pid.to_string())

@@ -558,8 +558,7 @@ impl Core {
             }
             _ => reg.initial_service.clone(),
         };
-        self.pki.service_ca(&service_id)?;
-        self.ensure_crl(&service_id)?;
+        self.ensure_service(&service_id)?;
         let uuid = uuid::Uuid::new_v4();
         let sealed = crypto::seal(&req.body.eph, d, uuid.as_bytes())?;
         let device = DeviceRecord {
@@ -1010,10 +1009,11 @@ impl Core {
         }
     }
 
-    /// Makes sure a service CA has a CRL file, empty if nothing is revoked:
-    /// brokers that check CRLs (mosquitto's `crlfile`) refuse certificates
-    /// of a CA without one.
-    pub fn ensure_crl(&self, service_id: &str) -> Result<(), Failure> {
+    /// Makes sure a service has its CA, created on first use, and a CRL
+    /// file, empty if nothing is revoked: brokers that check CRLs
+    /// (mosquitto's `crlfile`) refuse certificates of a CA without one.
+    pub fn ensure_service(&self, service_id: &str) -> Result<(), Failure> {
+        self.pki.service_ca(service_id)?;
         if !self.pki.crl_path(service_id).exists() {
             self.publish_crl(service_id)?;
         }
@@ -1102,8 +1102,7 @@ impl Core {
         })?;
         let principal = grants::provider_principal(name);
         let _guard = self.lock(&principal);
-        self.pki.service_ca(service_id)?;
-        self.ensure_crl(service_id)?;
+        self.ensure_service(service_id)?;
         let key = crypto::generate_p256()?;
         let public =
             PKey::public_key_from_der(&key.public_key_to_der().map_err(ProtocolError::from)?)
@@ -1383,8 +1382,7 @@ impl Core {
         }
         // Create the service CA and its CRL now, so trust and revocation
         // exist at every broker before the device asks.
-        self.pki.service_ca(service_id)?;
-        self.ensure_crl(service_id)?;
+        self.ensure_service(service_id)?;
         let change_id = uuid::Uuid::new_v4().to_string();
         device.pending = Some(PendingChange {
             change_id: change_id.clone(),
