@@ -86,6 +86,16 @@ pub fn mutual_tls(
     chain_pem: &[u8],
     key_pem: &[u8],
 ) -> Result<Arc<rustls::ClientConfig>, LinkError> {
+    mutual_tls_over(rustls::DEFAULT_VERSIONS, root_ca_pem, chain_pem, key_pem)
+}
+
+/// [`mutual_tls`] limited to the TLS `versions` given.
+pub fn mutual_tls_over(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    root_ca_pem: &[u8],
+    chain_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<Arc<rustls::ClientConfig>, LinkError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let tls = |e: &dyn std::fmt::Display| LinkError::Tls(e.to_string());
@@ -99,7 +109,7 @@ pub fn mutual_tls(
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| tls(&e))?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .map_err(|e| tls(&e))?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)

@@ -944,60 +944,32 @@ async fn a_device_cannot_leave_a_retained_message_behind() {
 /// A device's TLS client that keeps its configuration, and with it the
 /// session tickets the broker gives it, from one connection to the next.
 #[derive(Clone)]
-pub(crate) struct Resuming {
-    pub(crate) config: std::sync::Arc<rustls::ClientConfig>,
-    pub(crate) addr: std::net::SocketAddr,
-    pub(crate) client_id: String,
+struct Resuming {
+    config: std::sync::Arc<rustls::ClientConfig>,
+    addr: std::net::SocketAddr,
+    client_id: String,
 }
 
 impl Resuming {
-    /// To the fleet's service listener.
+    /// To the fleet's service listener, in TLS `version` only.
     fn new(
         fleet: &Fleet,
-        client_id: &str,
-        creds: (Vec<u8>, Vec<u8>),
-        version: &'static rustls::SupportedProtocolVersion,
-    ) -> Resuming {
-        let root = fleet.certs_dir().join("root-ca.pem");
-        Resuming::to(fleet.service_addr(), &root, client_id, creds, version)
-    }
-
-    /// To `addr`, trusting the root CA in the PEM file `root`.
-    pub(crate) fn to(
-        addr: std::net::SocketAddr,
-        root: &std::path::Path,
         client_id: &str,
         (chain, key): (Vec<u8>, Vec<u8>),
         version: &'static rustls::SupportedProtocolVersion,
     ) -> Resuming {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let mut roots = rustls::RootCertStore::empty();
-        let root = std::fs::read(root).unwrap();
-        for c in CertificateDer::pem_slice_iter(&root) {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let chain = CertificateDer::pem_slice_iter(&chain)
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap();
-        let key = PrivateKeyDer::from_pem_slice(&key).unwrap();
-        let provider = rustls::crypto::aws_lc_rs::default_provider();
-        let config = rustls::ClientConfig::builder_with_provider(provider.into())
-            .with_protocol_versions(&[version])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .unwrap();
+        let root = std::fs::read(fleet.certs_dir().join("root-ca.pem")).unwrap();
         Resuming {
-            config: std::sync::Arc::new(config),
-            addr,
+            config: fleet_device_sim::link::mutual_tls_over(&[version], &root, &chain, &key)
+                .unwrap(),
+            addr: fleet.service_addr(),
             client_id: client_id.to_owned(),
         }
     }
 
     /// TCP, TLS, CONNECT and a CONNACK that accepts, then DISCONNECT;
     /// whether the handshake resumed a session.
-    pub(crate) async fn connect(&self) -> anyhow::Result<bool> {
+    async fn connect(&self) -> anyhow::Result<bool> {
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.connect_blocking()).await?
     }
