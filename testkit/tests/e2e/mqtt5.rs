@@ -224,15 +224,8 @@ async fn publishes_outside_the_grants_get_not_authorized_and_deliver_nothing() {
 async fn refused_connects_get_mqtt5_reason_codes() {
     let fleet = Fleet::start().await.unwrap();
     let root = fleet.certs_dir().join("root-ca.pem");
-    let (chain, key) = certified(&fleet, "evil2", "svcB");
-    let service = |id: &str| {
-        Probe5::options(
-            fleet.service_addr(),
-            id,
-            Some((root.as_path(), Some((chain.clone(), key.clone())))),
-        )
-        .unwrap()
-    };
+    let auth = certified(&fleet, "evil2", "svcB");
+    let service = |id: &str| service_options(&fleet, id, &auth);
     let refused = |r: anyhow::Result<Probe5>| match r {
         Ok(_) => panic!("connection accepted"),
         Err(err) => Probe5::refusal(&err).unwrap_or_else(|| panic!("no CONNACK code: {err:#}")),
@@ -489,6 +482,18 @@ async fn oversized_and_server_only_packets_close_with_a_reason() {
 /// Options for a service connection of `device` (certified on svcA) that
 /// keeps its session, with a Will on its own telemetry topic sent after
 /// `will_delay` seconds.
+/// MQTT 5 options for `client_id` on the service listener, presenting
+/// `auth` (chain and key, PEM).
+fn service_options(fleet: &Fleet, client_id: &str, auth: &(Vec<u8>, Vec<u8>)) -> MqttOptions {
+    let root = fleet.certs_dir().join("root-ca.pem");
+    Probe5::options(
+        fleet.service_addr(),
+        client_id,
+        Some((root.as_path(), Some(auth.clone()))),
+    )
+    .unwrap()
+}
+
 fn lingering(
     fleet: &Fleet,
     device: &str,
@@ -496,13 +501,7 @@ fn lingering(
     will_delay: u32,
     keep_session: bool,
 ) -> MqttOptions {
-    let root = fleet.certs_dir().join("root-ca.pem");
-    let mut o = Probe5::options(
-        fleet.service_addr(),
-        device,
-        Some((root.as_path(), Some(auth.clone()))),
-    )
-    .unwrap();
+    let mut o = service_options(fleet, device, auth);
     if keep_session {
         o.set_clean_start(false);
         o.set_session_expiry_interval(Some(60));
@@ -637,15 +636,7 @@ async fn a_will_whose_certificate_is_revoked_while_it_waits_is_dropped() {
     // Revoked with wd4's, to see the revocation loaded: a connection with
     // wd4's own certificate would take its session and cancel the Will.
     let witness = certified(&fleet, "wd6", "svcA");
-    let root = fleet.certs_dir().join("root-ca.pem");
-    let connect_witness = || {
-        let options = Probe5::options(
-            fleet.service_addr(),
-            "wd6",
-            Some((&root, Some(witness.clone()))),
-        );
-        Probe5::connect(options.unwrap())
-    };
+    let connect_witness = || Probe5::connect(service_options(&fleet, "wd6", &witness));
     // The witness connects while not revoked.
     drop(connect_witness().await.unwrap());
     // wd5's Will is due two seconds after wd4's.
@@ -705,14 +696,8 @@ async fn subscriber(
     device: &str,
     tune: impl FnOnce(&mut MqttOptions),
 ) -> (Probe5, String, String) {
-    let root = fleet.certs_dir().join("root-ca.pem");
     let auth = certified(fleet, device, "svcA");
-    let mut opts = Probe5::options(
-        fleet.service_addr(),
-        device,
-        Some((root.as_path(), Some(auth))),
-    )
-    .unwrap();
+    let mut opts = service_options(fleet, device, &auth);
     tune(&mut opts);
     let probe = Probe5::connect(opts).await.unwrap();
     let acked = format!("/tenants/svcA/fleet/v1/service/change/{device}");
@@ -1081,14 +1066,8 @@ async fn qos2_subscriber(
     device: &str,
     receive_max: u16,
 ) -> (Probe5, String, String) {
-    let root = fleet.certs_dir().join("root-ca.pem");
     let auth = certified(fleet, device, "svcA");
-    let mut opts = Probe5::options(
-        fleet.service_addr(),
-        device,
-        Some((root.as_path(), Some(auth))),
-    )
-    .unwrap();
+    let mut opts = service_options(fleet, device, &auth);
     opts.set_receive_maximum(Some(receive_max));
     opts.set_manual_acks(true);
     let probe = Probe5::connect(opts).await.unwrap();
