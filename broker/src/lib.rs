@@ -114,8 +114,8 @@ fn internal_secret(path: &Path) -> Result<String, BrokerError> {
 /// Starts the router and the front door; returns once every listener is bound.
 pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
     let secret = internal_secret(&config.secret_path())?;
-    // One worker per core for handshakes and sessions; calls that wait on
-    // the router run in place with `block_in_place` or on blocking threads.
+    // One worker per core for handshakes and sessions; nothing on them
+    // blocks on the router (links open and packets go to it asynchronously).
     // Listeners are bound inside it, so `start` works with or without a
     // caller's runtime.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -125,7 +125,7 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
         .build()
         .map_err(BrokerError::Thread)?;
     let entered = runtime.enter();
-    let link = router::start_router(config).map_err(BrokerError::Thread)?;
+    let link = router::start_router(config);
     let shared = frontdoor::Shared::new(
         link,
         config.limits(),

@@ -384,7 +384,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             // The client went away before its CONNACK: the router holds a link
             // for it all the same, which must not outlive this connection.
             shared.release(&router_id, connection);
-            let _ = send(&mut tx, router_goodbye());
+            let _ = send(&mut tx, router_goodbye()).await;
             return Err(err);
         }
         debug!(identity = %label, ?version, "connected");
@@ -466,13 +466,13 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             Some(will) => {
                 shared.release(&router_id, connection);
                 debug!(identity = %label, "publishing the will");
-                let _ = send(&mut tx, Packet::Publish(will.publish, will.properties));
+                let _ = send(&mut tx, Packet::Publish(will.publish, will.properties)).await;
             }
             None => shared.release(&router_id, connection),
         }
         if link_alive {
             // Tell the router this connection is gone, however it ended.
-            let _ = send(&mut tx, router_goodbye());
+            let _ = send(&mut tx, router_goodbye()).await;
         }
         if outbound.discarded > 0 {
             debug!(identity = %label, discarded = outbound.discarded, "publishes over the client's Maximum Packet Size were discarded");
@@ -552,7 +552,7 @@ async fn publish_through_will_link(shared: &Shared, will: Will) -> Result<(), St
         }
         let (tx, _) = link.as_mut().expect("opened above");
         let publish = Packet::Publish(will.publish.clone(), will.properties.clone());
-        match send(tx, publish) {
+        match send(tx, publish).await {
             Ok(()) => return Ok(()),
             Err(_) => *link = None,
         }
@@ -618,7 +618,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         if !matches!(identity, Identity::Manager { .. }) {
                             publish.retain = false;
                         }
-                        send(tx, Packet::Publish(publish, props))?;
+                        send(tx, Packet::Publish(publish, props)).await?;
                     }
                     Packet::Subscribe(mut subscribe, props) => {
                         let allowed: Vec<bool> = subscribe.filters.iter().map(|f| identity.may_subscribe(&f.path)).collect();
@@ -638,7 +638,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             subscribe.filters.retain(|_| *keep.next().unwrap_or(&false));
                             partial.insert(subscribe.pkid, allowed);
                         }
-                        send(tx, Packet::Subscribe(subscribe, props))?;
+                        send(tx, Packet::Subscribe(subscribe, props)).await?;
                     }
                     // Answered here, one code per filter: the router answers
                     // only filters it had, one UNSUBACK each.
@@ -651,7 +651,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         let ack = Packet::UnsubAck(UnsubAck { pkid: unsubscribe.pkid, reasons }, None);
                         unsubscribe.filters.retain(|f| identity.may_subscribe(f));
                         if !unsubscribe.filters.is_empty() {
-                            send(tx, Packet::Unsubscribe(unsubscribe, props))?;
+                            send(tx, Packet::Unsubscribe(unsubscribe, props)).await?;
                         }
                         framed.write(vec![ack]).await?;
                     }
@@ -664,13 +664,13 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     Packet::PingReq(_) => framed.write(vec![Packet::PingResp(rumqttd::protocol::PingResp)]).await?,
                     Packet::Disconnect(bye, _) => return Ok(bye.reason_code),
                     // The router takes a PUBREL only without properties.
-                    Packet::PubRel(pubrel, _) => send(tx, Packet::PubRel(pubrel, None))?,
+                    Packet::PubRel(pubrel, _) => send(tx, Packet::PubRel(pubrel, None)).await?,
                     // Answers to the router's PUBLISHes free the client's quota.
                     ack @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
                         outbound.on_client(ack, &mut out);
                         deliver(framed, tx, &mut out).await?;
                     }
-                    other => send(tx, other)?,
+                    other => send(tx, other).await?,
                 }
             }
             notification = rx.next() => {
@@ -723,7 +723,7 @@ async fn deliver<S: AsyncRead + AsyncWrite + Unpin>(
     for o in out.drain(..) {
         match o {
             Out::Client(p) => to_client.push(p),
-            Out::Router(p) => send(tx, p)?,
+            Out::Router(p) => send(tx, p).await?,
         }
     }
     if !to_client.is_empty() {
@@ -732,17 +732,71 @@ async fn deliver<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Hands a packet to the router. `LinkTx::send` may block on the router's
-/// bounded channel when the router is busy, so the worker is marked as
-/// blocking for the call and the listeners' other tasks move elsewhere.
-///
-/// Not an `async fn`: it never yields, and as a future it held the packet
-/// (400 bytes) in every future that awaits it, the connection's included.
-fn send(tx: &mut LinkTx, packet: Packet) -> Result<(), SessionError> {
-    tokio::task::block_in_place(|| {
-        tokio::runtime::Handle::current()
-            .block_on(tx.send(packet))
-            .map(|_| ())
-            .map_err(|e| SessionError::Router(e.to_string()))
-    })
+/// Hands a packet to the router. The packet is queued when `send` is
+/// called, so the future does not hold it (400 bytes, in every future that
+/// awaits this one, the connection's included); it waits only when the
+/// router's channel is full, and then without blocking the worker.
+fn send(
+    tx: &mut LinkTx,
+    packet: Packet,
+) -> impl std::future::Future<Output = Result<(), SessionError>> + '_ {
+    let queued = tx
+        .send_nowait(packet)
+        .map_err(|e| SessionError::Router(e.to_string()));
+    async move {
+        if !queued? {
+            // Boxed: a rare wait, kept out of the connection's future.
+            Box::pin(tx.notify())
+                .await
+                .map_err(|e| SessionError::Router(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use parking_lot::Mutex;
+    use rumqttd::protocol::Publish;
+
+    use super::*;
+
+    fn publish(topic: &'static str) -> Packet {
+        Packet::Publish(Publish::new(topic, "x", false), None)
+    }
+
+    /// A packet for a router whose channel is full is queued at once, and
+    /// `send` finishes when the router makes room, without blocking.
+    #[tokio::test(flavor = "current_thread")]
+    async fn send_waits_for_room_in_a_full_router_channel() {
+        let (router_tx, router_rx) = flume::bounded(1);
+        let queued = Arc::new(Mutex::new(Default::default()));
+        let mut tx = LinkTx::new(7, router_tx, queued.clone());
+        send(&mut tx, publish("a"))
+            .await
+            .expect("room for one notice");
+        let mut second = Box::pin(send(&mut tx, publish("b")));
+        // The channel is full: the packet is queued, the notice waits.
+        tokio::select! {
+            biased;
+            _ = &mut second => panic!("sent into a full channel"),
+            () = std::future::ready(()) => {}
+        }
+        assert_eq!(queued.lock().len(), 2);
+        let (id, _) = router_rx.recv().expect("first notice");
+        assert_eq!(id, 7);
+        tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .expect("the second notice goes once there is room")
+            .expect("router still there");
+        let (id, _) = router_rx.try_recv().expect("second notice");
+        assert_eq!(id, 7);
+        drop(router_rx);
+        assert!(
+            send(&mut tx, publish("c")).await.is_err(),
+            "a gone router is an error"
+        );
+    }
 }

@@ -138,6 +138,56 @@ impl<'a> LinkBuilder<'a> {
         let rx = LinkRx::new(id, self.router_tx, link_rx, outgoing_data_buffer);
         Ok((tx, rx, notification))
     }
+
+    // fleetshift: added, `build` for async callers: waits for the router's
+    // channel and its ConnAck without blocking the thread. The steps are
+    // `build`'s, unchanged.
+    pub async fn build_async(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        let router_tx = self.router_tx.clone();
+        let (event, link_rx, incoming_data_buffer, outgoing_data_buffer) = self.connect_event();
+        router_tx.send_async((0, event)).await?;
+        link_rx.recv_async().await?;
+        let notification = outgoing_data_buffer.lock().pop_front().unwrap();
+        let id = match notification {
+            Notification::DeviceAck(Ack::ConnAck(id, ..)) => id,
+            _message => return Err(LinkError::NotConnectionAck),
+        };
+        let tx = LinkTx::new(id, router_tx.clone(), incoming_data_buffer);
+        let rx = LinkRx::new(id, router_tx, link_rx, outgoing_data_buffer);
+        Ok((tx, rx, notification))
+    }
+
+    // fleetshift: added, the router's Connect event and the link's ends, as
+    // `build` makes them.
+    #[allow(clippy::type_complexity)]
+    fn connect_event(
+        self,
+    ) -> (
+        Event,
+        Receiver<()>,
+        Arc<Mutex<VecDeque<Packet>>>,
+        Arc<Mutex<VecDeque<Notification>>>,
+    ) {
+        let mut connection = Connection::new(
+            self.tenant_id,
+            self.client_id.to_owned(),
+            self.clean_session,
+            self.dynamic_filters,
+        );
+        connection
+            .last_will(self.last_will, self.last_will_properties)
+            .topic_alias_max(self.topic_alias_max);
+        let incoming = Incoming::new(connection.client_id.to_owned());
+        let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        let outgoing_data_buffer = outgoing.buffer();
+        let incoming_data_buffer = incoming.buffer();
+        let event = Event::Connect {
+            connection,
+            incoming,
+            outgoing,
+        };
+        (event, link_rx, incoming_data_buffer, outgoing_data_buffer)
+    }
 }
 
 pub struct LinkTx {
@@ -177,6 +227,21 @@ impl LinkTx {
         Ok(len)
     }
 
+    // fleetshift: added. Queues `data` for the router and tells the router
+    // without waiting: `Ok(false)` when the router's channel is full, and
+    // then `notify` must be awaited (the packet stays queued).
+    pub fn send_nowait(&mut self, data: Packet) -> Result<bool, LinkError> {
+        self.recv_buffer.lock().push_back(data);
+        match self
+            .router_tx
+            .try_send((self.connection_id, Event::DeviceData))
+        {
+            Ok(()) => Ok(true),
+            Err(TrySendError::Full(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Send raw device data
     pub async fn send(&mut self, data: Packet) -> Result<usize, LinkError> {
         let len = {
@@ -203,7 +268,8 @@ impl LinkTx {
         Ok(len)
     }
 
-    pub(crate) async fn notify(&mut self) -> Result<(), LinkError> {
+    // fleetshift: public, was pub(crate): `send_nowait`'s wait when the router's channel is full
+    pub async fn notify(&mut self) -> Result<(), LinkError> {
         self.router_tx
             .send_async((self.connection_id, Event::DeviceData))
             .await?;
