@@ -25,6 +25,7 @@
 pub mod codec;
 pub mod der;
 pub mod grants;
+pub mod hold;
 pub mod session;
 pub mod trust;
 
@@ -393,8 +394,14 @@ async fn connection(
     }
 }
 
+/// How long the alert of a failed handshake may take to write.
+const ALERT_WRITE: Duration = Duration::from_secs(1);
+
+/// A device connection's TLS stream.
+type Tls = TlsStream<hold::TicketHold<TcpStream>>;
+
 /// The identity in a service connection's verified client certificate.
-fn certified(tls: TlsStream<TcpStream>) -> (TlsStream<TcpStream>, Result<CertIdentity, String>) {
+fn certified(tls: Tls) -> (Tls, Result<CertIdentity, String>) {
     let cert = trust::identity_of(tls.get_ref().1.peer_certificates());
     (tls, cert)
 }
@@ -403,11 +410,18 @@ async fn handshake(
     stream: TcpStream,
     config: Arc<ServerConfig>,
     shared: &Shared,
-) -> Result<TlsStream<TcpStream>, session::SessionError> {
-    let accept = TlsAcceptor::from(config).accept(stream);
+) -> Result<Tls, session::SessionError> {
+    let accept = TlsAcceptor::from(config)
+        .accept(hold::TicketHold::new(stream))
+        .into_fallible();
     match tokio::time::timeout(shared.limits.handshake_timeout, accept).await {
-        Ok(Ok(tls)) => Ok(tls),
-        Ok(Err(err)) => {
+        Ok(Ok(mut tls)) => {
+            tls.get_mut().0.handshake_done();
+            Ok(tls)
+        }
+        Ok(Err((err, mut io))) => {
+            // The alert that tells the client why, if one was held.
+            let _ = tokio::time::timeout(ALERT_WRITE, io.release()).await;
             shared
                 .metrics
                 .handshake_failures

@@ -349,6 +349,50 @@ async fn no_client_id_spelling_takes_over_a_device() {
     assert!(!same.is_cut());
 }
 
+/// A refused certificate is told why: the TLS alert reaches the client in
+/// both versions. In TLS 1.3 it is sent encrypted, after the client's
+/// Finished, as the ticket would have been (the front door holds that back
+/// until the CONNACK, but not an alert).
+#[tokio::test]
+async fn a_refused_certificate_gets_the_alert_that_says_why() {
+    use std::io::Read;
+    let fleet = Fleet::start().await.unwrap();
+    let root = std::fs::read(fleet.certs_dir().join("root-ca.pem")).unwrap();
+    let (ca_a, _) = fleet.core().pki.service_ca("svcA").unwrap();
+    let stranger_key = crypto::generate_p256().unwrap();
+    let stranger = {
+        let (pem, _) = forged_leaf("Stranger CA", "svcA", (&ca_a, &stranger_key), (-1, 30));
+        X509::from_pem(&pem).unwrap()
+    };
+    let (chain, key) = forged_leaf("dev1", "svcA", (&stranger, &stranger_key), (-1, 30));
+    let addr = fleet.service_addr();
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let config =
+            fleet_device_sim::link::mutual_tls_over(&[version], &root, &chain, &key).unwrap();
+        let result = tokio::task::spawn_blocking(move || -> std::io::Result<usize> {
+            let mut tcp = std::net::TcpStream::connect(addr)?;
+            tcp.set_read_timeout(Some(T))?;
+            let name = "localhost".try_into().unwrap();
+            let mut tls = rustls::ClientConnection::new(config, name).unwrap();
+            while tls.is_handshaking() {
+                tls.complete_io(&mut tcp)?;
+            }
+            rustls::Stream::new(&mut tls, &mut tcp).read(&mut [0u8; 1])
+        })
+        .await
+        .unwrap();
+        let alert = result
+            .as_ref()
+            .err()
+            .and_then(|e| e.get_ref())
+            .and_then(|e| e.downcast_ref::<rustls::Error>());
+        assert!(
+            matches!(alert, Some(rustls::Error::AlertReceived(_))),
+            "{version:?}: {result:?}, not an alert"
+        );
+    }
+}
+
 #[tokio::test]
 async fn bad_certificates_fail_the_handshake() {
     let fleet = Fleet::start().await.unwrap();

@@ -1,0 +1,237 @@
+//! The TLS socket of a device connection, which holds the TLS 1.3 session
+//! ticket back until the connection's first write (the CONNACK), so that
+//! both go out in one system call and one TCP segment.
+//!
+//! rustls writes the NewSessionTicket as soon as it has read the client's
+//! Finished, and tokio-rustls flushes it before the handshake future
+//! returns: a write, a segment and a wake-up of the client of their own, for
+//! a message the client only needs before it next connects. While the
+//! handshake runs, [`TicketHold`] holds a write that is nothing but whole
+//! TLS records of type application data (23) when it does not continue a
+//! short write: in TLS 1.3 every server flight starts with a handshake
+//! record (22), so that is the ticket, or an encrypted alert of a handshake
+//! that failed, which [`TicketHold::release`] then writes. TLS 1.2 never
+//! writes such a record before its handshake ends.
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+/// TLS record content type of application data (RFC 8446 §5.1).
+const APPLICATION_DATA: u8 = 23;
+/// Type (1), legacy version (2), length (2).
+const RECORD_HEADER: usize = 5;
+
+pub struct TicketHold<S> {
+    io: S,
+    /// A write held back; empty once written.
+    held: Vec<u8>,
+    /// Until the handshake ends: whether to look for a write to hold.
+    handshaking: bool,
+    /// The last write went out in part, so the next continues it.
+    after_short: bool,
+}
+
+impl<S> TicketHold<S> {
+    pub fn new(io: S) -> Self {
+        TicketHold {
+            io,
+            held: Vec::new(),
+            handshaking: true,
+            after_short: false,
+        }
+    }
+
+    /// The handshake has ended: nothing more is held, and what is held goes
+    /// out in front of the next write.
+    pub fn handshake_done(&mut self) {
+        self.handshaking = false;
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.io
+    }
+}
+
+impl<S: AsyncWrite + Unpin> TicketHold<S> {
+    /// Writes what is held now: the alert of a handshake that failed.
+    pub async fn release(&mut self) -> io::Result<()> {
+        self.handshaking = false;
+        let held = std::mem::take(&mut self.held);
+        self.io.write_all(&held).await?;
+        self.io.flush().await
+    }
+}
+
+/// Whether `bytes` are one or more whole TLS records, all application data.
+fn only_application_data(bytes: &[u8]) -> bool {
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        if rest.len() < RECORD_HEADER || rest[0] != APPLICATION_DATA {
+            return false;
+        }
+        let len = RECORD_HEADER + u16::from_be_bytes([rest[3], rest[4]]) as usize;
+        if rest.len() < len {
+            return false;
+        }
+        rest = &rest[len..];
+    }
+    !bytes.is_empty()
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for TicketHold<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let asked: usize = bufs.iter().map(|b| b.len()).sum();
+        if this.handshaking && this.held.is_empty() && !this.after_short {
+            let bytes: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            if only_application_data(&bytes) {
+                this.held = bytes;
+                return Poll::Ready(Ok(asked));
+            }
+        }
+        // What is held goes first, in the same system call.
+        while !this.held.is_empty() {
+            let mut slices = Vec::with_capacity(bufs.len() + 1);
+            slices.push(IoSlice::new(&this.held));
+            slices.extend(bufs.iter().map(|b| IoSlice::new(b)));
+            let n = ready!(Pin::new(&mut this.io).poll_write_vectored(cx, &slices))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            if n >= this.held.len() {
+                let theirs = n - this.held.len();
+                this.held = Vec::new();
+                if theirs > 0 || asked == 0 {
+                    return Poll::Ready(Ok(theirs));
+                }
+            } else {
+                this.held.drain(..n);
+            }
+        }
+        let n = ready!(Pin::new(&mut this.io).poll_write_vectored(cx, bufs))?;
+        this.after_short = n < asked;
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for TicketHold<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records each write call it gets.
+    #[derive(Default)]
+    struct Calls(Vec<Vec<u8>>);
+
+    impl AsyncWrite for Calls {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.get_mut().0.push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let bytes: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            let n = bytes.len();
+            self.get_mut().0.push(bytes);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn record(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut r = vec![kind, 3, 3];
+        r.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        r.extend_from_slice(body);
+        r
+    }
+
+    #[tokio::test]
+    async fn the_ticket_goes_out_with_the_first_write_after_the_handshake() {
+        let mut s = TicketHold::new(Calls::default());
+        let flight = [record(22, b"hello"), record(23, b"encrypted")].concat();
+        s.write_all(&flight).await.unwrap();
+        let ticket = [record(23, b"ticket"), record(23, b"ticket2")].concat();
+        s.write_all(&ticket).await.unwrap();
+        s.flush().await.unwrap();
+        assert_eq!(s.io.0, vec![flight.clone()], "the ticket went out alone");
+        s.handshake_done();
+        let connack = record(23, b"connack");
+        s.write_all(&connack).await.unwrap();
+        assert_eq!(s.io.0, vec![flight, [ticket, connack.clone()].concat()]);
+        s.write_all(&connack).await.unwrap();
+        assert_eq!(s.io.0.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn an_alert_held_is_released_and_nothing_else_is_held() {
+        let mut s = TicketHold::new(Calls::default());
+        let alert = record(23, b"alert");
+        s.write_all(&alert).await.unwrap();
+        s.release().await.unwrap();
+        assert_eq!(s.io.0, vec![alert.clone()]);
+        s.write_all(&alert).await.unwrap();
+        assert_eq!(s.io.0.len(), 2, "held after the handshake");
+    }
+
+    #[test]
+    fn only_whole_application_data_records_are_held() {
+        let app = record(23, b"x");
+        assert!(only_application_data(&app));
+        assert!(only_application_data(&[app.clone(), app.clone()].concat()));
+        assert!(!only_application_data(&[]));
+        assert!(!only_application_data(&app[..app.len() - 1]));
+        assert!(!only_application_data(&[app.clone(), vec![23, 3]].concat()));
+        assert!(!only_application_data(
+            &[app.clone(), record(21, b"a")].concat()
+        ));
+        assert!(!only_application_data(&record(22, b"x")));
+    }
+}
