@@ -45,6 +45,12 @@ pub struct BrokerConfig {
     /// to resume its next connection with. A ticket is taken only if the
     /// certificate in it passes every check of a full handshake again.
     pub service_session_tickets: bool,
+    /// Whether grant files (`certs/grants/`) are kept in memory between
+    /// handshakes, each read again when inotify reports it changed. Turn
+    /// it off when `certs_dir` is on a network file system written from
+    /// another host, whose changes inotify does not see; every handshake
+    /// then reads the file.
+    pub grant_cache: bool,
     /// Longest silence allowed to a client that asks for no keep-alive, and
     /// the cap on 1.5 × the keep-alive it asks for.
     pub max_idle_secs: u64,
@@ -68,6 +74,7 @@ impl Default for BrokerConfig {
             connect_timeout_ms: 10_000,
             tls_handshake_timeout_ms: 10_000,
             service_session_tickets: true,
+            grant_cache: true,
             max_idle_secs: 300,
             connects_per_sec_per_source: 2_000.0,
             connect_burst_per_source: 5_000.0,

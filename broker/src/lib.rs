@@ -170,6 +170,7 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
             shared.metrics.clone(),
             shared.revoked.clone(),
             config.service_session_tickets,
+            config.grant_cache,
         )?;
         trust = Some(t.clone());
         plan.push((l, frontdoor::Transport::MutualTls(t)));

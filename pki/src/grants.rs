@@ -6,10 +6,13 @@
 //! service, the pending one while it migrates, and the services of
 //! superseded certificates not yet revoked. The manager writes the file
 //! before it sends any reply that relies on it and removes it when the
-//! device is reset; the broker reads it at every mutual-TLS handshake and
+//! device is reset; the broker checks it at every mutual-TLS handshake and
 //! refuses a certificate whose (CN, O) it does not list. No file means no
 //! grant. A service provider's file is `grants/provider.{name}` and lists
-//! the services it has a certificate for.
+//! the services it has a certificate for. The broker keeps what it read
+//! and reads a file again when inotify reports it changed (the event is
+//! queued by the system call that changes the file, so the next handshake
+//! sees the change).
 //!
 //! Files are replaced by rename, so a reader sees the old list or the new
 //! one. They are not synced: the manager rewrites every file from its

@@ -5,7 +5,169 @@
 //! only if it parses as one concrete topic of the device's own, so no
 //! wildcard (`#`, `+/#`, `$share/g/#`) can widen it.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use fleet_pki::grants::grants_dir;
 use fleet_protocol::{Route, Topic};
+use inotify::{EventMask, Inotify, WatchMask};
+use tracing::debug;
+
+/// The registry's grant files (`certs/grants/{principal}`, written by the
+/// manager), read once each and kept until the kernel reports a change.
+///
+/// Every lookup first reads what inotify has queued for the directory and
+/// forgets the files it names. inotify queues an event within the system
+/// call that changes the file, so a grant the manager has written (or
+/// withdrawn) before it sends the reply that relies on it is seen by every
+/// handshake after that, as when each handshake read the file; what is
+/// saved is the open, stat, read and close (four to five system calls per
+/// handshake) and the parsing. If the directory cannot be watched (it does
+/// not exist yet, or inotify is unavailable), every lookup reads the file.
+/// A lost event (queue overflow) or the directory moved or removed forgets
+/// everything and watches again.
+pub struct GrantFiles {
+    certs_dir: PathBuf,
+    /// Off: every lookup reads the file.
+    enabled: bool,
+    state: Mutex<Cache>,
+}
+
+struct Cache {
+    watch: Option<Inotify>,
+    /// When a watch was last tried for, while there is none.
+    tried: Option<Instant>,
+    /// Principal → the services its file lists (empty: no file).
+    files: HashMap<String, Vec<String>>,
+    events: Vec<u8>,
+}
+
+/// At most this many principals are kept; past it, all are forgotten.
+const GRANT_FILES_MAX: usize = 200_000;
+
+/// How often a directory that could not be watched is tried again.
+const WATCH_RETRY: Duration = Duration::from_secs(1);
+
+impl std::fmt::Debug for GrantFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrantFiles")
+            .field("certs_dir", &self.certs_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GrantFiles {
+    /// Grant files under `certs_dir`, kept in memory if `enabled`.
+    pub fn new(certs_dir: &Path, enabled: bool) -> Self {
+        GrantFiles {
+            certs_dir: certs_dir.to_owned(),
+            enabled,
+            state: Mutex::new(Cache {
+                watch: None,
+                tried: None,
+                files: HashMap::new(),
+                events: vec![0; 4096],
+            }),
+        }
+    }
+
+    /// Whether the registry grants `principal` the service `service_id`.
+    pub fn is_granted(&self, principal: &str, service_id: &str) -> bool {
+        if !self.enabled {
+            return fleet_pki::grants::is_granted(&self.certs_dir, principal, service_id);
+        }
+        let mut cache = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        cache.catch_up(&self.certs_dir);
+        if cache.watch.is_none() {
+            return fleet_pki::grants::is_granted(&self.certs_dir, principal, service_id);
+        }
+        if let Some(services) = cache.files.get(principal) {
+            return services.iter().any(|s| s == service_id);
+        }
+        // An unreadable file grants nothing and is read again next time.
+        let Ok(services) = fleet_pki::grants::read_grants(&self.certs_dir, principal) else {
+            return false;
+        };
+        let granted = services.iter().any(|s| s == service_id);
+        if cache.files.len() >= GRANT_FILES_MAX {
+            cache.files.clear();
+        }
+        cache.files.insert(principal.to_owned(), services);
+        granted
+    }
+}
+
+impl Cache {
+    /// Forgets every file inotify reports changed; watches the directory
+    /// if it is not watched yet.
+    fn catch_up(&mut self, certs_dir: &Path) {
+        let Some(watch) = self.watch.as_mut() else {
+            // Tried again at most once a second: without the directory,
+            // each try is three system calls of its own.
+            if self.tried.map_or(true, |t| t.elapsed() >= WATCH_RETRY) {
+                self.tried = Some(Instant::now());
+                self.files.clear();
+                self.watch = watch_grants(certs_dir);
+            }
+            return;
+        };
+        let mut lost = false;
+        loop {
+            match watch.read_events(&mut self.events) {
+                Ok(events) => {
+                    let mut any = false;
+                    for e in events {
+                        any = true;
+                        match e.name.and_then(|n| n.to_str()) {
+                            Some(name) if !e.mask.contains(EventMask::ISDIR) => {
+                                self.files.remove(name);
+                            }
+                            _ => {
+                                lost |= e.mask.intersects(
+                                    EventMask::Q_OVERFLOW
+                                        | EventMask::IGNORED
+                                        | EventMask::DELETE_SELF
+                                        | EventMask::MOVE_SELF,
+                                );
+                            }
+                        }
+                    }
+                    if !any {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    debug!(error = %e, "grant watch failed; reading grant files directly");
+                    lost = true;
+                    break;
+                }
+            }
+        }
+        if lost {
+            self.files.clear();
+            self.watch = watch_grants(certs_dir);
+        }
+    }
+}
+
+/// An inotify watch on `certs/grants`, or `None` if it cannot be set.
+fn watch_grants(certs_dir: &Path) -> Option<Inotify> {
+    let inotify = Inotify::init().ok()?;
+    let mask = WatchMask::CREATE
+        | WatchMask::DELETE
+        | WatchMask::MODIFY
+        | WatchMask::CLOSE_WRITE
+        | WatchMask::MOVED_FROM
+        | WatchMask::MOVED_TO
+        | WatchMask::ATTRIB
+        | WatchMask::DELETE_SELF
+        | WatchMask::MOVE_SELF;
+    inotify.watches().add(grants_dir(certs_dir), mask).ok()?;
+    Some(inotify)
+}
 
 /// `/tenants/{svc}/telemetry/+`: the filter a service provider reads its
 /// devices' telemetry with.
@@ -125,6 +287,53 @@ impl Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleet_pki::grants::{add_grant, write_grants};
+
+    fn cached(files: &GrantFiles, principal: &str) -> bool {
+        files.state.lock().unwrap().files.contains_key(principal)
+    }
+
+    /// Every change to a grant file is seen by the next lookup, though
+    /// lookups are answered from memory in between.
+    #[test]
+    fn grant_files_are_kept_until_they_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let files = GrantFiles::new(d, true);
+        // No grants directory yet: read each time, nothing kept.
+        assert!(!files.is_granted("dev1", "svcA"));
+        assert!(!cached(&files, "dev1"));
+        add_grant(d, "dev1", "svcA").unwrap();
+        // The directory appeared: watched from the next try on.
+        files.state.lock().unwrap().tried = None;
+        assert!(files.is_granted("dev1", "svcA"));
+        assert!(cached(&files, "dev1"));
+        assert!(files.is_granted("dev1", "svcA"));
+        assert!(!files.is_granted("dev1", "svcB"));
+        for round in 0..3 {
+            // Replaced by rename (the manager's way).
+            add_grant(d, "dev1", "svcB").unwrap();
+            assert!(files.is_granted("dev1", "svcB"), "round {round}");
+            // Withdrawn: the file removed.
+            write_grants(d, "dev1", &[]).unwrap();
+            assert!(!files.is_granted("dev1", "svcA"), "round {round}");
+            assert!(!files.is_granted("dev1", "svcB"), "round {round}");
+            // Edited in place.
+            std::fs::write(grants_dir(d).join("dev1"), "svcA\n").unwrap();
+            assert!(files.is_granted("dev1", "svcA"), "round {round}");
+            assert!(!files.is_granted("dev1", "svcB"), "round {round}");
+        }
+        // The directory removed and made again: everything is read again.
+        assert!(files.is_granted("dev1", "svcA"));
+        std::fs::remove_dir_all(grants_dir(d)).unwrap();
+        assert!(!files.is_granted("dev1", "svcA"));
+        add_grant(d, "dev1", "svcC").unwrap();
+        files.state.lock().unwrap().tried = None;
+        assert!(files.is_granted("dev1", "svcC"));
+        assert!(!files.is_granted("dev1", "svcA"));
+        write_grants(d, "dev1", &[]).unwrap();
+        assert!(!files.is_granted("dev1", "svcC"));
+    }
 
     fn boot() -> Identity {
         Identity::Bootstrap {

@@ -285,7 +285,9 @@ impl Drop for Held {
     }
 }
 
-/// Binds a listener with a deep accept backlog.
+/// Binds a listener with a deep accept backlog, and `TCP_NODELAY`, which
+/// Linux passes on to every connection it accepts (one system call less
+/// per connect than setting it on each).
 pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
@@ -293,6 +295,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
     socket.bind(addr)?;
     let listener = socket.listen(4096)?;
     listener.into_std()
@@ -348,7 +351,6 @@ async fn connection(
     shared: &Arc<Shared>,
     stop: CancellationToken,
 ) -> Result<(), session::SessionError> {
-    let _ = stream.set_nodelay(true);
     let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
     let cut = stop.child_token();
     match transport {
@@ -439,6 +441,32 @@ async fn handshake(
             Err(session::SessionError::Refused(
                 "TLS handshake timed out".into(),
             ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Connections accepted by a listener of [`bind`] have `TCP_NODELAY`
+    /// without setting it themselves.
+    #[tokio::test]
+    async fn accepted_connections_inherit_nodelay() {
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let Ok(listener) = bind(addr.parse().unwrap()) else {
+                continue; // no IPv6 here
+            };
+            listener.set_nonblocking(true).unwrap();
+            let listener = TcpListener::from_std(listener).unwrap();
+            let client = TcpStream::connect(listener.local_addr().unwrap());
+            let (client, accepted) = tokio::join!(client, listener.accept());
+            let (accepted, _) = accepted.unwrap();
+            assert!(accepted.nodelay().unwrap(), "{addr}");
+            assert!(
+                !client.unwrap().nodelay().unwrap(),
+                "{addr}: the client's own default"
+            );
         }
     }
 }

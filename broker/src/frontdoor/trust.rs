@@ -43,6 +43,7 @@ use rustls::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::grants::GrantFiles;
 use super::{der, Metrics};
 use crate::BrokerError;
 
@@ -154,6 +155,7 @@ impl Trust {
         metrics: Arc<Metrics>,
         revoked: Arc<RwLock<HashSet<String>>>,
         tickets: bool,
+        grant_cache: bool,
     ) -> Result<Arc<Trust>, BrokerError> {
         let seen = fingerprint(certs_dir);
         *revoked.write().unwrap_or_else(|p| p.into_inner()) = load_revoked(certs_dir);
@@ -162,6 +164,7 @@ impl Trust {
             revoked.clone(),
             metrics.clone(),
             None,
+            Arc::new(GrantFiles::new(certs_dir, grant_cache)),
         )?);
         let verifier = Arc::new(RwLock::new(first.clone()));
         let tickets = if tickets {
@@ -232,17 +235,16 @@ impl Trust {
         }
         let revoked = load_revoked(&self.certs_dir);
         *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = revoked.clone();
-        let previous = self
-            .verifier
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .chains
-            .clone();
+        let (previous, grants) = {
+            let current = self.verifier.read().unwrap_or_else(|p| p.into_inner());
+            (current.chains.clone(), current.grants.clone())
+        };
         let rebuilt = build_verifier(
             &self.certs_dir,
             self.revoked.clone(),
             self.metrics.clone(),
             Some(previous),
+            grants,
         )
         .map(Arc::new)
         .and_then(|v| {
@@ -600,6 +602,7 @@ pub struct ClientVerifier {
     revoked: Arc<RwLock<HashSet<String>>>,
     metrics: Arc<Metrics>,
     certs_dir: PathBuf,
+    grants: Arc<GrantFiles>,
 }
 
 /// At most this many leaves are remembered; past it, all are forgotten.
@@ -811,7 +814,7 @@ impl ClientVerifier {
             return Err(refuse(CertificateError::Revoked));
         }
         let device = names.subject_cn.unwrap_or_default();
-        if grants::is_granted(&self.certs_dir, &device, &service) {
+        if self.grants.is_granted(&device, &service) {
             return Ok(());
         }
         if report {
@@ -888,6 +891,7 @@ fn build_verifier(
     revoked: Arc<RwLock<HashSet<String>>>,
     metrics: Arc<Metrics>,
     previous: Option<Arc<Chains>>,
+    grants: Arc<GrantFiles>,
 ) -> Result<ClientVerifier, BrokerError> {
     let ssl = |e: openssl::error::ErrorStack| BrokerError::Tls(e.to_string());
     let read = |p: PathBuf| {
@@ -992,6 +996,7 @@ fn build_verifier(
         revoked,
         metrics,
         certs_dir: certs_dir.to_path_buf(),
+        grants,
     })
 }
 
@@ -1069,7 +1074,16 @@ mod tests {
             .collect();
         let metrics = Arc::new(Metrics::default());
         let revoked = Arc::new(RwLock::new(HashSet::new()));
-        let verifier = Arc::new(build_verifier(dir, revoked, metrics, None).unwrap());
+        let verifier = Arc::new(
+            build_verifier(
+                dir,
+                revoked,
+                metrics,
+                None,
+                Arc::new(GrantFiles::new(dir, true)),
+            )
+            .unwrap(),
+        );
         let recording = Arc::new(Recording {
             inner: rustls::crypto::aws_lc_rs::Ticketer::new().unwrap(),
             seen: Mutex::new(Vec::new()),
