@@ -97,8 +97,18 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TicketHold<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let asked: usize = bufs.iter().map(|b| b.len()).sum();
-        if this.handshaking && this.held.is_empty() && !this.after_short {
-            let bytes: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+        // A flight that starts with anything but application data (every
+        // handshake flight) is not copied to be looked at.
+        let first = bufs.iter().find_map(|b| b.first().copied());
+        if this.handshaking
+            && this.held.is_empty()
+            && !this.after_short
+            && first == Some(APPLICATION_DATA)
+        {
+            let mut bytes = Vec::with_capacity(asked);
+            for b in bufs {
+                bytes.extend_from_slice(b);
+            }
             if only_application_data(&bytes) {
                 this.held = bytes;
                 return Poll::Ready(Ok(asked));
@@ -173,7 +183,10 @@ mod tests {
             _: &mut Context<'_>,
             bufs: &[IoSlice<'_>],
         ) -> Poll<io::Result<usize>> {
-            let bytes: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            let bytes = bufs
+                .iter()
+                .flat_map(|b| b.iter().copied())
+                .collect::<Vec<u8>>();
             let n = bytes.len();
             self.get_mut().0.push(bytes);
             Poll::Ready(Ok(n))
