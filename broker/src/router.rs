@@ -50,11 +50,15 @@ impl LinkOpener {
         });
         answered
             .await
-            .map_err(|_| "link opener stopped".to_string())?
+            .map_err(|_| "router link not opened".to_string())?
     }
 }
 
-/// Starts the router on its own thread and returns how to open links to it.
+/// Starts the router as a task of the current runtime (the front door's)
+/// and returns how to open links to it. The sessions' tasks and the router
+/// then wake each other through the runtime's queues, mostly on the same
+/// worker, instead of waking a thread of the router's own (about two
+/// futex calls and a context switch per connect).
 pub(crate) fn start_router(config: &BrokerConfig) -> LinkOpener {
     let router_config = RouterConfig {
         // The front door enforces the connection limit; the router's is a backstop.
@@ -68,7 +72,8 @@ pub(crate) fn start_router(config: &BrokerConfig) -> LinkOpener {
         initialized_filters: None,
         shared_subscriptions_strategy: Default::default(),
     };
-    let router_tx = Router::new(0, router_config).spawn();
+    let (router_tx, router) = Router::new(0, router_config).spawn_async();
+    tokio::spawn(router);
     LinkOpener {
         builder: Arc::new(move |client_id| LinkBuilder::new(client_id, router_tx.clone())),
     }

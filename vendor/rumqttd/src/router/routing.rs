@@ -173,6 +173,47 @@ impl Router {
         link
     }
 
+    // fleetshift: added. `spawn` for a Tokio runtime: the router as a future
+    // to spawn as a task instead of a thread of its own. Its links' tasks
+    // then wake it, and it wakes them, through the runtime's queues rather
+    // than across threads.
+    pub fn spawn_async(
+        mut self,
+    ) -> (
+        Sender<(ConnectionId, Event)>,
+        impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let link = self.link();
+        let run = async move {
+            let e = self.run_async().await;
+            error!(reason=?e, "Router done!");
+        };
+        (link, run)
+    }
+
+    // fleetshift: added. `run(0)` as a future: `run_inner`'s steps, waiting
+    // for an event with `recv_async`, and yielding after each round so that
+    // a busy router shares its worker with the links' tasks.
+    async fn run_async(&mut self) -> Result<(), RouterError> {
+        loop {
+            if self.consume().is_none() {
+                let (id, data) = self.router_rx.recv_async().await?;
+                self.events(id, data);
+            }
+            for _ in 0..500 {
+                match self.router_rx.try_recv() {
+                    Ok((id, data)) => self.events(id, data),
+                    Err(TryRecvError::Disconnected) => return Err(RouterError::Disconnected),
+                    Err(TryRecvError::Empty) => break,
+                }
+            }
+            for _ in 0..100 {
+                self.consume();
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// Waits on incoming events when ready queue is empty.
     /// After pulling 1 event, tries to pull 500 more events
     /// before polling ready queue 100 times (connections)
