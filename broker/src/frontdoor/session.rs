@@ -384,7 +384,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             // The client went away before its CONNACK: the router holds a link
             // for it all the same, which must not outlive this connection.
             shared.release(&router_id, connection);
-            let _ = send(&mut tx, router_goodbye()).await;
+            let _ = send_now(&mut tx, router_goodbye()).await;
             return Err(err);
         }
         debug!(identity = %label, ?version, "connected");
@@ -466,13 +466,13 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             Some(will) => {
                 shared.release(&router_id, connection);
                 debug!(identity = %label, "publishing the will");
-                let _ = send(&mut tx, Packet::Publish(will.publish, will.properties)).await;
+                let _ = send_now(&mut tx, Packet::Publish(will.publish, will.properties)).await;
             }
             None => shared.release(&router_id, connection),
         }
         if link_alive {
             // Tell the router this connection is gone, however it ended.
-            let _ = send(&mut tx, router_goodbye()).await;
+            let _ = send_now(&mut tx, router_goodbye()).await;
         }
         if outbound.discarded > 0 {
             debug!(identity = %label, discarded = outbound.discarded, "publishes over the client's Maximum Packet Size were discarded");
@@ -552,7 +552,7 @@ async fn publish_through_will_link(shared: &Shared, will: Will) -> Result<(), St
         }
         let (tx, _) = link.as_mut().expect("opened above");
         let publish = Packet::Publish(will.publish.clone(), will.properties.clone());
-        match send(tx, publish).await {
+        match send_now(tx, publish).await {
             Ok(()) => return Ok(()),
             Err(_) => *link = None,
         }
@@ -583,7 +583,13 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     // Only a packet from the client moves the keep-alive deadline; traffic
     // the router sends it does not.
     let mut deadline = tokio::time::Instant::now() + keep_alive;
+    // Packets queued for the router while its channel was full.
+    let mut untold = false;
     loop {
+        if untold {
+            tell_router(tx).await?;
+            untold = false;
+        }
         tokio::select! {
             _ = cut.cancelled() => {
                 return Err(SessionError::Revoked);
@@ -618,7 +624,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         if !matches!(identity, Identity::Manager { .. }) {
                             publish.retain = false;
                         }
-                        send(tx, Packet::Publish(publish, props)).await?;
+                        untold |= !send(tx, Packet::Publish(publish, props))?;
                     }
                     Packet::Subscribe(mut subscribe, props) => {
                         let allowed: Vec<bool> = subscribe.filters.iter().map(|f| identity.may_subscribe(&f.path)).collect();
@@ -638,7 +644,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             subscribe.filters.retain(|_| *keep.next().unwrap_or(&false));
                             partial.insert(subscribe.pkid, allowed);
                         }
-                        send(tx, Packet::Subscribe(subscribe, props)).await?;
+                        untold |= !send(tx, Packet::Subscribe(subscribe, props))?;
                     }
                     // Answered here, one code per filter: the router answers
                     // only filters it had, one UNSUBACK each.
@@ -651,7 +657,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         let ack = Packet::UnsubAck(UnsubAck { pkid: unsubscribe.pkid, reasons }, None);
                         unsubscribe.filters.retain(|f| identity.may_subscribe(f));
                         if !unsubscribe.filters.is_empty() {
-                            send(tx, Packet::Unsubscribe(unsubscribe, props)).await?;
+                            untold |= !send(tx, Packet::Unsubscribe(unsubscribe, props))?;
                         }
                         framed.write(vec![ack]).await?;
                     }
@@ -664,13 +670,13 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     Packet::PingReq(_) => framed.write(vec![Packet::PingResp(rumqttd::protocol::PingResp)]).await?,
                     Packet::Disconnect(bye, _) => return Ok(bye.reason_code),
                     // The router takes a PUBREL only without properties.
-                    Packet::PubRel(pubrel, _) => send(tx, Packet::PubRel(pubrel, None)).await?,
+                    Packet::PubRel(pubrel, _) => untold |= !send(tx, Packet::PubRel(pubrel, None))?,
                     // Answers to the router's PUBLISHes free the client's quota.
                     ack @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
                         outbound.on_client(ack, &mut out);
-                        deliver(framed, tx, &mut out).await?;
+                        untold |= deliver(framed, tx, &mut out).await?;
                     }
-                    other => send(tx, other).await?,
+                    other => untold |= !send(tx, other)?,
                 }
             }
             notification = rx.next() => {
@@ -707,51 +713,63 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 if outbound.discarded > before {
                     shared.metrics.outgoing_discarded.fetch_add(outbound.discarded - before, Ordering::Relaxed);
                 }
-                deliver(framed, tx, &mut out).await?;
+                untold |= deliver(framed, tx, &mut out).await?;
             }
         }
     }
 }
 
-/// Writes what `out` has for the client and hands the router its part.
+/// Writes what `out` has for the client and hands the router its part;
+/// whether the router is still to be told ([`send`]).
 async fn deliver<S: AsyncRead + AsyncWrite + Unpin>(
     framed: &mut Framed<S>,
     tx: &mut LinkTx,
     out: &mut Vec<Out>,
-) -> Result<(), SessionError> {
+) -> Result<bool, SessionError> {
     let mut to_client = Vec::new();
+    let mut untold = false;
     for o in out.drain(..) {
         match o {
             Out::Client(p) => to_client.push(p),
-            Out::Router(p) => send(tx, p).await?,
+            Out::Router(p) => untold |= !send(tx, p)?,
         }
     }
     if !to_client.is_empty() {
         framed.write(to_client).await?;
     }
-    Ok(())
+    Ok(untold)
 }
 
-/// Hands a packet to the router. The packet is queued when `send` is
-/// called, so the future does not hold it (400 bytes, in every future that
-/// awaits this one, the connection's included); it waits only when the
-/// router's channel is full, and then without blocking the worker.
-fn send(
-    tx: &mut LinkTx,
-    packet: Packet,
-) -> impl std::future::Future<Output = Result<(), SessionError>> + '_ {
-    let queued = tx
-        .send_nowait(packet)
-        .map_err(|e| SessionError::Router(e.to_string()));
-    async move {
-        if !queued? {
-            // Boxed: a rare wait, kept out of the connection's future.
-            Box::pin(tx.notify())
-                .await
-                .map_err(|e| SessionError::Router(e.to_string()))?;
-        }
-        Ok(())
+/// Hands a packet to the router without waiting. `Ok(false)`: the
+/// router's channel is full; the packet is queued, and [`tell_router`] must
+/// be awaited (before the next packet is read) to tell the router of it.
+///
+/// Not an `async fn`, and the serving loop awaits [`tell_router`] in one
+/// place only: an await in each arm of its `match` kept the packet being
+/// matched (400 bytes) and more in the connection's future, ~700 bytes in
+/// all.
+fn send(tx: &mut LinkTx, packet: Packet) -> Result<bool, SessionError> {
+    tx.send_nowait(packet)
+        .map_err(|e| SessionError::Router(e.to_string()))
+}
+
+/// Tells the router of packets [`send`] queued while its channel was full,
+/// waiting for room without blocking the worker. Boxed: a rare wait, whose
+/// future (it holds the router's 800-byte event) stays out of the
+/// connection's.
+async fn tell_router(tx: &mut LinkTx) -> Result<(), SessionError> {
+    Box::pin(tx.notify())
+        .await
+        .map_err(|e| SessionError::Router(e.to_string()))
+}
+
+/// [`send`], then [`tell_router`] if the router's channel was full: for the
+/// packets sent outside the serving loop.
+async fn send_now(tx: &mut LinkTx, packet: Packet) -> Result<(), SessionError> {
+    if !send(tx, packet)? {
+        tell_router(tx).await?;
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -768,26 +786,25 @@ mod tests {
     }
 
     /// A packet for a router whose channel is full is queued at once, and
-    /// `send` finishes when the router makes room, without blocking.
+    /// the router is told when it makes room, without blocking.
     #[tokio::test(flavor = "current_thread")]
-    async fn send_waits_for_room_in_a_full_router_channel() {
+    async fn a_full_router_channel_is_waited_for_without_blocking() {
         let (router_tx, router_rx) = flume::bounded(1);
         let queued = Arc::new(Mutex::new(Default::default()));
         let mut tx = LinkTx::new(7, router_tx, queued.clone());
-        send(&mut tx, publish("a"))
-            .await
-            .expect("room for one notice");
-        let mut second = Box::pin(send(&mut tx, publish("b")));
+        assert!(send(&mut tx, publish("a")).unwrap(), "room for one notice");
         // The channel is full: the packet is queued, the notice waits.
+        assert!(!send(&mut tx, publish("b")).unwrap());
+        assert_eq!(queued.lock().len(), 2);
+        let mut tell = Box::pin(tell_router(&mut tx));
         tokio::select! {
             biased;
-            _ = &mut second => panic!("sent into a full channel"),
+            _ = &mut tell => panic!("told a full channel"),
             () = std::future::ready(()) => {}
         }
-        assert_eq!(queued.lock().len(), 2);
         let (id, _) = router_rx.recv().expect("first notice");
         assert_eq!(id, 7);
-        tokio::time::timeout(Duration::from_secs(5), second)
+        tokio::time::timeout(Duration::from_secs(5), tell)
             .await
             .expect("the second notice goes once there is room")
             .expect("router still there");
@@ -795,8 +812,9 @@ mod tests {
         assert_eq!(id, 7);
         drop(router_rx);
         assert!(
-            send(&mut tx, publish("c")).await.is_err(),
+            send(&mut tx, publish("c")).is_err(),
             "a gone router is an error"
         );
+        assert!(send_now(&mut tx, publish("d")).await.is_err());
     }
 }
