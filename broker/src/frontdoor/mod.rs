@@ -341,7 +341,7 @@ pub async fn serve(
                 debug!(%peer, error = %err, "connection ended");
             }
         };
-        // Boxed: the connection's future is about 9.6 KB, and spawning it
+        // Boxed: the connection's future is about 9 KB, and spawning it
         // unboxed copied it some eight times per connect (a copy for each
         // layer of `spawn`, and again when the task finished).
         tokio::spawn(Box::pin(task));
