@@ -1,40 +1,64 @@
 //! The rumqttd router and its configuration: the one place that knows
 //! rumqttd's configuration types.
 
-use std::sync::Arc;
-
 use rumqttd::local::LinkBuilder;
 use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet};
 use rumqttd::{Router, RouterConfig};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::frontdoor::Link;
 use crate::BrokerConfig;
 
+/// A request to open a router link: client id, clean session, where to answer.
+type OpenRequest = (String, bool, oneshot::Sender<Result<Link, String>>);
+
 /// Opens router links for the front door's sessions.
 ///
-/// Each link is opened by a task of its own, which waits for the router's
-/// ConnAck without blocking a thread. If the session gave up waiting in the
-/// meantime, the task tells the router the link is gone, so no link outlives
-/// its connection.
+/// One task sends the router each link's Connect, in the order the sessions
+/// asked (the order in which they claimed their identities, so a newer
+/// connection's Connect never reaches the router before an older one's);
+/// a task per link then waits for its ConnAck, so Connects are not held
+/// up behind each other's answers. Neither blocks a thread. If the session
+/// gave up waiting in the meantime, the link's task tells the router the
+/// link is gone, so no link outlives its connection.
 pub struct LinkOpener {
-    /// A link builder for a client id, on the router's channel (whose type
-    /// rumqttd does not export).
-    builder: Arc<dyn Fn(&str) -> LinkBuilder<'_> + Send + Sync>,
+    requests: mpsc::UnboundedSender<OpenRequest>,
 }
 
 impl LinkOpener {
     /// Opens a link: client id, clean session. Fails with the router's reason.
     pub async fn open(&self, client_id: String, clean: bool) -> Result<Link, String> {
         let (answer, answered) = oneshot::channel();
-        let builder = self.builder.clone();
+        self.requests
+            .send((client_id, clean, answer))
+            .map_err(|_| "router link not opened".to_string())?;
+        answered
+            .await
+            .map_err(|_| "router link not opened".to_string())?
+    }
+}
+
+/// Sends each request's Connect in turn and leaves its ConnAck to a task of
+/// its own.
+async fn open_links(
+    builder: impl Fn(&str) -> LinkBuilder<'_>,
+    mut requests: mpsc::UnboundedReceiver<OpenRequest>,
+) {
+    while let Some((client_id, clean, answer)) = requests.recv().await {
+        let pending = builder(&client_id)
+            .clean_session(clean)
+            .dynamic_filters(true)
+            .send_connect()
+            .await;
+        let pending = match pending {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = answer.send(Err(e.to_string()));
+                continue;
+            }
+        };
         tokio::spawn(async move {
-            let link = builder(&client_id)
-                .clean_session(clean)
-                .dynamic_filters(true)
-                .build_async()
-                .await
-                .map_err(|e| e.to_string());
+            let link = pending.connected().await.map_err(|e| e.to_string());
             // The session gave up waiting: tell the router the link is gone.
             if let Err(Ok((mut tx, _rx, _ack))) = answer.send(link) {
                 let bye = Packet::Disconnect(
@@ -48,9 +72,6 @@ impl LinkOpener {
                 }
             }
         });
-        answered
-            .await
-            .map_err(|_| "router link not opened".to_string())?
     }
 }
 
@@ -74,7 +95,58 @@ pub(crate) fn start_router(config: &BrokerConfig) -> LinkOpener {
     };
     let (router_tx, router) = Router::new(0, router_config).spawn_async();
     tokio::spawn(router);
-    LinkOpener {
-        builder: Arc::new(move |client_id| LinkBuilder::new(client_id, router_tx.clone())),
+    let (requests, incoming) = mpsc::unbounded_channel();
+    tokio::spawn(open_links(
+        move |client_id| LinkBuilder::new(client_id, router_tx.clone()),
+        incoming,
+    ));
+    LinkOpener { requests }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rumqttd::Notification;
+
+    use super::*;
+
+    const T: Duration = Duration::from_secs(10);
+
+    /// Two links asked for one client id in a row: the router gets their
+    /// Connects in that order and keeps the newer, whatever order the
+    /// runtime runs the tasks in (one worker: a task spawned last runs
+    /// first).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn links_for_one_client_id_reach_the_router_in_the_order_asked() {
+        let opener = std::sync::Arc::new(start_router(&BrokerConfig::default()));
+        for round in 0..20 {
+            // Asked from a worker, as sessions do (the test's own body runs
+            // outside the runtime's workers).
+            let o = opener.clone();
+            let (older, newer) = tokio::spawn(async move {
+                tokio::join!(o.open("c".into(), true), o.open("c".into(), true))
+            })
+            .await
+            .unwrap();
+            // The older link is dropped by the router, before or after its
+            // ConnAck...
+            if let Ok((_older_tx, mut older_rx, _)) = older {
+                let gone = tokio::time::timeout(T, older_rx.next()).await;
+                assert!(
+                    matches!(gone, Ok(Err(_))),
+                    "round {round}: the older link still open"
+                );
+            }
+            // ...and the newer one is the router's.
+            let (mut newer_tx, mut newer_rx, _) =
+                newer.unwrap_or_else(|e| panic!("round {round}: the newer link was dropped: {e}"));
+            newer_tx.subscribe("a/b").unwrap();
+            let ack = tokio::time::timeout(T, newer_rx.next()).await;
+            assert!(
+                matches!(ack, Ok(Ok(Some(Notification::DeviceAck(_))))),
+                "round {round}: the newer link is not the router's: {ack:?}"
+            );
+        }
     }
 }

@@ -27,7 +27,11 @@ use tracing::debug;
 /// handshake) and the parsing. If the directory cannot be watched (it does
 /// not exist yet, or inotify is unavailable), every lookup reads the file.
 /// A lost event (queue overflow) or the directory moved or removed forgets
-/// everything and watches again.
+/// everything and watches again. A watch follows the directory it was set
+/// on, so if another directory takes its path (a parent renamed, a symlink
+/// pointed elsewhere) the events stop without a word: [`GrantFiles::check_dir`],
+/// which the trust watcher calls every [`super::trust::RELOAD_EVERY`],
+/// notices that and starts afresh.
 pub struct GrantFiles {
     certs_dir: PathBuf,
     /// Off: every lookup reads the file.
@@ -37,6 +41,8 @@ pub struct GrantFiles {
 
 struct Cache {
     watch: Option<Inotify>,
+    /// Device and inode of the directory watched.
+    watched: Option<(u64, u64)>,
     /// When a watch was last tried for, while there is none.
     tried: Option<Instant>,
     /// Principal → the services its file lists (empty: no file).
@@ -66,6 +72,7 @@ impl GrantFiles {
             enabled,
             state: Mutex::new(Cache {
                 watch: None,
+                watched: None,
                 tried: None,
                 files: HashMap::new(),
                 events: vec![0; 4096],
@@ -81,6 +88,7 @@ impl GrantFiles {
         let mut cache = self.state.lock().unwrap_or_else(|p| p.into_inner());
         cache.catch_up(&self.certs_dir);
         if cache.watch.is_none() {
+            drop(cache);
             return fleet_pki::grants::is_granted(&self.certs_dir, principal, service_id);
         }
         if let Some(services) = cache.files.get(principal) {
@@ -99,6 +107,32 @@ impl GrantFiles {
     }
 }
 
+impl GrantFiles {
+    /// Starts afresh if the grants directory's path no longer leads to the
+    /// directory watched.
+    pub fn check_dir(&self) {
+        if !self.enabled {
+            return;
+        }
+        let now = dir_id(&self.certs_dir);
+        let mut cache = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.watch.is_some() && now != cache.watched {
+            debug!("grants directory replaced; reading grant files afresh");
+            cache.files.clear();
+            cache.watch = None;
+            cache.tried = None;
+        }
+    }
+}
+
+/// Device and inode of `certs/grants`, following symlinks as the watch does.
+fn dir_id(certs_dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(grants_dir(certs_dir))
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
 impl Cache {
     /// Forgets every file inotify reports changed; watches the directory
     /// if it is not watched yet.
@@ -109,6 +143,7 @@ impl Cache {
             if self.tried.map_or(true, |t| t.elapsed() >= WATCH_RETRY) {
                 self.tried = Some(Instant::now());
                 self.files.clear();
+                self.watched = dir_id(certs_dir);
                 self.watch = watch_grants(certs_dir);
             }
             return;
@@ -148,6 +183,7 @@ impl Cache {
         }
         if lost {
             self.files.clear();
+            self.watched = dir_id(certs_dir);
             self.watch = watch_grants(certs_dir);
         }
     }
@@ -333,6 +369,26 @@ mod tests {
         assert!(!files.is_granted("dev1", "svcA"));
         write_grants(d, "dev1", &[]).unwrap();
         assert!(!files.is_granted("dev1", "svcC"));
+    }
+
+    /// The certs directory renamed away and a new one put in its place: the
+    /// old grants directory lives on, watched, with no event; the periodic
+    /// check notices.
+    #[test]
+    fn a_grants_directory_that_another_takes_the_place_of_is_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        add_grant(&certs, "dev1", "svcA").unwrap();
+        let files = GrantFiles::new(&certs, true);
+        assert!(files.is_granted("dev1", "svcA"));
+        assert!(cached(&files, "dev1"));
+        std::fs::rename(&certs, dir.path().join("certs.old")).unwrap();
+        add_grant(&certs, "dev1", "svcB").unwrap();
+        files.check_dir();
+        assert!(files.is_granted("dev1", "svcB"), "the new directory unseen");
+        assert!(!files.is_granted("dev1", "svcA"));
+        write_grants(&certs, "dev1", &[]).unwrap();
+        assert!(!files.is_granted("dev1", "svcB"));
     }
 
     fn boot() -> Identity {

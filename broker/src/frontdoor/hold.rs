@@ -234,6 +234,86 @@ mod tests {
         assert_eq!(s.io.0.len(), 2, "held after the handshake");
     }
 
+    /// Takes at most the next of `limits` bytes per call (all, once they
+    /// run out), and answers every other call `Pending` first.
+    struct Trickle {
+        out: Vec<u8>,
+        limits: std::collections::VecDeque<usize>,
+        pending: bool,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+        }
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            this.pending = !this.pending;
+            if this.pending {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let mut room = this.limits.pop_front().unwrap_or(usize::MAX);
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(room);
+                this.out.extend_from_slice(&b[..take]);
+                n += take;
+                room -= take;
+            }
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Short writes and `Pending` on the way: the rest of a flight cut at a
+    /// record boundary is not taken for a ticket, and everything goes out
+    /// once, in order.
+    #[tokio::test]
+    async fn short_writes_keep_every_byte_in_order() {
+        let hello = record(22, b"hello");
+        let rest = record(23, b"encrypted flight");
+        let ticket = record(23, b"ticket");
+        let connack = record(23, b"connack");
+        let mut s = TicketHold::new(Trickle {
+            out: Vec::new(),
+            // The flight cut right after its first record; the held ticket
+            // and the CONNACK in three pieces.
+            limits: [hello.len(), usize::MAX, usize::MAX, 3, 4, 5].into(),
+            pending: false,
+        });
+        s.write_all(&[hello.clone(), rest.clone()].concat())
+            .await
+            .unwrap();
+        assert_eq!(
+            s.io.out,
+            [hello.clone(), rest.clone()].concat(),
+            "the flight's rest was held"
+        );
+        s.write_all(&ticket).await.unwrap();
+        assert_eq!(
+            s.io.out.len(),
+            hello.len() + rest.len(),
+            "the ticket went out alone"
+        );
+        s.handshake_done();
+        s.write_all(&connack).await.unwrap();
+        assert_eq!(s.io.out, [hello, rest, ticket, connack].concat());
+    }
+
     #[test]
     fn only_whole_application_data_records_are_held() {
         let app = record(23, b"x");

@@ -587,7 +587,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut untold = false;
     loop {
         if untold {
-            tell_router(tx).await?;
+            // A revoked certificate is not kept waiting for a busy router.
+            tokio::select! {
+                _ = cut.cancelled() => return Err(SessionError::Revoked),
+                told = tell_router(tx) => told?,
+            }
             untold = false;
         }
         tokio::select! {

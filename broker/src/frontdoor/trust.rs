@@ -225,6 +225,11 @@ impl Trust {
     /// Rebuilds the context if anything under `certs/` changed, and returns
     /// the live sessions of revoked certificates, to be cut.
     pub fn reload_if_changed(&self) -> Vec<CancellationToken> {
+        self.verifier
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .grants
+            .check_dir();
         let now = fingerprint(&self.certs_dir);
         {
             let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());

@@ -139,22 +139,21 @@ impl<'a> LinkBuilder<'a> {
         Ok((tx, rx, notification))
     }
 
-    // fleetshift: added, `build` for async callers: waits for the router's
-    // channel and its ConnAck without blocking the thread. The steps are
-    // `build`'s, unchanged.
-    pub async fn build_async(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+    // fleetshift: added, `build` for async callers, in its two steps: the
+    // Connect goes to the router here (waiting for room in its channel
+    // without blocking the thread), and `PendingLink::connected` waits for
+    // the ConnAck. Callers that must keep their Connects in order send them
+    // one after the other and wait for the ConnAcks apart.
+    pub async fn send_connect(self) -> Result<PendingLink, LinkError> {
         let router_tx = self.router_tx.clone();
         let (event, link_rx, incoming_data_buffer, outgoing_data_buffer) = self.connect_event();
         router_tx.send_async((0, event)).await?;
-        link_rx.recv_async().await?;
-        let notification = outgoing_data_buffer.lock().pop_front().unwrap();
-        let id = match notification {
-            Notification::DeviceAck(Ack::ConnAck(id, ..)) => id,
-            _message => return Err(LinkError::NotConnectionAck),
-        };
-        let tx = LinkTx::new(id, router_tx.clone(), incoming_data_buffer);
-        let rx = LinkRx::new(id, router_tx, link_rx, outgoing_data_buffer);
-        Ok((tx, rx, notification))
+        Ok(PendingLink {
+            router_tx,
+            link_rx,
+            incoming_data_buffer,
+            outgoing_data_buffer,
+        })
     }
 
     // fleetshift: added, the router's Connect event and the link's ends, as
@@ -187,6 +186,30 @@ impl<'a> LinkBuilder<'a> {
             outgoing,
         };
         (event, link_rx, incoming_data_buffer, outgoing_data_buffer)
+    }
+}
+
+// fleetshift: added, a link whose Connect the router has been sent
+// (`LinkBuilder::send_connect`); `build`'s second half.
+pub struct PendingLink {
+    router_tx: Sender<(ConnectionId, Event)>,
+    link_rx: Receiver<()>,
+    incoming_data_buffer: Arc<Mutex<VecDeque<Packet>>>,
+    outgoing_data_buffer: Arc<Mutex<VecDeque<Notification>>>,
+}
+
+impl PendingLink {
+    // fleetshift: added, waits for the router's ConnAck, as `build` does.
+    pub async fn connected(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        self.link_rx.recv_async().await?;
+        let notification = self.outgoing_data_buffer.lock().pop_front().unwrap();
+        let id = match notification {
+            Notification::DeviceAck(Ack::ConnAck(id, ..)) => id,
+            _message => return Err(LinkError::NotConnectionAck),
+        };
+        let tx = LinkTx::new(id, self.router_tx.clone(), self.incoming_data_buffer);
+        let rx = LinkRx::new(id, self.router_tx, self.link_rx, self.outgoing_data_buffer);
+        Ok((tx, rx, notification))
     }
 }
 
