@@ -35,11 +35,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use rustls::ServerConfig;
+use rustls::server::Acceptor;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -153,7 +153,7 @@ pub enum ListenerKind {
 #[derive(Clone)]
 pub enum Transport {
     Plain(ListenerKind),
-    ServerTls(Arc<ServerConfig>),
+    ServerTls(trust::Configs),
     MutualTls(Arc<Trust>),
 }
 
@@ -414,20 +414,29 @@ fn certified(tls: Tls) -> (Tls, Result<CertIdentity, String>) {
 
 async fn handshake(
     stream: TcpStream,
-    config: Arc<ServerConfig>,
+    configs: trust::Configs,
     shared: &Shared,
 ) -> Result<Tls, session::SessionError> {
-    let accept = TlsAcceptor::from(config)
-        .accept(hold::TicketHold::new(stream))
-        .into_fallible();
+    let accept = async {
+        let hello = LazyConfigAcceptor::new(Acceptor::default(), hold::TicketHold::new(stream));
+        // A ClientHello that cannot be read gets its alert from the acceptor.
+        let start = hello.await?;
+        let config = configs.for_client(start.client_hello().cipher_suites());
+        match start.into_stream(config).into_fallible().await {
+            Ok(tls) => Ok(tls),
+            Err((err, mut io)) => {
+                // The alert that tells the client why, if one was held.
+                let _ = tokio::time::timeout(ALERT_WRITE, io.release()).await;
+                Err(err)
+            }
+        }
+    };
     match tokio::time::timeout(shared.limits.handshake_timeout, accept).await {
         Ok(Ok(mut tls)) => {
             tls.get_mut().0.handshake_done();
             Ok(tls)
         }
-        Ok(Err((err, mut io))) => {
-            // The alert that tells the client why, if one was held.
-            let _ = tokio::time::timeout(ALERT_WRITE, io.release()).await;
+        Ok(Err(err)) => {
             shared
                 .metrics
                 .handshake_failures

@@ -133,7 +133,7 @@ struct Sessions {
 pub struct Trust {
     certs_dir: PathBuf,
     metrics: Arc<Metrics>,
-    config: RwLock<Arc<ServerConfig>>,
+    config: RwLock<Configs>,
     /// The verifier of the current configuration, which tickets are
     /// checked with too.
     verifier: Arc<RwLock<Arc<ClientVerifier>>>,
@@ -189,7 +189,7 @@ impl Trust {
     }
 
     /// The TLS configuration for the next handshake.
-    pub fn config(&self) -> Arc<ServerConfig> {
+    pub fn config(&self) -> Configs {
         self.config
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -343,7 +343,7 @@ fn load_revoked(certs_dir: &Path) -> HashSet<String> {
 /// chosen, and SHA-256 runs on this CPU's SHA extensions, where SHA-384
 /// (the transcript hash and key schedule of AES-256-GCM-SHA384) is done in
 /// software: about 9 % of the broker's CPU per handshake. Every suite of
-/// aws-lc-rs is still accepted; see [`finish`] for whose order counts.
+/// aws-lc-rs is still accepted; see [`Configs`] for whose order counts.
 fn provider() -> Arc<CryptoProvider> {
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.cipher_suites.sort_by_key(|suite| {
@@ -376,15 +376,46 @@ fn broker_identity(
     Ok((chain, key))
 }
 
+/// A listener's TLS configuration, in two orders of cipher suites and the
+/// same in all else. Most TLS stacks put AES-256-GCM-SHA384 first, whose
+/// SHA-384 costs the broker more than SHA-256 ([`provider`]), so the
+/// broker chooses in its own order (AES-128-GCM-SHA256 first) unless the
+/// client puts ChaCha20-Poly1305 first: a device does that when it has no
+/// AES instructions, and AES in software would be slow for it and, in
+/// most implementations, not constant-time. That device gets the suite
+/// it prefers.
+#[derive(Clone)]
+pub struct Configs {
+    ours: Arc<ServerConfig>,
+    theirs: Arc<ServerConfig>,
+}
+
+impl Configs {
+    /// The configuration for a ClientHello that offers `suites`, most
+    /// preferred first.
+    pub fn for_client(&self, suites: &[CipherSuite]) -> Arc<ServerConfig> {
+        let ours = &self.ours.crypto_provider().cipher_suites;
+        let first = suites
+            .iter()
+            .find(|s| ours.iter().any(|o| o.suite() == **s));
+        match first {
+            Some(
+                CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+                | CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+                | CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+            ) => self.theirs.clone(),
+            _ => self.ours.clone(),
+        }
+    }
+}
+
 /// What every listener's configuration has in common:
-/// - the cipher suite is chosen in the server's order ([`provider`]), not
-///   the client's: most TLS stacks put AES-256-GCM-SHA384 first;
+/// - the cipher suite order of [`Configs`];
 /// - resumption only through `tickets`, never from server-side state: the
 ///   session-id cache of TLS 1.2 and stateful TLS 1.3 tickets would resume
 ///   without the checks [`TicketGate`] makes. Without `tickets`, no session
 ///   is resumed and every connection shows its certificate.
-fn finish(mut config: ServerConfig, tickets: Option<Arc<TicketGate>>) -> Arc<ServerConfig> {
-    config.ignore_client_order = true;
+fn finish(mut config: ServerConfig, tickets: Option<Arc<TicketGate>>) -> Configs {
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     match tickets {
         Some(gate) => {
@@ -395,7 +426,13 @@ fn finish(mut config: ServerConfig, tickets: Option<Arc<TicketGate>>) -> Arc<Ser
         }
         None => config.send_tls13_tickets = 0,
     }
-    Arc::new(config)
+    config.ignore_client_order = true;
+    let ours = Arc::new(config.clone());
+    config.ignore_client_order = false;
+    Configs {
+        ours,
+        theirs: Arc::new(config),
+    }
 }
 
 /// The service listener's session tickets (RFC 5077 construction, keys
@@ -556,7 +593,7 @@ fn read_ticket(plain: &[u8]) -> Option<Ticket<'_>> {
 
 /// The bootstrap listener's TLS: the broker certificate, TLS 1.2 or 1.3,
 /// no client certificate. Built once; shared by every handshake.
-pub fn server_config(certs_dir: &Path) -> Result<Arc<ServerConfig>, BrokerError> {
+pub fn server_config(certs_dir: &Path) -> Result<Configs, BrokerError> {
     let tls = |e: rustls::Error| BrokerError::Tls(e.to_string());
     let (chain, key) = broker_identity(certs_dir)?;
     let config = ServerConfig::builder_with_provider(provider())
@@ -1011,7 +1048,7 @@ fn build_config(
     certs_dir: &Path,
     verifier: Arc<ClientVerifier>,
     tickets: Option<Arc<TicketGate>>,
-) -> Result<Arc<ServerConfig>, BrokerError> {
+) -> Result<Configs, BrokerError> {
     let (chain, key) = broker_identity(certs_dir)?;
     let config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -1059,7 +1096,22 @@ mod tests {
         dir: &Path,
         version: &'static rustls::SupportedProtocolVersion,
     ) -> (
-        Arc<ServerConfig>,
+        Configs,
+        Arc<rustls::ClientConfig>,
+        Arc<Recording>,
+        Vec<CertificateDer<'static>>,
+    ) {
+        // rustls's own order, as a device would have it: AES-256-GCM-SHA384 first.
+        fleet_with(dir, version, rustls::crypto::aws_lc_rs::default_provider())
+    }
+
+    /// [`fleet`], with the client's `provider` (and its suites' order).
+    fn fleet_with(
+        dir: &Path,
+        version: &'static rustls::SupportedProtocolVersion,
+        provider: CryptoProvider,
+    ) -> (
+        Configs,
         Arc<rustls::ClientConfig>,
         Arc<Recording>,
         Vec<CertificateDer<'static>>,
@@ -1100,33 +1152,42 @@ mod tests {
             .add(CertificateDer::from(pki.root_cert().to_der().unwrap()))
             .unwrap();
         let key = PrivateKeyDer::try_from(key.private_key_to_pkcs8().unwrap()).unwrap();
-        // rustls's own order, as a device would have it: AES-256-GCM-SHA384 first.
-        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_protocol_versions(&[version])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain.clone(), key)
-        .unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain.clone(), key)
+            .unwrap();
         (server, Arc::new(client), recording, chain)
     }
 
     /// A handshake in memory, then a byte of data each way (which carries
     /// the ticket to the client); whether the server resumed.
-    fn handshake(server: &Arc<ServerConfig>, client: &Arc<rustls::ClientConfig>) -> bool {
+    fn handshake(server: &Configs, client: &Arc<rustls::ClientConfig>) -> bool {
         connect(server, client).handshake_kind() == Some(rustls::HandshakeKind::Resumed)
     }
 
-    /// [`handshake`]'s server end.
-    fn connect(
-        server: &Arc<ServerConfig>,
-        client: &Arc<rustls::ClientConfig>,
-    ) -> rustls::ServerConnection {
+    /// [`handshake`]'s server end, the configuration chosen from the
+    /// ClientHello as the listeners do.
+    fn connect(server: &Configs, client: &Arc<rustls::ClientConfig>) -> rustls::ServerConnection {
         let name = ServerName::try_from("localhost").unwrap();
         let mut c = rustls::ClientConnection::new(client.clone(), name).unwrap();
-        let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
         c.writer().write_all(b"c").unwrap();
+        let mut hello = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut hello).unwrap();
+        }
+        let mut acceptor = rustls::server::Acceptor::default();
+        acceptor.read_tls(&mut hello.as_slice()).unwrap();
+        let accepted = match acceptor.accept() {
+            Ok(Some(a)) => a,
+            _ => panic!("no ClientHello"),
+        };
+        let config = server.for_client(accepted.client_hello().cipher_suites());
+        let mut s = match accepted.into_connection(config) {
+            Ok(s) => s,
+            Err((e, _)) => panic!("{e}"),
+        };
         s.writer().write_all(b"s").unwrap();
         let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
         let (mut got_c, mut got_s) = (false, false);
@@ -1135,7 +1196,9 @@ mod tests {
             while c.wants_write() {
                 c.write_tls(&mut to_server).unwrap();
             }
-            s.read_tls(&mut to_server.as_slice()).unwrap();
+            if !to_server.is_empty() {
+                s.read_tls(&mut to_server.as_slice()).unwrap();
+            }
             s.process_new_packets().unwrap();
             to_client.clear();
             while s.wants_write() {
@@ -1181,7 +1244,7 @@ mod tests {
             grants::write_grants(dir.path(), "dev1", &[]).unwrap();
             let name = ServerName::try_from("localhost").unwrap();
             let mut c = rustls::ClientConnection::new(client.clone(), name).unwrap();
-            let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+            let mut s = rustls::ServerConnection::new(server.for_client(&[])).unwrap();
             let mut hello = Vec::new();
             c.write_tls(&mut hello).unwrap();
             s.read_tls(&mut hello.as_slice()).unwrap();
@@ -1219,6 +1282,31 @@ mod tests {
                 format!("{first:?}").ends_with("SHA384"),
                 "client's first: {first:?}"
             );
+            let s = connect(&server, &client);
+            assert_eq!(s.negotiated_cipher_suite().map(|s| s.suite()), Some(chosen));
+        }
+    }
+
+    /// A client that puts ChaCha20-Poly1305 first (one without AES
+    /// instructions) gets it.
+    #[test]
+    fn a_client_that_prefers_chacha20_gets_it() {
+        for (version, chosen) in [
+            (
+                &rustls::version::TLS13,
+                CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+            ),
+            (
+                &rustls::version::TLS12,
+                CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+            provider
+                .cipher_suites
+                .sort_by_key(|s| !format!("{:?}", s.suite()).contains("CHACHA20"));
+            let (server, client, _, _) = fleet_with(dir.path(), version, provider);
             let s = connect(&server, &client);
             assert_eq!(s.negotiated_cipher_suite().map(|s| s.suite()), Some(chosen));
         }
