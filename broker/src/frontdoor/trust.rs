@@ -378,7 +378,7 @@ fn broker_identity(
 
 /// A listener's TLS configuration, in two orders of cipher suites and the
 /// same in all else. Most TLS stacks put AES-256-GCM-SHA384 first, whose
-/// SHA-384 costs the broker more than SHA-256 ([`provider`]), so the
+/// SHA-384 costs the broker more than SHA-256 (see `provider`), so the
 /// broker chooses in its own order (AES-128-GCM-SHA256 first) unless the
 /// client puts ChaCha20-Poly1305 first: a device does that when it has no
 /// AES instructions, and AES in software would be slow for it and, in
