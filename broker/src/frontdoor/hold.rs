@@ -165,40 +165,6 @@ impl<S: AsyncRead + Unpin> AsyncRead for TicketHold<S> {
 mod tests {
     use super::*;
 
-    /// Records each write call it gets.
-    #[derive(Default)]
-    struct Calls(Vec<Vec<u8>>);
-
-    impl AsyncWrite for Calls {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            self.get_mut().0.push(buf.to_vec());
-            Poll::Ready(Ok(buf.len()))
-        }
-        fn poll_write_vectored(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            bufs: &[IoSlice<'_>],
-        ) -> Poll<io::Result<usize>> {
-            let bytes = bufs
-                .iter()
-                .flat_map(|b| b.iter().copied())
-                .collect::<Vec<u8>>();
-            let n = bytes.len();
-            self.get_mut().0.push(bytes);
-            Poll::Ready(Ok(n))
-        }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
     fn record(kind: u8, body: &[u8]) -> Vec<u8> {
         let mut r = vec![kind, 3, 3];
         r.extend_from_slice(&(body.len() as u16).to_be_bytes());
@@ -208,41 +174,54 @@ mod tests {
 
     #[tokio::test]
     async fn the_ticket_goes_out_with_the_first_write_after_the_handshake() {
-        let mut s = TicketHold::new(Calls::default());
+        let mut s = TicketHold::new(Sink::default());
         let flight = [record(22, b"hello"), record(23, b"encrypted")].concat();
         s.write_all(&flight).await.unwrap();
         let ticket = [record(23, b"ticket"), record(23, b"ticket2")].concat();
         s.write_all(&ticket).await.unwrap();
         s.flush().await.unwrap();
-        assert_eq!(s.io.0, vec![flight.clone()], "the ticket went out alone");
+        assert_eq!(
+            s.io.calls,
+            vec![flight.clone()],
+            "the ticket went out alone"
+        );
         s.handshake_done();
         let connack = record(23, b"connack");
         s.write_all(&connack).await.unwrap();
-        assert_eq!(s.io.0, vec![flight, [ticket, connack.clone()].concat()]);
+        assert_eq!(s.io.calls, vec![flight, [ticket, connack.clone()].concat()]);
         s.write_all(&connack).await.unwrap();
-        assert_eq!(s.io.0.len(), 3);
+        assert_eq!(s.io.calls.len(), 3);
     }
 
     #[tokio::test]
     async fn an_alert_held_is_released_and_nothing_else_is_held() {
-        let mut s = TicketHold::new(Calls::default());
+        let mut s = TicketHold::new(Sink::default());
         let alert = record(23, b"alert");
         s.write_all(&alert).await.unwrap();
         s.release().await.unwrap();
-        assert_eq!(s.io.0, vec![alert.clone()]);
+        assert_eq!(s.io.calls, vec![alert.clone()]);
         s.write_all(&alert).await.unwrap();
-        assert_eq!(s.io.0.len(), 2, "held after the handshake");
+        assert_eq!(s.io.calls.len(), 2, "held after the handshake");
     }
 
-    /// Takes at most the next of `limits` bytes per call (all, once they
-    /// run out), and answers every other call `Pending` first.
-    struct Trickle {
-        out: Vec<u8>,
+    /// Records each write call it takes. Takes at most the next of
+    /// `limits` bytes per call (all, once they run out); with `pend`,
+    /// answers every other call `Pending` first.
+    #[derive(Default)]
+    struct Sink {
+        calls: Vec<Vec<u8>>,
         limits: std::collections::VecDeque<usize>,
+        pend: bool,
         pending: bool,
     }
 
-    impl AsyncWrite for Trickle {
+    impl Sink {
+        fn out(&self) -> Vec<u8> {
+            self.calls.concat()
+        }
+    }
+
+    impl AsyncWrite for Sink {
         fn poll_write(
             self: Pin<&mut Self>,
             cx: &mut Context<'_>,
@@ -256,19 +235,22 @@ mod tests {
             bufs: &[IoSlice<'_>],
         ) -> Poll<io::Result<usize>> {
             let this = self.get_mut();
-            this.pending = !this.pending;
-            if this.pending {
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
+            if this.pend {
+                this.pending = !this.pending;
+                if this.pending {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
             }
             let mut room = this.limits.pop_front().unwrap_or(usize::MAX);
-            let mut n = 0;
+            let mut taken = Vec::new();
             for b in bufs {
                 let take = b.len().min(room);
-                this.out.extend_from_slice(&b[..take]);
-                n += take;
+                taken.extend_from_slice(&b[..take]);
                 room -= take;
             }
+            let n = taken.len();
+            this.calls.push(taken);
             Poll::Ready(Ok(n))
         }
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -288,30 +270,30 @@ mod tests {
         let rest = record(23, b"encrypted flight");
         let ticket = record(23, b"ticket");
         let connack = record(23, b"connack");
-        let mut s = TicketHold::new(Trickle {
-            out: Vec::new(),
+        let mut s = TicketHold::new(Sink {
             // The flight cut right after its first record; the held ticket
             // and the CONNACK in three pieces.
             limits: [hello.len(), usize::MAX, usize::MAX, 3, 4, 5].into(),
-            pending: false,
+            pend: true,
+            ..Sink::default()
         });
         s.write_all(&[hello.clone(), rest.clone()].concat())
             .await
             .unwrap();
         assert_eq!(
-            s.io.out,
+            s.io.out(),
             [hello.clone(), rest.clone()].concat(),
             "the flight's rest was held"
         );
         s.write_all(&ticket).await.unwrap();
         assert_eq!(
-            s.io.out.len(),
+            s.io.out().len(),
             hello.len() + rest.len(),
             "the ticket went out alone"
         );
         s.handshake_done();
         s.write_all(&connack).await.unwrap();
-        assert_eq!(s.io.out, [hello, rest, ticket, connack].concat());
+        assert_eq!(s.io.out(), [hello, rest, ticket, connack].concat());
     }
 
     #[test]
