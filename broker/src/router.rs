@@ -2,11 +2,10 @@
 //! rumqttd's configuration types.
 
 use rumqttd::local::LinkBuilder;
-use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet};
 use rumqttd::{Router, RouterConfig};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::frontdoor::Link;
+use crate::frontdoor::{session, Link};
 use crate::BrokerConfig;
 
 /// A request to open a router link: client id, clean session, where to answer.
@@ -61,15 +60,7 @@ async fn open_links(
             let link = pending.connected().await.map_err(|e| e.to_string());
             // The session gave up waiting: tell the router the link is gone.
             if let Err(Ok((mut tx, _rx, _ack))) = answer.send(link) {
-                let bye = Packet::Disconnect(
-                    Disconnect {
-                        reason_code: DisconnectReasonCode::NormalDisconnection,
-                    },
-                    None,
-                );
-                if let Ok(false) = tx.send_nowait(bye) {
-                    let _ = tx.notify().await;
-                }
+                let _ = session::send_now(&mut tx, session::router_goodbye()).await;
             }
         });
     }

@@ -105,9 +105,7 @@ impl GrantFiles {
         cache.files.insert(principal.to_owned(), services);
         granted
     }
-}
 
-impl GrantFiles {
     /// Starts afresh if the grants directory's path no longer leads to the
     /// directory watched.
     pub fn check_dir(&self) {
@@ -142,9 +140,7 @@ impl Cache {
             // each try is three system calls of its own.
             if self.tried.map_or(true, |t| t.elapsed() >= WATCH_RETRY) {
                 self.tried = Some(Instant::now());
-                self.files.clear();
-                self.watched = dir_id(certs_dir);
-                self.watch = watch_grants(certs_dir);
+                self.watch_afresh(certs_dir);
             }
             return;
         };
@@ -182,10 +178,15 @@ impl Cache {
             }
         }
         if lost {
-            self.files.clear();
-            self.watched = dir_id(certs_dir);
-            self.watch = watch_grants(certs_dir);
+            self.watch_afresh(certs_dir);
         }
+    }
+
+    /// Forgets every file and watches the directory at `certs/grants` now.
+    fn watch_afresh(&mut self, certs_dir: &Path) {
+        self.files.clear();
+        self.watched = dir_id(certs_dir);
+        self.watch = watch_grants(certs_dir);
     }
 }
 

@@ -49,10 +49,6 @@ impl<S> TicketHold<S> {
     pub fn handshake_done(&mut self) {
         self.handshaking = false;
     }
-
-    pub fn get_ref(&self) -> &S {
-        &self.io
-    }
 }
 
 impl<S: AsyncWrite + Unpin> TicketHold<S> {

@@ -496,7 +496,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// What tells the router a connection is gone: rumqttd does not notice a
 /// dropped link by itself, and keeps its slot until it is told.
-fn router_goodbye() -> Packet {
+pub(crate) fn router_goodbye() -> Packet {
     Packet::Disconnect(
         Disconnect {
             reason_code: DisconnectReasonCode::NormalDisconnection,
@@ -768,8 +768,9 @@ async fn tell_router(tx: &mut LinkTx) -> Result<(), SessionError> {
 }
 
 /// [`send`], then [`tell_router`] if the router's channel was full: for the
-/// packets sent outside the serving loop.
-async fn send_now(tx: &mut LinkTx, packet: Packet) -> Result<(), SessionError> {
+/// packets sent outside the serving loop (and the goodbye of a link whose
+/// session gave up waiting for it, `crate::router`).
+pub(crate) async fn send_now(tx: &mut LinkTx, packet: Packet) -> Result<(), SessionError> {
     if !send(tx, packet)? {
         tell_router(tx).await?;
     }

@@ -4,15 +4,17 @@
 //! when a certificate is revoked.
 //!
 //! TLS is rustls on aws-lc-rs; the certificates and CRLs are read with
-//! OpenSSL when they load. One rustls configuration serves every
-//! handshake; it is rebuilt only when a file under `certs/services/` or
+//! OpenSSL when they load. One rustls configuration (in the two suite
+//! orders of [`Configs`]) serves every handshake; it is rebuilt only when
+//! the root, the broker's certificate or a file under `certs/services/` or
 //! `certs/crl/` changes, which a watcher notices within [`RELOAD_EVERY`].
 //! Revocation and the registry's grant are checked by the client
 //! verifier, so a revoked certificate, or one
 //! whose device the registry does not grant its service, fails the
 //! handshake itself; the live sessions of a newly revoked certificate are
-//! cancelled on reload. Grants are read from their file at each handshake,
-//! so the manager's latest write always counts.
+//! cancelled on reload. Grants are checked at each handshake against
+//! their files, kept in memory until inotify reports a change
+//! ([`GrantFiles`]), so the manager's latest write always counts.
 //!
 //! A device that reconnects does not pay for its chain again: a leaf
 //! whose chain verified is remembered, with the window in which the whole
