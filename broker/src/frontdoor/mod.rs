@@ -334,19 +334,45 @@ pub async fn serve(
         // holds a slot always counts; counted as accepted after that.
         let held = Held::new(slot, shared.metrics.clone());
         shared.metrics.accepted.fetch_add(1, Ordering::Release);
-        let (transport, shared, stop) = (transport.clone(), shared.clone(), stop.clone());
-        let task = async move {
-            let _held = held;
-            if let Err(err) = connection(stream, peer, transport, &shared, stop).await {
-                debug!(%peer, error = %err, "connection ended");
-            }
-        };
-        // Boxed: the connection's future is about 9 KB, and spawning it
+        let task = connection_task(
+            stream,
+            peer,
+            transport.clone(),
+            shared.clone(),
+            stop.clone(),
+            held,
+        );
+        // Boxed: the connection's future is about 7 KB, and spawning it
         // unboxed copied it some eight times per connect (a copy for each
         // layer of `spawn`, and again when the task finished).
         tokio::spawn(Box::pin(task));
     }
 }
+
+/// The task of one accepted connection, to its end.
+///
+/// Its future is the one allocation every connection keeps for its whole
+/// life; a test holds it under [`CONNECTION_TASK_MAX`].
+async fn connection_task(
+    stream: TcpStream,
+    peer: SocketAddr,
+    transport: Transport,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    held: Held,
+) {
+    let _held = held;
+    if let Err(err) = connection(stream, peer, transport, &shared, stop).await {
+        debug!(%peer, error = %err, "connection ended");
+    }
+}
+
+/// Largest size, in bytes, of a connection task's future. A local kept
+/// across an await point is kept in the future, whether it is still used or
+/// was moved away, so a stray one can add a TLS stream's 1.2 KiB to every
+/// connection.
+#[cfg(test)]
+const CONNECTION_TASK_MAX: usize = 8 * 1024;
 
 async fn connection(
     stream: TcpStream,
@@ -364,33 +390,36 @@ async fn connection(
             session::run(tls, ListenerKind::Bootstrap, shared.clone(), id, cut).await
         }
         Transport::MutualTls(trust) => {
-            let tls = handshake(stream, trust.config(), shared).await?;
-            if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
-                shared.metrics.resumed.fetch_add(1, Ordering::Relaxed);
-            }
-            // Read in a function of its own: a stream borrowed here would
-            // stay in this future, a dead 1.2 KiB copy, while the session
-            // runs.
-            let (tls, cert) = certified(tls);
-            let cert = match cert {
-                Ok(c) => c,
-                Err(why) => {
-                    shared
-                        .metrics
-                        .refused_connects
-                        .fetch_add(1, Ordering::Relaxed);
-                    warn!(%peer, reason = %why, "client certificate refused");
-                    return Err(session::SessionError::Refused(why));
+            // The session is built in the block it awaits: the handshake's
+            // stream and the certificate are moved into it, and a local that
+            // held them past the block would stay in this future, a dead
+            // 1.4 KiB, while the session runs.
+            let serial;
+            let result = {
+                let tls = handshake(stream, trust.config(), shared).await?;
+                if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                    shared.metrics.resumed.fetch_add(1, Ordering::Relaxed);
                 }
-            };
-            trust.register(&cert.serial, id, cut.clone());
-            // A revocation that landed between the handshake and now.
-            if trust.is_revoked(&cert.serial) {
-                cut.cancel();
+                let cert = match trust::identity_of(tls.get_ref().1.peer_certificates()) {
+                    Ok(c) => c,
+                    Err(why) => {
+                        shared
+                            .metrics
+                            .refused_connects
+                            .fetch_add(1, Ordering::Relaxed);
+                        warn!(%peer, reason = %why, "client certificate refused");
+                        return Err(session::SessionError::Refused(why));
+                    }
+                };
+                trust.register(&cert.serial, id, cut.clone());
+                // A revocation that landed between the handshake and now.
+                if trust.is_revoked(&cert.serial) {
+                    cut.cancel();
+                }
+                serial = cert.serial.clone();
+                session::run(tls, ListenerKind::Service(cert), shared.clone(), id, cut)
             }
-            let serial = cert.serial.clone();
-            let result =
-                session::run(tls, ListenerKind::Service(cert), shared.clone(), id, cut).await;
+            .await;
             trust.unregister(&serial, id);
             if matches!(result, Err(session::SessionError::Revoked)) {
                 shared.metrics.revoked_cuts.fetch_add(1, Ordering::Relaxed);
@@ -405,12 +434,6 @@ const ALERT_WRITE: Duration = Duration::from_secs(1);
 
 /// A device connection's TLS stream.
 type Tls = TlsStream<hold::TicketHold<TcpStream>>;
-
-/// The identity in a service connection's verified client certificate.
-fn certified(tls: Tls) -> (Tls, Result<CertIdentity, String>) {
-    let cert = trust::identity_of(tls.get_ref().1.peer_certificates());
-    (tls, cert)
-}
 
 async fn handshake(
     stream: TcpStream,
@@ -461,6 +484,30 @@ async fn handshake(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The size of what `f` returns, without calling it.
+    fn size_of_returned<A, F>(_: impl FnOnce(A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// The future every connection keeps stays in its size class.
+    #[test]
+    fn a_connection_task_fits_its_size_class() {
+        let size = size_of_returned(
+            |(stream, peer, transport, shared, stop, held): (
+                TcpStream,
+                SocketAddr,
+                Transport,
+                Arc<Shared>,
+                CancellationToken,
+                Held,
+            )| connection_task(stream, peer, transport, shared, stop, held),
+        );
+        assert!(
+            size <= CONNECTION_TASK_MAX,
+            "a connection task's future is {size} bytes"
+        );
+    }
 
     /// Connections accepted by a listener of [`bind`] have `TCP_NODELAY`
     /// without setting it themselves.
