@@ -73,8 +73,9 @@ pub enum Command {
         admin: String,
     },
     /// Write a mosquitto 2.0 configuration (listeners, ACL from the registry,
-    /// CA bundle, CRLs) for running the fleet on mosquitto; with
-    /// --reload-pid, tell that mosquitto to reload it.
+    /// CA bundle, CRLs, and `openssl.cnf`, the OpenSSL configuration to run
+    /// mosquitto with: OPENSSL_CONF=OUT/openssl.cnf) for running the fleet
+    /// on mosquitto; with --reload-pid, tell that mosquitto to reload it.
     MosquittoConfig {
         #[arg(long, default_value = "127.0.0.1:8080")]
         admin: String,
@@ -247,7 +248,11 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
                 watch_mosquitto_config(&admin, &params, secret, reload_pid, every, stop).await?;
             } else {
                 let n = write_mosquitto_config(&admin, &params, secret, reload_pid).await?;
-                print(json!({ "devices": n, "out": params.out_dir }));
+                print(json!({
+                    "devices": n,
+                    "out": params.out_dir,
+                    "openssl_conf": params.out_dir.join("openssl.cnf"),
+                }));
             }
         }
         Command::Reset { admin, device } => {

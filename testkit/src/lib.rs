@@ -889,6 +889,58 @@ impl Drop for Devices {
     }
 }
 
+/// A device's TLS client that keeps its configuration, and with it the
+/// session tickets a broker gives it, from one connection to the next.
+#[derive(Clone)]
+pub struct Resuming {
+    pub config: Arc<rustls::ClientConfig>,
+    pub addr: std::net::SocketAddr,
+    pub client_id: String,
+}
+
+impl Resuming {
+    /// To the mutual-TLS listener at `addr`, in TLS `version` only, with
+    /// the broker checked against `root` (PEM) as `localhost`.
+    pub fn new(
+        addr: std::net::SocketAddr,
+        client_id: &str,
+        root: &[u8],
+        (chain, key): (&[u8], &[u8]),
+        version: &'static rustls::SupportedProtocolVersion,
+    ) -> anyhow::Result<Resuming> {
+        Ok(Resuming {
+            config: fleet_device_sim::link::mutual_tls_over(&[version], root, chain, key)?,
+            addr,
+            client_id: client_id.to_owned(),
+        })
+    }
+
+    /// TCP, TLS, CONNECT and a CONNACK that accepts, then DISCONNECT;
+    /// whether the handshake resumed a session.
+    pub async fn connect(&self) -> anyhow::Result<bool> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.connect_blocking()).await?
+    }
+
+    fn connect_blocking(&self) -> anyhow::Result<bool> {
+        use std::io::{Read, Write};
+        let tcp = std::net::TcpStream::connect(self.addr)?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let name = rustls::pki_types::ServerName::try_from("localhost")?;
+        let conn = rustls::ClientConnection::new(self.config.clone(), name)?;
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        tls.write_all(&mqtt311_connect(&self.client_id, 60))?;
+        let mut ack = [0u8; 4];
+        tls.read_exact(&mut ack)?;
+        anyhow::ensure!(ack == [0x20, 2, 0, 0], "not an accepting CONNACK: {ack:?}");
+        let resumed = tls.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        tls.write_all(&[0xe0, 0])?;
+        tls.conn.send_close_notify();
+        tls.flush()?;
+        Ok(resumed)
+    }
+}
+
 /// A mosquitto broker run by a test: a plain listener (manager, bootstrap)
 /// and a mutual-TLS listener trusting the fleet root, on ephemeral ports.
 pub struct Mosquitto {
@@ -923,11 +975,17 @@ impl Mosquitto {
     }
 
     /// Runs mosquitto with `conf`, logging to `dir/mosquitto.log`, and
-    /// waits until it is running.
+    /// waits until it is running. An `openssl.cnf` beside `conf` (as
+    /// `fleet-manager mosquitto-config` writes) is its `OPENSSL_CONF`.
     pub fn spawn(conf: &Path, dir: &Path) -> anyhow::Result<std::process::Child> {
         let log_path = dir.join("mosquitto.log");
         let log = std::fs::File::create(&log_path)?;
-        let mut child = Command::new("/usr/sbin/mosquitto")
+        let mut command = Command::new("/usr/sbin/mosquitto");
+        let openssl_cnf = conf.with_file_name("openssl.cnf");
+        if openssl_cnf.exists() {
+            command.env("OPENSSL_CONF", openssl_cnf);
+        }
+        let mut child = command
             .arg("-c")
             .arg(conf)
             .stdout(log.try_clone()?)

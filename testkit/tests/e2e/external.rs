@@ -291,6 +291,25 @@ async fn generated_mosquitto_rules_hold() {
         .service_credentials("svcA")
         .unwrap()
         .unwrap();
+    // A client that keeps its TLS sessions, with that certificate: mosquitto
+    // resumes none (openssl.cnf), so the CRLs are checked at every connect.
+    let root_pem = std::fs::read(&root).unwrap();
+    let old_key = (&old.chain_pem[..], &old.key_pem[..]);
+    let keeper = |version| {
+        fleet_testkit::Resuming::new(params.service, "ext1-keeper", &root_pem, old_key, version)
+            .unwrap()
+    };
+    let keeper13 = keeper(&rustls::version::TLS13);
+    assert!(!keeper13.connect().await.unwrap());
+    assert!(
+        !keeper13.connect().await.unwrap(),
+        "mosquitto resumed a TLS session"
+    );
+    // TLS 1.2 would resume by session id, from mosquitto's own cache.
+    assert!(
+        keeper(&rustls::version::TLS12).connect().await.is_err(),
+        "TLS 1.2 on mosquitto's service listener"
+    );
 
     // From here on a watcher keeps mosquitto's files in step with the
     // registry and the CRLs (`mosquitto-config --watch-ms`), as a
@@ -351,6 +370,11 @@ async fn generated_mosquitto_rules_hold() {
     })
     .await
     .unwrap();
+    // Nor does the client that kept its sessions get back in.
+    assert!(
+        keeper13.connect().await.is_err(),
+        "a revoked certificate connected again"
+    );
     // For contrast, a svcA certificate still valid (the provider's) connects.
     Probe::mtls(
         params.service,

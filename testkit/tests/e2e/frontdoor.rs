@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use fleet_device_sim::{DeviceEvent, KeyMode};
 use fleet_pki::grants;
 use fleet_protocol::crypto;
-use fleet_testkit::{eventually, Devices, Fleet, Probe};
+use fleet_testkit::{eventually, Devices, Fleet, Probe, Resuming};
 use openssl::asn1::Asn1Time;
 use openssl::bn::{BigNum, MsbOption};
 use openssl::hash::MessageDigest;
@@ -553,7 +553,7 @@ async fn a_retired_service_ca_admits_no_one() {
     .await
     .unwrap();
     // A device holding a session ticket from the first CA's days.
-    let resuming = Resuming::new(
+    let resuming = resuming(
         &fleet,
         "ret1",
         (old_chain.clone(), old_key.clone()),
@@ -985,54 +985,22 @@ async fn a_device_cannot_leave_a_retained_message_behind() {
     assert!(!device.is_cut());
 }
 
-/// A device's TLS client that keeps its configuration, and with it the
-/// session tickets the broker gives it, from one connection to the next.
-#[derive(Clone)]
-struct Resuming {
-    config: std::sync::Arc<rustls::ClientConfig>,
-    addr: std::net::SocketAddr,
-    client_id: String,
-}
-
-impl Resuming {
-    /// To the fleet's service listener, in TLS `version` only.
-    fn new(
-        fleet: &Fleet,
-        client_id: &str,
-        (chain, key): (Vec<u8>, Vec<u8>),
-        version: &'static rustls::SupportedProtocolVersion,
-    ) -> Resuming {
-        let root = std::fs::read(fleet.certs_dir().join("root-ca.pem")).unwrap();
-        Resuming {
-            config: fleet_device_sim::link::mutual_tls_over(&[version], &root, &chain, &key)
-                .unwrap(),
-            addr: fleet.service_addr(),
-            client_id: client_id.to_owned(),
-        }
-    }
-
-    /// TCP, TLS, CONNECT and a CONNACK that accepts, then DISCONNECT;
-    /// whether the handshake resumed a session.
-    async fn connect(&self) -> anyhow::Result<bool> {
-        let me = self.clone();
-        tokio::task::spawn_blocking(move || me.connect_blocking()).await?
-    }
-
-    fn connect_blocking(&self) -> anyhow::Result<bool> {
-        use std::io::Write;
-        let tcp = std::net::TcpStream::connect(self.addr)?;
-        tcp.set_read_timeout(Some(T))?;
-        let name = rustls::pki_types::ServerName::try_from("localhost")?;
-        let conn = rustls::ClientConnection::new(self.config.clone(), name)?;
-        let mut tls = rustls::StreamOwned::new(conn, tcp);
-        let ack = connack(&mut tls, &self.client_id)?;
-        anyhow::ensure!(ack == [0x20, 2, 0, 0], "not an accepting CONNACK: {ack:?}");
-        let resumed = tls.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-        tls.write_all(&[0xe0, 0])?;
-        tls.conn.send_close_notify();
-        tls.flush()?;
-        Ok(resumed)
-    }
+/// A resuming client of the fleet's service listener, in TLS `version` only.
+fn resuming(
+    fleet: &Fleet,
+    client_id: &str,
+    (chain, key): (Vec<u8>, Vec<u8>),
+    version: &'static rustls::SupportedProtocolVersion,
+) -> Resuming {
+    let root = std::fs::read(fleet.certs_dir().join("root-ca.pem")).unwrap();
+    Resuming::new(
+        fleet.service_addr(),
+        client_id,
+        &root,
+        (&chain, &key),
+        version,
+    )
+    .unwrap()
 }
 
 #[tokio::test]
@@ -1050,7 +1018,7 @@ async fn a_reconnecting_device_resumes_its_session_and_every_resumption_is_check
             .serial_number()
             .to_bn()
             .unwrap();
-        let device = Resuming::new(&fleet, id, (chain.clone(), key.clone()), version);
+        let device = resuming(&fleet, id, (chain.clone(), key.clone()), version);
         let first = eventually(T, "svcA's CA to be trusted", || {
             let device = device.clone();
             async move { device.connect().await.ok() }
@@ -1115,7 +1083,7 @@ async fn a_reconnecting_device_resumes_its_session_and_every_resumption_is_check
     }
     // No resumption by TLS 1.2 session id: the broker keeps no sessions.
     let (chain, key) = certified(&fleet, "res12id", "svcA");
-    let mut device = Resuming::new(&fleet, "res12id", (chain, key), &rustls::version::TLS12);
+    let mut device = resuming(&fleet, "res12id", (chain, key), &rustls::version::TLS12);
     let mut config = (*device.config).clone();
     config.resumption = rustls::client::Resumption::in_memory_sessions(8)
         .tls12_resumption(rustls::client::Tls12Resumption::SessionIdOnly);
@@ -1133,7 +1101,7 @@ async fn a_certificate_that_expires_is_refused_from_then_on_though_it_connected_
     // and later ones recall it, until it expires.
     let (chain, key) = forged_leaf_secs("exp1", "svcA", (&ca, &ca_key), (-60, 6));
     let expires = Instant::now() + Duration::from_secs(6);
-    let device = Resuming::new(&fleet, "exp1", (chain, key), &rustls::version::TLS13);
+    let device = resuming(&fleet, "exp1", (chain, key), &rustls::version::TLS13);
     eventually(T, "svcA's CA to be trusted", || {
         let device = device.clone();
         async move { device.connect().await.ok() }
