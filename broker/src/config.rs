@@ -41,6 +41,12 @@ pub struct BrokerConfig {
     pub connect_timeout_ms: u64,
     /// Time a client has to finish the TLS handshake.
     pub tls_handshake_timeout_ms: u64,
+    /// Most connections held, on the TLS listeners, that have not yet sent
+    /// a whole TLS ClientHello. One more closes the oldest of them, unless
+    /// its ClientHello has arrived meanwhile: a device sends its hello
+    /// with its first packet, so a flood of silent connections takes at
+    /// most this many slots of `max_connections`.
+    pub max_silent_connections: usize,
     /// Whether the service listener gives each client a TLS session ticket
     /// to resume its next connection with. A ticket is taken only if the
     /// certificate in it passes every check of a full handshake again.
@@ -73,6 +79,7 @@ impl Default for BrokerConfig {
             max_connections: 18_000,
             connect_timeout_ms: 10_000,
             tls_handshake_timeout_ms: 10_000,
+            max_silent_connections: 1_024,
             service_session_tickets: true,
             grant_cache: true,
             max_idle_secs: 300,
@@ -105,6 +112,7 @@ impl BrokerConfig {
             max_packet_size: self.max_packet_size,
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             handshake_timeout: Duration::from_millis(self.tls_handshake_timeout_ms),
+            max_silent: self.max_silent_connections.max(1),
             max_idle: Duration::from_secs(self.max_idle_secs),
             connects_per_sec_per_source: self.connects_per_sec_per_source,
             connect_burst_per_source: self.connect_burst_per_source,

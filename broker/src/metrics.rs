@@ -47,6 +47,12 @@ const SERIES: &[Series] = &[
     ),
     (
         "counter",
+        "connections_silent_closed_total",
+        "TLS connections closed before their ClientHello to make room for newer ones (max_silent_connections).",
+        |m| &m.silent_closed,
+    ),
+    (
+        "counter",
         "tls_sessions_resumed_total",
         "Service-listener handshakes that resumed a session from its ticket.",
         |m| &m.resumed,

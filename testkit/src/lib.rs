@@ -70,11 +70,19 @@ impl Fleet {
 
     /// Starts with a manager configuration adjusted by `tune`.
     pub async fn start_with(tune: impl FnOnce(&mut ManagerConfig)) -> anyhow::Result<Fleet> {
+        Self::start_tuned(|_| {}, tune).await
+    }
+
+    /// Starts with the broker's and the manager's configurations adjusted.
+    pub async fn start_tuned(
+        tune_broker: impl FnOnce(&mut BrokerConfig),
+        tune: impl FnOnce(&mut ManagerConfig),
+    ) -> anyhow::Result<Fleet> {
         init_tracing();
         let dir = tempfile::tempdir()?;
         let certs = dir.path().join("certs");
         fleet_pki::Pki::open_or_create(&certs)?;
-        let broker_config = BrokerConfig {
+        let mut broker_config = BrokerConfig {
             internal_listen: "127.0.0.1:0".parse()?,
             bootstrap_tls_listen: Some("127.0.0.1:0".parse()?),
             bootstrap_plain_listen: Some("127.0.0.1:0".parse()?),
@@ -83,6 +91,7 @@ impl Fleet {
             certs_dir: certs.clone(),
             ..Default::default()
         };
+        tune_broker(&mut broker_config);
         let broker =
             tokio::task::spawn_blocking(move || fleet_broker::start(&broker_config)).await??;
         let mut config = ManagerConfig {

@@ -29,7 +29,7 @@ pub mod hold;
 pub mod session;
 pub mod trust;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -51,6 +51,9 @@ pub struct Metrics {
     pub accepted: AtomicU64,
     pub live: AtomicU64,
     pub handshake_failures: AtomicU64,
+    /// Connections closed before their ClientHello to make room for newer
+    /// ones (`max_silent_connections`).
+    pub silent_closed: AtomicU64,
     /// Service-listener handshakes that resumed from a session ticket.
     pub resumed: AtomicU64,
     /// Client chains not verified again: the same leaf's chain had
@@ -85,6 +88,8 @@ pub struct Limits {
     pub max_packet_size: usize,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
+    /// Most connections held without a whole TLS ClientHello.
+    pub max_silent: usize,
     /// Longest silence allowed when a client asks for no keep-alive, and the
     /// cap on 1.5 × the keep-alive it asks for.
     pub max_idle: Duration,
@@ -120,6 +125,27 @@ pub struct Shared {
     /// Serials of revoked certificates, kept by the service listener's
     /// [`Trust`] from the CRLs.
     pub revoked: Arc<RwLock<HashSet<String>>>,
+    /// TLS connections without a whole ClientHello yet, by connection id,
+    /// which rises in accept order: the first is the oldest.
+    silent: Mutex<BTreeMap<u64, CancellationToken>>,
+}
+
+/// A TLS connection counted among the silent ones until it drops.
+struct Silent<'a> {
+    shared: &'a Shared,
+    id: u64,
+    /// Cancelled when newer connections need its place.
+    closing: CancellationToken,
+}
+
+impl Drop for Silent<'_> {
+    fn drop(&mut self) {
+        self.shared
+            .silent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
 }
 
 /// The connection holding a router session.
@@ -174,7 +200,28 @@ impl Shared {
             sessions: Mutex::new(HashMap::new()),
             will_link: tokio::sync::Mutex::new(None),
             revoked: Arc::new(RwLock::new(HashSet::new())),
+            silent: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// Counts connection `id` as silent until its hello is read; when that
+    /// makes more than `max_silent`, the oldest silent connection is told
+    /// to close.
+    fn silent(&self, id: u64) -> Silent<'_> {
+        let closing = CancellationToken::new();
+        let mut silent = self.silent.lock().unwrap_or_else(|p| p.into_inner());
+        while silent.len() >= self.limits.max_silent {
+            let Some((_, oldest)) = silent.pop_first() else {
+                break;
+            };
+            oldest.cancel();
+        }
+        silent.insert(id, closing.clone());
+        Silent {
+            shared: self,
+            id,
+            closing,
+        }
     }
 
     /// Whether the certificate with this serial is revoked.
@@ -386,7 +433,7 @@ async fn connection(
     match transport {
         Transport::Plain(kind) => session::run(stream, kind, shared.clone(), id, cut).await,
         Transport::ServerTls(config) => {
-            let tls = handshake(stream, config, shared).await?;
+            let tls = handshake(stream, config, shared, id).await?;
             session::run(tls, ListenerKind::Bootstrap, shared.clone(), id, cut).await
         }
         Transport::MutualTls(trust) => {
@@ -396,7 +443,7 @@ async fn connection(
             // 1.4 KiB, while the session runs.
             let serial;
             let result = {
-                let tls = handshake(stream, trust.config(), shared).await?;
+                let tls = handshake(stream, trust.config(), shared, id).await?;
                 if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
                     shared.metrics.resumed.fetch_add(1, Ordering::Relaxed);
                 }
@@ -439,11 +486,27 @@ async fn handshake(
     stream: TcpStream,
     configs: trust::Configs,
     shared: &Shared,
+    id: u64,
 ) -> Result<Tls, session::SessionError> {
     let accept = async {
         let hello = LazyConfigAcceptor::new(Acceptor::default(), hold::TicketHold::new(stream));
         // A ClientHello that cannot be read gets its alert from the acceptor.
-        let start = hello.await?;
+        let start = {
+            let silent = shared.silent(id);
+            // The hello is read first: one that has arrived keeps the
+            // connection open though newer ones asked for its place.
+            tokio::select! {
+                biased;
+                start = hello => start?,
+                _ = silent.closing.cancelled() => {
+                    shared.metrics.silent_closed.fetch_add(1, Ordering::Relaxed);
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "no ClientHello yet, closed for a newer connection",
+                    ));
+                }
+            }
+        };
         let config = configs.for_client(start.client_hello().cipher_suites());
         match start.into_stream(config).into_fallible().await {
             Ok(tls) => Ok(tls),

@@ -1,5 +1,7 @@
 //! Hostile clients on every listener of the front door, through real TLS.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleet_device_sim::{DeviceEvent, KeyMode};
@@ -814,6 +816,88 @@ async fn half_open_connections_do_not_keep_devices_out() {
         idle.len()
     );
     assert!(fleet.broker.metrics.get(|m| &m.live) >= idle.len() as u64);
+}
+
+/// A flood of connections that never send a ClientHello, kept up while a
+/// device activates and connects: the flood keeps more of them open than
+/// `max_connections` (the handshake timeout is longer than the test), but
+/// only `max_silent_connections` are held, and the device gets in.
+#[tokio::test]
+async fn a_flood_of_silent_connections_keeps_no_device_out() {
+    let (slots, silent) = (300, 40);
+    let fleet = Fleet::start_tuned(
+        |b| {
+            b.max_connections = slots;
+            b.max_silent_connections = silent;
+            b.tls_handshake_timeout_ms = 120_000;
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let devices = Devices::new(fleet.dir.path().join("devices"));
+    devices.provision(&fleet, "dev10", "svcA").await.unwrap();
+    let flooding = tokio_util::sync::CancellationToken::new();
+    let opened = Arc::new(AtomicUsize::new(0));
+    let flood = {
+        let listeners = [
+            fleet.broker.bootstrap_tls_addr.unwrap(),
+            fleet.service_addr(),
+        ];
+        let (stop, opened) = (flooding.clone(), opened.clone());
+        // `slots` + 50 connections open at all times: each closed by the
+        // broker is opened again. At most 1,000 a second, under the
+        // per-source connect rate the device shares (all is 127.0.0.1).
+        let room = Arc::new(tokio::sync::Semaphore::new(slots + 50));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(2));
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                for addr in listeners {
+                    let Ok(held) = room.clone().try_acquire_owned() else {
+                        continue;
+                    };
+                    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+                        continue;
+                    };
+                    opened.fetch_add(1, Ordering::Relaxed);
+                    let stop = stop.clone();
+                    tokio::spawn(async move {
+                        let _held = held;
+                        let mut byte = [0u8; 1];
+                        tokio::select! {
+                            _ = stop.cancelled() => {}
+                            _ = tokio::io::AsyncReadExt::read(&mut s, &mut byte) => {}
+                        }
+                    });
+                }
+            }
+        })
+    };
+    eventually(T, "the flood to outgrow max_connections", || {
+        let opened = opened.load(Ordering::Relaxed);
+        async move { (opened >= 2 * slots).then_some(()) }
+    })
+    .await
+    .unwrap();
+    devices.spawn(devices.config(&fleet, "dev10", KeyMode::Csr));
+    devices
+        .wait_event(
+            "dev10",
+            Duration::from_secs(10),
+            "connected during the flood",
+            |e| matches!(e, DeviceEvent::Connected { .. }),
+        )
+        .await
+        .unwrap();
+    let live = fleet.broker.metrics.get(|m| &m.live);
+    flooding.cancel();
+    flood.await.unwrap();
+    assert!(
+        live <= (silent + 20) as u64,
+        "{live} connections held during the flood"
+    );
+    assert!(fleet.broker.metrics.get(|m| &m.silent_closed) >= slots as u64);
 }
 
 #[tokio::test]
