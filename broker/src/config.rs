@@ -41,11 +41,11 @@ pub struct BrokerConfig {
     pub connect_timeout_ms: u64,
     /// Time a client has to finish the TLS handshake.
     pub tls_handshake_timeout_ms: u64,
-    /// Most connections held, on the TLS listeners, that have not yet sent
-    /// a whole TLS ClientHello. One more closes the oldest of them, unless
-    /// its ClientHello has arrived meanwhile: a device sends its hello
-    /// with its first packet, so a flood of silent connections takes at
-    /// most this many slots of `max_connections`.
+    /// Most connections held that have sent nothing yet: on a TLS
+    /// listener, no whole ClientHello. One more closes the oldest of them,
+    /// unless its first bytes have arrived meanwhile: a client speaks first
+    /// (the ClientHello, or CONNECT), so a flood of silent connections
+    /// takes at most this many slots of `max_connections`.
     pub max_silent_connections: usize,
     /// Whether the service listener gives each client a TLS session ticket
     /// to resume its next connection with. A ticket is taken only if the

@@ -48,7 +48,7 @@ const SERIES: &[Series] = &[
     (
         "counter",
         "connections_silent_closed_total",
-        "TLS connections closed before their ClientHello to make room for newer ones (max_silent_connections).",
+        "Connections closed before they sent anything (on a TLS listener, a whole ClientHello) to make room for newer ones (max_silent_connections).",
         |m| &m.silent_closed,
     ),
     (

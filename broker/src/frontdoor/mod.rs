@@ -51,8 +51,9 @@ pub struct Metrics {
     pub accepted: AtomicU64,
     pub live: AtomicU64,
     pub handshake_failures: AtomicU64,
-    /// Connections closed before their ClientHello to make room for newer
-    /// ones (`max_silent_connections`).
+    /// Connections closed before they sent anything (on a TLS listener, a
+    /// whole ClientHello) to make room for newer ones
+    /// (`max_silent_connections`).
     pub silent_closed: AtomicU64,
     /// Service-listener handshakes that resumed from a session ticket.
     pub resumed: AtomicU64,
@@ -88,7 +89,8 @@ pub struct Limits {
     pub max_packet_size: usize,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
-    /// Most connections held without a whole TLS ClientHello.
+    /// Most connections held that have sent nothing (on a TLS listener,
+    /// no whole ClientHello).
     pub max_silent: usize,
     /// Longest silence allowed when a client asks for no keep-alive, and the
     /// cap on 1.5 × the keep-alive it asks for.
@@ -125,12 +127,13 @@ pub struct Shared {
     /// Serials of revoked certificates, kept by the service listener's
     /// [`Trust`] from the CRLs.
     pub revoked: Arc<RwLock<HashSet<String>>>,
-    /// TLS connections without a whole ClientHello yet, by connection id,
-    /// which rises in accept order: the first is the oldest.
+    /// Connections that have sent nothing yet (on a TLS listener, no whole
+    /// ClientHello), by connection id, which rises in accept order: the
+    /// first is the oldest.
     silent: Mutex<BTreeMap<u64, CancellationToken>>,
 }
 
-/// A TLS connection counted among the silent ones until it drops.
+/// A connection counted among the silent ones until it drops.
 struct Silent<'a> {
     shared: &'a Shared,
     id: u64,
@@ -204,7 +207,7 @@ impl Shared {
         })
     }
 
-    /// Counts connection `id` as silent until its hello is read; when that
+    /// Counts connection `id` as silent until the guard drops; when that
     /// makes more than `max_silent`, the oldest silent connection is told
     /// to close.
     fn silent(&self, id: u64) -> Silent<'_> {
@@ -431,7 +434,10 @@ async fn connection(
     let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
     let cut = stop.child_token();
     match transport {
-        Transport::Plain(kind) => session::run(stream, kind, shared.clone(), id, cut).await,
+        Transport::Plain(kind) => {
+            first_bytes(&stream, shared, id).await?;
+            session::run(stream, kind, shared.clone(), id, cut).await
+        }
         Transport::ServerTls(config) => {
             let tls = handshake(stream, config, shared, id).await?;
             session::run(tls, ListenerKind::Bootstrap, shared.clone(), id, cut).await
@@ -472,6 +478,30 @@ async fn connection(
                 shared.metrics.revoked_cuts.fetch_add(1, Ordering::Relaxed);
             }
             result
+        }
+    }
+}
+
+/// Waits until a plain connection has sent something, counting it among
+/// the silent connections until then, as a TLS one is until its
+/// ClientHello.
+async fn first_bytes(
+    stream: &TcpStream,
+    shared: &Shared,
+    id: u64,
+) -> Result<(), session::SessionError> {
+    let silent = shared.silent(id);
+    // Peeked, not awaited as readiness: a socket just accepted can be
+    // reported readable before any byte has come.
+    let mut first = [0u8; 1];
+    tokio::select! {
+        biased;
+        peeked = stream.peek(&mut first) => peeked.map(drop).map_err(session::SessionError::Io),
+        _ = silent.closing.cancelled() => {
+            shared.metrics.silent_closed.fetch_add(1, Ordering::Relaxed);
+            Err(session::SessionError::Refused(
+                "nothing sent yet, closed for a newer connection".into(),
+            ))
         }
     }
 }

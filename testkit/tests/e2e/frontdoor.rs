@@ -818,10 +818,11 @@ async fn half_open_connections_do_not_keep_devices_out() {
     assert!(fleet.broker.metrics.get(|m| &m.live) >= idle.len() as u64);
 }
 
-/// A flood of connections that never send a ClientHello, kept up while a
-/// device activates and connects: the flood keeps more of them open than
-/// `max_connections` (the handshake timeout is longer than the test), but
-/// only `max_silent_connections` are held, and the device gets in.
+/// A flood of connections that never send anything, on every listener,
+/// kept up while a device activates and connects: the flood keeps more of
+/// them open than `max_connections` (the handshake and CONNECT timeouts
+/// are longer than the test), but only `max_silent_connections` are held,
+/// and the device gets in.
 #[tokio::test]
 async fn a_flood_of_silent_connections_keeps_no_device_out() {
     let (slots, silent) = (300, 40);
@@ -830,6 +831,7 @@ async fn a_flood_of_silent_connections_keeps_no_device_out() {
             b.max_connections = slots;
             b.max_silent_connections = silent;
             b.tls_handshake_timeout_ms = 120_000;
+            b.connect_timeout_ms = 120_000;
         },
         |_| {},
     )
@@ -843,6 +845,8 @@ async fn a_flood_of_silent_connections_keeps_no_device_out() {
         let listeners = [
             fleet.broker.bootstrap_tls_addr.unwrap(),
             fleet.service_addr(),
+            fleet.broker.bootstrap_plain_addr.unwrap(),
+            fleet.broker.internal_addr,
         ];
         let (stop, opened) = (flooding.clone(), opened.clone());
         // `slots` + 50 connections open at all times: each closed by the
@@ -850,7 +854,7 @@ async fn a_flood_of_silent_connections_keeps_no_device_out() {
         // per-source connect rate the device shares (all is 127.0.0.1).
         let room = Arc::new(tokio::sync::Semaphore::new(slots + 50));
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(2));
+            let mut tick = tokio::time::interval(Duration::from_millis(4));
             while !stop.is_cancelled() {
                 tick.tick().await;
                 for addr in listeners {
