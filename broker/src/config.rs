@@ -41,12 +41,13 @@ pub struct BrokerConfig {
     pub connect_timeout_ms: u64,
     /// Time a client has to finish the TLS handshake.
     pub tls_handshake_timeout_ms: u64,
-    /// Most connections held that have sent nothing yet: on a TLS
-    /// listener, no whole ClientHello. One more closes the oldest of them,
-    /// unless its first bytes have arrived meanwhile: a client speaks first
-    /// (the ClientHello, or CONNECT), so a flood of silent connections
-    /// takes at most this many slots of `max_connections`.
-    pub max_silent_connections: usize,
+    /// Most connections held whose TLS handshake has not finished (on the
+    /// plain bootstrap listener: that have sent nothing yet); at most half
+    /// of `max_connections`. One more closes the oldest of them if its
+    /// client owes the next message (the ClientHello, or its answer to the
+    /// server's flight): a flood of connections that stop talking takes no
+    /// more than this many slots of `max_connections` from devices.
+    pub max_pending_handshakes: usize,
     /// Whether the service listener gives each client a TLS session ticket
     /// to resume its next connection with. A ticket is taken only if the
     /// certificate in it passes every check of a full handshake again.
@@ -79,7 +80,7 @@ impl Default for BrokerConfig {
             max_connections: 18_000,
             connect_timeout_ms: 10_000,
             tls_handshake_timeout_ms: 10_000,
-            max_silent_connections: 1_024,
+            max_pending_handshakes: 1_024,
             service_session_tickets: true,
             grant_cache: true,
             max_idle_secs: 300,
@@ -112,7 +113,10 @@ impl BrokerConfig {
             max_packet_size: self.max_packet_size,
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             handshake_timeout: Duration::from_millis(self.tls_handshake_timeout_ms),
-            max_silent: self.max_silent_connections.max(1),
+            max_pending: self
+                .max_pending_handshakes
+                .min(self.max_connections / 2)
+                .max(1),
             max_idle: Duration::from_secs(self.max_idle_secs),
             connects_per_sec_per_source: self.connects_per_sec_per_source,
             connect_burst_per_source: self.connect_burst_per_source,

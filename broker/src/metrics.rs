@@ -47,9 +47,9 @@ const SERIES: &[Series] = &[
     ),
     (
         "counter",
-        "connections_silent_closed_total",
-        "Connections closed before they sent anything (on a TLS listener, a whole ClientHello) to make room for newer ones (max_silent_connections).",
-        |m| &m.silent_closed,
+        "connections_evicted_total",
+        "Connections closed before their handshake finished, while their client owed the next message, to make room for newer ones (max_pending_handshakes).",
+        |m| &m.evicted,
     ),
     (
         "counter",

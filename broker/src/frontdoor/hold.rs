@@ -49,6 +49,10 @@ impl<S> TicketHold<S> {
     pub fn handshake_done(&mut self) {
         self.handshaking = false;
     }
+
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.io
+    }
 }
 
 impl<S: AsyncWrite + Unpin> TicketHold<S> {

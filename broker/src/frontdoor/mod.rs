@@ -24,6 +24,7 @@
 
 pub mod codec;
 pub mod der;
+pub mod evict;
 pub mod grants;
 pub mod hold;
 pub mod session;
@@ -51,10 +52,10 @@ pub struct Metrics {
     pub accepted: AtomicU64,
     pub live: AtomicU64,
     pub handshake_failures: AtomicU64,
-    /// Connections closed before they sent anything (on a TLS listener, a
-    /// whole ClientHello) to make room for newer ones
-    /// (`max_silent_connections`).
-    pub silent_closed: AtomicU64,
+    /// Connections closed before their handshake finished, while their
+    /// client owed the next message, to make room for newer ones
+    /// (`max_pending_handshakes`).
+    pub evicted: AtomicU64,
     /// Service-listener handshakes that resumed from a session ticket.
     pub resumed: AtomicU64,
     /// Client chains not verified again: the same leaf's chain had
@@ -89,9 +90,9 @@ pub struct Limits {
     pub max_packet_size: usize,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
-    /// Most connections held that have sent nothing (on a TLS listener,
-    /// no whole ClientHello).
-    pub max_silent: usize,
+    /// Most connections held whose TLS handshake has not finished (on the
+    /// plain bootstrap listener: that have sent nothing).
+    pub max_pending: usize,
     /// Longest silence allowed when a client asks for no keep-alive, and the
     /// cap on 1.5 × the keep-alive it asks for.
     pub max_idle: Duration,
@@ -127,24 +128,24 @@ pub struct Shared {
     /// Serials of revoked certificates, kept by the service listener's
     /// [`Trust`] from the CRLs.
     pub revoked: Arc<RwLock<HashSet<String>>>,
-    /// Connections that have sent nothing yet (on a TLS listener, no whole
-    /// ClientHello), by connection id, which rises in accept order: the
-    /// first is the oldest.
-    silent: Mutex<BTreeMap<u64, CancellationToken>>,
+    /// Connections whose handshake has not finished (see
+    /// [`Limits::max_pending`]), by connection id, which rises in the order
+    /// connections start: the first is the oldest.
+    pending: Mutex<BTreeMap<u64, CancellationToken>>,
 }
 
-/// A connection counted among the silent ones until it drops.
-struct Silent<'a> {
+/// A connection counted among the pending ones until it drops.
+struct Pending<'a> {
     shared: &'a Shared,
     id: u64,
     /// Cancelled when newer connections need its place.
     closing: CancellationToken,
 }
 
-impl Drop for Silent<'_> {
+impl Drop for Pending<'_> {
     fn drop(&mut self) {
         self.shared
-            .silent
+            .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.id);
@@ -203,24 +204,30 @@ impl Shared {
             sessions: Mutex::new(HashMap::new()),
             will_link: tokio::sync::Mutex::new(None),
             revoked: Arc::new(RwLock::new(HashSet::new())),
-            silent: Mutex::new(BTreeMap::new()),
+            pending: Mutex::new(BTreeMap::new()),
         })
     }
 
-    /// Counts connection `id` as silent until the guard drops; when that
-    /// makes more than `max_silent`, the oldest silent connection is told
-    /// to close.
-    fn silent(&self, id: u64) -> Silent<'_> {
+    /// Counts connection `id` as pending until the guard drops; when that
+    /// makes more than `max_pending`, the oldest pending connection is told
+    /// to close (it does unless its client has sent something it has not
+    /// read yet: [`evict`]).
+    fn pending(&self, id: u64) -> Pending<'_> {
         let closing = CancellationToken::new();
-        let mut silent = self.silent.lock().unwrap_or_else(|p| p.into_inner());
-        while silent.len() >= self.limits.max_silent {
-            let Some((_, oldest)) = silent.pop_first() else {
-                break;
+        let oldest = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let oldest = if pending.len() >= self.limits.max_pending {
+                pending.pop_first().map(|(_, t)| t)
+            } else {
+                None
             };
+            pending.insert(id, closing.clone());
+            oldest
+        };
+        if let Some(oldest) = oldest {
             oldest.cancel();
         }
-        silent.insert(id, closing.clone());
-        Silent {
+        Pending {
             shared: self,
             id,
             closing,
@@ -433,13 +440,18 @@ async fn connection(
 ) -> Result<(), session::SessionError> {
     let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
     let cut = stop.child_token();
+    // Handshakes are boxed: their state (some 3 KiB) is needed only until
+    // they end, and in this future it would stay for the connection's life.
     match transport {
         Transport::Plain(kind) => {
-            first_bytes(&stream, shared, id).await?;
+            // The manager's listener is loopback only, and password-checked.
+            if !matches!(kind, ListenerKind::Internal) {
+                first_bytes(&stream, shared, id).await?;
+            }
             session::run(stream, kind, shared.clone(), id, cut).await
         }
         Transport::ServerTls(config) => {
-            let tls = handshake(stream, config, shared, id).await?;
+            let tls = Box::pin(handshake(stream, config, shared, id)).await?;
             session::run(tls, ListenerKind::Bootstrap, shared.clone(), id, cut).await
         }
         Transport::MutualTls(trust) => {
@@ -449,7 +461,7 @@ async fn connection(
             // 1.4 KiB, while the session runs.
             let serial;
             let result = {
-                let tls = handshake(stream, trust.config(), shared, id).await?;
+                let tls = Box::pin(handshake(stream, trust.config(), shared, id)).await?;
                 if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
                     shared.metrics.resumed.fetch_add(1, Ordering::Relaxed);
                 }
@@ -483,34 +495,35 @@ async fn connection(
 }
 
 /// Waits until a plain connection has sent something, counting it among
-/// the silent connections until then, as a TLS one is until its
-/// ClientHello.
+/// the pending connections until then.
 async fn first_bytes(
     stream: &TcpStream,
     shared: &Shared,
     id: u64,
 ) -> Result<(), session::SessionError> {
-    let silent = shared.silent(id);
+    let pending = shared.pending(id);
     // Peeked, not awaited as readiness: a socket just accepted can be
     // reported readable before any byte has come.
     let mut first = [0u8; 1];
+    let peek = stream.peek(&mut first);
+    tokio::pin!(peek);
     tokio::select! {
         biased;
-        peeked = stream.peek(&mut first) => peeked.map(drop).map_err(session::SessionError::Io),
-        _ = silent.closing.cancelled() => {
-            shared.metrics.silent_closed.fetch_add(1, Ordering::Relaxed);
-            Err(session::SessionError::Refused(
-                "nothing sent yet, closed for a newer connection".into(),
-            ))
-        }
+        peeked = &mut peek => return peeked.map(drop).map_err(session::SessionError::Io),
+        _ = pending.closing.cancelled() => {}
     }
+    if evict::has_waiting(stream) {
+        return Ok(());
+    }
+    shared.metrics.evicted.fetch_add(1, Ordering::Relaxed);
+    Err(session::SessionError::Refused(evict::Evicted.to_string()))
 }
 
 /// How long the alert of a failed handshake may take to write.
 const ALERT_WRITE: Duration = Duration::from_secs(1);
 
 /// A device connection's TLS stream.
-type Tls = TlsStream<hold::TicketHold<TcpStream>>;
+type Tls = TlsStream<hold::TicketHold<evict::Evictable<TcpStream>>>;
 
 async fn handshake(
     stream: TcpStream,
@@ -518,25 +531,13 @@ async fn handshake(
     shared: &Shared,
     id: u64,
 ) -> Result<Tls, session::SessionError> {
+    let pending = shared.pending(id);
+    let closing = pending.closing.clone();
     let accept = async {
-        let hello = LazyConfigAcceptor::new(Acceptor::default(), hold::TicketHold::new(stream));
+        let io = hold::TicketHold::new(evict::Evictable::new(stream, closing.clone()));
+        let hello = LazyConfigAcceptor::new(Acceptor::default(), io);
         // A ClientHello that cannot be read gets its alert from the acceptor.
-        let start = {
-            let silent = shared.silent(id);
-            // The hello is read first: one that has arrived keeps the
-            // connection open though newer ones asked for its place.
-            tokio::select! {
-                biased;
-                start = hello => start?,
-                _ = silent.closing.cancelled() => {
-                    shared.metrics.silent_closed.fetch_add(1, Ordering::Relaxed);
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::ConnectionAborted,
-                        "no ClientHello yet, closed for a newer connection",
-                    ));
-                }
-            }
-        };
+        let start = hello.await?;
         let config = configs.for_client(start.client_hello().cipher_suites());
         match start.into_stream(config).into_fallible().await {
             Ok(tls) => Ok(tls),
@@ -547,10 +548,27 @@ async fn handshake(
             }
         }
     };
+    let accept = async {
+        tokio::pin!(accept);
+        // Told to close, the handshake is polled once more: its next read
+        // fails unless the client has sent something (`evict`).
+        tokio::select! {
+            biased;
+            done = &mut accept => done,
+            _ = closing.cancelled() => accept.await,
+        }
+    };
     match tokio::time::timeout(shared.limits.handshake_timeout, accept).await {
         Ok(Ok(mut tls)) => {
-            tls.get_mut().0.handshake_done();
+            let io = tls.get_mut().0;
+            io.handshake_done();
+            io.get_mut().settle();
             Ok(tls)
+        }
+        Ok(Err(err)) if evict::is_evicted(&err) => {
+            shared.metrics.evicted.fetch_add(1, Ordering::Relaxed);
+            debug!("{err}");
+            Err(session::SessionError::Refused(err.to_string()))
         }
         Ok(Err(err)) => {
             shared

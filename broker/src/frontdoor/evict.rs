@@ -1,0 +1,187 @@
+//! The socket of a connection whose TLS handshake has not finished, which
+//! the front door may close to make room for newer ones
+//! (`max_pending_handshakes`).
+//!
+//! A client that is owed nothing by the broker is waiting to be closed: a
+//! connection that never sends its ClientHello, or one that sent it and
+//! never answers the server's flight. Once told to close, [`Evictable`]
+//! fails the next read that would wait, unless bytes are already waiting in
+//! the socket: the runtime learns of readiness in batches, so a read can
+//! wait on a socket the client has already written to, and such a client is
+//! the broker's to serve, not to close.
+
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
+
+/// The error a connection closed for a newer one fails with.
+#[derive(Debug)]
+pub struct Evicted;
+
+impl std::fmt::Display for Evicted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("closed for a newer connection: the client owed the next message")
+    }
+}
+
+impl std::error::Error for Evicted {}
+
+/// Whether `err` is the failure of an evicted connection.
+pub fn is_evicted(err: &io::Error) -> bool {
+    err.get_ref().is_some_and(|e| e.is::<Evicted>())
+}
+
+/// Whether bytes (or the end of the stream) are waiting to be read in `io`,
+/// asked of the kernel, not of the runtime.
+pub fn has_waiting<S: AsFd>(io: &S) -> bool {
+    let mut byte = [MaybeUninit::uninit()];
+    // The socket is non-blocking: an empty one answers WouldBlock.
+    !matches!(
+        socket2::SockRef::from(io).peek(&mut byte),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock
+    )
+}
+
+pub struct Evictable<S> {
+    io: S,
+    /// Cancelled when newer connections need this one's place; `None` once
+    /// the handshake is done.
+    closing: Option<CancellationToken>,
+}
+
+impl<S> Evictable<S> {
+    pub fn new(io: S, closing: CancellationToken) -> Self {
+        Evictable {
+            io,
+            closing: Some(closing),
+        }
+    }
+
+    /// The handshake is done: the connection is no longer closed for others.
+    pub fn settle(&mut self) {
+        self.closing = None;
+    }
+}
+
+impl<S: AsyncRead + AsFd + Unpin> AsyncRead for Evictable<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let read = Pin::new(&mut this.io).poll_read(cx, buf);
+        if read.is_pending()
+            && this.closing.as_ref().is_some_and(|c| c.is_cancelled())
+            && !has_waiting(&this.io)
+        {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                Evicted,
+            )));
+        }
+        read
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Evictable<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        (client.unwrap(), accepted.unwrap().0)
+    }
+
+    const T: Duration = Duration::from_secs(5);
+
+    /// Told to close, a connection whose client owes the next message fails
+    /// its read; one whose client has written is read as usual; a settled
+    /// one is never closed.
+    #[tokio::test]
+    async fn only_a_connection_that_waits_for_its_client_is_closed() {
+        let (_client, accepted) = pair().await;
+        let closing = CancellationToken::new();
+        let mut io = Evictable::new(accepted, closing.clone());
+        let mut buf = [0u8; 8];
+        let read = io.read(&mut buf);
+        tokio::pin!(read);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut read)
+                .await
+                .is_err(),
+            "a read with nothing sent returned"
+        );
+        closing.cancel();
+        let err = tokio::time::timeout(T, read).await.unwrap().unwrap_err();
+        assert!(is_evicted(&err), "{err}");
+
+        let (mut client, accepted) = pair().await;
+        let closing = CancellationToken::new();
+        let mut io = Evictable::new(accepted, closing.clone());
+        client.write_all(b"hello").await.unwrap();
+        closing.cancel();
+        let n = tokio::time::timeout(T, io.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf[..n], b"hello");
+
+        let (mut client, accepted) = pair().await;
+        let closing = CancellationToken::new();
+        let mut io = Evictable::new(accepted, closing.clone());
+        io.settle();
+        closing.cancel();
+        let read = io.read(&mut buf);
+        tokio::pin!(read);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut read)
+                .await
+                .is_err(),
+            "a settled connection was closed"
+        );
+        client.write_all(b"later").await.unwrap();
+        let n = tokio::time::timeout(T, read).await.unwrap().unwrap();
+        assert_eq!(&buf[..n], b"later");
+    }
+}
