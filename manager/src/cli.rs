@@ -364,6 +364,14 @@ fn apply_mosquitto_config(
 ) -> anyhow::Result<()> {
     fleet_broker::mosquitto::write(params, files, secret)?;
     if let Some(pid) = reload_pid {
+        if fleet_broker::mosquitto::runs_with_openssl_cnf(pid, &params.out_dir) == Some(false) {
+            tracing::warn!(
+                pid,
+                openssl_cnf = %params.out_dir.join("openssl.cnf").display(),
+                "mosquitto does not run with OPENSSL_CONF set to this openssl.cnf: \
+                 its TLS sessions resume without their certificate checked"
+            );
+        }
         let status = std::process::Command::new("kill")
             .arg("-HUP")
             .arg(pid.to_string())

@@ -932,15 +932,13 @@ impl Resuming {
     }
 
     fn connect_blocking(&self) -> anyhow::Result<bool> {
-        use std::io::{Read, Write};
+        use std::io::Write;
         let tcp = std::net::TcpStream::connect(self.addr)?;
         tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
         let name = rustls::pki_types::ServerName::try_from("localhost")?;
         let conn = rustls::ClientConnection::new(self.config.clone(), name)?;
         let mut tls = rustls::StreamOwned::new(conn, tcp);
-        tls.write_all(&mqtt311_connect(&self.client_id, 60))?;
-        let mut ack = [0u8; 4];
-        tls.read_exact(&mut ack)?;
+        let ack = connack(&mut tls, &self.client_id)?;
         anyhow::ensure!(ack == [0x20, 2, 0, 0], "not an accepting CONNACK: {ack:?}");
         let resumed = tls.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         tls.write_all(&[0xe0, 0])?;
@@ -948,6 +946,19 @@ impl Resuming {
         tls.flush()?;
         Ok(resumed)
     }
+}
+
+/// An MQTT 3.1.1 CONNECT (clean session, keep-alive 60 s) for `client_id`
+/// written to `tls`, and the CONNACK read back.
+pub fn connack(
+    tls: &mut (impl std::io::Read + std::io::Write),
+    client_id: &str,
+) -> anyhow::Result<[u8; 4]> {
+    tls.write_all(&mqtt311_connect(client_id, 60))?;
+    let mut ack = [0u8; 4];
+    tls.read_exact(&mut ack)?;
+    anyhow::ensure!(ack[0] == 0x20, "not a CONNACK: {ack:?}");
+    Ok(ack)
 }
 
 /// A mosquitto broker run by a test: a plain listener (manager, bootstrap)

@@ -116,6 +116,10 @@ async fn generated_mosquitto_rules_hold() {
     let conf = params.out_dir.join("mosquitto.conf");
     let mut mosquitto = fleet_testkit::Mosquitto::spawn(&conf, dir.path()).unwrap();
     let pid = mosquitto.id();
+    assert_eq!(
+        fleet_broker::mosquitto::runs_with_openssl_cnf(pid, &params.out_dir),
+        Some(true)
+    );
 
     let config = ManagerConfig {
         broker_url: format!("mqtt://{}", params.internal),
@@ -292,7 +296,8 @@ async fn generated_mosquitto_rules_hold() {
         .unwrap()
         .unwrap();
     // A client that keeps its TLS sessions, with that certificate: mosquitto
-    // resumes none (openssl.cnf), so the CRLs are checked at every connect.
+    // resumes none (openssl.cnf), so the certificate is checked at every
+    // connect, not only at the first after a reload.
     let root_pem = std::fs::read(&root).unwrap();
     let old_key = (&old.chain_pem[..], &old.key_pem[..]);
     let keeper = |version| {
@@ -370,7 +375,8 @@ async fn generated_mosquitto_rules_hold() {
     })
     .await
     .unwrap();
-    // Nor does the client that kept its sessions get back in.
+    // Nor does the client that kept its sessions get back in (the reload
+    // that brought the CRL would have ended its session anyway).
     assert!(
         keeper13.connect().await.is_err(),
         "a revoked certificate connected again"

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use fleet_device_sim::{DeviceEvent, KeyMode};
 use fleet_pki::grants;
 use fleet_protocol::crypto;
-use fleet_testkit::{eventually, Devices, Fleet, Probe, Resuming};
+use fleet_testkit::{connack, eventually, Devices, Fleet, Probe, Resuming};
 use openssl::asn1::Asn1Time;
 use openssl::bn::{BigNum, MsbOption};
 use openssl::hash::MessageDigest;
@@ -472,19 +472,6 @@ async fn bad_certificates_fail_the_handshake() {
         .await
         .unwrap();
     assert!(fleet.broker.metrics.get(|m| &m.handshake_failures) >= 5);
-}
-
-/// Sends an MQTT 3.1.1 CONNECT (clean session, keep-alive 60 s) on `tls`
-/// and reads the 4-byte CONNACK.
-fn connack(
-    tls: &mut (impl std::io::Read + std::io::Write),
-    client_id: &str,
-) -> anyhow::Result<[u8; 4]> {
-    tls.write_all(&fleet_testkit::mqtt311_connect(client_id, 60))?;
-    let mut ack = [0u8; 4];
-    tls.read_exact(&mut ack)?;
-    anyhow::ensure!(ack[0] == 0x20, "not a CONNACK: {ack:?}");
-    Ok(ack)
 }
 
 /// MQTT 3.1.1 CONNECT (clean session, keep-alive 60 s) over blocking
