@@ -322,7 +322,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
         // A Will waits for its delay or the end of the session, whichever comes
         // first (MQTT 5 §3.1.3.2.2): a session that ends with its connection
         // has its Will at once.
-        let will_wait = match (&will, clean) {
+        let mut will_wait = match (&will, clean) {
             (Some(w), false) => w
                 .delay
                 .min(Duration::from_secs(expiry.into()))
@@ -417,7 +417,25 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 info!(identity = %label, "session taken over by a newer connection of the same identity");
                 Err(SessionError::TakenOver)
             }
-            other => other,
+            // A DISCONNECT may end the session sooner or later than the
+            // CONNECT said (MQTT 5 §3.14.2.2.2), and so the wait of its Will;
+            // one that would keep a session the CONNECT did not is not a
+            // valid DISCONNECT.
+            Ok((_, Some(ends))) if expiry == 0 && ends > 0 => Err(SessionError::Violation(
+                DisconnectReasonCode::ProtocolError,
+                "Session Expiry Interval set by DISCONNECT after 0 at CONNECT".into(),
+            )),
+            Ok((reason, Some(ends))) => {
+                if let (Some(w), false) = (&will, clean) {
+                    will_wait = w
+                        .delay
+                        .min(Duration::from_secs(ends.into()))
+                        .min(MAX_WILL_DELAY);
+                }
+                Ok(reason)
+            }
+            Ok((reason, None)) => Ok(reason),
+            Err(err) => Err(err),
         };
         // The router's link is gone or no longer speaks for this connection:
         // nothing more goes to it.
@@ -573,7 +591,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     keep_alive: Duration,
     shared: &Shared,
     cut: &CancellationToken,
-) -> Result<DisconnectReasonCode, SessionError> {
+) -> Result<(DisconnectReasonCode, Option<u32>), SessionError> {
     let version = framed.version;
     let mut out = Vec::new();
     // SUBSCRIBE packets whose filters were partly refused: packet id → which
@@ -672,7 +690,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     // door's business, and a busy router must not make a
                     // healthy client miss its keep-alive.
                     Packet::PingReq(_) => framed.write(vec![Packet::PingResp(rumqttd::protocol::PingResp)]).await?,
-                    Packet::Disconnect(bye, _) => return Ok(bye.reason_code),
+                    Packet::Disconnect(bye, props) => {
+                        let expiry = props.and_then(|p| p.session_expiry_interval);
+                        return Ok((bye.reason_code, expiry));
+                    }
                     // The router takes a PUBREL only without properties.
                     Packet::PubRel(pubrel, _) => untold |= !send(tx, Packet::PubRel(pubrel, None))?,
                     // Answers to the router's PUBLISHes free the client's quota.

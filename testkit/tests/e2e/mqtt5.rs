@@ -1372,3 +1372,136 @@ async fn a_session_taken_over_publishes_its_will_unless_it_is_delayed() {
     assert!(observer.on("/tenants/svcA/telemetry/wt2").is_empty());
     assert!(!second.is_cut());
 }
+
+/// An MQTT 5 CONNECT of certified device `client_id` with a Will to its
+/// telemetry (QoS 1, payload `gone`) delayed by `will_delay` seconds, and
+/// the Session Expiry Interval `session_expiry`.
+fn will_connect(
+    client_id: &str,
+    clean_start: bool,
+    session_expiry: u32,
+    will_delay: u32,
+) -> Vec<u8> {
+    let flags = 0x04 | 0x08 | if clean_start { 0x02 } else { 0 };
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, flags];
+    body.extend(60u16.to_be_bytes());
+    body.extend([5, 0x11]);
+    body.extend(session_expiry.to_be_bytes());
+    body.extend((client_id.len() as u16).to_be_bytes());
+    body.extend(client_id.as_bytes());
+    body.extend([5, 0x18]);
+    body.extend(will_delay.to_be_bytes());
+    let topic = format!("/tenants/svcA/telemetry/{client_id}");
+    body.extend((topic.len() as u16).to_be_bytes());
+    body.extend(topic.as_bytes());
+    body.extend(4u16.to_be_bytes());
+    body.extend(b"gone");
+    frame(0x10, &body)
+}
+
+/// A packet read from `r`: the fixed header's first byte and the rest.
+fn read_packet(r: &mut impl std::io::Read) -> std::io::Result<RawPacket> {
+    let mut first = [0u8; 1];
+    r.read_exact(&mut first)?;
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let mut byte = [0u8; 1];
+        r.read_exact(&mut byte)?;
+        len |= usize::from(byte[0] & 0x7F) << shift;
+        shift += 7;
+        if byte[0] & 0x80 == 0 {
+            break;
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok((first[0], body))
+}
+
+/// Connects certified `device` to the service listener over blocking
+/// rustls, sends `connect` and `disconnect`, and returns what the broker
+/// sent after its accepting CONNACK, up to the end of the connection.
+fn connect_and_disconnect(
+    fleet: &Fleet,
+    device: &str,
+    auth: &(Vec<u8>, Vec<u8>),
+    connect: &[u8],
+    disconnect: &[u8],
+) -> Vec<RawPacket> {
+    use std::io::Write;
+    let root = std::fs::read(fleet.certs_dir().join("root-ca.pem")).unwrap();
+    let client = fleet_testkit::Resuming::new(
+        fleet.service_addr(),
+        device,
+        &root,
+        (&auth.0, &auth.1),
+        &rustls::version::TLS13,
+    )
+    .unwrap();
+    let tcp = std::net::TcpStream::connect(fleet.service_addr()).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(client.config, name).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(connect).unwrap();
+    let (first, body) = read_packet(&mut tls).unwrap();
+    assert_eq!((first, body[1]), (0x20, 0), "not an accepting CONNACK");
+    tls.write_all(disconnect).unwrap();
+    tls.flush().unwrap();
+    let mut after = Vec::new();
+    while let Ok(packet) = read_packet(&mut tls) {
+        after.push(packet);
+    }
+    after
+}
+
+/// A DISCONNECT's Session Expiry Interval says when the session ends, and
+/// so when its Will goes (MQTT 5 §3.14.2.2.2, §3.1.3.2.2): 0 after 60 at
+/// CONNECT sends a Will delayed by an hour at once; one set after 0 at
+/// CONNECT is a protocol error, answered with DISCONNECT 0x82, and the Will
+/// goes as for any connection that ends without a valid DISCONNECT.
+#[tokio::test]
+async fn a_disconnect_says_when_the_session_and_its_will_end() {
+    let (fleet, observer) = watching_telemetry().await;
+    let fleet = std::sync::Arc::new(fleet);
+    let ended = |device: &'static str, connect: Vec<u8>, disconnect: Vec<u8>| {
+        let fleet = fleet.clone();
+        tokio::task::spawn_blocking(move || {
+            let auth = certified(&fleet, device, "svcA");
+            connect_and_disconnect(&fleet, device, &auth, &connect, &disconnect)
+        })
+    };
+    // A kept session and a Will delayed by an hour; the DISCONNECT asks
+    // for its Will (0x04) and ends the session now.
+    let after = ended(
+        "wd5",
+        will_connect("wd5", false, 60, 3600),
+        frame(0xE0, &[0x04, 5, 0x11, 0, 0, 0, 0]),
+    )
+    .await
+    .unwrap();
+    assert!(after.is_empty(), "{after:?}");
+    let will = observer
+        .wait_for("/tenants/svcA/telemetry/wd5", 1, T)
+        .await
+        .unwrap();
+    assert_eq!(will.payload, b"gone");
+    // No session kept; a normal DISCONNECT that would keep one for 30 s.
+    let after = ended(
+        "wd6",
+        will_connect("wd6", true, 0, 0),
+        frame(0xE0, &[0x00, 5, 0x11, 0, 0, 0, 30]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        after.iter().map(|(f, b)| (*f, b[0])).collect::<Vec<_>>(),
+        [(0xE0, 0x82)],
+        "a DISCONNECT with Protocol Error"
+    );
+    let will = observer
+        .wait_for("/tenants/svcA/telemetry/wd6", 1, T)
+        .await
+        .unwrap();
+    assert_eq!(will.payload, b"gone");
+}
