@@ -135,6 +135,13 @@ mod tests {
 
     const T: Duration = Duration::from_secs(5);
 
+    /// Whether `read` is still waiting after 50 ms.
+    async fn still_waits(read: impl std::future::Future) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), read)
+            .await
+            .is_err()
+    }
+
     /// Told to close, a connection whose client owes the next message fails
     /// its read; one whose client has written is read as usual; a settled
     /// one is never closed.
@@ -147,9 +154,7 @@ mod tests {
         let read = io.read(&mut buf);
         tokio::pin!(read);
         assert!(
-            tokio::time::timeout(Duration::from_millis(50), &mut read)
-                .await
-                .is_err(),
+            still_waits(&mut read).await,
             "a read with nothing sent returned"
         );
         closing.cancel();
@@ -175,9 +180,7 @@ mod tests {
         let read = io.read(&mut buf);
         tokio::pin!(read);
         assert!(
-            tokio::time::timeout(Duration::from_millis(50), &mut read)
-                .await
-                .is_err(),
+            still_waits(&mut read).await,
             "a settled connection was closed"
         );
         client.write_all(b"later").await.unwrap();

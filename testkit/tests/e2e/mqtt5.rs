@@ -858,22 +858,7 @@ impl RawTls {
 
     /// The next packet the broker sent; fails after `T` without one.
     fn next(&mut self) -> RawPacket {
-        use std::io::Read;
-        let mut first = [0u8; 1];
-        self.tls.read_exact(&mut first).expect("a packet");
-        let (mut len, mut shift) = (0usize, 0);
-        loop {
-            let mut byte = [0u8; 1];
-            self.tls.read_exact(&mut byte).expect("a remaining length");
-            len |= usize::from(byte[0] & 0x7F) << shift;
-            shift += 7;
-            if byte[0] & 0x80 == 0 {
-                break;
-            }
-        }
-        let mut body = vec![0u8; len];
-        self.tls.read_exact(&mut body).expect("a packet body");
-        (first[0], body)
+        read_packet(&mut self.tls).expect("a packet")
     }
 
     /// Subscribes to `filter` at `qos`; fails unless granted that QoS.
