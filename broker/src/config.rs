@@ -43,10 +43,12 @@ pub struct BrokerConfig {
     pub tls_handshake_timeout_ms: u64,
     /// Most connections held whose TLS handshake has not finished (on the
     /// plain bootstrap listener: that have sent nothing yet); at most half
-    /// of `max_connections`. One more closes the oldest of them if its
-    /// client owes the next message (the ClientHello, or its answer to the
-    /// server's flight): a flood of connections that stop talking takes no
-    /// more than this many slots of `max_connections` from devices.
+    /// of `max_connections`. One more closes the oldest of them from the
+    /// source address with the most, if its client owes the next message
+    /// (the ClientHello, or its answer to the server's flight): a flood of
+    /// connections that stop talking takes no more than this many slots of
+    /// `max_connections` from devices, and closes its own connections
+    /// rather than the slow handshakes of other addresses.
     pub max_pending_handshakes: usize,
     /// Whether the service listener gives each client a TLS session ticket
     /// to resume its next connection with. A ticket is taken only if the

@@ -10,8 +10,11 @@
 //! wait on a socket the client has already written to, and such a client is
 //! the broker's to serve, not to close.
 
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
+use std::net::IpAddr;
 use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -45,6 +48,75 @@ pub fn has_waiting<S: AsFd>(io: &S) -> bool {
         socket2::SockRef::from(io).peek(&mut byte),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock
     )
+}
+
+/// Connections whose handshake has not finished, by source address and
+/// connection id (ids rise in the order connections start).
+#[derive(Default)]
+pub struct PendingSet {
+    by_source: HashMap<IpAddr, BTreeMap<u64, CancellationToken>>,
+    len: usize,
+}
+
+impl PendingSet {
+    /// Adds connection `id` from `source`. When that makes more than `max`,
+    /// returns the token of the one to close: the oldest connection of the
+    /// source with the most, so that a source that floods closes its own
+    /// connections, not the slow handshakes of others.
+    pub fn insert(
+        &mut self,
+        source: IpAddr,
+        id: u64,
+        closing: CancellationToken,
+        max: usize,
+    ) -> Option<CancellationToken> {
+        let victim = if self.len >= max {
+            self.pop_from_largest()
+        } else {
+            None
+        };
+        self.by_source
+            .entry(source)
+            .or_default()
+            .insert(id, closing);
+        self.len += 1;
+        victim
+    }
+
+    pub fn remove(&mut self, source: IpAddr, id: u64) {
+        if let Some(of_source) = self.by_source.get_mut(&source) {
+            if of_source.remove(&id).is_some() {
+                self.len -= 1;
+            }
+            if of_source.is_empty() {
+                self.by_source.remove(&source);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn pop_from_largest(&mut self) -> Option<CancellationToken> {
+        // Of sources alike in number, the one whose oldest is the oldest.
+        let source = *self
+            .by_source
+            .iter()
+            .max_by_key(|(_, of)| (of.len(), Reverse(of.keys().next().copied())))?
+            .0;
+        let of_source = self.by_source.get_mut(&source)?;
+        let (_, closing) = of_source.pop_first()?;
+        self.len -= 1;
+        if of_source.is_empty() {
+            self.by_source.remove(&source);
+        }
+        Some(closing)
+    }
 }
 
 pub struct Evictable<S> {
@@ -140,6 +212,51 @@ mod tests {
         tokio::time::timeout(Duration::from_millis(50), read)
             .await
             .is_err()
+    }
+
+    /// Over the limit, the oldest connection of the source with the most is
+    /// the one closed; a source with fewer keeps its slow handshakes.
+    #[test]
+    fn a_flooding_source_closes_its_own_connections() {
+        let (slow, flood): (IpAddr, IpAddr) = (
+            "192.0.2.1".parse().unwrap(),
+            "198.51.100.7".parse().unwrap(),
+        );
+        let mut set = PendingSet::default();
+        let token = |_| CancellationToken::new();
+        let slow_one = CancellationToken::new();
+        assert!(set.insert(slow, 1, slow_one.clone(), 4).is_none());
+        let mut floods = Vec::new();
+        for id in 2..5 {
+            floods.push(token(id));
+            assert!(set
+                .insert(flood, id, floods.last().unwrap().clone(), 4)
+                .is_none());
+        }
+        // Full: each newer connection of the flood closes its oldest.
+        for id in 5..20 {
+            let victim = set.insert(flood, id, token(id), 4).expect("one to close");
+            victim.cancel();
+            assert!(!slow_one.is_cancelled(), "the slow handshake was closed");
+        }
+        assert!(floods.iter().all(|t| t.is_cancelled()));
+        assert_eq!(set.len(), 4);
+        // The source with the most loses its oldest, to a newcomer of
+        // another source too.
+        let victim = set.insert(slow, 20, token(20), 4).unwrap();
+        victim.cancel();
+        assert!(!slow_one.is_cancelled());
+        set.remove(flood, 17);
+        set.remove(flood, 18);
+        set.remove(flood, 19);
+        // 2 left: the slow source's (1 and 20), and none of the flood's.
+        assert_eq!(set.len(), 2);
+        let victim = set.insert(flood, 21, token(21), 2).unwrap();
+        victim.cancel();
+        assert!(slow_one.is_cancelled(), "the larger source's oldest goes");
+        set.remove(slow, 20);
+        set.remove(flood, 21);
+        assert!(set.is_empty());
     }
 
     /// Told to close, a connection whose client owes the next message fails

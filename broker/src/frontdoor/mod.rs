@@ -30,7 +30,7 @@ pub mod hold;
 pub mod session;
 pub mod trust;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -129,14 +129,14 @@ pub struct Shared {
     /// [`Trust`] from the CRLs.
     pub revoked: Arc<RwLock<HashSet<String>>>,
     /// Connections whose handshake has not finished (see
-    /// [`Limits::max_pending`]), by connection id, which rises in the order
-    /// connections start: the first is the oldest.
-    pending: Mutex<BTreeMap<u64, CancellationToken>>,
+    /// [`Limits::max_pending`]).
+    pending: Mutex<evict::PendingSet>,
 }
 
 /// A connection counted among the pending ones until it drops.
 struct Pending<'a> {
     shared: &'a Shared,
+    source: IpAddr,
     id: u64,
     /// Cancelled when newer connections need its place.
     closing: CancellationToken,
@@ -148,7 +148,7 @@ impl Drop for Pending<'_> {
             .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+            .remove(self.source, self.id);
     }
 }
 
@@ -204,31 +204,27 @@ impl Shared {
             sessions: Mutex::new(HashMap::new()),
             will_link: tokio::sync::Mutex::new(None),
             revoked: Arc::new(RwLock::new(HashSet::new())),
-            pending: Mutex::new(BTreeMap::new()),
+            pending: Mutex::new(evict::PendingSet::default()),
         })
     }
 
-    /// Counts connection `id` as pending until the guard drops; when that
-    /// makes more than `max_pending`, the oldest pending connection is told
-    /// to close (it does unless its client has sent something it has not
-    /// read yet: [`evict`]).
-    fn pending(&self, id: u64) -> Pending<'_> {
+    /// Counts connection `id` from `source` as pending until the guard
+    /// drops; when that makes more than `max_pending`, the oldest pending
+    /// connection of the source with the most is told to close (it does
+    /// unless its client has sent something not read yet: [`evict`]).
+    fn pending(&self, source: IpAddr, id: u64) -> Pending<'_> {
         let closing = CancellationToken::new();
-        let oldest = {
-            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            let oldest = if pending.len() >= self.limits.max_pending {
-                pending.pop_first().map(|(_, t)| t)
-            } else {
-                None
-            };
-            pending.insert(id, closing.clone());
-            oldest
-        };
-        if let Some(oldest) = oldest {
-            oldest.cancel();
+        let victim = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(source, id, closing.clone(), self.limits.max_pending);
+        if let Some(victim) = victim {
+            victim.cancel();
         }
         Pending {
             shared: self,
+            source,
             id,
             closing,
         }
@@ -446,12 +442,12 @@ async fn connection(
         Transport::Plain(kind) => {
             // The manager's listener is loopback only, and password-checked.
             if !matches!(kind, ListenerKind::Internal) {
-                first_bytes(&stream, shared, id).await?;
+                first_bytes(&stream, peer.ip(), shared, id).await?;
             }
             session::run(stream, kind, shared.clone(), id, cut).await
         }
         Transport::ServerTls(config) => {
-            let tls = Box::pin(handshake(stream, config, shared, id)).await?;
+            let tls = Box::pin(handshake(stream, peer.ip(), config, shared, id)).await?;
             session::run(tls, ListenerKind::Bootstrap, shared.clone(), id, cut).await
         }
         Transport::MutualTls(trust) => {
@@ -461,7 +457,8 @@ async fn connection(
             // 1.4 KiB, while the session runs.
             let serial;
             let result = {
-                let tls = Box::pin(handshake(stream, trust.config(), shared, id)).await?;
+                let tls =
+                    Box::pin(handshake(stream, peer.ip(), trust.config(), shared, id)).await?;
                 if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
                     shared.metrics.resumed.fetch_add(1, Ordering::Relaxed);
                 }
@@ -498,10 +495,11 @@ async fn connection(
 /// the pending connections until then.
 async fn first_bytes(
     stream: &TcpStream,
+    source: IpAddr,
     shared: &Shared,
     id: u64,
 ) -> Result<(), session::SessionError> {
-    let pending = shared.pending(id);
+    let pending = shared.pending(source, id);
     // Peeked, not awaited as readiness: a socket just accepted can be
     // reported readable before any byte has come.
     let mut first = [0u8; 1];
@@ -527,11 +525,12 @@ type Tls = TlsStream<hold::TicketHold<evict::Evictable<TcpStream>>>;
 
 async fn handshake(
     stream: TcpStream,
+    source: IpAddr,
     configs: trust::Configs,
     shared: &Shared,
     id: u64,
 ) -> Result<Tls, session::SessionError> {
-    let pending = shared.pending(id);
+    let pending = shared.pending(source, id);
     let closing = pending.closing.clone();
     let accept = async {
         let io = hold::TicketHold::new(evict::Evictable::new(stream, closing.clone()));
