@@ -436,7 +436,7 @@ async fn connection(
 ) -> Result<(), session::SessionError> {
     let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
     let cut = stop.child_token();
-    // Handshakes are boxed: their state (some 3 KiB) is needed only until
+    // Handshakes are boxed: their state (over 4 KiB) is needed only until
     // they end, and in this future it would stay for the connection's life.
     match transport {
         Transport::Plain(kind) => {
