@@ -440,7 +440,8 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
         // The router's link is gone or no longer speaks for this connection:
         // nothing more goes to it.
         let link_alive = !taken_over && !matches!(result, Err(SessionError::RouterClosed(_)));
-        // The Will goes out unless the client said a normal goodbye, and never
+        // The Will goes out unless the client said a normal goodbye (MQTT 5:
+        // DISCONNECT 0x00; any other reason keeps it), and never
         // for a certificate that is no longer valid. A session taken over by
         // a newer connection publishes its Will at once if it has no delay
         // (MQTT 5 §3.1.4, §3.1.2.5); a delayed one is cancelled by that very
@@ -449,7 +450,9 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             matches!(&kind, ListenerKind::Service(cert) if shared.is_revoked(&cert.serial));
         let publish_will = !revoked
             && match &result {
-                Ok(reason) => *reason == DisconnectReasonCode::DisconnectWithWillMessage,
+                // Only a normal disconnection deletes the Will (MQTT 5
+                // §3.1.2.5); MQTT 3.1.1's DISCONNECT reads as one.
+                Ok(reason) => *reason != DisconnectReasonCode::NormalDisconnection,
                 Err(SessionError::Revoked) => false,
                 Err(_) if taken_over => will_wait.is_zero(),
                 Err(_) => link_alive,

@@ -1471,6 +1471,21 @@ async fn a_disconnect_says_when_the_session_and_its_will_end() {
         .await
         .unwrap();
     assert_eq!(will.payload, b"gone");
+    // A DISCONNECT with an error reason (0x80) keeps the Will: only 0x00
+    // deletes it.
+    let after = ended(
+        "wd7",
+        will_connect("wd7", true, 0, 0),
+        frame(0xE0, &[0x80, 0]),
+    )
+    .await
+    .unwrap();
+    assert!(after.is_empty(), "{after:?}");
+    let will = observer
+        .wait_for("/tenants/svcA/telemetry/wd7", 1, T)
+        .await
+        .unwrap();
+    assert_eq!(will.payload, b"gone");
     // No session kept; a normal DISCONNECT that would keep one for 30 s.
     let after = ended(
         "wd6",
