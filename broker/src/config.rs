@@ -41,14 +41,16 @@ pub struct BrokerConfig {
     pub connect_timeout_ms: u64,
     /// Time a client has to finish the TLS handshake.
     pub tls_handshake_timeout_ms: u64,
-    /// Most connections held whose TLS handshake has not finished (on the
-    /// plain bootstrap listener: that have sent nothing yet); at most half
-    /// of `max_connections`. One more closes the oldest of them from the
-    /// source address with the most, if its client owes the next message
-    /// (the ClientHello, or its answer to the server's flight): a flood of
-    /// connections that stop talking takes no more than this many slots of
-    /// `max_connections` from devices, and closes its own connections
-    /// rather than the slow handshakes of other addresses.
+    /// Connections whose TLS handshake has not finished (on the plain
+    /// bootstrap listener: that have sent nothing yet) counted at once; at
+    /// most half of `max_connections`. One more tells the oldest of them,
+    /// from the source address (IPv6: /64) with the most, to close: it is
+    /// closed if its client owes the next message (the ClientHello, or the
+    /// answer to the server's flight), and otherwise left to finish and no
+    /// longer counted. So a flood of connections that stop talking holds
+    /// about this many slots of `max_connections`, not all of them, and a
+    /// flood from one address closes its own connections rather than the
+    /// slow handshakes of other addresses.
     pub max_pending_handshakes: usize,
     /// Whether the service listener gives each client a TLS session ticket
     /// to resume its next connection with. A ticket is taken only if the

@@ -652,6 +652,19 @@ mod tests {
         assert!(out.is_empty());
     }
 
+    /// A DISCONNECT of Remaining Length 1: the property length is left out
+    /// (MQTT 5 §3.14.2.2.1).
+    #[test]
+    fn a_disconnect_of_a_reason_code_alone_is_read() {
+        let mut bytes = BytesMut::from(&[0xE0, 1, 0x04][..]);
+        assert!(matches!(
+            V5.read_mut(&mut bytes, 64).unwrap(),
+            Packet::Disconnect(d, None)
+                if d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage
+        ));
+        assert!(bytes.is_empty());
+    }
+
     /// What a V5 `Framed` with the client's limit `peer_max` writes for `packets`.
     async fn written(peer_max: usize, packets: Vec<Packet>) -> Vec<u8> {
         let (stream, mut peer) = tokio::io::duplex(4096);

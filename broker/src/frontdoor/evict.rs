@@ -2,13 +2,14 @@
 //! the front door may close to make room for newer ones
 //! (`max_pending_handshakes`).
 //!
-//! A client that is owed nothing by the broker is waiting to be closed: a
-//! connection that never sends its ClientHello, or one that sent it and
-//! never answers the server's flight. Once told to close, [`Evictable`]
-//! fails the next read that would wait, unless bytes are already waiting in
-//! the socket: the runtime learns of readiness in batches, so a read can
-//! wait on a socket the client has already written to, and such a client is
-//! the broker's to serve, not to close.
+//! A connection told to close is closed if its client owes the next
+//! message: one that never sends its ClientHello, or one that sent it and
+//! never answers the server's flight. The first read [`Evictable`] is asked
+//! for after that decides: it fails if it would wait and no bytes are
+//! waiting in the socket (the runtime learns of readiness in batches, so a
+//! read can wait on a socket the client has already written to). A client
+//! that has sent something is the broker's to serve: it is spared, and not
+//! closed for others again (its handshake timeout still holds).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
@@ -50,6 +51,20 @@ pub fn has_waiting<S: AsFd>(io: &S) -> bool {
     )
 }
 
+/// The source a connection is counted under: an IPv4 address (an
+/// IPv4-mapped IPv6 one as IPv4), or an IPv6 address's /64, which one
+/// host is commonly given whole.
+pub fn source_key(addr: IpAddr) -> IpAddr {
+    match addr.to_canonical() {
+        IpAddr::V6(v6) => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            IpAddr::V6(octets.into())
+        }
+        v4 => v4,
+    }
+}
+
 /// Connections whose handshake has not finished, by source address and
 /// connection id (ids rise in the order connections start).
 #[derive(Default)]
@@ -70,17 +85,18 @@ impl PendingSet {
         closing: CancellationToken,
         max: usize,
     ) -> Option<CancellationToken> {
-        let victim = if self.len >= max {
-            self.pop_from_largest()
-        } else {
-            None
-        };
         self.by_source
             .entry(source)
             .or_default()
             .insert(id, closing);
         self.len += 1;
-        victim
+        // Counted with the newcomer, which being the newest is never the
+        // one chosen.
+        if self.len > max {
+            self.pop_from_largest()
+        } else {
+            None
+        }
     }
 
     pub fn remove(&mut self, source: IpAddr, id: u64) {
@@ -148,14 +164,17 @@ impl<S: AsyncRead + AsFd + Unpin> AsyncRead for Evictable<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let read = Pin::new(&mut this.io).poll_read(cx, buf);
-        if read.is_pending()
-            && this.closing.as_ref().is_some_and(|c| c.is_cancelled())
-            && !has_waiting(&this.io)
-        {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                Evicted,
-            )));
+        if this.closing.as_ref().is_some_and(|c| c.is_cancelled()) {
+            // The first read since it was told to close decides.
+            if read.is_pending() && !has_waiting(&this.io) {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    Evicted,
+                )));
+            }
+            // Spared: the client has sent something, and the rest of the
+            // handshake runs its course.
+            this.closing = None;
         }
         read
     }
@@ -214,6 +233,15 @@ mod tests {
             .is_err()
     }
 
+    #[test]
+    fn an_ipv6_host_is_counted_by_its_64() {
+        let key = |a: &str| source_key(a.parse().unwrap());
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:bbbb::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::ffff:192.0.2.1"), key("192.0.2.1"));
+        assert_ne!(key("192.0.2.1"), key("192.0.2.2"));
+    }
+
     /// Over the limit, the oldest connection of the source with the most is
     /// the one closed; a source with fewer keeps its slow handshakes.
     #[test]
@@ -257,6 +285,17 @@ mod tests {
         set.remove(slow, 20);
         set.remove(flood, 21);
         assert!(set.is_empty());
+
+        // Two sources alike: the newcomer's, counted with it, is the larger.
+        let (a, b) = (slow, flood);
+        let first = CancellationToken::new();
+        assert!(set.insert(a, 30, first.clone(), 4).is_none());
+        assert!(set.insert(a, 31, token(31), 4).is_none());
+        let b_oldest = CancellationToken::new();
+        assert!(set.insert(b, 32, b_oldest.clone(), 4).is_none());
+        assert!(set.insert(b, 33, token(33), 4).is_none());
+        set.insert(b, 34, token(34), 4).unwrap().cancel();
+        assert!(b_oldest.is_cancelled() && !first.is_cancelled());
     }
 
     /// Told to close, a connection whose client owes the next message fails
@@ -288,6 +327,16 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(&buf[..n], b"hello");
+        // Spared, it waits for the client's next message as any other.
+        let read = io.read(&mut buf);
+        tokio::pin!(read);
+        assert!(
+            still_waits(&mut read).await,
+            "a spared connection was closed"
+        );
+        client.write_all(b"again").await.unwrap();
+        let n = tokio::time::timeout(T, read).await.unwrap().unwrap();
+        assert_eq!(&buf[..n], b"again");
 
         let (mut client, accepted) = pair().await;
         let closing = CancellationToken::new();

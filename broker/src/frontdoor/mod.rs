@@ -208,11 +208,13 @@ impl Shared {
         })
     }
 
-    /// Counts connection `id` from `source` as pending until the guard
-    /// drops; when that makes more than `max_pending`, the oldest pending
-    /// connection of the source with the most is told to close (it does
-    /// unless its client has sent something not read yet: [`evict`]).
+    /// Counts connection `id` from `source` (an IPv6 address by its /64) as
+    /// pending until the guard drops; when that makes more than
+    /// `max_pending`, the oldest pending connection of the source with the
+    /// most is told to close (it does if its client owes the next message:
+    /// [`evict`]).
     fn pending(&self, source: IpAddr, id: u64) -> Pending<'_> {
+        let source = evict::source_key(source);
         let closing = CancellationToken::new();
         let victim = self
             .pending

@@ -417,10 +417,11 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 info!(identity = %label, "session taken over by a newer connection of the same identity");
                 Err(SessionError::TakenOver)
             }
-            // A DISCONNECT may end the session sooner or later than the
-            // CONNECT said (MQTT 5 §3.14.2.2.2), and so the wait of its Will;
-            // one that would keep a session the CONNECT did not is not a
-            // valid DISCONNECT.
+            // A DISCONNECT's Session Expiry Interval replaces the CONNECT's
+            // (MQTT 5 §3.14.2.2.2) in the Will's wait; the router's stored
+            // session is kept as before (rumqttd does not time expiry). One
+            // that would keep a session the CONNECT did not is not a valid
+            // DISCONNECT.
             Ok((_, Some(ends))) if expiry == 0 && ends > 0 => Err(SessionError::Violation(
                 DisconnectReasonCode::ProtocolError,
                 "Session Expiry Interval set by DISCONNECT after 0 at CONNECT".into(),

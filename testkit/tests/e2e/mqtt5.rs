@@ -1440,13 +1440,14 @@ fn connect_and_disconnect(
     after
 }
 
-/// A DISCONNECT's Session Expiry Interval says when the session ends, and
-/// so when its Will goes (MQTT 5 §3.14.2.2.2, §3.1.3.2.2): 0 after 60 at
-/// CONNECT sends a Will delayed by an hour at once; one set after 0 at
+/// A DISCONNECT's Session Expiry Interval replaces the CONNECT's in the
+/// Will's wait (MQTT 5 §3.14.2.2.2, §3.1.3.2.2): 0 after an hour at
+/// CONNECT sends a Will delayed by an hour at once (it would wait 300 s
+/// otherwise); an error reason keeps the Will; an interval set after 0 at
 /// CONNECT is a protocol error, answered with DISCONNECT 0x82, and the Will
 /// goes as for any connection that ends without a valid DISCONNECT.
 #[tokio::test]
-async fn a_disconnect_says_when_the_session_and_its_will_end() {
+async fn a_disconnect_says_when_the_will_goes() {
     let (fleet, observer) = watching_telemetry().await;
     let fleet = std::sync::Arc::new(fleet);
     let ended = |device: &'static str, connect: Vec<u8>, disconnect: Vec<u8>| {
@@ -1460,7 +1461,7 @@ async fn a_disconnect_says_when_the_session_and_its_will_end() {
     // for its Will (0x04) and ends the session now.
     let after = ended(
         "wd5",
-        will_connect("wd5", false, 60, 3600),
+        will_connect("wd5", false, 3600, 3600),
         frame(0xE0, &[0x04, 5, 0x11, 0, 0, 0, 0]),
     )
     .await

@@ -55,6 +55,11 @@ pub fn read(
     let disconnect = Disconnect {
         reason_code: reason(reason_code)?,
     };
+    // A reason code alone: the property length may be left out (MQTT 5
+    // §3.14.2.2.1).
+    if fixed_header.remaining_len < 2 {
+        return Ok((disconnect, None));
+    }
     let properties = properties::read(&mut bytes)?;
 
     Ok((disconnect, properties))
