@@ -44,14 +44,21 @@ pub struct BrokerConfig {
     /// Connections whose TLS handshake has not finished (on the plain
     /// bootstrap listener: that have sent nothing yet) counted at once; at
     /// most half of `max_connections`. One more tells the oldest of them,
-    /// from the source address (IPv6: /64) with the most, to close: it is
-    /// closed if its client owes the next message (the ClientHello, or the
-    /// answer to the server's flight), and otherwise left to finish and no
-    /// longer counted. So a flood of connections that stop talking holds
-    /// about this many slots of `max_connections`, not all of them, and a
-    /// flood from one address closes its own connections rather than the
-    /// slow handshakes of other addresses.
+    /// from the source address (IPv6: /64) with the most, to close, if it
+    /// is older than `pending_min_age_ms`: it is closed if its client owes
+    /// the next message (the ClientHello, or the answer to the server's
+    /// flight), and otherwise left to finish and no longer counted. So a
+    /// flood of connections that stop talking holds about this many slots
+    /// of `max_connections` (plus what it opens within
+    /// `pending_min_age_ms`), not all of them, and a flood from one
+    /// address closes its own connections rather than the slow handshakes
+    /// of other addresses.
     pub max_pending_handshakes: usize,
+    /// A handshake younger than this is never the one closed for others
+    /// (see `max_pending_handshakes`): a device's handshake takes a few
+    /// round trips, so a flood cannot close it while it runs. The limit is
+    /// exceeded meanwhile, by what arrives within this time.
+    pub pending_min_age_ms: u64,
     /// Whether the service listener gives each client a TLS session ticket
     /// to resume its next connection with. A ticket is taken only if the
     /// certificate in it passes every check of a full handshake again.
@@ -85,6 +92,7 @@ impl Default for BrokerConfig {
             connect_timeout_ms: 10_000,
             tls_handshake_timeout_ms: 10_000,
             max_pending_handshakes: 1_024,
+            pending_min_age_ms: 1_000,
             service_session_tickets: true,
             grant_cache: true,
             max_idle_secs: 300,
@@ -121,6 +129,7 @@ impl BrokerConfig {
                 .max_pending_handshakes
                 .min(self.max_connections / 2)
                 .max(1),
+            pending_min_age: Duration::from_millis(self.pending_min_age_ms),
             max_idle: Duration::from_secs(self.max_idle_secs),
             connects_per_sec_per_source: self.connects_per_sec_per_source,
             connect_burst_per_source: self.connect_burst_per_source,

@@ -19,6 +19,7 @@ use std::net::IpAddr;
 use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
@@ -66,34 +67,47 @@ pub fn source_key(addr: IpAddr) -> IpAddr {
 }
 
 /// Connections whose handshake has not finished, by source address and
-/// connection id (ids rise in the order connections start).
+/// connection id (ids rise in the order connections start), with when they
+/// started.
 #[derive(Default)]
 pub struct PendingSet {
-    by_source: HashMap<IpAddr, BTreeMap<u64, CancellationToken>>,
+    by_source: HashMap<IpAddr, BTreeMap<u64, (Instant, CancellationToken)>>,
     len: usize,
 }
 
+/// How many connections a [`PendingSet`] counts before it picks one to
+/// close, and how old that one must be.
+#[derive(Debug, Clone, Copy)]
+pub struct PendingLimit {
+    pub max: usize,
+    /// A handshake younger than this is never picked: a device's takes a
+    /// few round trips, and one whose client stops talking is older.
+    pub min_age: Duration,
+}
+
 impl PendingSet {
-    /// Adds connection `id` from `source`. When that makes more than `max`,
-    /// returns the token of the one to close: the oldest connection of the
-    /// source with the most, so that a source that floods closes its own
-    /// connections, not the slow handshakes of others.
+    /// Adds connection `id` from `source`, started `now`. When that makes
+    /// more than `limit.max`, returns the token of the one to close: the
+    /// oldest connection of the source with the most, so that a source that
+    /// floods closes its own connections, not the slow handshakes of
+    /// others; none if that one is younger than `limit.min_age`.
     pub fn insert(
         &mut self,
         source: IpAddr,
         id: u64,
         closing: CancellationToken,
-        max: usize,
+        now: Instant,
+        limit: PendingLimit,
     ) -> Option<CancellationToken> {
         self.by_source
             .entry(source)
             .or_default()
-            .insert(id, closing);
+            .insert(id, (now, closing));
         self.len += 1;
         // Counted with the newcomer, which being the newest is never the
         // one chosen.
-        if self.len > max {
-            self.pop_from_largest()
+        if self.len > limit.max {
+            self.pop_from_largest(now, limit.min_age)
         } else {
             None
         }
@@ -118,7 +132,7 @@ impl PendingSet {
         self.len == 0
     }
 
-    fn pop_from_largest(&mut self) -> Option<CancellationToken> {
+    fn pop_from_largest(&mut self, now: Instant, min_age: Duration) -> Option<CancellationToken> {
         // Of sources alike in number, the one whose oldest is the oldest.
         let source = *self
             .by_source
@@ -126,7 +140,11 @@ impl PendingSet {
             .max_by_key(|(_, of)| (of.len(), Reverse(of.keys().next().copied())))?
             .0;
         let of_source = self.by_source.get_mut(&source)?;
-        let (_, closing) = of_source.pop_first()?;
+        let (_, (started, _)) = of_source.first_key_value()?;
+        if now.saturating_duration_since(*started) < min_age {
+            return None;
+        }
+        let (_, (_, closing)) = of_source.pop_first()?;
         self.len -= 1;
         if of_source.is_empty() {
             self.by_source.remove(&source);
@@ -252,18 +270,25 @@ mod tests {
         );
         let mut set = PendingSet::default();
         let token = |_| CancellationToken::new();
+        let now = Instant::now();
+        let lim = |max| PendingLimit {
+            max,
+            min_age: Duration::ZERO,
+        };
         let slow_one = CancellationToken::new();
-        assert!(set.insert(slow, 1, slow_one.clone(), 4).is_none());
+        assert!(set.insert(slow, 1, slow_one.clone(), now, lim(4)).is_none());
         let mut floods = Vec::new();
         for id in 2..5 {
             floods.push(token(id));
             assert!(set
-                .insert(flood, id, floods.last().unwrap().clone(), 4)
+                .insert(flood, id, floods.last().unwrap().clone(), now, lim(4))
                 .is_none());
         }
         // Full: each newer connection of the flood closes its oldest.
         for id in 5..20 {
-            let victim = set.insert(flood, id, token(id), 4).expect("one to close");
+            let victim = set
+                .insert(flood, id, token(id), now, lim(4))
+                .expect("one to close");
             victim.cancel();
             assert!(!slow_one.is_cancelled(), "the slow handshake was closed");
         }
@@ -271,7 +296,7 @@ mod tests {
         assert_eq!(set.len(), 4);
         // The source with the most loses its oldest, to a newcomer of
         // another source too.
-        let victim = set.insert(slow, 20, token(20), 4).unwrap();
+        let victim = set.insert(slow, 20, token(20), now, lim(4)).unwrap();
         victim.cancel();
         assert!(!slow_one.is_cancelled());
         set.remove(flood, 17);
@@ -279,7 +304,7 @@ mod tests {
         set.remove(flood, 19);
         // 2 left: the slow source's (1 and 20), and none of the flood's.
         assert_eq!(set.len(), 2);
-        let victim = set.insert(flood, 21, token(21), 2).unwrap();
+        let victim = set.insert(flood, 21, token(21), now, lim(2)).unwrap();
         victim.cancel();
         assert!(slow_one.is_cancelled(), "the larger source's oldest goes");
         set.remove(slow, 20);
@@ -289,13 +314,30 @@ mod tests {
         // Two sources alike: the newcomer's, counted with it, is the larger.
         let (a, b) = (slow, flood);
         let first = CancellationToken::new();
-        assert!(set.insert(a, 30, first.clone(), 4).is_none());
-        assert!(set.insert(a, 31, token(31), 4).is_none());
+        assert!(set.insert(a, 30, first.clone(), now, lim(4)).is_none());
+        assert!(set.insert(a, 31, token(31), now, lim(4)).is_none());
         let b_oldest = CancellationToken::new();
-        assert!(set.insert(b, 32, b_oldest.clone(), 4).is_none());
-        assert!(set.insert(b, 33, token(33), 4).is_none());
-        set.insert(b, 34, token(34), 4).unwrap().cancel();
+        assert!(set.insert(b, 32, b_oldest.clone(), now, lim(4)).is_none());
+        assert!(set.insert(b, 33, token(33), now, lim(4)).is_none());
+        set.insert(b, 34, token(34), now, lim(4)).unwrap().cancel();
         assert!(b_oldest.is_cancelled() && !first.is_cancelled());
+
+        // A handshake younger than the age floor is not picked: the limit
+        // is exceeded instead, until it is old enough.
+        let floor = PendingLimit {
+            max: 1,
+            min_age: Duration::from_secs(1),
+        };
+        let young = CancellationToken::new();
+        let mut set = PendingSet::default();
+        assert!(set.insert(flood, 40, young.clone(), now, floor).is_none());
+        assert!(set.insert(flood, 41, token(41), now, floor).is_none());
+        assert_eq!(set.len(), 2);
+        let later = now + Duration::from_secs(2);
+        set.insert(flood, 42, token(42), later, floor)
+            .expect("old enough")
+            .cancel();
+        assert!(young.is_cancelled());
     }
 
     /// Told to close, a connection whose client owes the next message fails

@@ -93,6 +93,8 @@ pub struct Limits {
     /// Most connections held whose TLS handshake has not finished (on the
     /// plain bootstrap listener: that have sent nothing).
     pub max_pending: usize,
+    /// The youngest handshake [`Limits::max_pending`] may close.
+    pub pending_min_age: Duration,
     /// Longest silence allowed when a client asks for no keep-alive, and the
     /// cap on 1.5 × the keep-alive it asks for.
     pub max_idle: Duration,
@@ -211,8 +213,8 @@ impl Shared {
     /// Counts connection `id` from `source` (an IPv6 address by its /64) as
     /// pending until the guard drops; when that makes more than
     /// `max_pending`, the oldest pending connection of the source with the
-    /// most is told to close (it does if its client owes the next message:
-    /// [`evict`]).
+    /// most, if older than `pending_min_age`, is told to close (it does if
+    /// its client owes the next message: [`evict`]).
     fn pending(&self, source: IpAddr, id: u64) -> Pending<'_> {
         let source = evict::source_key(source);
         let closing = CancellationToken::new();
@@ -220,7 +222,16 @@ impl Shared {
             .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(source, id, closing.clone(), self.limits.max_pending);
+            .insert(
+                source,
+                id,
+                closing.clone(),
+                Instant::now(),
+                evict::PendingLimit {
+                    max: self.limits.max_pending,
+                    min_age: self.limits.pending_min_age,
+                },
+            );
         if let Some(victim) = victim {
             victim.cancel();
         }
