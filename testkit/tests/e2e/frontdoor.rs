@@ -928,6 +928,89 @@ async fn a_flood_of_connections_that_stop_talking_keeps_no_device_out() {
     assert!(fleet.broker.metrics.get(|m| &m.evicted) >= slots as u64);
 }
 
+/// A device that answers the broker's flight late (1.5 s, past the age
+/// floor) while another address floods the service listener with
+/// connections that never speak, far over `max_pending_handshakes`: the
+/// flood's own connections are closed, and the slow handshake completes.
+#[tokio::test]
+async fn a_flood_from_another_address_spares_a_slow_handshake() {
+    let fleet = Fleet::start_tuned(|b| b.max_pending_handshakes = 20, |_| {})
+        .await
+        .unwrap();
+    let service = fleet.service_addr();
+    let flooding = tokio_util::sync::CancellationToken::new();
+    let flood = {
+        let stop = flooding.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(4));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                if socket.bind("127.0.0.2:0".parse().unwrap()).is_err() {
+                    continue;
+                }
+                let Ok(mut s) = socket.connect(service).await else {
+                    continue;
+                };
+                let stop = stop.clone();
+                // Held until the broker closes it.
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf) => {}
+                    }
+                });
+            }
+        })
+    };
+    let evicted = || fleet.broker.metrics.get(|m| &m.evicted);
+    eventually(
+        T,
+        "the flood to be closed for newer connections",
+        || async move { (evicted() > 0).then_some(()) },
+    )
+    .await
+    .unwrap();
+    let (chain, key) = certified(&fleet, "slow1", "svcA");
+    let root = std::fs::read(fleet.certs_dir().join("root-ca.pem")).unwrap();
+    let config = Resuming::new(
+        service,
+        "slow1",
+        &root,
+        (&chain, &key),
+        &rustls::version::TLS13,
+    )
+    .unwrap()
+    .config;
+    let before = evicted();
+    let slow = tokio::task::spawn_blocking(move || -> anyhow::Result<[u8; 4]> {
+        let mut tcp = std::net::TcpStream::connect(service)?;
+        tcp.set_read_timeout(Some(T))?;
+        let name = rustls::pki_types::ServerName::try_from("localhost")?;
+        let mut conn = rustls::ClientConnection::new(config, name)?;
+        conn.write_tls(&mut tcp)?;
+        // The broker's flight, read and taken in; then a long pause.
+        while !conn.wants_write() {
+            conn.read_tls(&mut tcp)?;
+            conn.process_new_packets()?;
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        connack(&mut tls, "slow1")
+    });
+    let ack = slow.await.unwrap();
+    let closed_meanwhile = evicted() - before;
+    flooding.cancel();
+    flood.await.unwrap();
+    assert_eq!(ack.unwrap(), [0x20, 2, 0, 0], "the slow handshake");
+    assert!(
+        closed_meanwhile > 0,
+        "no connection was closed for others while the device was slow"
+    );
+}
+
 #[tokio::test]
 async fn a_service_provider_reads_its_own_tenants_telemetry_and_nothing_else() {
     let (fleet, _devices, observer) = running_fleet().await;
