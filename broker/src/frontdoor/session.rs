@@ -121,6 +121,20 @@ struct Will {
 }
 
 impl Will {
+    /// How long a Will waits after its connection ends: its delay or the end
+    /// of the session, whichever comes first (MQTT 5 §3.1.3.2.2), and never
+    /// more than [`MAX_WILL_DELAY`]. A session that ends with its
+    /// connection (`clean`) has its Will at once.
+    fn wait(will: Option<&Will>, clean: bool, session_expiry: u32) -> Duration {
+        match (will, clean) {
+            (Some(w), false) => w
+                .delay
+                .min(Duration::from_secs(session_expiry.into()))
+                .min(MAX_WILL_DELAY),
+            _ => Duration::ZERO,
+        }
+    }
+
     fn new(will: LastWill, properties: Option<LastWillProperties>) -> Will {
         let delay = properties
             .as_ref()
@@ -319,16 +333,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             .unwrap_or(0);
         let keeps = !connect.clean_session && (version == Version::V311 || expiry > 0);
         let clean = !keeps || matches!(identity, Identity::Bootstrap { .. });
-        // A Will waits for its delay or the end of the session, whichever comes
-        // first (MQTT 5 §3.1.3.2.2): a session that ends with its connection
-        // has its Will at once.
-        let mut will_wait = match (&will, clean) {
-            (Some(w), false) => w
-                .delay
-                .min(Duration::from_secs(expiry.into()))
-                .min(MAX_WILL_DELAY),
-            _ => Duration::ZERO,
-        };
+        let mut will_wait = Will::wait(will.as_ref(), clean, expiry);
         // What the client announced it takes (MQTT 5 §3.1.2.11.3-4).
         let (receive_max, max_packet) = match (version, properties.as_ref()) {
             (Version::V5, Some(p)) => (p.receive_maximum, p.max_packet_size),
@@ -427,12 +432,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 "Session Expiry Interval set by DISCONNECT after 0 at CONNECT".into(),
             )),
             Ok((reason, Some(ends))) => {
-                if let (Some(w), false) = (&will, clean) {
-                    will_wait = w
-                        .delay
-                        .min(Duration::from_secs(ends.into()))
-                        .min(MAX_WILL_DELAY);
-                }
+                will_wait = Will::wait(will.as_ref(), clean, ends);
                 Ok(reason)
             }
             Ok((reason, None)) => Ok(reason),
