@@ -544,7 +544,7 @@ async fn handshake(
     id: u64,
 ) -> Result<Tls, session::SessionError> {
     let pending = shared.pending(source, id);
-    let closing = pending.closing.clone();
+    let closing = &pending.closing;
     let accept = async {
         let io = hold::TicketHold::new(evict::Evictable::new(stream, closing.clone()));
         let hello = LazyConfigAcceptor::new(Acceptor::default(), io);
