@@ -3,20 +3,26 @@
 //!
 //! Three listeners like the front door's (internal for the manager,
 //! bootstrap over TLS, service over mutual TLS with the certificate CN as
-//! the username) and one ACL file: the manager may use every topic, a
-//! bootstrap client only its own request and reply topics (patterns on its
-//! client id), and each device on the service listener only its own topics
-//! in the tenants the registry gives it: its current service and, during a
-//! migration, the pending one. The ACL is regenerated from the registry and
-//! mosquitto reloaded (SIGHUP) when assignments change.
+//! the username and the client id) and one ACL file: the manager may use
+//! every topic, a bootstrap client only its own request and reply topics
+//! (patterns on its client id), and each device on the service listener
+//! only its own topics in the tenants the registry gives it: its current
+//! service and, during a migration, the pending one. The ACL is regenerated
+//! from the registry and mosquitto reloaded (SIGHUP) when assignments
+//! change.
 //!
-//! What mosquitto cannot express and the front door does: binding the
-//! client id to the certificate (mosquitto offers `use_identity_as_username`,
-//! so grants follow the certificate, but a client id is one namespace over
-//! all listeners), refusing a CN the registry does not know at the
-//! handshake, and cutting a live session when its certificate is revoked
-//! (mosquitto checks `crlfile` at a full handshake; see topics.md §10.3 for
-//! what it does not check).
+//! On the service listener mosquitto replaces the client id a client sends
+//! with its certificate's CN (`use_username_as_clientid`), so a certified
+//! client displaces only a connection of its own CN, whatever id it asks
+//! for; the front door refuses such a CONNECT instead.
+//!
+//! What mosquitto cannot express and the front door does: keeping a
+//! bootstrap client from using a device's client id (a client id is one
+//! namespace over all listeners, and a bootstrap client chooses its own, so
+//! it displaces the device's service connection), refusing a CN the
+//! registry does not know at the handshake, and cutting a live session
+//! when its certificate is revoked (mosquitto checks `crlfile` at a full
+//! handshake; see topics.md §10.3 for what it does not check).
 //!
 //! A resumed TLS session skips every check of the certificate, its expiry
 //! too, and mosquitto has no setting for resumption, which it leaves on (a
@@ -162,14 +168,15 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
     );
     let _ = writeln!(
         conf,
-        "\n# service: mutual TLS, the certificate CN is the username; TLS 1.3\n\
-         # only, whose sessions resume by ticket alone, and openssl.cnf sends none"
+        "\n# service: mutual TLS, the certificate CN is the username and the\n\
+         # client id, whatever id the client sent; TLS 1.3 only, whose\n\
+         # sessions resume by ticket alone, and openssl.cnf sends none"
     );
     let _ = writeln!(conf, "listener {} {}", p.service.port(), p.service.ip());
     let _ = writeln!(
         conf,
         "certfile {certs}/broker.pem\nkeyfile {certs}/broker.key\ncafile {out}/cafile.pem\ncrlfile {out}/crl.pem\n\
-         require_certificate true\nuse_identity_as_username true\ntls_version tlsv1.3"
+         require_certificate true\nuse_identity_as_username true\nuse_username_as_clientid true\ntls_version tlsv1.3"
     );
 
     let mut acl = String::new();

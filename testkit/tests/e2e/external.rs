@@ -139,14 +139,14 @@ async fn generated_mosquitto_rules_hold() {
 
     let devices = Devices::new(dir.path().join("devices"));
     let mut regs = Vec::new();
-    for (d, s) in [("ext1", "svcA"), ("ext2", "svcB")] {
+    for (d, s) in [("ext1", "svcA"), ("ext2", "svcB"), ("ext3", "svcB")] {
         let key = fleet_device_sim::provision(&devices.store_root, d).unwrap();
         regs.push(json!({ "device_id": d, "service_id": s, "factory_key_hex": hex::encode(key) }));
     }
     fleet_manager::admin::call(&admin, "POST", "/v1/registrations", Some(&json!(regs)))
         .await
         .unwrap();
-    assert_eq!(regenerate().await.unwrap(), 2);
+    assert_eq!(regenerate().await.unwrap(), 3);
 
     let endpoints = fleet_testkit::DeviceEndpoints {
         bootstrap: params.bootstrap_tls,
@@ -162,34 +162,47 @@ async fn generated_mosquitto_rules_hold() {
     .await
     .unwrap();
     observer.subscribe("#").await.unwrap();
-    for d in ["ext1", "ext2"] {
-        devices.spawn(devices.config_for(&endpoints, &certs, d, KeyMode::Csr));
-    }
+    let tasks: Vec<_> = ["ext1", "ext2", "ext3"]
+        .into_iter()
+        .map(|d| devices.spawn(devices.config_for(&endpoints, &certs, d, KeyMode::Csr)))
+        .collect();
     let on = |svc: &str, d: &str| Topic::in_tenant(svc, Route::Telemetry(d.into())).to_string();
-    observer.wait_for(&on("svcA", "ext1"), 1, T).await.unwrap();
-    observer.wait_for(&on("svcB", "ext2"), 1, T).await.unwrap();
-
-    // Hostile clients: an anonymous bootstrap client and a certified device
-    // of svcB reading and writing where they have no grant.
-    let root = certs.join("root-ca.pem");
-    let evil = Probe::tls(params.bootstrap_tls, "evil1", &root)
-        .await
-        .unwrap();
+    for (svc, d) in [("svcA", "ext1"), ("svcB", "ext2"), ("svcB", "ext3")] {
+        observer.wait_for(&on(svc, d), 1, T).await.unwrap();
+    }
+    // ext3 goes offline; its certificate is the certified intruder's below.
+    tasks[2].abort();
     let creds = devices
-        .store("ext2")
+        .store("ext3")
         .unwrap()
         .service_credentials("svcB")
         .unwrap()
         .unwrap();
-    let nosy = Probe::mtls(
-        params.service,
-        "ext2-second",
-        &root,
-        creds.chain_pem,
-        creds.key_pem,
-    )
-    .await
-    .unwrap();
+    let connects = |d: &str| {
+        devices
+            .events_of(d)
+            .iter()
+            .filter(|e| matches!(e, DeviceEvent::Connected { .. }))
+            .count()
+    };
+    let connected_before = [connects("ext1"), connects("ext2")];
+
+    // Hostile clients: an anonymous bootstrap client and a certified device
+    // of svcB reading and writing where they have no grant. The certified
+    // one asks for other devices' client ids, in several spellings:
+    // mosquitto gives it its certificate's CN instead
+    // (`use_username_as_clientid`), so it displaces no one.
+    let root = certs.join("root-ca.pem");
+    let evil = Probe::tls(params.bootstrap_tls, "evil1", &root)
+        .await
+        .unwrap();
+    let (chain, key) = (&creds.chain_pem, &creds.key_pem);
+    let certified =
+        |id: &'static str| Probe::mtls(params.service, id, &root, chain.clone(), key.clone());
+    for id in ["ext1", "EXT1", "ext1 ", "provider.weather"] {
+        drop(certified(id).await.unwrap());
+    }
+    let nosy = certified("ext2").await.unwrap();
     for probe in [&evil, &nosy] {
         for filter in [
             "#",
@@ -228,8 +241,25 @@ async fn generated_mosquitto_rules_hold() {
         evil.messages().len()
     );
     assert!(
-        nosy.messages().iter().all(|m| m.topic.ends_with("/ext2")),
+        nosy.messages().iter().all(|m| m.topic.ends_with("/ext3")),
         "service intruder received another device's traffic"
+    );
+    // ext1 and ext2 kept their connections through it all: telemetry of
+    // both arrived after the intruders, and neither device reconnected.
+    observer
+        .wait_for(
+            &on("svcB", "ext2"),
+            observer.on(&on("svcB", "ext2")).len() + 2,
+            T,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        [connects("ext1"), connects("ext2")],
+        connected_before,
+        "a device was displaced: {:?} {:?}",
+        devices.events_of("ext1"),
+        devices.events_of("ext2")
     );
     assert!(
         observer.messages()[mark..]
@@ -248,7 +278,7 @@ async fn generated_mosquitto_rules_hold() {
     )
     .await
     .unwrap();
-    assert_eq!(regenerate().await.unwrap(), 3);
+    assert_eq!(regenerate().await.unwrap(), 4);
     let pem = |k: &str| issued[k].as_str().unwrap().as_bytes().to_vec();
     let provider = Probe::mtls(
         params.service,
