@@ -251,6 +251,25 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
     })
 }
 
+/// The serials every CRL in `crlfile` (PEM CRLs one after another)
+/// revokes, spelled as the registry spells them: OpenSSL's hex of whole
+/// bytes, lowercase. A CRL that does not parse is left out.
+pub fn revoked_serials(crlfile: &str) -> std::collections::BTreeSet<String> {
+    const BEGIN: &str = "-----BEGIN X509 CRL-----";
+    crlfile
+        .match_indices(BEGIN)
+        .filter_map(|(at, _)| openssl::x509::X509Crl::from_pem(&crlfile.as_bytes()[at..]).ok())
+        .flat_map(|crl| {
+            crl.get_revoked()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r.serial_number().to_bn().ok()?.to_hex_str().ok())
+                .map(|h| h.to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// Replaces `path` with `bytes` by renaming a file written beside it, so
 /// mosquitto never reads a half-written one.
 fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -309,6 +328,30 @@ pub fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every CRL of the concatenated file counts, the root's empty one too,
+    /// and serials come out as the registry spells them (OpenSSL's hex of
+    /// whole bytes, lowercase).
+    #[test]
+    fn revoked_serials_of_every_crl_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = fleet_pki::Pki::open_or_create(dir.path()).unwrap();
+        let entry = |serial_hex: &str| fleet_pki::RevokedEntry {
+            serial_hex: serial_hex.into(),
+            revoked_at: 1_700_000_000,
+        };
+        let a = pki
+            .write_crl("svcA", &[entry("1a2b"), entry("ff")], 1)
+            .unwrap();
+        let b = pki.write_crl("svcB", &[entry("0c")], 2).unwrap();
+        let mut file = std::fs::read_to_string(pki.root_crl_path()).unwrap();
+        file += &std::fs::read_to_string(a).unwrap();
+        file += "not a CRL\n";
+        file += &std::fs::read_to_string(b).unwrap();
+        let got: Vec<_> = revoked_serials(&file).into_iter().collect();
+        assert_eq!(got, ["0c", "1a2b", "ff"]);
+        assert!(revoked_serials("").is_empty());
+    }
 
     /// A process is seen to run with the written `openssl.cnf` only when its
     /// `OPENSSL_CONF` names that file.

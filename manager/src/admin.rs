@@ -12,6 +12,7 @@
 //! | POST | `/v1/providers` | `{name, service_id}`: a service provider's certificate and key (PEM) for client id `provider.{name}` |
 //! | POST | `/v1/providers/{name}/revoke` | revoke every certificate of a provider |
 //! | GET | `/v1/grants` | the tenants each device may use at the broker (for external brokers' ACLs) |
+//! | GET | `/v1/certificates/{serial}` | one certificate by serial (lowercase hex of whole bytes) |
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -270,6 +271,14 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
             blocking(move || reset(&core, &id)).await
         }
         ("GET", ["v1", "summary"]) => blocking(move || summary(&core)).await,
+        ("GET", ["v1", "certificates", serial]) => {
+            let serial = serial.to_string();
+            blocking(move || match core.store.cert(&serial).map_err(internal)? {
+                Some(c) => Ok(cert_view(&c)),
+                None => Err((404, format!("no certificate {serial}"))),
+            })
+            .await
+        }
         ("GET", ["v1", "grants"]) => {
             blocking(move || {
                 let grants = core.grants().map_err(internal)?;

@@ -155,13 +155,21 @@ pub fn manager_filters() -> [String; 2] {
     ]
 }
 
+/// The manager's name at the broker (username and client id), which no
+/// device may take: on a broker that names a client by its certificate's
+/// CN (mosquitto's `use_identity_as_username`), a device of that name
+/// would be given the manager's grants.
+pub const RESERVED_DEVICE_ID: &str = "fleet-manager";
+
 /// Device ids: 1–64 of `A-Z a-z 0-9 - _`. No `/`, `+`, `#` or `.` (rumqttd
-/// joins tenant and client id with a dot).
+/// joins tenant and client id with a dot), and not
+/// [`RESERVED_DEVICE_ID`] in any case.
 pub fn validate_device_id(id: &str) -> Result<(), ProtocolError> {
     let ok = (1..=64).contains(&id.len())
         && id
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && !id.eq_ignore_ascii_case(RESERVED_DEVICE_ID);
     if ok {
         Ok(())
     } else {
@@ -228,6 +236,8 @@ mod tests {
             "telemetry/dev1",
             "fleet/v1/activate/a.b",
             "fleet/v1/activate/",
+            "fleet/v1/activate/fleet-manager",
+            "/tenants/A/telemetry/Fleet-Manager",
         ] {
             assert!(Topic::parse(bad).is_err(), "{bad} parsed");
         }

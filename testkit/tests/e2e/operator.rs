@@ -104,6 +104,27 @@ async fn operator_commands_reach_the_running_manager() {
     let summary = &cli(&["summary", "--admin", &admin]).await[0];
     assert_eq!(summary["devices_per_service"]["svcB"], json!(2));
     assert_eq!(summary["certs"]["superseded"], json!(2));
+
+    // One certificate by its serial, as a CRL names it.
+    let serial = certs[0]["serial"].as_str().unwrap();
+    let one =
+        fleet_manager::admin::call(&admin, "GET", &format!("/v1/certificates/{serial}"), None)
+            .await
+            .unwrap();
+    assert_eq!(one["device_id"], json!("op1"));
+    assert_eq!(one["status"], json!("superseded"));
+    assert!(
+        fleet_manager::admin::call(&admin, "GET", "/v1/certificates/00ff", None)
+            .await
+            .is_err()
+    );
+    // The manager's name at the broker is no device id, in any case.
+    for id in ["fleet-manager", "Fleet-Manager"] {
+        let body = json!([{ "device_id": id, "service_id": "svcA" }]);
+        let refused =
+            fleet_manager::admin::call(&admin, "POST", "/v1/registrations", Some(&body)).await;
+        assert!(refused.is_err(), "{id} registered: {refused:?}");
+    }
     devices.shutdown.cancel();
     for t in tasks {
         tokio::time::timeout(T, t).await.unwrap().unwrap().unwrap();
