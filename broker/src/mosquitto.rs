@@ -22,7 +22,9 @@
 //! it displaces the device's service connection), refusing a CN the
 //! registry does not know at the handshake, and cutting a live session
 //! when its certificate is revoked (mosquitto checks `crlfile` at a full
-//! handshake; see topics.md §10.3 for what it does not check).
+//! handshake; see topics.md §10.3 for what it does not check). The last is
+//! done from outside by `fleet-manager mosquitto-config --watch-ms`, which
+//! takes the session's client id over through the internal listener.
 //!
 //! A resumed TLS session skips every check of the certificate, its expiry
 //! too, and mosquitto has no setting for resumption, which it leaves on (a

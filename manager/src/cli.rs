@@ -97,7 +97,8 @@ pub enum Command {
         /// Keep running: look at the registry and the CRLs every this many
         /// milliseconds, and write the files (and reload mosquitto) whenever
         /// they change, so that grants and revocations reach mosquitto
-        /// without anyone running this again.
+        /// without anyone running this again. With the secret, a revoked
+        /// certificate's live connection is also cut (see topics.md §10.3).
         #[arg(long)]
         watch_ms: Option<u64>,
     },
@@ -323,6 +324,15 @@ pub async fn write_mosquitto_config(
 /// one written, writes it and reloads mosquitto, until `stop`. Whatever
 /// fails (the manager unreachable, a write, the reload) is logged and
 /// tried again at the next look.
+///
+/// With the manager's `secret`, it also cuts the live connection of every
+/// certificate the written CRLs newly revoke with status `revoked` (an
+/// operator's reset, a provider revoked), which mosquitto itself leaves
+/// open until the client reconnects: see [`cut_connection`]. It cuts at
+/// the look that wrote the CRL and again at the next, in case the client
+/// came back before mosquitto had reloaded. A superseded certificate is
+/// not cut: its device moved to the newer one, whose connection, under
+/// the same client id, already displaced it.
 pub async fn watch_mosquitto_config(
     admin: &str,
     params: &fleet_broker::mosquitto::MosquittoParams,
@@ -332,7 +342,16 @@ pub async fn watch_mosquitto_config(
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut written: Option<fleet_broker::mosquitto::MosquittoFiles> = None;
+    // Principals cut at the last look, cut again at this one.
+    let mut cut_again: Vec<String> = Vec::new();
+    if secret.is_none() {
+        tracing::warn!(
+            "no secret: connections of revoked certificates stay open on mosquitto \
+             until their clients reconnect"
+        );
+    }
     loop {
+        let mut to_cut = Vec::new();
         match render_from_registry(admin, params).await {
             Ok((files, n)) if written.as_ref() != Some(&files) => {
                 let first = written.is_none();
@@ -340,6 +359,14 @@ pub async fn watch_mosquitto_config(
                 match apply_mosquitto_config(params, &files, secret.filter(|_| first), reload_pid) {
                     Ok(()) => {
                         tracing::info!(devices = n, "mosquitto configuration written");
+                        if let Some(before) = &written {
+                            let revoked = fleet_broker::mosquitto::revoked_serials;
+                            let was = revoked(&before.crlfile);
+                            let newly = revoked(&files.crlfile)
+                                .into_iter()
+                                .filter(|s| !was.contains(s));
+                            to_cut = revoked_principals(admin, newly).await;
+                        }
                         written = Some(files);
                     }
                     Err(err) => tracing::warn!(error = %err, "mosquitto configuration not applied"),
@@ -348,11 +375,75 @@ pub async fn watch_mosquitto_config(
             Ok(_) => {}
             Err(err) => tracing::warn!(error = %err, "mosquitto configuration not rendered"),
         }
+        if let Some(secret) = secret {
+            for principal in to_cut.iter().chain(&cut_again) {
+                match cut_connection(params.internal, secret, principal).await {
+                    Ok(()) => tracing::info!(principal, "connection of a revoked certificate cut"),
+                    Err(err) => tracing::warn!(principal, error = %err, "connection not cut"),
+                }
+            }
+        }
+        cut_again = to_cut;
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             _ = tokio::time::sleep(every) => {}
         }
     }
+}
+
+/// The principals (CNs) of the certificates `serials` that were revoked,
+/// not superseded. A serial the manager does not know is left out.
+async fn revoked_principals(admin: &str, serials: impl Iterator<Item = String>) -> Vec<String> {
+    let mut out = Vec::new();
+    for serial in serials {
+        match call(admin, "GET", &format!("/v1/certificates/{serial}"), None).await {
+            Ok(c) if c["status"] == "revoked" => {
+                if let Some(p) = c["device_id"].as_str() {
+                    if !out.iter().any(|o| o == p) {
+                        out.push(p.to_string());
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(serial, error = %err, "revoked certificate not looked up"),
+        }
+    }
+    out
+}
+
+/// Cuts the connection mosquitto holds for client id `principal`: connects
+/// to its internal listener as the manager with that client id, which
+/// makes mosquitto close the connection holding it (MQTT's session
+/// takeover; on the service listener a client's id is its certificate's
+/// CN), and disconnects at once. A client whose certificate mosquitto's
+/// CRLs now revoke cannot connect again.
+pub async fn cut_connection(
+    internal: std::net::SocketAddr,
+    secret: &str,
+    principal: &str,
+) -> anyhow::Result<()> {
+    use rumqttc::{ConnectReturnCode, Event, Outgoing, Packet};
+    let mut opts = rumqttc::MqttOptions::new(principal, internal.ip().to_string(), internal.port());
+    opts.set_credentials(fleet_broker::MANAGER_USER, secret);
+    opts.set_clean_session(true);
+    let (client, mut events) = rumqttc::AsyncClient::new(opts, 4);
+    tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            if let Event::Incoming(Packet::ConnAck(ack)) = events.poll().await? {
+                anyhow::ensure!(
+                    ack.code == ConnectReturnCode::Success,
+                    "CONNACK {:?}",
+                    ack.code
+                );
+                break;
+            }
+        }
+        client.disconnect().await?;
+        while !matches!(events.poll().await?, Event::Outgoing(Outgoing::Disconnect)) {}
+        Ok(())
+    })
+    .await
+    .context("mosquitto did not answer within 5 s")?
 }
 
 /// Writes `files` and, with a pid, tells that mosquitto to reload them.

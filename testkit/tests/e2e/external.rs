@@ -357,7 +357,7 @@ async fn generated_mosquitto_rules_hold() {
             fleet_manager::cli::watch_mosquitto_config(
                 &admin,
                 &params,
-                None,
+                Some(secret),
                 Some(pid),
                 every,
                 stop,
@@ -412,7 +412,7 @@ async fn generated_mosquitto_rules_hold() {
         "a revoked certificate connected again"
     );
     // For contrast, a svcA certificate still valid (the provider's) connects.
-    Probe::mtls(
+    let weather = Probe::mtls(
         params.service,
         "weather-check",
         &root,
@@ -421,6 +421,39 @@ async fn generated_mosquitto_rules_hold() {
     )
     .await
     .unwrap();
+    weather
+        .subscribe("/tenants/svcA/telemetry/+")
+        .await
+        .unwrap();
+
+    // Revoked, the provider's live connection is cut (mosquitto alone
+    // would keep it until it reconnects), and it cannot come back.
+    let revoked_at = std::time::Instant::now();
+    fleet_manager::admin::call(&admin, "POST", "/v1/providers/weather/revoke", None)
+        .await
+        .unwrap();
+    eventually(T, "the revoked provider's connection to be cut", || {
+        let cut = weather.is_cut();
+        async move { cut.then_some(()) }
+    })
+    .await
+    .unwrap();
+    tracing::info!(elapsed = ?revoked_at.elapsed(), "revoked connection cut");
+    assert!(
+        Probe::mtls(
+            params.service,
+            "weather-again",
+            &root,
+            pem("chain_pem"),
+            pem("key_pem")
+        )
+        .await
+        .is_err(),
+        "a revoked provider connected again"
+    );
+    // The devices, whose certificates were superseded, not revoked, were
+    // not cut: ext2 never reconnected.
+    assert_eq!(connects("ext2"), connected_before[1]);
     watching.cancel();
     watcher.await.unwrap().unwrap();
 
