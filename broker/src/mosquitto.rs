@@ -1,26 +1,33 @@
 //! The front door's rules as a mosquitto 2.0 configuration, for running the
 //! fleet on an external broker.
 //!
-//! Three listeners like the front door's (internal for the manager,
-//! bootstrap over TLS, service over mutual TLS with the certificate CN as
-//! the username and the client id) and one ACL file: the manager may use
-//! every topic, a bootstrap client only its own request and reply topics
+//! Two mosquitto processes. The main one (`mosquitto.conf`) has the
+//! internal listener (the manager) and the service listener (mutual TLS,
+//! the certificate CN as the username and the client id). The bootstrap
+//! one (`bootstrap.conf`) has the bootstrap listener (server-authenticated
+//! TLS) and bridges the bootstrap topics to the main one's internal
+//! listener, as [`BRIDGE_USER`]: requests out, replies and service-change
+//! notices in. mosquitto has one client-id namespace per process, and a
+//! bootstrap client chooses its own id; in one process, a bootstrap client
+//! using a connected device's id displaced the device's service
+//! connection. Apart, it can displace only another bootstrap client.
+//!
+//! The ACLs: the manager may use every topic, the bridge the bootstrap
+//! topics, a bootstrap client only its own request and reply topics
 //! (patterns on its client id), and each device on the service listener
 //! only its own topics in the tenants the registry gives it: its current
-//! service and, during a migration, the pending one. The ACL is regenerated
-//! from the registry and mosquitto reloaded (SIGHUP) when assignments
-//! change.
+//! service and, during a migration, the pending one. The main ACL is
+//! regenerated from the registry and mosquitto reloaded (SIGHUP) when
+//! assignments change; the bootstrap one does not change.
 //!
 //! On the service listener mosquitto replaces the client id a client sends
 //! with its certificate's CN (`use_username_as_clientid`), so a certified
 //! client displaces only a connection of its own CN, whatever id it asks
 //! for; the front door refuses such a CONNECT instead.
 //!
-//! What mosquitto cannot express and the front door does: keeping a
-//! bootstrap client from using a device's client id (a client id is one
-//! namespace over all listeners, and a bootstrap client chooses its own, so
-//! it displaces the device's service connection), refusing a CN the
-//! registry does not know at the handshake, and cutting a live session
+//! What mosquitto cannot express and the front door does: keeping one
+//! bootstrap client from displacing another of the same id, refusing a CN
+//! the registry does not know at the handshake, and cutting a live session
 //! when its certificate is revoked (mosquitto checks `crlfile` at a full
 //! handshake; see topics.md §10.3 for what it does not check). The last is
 //! done from outside by `fleet-manager mosquitto-config --watch-ms`, which
@@ -61,11 +68,37 @@ pub struct DeviceGrant {
     pub services: Vec<String>,
 }
 
+/// The bootstrap mosquitto's client id and username at the main one.
+/// It has a dot, so no device id (and no `provider.` prefix) is it.
+pub const BRIDGE_USER: &str = "bridge.bootstrap";
+
+/// Where [`write`] puts the bridge's secret in `bootstrap.conf`.
+const BRIDGE_SECRET_MARK: &str = "@BRIDGE_SECRET@";
+
+/// The topics the bootstrap mosquitto bridges: requests out to the main
+/// one, replies and service-change notices in.
+const BRIDGED: [(&str, &str); 9] = [
+    ("out", "fleet/v1/activate/+"),
+    ("out", "fleet/v1/update/+"),
+    ("out", "fleet/v1/poll/+"),
+    ("out", "fleet/v1/status/+"),
+    ("in", "fleet/v1/activate/+/reply"),
+    ("in", "fleet/v1/update/+/reply"),
+    ("in", "fleet/v1/poll/+/reply"),
+    ("in", "fleet/v1/status/+/reply"),
+    ("in", "fleet/v1/service/change/+"),
+];
+
 /// The generated files' contents.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MosquittoFiles {
+    /// The main mosquitto: internal and service listeners.
     pub conf: String,
     pub acl: String,
+    /// The bootstrap mosquitto: the bootstrap listener, bridged to the
+    /// main one's internal listener (its secret is put in by [`write`]).
+    pub bootstrap_conf: String,
+    pub bootstrap_acl: String,
     /// CA bundle for the service listener: root and every service CA.
     pub cafile: String,
     /// Every service CA's CRL in one file.
@@ -142,32 +175,28 @@ pub fn runs_with_openssl_cnf(pid: u32, out_dir: &Path) -> Option<bool> {
 pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<MosquittoFiles> {
     let out = abs(&p.out_dir);
     let certs = abs(&p.certs_dir);
+    let common = |conf: &mut String, acl_file: &str| {
+        let _ = writeln!(conf, "per_listener_settings false");
+        let _ = writeln!(conf, "acl_file {out}/{acl_file}");
+        let _ = writeln!(conf, "persistence false\nlog_dest stderr");
+        let _ = writeln!(conf, "user {}", p.user);
+        let _ = writeln!(conf, "max_packet_size {}", 256 * 1024);
+    };
     let mut conf = String::new();
     let _ = writeln!(
         conf,
         "# Generated by fleetshift: the front door's rules for mosquitto 2.0.\n\
-         # Run with OPENSSL_CONF={out}/openssl.cnf (no TLS session resumption)."
+         # Run with OPENSSL_CONF={out}/openssl.cnf (no TLS session resumption).\n\
+         # The bootstrap listener is a mosquitto of its own: bootstrap.conf."
     );
-    let _ = writeln!(conf, "per_listener_settings false");
-    let _ = writeln!(conf, "allow_anonymous true");
+    common(&mut conf, "acl");
+    let _ = writeln!(conf, "allow_anonymous false");
     let _ = writeln!(conf, "password_file {out}/passwd");
-    let _ = writeln!(conf, "acl_file {out}/acl");
-    let _ = writeln!(conf, "persistence false\nlog_dest stderr");
-    let _ = writeln!(conf, "user {}", p.user);
-    let _ = writeln!(conf, "max_packet_size {}", 256 * 1024);
-    let _ = writeln!(conf, "\n# internal: the manager (username and secret)");
+    let _ = writeln!(
+        conf,
+        "\n# internal: the manager and the bootstrap bridge (username and secret)"
+    );
     let _ = writeln!(conf, "listener {} {}", p.internal.port(), p.internal.ip());
-    let _ = writeln!(conf, "\n# bootstrap: server-authenticated TLS");
-    let _ = writeln!(
-        conf,
-        "listener {} {}",
-        p.bootstrap_tls.port(),
-        p.bootstrap_tls.ip()
-    );
-    let _ = writeln!(
-        conf,
-        "certfile {certs}/broker.pem\nkeyfile {certs}/broker.key\ntls_version tlsv1.2"
-    );
     let _ = writeln!(
         conf,
         "\n# service: mutual TLS, the certificate CN is the username and the\n\
@@ -181,14 +210,51 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
          require_certificate true\nuse_identity_as_username true\nuse_username_as_clientid true\ntls_version tlsv1.3"
     );
 
-    let mut acl = String::new();
+    let mut bootstrap_conf = String::new();
     let _ = writeln!(
-        acl,
-        "# Generated by fleetshift from the registry; see topics.md 2.3."
+        bootstrap_conf,
+        "# Generated by fleetshift: the bootstrap listener for mosquitto 2.0, a\n\
+         # mosquitto of its own, so that its clients' ids are apart from the\n\
+         # service listener's: a bootstrap client cannot displace a device's\n\
+         # service connection. It bridges the bootstrap topics to the main\n\
+         # mosquitto (mosquitto.conf) through its internal listener.\n\
+         # Run with OPENSSL_CONF={out}/openssl.cnf."
+    );
+    common(&mut bootstrap_conf, "bootstrap-acl");
+    let _ = writeln!(bootstrap_conf, "allow_anonymous true");
+    let _ = writeln!(bootstrap_conf, "\n# bootstrap: server-authenticated TLS");
+    let _ = writeln!(
+        bootstrap_conf,
+        "listener {} {}",
+        p.bootstrap_tls.port(),
+        p.bootstrap_tls.ip()
     );
     let _ = writeln!(
-        acl,
-        "# Bootstrap clients: only their own request and reply topics."
+        bootstrap_conf,
+        "certfile {certs}/broker.pem\nkeyfile {certs}/broker.key\ntls_version tlsv1.2"
+    );
+    let _ = writeln!(bootstrap_conf, "\nconnection fleet-main");
+    let _ = writeln!(
+        bootstrap_conf,
+        "address {}:{}",
+        p.internal.ip(),
+        p.internal.port()
+    );
+    let _ = writeln!(
+        bootstrap_conf,
+        "remote_clientid {BRIDGE_USER}\nremote_username {BRIDGE_USER}\n\
+         remote_password {BRIDGE_SECRET_MARK}\ncleansession true\nnotifications false\n\
+         bridge_protocol_version mqttv311\nrestart_timeout 1 10"
+    );
+    for (direction, topic) in BRIDGED {
+        let _ = writeln!(bootstrap_conf, "topic {topic} {direction} 1");
+    }
+
+    let mut bootstrap_acl = String::new();
+    let _ = writeln!(
+        bootstrap_acl,
+        "# Generated by fleetshift; see topics.md 2.3.\n\
+         # Bootstrap clients: only their own request and reply topics."
     );
     for line in [
         "pattern write fleet/v1/activate/%c",
@@ -201,7 +267,22 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
         "pattern read fleet/v1/status/%c/reply",
         "pattern read fleet/v1/service/change/%c",
     ] {
-        let _ = writeln!(acl, "{line}");
+        let _ = writeln!(bootstrap_acl, "{line}");
+    }
+
+    let mut acl = String::new();
+    let _ = writeln!(
+        acl,
+        "# Generated by fleetshift from the registry; see topics.md 2.3."
+    );
+    let _ = writeln!(
+        acl,
+        "\n# The bootstrap mosquitto's bridge: bootstrap requests in, replies out."
+    );
+    let _ = writeln!(acl, "user {BRIDGE_USER}");
+    for (direction, topic) in BRIDGED {
+        let access = if direction == "out" { "write" } else { "read" };
+        let _ = writeln!(acl, "topic {access} {topic}");
     }
     let _ = writeln!(acl, "\nuser {}", crate::MANAGER_USER);
     let _ = writeln!(acl, "topic readwrite #");
@@ -248,6 +329,8 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
     Ok(MosquittoFiles {
         conf,
         acl,
+        bootstrap_conf,
+        bootstrap_acl,
         cafile,
         crlfile,
     })
@@ -273,16 +356,30 @@ pub fn revoked_serials(crlfile: &str) -> std::collections::BTreeSet<String> {
 }
 
 /// Replaces `path` with `bytes` by renaming a file written beside it, so
-/// mosquitto never reads a half-written one.
-fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// mosquitto never reads a half-written one; a new file gets `mode`.
+fn replace_with_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
-    std::fs::write(&tmp, bytes)?;
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
     std::fs::rename(&tmp, path)
 }
 
-/// Writes the files into `p.out_dir` (the password file only if missing or
-/// `secret` is given).
+fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    replace_with_mode(path, bytes, 0o644)
+}
+
+/// Writes the files into `p.out_dir`. The bridge's secret is made once
+/// (`bridge.secret`) and kept; the password file gets the manager's line
+/// when `secret` is given, and the bridge's when it has none or the
+/// bridge's secret is new.
 pub fn write(
     p: &MosquittoParams,
     files: &MosquittoFiles,
@@ -291,6 +388,10 @@ pub fn write(
     std::fs::create_dir_all(&p.out_dir)?;
     replace(&p.out_dir.join("openssl.cnf"), OPENSSL_CNF.as_bytes())?;
     replace(&p.out_dir.join("acl"), files.acl.as_bytes())?;
+    replace(
+        &p.out_dir.join("bootstrap-acl"),
+        files.bootstrap_acl.as_bytes(),
+    )?;
     replace(&p.out_dir.join("cafile.pem"), files.cafile.as_bytes())?;
     // mosquitto refuses an empty CRL file, and reads its `crlfile` setting
     // only when it starts (a reload reads the file again, not the setting):
@@ -309,20 +410,46 @@ pub fn write(
         files.conf.clone()
     };
     replace(&p.out_dir.join("mosquitto.conf"), conf.as_bytes())?;
+
+    let secret_path = p.out_dir.join("bridge.secret");
+    let (bridge_secret, new_bridge) = match std::fs::read_to_string(&secret_path) {
+        Ok(s) if !s.trim().is_empty() => (s.trim().to_string(), false),
+        _ => {
+            let mut bytes = [0u8; 24];
+            openssl::rand::rand_bytes(&mut bytes).map_err(std::io::Error::other)?;
+            let s: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            replace_with_mode(&secret_path, s.as_bytes(), 0o600)?;
+            (s, true)
+        }
+    };
+    let bootstrap_conf = files
+        .bootstrap_conf
+        .replace(BRIDGE_SECRET_MARK, &bridge_secret);
+    replace_with_mode(
+        &p.out_dir.join("bootstrap.conf"),
+        bootstrap_conf.as_bytes(),
+        0o600,
+    )?;
+
     let passwd = p.out_dir.join("passwd");
+    let old = std::fs::read_to_string(&passwd).unwrap_or_default();
+    let user_of = |line: &str| line.split(':').next().unwrap_or_default().to_string();
+    let mut lines: Vec<String> = old.lines().map(str::to_string).collect();
+    let mut set = |user: &str, secret: &str| -> std::io::Result<()> {
+        lines.retain(|l| user_of(l) != user);
+        let line = password_line(user, secret).map_err(std::io::Error::other)?;
+        lines.push(line.trim_end().to_string());
+        Ok(())
+    };
     if let Some(secret) = secret {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let line = password_line(crate::MANAGER_USER, secret).map_err(std::io::Error::other)?;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&passwd)?;
-        f.write_all(line.as_bytes())?;
-    } else if !passwd.exists() {
-        std::fs::write(&passwd, "")?;
+        set(crate::MANAGER_USER, secret)?;
+    }
+    if new_bridge || !old.lines().any(|l| user_of(l) == BRIDGE_USER) {
+        set(BRIDGE_USER, &bridge_secret)?;
+    }
+    let new = lines.iter().map(|l| format!("{l}\n")).collect::<String>();
+    if new != old || !passwd.exists() {
+        replace_with_mode(&passwd, new.as_bytes(), 0o600)?;
     }
     Ok(())
 }
@@ -330,6 +457,63 @@ pub fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bridge's secret is made once and kept; the password file holds
+    /// the manager and the bridge, and a new manager secret keeps the
+    /// bridge's line; only `bootstrap.conf` carries the bridge's secret.
+    #[test]
+    fn the_bridge_secret_is_made_once_and_the_password_file_keeps_both() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        fleet_pki::Pki::open_or_create(&certs).unwrap();
+        let addr = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        let p = MosquittoParams {
+            internal: addr(1883),
+            bootstrap_tls: addr(8884),
+            service: addr(8883),
+            certs_dir: certs,
+            out_dir: dir.path().join("out"),
+            user: "nobody".into(),
+        };
+        let files = render(&p, &[]).unwrap();
+        assert!(files.bootstrap_conf.contains(BRIDGE_SECRET_MARK));
+        let read = |f: &str| std::fs::read_to_string(p.out_dir.join(f)).unwrap();
+        let users = |passwd: String| -> Vec<String> {
+            passwd
+                .lines()
+                .map(|l| l.split(':').next().unwrap().to_string())
+                .collect()
+        };
+
+        write(&p, &files, Some("first")).unwrap();
+        let secret = read("bridge.secret");
+        assert_eq!(secret.len(), 48);
+        let conf = read("bootstrap.conf");
+        assert!(conf.contains(&format!("remote_password {secret}\n")));
+        assert!(!read("mosquitto.conf").contains(&secret));
+        for f in ["bootstrap.conf", "bridge.secret", "passwd"] {
+            let mode = std::fs::metadata(p.out_dir.join(f))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "{f} is readable by others");
+        }
+        assert_eq!(users(read("passwd")), [crate::MANAGER_USER, BRIDGE_USER]);
+
+        let before = read("passwd");
+        write(&p, &files, None).unwrap();
+        assert_eq!(read("passwd"), before, "rewritten without a reason");
+        write(&p, &files, Some("second")).unwrap();
+        assert_eq!(read("bridge.secret"), secret);
+        let after = read("passwd");
+        assert_ne!(after, before);
+        assert_eq!(users(after.clone()), [BRIDGE_USER, crate::MANAGER_USER]);
+        assert!(
+            after.contains(before.lines().nth(1).unwrap()),
+            "bridge line changed"
+        );
+    }
 
     /// Every CRL of the concatenated file counts, the root's empty one too,
     /// and serials come out as the registry spells them (OpenSSL's hex of

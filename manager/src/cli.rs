@@ -72,10 +72,13 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         admin: String,
     },
-    /// Write a mosquitto 2.0 configuration (listeners, ACL from the registry,
-    /// CA bundle, CRLs, and `openssl.cnf`, the OpenSSL configuration to run
-    /// mosquitto with: OPENSSL_CONF=OUT/openssl.cnf) for running the fleet
-    /// on mosquitto; with --reload-pid, tell that mosquitto to reload it.
+    /// Write the configuration of two mosquitto 2.0 processes for running
+    /// the fleet on mosquitto: OUT/mosquitto.conf (internal and service
+    /// listeners, ACL from the registry, CA bundle, CRLs) and
+    /// OUT/bootstrap.conf (the bootstrap listener, bridged to the first),
+    /// and `openssl.cnf`, the OpenSSL configuration to run both with
+    /// (OPENSSL_CONF=OUT/openssl.cnf); with --reload-pid, tell the main one
+    /// to reload it.
     MosquittoConfig {
         #[arg(long, default_value = "127.0.0.1:8080")]
         admin: String,
@@ -252,6 +255,8 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
                 print(json!({
                     "devices": n,
                     "out": params.out_dir,
+                    "main": params.out_dir.join("mosquitto.conf"),
+                    "bootstrap": params.out_dir.join("bootstrap.conf"),
                     "openssl_conf": params.out_dir.join("openssl.cnf"),
                 }));
             }

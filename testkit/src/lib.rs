@@ -994,11 +994,15 @@ impl Mosquitto {
         Ok(Mosquitto { child, plain, mtls })
     }
 
-    /// Runs mosquitto with `conf`, logging to `dir/mosquitto.log`, and
+    /// Runs mosquitto with `conf`, logging to `dir/{conf's stem}.log`, and
     /// waits until it is running. An `openssl.cnf` beside `conf` (as
     /// `fleet-manager mosquitto-config` writes) is its `OPENSSL_CONF`.
     pub fn spawn(conf: &Path, dir: &Path) -> anyhow::Result<std::process::Child> {
-        let log_path = dir.join("mosquitto.log");
+        let stem = conf
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("mosquitto");
+        let log_path = dir.join(format!("{stem}.log"));
         let log = std::fs::File::create(&log_path)?;
         let mut command = Command::new("/usr/sbin/mosquitto");
         let openssl_cnf = conf.with_file_name("openssl.cnf");

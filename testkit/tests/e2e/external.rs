@@ -115,6 +115,9 @@ async fn generated_mosquitto_rules_hold() {
     fleet_broker::mosquitto::write(&params, &files, Some(secret)).unwrap();
     let conf = params.out_dir.join("mosquitto.conf");
     let mut mosquitto = fleet_testkit::Mosquitto::spawn(&conf, dir.path()).unwrap();
+    // The bootstrap listener is a mosquitto of its own, bridged to the first.
+    let bootstrap_conf = params.out_dir.join("bootstrap.conf");
+    let mut bootstrap = fleet_testkit::Mosquitto::spawn(&bootstrap_conf, dir.path()).unwrap();
     let pid = mosquitto.id();
     assert_eq!(
         fleet_broker::mosquitto::runs_with_openssl_cnf(pid, &params.out_dir),
@@ -196,6 +199,12 @@ async fn generated_mosquitto_rules_hold() {
     let evil = Probe::tls(params.bootstrap_tls, "evil1", &root)
         .await
         .unwrap();
+    // A bootstrap client may call itself anything, connected devices too:
+    // on its own mosquitto it displaces none of them.
+    let mut namesakes = Vec::new();
+    for id in ["ext1", "ext2"] {
+        namesakes.push(Probe::tls(params.bootstrap_tls, id, &root).await.unwrap());
+    }
     let (chain, key) = (&creds.chain_pem, &creds.key_pem);
     let certified =
         |id: &'static str| Probe::mtls(params.service, id, &root, chain.clone(), key.clone());
@@ -459,6 +468,8 @@ async fn generated_mosquitto_rules_hold() {
 
     devices.shutdown.cancel();
     manager.stop().await;
-    let _ = mosquitto.kill();
-    let _ = mosquitto.wait();
+    for m in [&mut mosquitto, &mut bootstrap] {
+        let _ = m.kill();
+        let _ = m.wait();
+    }
 }
