@@ -468,7 +468,7 @@ async fn connection(
             // stream and the certificate are moved into it, and a local that
             // held them past the block would stay in this future, a dead
             // 1.4 KiB, while the session runs.
-            let serial;
+            let registered;
             let result = {
                 let tls =
                     Box::pin(handshake(stream, peer.ip(), trust.config(), shared, id)).await?;
@@ -486,16 +486,15 @@ async fn connection(
                         return Err(session::SessionError::Refused(why));
                     }
                 };
-                trust.register(&cert.serial, id, cut.clone());
+                registered = trust.register(&cert.serial, id, cut.clone());
                 // A revocation that landed between the handshake and now.
                 if trust.is_revoked(&cert.serial) {
                     cut.cancel();
                 }
-                serial = cert.serial.clone();
                 session::run(tls, ListenerKind::Service(cert), shared.clone(), id, cut)
             }
             .await;
-            trust.unregister(&serial, id);
+            drop(registered);
             if matches!(result, Err(session::SessionError::Revoked)) {
                 shared.metrics.revoked_cuts.fetch_add(1, Ordering::Relaxed);
             }

@@ -132,6 +132,19 @@ struct Sessions {
 }
 
 /// Trust state shared by every service-listener connection.
+/// A live session registered with [`Trust::register`]; unregistered when dropped.
+pub struct Registered<'a> {
+    trust: &'a Trust,
+    serial: String,
+    connection: u64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.trust.unregister(&self.serial, self.connection);
+    }
+}
+
 pub struct Trust {
     certs_dir: PathBuf,
     metrics: Arc<Metrics>,
@@ -205,16 +218,28 @@ impl Trust {
             .contains(serial)
     }
 
-    /// Registers a live session; it is cancelled if its serial is revoked.
-    pub fn register(&self, serial: &str, connection: u64, cut: CancellationToken) {
+    /// Registers a live session, which is cancelled if its serial is
+    /// revoked, until the returned guard is dropped (however the session's
+    /// task ends, dropped with it too).
+    pub fn register<'a>(
+        &'a self,
+        serial: &str,
+        connection: u64,
+        cut: CancellationToken,
+    ) -> Registered<'a> {
         let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         s.by_serial
             .entry(serial.to_owned())
             .or_default()
             .push((connection, cut));
+        Registered {
+            trust: self,
+            serial: serial.to_owned(),
+            connection,
+        }
     }
 
-    pub fn unregister(&self, serial: &str, connection: u64) {
+    fn unregister(&self, serial: &str, connection: u64) {
         let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(list) = s.by_serial.get_mut(serial) {
             list.retain(|(c, _)| *c != connection);
@@ -1067,6 +1092,47 @@ mod tests {
     use proptest::prelude::*;
     use rustls::pki_types::ServerName;
     use std::io::{Read, Write};
+
+    /// A session's task that is dropped (aborted, or its runtime shut down)
+    /// leaves no registration behind.
+    #[tokio::test]
+    async fn a_dropped_session_task_unregisters() {
+        let dir = tempfile::tempdir().unwrap();
+        fleet_pki::Pki::open_or_create(dir.path()).unwrap();
+        let trust = Trust::load(
+            dir.path(),
+            Arc::new(Metrics::default()),
+            Default::default(),
+            false,
+            false,
+        )
+        .unwrap();
+        let registered = |t: &Trust| {
+            t.sessions
+                .lock()
+                .unwrap()
+                .by_serial
+                .get("ab")
+                .map_or(0, Vec::len)
+        };
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn({
+            let trust = trust.clone();
+            async move {
+                let _registered = trust.register("ab", 7, CancellationToken::new());
+                let _ = started_tx.send(());
+                std::future::pending::<()>().await
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), started)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(registered(&trust), 1);
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        assert_eq!(registered(&trust), 0);
+    }
 
     /// Records each ticket's plaintext on its way to `inner`.
     #[derive(Debug)]
