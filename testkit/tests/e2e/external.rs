@@ -277,6 +277,34 @@ async fn generated_mosquitto_rules_hold() {
         "an injected message was delivered"
     );
 
+    // Certificates mosquitto must refuse at the handshake: expired, signed
+    // by a key that is not the CA's, none at all.
+    let pki = &manager.core.pki;
+    let (ca_a, ca_a_key) = pki.service_ca("svcA").unwrap();
+    let stranger_key = fleet_protocol::crypto::generate_p256().unwrap();
+    let forged = crate::frontdoor::forged_leaf;
+    for (what, (chain, key)) in [
+        (
+            "expired",
+            forged("ext1", "svcA", (&ca_a, &ca_a_key), (-30, -1)),
+        ),
+        (
+            "unknown CA",
+            forged("ext1", "svcA", (&ca_a, &stranger_key), (-1, 30)),
+        ),
+    ] {
+        let r = Probe::mtls(params.service, "ext1", &root, chain, key).await;
+        assert!(r.is_err(), "{what} certificate accepted");
+    }
+    assert!(Probe::tls(params.service, "ext1", &root).await.is_err());
+    // For contrast, the same helper's valid leaf is accepted (no grants).
+    let (chain, key) = forged("ext9", "svcA", (&ca_a, &ca_a_key), (-1, 30));
+    drop(
+        Probe::mtls(params.service, "ext9", &root, chain, key)
+            .await
+            .unwrap(),
+    );
+
     // A service provider of svcA, issued by the manager, reads svcA's
     // telemetry through mosquitto and nothing of svcB's.
     let issued = fleet_manager::admin::call(

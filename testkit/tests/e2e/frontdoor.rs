@@ -77,7 +77,7 @@ fn minted(fleet: &Fleet, device: &str, service: &str) -> (Vec<u8>, Vec<u8>) {
 
 /// A leaf signed by `issuer`, with the given subject and validity in days
 /// from now.
-fn forged_leaf(
+pub(crate) fn forged_leaf(
     cn: &str,
     o: &str,
     issuer: (&X509, &PKey<Private>),
