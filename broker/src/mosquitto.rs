@@ -75,6 +75,18 @@ pub const BRIDGE_USER: &str = "bridge.bootstrap";
 /// Where [`write`] puts the bridge's secret in `bootstrap.conf`.
 const BRIDGE_SECRET_MARK: &str = "@BRIDGE_SECRET@";
 
+/// Where [`write`] puts the bridge's local client id in `bootstrap.conf`:
+/// one no bootstrap client can guess, derived from the bridge's secret.
+/// A client that connected with it would take the bridge's place in the
+/// bootstrap mosquitto (one client-id namespace), cutting it.
+const BRIDGE_LOCAL_ID_MARK: &str = "@BRIDGE_LOCAL_ID@";
+
+fn bridge_local_id(secret: &str) -> String {
+    let digest = openssl::sha::sha256(format!("fleetshift bridge local id\0{secret}").as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("local.{hex}")
+}
+
 /// The topics the bootstrap mosquitto bridges: requests out to the main
 /// one, replies and service-change notices in.
 const BRIDGED: [(&str, &str); 9] = [
@@ -181,6 +193,10 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
         let _ = writeln!(conf, "persistence false\nlog_dest stderr");
         let _ = writeln!(conf, "user {}", p.user);
         let _ = writeln!(conf, "max_packet_size {}", 256 * 1024);
+        // No client stores a message: the protocol retains nothing, and a
+        // bootstrap client whose id has a '/' could otherwise leave one in
+        // another's reply topic for it to find at its next subscribe.
+        let _ = writeln!(conf, "retain_available false");
     };
     let mut conf = String::new();
     let _ = writeln!(
@@ -242,7 +258,8 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
     );
     let _ = writeln!(
         bootstrap_conf,
-        "remote_clientid {BRIDGE_USER}\nremote_username {BRIDGE_USER}\n\
+        "local_clientid {BRIDGE_LOCAL_ID_MARK}\n\
+         remote_clientid {BRIDGE_USER}\nremote_username {BRIDGE_USER}\n\
          remote_password {BRIDGE_SECRET_MARK}\ncleansession true\nnotifications false\n\
          bridge_protocol_version mqttv311\nrestart_timeout 1 10"
     );
@@ -288,6 +305,14 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
     let _ = writeln!(acl, "topic readwrite #");
     for g in grants {
         let d = &g.device_id;
+        // Names the ACL gives to others; no device may be one (a registry
+        // entry from before the name was reserved is left out).
+        if [crate::MANAGER_USER, BRIDGE_USER]
+            .iter()
+            .any(|n| d.eq_ignore_ascii_case(n))
+        {
+            continue;
+        }
         let _ = writeln!(acl, "\nuser {d}");
         if d.starts_with(fleet_pki::grants::PROVIDER_PREFIX) {
             // A service provider reads its services' telemetry.
@@ -360,16 +385,23 @@ pub fn revoked_serials(crlfile: &str) -> std::collections::BTreeSet<String> {
 fn replace_with_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    // Named for this writer, so two writers (a watcher and a run by hand)
+    // never rename each other's half-written file into place.
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let _ = std::fs::remove_file(&tmp);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tmp.push(format!(".{}.{n}.tmp", std::process::id()));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
         .open(&tmp)?;
-    f.write_all(bytes)?;
-    std::fs::rename(&tmp, path)
+    let written = f.write_all(bytes).and_then(|()| f.sync_all());
+    if let Err(err) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err);
+    }
+    Ok(())
 }
 
 fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -424,7 +456,8 @@ pub fn write(
     };
     let bootstrap_conf = files
         .bootstrap_conf
-        .replace(BRIDGE_SECRET_MARK, &bridge_secret);
+        .replace(BRIDGE_SECRET_MARK, &bridge_secret)
+        .replace(BRIDGE_LOCAL_ID_MARK, &bridge_local_id(&bridge_secret));
     replace_with_mode(
         &p.out_dir.join("bootstrap.conf"),
         bootstrap_conf.as_bytes(),
@@ -476,8 +509,19 @@ mod tests {
             out_dir: dir.path().join("out"),
             user: "nobody".into(),
         };
-        let files = render(&p, &[]).unwrap();
+        let grant = |d: &str| DeviceGrant {
+            device_id: d.into(),
+            services: vec!["svcA".into()],
+        };
+        let files = render(&p, &[grant("dev1"), grant("Fleet-Manager")]).unwrap();
         assert!(files.bootstrap_conf.contains(BRIDGE_SECRET_MARK));
+        assert!(files.acl.contains("\nuser dev1\n"));
+        assert_eq!(
+            files.acl.matches("\nuser ").count(),
+            3,
+            "the manager, the bridge and dev1 only: {}",
+            files.acl
+        );
         let read = |f: &str| std::fs::read_to_string(p.out_dir.join(f)).unwrap();
         let users = |passwd: String| -> Vec<String> {
             passwd
@@ -491,6 +535,9 @@ mod tests {
         assert_eq!(secret.len(), 48);
         let conf = read("bootstrap.conf");
         assert!(conf.contains(&format!("remote_password {secret}\n")));
+        let local_id = format!("local_clientid {}\n", bridge_local_id(&secret));
+        assert!(conf.contains(&local_id), "{conf}");
+        assert!(!conf.contains('@'), "a mark left in: {conf}");
         assert!(!read("mosquitto.conf").contains(&secret));
         for f in ["bootstrap.conf", "bridge.secret", "passwd"] {
             let mode = std::fs::metadata(p.out_dir.join(f))

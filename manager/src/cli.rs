@@ -100,8 +100,9 @@ pub enum Command {
         /// Keep running: look at the registry and the CRLs every this many
         /// milliseconds, and write the files (and reload mosquitto) whenever
         /// they change, so that grants and revocations reach mosquitto
-        /// without anyone running this again. With the secret, a revoked
-        /// certificate's live connection is also cut (see topics.md §10.3).
+        /// without anyone running this again. With the secret and
+        /// --reload-pid, a revoked certificate's live connection is also cut
+        /// (see topics.md §10.3).
         #[arg(long)]
         watch_ms: Option<u64>,
     },
@@ -330,14 +331,16 @@ pub async fn write_mosquitto_config(
 /// fails (the manager unreachable, a write, the reload) is logged and
 /// tried again at the next look.
 ///
-/// With the manager's `secret`, it also cuts the live connection of every
-/// certificate the written CRLs newly revoke with status `revoked` (an
-/// operator's reset, a provider revoked), which mosquitto itself leaves
-/// open until the client reconnects: see [`cut_connection`]. It cuts at
-/// the look that wrote the CRL and again at the next, in case the client
-/// came back before mosquitto had reloaded. A superseded certificate is
-/// not cut: its device moved to the newer one, whose connection, under
-/// the same client id, already displaced it.
+/// With the manager's `secret` and mosquitto's pid, it also cuts the live
+/// connection of every certificate the written CRLs newly revoke with
+/// status `revoked` (an operator's reset, a provider revoked), which
+/// mosquitto itself leaves open until the client reconnects: see
+/// [`cut_connection`]. It cuts at the look that wrote the CRL and again at
+/// the next, in case the client came back before mosquitto had reloaded
+/// (a client that re-enrolled within that look is cut once too, and
+/// reconnects). A superseded certificate is not cut: its device moved to
+/// the newer one, whose connection, under the same client id, already
+/// displaced it. Revocations from before the watcher started are not cut.
 pub async fn watch_mosquitto_config(
     admin: &str,
     params: &fleet_broker::mosquitto::MosquittoParams,
@@ -347,16 +350,18 @@ pub async fn watch_mosquitto_config(
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut written: Option<fleet_broker::mosquitto::MosquittoFiles> = None;
+    // Newly revoked serials not yet looked up (the manager did not answer).
+    let mut unresolved = std::collections::BTreeSet::new();
     // Principals cut at the last look, cut again at this one.
     let mut cut_again: Vec<String> = Vec::new();
-    if secret.is_none() {
+    let cutting = secret.filter(|_| reload_pid.is_some());
+    if cutting.is_none() {
         tracing::warn!(
-            "no secret: connections of revoked certificates stay open on mosquitto \
-             until their clients reconnect"
+            "without --secret-file and --reload-pid, connections of revoked \
+             certificates stay open on mosquitto until their clients reconnect"
         );
     }
     loop {
-        let mut to_cut = Vec::new();
         match render_from_registry(admin, params).await {
             Ok((files, n)) if written.as_ref() != Some(&files) => {
                 let first = written.is_none();
@@ -367,10 +372,11 @@ pub async fn watch_mosquitto_config(
                         if let Some(before) = &written {
                             let revoked = fleet_broker::mosquitto::revoked_serials;
                             let was = revoked(&before.crlfile);
-                            let newly = revoked(&files.crlfile)
-                                .into_iter()
-                                .filter(|s| !was.contains(s));
-                            to_cut = revoked_principals(admin, newly).await;
+                            unresolved.extend(
+                                revoked(&files.crlfile)
+                                    .into_iter()
+                                    .filter(|s| !was.contains(s)),
+                            );
                         }
                         written = Some(files);
                     }
@@ -380,13 +386,31 @@ pub async fn watch_mosquitto_config(
             Ok(_) => {}
             Err(err) => tracing::warn!(error = %err, "mosquitto configuration not rendered"),
         }
-        if let Some(secret) = secret {
+        let mut to_cut = Vec::new();
+        if cutting.is_some() && !unresolved.is_empty() {
+            to_cut = revoked_principals(admin, &mut unresolved).await;
+        }
+        if let Some(secret) = cutting {
+            // All at once: one that mosquitto does not answer holds no other.
+            let mut cuts = tokio::task::JoinSet::new();
             for principal in to_cut.iter().chain(&cut_again) {
-                match cut_connection(params.internal, secret, principal).await {
-                    Ok(()) => tracing::info!(principal, "connection of a revoked certificate cut"),
-                    Err(err) => tracing::warn!(principal, error = %err, "connection not cut"),
-                }
+                let (internal, secret) = (params.internal, secret.to_owned());
+                let principal = principal.clone();
+                cuts.spawn(async move {
+                    match cut_connection(internal, &secret, &principal).await {
+                        Ok(()) => {
+                            tracing::info!(principal, "connection of a revoked certificate cut")
+                        }
+                        Err(err) => tracing::warn!(principal, error = %err, "connection not cut"),
+                    }
+                });
             }
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                _ = cuts.join_all() => {}
+            }
+        } else {
+            unresolved.clear();
         }
         cut_again = to_cut;
         tokio::select! {
@@ -397,21 +421,33 @@ pub async fn watch_mosquitto_config(
 }
 
 /// The principals (CNs) of the certificates `serials` that were revoked,
-/// not superseded. A serial the manager does not know is left out.
-async fn revoked_principals(admin: &str, serials: impl Iterator<Item = String>) -> Vec<String> {
+/// not superseded; a serial the manager knows is taken out of `serials`,
+/// one it did not answer for stays, to be asked again.
+async fn revoked_principals(
+    admin: &str,
+    serials: &mut std::collections::BTreeSet<String>,
+) -> Vec<String> {
     let mut out = Vec::new();
-    for serial in serials {
+    let mut answered = Vec::new();
+    for serial in serials.iter() {
         match call(admin, "GET", &format!("/v1/certificates/{serial}"), None).await {
-            Ok(c) if c["status"] == "revoked" => {
+            Ok(c) => {
+                answered.push(serial.clone());
+                if c["status"] != "revoked" {
+                    continue;
+                }
                 if let Some(p) = c["device_id"].as_str() {
                     if !out.iter().any(|o| o == p) {
                         out.push(p.to_string());
                     }
                 }
             }
-            Ok(_) => {}
+            Err(err) if err.to_string().contains("HTTP 404") => answered.push(serial.clone()),
             Err(err) => tracing::warn!(serial, error = %err, "revoked certificate not looked up"),
         }
+    }
+    for serial in answered {
+        serials.remove(&serial);
     }
     out
 }

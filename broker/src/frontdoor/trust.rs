@@ -131,8 +131,8 @@ struct Sessions {
     by_serial: HashMap<String, Vec<(u64, CancellationToken)>>,
 }
 
-/// Trust state shared by every service-listener connection.
 /// A live session registered with [`Trust::register`]; unregistered when dropped.
+#[must_use = "the session is unregistered when this is dropped"]
 pub struct Registered<'a> {
     trust: &'a Trust,
     serial: String,
@@ -145,6 +145,7 @@ impl Drop for Registered<'_> {
     }
 }
 
+/// Trust state shared by every service-listener connection.
 pub struct Trust {
     certs_dir: PathBuf,
     metrics: Arc<Metrics>,
