@@ -963,8 +963,32 @@ pub fn connack(
 
 /// A mosquitto broker run by a test: a plain listener (manager, bootstrap)
 /// and a mutual-TLS listener trusting the fleet root, on ephemeral ports.
+/// A child process killed (and reaped) when this is dropped, a failing
+/// test's too.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub struct Mosquitto {
-    child: std::process::Child,
+    _child: KillOnDrop,
     pub plain: std::net::SocketAddr,
     pub mtls: std::net::SocketAddr,
 }
@@ -991,13 +1015,17 @@ impl Mosquitto {
         );
         let conf_path = write_file(dir, "mosquitto.conf", conf.as_bytes())?;
         let child = Self::spawn(&conf_path, dir)?;
-        Ok(Mosquitto { child, plain, mtls })
+        Ok(Mosquitto {
+            _child: child,
+            plain,
+            mtls,
+        })
     }
 
     /// Runs mosquitto with `conf`, logging to `dir/{conf's stem}.log`, and
     /// waits until it is running. An `openssl.cnf` beside `conf` (as
     /// `fleet-manager mosquitto-config` writes) is its `OPENSSL_CONF`.
-    pub fn spawn(conf: &Path, dir: &Path) -> anyhow::Result<std::process::Child> {
+    pub fn spawn(conf: &Path, dir: &Path) -> anyhow::Result<KillOnDrop> {
         let stem = conf
             .file_stem()
             .and_then(|s| s.to_str())
@@ -1009,13 +1037,15 @@ impl Mosquitto {
         if openssl_cnf.exists() {
             command.env("OPENSSL_CONF", openssl_cnf);
         }
-        let mut child = command
-            .arg("-c")
-            .arg(conf)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting mosquitto (scripts/install-deps installs it)")?;
+        let mut child = KillOnDrop(
+            command
+                .arg("-c")
+                .arg(conf)
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("starting mosquitto (scripts/install-deps installs it)")?,
+        );
         // mosquitto opens its sockets before it loads keys, so an accepting
         // port proves nothing: wait for its own "running" line instead.
         let started = Instant::now();
@@ -1042,13 +1072,6 @@ impl Mosquitto {
             bootstrap_tls: false,
             service: self.mtls,
         }
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

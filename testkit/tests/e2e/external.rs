@@ -114,10 +114,11 @@ async fn generated_mosquitto_rules_hold() {
     let files = fleet_broker::mosquitto::render(&params, &[]).unwrap();
     fleet_broker::mosquitto::write(&params, &files, Some(secret)).unwrap();
     let conf = params.out_dir.join("mosquitto.conf");
-    let mut mosquitto = fleet_testkit::Mosquitto::spawn(&conf, dir.path()).unwrap();
+    // Both are killed when dropped, when the test fails too.
+    let mosquitto = fleet_testkit::Mosquitto::spawn(&conf, dir.path()).unwrap();
     // The bootstrap listener is a mosquitto of its own, bridged to the first.
     let bootstrap_conf = params.out_dir.join("bootstrap.conf");
-    let mut bootstrap = fleet_testkit::Mosquitto::spawn(&bootstrap_conf, dir.path()).unwrap();
+    let bootstrap = fleet_testkit::Mosquitto::spawn(&bootstrap_conf, dir.path()).unwrap();
     let pid = mosquitto.id();
     assert_eq!(
         fleet_broker::mosquitto::runs_with_openssl_cnf(pid, &params.out_dir),
@@ -504,8 +505,5 @@ async fn generated_mosquitto_rules_hold() {
 
     devices.shutdown.cancel();
     manager.stop().await;
-    for m in [&mut mosquitto, &mut bootstrap] {
-        let _ = m.kill();
-        let _ = m.wait();
-    }
+    drop((mosquitto, bootstrap));
 }
