@@ -3,7 +3,7 @@ use slab::Slab;
 use tracing::{info, trace};
 
 use crate::protocol::{
-    matches, ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubRec, PubRel, Publish,
+    has_wildcards, matches, ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubRec, PubRel, Publish,
     PublishProperties, SubAck, UnsubAck,
 };
 use crate::router::{DataRequest, FilterIdx, SubscriptionMeter, Waiters};
@@ -61,6 +61,13 @@ pub struct DataLog {
     retained_publishes: HashMap<Topic, PublishData>,
     /// List of filters associated with a topic
     publish_filters: HashMap<Topic, Vec<FilterIdx>>,
+    /// fleetshift: the filters with a `+` or `#`, which a new topic is
+    /// matched against one by one. Any other filter matches only the topic
+    /// equal to it (and no topic starting with `$`), found in
+    /// `filter_indexes` at once: a new topic was matched against every
+    /// filter, and a new filter against every topic seen, which grew with
+    /// the square of a fleet's connections.
+    wildcard_filters: Vec<(Filter, FilterIdx)>,
 }
 
 impl DataLog {
@@ -69,6 +76,7 @@ impl DataLog {
         let mut filter_indexes = HashMap::new();
         let retained_publishes = HashMap::new();
         let publish_filters = HashMap::new();
+        let mut wildcard_filters = Vec::new();
 
         if let Some(warmup_filters) = config.initialized_filters.clone() {
             for filter in warmup_filters {
@@ -77,6 +85,9 @@ impl DataLog {
                 // Add commitlog to datalog and add datalog index to filter to
                 // datalog index map
                 let idx = native.insert(data);
+                if has_wildcards(&filter) {
+                    wildcard_filters.push((filter.clone(), idx));
+                }
                 filter_indexes.insert(filter, idx);
             }
         }
@@ -87,6 +98,7 @@ impl DataLog {
             publish_filters,
             filter_indexes,
             retained_publishes,
+            wildcard_filters,
         })
     }
 
@@ -128,12 +140,19 @@ impl DataLog {
         match &self.publish_filters.get(topic) {
             Some(v) => Some(v.to_vec()),
             None => {
-                let v: Vec<usize> = self
-                    .filter_indexes
+                // fleetshift: the filter equal to the topic, then the
+                // wildcard filters, instead of every filter.
+                let mut v: Vec<usize> = self
+                    .wildcard_filters
                     .iter()
                     .filter(|(filter, _)| matches(topic, filter))
                     .map(|(_, filter_idx)| *filter_idx)
                     .collect();
+                if let Some(&idx) = self.filter_indexes.get(topic) {
+                    if !topic.starts_with('$') && !v.contains(&idx) {
+                        v.push(idx);
+                    }
+                }
 
                 if !v.is_empty() {
                     self.publish_filters.insert(topic.to_owned(), v.clone());
@@ -159,8 +178,16 @@ impl DataLog {
                 self.filter_indexes.insert(filter.to_owned(), idx);
 
                 // Match new filter to existing topics and add to publish_filters if it matches
-                for (topic, filters) in publish_filters.iter_mut() {
-                    if matches(topic, filter) {
+                // (fleetshift: a filter without wildcards only to the topic equal to it)
+                if has_wildcards(filter) {
+                    self.wildcard_filters.push((filter.to_owned(), idx));
+                    for (topic, filters) in publish_filters.iter_mut() {
+                        if matches(topic, filter) {
+                            filters.push(idx);
+                        }
+                    }
+                } else if !filter.starts_with('$') {
+                    if let Some(filters) = publish_filters.get_mut(filter) {
                         filters.push(idx);
                     }
                 }
@@ -456,6 +483,57 @@ mod test {
         data.next_native_offset("topic/+");
 
         assert_eq!(data.publish_filters.get("topic/a").unwrap().len(), 2);
+    }
+
+    /// fleetshift: the filters a topic gets, whichever comes first (the
+    /// topic or the filter), are the ones `matches` gives against every
+    /// filter, as before the exact filters were looked up instead.
+    #[test]
+    fn matched_filters_are_those_of_matching_every_filter() {
+        let filters = [
+            "a/b", "a/+", "#", "+/b", "$SYS/x", "$SYS/#", "a/b/#", "c", "", "a/b/c", "+", "+/+/+",
+            "/tenants/s/telemetry/d", "/tenants/+/telemetry/+",
+        ];
+        let topics = [
+            "a/b", "a/c", "$SYS/x", "c", "a/b/c", "", "x", "/tenants/s/telemetry/d", "a",
+            "/tenants/t/telemetry/e",
+        ];
+        let config = || RouterConfig {
+            max_segment_size: 1024,
+            max_connections: 10,
+            max_segment_count: 10,
+            max_outgoing_packet_count: 1024,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Strategy::RoundRobin,
+        };
+        // Topics seen before, between and after the subscriptions.
+        for split in 0..=filters.len() {
+            let mut data = DataLog::new(config()).unwrap();
+            for topic in &topics[..topics.len() / 2] {
+                data.matches(topic);
+            }
+            for filter in &filters[..split] {
+                data.next_native_offset(filter);
+            }
+            for topic in &topics {
+                data.matches(topic);
+            }
+            for filter in &filters[split..] {
+                data.next_native_offset(filter);
+            }
+            for topic in topics {
+                let mut got = data.matches(topic).unwrap();
+                got.sort_unstable();
+                let mut want: Vec<_> = filters
+                    .iter()
+                    .filter(|f| crate::protocol::matches(topic, f))
+                    .map(|f| *data.filter_indexes.get(*f).unwrap())
+                    .collect();
+                want.sort_unstable();
+                assert_eq!(got, want, "topic {topic:?}, {split} filters first");
+            }
+        }
     }
 
     #[test]
