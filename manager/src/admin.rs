@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | GET | `/v1/health` | liveness and broker subscription state |
 //! | POST | `/v1/registrations` | pre-register devices: `[{device_id, service_id, factory_key_hex?}]` |
-//! | POST | `/v1/service-change` | `{devices?: [..], from_service?: "A", service_id, provider?, application?, endpoint?}` |
+//! | POST | `/v1/service-change` | `{devices?: [..], from_service?: "A", service_id, provider?, application?, endpoint?}`; answers once the change is recorded, with `notices_queued`: the notices follow at `max_notices_per_sec` |
 //! | GET | `/v1/devices` | every active device |
 //! | GET | `/v1/devices/{id}` | one device with its service history and certificates |
 //! | POST | `/v1/devices/{id}/reset` | operator reset: the device may activate again |
@@ -80,6 +80,86 @@ pub struct Admin {
     pub core: Arc<Core>,
     pub client: AsyncClient,
     pub subscribed: watch::Receiver<bool>,
+    /// Service-change notices, sent by [`pace_notices`].
+    pub notices: NoticeQueue,
+}
+
+/// Where the operator API leaves the notices of a service change for
+/// [`pace_notices`] to send.
+#[derive(Clone)]
+pub struct NoticeQueue(tokio::sync::mpsc::UnboundedSender<Vec<crate::handlers::Outgoing>>);
+
+impl NoticeQueue {
+    /// A queue and its receiving end, for [`pace_notices`].
+    pub fn new() -> (
+        NoticeQueue,
+        tokio::sync::mpsc::UnboundedReceiver<Vec<crate::handlers::Outgoing>>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (NoticeQueue(tx), rx)
+    }
+
+    fn push(&self, notices: Vec<crate::handlers::Outgoing>) {
+        // The pacer ends only at shutdown; the change is recorded, and its
+        // notices are sent again when the manager next starts.
+        let _ = self.0.send(notices);
+    }
+}
+
+/// Sends the queued service-change notices at most `per_sec` a second, in
+/// ticks of 100 ms, so a fleet-wide change does not arrive as one
+/// thundering herd of re-keys and reconnects. It runs on its own, not in
+/// the operator's request: a change of a whole fleet takes longer to
+/// announce than any request may take (5,000 devices, two notices each, at
+/// 200 a second: 50 s), and the notices after a request's deadline were
+/// lost until the manager restarted.
+pub async fn pace_notices(
+    queued: tokio::sync::mpsc::UnboundedReceiver<Vec<crate::handlers::Outgoing>>,
+    client: AsyncClient,
+    per_sec: usize,
+    shutdown: CancellationToken,
+) {
+    pace(queued, per_sec, shutdown, |tick| {
+        let client = client.clone();
+        async move { crate::mqtt::publish_all(&client, tick).await }
+    })
+    .await
+}
+
+/// [`pace_notices`] with the sending given.
+async fn pace<T, F, Fut>(
+    mut queued: tokio::sync::mpsc::UnboundedReceiver<Vec<T>>,
+    per_sec: usize,
+    shutdown: CancellationToken,
+    mut send: F,
+) where
+    F: FnMut(Vec<T>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let per_tick = (per_sec / 10).max(1);
+    let mut waiting = std::collections::VecDeque::new();
+    let mut next = tokio::time::Instant::now();
+    loop {
+        if waiting.is_empty() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                got = queued.recv() => match got {
+                    Some(notices) => waiting.extend(notices),
+                    None => return,
+                },
+            }
+        }
+        while let Ok(notices) = queued.try_recv() {
+            waiting.extend(notices);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until(next) => {}
+        }
+        let tick: Vec<_> = waiting.drain(..per_tick.min(waiting.len())).collect();
+        send(tick).await;
+        next = tokio::time::Instant::now() + Duration::from_millis(100);
+    }
 }
 
 pub async fn serve(admin: Arc<Admin>, listener: TcpListener, shutdown: CancellationToken) {
@@ -231,18 +311,9 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
                 .await;
                 match res {
                     Ok((results, out)) => {
-                        // Paced, so a fleet-wide change does not arrive as one
-                        // thundering herd of re-keys and reconnects.
-                        let per_tick = (admin.core.config.max_notices_per_sec / 10).max(1);
-                        let mut out = out.into_iter().peekable();
-                        while out.peek().is_some() {
-                            let chunk: Vec<_> = out.by_ref().take(per_tick).collect();
-                            crate::mqtt::publish_all(&admin.client, chunk).await;
-                            if out.peek().is_some() {
-                                tokio::time::sleep(Duration::from_millis(100)).await;
-                            }
-                        }
-                        Ok(json!({ "results": results }))
+                        let queued = out.len();
+                        admin.notices.push(out);
+                        Ok(json!({ "results": results, "notices_queued": queued }))
                     }
                     Err(e) => Err(e),
                 }
@@ -462,4 +533,48 @@ pub async fn call(
     let value: Value = serde_json::from_str(body)?;
     anyhow::ensure!(status == "200", "{method} {path}: HTTP {status}: {value}");
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Notices go out at most a tenth of the rate every 100 ms, however they
+    /// were queued, and all of them: those of a second change too, and after
+    /// the request that queued them is long over.
+    #[tokio::test(start_paused = true)]
+    async fn notices_are_paced_and_none_is_dropped() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let shutdown = CancellationToken::new();
+        let start = tokio::time::Instant::now();
+        let pacer = tokio::spawn({
+            let sent = sent.clone();
+            pace(rx, 100, shutdown.clone(), move |tick: Vec<u32>| {
+                sent.lock()
+                    .unwrap()
+                    .push((start.elapsed().as_millis(), tick));
+                async {}
+            })
+        });
+        tx.send((0..25).collect()).unwrap();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        // A second change while the first is still being announced...
+        tx.send((100..103).collect()).unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // ...and a third long after: sent at once.
+        tx.send(vec![200]).unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        shutdown.cancel();
+        pacer.await.unwrap();
+
+        let sent = sent.lock().unwrap();
+        let at: Vec<u128> = sent.iter().map(|(t, _)| *t).collect();
+        let sizes: Vec<usize> = sent.iter().map(|(_, n)| n.len()).collect();
+        assert_eq!(at, [0, 100, 200, 300, 1250]);
+        assert_eq!(sizes, [10, 10, 5, 3, 1], "{sent:?}");
+        let all: Vec<u32> = sent.iter().flat_map(|(_, n)| n.clone()).collect();
+        let want: Vec<u32> = (0..25).chain(100..103).chain([200]).collect();
+        assert_eq!(all, want);
+    }
 }

@@ -45,7 +45,10 @@ pub struct ManagerConfig {
     /// new one, or after this many seconds at the latest.
     pub revoke_superseded_after_secs: u64,
     /// Service-change notices sent per second when an operator moves many
-    /// devices at once (each notice leads to a re-key and a reconnect).
+    /// devices at once (each notice leads to a re-key and a reconnect). A
+    /// device gets two, on its tenant's topic and its bootstrap topic; the
+    /// operator's request returns once the change is recorded, and the
+    /// notices follow at this pace.
     pub max_notices_per_sec: usize,
     /// mTLS service endpoint announced in service-change notices, if any.
     pub service_endpoint: Option<String>,

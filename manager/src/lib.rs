@@ -94,10 +94,18 @@ pub async fn start(
         .await
         .with_context(|| format!("binding admin API on {}", config.admin_listen))?;
     let admin_addr = listener.local_addr()?;
+    let (notices, queued) = admin::NoticeQueue::new();
+    tracker.spawn(admin::pace_notices(
+        queued,
+        client.clone(),
+        config.max_notices_per_sec,
+        shutdown.clone(),
+    ));
     let admin = Arc::new(admin::Admin {
         core: core.clone(),
         client,
         subscribed: subscribed_rx.clone(),
+        notices,
     });
     tracker.spawn(admin::serve(admin, listener, shutdown.clone()));
     tracker.spawn(housekeeping(core.clone(), shutdown.clone()));

@@ -72,6 +72,8 @@ async fn operator_commands_reach_the_running_manager() {
     .await;
     let results = out[0]["results"].as_array().unwrap();
     assert_eq!(results.len(), 2);
+    // Two notices a device (tenant and bootstrap topics), sent after the answer.
+    assert_eq!(out[0]["notices_queued"], json!(4));
     assert!(
         results.iter().all(|r| r["ok"] == json!(true)),
         "{results:?}"
