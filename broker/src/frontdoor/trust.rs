@@ -350,6 +350,12 @@ fn load_revoked(certs_dir: &Path) -> HashSet<String> {
     };
     for e in entries.flatten() {
         let path = e.path();
+        // Only CRLs: not the PKI's temporary files (`.NAME.tmp.PID.N`),
+        // read half-written while it replaces a CRL.
+        let hidden = e.file_name().to_string_lossy().starts_with('.');
+        if hidden || path.extension().is_none_or(|x| x != "pem") {
+            continue;
+        }
         let parsed = std::fs::read(&path)
             .ok()
             .and_then(|pem| X509Crl::from_pem(&pem).ok());

@@ -171,6 +171,12 @@ async fn generated_mosquitto_rules_hold() {
         .map(|d| devices.spawn(devices.config_for(&endpoints, &certs, d, KeyMode::Csr)))
         .collect();
     let on = |svc: &str, d: &str| Topic::in_tenant(svc, Route::Telemetry(d.into())).to_string();
+    // Waits for two more messages on a topic than it has now.
+    let two_more = |topic: String| {
+        let n = observer.on(&topic).len() + 2;
+        let observer = &observer;
+        async move { observer.wait_for(&topic, n, T).await }
+    };
     for (svc, d) in [("svcA", "ext1"), ("svcB", "ext2"), ("svcB", "ext3")] {
         observer.wait_for(&on(svc, d), 1, T).await.unwrap();
     }
@@ -237,14 +243,7 @@ async fn generated_mosquitto_rules_hold() {
         probe.publish(topic, b"injected".to_vec()).await.unwrap();
     }
     let mark = observer.messages().len();
-    observer
-        .wait_for(
-            &on("svcA", "ext1"),
-            observer.on(&on("svcA", "ext1")).len() + 2,
-            T,
-        )
-        .await
-        .unwrap();
+    two_more(on("svcA", "ext1")).await.unwrap();
     assert!(
         evil.messages().is_empty(),
         "bootstrap intruder received {:?}",
@@ -256,14 +255,7 @@ async fn generated_mosquitto_rules_hold() {
     );
     // ext1 and ext2 kept their connections through it all: telemetry of
     // both arrived after the intruders, and neither device reconnected.
-    observer
-        .wait_for(
-            &on("svcB", "ext2"),
-            observer.on(&on("svcB", "ext2")).len() + 2,
-            T,
-        )
-        .await
-        .unwrap();
+    two_more(on("svcB", "ext2")).await.unwrap();
     assert_eq!(
         [connects("ext1"), connects("ext2")],
         connected_before,
@@ -335,14 +327,7 @@ async fn generated_mosquitto_rules_hold() {
         provider.subscribe(filter).await.unwrap();
     }
     provider.wait_for(&on("svcA", "ext1"), 1, T).await.unwrap();
-    observer
-        .wait_for(
-            &on("svcB", "ext2"),
-            observer.on(&on("svcB", "ext2")).len() + 2,
-            T,
-        )
-        .await
-        .unwrap();
+    two_more(on("svcB", "ext2")).await.unwrap();
     assert!(
         provider
             .messages()
