@@ -353,7 +353,7 @@ fn load_revoked(certs_dir: &Path) -> HashSet<String> {
         // Only CRLs: not the PKI's temporary files (`.NAME.tmp.PID.N`),
         // read half-written while it replaces a CRL.
         let hidden = e.file_name().to_string_lossy().starts_with('.');
-        if hidden || path.extension().is_none_or(|x| x != "pem") {
+        if hidden || !path.extension().is_some_and(|x| x == "pem") {
             continue;
         }
         let parsed = std::fs::read(&path)
