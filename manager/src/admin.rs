@@ -13,6 +13,7 @@
 //! | POST | `/v1/providers/{name}/revoke` | revoke every certificate of a provider |
 //! | GET | `/v1/grants` | the tenants each device may use at the broker (for external brokers' ACLs) |
 //! | GET | `/v1/certificates/{serial}` | one certificate by serial (lowercase hex of whole bytes) |
+//! | GET | `/v1/revoked-certificates` | the certificates with status `revoked` (not superseded): serial, device_id, service_id, revoked_ms |
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -342,6 +343,29 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
             blocking(move || reset(&core, &id)).await
         }
         ("GET", ["v1", "summary"]) => blocking(move || summary(&core)).await,
+        ("GET", ["v1", "revoked-certificates"]) => {
+            blocking(move || {
+                let revoked = core
+                    .store
+                    .certs()
+                    .map_err(internal)?
+                    .into_iter()
+                    .filter(|c| c.status == crate::store::CertStatus::Revoked);
+                Ok(Value::Array(
+                    revoked
+                        .map(|c| {
+                            json!({
+                                "serial": c.serial,
+                                "device_id": c.device_id,
+                                "service_id": c.service_id,
+                                "revoked_ms": c.revoked_ms,
+                            })
+                        })
+                        .collect(),
+                ))
+            })
+            .await
+        }
         ("GET", ["v1", "certificates", serial]) => {
             let serial = serial.to_string();
             blocking(move || match core.store.cert(&serial).map_err(internal)? {

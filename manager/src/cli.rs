@@ -421,34 +421,31 @@ pub async fn watch_mosquitto_config(
 }
 
 /// The principals (CNs) of the certificates `serials` that were revoked,
-/// not superseded; a serial the manager knows is taken out of `serials`,
-/// one it did not answer for stays, to be asked again.
+/// not superseded, asked of the manager in one request. `serials` is
+/// emptied, unless the manager did not answer: then they are asked again
+/// at the next look.
 async fn revoked_principals(
     admin: &str,
     serials: &mut std::collections::BTreeSet<String>,
 ) -> Vec<String> {
+    let revoked = match call(admin, "GET", "/v1/revoked-certificates", None).await {
+        Ok(v) => v,
+        Err(err) => {
+            tracing::warn!(error = %err, "revoked certificates not looked up");
+            return Vec::new();
+        }
+    };
     let mut out = Vec::new();
-    let mut answered = Vec::new();
-    for serial in serials.iter() {
-        match call(admin, "GET", &format!("/v1/certificates/{serial}"), None).await {
-            Ok(c) => {
-                answered.push(serial.clone());
-                if c["status"] != "revoked" {
-                    continue;
-                }
-                if let Some(p) = c["device_id"].as_str() {
-                    if !out.iter().any(|o| o == p) {
-                        out.push(p.to_string());
-                    }
-                }
-            }
-            Err(err) if err.to_string().contains("HTTP 404") => answered.push(serial.clone()),
-            Err(err) => tracing::warn!(serial, error = %err, "revoked certificate not looked up"),
+    for c in revoked.as_array().into_iter().flatten() {
+        let (Some(serial), Some(principal)) = (c["serial"].as_str(), c["device_id"].as_str())
+        else {
+            continue;
+        };
+        if serials.contains(serial) && !out.iter().any(|o| o == principal) {
+            out.push(principal.to_string());
         }
     }
-    for serial in answered {
-        serials.remove(&serial);
-    }
+    serials.clear();
     out
 }
 

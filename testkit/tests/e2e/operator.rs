@@ -120,6 +120,11 @@ async fn operator_commands_reach_the_running_manager() {
             .await
             .is_err()
     );
+    // Superseded certificates are not among the revoked ones.
+    let revoked = fleet_manager::admin::call(&admin, "GET", "/v1/revoked-certificates", None)
+        .await
+        .unwrap();
+    assert_eq!(revoked, json!([]));
     // The manager's name at the broker is no device id, in any case.
     for id in ["fleet-manager", "Fleet-Manager"] {
         let body = json!([{ "device_id": id, "service_id": "svcA" }]);
