@@ -376,13 +376,16 @@ async fn generated_mosquitto_rules_hold() {
     let watcher = {
         let (admin, params, stop) = (admin.clone(), params.clone(), watching.clone());
         tokio::spawn(async move {
-            let every = Duration::from_millis(100);
+            let looks = fleet_manager::cli::WatchTimes {
+                every: Duration::from_millis(100),
+                coalesce: Duration::from_millis(1000),
+            };
             fleet_manager::cli::watch_mosquitto_config(
                 &admin,
                 &params,
                 Some(secret),
                 Some(pid),
-                every,
+                looks,
                 stop,
             )
             .await
