@@ -150,12 +150,12 @@ async fn pace<T, F, Fut>(
                 },
             }
         }
-        while let Ok(notices) = queued.try_recv() {
-            waiting.extend(notices);
-        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep_until(next) => {}
+        }
+        while let Ok(notices) = queued.try_recv() {
+            waiting.extend(notices);
         }
         let tick: Vec<_> = waiting.drain(..per_tick.min(waiting.len())).collect();
         send(tick).await;
@@ -582,10 +582,11 @@ mod tests {
             })
         });
         tx.send((0..25).collect()).unwrap();
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        // A second change while the first is still being announced...
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // A second change while the first is still being announced: its
+        // notices fill the first one's last tick...
         tx.send((100..103).collect()).unwrap();
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
         // ...and a third long after: sent at once.
         tx.send(vec![200]).unwrap();
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -595,8 +596,8 @@ mod tests {
         let sent = sent.lock().unwrap();
         let at: Vec<u128> = sent.iter().map(|(t, _)| *t).collect();
         let sizes: Vec<usize> = sent.iter().map(|(_, n)| n.len()).collect();
-        assert_eq!(at, [0, 100, 200, 300, 1250]);
-        assert_eq!(sizes, [10, 10, 5, 3, 1], "{sent:?}");
+        assert_eq!(at, [0, 100, 200, 1250]);
+        assert_eq!(sizes, [10, 10, 8, 1], "{sent:?}");
         let all: Vec<u32> = sent.iter().flat_map(|(_, n)| n.clone()).collect();
         let want: Vec<u32> = (0..25).chain(100..103).chain([200]).collect();
         assert_eq!(all, want);
