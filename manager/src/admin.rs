@@ -85,44 +85,67 @@ pub struct Admin {
     pub notices: NoticeQueue,
 }
 
-/// Where the operator API leaves the notices of a service change for
-/// [`pace_notices`] to send.
+/// A device's change whose notices are to be sent: built when they go
+/// out, and only if the change is still the device's pending one.
+#[derive(Debug, Clone)]
+pub struct QueuedChange {
+    pub device_id: String,
+    pub change_id: String,
+}
+
+/// Where the operator API leaves the changes to announce, for
+/// [`pace_notices`].
 #[derive(Clone)]
-pub struct NoticeQueue(tokio::sync::mpsc::UnboundedSender<Vec<crate::handlers::Outgoing>>);
+pub struct NoticeQueue(tokio::sync::mpsc::UnboundedSender<Vec<QueuedChange>>);
 
 impl NoticeQueue {
     /// A queue and its receiving end, for [`pace_notices`].
     pub fn new() -> (
         NoticeQueue,
-        tokio::sync::mpsc::UnboundedReceiver<Vec<crate::handlers::Outgoing>>,
+        tokio::sync::mpsc::UnboundedReceiver<Vec<QueuedChange>>,
     ) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         (NoticeQueue(tx), rx)
     }
 
-    fn push(&self, notices: Vec<crate::handlers::Outgoing>) {
+    fn push(&self, notices: Vec<QueuedChange>) {
         // The pacer ends only at shutdown; the change is recorded, and its
         // notices are sent again when the manager next starts.
         let _ = self.0.send(notices);
     }
 }
 
-/// Sends the queued service-change notices at most `per_sec` a second, in
-/// ticks of 100 ms, so a fleet-wide change does not arrive as one
+/// Sends the notices of the queued changes, at most `per_sec` notices a
+/// second (a device gets two: its tenant's topic and its bootstrap topic)
+/// in ticks of 100 ms, so a fleet-wide change does not arrive as one
 /// thundering herd of re-keys and reconnects. It runs on its own, not in
 /// the operator's request: a change of a whole fleet takes longer to
-/// announce than any request may take (5,000 devices, two notices each, at
-/// 200 a second: 50 s), and the notices after a request's deadline were
-/// lost until the manager restarted.
+/// announce than any request may take (5,000 devices at 200 notices a
+/// second: 50 s), and the notices after a request's deadline were lost
+/// until the manager restarted. A notice is built when it goes out, and
+/// not at all for a change applied or replaced meanwhile (a device would
+/// take a replaced change's notice, whose `seq` is above its last, and be
+/// refused the service at its `update`).
 pub async fn pace_notices(
-    queued: tokio::sync::mpsc::UnboundedReceiver<Vec<crate::handlers::Outgoing>>,
+    queued: tokio::sync::mpsc::UnboundedReceiver<Vec<QueuedChange>>,
+    core: Arc<Core>,
     client: AsyncClient,
     per_sec: usize,
     shutdown: CancellationToken,
 ) {
-    pace(queued, per_sec, shutdown, |tick| {
-        let client = client.clone();
-        async move { crate::mqtt::publish_all(&client, tick).await }
+    pace(queued, (per_sec / 2).max(1), shutdown, |tick| {
+        let (core, client) = (core.clone(), client.clone());
+        async move {
+            let built = tokio::task::spawn_blocking(move || {
+                tick.iter()
+                    .flat_map(|q| core.notices_if_pending(&q.device_id, &q.change_id))
+                    .collect()
+            })
+            .await;
+            if let Ok(notices) = built {
+                crate::mqtt::publish_all(&client, notices).await;
+            }
+        }
     })
     .await
 }
@@ -313,7 +336,17 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
                 match res {
                     Ok((results, out)) => {
                         let queued = out.len();
-                        admin.notices.push(out);
+                        admin.notices.push(
+                            results
+                                .iter()
+                                .filter_map(|r| {
+                                    Some(QueuedChange {
+                                        device_id: r.device_id.clone(),
+                                        change_id: r.change_id.clone()?,
+                                    })
+                                })
+                                .collect(),
+                        );
                         Ok(json!({ "results": results, "notices_queued": queued }))
                     }
                     Err(e) => Err(e),

@@ -1437,6 +1437,27 @@ impl Core {
         .collect()
     }
 
+    /// The notices of change `change_id` of `device_id`, if it is still the
+    /// device's pending change: none once it is applied, or replaced by a
+    /// newer change (whose own notices go out instead).
+    pub fn notices_if_pending(&self, device_id: &str, change_id: &str) -> Vec<Outgoing> {
+        match self.store.device(device_id) {
+            Ok(Some(device))
+                if device
+                    .pending
+                    .as_ref()
+                    .is_some_and(|p| p.change_id == change_id) =>
+            {
+                self.notices(&device)
+            }
+            Ok(_) => Vec::new(),
+            Err(err) => {
+                warn!(device = device_id, error = %err, "notice not sent");
+                Vec::new()
+            }
+        }
+    }
+
     /// Notices of every pending change, re-sent after a restart.
     pub fn pending_notices(&self) -> Result<Vec<Outgoing>, StoreError> {
         Ok(self
@@ -1568,9 +1589,16 @@ mod tests {
         assert_eq!(update(&core, "d1", "svcA", None, &uuid).status, Status::Ok);
         let (results, _) = core.request_change(&["d1".to_string()], "svcB", None, None, None);
         assert!(results[0].ok);
+        // Notices are built when the pacer sends them, while the change is pending.
+        let to_b = results[0].change_id.clone().unwrap();
+        assert_eq!(core.notices_if_pending("d1", &to_b).len(), 2);
         assert_eq!(
             update(&core, "d1", "svcB", Some("svcA"), &uuid).status,
             Status::Ok
+        );
+        assert!(
+            core.notices_if_pending("d1", &to_b).is_empty(),
+            "a notice of a change already applied"
         );
         // The reply was lost; the device asks again from svcA.
         let again = update(&core, "d1", "svcB", Some("svcA"), &uuid);
@@ -1592,6 +1620,8 @@ mod tests {
         let (results, _) = core.request_change(&["d1".to_string()], "svcC", None, None, None);
         assert!(results[0].ok);
         assert_eq!(granted(), ["svcB", "svcC", "svcA"]);
+        let to_c = results[0].change_id.clone().unwrap();
+        assert_eq!(core.notices_if_pending("d1", &to_c).len(), 2);
         // A "change" back to the current service while one is pending is
         // refused, and the pending one stands.
         let (results, notices) = core.request_change(&["d1".to_string()], "svcB", None, None, None);
@@ -1599,6 +1629,13 @@ mod tests {
         assert!(notices.is_empty());
         let pending = core.store.device("d1").unwrap().unwrap().pending.unwrap();
         assert_eq!(pending.service_id, "svcC");
+        // A change to yet another service replaces it: the replaced one's
+        // queued notices are no longer sent, the new one's are.
+        let (results, _) = core.request_change(&["d1".to_string()], "svcD", None, None, None);
+        assert!(results[0].ok, "{:?}", results[0]);
+        assert!(core.notices_if_pending("d1", &to_c).is_empty());
+        let to_d = results[0].change_id.clone().unwrap();
+        assert_eq!(core.notices_if_pending("d1", &to_d).len(), 2);
     }
 
     #[test]

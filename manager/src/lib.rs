@@ -97,6 +97,7 @@ pub async fn start(
     let (notices, queued) = admin::NoticeQueue::new();
     tracker.spawn(admin::pace_notices(
         queued,
+        core.clone(),
         client.clone(),
         config.max_notices_per_sec,
         shutdown.clone(),
