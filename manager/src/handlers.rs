@@ -1458,13 +1458,19 @@ impl Core {
         }
     }
 
-    /// Notices of every pending change, re-sent after a restart.
-    pub fn pending_notices(&self) -> Result<Vec<Outgoing>, StoreError> {
+    /// Every pending change, announced again after a (re)connect to the
+    /// broker.
+    pub fn pending_changes(&self) -> Result<Vec<crate::notices::QueuedChange>, StoreError> {
         Ok(self
             .store
             .devices()?
-            .iter()
-            .flat_map(|d| self.notices(d))
+            .into_iter()
+            .filter_map(|d| {
+                Some(crate::notices::QueuedChange {
+                    change_id: d.pending?.change_id,
+                    device_id: d.device_id,
+                })
+            })
             .collect())
     }
 }
@@ -1592,6 +1598,13 @@ mod tests {
         // Notices are built when the pacer sends them, while the change is pending.
         let to_b = results[0].change_id.clone().unwrap();
         assert_eq!(core.notices_if_pending("d1", &to_b).len(), 2);
+        // Announced again after a reconnect to the broker.
+        let pending = core.pending_changes().unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(
+            (pending[0].device_id.as_str(), pending[0].change_id.as_str()),
+            ("d1", to_b.as_str())
+        );
         assert_eq!(
             update(&core, "d1", "svcB", Some("svcA"), &uuid).status,
             Status::Ok
@@ -1600,6 +1613,7 @@ mod tests {
             core.notices_if_pending("d1", &to_b).is_empty(),
             "a notice of a change already applied"
         );
+        assert!(core.pending_changes().unwrap().is_empty());
         // The reply was lost; the device asks again from svcA.
         let again = update(&core, "d1", "svcB", Some("svcA"), &uuid);
         assert_eq!(again.status, Status::Ok, "{:?}", again.detail);

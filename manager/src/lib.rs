@@ -15,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod handlers;
 pub mod mqtt;
+pub mod notices;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -82,9 +83,18 @@ pub async fn start(
 
     let (client, eventloop) = mqtt::connect(&config)?;
     let (subscribed_tx, mut subscribed_rx) = watch::channel(false);
+    let (notices, queued) = notices::NoticeQueue::new();
+    tracker.spawn(notices::pace_notices(
+        queued,
+        core.clone(),
+        client.clone(),
+        config.max_notices_per_sec,
+        shutdown.clone(),
+    ));
     tracker.spawn(mqtt::serve(
         core.clone(),
         client.clone(),
+        notices.clone(),
         eventloop,
         subscribed_tx,
         shutdown.clone(),
@@ -94,14 +104,6 @@ pub async fn start(
         .await
         .with_context(|| format!("binding admin API on {}", config.admin_listen))?;
     let admin_addr = listener.local_addr()?;
-    let (notices, queued) = admin::NoticeQueue::new();
-    tracker.spawn(admin::pace_notices(
-        queued,
-        core.clone(),
-        client.clone(),
-        config.max_notices_per_sec,
-        shutdown.clone(),
-    ));
     let admin = Arc::new(admin::Admin {
         core: core.clone(),
         client,

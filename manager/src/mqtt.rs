@@ -58,6 +58,7 @@ pub async fn publish_all(client: &AsyncClient, out: Vec<Outgoing>) {
 pub async fn serve(
     core: Arc<Core>,
     client: AsyncClient,
+    notices: crate::notices::NoticeQueue,
     mut eventloop: EventLoop,
     subscribed: watch::Sender<bool>,
     shutdown: CancellationToken,
@@ -127,21 +128,24 @@ pub async fn serve(
                         warn!(error = %err, "subscribe failed");
                     }
                 }
+                // Every pending change is announced again, paced with
+                // the operator's changes (a reconnect with thousands
+                // pending sent them all at once).
                 let core = core.clone();
-                let client = client.clone();
+                let notices = notices.clone();
                 tracker.spawn(async move {
-                    match tokio::task::spawn_blocking(move || core.pending_notices()).await {
-                        Ok(Ok(out)) => {
-                            if !out.is_empty() {
+                    match tokio::task::spawn_blocking(move || core.pending_changes()).await {
+                        Ok(Ok(pending)) => {
+                            if !pending.is_empty() {
                                 info!(
-                                    count = out.len(),
+                                    devices = pending.len(),
                                     "re-sending pending service-change notices"
                                 );
                             }
-                            publish_all(&client, out).await
+                            notices.push(pending)
                         }
-                        Ok(Err(err)) => warn!(error = %err, "pending notices not read"),
-                        Err(err) => warn!(error = %err, "pending notices task failed"),
+                        Ok(Err(err)) => warn!(error = %err, "pending changes not read"),
+                        Err(err) => warn!(error = %err, "pending changes task failed"),
                     }
                 });
             }
