@@ -83,8 +83,7 @@ const BRIDGE_LOCAL_ID_MARK: &str = "@BRIDGE_LOCAL_ID@";
 
 fn bridge_local_id(secret: &str) -> String {
     let digest = openssl::sha::sha256(format!("fleetshift bridge local id\0{secret}").as_bytes());
-    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-    format!("local.{hex}")
+    format!("local.{}", to_hex(&digest[..16]))
 }
 
 /// The topics the bootstrap mosquitto bridges: requests out to the main
@@ -373,39 +372,26 @@ pub fn revoked_serials(crlfile: &str) -> std::collections::BTreeSet<String> {
             crl.get_revoked()
                 .into_iter()
                 .flatten()
-                .filter_map(|r| r.serial_number().to_bn().ok()?.to_hex_str().ok())
-                .map(|h| h.to_ascii_lowercase())
+                .map(|r| crate::frontdoor::trust::hex_serial(r.serial_number()))
                 .collect::<Vec<_>>()
         })
         .collect()
 }
 
-/// Replaces `path` with `bytes` by renaming a file written beside it, so
-/// mosquitto never reads a half-written one; a new file gets `mode`.
+/// Replaces `path` with `bytes` (a new file gets `mode`) through the PKI's
+/// atomic write, so mosquitto never reads a half-written file and two
+/// writers (a watcher and a run by hand) never rename each other's.
 fn replace_with_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    // Named for this writer, so two writers (a watcher and a run by hand)
-    // never rename each other's half-written file into place.
-    let mut tmp = path.as_os_str().to_owned();
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    tmp.push(format!(".{}.{n}.tmp", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)?;
-    let written = f.write_all(bytes).and_then(|()| f.sync_all());
-    if let Err(err) = written.and_then(|()| std::fs::rename(&tmp, path)) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(err);
-    }
-    Ok(())
+    fleet_pki::write_atomic(path, bytes, mode).map_err(std::io::Error::other)
 }
 
 fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     replace_with_mode(path, bytes, 0o644)
+}
+
+/// Lowercase hex.
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Writes the files into `p.out_dir`. The bridge's secret is made once
@@ -449,7 +435,7 @@ pub fn write(
         _ => {
             let mut bytes = [0u8; 24];
             openssl::rand::rand_bytes(&mut bytes).map_err(std::io::Error::other)?;
-            let s: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let s = to_hex(&bytes);
             replace_with_mode(&secret_path, s.as_bytes(), 0o600)?;
             (s, true)
         }

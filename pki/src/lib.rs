@@ -657,6 +657,13 @@ pub fn chain_to_pem(chain: &[X509]) -> Result<Vec<u8>, PkiError> {
     Ok(out)
 }
 
+/// Writes `bytes` to `path` with `mode` (for a new file; 0600 for secrets),
+/// atomically and durably: a temporary file beside it (`.NAME.tmp.PID.N`,
+/// one per writer), synced, then renamed over it.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
+    files::write_atomic(path, bytes, mode)
+}
+
 /// Writes `key` as PKCS#8 PEM with mode 0600, atomically.
 pub fn write_private_key(path: &Path, key: &PKeyRef<Private>) -> Result<(), PkiError> {
     files::write_atomic(path, &key.private_key_to_pem_pkcs8()?, KEY_MODE)

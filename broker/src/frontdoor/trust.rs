@@ -58,7 +58,7 @@ pub const RELOAD_EVERY: Duration = Duration::from_millis(200);
 pub const CUT_GRACE: Duration = Duration::from_millis(400);
 
 /// Lowercase hex of a serial number, as the PKI and the CRLs write it.
-fn hex_serial(serial: &Asn1IntegerRef) -> String {
+pub(crate) fn hex_serial(serial: &Asn1IntegerRef) -> String {
     serial
         .to_bn()
         .and_then(|b| b.to_hex_str().map(|s| s.to_lowercase()))
