@@ -233,19 +233,9 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
                 })
                 .await;
                 match res {
-                    Ok((results, out)) => {
-                        let queued = out.len();
-                        admin.notices.push(
-                            results
-                                .iter()
-                                .filter_map(|r| {
-                                    Some(crate::notices::QueuedChange {
-                                        device_id: r.device_id.clone(),
-                                        change_id: r.change_id.clone()?,
-                                    })
-                                })
-                                .collect(),
-                        );
+                    Ok((results, changes)) => {
+                        let queued = changes.len() * crate::handlers::NOTICES_PER_CHANGE;
+                        admin.notices.push(changes);
                         Ok(json!({ "results": results, "notices_queued": queued }))
                     }
                     Err(e) => Err(e),

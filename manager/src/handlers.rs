@@ -105,6 +105,10 @@ struct After {
     resend_notice_of: Option<DeviceRecord>,
 }
 
+/// The notices of one service change: on the device's tenant topic and on
+/// its bootstrap topic.
+pub const NOTICES_PER_CHANGE: usize = 2;
+
 /// Result of a service-change request for one device.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ChangeResult {
@@ -1325,7 +1329,7 @@ impl Core {
         provider: Option<String>,
         application: Option<String>,
         endpoint: Option<String>,
-    ) -> (Vec<ChangeResult>, Vec<Outgoing>) {
+    ) -> (Vec<ChangeResult>, Vec<crate::notices::QueuedChange>) {
         let mut results = Vec::new();
         let mut out = Vec::new();
         for d in device_ids {
@@ -1333,7 +1337,7 @@ impl Core {
             let result = self.request_change_one(d, service_id, &provider, &application, &endpoint);
             match result {
                 Ok((change_id, device)) => {
-                    out.extend(self.notices(&device));
+                    out.extend(crate::notices::QueuedChange::pending_of(&device));
                     results.push(ChangeResult {
                         device_id: d.clone(),
                         ok: true,
@@ -1425,16 +1429,17 @@ impl Core {
             }
         };
         let route = Route::ServiceChange(device.device_id.clone());
-        [
+        let topics: [Topic; NOTICES_PER_CHANGE] = [
             Topic::in_tenant(&device.service_id, route.clone()),
             Topic::bootstrap(route),
-        ]
-        .into_iter()
-        .map(|t| Outgoing {
-            topic: t.to_string(),
-            payload: env.clone(),
-        })
-        .collect()
+        ];
+        topics
+            .into_iter()
+            .map(|t| Outgoing {
+                topic: t.to_string(),
+                payload: env.clone(),
+            })
+            .collect()
     }
 
     /// The notices of change `change_id` of `device_id`, if it is still the
@@ -1464,13 +1469,8 @@ impl Core {
         Ok(self
             .store
             .devices()?
-            .into_iter()
-            .filter_map(|d| {
-                Some(crate::notices::QueuedChange {
-                    change_id: d.pending?.change_id,
-                    device_id: d.device_id,
-                })
-            })
+            .iter()
+            .filter_map(crate::notices::QueuedChange::pending_of)
             .collect())
     }
 }

@@ -17,6 +17,16 @@ pub struct QueuedChange {
     pub change_id: String,
 }
 
+impl QueuedChange {
+    /// The device's pending change, if it has one.
+    pub fn pending_of(device: &crate::store::DeviceRecord) -> Option<QueuedChange> {
+        Some(QueuedChange {
+            device_id: device.device_id.clone(),
+            change_id: device.pending.as_ref()?.change_id.clone(),
+        })
+    }
+}
+
 /// Where the operator API leaves the changes to announce, for
 /// [`pace_notices`].
 #[derive(Clone)]
@@ -57,7 +67,8 @@ pub async fn pace_notices(
     per_sec: usize,
     shutdown: CancellationToken,
 ) {
-    pace(queued, (per_sec / 2).max(1), shutdown, |tick| {
+    let changes_per_sec = (per_sec / crate::handlers::NOTICES_PER_CHANGE).max(1);
+    pace(queued, changes_per_sec, shutdown, |tick| {
         let (core, client) = (core.clone(), client.clone());
         async move {
             let built = tokio::task::spawn_blocking(move || {
