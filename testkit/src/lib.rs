@@ -247,6 +247,15 @@ impl Inbox {
     pub fn is_cut(&self) -> bool {
         !self.errors.lock().unwrap().is_empty()
     }
+
+    /// Waits until the connection is cut.
+    pub async fn wait_cut(&self, within: Duration, what: &str) -> anyhow::Result<()> {
+        eventually(within, what, || {
+            let cut = self.is_cut();
+            async move { cut.then_some(()) }
+        })
+        .await
+    }
 }
 
 impl std::ops::Deref for Probe {

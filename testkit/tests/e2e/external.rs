@@ -461,12 +461,10 @@ async fn generated_mosquitto_rules_hold() {
     fleet_manager::admin::call(&admin, "POST", "/v1/providers/weather/revoke", None)
         .await
         .unwrap();
-    eventually(T, "the revoked provider's connection to be cut", || {
-        let cut = weather.is_cut();
-        async move { cut.then_some(()) }
-    })
-    .await
-    .unwrap();
+    weather
+        .wait_cut(T, "the revoked provider's connection to be cut")
+        .await
+        .unwrap();
     tracing::info!(elapsed = ?revoked_at.elapsed(), "revoked connection cut");
     assert!(
         Probe::mtls(

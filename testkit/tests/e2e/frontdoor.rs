@@ -268,12 +268,10 @@ async fn publishing_outside_the_grants_is_cut_and_delivers_nothing() {
             }
         };
         probe.publish(topic, b"injected".to_vec()).await.unwrap();
-        eventually(T, &format!("{listener} publisher to {topic} cut"), || {
-            let cut = probe.is_cut();
-            async move { cut.then_some(()) }
-        })
-        .await
-        .unwrap();
+        probe
+            .wait_cut(T, &format!("{listener} publisher to {topic} cut"))
+            .await
+            .unwrap();
     }
     let mark = observer.messages().len();
     traffic_after(&observer, mark).await;
@@ -748,12 +746,9 @@ async fn revocation_cuts_the_live_session_and_refuses_the_next_handshake() {
     fleet_manager::admin::call(&fleet.admin(), "POST", "/v1/devices/rev1/reset", None)
         .await
         .unwrap();
-    eventually(T, "the revoked session to be cut", || {
-        let cut = live.is_cut();
-        async move { cut.then_some(()) }
-    })
-    .await
-    .unwrap();
+    live.wait_cut(T, "the revoked session to be cut")
+        .await
+        .unwrap();
     let took = revoked_at.elapsed();
     println!("live session of a revoked certificate closed {took:?} after the reset");
     assert!(took < Duration::from_secs(2), "took {took:?}");
@@ -1109,12 +1104,10 @@ async fn a_service_provider_reads_its_own_tenants_telemetry_and_nothing_else() {
         .publish("/tenants/svcA/fleet/v1/poll/dev1", b"injected".to_vec())
         .await
         .unwrap();
-    eventually(T, "the publishing provider cut", || {
-        let cut = provider.is_cut();
-        async move { cut.then_some(()) }
-    })
-    .await
-    .unwrap();
+    provider
+        .wait_cut(T, "the publishing provider cut")
+        .await
+        .unwrap();
     assert!(fleet.snapshot() == before, "stored history changed");
 
     // Revoked by the operator: a live session is cut, the next handshake
@@ -1133,12 +1126,9 @@ async fn a_service_provider_reads_its_own_tenants_telemetry_and_nothing_else() {
             .await
             .unwrap();
     assert_eq!(res["revoked"], 1);
-    eventually(T, "the revoked provider's session cut", || {
-        let cut = live.is_cut();
-        async move { cut.then_some(()) }
-    })
-    .await
-    .unwrap();
+    live.wait_cut(T, "the revoked provider's session cut")
+        .await
+        .unwrap();
     assert!(
         Probe::mtls(fleet.service_addr(), "provider.weather", &root, chain, key)
             .await

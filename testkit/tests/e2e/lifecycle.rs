@@ -269,12 +269,10 @@ async fn moves_a_b_c(key_mode: KeyMode) {
         .publish(&telemetry("svcA", "dev1"), b"injected".to_vec())
         .await
         .unwrap();
-    fleet_testkit::eventually(T, "the broker to cut the cross-tenant publisher", || {
-        let cut = intruder.is_cut();
-        async move { cut.then_some(()) }
-    })
-    .await
-    .unwrap();
+    intruder
+        .wait_cut(T, "the broker to cut the cross-tenant publisher")
+        .await
+        .unwrap();
     assert_eq!(
         observer.on(&telemetry("svcA", "dev1")).len(),
         seen_on_a,

@@ -1323,12 +1323,10 @@ async fn a_session_taken_over_publishes_its_will_unless_it_is_delayed() {
         .publish("/tenants/svcA/telemetry/wt1", b"back".to_vec())
         .await
         .unwrap();
-    eventually(T, "the first connection to be cut", || {
-        let cut = first.is_cut();
-        async move { cut.then_some(()) }
-    })
-    .await
-    .unwrap();
+    first
+        .wait_cut(T, "the first connection to be cut")
+        .await
+        .unwrap();
     observer
         .wait_for("/tenants/svcA/telemetry/wt1", 2, T)
         .await
