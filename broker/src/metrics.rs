@@ -117,6 +117,12 @@ const SERIES: &[Series] = &[
         "Connections closed because the client stopped taking data.",
         |m| &m.write_stalls,
     ),
+    (
+        "gauge",
+        "router_log_bytes",
+        "Bytes of messages (topic and payload) the router holds for subscribers that have still to read them, and up to a trim's worth more.",
+        |m| &m.router_log_bytes,
+    ),
 ];
 
 /// The Prometheus text exposition of `metrics`.

@@ -1,6 +1,9 @@
 //! The rumqttd router and its configuration: the one place that knows
 //! rumqttd's configuration types.
 
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
 use rumqttd::local::LinkBuilder;
 use rumqttd::{Router, RouterConfig};
 use tokio::sync::{mpsc, oneshot};
@@ -22,6 +25,8 @@ type OpenRequest = (String, bool, oneshot::Sender<Result<Link, String>>);
 /// link is gone, so no link outlives its connection.
 pub struct LinkOpener {
     requests: mpsc::UnboundedSender<OpenRequest>,
+    /// The bytes of messages the router's logs hold.
+    pub log_bytes: Arc<AtomicU64>,
 }
 
 impl LinkOpener {
@@ -84,14 +89,19 @@ pub(crate) fn start_router(config: &BrokerConfig) -> LinkOpener {
         initialized_filters: None,
         shared_subscriptions_strategy: Default::default(),
     };
-    let (router_tx, router) = Router::new(0, router_config).spawn_async();
+    let router = Router::new(0, router_config);
+    let log_bytes = router.log_bytes();
+    let (router_tx, router) = router.spawn_async();
     tokio::spawn(router);
     let (requests, incoming) = mpsc::unbounded_channel();
     tokio::spawn(open_links(
         move |client_id| LinkBuilder::new(client_id, router_tx.clone()),
         incoming,
     ));
-    LinkOpener { requests }
+    LinkOpener {
+        requests,
+        log_bytes,
+    }
 }
 
 #[cfg(test)]

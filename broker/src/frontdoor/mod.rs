@@ -75,6 +75,10 @@ pub struct Metrics {
     pub outgoing_discarded: AtomicU64,
     /// Connections closed because the client stopped taking data.
     pub write_stalls: AtomicU64,
+    /// Bytes of messages (topic and payload) the router's logs hold:
+    /// those some subscriber has still to read, and up to a trim's worth
+    /// more (the router's).
+    pub router_log_bytes: Arc<AtomicU64>,
 }
 
 impl Metrics {
@@ -195,11 +199,15 @@ impl Shared {
         limits: Limits,
         internal_users: HashMap<String, String>,
     ) -> Arc<Shared> {
+        let metrics = Arc::new(Metrics {
+            router_log_bytes: link.log_bytes.clone(),
+            ..Metrics::default()
+        });
         Arc::new(Shared {
             link,
             slots: Arc::new(Semaphore::new(limits.max_connections)),
             limits,
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             internal_users,
             next_connection: AtomicU64::new(1),
             rate: Mutex::new(HashMap::new()),

@@ -22,6 +22,20 @@ impl Graveyard {
         self.connections.remove(id)
     }
 
+    /// fleetshift: the saved persistent sessions.
+    pub fn sessions(&self) -> usize {
+        self.connections.len()
+    }
+
+    /// fleetshift: the trackers of the saved persistent sessions, whose
+    /// data requests still read their filters' logs.
+    pub fn saved_trackers(&self) -> impl Iterator<Item = &Tracker> {
+        self.connections
+            .values()
+            .filter_map(|saved| saved.session_state.as_ref())
+            .map(|session| &session.tracker)
+    }
+
     /// Save connection tracker
     pub fn save_state(
         &mut self,

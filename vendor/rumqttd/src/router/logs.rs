@@ -13,6 +13,8 @@ use crate::segments::{CommitLog, Position};
 use crate::Storage;
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 type PubWithProp = (Publish, Option<PublishProperties>);
@@ -68,7 +70,24 @@ pub struct DataLog {
     /// filter, and a new filter against every topic seen, which grew with
     /// the square of a fleet's connections.
     wildcard_filters: Vec<(Filter, FilterIdx)>,
+    /// fleetshift: bytes appended to the logs since they were last
+    /// trimmed (`trim_read`), each entry counted with `ENTRY_OVERHEAD`.
+    appended: usize,
+    /// fleetshift: the bytes (topic and payload) the logs held at the last
+    /// trim, plus those appended since; read by the broker's metrics.
+    held: Arc<AtomicU64>,
 }
+
+/// fleetshift: what an entry of a log costs beyond its topic and payload
+/// (the `PublishData`, its place in a segment), counted towards a trim.
+const ENTRY_OVERHEAD: usize = 256;
+
+/// fleetshift: the bytes appended after which the logs are trimmed, at
+/// least; a trim also waits for `TRIM_PER_READER` bytes per filter and per
+/// reader it looks at, so that its cost stays a small share of the
+/// appends' however large the fleet.
+const TRIM_MIN_BYTES: usize = 1 << 20;
+pub(crate) const TRIM_PER_READER: usize = 256;
 
 impl DataLog {
     pub fn new(config: RouterConfig) -> io::Result<DataLog> {
@@ -99,7 +118,62 @@ impl DataLog {
             filter_indexes,
             retained_publishes,
             wildcard_filters,
+            appended: 0,
+            held: Arc::default(),
         })
+    }
+
+    /// fleetshift: counts an entry about to be appended towards the next
+    /// trim.
+    pub fn note_appended(&mut self, data: &PublishData) {
+        self.appended += data.size() + ENTRY_OVERHEAD;
+        self.held.fetch_add(data.size() as u64, Ordering::Relaxed);
+    }
+
+    /// fleetshift: the bytes the logs hold, as of the last trim plus what
+    /// was appended since (retention by size in between is not counted).
+    pub fn held_bytes(&self) -> Arc<AtomicU64> {
+        self.held.clone()
+    }
+
+    /// fleetshift: whether a trim may drop something: the logs held
+    /// something at the last one (a reader then behind may have read it
+    /// since), or something was appended.
+    pub fn trim_pending(&self) -> bool {
+        self.appended > 0 || self.held.load(Ordering::Relaxed) > 0
+    }
+
+    /// fleetshift: whether enough was appended since the last trim for one
+    /// that looks at `readers` readers' cursors.
+    pub fn trim_due(&self, readers: usize) -> bool {
+        self.appended >= TRIM_MIN_BYTES.max((readers + self.native.len()) * TRIM_PER_READER)
+    }
+
+    /// fleetshift: drops from each filter's log what all its readers have
+    /// read. `upto` holds, per filter, the lowest absolute offset a reader
+    /// of it (a live subscription, a saved session, an unacknowledged
+    /// message of a session that keeps state, a shared group) will read
+    /// next; a filter it does not name has no reader, and a new
+    /// subscription starts at the end of its log, so its log is emptied.
+    /// Returns the bytes dropped.
+    pub fn trim_read(&mut self, upto: &HashMap<FilterIdx, u64>) -> u64 {
+        self.appended = 0;
+        let (mut dropped, mut held) = (0, 0);
+        for (idx, data) in self.native.iter_mut() {
+            dropped += data
+                .log
+                .trim_read(upto.get(&idx).copied().unwrap_or(u64::MAX));
+            held += data.log.size();
+        }
+        self.held.store(held, Ordering::Relaxed);
+        dropped
+    }
+
+    /// fleetshift: the entries each filter's log holds, for tests.
+    #[cfg(test)]
+    pub fn held(&self, filter: &str) -> Option<u64> {
+        let data = self.native.get(*self.filter_indexes.get(filter)?)?;
+        Some(data.log.held_entries())
     }
 
     pub fn meter(&mut self, filter: &str) -> Option<&mut SubscriptionMeter> {

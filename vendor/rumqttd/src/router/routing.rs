@@ -21,7 +21,7 @@ use tracing::{debug, error, info, trace, warn};
 use super::alertlog::{Alert, AlertLog};
 use super::graveyard::Graveyard;
 use super::iobufs::{Incoming, Outgoing};
-use super::logs::{AckLog, DataLog};
+use super::logs::{AckLog, DataLog, PublishData};
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
 use super::{
@@ -54,6 +54,10 @@ pub enum RouterError {
 
 // TODO: set this to some appropriate value
 const TOPIC_ALIAS_MAX: u16 = 4096;
+
+/// fleetshift: how long the router waits with nothing to do before it trims
+/// its logs of what was appended and read since the last trim.
+const TRIM_WHEN_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub struct Router {
     id: RouterId,
@@ -191,14 +195,36 @@ impl Router {
         (link, run)
     }
 
+    /// fleetshift: added. The bytes of messages the router's logs hold
+    /// (topic and payload), kept up to date as it runs.
+    pub fn log_bytes(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.datalog.held_bytes()
+    }
+
     // fleetshift: added. `run(0)` as a future: `run_inner`'s steps, waiting
     // for an event with `recv_async`, and yielding after each round so that
     // a busy router shares its worker with the links' tasks.
     async fn run_async(&mut self) -> Result<(), RouterError> {
         loop {
             if self.consume().is_none() {
-                let (id, data) = self.router_rx.recv_async().await?;
-                self.events(id, data);
+                // fleetshift: idle for `TRIM_WHEN_IDLE` while the logs
+                // hold something, the router trims them, so that what a
+                // burst left behind is let go of once read, without
+                // waiting for the next trim's worth of appends.
+                let event = if self.datalog.trim_pending() {
+                    match tokio::time::timeout(TRIM_WHEN_IDLE, self.router_rx.recv_async()).await {
+                        Ok(event) => Some(event?),
+                        Err(_) => {
+                            self.trim_read_logs(true);
+                            None
+                        }
+                    }
+                } else {
+                    Some(self.router_rx.recv_async().await?)
+                };
+                if let Some((id, data)) = event {
+                    self.events(id, data);
+                }
             }
             for _ in 0..500 {
                 match self.router_rx.try_recv() {
@@ -210,6 +236,7 @@ impl Router {
             for _ in 0..100 {
                 self.consume();
             }
+            self.trim_read_logs(false);
             tokio::task::yield_now().await;
         }
     }
@@ -267,9 +294,68 @@ impl Router {
         for _ in 0..100 {
             self.consume();
         }
+        self.trim_read_logs(false); // fleetshift
 
         // self.send_all_alerts();
         Ok(())
+    }
+
+    /// fleetshift: added. Once enough was appended (`DataLog::trim_due`),
+    /// drops from every filter's log what all its readers have read, so
+    /// that a log holds only what some reader has still to read (up to its
+    /// size limit) instead of everything up to that limit. A reader is a
+    /// data request wherever it waits: a connection's tracker, a filter's
+    /// waiters, the notifications woken by new data, a saved persistent
+    /// session; a session that keeps state also reads again what it was
+    /// sent and did not acknowledge, and a shared group reads from its own
+    /// cursor. Called between rounds of events and consumption, when no
+    /// request is out of those places; `idle`, after `TRIM_WHEN_IDLE` with
+    /// nothing to do, it trims whenever `DataLog::trim_pending`.
+    fn trim_read_logs(&mut self, idle: bool) {
+        let readers = self.connections.len() + self.graveyard.sessions();
+        let due = if idle {
+            self.datalog.trim_pending()
+        } else {
+            self.datalog.trim_due(readers)
+        };
+        if !due {
+            return;
+        }
+        let mut upto: HashMap<FilterIdx, u64> = HashMap::new();
+        let mut note = |idx: FilterIdx, offset: u64| {
+            let lowest = upto.entry(idx).or_insert(offset);
+            *lowest = (*lowest).min(offset);
+        };
+        let groups = &self.shared_subscriptions;
+        let mut note_request = |request: &DataRequest| {
+            note(request.filter_idx, request.cursor.1);
+            if let Some(group) = request.group.as_ref().and_then(|g| groups.get(g)) {
+                note(request.filter_idx, group.cursor.1);
+            }
+        };
+        for (_, tracker) in self.scheduler.trackers.iter() {
+            tracker.get_data_requests().iter().for_each(&mut note_request);
+        }
+        for (_, request) in self.notifications.iter() {
+            note_request(request);
+        }
+        for (_, data) in self.datalog.native.iter() {
+            for (_, request) in data.waiters.waiters() {
+                note_request(request);
+            }
+        }
+        for tracker in self.graveyard.saved_trackers() {
+            tracker.get_data_requests().iter().for_each(&mut note_request);
+        }
+        for (id, outgoing) in self.obufs.iter() {
+            if self.connections.get(id).is_some_and(|c| !c.clean) {
+                for (idx, cursor) in outgoing.retransmission_map() {
+                    note(idx, cursor.1);
+                }
+            }
+        }
+        let dropped = self.datalog.trim_read(&upto);
+        trace!(dropped, filters = upto.len(), "logs trimmed of what was read");
     }
 
     fn events(&mut self, id: ConnectionId, data: Event) {
@@ -564,10 +650,9 @@ impl Router {
                 outgoing.unacked_pubrels,
             );
         } else {
-            tracker.pause(PauseReason::Busy);
-            let id = tracker.id.clone();
-            // Only save metrics in clean session
-            self.graveyard.save_metrics(id, connection.events);
+            // fleetshift: nothing is saved of a clean session (its metrics
+            // were, so that the graveyard grew by an entry for every client
+            // id that ever connected, chosen by anonymous clients too).
         }
         self.router_meters.total_connections -= 1;
     }
@@ -1295,9 +1380,10 @@ fn append_to_commitlog(
 
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
+        let publish_data: PublishData = (publish.clone(), properties.clone()).into();
+        datalog.note_appended(&publish_data); // fleetshift: towards the next trim
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
-        let publish_data = (publish.clone(), properties.clone());
-        let (offset, filter) = datalog.append(publish_data.into(), notifications);
+        let (offset, filter) = datalog.append(publish_data, notifications);
         debug!(
             pkid,
             "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
@@ -1361,9 +1447,10 @@ fn append_will_message(
 
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
+        let publish_data: PublishData = (publish.clone(), properties.clone()).into();
+        datalog.note_appended(&publish_data); // fleetshift: towards the next trim
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
-        let publish_data = (publish.clone(), properties.clone());
-        let (offset, filter) = datalog.append(publish_data.into(), notifications);
+        let (offset, filter) = datalog.append(publish_data, notifications);
         debug!(
             pkid,
             "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,

@@ -123,6 +123,12 @@ where
         self.active_segment().next_offset()
     }
 
+    /// fleetshift: entries held in memory, in every segment.
+    #[allow(dead_code)]
+    pub fn held_entries(&self) -> u64 {
+        self.segments.iter().map(|s| s.len()).sum()
+    }
+
     #[inline]
     fn active_segment(&self) -> &Segment<T> {
         self.segments.back().unwrap()
@@ -162,6 +168,36 @@ where
         }
     }
 
+    /// fleetshift: added. Drops what every reader has read: the segments
+    /// wholly before absolute offset `upto` (the lowest offset any reader
+    /// of this log will ask for next), and the active segment's entries
+    /// too when `upto` is past them. The active segment is emptied in
+    /// place, keeping its index and starting at its next offset, so a
+    /// reader's cursor at the end of the log stays valid. Returns the
+    /// bytes dropped.
+    ///
+    /// Retention by size alone (`apply_retention`) keeps up to
+    /// `max_mem_segments` × `max_segment_size` bytes per subscription
+    /// filter however long ago they were read: with one filter per device
+    /// for each of its reply and notice topics, a fleet's replies piled up
+    /// there for as long as the broker ran.
+    pub fn trim_read(&mut self, upto: u64) -> u64 {
+        let mut dropped = 0;
+        while self.segments.len() > 1 && self.segments[1].absolute_offset <= upto {
+            dropped += self.segments.pop_front().map_or(0, |s| s.size());
+            self.head += 1;
+        }
+        if self.segments.len() == 1 {
+            let active = self.active_segment_mut();
+            let next = active.next_offset();
+            if active.len() > 0 && upto >= next {
+                dropped += active.size();
+                *active = Segment::with_offset(next);
+            }
+        }
+        dropped
+    }
+
     #[inline]
     pub fn last(&self) -> Option<T> {
         self.active_segment().last()
@@ -185,10 +221,14 @@ where
 
         if cursor.0 < self.head {
             let head_absolute_offset = self.segments.front().unwrap().absolute_offset;
-            warn!(
-                "given index {} less than head {}, jumping to head",
-                cursor.0, head_absolute_offset
-            );
+            // fleetshift: warns only when entries are skipped; a reader at
+            // the end of a segment `trim_read` dropped loses nothing.
+            if head_absolute_offset > cursor.1 {
+                warn!(
+                    "given index {} less than head {}, jumping to head",
+                    cursor.0, head_absolute_offset
+                );
+            }
             cursor = (self.head, head_absolute_offset);
             start = cursor;
         }
@@ -674,5 +714,42 @@ mod tests {
                 end: (10, 105)
             }
         );
+    }
+
+    // fleetshift: `trim_read` drops only what lies wholly before the
+    // lowest reader's offset, and a reader at the end reads on.
+    #[test]
+    fn trim_read_keeps_what_a_reader_has_still_to_read() {
+        // 3 entries of 1 KiB per segment, up to 4 segments.
+        let mut log: CommitLog<Bytes> = CommitLog::new(3 * 1024, 4).unwrap();
+        for i in 0..10 {
+            log.append(random_payload(i, 1024));
+        }
+        // Segments [0, 3) [3, 6) [6, 9) and the active [9, 10).
+        assert_eq!(log.held_entries(), 10);
+        // A reader at 4 still needs the segment holding 4.
+        assert_eq!(log.trim_read(4), 3 * 1024);
+        assert_eq!(log.held_entries(), 7);
+        let mut out = Vec::new();
+        log.readv((1, 4), 10, &mut out).unwrap();
+        assert_eq!(out.iter().map(|(_, o)| o.1).collect::<Vec<_>>(), (4..10).collect::<Vec<_>>());
+        // Nothing below a reader at the start of the log.
+        assert_eq!(log.trim_read(3), 0);
+        // Read to the end: all of it goes, and the cursor at the end stays
+        // valid for what comes next.
+        assert_eq!(log.trim_read(10), 7 * 1024);
+        assert_eq!(log.held_entries(), 0);
+        let end = log.next_offset();
+        assert_eq!(end.1, 10);
+        log.append(random_payload(10, 1024));
+        let mut out = Vec::new();
+        let next = log.readv(end, 10, &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        verify(10, 1024, out.pop().unwrap());
+        assert!(matches!(next, Done { end: (_, 11), .. }));
+        // A reader left behind in a dropped segment jumps to the head.
+        let mut out = Vec::new();
+        log.readv((0, 0), 10, &mut out).unwrap();
+        assert_eq!(out.len(), 1);
     }
 }

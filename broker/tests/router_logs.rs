@@ -1,0 +1,266 @@
+//! The router keeps a message only until every subscriber of its filter has
+//! read it. rumqttd keeps a log per subscription filter and, as published,
+//! drops from it only by size (4 segments of 1 MiB here): a device's reply
+//! and notice filters, one per device and topic, held every message sent on
+//! them for as long as the broker ran, so the broker grew with every
+//! migration of the fleet. The vendored router trims each log to what some
+//! reader has still to read (`vendor/rumqttd/PATCHES.md`).
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use fleet_broker::{BrokerConfig, RunningBroker};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use tokio::sync::mpsc;
+
+const T: Duration = Duration::from_secs(20);
+const TOPIC: &str = "fleet/v1/update/dev1/reply";
+const SIZE: usize = 8 * 1024;
+/// More than the router sends a QoS 1 subscriber before it acknowledges
+/// (100).
+const FIRST: u32 = 200;
+/// Then as many more, read by both: more than one trim's worth (1 MiB).
+const SECOND: u32 = 200;
+
+fn options(broker: &RunningBroker, secret: &str, id: &str) -> MqttOptions {
+    let mut options = MqttOptions::new(id, "127.0.0.1", broker.internal_addr.port());
+    options
+        .set_credentials("fleet-manager", secret)
+        .set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(64 * 1024, 64 * 1024);
+    options
+}
+
+fn client(
+    broker: &RunningBroker,
+    secret: &str,
+    id: &str,
+    manual_acks: bool,
+) -> (AsyncClient, rumqttc::EventLoop) {
+    let mut options = options(broker, secret, id);
+    options.set_manual_acks(manual_acks);
+    AsyncClient::new(options, 256)
+}
+
+/// Runs a subscriber's event loop, sending each PUBLISH it receives on;
+/// returns once the router has acknowledged its subscription to `TOPIC`.
+async fn subscribe(
+    client: &AsyncClient,
+    mut events: rumqttc::EventLoop,
+) -> mpsc::UnboundedReceiver<Publish> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (subscribed, suback) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut subscribed = Some(subscribed);
+        while let Ok(event) = events.poll().await {
+            match event {
+                Event::Incoming(Packet::Publish(p)) => {
+                    // The test is over once its receiver is gone.
+                    let _ = tx.send(p);
+                }
+                Event::Incoming(Packet::SubAck(ack)) => {
+                    if let Some(s) = subscribed.take() {
+                        let _ = s.send(ack.return_codes);
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+    client.subscribe(TOPIC, QoS::AtLeastOnce).await.unwrap();
+    let codes = tokio::time::timeout(T, suback).await.unwrap().unwrap();
+    assert_eq!(
+        codes,
+        vec![rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    rx
+}
+
+fn message(i: u32) -> Vec<u8> {
+    let mut payload = vec![0u8; SIZE];
+    payload[..4].copy_from_slice(&i.to_be_bytes());
+    payload
+}
+
+fn index(p: &Publish) -> u32 {
+    u32::from_be_bytes(p.payload[..4].try_into().unwrap())
+}
+
+/// Receives messages `*next` to `last`, checking that they come in order
+/// with none missing, acknowledging each with `acks` if given.
+async fn receive_through(
+    rx: &mut mpsc::UnboundedReceiver<Publish>,
+    next: &mut u32,
+    last: u32,
+    acks: Option<&AsyncClient>,
+) {
+    while *next <= last {
+        let p = tokio::time::timeout(T, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("message {next} never came"))
+            .unwrap();
+        assert_eq!(index(&p), *next, "a message skipped or out of order");
+        assert_eq!(p.payload.len(), SIZE);
+        *next += 1;
+        if let Some(client) = acks {
+            client.ack(&p).await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_drops_what_every_subscriber_has_read_and_keeps_what_one_has_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = BrokerConfig {
+        bootstrap_tls_listen: None,
+        service_listen: None,
+        internal_listen: "127.0.0.1:0".parse().unwrap(),
+        certs_dir: dir.path().to_path_buf(),
+        ..BrokerConfig::default()
+    };
+    let broker = fleet_broker::start(&config).unwrap();
+    let secret = std::fs::read_to_string(config.secret_path()).unwrap();
+    let held = || broker.metrics.router_log_bytes.load(Ordering::Relaxed);
+
+    let (reader, events) = client(&broker, &secret, "reader", false);
+    let mut to_reader = subscribe(&reader, events).await;
+    // Takes what the router sends and acknowledges none until told.
+    let (laggard, events) = client(&broker, &secret, "laggard", true);
+    let mut to_laggard = subscribe(&laggard, events).await;
+    let (publisher, mut events) = client(&broker, &secret, "publisher", false);
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+
+    let (mut next_reader, mut next_laggard) = (0, 0);
+    for i in 0..FIRST {
+        publisher
+            .publish(TOPIC, QoS::AtLeastOnce, false, message(i))
+            .await
+            .unwrap();
+    }
+    receive_through(&mut to_reader, &mut next_reader, FIRST - 1, None).await;
+    // The laggard has been sent at most what the router lets a QoS 1
+    // subscriber have unacknowledged; what it has not been sent is held.
+    let held_now = held();
+    let mut unacked = Vec::new();
+    while let Ok(p) = to_laggard.try_recv() {
+        unacked.push(p);
+    }
+    let sent_to_laggard = unacked.len() as u32;
+    assert!(
+        sent_to_laggard < FIRST,
+        "the laggard was sent all of them unacknowledged"
+    );
+    let unsent = u64::from(FIRST - sent_to_laggard);
+    assert!(
+        held_now >= unsent * SIZE as u64,
+        "{held_now} bytes held, while {unsent} messages of {SIZE} bytes were not yet sent to one subscriber"
+    );
+
+    // The laggard acknowledges and gets the rest: nothing it had not read
+    // was dropped.
+    for p in unacked {
+        assert_eq!(index(&p), next_laggard, "a message skipped or out of order");
+        next_laggard += 1;
+        laggard.ack(&p).await.unwrap();
+    }
+    receive_through(
+        &mut to_laggard,
+        &mut next_laggard,
+        FIRST - 1,
+        Some(&laggard),
+    )
+    .await;
+
+    // Both read everything from now on. However much goes through the log,
+    // it holds about one trim's worth at most (1 MiB of appends, each
+    // counted with 256 bytes more) beyond what a subscriber has still to
+    // read, and nothing once the router has been idle for a second.
+    let last = FIRST + SECOND - 1;
+    let acking = tokio::spawn(async move {
+        receive_through(&mut to_laggard, &mut next_laggard, last, Some(&laggard)).await;
+    });
+    for i in FIRST..=last {
+        publisher
+            .publish(TOPIC, QoS::AtLeastOnce, false, message(i))
+            .await
+            .unwrap();
+    }
+    receive_through(&mut to_reader, &mut next_reader, last, None).await;
+    tokio::time::timeout(T, acking).await.unwrap().unwrap();
+    let deadline = std::time::Instant::now() + T;
+    while held() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} bytes still held of {} sent and read",
+            held(),
+            u64::from(FIRST + SECOND) * SIZE as u64
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A session that keeps state (clean session off) and is offline reads the
+/// log from where it left off when it comes back: a trim, brought on by
+/// another subscriber reading far more than a trim's worth meanwhile, keeps
+/// everything from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_session_that_keeps_state_gets_every_message_sent_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = BrokerConfig {
+        bootstrap_tls_listen: None,
+        service_listen: None,
+        internal_listen: "127.0.0.1:0".parse().unwrap(),
+        certs_dir: dir.path().to_path_buf(),
+        ..BrokerConfig::default()
+    };
+    let broker = fleet_broker::start(&config).unwrap();
+    let secret = std::fs::read_to_string(config.secret_path()).unwrap();
+
+    let kept = || {
+        let mut options = options(&broker, &secret, "keeper");
+        options.set_clean_session(false);
+        AsyncClient::new(options, 256)
+    };
+    let (keeper, events) = kept();
+    let mut to_keeper = subscribe(&keeper, events).await;
+    let (reader, events) = client(&broker, &secret, "reader", false);
+    let mut to_reader = subscribe(&reader, events).await;
+    let (publisher, mut events) = client(&broker, &secret, "publisher", false);
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+
+    // One message both read, then the keeper goes away.
+    publisher
+        .publish(TOPIC, QoS::AtLeastOnce, false, message(0))
+        .await
+        .unwrap();
+    let (mut next_keeper, mut next_reader) = (0, 0);
+    receive_through(&mut to_keeper, &mut next_keeper, 0, None).await;
+    receive_through(&mut to_reader, &mut next_reader, 0, None).await;
+    keeper.disconnect().await.unwrap();
+    // Whatever the router still sends the keeper's old connection is not
+    // acknowledged, and comes again with the session.
+
+    let last = FIRST + SECOND - 1;
+    for i in 1..=last {
+        publisher
+            .publish(TOPIC, QoS::AtLeastOnce, false, message(i))
+            .await
+            .unwrap();
+    }
+    receive_through(&mut to_reader, &mut next_reader, last, None).await;
+
+    // Back with its session: everything since it left, in order.
+    let (back, mut events) = kept();
+    let (tx, mut to_back) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(event) = events.poll().await {
+            if let Event::Incoming(Packet::Publish(p)) = event {
+                if tx.send(p).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    receive_through(&mut to_back, &mut next_keeper, last, None).await;
+    drop(back);
+}
