@@ -28,9 +28,14 @@ impl Endpoint {
         }
     }
 
-    /// Parses `mqtts://host:port` (the form a service-change notice carries)
-    /// or a bare `host:port`.
+    /// Parses `mqtts://host:port` (the form a service-change notice carries,
+    /// `fleet_protocol::topic::parse_endpoint`) or, as given on the command
+    /// line, `mqtt://host:port` or a bare `host:port`.
     pub fn parse(s: &str) -> Option<Endpoint> {
+        if s.starts_with("mqtts://") {
+            let (host, port) = fleet_protocol::topic::parse_endpoint(s).ok()?;
+            return Some(Endpoint::new(host, port));
+        }
         let rest = s
             .strip_prefix("mqtts://")
             .or_else(|| s.strip_prefix("mqtt://"))

@@ -731,8 +731,8 @@ impl Device {
             fleet_protocol::topic::validate_service_id(&n.service_id)
                 .map_err(|e| VerifyError::Decode(e.to_string()))?;
             if let Some(ep) = &n.endpoint {
-                Endpoint::parse(ep)
-                    .ok_or_else(|| VerifyError::Decode(format!("endpoint {ep:?}")))?;
+                fleet_protocol::topic::parse_endpoint(ep)
+                    .map_err(|e| VerifyError::Decode(e.to_string()))?;
             }
             Ok(n)
         });

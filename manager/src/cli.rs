@@ -35,20 +35,24 @@ pub enum Command {
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
     },
-    /// Print the default configuration as TOML.
+    /// Print the configuration as TOML: the defaults, overridden by --config and FLEET_* variables.
     PrintConfig,
     /// Pre-register devices from a JSON-lines file of {"device_id","factory_key_hex"}.
     Register {
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        admin: String,
+        /// The manager's admin API [default: `admin_listen` of --config and
+        /// FLEET_* variables, else 127.0.0.1:8080]
+        #[arg(long)]
+        admin: Option<String>,
         #[arg(long)]
         service: String,
         file: PathBuf,
     },
     /// Assign a new service to devices (by id, or every device of --from).
     Change {
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        admin: String,
+        /// The manager's admin API [default: `admin_listen` of --config and
+        /// FLEET_* variables, else 127.0.0.1:8080]
+        #[arg(long)]
+        admin: Option<String>,
         #[arg(long)]
         service: String,
         #[arg(long)]
@@ -63,14 +67,18 @@ pub enum Command {
     },
     /// Show a device's state, service history and certificates.
     Show {
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        admin: String,
+        /// The manager's admin API [default: `admin_listen` of --config and
+        /// FLEET_* variables, else 127.0.0.1:8080]
+        #[arg(long)]
+        admin: Option<String>,
         device: String,
     },
     /// Show counts per service and certificate status.
     Summary {
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        admin: String,
+        /// The manager's admin API [default: `admin_listen` of --config and
+        /// FLEET_* variables, else 127.0.0.1:8080]
+        #[arg(long)]
+        admin: Option<String>,
     },
     /// Write the configuration of two mosquitto 2.0 processes for running
     /// the fleet on mosquitto: OUT/mosquitto.conf (internal and service
@@ -80,8 +88,10 @@ pub enum Command {
     /// (OPENSSL_CONF=OUT/openssl.cnf); with --reload-pid, tell the main one
     /// to reload it.
     MosquittoConfig {
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        admin: String,
+        /// The manager's admin API [default: `admin_listen` of --config and
+        /// FLEET_* variables, else 127.0.0.1:8080]
+        #[arg(long)]
+        admin: Option<String>,
         #[arg(long, default_value = "certs")]
         certs: PathBuf,
         #[arg(long)]
@@ -115,16 +125,20 @@ pub enum Command {
     },
     /// Operator reset: the device may activate again.
     Reset {
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        admin: String,
+        /// The manager's admin API [default: `admin_listen` of --config and
+        /// FLEET_* variables, else 127.0.0.1:8080]
+        #[arg(long)]
+        admin: Option<String>,
         device: String,
     },
     /// A service provider's certificate: writes `{out}/provider.{name}.pem`
     /// (chain) and `.key` (0600); it connects to the service listener with
     /// client id `provider.{name}` and reads its service's telemetry.
     ProviderAdd {
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        admin: String,
+        /// The manager's admin API [default: `admin_listen` of --config and
+        /// FLEET_* variables, else 127.0.0.1:8080]
+        #[arg(long)]
+        admin: Option<String>,
         #[arg(long)]
         name: String,
         #[arg(long)]
@@ -134,8 +148,10 @@ pub enum Command {
     },
     /// Revoke every certificate of a service provider.
     ProviderRevoke {
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        admin: String,
+        /// The manager's admin API [default: `admin_listen` of --config and
+        /// FLEET_* variables, else 127.0.0.1:8080]
+        #[arg(long)]
+        admin: Option<String>,
         name: String,
     },
 }
@@ -147,6 +163,16 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
     let mut print = |v: serde_json::Value| {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         printed.push(v);
+    };
+    // An operator command's admin API: --admin, else the configuration's.
+    let config_path = cli.config.clone();
+    let admin_of = |given: Option<String>| -> anyhow::Result<String> {
+        match given {
+            Some(admin) => Ok(admin),
+            None => Ok(ManagerConfig::load(config_path.as_deref())?
+                .admin_listen
+                .to_string()),
+        }
     };
     match cli.command {
         Command::Serve { embedded_broker } => {
@@ -174,12 +200,16 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             let pki = fleet_pki::Pki::open_or_create(&dir)?;
             println!("PKI ready in {}", pki.dir().display());
         }
-        Command::PrintConfig => println!("{}", toml::to_string_pretty(&ManagerConfig::default())?),
+        Command::PrintConfig => println!(
+            "{}",
+            toml::to_string_pretty(&ManagerConfig::load(cli.config.as_deref())?)?
+        ),
         Command::Register {
             admin,
             service,
             file,
         } => {
+            let admin = admin_of(admin)?;
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             let mut regs = Vec::new();
@@ -202,6 +232,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             endpoint,
             devices,
         } => {
+            let admin = admin_of(admin)?;
             let body = ChangeIn {
                 devices,
                 from_service: from,
@@ -221,9 +252,12 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             );
         }
         Command::Show { admin, device } => {
+            let admin = admin_of(admin)?;
             print(call(&admin, "GET", &format!("/v1/devices/{device}"), None).await?)
         }
-        Command::Summary { admin } => print(call(&admin, "GET", "/v1/summary", None).await?),
+        Command::Summary { admin } => {
+            print(call(&admin_of(admin)?, "GET", "/v1/summary", None).await?)
+        }
         Command::MosquittoConfig {
             admin,
             certs,
@@ -236,6 +270,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             watch_ms,
             coalesce_ms,
         } => {
+            let admin = admin_of(admin)?;
             let secret = secret_file
                 .map(|f| {
                     std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))
@@ -274,6 +309,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             }
         }
         Command::Reset { admin, device } => {
+            let admin = admin_of(admin)?;
             print(call(&admin, "POST", &format!("/v1/devices/{device}/reset"), None).await?)
         }
         Command::ProviderAdd {
@@ -282,6 +318,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             service,
             out,
         } => {
+            let admin = admin_of(admin)?;
             let body = json!({ "name": name, "service_id": service });
             let got = call(&admin, "POST", "/v1/providers", Some(&body)).await?;
             let client_id = got["client_id"].as_str().context("client_id")?.to_owned();
@@ -298,15 +335,18 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
                 "key": key,
             }));
         }
-        Command::ProviderRevoke { admin, name } => print(
-            call(
-                &admin,
-                "POST",
-                &format!("/v1/providers/{name}/revoke"),
-                None,
+        Command::ProviderRevoke { admin, name } => {
+            let admin = admin_of(admin)?;
+            print(
+                call(
+                    &admin,
+                    "POST",
+                    &format!("/v1/providers/{name}/revoke"),
+                    None,
+                )
+                .await?,
             )
-            .await?,
-        ),
+        }
     }
     Ok(printed)
 }

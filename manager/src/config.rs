@@ -117,6 +117,10 @@ impl ManagerConfig {
             self.max_auth_failures > 0,
             "max_auth_failures must be positive"
         );
+        if let Some(endpoint) = &self.service_endpoint {
+            fleet_protocol::topic::parse_endpoint(endpoint)
+                .map_err(|e| anyhow::anyhow!("service_endpoint: {e}"))?;
+        }
         Ok(())
     }
 

@@ -1368,6 +1368,14 @@ impl Core {
             status: Status::Malformed,
             detail: format!("bad service id {service_id:?}"),
         })?;
+        // A device refuses a notice whose endpoint it cannot use (§6.3), and
+        // would never move.
+        if let Some(endpoint) = endpoint {
+            fleet_protocol::topic::parse_endpoint(endpoint).map_err(|e| Failure {
+                status: Status::Malformed,
+                detail: e.to_string(),
+            })?;
+        }
         let Some(mut device) = self.store.device(d)? else {
             return fail(Status::UnknownDevice, "device is not active");
         };
@@ -1593,6 +1601,24 @@ mod tests {
         let uuid = crypto::unseal(&eph, "d1", reply.uuid.as_ref().unwrap()).unwrap();
 
         assert_eq!(update(&core, "d1", "svcA", None, &uuid).status, Status::Ok);
+        // An endpoint the device would refuse (§6.3) records no change.
+        for endpoint in ["mqtt://broker:8883", "mqtts://broker", "mqtts://a_b:8883"] {
+            let (results, notices) = core.request_change(
+                &["d1".to_string()],
+                "svcB",
+                None,
+                None,
+                Some(endpoint.to_string()),
+            );
+            assert!(!results[0].ok, "{endpoint} accepted");
+            assert!(
+                results[0].detail.starts_with("malformed"),
+                "{}",
+                results[0].detail
+            );
+            assert!(notices.is_empty());
+            assert!(core.store.device("d1").unwrap().unwrap().pending.is_none());
+        }
         let (results, _) = core.request_change(&["d1".to_string()], "svcB", None, None, None);
         assert!(results[0].ok);
         // Notices are built when the pacer sends them, while the change is pending.

@@ -40,6 +40,8 @@ pub enum ProtocolError {
     BadTopic(String),
     #[error("bad id {0:?}")]
     BadId(String),
+    #[error("bad endpoint {0:?}: not mqtts://HOST:PORT")]
+    BadEndpoint(String),
     #[error("message of {0} bytes is larger than the limit")]
     TooLarge(usize),
     #[error("unsupported protocol version {0}")]

@@ -188,9 +188,95 @@ pub fn validate_service_id(id: &str) -> Result<(), ProtocolError> {
     }
 }
 
+/// A service endpoint as a service-change notice carries it (topics.md
+/// §3.5.6): `mqtts://HOST:PORT`. HOST is a DNS name (dot-separated labels
+/// of 1–63 `A-Z a-z 0-9 -`, none starting or ending with `-`, 253 bytes in
+/// all), an IPv4 address in dotted decimal, or an IPv6 address in
+/// brackets; PORT is 1–65535 in decimal digits. Returns the host (an IPv6
+/// address without its brackets), which is also the name the device checks
+/// the broker's certificate against, and the port.
+pub fn parse_endpoint(endpoint: &str) -> Result<(String, u16), ProtocolError> {
+    let bad = || ProtocolError::BadEndpoint(endpoint.to_owned());
+    let rest = endpoint.strip_prefix("mqtts://").ok_or_else(bad)?;
+    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+    let digits = !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit());
+    let port = digits
+        .then(|| port.parse::<u16>().ok())
+        .flatten()
+        .filter(|p| *p != 0)
+        .ok_or_else(bad)?;
+    let host = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        v6.parse::<std::net::Ipv6Addr>().map_err(|_| bad())?;
+        v6
+    } else {
+        let dns_label = |l: &str| {
+            (1..=63).contains(&l.len())
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        let ok = if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            host.parse::<std::net::Ipv4Addr>().is_ok()
+        } else {
+            host.len() <= 253 && host.split('.').all(dns_label)
+        };
+        if !ok {
+            return Err(bad());
+        }
+        host
+    };
+    Ok((host.to_owned(), port))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoints_as_notices_carry_them() {
+        for (endpoint, host, port) in [
+            ("mqtts://127.0.0.1:8883", "127.0.0.1", 8883),
+            (
+                "mqtts://broker.example.com:8883",
+                "broker.example.com",
+                8883,
+            ),
+            ("mqtts://localhost:1", "localhost", 1),
+            ("mqtts://[::1]:65535", "::1", 65535),
+            ("mqtts://x-1.b2:8883", "x-1.b2", 8883),
+        ] {
+            assert_eq!(
+                parse_endpoint(endpoint).unwrap(),
+                (host.to_string(), port),
+                "{endpoint}"
+            );
+        }
+        let long_label = format!("mqtts://{}:8883", "a".repeat(64));
+        for bad in [
+            "127.0.0.1:8883",
+            "mqtt://127.0.0.1:8883",
+            "mqtts://127.0.0.1",
+            "mqtts://127.0.0.1:",
+            "mqtts://127.0.0.1:0",
+            "mqtts://127.0.0.1:65536",
+            "mqtts://127.0.0.1:+88",
+            "mqtts://127.0.0.1:008883",
+            "mqtts://:8883",
+            "mqtts://300.1.1.1:8883",
+            "mqtts://1.2.3:8883",
+            "mqtts://::1:8883",
+            "mqtts://[::g]:8883",
+            "mqtts://-a.example:8883",
+            "mqtts://a..example:8883",
+            "mqtts://a_b.example:8883",
+            "mqtts://host/path:8883",
+            "mqtts://user@host:8883",
+            "mqtts://h\u{e9}te:8883",
+            &long_label,
+        ] {
+            assert!(parse_endpoint(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 
     #[test]
     fn round_trips_every_route() {

@@ -105,6 +105,28 @@ async fn operator_commands_reach_the_running_manager() {
 
     let summary = &cli(&["summary", "--admin", &admin]).await[0];
     assert_eq!(summary["devices_per_service"]["svcB"], json!(2));
+    // Without --admin, the admin API of the configuration file.
+    let config = fleet.dir.path().join("operator.toml");
+    std::fs::write(&config, format!("admin_listen = \"{admin}\"\n")).unwrap();
+    let config = config.to_str().unwrap();
+    assert_eq!(&cli(&["--config", config, "summary"]).await[0], summary);
+    // An endpoint the devices would refuse records no change.
+    let out = cli(&[
+        "--config",
+        config,
+        "change",
+        "--service",
+        "svcC",
+        "--endpoint",
+        "svcC:8883",
+        "op1",
+    ])
+    .await;
+    assert_eq!(out[0]["results"][0]["ok"], json!(false));
+    assert!(out[0]["results"][0]["detail"]
+        .as_str()
+        .unwrap()
+        .starts_with("malformed"));
     assert_eq!(summary["certs"]["superseded"], json!(2));
 
     // One certificate by its serial, as a CRL names it.
