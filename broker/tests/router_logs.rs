@@ -1,3 +1,6 @@
+//! The vendored router's changes to how it keeps messages and
+//! subscriptions (`vendor/rumqttd/PATCHES.md`), through the broker.
+//!
 //! The router keeps a message only until every subscriber of its filter has
 //! read it. rumqttd keeps a log per subscription filter and, as published,
 //! drops from it only by size (4 segments of 1 MiB here): a device's reply
@@ -263,4 +266,128 @@ async fn an_offline_session_that_keeps_state_gets_every_message_sent_meanwhile()
     });
     receive_through(&mut to_back, &mut next_keeper, last, None).await;
     drop(back);
+}
+
+/// Forwards every packet a client receives.
+fn packets(mut events: rumqttc::EventLoop) -> mpsc::UnboundedReceiver<Packet> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(event) = events.poll().await {
+            if let Event::Incoming(p) = event {
+                let _ = tx.send(p);
+            }
+        }
+    });
+    rx
+}
+
+/// The next packet `pick` takes, skipping others.
+async fn next_of<T>(
+    rx: &mut mpsc::UnboundedReceiver<Packet>,
+    mut pick: impl FnMut(Packet) -> Option<T>,
+) -> T {
+    tokio::time::timeout(T, async {
+        loop {
+            if let Some(t) = pick(rx.recv().await.expect("event loop ended")) {
+                return t;
+            }
+        }
+    })
+    .await
+    .expect("timed out")
+}
+
+fn published(p: Packet) -> Option<(String, Vec<u8>)> {
+    match p {
+        Packet::Publish(p) => Some((p.topic, p.payload.to_vec())),
+        _ => None,
+    }
+}
+
+/// A connection that unsubscribes from a shared subscription gets nothing
+/// more from it, and neither does a later connection given the same router
+/// slot: the router looked for the subscription's parked request under
+/// `$share/{group}/{filter}` instead of `{filter}`, left it there, and it
+/// went on waking whichever connection held that slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_subscription_ended_delivers_nothing_more() {
+    const SHARED: &str = "$share/g/fleet/v1/poll/dev1";
+    const LOG: &str = "fleet/v1/poll/dev1";
+    const MARK: &str = "fleet/v1/status/dev1";
+    let dir = tempfile::tempdir().unwrap();
+    let config = BrokerConfig {
+        bootstrap_tls_listen: None,
+        service_listen: None,
+        internal_listen: "127.0.0.1:0".parse().unwrap(),
+        certs_dir: dir.path().to_path_buf(),
+        ..BrokerConfig::default()
+    };
+    let broker = fleet_broker::start(&config).unwrap();
+    let secret = std::fs::read_to_string(config.secret_path()).unwrap();
+    let (publisher, mut events) = client(&broker, &secret, "publisher", false);
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+
+    let (sharer, events) = client(&broker, &secret, "sharer", false);
+    let mut to_sharer = packets(events);
+    sharer.subscribe(SHARED, QoS::AtLeastOnce).await.unwrap();
+    sharer.subscribe(MARK, QoS::AtLeastOnce).await.unwrap();
+    for _ in 0..2 {
+        next_of(&mut to_sharer, |p| {
+            matches!(p, Packet::SubAck(_)).then_some(())
+        })
+        .await;
+    }
+    // Read, so that its request waits on the log for more.
+    publisher
+        .publish(LOG, QoS::AtLeastOnce, false, b"one".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        next_of(&mut to_sharer, published).await,
+        (LOG.to_string(), b"one".to_vec())
+    );
+
+    sharer.unsubscribe(SHARED).await.unwrap();
+    next_of(&mut to_sharer, |p| {
+        matches!(p, Packet::UnsubAck(_)).then_some(())
+    })
+    .await;
+    publisher
+        .publish(LOG, QoS::AtLeastOnce, false, b"two".to_vec())
+        .await
+        .unwrap();
+    // A mark on a filter it still has comes after anything sent before it.
+    publisher
+        .publish(MARK, QoS::AtLeastOnce, false, b"mark".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        next_of(&mut to_sharer, published).await,
+        (MARK.to_string(), b"mark".to_vec())
+    );
+
+    // Its slot goes to the next connection, which subscribes only to the mark.
+    sharer.disconnect().await.unwrap();
+    tokio::time::timeout(T, async { while to_sharer.recv().await.is_some() {} })
+        .await
+        .expect("the connection never ended");
+    let (next, events) = client(&broker, &secret, "next", false);
+    let mut to_next = packets(events);
+    next.subscribe(MARK, QoS::AtLeastOnce).await.unwrap();
+    next_of(&mut to_next, |p| {
+        matches!(p, Packet::SubAck(_)).then_some(())
+    })
+    .await;
+    publisher
+        .publish(LOG, QoS::AtLeastOnce, false, b"three".to_vec())
+        .await
+        .unwrap();
+    publisher
+        .publish(MARK, QoS::AtLeastOnce, false, b"mark".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        next_of(&mut to_next, published).await,
+        (MARK.to_string(), b"mark".to_vec())
+    );
 }

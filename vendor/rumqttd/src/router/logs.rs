@@ -187,20 +187,25 @@ impl DataLog {
             .map(|data| &data.waiters)
     }
 
+    /// fleetshift: `log` is the filter whose log the request reads,
+    /// `filter` the subscription's own (they differ for a shared
+    /// subscription, `$share/{group}/{log}`); a connection subscribed to
+    /// both waits on one log with two requests.
     pub fn remove_waiters_for_id(
         &mut self,
         id: ConnectionId,
+        log: &Filter,
         filter: &Filter,
     ) -> Option<DataRequest> {
         let data = self
             .native
-            .get_mut(*self.filter_indexes.get(filter)?)
+            .get_mut(*self.filter_indexes.get(log)?)
             .unwrap();
         let waiters = data.waiters.get_mut();
 
         waiters
             .iter()
-            .position(|&(conn_id, _)| conn_id == id)
+            .position(|(conn_id, request)| *conn_id == id && request.filter == *filter)
             .and_then(|index| {
                 waiters
                     .swap_remove_back(index)
@@ -346,7 +351,30 @@ impl DataLog {
         data.waiters.register(id, request);
     }
 
+    /// fleetshift: added. Removes a connection's parked requests from the
+    /// waiters of `filters`, its subscriptions: a connection parks a request
+    /// only on a filter it subscribed to (one data request per
+    /// subscription). `clean` looked at the waiters of every filter the
+    /// router ever had, a few per device of a fleet, at every disconnect.
+    pub fn clean_filters<'a>(
+        &mut self,
+        id: ConnectionId,
+        filters: impl IntoIterator<Item = &'a Filter>,
+    ) -> Vec<DataRequest> {
+        let mut inflight = Vec::new();
+        for filter in filters {
+            let Some(&idx) = self.filter_indexes.get(filter) else {
+                continue;
+            };
+            if let Some(data) = self.native.get_mut(idx) {
+                inflight.append(&mut data.waiters.remove(id));
+            }
+        }
+        inflight
+    }
+
     /// Cleanup a connection from all the waiters
+    #[allow(dead_code)] // fleetshift: `clean_filters` instead
     pub fn clean(&mut self, id: ConnectionId) -> Vec<DataRequest> {
         let mut inflight = Vec::new();
         for (_, data) in self.native.iter_mut() {

@@ -591,7 +591,15 @@ impl Router {
         // connection in readyqueue and allow 'consume()' method to deal with this
         // self.readyqueue.remove(id);
 
-        let inflight_data_requests = self.datalog.clean(id);
+        // fleetshift: the waiters of this connection's own filters (were
+        // every filter's, for every disconnect); a shared subscription
+        // reads the log of the filter after its `$share/{group}/`.
+        let logs: Vec<Filter> = connection
+            .subscriptions
+            .iter()
+            .map(|f| extract_group(f).map_or_else(|| f.clone(), |(_, path)| path))
+            .collect();
+        let inflight_data_requests = self.datalog.clean_filters(id, &logs);
         let retransmissions = outgoing.retransmission_map();
 
         // Remove connections from all groups and
@@ -883,7 +891,13 @@ impl Router {
                             let ackslog = self.ackslog.get_mut(id).unwrap();
                             ackslog.unsuback(unsuback);
                             self.scheduler.untrack(id, filter);
-                            self.datalog.remove_waiters_for_id(id, filter);
+                            // fleetshift: a shared subscription's request
+                            // waits on the log of the filter after its
+                            // `$share/{group}/` (it was looked for under the
+                            // whole filter, not found, and kept waking the
+                            // unsubscribed connection).
+                            let log = extract_group(filter).map_or_else(|| filter.clone(), |(_, path)| path);
+                            self.datalog.remove_waiters_for_id(id, &log, filter);
                             force_ack = true;
                         }
                     }
