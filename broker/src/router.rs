@@ -92,7 +92,20 @@ pub(crate) fn start_router(config: &BrokerConfig) -> LinkOpener {
     let router = Router::new(0, router_config);
     let log_bytes = router.log_bytes();
     let (router_tx, router) = router.spawn_async();
-    tokio::spawn(router);
+    let running = tokio::spawn(router);
+    // Every link goes through the router: a broker whose router panicked
+    // would refuse every connect from then on while its process lived on.
+    // It ends instead, for its supervisor to start it again.
+    tokio::spawn(async move {
+        match running.await {
+            Err(failed) if failed.is_panic() => {
+                tracing::error!(error = %failed, "the router panicked; the broker cannot go on");
+                std::process::exit(70);
+            }
+            // Done, or cancelled with the runtime at shutdown.
+            _ => {}
+        }
+    });
     let (requests, incoming) = mpsc::unbounded_channel();
     tokio::spawn(open_links(
         move |client_id| LinkBuilder::new(client_id, router_tx.clone()),

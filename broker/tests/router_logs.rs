@@ -391,3 +391,47 @@ async fn a_shared_subscription_ended_delivers_nothing_more() {
         (MARK.to_string(), b"mark".to_vec())
     );
 }
+
+/// A topic whose first character takes more than one byte is matched
+/// against wildcard filters like any other: the router took its first byte
+/// as a string slice, panicked, and every connect was refused from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_starting_with_a_multibyte_character_is_matched() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = BrokerConfig {
+        bootstrap_tls_listen: None,
+        service_listen: None,
+        internal_listen: "127.0.0.1:0".parse().unwrap(),
+        certs_dir: dir.path().to_path_buf(),
+        ..BrokerConfig::default()
+    };
+    let broker = fleet_broker::start(&config).unwrap();
+    let secret = std::fs::read_to_string(config.secret_path()).unwrap();
+    let (publisher, mut events) = client(&broker, &secret, "publisher", false);
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    let (watcher, events) = client(&broker, &secret, "watcher", false);
+    let mut to_watcher = packets(events);
+    watcher.subscribe("+/y", QoS::AtLeastOnce).await.unwrap();
+    next_of(&mut to_watcher, |p| {
+        matches!(p, Packet::SubAck(_)).then_some(())
+    })
+    .await;
+    for topic in ["\u{feff}x/y", "\u{e9}/y", "a/y"] {
+        publisher
+            .publish(topic, QoS::AtLeastOnce, false, b"m".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(
+            next_of(&mut to_watcher, published).await,
+            (topic.to_string(), b"m".to_vec())
+        );
+    }
+    // And the router still takes new connections.
+    let (late, events) = client(&broker, &secret, "late", false);
+    let mut to_late = packets(events);
+    late.subscribe("a/y", QoS::AtLeastOnce).await.unwrap();
+    next_of(&mut to_late, |p| {
+        matches!(p, Packet::SubAck(_)).then_some(())
+    })
+    .await;
+}
