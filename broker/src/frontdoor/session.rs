@@ -6,7 +6,7 @@
 
 mod outbound;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +16,7 @@ use outbound::{Out, Outbound};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     Connect, ConnectProperties, Disconnect, DisconnectReasonCode, LastWill, LastWillProperties,
-    Login, Packet, Publish, PublishProperties, SubAck, UnsubAck, UnsubAckReason,
+    Login, Packet, Publish, PublishProperties, QoS, SubAck, UnsubAck, UnsubAckReason,
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -87,16 +87,17 @@ impl SessionError {
 /// How long a closing connection gets to take the broker's last word.
 const FAREWELL: Duration = Duration::from_secs(2);
 
-/// The QoS and packet id of a PUBLISH. rumqttd keeps both crate-private;
-/// its version-independent serialization starts with the fixed header byte
-/// and the packet id. Only refused publishes need them.
+/// The QoS (as its number) and packet id of a PUBLISH.
 fn qos_and_pkid(publish: &Publish) -> (u8, u16) {
-    let bytes = publish.serialize();
-    (
-        (bytes[0] >> 1) & 0b11,
-        u16::from_be_bytes([bytes[1], bytes[2]]),
-    )
+    let (qos, pkid) = publish.qos_and_pkid();
+    (qos as u8, pkid)
 }
+
+/// QoS 2 PUBLISHes a client may have sent and not yet released (PUBREL);
+/// announced as Receive Maximum in an MQTT 5 CONNACK. The router keeps each
+/// until its release, so without a bound one connection could fill the
+/// broker's memory with them.
+pub(crate) const RECEIVE_MAXIMUM: u16 = 32;
 
 /// The longest a Will waits after its connection ends: a longer Will Delay
 /// Interval (or Session Expiry Interval) is cut to this, so a pending Will
@@ -363,6 +364,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 let mut props = props.unwrap_or_default();
                 // Aliases are resolved here, not by the router (`TopicAliases`).
                 props.topic_alias_max = Some(TopicAliases::MAX);
+                props.receive_max = Some(RECEIVE_MAXIMUM);
                 props.max_packet_size =
                     Some(shared.limits.max_packet_size.min(u32::MAX as usize) as u32);
                 if clean && expiry > 0 {
@@ -602,6 +604,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     // filters went to the router.
     let mut partial: HashMap<u16, Vec<bool>> = HashMap::new();
     let mut aliases = TopicAliases::default();
+    // Packet ids of the client's QoS 2 PUBLISHes not yet released.
+    let mut unreleased: HashSet<u16> = HashSet::new();
     // Only a packet from the client moves the keep-alive deadline; traffic
     // the router sends it does not.
     let mut deadline = tokio::time::Instant::now() + keep_alive;
@@ -649,6 +653,15 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         // manager may leave a retained message behind.
                         if !matches!(identity, Identity::Manager { .. }) {
                             publish.retain = false;
+                        }
+                        if let (QoS::ExactlyOnce, pkid) = publish.qos_and_pkid() {
+                            unreleased.insert(pkid);
+                            if unreleased.len() > usize::from(RECEIVE_MAXIMUM) {
+                                return Err(SessionError::Violation(
+                                    DisconnectReasonCode::ReceiveMaximumExceeded,
+                                    format!("more than {RECEIVE_MAXIMUM} QoS 2 PUBLISHes not released"),
+                                ));
+                            }
                         }
                         untold |= !send(tx, Packet::Publish(publish, props))?;
                     }
@@ -699,7 +712,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         return Ok((bye.reason_code, expiry));
                     }
                     // The router takes a PUBREL only without properties.
-                    Packet::PubRel(pubrel, _) => untold |= !send(tx, Packet::PubRel(pubrel, None))?,
+                    Packet::PubRel(pubrel, _) => {
+                        unreleased.remove(&pubrel.pkid);
+                        untold |= !send(tx, Packet::PubRel(pubrel, None))?
+                    }
                     // Answers to the router's PUBLISHes free the client's quota.
                     ack @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
                         outbound.on_client(ack, &mut out);

@@ -1504,3 +1504,99 @@ async fn a_disconnect_says_when_the_will_goes() {
         .unwrap();
     assert_eq!(will.payload, b"gone");
 }
+
+/// An MQTT 5 QoS 2 PUBLISH on the wire, with no properties.
+fn raw_publish_qos2(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(&pkid.to_be_bytes());
+    body.push(0);
+    body.extend_from_slice(payload);
+    let mut packet = vec![0x34];
+    let mut len = body.len();
+    loop {
+        let byte = (len % 128) as u8;
+        len /= 128;
+        packet.push(if len > 0 { byte | 0x80 } else { byte });
+        if len == 0 {
+            break;
+        }
+    }
+    packet.extend(body);
+    packet
+}
+
+/// Reads one packet's fixed-header byte and body.
+async fn read_async(s: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+    let mut first = [0u8; 1];
+    tokio::time::timeout(T, s.read_exact(&mut first))
+        .await
+        .unwrap()
+        .unwrap();
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let mut b = [0u8; 1];
+        tokio::time::timeout(T, s.read_exact(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        len |= usize::from(b[0] & 0x7f) << shift;
+        shift += 7;
+        if b[0] & 0x80 == 0 {
+            break;
+        }
+    }
+    let mut body = vec![0u8; len];
+    tokio::time::timeout(T, s.read_exact(&mut body))
+        .await
+        .unwrap()
+        .unwrap();
+    (first[0], body)
+}
+
+/// The broker keeps every QoS 2 PUBLISH until its PUBREL: a client may have
+/// at most Receive Maximum (32) of them unreleased, and one more ends its
+/// connection with DISCONNECT 0x93. A client that releases them may send as
+/// many as it likes.
+#[tokio::test]
+async fn qos2_publishes_not_released_are_capped_at_the_receive_maximum() {
+    let fleet = Fleet::start().await.unwrap();
+    let topic = "fleet/v1/status/q2a";
+    let mut s = raw_v5(&fleet, "q2a").await;
+    for pkid in 1..=40u16 {
+        s.write_all(&raw_publish_qos2(topic, pkid, b"x"))
+            .await
+            .unwrap();
+        let (first, body) = read_async(&mut s).await;
+        assert_eq!(
+            (first, &body[..2]),
+            (0x50, &pkid.to_be_bytes()[..]),
+            "PUBREC"
+        );
+        s.write_all(&[0x62, 0x02, (pkid >> 8) as u8, pkid as u8])
+            .await
+            .unwrap();
+        let (first, body) = read_async(&mut s).await;
+        assert_eq!(
+            (first, &body[..2]),
+            (0x70, &pkid.to_be_bytes()[..]),
+            "PUBCOMP"
+        );
+    }
+    drop(s);
+
+    let mut s = raw_v5(&fleet, "q2b").await;
+    let topic = "fleet/v1/status/q2b";
+    for pkid in 1..=32u16 {
+        s.write_all(&raw_publish_qos2(topic, pkid, &[0u8; 1024]))
+            .await
+            .unwrap();
+        let (first, _) = read_async(&mut s).await;
+        assert_eq!(first, 0x50, "PUBREC {pkid}");
+    }
+    s.write_all(&raw_publish_qos2(topic, 33, b"one too many"))
+        .await
+        .unwrap();
+    assert_eq!(disconnect_reason(&until_closed(&mut s).await), 0x93);
+}

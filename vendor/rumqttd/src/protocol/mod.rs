@@ -195,6 +195,11 @@ impl Publish {
         false
     }
 
+    /// fleetshift: added. The QoS and packet id, read without serializing.
+    pub fn qos_and_pkid(&self) -> (QoS, u16) {
+        (self.qos, self.pkid)
+    }
+
     /// Approximate length for meter
     pub fn len(&self) -> usize {
         let len = 2 + self.topic.len() + self.payload.len();
