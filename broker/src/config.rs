@@ -35,8 +35,18 @@ pub struct BrokerConfig {
     /// purpose, so an oversized request reaches the manager and is answered
     /// `too_large`.
     pub max_packet_size: usize,
-    /// Most connections held at once, over all listeners.
+    /// Most connections held at once on the device listeners (bootstrap
+    /// and service).
     pub max_connections: usize,
+    /// Most of those on the bootstrap listeners (TLS and plain) at once. A
+    /// device holds one only while it activates or takes a certificate, so
+    /// a flood of clients that connect there and idle cannot take the
+    /// service listener's slots. At most `max_connections`.
+    pub max_bootstrap_connections: usize,
+    /// Connections held at once on the internal listener, apart from
+    /// `max_connections`, so that no flood on the device listeners keeps
+    /// the manager from connecting.
+    pub max_internal_connections: usize,
     /// Time a client has to send CONNECT once the connection (and TLS) is up.
     pub connect_timeout_ms: u64,
     /// Time a client has to finish the TLS handshake.
@@ -89,6 +99,8 @@ impl Default for BrokerConfig {
             internal_secret_file: None,
             max_packet_size: 256 * 1024,
             max_connections: 18_000,
+            max_bootstrap_connections: 4_096,
+            max_internal_connections: 64,
             connect_timeout_ms: 10_000,
             tls_handshake_timeout_ms: 10_000,
             max_pending_handshakes: 1_024,
@@ -122,6 +134,8 @@ impl BrokerConfig {
     pub fn limits(&self) -> Limits {
         Limits {
             max_connections: self.max_connections,
+            max_bootstrap_connections: self.max_bootstrap_connections.min(self.max_connections),
+            max_internal_connections: self.max_internal_connections,
             max_packet_size: self.max_packet_size,
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             handshake_timeout: Duration::from_millis(self.tls_handshake_timeout_ms),

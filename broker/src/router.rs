@@ -79,7 +79,7 @@ async fn open_links(
 pub(crate) fn start_router(config: &BrokerConfig) -> LinkOpener {
     let router_config = RouterConfig {
         // The front door enforces the connection limit; the router's is a backstop.
-        max_connections: config.max_connections + 16,
+        max_connections: config.max_connections + config.max_internal_connections + 16,
         max_outgoing_packet_count: 200,
         // Per-topic commit logs: small segments keep memory flat with
         // thousands of device topics.

@@ -91,6 +91,8 @@ impl Metrics {
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_connections: usize,
+    pub max_bootstrap_connections: usize,
+    pub max_internal_connections: usize,
     pub max_packet_size: usize,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
@@ -123,7 +125,12 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Internal listener users: name → secret.
     pub internal_users: HashMap<String, String>,
+    /// Device listeners' connections (`max_connections`).
     slots: Arc<Semaphore>,
+    /// Of those, the bootstrap listeners' (`max_bootstrap_connections`).
+    bootstrap_slots: Arc<Semaphore>,
+    /// The internal listener's (`max_internal_connections`), apart.
+    internal_slots: Arc<Semaphore>,
     next_connection: AtomicU64,
     rate: Mutex<HashMap<IpAddr, (f64, Instant)>>,
     /// Router client id → the connection that holds that session now.
@@ -193,7 +200,32 @@ pub enum Transport {
     MutualTls(Arc<Trust>),
 }
 
+impl Transport {
+    fn name(&self) -> &'static str {
+        match self {
+            Transport::Plain(ListenerKind::Internal) => "internal",
+            Transport::Plain(_) | Transport::ServerTls(_) => "bootstrap",
+            Transport::MutualTls(_) => "service",
+        }
+    }
+}
+
 impl Shared {
+    /// Takes the slots a new connection on `transport` needs, or none if
+    /// its listener is full.
+    fn slots_for(&self, transport: &Transport) -> Option<Slots> {
+        let take = |pool: &Arc<Semaphore>| pool.clone().try_acquire_owned().ok();
+        match transport {
+            Transport::Plain(ListenerKind::Internal) => Some((take(&self.internal_slots)?, None)),
+            Transport::Plain(_) | Transport::ServerTls(_) => {
+                let bootstrap = take(&self.bootstrap_slots)?;
+                Some((take(&self.slots)?, Some(bootstrap)))
+            }
+            Transport::MutualTls(_) => Some((take(&self.slots)?, None)),
+        }
+        .map(|(a, b)| (Some(a), b))
+    }
+
     pub fn new(
         link: LinkOpener,
         limits: Limits,
@@ -206,6 +238,8 @@ impl Shared {
         Arc::new(Shared {
             link,
             slots: Arc::new(Semaphore::new(limits.max_connections)),
+            bootstrap_slots: Arc::new(Semaphore::new(limits.max_bootstrap_connections)),
+            internal_slots: Arc::new(Semaphore::new(limits.max_internal_connections)),
             limits,
             metrics,
             internal_users,
@@ -336,25 +370,29 @@ impl Shared {
 /// when it is dropped: at the end of the connection, or if its task panics
 /// or is never run.
 struct Held {
-    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    slots: Slots,
     metrics: Arc<Metrics>,
 }
 
+/// The slots a connection holds: one of its listener's pool, and on a
+/// bootstrap listener one of the device listeners' too.
+type Slots = (
+    Option<tokio::sync::OwnedSemaphorePermit>,
+    Option<tokio::sync::OwnedSemaphorePermit>,
+);
+
 impl Held {
-    fn new(slot: tokio::sync::OwnedSemaphorePermit, metrics: Arc<Metrics>) -> Held {
+    fn new(slots: Slots, metrics: Arc<Metrics>) -> Held {
         metrics.live.fetch_add(1, Ordering::Relaxed);
-        Held {
-            slot: Some(slot),
-            metrics,
-        }
+        Held { slots, metrics }
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        // The slot goes back before `live` drops, so a connection that no
+        // The slots go back before `live` drops, so a connection that no
         // longer counts as live never holds a slot.
-        drop(self.slot.take());
+        drop((self.slots.0.take(), self.slots.1.take()));
         self.metrics.live.fetch_sub(1, Ordering::Release);
     }
 }
@@ -399,14 +437,14 @@ pub async fn serve(
             debug!(%peer, "connect rate from this address exceeded");
             continue;
         }
-        let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
+        let Some(slots) = shared.slots_for(&transport) else {
             shared.metrics.over_capacity.fetch_add(1, Ordering::Relaxed);
-            warn!(%peer, "connection limit reached");
+            warn!(%peer, listener = transport.name(), "connection limit reached");
             continue;
         };
         // Live from the moment the slot is taken, so a connection that
         // holds a slot always counts; counted as accepted after that.
-        let held = Held::new(slot, shared.metrics.clone());
+        let held = Held::new(slots, shared.metrics.clone());
         shared.metrics.accepted.fetch_add(1, Ordering::Release);
         let task = connection_task(
             stream,

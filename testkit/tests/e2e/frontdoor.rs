@@ -1408,3 +1408,73 @@ async fn a_simulated_device_resumes_its_tls_session_when_it_reconnects() {
         "the new certificate's first connect resumed"
     );
 }
+
+/// Clients that connect to the bootstrap listeners and idle there hold at
+/// most `max_bootstrap_connections`: a certified device still connects to
+/// the service listener, and the manager's listener has slots of its own
+/// even when the device listeners are full.
+#[tokio::test]
+async fn idle_bootstrap_clients_leave_room_for_devices_and_the_manager() {
+    let fleet = Fleet::start_tuned(
+        |b| {
+            b.max_connections = 12;
+            b.max_bootstrap_connections = 6;
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let root = fleet.certs_dir().join("root-ca.pem");
+    let mut idle = Vec::new();
+    let mut refused = 0;
+    for i in 0..10 {
+        let addr = if i % 2 == 0 {
+            fleet.broker.bootstrap_plain_addr.unwrap()
+        } else {
+            fleet.broker.bootstrap_tls_addr.unwrap()
+        };
+        let id = format!("idle{i}");
+        let probe = if i % 2 == 0 {
+            Probe::plain(addr, &id).await
+        } else {
+            Probe::tls(addr, &id, &root).await
+        };
+        match probe {
+            Ok(p) => idle.push(p),
+            Err(_) => refused += 1,
+        }
+    }
+    assert_eq!(
+        (idle.len(), refused),
+        (6, 4),
+        "bootstrap clients held, refused"
+    );
+    assert!(fleet.broker.metrics.get(|m| &m.over_capacity) >= 4);
+    // The service listener has the rest of max_connections.
+    let mut devices = Vec::new();
+    for i in 0..6 {
+        let id = format!("svc{i}");
+        let (chain, key) = certified(&fleet, &id, "svcA");
+        let device = Probe::mtls(fleet.service_addr(), &id, &root, chain, key).await;
+        devices.push(device.unwrap_or_else(|e| panic!("{id} kept out: {e}")));
+    }
+    // Every device slot is taken now; the manager's listener is apart.
+    let (chain, key) = certified(&fleet, "svc6", "svcA");
+    assert!(Probe::mtls(fleet.service_addr(), "svc6", &root, chain, key)
+        .await
+        .is_err());
+    let manager = fleet.privileged("operator-probe").await;
+    assert!(
+        manager.is_ok(),
+        "the internal listener is full: {:?}",
+        manager.err()
+    );
+    // A slot given back is taken again.
+    drop(idle.pop());
+    let addr = fleet.broker.bootstrap_plain_addr.unwrap();
+    eventually(T, "a bootstrap slot to come free", || async move {
+        Probe::plain(addr, "later").await.ok()
+    })
+    .await
+    .unwrap();
+}
