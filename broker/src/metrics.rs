@@ -17,6 +17,8 @@ use crate::frontdoor::Metrics;
 /// Longest request head read; a scrape is one short line and a few headers.
 const MAX_HEAD: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Scrapes served at once.
+const MAX_CONNECTIONS: usize = 16;
 
 /// Kind, name (after `fleetshift_broker_`), help, and the counter.
 type Series = (
@@ -139,6 +141,7 @@ pub fn render(metrics: &Metrics) -> String {
 
 /// Serves `GET /metrics` until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: CancellationToken) {
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => return,
@@ -153,8 +156,14 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: Cancellat
                 }
             },
         };
+        // Closed at once beyond the limit: idle clients cannot hold the
+        // broker's descriptors.
+        let Ok(held) = open.clone().try_acquire_owned() else {
+            continue;
+        };
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let _held = held;
             let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &metrics)).await;
         });
     }

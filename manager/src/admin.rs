@@ -26,7 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::handlers::Core;
 use crate::store::{DeviceRecord, Registration, SCHEMA_VERSION};
@@ -86,16 +86,30 @@ pub struct Admin {
 }
 
 pub async fn serve(admin: Arc<Admin>, listener: TcpListener, shutdown: CancellationToken) {
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
-                Err(err) => { warn!(error = %err, "admin accept failed"); continue; }
+                Err(err) => {
+                    // Out of descriptors, say: the connection stays queued,
+                    // so pause rather than spin on it (and log it each time).
+                    warn!(error = %err, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             },
+        };
+        // Closed at once beyond the limit: idle clients cannot hold the
+        // process's descriptors, which it shares with the broker.
+        let Ok(held) = open.clone().try_acquire_owned() else {
+            debug!(%peer, "admin connection refused: {MAX_CONNECTIONS} open");
+            continue;
         };
         let admin = admin.clone();
         tokio::spawn(async move {
+            let _held = held;
             if let Err(err) =
                 tokio::time::timeout(Duration::from_secs(30), connection(&admin, stream)).await
             {
@@ -104,6 +118,9 @@ pub async fn serve(admin: Arc<Admin>, listener: TcpListener, shutdown: Cancellat
         });
     }
 }
+
+/// Admin API connections open at once; each serves one request.
+const MAX_CONNECTIONS: usize = 64;
 
 async fn connection(admin: &Admin, mut stream: TcpStream) {
     let (status, body) = match read_request(&mut stream).await {

@@ -246,3 +246,43 @@ async fn a_device_offline_during_its_change_catches_up_when_it_returns() {
         .unwrap()
         .unwrap();
 }
+
+/// Idle connections to the admin API hold at most 64 of the process's
+/// descriptors (which it shares with the broker): one more is closed at
+/// once, and a request is served again when one goes.
+#[tokio::test]
+async fn idle_admin_connections_are_capped() {
+    use tokio::io::AsyncReadExt;
+    let fleet = Fleet::start().await.unwrap();
+    let admin = fleet.admin();
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        idle.push(tokio::net::TcpStream::connect(&admin).await.unwrap());
+    }
+    // The 65th is closed without an answer, long before the 30 s a silent
+    // request is given.
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let mut extra = tokio::net::TcpStream::connect(&admin).await.unwrap();
+            let mut buf = [0u8; 16];
+            match tokio::time::timeout(Duration::from_millis(500), extra.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                // Still open: the server may not have taken all 64 yet.
+                _ => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "connections beyond 64 are held");
+    drop(idle);
+    let summary = fleet_testkit::eventually(T, "the admin API to answer again", || {
+        let admin = admin.clone();
+        async move {
+            let cli = Cli::try_parse_from(["fleet-manager", "summary", "--admin", &admin]).ok()?;
+            execute(cli).await.ok()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(summary[0]["devices_per_service"].is_object());
+}
