@@ -125,6 +125,12 @@ const SERIES: &[Series] = &[
         "Bytes of messages (topic and payload) the router holds for subscribers that have still to read them, and up to a trim's worth more.",
         |m| &m.router_log_bytes,
     ),
+    (
+        "gauge",
+        "router_filters",
+        "Subscription filters the router holds, each with its log.",
+        |m| &m.router_filters,
+    ),
 ];
 
 /// The Prometheus text exposition of `metrics`.

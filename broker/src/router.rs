@@ -27,6 +27,8 @@ pub struct LinkOpener {
     requests: mpsc::UnboundedSender<OpenRequest>,
     /// The bytes of messages the router's logs hold.
     pub log_bytes: Arc<AtomicU64>,
+    /// The subscription filters the router holds.
+    pub filters: Arc<AtomicU64>,
 }
 
 impl LinkOpener {
@@ -91,6 +93,7 @@ pub(crate) fn start_router(config: &BrokerConfig) -> LinkOpener {
     };
     let router = Router::new(0, router_config);
     let log_bytes = router.log_bytes();
+    let filters = router.filter_count();
     let (router_tx, router) = router.spawn_async();
     let running = tokio::spawn(router);
     // Every link goes through the router: a broker whose router panicked
@@ -114,6 +117,7 @@ pub(crate) fn start_router(config: &BrokerConfig) -> LinkOpener {
     LinkOpener {
         requests,
         log_bytes,
+        filters,
     }
 }
 

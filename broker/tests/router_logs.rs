@@ -435,3 +435,99 @@ async fn a_topic_starting_with_a_multibyte_character_is_matched() {
     })
     .await;
 }
+
+/// The router forgets a filter once no one subscribes to it: a client id's
+/// own topics, subscribed to and left, cost nothing afterwards. It kept
+/// every filter anyone ever subscribed to, each with its log, and so grew
+/// with every new client id (anonymous clients on the bootstrap listener
+/// choose theirs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_no_one_subscribes_to_are_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = BrokerConfig {
+        bootstrap_tls_listen: None,
+        service_listen: None,
+        internal_listen: "127.0.0.1:0".parse().unwrap(),
+        certs_dir: dir.path().to_path_buf(),
+        ..BrokerConfig::default()
+    };
+    let broker = fleet_broker::start(&config).unwrap();
+    let secret = std::fs::read_to_string(config.secret_path()).unwrap();
+    let filters = || broker.metrics.router_filters.load(Ordering::Relaxed);
+    // One subscription that stays, and gets what is published to it.
+    let (keeper, events) = client(&broker, &secret, "keeper", false);
+    let mut to_keeper = packets(events);
+    keeper
+        .subscribe("fleet/v1/poll/kept", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    next_of(&mut to_keeper, |p| {
+        matches!(p, Packet::SubAck(_)).then_some(())
+    })
+    .await;
+    for i in 0..50 {
+        let (visitor, events) = client(&broker, &secret, &format!("visitor{i}"), false);
+        let mut to_visitor = packets(events);
+        for kind in ["activate", "update", "poll"] {
+            let filter = format!("fleet/v1/{kind}/visitor{i}/reply");
+            visitor.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+            next_of(&mut to_visitor, |p| {
+                matches!(p, Packet::SubAck(_)).then_some(())
+            })
+            .await;
+        }
+        visitor.disconnect().await.unwrap();
+        tokio::time::timeout(T, async { while to_visitor.recv().await.is_some() {} })
+            .await
+            .expect("the visitor's connection never ended");
+    }
+    assert!(filters() >= 1, "the gauge counts filters");
+    let deadline = std::time::Instant::now() + T;
+    while filters() != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} filters held after 150 subscriptions ended",
+            filters()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (publisher, mut events) = client(&broker, &secret, "publisher", false);
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    publisher
+        .publish(
+            "fleet/v1/poll/kept",
+            QoS::AtLeastOnce,
+            false,
+            b"still".to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        next_of(&mut to_keeper, published).await,
+        ("fleet/v1/poll/kept".to_string(), b"still".to_vec())
+    );
+    // A filter forgotten is made again by the next subscription to it.
+    let (again, events) = client(&broker, &secret, "visitor0", false);
+    let mut to_again = packets(events);
+    again
+        .subscribe("fleet/v1/poll/visitor0/reply", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    next_of(&mut to_again, |p| {
+        matches!(p, Packet::SubAck(_)).then_some(())
+    })
+    .await;
+    publisher
+        .publish(
+            "fleet/v1/poll/visitor0/reply",
+            QoS::AtLeastOnce,
+            false,
+            b"back".to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        next_of(&mut to_again, published).await,
+        ("fleet/v1/poll/visitor0/reply".to_string(), b"back".to_vec())
+    );
+}

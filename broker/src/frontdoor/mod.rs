@@ -79,6 +79,10 @@ pub struct Metrics {
     /// those some subscriber has still to read, and up to a trim's worth
     /// more (the router's).
     pub router_log_bytes: Arc<AtomicU64>,
+    /// Subscription filters the router holds: those some connection or
+    /// saved session subscribes to, and those a trim has yet to find
+    /// without one.
+    pub router_filters: Arc<AtomicU64>,
 }
 
 impl Metrics {
@@ -233,6 +237,7 @@ impl Shared {
     ) -> Arc<Shared> {
         let metrics = Arc::new(Metrics {
             router_log_bytes: link.log_bytes.clone(),
+            router_filters: link.filters.clone(),
             ..Metrics::default()
         });
         Arc::new(Shared {

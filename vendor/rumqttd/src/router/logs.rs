@@ -76,6 +76,12 @@ pub struct DataLog {
     /// fleetshift: the bytes (topic and payload) the logs held at the last
     /// trim, plus those appended since; read by the broker's metrics.
     held: Arc<AtomicU64>,
+    /// fleetshift: the filters held (`native`), read by the broker's
+    /// metrics.
+    filter_count: Arc<AtomicU64>,
+    /// fleetshift: a subscription ended since the last trim, so a filter
+    /// may have lost its last reader.
+    readers_left: bool,
 }
 
 /// fleetshift: what an entry of a log costs beyond its topic and payload
@@ -120,6 +126,8 @@ impl DataLog {
             wildcard_filters,
             appended: 0,
             held: Arc::default(),
+            filter_count: Arc::default(),
+            readers_left: false,
         })
     }
 
@@ -140,7 +148,18 @@ impl DataLog {
     /// something at the last one (a reader then behind may have read it
     /// since), or something was appended.
     pub fn trim_pending(&self) -> bool {
-        self.appended > 0 || self.held.load(Ordering::Relaxed) > 0
+        self.appended > 0 || self.held.load(Ordering::Relaxed) > 0 || self.readers_left
+    }
+
+    /// fleetshift: a subscription ended; the next trim looks for filters
+    /// left with no reader.
+    pub fn note_readers_left(&mut self) {
+        self.readers_left = true;
+    }
+
+    /// fleetshift: the number of filters held, kept up to date.
+    pub fn filter_count(&self) -> Arc<AtomicU64> {
+        self.filter_count.clone()
     }
 
     /// fleetshift: whether enough was appended since the last trim for one
@@ -153,20 +172,49 @@ impl DataLog {
     /// read. `upto` holds, per filter, the lowest absolute offset a reader
     /// of it (a live subscription, a saved session, an unacknowledged
     /// message of a session that keeps state, a shared group) will read
-    /// next; a filter it does not name has no reader, and a new
-    /// subscription starts at the end of its log, so its log is emptied.
-    /// Returns the bytes dropped.
+    /// next. A filter it does not name has no reader: it goes, log and
+    /// all, and out of the topics it was matched to (a new subscription to
+    /// it starts a new log, at whose end it would have started anyway).
+    /// Otherwise the router kept a filter for every topic anyone ever
+    /// subscribed to, or published to with no subscriber (its dynamic
+    /// filters), any client id's own topics among them. Returns the bytes
+    /// dropped.
     pub fn trim_read(&mut self, upto: &HashMap<FilterIdx, u64>) -> u64 {
         self.appended = 0;
+        self.readers_left = false;
         let (mut dropped, mut held) = (0, 0);
+        let mut unread = Vec::new();
         for (idx, data) in self.native.iter_mut() {
-            dropped += data
-                .log
-                .trim_read(upto.get(&idx).copied().unwrap_or(u64::MAX));
-            held += data.log.size();
+            match upto.get(&idx) {
+                Some(&offset) => {
+                    dropped += data.log.trim_read(offset);
+                    held += data.log.size();
+                }
+                None => unread.push(idx),
+            }
+        }
+        if !unread.is_empty() {
+            let gone: std::collections::HashSet<FilterIdx> = unread.iter().copied().collect();
+            for idx in unread {
+                let data = self.native.remove(idx);
+                dropped += data.log.size();
+                self.filter_indexes.remove(&data.filter);
+            }
+            self.wildcard_filters.retain(|(_, idx)| !gone.contains(idx));
+            self.publish_filters.retain(|_, idxs| {
+                idxs.retain(|idx| !gone.contains(idx));
+                !idxs.is_empty()
+            });
         }
         self.held.store(held, Ordering::Relaxed);
+        self.filter_count
+            .store(self.native.len() as u64, Ordering::Relaxed);
         dropped
+    }
+
+    /// fleetshift: the filters the router holds, for tests and metrics.
+    pub fn filters(&self) -> usize {
+        self.native.len()
     }
 
     /// fleetshift: the entries each filter's log holds, for tests.
@@ -255,6 +303,7 @@ impl DataLog {
                 // datalog index map
                 let idx = self.native.insert(data);
                 self.filter_indexes.insert(filter.to_owned(), idx);
+                self.filter_count.fetch_add(1, Ordering::Relaxed); // fleetshift
 
                 // Match new filter to existing topics and add to publish_filters if it matches
                 // (fleetshift: a filter without wildcards only to the topic equal to it)

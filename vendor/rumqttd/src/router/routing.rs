@@ -201,6 +201,12 @@ impl Router {
         self.datalog.held_bytes()
     }
 
+    /// fleetshift: added. The number of subscription filters the router
+    /// holds (each with its log), kept up to date as it runs.
+    pub fn filter_count(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.datalog.filter_count()
+    }
+
     // fleetshift: added. `run(0)` as a future: `run_inner`'s steps, waiting
     // for an event with `recv_async`, and yielding after each round so that
     // a busy router shares its worker with the links' tasks.
@@ -614,7 +620,15 @@ impl Router {
         for filter in connection.subscriptions.iter() {
             if let Some(connections) = self.subscription_map.get_mut(filter) {
                 connections.remove(&id);
+                // fleetshift: a filter no one subscribes to is forgotten
+                // (its entry stayed, one per filter ever subscribed to).
+                if connections.is_empty() {
+                    self.subscription_map.remove(filter);
+                }
             }
+        }
+        if !connection.subscriptions.is_empty() {
+            self.datalog.note_readers_left(); // fleetshift
         }
 
         // Add disconnection event to metrics
@@ -856,6 +870,11 @@ impl Router {
                             if !removed {
                                 continue;
                             }
+                            // fleetshift: as at a disconnect.
+                            if connection_ids.is_empty() {
+                                self.subscription_map.remove(filter);
+                            }
+                            self.datalog.note_readers_left();
 
                             let meter = &mut self.ibufs.get_mut(id).unwrap().meter;
                             meter.unregister_subscription(filter);
