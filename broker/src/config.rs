@@ -85,6 +85,13 @@ pub struct BrokerConfig {
     /// New connections per second accepted from one source address, and the burst.
     pub connects_per_sec_per_source: f64,
     pub connect_burst_per_source: f64,
+    /// PUBLISHes per second a device connection (bootstrap or service
+    /// listener) may send, and the burst; one more ends the connection
+    /// (MQTT 5: DISCONNECT 0x96). A device sends a request now and then
+    /// and its telemetry; a flood of requests would keep the manager from
+    /// answering anyone. Providers and the manager are not limited.
+    pub publishes_per_sec_per_device: f64,
+    pub publish_burst_per_device: f64,
 }
 
 impl Default for BrokerConfig {
@@ -110,6 +117,8 @@ impl Default for BrokerConfig {
             max_idle_secs: 300,
             connects_per_sec_per_source: 2_000.0,
             connect_burst_per_source: 5_000.0,
+            publishes_per_sec_per_device: 20.0,
+            publish_burst_per_device: 50.0,
         }
     }
 }
@@ -147,6 +156,8 @@ impl BrokerConfig {
             max_idle: Duration::from_secs(self.max_idle_secs),
             connects_per_sec_per_source: self.connects_per_sec_per_source,
             connect_burst_per_source: self.connect_burst_per_source,
+            publishes_per_sec_per_device: self.publishes_per_sec_per_device,
+            publish_burst_per_device: self.publish_burst_per_device,
         }
     }
 

@@ -120,6 +120,12 @@ const SERIES: &[Series] = &[
         |m| &m.write_stalls,
     ),
     (
+        "counter",
+        "publish_rate_exceeded_total",
+        "Device connections closed for publishing faster than publishes_per_sec_per_device.",
+        |m| &m.publish_rate_exceeded,
+    ),
+    (
         "gauge",
         "router_log_bytes",
         "Bytes of messages (topic and payload) the router holds for subscribers that have still to read them, and up to a trim's worth more.",

@@ -68,6 +68,9 @@ pub struct Metrics {
     pub refused_publishes: AtomicU64,
     pub refused_subscribes: AtomicU64,
     pub rate_limited: AtomicU64,
+    /// Device connections closed for publishing faster than
+    /// `publishes_per_sec_per_device`.
+    pub publish_rate_exceeded: AtomicU64,
     pub over_capacity: AtomicU64,
     pub revoked_cuts: AtomicU64,
     /// PUBLISHes not sent to a client because they exceed the Maximum
@@ -111,6 +114,41 @@ pub struct Limits {
     /// New connections per second from one source address, and the burst.
     pub connects_per_sec_per_source: f64,
     pub connect_burst_per_source: f64,
+    pub publishes_per_sec_per_device: f64,
+    pub publish_burst_per_device: f64,
+}
+
+/// A token bucket: `rate` tokens a second, at most `burst`.
+pub(crate) struct Bucket {
+    tokens: f64,
+    last: tokio::time::Instant,
+    rate: f64,
+    burst: f64,
+}
+
+impl Bucket {
+    pub(crate) fn full(rate: f64, burst: f64) -> Bucket {
+        Bucket {
+            tokens: burst,
+            last: tokio::time::Instant::now(),
+            rate,
+            burst,
+        }
+    }
+
+    /// Takes a token if there is one.
+    pub(crate) fn take(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// The three halves of a router link: sender, receiver, the CONNACK.

@@ -606,6 +606,17 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut aliases = TopicAliases::default();
     // Packet ids of the client's QoS 2 PUBLISHes not yet released.
     let mut unreleased: HashSet<u16> = HashSet::new();
+    // Devices' PUBLISHes are paced; providers' and the manager's are not.
+    let mut pace = matches!(
+        identity,
+        Identity::Bootstrap { .. } | Identity::Device { .. }
+    )
+    .then(|| {
+        super::Bucket::full(
+            shared.limits.publishes_per_sec_per_device,
+            shared.limits.publish_burst_per_device,
+        )
+    });
     // Only a packet from the client moves the keep-alive deadline; traffic
     // the router sends it does not.
     let mut deadline = tokio::time::Instant::now() + keep_alive;
@@ -629,6 +640,14 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 deadline = tokio::time::Instant::now() + keep_alive;
                 match packet {
                     Packet::Publish(mut publish, mut props) => {
+                        if pace.as_mut().is_some_and(|p| !p.take()) {
+                            shared.metrics.publish_rate_exceeded.fetch_add(1, Ordering::Relaxed);
+                            warn!(identity = %identity.label(), "publish rate exceeded; closing");
+                            return Err(SessionError::Violation(
+                                DisconnectReasonCode::MessageRateTooHigh,
+                                "publish rate exceeded".into(),
+                            ));
+                        }
                         if version == Version::V5 {
                             aliases.route(&mut publish, props.as_mut())?;
                         }

@@ -1600,3 +1600,30 @@ async fn qos2_publishes_not_released_are_capped_at_the_receive_maximum() {
         .unwrap();
     assert_eq!(disconnect_reason(&until_closed(&mut s).await), 0x93);
 }
+
+/// A device connection publishing faster than its pace (a burst of 50,
+/// then 20 a second) is closed with DISCONNECT 0x96: a flood of requests
+/// would keep the manager from answering anyone else.
+#[tokio::test]
+async fn a_device_publishing_too_fast_is_disconnected() {
+    let fleet = Fleet::start().await.unwrap();
+    let mut s = raw_v5(&fleet, "fast1").await;
+    let topic = b"fleet/v1/status/fast1";
+    let mut publish = vec![0x30, (2 + topic.len() + 1 + 1) as u8];
+    publish.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    publish.extend_from_slice(topic);
+    publish.extend_from_slice(&[0, b'x']);
+    let burst: Vec<u8> = publish
+        .iter()
+        .copied()
+        .cycle()
+        .take(publish.len() * 200)
+        .collect();
+    // The broker may close before it has read all of them.
+    let _ = s.write_all(&burst).await;
+    let sent = until_closed(&mut s).await;
+    // Error replies from the manager may come first; the DISCONNECT ends it.
+    let at = sent.iter().rposition(|&b| b == 0xE0).expect("a DISCONNECT");
+    assert_eq!(disconnect_reason(&sent[at..]), 0x96);
+    assert!(fleet.broker.metrics.get(|m| &m.publish_rate_exceeded) >= 1);
+}
