@@ -174,7 +174,7 @@ pub struct Shared {
     /// The internal listener's (`max_internal_connections`), apart.
     internal_slots: Arc<Semaphore>,
     next_connection: AtomicU64,
-    rate: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+    rate: Mutex<HashMap<IpAddr, Bucket>>,
     /// Router client id → the connection that holds that session now.
     sessions: Mutex<HashMap<String, Holder>>,
     /// The one router link delayed Wills are published through, opened
@@ -392,20 +392,14 @@ impl Shared {
             self.limits.connects_per_sec_per_source,
             self.limits.connect_burst_per_source,
         );
-        let now = Instant::now();
         let mut map = self.rate.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() > 100_000 {
-            map.retain(|_, (_, t)| now.duration_since(*t) < Duration::from_secs(60));
+            let now = tokio::time::Instant::now();
+            map.retain(|_, b| now.duration_since(b.last) < Duration::from_secs(60));
         }
-        let (tokens, last) = map.entry(ip).or_insert((burst, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(burst);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        map.entry(ip)
+            .or_insert_with(|| Bucket::full(rate, burst))
+            .take()
     }
 }
 
