@@ -99,6 +99,41 @@ fn qos_and_pkid(publish: &Publish) -> (u8, u16) {
 /// broker's memory with them.
 pub(crate) const RECEIVE_MAXIMUM: u16 = 32;
 
+/// Filters a connection other than the manager's may hold at once: a
+/// device needs a few, a provider its service's telemetry. The router
+/// keeps a filter, and its log, for as long as anyone subscribes to it.
+pub(crate) const MAX_SUBSCRIPTIONS: usize = 1_000;
+
+/// Refusals a connection gets logged at WARN; the rest go to DEBUG (the
+/// metrics count them all), so that a client cannot fill the log.
+const LOUD_REFUSALS: u32 = 10;
+
+/// How many of a connection's refusals were logged.
+struct Complaints(u32);
+
+impl Complaints {
+    /// Whether this refusal is logged at WARN; after the last such, says
+    /// that the rest are not.
+    fn loud(&mut self, identity: &Identity) -> bool {
+        self.0 += 1;
+        if self.0 == LOUD_REFUSALS + 1 {
+            warn!(identity = %identity.label(), "further refusals of this connection are logged at debug level");
+        }
+        self.0 <= LOUD_REFUSALS
+    }
+}
+
+/// A refusal, at WARN for a connection's first few and DEBUG after.
+macro_rules! refusal {
+    ($complaints:expr, $identity:expr, $($event:tt)+) => {
+        if $complaints.loud($identity) {
+            tracing::warn!($($event)+)
+        } else {
+            tracing::debug!($($event)+)
+        }
+    };
+}
+
 /// The longest a Will waits after its connection ends: a longer Will Delay
 /// Interval (or Session Expiry Interval) is cut to this, so a pending Will
 /// is not held for ever.
@@ -606,6 +641,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut aliases = TopicAliases::default();
     // Packet ids of the client's QoS 2 PUBLISHes not yet released.
     let mut unreleased: HashSet<u16> = HashSet::new();
+    // The filters it holds (not counted for the manager).
+    let manager = matches!(identity, Identity::Manager { .. });
+    let mut subscribed: HashSet<String> = HashSet::new();
+    let mut complaints = Complaints(0);
     // Devices' PUBLISHes are paced; providers' and the manager's are not.
     let mut pace = matches!(
         identity,
@@ -658,7 +697,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             let (qos, pkid) = qos_and_pkid(&publish);
                             match version.refused_publish(qos, pkid) {
                                 Some(answer) => {
-                                    warn!(identity = %identity.label(), topic, qos, "publish refused");
+                                    refusal!(complaints, identity, identity = %identity.label(), topic, qos, "publish refused");
                                     framed.write(vec![answer]).await?;
                                     continue;
                                 }
@@ -685,12 +724,20 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         untold |= !send(tx, Packet::Publish(publish, props))?;
                     }
                     Packet::Subscribe(mut subscribe, props) => {
-                        let allowed: Vec<bool> = subscribe.filters.iter().map(|f| identity.may_subscribe(&f.path)).collect();
-                        for (f, ok) in subscribe.filters.iter().zip(&allowed) {
-                            if !ok {
+                        let mut allowed = Vec::with_capacity(subscribe.filters.len());
+                        for f in &subscribe.filters {
+                            let granted = identity.may_subscribe(&f.path);
+                            let room = manager || subscribed.contains(&f.path) || subscribed.len() < MAX_SUBSCRIPTIONS;
+                            if granted && room {
+                                if !manager {
+                                    subscribed.insert(f.path.clone());
+                                }
+                            } else {
                                 shared.metrics.refused_subscribes.fetch_add(1, Ordering::Relaxed);
-                                warn!(identity = %identity.label(), filter = %f.path, "subscription refused");
+                                let why = if granted { "subscription refused: too many" } else { "subscription refused" };
+                                refusal!(complaints, identity, identity = %identity.label(), filter = %f.path, held = subscribed.len(), "{why}");
                             }
+                            allowed.push(granted && room);
                         }
                         if allowed.iter().all(|a| !a) {
                             let codes = vec![version.refused_filter(); allowed.len()];
@@ -714,6 +761,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             .collect();
                         let ack = Packet::UnsubAck(UnsubAck { pkid: unsubscribe.pkid, reasons }, None);
                         unsubscribe.filters.retain(|f| identity.may_subscribe(f));
+                        for f in &unsubscribe.filters {
+                            subscribed.remove(f);
+                        }
                         if !unsubscribe.filters.is_empty() {
                             untold |= !send(tx, Packet::Unsubscribe(unsubscribe, props))?;
                         }

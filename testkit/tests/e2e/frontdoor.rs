@@ -1478,3 +1478,56 @@ async fn idle_bootstrap_clients_leave_room_for_devices_and_the_manager() {
     .await
     .unwrap();
 }
+
+/// A connection other than the manager's holds at most 1,000 filters (the
+/// router keeps each, with its log, while anyone subscribes to it): a
+/// provider's 1,001st is refused, one it holds may be asked for again, and
+/// one it leaves makes room.
+#[tokio::test]
+async fn a_provider_holds_at_most_a_thousand_filters() {
+    let fleet = Fleet::start().await.unwrap();
+    let root = fleet.certs_dir().join("root-ca.pem");
+    let out = fleet.dir.path().join("provider");
+    let admin = fleet.admin();
+    let args = [
+        "fleet-manager",
+        "provider-add",
+        "--admin",
+        &admin,
+        "--name",
+        "many",
+        "--service",
+        "svcA",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let cli = <fleet_manager::cli::Cli as clap::Parser>::try_parse_from(args).unwrap();
+    fleet_manager::cli::execute(cli).await.unwrap();
+    let chain = std::fs::read(out.join("provider.many.pem")).unwrap();
+    let key = std::fs::read(out.join("provider.many.key")).unwrap();
+    let provider = Probe::mtls(fleet.service_addr(), "provider.many", &root, chain, key)
+        .await
+        .unwrap();
+    let filter = |i: usize| format!("/tenants/svcA/telemetry/d{i}");
+    for i in 0..1_000 {
+        let got = codes(&provider, &filter(i)).await;
+        assert!(
+            !got.contains(&SubscribeReasonCode::Failure),
+            "filter {i}: {got:?}"
+        );
+    }
+    assert_eq!(
+        codes(&provider, &filter(1_000)).await,
+        [SubscribeReasonCode::Failure]
+    );
+    assert!(!codes(&provider, &filter(0))
+        .await
+        .contains(&SubscribeReasonCode::Failure));
+    provider.client.unsubscribe(filter(1)).await.unwrap();
+    eventually(T, "room for one more filter", || async {
+        let got = codes(&provider, &filter(1_000)).await;
+        (!got.contains(&SubscribeReasonCode::Failure)).then_some(())
+    })
+    .await
+    .unwrap();
+}
