@@ -216,7 +216,10 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
             blocking(move || {
                 core.revoke_provider(&name)
                     .map(|n| json!({ "provider": name, "revoked": n }))
-                    .map_err(|f| (500, f.to_string()))
+                    .map_err(|f| match f.status {
+                        fleet_protocol::Status::UnknownDevice => (404, f.to_string()),
+                        _ => (500, f.to_string()),
+                    })
             })
             .await
         }

@@ -1163,7 +1163,13 @@ impl Core {
         let _guard = self.lock(&principal);
         let now = now_ms();
         let mut batch = Batch::default();
-        for mut c in self.store.certs_of(&principal)? {
+        let certs = self.store.certs_of(&principal)?;
+        // Nothing to revoke, and no grant file to write for a name never
+        // issued (one that is no file name would be retried for ever).
+        if certs.is_empty() {
+            return fail(Status::UnknownDevice, format!("no provider {name:?}"));
+        }
+        for mut c in certs {
             if revoke(&mut c, now) {
                 batch.certs.push(c);
             }

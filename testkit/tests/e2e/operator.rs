@@ -110,6 +110,23 @@ async fn operator_commands_reach_the_running_manager() {
     std::fs::write(&config, format!("admin_listen = \"{admin}\"\n")).unwrap();
     let config = config.to_str().unwrap();
     assert_eq!(&cli(&["--config", config, "summary"]).await[0], summary);
+    // Revoking a provider never issued is a 404, and writes nothing.
+    let cli_args = [
+        "fleet-manager",
+        "provider-revoke",
+        "--admin",
+        &admin,
+        "nosuch",
+    ];
+    let refused = execute(Cli::try_parse_from(cli_args).unwrap())
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("HTTP 404"), "{refused}");
+    assert!(!fleet
+        .certs_dir()
+        .join("grants")
+        .join("provider.nosuch")
+        .exists());
     // An endpoint the devices would refuse records no change.
     let out = cli(&[
         "--config",
