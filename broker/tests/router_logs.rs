@@ -25,6 +25,22 @@ const FIRST: u32 = 200;
 /// Then as many more, read by both: more than one trim's worth (1 MiB).
 const SECOND: u32 = 200;
 
+/// A broker with the internal listener only, on an ephemeral port, and the
+/// manager's secret for it.
+fn internal_broker() -> (tempfile::TempDir, RunningBroker, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = BrokerConfig {
+        bootstrap_tls_listen: None,
+        service_listen: None,
+        internal_listen: "127.0.0.1:0".parse().unwrap(),
+        certs_dir: dir.path().to_path_buf(),
+        ..BrokerConfig::default()
+    };
+    let broker = fleet_broker::start(&config).unwrap();
+    let secret = std::fs::read_to_string(config.secret_path()).unwrap();
+    (dir, broker, secret)
+}
+
 fn options(broker: &RunningBroker, secret: &str, id: &str) -> MqttOptions {
     let mut options = MqttOptions::new(id, "127.0.0.1", broker.internal_addr.port());
     options
@@ -113,16 +129,7 @@ async fn receive_through(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_router_drops_what_every_subscriber_has_read_and_keeps_what_one_has_not() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = BrokerConfig {
-        bootstrap_tls_listen: None,
-        service_listen: None,
-        internal_listen: "127.0.0.1:0".parse().unwrap(),
-        certs_dir: dir.path().to_path_buf(),
-        ..BrokerConfig::default()
-    };
-    let broker = fleet_broker::start(&config).unwrap();
-    let secret = std::fs::read_to_string(config.secret_path()).unwrap();
+    let (_dir, broker, secret) = internal_broker();
     let held = || broker.metrics.router_log_bytes.load(Ordering::Relaxed);
 
     let (reader, events) = client(&broker, &secret, "reader", false);
@@ -208,16 +215,7 @@ async fn the_router_drops_what_every_subscriber_has_read_and_keeps_what_one_has_
 /// everything from there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offline_session_that_keeps_state_gets_every_message_sent_meanwhile() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = BrokerConfig {
-        bootstrap_tls_listen: None,
-        service_listen: None,
-        internal_listen: "127.0.0.1:0".parse().unwrap(),
-        certs_dir: dir.path().to_path_buf(),
-        ..BrokerConfig::default()
-    };
-    let broker = fleet_broker::start(&config).unwrap();
-    let secret = std::fs::read_to_string(config.secret_path()).unwrap();
+    let (_dir, broker, secret) = internal_broker();
 
     let kept = || {
         let mut options = options(&broker, &secret, "keeper");
@@ -297,6 +295,20 @@ async fn next_of<T>(
     .expect("timed out")
 }
 
+/// Subscribes `client` to `filter` and waits for the SUBACK on `rx`.
+async fn subscribed(client: &AsyncClient, rx: &mut mpsc::UnboundedReceiver<Packet>, filter: &str) {
+    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    next_of(rx, |p| matches!(p, Packet::SubAck(_)).then_some(())).await;
+}
+
+/// Publishes `payload` to `topic` at QoS 1.
+async fn send(publisher: &AsyncClient, topic: &str, payload: &[u8]) {
+    publisher
+        .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
+        .await
+        .unwrap();
+}
+
 fn published(p: Packet) -> Option<(String, Vec<u8>)> {
     match p {
         Packet::Publish(p) => Some((p.topic, p.payload.to_vec())),
@@ -314,16 +326,7 @@ async fn a_shared_subscription_ended_delivers_nothing_more() {
     const SHARED: &str = "$share/g/fleet/v1/poll/dev1";
     const LOG: &str = "fleet/v1/poll/dev1";
     const MARK: &str = "fleet/v1/status/dev1";
-    let dir = tempfile::tempdir().unwrap();
-    let config = BrokerConfig {
-        bootstrap_tls_listen: None,
-        service_listen: None,
-        internal_listen: "127.0.0.1:0".parse().unwrap(),
-        certs_dir: dir.path().to_path_buf(),
-        ..BrokerConfig::default()
-    };
-    let broker = fleet_broker::start(&config).unwrap();
-    let secret = std::fs::read_to_string(config.secret_path()).unwrap();
+    let (_dir, broker, secret) = internal_broker();
     let (publisher, mut events) = client(&broker, &secret, "publisher", false);
     tokio::spawn(async move { while events.poll().await.is_ok() {} });
 
@@ -338,10 +341,7 @@ async fn a_shared_subscription_ended_delivers_nothing_more() {
         .await;
     }
     // Read, so that its request waits on the log for more.
-    publisher
-        .publish(LOG, QoS::AtLeastOnce, false, b"one".to_vec())
-        .await
-        .unwrap();
+    send(&publisher, LOG, b"one").await;
     assert_eq!(
         next_of(&mut to_sharer, published).await,
         (LOG.to_string(), b"one".to_vec())
@@ -352,15 +352,9 @@ async fn a_shared_subscription_ended_delivers_nothing_more() {
         matches!(p, Packet::UnsubAck(_)).then_some(())
     })
     .await;
-    publisher
-        .publish(LOG, QoS::AtLeastOnce, false, b"two".to_vec())
-        .await
-        .unwrap();
+    send(&publisher, LOG, b"two").await;
     // A mark on a filter it still has comes after anything sent before it.
-    publisher
-        .publish(MARK, QoS::AtLeastOnce, false, b"mark".to_vec())
-        .await
-        .unwrap();
+    send(&publisher, MARK, b"mark").await;
     assert_eq!(
         next_of(&mut to_sharer, published).await,
         (MARK.to_string(), b"mark".to_vec())
@@ -373,19 +367,9 @@ async fn a_shared_subscription_ended_delivers_nothing_more() {
         .expect("the connection never ended");
     let (next, events) = client(&broker, &secret, "next", false);
     let mut to_next = packets(events);
-    next.subscribe(MARK, QoS::AtLeastOnce).await.unwrap();
-    next_of(&mut to_next, |p| {
-        matches!(p, Packet::SubAck(_)).then_some(())
-    })
-    .await;
-    publisher
-        .publish(LOG, QoS::AtLeastOnce, false, b"three".to_vec())
-        .await
-        .unwrap();
-    publisher
-        .publish(MARK, QoS::AtLeastOnce, false, b"mark".to_vec())
-        .await
-        .unwrap();
+    subscribed(&next, &mut to_next, MARK).await;
+    send(&publisher, LOG, b"three").await;
+    send(&publisher, MARK, b"mark").await;
     assert_eq!(
         next_of(&mut to_next, published).await,
         (MARK.to_string(), b"mark".to_vec())
@@ -397,30 +381,14 @@ async fn a_shared_subscription_ended_delivers_nothing_more() {
 /// as a string slice, panicked, and every connect was refused from then on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_starting_with_a_multibyte_character_is_matched() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = BrokerConfig {
-        bootstrap_tls_listen: None,
-        service_listen: None,
-        internal_listen: "127.0.0.1:0".parse().unwrap(),
-        certs_dir: dir.path().to_path_buf(),
-        ..BrokerConfig::default()
-    };
-    let broker = fleet_broker::start(&config).unwrap();
-    let secret = std::fs::read_to_string(config.secret_path()).unwrap();
+    let (_dir, broker, secret) = internal_broker();
     let (publisher, mut events) = client(&broker, &secret, "publisher", false);
     tokio::spawn(async move { while events.poll().await.is_ok() {} });
     let (watcher, events) = client(&broker, &secret, "watcher", false);
     let mut to_watcher = packets(events);
-    watcher.subscribe("+/y", QoS::AtLeastOnce).await.unwrap();
-    next_of(&mut to_watcher, |p| {
-        matches!(p, Packet::SubAck(_)).then_some(())
-    })
-    .await;
+    subscribed(&watcher, &mut to_watcher, "+/y").await;
     for topic in ["\u{feff}x/y", "\u{e9}/y", "a/y"] {
-        publisher
-            .publish(topic, QoS::AtLeastOnce, false, b"m".to_vec())
-            .await
-            .unwrap();
+        send(&publisher, topic, b"m").await;
         assert_eq!(
             next_of(&mut to_watcher, published).await,
             (topic.to_string(), b"m".to_vec())
@@ -429,11 +397,7 @@ async fn a_topic_starting_with_a_multibyte_character_is_matched() {
     // And the router still takes new connections.
     let (late, events) = client(&broker, &secret, "late", false);
     let mut to_late = packets(events);
-    late.subscribe("a/y", QoS::AtLeastOnce).await.unwrap();
-    next_of(&mut to_late, |p| {
-        matches!(p, Packet::SubAck(_)).then_some(())
-    })
-    .await;
+    subscribed(&late, &mut to_late, "a/y").await;
 }
 
 /// The router forgets a filter once no one subscribes to it: a client id's
@@ -443,38 +407,18 @@ async fn a_topic_starting_with_a_multibyte_character_is_matched() {
 /// choose theirs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filters_no_one_subscribes_to_are_forgotten() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = BrokerConfig {
-        bootstrap_tls_listen: None,
-        service_listen: None,
-        internal_listen: "127.0.0.1:0".parse().unwrap(),
-        certs_dir: dir.path().to_path_buf(),
-        ..BrokerConfig::default()
-    };
-    let broker = fleet_broker::start(&config).unwrap();
-    let secret = std::fs::read_to_string(config.secret_path()).unwrap();
+    let (_dir, broker, secret) = internal_broker();
     let filters = || broker.metrics.router_filters.load(Ordering::Relaxed);
     // One subscription that stays, and gets what is published to it.
     let (keeper, events) = client(&broker, &secret, "keeper", false);
     let mut to_keeper = packets(events);
-    keeper
-        .subscribe("fleet/v1/poll/kept", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    next_of(&mut to_keeper, |p| {
-        matches!(p, Packet::SubAck(_)).then_some(())
-    })
-    .await;
+    subscribed(&keeper, &mut to_keeper, "fleet/v1/poll/kept").await;
     for i in 0..50 {
         let (visitor, events) = client(&broker, &secret, &format!("visitor{i}"), false);
         let mut to_visitor = packets(events);
         for kind in ["activate", "update", "poll"] {
             let filter = format!("fleet/v1/{kind}/visitor{i}/reply");
-            visitor.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
-            next_of(&mut to_visitor, |p| {
-                matches!(p, Packet::SubAck(_)).then_some(())
-            })
-            .await;
+            subscribed(&visitor, &mut to_visitor, &filter).await;
         }
         visitor.disconnect().await.unwrap();
         tokio::time::timeout(T, async { while to_visitor.recv().await.is_some() {} })
@@ -509,14 +453,7 @@ async fn filters_no_one_subscribes_to_are_forgotten() {
     // A filter forgotten is made again by the next subscription to it.
     let (again, events) = client(&broker, &secret, "visitor0", false);
     let mut to_again = packets(events);
-    again
-        .subscribe("fleet/v1/poll/visitor0/reply", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    next_of(&mut to_again, |p| {
-        matches!(p, Packet::SubAck(_)).then_some(())
-    })
-    .await;
+    subscribed(&again, &mut to_again, "fleet/v1/poll/visitor0/reply").await;
     publisher
         .publish(
             "fleet/v1/poll/visitor0/reply",

@@ -1006,11 +1006,13 @@ async fn a_flood_from_another_address_spares_a_slow_handshake() {
     );
 }
 
-#[tokio::test]
-async fn a_service_provider_reads_its_own_tenants_telemetry_and_nothing_else() {
-    let (fleet, _devices, observer) = running_fleet().await;
-    let root = fleet.certs_dir().join("root-ca.pem");
-    // The operator's CLI issues the provider of svcA its certificate.
+/// `fleet-manager provider-add` for `name` on `service`: what it printed,
+/// the directory it wrote to, the chain and the key (PEM).
+async fn provider_add(
+    fleet: &Fleet,
+    name: &str,
+    service: &str,
+) -> (serde_json::Value, std::path::PathBuf, Vec<u8>, Vec<u8>) {
     let out = fleet.dir.path().join("provider");
     let admin = fleet.admin();
     let args = [
@@ -1019,17 +1021,26 @@ async fn a_service_provider_reads_its_own_tenants_telemetry_and_nothing_else() {
         "--admin",
         &admin,
         "--name",
-        "weather",
+        name,
         "--service",
-        "svcA",
+        service,
         "--out",
         out.to_str().unwrap(),
     ];
     let cli = <fleet_manager::cli::Cli as clap::Parser>::try_parse_from(args).unwrap();
     let printed = fleet_manager::cli::execute(cli).await.unwrap();
-    assert_eq!(printed[0]["client_id"], "provider.weather");
-    let chain = std::fs::read(out.join("provider.weather.pem")).unwrap();
-    let key = std::fs::read(out.join("provider.weather.key")).unwrap();
+    let chain = std::fs::read(out.join(format!("provider.{name}.pem"))).unwrap();
+    let key = std::fs::read(out.join(format!("provider.{name}.key"))).unwrap();
+    (printed[0].clone(), out, chain, key)
+}
+
+#[tokio::test]
+async fn a_service_provider_reads_its_own_tenants_telemetry_and_nothing_else() {
+    let (fleet, _devices, observer) = running_fleet().await;
+    let root = fleet.certs_dir().join("root-ca.pem");
+    // The operator's CLI issues the provider of svcA its certificate.
+    let (printed, out, chain, key) = provider_add(&fleet, "weather", "svcA").await;
+    assert_eq!(printed["client_id"], "provider.weather");
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(out.join("provider.weather.key"))
         .unwrap()
@@ -1487,24 +1498,7 @@ async fn idle_bootstrap_clients_leave_room_for_devices_and_the_manager() {
 async fn a_provider_holds_at_most_a_thousand_filters() {
     let fleet = Fleet::start().await.unwrap();
     let root = fleet.certs_dir().join("root-ca.pem");
-    let out = fleet.dir.path().join("provider");
-    let admin = fleet.admin();
-    let args = [
-        "fleet-manager",
-        "provider-add",
-        "--admin",
-        &admin,
-        "--name",
-        "many",
-        "--service",
-        "svcA",
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    let cli = <fleet_manager::cli::Cli as clap::Parser>::try_parse_from(args).unwrap();
-    fleet_manager::cli::execute(cli).await.unwrap();
-    let chain = std::fs::read(out.join("provider.many.pem")).unwrap();
-    let key = std::fs::read(out.join("provider.many.key")).unwrap();
+    let (_, _, chain, key) = provider_add(&fleet, "many", "svcA").await;
     let provider = Probe::mtls(fleet.service_addr(), "provider.many", &root, chain, key)
         .await
         .unwrap();
