@@ -468,3 +468,55 @@ async fn filters_no_one_subscribes_to_are_forgotten() {
         ("fleet/v1/poll/visitor0/reply".to_string(), b"back".to_vec())
     );
 }
+
+/// Subscriptions made and left on a router that is never idle are
+/// forgotten too: a trim also comes after enough new filters, not only
+/// after a trim's worth of messages or an idle second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_are_forgotten_on_a_busy_router() {
+    let (_dir, broker, secret) = internal_broker();
+    let filters = || broker.metrics.router_filters.load(Ordering::Relaxed);
+    // Keeps the router from an idle second.
+    let (ticker, mut events) = client(&broker, &secret, "ticker", false);
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    let ticking = tokio::spawn(async move {
+        loop {
+            send(&ticker, "fleet/v1/status/ticker", b"t").await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let (churner, events) = client(&broker, &secret, "churner", false);
+    let mut to_churner = packets(events);
+    let mut most = 0;
+    for round in 0..40 {
+        let batch: Vec<rumqttc::SubscribeFilter> = (0..100)
+            .map(|i| {
+                rumqttc::SubscribeFilter::new(
+                    format!("fleet/v1/poll/c{round}x{i}"),
+                    QoS::AtMostOnce,
+                )
+            })
+            .collect();
+        let names: Vec<String> = batch.iter().map(|f| f.path.clone()).collect();
+        churner.subscribe_many(batch).await.unwrap();
+        next_of(&mut to_churner, |p| {
+            matches!(p, Packet::SubAck(_)).then_some(())
+        })
+        .await;
+        for name in names {
+            churner.unsubscribe(name).await.unwrap();
+        }
+        for _ in 0..100 {
+            next_of(&mut to_churner, |p| {
+                matches!(p, Packet::UnsubAck(_)).then_some(())
+            })
+            .await;
+        }
+        most = most.max(filters());
+    }
+    ticking.abort();
+    assert!(
+        most < 2_500,
+        "{most} filters held at once, of 4,000 made and left"
+    );
+}

@@ -16,7 +16,7 @@ use fleet_protocol::{
 use openssl::hash::{hash, MessageDigest};
 use openssl::pkey::{PKey, Public};
 use serde_bytes::ByteBuf;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::store::{
     Batch, CertRecord, CertStatus, DeviceRecord, DeviceState, NonceRecord, PendingChange,
@@ -191,6 +191,49 @@ pub struct Core {
     grants_dirty: Mutex<std::collections::BTreeSet<String>>,
     /// Striped per-device locks: one request per device at a time.
     stripes: Vec<Mutex<()>>,
+    /// How many refusals were logged at WARN in the current second.
+    refusals_logged: Mutex<LogPace>,
+}
+
+/// Refused requests logged at WARN, at most [`LogPace::LOUD_PER_SEC`] a
+/// second; the rest at DEBUG, and their number at WARN when the second is
+/// over. Each refused request is still answered; a flood of them cannot
+/// fill the log (one line per request was 14 bytes of log per byte sent).
+#[derive(Debug)]
+pub(crate) struct LogPace {
+    second: std::time::Instant,
+    loud: u32,
+    quiet: u32,
+}
+
+impl LogPace {
+    const LOUD_PER_SEC: u32 = 20;
+
+    fn new(now: std::time::Instant) -> LogPace {
+        LogPace {
+            second: now,
+            loud: 0,
+            quiet: 0,
+        }
+    }
+
+    /// Counts a refusal at `now`: whether to log it at WARN, and how many
+    /// went to DEBUG in the second that ended before it.
+    fn note(&mut self, now: std::time::Instant) -> (bool, u32) {
+        let mut quieted = 0;
+        if now.saturating_duration_since(self.second) >= std::time::Duration::from_secs(1) {
+            quieted = std::mem::take(&mut self.quiet);
+            self.second = now;
+            self.loud = 0;
+        }
+        if self.loud < Self::LOUD_PER_SEC {
+            self.loud += 1;
+            (true, quieted)
+        } else {
+            self.quiet += 1;
+            (false, quieted)
+        }
+    }
 }
 
 impl Core {
@@ -200,6 +243,7 @@ impl Core {
             pki,
             config,
             failures: Mutex::new(HashMap::new()),
+            refusals_logged: Mutex::new(LogPace::new(std::time::Instant::now())),
             pending_crls: Mutex::new(Default::default()),
             crl_writer: Mutex::new(()),
             grants_dirty: Mutex::new(Default::default()),
@@ -329,7 +373,22 @@ impl Core {
             }
             self.count_failure(device_id);
         }
-        warn!(status = %f.status, detail = %f.detail, "request refused");
+        let (loud, quieted) = self
+            .refusals_logged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .note(std::time::Instant::now());
+        if quieted > 0 {
+            warn!(
+                quieted,
+                "refused requests logged at debug level in the last second"
+            );
+        }
+        if loud {
+            warn!(status = %f.status, detail = %f.detail, "request refused");
+        } else {
+            debug!(status = %f.status, detail = %f.detail, "request refused");
+        }
         let reply = Reply {
             device_id: device_id.to_owned(),
             nonce,
@@ -1523,6 +1582,23 @@ identified!(ActivateRequest, UpdateRequest, PollRequest, StatusReport);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_past_twenty_a_second_are_logged_quietly_and_counted() {
+        let t0 = std::time::Instant::now();
+        let mut pace = LogPace::new(t0);
+        let loud: Vec<bool> = (0..25).map(|_| pace.note(t0).0).collect();
+        assert_eq!(loud.iter().filter(|l| **l).count(), 20);
+        assert!(loud[..20].iter().all(|l| *l));
+        // Within the same second, still quiet.
+        assert_eq!(
+            pace.note(t0 + std::time::Duration::from_millis(999)),
+            (false, 0)
+        );
+        // The next second starts loud and reports the six kept quiet.
+        assert_eq!(pace.note(t0 + std::time::Duration::from_secs(1)), (true, 6));
+        assert_eq!(pace.note(t0 + std::time::Duration::from_secs(1)), (true, 0));
+    }
     use proptest::prelude::*;
 
     fn core() -> (tempfile::TempDir, Core) {

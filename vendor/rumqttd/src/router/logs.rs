@@ -82,7 +82,14 @@ pub struct DataLog {
     /// fleetshift: a subscription ended since the last trim, so a filter
     /// may have lost its last reader.
     readers_left: bool,
+    /// fleetshift: filters made since the last trim.
+    created: usize,
 }
+
+/// fleetshift: the filters made after which the logs are trimmed, at
+/// least; a trim also waits for as many as half the filters held, so that
+/// its cost stays a small share of the subscriptions'.
+const TRIM_MIN_FILTERS: usize = 1_024;
 
 /// fleetshift: what an entry of a log costs beyond its topic and payload
 /// (the `PublishData`, its place in a segment), counted towards a trim.
@@ -128,6 +135,7 @@ impl DataLog {
             held: Arc::default(),
             filter_count: Arc::default(),
             readers_left: false,
+            created: 0,
         })
     }
 
@@ -162,10 +170,14 @@ impl DataLog {
         self.filter_count.clone()
     }
 
-    /// fleetshift: whether enough was appended since the last trim for one
-    /// that looks at `readers` readers' cursors.
+    /// fleetshift: whether enough was appended, or enough filters made,
+    /// since the last trim for one that looks at `readers` readers'
+    /// cursors. Filters count too: subscriptions made and left without a
+    /// message published would otherwise wait for an idle second, which a
+    /// busy router may never have.
     pub fn trim_due(&self, readers: usize) -> bool {
         self.appended >= TRIM_MIN_BYTES.max((readers + self.native.len()) * TRIM_PER_READER)
+            || self.created >= TRIM_MIN_FILTERS.max(self.native.len() / 2)
     }
 
     /// fleetshift: drops from each filter's log what all its readers have
@@ -182,6 +194,7 @@ impl DataLog {
     pub fn trim_read(&mut self, upto: &HashMap<FilterIdx, u64>) -> u64 {
         self.appended = 0;
         self.readers_left = false;
+        self.created = 0;
         let (mut dropped, mut held) = (0, 0);
         let mut unread = Vec::new();
         for (idx, data) in self.native.iter_mut() {
@@ -304,6 +317,7 @@ impl DataLog {
                 let idx = self.native.insert(data);
                 self.filter_indexes.insert(filter.to_owned(), idx);
                 self.filter_count.fetch_add(1, Ordering::Relaxed); // fleetshift
+                self.created += 1; // fleetshift
 
                 // Match new filter to existing topics and add to publish_filters if it matches
                 // (fleetshift: a filter without wildcards only to the topic equal to it)
