@@ -92,6 +92,16 @@ pub struct BrokerConfig {
     /// answering anyone. Providers and the manager are not limited.
     pub publishes_per_sec_per_device: f64,
     pub publish_burst_per_device: f64,
+    /// PUBLISHes per second the bootstrap listeners take from one source
+    /// address (IPv6: /64) over all its connections, and the burst; a
+    /// connection whose PUBLISH finds none left is closed (MQTT 5:
+    /// DISCONNECT 0x96). Each bootstrap PUBLISH is a request the manager
+    /// answers, and a device makes a few in its life: the default lets a
+    /// fleet behind one address onboard a hundred devices a second, and
+    /// keeps one address's thousands of connections, each within its own
+    /// pace, from flooding the manager.
+    pub bootstrap_publishes_per_sec_per_source: f64,
+    pub bootstrap_publish_burst_per_source: f64,
 }
 
 impl Default for BrokerConfig {
@@ -119,6 +129,8 @@ impl Default for BrokerConfig {
             connect_burst_per_source: 5_000.0,
             publishes_per_sec_per_device: 20.0,
             publish_burst_per_device: 50.0,
+            bootstrap_publishes_per_sec_per_source: 500.0,
+            bootstrap_publish_burst_per_source: 1_000.0,
         }
     }
 }
@@ -158,6 +170,8 @@ impl BrokerConfig {
             connect_burst_per_source: self.connect_burst_per_source,
             publishes_per_sec_per_device: self.publishes_per_sec_per_device,
             publish_burst_per_device: self.publish_burst_per_device,
+            bootstrap_publishes_per_sec_per_source: self.bootstrap_publishes_per_sec_per_source,
+            bootstrap_publish_burst_per_source: self.bootstrap_publish_burst_per_source,
         }
     }
 

@@ -116,6 +116,21 @@ pub struct Limits {
     pub connect_burst_per_source: f64,
     pub publishes_per_sec_per_device: f64,
     pub publish_burst_per_device: f64,
+    pub bootstrap_publishes_per_sec_per_source: f64,
+    pub bootstrap_publish_burst_per_source: f64,
+}
+
+/// Takes a token from `key`'s bucket in `buckets` (full when new); buckets
+/// idle for a minute are dropped once there are many.
+fn take_from(buckets: &Mutex<HashMap<IpAddr, Bucket>>, key: IpAddr, rate: f64, burst: f64) -> bool {
+    let mut map = buckets.lock().unwrap_or_else(|p| p.into_inner());
+    if map.len() > 100_000 {
+        let now = tokio::time::Instant::now();
+        map.retain(|_, b| now.duration_since(b.last) < Duration::from_secs(60));
+    }
+    map.entry(key)
+        .or_insert_with(|| Bucket::full(rate, burst))
+        .take()
 }
 
 /// A token bucket: `rate` tokens a second, at most `burst`.
@@ -175,6 +190,8 @@ pub struct Shared {
     internal_slots: Arc<Semaphore>,
     next_connection: AtomicU64,
     rate: Mutex<HashMap<IpAddr, Bucket>>,
+    /// Bootstrap PUBLISHes by source (`bootstrap_publishes_per_sec_per_source`).
+    bootstrap_publishes: Mutex<HashMap<IpAddr, Bucket>>,
     /// Router client id → the connection that holds that session now.
     sessions: Mutex<HashMap<String, Holder>>,
     /// The one router link delayed Wills are published through, opened
@@ -288,6 +305,7 @@ impl Shared {
             internal_users,
             next_connection: AtomicU64::new(1),
             rate: Mutex::new(HashMap::new()),
+            bootstrap_publishes: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             will_link: tokio::sync::Mutex::new(None),
             revoked: Arc::new(RwLock::new(HashSet::new())),
@@ -392,14 +410,17 @@ impl Shared {
             self.limits.connects_per_sec_per_source,
             self.limits.connect_burst_per_source,
         );
-        let mut map = self.rate.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() > 100_000 {
-            let now = tokio::time::Instant::now();
-            map.retain(|_, b| now.duration_since(b.last) < Duration::from_secs(60));
-        }
-        map.entry(ip)
-            .or_insert_with(|| Bucket::full(rate, burst))
-            .take()
+        take_from(&self.rate, ip, rate, burst)
+    }
+
+    /// Whether the bootstrap listeners take one more PUBLISH from `source`.
+    pub(crate) fn admit_bootstrap_publish(&self, source: IpAddr) -> bool {
+        take_from(
+            &self.bootstrap_publishes,
+            evict::source_key(source),
+            self.limits.bootstrap_publishes_per_sec_per_source,
+            self.limits.bootstrap_publish_burst_per_source,
+        )
     }
 }
 
@@ -540,11 +561,19 @@ async fn connection(
             if !matches!(kind, ListenerKind::Internal) {
                 first_bytes(&stream, peer.ip(), shared, id).await?;
             }
-            session::run(stream, kind, shared.clone(), id, cut).await
+            session::run(stream, kind, shared.clone(), id, peer.ip(), cut).await
         }
         Transport::ServerTls(config) => {
             let tls = Box::pin(handshake(stream, peer.ip(), config, shared, id)).await?;
-            session::run(tls, ListenerKind::Bootstrap, shared.clone(), id, cut).await
+            session::run(
+                tls,
+                ListenerKind::Bootstrap,
+                shared.clone(),
+                id,
+                peer.ip(),
+                cut,
+            )
+            .await
         }
         Transport::MutualTls(trust) => {
             // The session is built in the block it awaits: the handshake's
@@ -574,7 +603,14 @@ async fn connection(
                 if trust.is_revoked(&cert.serial) {
                     cut.cancel();
                 }
-                session::run(tls, ListenerKind::Service(cert), shared.clone(), id, cut)
+                session::run(
+                    tls,
+                    ListenerKind::Service(cert),
+                    shared.clone(),
+                    id,
+                    peer.ip(),
+                    cut,
+                )
             }
             .await;
             drop(registered);

@@ -316,6 +316,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
     kind: ListenerKind,
     shared: Arc<Shared>,
     connection: u64,
+    source: std::net::IpAddr,
     cut: CancellationToken,
 ) -> impl std::future::Future<Output = Result<(), SessionError>> {
     let mut framed = Framed::new(stream, shared.limits.max_packet_size);
@@ -447,6 +448,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             &mut outbound,
             keep_alive,
             &shared,
+            source,
             &cut,
         )
         .await;
@@ -631,6 +633,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     outbound: &mut Outbound,
     keep_alive: Duration,
     shared: &Shared,
+    source: std::net::IpAddr,
     cut: &CancellationToken,
 ) -> Result<(DisconnectReasonCode, Option<u32>), SessionError> {
     let version = framed.version;
@@ -679,13 +682,17 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 deadline = tokio::time::Instant::now() + keep_alive;
                 match packet {
                     Packet::Publish(mut publish, mut props) => {
-                        if pace.as_mut().is_some_and(|p| !p.take()) {
+                        let too_fast = if pace.as_mut().is_some_and(|p| !p.take()) {
+                            Some("publish rate of the connection exceeded")
+                        } else if matches!(identity, Identity::Bootstrap { .. }) && !shared.admit_bootstrap_publish(source) {
+                            Some("bootstrap publish rate of the source address exceeded")
+                        } else {
+                            None
+                        };
+                        if let Some(why) = too_fast {
                             shared.metrics.publish_rate_exceeded.fetch_add(1, Ordering::Relaxed);
-                            warn!(identity = %identity.label(), "publish rate exceeded; closing");
-                            return Err(SessionError::Violation(
-                                DisconnectReasonCode::MessageRateTooHigh,
-                                "publish rate exceeded".into(),
-                            ));
+                            warn!(identity = %identity.label(), %source, "{why}; closing");
+                            return Err(SessionError::Violation(DisconnectReasonCode::MessageRateTooHigh, why.into()));
                         }
                         if version == Version::V5 {
                             aliases.route(&mut publish, props.as_mut())?;

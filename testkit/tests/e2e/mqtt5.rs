@@ -1627,3 +1627,40 @@ async fn a_device_publishing_too_fast_is_disconnected() {
     assert_eq!(disconnect_reason(&sent[at..]), 0x96);
     assert!(fleet.broker.metrics.get(|m| &m.publish_rate_exceeded) >= 1);
 }
+
+/// The bootstrap listeners take a budget of PUBLISHes from each source
+/// address over all its connections: one connection well within its own
+/// pace (30 against a burst of 50) is closed with DISCONNECT 0x96 once its
+/// address's budget (a burst of 20 here) is spent, and so is the next
+/// connection from that address.
+#[tokio::test]
+async fn an_address_spending_its_bootstrap_budget_is_disconnected() {
+    let fleet = Fleet::start_tuned(
+        |b| {
+            b.bootstrap_publishes_per_sec_per_source = 0.1;
+            b.bootstrap_publish_burst_per_source = 20.0;
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    for id in ["src1", "src2"] {
+        let topic = format!("fleet/v1/status/{id}");
+        let mut publish = vec![0x30, (2 + topic.len() + 1 + 1) as u8];
+        publish.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+        publish.extend_from_slice(topic.as_bytes());
+        publish.extend_from_slice(&[0, b'x']);
+        let mut s = raw_v5(&fleet, id).await;
+        let burst: Vec<u8> = publish
+            .iter()
+            .copied()
+            .cycle()
+            .take(publish.len() * 30)
+            .collect();
+        let _ = s.write_all(&burst).await;
+        let sent = until_closed(&mut s).await;
+        let at = sent.iter().rposition(|&b| b == 0xE0).expect("a DISCONNECT");
+        assert_eq!(disconnect_reason(&sent[at..]), 0x96, "{id}");
+    }
+    assert!(fleet.broker.metrics.get(|m| &m.publish_rate_exceeded) >= 2);
+}
