@@ -720,7 +720,14 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             publish.retain = false;
                         }
                         if let (QoS::ExactlyOnce, pkid) = publish.qos_and_pkid() {
-                            unreleased.insert(pkid);
+                            // A packet id not yet released is a resend of that
+                            // PUBLISH (MQTT 3.1.1 §4.3.3, MQTT 5 §4.3.3): the
+                            // router holds it once, and is told nothing more.
+                            if !unreleased.insert(pkid) {
+                                let again = rumqttd::protocol::PubRec { pkid, reason: rumqttd::protocol::PubRecReason::Success };
+                                framed.write(vec![Packet::PubRec(again, None)]).await?;
+                                continue;
+                            }
                             if unreleased.len() > usize::from(RECEIVE_MAXIMUM) {
                                 return Err(SessionError::Violation(
                                     DisconnectReasonCode::ReceiveMaximumExceeded,
@@ -788,9 +795,20 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         return Ok((bye.reason_code, expiry));
                     }
                     // The router takes a PUBREL only without properties.
+                    // The router releases its oldest QoS 2 PUBLISH at any
+                    // PUBREL, and ends the connection at one it holds
+                    // nothing for: only a PUBREL of a PUBLISH it holds
+                    // reaches it, and any other is completed here.
                     Packet::PubRel(pubrel, _) => {
-                        unreleased.remove(&pubrel.pkid);
-                        untold |= !send(tx, Packet::PubRel(pubrel, None))?
+                        if unreleased.remove(&pubrel.pkid) {
+                            untold |= !send(tx, Packet::PubRel(pubrel, None))?
+                        } else {
+                            let done = rumqttd::protocol::PubComp {
+                                pkid: pubrel.pkid,
+                                reason: rumqttd::protocol::PubCompReason::PacketIdentifierNotFound,
+                            };
+                            framed.write(vec![Packet::PubComp(done, None)]).await?;
+                        }
                     }
                     // Answers to the router's PUBLISHes free the client's quota.
                     ack @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {

@@ -1664,3 +1664,65 @@ async fn an_address_spending_its_bootstrap_budget_is_disconnected() {
     }
     assert!(fleet.broker.metrics.get(|m| &m.publish_rate_exceeded) >= 2);
 }
+
+/// A QoS 2 PUBLISH sent again under a packet id not yet released is the
+/// same message: answered PUBREC, held once, delivered once. A PUBREL for
+/// a packet id the broker holds nothing for is completed with PUBCOMP
+/// 0x92 and the connection goes on (the router would have released another
+/// message for it, or ended the connection).
+#[tokio::test]
+async fn qos2_resends_and_unknown_pubrels_release_nothing_twice() {
+    let fleet = Fleet::start().await.unwrap();
+    let topic = "fleet/v1/status/q2c";
+    let observer = fleet.privileged("q2c-observer").await.unwrap();
+    observer.subscribe(topic).await.unwrap();
+    let mut s = raw_v5(&fleet, "q2c").await;
+    let expect = |(first, body): (u8, Vec<u8>), kind: u8, pkid: u16, what: &str| {
+        assert_eq!(
+            (first, &body[..2]),
+            (kind, &pkid.to_be_bytes()[..]),
+            "{what}"
+        );
+        body
+    };
+    // Sent twice (the second as a resend, DUP set), released once.
+    s.write_all(&raw_publish_qos2(topic, 7, b"one"))
+        .await
+        .unwrap();
+    expect(read_async(&mut s).await, 0x50, 7, "PUBREC");
+    let mut again = raw_publish_qos2(topic, 7, b"one");
+    again[0] |= 0x08;
+    s.write_all(&again).await.unwrap();
+    expect(read_async(&mut s).await, 0x50, 7, "PUBREC of the resend");
+    s.write_all(&[0x62, 0x02, 0, 7]).await.unwrap();
+    expect(read_async(&mut s).await, 0x70, 7, "PUBCOMP");
+    // A PUBREL for nothing held.
+    s.write_all(&[0x62, 0x02, 0, 99]).await.unwrap();
+    let body = expect(
+        read_async(&mut s).await,
+        0x70,
+        99,
+        "PUBCOMP of an unknown id",
+    );
+    assert_eq!(body.get(2), Some(&0x92), "Packet Identifier not found");
+    // The connection goes on.
+    s.write_all(&raw_publish_qos2(topic, 8, b"two"))
+        .await
+        .unwrap();
+    expect(read_async(&mut s).await, 0x50, 8, "PUBREC");
+    s.write_all(&[0x62, 0x02, 0, 8]).await.unwrap();
+    expect(read_async(&mut s).await, 0x70, 8, "PUBCOMP");
+    eventually(T, "both messages at the observer", || {
+        let got: Vec<Vec<u8>> = observer.messages().into_iter().map(|m| m.payload).collect();
+        async move { got.contains(&b"two".to_vec()).then_some(got) }
+    })
+    .await
+    .map(|got| {
+        assert_eq!(
+            got.iter().filter(|p| p.as_slice() == b"one").count(),
+            1,
+            "{got:?}"
+        );
+    })
+    .unwrap();
+}
