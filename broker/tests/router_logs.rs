@@ -520,3 +520,42 @@ async fn filters_are_forgotten_on_a_busy_router() {
         "{most} filters held at once, of 4,000 made and left"
     );
 }
+
+/// A session restored on reconnect can leave a filter it subscribed to
+/// before: the router did not count a restored session among its filters'
+/// subscribers, ignored the UNSUBSCRIBE, and went on delivering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_session_can_unsubscribe() {
+    const MARK: &str = "fleet/v1/status/keeper";
+    let (_dir, broker, secret) = internal_broker();
+    let kept = || {
+        let mut options = options(&broker, &secret, "keeper");
+        options.set_clean_session(false);
+        AsyncClient::new(options, 256)
+    };
+    let (keeper, events) = kept();
+    let mut to_keeper = packets(events);
+    subscribed(&keeper, &mut to_keeper, TOPIC).await;
+    subscribed(&keeper, &mut to_keeper, MARK).await;
+    keeper.disconnect().await.unwrap();
+    tokio::time::timeout(T, async { while to_keeper.recv().await.is_some() {} })
+        .await
+        .expect("the connection never ended");
+
+    let (keeper, events) = kept();
+    let mut to_keeper = packets(events);
+    keeper.unsubscribe(TOPIC).await.unwrap();
+    next_of(&mut to_keeper, |p| {
+        matches!(p, Packet::UnsubAck(_)).then_some(())
+    })
+    .await;
+    let (publisher, mut events) = client(&broker, &secret, "publisher", false);
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    send(&publisher, TOPIC, b"after").await;
+    // A mark on a filter it still has comes after anything sent before it.
+    send(&publisher, MARK, b"mark").await;
+    assert_eq!(
+        next_of(&mut to_keeper, published).await,
+        (MARK.to_string(), b"mark".to_vec())
+    );
+}

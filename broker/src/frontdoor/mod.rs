@@ -192,6 +192,9 @@ pub struct Shared {
     rate: Mutex<HashMap<IpAddr, Bucket>>,
     /// Bootstrap PUBLISHes by source (`bootstrap_publishes_per_sec_per_source`).
     bootstrap_publishes: Mutex<HashMap<IpAddr, Bucket>>,
+    /// The filters of each session the router keeps past its connection
+    /// (router client id → filters), counted again when it comes back.
+    kept_subscriptions: Mutex<HashMap<String, HashSet<String>>>,
     /// Router client id → the connection that holds that session now.
     sessions: Mutex<HashMap<String, Holder>>,
     /// The one router link delayed Wills are published through, opened
@@ -306,6 +309,7 @@ impl Shared {
             next_connection: AtomicU64::new(1),
             rate: Mutex::new(HashMap::new()),
             bootstrap_publishes: Mutex::new(HashMap::new()),
+            kept_subscriptions: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             will_link: tokio::sync::Mutex::new(None),
             revoked: Arc::new(RwLock::new(HashSet::new())),
@@ -411,6 +415,32 @@ impl Shared {
             self.limits.connect_burst_per_source,
         );
         take_from(&self.rate, ip, rate, burst)
+    }
+
+    /// The filters a session held when its last connection ended, if the
+    /// router kept it (`clean` false); a clean session starts with none,
+    /// and the router forgets what was kept.
+    pub(crate) fn kept_subscriptions(&self, router_id: &str, clean: bool) -> HashSet<String> {
+        let mut kept = self
+            .kept_subscriptions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let held = kept.remove(router_id);
+        if clean {
+            HashSet::new()
+        } else {
+            held.unwrap_or_default()
+        }
+    }
+
+    /// Keeps a session's filters for its next connection.
+    pub(crate) fn keep_subscriptions(&self, router_id: String, filters: HashSet<String>) {
+        if !filters.is_empty() {
+            self.kept_subscriptions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(router_id, filters);
+        }
     }
 
     /// Whether the bootstrap listeners take one more PUBLISH from `source`.

@@ -440,6 +440,9 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
         framed.write_stall = keep_alive.min(MAX_WRITE_STALL);
         framed.cut = cut.clone();
         let mut outbound = Outbound::new(receive_max, max_packet);
+        // A session the router keeps comes back with its filters: they
+        // count towards the limit again.
+        let mut subscribed = shared.kept_subscriptions(&router_id, clean);
         let result = serve(
             &mut framed,
             &identity,
@@ -449,9 +452,13 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             keep_alive,
             &shared,
             source,
+            &mut subscribed,
             &cut,
         )
         .await;
+        if !clean {
+            shared.keep_subscriptions(router_id.clone(), subscribed);
+        }
         // A newer connection of the same identity has claimed the session:
         // the router has dropped this connection's link, whatever ended it
         // here (the router's close, or a read error that came first).
@@ -634,6 +641,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     keep_alive: Duration,
     shared: &Shared,
     source: std::net::IpAddr,
+    subscribed: &mut HashSet<String>,
     cut: &CancellationToken,
 ) -> Result<(DisconnectReasonCode, Option<u32>), SessionError> {
     let version = framed.version;
@@ -646,7 +654,6 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut unreleased: HashSet<u16> = HashSet::new();
     // The filters it holds (not counted for the manager).
     let manager = matches!(identity, Identity::Manager { .. });
-    let mut subscribed: HashSet<String> = HashSet::new();
     let mut complaints = Complaints(0);
     // Devices' PUBLISHes are paced; providers' and the manager's are not.
     let mut pace = matches!(

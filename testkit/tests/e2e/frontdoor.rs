@@ -1525,3 +1525,62 @@ async fn a_provider_holds_at_most_a_thousand_filters() {
     .await
     .unwrap();
 }
+
+/// A session the router keeps past its connection (clean session off)
+/// comes back with its filters, and they count towards the 1,000 again: a
+/// provider cannot add a thousand more with every reconnect.
+#[tokio::test]
+async fn a_kept_session_counts_its_filters_when_it_comes_back() {
+    let fleet = Fleet::start().await.unwrap();
+    let root = std::fs::read(fleet.certs_dir().join("root-ca.pem")).unwrap();
+    let (_, _, chain, key) = provider_add(&fleet, "keeps", "svcA").await;
+    let addr = fleet.service_addr();
+    let options = || {
+        let mut o = rumqttc::MqttOptions::new("provider.keeps", "localhost", addr.port());
+        o.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Simple {
+            ca: root.clone(),
+            alpn: None,
+            client_auth: Some((chain.clone(), key.clone())),
+        }));
+        o.set_clean_session(false);
+        o
+    };
+    let live_before = fleet.broker.metrics.get(|m| &m.live);
+    let first = Probe::connect(options()).await.unwrap();
+    for batch in 0..10 {
+        let before = first.subacks.lock().unwrap().len();
+        let filters = (0..100).map(|i| {
+            rumqttc::SubscribeFilter::new(
+                format!("/tenants/svcA/telemetry/d{}", batch * 100 + i),
+                rumqttc::QoS::AtLeastOnce,
+            )
+        });
+        first.client.subscribe_many(filters).await.unwrap();
+        let codes = eventually(T, "the SUBACK", || {
+            let acks = first.subacks.lock().unwrap().clone();
+            async move { (acks.len() > before).then(|| acks.last().cloned().unwrap()) }
+        })
+        .await
+        .unwrap();
+        assert!(
+            !codes.contains(&SubscribeReasonCode::Failure),
+            "batch {batch}"
+        );
+    }
+    first.client.disconnect().await.unwrap();
+    drop(first);
+    eventually(T, "the first connection to end", || {
+        let live = fleet.broker.metrics.get(|m| &m.live);
+        async move { (live <= live_before).then_some(()) }
+    })
+    .await
+    .unwrap();
+    let second = Probe::connect(options()).await.unwrap();
+    assert_eq!(
+        codes(&second, "/tenants/svcA/telemetry/d5000").await,
+        [SubscribeReasonCode::Failure]
+    );
+    assert!(!codes(&second, "/tenants/svcA/telemetry/d7")
+        .await
+        .contains(&SubscribeReasonCode::Failure));
+}

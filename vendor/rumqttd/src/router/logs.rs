@@ -84,6 +84,9 @@ pub struct DataLog {
     readers_left: bool,
     /// fleetshift: filters made since the last trim.
     created: usize,
+    /// fleetshift: a reader read since the last trim, so one that was
+    /// behind may have caught up.
+    read_since_trim: std::cell::Cell<bool>,
 }
 
 /// fleetshift: the filters made after which the logs are trimmed, at
@@ -136,6 +139,7 @@ impl DataLog {
             filter_count: Arc::default(),
             readers_left: false,
             created: 0,
+            read_since_trim: std::cell::Cell::new(false),
         })
     }
 
@@ -152,11 +156,17 @@ impl DataLog {
         self.held.clone()
     }
 
-    /// fleetshift: whether a trim may drop something: the logs held
-    /// something at the last one (a reader then behind may have read it
-    /// since), or something was appended.
+    /// fleetshift: whether a trim may drop something: something was
+    /// appended, a subscription ended or a filter was made, or the logs
+    /// held something at the last trim and a reader has read since (one
+    /// then behind may have caught up). A reader that stays behind, a saved
+    /// session that never returns, say, does not wake the router every
+    /// second.
     pub fn trim_pending(&self) -> bool {
-        self.appended > 0 || self.held.load(Ordering::Relaxed) > 0 || self.readers_left
+        self.appended > 0
+            || self.readers_left
+            || self.created > 0
+            || (self.held.load(Ordering::Relaxed) > 0 && self.read_since_trim.get())
     }
 
     /// fleetshift: a subscription ended; the next trim looks for filters
@@ -195,6 +205,7 @@ impl DataLog {
         self.appended = 0;
         self.readers_left = false;
         self.created = 0;
+        self.read_since_trim.set(false);
         let (mut dropped, mut held) = (0, 0);
         let mut unread = Vec::new();
         for (idx, data) in self.native.iter_mut() {
@@ -352,6 +363,7 @@ impl DataLog {
         // `next_native_offset` which creates a new commitlog if one doesn't exist. So any new
         // reads will definitely happen on a valid filter.
         let data = self.native.get(filter_idx).unwrap();
+        self.read_since_trim.set(true); // fleetshift
         let mut o = Vec::new();
         // TODO: `readv` is infallible but its current return type does not
         // reflect that. Consequently, this method is also infallible.

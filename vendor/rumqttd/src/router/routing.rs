@@ -492,6 +492,16 @@ impl Router {
         assert_eq!(self.ibufs.insert(incoming), connection_id);
         assert_eq!(self.obufs.insert(outgoing), connection_id);
 
+        // fleetshift: a restored session's subscriptions are its again in
+        // `subscription_map` (they were not, and an UNSUBSCRIBE of one was
+        // ignored: the router answered nothing and went on delivering).
+        for filter in self.connections[connection_id].subscriptions.iter() {
+            self.subscription_map
+                .entry(filter.clone())
+                .or_default()
+                .insert(connection_id);
+        }
+
         self.connection_map.insert(client_id.clone(), connection_id);
         info!(connection_id, "Client connection registered");
 
