@@ -50,6 +50,13 @@ fn options(broker: &RunningBroker, secret: &str, id: &str) -> MqttOptions {
     options
 }
 
+/// A client whose session the router keeps past its connection.
+fn keeping(broker: &RunningBroker, secret: &str, id: &str) -> (AsyncClient, rumqttc::EventLoop) {
+    let mut options = options(broker, secret, id);
+    options.set_clean_session(false);
+    AsyncClient::new(options, 256)
+}
+
 fn client(
     broker: &RunningBroker,
     secret: &str,
@@ -217,11 +224,7 @@ async fn the_router_drops_what_every_subscriber_has_read_and_keeps_what_one_has_
 async fn an_offline_session_that_keeps_state_gets_every_message_sent_meanwhile() {
     let (_dir, broker, secret) = internal_broker();
 
-    let kept = || {
-        let mut options = options(&broker, &secret, "keeper");
-        options.set_clean_session(false);
-        AsyncClient::new(options, 256)
-    };
+    let kept = || keeping(&broker, &secret, "keeper");
     let (keeper, events) = kept();
     let mut to_keeper = subscribe(&keeper, events).await;
     let (reader, events) = client(&broker, &secret, "reader", false);
@@ -528,11 +531,7 @@ async fn filters_are_forgotten_on_a_busy_router() {
 async fn a_restored_session_can_unsubscribe() {
     const MARK: &str = "fleet/v1/status/keeper";
     let (_dir, broker, secret) = internal_broker();
-    let kept = || {
-        let mut options = options(&broker, &secret, "keeper");
-        options.set_clean_session(false);
-        AsyncClient::new(options, 256)
-    };
+    let kept = || keeping(&broker, &secret, "keeper");
     let (keeper, events) = kept();
     let mut to_keeper = packets(events);
     subscribed(&keeper, &mut to_keeper, TOPIC).await;

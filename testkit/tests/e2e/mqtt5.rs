@@ -1601,6 +1601,27 @@ async fn qos2_publishes_not_released_are_capped_at_the_receive_maximum() {
     assert_eq!(disconnect_reason(&until_closed(&mut s).await), 0x93);
 }
 
+/// Sends `n` QoS 0 PUBLISHes of one byte to `topic` at once and reads until
+/// the broker closes; returns the reason code of its DISCONNECT.
+async fn publish_until_closed(s: &mut tokio::net::TcpStream, topic: &str, n: usize) -> u8 {
+    let mut publish = vec![0x30, (2 + topic.len() + 1 + 1) as u8];
+    publish.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    publish.extend_from_slice(topic.as_bytes());
+    publish.extend_from_slice(&[0, b'x']);
+    let burst: Vec<u8> = publish
+        .iter()
+        .copied()
+        .cycle()
+        .take(publish.len() * n)
+        .collect();
+    // The broker may close before it has read all of them.
+    let _ = s.write_all(&burst).await;
+    let sent = until_closed(s).await;
+    // Error replies from the manager may come first; the DISCONNECT ends it.
+    let at = sent.iter().rposition(|&b| b == 0xE0).expect("a DISCONNECT");
+    disconnect_reason(&sent[at..])
+}
+
 /// A device connection publishing faster than its pace (a burst of 50,
 /// then 20 a second) is closed with DISCONNECT 0x96: a flood of requests
 /// would keep the manager from answering anyone else.
@@ -1608,23 +1629,10 @@ async fn qos2_publishes_not_released_are_capped_at_the_receive_maximum() {
 async fn a_device_publishing_too_fast_is_disconnected() {
     let fleet = Fleet::start().await.unwrap();
     let mut s = raw_v5(&fleet, "fast1").await;
-    let topic = b"fleet/v1/status/fast1";
-    let mut publish = vec![0x30, (2 + topic.len() + 1 + 1) as u8];
-    publish.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    publish.extend_from_slice(topic);
-    publish.extend_from_slice(&[0, b'x']);
-    let burst: Vec<u8> = publish
-        .iter()
-        .copied()
-        .cycle()
-        .take(publish.len() * 200)
-        .collect();
-    // The broker may close before it has read all of them.
-    let _ = s.write_all(&burst).await;
-    let sent = until_closed(&mut s).await;
-    // Error replies from the manager may come first; the DISCONNECT ends it.
-    let at = sent.iter().rposition(|&b| b == 0xE0).expect("a DISCONNECT");
-    assert_eq!(disconnect_reason(&sent[at..]), 0x96);
+    assert_eq!(
+        publish_until_closed(&mut s, "fleet/v1/status/fast1", 200).await,
+        0x96
+    );
     assert!(fleet.broker.metrics.get(|m| &m.publish_rate_exceeded) >= 1);
 }
 
@@ -1645,22 +1653,9 @@ async fn an_address_spending_its_bootstrap_budget_is_disconnected() {
     .await
     .unwrap();
     for id in ["src1", "src2"] {
-        let topic = format!("fleet/v1/status/{id}");
-        let mut publish = vec![0x30, (2 + topic.len() + 1 + 1) as u8];
-        publish.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-        publish.extend_from_slice(topic.as_bytes());
-        publish.extend_from_slice(&[0, b'x']);
         let mut s = raw_v5(&fleet, id).await;
-        let burst: Vec<u8> = publish
-            .iter()
-            .copied()
-            .cycle()
-            .take(publish.len() * 30)
-            .collect();
-        let _ = s.write_all(&burst).await;
-        let sent = until_closed(&mut s).await;
-        let at = sent.iter().rposition(|&b| b == 0xE0).expect("a DISCONNECT");
-        assert_eq!(disconnect_reason(&sent[at..]), 0x96, "{id}");
+        let topic = format!("fleet/v1/status/{id}");
+        assert_eq!(publish_until_closed(&mut s, &topic, 30).await, 0x96, "{id}");
     }
     assert!(fleet.broker.metrics.get(|m| &m.publish_rate_exceeded) >= 2);
 }
