@@ -192,6 +192,9 @@ pub struct Shared {
     rate: Mutex<HashMap<IpAddr, Bucket>>,
     /// Bootstrap PUBLISHes by source (`bootstrap_publishes_per_sec_per_source`).
     bootstrap_publishes: Mutex<HashMap<IpAddr, Bucket>>,
+    /// Internal-listener connections that have not authenticated yet, by
+    /// connection id (oldest first), each with the token that closes it.
+    internal_unauthenticated: Mutex<std::collections::BTreeMap<u64, CancellationToken>>,
     /// The filters of each session the router keeps past its connection
     /// (router client id → filters), counted again when it comes back.
     kept_subscriptions: Mutex<HashMap<String, HashSet<String>>>,
@@ -310,6 +313,7 @@ impl Shared {
             rate: Mutex::new(HashMap::new()),
             bootstrap_publishes: Mutex::new(HashMap::new()),
             kept_subscriptions: Mutex::new(HashMap::new()),
+            internal_unauthenticated: Mutex::new(Default::default()),
             sessions: Mutex::new(HashMap::new()),
             will_link: tokio::sync::Mutex::new(None),
             revoked: Arc::new(RwLock::new(HashSet::new())),
@@ -417,6 +421,37 @@ impl Shared {
         take_from(&self.rate, ip, rate, burst)
     }
 
+    /// Counts internal connection `id` as not yet authenticated; the token
+    /// closes it if the listener needs its slot first.
+    fn unauthenticated_internal(&self, id: u64) -> CancellationToken {
+        let token = CancellationToken::new();
+        self.internal_unauthenticated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, token.clone());
+        token
+    }
+
+    /// Internal connection `id` authenticated, or ended: it is no longer
+    /// closed for others.
+    pub(crate) fn internal_settled(&self, id: u64) {
+        self.internal_unauthenticated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    /// Closes the oldest internal connection that has not authenticated;
+    /// false if there is none.
+    fn evict_unauthenticated_internal(&self) -> bool {
+        let oldest = self
+            .internal_unauthenticated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_first();
+        oldest.map(|(_, token)| token.cancel()).is_some()
+    }
+
     /// The filters a session held when its last connection ended, if the
     /// router kept it (`clean` false); a clean session starts with none,
     /// and the router forgets what was kept.
@@ -460,6 +495,11 @@ impl Shared {
 struct Held {
     slots: Slots,
     metrics: Arc<Metrics>,
+    /// On the internal listener: the connection's id, and the token that
+    /// closes it if the listener needs its slot before it authenticates
+    /// (registered as the slot is taken, so a full listener always finds
+    /// whom to close).
+    internal: Option<(u64, CancellationToken)>,
 }
 
 /// The slots a connection holds: one of its listener's pool, and on a
@@ -472,7 +512,18 @@ type Slots = (
 impl Held {
     fn new(slots: Slots, metrics: Arc<Metrics>) -> Held {
         metrics.live.fetch_add(1, Ordering::Relaxed);
-        Held { slots, metrics }
+        Held {
+            slots,
+            metrics,
+            internal: None,
+        }
+    }
+
+    /// An internal-listener connection, counted as not yet authenticated.
+    fn internal(mut self, shared: &Shared) -> Held {
+        let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
+        self.internal = Some((id, shared.unauthenticated_internal(id)));
+        self
     }
 }
 
@@ -526,13 +577,37 @@ pub async fn serve(
             continue;
         }
         let Some(slots) = shared.slots_for(&transport) else {
+            // The internal listener full: its oldest connection that has not
+            // authenticated is closed, and this one waits for the slot, so
+            // silent connections cannot keep the manager out.
+            if matches!(transport, Transport::Plain(ListenerKind::Internal))
+                && shared.evict_unauthenticated_internal()
+            {
+                let (shared, transport, stop) = (shared.clone(), transport.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let pool = shared.internal_slots.clone();
+                    let waited =
+                        tokio::time::timeout(shared.limits.connect_timeout, pool.acquire_owned());
+                    if let Ok(Ok(slot)) = waited.await {
+                        let held =
+                            Held::new((Some(slot), None), shared.metrics.clone()).internal(&shared);
+                        shared.metrics.accepted.fetch_add(1, Ordering::Release);
+                        Box::pin(connection_task(stream, peer, transport, shared, stop, held))
+                            .await;
+                    }
+                });
+                continue;
+            }
             shared.metrics.over_capacity.fetch_add(1, Ordering::Relaxed);
             warn!(%peer, listener = transport.name(), "connection limit reached");
             continue;
         };
         // Live from the moment the slot is taken, so a connection that
         // holds a slot always counts; counted as accepted after that.
-        let held = Held::new(slots, shared.metrics.clone());
+        let mut held = Held::new(slots, shared.metrics.clone());
+        if matches!(transport, Transport::Plain(ListenerKind::Internal)) {
+            held = held.internal(&shared);
+        }
         shared.metrics.accepted.fetch_add(1, Ordering::Release);
         let task = connection_task(
             stream,
@@ -561,8 +636,9 @@ async fn connection_task(
     stop: CancellationToken,
     held: Held,
 ) {
+    let internal = held.internal.clone();
     let _held = held;
-    if let Err(err) = connection(stream, peer, transport, &shared, stop).await {
+    if let Err(err) = connection(stream, peer, transport, &shared, stop, internal).await {
         debug!(%peer, error = %err, "connection ended");
     }
 }
@@ -580,8 +656,12 @@ async fn connection(
     transport: Transport,
     shared: &Arc<Shared>,
     stop: CancellationToken,
+    internal: Option<(u64, CancellationToken)>,
 ) -> Result<(), session::SessionError> {
-    let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
+    let id = match &internal {
+        Some((id, _)) => *id,
+        None => shared.next_connection.fetch_add(1, Ordering::Relaxed),
+    };
     let cut = stop.child_token();
     // Handshakes are boxed: their state (over 4 KiB) is needed only until
     // they end, and in this future it would stay for the connection's life.
@@ -590,8 +670,18 @@ async fn connection(
             // The manager's listener is loopback only, and password-checked.
             if !matches!(kind, ListenerKind::Internal) {
                 first_bytes(&stream, peer.ip(), shared, id).await?;
+                return session::run(stream, kind, shared.clone(), id, peer.ip(), cut).await;
             }
-            session::run(stream, kind, shared.clone(), id, peer.ip(), cut).await
+            // Closed for a newer connection while it has not authenticated.
+            let evicted = internal.map(|(_, token)| token).unwrap_or_default();
+            let ran = tokio::select! {
+                ran = session::run(stream, kind, shared.clone(), id, peer.ip(), cut) => ran,
+                _ = evicted.cancelled() => Err(session::SessionError::Refused(
+                    "closed for a newer connection before it authenticated".into(),
+                )),
+            };
+            shared.internal_settled(id);
+            ran
         }
         Transport::ServerTls(config) => {
             let tls = Box::pin(handshake(stream, peer.ip(), config, shared, id)).await?;

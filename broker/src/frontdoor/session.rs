@@ -361,6 +361,9 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             Will::new(w, will_properties)
         });
         let label = identity.label();
+        if matches!(identity, Identity::Manager { .. }) {
+            shared.internal_settled(connection);
+        }
         // MQTT 5 keeps a session past the connection only with a Session
         // Expiry Interval; bootstrap sessions are always clean: a claimed
         // identity keeps nothing.

@@ -1584,3 +1584,41 @@ async fn a_kept_session_counts_its_filters_when_it_comes_back() {
         .await
         .contains(&SubscribeReasonCode::Failure));
 }
+
+/// Silent connections cannot keep the manager out of the internal
+/// listener: when its slots are full, the oldest connection that has not
+/// authenticated is closed and the new one takes its slot.
+#[tokio::test]
+async fn silent_connections_keep_no_manager_out_of_the_internal_listener() {
+    let fleet = Fleet::start_tuned(
+        |b| {
+            b.max_internal_connections = 4;
+            // Silent connections would hold their slots for the whole test.
+            b.connect_timeout_ms = 120_000;
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let mut silent = Vec::new();
+    for _ in 0..10 {
+        silent.push(
+            tokio::net::TcpStream::connect(fleet.broker.internal_addr)
+                .await
+                .unwrap(),
+        );
+    }
+    // Every slot but the manager's is held by a connection that said nothing.
+    eventually(T, "the silent connections to take the slots", || {
+        let live = fleet.broker.metrics.get(|m| &m.live);
+        async move { (live >= 4).then_some(()) }
+    })
+    .await
+    .unwrap();
+    // As the manager does, a client refused tries again.
+    eventually(T, "the manager's credentials to get in", || async {
+        fleet.privileged("operator-probe").await.ok()
+    })
+    .await
+    .unwrap();
+}
