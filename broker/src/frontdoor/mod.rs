@@ -441,6 +441,15 @@ impl Shared {
             .remove(&id);
     }
 
+    /// Whether an internal connection has not authenticated yet.
+    fn has_unauthenticated_internal(&self) -> bool {
+        !self
+            .internal_unauthenticated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
     /// Closes the oldest internal connection that has not authenticated;
     /// false if there is none.
     fn evict_unauthenticated_internal(&self) -> bool {
@@ -581,14 +590,26 @@ pub async fn serve(
             // authenticated is closed, and this one waits for the slot, so
             // silent connections cannot keep the manager out.
             if matches!(transport, Transport::Plain(ListenerKind::Internal))
-                && shared.evict_unauthenticated_internal()
+                && shared.has_unauthenticated_internal()
             {
                 let (shared, transport, stop) = (shared.clone(), transport.clone(), stop.clone());
                 tokio::spawn(async move {
                     let pool = shared.internal_slots.clone();
-                    let waited =
-                        tokio::time::timeout(shared.limits.connect_timeout, pool.acquire_owned());
-                    if let Ok(Ok(slot)) = waited.await {
+                    let mut acquire = Box::pin(pool.acquire_owned());
+                    // In the semaphore's queue before the slot is freed, so
+                    // that it comes here and not to whoever connects next.
+                    let first = std::future::poll_fn(|cx| {
+                        std::task::Poll::Ready(std::future::Future::poll(acquire.as_mut(), cx))
+                    })
+                    .await;
+                    let waited = match first {
+                        std::task::Poll::Ready(slot) => Ok(slot),
+                        std::task::Poll::Pending => {
+                            shared.evict_unauthenticated_internal();
+                            tokio::time::timeout(shared.limits.connect_timeout, acquire).await
+                        }
+                    };
+                    if let Ok(Ok(slot)) = waited {
                         let held =
                             Held::new((Some(slot), None), shared.metrics.clone()).internal(&shared);
                         shared.metrics.accepted.fetch_add(1, Ordering::Release);
