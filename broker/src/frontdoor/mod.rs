@@ -610,11 +610,8 @@ pub async fn serve(
                         }
                     };
                     if let Ok(Ok(slot)) = waited {
-                        let held =
-                            Held::new((Some(slot), None), shared.metrics.clone()).internal(&shared);
-                        shared.metrics.accepted.fetch_add(1, Ordering::Release);
-                        Box::pin(connection_task(stream, peer, transport, shared, stop, held))
-                            .await;
+                        let slots = (Some(slot), None);
+                        accepted(stream, peer, transport, shared, stop, slots).await;
                     }
                 });
                 continue;
@@ -623,26 +620,38 @@ pub async fn serve(
             warn!(%peer, listener = transport.name(), "connection limit reached");
             continue;
         };
-        // Live from the moment the slot is taken, so a connection that
-        // holds a slot always counts; counted as accepted after that.
-        let mut held = Held::new(slots, shared.metrics.clone());
-        if matches!(transport, Transport::Plain(ListenerKind::Internal)) {
-            held = held.internal(&shared);
-        }
-        shared.metrics.accepted.fetch_add(1, Ordering::Release);
-        let task = connection_task(
+        let task = accepted(
             stream,
             peer,
             transport.clone(),
             shared.clone(),
             stop.clone(),
-            held,
+            slots,
         );
-        // Boxed: the connection's future is about 7 KB, and spawning it
-        // unboxed copied it some eight times per connect (a copy for each
-        // layer of `spawn`, and again when the task finished).
-        tokio::spawn(Box::pin(task));
+        tokio::spawn(task);
     }
+}
+
+/// Counts a connection that holds `slots` as accepted, and returns its task.
+fn accepted(
+    stream: TcpStream,
+    peer: SocketAddr,
+    transport: Transport,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    slots: Slots,
+) -> std::pin::Pin<Box<impl std::future::Future<Output = ()>>> {
+    // Live from the moment the slot is taken, so a connection that holds a
+    // slot always counts; counted as accepted after that.
+    let mut held = Held::new(slots, shared.metrics.clone());
+    if matches!(transport, Transport::Plain(ListenerKind::Internal)) {
+        held = held.internal(&shared);
+    }
+    shared.metrics.accepted.fetch_add(1, Ordering::Release);
+    // Boxed: the connection's future is about 7 KB, and spawning it unboxed
+    // copied it some eight times per connect (a copy for each layer of
+    // `spawn`, and again when the task finished).
+    Box::pin(connection_task(stream, peer, transport, shared, stop, held))
 }
 
 /// The task of one accepted connection, to its end.

@@ -87,12 +87,6 @@ impl SessionError {
 /// How long a closing connection gets to take the broker's last word.
 const FAREWELL: Duration = Duration::from_secs(2);
 
-/// The QoS (as its number) and packet id of a PUBLISH.
-fn qos_and_pkid(publish: &Publish) -> (u8, u16) {
-    let (qos, pkid) = publish.qos_and_pkid();
-    (qos as u8, pkid)
-}
-
 /// QoS 2 PUBLISHes a client may have sent and not yet released (PUBREL);
 /// announced as Receive Maximum in an MQTT 5 CONNACK. The router keeps each
 /// until its release, so without a bound one connection could fill the
@@ -361,7 +355,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             Will::new(w, will_properties)
         });
         let label = identity.label();
-        if matches!(identity, Identity::Manager { .. }) {
+        if manager {
             shared.internal_settled(connection);
         }
         // MQTT 5 keeps a session past the connection only with a Session
@@ -711,7 +705,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         if !granted {
                             shared.metrics.refused_publishes.fetch_add(1, Ordering::Relaxed);
                             let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-                            let (qos, pkid) = qos_and_pkid(&publish);
+                            let (qos, pkid) = publish.qos_and_pkid();
+                            let qos = qos as u8;
                             match version.refused_publish(qos, pkid) {
                                 Some(answer) => {
                                     refusal!(complaints, identity, identity = %identity.label(), topic, qos, "publish refused");
@@ -726,7 +721,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         }
                         // topics.md: retain is always false. Only the
                         // manager may leave a retained message behind.
-                        if !matches!(identity, Identity::Manager { .. }) {
+                        if !manager {
                             publish.retain = false;
                         }
                         if let (QoS::ExactlyOnce, pkid) = publish.qos_and_pkid() {

@@ -207,19 +207,20 @@ impl DataLog {
         self.created = 0;
         self.read_since_trim.set(false);
         let (mut dropped, mut held) = (0, 0);
-        let mut unread = Vec::new();
+        let mut gone = std::collections::HashSet::new();
         for (idx, data) in self.native.iter_mut() {
             match upto.get(&idx) {
                 Some(&offset) => {
                     dropped += data.log.trim_read(offset);
                     held += data.log.size();
                 }
-                None => unread.push(idx),
+                None => {
+                    gone.insert(idx);
+                }
             }
         }
-        if !unread.is_empty() {
-            let gone: std::collections::HashSet<FilterIdx> = unread.iter().copied().collect();
-            for idx in unread {
+        if !gone.is_empty() {
+            for &idx in &gone {
                 let data = self.native.remove(idx);
                 dropped += data.log.size();
                 self.filter_indexes.remove(&data.filter);
@@ -234,18 +235,6 @@ impl DataLog {
         self.filter_count
             .store(self.native.len() as u64, Ordering::Relaxed);
         dropped
-    }
-
-    /// fleetshift: the filters the router holds, for tests and metrics.
-    pub fn filters(&self) -> usize {
-        self.native.len()
-    }
-
-    /// fleetshift: the entries each filter's log holds, for tests.
-    #[cfg(test)]
-    pub fn held(&self, filter: &str) -> Option<u64> {
-        let data = self.native.get(*self.filter_indexes.get(filter)?)?;
-        Some(data.log.held_entries())
     }
 
     pub fn meter(&mut self, filter: &str) -> Option<&mut SubscriptionMeter> {
