@@ -67,6 +67,12 @@ const SERIES: &[Series] = &[
     ),
     (
         "counter",
+        "tls_tickets_withheld_total",
+        "Session tickets not given to a certificate that left its last two unused (it is given one at one connect in 16 until it resumes).",
+        |m| &m.tickets_withheld,
+    ),
+    (
+        "counter",
         "certificates_not_granted_total",
         "Client certificates refused because the registry grants their device no such service.",
         |m| &m.not_granted,

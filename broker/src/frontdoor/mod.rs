@@ -61,6 +61,9 @@ pub struct Metrics {
     /// Client chains not verified again: the same leaf's chain had
     /// verified under the CAs loaded now.
     pub chains_recalled: AtomicU64,
+    /// Session tickets not given: the certificate left its last ones
+    /// unused.
+    pub tickets_withheld: AtomicU64,
     /// Client certificates valid in themselves whose (device, service) the
     /// registry does not grant.
     pub not_granted: AtomicU64,

@@ -186,7 +186,11 @@ impl Trust {
         let tickets = if tickets {
             let keys = rustls::crypto::aws_lc_rs::Ticketer::new()
                 .map_err(|e| BrokerError::Tls(format!("session tickets: {e}")))?;
-            Some(Arc::new(TicketGate::new(keys, verifier.clone())))
+            Some(Arc::new(TicketGate::new(
+                keys,
+                verifier.clone(),
+                metrics.clone(),
+            )))
         } else {
             None
         };
@@ -480,24 +484,93 @@ fn finish(mut config: ServerConfig, tickets: Option<Arc<TicketGate>>) -> Configs
 /// certificate, and gets the same alert as without a ticket. A ticket
 /// that failed once is not checked again (a ClientHello may offer the same
 /// one many times over).
+///
+/// A certificate whose last [`UNUSED_TICKETS_MAX`] tickets went unused
+/// (it made a full handshake each time since) is given a ticket at one
+/// connect in [`TICKET_PROBE_EVERY`] only, until it resumes again. Many
+/// TLS clients (OpenSSL's without a session cache among them) ask for
+/// tickets and never use one; each costs the broker about 0.01 ms of CPU
+/// and the device some 1.3 KB of downlink at every connect. A client that
+/// does resume gets one at every connect.
 #[derive(Debug)]
 pub struct TicketGate {
     keys: Arc<dyn ProducesTickets>,
     verifier: Arc<RwLock<Arc<ClientVerifier>>>,
+    metrics: Arc<Metrics>,
     /// SHA-256 of each ticket that failed, up to [`REFUSED_TICKETS_MAX`].
     refused: Mutex<HashSet<[u8; 32]>>,
+    /// By SHA-256 of the leaf certificate, up to [`TICKET_USES_MAX`].
+    uses: Mutex<HashMap<[u8; 32], TicketUses>>,
 }
 
 /// At most this many failed tickets are remembered; past it, all are
 /// forgotten.
 const REFUSED_TICKETS_MAX: usize = 10_000;
 
+/// Tickets in a row a certificate may leave unused before it is given
+/// fewer.
+const UNUSED_TICKETS_MAX: u8 = 2;
+
+/// A certificate that leaves its tickets unused is given one at this many
+/// connects, in case its client has started to resume.
+const TICKET_PROBE_EVERY: u8 = 16;
+
+/// At most this many certificates' ticket use is remembered; past it, all
+/// is forgotten (every certificate is given tickets again).
+const TICKET_USES_MAX: usize = 100_000;
+
+/// One certificate's tickets since it last resumed.
+#[derive(Debug, Default)]
+struct TicketUses {
+    /// Tickets given since its last resumption.
+    given: u8,
+    /// Tickets withheld since then.
+    withheld: u8,
+}
+
 impl TicketGate {
-    fn new(keys: Arc<dyn ProducesTickets>, verifier: Arc<RwLock<Arc<ClientVerifier>>>) -> Self {
+    fn new(
+        keys: Arc<dyn ProducesTickets>,
+        verifier: Arc<RwLock<Arc<ClientVerifier>>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         TicketGate {
             keys,
             verifier,
+            metrics,
             refused: Mutex::new(HashSet::new()),
+            uses: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether the connection whose session is `plain` is given a ticket;
+    /// counts it either way.
+    fn wanted(&self, plain: &[u8]) -> bool {
+        let Some(leaf) =
+            read_ticket(plain).and_then(|t| t.chain.first().map(|c| openssl::sha::sha256(c)))
+        else {
+            return true;
+        };
+        let mut uses = self.uses.lock().unwrap_or_else(|p| p.into_inner());
+        if uses.len() >= TICKET_USES_MAX && !uses.contains_key(&leaf) {
+            uses.clear();
+        }
+        let u = uses.entry(leaf).or_default();
+        if u.given < UNUSED_TICKETS_MAX {
+            u.given += 1;
+            return true;
+        }
+        u.withheld = u.withheld.wrapping_add(1);
+        u.withheld % TICKET_PROBE_EVERY == 0
+    }
+
+    /// The certificate of the session `plain` has resumed with a ticket.
+    fn used(&self, plain: &[u8]) {
+        if let Some(leaf) =
+            read_ticket(plain).and_then(|t| t.chain.first().map(|c| openssl::sha::sha256(c)))
+        {
+            let mut uses = self.uses.lock().unwrap_or_else(|p| p.into_inner());
+            uses.remove(&leaf);
         }
     }
 
@@ -552,13 +625,22 @@ impl ProducesTickets for TicketGate {
     }
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        if !self.wanted(plain) {
+            self.metrics
+                .tickets_withheld
+                .fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
         self.keys.encrypt(plain)
     }
 
     fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
         let plain = self.keys.decrypt(cipher)?;
         match self.admits(cipher, &plain) {
-            Ok(()) => Some(plain),
+            Ok(()) => {
+                self.used(&plain);
+                Some(plain)
+            }
             Err(why) => {
                 debug!(reason = %why, "session ticket not taken");
                 None
@@ -1220,7 +1302,11 @@ mod tests {
             inner: rustls::crypto::aws_lc_rs::Ticketer::new().unwrap(),
             seen: Mutex::new(Vec::new()),
         });
-        let gate = TicketGate::new(recording.clone(), Arc::new(RwLock::new(verifier.clone())));
+        let gate = TicketGate::new(
+            recording.clone(),
+            Arc::new(RwLock::new(verifier.clone())),
+            Arc::new(Metrics::default()),
+        );
         let server = build_config(dir, verifier, Some(Arc::new(gate))).unwrap();
         let mut roots = rustls::RootCertStore::empty();
         roots
@@ -1289,6 +1375,63 @@ mod tests {
             }
         }
         panic!("handshake did not finish");
+    }
+
+    #[test]
+    fn a_certificate_that_leaves_its_tickets_unused_is_given_one_in_sixteen() {
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            let dir = tempfile::tempdir().unwrap();
+            let (server, resuming, recording, _) = fleet(dir.path(), version);
+            let given = || recording.seen.lock().unwrap().len();
+            // Asks for tickets (a session store of its own each time) and
+            // never offers one.
+            let never = || {
+                let mut config = (*resuming).clone();
+                config.resumption = rustls::client::Resumption::in_memory_sessions(4);
+                Arc::new(config)
+            };
+            // Two tickets, both left unused.
+            for n in 1..=2 {
+                assert!(!handshake(&server, &never()), "{version:?}");
+                assert_eq!(given(), n, "{version:?}: connect {n}");
+            }
+            // Then one at the 16th connect after them, and none between.
+            for n in 1..=15 {
+                assert!(!handshake(&server, &never()), "{version:?}");
+                assert_eq!(given(), 2, "{version:?}: withheld connect {n}");
+            }
+            assert!(!handshake(&server, &never()), "{version:?}");
+            assert_eq!(given(), 3, "{version:?}: the probe");
+            // The same certificate resuming with its ticket is given one at
+            // every connect again.
+            assert!(
+                !handshake(&server, &resuming),
+                "{version:?}: nothing to resume yet"
+            );
+            assert_eq!(given(), 3, "{version:?}");
+            let before = given();
+            assert!(!handshake(&server, &never()), "{version:?}");
+            assert_eq!(given(), before, "{version:?}");
+            let mut probed = false;
+            for n in 1..=16 {
+                let resumed = handshake(&server, &resuming);
+                if !probed {
+                    assert!(!resumed, "{version:?}: resumed without a ticket");
+                    probed = given() == before + 1;
+                    if !probed {
+                        assert_eq!(given(), before, "{version:?}: withheld until the probe");
+                    }
+                    continue;
+                }
+                assert!(resumed, "{version:?}: the probe's ticket not taken");
+                for m in 1..=4 {
+                    assert!(handshake(&server, &resuming), "{version:?}: resumption {m}");
+                }
+                assert_eq!(given(), before + 6, "{version:?}: after {n} connects");
+                break;
+            }
+            assert!(probed, "{version:?}: no probe");
+        }
     }
 
     #[test]

@@ -1200,6 +1200,50 @@ fn resuming(
 }
 
 #[tokio::test]
+async fn a_device_that_leaves_its_tickets_unused_is_given_fewer() {
+    let fleet = Fleet::start().await.unwrap();
+    let withheld = || fleet.broker.metrics.get(|m| &m.tickets_withheld);
+    let (chain, key) = certified(&fleet, "forgetful", "svcA");
+    // A client that asks for a ticket at every connect and keeps none: a
+    // session store of its own each time.
+    let forgetful = || {
+        resuming(
+            &fleet,
+            "forgetful",
+            (chain.clone(), key.clone()),
+            &rustls::version::TLS13,
+        )
+    };
+    let first = eventually(T, "svcA's CA to be trusted", || {
+        let device = forgetful();
+        async move { device.connect().await.ok() }
+    })
+    .await
+    .unwrap();
+    assert!(!first);
+    assert!(!forgetful().connect().await.unwrap());
+    assert_eq!(withheld(), 0, "the first two connects are given tickets");
+    for n in 1..=3 {
+        assert!(!forgetful().connect().await.unwrap());
+        assert_eq!(withheld(), n, "connect {n} after two unused tickets");
+    }
+    // The same certificate in a client that keeps its tickets: it resumes
+    // with the first one it is given, and is given one at every connect
+    // from then on.
+    let keeper = forgetful();
+    let mut connects = 0;
+    while !keeper.connect().await.unwrap() {
+        connects += 1;
+        assert!(connects <= 16, "no ticket in 16 connects");
+    }
+    let after = withheld();
+    for n in 1..=3 {
+        assert!(keeper.connect().await.unwrap(), "resumption {n}");
+    }
+    assert_eq!(withheld(), after);
+}
+
+#[tokio::test]
 async fn a_reconnecting_device_resumes_its_session_and_every_resumption_is_checked_again() {
     let fleet = Fleet::start().await.unwrap();
     let certs = fleet.certs_dir();
