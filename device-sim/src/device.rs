@@ -70,7 +70,10 @@ pub enum DeviceError {
 
 /// Statuses worth a fresh request after a pause.
 pub fn is_retriable(status: Status) -> bool {
-    matches!(status, Status::RateLimited | Status::Internal)
+    matches!(
+        status,
+        Status::RateLimited | Status::Internal | Status::Busy
+    )
 }
 
 impl DeviceError {
@@ -978,6 +981,7 @@ mod tests {
         assert!(status(Status::AuthFailed).is_final());
         assert!(status(Status::NotRegistered).is_final());
         assert!(!status(Status::RateLimited).is_final());
+        assert!(!status(Status::Busy).is_final());
         assert!(!status(Status::Internal).is_final());
         assert_eq!(
             status(Status::AuthFailed).status(),

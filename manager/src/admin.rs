@@ -190,7 +190,18 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let result: Result<Value, (u16, String)> = match (method, segments.as_slice()) {
         ("GET", ["v1", "health"]) => {
-            Ok(json!({ "ok": true, "subscribed": *admin.subscribed.borrow() }))
+            let intake = &admin.core.intake;
+            let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+            Ok(json!({
+                "ok": true,
+                "subscribed": *admin.subscribed.borrow(),
+                "requests": {
+                    "received": n(&intake.received),
+                    "waiting_bytes": intake.waiting_bytes.load(std::sync::atomic::Ordering::Relaxed),
+                    "answered_busy": n(&intake.shed),
+                    "dropped": n(&intake.dropped),
+                },
+            }))
         }
         ("POST", ["v1", "providers"]) => match serde_json::from_slice::<ProviderIn>(body) {
             Ok(p) => {

@@ -41,6 +41,12 @@ pub struct ManagerConfig {
     pub max_clock_skew_ms: u64,
     /// Handler threads working on requests at once.
     pub workers: usize,
+    /// A request that has waited this long for a worker is answered `busy`
+    /// instead of being carried out (topics.md §5.4): under a load the
+    /// manager cannot keep up with, the requests it serves are still
+    /// answered within a device's reply timeout (10 s for the reference
+    /// device), and the rest learn to come back later at once.
+    pub shed_after_ms: u64,
     /// A superseded certificate is revoked when its device reports from the
     /// new one, or after this many seconds at the latest.
     pub revoke_superseded_after_secs: u64,
@@ -74,6 +80,7 @@ impl Default for ManagerConfig {
             failure_window_secs: 300,
             max_clock_skew_ms: fleet_protocol::MAX_CLOCK_SKEW_MS,
             workers: 8,
+            shed_after_ms: 5_000,
             revoke_superseded_after_secs: 120,
             max_notices_per_sec: 200,
             service_endpoint: None,
@@ -113,6 +120,7 @@ impl ManagerConfig {
             "cert_lifetime_days must be positive"
         );
         anyhow::ensure!(self.workers > 0, "workers must be positive");
+        anyhow::ensure!(self.shed_after_ms > 0, "shed_after_ms must be positive");
         anyhow::ensure!(
             self.max_auth_failures > 0,
             "max_auth_failures must be positive"

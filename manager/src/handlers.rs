@@ -180,6 +180,9 @@ pub struct Core {
     pub store: Store,
     pub pki: Arc<Pki>,
     pub config: ManagerConfig,
+    /// Requests taken from the broker and how they fared in the queue
+    /// (topics.md §5.4).
+    pub intake: Intake,
     failures: Mutex<HashMap<String, VecDeque<u64>>>,
     /// Services whose CRL must be rewritten once the replies that revoked
     /// certificates are published.
@@ -193,6 +196,21 @@ pub struct Core {
     stripes: Vec<Mutex<()>>,
     /// How many refusals were logged at WARN in the current second.
     refusals_logged: Mutex<LogPace>,
+    /// The same for requests answered `busy`.
+    shed_logged: Mutex<LogPace>,
+}
+
+/// The request queue's counters, shown by `GET /v1/health`.
+#[derive(Debug, Default)]
+pub struct Intake {
+    /// Requests taken from the broker since the start.
+    pub received: std::sync::atomic::AtomicU64,
+    /// Bytes of requests waiting for a worker now.
+    pub waiting_bytes: std::sync::atomic::AtomicUsize,
+    /// Requests answered `busy`.
+    pub shed: std::sync::atomic::AtomicU64,
+    /// Requests dropped because the queue was full.
+    pub dropped: std::sync::atomic::AtomicU64,
 }
 
 /// Refused requests logged at WARN, at most [`LogPace::LOUD_PER_SEC`] a
@@ -209,7 +227,7 @@ pub(crate) struct LogPace {
 impl LogPace {
     const LOUD_PER_SEC: u32 = 20;
 
-    fn new(now: std::time::Instant) -> LogPace {
+    pub(crate) fn new(now: std::time::Instant) -> LogPace {
         LogPace {
             second: now,
             loud: 0,
@@ -219,7 +237,7 @@ impl LogPace {
 
     /// Counts a refusal at `now`: whether to log it at WARN, and how many
     /// went to DEBUG in the second that ended before it.
-    fn note(&mut self, now: std::time::Instant) -> (bool, u32) {
+    pub(crate) fn note(&mut self, now: std::time::Instant) -> (bool, u32) {
         let mut quieted = 0;
         if now.saturating_duration_since(self.second) >= std::time::Duration::from_secs(1) {
             quieted = std::mem::take(&mut self.quiet);
@@ -236,14 +254,41 @@ impl LogPace {
     }
 }
 
+/// The nonce of a request whose envelope and body pass checks 1 to 7 of
+/// topics.md §5.3, without the rest; `None` otherwise.
+fn request_nonce(kind: RequestKind, device_id: &str, payload: &[u8]) -> Option<Vec<u8>> {
+    fn nonce_of<T: serde::de::DeserializeOwned + Identified>(
+        env: &Envelope,
+        device_id: &str,
+    ) -> Option<Vec<u8>> {
+        let body: T = env.body().ok()?;
+        (body.device_id() == device_id).then(|| body.nonce().to_vec())
+    }
+    if payload.len() > MAX_MESSAGE_LEN {
+        return None;
+    }
+    let env = Envelope::decode(payload).ok()?;
+    if env.kind != Kind::from(kind) || !env.crc_ok() {
+        return None;
+    }
+    match kind {
+        RequestKind::Activate => nonce_of::<ActivateRequest>(&env, device_id),
+        RequestKind::Update => nonce_of::<UpdateRequest>(&env, device_id),
+        RequestKind::Poll => nonce_of::<PollRequest>(&env, device_id),
+        RequestKind::Status => nonce_of::<StatusReport>(&env, device_id),
+    }
+}
+
 impl Core {
     pub fn new(store: Store, pki: Arc<Pki>, config: ManagerConfig) -> Core {
         Core {
             store,
             pki,
             config,
+            intake: Intake::default(),
             failures: Mutex::new(HashMap::new()),
             refusals_logged: Mutex::new(LogPace::new(std::time::Instant::now())),
+            shed_logged: Mutex::new(LogPace::new(std::time::Instant::now())),
             pending_crls: Mutex::new(Default::default()),
             crl_writer: Mutex::new(()),
             grants_dirty: Mutex::new(Default::default()),
@@ -317,6 +362,54 @@ impl Core {
             out.extend(self.notices(&dev));
         }
         out
+    }
+
+    /// Answers a request `busy` without carrying it out: it waited `waited`
+    /// for a worker, longer than `shed_after_ms` (topics.md §5.4). Nothing
+    /// is read from the store but the reply's `seq`, and nothing is
+    /// written; the request counts toward no limit.
+    pub fn busy(&self, topic: &str, payload: &[u8], waited: std::time::Duration) -> Vec<Outgoing> {
+        let Ok(parsed) = Topic::parse(topic) else {
+            return Vec::new();
+        };
+        let (Route::Request(kind, device_id), Some(reply_topic)) =
+            (&parsed.route, parsed.reply_topic())
+        else {
+            return Vec::new();
+        };
+        self.intake
+            .shed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (loud, quieted) = self
+            .shed_logged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .note(std::time::Instant::now());
+        if quieted > 0 {
+            warn!(
+                quieted,
+                "requests answered busy at debug level in the last second"
+            );
+        }
+        let waited_ms = waited.as_millis();
+        if loud {
+            warn!(device = %device_id, kind = %kind, waited_ms, "request answered busy: the manager is behind");
+        } else {
+            debug!(device = %device_id, kind = %kind, waited_ms, "request answered busy: the manager is behind");
+        }
+        let reply = Reply {
+            device_id: device_id.clone(),
+            nonce: request_nonce(*kind, device_id, payload).unwrap_or_default(),
+            status: Status::Busy,
+            detail: Some(format!(
+                "the manager is behind: this request waited {waited_ms} ms; send it again after a pause"
+            )),
+            ..Reply::default()
+        };
+        vec![Outgoing {
+            topic: reply_topic.to_string(),
+            payload: self.sign_reply(*kind, reply).unwrap_or_default(),
+        }]
     }
 
     /// Signs the reply, records it under the request's nonce together with
@@ -1647,6 +1740,59 @@ mod tests {
             None => Topic::bootstrap(route),
         };
         ask(core, &topic, env.encode())
+    }
+
+    #[test]
+    fn busy_echoes_the_nonce_of_a_request_that_decodes_and_nothing_else() {
+        let (_dir, core) = core();
+        let waited = std::time::Duration::from_millis(6000);
+        let topic = Topic::bootstrap(Route::Request(RequestKind::Poll, "d1".into()));
+        let reply_topic = topic.reply_topic().unwrap().to_string();
+        let body = PollRequest {
+            device_id: "d1".into(),
+            service_id: "svcA".into(),
+            nonce: vec![7; 16],
+            ts: now_ms(),
+        };
+        let good = Envelope::build(Kind::Poll, &body, |tbs| crypto::hmac(b"k", tbs))
+            .unwrap()
+            .encode();
+        let reply = only_reply(
+            &core,
+            &core.busy(&topic.to_string(), &good, waited),
+            &reply_topic,
+        );
+        assert_eq!(reply.status, Status::Busy);
+        assert_eq!(reply.nonce, vec![7; 16]);
+        assert!(reply.detail.unwrap().contains("6000 ms"));
+        // Not CBOR, a body of another device, a corrupted CRC: no nonce.
+        let other = PollRequest {
+            device_id: "d2".into(),
+            ..body
+        };
+        let mut corrupted = Envelope::decode(&good).unwrap();
+        corrupted.crc ^= 1;
+        let corrupted = corrupted.encode();
+        for payload in [
+            b"\xff not cbor".to_vec(),
+            Envelope::build(Kind::Poll, &other, |tbs| crypto::hmac(b"k", tbs))
+                .unwrap()
+                .encode(),
+            corrupted,
+        ] {
+            let out = core.busy(&topic.to_string(), &payload, waited);
+            let reply = only_reply(&core, &out, &reply_topic);
+            assert_eq!(reply.status, Status::Busy);
+            assert!(reply.nonce.is_empty());
+        }
+        // Not a request topic: nothing.
+        assert!(core
+            .busy("fleet/v1/poll/d1/reply", &good, waited)
+            .is_empty());
+        assert_eq!(
+            core.intake.shed.load(std::sync::atomic::Ordering::Relaxed),
+            4
+        );
     }
 
     /// A device whose reply with its new certificate was lost asks again,

@@ -1,8 +1,17 @@
 //! The manager's MQTT side: one task polls the rumqttc event loop and hands
 //! each request to a pool of workers; handlers run on blocking threads.
+//!
+//! Requests wait in two queues: those on tenant topics, which only a device
+//! connected with its certificate can publish, before those on bootstrap
+//! topics, which anyone can; a flood on the bootstrap listener does not
+//! delay devices in their services. A request that waited longer than
+//! `shed_after_ms` is answered `busy` (topics.md §5.4); one that finds
+//! [`QUEUED_BYTES_MAX`] waiting is dropped, so the event loop never stops
+//! reading (the workers' replies go out through it).
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fleet_protocol::topic::manager_filters;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
@@ -42,6 +51,47 @@ pub fn connect(config: &ManagerConfig) -> anyhow::Result<(AsyncClient, EventLoop
     Ok(AsyncClient::new(opts, 10_000))
 }
 
+/// Request bytes that may wait for a worker; past it, requests are dropped.
+pub const QUEUED_BYTES_MAX: usize = 64 << 20;
+
+/// What a queued request is counted as besides its payload and topic.
+const QUEUED_OVERHEAD: usize = 256;
+
+/// A request waiting for a worker.
+struct Queued {
+    arrived: Instant,
+    publish: Publish,
+}
+
+impl Queued {
+    fn size(&self) -> usize {
+        self.publish.payload.len() + self.publish.topic.len() + QUEUED_OVERHEAD
+    }
+}
+
+/// The two queues, tenant first.
+struct Queues {
+    tenant: mpsc::UnboundedReceiver<Queued>,
+    bootstrap: mpsc::UnboundedReceiver<Queued>,
+}
+
+impl Queues {
+    async fn next(&mut self) -> Option<Queued> {
+        tokio::select! {
+            biased;
+            Some(q) = self.tenant.recv() => Some(q),
+            Some(q) = self.bootstrap.recv() => Some(q),
+            else => None,
+        }
+    }
+}
+
+/// Whether `topic` is a tenant topic (`/tenants/{s}/...`), which only a
+/// device certified for that service can publish to.
+fn on_tenant_topic(topic: &str) -> bool {
+    fleet_protocol::Topic::parse(topic).is_ok_and(|t| t.tenant.is_some())
+}
+
 pub async fn publish_all(client: &AsyncClient, out: Vec<Outgoing>) {
     for msg in out {
         if let Err(err) = client
@@ -64,7 +114,10 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let (tx, rx) = mpsc::channel::<Publish>(4096);
+    let (tenant_tx, tenant) = mpsc::unbounded_channel::<Queued>();
+    let (bootstrap_tx, bootstrap) = mpsc::unbounded_channel::<Queued>();
+    let shed_after = Duration::from_millis(core.config.shed_after_ms);
+    let mut dropped = crate::handlers::LogPace::new(Instant::now());
     // CRLs are rewritten by one task, at most every CRL_DEBOUNCE, after the
     // replies that revoked certificates are published: a migration of many
     // devices writes a few CRLs, not one per device.
@@ -85,17 +138,30 @@ pub async fn serve(
             let _ = tokio::task::spawn_blocking(move || core.write_pending_crls()).await;
         });
     }
-    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let queues = Arc::new(tokio::sync::Mutex::new(Queues { tenant, bootstrap }));
     for _ in 0..core.config.workers {
-        let (core, client, rx, crl_due) =
-            (core.clone(), client.clone(), rx.clone(), crl_due.clone());
+        let (core, client, queues, crl_due) = (
+            core.clone(),
+            client.clone(),
+            queues.clone(),
+            crl_due.clone(),
+        );
         tracker.spawn(async move {
             loop {
-                let next = rx.lock().await.recv().await;
-                let Some(publish) = next else { break };
+                let next = queues.lock().await.next().await;
+                let Some(job) = next else { break };
+                core.intake
+                    .waiting_bytes
+                    .fetch_sub(job.size(), Ordering::Relaxed);
+                let waited = job.arrived.elapsed();
                 let core2 = core.clone();
+                let publish = job.publish;
                 let out = tokio::task::spawn_blocking(move || {
-                    core2.handle(&publish.topic, &publish.payload)
+                    if waited > shed_after {
+                        core2.busy(&publish.topic, &publish.payload, waited)
+                    } else {
+                        core2.handle(&publish.topic, &publish.payload)
+                    }
                 })
                 .await;
                 match out {
@@ -153,7 +219,37 @@ pub async fn serve(
                 let _ = subscribed.send(true);
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                if tx.send(p).await.is_err() {
+                let job = Queued {
+                    arrived: Instant::now(),
+                    publish: p,
+                };
+                let size = job.size();
+                let intake = &core.intake;
+                intake.received.fetch_add(1, Ordering::Relaxed);
+                if intake.waiting_bytes.fetch_add(size, Ordering::Relaxed) + size > QUEUED_BYTES_MAX
+                {
+                    intake.waiting_bytes.fetch_sub(size, Ordering::Relaxed);
+                    intake.dropped.fetch_add(1, Ordering::Relaxed);
+                    let (loud, quieted) = dropped.note(Instant::now());
+                    if quieted > 0 {
+                        warn!(
+                            quieted,
+                            "requests dropped at debug level in the last second"
+                        );
+                    }
+                    if loud {
+                        warn!(topic = %job.publish.topic, "request dropped: {QUEUED_BYTES_MAX} bytes of requests wait already");
+                    } else {
+                        debug!(topic = %job.publish.topic, "request dropped: the queue is full");
+                    }
+                    continue;
+                }
+                let tx = if on_tenant_topic(&job.publish.topic) {
+                    &tenant_tx
+                } else {
+                    &bootstrap_tx
+                };
+                if tx.send(job).is_err() {
                     break;
                 }
             }
@@ -170,5 +266,59 @@ pub async fn serve(
         }
     }
     let _ = client.disconnect().await;
-    drop(tx);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued(topic: &str) -> Queued {
+        Queued {
+            arrived: Instant::now(),
+            publish: Publish::new(topic, QoS::AtLeastOnce, vec![0u8; 10]),
+        }
+    }
+
+    #[tokio::test]
+    async fn tenant_requests_are_taken_before_bootstrap_ones() {
+        let (tenant_tx, tenant) = mpsc::unbounded_channel();
+        let (bootstrap_tx, bootstrap) = mpsc::unbounded_channel();
+        let mut queues = Queues { tenant, bootstrap };
+        for topic in [
+            "fleet/v1/activate/a",
+            "fleet/v1/update/b",
+            "/tenants/svcA/fleet/v1/poll/c",
+            "fleet/v1/poll/d",
+            "/tenants/svcB/fleet/v1/status/e",
+        ] {
+            let tx = if on_tenant_topic(topic) {
+                &tenant_tx
+            } else {
+                &bootstrap_tx
+            };
+            tx.send(queued(topic)).unwrap();
+        }
+        drop((tenant_tx, bootstrap_tx));
+        let mut order = Vec::new();
+        while let Some(q) = queues.next().await {
+            order.push(q.publish.topic);
+        }
+        assert_eq!(
+            order,
+            [
+                "/tenants/svcA/fleet/v1/poll/c",
+                "/tenants/svcB/fleet/v1/status/e",
+                "fleet/v1/activate/a",
+                "fleet/v1/update/b",
+                "fleet/v1/poll/d",
+            ]
+        );
+    }
+
+    #[test]
+    fn only_tenant_topics_count_as_tenant() {
+        assert!(on_tenant_topic("/tenants/svcA/fleet/v1/update/dev1"));
+        assert!(!on_tenant_topic("fleet/v1/update/dev1"));
+        assert!(!on_tenant_topic("garbage"));
+    }
 }

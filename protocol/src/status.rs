@@ -21,11 +21,12 @@ pub enum Status {
     TooLarge,
     AlreadyActive,
     UnsupportedVersion,
+    Busy,
     Unknown(u8),
 }
 
 impl Status {
-    pub const KNOWN: [Status; 14] = [
+    pub const KNOWN: [Status; 15] = [
         Status::Ok,
         Status::BadCrc,
         Status::Malformed,
@@ -40,6 +41,7 @@ impl Status {
         Status::TooLarge,
         Status::AlreadyActive,
         Status::UnsupportedVersion,
+        Status::Busy,
     ];
 
     pub fn code(self) -> u8 {
@@ -58,6 +60,7 @@ impl Status {
             Status::TooLarge => 11,
             Status::AlreadyActive => 12,
             Status::UnsupportedVersion => 13,
+            Status::Busy => 14,
             Status::Unknown(code) => code,
         }
     }
@@ -85,6 +88,7 @@ impl Status {
             Status::TooLarge => "too_large",
             Status::AlreadyActive => "already_active",
             Status::UnsupportedVersion => "unsupported_version",
+            Status::Busy => "busy",
             Status::Unknown(_) => "unknown",
         }
     }

@@ -27,7 +27,7 @@ STATUS = {
     0: "ok", 1: "bad_crc", 2: "malformed", 3: "unknown_device", 4: "not_registered",
     5: "auth_failed", 6: "replayed", 7: "wrong_service", 8: "rate_limited",
     9: "internal", 10: "stale", 11: "too_large", 12: "already_active",
-    13: "unsupported_version",
+    13: "unsupported_version", 14: "busy",
 }
 CODE = {v: k for k, v in STATUS.items()}
 

@@ -7,6 +7,7 @@ mod frontdoor;
 mod lifecycle;
 mod mqtt5;
 mod operator;
+mod overload;
 mod python_device;
 mod restart;
 mod secrecy;

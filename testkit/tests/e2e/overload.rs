@@ -1,0 +1,219 @@
+//! A manager behind its load (topics.md §5.4): requests that waited too long
+//! are answered `busy` and change nothing, and requests on tenant topics go
+//! before a backlog of bootstrap ones. The backlog is made by publishing
+//! while the manager is stopped: its persistent session keeps the requests
+//! in the broker, and they reach the restarted manager at once.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use fleet_protocol::crypto;
+use fleet_protocol::{Envelope, Reply, RequestKind, Route, Status, Topic};
+use fleet_testkit::{eventually, Fleet, Probe};
+
+use crate::wire::{activate, activate_request, poll, HandDevice};
+
+const T: Duration = Duration::from_secs(20);
+
+/// A fleet whose manager has one worker and sheds after `shed_after_ms`,
+/// with `dev1` registered (and activated if `active`), and a privileged
+/// probe that sees every reply.
+async fn fleet(shed_after_ms: u64, active: bool) -> (Fleet, Probe, HandDevice) {
+    let fleet = Fleet::start_with(|c| {
+        c.workers = 1;
+        c.shed_after_ms = shed_after_ms;
+    })
+    .await
+    .unwrap();
+    let mut dev = HandDevice::new("dev1");
+    fleet
+        .register(&dev.id, "svcA", Some(&dev.factory_point()))
+        .await
+        .unwrap();
+    let probe = fleet.privileged("tester").await.unwrap();
+    probe.subscribe("fleet/v1/+/+/reply").await.unwrap();
+    probe
+        .subscribe("/tenants/+/fleet/v1/+/+/reply")
+        .await
+        .unwrap();
+    // Its own requests back: all are in the broker once all are back.
+    probe.subscribe("fleet/v1/activate/+").await.unwrap();
+    probe.subscribe("/tenants/+/fleet/v1/poll/+").await.unwrap();
+    if active {
+        activate(&fleet, &probe, &mut dev).await;
+    }
+    (fleet, probe, dev)
+}
+
+/// Activate requests for `n` ids nobody registered, published on their
+/// bootstrap topics; their nonces by id.
+async fn ghost_activations(probe: &Probe, n: usize) -> Vec<(String, Vec<u8>)> {
+    let key = crypto::generate_p256().unwrap();
+    let mut sent = Vec::new();
+    for i in 0..n {
+        let id = format!("ghost-{i:04}");
+        let eph = crypto::generate_p256().unwrap();
+        let request = activate_request(&id, &eph, &key);
+        let nonce = Envelope::decode(&request)
+            .unwrap()
+            .body::<fleet_protocol::ActivateRequest>()
+            .unwrap()
+            .nonce;
+        let topic = Topic::bootstrap(Route::Request(RequestKind::Activate, id.clone()));
+        probe.publish(&topic.to_string(), request).await.unwrap();
+        sent.push((id, nonce));
+    }
+    sent
+}
+
+/// Waits until the broker has routed the `n` requests whose topics start
+/// with `prefix` (the probe subscribes to its own requests).
+async fn routed(probe: &Probe, prefix: &str, n: usize) {
+    eventually(T, "the requests to reach the broker", || {
+        let got = probe
+            .messages()
+            .iter()
+            .filter(|m| m.topic.starts_with(prefix) && !m.topic.ends_with("/reply"))
+            .count();
+        async move { (got >= n).then_some(()) }
+    })
+    .await
+    .unwrap();
+}
+
+/// The reply on `topic`, its manager signature checked.
+fn reply_on(fleet: &Fleet, probe: &Probe, topic: &str) -> Option<Reply> {
+    let got = probe.on(topic).pop()?;
+    let env = Envelope::decode(&got.payload).expect("reply decodes");
+    assert!(env.crc_ok());
+    assert!(
+        crypto::verify(fleet.core().pki.signing_key(), &env.tbs(), &env.auth),
+        "reply is signed by the manager"
+    );
+    Some(env.body().expect("reply body"))
+}
+
+#[tokio::test]
+async fn requests_that_waited_too_long_are_answered_busy_and_change_nothing() {
+    let (mut fleet, probe, mut dev) = fleet(1, false).await;
+    let before = fleet.snapshot();
+    fleet.stop_manager().await;
+    let ghosts = ghost_activations(&probe, 300).await;
+    // dev1's real activation, behind them.
+    let eph = crypto::generate_p256().unwrap();
+    let request = activate_request(&dev.id, &eph, &dev.factory);
+    let topic = Topic::bootstrap(Route::Request(RequestKind::Activate, dev.id.clone()));
+    probe
+        .publish(&topic.to_string(), request.clone())
+        .await
+        .unwrap();
+    routed(&probe, "fleet/v1/activate/", 301).await;
+    fleet.start_manager().await.unwrap();
+
+    let reply_topic =
+        |id: &str| Topic::bootstrap(Route::Reply(RequestKind::Activate, id.to_owned())).to_string();
+    eventually(T, "every request answered", || {
+        let answered = ghosts
+            .iter()
+            .chain([&(dev.id.clone(), Vec::new())])
+            .all(|(id, _)| !probe.on(&reply_topic(id)).is_empty());
+        async move { answered.then_some(()) }
+    })
+    .await
+    .unwrap();
+    let mut busy = 0;
+    for (id, nonce) in &ghosts {
+        assert_eq!(probe.on(&reply_topic(id)).len(), 1, "{id}: one reply");
+        let reply = reply_on(&fleet, &probe, &reply_topic(id)).unwrap();
+        match reply.status {
+            Status::Busy => {
+                busy += 1;
+                assert_eq!(&reply.nonce, nonce, "{id}: a busy reply echoes the nonce");
+                assert!(reply.detail.is_some());
+            }
+            Status::UnknownDevice => {}
+            other => panic!("{id}: {other}"),
+        }
+    }
+    // One worker, 301 requests at once and 1 ms of patience: the last ones
+    // waited longer.
+    assert!(busy > 100, "only {busy} of 300 answered busy");
+    let real = reply_on(&fleet, &probe, &reply_topic(&dev.id)).unwrap();
+    assert_eq!(real.status, Status::Busy, "the last request waited too");
+    assert!(
+        fleet.snapshot() == before,
+        "a busy answer changed the registry"
+    );
+
+    // The same request again, on an idle manager: carried out.
+    probe.publish(&topic.to_string(), request).await.unwrap();
+    probe.wait_for(&reply_topic(&dev.id), 2, T).await.unwrap();
+    let again = reply_on(&fleet, &probe, &reply_topic(&dev.id)).unwrap();
+    assert_eq!(again.status, Status::Ok, "{again:?}");
+    dev.uuid = crypto::unseal(&eph, &dev.id, again.uuid.as_ref().unwrap()).ok();
+    assert!(dev.uuid.is_some());
+}
+
+/// Bootstrap requests in the backlog a tenant request overtakes.
+const GHOSTS: usize = 5000;
+
+#[tokio::test]
+async fn tenant_requests_go_before_a_backlog_of_bootstrap_ones() {
+    let (mut fleet, probe, dev) = fleet(60_000, true).await;
+    fleet.stop_manager().await;
+    let ghosts = ghost_activations(&probe, GHOSTS).await;
+    routed(&probe, "fleet/v1/activate/ghost-", GHOSTS).await;
+    // The poll goes out on a connection of its own, not behind the replies.
+    let poller = fleet.privileged("poller").await.unwrap();
+    fleet.start_manager().await.unwrap();
+    // Once the manager has taken them all in (its one worker needs some
+    // 400 ms for them), dev1 polls from its tenant.
+    // Polled every millisecond: `eventually` backs off to 200 ms, in which
+    // the worker would take some 2,000.
+    let intake = &fleet.core().intake.received;
+    tokio::time::timeout(T, async {
+        while intake.load(Ordering::Relaxed) < GHOSTS as u64 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the backlog to reach the manager");
+    let uuid = dev.uuid.clone().unwrap();
+    let request = poll(
+        &dev,
+        "svcA",
+        crypto::random_bytes(16),
+        fleet_protocol::now_ms(),
+        &uuid,
+    );
+    let topic = Topic::in_tenant("svcA", Route::Request(RequestKind::Poll, dev.id.clone()));
+    poller.publish(&topic.to_string(), request).await.unwrap();
+
+    let reply_topic =
+        Topic::in_tenant("svcA", Route::Reply(RequestKind::Poll, dev.id.clone())).to_string();
+    probe.wait_for(&reply_topic, 1, T).await.unwrap();
+    let reply = reply_on(&fleet, &probe, &reply_topic).unwrap();
+    assert_eq!(reply.status, Status::Ok, "{reply:?}");
+    let messages = probe.messages();
+    let at = messages
+        .iter()
+        .position(|m| m.topic == reply_topic)
+        .unwrap();
+    let is_ghost_reply = |m: &&fleet_testkit::Received| {
+        m.topic.starts_with("fleet/v1/activate/ghost-") && m.topic.ends_with("/reply")
+    };
+    let ghosts_before = messages[..at].iter().filter(is_ghost_reply).count();
+    // In arrival order it would be answered after all of them.
+    assert!(
+        ghosts_before < ghosts.len(),
+        "the tenant's poll was answered after all {} bootstrap requests",
+        ghosts.len()
+    );
+    let sent = ghosts.len();
+    eventually(T, "every bootstrap request answered", || {
+        let n = probe.messages().iter().filter(is_ghost_reply).count();
+        async move { (n == sent).then_some(()) }
+    })
+    .await
+    .unwrap();
+}
