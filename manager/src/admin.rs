@@ -87,6 +87,8 @@ pub struct Admin {
 
 pub async fn serve(admin: Arc<Admin>, listener: TcpListener, shutdown: CancellationToken) {
     let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let readers = Arc::new(Readers::default());
+    let mut next_id = 0u64;
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -101,19 +103,44 @@ pub async fn serve(admin: Arc<Admin>, listener: TcpListener, shutdown: Cancellat
                 }
             },
         };
-        // Closed at once beyond the limit: idle clients cannot hold the
-        // process's descriptors, which it shares with the broker.
-        let Ok(held) = open.clone().try_acquire_owned() else {
-            debug!(%peer, "admin connection refused: {MAX_CONNECTIONS} open");
+        // At the limit, the oldest connection that has not sent its whole
+        // request yet is closed, and this one waits for the slot it frees:
+        // silent clients cannot keep the operator out. With none to close,
+        // this one is closed at once.
+        let slot = open.clone().try_acquire_owned();
+        if slot.is_err() && !readers.evict_oldest() {
+            debug!(%peer, "admin connection refused: {MAX_CONNECTIONS} requests in progress");
             continue;
-        };
-        let admin = admin.clone();
+        }
+        next_id += 1;
+        let (id, reading) = (next_id, CancellationToken::new());
+        let (admin, open, readers) = (admin.clone(), open.clone(), readers.clone());
         tokio::spawn(async move {
-            let _held = held;
-            if let Err(err) =
-                tokio::time::timeout(Duration::from_secs(30), connection(&admin, stream)).await
+            let _held = match slot {
+                Ok(held) => held,
+                Err(_) => match tokio::time::timeout(EVICTION_WAIT, open.acquire_owned()).await {
+                    Ok(Ok(held)) => held,
+                    _ => return,
+                },
+            };
+            readers.add(id, reading.clone());
+            let request = tokio::select! {
+                r = tokio::time::timeout(READ_TIMEOUT, read_request_from(stream)) => r,
+                _ = reading.cancelled() => {
+                    debug!(%peer, "admin connection closed for a newer one: no request yet");
+                    return;
+                }
+            };
+            readers.remove(id);
+            let Ok((stream, request)) = request else {
+                debug!(%peer, "admin request not received within {READ_TIMEOUT:?}");
+                return;
+            };
+            if tokio::time::timeout(ANSWER_TIMEOUT, answer(&admin, stream, request))
+                .await
+                .is_err()
             {
-                warn!(error = %err, "admin request timed out");
+                warn!("admin request timed out");
             }
         });
     }
@@ -122,8 +149,48 @@ pub async fn serve(admin: Arc<Admin>, listener: TcpListener, shutdown: Cancellat
 /// Admin API connections open at once; each serves one request.
 const MAX_CONNECTIONS: usize = 64;
 
-async fn connection(admin: &Admin, mut stream: TcpStream) {
-    let (status, body) = match read_request(&mut stream).await {
+/// How long a client has to send its whole request.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a request may take to be carried out and answered.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a newcomer waits for the slot of the connection it closed.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
+
+/// The connections still reading their request, oldest first.
+#[derive(Default)]
+struct Readers(std::sync::Mutex<BTreeMap<u64, CancellationToken>>);
+
+impl Readers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, CancellationToken>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add(&self, id: u64, token: CancellationToken) {
+        self.lock().insert(id, token);
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    /// Closes the oldest; whether there was one.
+    fn evict_oldest(&self) -> bool {
+        let oldest = self.lock().pop_first();
+        oldest.map(|(_, token)| token.cancel()).is_some()
+    }
+}
+
+type Request = Result<(String, String, Vec<u8>), String>;
+
+async fn read_request_from(mut stream: TcpStream) -> (TcpStream, Request) {
+    let request = read_request(&mut stream).await;
+    (stream, request)
+}
+
+async fn answer(admin: &Admin, mut stream: TcpStream, request: Request) {
+    let (status, body) = match request {
         Ok((method, path, body)) => route(admin, &method, &path, &body).await,
         Err(msg) => (400, json!({ "error": msg })),
     };
