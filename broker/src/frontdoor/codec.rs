@@ -622,6 +622,80 @@ mod tests {
         }
     }
 
+    /// Reserved bits set: the fixed header's flags, the CONNECT flags, the
+    /// subscription options. Each is a malformed packet, which ends the
+    /// connection (MQTT 3.1.1 §2.2.2, §3.1.2.3, §3.8.3.1; MQTT 5 the same).
+    #[test]
+    fn reserved_bits_make_a_packet_malformed() {
+        let decode = |v5: bool, bytes: &[u8]| {
+            let (stream, _peer) = tokio::io::duplex(64);
+            let mut framed = Framed::new(stream, 1024);
+            framed.version = if v5 { Version::V5 } else { Version::V311 };
+            framed.buf.extend_from_slice(bytes);
+            framed.next_buffered()
+        };
+        // SUBSCRIBE, packet id 1, "a/b" with `options`.
+        let subscribe = |byte1: u8, v5: bool, options: u8| {
+            let mut body = vec![0, 1];
+            if v5 {
+                body.push(0);
+            }
+            body.extend([0, 3, b'a', b'/', b'b', options]);
+            let mut frame = vec![byte1, body.len() as u8];
+            frame.extend(body);
+            frame
+        };
+        // CONNECT, clean session, keep-alive 60, client id "d1".
+        let connect = |v5: bool, flags: u8| {
+            let mut body = vec![
+                0,
+                4,
+                b'M',
+                b'Q',
+                b'T',
+                b'T',
+                if v5 { 5 } else { 4 },
+                flags,
+                0,
+                60,
+            ];
+            if v5 {
+                body.push(0);
+            }
+            body.extend([0, 2, b'd', b'1']);
+            let mut frame = vec![0x10, body.len() as u8];
+            frame.extend(body);
+            frame
+        };
+        for v5 in [false, true] {
+            let ok = |bytes: &[u8]| matches!(decode(v5, bytes), Ok(Some(_)));
+            assert!(ok(&subscribe(0x82, v5, 1)), "v5 {v5}: a SUBSCRIBE");
+            assert!(
+                !ok(&subscribe(0x80, v5, 1)),
+                "v5 {v5}: SUBSCRIBE flags 0000"
+            );
+            assert!(!ok(&subscribe(0x82, v5, 0x81)), "v5 {v5}: option bit 7");
+            assert!(ok(&[0xC0, 0]), "v5 {v5}: a PINGREQ");
+            assert!(!ok(&[0xC1, 0]), "v5 {v5}: a PINGREQ with a flag");
+            assert!(!ok(&[0x60, 2, 0, 1]), "v5 {v5}: PUBREL flags 0000");
+            assert!(
+                !ok(&[0xA0, 5, 0, 1, 0, 1, b'a']),
+                "v5 {v5}: UNSUBSCRIBE flags 0000"
+            );
+            assert!(ok(&connect(v5, 0b10)), "v5 {v5}: a CONNECT");
+            assert!(
+                !ok(&connect(v5, 0b11)),
+                "v5 {v5}: the reserved CONNECT flag"
+            );
+        }
+        // No Local, Retain As Published: MQTT 5 options, reserved in 3.1.1.
+        assert!(decode(false, &subscribe(0x82, false, 0x0D)).is_err());
+        assert!(matches!(
+            decode(true, &subscribe(0x82, true, 0x0D)),
+            Ok(Some(_))
+        ));
+    }
+
     #[test]
     fn protocol_level_of_connects() {
         // CONNECT, remaining length 16, "MQTT", level 5.

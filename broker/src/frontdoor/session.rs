@@ -276,6 +276,13 @@ fn admit(
                 "Receive Maximum or Maximum Packet Size of 0".into(),
             ));
         }
+        // MQTT 5 §3.1.2.11.10: Authentication Data without a Method.
+        if p.authentication_data.is_some() && p.authentication_method.is_none() {
+            return Err((
+                Refusal::Protocol,
+                "Authentication Data without an Authentication Method".into(),
+            ));
+        }
     }
     if let Some(method) = properties.and_then(|p| p.authentication_method.as_ref()) {
         return Err((

@@ -255,6 +255,13 @@ async fn refused_connects_get_mqtt5_reason_codes() {
         refused(Probe5::connect(enhanced).await),
         ConnectReturnCode::BadAuthenticationMethod
     );
+    // Authentication Data with no Authentication Method: a protocol error.
+    let mut data_only = service("evil2");
+    data_only.set_authentication_data(Some(b"secret".to_vec().into()));
+    assert_eq!(
+        refused(Probe5::connect(data_only).await),
+        ConnectReturnCode::ProtocolError
+    );
     // A Will is a PUBLISH: its topic must be granted too.
     let mut will = service("evil2");
     will.set_last_will(LastWill::new(

@@ -696,6 +696,19 @@ pub fn matches(topic: &str, filter: &str) -> bool {
     true
 }
 
+/// fleetshift: whether the low four bits of a fixed header's first byte are
+/// the ones its packet type requires (MQTT 3.1.1 §2.2.2, MQTT 5 §2.1.3):
+/// 0b0010 for PUBREL, SUBSCRIBE and UNSUBSCRIBE, 0 for every other type but
+/// PUBLISH, whose flags are its own. A packet with other flags is malformed.
+pub fn fixed_header_flags_valid(byte1: u8) -> bool {
+    let flags = byte1 & 0x0F;
+    match byte1 >> 4 {
+        3 => true,
+        6 | 8 | 10 => flags == 0b0010,
+        _ => flags == 0,
+    }
+}
+
 /// Error during serialization and deserialization
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Error {

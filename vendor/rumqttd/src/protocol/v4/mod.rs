@@ -293,6 +293,10 @@ impl Protocol for V4 {
         // Test with a stream with exactly the size to check border panics
         let packet = stream.split_to(fixed_header.frame_length());
         let packet_type = fixed_header.packet_type()?;
+        // fleetshift: reserved fixed-header flags make a packet malformed.
+        if !super::fixed_header_flags_valid(fixed_header.byte1) {
+            return Err(Error::MalformedPacket);
+        }
 
         if fixed_header.remaining_len == 0 {
             // no payload packets

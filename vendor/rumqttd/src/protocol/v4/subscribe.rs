@@ -54,6 +54,10 @@ mod filter {
             let path = read_mqtt_bytes(bytes)?;
             let path = std::str::from_utf8(&path)?.to_owned();
             let options = read_u8(bytes)?;
+            // fleetshift: the six upper bits are reserved (MQTT 3.1.1 §3.8.3.1).
+            if options & 0b1111_1100 != 0 {
+                return Err(Error::MalformedPacket);
+            }
             let requested_qos = options & 0b0000_0011;
 
             filters.push(Filter {

@@ -32,6 +32,11 @@ pub fn read(
     }
 
     let connect_flags = read_u8(&mut bytes)?;
+    // fleetshift: the reserved flag must be 0 (MQTT 3.1.1 §3.1.2.3, MQTT 5
+    // §3.1.2.3).
+    if connect_flags & 0b1 != 0 {
+        return Err(Error::MalformedPacket);
+    }
     let clean_session = (connect_flags & 0b10) != 0;
     let keep_alive = read_u16(&mut bytes)?;
 

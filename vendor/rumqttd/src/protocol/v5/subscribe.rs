@@ -33,6 +33,10 @@ pub fn read(
     while bytes.has_remaining() {
         let path = read_mqtt_string(&mut bytes)?;
         let options = read_u8(&mut bytes)?;
+        // fleetshift: bits 6 and 7 are reserved (MQTT 5 §3.8.3.1).
+        if options & 0b1100_0000 != 0 {
+            return Err(Error::MalformedPacket);
+        }
         let requested_qos = options & 0b0000_0011;
 
         let nolocal = ((options >> 2) & 0b0000_0001);
@@ -108,6 +112,10 @@ mod filter {
         while bytes.has_remaining() {
             let path = read_mqtt_string(bytes)?;
             let options = read_u8(bytes)?;
+            // fleetshift: bits 6 and 7 are reserved (MQTT 5 §3.8.3.1).
+            if options & 0b1100_0000 != 0 {
+                return Err(Error::MalformedPacket);
+            }
             let requested_qos = options & 0b0000_0011;
 
             let nolocal = (options >> 2) & 0b0000_0001;
