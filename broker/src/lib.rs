@@ -21,6 +21,7 @@ pub mod frontdoor;
 pub mod metrics;
 pub mod mosquitto;
 mod router;
+pub mod slots;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::frontdoor::Metrics;
+use crate::slots::{Held, Slots};
 
 /// Longest request head read; a scrape is one short line and a few headers.
 const MAX_HEAD: usize = 8 * 1024;
@@ -159,7 +160,8 @@ pub fn render(metrics: &Metrics) -> String {
 
 /// Serves `GET /metrics` until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: CancellationToken) {
-    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    // At most 16 scrapes at once; silent clients are closed for newer ones.
+    let slots = Slots::new(MAX_CONNECTIONS);
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => return,
@@ -174,20 +176,23 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: Cancellat
                 }
             },
         };
-        // Closed at once beyond the limit: idle clients cannot hold the
-        // broker's descriptors.
-        let Ok(held) = open.clone().try_acquire_owned() else {
+        let Some(claim) = slots.claim() else {
             continue;
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let _held = held;
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &metrics)).await;
+            let Some(held) = claim.take().await else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &metrics, &held)) => {}
+                _ = held.closing().cancelled() => {}
+            }
         });
     }
 }
 
-async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+async fn answer(mut stream: TcpStream, metrics: &Metrics, held: &Held) -> std::io::Result<()> {
     let mut head = Vec::new();
     let mut chunk = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -197,6 +202,7 @@ async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()>
         }
         head.extend_from_slice(&chunk[..n]);
     }
+    held.received();
     let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
     let mut parts = line.split(|b| *b == b' ');
     let (method, path) = (parts.next(), parts.next());

@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleet_broker::slots::Slots;
 use rumqttc::AsyncClient;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -86,9 +87,11 @@ pub struct Admin {
 }
 
 pub async fn serve(admin: Arc<Admin>, listener: TcpListener, shutdown: CancellationToken) {
-    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let readers = Arc::new(Readers::default());
-    let mut next_id = 0u64;
+    // At the limit, the oldest connection that has not sent its whole
+    // request yet is closed for a newcomer: silent clients cannot keep the
+    // operator out, nor hold the descriptors the process shares with the
+    // broker.
+    let slots = Slots::new(MAX_CONNECTIONS);
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -103,35 +106,23 @@ pub async fn serve(admin: Arc<Admin>, listener: TcpListener, shutdown: Cancellat
                 }
             },
         };
-        // At the limit, the oldest connection that has not sent its whole
-        // request yet is closed, and this one waits for the slot it frees:
-        // silent clients cannot keep the operator out. With none to close,
-        // this one is closed at once.
-        let slot = open.clone().try_acquire_owned();
-        if slot.is_err() && !readers.evict_oldest() {
+        let Some(claim) = slots.claim() else {
             debug!(%peer, "admin connection refused: {MAX_CONNECTIONS} requests in progress");
             continue;
-        }
-        next_id += 1;
-        let (id, reading) = (next_id, CancellationToken::new());
-        let (admin, open, readers) = (admin.clone(), open.clone(), readers.clone());
+        };
+        let admin = admin.clone();
         tokio::spawn(async move {
-            let _held = match slot {
-                Ok(held) => held,
-                Err(_) => match tokio::time::timeout(EVICTION_WAIT, open.acquire_owned()).await {
-                    Ok(Ok(held)) => held,
-                    _ => return,
-                },
+            let Some(held) = claim.take().await else {
+                return;
             };
-            readers.add(id, reading.clone());
             let request = tokio::select! {
                 r = tokio::time::timeout(READ_TIMEOUT, read_request_from(stream)) => r,
-                _ = reading.cancelled() => {
+                _ = held.closing().cancelled() => {
                     debug!(%peer, "admin connection closed for a newer one: no request yet");
                     return;
                 }
             };
-            readers.remove(id);
+            held.received();
             let Ok((stream, request)) = request else {
                 debug!(%peer, "admin request not received within {READ_TIMEOUT:?}");
                 return;
@@ -154,33 +145,6 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a request may take to be carried out and answered.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How long a newcomer waits for the slot of the connection it closed.
-const EVICTION_WAIT: Duration = Duration::from_secs(1);
-
-/// The connections still reading their request, oldest first.
-#[derive(Default)]
-struct Readers(std::sync::Mutex<BTreeMap<u64, CancellationToken>>);
-
-impl Readers {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, CancellationToken>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn add(&self, id: u64, token: CancellationToken) {
-        self.lock().insert(id, token);
-    }
-
-    fn remove(&self, id: u64) {
-        self.lock().remove(&id);
-    }
-
-    /// Closes the oldest; whether there was one.
-    fn evict_oldest(&self) -> bool {
-        let oldest = self.lock().pop_first();
-        oldest.map(|(_, token)| token.cancel()).is_some()
-    }
-}
 
 type Request = Result<(String, String, Vec<u8>), String>;
 
