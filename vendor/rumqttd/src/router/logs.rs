@@ -45,6 +45,10 @@ impl Storage for PublishData {
     }
 }
 
+/// fleetshift: at most this many topics' matching filters are cached
+/// (`DataLog::matches`); past it, the cache starts again empty.
+pub const PUBLISH_FILTERS_MAX: usize = 1 << 16;
+
 /// Stores 'device' data and 'actions' data in native commitlog
 /// organized by subscription filter. Device data is replicated
 /// while actions data is not
@@ -295,12 +299,24 @@ impl DataLog {
                 }
 
                 if !v.is_empty() {
+                    // fleetshift: the cache is bounded. Every topic anyone
+                    // published to a filter with a reader stayed in it, so
+                    // clients with ever new ids (one topic each, matched by
+                    // the manager's wildcard filters) grew it for good.
+                    if self.publish_filters.len() >= PUBLISH_FILTERS_MAX {
+                        self.publish_filters.clear();
+                    }
                     self.publish_filters.insert(topic.to_owned(), v.clone());
                 }
 
                 Some(v)
             }
         }
+    }
+
+    /// fleetshift: topics whose matching filters are cached.
+    pub fn topics_cached(&self) -> usize {
+        self.publish_filters.len()
     }
 
     pub fn next_native_offset(&mut self, filter: &str) -> (FilterIdx, Offset) {
@@ -700,6 +716,30 @@ mod test {
                 assert_eq!(got, want, "topic {topic:?}, {split} filters first");
             }
         }
+    }
+
+    /// fleetshift: topics published once each, all matched by a wildcard
+    /// filter, leave at most `PUBLISH_FILTERS_MAX` cached, and each still
+    /// gets its filter.
+    #[test]
+    fn the_publish_cache_is_bounded() {
+        let config = RouterConfig {
+            max_segment_size: 1024,
+            max_connections: 10,
+            max_segment_count: 10,
+            max_outgoing_packet_count: 1024,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Strategy::RoundRobin,
+        };
+        let mut data = DataLog::new(config).unwrap();
+        let (idx, _) = data.next_native_offset("fleet/v1/activate/+");
+        for n in 0..super::PUBLISH_FILTERS_MAX + 10 {
+            let topic = format!("fleet/v1/activate/d{n}");
+            assert_eq!(data.matches(&topic), Some(vec![idx]), "{topic}");
+        }
+        assert!(data.topics_cached() <= super::PUBLISH_FILTERS_MAX);
+        assert!(data.topics_cached() > 0);
     }
 
     #[test]
