@@ -144,6 +144,12 @@ const SERIES: &[Series] = &[
         "Subscription filters the router holds, each with its log.",
         |m| &m.router_filters,
     ),
+    (
+        "counter",
+        "router_messages_skipped_total",
+        "Messages subscribers never got: the router keeps at most 4 MiB per subscription filter and drops the oldest past it, read or not (a subscriber that falls that far behind, the manager under a request flood among them).",
+        |m| &m.router_skipped,
+    ),
 ];
 
 /// The Prometheus text exposition of `metrics`.

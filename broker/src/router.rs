@@ -29,6 +29,8 @@ pub struct LinkOpener {
     pub log_bytes: Arc<AtomicU64>,
     /// The subscription filters the router holds.
     pub filters: Arc<AtomicU64>,
+    /// Messages subscribers never got: the router's log dropped them first.
+    pub skipped: Arc<AtomicU64>,
 }
 
 impl LinkOpener {
@@ -94,6 +96,7 @@ pub(crate) fn start_router(config: &BrokerConfig) -> LinkOpener {
     let router = Router::new(0, router_config);
     let log_bytes = router.log_bytes();
     let filters = router.filter_count();
+    let skipped = router.skipped();
     let (router_tx, router) = router.spawn_async();
     let running = tokio::spawn(router);
     // Every link goes through the router: a broker whose router panicked
@@ -118,6 +121,7 @@ pub(crate) fn start_router(config: &BrokerConfig) -> LinkOpener {
         requests,
         log_bytes,
         filters,
+        skipped,
     }
 }
 

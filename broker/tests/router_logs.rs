@@ -562,3 +562,54 @@ async fn a_restored_session_can_unsubscribe() {
         (MARK.to_string(), b"mark".to_vec())
     );
 }
+
+/// A subscriber that falls more than the router keeps per filter (4 MiB)
+/// behind never gets the oldest of what it missed; the broker counts them
+/// (`fleetshift_broker_router_messages_skipped_total`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_a_slow_subscriber_never_gets_are_counted() {
+    let (_dir, broker, secret) = internal_broker();
+    let skipped = || broker.metrics.router_skipped.load(Ordering::Relaxed);
+    let (slow, events) = client(&broker, &secret, "slow", true);
+    let mut to_slow = subscribe(&slow, events).await;
+    let (publisher, mut events) = client(&broker, &secret, "publisher", false);
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+
+    // 6 MiB to a subscriber that acknowledges nothing: the router sends it
+    // 100 and keeps the rest, up to 4 MiB.
+    let total: u32 = 6 * 1024 * 1024 / SIZE as u32;
+    for i in 0..total {
+        publisher
+            .publish(TOPIC, QoS::AtLeastOnce, false, message(i))
+            .await
+            .unwrap();
+    }
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        held.push(
+            tokio::time::timeout(T, to_slow.recv())
+                .await
+                .expect("the first 100")
+                .unwrap(),
+        );
+    }
+    assert_eq!(skipped(), 0);
+    // It catches up: acknowledging lets the router read on, from a log
+    // that no longer has what came after those 100.
+    let mut got: Vec<u32> = held.iter().map(index).collect();
+    for p in &held {
+        slow.ack(p).await.unwrap();
+    }
+    while got.last() != Some(&(total - 1)) {
+        let p = tokio::time::timeout(T, to_slow.recv())
+            .await
+            .expect("the last message")
+            .unwrap();
+        got.push(index(&p));
+        slow.ack(&p).await.unwrap();
+    }
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "in order");
+    let missing = u64::from(total) - got.len() as u64;
+    assert!(missing > 0, "nothing was dropped: the test sent too little");
+    assert_eq!(skipped(), missing);
+}

@@ -89,6 +89,9 @@ pub struct Metrics {
     /// saved session subscribes to, and those a trim has yet to find
     /// without one.
     pub router_filters: Arc<AtomicU64>,
+    /// Messages subscribers never got: the router keeps at most 4 MiB per
+    /// subscription filter, and drops the oldest past it, read or not.
+    pub router_skipped: Arc<AtomicU64>,
 }
 
 impl Metrics {
@@ -302,6 +305,7 @@ impl Shared {
         let metrics = Arc::new(Metrics {
             router_log_bytes: link.log_bytes.clone(),
             router_filters: link.filters.clone(),
+            router_skipped: link.skipped.clone(),
             ..Metrics::default()
         });
         Arc::new(Shared {

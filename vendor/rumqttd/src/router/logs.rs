@@ -83,6 +83,9 @@ pub struct DataLog {
     /// fleetshift: the filters held (`native`), read by the broker's
     /// metrics.
     filter_count: Arc<AtomicU64>,
+    /// fleetshift: messages readers never got because the log dropped them
+    /// first (a read cursor that jumped), read by the broker's metrics.
+    pub(crate) skipped: Arc<AtomicU64>,
     /// fleetshift: a subscription ended since the last trim, so a filter
     /// may have lost its last reader.
     readers_left: bool,
@@ -141,6 +144,7 @@ impl DataLog {
             appended: 0,
             held: Arc::default(),
             filter_count: Arc::default(),
+            skipped: Arc::default(),
             readers_left: false,
             created: 0,
             read_since_trim: std::cell::Cell::new(false),
@@ -182,6 +186,11 @@ impl DataLog {
     /// fleetshift: the number of filters held, kept up to date.
     pub fn filter_count(&self) -> Arc<AtomicU64> {
         self.filter_count.clone()
+    }
+
+    /// fleetshift: the messages readers skipped, kept up to date.
+    pub fn skipped(&self) -> Arc<AtomicU64> {
+        self.skipped.clone()
     }
 
     /// fleetshift: whether enough was appended, or enough filters made,

@@ -207,6 +207,13 @@ impl Router {
         self.datalog.filter_count()
     }
 
+    /// fleetshift: added. Messages subscribers never got: their log had
+    /// dropped them (by size) before they read them, and their read cursor
+    /// jumped over them.
+    pub fn skipped(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.datalog.skipped()
+    }
+
     // fleetshift: added. `run(0)` as a future: `run_inner`'s steps, waiting
     // for an event with `recv_async`, and yielding after each round so that
     // a busy router shares its worker with the links' tasks.
@@ -1684,6 +1691,10 @@ fn forward_device_data(
     // the end of a segment a trim dropped moves to the next segment at the
     // same offset, and skips nothing.
     if start.1 != request.cursor.1 {
+        datalog.skipped.fetch_add(
+            start.1.saturating_sub(request.cursor.1),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let error = format!(
             "Read cursor start jumped from {:?} to {:?} on {}",
             request.cursor, start, request.filter
