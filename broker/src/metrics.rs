@@ -147,7 +147,7 @@ const SERIES: &[Series] = &[
     (
         "counter",
         "router_messages_skipped_total",
-        "Messages subscribers never got: the router keeps at most 4 MiB per subscription filter and drops the oldest past it, read or not (a subscriber that falls that far behind, the manager under a request flood among them).",
+        "Messages subscribers never got, counted once per subscriber that missed them: the router keeps at most 4 MiB per subscription filter and drops the oldest past it, read or not (a subscriber that falls that far behind, the manager under a request flood among them).",
         |m| &m.router_skipped,
     ),
 ];

@@ -573,10 +573,20 @@ async fn messages_a_slow_subscriber_never_gets_are_counted() {
     let (slow, events) = client(&broker, &secret, "slow", true);
     let mut to_slow = subscribe(&slow, events).await;
     let (publisher, mut events) = client(&broker, &secret, "publisher", false);
-    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    let (acked_tx, mut acked) = tokio::sync::watch::channel(0u32);
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok(event) = events.poll().await {
+            if let Event::Incoming(Packet::PubAck(_)) = event {
+                n += 1;
+                let _ = acked_tx.send(n);
+            }
+        }
+    });
 
     // 6 MiB to a subscriber that acknowledges nothing: the router sends it
-    // 100 and keeps the rest, up to 4 MiB.
+    // 100 and keeps the rest, up to 4 MiB. All of it is in the router (the
+    // broker has acknowledged every one) before the subscriber reads on.
     let total: u32 = 6 * 1024 * 1024 / SIZE as u32;
     for i in 0..total {
         publisher
@@ -584,6 +594,10 @@ async fn messages_a_slow_subscriber_never_gets_are_counted() {
             .await
             .unwrap();
     }
+    tokio::time::timeout(T, acked.wait_for(|n| *n == total))
+        .await
+        .expect("every message acknowledged by the broker")
+        .unwrap();
     let mut held = Vec::new();
     for _ in 0..100 {
         held.push(

@@ -116,6 +116,9 @@ pub async fn serve(admin: Arc<Admin>, listener: TcpListener, shutdown: Cancellat
                 return;
             };
             let request = tokio::select! {
+                // A request read in full is answered, even if a newcomer
+                // has just asked for this slot.
+                biased;
                 r = tokio::time::timeout(READ_TIMEOUT, read_request_from(stream)) => r,
                 _ = held.closing().cancelled() => {
                     debug!(%peer, "admin connection closed for a newer one: no request yet");

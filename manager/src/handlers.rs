@@ -366,8 +366,12 @@ impl Core {
 
     /// Answers a request `busy` without carrying it out: it waited `waited`
     /// for a worker, longer than `shed_after_ms` (topics.md §5.4). Nothing
-    /// is read from the store but the reply's `seq`, and nothing is
-    /// written; the request counts toward no limit.
+    /// is recorded (the reply takes a `seq`) and the request counts toward
+    /// no limit; it takes no device lock. An identical copy of a request
+    /// already carried out gets the reply recorded for it instead, as it
+    /// would from [`Core::handle`]: a device whose reply was lost must not
+    /// be sent to a fresh request that can no longer succeed (a second
+    /// `activate`).
     pub fn busy(&self, topic: &str, payload: &[u8], waited: std::time::Duration) -> Vec<Outgoing> {
         let Ok(parsed) = Topic::parse(topic) else {
             return Vec::new();
@@ -377,6 +381,13 @@ impl Core {
         else {
             return Vec::new();
         };
+        let nonce = request_nonce(*kind, device_id, payload).unwrap_or_default();
+        if let Some(cached) = self.recorded_reply(device_id, &nonce, payload) {
+            return vec![Outgoing {
+                topic: reply_topic.to_string(),
+                payload: cached,
+            }];
+        }
         self.intake
             .shed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -399,7 +410,7 @@ impl Core {
         }
         let reply = Reply {
             device_id: device_id.clone(),
-            nonce: request_nonce(*kind, device_id, payload).unwrap_or_default(),
+            nonce,
             status: Status::Busy,
             detail: Some(format!(
                 "the manager is behind: this request waited {waited_ms} ms; send it again after a pause"
@@ -410,6 +421,20 @@ impl Core {
             topic: reply_topic.to_string(),
             payload: self.sign_reply(*kind, reply).unwrap_or_default(),
         }]
+    }
+
+    /// The reply recorded for `payload` under `nonce`, if this very request
+    /// was carried out.
+    fn recorded_reply(&self, device_id: &str, nonce: &[u8], payload: &[u8]) -> Option<Vec<u8>> {
+        if nonce.is_empty() {
+            return None;
+        }
+        let rec = self
+            .store
+            .nonce(&crate::store::nonce_key(device_id, nonce))
+            .ok()??;
+        let digest = hash(MessageDigest::sha256(), payload).ok()?;
+        (rec.digest == digest.to_vec()).then_some(rec.reply)
     }
 
     /// Signs the reply, records it under the request's nonce together with
@@ -1792,6 +1817,62 @@ mod tests {
         assert_eq!(
             core.intake.shed.load(std::sync::atomic::Ordering::Relaxed),
             4
+        );
+    }
+
+    /// A copy of a request already carried out gets the reply recorded for
+    /// it, not `busy`: a device whose reply was lost, told `busy`, would
+    /// activate afresh and be refused `already_active` for good.
+    #[test]
+    fn busy_answers_a_copy_of_a_request_carried_out_with_its_reply() {
+        let (_dir, core) = core();
+        let factory = crypto::generate_p256().unwrap();
+        core.store
+            .put_registration(&crate::store::Registration {
+                sv: SCHEMA_VERSION,
+                device_id: "d1".into(),
+                initial_service: "svcA".into(),
+                factory_key: Some(ByteBuf::from(crypto::public_point(&factory).unwrap())),
+                registered_ms: now_ms(),
+            })
+            .unwrap();
+        let activate = || {
+            let eph = crypto::generate_p256().unwrap();
+            let body = ActivateRequest {
+                device_id: "d1".into(),
+                service_id: None,
+                nonce: crypto::random_bytes(16),
+                ts: now_ms(),
+                eph: crypto::public_point(&eph).unwrap(),
+            };
+            Envelope::build(Kind::Activate, &body, |tbs| crypto::sign(&factory, tbs))
+                .unwrap()
+                .encode()
+        };
+        let topic =
+            Topic::bootstrap(Route::Request(RequestKind::Activate, "d1".into())).to_string();
+        let waited = std::time::Duration::from_secs(6);
+        let request = activate();
+        let carried_out = core.handle(&topic, &request);
+        let again = core.busy(&topic, &request, waited);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].topic, carried_out[0].topic);
+        assert_eq!(
+            again[0].payload, carried_out[0].payload,
+            "the recorded reply"
+        );
+        let reply: Reply = Envelope::decode(&carried_out[0].payload)
+            .unwrap()
+            .body()
+            .unwrap();
+        assert_eq!(reply.status, Status::Ok);
+        // Another request, which was not carried out: busy.
+        let out = core.busy(&topic, &activate(), waited);
+        let reply: Reply = Envelope::decode(&out[0].payload).unwrap().body().unwrap();
+        assert_eq!(reply.status, Status::Busy);
+        assert_eq!(
+            core.intake.shed.load(std::sync::atomic::Ordering::Relaxed),
+            1
         );
     }
 

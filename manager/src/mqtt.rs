@@ -5,11 +5,12 @@
 //! connected with its certificate can publish, before those on bootstrap
 //! topics, which anyone can; a flood on the bootstrap listener does not
 //! delay devices in their services. A request that waited longer than
-//! `shed_after_ms` is answered `busy` (topics.md §5.4); one that finds
-//! [`QUEUED_BYTES_MAX`] waiting is dropped, so the event loop never stops
-//! reading (the workers' replies go out through it).
+//! `shed_after_ms` is answered `busy` (topics.md §5.4); one that finds its
+//! queue full ([`BOOTSTRAP_BYTES_MAX`], [`TENANT_BYTES_MAX`]) is dropped,
+//! so the event loop never stops reading (the workers' replies go out
+//! through it), and bootstrap requests never take the room of tenant ones.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,8 +52,13 @@ pub fn connect(config: &ManagerConfig) -> anyhow::Result<(AsyncClient, EventLoop
     Ok(AsyncClient::new(opts, 10_000))
 }
 
-/// Request bytes that may wait for a worker; past it, requests are dropped.
-pub const QUEUED_BYTES_MAX: usize = 64 << 20;
+/// Bytes of bootstrap requests that may wait for a worker; past it, more
+/// are dropped.
+pub const BOOTSTRAP_BYTES_MAX: usize = 48 << 20;
+
+/// The same for requests on tenant topics, apart: a bootstrap flood cannot
+/// fill it.
+pub const TENANT_BYTES_MAX: usize = 16 << 20;
 
 /// What a queued request is counted as besides its payload and topic.
 const QUEUED_OVERHEAD: usize = 256;
@@ -61,6 +67,7 @@ const QUEUED_OVERHEAD: usize = 256;
 struct Queued {
     arrived: Instant,
     publish: Publish,
+    tenant: bool,
 }
 
 impl Queued {
@@ -115,6 +122,8 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let (tenant_tx, tenant) = mpsc::unbounded_channel::<Queued>();
+    // Bytes waiting in each queue: bootstrap, tenant.
+    let waiting: Arc<[AtomicUsize; 2]> = Arc::default();
     let (bootstrap_tx, bootstrap) = mpsc::unbounded_channel::<Queued>();
     let shed_after = Duration::from_millis(core.config.shed_after_ms);
     let mut dropped = crate::handlers::LogPace::new(Instant::now());
@@ -140,16 +149,25 @@ pub async fn serve(
     }
     let queues = Arc::new(tokio::sync::Mutex::new(Queues { tenant, bootstrap }));
     for _ in 0..core.config.workers {
-        let (core, client, queues, crl_due) = (
+        let (core, client, queues, crl_due, stop, waiting) = (
             core.clone(),
             client.clone(),
             queues.clone(),
             crl_due.clone(),
+            shutdown.clone(),
+            waiting.clone(),
         );
         tracker.spawn(async move {
             loop {
-                let next = queues.lock().await.next().await;
+                // At shutdown what is still queued is left: its replies
+                // could not be sent.
+                let next = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => None,
+                    next = async { queues.lock().await.next().await } => next,
+                };
                 let Some(job) = next else { break };
+                waiting[usize::from(job.tenant)].fetch_sub(job.size(), Ordering::Relaxed);
                 core.intake
                     .waiting_bytes
                     .fetch_sub(job.size(), Ordering::Relaxed);
@@ -189,11 +207,17 @@ pub async fn serve(
                     session_present = ack.session_present,
                     "manager connected to broker"
                 );
-                for filter in manager_filters() {
-                    if let Err(err) = client.subscribe(filter, QoS::AtLeastOnce).await {
-                        warn!(error = %err, "subscribe failed");
+                // Sent from a task of their own: the client's channel is
+                // the one the workers' replies fill while the connection is
+                // down, and only this loop's polling empties it.
+                let subscriber = client.clone();
+                tracker.spawn(async move {
+                    for filter in manager_filters() {
+                        if let Err(err) = subscriber.subscribe(filter, QoS::AtLeastOnce).await {
+                            warn!(error = %err, "subscribe failed");
+                        }
                     }
-                }
+                });
                 // Every pending change is announced again, paced with
                 // the operator's changes (a reconnect with thousands
                 // pending sent them all at once).
@@ -219,16 +243,23 @@ pub async fn serve(
                 let _ = subscribed.send(true);
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
+                let tenant = on_tenant_topic(&p.topic);
                 let job = Queued {
                     arrived: Instant::now(),
                     publish: p,
+                    tenant,
                 };
                 let size = job.size();
                 let intake = &core.intake;
                 intake.received.fetch_add(1, Ordering::Relaxed);
-                if intake.waiting_bytes.fetch_add(size, Ordering::Relaxed) + size > QUEUED_BYTES_MAX
-                {
-                    intake.waiting_bytes.fetch_sub(size, Ordering::Relaxed);
+                let max = if tenant {
+                    TENANT_BYTES_MAX
+                } else {
+                    BOOTSTRAP_BYTES_MAX
+                };
+                let queue = &waiting[usize::from(tenant)];
+                if queue.fetch_add(size, Ordering::Relaxed) + size > max {
+                    queue.fetch_sub(size, Ordering::Relaxed);
                     intake.dropped.fetch_add(1, Ordering::Relaxed);
                     let (loud, quieted) = dropped.note(Instant::now());
                     if quieted > 0 {
@@ -238,17 +269,14 @@ pub async fn serve(
                         );
                     }
                     if loud {
-                        warn!(topic = %job.publish.topic, "request dropped: {QUEUED_BYTES_MAX} bytes of requests wait already");
+                        warn!(topic = %job.publish.topic, "request dropped: {max} bytes of its kind wait already");
                     } else {
                         debug!(topic = %job.publish.topic, "request dropped: the queue is full");
                     }
                     continue;
                 }
-                let tx = if on_tenant_topic(&job.publish.topic) {
-                    &tenant_tx
-                } else {
-                    &bootstrap_tx
-                };
+                intake.waiting_bytes.fetch_add(size, Ordering::Relaxed);
+                let tx = if tenant { &tenant_tx } else { &bootstrap_tx };
                 if tx.send(job).is_err() {
                     break;
                 }
@@ -265,7 +293,8 @@ pub async fn serve(
             }
         }
     }
-    let _ = client.disconnect().await;
+    // Not awaited: with the client's channel full, nothing would take it.
+    let _ = client.try_disconnect();
 }
 
 #[cfg(test)]
@@ -276,6 +305,7 @@ mod tests {
         Queued {
             arrived: Instant::now(),
             publish: Publish::new(topic, QoS::AtLeastOnce, vec![0u8; 10]),
+            tenant: on_tenant_topic(topic),
         }
     }
 
