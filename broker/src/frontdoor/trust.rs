@@ -564,7 +564,12 @@ impl TicketGate {
         u.withheld % TICKET_PROBE_EVERY == 0
     }
 
-    /// The certificate of the session `plain` has resumed with a ticket.
+    /// The certificate of the session `plain` is resuming with a ticket.
+    /// Counted when the ticket is taken, before the handshake ends: the
+    /// resumed connection's own new ticket is made before that. So whoever
+    /// replays a ticket's bytes (they travel in clear) can reset its
+    /// certificate's count, which only makes the broker give that
+    /// certificate tickets again.
     fn used(&self, plain: &[u8]) {
         if let Some(leaf) =
             read_ticket(plain).and_then(|t| t.chain.first().map(|c| openssl::sha::sha256(c)))
