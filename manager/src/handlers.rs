@@ -1729,6 +1729,41 @@ mod tests {
         )
     }
 
+    /// Registers `device_id` for svcA with a new factory key, returned.
+    fn registered(core: &Core, device_id: &str) -> PKey<openssl::pkey::Private> {
+        let factory = crypto::generate_p256().unwrap();
+        core.store
+            .put_registration(&crate::store::Registration {
+                sv: SCHEMA_VERSION,
+                device_id: device_id.into(),
+                initial_service: "svcA".into(),
+                factory_key: Some(ByteBuf::from(crypto::public_point(&factory).unwrap())),
+                registered_ms: now_ms(),
+            })
+            .unwrap();
+        factory
+    }
+
+    /// An activate request of `device_id` signed with `factory`, and the
+    /// ephemeral key its reply is sealed to.
+    fn activate_request(
+        device_id: &str,
+        factory: &PKey<openssl::pkey::Private>,
+    ) -> (Vec<u8>, PKey<openssl::pkey::Private>) {
+        let eph = crypto::generate_p256().unwrap();
+        let body = ActivateRequest {
+            device_id: device_id.into(),
+            service_id: None,
+            nonce: crypto::random_bytes(16),
+            ts: now_ms(),
+            eph: crypto::public_point(&eph).unwrap(),
+        };
+        let request = Envelope::build(Kind::Activate, &body, |tbs| crypto::sign(factory, tbs))
+            .unwrap()
+            .encode();
+        (request, eph)
+    }
+
     fn only_reply(core: &Core, out: &[Outgoing], topic: &str) -> Reply {
         assert_eq!(out.len(), 1, "exactly one message");
         assert_eq!(out[0].topic, topic);
@@ -1826,29 +1861,8 @@ mod tests {
     #[test]
     fn busy_answers_a_copy_of_a_request_carried_out_with_its_reply() {
         let (_dir, core) = core();
-        let factory = crypto::generate_p256().unwrap();
-        core.store
-            .put_registration(&crate::store::Registration {
-                sv: SCHEMA_VERSION,
-                device_id: "d1".into(),
-                initial_service: "svcA".into(),
-                factory_key: Some(ByteBuf::from(crypto::public_point(&factory).unwrap())),
-                registered_ms: now_ms(),
-            })
-            .unwrap();
-        let activate = || {
-            let eph = crypto::generate_p256().unwrap();
-            let body = ActivateRequest {
-                device_id: "d1".into(),
-                service_id: None,
-                nonce: crypto::random_bytes(16),
-                ts: now_ms(),
-                eph: crypto::public_point(&eph).unwrap(),
-            };
-            Envelope::build(Kind::Activate, &body, |tbs| crypto::sign(&factory, tbs))
-                .unwrap()
-                .encode()
-        };
+        let factory = registered(&core, "d1");
+        let activate = || activate_request("d1", &factory).0;
         let topic =
             Topic::bootstrap(Route::Request(RequestKind::Activate, "d1".into())).to_string();
         let waited = std::time::Duration::from_secs(6);
@@ -1881,30 +1895,12 @@ mod tests {
     #[test]
     fn a_lost_rekey_reply_can_be_asked_for_again() {
         let (_dir, core) = core();
-        let factory = crypto::generate_p256().unwrap();
-        core.store
-            .put_registration(&crate::store::Registration {
-                sv: SCHEMA_VERSION,
-                device_id: "d1".into(),
-                initial_service: "svcA".into(),
-                factory_key: Some(ByteBuf::from(crypto::public_point(&factory).unwrap())),
-                registered_ms: now_ms(),
-            })
-            .unwrap();
-        let eph = crypto::generate_p256().unwrap();
-        let body = ActivateRequest {
-            device_id: "d1".into(),
-            service_id: None,
-            nonce: crypto::random_bytes(16),
-            ts: now_ms(),
-            eph: crypto::public_point(&eph).unwrap(),
-        };
-        let env =
-            Envelope::build(Kind::Activate, &body, |tbs| crypto::sign(&factory, tbs)).unwrap();
+        let factory = registered(&core, "d1");
+        let (request, eph) = activate_request("d1", &factory);
         let reply = ask(
             &core,
             &Topic::bootstrap(Route::Request(RequestKind::Activate, "d1".into())),
-            env.encode(),
+            request,
         );
         assert_eq!(reply.status, Status::Ok);
         let uuid = crypto::unseal(&eph, "d1", reply.uuid.as_ref().unwrap()).unwrap();
