@@ -6,9 +6,9 @@
 //! topics, which anyone can; a flood on the bootstrap listener does not
 //! delay devices in their services. A request that waited longer than
 //! `shed_after_ms` is answered `busy` (topics.md §5.4); one that finds its
-//! queue full ([`BOOTSTRAP_BYTES_MAX`], [`TENANT_BYTES_MAX`]) is dropped,
-//! so the event loop never stops reading (the workers' replies go out
-//! through it), and bootstrap requests never take the room of tenant ones.
+//! queue full ([`QUEUED_BYTES_MAX`]) is dropped, so the event loop never
+//! stops reading (the workers' replies go out through it), and no class
+//! of requests takes the room of another.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -52,13 +52,35 @@ pub fn connect(config: &ManagerConfig) -> anyhow::Result<(AsyncClient, EventLoop
     Ok(AsyncClient::new(opts, 10_000))
 }
 
-/// Bytes of bootstrap requests that may wait for a worker; past it, more
-/// are dropped.
-pub const BOOTSTRAP_BYTES_MAX: usize = 48 << 20;
+/// Bytes of requests that may wait for a worker, by [`Class`]; past it,
+/// more of that class are dropped. Each class has its own, so a bootstrap
+/// flood of ids nobody registered takes no room from the others.
+pub const QUEUED_BYTES_MAX: [usize; 3] = [16 << 20, 40 << 20, 8 << 20];
 
-/// The same for requests on tenant topics, apart: a bootstrap flood cannot
-/// fill it.
-pub const TENANT_BYTES_MAX: usize = 16 << 20;
+/// Who sent a request, as far as its topic tells, in the order workers
+/// take them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// On a tenant topic: a device connected with its certificate.
+    Tenant = 0,
+    /// On a bootstrap topic, for a device id the registry has.
+    Registered = 1,
+    /// On a bootstrap topic, for any other id: anyone may send these.
+    Unknown = 2,
+}
+
+impl Class {
+    fn of(core: &Core, topic: &str) -> Class {
+        match fleet_protocol::Topic::parse(topic) {
+            Ok(t) if t.tenant.is_some() => Class::Tenant,
+            Ok(fleet_protocol::Topic {
+                route: fleet_protocol::Route::Request(_, device),
+                ..
+            }) if core.store.is_registered(&device) => Class::Registered,
+            _ => Class::Unknown,
+        }
+    }
+}
 
 /// What a queued request is counted as besides its payload and topic.
 const QUEUED_OVERHEAD: usize = 256;
@@ -67,7 +89,7 @@ const QUEUED_OVERHEAD: usize = 256;
 struct Queued {
     arrived: Instant,
     publish: Publish,
-    tenant: bool,
+    class: Class,
 }
 
 impl Queued {
@@ -76,10 +98,11 @@ impl Queued {
     }
 }
 
-/// The two queues, tenant first.
+/// The three queues, one per [`Class`], taken in its order.
 struct Queues {
     tenant: mpsc::UnboundedReceiver<Queued>,
-    bootstrap: mpsc::UnboundedReceiver<Queued>,
+    registered: mpsc::UnboundedReceiver<Queued>,
+    unknown: mpsc::UnboundedReceiver<Queued>,
 }
 
 impl Queues {
@@ -87,16 +110,11 @@ impl Queues {
         tokio::select! {
             biased;
             Some(q) = self.tenant.recv() => Some(q),
-            Some(q) = self.bootstrap.recv() => Some(q),
+            Some(q) = self.registered.recv() => Some(q),
+            Some(q) = self.unknown.recv() => Some(q),
             else => None,
         }
     }
-}
-
-/// Whether `topic` is a tenant topic (`/tenants/{s}/...`), which only a
-/// device certified for that service can publish to.
-fn on_tenant_topic(topic: &str) -> bool {
-    fleet_protocol::Topic::parse(topic).is_ok_and(|t| t.tenant.is_some())
 }
 
 pub async fn publish_all(client: &AsyncClient, out: Vec<Outgoing>) {
@@ -122,9 +140,10 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let (tenant_tx, tenant) = mpsc::unbounded_channel::<Queued>();
-    // Bytes waiting in each queue: bootstrap, tenant.
-    let waiting: Arc<[AtomicUsize; 2]> = Arc::default();
-    let (bootstrap_tx, bootstrap) = mpsc::unbounded_channel::<Queued>();
+    let (registered_tx, registered) = mpsc::unbounded_channel::<Queued>();
+    let (unknown_tx, unknown) = mpsc::unbounded_channel::<Queued>();
+    // Bytes waiting in each queue, by `Class`.
+    let waiting: Arc<[AtomicUsize; 3]> = Arc::default();
     let shed_after = Duration::from_millis(core.config.shed_after_ms);
     let mut dropped = crate::handlers::LogPace::new(Instant::now());
     // CRLs are rewritten by one task, at most every CRL_DEBOUNCE, after the
@@ -147,7 +166,11 @@ pub async fn serve(
             let _ = tokio::task::spawn_blocking(move || core.write_pending_crls()).await;
         });
     }
-    let queues = Arc::new(tokio::sync::Mutex::new(Queues { tenant, bootstrap }));
+    let queues = Arc::new(tokio::sync::Mutex::new(Queues {
+        tenant,
+        registered,
+        unknown,
+    }));
     for _ in 0..core.config.workers {
         let (core, client, queues, crl_due, stop, waiting) = (
             core.clone(),
@@ -167,11 +190,18 @@ pub async fn serve(
                     next = async { queues.lock().await.next().await } => next,
                 };
                 let Some(job) = next else { break };
-                waiting[usize::from(job.tenant)].fetch_sub(job.size(), Ordering::Relaxed);
+                waiting[job.class as usize].fetch_sub(job.size(), Ordering::Relaxed);
                 core.intake
                     .waiting_bytes
                     .fetch_sub(job.size(), Ordering::Relaxed);
                 let waited = job.arrived.elapsed();
+                // For an id nobody registered, `busy` (a signature) is not
+                // worth its cost: such a request is dropped (§5.4).
+                if job.class == Class::Unknown && waited > shed_after {
+                    core.intake.dropped.fetch_add(1, Ordering::Relaxed);
+                    debug!(topic = %job.publish.topic, "request for an unregistered id dropped: it waited {waited:?}");
+                    continue;
+                }
                 let core2 = core.clone();
                 let publish = job.publish;
                 let out = tokio::task::spawn_blocking(move || {
@@ -243,21 +273,17 @@ pub async fn serve(
                 let _ = subscribed.send(true);
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                let tenant = on_tenant_topic(&p.topic);
+                let class = Class::of(&core, &p.topic);
                 let job = Queued {
                     arrived: Instant::now(),
                     publish: p,
-                    tenant,
+                    class,
                 };
                 let size = job.size();
                 let intake = &core.intake;
                 intake.received.fetch_add(1, Ordering::Relaxed);
-                let max = if tenant {
-                    TENANT_BYTES_MAX
-                } else {
-                    BOOTSTRAP_BYTES_MAX
-                };
-                let queue = &waiting[usize::from(tenant)];
+                let max = QUEUED_BYTES_MAX[class as usize];
+                let queue = &waiting[class as usize];
                 if queue.fetch_add(size, Ordering::Relaxed) + size > max {
                     queue.fetch_sub(size, Ordering::Relaxed);
                     intake.dropped.fetch_add(1, Ordering::Relaxed);
@@ -276,7 +302,11 @@ pub async fn serve(
                     continue;
                 }
                 intake.waiting_bytes.fetch_add(size, Ordering::Relaxed);
-                let tx = if tenant { &tenant_tx } else { &bootstrap_tx };
+                let tx = match class {
+                    Class::Tenant => &tenant_tx,
+                    Class::Registered => &registered_tx,
+                    Class::Unknown => &unknown_tx,
+                };
                 if tx.send(job).is_err() {
                     break;
                 }
@@ -301,34 +331,68 @@ pub async fn serve(
 mod tests {
     use super::*;
 
-    fn queued(topic: &str) -> Queued {
+    fn queued(topic: &str, class: Class) -> Queued {
         Queued {
             arrived: Instant::now(),
             publish: Publish::new(topic, QoS::AtLeastOnce, vec![0u8; 10]),
-            tenant: on_tenant_topic(topic),
+            class,
+        }
+    }
+
+    #[test]
+    fn a_request_is_classed_by_its_topic_and_the_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(&dir.path().join("store")).unwrap();
+        let pki = fleet_pki::Pki::open_or_create(&dir.path().join("certs")).unwrap();
+        let core = Core::new(store, Arc::new(pki), ManagerConfig::default());
+        core.store
+            .put_registration(&crate::store::Registration {
+                sv: crate::store::SCHEMA_VERSION,
+                device_id: "dev1".into(),
+                initial_service: "svcA".into(),
+                factory_key: None,
+                registered_ms: fleet_protocol::now_ms(),
+            })
+            .unwrap();
+        for (topic, class) in [
+            ("/tenants/svcA/fleet/v1/poll/dev1", Class::Tenant),
+            ("/tenants/svcA/fleet/v1/poll/ghost", Class::Tenant),
+            ("fleet/v1/activate/dev1", Class::Registered),
+            ("fleet/v1/update/dev1", Class::Registered),
+            ("fleet/v1/activate/ghost", Class::Unknown),
+            ("fleet/v1/activate/dev1/reply", Class::Unknown),
+            ("garbage", Class::Unknown),
+        ] {
+            assert_eq!(Class::of(&core, topic), class, "{topic}");
         }
     }
 
     #[tokio::test]
-    async fn tenant_requests_are_taken_before_bootstrap_ones() {
+    async fn tenant_then_registered_then_unknown() {
         let (tenant_tx, tenant) = mpsc::unbounded_channel();
-        let (bootstrap_tx, bootstrap) = mpsc::unbounded_channel();
-        let mut queues = Queues { tenant, bootstrap };
-        for topic in [
-            "fleet/v1/activate/a",
-            "fleet/v1/update/b",
-            "/tenants/svcA/fleet/v1/poll/c",
-            "fleet/v1/poll/d",
-            "/tenants/svcB/fleet/v1/status/e",
+        let (registered_tx, registered) = mpsc::unbounded_channel();
+        let (unknown_tx, unknown) = mpsc::unbounded_channel();
+        let mut queues = Queues {
+            tenant,
+            registered,
+            unknown,
+        };
+        for (topic, class) in [
+            ("fleet/v1/activate/ghost", Class::Unknown),
+            ("fleet/v1/activate/dev1", Class::Registered),
+            ("/tenants/svcA/fleet/v1/poll/c", Class::Tenant),
+            ("fleet/v1/poll/ghost2", Class::Unknown),
+            ("fleet/v1/update/dev2", Class::Registered),
+            ("/tenants/svcB/fleet/v1/status/e", Class::Tenant),
         ] {
-            let tx = if on_tenant_topic(topic) {
-                &tenant_tx
-            } else {
-                &bootstrap_tx
+            let tx = match class {
+                Class::Tenant => &tenant_tx,
+                Class::Registered => &registered_tx,
+                Class::Unknown => &unknown_tx,
             };
-            tx.send(queued(topic)).unwrap();
+            tx.send(queued(topic, class)).unwrap();
         }
-        drop((tenant_tx, bootstrap_tx));
+        drop((tenant_tx, registered_tx, unknown_tx));
         let mut order = Vec::new();
         while let Some(q) = queues.next().await {
             order.push(q.publish.topic);
@@ -338,17 +402,11 @@ mod tests {
             [
                 "/tenants/svcA/fleet/v1/poll/c",
                 "/tenants/svcB/fleet/v1/status/e",
-                "fleet/v1/activate/a",
-                "fleet/v1/update/b",
-                "fleet/v1/poll/d",
+                "fleet/v1/activate/dev1",
+                "fleet/v1/update/dev2",
+                "fleet/v1/activate/ghost",
+                "fleet/v1/poll/ghost2",
             ]
         );
-    }
-
-    #[test]
-    fn only_tenant_topics_count_as_tenant() {
-        assert!(on_tenant_topic("/tenants/svcA/fleet/v1/update/dev1"));
-        assert!(!on_tenant_topic("fleet/v1/update/dev1"));
-        assert!(!on_tenant_topic("garbage"));
     }
 }

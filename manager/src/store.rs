@@ -250,6 +250,11 @@ impl Store {
         Ok(())
     }
 
+    /// Whether the registry has `device_id` (a store error counts as no).
+    pub fn is_registered(&self, device_id: &str) -> bool {
+        self.registrations.contains_key(device_id).unwrap_or(false)
+    }
+
     pub fn registration(&self, device_id: &str) -> Result<Option<Registration>, StoreError> {
         self.registrations
             .get(device_id)?

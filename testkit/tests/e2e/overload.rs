@@ -66,6 +66,39 @@ async fn ghost_activations(probe: &Probe, n: usize) -> Vec<(String, Vec<u8>)> {
     sent
 }
 
+/// Registers `n` ids, `reg-0000` and on, with a factory key nobody holds.
+async fn register(fleet: &Fleet, n: usize) -> Vec<String> {
+    let point = crypto::public_point(&crypto::generate_p256().unwrap()).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = format!("reg-{i:04}");
+        fleet.register(&id, "svcA", Some(&point)).await.unwrap();
+        ids.push(id);
+    }
+    ids
+}
+
+/// Activate requests for `ids`, signed with a key that is not theirs,
+/// published on their bootstrap topics; their nonces by id.
+async fn imposter_activations(probe: &Probe, ids: &[String]) -> Vec<(String, Vec<u8>)> {
+    let key = crypto::generate_p256().unwrap();
+    let mut sent = Vec::new();
+    for id in ids {
+        let id = id.clone();
+        let eph = crypto::generate_p256().unwrap();
+        let request = activate_request(&id, &eph, &key);
+        let nonce = Envelope::decode(&request)
+            .unwrap()
+            .body::<fleet_protocol::ActivateRequest>()
+            .unwrap()
+            .nonce;
+        let topic = Topic::bootstrap(Route::Request(RequestKind::Activate, id.clone()));
+        probe.publish(&topic.to_string(), request).await.unwrap();
+        sent.push((id, nonce));
+    }
+    sent
+}
+
 /// Waits until the broker has routed the `n` requests whose topics start
 /// with `prefix` (the probe subscribes to its own requests).
 async fn routed(probe: &Probe, prefix: &str, n: usize) {
@@ -96,9 +129,12 @@ fn reply_on(fleet: &Fleet, probe: &Probe, topic: &str) -> Option<Reply> {
 #[tokio::test]
 async fn requests_that_waited_too_long_are_answered_busy_and_change_nothing() {
     let (mut fleet, probe, mut dev) = fleet(1, false).await;
+    // Requests for registered ids (with a wrong key): answered `busy`
+    // when shed, `auth_failed` when carried out.
+    let imposters = register(&fleet, 300).await;
     let before = fleet.snapshot();
     fleet.stop_manager().await;
-    let ghosts = ghost_activations(&probe, 300).await;
+    let ghosts = imposter_activations(&probe, &imposters).await;
     // dev1's real activation, behind them.
     let eph = crypto::generate_p256().unwrap();
     let request = activate_request(&dev.id, &eph, &dev.factory);
@@ -131,7 +167,7 @@ async fn requests_that_waited_too_long_are_answered_busy_and_change_nothing() {
                 assert_eq!(&reply.nonce, nonce, "{id}: a busy reply echoes the nonce");
                 assert!(reply.detail.is_some());
             }
-            Status::UnknownDevice => {}
+            Status::AuthFailed => {}
             other => panic!("{id}: {other}"),
         }
     }
@@ -216,4 +252,65 @@ async fn tenant_requests_go_before_a_backlog_of_bootstrap_ones() {
     })
     .await
     .unwrap();
+}
+
+#[tokio::test]
+async fn late_requests_for_ids_nobody_registered_are_dropped_not_answered_busy() {
+    let (mut fleet, probe, mut dev) = fleet(20, false).await;
+    fleet.stop_manager().await;
+    let ghosts = ghost_activations(&probe, GHOSTS).await;
+    routed(&probe, "fleet/v1/activate/ghost-", GHOSTS).await;
+    let activator = fleet.privileged("activator").await.unwrap();
+    fleet.start_manager().await.unwrap();
+    let intake = &fleet.core().intake;
+    tokio::time::timeout(T, async {
+        while intake.received.load(Ordering::Relaxed) < GHOSTS as u64 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the backlog to reach the manager");
+    // dev1, registered, activates behind them (the manager's unit tests
+    // fix the order in which it takes them): it is carried out.
+    let eph = crypto::generate_p256().unwrap();
+    let request = activate_request(&dev.id, &eph, &dev.factory);
+    let topic = Topic::bootstrap(Route::Request(RequestKind::Activate, dev.id.clone()));
+    activator
+        .publish(&topic.to_string(), request)
+        .await
+        .unwrap();
+    let reply_topic =
+        Topic::bootstrap(Route::Reply(RequestKind::Activate, dev.id.clone())).to_string();
+    probe.wait_for(&reply_topic, 1, T).await.unwrap();
+    let reply = reply_on(&fleet, &probe, &reply_topic).unwrap();
+    assert_eq!(reply.status, Status::Ok, "{reply:?}");
+    dev.uuid = crypto::unseal(&eph, &dev.id, reply.uuid.as_ref().unwrap()).ok();
+    assert!(dev.uuid.is_some());
+
+    // Those that waited more than 20 ms are dropped, unanswered: never
+    // `busy`, whose signature an anonymous flood is not worth.
+    let is_ghost_reply = |m: &&fleet_testkit::Received| {
+        m.topic.starts_with("fleet/v1/activate/ghost-") && m.topic.ends_with("/reply")
+    };
+    let settled = eventually(T, "every ghost answered or dropped", || {
+        let answered = probe.messages().iter().filter(is_ghost_reply).count() as u64;
+        let dropped = intake.dropped.load(Ordering::Relaxed);
+        async move { (answered + dropped == GHOSTS as u64).then_some((answered, dropped)) }
+    })
+    .await
+    .unwrap();
+    assert!(
+        settled.1 > 0,
+        "none dropped: the backlog never waited 100 ms"
+    );
+    assert_eq!(
+        intake.shed.load(Ordering::Relaxed),
+        0,
+        "a ghost answered busy"
+    );
+    for m in probe.messages().iter().filter(is_ghost_reply) {
+        let reply: Reply = Envelope::decode(&m.payload).unwrap().body().unwrap();
+        assert_eq!(reply.status, Status::UnknownDevice);
+    }
+    drop(ghosts);
 }
