@@ -207,6 +207,10 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
     common(&mut conf, "acl");
     let _ = writeln!(conf, "allow_anonymous false");
     let _ = writeln!(conf, "password_file {out}/passwd");
+    // The manager takes bootstrap requests at QoS 0 (topics.md §5.4); its
+    // session keeps them while it is away, as it does on the embedded
+    // broker.
+    let _ = writeln!(conf, "queue_qos0_messages true");
     let _ = writeln!(
         conf,
         "\n# internal: the manager and the bootstrap bridge (username and secret)"

@@ -242,8 +242,21 @@ pub async fn serve(
                 // down, and only this loop's polling empties it.
                 let subscriber = client.clone();
                 tracker.spawn(async move {
+                    // Bootstrap requests at QoS 0: the broker then hands
+                    // them over without waiting for an acknowledgement of
+                    // each 100, which held the manager to about 5,600 a
+                    // second under a flood, while the broker skipped the
+                    // rest (BENCHMARKS.md, "A request flood"); the manager's
+                    // own queues decide what is dropped. A request in
+                    // flight when the connection drops is lost; its device
+                    // asks again. Tenant requests stay at QoS 1.
                     for filter in manager_filters() {
-                        if let Err(err) = subscriber.subscribe(filter, QoS::AtLeastOnce).await {
+                        let qos = if filter.starts_with("/tenants/") {
+                            QoS::AtLeastOnce
+                        } else {
+                            QoS::AtMostOnce
+                        };
+                        if let Err(err) = subscriber.subscribe(filter, qos).await {
                             warn!(error = %err, "subscribe failed");
                         }
                     }
