@@ -45,25 +45,9 @@ async fn fleet(shed_after_ms: u64, active: bool) -> (Fleet, Probe, HandDevice) {
     (fleet, probe, dev)
 }
 
-/// Activate requests for `n` ids nobody registered, published on their
-/// bootstrap topics; their nonces by id.
-async fn ghost_activations(probe: &Probe, n: usize) -> Vec<(String, Vec<u8>)> {
-    let key = crypto::generate_p256().unwrap();
-    let mut sent = Vec::new();
-    for i in 0..n {
-        let id = format!("ghost-{i:04}");
-        let eph = crypto::generate_p256().unwrap();
-        let request = activate_request(&id, &eph, &key);
-        let nonce = Envelope::decode(&request)
-            .unwrap()
-            .body::<fleet_protocol::ActivateRequest>()
-            .unwrap()
-            .nonce;
-        let topic = Topic::bootstrap(Route::Request(RequestKind::Activate, id.clone()));
-        probe.publish(&topic.to_string(), request).await.unwrap();
-        sent.push((id, nonce));
-    }
-    sent
+/// `n` ids nobody registered.
+fn ghosts(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("ghost-{i:04}")).collect()
 }
 
 /// Registers `n` ids, `reg-0000` and on, with a factory key nobody holds.
@@ -78,15 +62,14 @@ async fn register(fleet: &Fleet, n: usize) -> Vec<String> {
     ids
 }
 
-/// Activate requests for `ids`, signed with a key that is not theirs,
+/// Activate requests for `ids`, signed with a key that is none of theirs,
 /// published on their bootstrap topics; their nonces by id.
-async fn imposter_activations(probe: &Probe, ids: &[String]) -> Vec<(String, Vec<u8>)> {
+async fn activations(probe: &Probe, ids: &[String]) -> Vec<(String, Vec<u8>)> {
     let key = crypto::generate_p256().unwrap();
     let mut sent = Vec::new();
     for id in ids {
-        let id = id.clone();
         let eph = crypto::generate_p256().unwrap();
-        let request = activate_request(&id, &eph, &key);
+        let request = activate_request(id, &eph, &key);
         let nonce = Envelope::decode(&request)
             .unwrap()
             .body::<fleet_protocol::ActivateRequest>()
@@ -94,7 +77,7 @@ async fn imposter_activations(probe: &Probe, ids: &[String]) -> Vec<(String, Vec
             .nonce;
         let topic = Topic::bootstrap(Route::Request(RequestKind::Activate, id.clone()));
         probe.publish(&topic.to_string(), request).await.unwrap();
-        sent.push((id, nonce));
+        sent.push((id.clone(), nonce));
     }
     sent
 }
@@ -134,7 +117,7 @@ async fn requests_that_waited_too_long_are_answered_busy_and_change_nothing() {
     let imposters = register(&fleet, 300).await;
     let before = fleet.snapshot();
     fleet.stop_manager().await;
-    let ghosts = imposter_activations(&probe, &imposters).await;
+    let ghosts = activations(&probe, &imposters).await;
     // dev1's real activation, behind them.
     let eph = crypto::generate_p256().unwrap();
     let request = activate_request(&dev.id, &eph, &dev.factory);
@@ -197,7 +180,7 @@ const GHOSTS: usize = 5000;
 async fn tenant_requests_go_before_a_backlog_of_bootstrap_ones() {
     let (mut fleet, probe, dev) = fleet(60_000, true).await;
     fleet.stop_manager().await;
-    let ghosts = ghost_activations(&probe, GHOSTS).await;
+    let ghosts = activations(&probe, &ghosts(GHOSTS)).await;
     routed(&probe, "fleet/v1/activate/ghost-", GHOSTS).await;
     // The poll goes out on a connection of its own, not behind the replies.
     let poller = fleet.privileged("poller").await.unwrap();
@@ -258,7 +241,7 @@ async fn tenant_requests_go_before_a_backlog_of_bootstrap_ones() {
 async fn late_requests_for_ids_nobody_registered_are_dropped_not_answered_busy() {
     let (mut fleet, probe, mut dev) = fleet(20, false).await;
     fleet.stop_manager().await;
-    let ghosts = ghost_activations(&probe, GHOSTS).await;
+    let ghosts = activations(&probe, &ghosts(GHOSTS)).await;
     routed(&probe, "fleet/v1/activate/ghost-", GHOSTS).await;
     let activator = fleet.privileged("activator").await.unwrap();
     fleet.start_manager().await.unwrap();
