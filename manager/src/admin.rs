@@ -231,7 +231,7 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
                 "subscribed": *admin.subscribed.borrow(),
                 "requests": {
                     "received": n(&intake.received),
-                    "waiting_bytes": intake.waiting_bytes.load(std::sync::atomic::Ordering::Relaxed),
+                    "waiting_bytes": intake.waiting(),
                     "answered_busy": n(&intake.shed),
                     "dropped": n(&intake.dropped),
                 },

@@ -205,8 +205,9 @@ pub struct Core {
 pub struct Intake {
     /// Requests taken from the broker since the start.
     pub received: std::sync::atomic::AtomicU64,
-    /// Bytes of requests waiting for a worker now.
-    pub waiting_bytes: std::sync::atomic::AtomicUsize,
+    /// Bytes of requests waiting for a worker now, by queue (tenant,
+    /// registered ids, other ids; topics.md §5.4).
+    pub waiting_bytes: [std::sync::atomic::AtomicUsize; 3],
     /// Requests answered `busy`.
     pub shed: std::sync::atomic::AtomicU64,
     /// Requests dropped because the queue was full.
@@ -252,6 +253,17 @@ impl LogPace {
             (false, quieted)
         }
     }
+
+    /// [`LogPace::note`] now; logs at WARN how many `what` went to DEBUG in
+    /// the second that ended, if any, and says whether to log this one at
+    /// WARN.
+    pub(crate) fn loud(&mut self, what: &str) -> bool {
+        let (loud, quieted) = self.note(std::time::Instant::now());
+        if quieted > 0 {
+            warn!(quieted, "{what} at debug level in the last second");
+        }
+        loud
+    }
 }
 
 /// The nonce of a request whose envelope and body pass checks 1 to 7 of
@@ -276,6 +288,16 @@ fn request_nonce(kind: RequestKind, device_id: &str, payload: &[u8]) -> Option<V
         RequestKind::Update => nonce_of::<UpdateRequest>(&env, device_id),
         RequestKind::Poll => nonce_of::<PollRequest>(&env, device_id),
         RequestKind::Status => nonce_of::<StatusReport>(&env, device_id),
+    }
+}
+
+impl Intake {
+    /// Bytes of requests waiting for a worker now, in every queue.
+    pub fn waiting(&self) -> usize {
+        self.waiting_bytes
+            .iter()
+            .map(|b| b.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
     }
 }
 
@@ -391,17 +413,11 @@ impl Core {
         self.intake
             .shed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (loud, quieted) = self
+        let loud = self
             .shed_logged
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .note(std::time::Instant::now());
-        if quieted > 0 {
-            warn!(
-                quieted,
-                "requests answered busy at debug level in the last second"
-            );
-        }
+            .loud("requests answered busy");
         let waited_ms = waited.as_millis();
         if loud {
             warn!(device = %device_id, kind = %kind, waited_ms, "request answered busy: the manager is behind");
@@ -491,17 +507,11 @@ impl Core {
             }
             self.count_failure(device_id);
         }
-        let (loud, quieted) = self
+        let loud = self
             .refusals_logged
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .note(std::time::Instant::now());
-        if quieted > 0 {
-            warn!(
-                quieted,
-                "refused requests logged at debug level in the last second"
-            );
-        }
+            .loud("refused requests logged");
         if loud {
             warn!(status = %f.status, detail = %f.detail, "request refused");
         } else {
@@ -1875,15 +1885,14 @@ mod tests {
             again[0].payload, carried_out[0].payload,
             "the recorded reply"
         );
-        let reply: Reply = Envelope::decode(&carried_out[0].payload)
-            .unwrap()
-            .body()
-            .unwrap();
-        assert_eq!(reply.status, Status::Ok);
+        let reply_topic = &carried_out[0].topic;
+        assert_eq!(
+            only_reply(&core, &carried_out, reply_topic).status,
+            Status::Ok
+        );
         // Another request, which was not carried out: busy.
         let out = core.busy(&topic, &activate(), waited);
-        let reply: Reply = Envelope::decode(&out[0].payload).unwrap().body().unwrap();
-        assert_eq!(reply.status, Status::Busy);
+        assert_eq!(only_reply(&core, &out, reply_topic).status, Status::Busy);
         assert_eq!(
             core.intake.shed.load(std::sync::atomic::Ordering::Relaxed),
             1

@@ -10,7 +10,7 @@
 //! stops reading (the workers' replies go out through it), and no class
 //! of requests takes the room of another.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -142,8 +142,6 @@ pub async fn serve(
     let (tenant_tx, tenant) = mpsc::unbounded_channel::<Queued>();
     let (registered_tx, registered) = mpsc::unbounded_channel::<Queued>();
     let (unknown_tx, unknown) = mpsc::unbounded_channel::<Queued>();
-    // Bytes waiting in each queue, by `Class`.
-    let waiting: Arc<[AtomicUsize; 3]> = Arc::default();
     let shed_after = Duration::from_millis(core.config.shed_after_ms);
     let mut dropped = crate::handlers::LogPace::new(Instant::now());
     // CRLs are rewritten by one task, at most every CRL_DEBOUNCE, after the
@@ -172,13 +170,12 @@ pub async fn serve(
         unknown,
     }));
     for _ in 0..core.config.workers {
-        let (core, client, queues, crl_due, stop, waiting) = (
+        let (core, client, queues, crl_due, stop) = (
             core.clone(),
             client.clone(),
             queues.clone(),
             crl_due.clone(),
             shutdown.clone(),
-            waiting.clone(),
         );
         tracker.spawn(async move {
             loop {
@@ -190,9 +187,7 @@ pub async fn serve(
                     next = async { queues.lock().await.next().await } => next,
                 };
                 let Some(job) = next else { break };
-                waiting[job.class as usize].fetch_sub(job.size(), Ordering::Relaxed);
-                core.intake
-                    .waiting_bytes
+                core.intake.waiting_bytes[job.class as usize]
                     .fetch_sub(job.size(), Ordering::Relaxed);
                 let waited = job.arrived.elapsed();
                 // For an id nobody registered, `busy` (a signature) is not
@@ -296,25 +291,17 @@ pub async fn serve(
                 let intake = &core.intake;
                 intake.received.fetch_add(1, Ordering::Relaxed);
                 let max = QUEUED_BYTES_MAX[class as usize];
-                let queue = &waiting[class as usize];
+                let queue = &intake.waiting_bytes[class as usize];
                 if queue.fetch_add(size, Ordering::Relaxed) + size > max {
                     queue.fetch_sub(size, Ordering::Relaxed);
                     intake.dropped.fetch_add(1, Ordering::Relaxed);
-                    let (loud, quieted) = dropped.note(Instant::now());
-                    if quieted > 0 {
-                        warn!(
-                            quieted,
-                            "requests dropped at debug level in the last second"
-                        );
-                    }
-                    if loud {
+                    if dropped.loud("requests dropped") {
                         warn!(topic = %job.publish.topic, "request dropped: {max} bytes of its kind wait already");
                     } else {
                         debug!(topic = %job.publish.topic, "request dropped: the queue is full");
                     }
                     continue;
                 }
-                intake.waiting_bytes.fetch_add(size, Ordering::Relaxed);
                 let tx = match class {
                     Class::Tenant => &tenant_tx,
                     Class::Registered => &registered_tx,

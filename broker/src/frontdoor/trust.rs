@@ -546,9 +546,7 @@ impl TicketGate {
     /// Whether the connection whose session is `plain` is given a ticket;
     /// counts it either way.
     fn wanted(&self, plain: &[u8]) -> bool {
-        let Some(leaf) =
-            read_ticket(plain).and_then(|t| t.chain.first().map(|c| openssl::sha::sha256(c)))
-        else {
+        let Some(leaf) = leaf_of(plain) else {
             return true;
         };
         let mut uses = self.uses.lock().unwrap_or_else(|p| p.into_inner());
@@ -571,9 +569,7 @@ impl TicketGate {
     /// certificate's count, which only makes the broker give that
     /// certificate tickets again.
     fn used(&self, plain: &[u8]) {
-        if let Some(leaf) =
-            read_ticket(plain).and_then(|t| t.chain.first().map(|c| openssl::sha::sha256(c)))
-        {
+        if let Some(leaf) = leaf_of(plain) {
             let mut uses = self.uses.lock().unwrap_or_else(|p| p.into_inner());
             uses.remove(&leaf);
         }
@@ -652,6 +648,13 @@ impl ProducesTickets for TicketGate {
             }
         }
     }
+}
+
+/// SHA-256 of the leaf certificate of the session `plain` (a decrypted
+/// ticket), by which [`TicketGate`] counts a certificate's tickets.
+fn leaf_of(plain: &[u8]) -> Option<[u8; 32]> {
+    let ticket = read_ticket(plain)?;
+    ticket.chain.first().map(|leaf| openssl::sha::sha256(leaf))
 }
 
 /// What the gate reads from a decrypted ticket.

@@ -11,7 +11,7 @@ use fleet_protocol::crypto;
 use fleet_protocol::{Envelope, Reply, RequestKind, Route, Status, Topic};
 use fleet_testkit::{eventually, Fleet, Probe};
 
-use crate::wire::{activate, activate_request, poll, HandDevice};
+use crate::wire::{activate, activate_request, poll, with_device, HandDevice};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -25,13 +25,7 @@ async fn fleet(shed_after_ms: u64, active: bool) -> (Fleet, Probe, HandDevice) {
     })
     .await
     .unwrap();
-    let mut dev = HandDevice::new("dev1");
-    fleet
-        .register(&dev.id, "svcA", Some(&dev.factory_point()))
-        .await
-        .unwrap();
-    let probe = fleet.privileged("tester").await.unwrap();
-    probe.subscribe("fleet/v1/+/+/reply").await.unwrap();
+    let (fleet, probe, mut dev) = with_device(fleet, "dev1").await;
     probe
         .subscribe("/tenants/+/fleet/v1/+/+/reply")
         .await
@@ -95,6 +89,20 @@ async fn routed(probe: &Probe, prefix: &str, n: usize) {
     })
     .await
     .unwrap();
+}
+
+/// Waits until the manager has taken `n` requests from the broker, polled
+/// every millisecond: `eventually` backs off to 200 ms, in which its one
+/// worker would carry out some 2,000.
+async fn taken_in(fleet: &Fleet, n: usize) {
+    let received = &fleet.core().intake.received;
+    tokio::time::timeout(T, async {
+        while received.load(Ordering::Relaxed) < n as u64 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the backlog to reach the manager");
 }
 
 /// The reply on `topic`, its manager signature checked.
@@ -187,16 +195,7 @@ async fn tenant_requests_go_before_a_backlog_of_bootstrap_ones() {
     fleet.start_manager().await.unwrap();
     // Once the manager has taken them all in (its one worker needs some
     // 400 ms for them), dev1 polls from its tenant.
-    // Polled every millisecond: `eventually` backs off to 200 ms, in which
-    // the worker would take some 2,000.
-    let intake = &fleet.core().intake.received;
-    tokio::time::timeout(T, async {
-        while intake.load(Ordering::Relaxed) < GHOSTS as u64 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    })
-    .await
-    .expect("the backlog to reach the manager");
+    taken_in(&fleet, GHOSTS).await;
     let uuid = dev.uuid.clone().unwrap();
     let request = poll(
         &dev,
@@ -245,14 +244,8 @@ async fn late_requests_for_ids_nobody_registered_are_dropped_not_answered_busy()
     routed(&probe, "fleet/v1/activate/ghost-", GHOSTS).await;
     let activator = fleet.privileged("activator").await.unwrap();
     fleet.start_manager().await.unwrap();
+    taken_in(&fleet, GHOSTS).await;
     let intake = &fleet.core().intake;
-    tokio::time::timeout(T, async {
-        while intake.received.load(Ordering::Relaxed) < GHOSTS as u64 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    })
-    .await
-    .expect("the backlog to reach the manager");
     // dev1, registered, activates behind them (the manager's unit tests
     // fix the order in which it takes them): it is carried out.
     let eph = crypto::generate_p256().unwrap();

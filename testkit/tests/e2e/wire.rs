@@ -72,15 +72,21 @@ pub fn activate_request(device_id: &str, eph: &PKey<Private>, key: &PKey<Private
 /// A fleet with `device_id` registered on `svcA` and activated by hand, and
 /// a privileged client listening on every bootstrap reply topic.
 pub async fn fleet_with_active_device(device_id: &str) -> (Fleet, Probe, HandDevice) {
-    let fleet = Fleet::start().await.unwrap();
-    let mut dev = HandDevice::new(device_id);
+    let (fleet, probe, mut dev) = with_device(Fleet::start().await.unwrap(), device_id).await;
+    activate(&fleet, &probe, &mut dev).await;
+    (fleet, probe, dev)
+}
+
+/// `fleet` with `device_id` registered on `svcA`, and a privileged client
+/// listening on every bootstrap reply topic.
+pub async fn with_device(fleet: Fleet, device_id: &str) -> (Fleet, Probe, HandDevice) {
+    let dev = HandDevice::new(device_id);
     fleet
         .register(&dev.id, "svcA", Some(&dev.factory_point()))
         .await
         .unwrap();
     let probe = fleet.privileged("tester").await.unwrap();
     probe.subscribe("fleet/v1/+/+/reply").await.unwrap();
-    activate(&fleet, &probe, &mut dev).await;
     (fleet, probe, dev)
 }
 
