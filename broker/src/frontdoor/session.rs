@@ -552,6 +552,10 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
         let result = result.map(|_| ());
         if let Err(err) = &result {
             if let Some(bye) = err.disconnect_reason().and_then(|r| version.disconnect(r)) {
+                // The last word is bounded by FAREWELL, not by the cut that
+                // may have ended the session: a write that watched the cut
+                // would end at once, and the DISCONNECT would be lost.
+                framed.cut = CancellationToken::new();
                 let _ = tokio::time::timeout(FAREWELL, framed.write(vec![bye])).await;
             }
             match err {

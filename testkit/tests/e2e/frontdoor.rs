@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use fleet_device_sim::{DeviceEvent, KeyMode};
 use fleet_pki::grants;
 use fleet_protocol::crypto;
-use fleet_testkit::{connack, eventually, Devices, Fleet, Probe, Resuming};
+use fleet_testkit::{connack, eventually, Devices, Fleet, Probe, Probe5, Resuming};
 use openssl::asn1::Asn1Time;
 use openssl::bn::{BigNum, MsbOption};
 use openssl::hash::MessageDigest;
@@ -732,7 +732,7 @@ async fn revocation_cuts_the_live_session_and_refuses_the_next_handshake() {
         .unwrap()
         .unwrap();
     let root = fleet.certs_dir().join("root-ca.pem");
-    let live = Probe::mtls(
+    let live = Probe5::mtls(
         fleet.service_addr(),
         "rev1",
         &root,
@@ -746,12 +746,15 @@ async fn revocation_cuts_the_live_session_and_refuses_the_next_handshake() {
     fleet_manager::admin::call(&fleet.admin(), "POST", "/v1/devices/rev1/reset", None)
         .await
         .unwrap();
-    live.wait_cut(T, "the revoked session to be cut")
-        .await
-        .unwrap();
+    let reason = live.wait_cut(T).await.unwrap();
     let took = revoked_at.elapsed();
     println!("live session of a revoked certificate closed {took:?} after the reset");
     assert!(took < Duration::from_secs(2), "took {took:?}");
+    // The client is told why.
+    assert_eq!(
+        reason,
+        Some(rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::AdministrativeAction)
+    );
     let again = Probe::mtls(
         fleet.service_addr(),
         "rev1",
