@@ -116,6 +116,12 @@ const SERIES: &[Series] = &[
     ),
     (
         "counter",
+        "expired_sessions_cut_total",
+        "Live sessions closed because their certificate expired.",
+        |m| &m.expired_cuts,
+    ),
+    (
+        "counter",
         "publishes_discarded_total",
         "PUBLISHes not sent because they exceed the Maximum Packet Size the client announced.",
         |m| &m.outgoing_discarded,

@@ -8,7 +8,8 @@
 //! - **bootstrap plain**: the same without TLS, for development only;
 //! - **service**: mutual TLS; the certificate is the identity (CN = device
 //!   id, O = service id), the client id must be the CN, a revoked
-//!   certificate fails the handshake and its live sessions are cut;
+//!   certificate fails the handshake and its live sessions are cut, and
+//!   so are an expired one's;
 //! - **internal**: loopback, username and secret, for the manager.
 //!
 //! Every connection is handed to the router in process
@@ -76,6 +77,8 @@ pub struct Metrics {
     pub publish_rate_exceeded: AtomicU64,
     pub over_capacity: AtomicU64,
     pub revoked_cuts: AtomicU64,
+    /// Live sessions closed because their certificate expired.
+    pub expired_cuts: AtomicU64,
     /// PUBLISHes not sent to a client because they exceed the Maximum
     /// Packet Size it announced (MQTT 5).
     pub outgoing_discarded: AtomicU64,
@@ -755,7 +758,10 @@ async fn connection(
                         return Err(session::SessionError::Refused(why));
                     }
                 };
-                registered = trust.register(&cert.serial, id, cut.clone());
+                // Verified by webpki, so its validity reads.
+                let not_after = tls.get_ref().1.peer_certificates().and_then(<[_]>::first);
+                let not_after = not_after.and_then(|c| der::validity(c)).map_or(0, |v| v.1);
+                registered = trust.register(&cert.serial, not_after, id, cut.clone());
                 // A revocation that landed between the handshake and now.
                 if trust.is_revoked(&cert.serial) {
                     cut.cancel();
@@ -770,8 +776,9 @@ async fn connection(
                 )
             }
             .await;
-            drop(registered);
-            if matches!(result, Err(session::SessionError::Revoked)) {
+            // An expired certificate's cut is counted where it is made.
+            let expired = registered.end();
+            if matches!(result, Err(session::SessionError::Revoked)) && !expired {
                 shared.metrics.revoked_cuts.fetch_add(1, Ordering::Relaxed);
             }
             result

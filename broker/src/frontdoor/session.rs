@@ -60,7 +60,7 @@ pub enum SessionError {
     /// reading. Nothing more can be told to it.
     #[error("the client took no data for {0:?}")]
     WriteStalled(Duration),
-    #[error("closed: certificate revoked")]
+    #[error("closed: certificate revoked or expired")]
     Revoked,
 }
 

@@ -125,10 +125,15 @@ fn fingerprint(dir: &Path) -> Fingerprint {
     out
 }
 
-/// Live service sessions by certificate serial.
+/// Live service sessions by certificate serial, and by the second their
+/// certificate expires after.
 #[derive(Default)]
 struct Sessions {
-    by_serial: HashMap<String, Vec<(u64, CancellationToken)>>,
+    /// (connection, notAfter, cut)
+    by_serial: HashMap<String, Vec<(u64, u64, CancellationToken)>>,
+    /// (notAfter, connection): a certificate is valid through its
+    /// notAfter second, as the verifier reads it.
+    by_expiry: BTreeMap<(u64, u64), CancellationToken>,
 }
 
 /// A live session registered with [`Trust::register`]; unregistered when dropped.
@@ -137,6 +142,14 @@ pub struct Registered<'a> {
     trust: &'a Trust,
     serial: String,
     connection: u64,
+}
+
+impl Registered<'_> {
+    /// Unregisters the session, and tells whether it was cut because its
+    /// certificate expired.
+    pub fn end(self) -> bool {
+        self.trust.unregister(&self.serial, self.connection)
+    }
 }
 
 impl Drop for Registered<'_> {
@@ -223,20 +236,23 @@ impl Trust {
             .contains(serial)
     }
 
-    /// Registers a live session, which is cancelled if its serial is
-    /// revoked, until the returned guard is dropped (however the session's
-    /// task ends, dropped with it too).
+    /// Registers a live session, which is cancelled if its certificate is
+    /// revoked or expires, until the returned guard is dropped (however the
+    /// session's task ends, dropped with it too).
+    /// `not_after` is the certificate's, in Unix seconds.
     pub fn register<'a>(
         &'a self,
         serial: &str,
+        not_after: u64,
         connection: u64,
         cut: CancellationToken,
     ) -> Registered<'a> {
         let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        s.by_expiry.insert((not_after, connection), cut.clone());
         s.by_serial
             .entry(serial.to_owned())
             .or_default()
-            .push((connection, cut));
+            .push((connection, not_after, cut));
         Registered {
             trust: self,
             serial: serial.to_owned(),
@@ -244,14 +260,41 @@ impl Trust {
         }
     }
 
-    fn unregister(&self, serial: &str, connection: u64) {
+    /// Whether the session had been cut for its certificate's expiry
+    /// (it was registered, and [`Trust::cut_expired`] took it).
+    fn unregister(&self, serial: &str, connection: u64) -> bool {
         let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(list) = s.by_serial.get_mut(serial) {
-            list.retain(|(c, _)| *c != connection);
-            if list.is_empty() {
-                s.by_serial.remove(serial);
-            }
+        let Some(list) = s.by_serial.get_mut(serial) else {
+            return false;
+        };
+        let Some(at) = list.iter().position(|(c, _, _)| *c == connection) else {
+            return false;
+        };
+        let (_, not_after, _) = list.swap_remove(at);
+        if list.is_empty() {
+            s.by_serial.remove(serial);
         }
+        s.by_expiry.remove(&(not_after, connection)).is_none()
+    }
+
+    /// Cuts the live sessions whose certificate expired before `now`
+    /// (Unix seconds), and returns how many.
+    pub fn cut_expired(&self, now: u64) -> usize {
+        let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cut = 0;
+        while let Some(entry) = s.by_expiry.first_entry() {
+            let (not_after, connection) = *entry.key();
+            if now <= not_after {
+                break;
+            }
+            info!(
+                connection,
+                not_after, "certificate expired: closing its live session"
+            );
+            entry.remove().cancel();
+            cut += 1;
+        }
+        cut
     }
 
     /// Rebuilds the context if anything under `certs/` changed, and returns
@@ -311,7 +354,7 @@ impl Trust {
         let mut cuts = Vec::new();
         for (serial, list) in &sessions.by_serial {
             if revoked.contains(serial) {
-                for (connection, cut) in list {
+                for (connection, _, cut) in list {
                     info!(
                         serial,
                         connection, "certificate revoked: closing its live session"
@@ -334,6 +377,10 @@ impl Trust {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            let expired = self.cut_expired(UnixTime::now().as_secs());
+            self.metrics
+                .expired_cuts
+                .fetch_add(expired as u64, Ordering::Relaxed);
             let me = self.clone();
             if let Ok(cuts) = tokio::task::spawn_blocking(move || me.reload_if_changed()).await {
                 if !cuts.is_empty() {
@@ -1205,18 +1252,16 @@ mod tests {
         )
         .unwrap();
         let registered = |t: &Trust| {
-            t.sessions
-                .lock()
-                .unwrap()
-                .by_serial
-                .get("ab")
-                .map_or(0, Vec::len)
+            let s = t.sessions.lock().unwrap();
+            let by_serial = s.by_serial.get("ab").map_or(0, Vec::len);
+            assert_eq!(by_serial, s.by_expiry.len());
+            by_serial
         };
         let (started_tx, started) = tokio::sync::oneshot::channel();
         let task = tokio::spawn({
             let trust = trust.clone();
             async move {
-                let _registered = trust.register("ab", 7, CancellationToken::new());
+                let _registered = trust.register("ab", 100, 7, CancellationToken::new());
                 let _ = started_tx.send(());
                 std::future::pending::<()>().await
             }
@@ -1229,6 +1274,34 @@ mod tests {
         task.abort();
         assert!(task.await.unwrap_err().is_cancelled());
         assert_eq!(registered(&trust), 0);
+    }
+
+    #[test]
+    fn sessions_are_cut_once_their_certificate_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        fleet_pki::Pki::open_or_create(dir.path()).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let trust = Trust::load(dir.path(), metrics, Default::default(), false, false).unwrap();
+        let cuts: Vec<_> = (0..4).map(|_| CancellationToken::new()).collect();
+        let a = trust.register("a", 100, 1, cuts[0].clone());
+        let b = trust.register("b", 200, 2, cuts[1].clone());
+        // Two sessions of one certificate.
+        let c = trust.register("c", 300, 3, cuts[2].clone());
+        let gone = trust.register("c", 300, 4, cuts[3].clone());
+        assert!(!gone.end());
+        let cut = || cuts.iter().map(|c| c.is_cancelled()).collect::<Vec<_>>();
+        // Valid through its notAfter second.
+        assert_eq!(trust.cut_expired(100), 0);
+        assert_eq!(cut(), [false; 4]);
+        assert_eq!(trust.cut_expired(201), 2);
+        assert_eq!(cut(), [true, true, false, false]);
+        assert_eq!(trust.cut_expired(201), 0);
+        // An unregistered session is not cut.
+        assert_eq!(trust.cut_expired(301), 1);
+        assert_eq!(cut(), [true, true, true, false]);
+        // Each ended session tells it was cut for its expiry.
+        assert!(a.end() && b.end() && c.end());
+        assert!(trust.sessions.lock().unwrap().by_serial.is_empty());
     }
 
     /// Records each ticket's plaintext on its way to `inner`.

@@ -1398,6 +1398,51 @@ async fn a_certificate_that_expires_is_refused_from_then_on_though_it_connected_
 }
 
 #[tokio::test]
+async fn the_live_session_of_a_certificate_that_expires_is_cut() {
+    let fleet = Fleet::start().await.unwrap();
+    let (ca, ca_key) = fleet.core().pki.service_ca("svcA").unwrap();
+    grants::add_grant(fleet.certs_dir(), "exp2", "svcA").unwrap();
+    grants::add_grant(fleet.certs_dir(), "exp3", "svcA").unwrap();
+    let root = fleet.certs_dir().join("root-ca.pem");
+    // exp2's certificate is valid through the second 5 s from now; exp3's
+    // for a day. notAfter is in whole seconds.
+    let not_after = fleet_protocol::now_ms() / 1000 + 5;
+    let (chain, key) = forged_leaf_secs("exp2", "svcA", (&ca, &ca_key), (-60, 5));
+    let (long_chain, long_key) = forged_leaf_secs("exp3", "svcA", (&ca, &ca_key), (-60, 86_400));
+    let expiring = eventually(T, "svcA's CA to be trusted", || {
+        let (chain, key, root) = (chain.clone(), key.clone(), root.clone());
+        let addr = fleet.service_addr();
+        async move { Probe5::mtls(addr, "exp2", &root, chain, key).await.ok() }
+    })
+    .await
+    .unwrap();
+    let lasting = Probe5::mtls(fleet.service_addr(), "exp3", &root, long_chain, long_key)
+        .await
+        .unwrap();
+    let expired_at = std::time::UNIX_EPOCH + Duration::from_secs(not_after + 1);
+    let reason = expiring.wait_cut(T).await.unwrap();
+    let now = std::time::SystemTime::now();
+    assert!(
+        now + Duration::from_millis(50) >= expired_at,
+        "cut {:?} before its certificate expired",
+        expired_at.duration_since(now).unwrap_or_default()
+    );
+    let late = now.duration_since(expired_at).unwrap_or_default();
+    println!("session of an expired certificate cut {late:?} after it expired");
+    assert!(
+        late < Duration::from_secs(3),
+        "cut {late:?} after it expired"
+    );
+    assert_eq!(
+        reason,
+        Some(rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::AdministrativeAction)
+    );
+    assert!(!lasting.is_cut(), "a certificate still valid was cut");
+    assert_eq!(fleet.broker.metrics.get(|m| &m.expired_cuts), 1);
+    assert_eq!(fleet.broker.metrics.get(|m| &m.revoked_cuts), 0);
+}
+
+#[tokio::test]
 async fn a_simulated_device_resumes_its_tls_session_when_it_reconnects() {
     let fleet = Fleet::start().await.unwrap();
     let devices = Devices::new(fleet.dir.path().join("devices"));
