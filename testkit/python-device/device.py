@@ -294,8 +294,12 @@ class Device:
 
     # ---------- requests
     def send(self, kind, fields=None, tenant="auto", signer=None, payload=None, timeout=6, tries=3,
-             accept_empty_nonce=True, topic_device=None):
-        """Publish a request; return the verified Reply (or None). Republishes the same bytes."""
+             accept_empty_nonce=False, topic_device=None):
+        """Publish a request; return the verified Reply (or None). Republishes the same bytes.
+
+        An error reply with an empty nonce is not taken as the answer
+        (§5.2: anyone may have sent the request it answers) unless
+        accept_empty_nonce is set, for a request sent broken on purpose."""
         if tenant == "auto":
             tenant = self.tenant
         dev = topic_device or self.id
@@ -329,7 +333,9 @@ class Device:
                     log(f"[{self.id}] {kind} on {topic} -> {r.status_name} seq={body['seq']}"
                         + (f" detail={body.get('detail')!r}" if "detail" in body else ""))
                     return r
-                log(f"[{self.id}] reply with another nonce on {rt}, ignored")
+                log(f"[{self.id}] reply with another nonce on {rt}"
+                    + (" (empty: to a request nobody could read)" if body["nonce"] == b"" else "")
+                    + ", ignored")
             log(f"[{self.id}] no reply to {kind} (attempt {attempt + 1}), republishing the same bytes")
         return None
 

@@ -770,6 +770,87 @@ async fn revocation_cuts_the_live_session_and_refuses_the_next_handshake() {
     assert!(fleet.broker.metrics.get(|m| &m.revoked_cuts) >= 1);
 }
 
+/// Anyone may publish under a device's id on the bootstrap listener. The
+/// manager answers unreadable requests with an empty nonce, which is no
+/// answer to the device's own request (topics.md §5.2): a device that
+/// activates among them goes on and gets its certificate.
+#[tokio::test]
+async fn unreadable_requests_under_a_device_id_do_not_stop_its_activation() {
+    let fleet = Fleet::start().await.unwrap();
+    let devices = Devices::new(fleet.dir.path().join("devices"));
+    devices.provision(&fleet, "target1", "svcA").await.unwrap();
+    let root = fleet.certs_dir().join("root-ca.pem");
+    let boot = fleet.broker.bootstrap_tls_addr.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut attackers = Vec::new();
+    let mut garbage = Vec::new();
+    // Ten connections under the device's id, each within the
+    // per-connection publish rate: an unreadable request every 6 ms.
+    for _ in 0..10 {
+        let attacker = Arc::new(Probe::tls(boot, "target1", &root).await.unwrap());
+        for kind in ["activate", "update"] {
+            let reply = format!("fleet/v1/{kind}/target1/reply");
+            attacker.subscribe(&reply).await.unwrap();
+        }
+        garbage.push(tokio::spawn({
+            let (attacker, stop) = (attacker.clone(), stop.clone());
+            async move {
+                let mut pace = tokio::time::interval(Duration::from_millis(60));
+                let mut sent = 0u32;
+                for kind in ["activate", "update"].iter().cycle() {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = pace.tick() => {}
+                    }
+                    let topic = format!("fleet/v1/{kind}/target1");
+                    attacker
+                        .publish(&topic, b"\xffnot cbor".to_vec())
+                        .await
+                        .unwrap();
+                    sent += 1;
+                }
+                sent
+            }
+        }));
+        attackers.push(attacker);
+    }
+    // The unreadable requests are answered, with an empty nonce.
+    eventually(T, "replies to the unreadable requests", || {
+        let n = attackers[0].messages().len();
+        async move { (n >= 2).then_some(()) }
+    })
+    .await
+    .unwrap();
+    devices.spawn(devices.config(&fleet, "target1", KeyMode::Csr));
+    devices
+        .wait_event("target1", T, "connected", |e| {
+            matches!(e, DeviceEvent::Connected { .. })
+        })
+        .await
+        .unwrap();
+    stop.cancel();
+    let failed = devices.events_of("target1");
+    let failed: Vec<_> = failed
+        .iter()
+        .filter(|e| matches!(e, DeviceEvent::Failed { .. }))
+        .collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    let mut sent = 0;
+    for task in garbage {
+        sent += tokio::time::timeout(T, task).await.unwrap().unwrap();
+    }
+    let replies = attackers[0].messages();
+    let empty = replies
+        .iter()
+        .filter_map(|m| fleet_protocol::Envelope::decode(&m.payload).ok())
+        .filter_map(|env| env.body::<fleet_protocol::Reply>().ok())
+        .filter(|r| r.nonce.is_empty() && r.status == fleet_protocol::Status::Malformed)
+        .count();
+    println!("{sent} unreadable requests under the device's id; one of their senders saw {empty} empty-nonce replies");
+    assert!(empty >= 2, "{empty} empty-nonce replies");
+    assert!(attackers.iter().all(|a| !a.is_cut()));
+}
+
 #[tokio::test]
 async fn half_open_connections_do_not_keep_devices_out() {
     let fleet = Fleet::start().await.unwrap();
