@@ -206,8 +206,8 @@ pub struct Intake {
     /// Requests taken from the broker since the start.
     pub received: std::sync::atomic::AtomicU64,
     /// Bytes of requests waiting for a worker now, by queue (tenant,
-    /// registered ids, other ids; topics.md §5.4).
-    pub waiting_bytes: [std::sync::atomic::AtomicUsize; 3],
+    /// registered ids, contested registered ids, other ids; topics.md §5.4).
+    pub waiting_bytes: [std::sync::atomic::AtomicUsize; crate::mqtt::CLASSES],
     /// Requests answered `busy`.
     pub shed: std::sync::atomic::AtomicU64,
     /// Requests dropped because the queue was full.
@@ -554,6 +554,20 @@ impl Core {
                     .back()
                     .is_some_and(|t| now.saturating_sub(*t) <= window)
             });
+    }
+
+    /// Whether a request for `device_id` failed its checks (`auth_failed`,
+    /// `stale`, `replayed`) within the failure window: someone besides the
+    /// device may be sending under its id (topics.md §5.4).
+    pub fn contested(&self, device_id: &str) -> bool {
+        let window = self.config.failure_window_secs * 1000;
+        let now = now_ms();
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(device_id)
+            .and_then(VecDeque::back)
+            .is_some_and(|t| now.saturating_sub(*t) <= window)
     }
 
     fn rate_limited(&self, device_id: &str) -> bool {

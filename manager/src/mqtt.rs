@@ -1,14 +1,15 @@
 //! The manager's MQTT side: one task polls the rumqttc event loop and hands
 //! each request to a pool of workers; handlers run on blocking threads.
 //!
-//! Requests wait in two queues: those on tenant topics, which only a device
-//! connected with its certificate can publish, before those on bootstrap
-//! topics, which anyone can; a flood on the bootstrap listener does not
-//! delay devices in their services. A request that waited longer than
-//! `shed_after_ms` is answered `busy` (topics.md §5.4); one that finds its
-//! queue full ([`QUEUED_BYTES_MAX`]) is dropped, so the event loop never
-//! stops reading (the workers' replies go out through it), and no class
-//! of requests takes the room of another.
+//! Requests wait in four queues ([`Class`]): those on tenant topics, which
+//! only a device connected with its certificate can publish, before those
+//! on bootstrap topics, which anyone can; a flood on the bootstrap listener
+//! does not delay devices in their services, nor registered devices whose
+//! ids it does not name. A request that waited longer than `shed_after_ms`
+//! is answered `busy` (topics.md §5.4), or dropped if anyone could have
+//! sent it; one that finds its queue full ([`QUEUED_BYTES_MAX`]) is
+//! dropped, so the event loop never stops reading (the workers' replies go
+//! out through it), and no class of requests takes the room of another.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -54,8 +55,11 @@ pub fn connect(config: &ManagerConfig) -> anyhow::Result<(AsyncClient, EventLoop
 
 /// Bytes of requests that may wait for a worker, by [`Class`]; past it,
 /// more of that class are dropped. Each class has its own, so a bootstrap
-/// flood of ids nobody registered takes no room from the others.
-pub const QUEUED_BYTES_MAX: [usize; 3] = [16 << 20, 40 << 20, 8 << 20];
+/// flood takes no room from the others.
+pub const QUEUED_BYTES_MAX: [usize; CLASSES] = [16 << 20, 40 << 20, 8 << 20, 8 << 20];
+
+/// How many [`Class`]es there are.
+pub const CLASSES: usize = 4;
 
 /// Who sent a request, as far as its topic tells, in the order workers
 /// take them.
@@ -63,10 +67,16 @@ pub const QUEUED_BYTES_MAX: [usize; 3] = [16 << 20, 40 << 20, 8 << 20];
 enum Class {
     /// On a tenant topic: a device connected with its certificate.
     Tenant = 0,
-    /// On a bootstrap topic, for a device id the registry has.
+    /// On a bootstrap topic, for a device id the registry has and no
+    /// request for which failed its checks lately.
     Registered = 1,
+    /// On a bootstrap topic, for a registered id with a request refused
+    /// within the failure window (`auth_failed`, `stale`, `replayed`):
+    /// someone besides the device may be sending under its id. A flood
+    /// that names registered ids lands here after one refusal per id.
+    Contested = 2,
     /// On a bootstrap topic, for any other id: anyone may send these.
-    Unknown = 2,
+    Unknown = 3,
 }
 
 impl Class {
@@ -76,9 +86,22 @@ impl Class {
             Ok(fleet_protocol::Topic {
                 route: fleet_protocol::Route::Request(_, device),
                 ..
-            }) if core.store.is_registered(&device) => Class::Registered,
+            }) if core.store.is_registered(&device) => {
+                if core.contested(&device) {
+                    Class::Contested
+                } else {
+                    Class::Registered
+                }
+            }
             _ => Class::Unknown,
         }
+    }
+
+    /// Whether a late request of this class is dropped rather than
+    /// answered `busy`: most of its kind are a flood's, and each `busy` is
+    /// a signature.
+    fn dropped_when_late(self) -> bool {
+        matches!(self, Class::Contested | Class::Unknown)
     }
 }
 
@@ -98,20 +121,25 @@ impl Queued {
     }
 }
 
-/// The three queues, one per [`Class`], taken in its order.
-struct Queues {
-    tenant: mpsc::UnboundedReceiver<Queued>,
-    registered: mpsc::UnboundedReceiver<Queued>,
-    unknown: mpsc::UnboundedReceiver<Queued>,
-}
+/// The queues, one per [`Class`], taken in its order.
+struct Queues([mpsc::UnboundedReceiver<Queued>; CLASSES]);
 
 impl Queues {
+    /// The queues and their senders, by class.
+    fn new() -> (Queues, [mpsc::UnboundedSender<Queued>; CLASSES]) {
+        let channels: [_; CLASSES] = std::array::from_fn(|_| mpsc::unbounded_channel());
+        let [a, b, c, d] = channels;
+        (Queues([a.1, b.1, c.1, d.1]), [a.0, b.0, c.0, d.0])
+    }
+
     async fn next(&mut self) -> Option<Queued> {
+        let [tenant, registered, contested, unknown] = &mut self.0;
         tokio::select! {
             biased;
-            Some(q) = self.tenant.recv() => Some(q),
-            Some(q) = self.registered.recv() => Some(q),
-            Some(q) = self.unknown.recv() => Some(q),
+            Some(q) = tenant.recv() => Some(q),
+            Some(q) = registered.recv() => Some(q),
+            Some(q) = contested.recv() => Some(q),
+            Some(q) = unknown.recv() => Some(q),
             else => None,
         }
     }
@@ -139,9 +167,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let (tenant_tx, tenant) = mpsc::unbounded_channel::<Queued>();
-    let (registered_tx, registered) = mpsc::unbounded_channel::<Queued>();
-    let (unknown_tx, unknown) = mpsc::unbounded_channel::<Queued>();
+    let (queues, senders) = Queues::new();
     let shed_after = Duration::from_millis(core.config.shed_after_ms);
     let mut dropped = crate::handlers::LogPace::new(Instant::now());
     // CRLs are rewritten by one task, at most every CRL_DEBOUNCE, after the
@@ -164,11 +190,7 @@ pub async fn serve(
             let _ = tokio::task::spawn_blocking(move || core.write_pending_crls()).await;
         });
     }
-    let queues = Arc::new(tokio::sync::Mutex::new(Queues {
-        tenant,
-        registered,
-        unknown,
-    }));
+    let queues = Arc::new(tokio::sync::Mutex::new(queues));
     for _ in 0..core.config.workers {
         let (core, client, queues, crl_due, stop) = (
             core.clone(),
@@ -190,11 +212,12 @@ pub async fn serve(
                 core.intake.waiting_bytes[job.class as usize]
                     .fetch_sub(job.size(), Ordering::Relaxed);
                 let waited = job.arrived.elapsed();
-                // For an id nobody registered, `busy` (a signature) is not
-                // worth its cost: such a request is dropped (§5.4).
-                if job.class == Class::Unknown && waited > shed_after {
+                // For an id nobody registered, or one under contest, `busy`
+                // (a signature) is not worth its cost: such a request is
+                // dropped (§5.4).
+                if job.class.dropped_when_late() && waited > shed_after {
                     core.intake.dropped.fetch_add(1, Ordering::Relaxed);
-                    debug!(topic = %job.publish.topic, "request for an unregistered id dropped: it waited {waited:?}");
+                    debug!(topic = %job.publish.topic, class = ?job.class, "request dropped: it waited {waited:?}");
                     continue;
                 }
                 let core2 = core.clone();
@@ -302,12 +325,7 @@ pub async fn serve(
                     }
                     continue;
                 }
-                let tx = match class {
-                    Class::Tenant => &tenant_tx,
-                    Class::Registered => &registered_tx,
-                    Class::Unknown => &unknown_tx,
-                };
-                if tx.send(job).is_err() {
+                if senders[class as usize].send(job).is_err() {
                     break;
                 }
             }
@@ -354,45 +372,62 @@ mod tests {
                 registered_ms: fleet_protocol::now_ms(),
             })
             .unwrap();
-        for (topic, class) in [
-            ("/tenants/svcA/fleet/v1/poll/dev1", Class::Tenant),
-            ("/tenants/svcA/fleet/v1/poll/ghost", Class::Tenant),
-            ("fleet/v1/activate/dev1", Class::Registered),
-            ("fleet/v1/update/dev1", Class::Registered),
-            ("fleet/v1/activate/ghost", Class::Unknown),
-            ("fleet/v1/activate/dev1/reply", Class::Unknown),
-            ("garbage", Class::Unknown),
-        ] {
-            assert_eq!(Class::of(&core, topic), class, "{topic}");
-        }
+        let classes = |core: &Core| {
+            [
+                "/tenants/svcA/fleet/v1/poll/dev1",
+                "/tenants/svcA/fleet/v1/poll/ghost",
+                "fleet/v1/activate/dev1",
+                "fleet/v1/update/dev1",
+                "fleet/v1/activate/ghost",
+                "fleet/v1/activate/dev1/reply",
+                "garbage",
+            ]
+            .map(|topic| Class::of(core, topic))
+        };
+        use Class::*;
+        assert_eq!(
+            classes(&core),
+            [Tenant, Tenant, Registered, Registered, Unknown, Unknown, Unknown]
+        );
+        // A request for dev1 fails its checks: dev1's id is contested.
+        use fleet_protocol::{crypto, ActivateRequest, Envelope, Kind};
+        let body = ActivateRequest {
+            device_id: "dev1".into(),
+            service_id: None,
+            nonce: crypto::random_bytes(16),
+            ts: fleet_protocol::now_ms(),
+            eph: crypto::public_point(&crypto::generate_p256().unwrap()).unwrap(),
+        };
+        let someone = crypto::generate_p256().unwrap();
+        let forged = Envelope::build(Kind::Activate, &body, |tbs| crypto::sign(&someone, tbs))
+            .unwrap()
+            .encode();
+        core.handle("fleet/v1/activate/dev1", &forged);
+        assert_eq!(
+            classes(&core),
+            [Tenant, Tenant, Contested, Contested, Unknown, Unknown, Unknown]
+        );
+        // Late, these two are dropped rather than answered `busy`.
+        let dropped = [Tenant, Registered, Contested, Unknown].map(Class::dropped_when_late);
+        assert_eq!(dropped, [false, false, true, true]);
     }
 
     #[tokio::test]
-    async fn tenant_then_registered_then_unknown() {
-        let (tenant_tx, tenant) = mpsc::unbounded_channel();
-        let (registered_tx, registered) = mpsc::unbounded_channel();
-        let (unknown_tx, unknown) = mpsc::unbounded_channel();
-        let mut queues = Queues {
-            tenant,
-            registered,
-            unknown,
-        };
+    async fn tenant_then_registered_then_contested_then_unknown() {
+        let (mut queues, senders) = Queues::new();
         for (topic, class) in [
             ("fleet/v1/activate/ghost", Class::Unknown),
+            ("fleet/v1/activate/forged", Class::Contested),
             ("fleet/v1/activate/dev1", Class::Registered),
             ("/tenants/svcA/fleet/v1/poll/c", Class::Tenant),
             ("fleet/v1/poll/ghost2", Class::Unknown),
             ("fleet/v1/update/dev2", Class::Registered),
+            ("fleet/v1/update/forged2", Class::Contested),
             ("/tenants/svcB/fleet/v1/status/e", Class::Tenant),
         ] {
-            let tx = match class {
-                Class::Tenant => &tenant_tx,
-                Class::Registered => &registered_tx,
-                Class::Unknown => &unknown_tx,
-            };
-            tx.send(queued(topic, class)).unwrap();
+            senders[class as usize].send(queued(topic, class)).unwrap();
         }
-        drop((tenant_tx, registered_tx, unknown_tx));
+        drop(senders);
         let mut order = Vec::new();
         while let Some(q) = queues.next().await {
             order.push(q.publish.topic);
@@ -404,6 +439,8 @@ mod tests {
                 "/tenants/svcB/fleet/v1/status/e",
                 "fleet/v1/activate/dev1",
                 "fleet/v1/update/dev2",
+                "fleet/v1/activate/forged",
+                "fleet/v1/update/forged2",
                 "fleet/v1/activate/ghost",
                 "fleet/v1/poll/ghost2",
             ]

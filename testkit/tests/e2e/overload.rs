@@ -290,3 +290,87 @@ async fn late_requests_for_ids_nobody_registered_are_dropped_not_answered_busy()
     }
     drop(ghosts);
 }
+
+/// A flood that names registered ids (their factory keys unknown to it)
+/// goes behind a registered device it does not name: after one refusal
+/// per id, its requests wait in a class of their own (topics.md §5.4).
+#[tokio::test]
+async fn a_flood_naming_registered_ids_goes_behind_devices_it_does_not_name() {
+    let (fleet, probe, mut dev) = fleet(60_000, false).await;
+    let named = register(&fleet, 50).await;
+    // One refusal each: their ids are contested from then on.
+    let first = activations(&probe, &named).await;
+    let reply_topic =
+        |id: &str| Topic::bootstrap(Route::Reply(RequestKind::Activate, id.to_owned())).to_string();
+    eventually(T, "the first requests refused", || {
+        let refused = first
+            .iter()
+            .all(|(id, _)| !probe.on(&reply_topic(id)).is_empty());
+        async move { refused.then_some(()) }
+    })
+    .await
+    .unwrap();
+    // The flood, built first and then published at once: 60 more each.
+    let key = crypto::generate_p256().unwrap();
+    let mut flood = Vec::new();
+    for _ in 0..60 {
+        for id in &named {
+            let eph = crypto::generate_p256().unwrap();
+            let topic = Topic::bootstrap(Route::Request(RequestKind::Activate, id.clone()));
+            flood.push((topic.to_string(), activate_request(id, &eph, &key)));
+        }
+    }
+    let sent = flood.len();
+    for (topic, request) in flood {
+        probe.publish(&topic, request).await.unwrap();
+    }
+    taken_in(&fleet, named.len() + sent).await;
+    // dev1 activates from a connection of its own.
+    let activator = fleet.privileged("activator").await.unwrap();
+    let eph = crypto::generate_p256().unwrap();
+    let request = activate_request(&dev.id, &eph, &dev.factory);
+    let topic = Topic::bootstrap(Route::Request(RequestKind::Activate, dev.id.clone()));
+    activator
+        .publish(&topic.to_string(), request)
+        .await
+        .unwrap();
+    probe.wait_for(&reply_topic(&dev.id), 1, T).await.unwrap();
+    let reply = reply_on(&fleet, &probe, &reply_topic(&dev.id)).unwrap();
+    assert_eq!(reply.status, Status::Ok, "{reply:?}");
+    dev.uuid = crypto::unseal(&eph, &dev.id, reply.uuid.as_ref().unwrap()).ok();
+    assert!(dev.uuid.is_some());
+
+    let messages = probe.messages();
+    let at = messages
+        .iter()
+        .position(|m| m.topic == reply_topic(&dev.id))
+        .unwrap();
+    let is_named_reply = |m: &&fleet_testkit::Received| {
+        m.topic.starts_with("fleet/v1/activate/reg-") && m.topic.ends_with("/reply")
+    };
+    let before = messages[..at].iter().filter(is_named_reply).count();
+    println!(
+        "dev1 answered after {before} of {} replies to the flood",
+        named.len() + sent
+    );
+    // In arrival order it would be answered after all of them.
+    assert!(
+        before < named.len() + sent,
+        "dev1 was answered after the whole flood"
+    );
+    // The flood is still answered, every request refused.
+    let total = named.len() + sent;
+    eventually(T, "every request of the flood answered", || {
+        let n = probe.messages().iter().filter(is_named_reply).count();
+        async move { (n == total).then_some(()) }
+    })
+    .await
+    .unwrap();
+    for m in probe.messages().iter().filter(is_named_reply) {
+        let reply: Reply = Envelope::decode(&m.payload).unwrap().body().unwrap();
+        assert!(
+            matches!(reply.status, Status::AuthFailed | Status::RateLimited),
+            "{reply:?}"
+        );
+    }
+}
