@@ -696,6 +696,44 @@ mod tests {
         ));
     }
 
+    /// A property given twice is a Protocol Error (MQTT 5 §2.2.2.2), but
+    /// for User Property, which may repeat.
+    #[test]
+    fn a_property_given_twice_is_a_protocol_error() {
+        let decode = |properties: &[u8]| {
+            let (stream, _peer) = tokio::io::duplex(64);
+            let mut framed = Framed::new(stream, 1024);
+            framed.version = Version::V5;
+            // PUBLISH QoS 0 to "a/b", with `properties`, payload "x".
+            let mut body = vec![0, 3, b'a', b'/', b'b', properties.len() as u8];
+            body.extend_from_slice(properties);
+            body.push(b'x');
+            framed.buf.extend_from_slice(&[0x30, body.len() as u8]);
+            framed.buf.extend_from_slice(&body);
+            framed.next_buffered()
+        };
+        let pfi = [0x01, 1];
+        let expiry = [0x02, 0, 0, 0, 60];
+        let user = [0x26, 0, 1, b'k', 0, 1, b'v'];
+        let ok = |props: &[&[u8]]| matches!(decode(&props.concat()), Ok(Some(_)));
+        assert!(ok(&[&pfi, &expiry, &user]));
+        assert!(ok(&[&user, &pfi, &user]), "User Property repeats");
+        for twice in [&pfi[..], &expiry[..]] {
+            let err = decode(&[twice, &user, twice].concat()).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    SessionError::Mqtt(rumqttd::protocol::Error::DuplicateProperty(p)) if p == twice[0]
+                ),
+                "{err:?}"
+            );
+            assert_eq!(
+                err.disconnect_reason(),
+                Some(DisconnectReasonCode::ProtocolError)
+            );
+        }
+    }
+
     #[test]
     fn protocol_level_of_connects() {
         // CONNECT, remaining length 16, "MQTT", level 5.

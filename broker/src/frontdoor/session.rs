@@ -67,12 +67,15 @@ pub enum SessionError {
 impl SessionError {
     /// The reason an MQTT 5 client is given in the broker's DISCONNECT
     /// when its connection ends this way, if it is told at all.
-    fn disconnect_reason(&self) -> Option<DisconnectReasonCode> {
+    pub(crate) fn disconnect_reason(&self) -> Option<DisconnectReasonCode> {
         match self {
             SessionError::Refused(_) => Some(DisconnectReasonCode::NotAuthorized),
             SessionError::Violation(code, _) => Some(*code),
             SessionError::Mqtt(rumqttd::protocol::Error::PayloadSizeLimitExceeded(_)) => {
                 Some(DisconnectReasonCode::PacketTooLarge)
+            }
+            SessionError::Mqtt(rumqttd::protocol::Error::DuplicateProperty(_)) => {
+                Some(DisconnectReasonCode::ProtocolError)
             }
             SessionError::Mqtt(_) => Some(DisconnectReasonCode::MalformedPacket),
             SessionError::KeepAlive => Some(DisconnectReasonCode::KeepAliveTimeout),
@@ -551,7 +554,15 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
         }
         let result = result.map(|_| ());
         if let Err(err) = &result {
-            if let Some(bye) = err.disconnect_reason().and_then(|r| version.disconnect(r)) {
+            let reason = match err {
+                // The router drops a link that answers a PUBLISH or PUBREL it
+                // never sent: the client broke the protocol.
+                SessionError::RouterClosed(_) if !taken_over && outbound.unknown_acks > 0 => {
+                    Some(DisconnectReasonCode::ProtocolError)
+                }
+                err => err.disconnect_reason(),
+            };
+            if let Some(bye) = reason.and_then(|r| version.disconnect(r)) {
                 // The last word is bounded by FAREWELL, not by the cut that
                 // may have ended the session: a write that watched the cut
                 // would end at once, and the DISCONNECT would be lost.

@@ -806,6 +806,26 @@ async fn publishes_over_the_clients_maximum_packet_size_are_skipped() {
     assert_eq!(fleet.broker.metrics.get(|m| &m.outgoing_discarded), 151);
 }
 
+/// A PUBACK, PUBREC or PUBCOMP for a packet id the broker never sent: the
+/// client is told it broke the protocol (DISCONNECT 0x82), and the
+/// connection ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_to_a_packet_never_sent_is_a_protocol_error() {
+    use tokio::task::block_in_place;
+    let fleet = Fleet::start().await.unwrap();
+    for (i, first) in [0x40u8, 0x50, 0x70].into_iter().enumerate() {
+        let id = format!("ack{i}");
+        let mut raw = block_in_place(|| RawTls::connect(&fleet, &id, 60, &[]));
+        let (kind, body) = block_in_place(|| {
+            raw.send(&frame(first, &[0, 77])).unwrap();
+            raw.next()
+        });
+        assert_eq!((kind, body[0]), (0xE0, 0x82), "answer {first:#x}: {body:?}");
+        let end = block_in_place(|| read_packet(&mut raw.tls));
+        assert!(end.is_err(), "answer {first:#x}: the connection went on");
+    }
+}
+
 /// An MQTT 5 client driven by hand over blocking OpenSSL TLS on the
 /// bootstrap TLS listener, for what rumqttc cannot do: send a refusing
 /// PUBREC, see every packet in the order it came, or stop reading. Its

@@ -86,6 +86,9 @@ pub struct Outbound {
     ended_qos2: Vec<u16>,
     /// PUBLISHes discarded for their size.
     pub discarded: u64,
+    /// Answers of the client to nothing this connection sent, passed on to
+    /// the router, which drops a link whose answer it did not expect.
+    pub unknown_acks: u64,
 }
 
 impl Outbound {
@@ -101,6 +104,7 @@ impl Outbound {
             router_pubrels: VecDeque::new(),
             ended_qos2: Vec::new(),
             discarded: 0,
+            unknown_acks: 0,
         }
     }
 
@@ -205,6 +209,7 @@ impl Outbound {
             self.flush(out);
             self.release(out);
         } else {
+            self.unknown_acks += 1;
             out.push(Out::Router(packet));
         }
     }

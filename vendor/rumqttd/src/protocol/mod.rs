@@ -758,6 +758,9 @@ pub enum Error {
     MalformedRemainingLength,
     #[error("Invalid property type = {0}")]
     InvalidPropertyType(u8),
+    /// fleetshift: a property other than User Property given twice.
+    #[error("Property {0} given more than once")]
+    DuplicateProperty(u8),
     /// More bytes required to frame packet. Argument
     /// implies minimum additional bytes required to
     /// proceed further

@@ -169,6 +169,22 @@ fn property(num: u8) -> Result<PropertyType, Error> {
     Ok(property)
 }
 
+/// fleetshift: a property given twice in one packet is a Protocol Error
+/// (MQTT 5 §2.2.2.2), but for User Property, and Subscription Identifier
+/// in a PUBLISH (`several_ids`: a server's may carry one per matching
+/// subscription). `seen` holds a bit per property read so far.
+fn once(seen: &mut u64, prop: u8, several_ids: bool) -> Result<(), Error> {
+    let repeats = prop == PropertyType::UserProperty as u8
+        || (several_ids && prop == PropertyType::SubscriptionIdentifier as u8);
+    // Identifiers past 63 are none MQTT 5 has: `property` refuses them.
+    let bit = 1u64.checked_shl(prop.into()).unwrap_or(0);
+    if !repeats && *seen & bit != 0 {
+        return Err(Error::DuplicateProperty(prop));
+    }
+    *seen |= bit;
+    Ok(())
+}
+
 /// Checks if the stream has enough bytes to frame a packet and returns fixed header
 /// only if a packet can be framed with existing bytes in the `stream`.
 /// The passed stream doesn't modify parent stream's cursor. If this function

@@ -150,9 +150,11 @@ mod properties {
         }
 
         let mut cursor = 0;
+        let mut seen = 0u64; // fleetshift
         // read until cursor reaches property length. properties_len = 0 will skip this loop
         while cursor < properties_len {
             let prop = read_u8(bytes)?;
+            once(&mut seen, prop, true)?; // fleetshift
             cursor += 1;
 
             match property(prop)? {
