@@ -127,10 +127,12 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
         .map_err(BrokerError::Thread)?;
     let entered = runtime.enter();
     let link = router::start_router(config);
+    let stop = CancellationToken::new();
     let shared = frontdoor::Shared::new(
         link,
         config.limits(),
         HashMap::from([(MANAGER_USER.to_string(), secret.clone())]),
+        stop.clone(),
     );
     let bind = |addr: SocketAddr| frontdoor::bind(addr).map_err(|e| BrokerError::NoPort(addr, e));
 
@@ -186,7 +188,6 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
     }
 
     drop(entered);
-    let stop = CancellationToken::new();
     let metrics = shared.metrics.clone();
     let stop2 = stop.clone();
     std::thread::Builder::new()

@@ -140,6 +140,9 @@ pub struct Framed<S> {
     /// listeners stopping): a write in progress then fails with
     /// [`SessionError::Revoked`], however slowly the client reads.
     pub cut: CancellationToken,
+    /// Set when a write ended part-way into what it had to write: the
+    /// client's stream then stops inside a packet, and nothing may follow.
+    pub torn: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
@@ -152,6 +155,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
             peer_max: usize::MAX,
             write_stall: MAX_WRITE_STALL,
             cut: CancellationToken::new(),
+            torn: false,
         }
     }
 
@@ -294,7 +298,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         let mut at = 0;
         while at < out.len() {
             let n = tokio::select! {
-                _ = cut.cancelled() => return Err(SessionError::Revoked),
+                _ = cut.cancelled() => {
+                    self.torn = at > 0;
+                    return Err(SessionError::Revoked);
+                }
                 n = tokio::time::timeout(stall, self.stream.write(&out[at..])) => n.map_err(stalled)??,
             };
             if n == 0 {
@@ -865,6 +872,17 @@ mod tests {
             matches!(written, Ok(Err(SessionError::Revoked))),
             "{written:?}"
         );
+        // 64 bytes of the PUBLISH went out: the client's stream stops
+        // inside it, and no DISCONNECT may follow.
+        assert!(framed.torn);
+        // A cut before a byte of the next write leaves the stream whole.
+        let (stream, _peer) = tokio::io::duplex(64);
+        let mut framed = Framed::new(stream, 1 << 20);
+        framed.cut.cancel();
+        let small = Packet::PingResp(rumqttd::protocol::PingResp);
+        // Written whole or not at all, whichever the cut lets it.
+        let _ = framed.write(vec![small]).await;
+        assert!(!framed.torn);
     }
 
     #[tokio::test]

@@ -218,6 +218,8 @@ pub struct Shared {
     /// Connections whose handshake has not finished (see
     /// [`Limits::max_pending`]).
     pending: Mutex<evict::PendingSet>,
+    /// Cancelled when the broker stops: every session is cut then.
+    pub stopping: CancellationToken,
 }
 
 /// A connection counted among the pending ones until it drops.
@@ -300,10 +302,12 @@ impl Shared {
         .map(|(a, b)| (Some(a), b))
     }
 
+    /// `stopping` is the token that stops the listeners.
     pub fn new(
         link: LinkOpener,
         limits: Limits,
         internal_users: HashMap<String, String>,
+        stopping: CancellationToken,
     ) -> Arc<Shared> {
         let metrics = Arc::new(Metrics {
             router_log_bytes: link.log_bytes.clone(),
@@ -328,6 +332,7 @@ impl Shared {
             will_link: tokio::sync::Mutex::new(None),
             revoked: Arc::new(RwLock::new(HashSet::new())),
             pending: Mutex::new(evict::PendingSet::default()),
+            stopping,
         })
     }
 
@@ -758,10 +763,7 @@ async fn connection(
                         return Err(session::SessionError::Refused(why));
                     }
                 };
-                // Verified by webpki, so its validity reads.
-                let not_after = tls.get_ref().1.peer_certificates().and_then(<[_]>::first);
-                let not_after = not_after.and_then(|c| der::validity(c)).map_or(0, |v| v.1);
-                registered = trust.register(&cert.serial, not_after, id, cut.clone());
+                registered = trust.register(&cert.serial, cert.not_after, id, cut.clone());
                 // A revocation that landed between the handshake and now.
                 if trust.is_revoked(&cert.serial) {
                     cut.cancel();
@@ -776,9 +778,11 @@ async fn connection(
                 )
             }
             .await;
-            // An expired certificate's cut is counted where it is made.
+            // An expired certificate's cut is counted where it is made, and
+            // a broker that stops cuts every session, revoked or not.
             let expired = registered.end();
-            if matches!(result, Err(session::SessionError::Revoked)) && !expired {
+            let stopping = shared.stopping.is_cancelled();
+            if matches!(result, Err(session::SessionError::Revoked)) && !expired && !stopping {
                 shared.metrics.revoked_cuts.fetch_add(1, Ordering::Relaxed);
             }
             result

@@ -90,6 +90,11 @@ impl SessionError {
 /// How long a closing connection gets to take the broker's last word.
 const FAREWELL: Duration = Duration::from_secs(2);
 
+/// The same for a session cut (its certificate revoked or expired, the
+/// broker stopping): the watcher's 200 ms and the revocation's grace of
+/// 400 ms leave it this much of the second.
+const CUT_FAREWELL: Duration = Duration::from_millis(300);
+
 /// QoS 2 PUBLISHes a client may have sent and not yet released (PUBREL);
 /// announced as Receive Maximum in an MQTT 5 CONNACK. The router keeps each
 /// until its release, so without a bound one connection could fill the
@@ -218,9 +223,9 @@ fn bind_identity(
                     ),
                 ));
             }
-            Ok(match &cert.provider {
+            Ok(match cert.provider() {
                 Some(name) => Identity::Provider {
-                    name: name.clone(),
+                    name: name.to_owned(),
                     service_id: cert.service_id.clone(),
                 },
                 None => Identity::Device {
@@ -500,9 +505,10 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
         // a newer connection publishes its Will at once if it has no delay
         // (MQTT 5 §3.1.4, §3.1.2.5); a delayed one is cancelled by that very
         // connection.
-        let revoked =
-            matches!(&kind, ListenerKind::Service(cert) if shared.is_revoked(&cert.serial));
-        let publish_will = !revoked
+        let now = rustls::pki_types::UnixTime::now().as_secs();
+        let invalid = matches!(&kind, ListenerKind::Service(cert)
+            if shared.is_revoked(&cert.serial) || cert.expired(now));
+        let publish_will = !invalid
             && match &result {
                 // Only a normal disconnection deletes the Will (MQTT 5
                 // §3.1.2.5); MQTT 3.1.1's DISCONNECT reads as one.
@@ -518,7 +524,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 // connection of the same identity takes it, which cancels the Will.
                 debug!(identity = %label, delay = ?will_wait, "will delayed");
                 let serial = match &kind {
-                    ListenerKind::Service(cert) => Some(cert.serial.clone()),
+                    ListenerKind::Service(cert) => Some((cert.serial.clone(), cert.not_after)),
                     _ => None,
                 };
                 tokio::spawn(publish_will_later(
@@ -560,14 +566,26 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 SessionError::RouterClosed(_) if !taken_over && outbound.unknown_acks > 0 => {
                     Some(DisconnectReasonCode::ProtocolError)
                 }
+                SessionError::Revoked if shared.stopping.is_cancelled() => {
+                    Some(DisconnectReasonCode::ServerShuttingDown)
+                }
                 err => err.disconnect_reason(),
             };
+            // Nothing follows a packet cut off part-way.
+            let reason = reason.filter(|_| !framed.torn);
             if let Some(bye) = reason.and_then(|r| version.disconnect(r)) {
-                // The last word is bounded by FAREWELL, not by the cut that
-                // may have ended the session: a write that watched the cut
-                // would end at once, and the DISCONNECT would be lost.
+                // The last word is bounded by its own time, not by the cut
+                // that may have ended the session: a write that watched the
+                // cut would end at once, and the DISCONNECT would be lost.
+                // A cut session's is short, so it ends within the second its
+                // revocation promises however slowly the client reads.
+                let farewell = if matches!(err, SessionError::Revoked) {
+                    CUT_FAREWELL
+                } else {
+                    FAREWELL
+                };
                 framed.cut = CancellationToken::new();
-                let _ = tokio::time::timeout(FAREWELL, framed.write(vec![bye])).await;
+                let _ = tokio::time::timeout(farewell, framed.write(vec![bye])).await;
             }
             match err {
                 SessionError::WriteStalled(_) => {
@@ -594,10 +612,11 @@ pub(crate) fn router_goodbye() -> Packet {
 
 /// Publishes `will` after `delay` unless a newer connection of the same
 /// identity claims the session `router_id` first, the certificate with
-/// `serial` is revoked meanwhile, or the listeners stop.
+/// `serial` is revoked or expires (its notAfter passes) meanwhile, or the
+/// listeners stop.
 async fn publish_will_later(
     shared: Arc<Shared>,
-    (router_id, connection, serial): (String, u64, Option<String>),
+    (router_id, connection, serial): (String, u64, Option<(String, u64)>),
     will: Will,
     delay: Duration,
     stop: CancellationToken,
@@ -616,9 +635,12 @@ async fn publish_will_later(
         _ = tokio::time::sleep(delay) => {}
     }
     shared.release(&router_id, connection);
-    if serial.as_deref().is_some_and(|s| shared.is_revoked(s)) {
-        info!(session = %router_id, "delayed will dropped: its certificate was revoked");
-        return;
+    let now = rustls::pki_types::UnixTime::now().as_secs();
+    if let Some((serial, not_after)) = &serial {
+        if shared.is_revoked(serial) || now > *not_after {
+            info!(session = %router_id, "delayed will dropped: its certificate was revoked or expired");
+            return;
+        }
     }
     debug!(session = %router_id, "publishing the delayed will");
     if let Err(why) = publish_through_will_link(&shared, will).await {
@@ -854,6 +876,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 let packet: Option<Packet> = notification.into();
                 let Some(packet) = packet else { continue };
+                // The router goes on: it took the answers it was given.
+                outbound.unknown_acks = 0;
                 let packet = match packet {
                     Packet::SubAck(mut ack, props) => {
                         if let Some(allowed) = partial.remove(&ack.pkid) {

@@ -70,10 +70,25 @@ pub(crate) fn hex_serial(serial: &Asn1IntegerRef) -> String {
 pub struct CertIdentity {
     /// The CN: a device id, or `provider.{name}`; the client id must equal it.
     pub cn: String,
-    /// The provider's name when the CN is `provider.{name}`.
-    pub provider: Option<String>,
     pub service_id: String,
     pub serial: String,
+    /// The earliest notAfter of the chain the client presented (its
+    /// certificate and its service CA's), Unix seconds: past it the
+    /// session is cut and its Will is not published.
+    pub not_after: u64,
+}
+
+impl CertIdentity {
+    /// The provider's name when the CN is `provider.{name}`. (Read from the
+    /// CN, not kept beside it: every live session keeps its identity.)
+    pub fn provider(&self) -> Option<&str> {
+        self.cn.strip_prefix(grants::PROVIDER_PREFIX)
+    }
+
+    /// Whether the chain had expired at `now` (Unix seconds).
+    pub fn expired(&self, now: u64) -> bool {
+        now > self.not_after
+    }
 }
 
 /// Reads the identity from the verified peer certificate: CN = device id
@@ -93,11 +108,19 @@ pub fn identity_of(peer: Option<&[CertificateDer<'_>]>) -> Result<CertIdentity, 
             "certificate for service {service_id} was not issued by that service's CA"
         ));
     }
+    // Verified by webpki, so each reads.
+    let not_after = peer
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|c| der::validity(c))
+        .map(|(_, until)| until)
+        .min()
+        .unwrap_or(0);
     Ok(CertIdentity {
         cn,
-        provider,
         service_id,
         serial: names.serial,
+        not_after,
     })
 }
 
@@ -291,6 +314,8 @@ impl Trust {
                 connection,
                 not_after, "certificate expired: closing its live session"
             );
+            // Counted before the session can see its cut.
+            self.metrics.expired_cuts.fetch_add(1, Ordering::Relaxed);
             entry.remove().cancel();
             cut += 1;
         }
@@ -377,10 +402,7 @@ impl Trust {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let expired = self.cut_expired(UnixTime::now().as_secs());
-            self.metrics
-                .expired_cuts
-                .fetch_add(expired as u64, Ordering::Relaxed);
+            self.cut_expired(UnixTime::now().as_secs());
             let me = self.clone();
             if let Ok(cuts) = tokio::task::spawn_blocking(move || me.reload_if_changed()).await {
                 if !cuts.is_empty() {

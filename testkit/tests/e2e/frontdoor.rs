@@ -87,7 +87,7 @@ pub(crate) fn forged_leaf(
 }
 
 /// The same, with validity in seconds from now.
-fn forged_leaf_secs(
+pub(crate) fn forged_leaf_secs(
     cn: &str,
     o: &str,
     issuer: (&X509, &PKey<Private>),

@@ -636,6 +636,39 @@ async fn a_will_goes_at_once_when_the_session_ends_with_the_connection() {
 }
 
 #[tokio::test]
+async fn a_will_whose_certificate_expires_while_it_waits_is_dropped() {
+    let (fleet, observer) = watching_telemetry().await;
+    let (ca, ca_key) = fleet.core().pki.service_ca("svcA").unwrap();
+    fleet_pki::grants::add_grant(fleet.certs_dir(), "we1", "svcA").unwrap();
+    // we1's certificate is valid through the second 4 s from now; both
+    // Wills wait 6 s once the connections drop. we2's is the control.
+    let short = super::frontdoor::forged_leaf_secs("we1", "svcA", (&ca, &ca_key), (-60, 4));
+    let expired_at =
+        std::time::UNIX_EPOCH + Duration::from_secs(fleet_protocol::now_ms() / 1000 + 5);
+    let long = certified(&fleet, "we2", "svcA");
+    let we1 = eventually(T, "svcA's CA to be trusted", || {
+        let options = lingering(&fleet, "we1", &short, 6, true);
+        async move { Probe5::connect(options).await.ok() }
+    })
+    .await
+    .unwrap();
+    let we2 = Probe5::connect(lingering(&fleet, "we2", &long, 6, true))
+        .await
+        .unwrap();
+    drop((we1, we2));
+    let due = std::time::SystemTime::now() + Duration::from_secs(6);
+    assert!(due > expired_at, "the Will would be due before the expiry");
+    observer
+        .wait_for("/tenants/svcA/telemetry/we2", 1, T)
+        .await
+        .unwrap();
+    // we1's was due with we2's: a marker published now arrives after it,
+    // had it been sent.
+    traffic_marker(&observer).await;
+    assert!(observer.on("/tenants/svcA/telemetry/we1").is_empty());
+}
+
+#[tokio::test]
 async fn a_will_whose_certificate_is_revoked_while_it_waits_is_dropped() {
     let (fleet, observer) = watching_telemetry().await;
     let revoked = certified(&fleet, "wd4", "svcA");
@@ -1747,4 +1780,20 @@ async fn qos2_resends_and_unknown_pubrels_release_nothing_twice() {
         );
     })
     .unwrap();
+}
+
+/// A broker that stops tells its MQTT 5 clients so (DISCONNECT 0x8B), and
+/// counts no revocation for it.
+#[tokio::test]
+async fn a_broker_that_stops_says_it_is_shutting_down() {
+    let fleet = Fleet::start().await.unwrap();
+    let root = fleet.certs_dir().join("root-ca.pem");
+    let boot = fleet.broker.bootstrap_tls_addr.unwrap();
+    let probe = Probe5::tls(boot, "bye1", &root).await.unwrap();
+    fleet.broker.stop();
+    assert_eq!(
+        probe.wait_cut(T).await.unwrap(),
+        Some(DisconnectReasonCode::ServerShuttingDown)
+    );
+    assert_eq!(fleet.broker.metrics.get(|m| &m.revoked_cuts), 0);
 }

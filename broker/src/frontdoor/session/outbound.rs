@@ -87,7 +87,9 @@ pub struct Outbound {
     /// PUBLISHes discarded for their size.
     pub discarded: u64,
     /// Answers of the client to nothing this connection sent, passed on to
-    /// the router, which drops a link whose answer it did not expect.
+    /// the router since it last sent anything: the router drops a link
+    /// whose answer it did not expect (and takes, say, a PUBCOMP for a
+    /// PUBREL of an earlier connection).
     pub unknown_acks: u64,
 }
 
