@@ -22,7 +22,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::handlers::{Core, Outgoing};
+use std::collections::{HashMap, VecDeque};
+
+use crate::handlers::{Core, Intake, Outgoing};
 use crate::ManagerConfig;
 
 /// Longest a revocation waits for its CRL, so revocations close together
@@ -56,7 +58,7 @@ pub fn connect(config: &ManagerConfig) -> anyhow::Result<(AsyncClient, EventLoop
 /// Bytes of requests that may wait for a worker, by [`Class`]; past it,
 /// more of that class are dropped. Each class has its own, so a bootstrap
 /// flood takes no room from the others.
-pub const QUEUED_BYTES_MAX: [usize; CLASSES] = [16 << 20, 40 << 20, 8 << 20, 8 << 20];
+pub const QUEUED_BYTES_MAX: [usize; CLASSES] = [16 << 20, 40 << 20, 40 << 20, 8 << 20];
 
 /// How many [`Class`]es there are.
 pub const CLASSES: usize = 4;
@@ -121,27 +123,97 @@ impl Queued {
     }
 }
 
-/// The queues, one per [`Class`], taken in its order.
-struct Queues([mpsc::UnboundedReceiver<Queued>; CLASSES]);
+/// Contested requests waiting for the same device id at most: past it, more
+/// for that id are dropped, so a flood naming one id holds little room.
+const CONTESTED_PER_ID: usize = 8;
+
+/// The queues, one per [`Class`], taken in its order; contested requests
+/// one device id at a time, in turn.
+struct Queues {
+    rx: [mpsc::UnboundedReceiver<Queued>; CLASSES],
+    turns: Turns,
+}
 
 impl Queues {
     /// The queues and their senders, by class.
     fn new() -> (Queues, [mpsc::UnboundedSender<Queued>; CLASSES]) {
         let channels: [_; CLASSES] = std::array::from_fn(|_| mpsc::unbounded_channel());
         let [a, b, c, d] = channels;
-        (Queues([a.1, b.1, c.1, d.1]), [a.0, b.0, c.0, d.0])
+        let queues = Queues {
+            rx: [a.1, b.1, c.1, d.1],
+            turns: Turns::default(),
+        };
+        (queues, [a.0, b.0, c.0, d.0])
     }
 
-    async fn next(&mut self) -> Option<Queued> {
-        let [tenant, registered, contested, unknown] = &mut self.0;
-        tokio::select! {
-            biased;
-            Some(q) = tenant.recv() => Some(q),
-            Some(q) = registered.recv() => Some(q),
-            Some(q) = contested.recv() => Some(q),
-            Some(q) = unknown.recv() => Some(q),
-            else => None,
+    /// The next request to carry out. Contested ones that came in join
+    /// their device's turn first; one dropped there is counted in `intake`.
+    async fn next(&mut self, intake: &Intake) -> Option<Queued> {
+        loop {
+            let [tenant, registered, contested, unknown] = &mut self.rx;
+            while let Ok(job) = contested.try_recv() {
+                self.turns.push(job, intake);
+            }
+            if let Ok(q) = tenant.try_recv() {
+                return Some(q);
+            }
+            if let Ok(q) = registered.try_recv() {
+                return Some(q);
+            }
+            if let Some(q) = self.turns.pop() {
+                return Some(q);
+            }
+            if let Ok(q) = unknown.try_recv() {
+                return Some(q);
+            }
+            tokio::select! {
+                biased;
+                Some(q) = tenant.recv() => return Some(q),
+                Some(q) = registered.recv() => return Some(q),
+                Some(q) = contested.recv() => self.turns.push(q, intake),
+                Some(q) = unknown.recv() => return Some(q),
+                else => return None,
+            }
         }
+    }
+}
+
+/// Contested requests by device id, served in turn: each id with a request
+/// waiting gives one in its turn, so a flood of many requests naming a few
+/// ids delays another id's by a request per id it names, not by the flood.
+#[derive(Default)]
+struct Turns {
+    by_id: HashMap<String, VecDeque<Queued>>,
+    order: VecDeque<String>,
+}
+
+impl Turns {
+    fn push(&mut self, job: Queued, intake: &Intake) {
+        // A request topic ends with its device id (the class says it is one).
+        let id = job.publish.topic.rsplit('/').next().unwrap_or_default();
+        let waiting = self.by_id.entry(id.to_owned()).or_default();
+        if waiting.len() >= CONTESTED_PER_ID {
+            intake.waiting_bytes[job.class as usize].fetch_sub(job.size(), Ordering::Relaxed);
+            intake.dropped.fetch_add(1, Ordering::Relaxed);
+            debug!(topic = %job.publish.topic, "request dropped: {CONTESTED_PER_ID} wait for its id already");
+            return;
+        }
+        if waiting.is_empty() {
+            self.order.push_back(id.to_owned());
+        }
+        waiting.push_back(job);
+    }
+
+    fn pop(&mut self) -> Option<Queued> {
+        let id = self.order.pop_front()?;
+        let waiting = self.by_id.get_mut(&id)?;
+        let job = waiting.pop_front();
+        if waiting.is_empty() {
+            self.by_id.remove(&id);
+        } else {
+            self.order.push_back(id);
+        }
+        job
     }
 }
 
@@ -206,7 +278,7 @@ pub async fn serve(
                 let next = tokio::select! {
                     biased;
                     _ = stop.cancelled() => None,
-                    next = async { queues.lock().await.next().await } => next,
+                    next = async { queues.lock().await.next(&core.intake).await } => next,
                 };
                 let Some(job) = next else { break };
                 core.intake.waiting_bytes[job.class as usize]
@@ -413,6 +485,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn contested_requests_are_taken_a_device_id_at_a_time() {
+        let (mut queues, senders) = Queues::new();
+        let intake = Intake::default();
+        let mut sent = Vec::new();
+        // A flood naming x and y, 20 each, then one request for z.
+        for i in 0..20 {
+            sent.push(format!("fleet/v1/activate/x#{i}"));
+            sent.push(format!("fleet/v1/activate/y#{i}"));
+        }
+        sent.push("fleet/v1/activate/z".to_string());
+        for topic in &sent {
+            // The device id is the last segment; `#{i}` only tells copies apart.
+            let job = queued(topic, Class::Contested);
+            let mut job = job;
+            job.publish.topic = topic.split('#').next().unwrap().to_string();
+            job.publish.payload = topic.clone().into_bytes().into();
+            intake.waiting_bytes[Class::Contested as usize]
+                .fetch_add(job.size(), Ordering::Relaxed);
+            senders[Class::Contested as usize].send(job).unwrap();
+        }
+        drop(senders);
+        let mut order = Vec::new();
+        while let Some(q) = queues.next(&intake).await {
+            order.push(String::from_utf8(q.publish.payload.to_vec()).unwrap());
+        }
+        // x and y in turn, 8 each (the rest dropped), z after one of each.
+        let short = |s: &String| s.trim_start_matches("fleet/v1/activate/").to_string();
+        let order: Vec<_> = order.iter().map(short).collect();
+        assert_eq!(&order[..3], ["x#0", "y#0", "z"]);
+        assert_eq!(order.len(), 2 * CONTESTED_PER_ID + 1);
+        assert_eq!(
+            order[3..],
+            (1..CONTESTED_PER_ID)
+                .flat_map(|i| [format!("x#{i}"), format!("y#{i}")])
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            intake.dropped.load(Ordering::Relaxed),
+            2 * (20 - CONTESTED_PER_ID) as u64
+        );
+    }
+
+    #[tokio::test]
     async fn tenant_then_registered_then_contested_then_unknown() {
         let (mut queues, senders) = Queues::new();
         for (topic, class) in [
@@ -428,8 +543,9 @@ mod tests {
             senders[class as usize].send(queued(topic, class)).unwrap();
         }
         drop(senders);
+        let intake = Intake::default();
         let mut order = Vec::new();
-        while let Some(q) = queues.next().await {
+        while let Some(q) = queues.next(&intake).await {
             order.push(q.publish.topic);
         }
         assert_eq!(

@@ -310,6 +310,11 @@ async fn a_flood_naming_registered_ids_goes_behind_devices_it_does_not_name() {
     })
     .await
     .unwrap();
+    // dev1's connection and request, ready before the flood.
+    let activator = fleet.privileged("activator").await.unwrap();
+    let eph = crypto::generate_p256().unwrap();
+    let request = activate_request(&dev.id, &eph, &dev.factory);
+    let topic = Topic::bootstrap(Route::Request(RequestKind::Activate, dev.id.clone()));
     // The flood, built first and then published at once: 60 more each.
     let key = crypto::generate_p256().unwrap();
     let mut flood = Vec::new();
@@ -325,11 +330,7 @@ async fn a_flood_naming_registered_ids_goes_behind_devices_it_does_not_name() {
         probe.publish(&topic, request).await.unwrap();
     }
     taken_in(&fleet, named.len() + sent).await;
-    // dev1 activates from a connection of its own.
-    let activator = fleet.privileged("activator").await.unwrap();
-    let eph = crypto::generate_p256().unwrap();
-    let request = activate_request(&dev.id, &eph, &dev.factory);
-    let topic = Topic::bootstrap(Route::Request(RequestKind::Activate, dev.id.clone()));
+    // dev1 activates, from a connection of its own.
     activator
         .publish(&topic.to_string(), request)
         .await
@@ -358,14 +359,18 @@ async fn a_flood_naming_registered_ids_goes_behind_devices_it_does_not_name() {
         before < named.len() + sent,
         "dev1 was answered after the whole flood"
     );
-    // The flood is still answered, every request refused.
-    let total = named.len() + sent;
-    eventually(T, "every request of the flood answered", || {
-        let n = probe.messages().iter().filter(is_named_reply).count();
-        async move { (n == total).then_some(()) }
+    // The rest of the flood is refused, or dropped past the 8 requests
+    // that may wait for one id: none is carried out.
+    let total = (named.len() + sent) as u64;
+    let intake = &fleet.core().intake;
+    let dropped = eventually(T, "every request of the flood answered or dropped", || {
+        let answered = probe.messages().iter().filter(is_named_reply).count() as u64;
+        let dropped = intake.dropped.load(Ordering::Relaxed);
+        async move { (answered + dropped == total).then_some(dropped) }
     })
     .await
     .unwrap();
+    assert!(dropped > 0, "no id had more than 8 requests waiting");
     for m in probe.messages().iter().filter(is_named_reply) {
         let reply: Reply = Envelope::decode(&m.payload).unwrap().body().unwrap();
         assert!(
@@ -373,4 +378,90 @@ async fn a_flood_naming_registered_ids_goes_behind_devices_it_does_not_name() {
             "{reply:?}"
         );
     }
+}
+
+/// Anyone can make any registered id contested, one refused request each.
+/// There each id gets its turn: a device whose id was made so waits behind
+/// one request of each id the flood names, not behind the flood.
+#[tokio::test]
+async fn a_contested_device_waits_for_one_turn_of_each_named_id() {
+    let (fleet, probe, mut dev) = fleet(60_000, false).await;
+    let named = register(&fleet, 50).await;
+    let reply_topic =
+        |id: &str| Topic::bootstrap(Route::Reply(RequestKind::Activate, id.to_owned())).to_string();
+    // One refusal for each of them, and one for dev1 too.
+    let mut ids = named.clone();
+    ids.push(dev.id.clone());
+    let first = activations(&probe, &ids).await;
+    eventually(T, "the first requests refused", || {
+        let refused = first
+            .iter()
+            .all(|(id, _)| !probe.on(&reply_topic(id)).is_empty());
+        async move { refused.then_some(()) }
+    })
+    .await
+    .unwrap();
+    let activator = fleet.privileged("activator").await.unwrap();
+    let eph = crypto::generate_p256().unwrap();
+    let request = activate_request(&dev.id, &eph, &dev.factory);
+    let topic = Topic::bootstrap(Route::Request(RequestKind::Activate, dev.id.clone()));
+    let key = crypto::generate_p256().unwrap();
+    let mut flood = Vec::new();
+    for _ in 0..60 {
+        for id in &named {
+            let eph = crypto::generate_p256().unwrap();
+            let topic = Topic::bootstrap(Route::Request(RequestKind::Activate, id.clone()));
+            flood.push((topic.to_string(), activate_request(id, &eph, &key)));
+        }
+    }
+    let sent = flood.len();
+    for (topic, request) in flood {
+        probe.publish(&topic, request).await.unwrap();
+    }
+    taken_in(&fleet, ids.len() + sent).await;
+    let is_named_reply = |m: &fleet_testkit::Received| {
+        m.topic.starts_with("fleet/v1/activate/reg-") && m.topic.ends_with("/reply")
+    };
+    let seen = probe
+        .messages()
+        .iter()
+        .filter(|m| is_named_reply(m))
+        .count();
+    activator
+        .publish(&topic.to_string(), request)
+        .await
+        .unwrap();
+    probe.wait_for(&reply_topic(&dev.id), 2, T).await.unwrap();
+    let reply = reply_on(&fleet, &probe, &reply_topic(&dev.id)).unwrap();
+    assert_eq!(reply.status, Status::Ok, "{reply:?}");
+    dev.uuid = crypto::unseal(&eph, &dev.id, reply.uuid.as_ref().unwrap()).ok();
+    assert!(dev.uuid.is_some());
+    let messages = probe.messages();
+    let at = messages
+        .iter()
+        .rposition(|m| m.topic == reply_topic(&dev.id))
+        .unwrap();
+    let between = messages[..at].iter().filter(|m| is_named_reply(m)).count() - seen;
+    // In arrival order dev1 would be answered after every request of the
+    // flood: some of it is answered after dev1.
+    let total = (ids.len() + sent) as u64;
+    let intake = &fleet.core().intake;
+    eventually(T, "every request of the flood answered or dropped", || {
+        let answered = probe
+            .messages()
+            .iter()
+            .filter(|m| is_named_reply(m))
+            .count() as u64;
+        let dropped = intake.dropped.load(Ordering::Relaxed);
+        // dev1's own first request is among `ids` but not a named reply.
+        async move { (answered + dropped + 1 == total).then_some(()) }
+    })
+    .await
+    .unwrap();
+    let after = probe.messages()[at..]
+        .iter()
+        .filter(|m| is_named_reply(m))
+        .count();
+    println!("dev1 answered with {between} replies to the flood seen since it asked, before {after} more");
+    assert!(after > 0, "dev1 was answered after the whole flood");
 }
