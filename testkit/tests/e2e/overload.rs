@@ -117,6 +117,71 @@ fn reply_on(fleet: &Fleet, probe: &Probe, topic: &str) -> Option<Reply> {
     Some(env.body().expect("reply body"))
 }
 
+/// The bootstrap activate reply topic of `id`.
+fn reply_topic(id: &str) -> String {
+    Topic::bootstrap(Route::Reply(RequestKind::Activate, id.to_owned())).to_string()
+}
+
+/// Makes `ids` contested (topics.md §5.4): one refused activation each,
+/// waited for.
+async fn contest(probe: &Probe, ids: &[String]) {
+    let first = activations(probe, ids).await;
+    eventually(T, "the first requests refused", || {
+        let refused = first
+            .iter()
+            .all(|(id, _)| !probe.on(&reply_topic(id)).is_empty());
+        async move { refused.then_some(()) }
+    })
+    .await
+    .unwrap();
+}
+
+/// dev1's activation `request`, sealed to `eph`, published by `activator`;
+/// waits for its `nth` reply, which must carry its UUID.
+async fn activated(
+    fleet: &Fleet,
+    probe: &Probe,
+    activator: &Probe,
+    dev: &mut HandDevice,
+    (eph, request): (&openssl::pkey::PKey<openssl::pkey::Private>, Vec<u8>),
+    nth: usize,
+) {
+    let topic = Topic::bootstrap(Route::Request(RequestKind::Activate, dev.id.clone()));
+    activator
+        .publish(&topic.to_string(), request)
+        .await
+        .unwrap();
+    probe.wait_for(&reply_topic(&dev.id), nth, T).await.unwrap();
+    let reply = reply_on(fleet, probe, &reply_topic(&dev.id)).unwrap();
+    assert_eq!(reply.status, Status::Ok, "{reply:?}");
+    dev.uuid = crypto::unseal(eph, &dev.id, reply.uuid.as_ref().unwrap()).ok();
+    assert!(dev.uuid.is_some());
+}
+
+/// A reply to a request of [`flood`] (the ids of [`register`]).
+fn is_flood_reply(m: &fleet_testkit::Received) -> bool {
+    m.topic.starts_with("fleet/v1/activate/reg-") && m.topic.ends_with("/reply")
+}
+
+/// A flood naming `named`, 60 activations each that no key of theirs
+/// signed, built first and then published at once; how many.
+async fn flood(probe: &Probe, named: &[String]) -> usize {
+    let key = crypto::generate_p256().unwrap();
+    let mut flood = Vec::new();
+    for _ in 0..60 {
+        for id in named {
+            let eph = crypto::generate_p256().unwrap();
+            let topic = Topic::bootstrap(Route::Request(RequestKind::Activate, id.clone()));
+            flood.push((topic.to_string(), activate_request(id, &eph, &key)));
+        }
+    }
+    let sent = flood.len();
+    for (topic, request) in flood {
+        probe.publish(&topic, request).await.unwrap();
+    }
+    sent
+}
+
 #[tokio::test]
 async fn requests_that_waited_too_long_are_answered_busy_and_change_nothing() {
     let (mut fleet, probe, mut dev) = fleet(1, false).await;
@@ -299,56 +364,22 @@ async fn a_flood_naming_registered_ids_goes_behind_devices_it_does_not_name() {
     let (fleet, probe, mut dev) = fleet(60_000, false).await;
     let named = register(&fleet, 50).await;
     // One refusal each: their ids are contested from then on.
-    let first = activations(&probe, &named).await;
-    let reply_topic =
-        |id: &str| Topic::bootstrap(Route::Reply(RequestKind::Activate, id.to_owned())).to_string();
-    eventually(T, "the first requests refused", || {
-        let refused = first
-            .iter()
-            .all(|(id, _)| !probe.on(&reply_topic(id)).is_empty());
-        async move { refused.then_some(()) }
-    })
-    .await
-    .unwrap();
+    contest(&probe, &named).await;
     // dev1's connection and request, ready before the flood.
     let activator = fleet.privileged("activator").await.unwrap();
     let eph = crypto::generate_p256().unwrap();
     let request = activate_request(&dev.id, &eph, &dev.factory);
-    let topic = Topic::bootstrap(Route::Request(RequestKind::Activate, dev.id.clone()));
-    // The flood, built first and then published at once: 60 more each.
-    let key = crypto::generate_p256().unwrap();
-    let mut flood = Vec::new();
-    for _ in 0..60 {
-        for id in &named {
-            let eph = crypto::generate_p256().unwrap();
-            let topic = Topic::bootstrap(Route::Request(RequestKind::Activate, id.clone()));
-            flood.push((topic.to_string(), activate_request(id, &eph, &key)));
-        }
-    }
-    let sent = flood.len();
-    for (topic, request) in flood {
-        probe.publish(&topic, request).await.unwrap();
-    }
+    let sent = flood(&probe, &named).await;
     taken_in(&fleet, named.len() + sent).await;
     // dev1 activates, from a connection of its own.
-    activator
-        .publish(&topic.to_string(), request)
-        .await
-        .unwrap();
-    probe.wait_for(&reply_topic(&dev.id), 1, T).await.unwrap();
-    let reply = reply_on(&fleet, &probe, &reply_topic(&dev.id)).unwrap();
-    assert_eq!(reply.status, Status::Ok, "{reply:?}");
-    dev.uuid = crypto::unseal(&eph, &dev.id, reply.uuid.as_ref().unwrap()).ok();
-    assert!(dev.uuid.is_some());
+    activated(&fleet, &probe, &activator, &mut dev, (&eph, request), 1).await;
 
     let messages = probe.messages();
     let at = messages
         .iter()
         .position(|m| m.topic == reply_topic(&dev.id))
         .unwrap();
-    let is_named_reply = |m: &&fleet_testkit::Received| {
-        m.topic.starts_with("fleet/v1/activate/reg-") && m.topic.ends_with("/reply")
-    };
+    let is_named_reply = |m: &&fleet_testkit::Received| is_flood_reply(m);
     let before = messages[..at].iter().filter(is_named_reply).count();
     println!(
         "dev1 answered after {before} of {} replies to the flood",
@@ -387,55 +418,22 @@ async fn a_flood_naming_registered_ids_goes_behind_devices_it_does_not_name() {
 async fn a_contested_device_waits_for_one_turn_of_each_named_id() {
     let (fleet, probe, mut dev) = fleet(60_000, false).await;
     let named = register(&fleet, 50).await;
-    let reply_topic =
-        |id: &str| Topic::bootstrap(Route::Reply(RequestKind::Activate, id.to_owned())).to_string();
     // One refusal for each of them, and one for dev1 too.
     let mut ids = named.clone();
     ids.push(dev.id.clone());
-    let first = activations(&probe, &ids).await;
-    eventually(T, "the first requests refused", || {
-        let refused = first
-            .iter()
-            .all(|(id, _)| !probe.on(&reply_topic(id)).is_empty());
-        async move { refused.then_some(()) }
-    })
-    .await
-    .unwrap();
+    contest(&probe, &ids).await;
     let activator = fleet.privileged("activator").await.unwrap();
     let eph = crypto::generate_p256().unwrap();
     let request = activate_request(&dev.id, &eph, &dev.factory);
-    let topic = Topic::bootstrap(Route::Request(RequestKind::Activate, dev.id.clone()));
-    let key = crypto::generate_p256().unwrap();
-    let mut flood = Vec::new();
-    for _ in 0..60 {
-        for id in &named {
-            let eph = crypto::generate_p256().unwrap();
-            let topic = Topic::bootstrap(Route::Request(RequestKind::Activate, id.clone()));
-            flood.push((topic.to_string(), activate_request(id, &eph, &key)));
-        }
-    }
-    let sent = flood.len();
-    for (topic, request) in flood {
-        probe.publish(&topic, request).await.unwrap();
-    }
+    let sent = flood(&probe, &named).await;
     taken_in(&fleet, ids.len() + sent).await;
-    let is_named_reply = |m: &fleet_testkit::Received| {
-        m.topic.starts_with("fleet/v1/activate/reg-") && m.topic.ends_with("/reply")
-    };
+    let is_named_reply = is_flood_reply;
     let seen = probe
         .messages()
         .iter()
         .filter(|m| is_named_reply(m))
         .count();
-    activator
-        .publish(&topic.to_string(), request)
-        .await
-        .unwrap();
-    probe.wait_for(&reply_topic(&dev.id), 2, T).await.unwrap();
-    let reply = reply_on(&fleet, &probe, &reply_topic(&dev.id)).unwrap();
-    assert_eq!(reply.status, Status::Ok, "{reply:?}");
-    dev.uuid = crypto::unseal(&eph, &dev.id, reply.uuid.as_ref().unwrap()).ok();
-    assert!(dev.uuid.is_some());
+    activated(&fleet, &probe, &activator, &mut dev, (&eph, request), 2).await;
     let messages = probe.messages();
     let at = messages
         .iter()
