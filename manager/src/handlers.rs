@@ -184,6 +184,10 @@ pub struct Core {
     /// (topics.md §5.4).
     pub intake: Intake,
     failures: Mutex<HashMap<String, VecDeque<u64>>>,
+    /// Registered device ids whose requests were refused before any
+    /// authentication (unreadable, or `update` before activation), and
+    /// when last: like `failures`, they make an id contested (§5.4).
+    refused_unchecked: Mutex<HashMap<String, u64>>,
     /// Services whose CRL must be rewritten once the replies that revoked
     /// certificates are published.
     pending_crls: Mutex<std::collections::BTreeSet<String>>,
@@ -309,6 +313,7 @@ impl Core {
             config,
             intake: Intake::default(),
             failures: Mutex::new(HashMap::new()),
+            refused_unchecked: Mutex::new(HashMap::new()),
             refusals_logged: Mutex::new(LogPace::new(std::time::Instant::now())),
             shed_logged: Mutex::new(LogPace::new(std::time::Instant::now())),
             pending_crls: Mutex::new(Default::default()),
@@ -506,6 +511,17 @@ impl Core {
                 f.status = Status::RateLimited;
             }
             self.count_failure(device_id);
+        } else if matches!(
+            f.status,
+            Status::BadCrc
+                | Status::Malformed
+                | Status::TooLarge
+                | Status::UnsupportedVersion
+                | Status::NotRegistered
+        ) {
+            // Anyone can send these under a registered id, and nothing
+            // was checked to refuse them.
+            self.count_unchecked(device_id);
         }
         let loud = self
             .refusals_logged
@@ -542,6 +558,23 @@ impl Core {
         }
     }
 
+    /// Notes a refusal of a request for `device_id` that was refused before
+    /// any authentication, if the id is registered (only then does it
+    /// class a request, and ids nobody registered would fill the table).
+    fn count_unchecked(&self, device_id: &str) {
+        if !self.store.is_registered(device_id) {
+            return;
+        }
+        let mut map = self
+            .refused_unchecked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_FAILURE_ENTRIES && !map.contains_key(device_id) {
+            return;
+        }
+        map.insert(device_id.to_owned(), now_ms());
+    }
+
     /// Forgets devices whose failures are all past the window.
     pub fn prune_failures(&self) {
         let window = self.config.failure_window_secs * 1000;
@@ -554,20 +587,34 @@ impl Core {
                     .back()
                     .is_some_and(|t| now.saturating_sub(*t) <= window)
             });
+        self.refused_unchecked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, t| now.saturating_sub(*t) <= window);
     }
 
-    /// Whether a request for `device_id` failed its checks (`auth_failed`,
-    /// `stale`, `replayed`) within the failure window: someone besides the
-    /// device may be sending under its id (topics.md §5.4).
+    /// Whether a request for `device_id` was refused within the failure
+    /// window, failing its checks (`auth_failed`, `stale`, `replayed`) or
+    /// before them (unreadable, `update` before activation): someone
+    /// besides the device may be sending under its id (topics.md §5.4).
     pub fn contested(&self, device_id: &str) -> bool {
         let window = self.config.failure_window_secs * 1000;
         let now = now_ms();
-        self.failures
+        let recent = |t: &u64| now.saturating_sub(*t) <= window;
+        let failed = self
+            .failures
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(device_id)
             .and_then(VecDeque::back)
-            .is_some_and(|t| now.saturating_sub(*t) <= window)
+            .is_some_and(recent);
+        failed
+            || self
+                .refused_unchecked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(device_id)
+                .is_some_and(recent)
     }
 
     fn rate_limited(&self, device_id: &str) -> bool {
@@ -1824,6 +1871,29 @@ mod tests {
             None => Topic::bootstrap(route),
         };
         ask(core, &topic, env.encode())
+    }
+
+    /// Requests anyone can have sent under a registered id, refused before
+    /// any check of who sent them, make the id contested (topics.md §5.4),
+    /// as refusals by authentication do; ids nobody registered are not
+    /// noted.
+    #[test]
+    fn an_unreadable_request_for_a_registered_id_makes_it_contested() {
+        let (_dir, core) = core();
+        registered(&core, "dev1");
+        registered(&core, "dev2");
+        assert!(!core.contested("dev1"));
+        core.handle("fleet/v1/activate/dev1", b"\xff not cbor");
+        assert!(core.contested("dev1"));
+        // `update` before activation is refused before its HMAC is looked at.
+        let update = Envelope::build(Kind::Update, &("not", "a", "body"), |_| Ok(vec![]))
+            .unwrap()
+            .encode();
+        core.handle("fleet/v1/update/dev2", &update);
+        assert!(core.contested("dev2"));
+        core.handle("fleet/v1/activate/ghost", b"\xff not cbor");
+        assert!(!core.contested("ghost"));
+        assert!(!core.refused_unchecked.lock().unwrap().contains_key("ghost"));
     }
 
     #[test]

@@ -121,6 +121,14 @@ impl Queued {
     fn size(&self) -> usize {
         self.publish.payload.len() + self.publish.topic.len() + QUEUED_OVERHEAD
     }
+
+    /// The same request counted in `class` from now on.
+    fn reclassed(mut self, class: Class, intake: &Intake) -> Queued {
+        intake.waiting_bytes[self.class as usize].fetch_sub(self.size(), Ordering::Relaxed);
+        intake.waiting_bytes[class as usize].fetch_add(self.size(), Ordering::Relaxed);
+        self.class = class;
+        self
+    }
 }
 
 /// Contested requests waiting for the same device id at most: past it, more
@@ -148,7 +156,14 @@ impl Queues {
 
     /// The next request to carry out. Contested ones that came in join
     /// their device's turn first; one dropped there is counted in `intake`.
-    async fn next(&mut self, intake: &Intake) -> Option<Queued> {
+    /// A registered id's request is looked at again when its turn comes:
+    /// if its id was contested meanwhile (`contested`: a burst for one id
+    /// arrives before the first of it is refused), it joins the turns.
+    async fn next(
+        &mut self,
+        intake: &Intake,
+        contested_now: impl Fn(&str) -> bool,
+    ) -> Option<Queued> {
         loop {
             let [tenant, registered, contested, unknown] = &mut self.rx;
             while let Ok(job) = contested.try_recv() {
@@ -158,7 +173,14 @@ impl Queues {
                 return Some(q);
             }
             if let Ok(q) = registered.try_recv() {
-                return Some(q);
+                match Turns::device_of(&q.publish.topic) {
+                    id if contested_now(id) => {
+                        self.turns
+                            .push(q.reclassed(Class::Contested, intake), intake);
+                        continue;
+                    }
+                    _ => return Some(q),
+                }
             }
             if let Some(q) = self.turns.pop() {
                 return Some(q);
@@ -169,7 +191,12 @@ impl Queues {
             tokio::select! {
                 biased;
                 Some(q) = tenant.recv() => return Some(q),
-                Some(q) = registered.recv() => return Some(q),
+                Some(q) = registered.recv() => {
+                    if !contested_now(Turns::device_of(&q.publish.topic)) {
+                        return Some(q);
+                    }
+                    self.turns.push(q.reclassed(Class::Contested, intake), intake);
+                }
                 Some(q) = contested.recv() => self.turns.push(q, intake),
                 Some(q) = unknown.recv() => return Some(q),
                 else => return None,
@@ -188,9 +215,13 @@ struct Turns {
 }
 
 impl Turns {
+    /// The device id of a request topic: its last level.
+    fn device_of(topic: &str) -> &str {
+        topic.rsplit('/').next().unwrap_or_default()
+    }
+
     fn push(&mut self, job: Queued, intake: &Intake) {
-        // A request topic ends with its device id (the class says it is one).
-        let id = job.publish.topic.rsplit('/').next().unwrap_or_default();
+        let id = Self::device_of(&job.publish.topic);
         let waiting = self.by_id.entry(id.to_owned()).or_default();
         if waiting.len() >= CONTESTED_PER_ID {
             intake.waiting_bytes[job.class as usize].fetch_sub(job.size(), Ordering::Relaxed);
@@ -278,7 +309,9 @@ pub async fn serve(
                 let next = tokio::select! {
                     biased;
                     _ = stop.cancelled() => None,
-                    next = async { queues.lock().await.next(&core.intake).await } => next,
+                    next = async {
+                        queues.lock().await.next(&core.intake, |id| core.contested(id)).await
+                    } => next,
                 };
                 let Some(job) = next else { break };
                 core.intake.waiting_bytes[job.class as usize]
@@ -507,7 +540,7 @@ mod tests {
         }
         drop(senders);
         let mut order = Vec::new();
-        while let Some(q) = queues.next(&intake).await {
+        while let Some(q) = queues.next(&intake, |_| false).await {
             order.push(String::from_utf8(q.publish.payload.to_vec()).unwrap());
         }
         // x and y in turn, 8 each (the rest dropped), z after one of each.
@@ -525,6 +558,48 @@ mod tests {
             intake.dropped.load(Ordering::Relaxed),
             2 * (20 - CONTESTED_PER_ID) as u64
         );
+    }
+
+    /// A burst for one id arrives before the first of it is refused: the
+    /// rest of it joins the turns once the id is contested.
+    #[tokio::test]
+    async fn a_registered_request_whose_id_was_contested_meanwhile_waits_its_turn() {
+        let (mut queues, senders) = Queues::new();
+        let intake = Intake::default();
+        for topic in [
+            "fleet/v1/activate/x",
+            "fleet/v1/activate/x",
+            "fleet/v1/activate/x",
+            "fleet/v1/activate/y",
+        ] {
+            let job = queued(topic, Class::Registered);
+            intake.waiting_bytes[Class::Registered as usize]
+                .fetch_add(job.size(), Ordering::Relaxed);
+            senders[Class::Registered as usize].send(job).unwrap();
+        }
+        let z = queued("fleet/v1/activate/z", Class::Contested);
+        intake.waiting_bytes[Class::Contested as usize].fetch_add(z.size(), Ordering::Relaxed);
+        senders[Class::Contested as usize].send(z).unwrap();
+        drop(senders);
+        let contested = |id: &str| id == "x";
+        let mut order = Vec::new();
+        while let Some(q) = queues.next(&intake, contested).await {
+            intake.waiting_bytes[q.class as usize].fetch_sub(q.size(), Ordering::Relaxed);
+            order.push((q.publish.topic, q.class));
+        }
+        use Class::*;
+        let x = "fleet/v1/activate/x".to_string();
+        assert_eq!(
+            order,
+            [
+                ("fleet/v1/activate/y".to_string(), Registered),
+                ("fleet/v1/activate/z".to_string(), Contested),
+                (x.clone(), Contested),
+                (x.clone(), Contested),
+                (x, Contested),
+            ]
+        );
+        assert_eq!(intake.waiting(), 0, "bytes moved with the requests");
     }
 
     #[tokio::test]
@@ -545,7 +620,7 @@ mod tests {
         drop(senders);
         let intake = Intake::default();
         let mut order = Vec::new();
-        while let Some(q) = queues.next(&intake).await {
+        while let Some(q) = queues.next(&intake, |_| false).await {
             order.push(q.publish.topic);
         }
         assert_eq!(

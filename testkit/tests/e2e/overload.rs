@@ -164,15 +164,20 @@ fn is_flood_reply(m: &fleet_testkit::Received) -> bool {
 }
 
 /// A flood naming `named`, 60 activations each that no key of theirs
-/// signed, built first and then published at once; how many.
-async fn flood(probe: &Probe, named: &[String]) -> usize {
+/// signed (or, `unreadable`, 60 payloads that are not CBOR), built first
+/// and then published at once; how many.
+async fn flood(probe: &Probe, named: &[String], unreadable: bool) -> usize {
     let key = crypto::generate_p256().unwrap();
     let mut flood = Vec::new();
     for _ in 0..60 {
         for id in named {
-            let eph = crypto::generate_p256().unwrap();
             let topic = Topic::bootstrap(Route::Request(RequestKind::Activate, id.clone()));
-            flood.push((topic.to_string(), activate_request(id, &eph, &key)));
+            let payload = if unreadable {
+                b"\xff not cbor".to_vec()
+            } else {
+                activate_request(id, &crypto::generate_p256().unwrap(), &key)
+            };
+            flood.push((topic.to_string(), payload));
         }
     }
     let sent = flood.len();
@@ -369,7 +374,7 @@ async fn a_flood_naming_registered_ids_goes_behind_devices_it_does_not_name() {
     let activator = fleet.privileged("activator").await.unwrap();
     let eph = crypto::generate_p256().unwrap();
     let request = activate_request(&dev.id, &eph, &dev.factory);
-    let sent = flood(&probe, &named).await;
+    let sent = flood(&probe, &named, false).await;
     taken_in(&fleet, named.len() + sent).await;
     // dev1 activates, from a connection of its own.
     activated(&fleet, &probe, &activator, &mut dev, (&eph, request), 1).await;
@@ -425,7 +430,7 @@ async fn a_contested_device_waits_for_one_turn_of_each_named_id() {
     let activator = fleet.privileged("activator").await.unwrap();
     let eph = crypto::generate_p256().unwrap();
     let request = activate_request(&dev.id, &eph, &dev.factory);
-    let sent = flood(&probe, &named).await;
+    let sent = flood(&probe, &named, false).await;
     taken_in(&fleet, ids.len() + sent).await;
     let is_named_reply = is_flood_reply;
     let seen = probe
@@ -461,5 +466,46 @@ async fn a_contested_device_waits_for_one_turn_of_each_named_id() {
         .filter(|m| is_named_reply(m))
         .count();
     println!("dev1 answered with {between} replies to the flood seen since it asked, before {after} more");
+    assert!(after > 0, "dev1 was answered after the whole flood");
+}
+
+/// Requests anyone can send under a registered id, that are refused before
+/// any check (here: not CBOR), contest it too: such a flood goes behind
+/// the devices it does not name.
+#[tokio::test]
+async fn an_unreadable_flood_naming_registered_ids_goes_behind_devices_it_does_not_name() {
+    let (fleet, probe, mut dev) = fleet(60_000, false).await;
+    let named = register(&fleet, 50).await;
+    let activator = fleet.privileged("activator").await.unwrap();
+    let eph = crypto::generate_p256().unwrap();
+    let request = activate_request(&dev.id, &eph, &dev.factory);
+    // A first burst, 60 for each id, the manager takes at once, then the
+    // rest of the flood.
+    let sent = flood(&probe, &named, true).await + flood(&probe, &named, true).await;
+    taken_in(&fleet, sent).await;
+    activated(&fleet, &probe, &activator, &mut dev, (&eph, request), 1).await;
+    let at = probe
+        .messages()
+        .iter()
+        .position(|m| m.topic == reply_topic(&dev.id))
+        .unwrap();
+    let total = sent as u64;
+    let intake = &fleet.core().intake;
+    eventually(T, "every request of the flood answered or dropped", || {
+        let answered = probe
+            .messages()
+            .iter()
+            .filter(|m| is_flood_reply(m))
+            .count() as u64;
+        let dropped = intake.dropped.load(Ordering::Relaxed);
+        async move { (answered + dropped == total).then_some(()) }
+    })
+    .await
+    .unwrap();
+    let after = probe.messages()[at..]
+        .iter()
+        .filter(|m| is_flood_reply(m))
+        .count();
+    println!("dev1 answered before {after} replies to the flood");
     assert!(after > 0, "dev1 was answered after the whole flood");
 }
