@@ -417,7 +417,9 @@ impl Pki {
 
         let now = unix_now();
         let not_before = now.saturating_sub(certs::BACKDATE_SECS);
-        let not_after = now + u64::from(lifetime_days) * DAY;
+        // Never past its CA: a client that presents its certificate alone
+        // shows no CA, so its certificate must end no later.
+        let not_after = (now + u64::from(lifetime_days) * DAY).min(unix_of(ca.cert.not_after())?);
         let serial = certs::random_serial()?;
         let subject = certs::name(Some(service_id), cn)?;
         let leaf = certs::build(
@@ -630,6 +632,12 @@ fn crl_due(path: &Path) -> bool {
     secs(left) * 2 < secs(life)
 }
 
+/// An ASN.1 time as Unix seconds (0 for one before 1970).
+fn unix_of(t: &openssl::asn1::Asn1TimeRef) -> Result<u64, PkiError> {
+    let diff = openssl::asn1::Asn1Time::from_unix(0)?.diff(t)?;
+    Ok(u64::try_from(i64::from(diff.days) * 86_400 + i64::from(diff.secs)).unwrap_or(0))
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -703,6 +711,54 @@ mod tests {
         assert!(pki.crl_due("svcA"));
         std::fs::write(pki.crl_path("svcA"), b"not a CRL").unwrap();
         assert!(pki.crl_due("svcA"));
+    }
+
+    /// A certificate asked for longer than its service CA has left ends
+    /// with the CA.
+    #[test]
+    fn a_certificate_ends_no_later_than_its_service_ca() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::open_or_create(tmp.path()).unwrap();
+        // svcQ's CA, valid 10 more days, written where the PKI keeps it.
+        let key = certs::new_p256_key().unwrap();
+        let now = unix_now();
+        let ca_until = now + 10 * DAY;
+        let cert = certs::build(
+            &Template {
+                subject: &certs::name(Some("svcQ"), "fleetshift service CA svcQ").unwrap(),
+                public_key: &key,
+                serial: &certs::random_serial().unwrap(),
+                not_before: now - 60,
+                not_after: ca_until,
+                profile: Profile::Ca { path_len: Some(0) },
+            },
+            Some(&Issuer {
+                cert: &pki.root,
+                key: &pki.root_key,
+            }),
+            None,
+        )
+        .unwrap();
+        write_private_key(&pki.service_ca_key_path("svcQ"), &key).unwrap();
+        files::write_atomic(
+            &pki.service_ca_path("svcQ"),
+            &cert.to_pem().unwrap(),
+            PUBLIC_MODE,
+        )
+        .unwrap();
+        let device = certs::new_p256_key().unwrap();
+        let public = PKey::public_key_from_der(&device.public_key_to_der().unwrap()).unwrap();
+        let issued = pki
+            .issue_device_certificate("dev1", "svcQ", &public, 30)
+            .unwrap();
+        assert_eq!(issued.not_after, ca_until);
+        assert_eq!(unix_of(issued.leaf.not_after()).unwrap(), ca_until);
+        // One asked for less is not touched.
+        let short = pki
+            .issue_device_certificate("dev1", "svcQ", &public, 1)
+            .unwrap();
+        assert!(short.not_after < ca_until);
+        assert_eq!(unix_of(short.leaf.not_after()).unwrap(), short.not_after);
     }
 
     #[test]

@@ -752,7 +752,8 @@ async fn connection(
                 if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
                     shared.metrics.resumed.fetch_add(1, Ordering::Relaxed);
                 }
-                let cert = match trust::identity_of(tls.get_ref().1.peer_certificates()) {
+                let presented = tls.get_ref().1.peer_certificates();
+                let mut cert = match trust::identity_of(presented) {
                     Ok(c) => c,
                     Err(why) => {
                         shared
@@ -763,6 +764,11 @@ async fn connection(
                         return Err(session::SessionError::Refused(why));
                     }
                 };
+                // The anchor's end too, which a leaf alone does not show.
+                let leaf = presented.and_then(<[_]>::first);
+                if let Some(until) = leaf.and_then(|leaf| trust.path_until(leaf)) {
+                    cert.not_after = cert.not_after.min(until);
+                }
                 registered = trust.register(&cert.serial, cert.not_after, id, cut.clone());
                 // A revocation that landed between the handshake and now.
                 if trust.is_revoked(&cert.serial) {

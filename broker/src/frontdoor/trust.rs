@@ -259,6 +259,15 @@ impl Trust {
             .contains(serial)
     }
 
+    /// The last second in which the verified path of `leaf` (a client's
+    /// certificate, DER) is valid, its anchor included, if the verifier
+    /// still holds it: a client that sends only its certificate presents
+    /// no CA, whose expiry its session must not outlive.
+    pub fn path_until(&self, leaf: &[u8]) -> Option<u64> {
+        let verifier = self.verifier.read().unwrap_or_else(|p| p.into_inner());
+        verifier.chains.until(&openssl::sha::sha256(leaf))
+    }
+
     /// Registers a live session, which is cancelled if its certificate is
     /// revoked or expires, until the returned guard is dropped (however the
     /// session's task ends, dropped with it too).
@@ -865,6 +874,12 @@ impl Chains {
             .unwrap_or_else(|p| p.into_inner())
             .get(leaf)
             .is_some_and(|(from, until)| *from <= now && now <= *until)
+    }
+
+    /// The end of the window in which `leaf`'s verified path is valid.
+    fn until(&self, leaf: &[u8; 32]) -> Option<u64> {
+        let verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        verified.get(leaf).map(|(_, until)| *until)
     }
 
     fn insert(&self, leaf: [u8; 32], window: (u64, u64)) {
