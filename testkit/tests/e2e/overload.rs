@@ -158,6 +158,36 @@ async fn activated(
     assert!(dev.uuid.is_some());
 }
 
+/// Waits until every one of `total` requests the manager took is answered
+/// with a flood reply or dropped (`not_flood` of them are neither: a
+/// request of dev1's); the flood replies after message `at`, and how many
+/// were dropped.
+async fn settled(
+    fleet: &Fleet,
+    probe: &Probe,
+    total: u64,
+    not_flood: u64,
+    at: usize,
+) -> (usize, u64) {
+    let intake = &fleet.core().intake;
+    let dropped = eventually(T, "every request of the flood answered or dropped", || {
+        let answered = probe
+            .messages()
+            .iter()
+            .filter(|m| is_flood_reply(m))
+            .count() as u64;
+        let dropped = intake.dropped.load(Ordering::Relaxed);
+        async move { (answered + dropped + not_flood == total).then_some(dropped) }
+    })
+    .await
+    .unwrap();
+    let after = probe.messages()[at..]
+        .iter()
+        .filter(|m| is_flood_reply(m))
+        .count();
+    (after, dropped)
+}
+
 /// A reply to a request of [`flood`] (the ids of [`register`]).
 fn is_flood_reply(m: &fleet_testkit::Received) -> bool {
     m.topic.starts_with("fleet/v1/activate/reg-") && m.topic.ends_with("/reply")
@@ -397,15 +427,7 @@ async fn a_flood_naming_registered_ids_goes_behind_devices_it_does_not_name() {
     );
     // The rest of the flood is refused, or dropped past the 8 requests
     // that may wait for one id: none is carried out.
-    let total = (named.len() + sent) as u64;
-    let intake = &fleet.core().intake;
-    let dropped = eventually(T, "every request of the flood answered or dropped", || {
-        let answered = probe.messages().iter().filter(is_named_reply).count() as u64;
-        let dropped = intake.dropped.load(Ordering::Relaxed);
-        async move { (answered + dropped == total).then_some(dropped) }
-    })
-    .await
-    .unwrap();
+    let (_, dropped) = settled(&fleet, &probe, (named.len() + sent) as u64, 0, at).await;
     assert!(dropped > 0, "no id had more than 8 requests waiting");
     for m in probe.messages().iter().filter(is_named_reply) {
         let reply: Reply = Envelope::decode(&m.payload).unwrap().body().unwrap();
@@ -446,25 +468,9 @@ async fn a_contested_device_waits_for_one_turn_of_each_named_id() {
         .unwrap();
     let between = messages[..at].iter().filter(|m| is_named_reply(m)).count() - seen;
     // In arrival order dev1 would be answered after every request of the
-    // flood: some of it is answered after dev1.
-    let total = (ids.len() + sent) as u64;
-    let intake = &fleet.core().intake;
-    eventually(T, "every request of the flood answered or dropped", || {
-        let answered = probe
-            .messages()
-            .iter()
-            .filter(|m| is_named_reply(m))
-            .count() as u64;
-        let dropped = intake.dropped.load(Ordering::Relaxed);
-        // dev1's own first request is among `ids` but not a named reply.
-        async move { (answered + dropped + 1 == total).then_some(()) }
-    })
-    .await
-    .unwrap();
-    let after = probe.messages()[at..]
-        .iter()
-        .filter(|m| is_named_reply(m))
-        .count();
+    // flood: some of it is answered after dev1. (dev1's own first request
+    // is among `ids` but gets no flood reply.)
+    let (after, _) = settled(&fleet, &probe, (ids.len() + sent) as u64, 1, at).await;
     println!("dev1 answered with {between} replies to the flood seen since it asked, before {after} more");
     assert!(after > 0, "dev1 was answered after the whole flood");
 }
@@ -489,23 +495,7 @@ async fn an_unreadable_flood_naming_registered_ids_goes_behind_devices_it_does_n
         .iter()
         .position(|m| m.topic == reply_topic(&dev.id))
         .unwrap();
-    let total = sent as u64;
-    let intake = &fleet.core().intake;
-    eventually(T, "every request of the flood answered or dropped", || {
-        let answered = probe
-            .messages()
-            .iter()
-            .filter(|m| is_flood_reply(m))
-            .count() as u64;
-        let dropped = intake.dropped.load(Ordering::Relaxed);
-        async move { (answered + dropped == total).then_some(()) }
-    })
-    .await
-    .unwrap();
-    let after = probe.messages()[at..]
-        .iter()
-        .filter(|m| is_flood_reply(m))
-        .count();
+    let (after, _) = settled(&fleet, &probe, sent as u64, 0, at).await;
     println!("dev1 answered before {after} replies to the flood");
     assert!(after > 0, "dev1 was answered after the whole flood");
 }
