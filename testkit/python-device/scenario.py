@@ -151,8 +151,11 @@ def main():
         eph = proto.new_key()
         fields = A.base(eph=proto.point(eph))
         payload, _ = proto.build("activate", fields, proto.ecdsa_signer(A.factory_key()))
+        # §5.2: an unreadable request under A's id just before its own. Its
+        # reply (empty nonce) comes first and is not taken as the answer.
+        A.conn.publish(proto.request_topic("activate", A.id), b"\xff not cbor")
         r = A.send("activate", fields, payload=payload, tenant=None)
-        expect(r and r.status == 0, "activate ok")
+        expect(r and r.status == 0, "activate ok, past an empty-nonce reply")
         expect(r.body["service_id"] == "weather", "assigned service = registered weather")
         uuid = proto.unseal(eph, A.id, r.body["uuid"])
         expect(len(uuid) == 16, "uuid unseals to 16 bytes")
