@@ -173,13 +173,9 @@ impl Queues {
                 return Some(q);
             }
             if let Ok(q) = registered.try_recv() {
-                match Turns::device_of(&q.publish.topic) {
-                    id if contested_now(id) => {
-                        self.turns
-                            .push(q.reclassed(Class::Contested, intake), intake);
-                        continue;
-                    }
-                    _ => return Some(q),
+                match self.turns.unless_contested(q, intake, &contested_now) {
+                    Some(q) => return Some(q),
+                    None => continue,
                 }
             }
             if let Some(q) = self.turns.pop() {
@@ -192,10 +188,9 @@ impl Queues {
                 biased;
                 Some(q) = tenant.recv() => return Some(q),
                 Some(q) = registered.recv() => {
-                    if !contested_now(Turns::device_of(&q.publish.topic)) {
+                    if let Some(q) = self.turns.unless_contested(q, intake, &contested_now) {
                         return Some(q);
                     }
-                    self.turns.push(q.reclassed(Class::Contested, intake), intake);
                 }
                 Some(q) = contested.recv() => self.turns.push(q, intake),
                 Some(q) = unknown.recv() => return Some(q),
@@ -233,6 +228,21 @@ impl Turns {
             self.order.push_back(id.to_owned());
         }
         waiting.push_back(job);
+    }
+
+    /// `job`, a registered id's request, back if its id is not contested
+    /// now; otherwise it joins the turns.
+    fn unless_contested(
+        &mut self,
+        job: Queued,
+        intake: &Intake,
+        contested_now: impl Fn(&str) -> bool,
+    ) -> Option<Queued> {
+        if !contested_now(Self::device_of(&job.publish.topic)) {
+            return Some(job);
+        }
+        self.push(job.reclassed(Class::Contested, intake), intake);
+        None
     }
 
     fn pop(&mut self) -> Option<Queued> {

@@ -237,8 +237,6 @@ async fn requests_that_waited_too_long_are_answered_busy_and_change_nothing() {
     routed(&probe, "fleet/v1/activate/", 301).await;
     fleet.start_manager().await.unwrap();
 
-    let reply_topic =
-        |id: &str| Topic::bootstrap(Route::Reply(RequestKind::Activate, id.to_owned())).to_string();
     eventually(T, "every request answered", || {
         let answered = ghosts
             .iter()
@@ -350,18 +348,7 @@ async fn late_requests_for_ids_nobody_registered_are_dropped_not_answered_busy()
     // fix the order in which it takes them): it is carried out.
     let eph = crypto::generate_p256().unwrap();
     let request = activate_request(&dev.id, &eph, &dev.factory);
-    let topic = Topic::bootstrap(Route::Request(RequestKind::Activate, dev.id.clone()));
-    activator
-        .publish(&topic.to_string(), request)
-        .await
-        .unwrap();
-    let reply_topic =
-        Topic::bootstrap(Route::Reply(RequestKind::Activate, dev.id.clone())).to_string();
-    probe.wait_for(&reply_topic, 1, T).await.unwrap();
-    let reply = reply_on(&fleet, &probe, &reply_topic).unwrap();
-    assert_eq!(reply.status, Status::Ok, "{reply:?}");
-    dev.uuid = crypto::unseal(&eph, &dev.id, reply.uuid.as_ref().unwrap()).ok();
-    assert!(dev.uuid.is_some());
+    activated(&fleet, &probe, &activator, &mut dev, (&eph, request), 1).await;
 
     // Those that waited more than 20 ms are dropped, unanswered: never
     // `busy`, whose signature an anonymous flood is not worth.
