@@ -171,7 +171,10 @@ impl Registered<'_> {
     /// Unregisters the session, and tells whether it was cut because its
     /// certificate expired.
     pub fn end(self) -> bool {
-        self.trust.unregister(&self.serial, self.connection)
+        // Unregistered here, and not again by `Drop`.
+        let mut this = std::mem::ManuallyDrop::new(self);
+        let serial = std::mem::take(&mut this.serial);
+        this.trust.unregister(&serial, this.connection)
     }
 }
 
