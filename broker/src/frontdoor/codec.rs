@@ -123,6 +123,35 @@ impl Version {
 /// slot) for ever.
 pub const MAX_WRITE_STALL: Duration = Duration::from_secs(30);
 
+/// How long a connection the broker ends is still read from after its last
+/// word, and how much of it, before it is closed.
+pub const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 64 * 1024;
+
+/// Ends the broker's side of `io` (after its last word: a TLS alert, a
+/// CONNACK refusal, a DISCONNECT) and reads and drops what the client still
+/// sends, until it closes too, for at most [`LINGER`] and 64 KiB. A socket
+/// closed with unread data, or that receives data once closed, answers
+/// with a reset, and a reset can cost the client that last word: a client
+/// that writes its next message first fails with a broken pipe without
+/// reading it (the JDK's, on a refused certificate), and TCP stacks that
+/// drop unread data on a reset (lwIP's, on many devices) lose it outright.
+pub async fn linger<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) {
+    let drain = async {
+        io.shutdown().await?;
+        let mut buf = vec![0u8; 4096];
+        let mut read = 0;
+        while read < LINGER_BYTES {
+            match io.read(&mut buf).await? {
+                0 => break,
+                n => read += n,
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
 /// Reads and writes MQTT packets of one connection's version.
 pub struct Framed<S> {
     stream: S,
@@ -146,6 +175,21 @@ pub struct Framed<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
+    /// [`linger`] on the connection, unless the client is already gone or
+    /// silent: it ended the connection, or stopped reading or talking.
+    pub async fn linger_after(&mut self, ended: &SessionError) {
+        let gone = matches!(
+            ended,
+            SessionError::Io(_)
+                | SessionError::WriteStalled(_)
+                | SessionError::KeepAlive
+                | SessionError::ConnectTimeout(_)
+        );
+        if !gone {
+            Box::pin(linger(&mut self.stream)).await;
+        }
+    }
+
     pub fn new(stream: S, max_packet: usize) -> Framed<S> {
         Framed {
             stream,

@@ -846,8 +846,12 @@ async fn handshake(
         match start.into_stream(config).into_fallible().await {
             Ok(tls) => Ok(tls),
             Err((err, mut io)) => {
-                // The alert that tells the client why, if one was held.
+                // The alert that tells the client why, if one was held,
+                // and no reset under it: a TLS 1.3 client goes on writing
+                // (its Finished, its CONNECT) after the certificate the
+                // broker refused.
                 let _ = tokio::time::timeout(ALERT_WRITE, io.release()).await;
+                Box::pin(codec::linger(&mut io)).await;
                 Err(err)
             }
         }

@@ -330,270 +330,283 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> impl std::future::Future<Output = Result<(), SessionError>> {
     let mut framed = Framed::new(stream, shared.limits.max_packet_size);
     async move {
-        // Matched and admitted without naming the packet, the admission or
-        // the opened link: a named value moved apart stays in the future,
-        // dead, for the life of the connection.
-        let first = tokio::time::timeout(shared.limits.connect_timeout, framed.read_connect());
-        let (connect, properties, will, will_properties, login) = match first
-            .await
-            .map_err(|_| SessionError::ConnectTimeout(shared.limits.connect_timeout))??
-        {
-            Packet::Connect(connect, properties, will, will_properties, login) => {
-                (connect, properties, will, will_properties, login)
+        let result: Result<(), SessionError> = 'session: {
+            // Matched and admitted without naming the packet, the admission or
+            // the opened link: a named value moved apart stays in the future,
+            // dead, for the life of the connection.
+            let first = tokio::time::timeout(shared.limits.connect_timeout, framed.read_connect());
+            let (connect, properties, will, will_properties, login) = match first
+                .await
+                .map_err(|_| SessionError::ConnectTimeout(shared.limits.connect_timeout))??
+            {
+                Packet::Connect(connect, properties, will, will_properties, login) => {
+                    (connect, properties, will, will_properties, login)
+                }
+                _ => break 'session Err(SessionError::NotConnect),
+            };
+            let version = framed.version;
+            let identity = match admit(
+                &kind,
+                &connect,
+                properties.as_ref(),
+                will.as_ref(),
+                login.as_ref(),
+                &shared,
+            ) {
+                Ok(id) => id,
+                Err((refusal, why)) => {
+                    shared
+                        .metrics
+                        .refused_connects
+                        .fetch_add(1, Ordering::Relaxed);
+                    warn!(client_id = %connect.client_id, ?version, reason = %why, "connection refused");
+                    let _ = framed.write(vec![version.connack_refusal(refusal)]).await;
+                    break 'session Err(SessionError::Refused(why));
+                }
+            };
+            let manager = matches!(identity, Identity::Manager { .. });
+            let will = will.map(|mut w| {
+                // As for every PUBLISH: only the manager may retain.
+                w.retain &= manager;
+                Will::new(w, will_properties)
+            });
+            let label = identity.label();
+            if manager {
+                shared.internal_settled(connection);
             }
-            _ => return Err(SessionError::NotConnect),
-        };
-        let version = framed.version;
-        let identity = match admit(
-            &kind,
-            &connect,
-            properties.as_ref(),
-            will.as_ref(),
-            login.as_ref(),
-            &shared,
-        ) {
-            Ok(id) => id,
-            Err((refusal, why)) => {
-                shared
-                    .metrics
-                    .refused_connects
-                    .fetch_add(1, Ordering::Relaxed);
-                warn!(client_id = %connect.client_id, ?version, reason = %why, "connection refused");
-                let _ = framed.write(vec![version.connack_refusal(refusal)]).await;
-                return Err(SessionError::Refused(why));
+            // MQTT 5 keeps a session past the connection only with a Session
+            // Expiry Interval; bootstrap sessions are always clean: a claimed
+            // identity keeps nothing.
+            let expiry = properties
+                .as_ref()
+                .and_then(|p| p.session_expiry_interval)
+                .unwrap_or(0);
+            let keeps = !connect.clean_session && (version == Version::V311 || expiry > 0);
+            let clean = !keeps || matches!(identity, Identity::Bootstrap { .. });
+            let mut will_wait = Will::wait(will.as_ref(), clean, expiry);
+            // What the client announced it takes (MQTT 5 §3.1.2.11.3-4).
+            let (receive_max, max_packet) = match (version, properties.as_ref()) {
+                (Version::V5, Some(p)) => (p.receive_maximum, p.max_packet_size),
+                _ => (None, None),
+            };
+            if let Some(max) = max_packet {
+                framed.peer_max = max as usize;
             }
-        };
-        let manager = matches!(identity, Identity::Manager { .. });
-        let will = will.map(|mut w| {
-            // As for every PUBLISH: only the manager may retain.
-            w.retain &= manager;
-            Will::new(w, will_properties)
-        });
-        let label = identity.label();
-        if manager {
-            shared.internal_settled(connection);
-        }
-        // MQTT 5 keeps a session past the connection only with a Session
-        // Expiry Interval; bootstrap sessions are always clean: a claimed
-        // identity keeps nothing.
-        let expiry = properties
-            .as_ref()
-            .and_then(|p| p.session_expiry_interval)
-            .unwrap_or(0);
-        let keeps = !connect.clean_session && (version == Version::V311 || expiry > 0);
-        let clean = !keeps || matches!(identity, Identity::Bootstrap { .. });
-        let mut will_wait = Will::wait(will.as_ref(), clean, expiry);
-        // What the client announced it takes (MQTT 5 §3.1.2.11.3-4).
-        let (receive_max, max_packet) = match (version, properties.as_ref()) {
-            (Version::V5, Some(p)) => (p.receive_maximum, p.max_packet_size),
-            _ => (None, None),
-        };
-        if let Some(max) = max_packet {
-            framed.peer_max = max as usize;
-        }
-        // The session is claimed first, so the connection it replaces knows it
-        // was taken over.
-        let router_id = identity.router_client_id(connection);
-        let claim = shared.claim(&router_id, connection);
-        let _ended = claim.ended;
-        let (tx, rx, ack) = match shared.link.open(router_id.clone(), clean).await {
-            Ok(link) => link,
-            Err(why) => {
+            // The rest of what the CONNECT carried (its User Properties, up to a
+            // packet's size, and the password) is not kept for the connection's
+            // life.
+            drop((properties, login));
+            // The session is claimed first, so the connection it replaces knows it
+            // was taken over.
+            let router_id = identity.router_client_id(connection);
+            let claim = shared.claim(&router_id, connection);
+            let _ended = claim.ended;
+            let (tx, rx, ack) = match shared.link.open(router_id.clone(), clean).await {
+                Ok(link) => link,
+                Err(why) => {
+                    shared.release(&router_id, connection);
+                    let _ = framed
+                        .write(vec![version.connack_refusal(Refusal::Unavailable)])
+                        .await;
+                    break 'session Err(SessionError::Router(why));
+                }
+            };
+            let ack: Option<Packet> = ack.into();
+            let ack = match (version, ack) {
+                (Version::V5, Some(Packet::ConnAck(ack, props))) => {
+                    let mut props = props.unwrap_or_default();
+                    // Aliases are resolved here, not by the router (`TopicAliases`).
+                    props.topic_alias_max = Some(TopicAliases::MAX);
+                    props.receive_max = Some(RECEIVE_MAXIMUM);
+                    props.max_packet_size =
+                        Some(shared.limits.max_packet_size.min(u32::MAX as usize) as u32);
+                    if clean && expiry > 0 {
+                        props.session_expiry_interval = Some(0);
+                    }
+                    // The longest keep-alive the idle limit allows, announced when
+                    // the client asked for none or for more.
+                    let longest =
+                        (shared.limits.max_idle.as_secs() * 2 / 3).clamp(1, u16::MAX.into());
+                    if connect.keep_alive == 0 || u64::from(connect.keep_alive) > longest {
+                        props.server_keep_alive = Some(longest as u16);
+                    }
+                    Some(Packet::ConnAck(ack, Some(props)))
+                }
+                (_, ack) => ack,
+            };
+            // Opening this link made the router drop the one of the session
+            // taken over, whose Will (if one goes at once) is then published:
+            // waited for, briefly, so that it comes before anything of ours.
+            if let Some(previous) = claim.previous {
+                let _ = tokio::time::timeout(TAKEOVER_WAIT, previous.cancelled()).await;
+            }
+            let mut tx = tx;
+            if let Err(err) = framed.write(ack.into_iter().collect()).await {
+                // The client went away before its CONNACK: the router holds a link
+                // for it all the same, which must not outlive this connection.
                 shared.release(&router_id, connection);
-                let _ = framed
-                    .write(vec![version.connack_refusal(Refusal::Unavailable)])
-                    .await;
-                return Err(SessionError::Router(why));
+                let _ = send_now(&mut tx, router_goodbye()).await;
+                break 'session Err(err);
             }
-        };
-        let ack: Option<Packet> = ack.into();
-        let ack = match (version, ack) {
-            (Version::V5, Some(Packet::ConnAck(ack, props))) => {
-                let mut props = props.unwrap_or_default();
-                // Aliases are resolved here, not by the router (`TopicAliases`).
-                props.topic_alias_max = Some(TopicAliases::MAX);
-                props.receive_max = Some(RECEIVE_MAXIMUM);
-                props.max_packet_size =
-                    Some(shared.limits.max_packet_size.min(u32::MAX as usize) as u32);
-                if clean && expiry > 0 {
-                    props.session_expiry_interval = Some(0);
+            debug!(identity = %label, ?version, "connected");
+            let keep_alive = match connect.keep_alive {
+                0 => shared.limits.max_idle,
+                k => (Duration::from_secs(k as u64) * 3 / 2).min(shared.limits.max_idle),
+            };
+            // While a write waits the client's packets are not read, so the
+            // keep-alive is what bounds it too.
+            framed.write_stall = keep_alive.min(MAX_WRITE_STALL);
+            framed.cut = cut.clone();
+            let mut outbound = Outbound::new(receive_max, max_packet);
+            // A session the router keeps comes back with its filters: they
+            // count towards the limit again.
+            let mut subscribed = shared.kept_subscriptions(&router_id, clean);
+            let result = serve(
+                &mut framed,
+                &identity,
+                &mut tx,
+                rx,
+                &mut outbound,
+                keep_alive,
+                &shared,
+                source,
+                &mut subscribed,
+                &cut,
+            )
+            .await;
+            if !clean {
+                shared.keep_subscriptions(router_id.clone(), subscribed);
+            }
+            // A newer connection of the same identity has claimed the session:
+            // the router has dropped this connection's link, whatever ended it
+            // here (the router's close, or a read error that came first).
+            let taken_over = !shared.holds(&router_id, connection);
+            let result = match result {
+                Err(SessionError::RouterClosed(_)) if taken_over => {
+                    info!(identity = %label, "session taken over by a newer connection of the same identity");
+                    Err(SessionError::TakenOver)
                 }
-                // The longest keep-alive the idle limit allows, announced when
-                // the client asked for none or for more.
-                let longest = (shared.limits.max_idle.as_secs() * 2 / 3).clamp(1, u16::MAX.into());
-                if connect.keep_alive == 0 || u64::from(connect.keep_alive) > longest {
-                    props.server_keep_alive = Some(longest as u16);
+                // A DISCONNECT's Session Expiry Interval replaces the CONNECT's
+                // (MQTT 5 §3.14.2.2.2) in the Will's wait; the router's stored
+                // session is kept as before (rumqttd does not time expiry). One
+                // that would keep a session the CONNECT did not is not a valid
+                // DISCONNECT.
+                Ok((_, Some(ends))) if expiry == 0 && ends > 0 => Err(SessionError::Violation(
+                    DisconnectReasonCode::ProtocolError,
+                    "Session Expiry Interval set by DISCONNECT after 0 at CONNECT".into(),
+                )),
+                Ok((reason, Some(ends))) => {
+                    will_wait = Will::wait(will.as_ref(), clean, ends);
+                    Ok(reason)
                 }
-                Some(Packet::ConnAck(ack, Some(props)))
-            }
-            (_, ack) => ack,
-        };
-        // Opening this link made the router drop the one of the session
-        // taken over, whose Will (if one goes at once) is then published:
-        // waited for, briefly, so that it comes before anything of ours.
-        if let Some(previous) = claim.previous {
-            let _ = tokio::time::timeout(TAKEOVER_WAIT, previous.cancelled()).await;
-        }
-        let mut tx = tx;
-        if let Err(err) = framed.write(ack.into_iter().collect()).await {
-            // The client went away before its CONNACK: the router holds a link
-            // for it all the same, which must not outlive this connection.
-            shared.release(&router_id, connection);
-            let _ = send_now(&mut tx, router_goodbye()).await;
-            return Err(err);
-        }
-        debug!(identity = %label, ?version, "connected");
-        let keep_alive = match connect.keep_alive {
-            0 => shared.limits.max_idle,
-            k => (Duration::from_secs(k as u64) * 3 / 2).min(shared.limits.max_idle),
-        };
-        // While a write waits the client's packets are not read, so the
-        // keep-alive is what bounds it too.
-        framed.write_stall = keep_alive.min(MAX_WRITE_STALL);
-        framed.cut = cut.clone();
-        let mut outbound = Outbound::new(receive_max, max_packet);
-        // A session the router keeps comes back with its filters: they
-        // count towards the limit again.
-        let mut subscribed = shared.kept_subscriptions(&router_id, clean);
-        let result = serve(
-            &mut framed,
-            &identity,
-            &mut tx,
-            rx,
-            &mut outbound,
-            keep_alive,
-            &shared,
-            source,
-            &mut subscribed,
-            &cut,
-        )
-        .await;
-        if !clean {
-            shared.keep_subscriptions(router_id.clone(), subscribed);
-        }
-        // A newer connection of the same identity has claimed the session:
-        // the router has dropped this connection's link, whatever ended it
-        // here (the router's close, or a read error that came first).
-        let taken_over = !shared.holds(&router_id, connection);
-        let result = match result {
-            Err(SessionError::RouterClosed(_)) if taken_over => {
-                info!(identity = %label, "session taken over by a newer connection of the same identity");
-                Err(SessionError::TakenOver)
-            }
-            // A DISCONNECT's Session Expiry Interval replaces the CONNECT's
-            // (MQTT 5 §3.14.2.2.2) in the Will's wait; the router's stored
-            // session is kept as before (rumqttd does not time expiry). One
-            // that would keep a session the CONNECT did not is not a valid
-            // DISCONNECT.
-            Ok((_, Some(ends))) if expiry == 0 && ends > 0 => Err(SessionError::Violation(
-                DisconnectReasonCode::ProtocolError,
-                "Session Expiry Interval set by DISCONNECT after 0 at CONNECT".into(),
-            )),
-            Ok((reason, Some(ends))) => {
-                will_wait = Will::wait(will.as_ref(), clean, ends);
-                Ok(reason)
-            }
-            Ok((reason, None)) => Ok(reason),
-            Err(err) => Err(err),
-        };
-        // The router's link is gone or no longer speaks for this connection:
-        // nothing more goes to it.
-        let link_alive = !taken_over && !matches!(result, Err(SessionError::RouterClosed(_)));
-        // The Will goes out unless the client said a normal goodbye (MQTT 5:
-        // DISCONNECT 0x00; any other reason keeps it), and never
-        // for a certificate that is no longer valid. A session taken over by
-        // a newer connection publishes its Will at once if it has no delay
-        // (MQTT 5 §3.1.4, §3.1.2.5); a delayed one is cancelled by that very
-        // connection.
-        let now = rustls::pki_types::UnixTime::now().as_secs();
-        let invalid = matches!(&kind, ListenerKind::Service(cert)
+                Ok((reason, None)) => Ok(reason),
+                Err(err) => Err(err),
+            };
+            // The router's link is gone or no longer speaks for this connection:
+            // nothing more goes to it.
+            let link_alive = !taken_over && !matches!(result, Err(SessionError::RouterClosed(_)));
+            // The Will goes out unless the client said a normal goodbye (MQTT 5:
+            // DISCONNECT 0x00; any other reason keeps it), and never
+            // for a certificate that is no longer valid. A session taken over by
+            // a newer connection publishes its Will at once if it has no delay
+            // (MQTT 5 §3.1.4, §3.1.2.5); a delayed one is cancelled by that very
+            // connection.
+            let now = rustls::pki_types::UnixTime::now().as_secs();
+            let invalid = matches!(&kind, ListenerKind::Service(cert)
             if shared.is_revoked(&cert.serial) || cert.expired(now));
-        let publish_will = !invalid
-            && match &result {
-                // Only a normal disconnection deletes the Will (MQTT 5
-                // §3.1.2.5); MQTT 3.1.1's DISCONNECT reads as one.
-                Ok(reason) => *reason != DisconnectReasonCode::NormalDisconnection,
-                Err(SessionError::Revoked) => false,
-                Err(_) if taken_over => will_wait.is_zero(),
-                Err(_) => link_alive,
-            };
-        let will = will.filter(|_| publish_will);
-        match will {
-            Some(will) if !will_wait.is_zero() => {
-                // The session keeps its claim while the Will waits: a newer
-                // connection of the same identity takes it, which cancels the Will.
-                debug!(identity = %label, delay = ?will_wait, "will delayed");
-                let serial = match &kind {
-                    ListenerKind::Service(cert) => Some((cert.serial.clone(), cert.not_after)),
-                    _ => None,
+            let publish_will = !invalid
+                && match &result {
+                    // Only a normal disconnection deletes the Will (MQTT 5
+                    // §3.1.2.5); MQTT 3.1.1's DISCONNECT reads as one.
+                    Ok(reason) => *reason != DisconnectReasonCode::NormalDisconnection,
+                    Err(SessionError::Revoked) => false,
+                    Err(_) if taken_over => will_wait.is_zero(),
+                    Err(_) => link_alive,
                 };
-                tokio::spawn(publish_will_later(
-                    shared.clone(),
-                    (router_id.clone(), connection, serial),
-                    will,
-                    will_wait,
-                    cut.clone(),
-                ));
+            let will = will.filter(|_| publish_will);
+            match will {
+                Some(will) if !will_wait.is_zero() => {
+                    // The session keeps its claim while the Will waits: a newer
+                    // connection of the same identity takes it, which cancels the Will.
+                    debug!(identity = %label, delay = ?will_wait, "will delayed");
+                    let serial = match &kind {
+                        ListenerKind::Service(cert) => Some((cert.serial.clone(), cert.not_after)),
+                        _ => None,
+                    };
+                    tokio::spawn(publish_will_later(
+                        shared.clone(),
+                        (router_id.clone(), connection, serial),
+                        will,
+                        will_wait,
+                        cut.clone(),
+                    ));
+                }
+                Some(will) if !link_alive => {
+                    // This connection's router link is gone: the front door's
+                    // own link carries the Will.
+                    shared.release(&router_id, connection);
+                    debug!(identity = %label, "publishing the will of a session taken over");
+                    if let Err(why) = publish_through_will_link(&shared, will).await {
+                        warn!(identity = %label, error = %why, "will not published");
+                    }
+                }
+                Some(will) => {
+                    shared.release(&router_id, connection);
+                    debug!(identity = %label, "publishing the will");
+                    let _ = send_now(&mut tx, Packet::Publish(will.publish, will.properties)).await;
+                }
+                None => shared.release(&router_id, connection),
             }
-            Some(will) if !link_alive => {
-                // This connection's router link is gone: the front door's
-                // own link carries the Will.
-                shared.release(&router_id, connection);
-                debug!(identity = %label, "publishing the will of a session taken over");
-                if let Err(why) = publish_through_will_link(&shared, will).await {
-                    warn!(identity = %label, error = %why, "will not published");
+            if link_alive {
+                // Tell the router this connection is gone, however it ended.
+                let _ = send_now(&mut tx, router_goodbye()).await;
+            }
+            if outbound.discarded > 0 {
+                debug!(identity = %label, discarded = outbound.discarded, "publishes over the client's Maximum Packet Size were discarded");
+            }
+            let result = result.map(|_| ());
+            if let Err(err) = &result {
+                let reason = match err {
+                    // The router drops a link that answers a PUBLISH or PUBREL it
+                    // never sent: the client broke the protocol.
+                    SessionError::RouterClosed(_) if !taken_over && outbound.unknown_acks > 0 => {
+                        Some(DisconnectReasonCode::ProtocolError)
+                    }
+                    SessionError::Revoked if shared.stopping.is_cancelled() => {
+                        Some(DisconnectReasonCode::ServerShuttingDown)
+                    }
+                    err => err.disconnect_reason(),
+                };
+                // Nothing follows a packet cut off part-way.
+                let reason = reason.filter(|_| !framed.torn);
+                if let Some(bye) = reason.and_then(|r| version.disconnect(r)) {
+                    // The last word is bounded by its own time, not by the cut
+                    // that may have ended the session: a write that watched the
+                    // cut would end at once, and the DISCONNECT would be lost.
+                    // A cut session's is short, so it ends within the second its
+                    // revocation promises however slowly the client reads.
+                    let farewell = if matches!(err, SessionError::Revoked) {
+                        CUT_FAREWELL
+                    } else {
+                        FAREWELL
+                    };
+                    framed.cut = CancellationToken::new();
+                    let _ = tokio::time::timeout(farewell, framed.write(vec![bye])).await;
+                }
+                match err {
+                    SessionError::WriteStalled(_) => {
+                        shared.metrics.write_stalls.fetch_add(1, Ordering::Relaxed);
+                        warn!(identity = %label, error = %err, "client stopped reading; connection closed")
+                    }
+                    _ => debug!(identity = %label, error = %err, "session ended"),
                 }
             }
-            Some(will) => {
-                shared.release(&router_id, connection);
-                debug!(identity = %label, "publishing the will");
-                let _ = send_now(&mut tx, Packet::Publish(will.publish, will.properties)).await;
-            }
-            None => shared.release(&router_id, connection),
-        }
-        if link_alive {
-            // Tell the router this connection is gone, however it ended.
-            let _ = send_now(&mut tx, router_goodbye()).await;
-        }
-        if outbound.discarded > 0 {
-            debug!(identity = %label, discarded = outbound.discarded, "publishes over the client's Maximum Packet Size were discarded");
-        }
-        let result = result.map(|_| ());
+            result
+        };
+        // However the broker ended it, what the client still sends does
+        // not make the kernel reset the connection under its last word.
         if let Err(err) = &result {
-            let reason = match err {
-                // The router drops a link that answers a PUBLISH or PUBREL it
-                // never sent: the client broke the protocol.
-                SessionError::RouterClosed(_) if !taken_over && outbound.unknown_acks > 0 => {
-                    Some(DisconnectReasonCode::ProtocolError)
-                }
-                SessionError::Revoked if shared.stopping.is_cancelled() => {
-                    Some(DisconnectReasonCode::ServerShuttingDown)
-                }
-                err => err.disconnect_reason(),
-            };
-            // Nothing follows a packet cut off part-way.
-            let reason = reason.filter(|_| !framed.torn);
-            if let Some(bye) = reason.and_then(|r| version.disconnect(r)) {
-                // The last word is bounded by its own time, not by the cut
-                // that may have ended the session: a write that watched the
-                // cut would end at once, and the DISCONNECT would be lost.
-                // A cut session's is short, so it ends within the second its
-                // revocation promises however slowly the client reads.
-                let farewell = if matches!(err, SessionError::Revoked) {
-                    CUT_FAREWELL
-                } else {
-                    FAREWELL
-                };
-                framed.cut = CancellationToken::new();
-                let _ = tokio::time::timeout(farewell, framed.write(vec![bye])).await;
-            }
-            match err {
-                SessionError::WriteStalled(_) => {
-                    shared.metrics.write_stalls.fetch_add(1, Ordering::Relaxed);
-                    warn!(identity = %label, error = %err, "client stopped reading; connection closed")
-                }
-                _ => debug!(identity = %label, error = %err, "session ended"),
-            }
+            framed.linger_after(err).await;
         }
         result
     }

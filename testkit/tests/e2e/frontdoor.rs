@@ -393,6 +393,62 @@ async fn a_refused_certificate_gets_the_alert_that_says_why() {
     }
 }
 
+/// A TLS 1.3 client has finished its side of the handshake before the
+/// broker checks its certificate, and may go on writing (the JDK's sends its
+/// next message before it reads). The broker ends its side after the alert
+/// and reads what follows until the client closes, so those writes are not
+/// answered with a reset, under which the client would fail with a broken
+/// pipe and never read the alert.
+#[tokio::test]
+async fn a_refused_client_that_goes_on_writing_is_not_reset() {
+    use std::io::{Read, Write};
+    let fleet = Fleet::start().await.unwrap();
+    let root = std::fs::read(fleet.certs_dir().join("root-ca.pem")).unwrap();
+    let (ca_a, _) = fleet.core().pki.service_ca("svcA").unwrap();
+    let stranger_key = crypto::generate_p256().unwrap();
+    let stranger = {
+        let (pem, _) = forged_leaf("Stranger CA", "svcA", (&ca_a, &stranger_key), (-1, 30));
+        X509::from_pem(&pem).unwrap()
+    };
+    let (chain, key) = forged_leaf("dev1", "svcA", (&stranger, &stranger_key), (-1, 30));
+    let config =
+        fleet_device_sim::link::mutual_tls_over(&[&rustls::version::TLS13], &root, &chain, &key)
+            .unwrap();
+    let addr = fleet.service_addr();
+    let (alert, writes) = tokio::task::spawn_blocking(move || {
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(T)).unwrap();
+        tcp.set_write_timeout(Some(T)).unwrap();
+        let name = "localhost".try_into().unwrap();
+        let mut tls = rustls::ClientConnection::new(config, name).unwrap();
+        while tls.is_handshaking() {
+            tls.complete_io(&mut tcp).unwrap();
+        }
+        let alert = rustls::Stream::new(&mut tls, &mut tcp).read(&mut [0u8; 1]);
+        // The broker's end of the connection (its FIN, or a reset).
+        let end = tcp.read(&mut [0u8; 64]);
+        let writes: Vec<_> = (0..3)
+            .map(|_| tcp.write_all(&[0x17, 0x03, 0x03, 0x00, 0x01, 0x00]))
+            .collect();
+        (
+            alert.map_err(|e| format!("{e:?}")),
+            (end.map_err(|e| e.kind()), writes),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        alert.as_ref().is_err_and(|e| e.contains("AlertReceived")),
+        "{alert:?}, not an alert"
+    );
+    let (end, writes) = writes;
+    assert_eq!(end, Ok(0), "the broker's end of the connection");
+    assert!(
+        writes.iter().all(Result::is_ok),
+        "writes after the alert: {writes:?}"
+    );
+}
+
 #[tokio::test]
 async fn bad_certificates_fail_the_handshake() {
     let fleet = Fleet::start().await.unwrap();

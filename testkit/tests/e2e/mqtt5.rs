@@ -486,6 +486,27 @@ async fn oversized_and_server_only_packets_close_with_a_reason() {
     drop(ok);
 }
 
+/// After its last word (here a DISCONNECT 0x95) the broker ends its side
+/// and reads and drops what the client still sends until it closes, for up
+/// to a second: a client that writes once more before it reads is not
+/// reset, which on many TCP stacks would cost it what it had not read yet.
+#[tokio::test]
+async fn a_client_that_writes_after_the_broker_s_last_word_is_not_reset() {
+    let fleet = Fleet::start().await.unwrap();
+    let mut s = raw_v5(&fleet, "raw1").await;
+    s.write_all(&[0x30, 0x80, 0x80, 0x40]).await.unwrap();
+    assert_eq!(disconnect_reason(&until_closed(&mut s).await), 0x95);
+    for n in 0..3 {
+        let written = tokio::time::timeout(T, s.write_all(&[0xC0, 0x00]))
+            .await
+            .unwrap();
+        assert!(
+            written.is_ok(),
+            "write {n} after the DISCONNECT: {written:?}"
+        );
+    }
+}
+
 /// Options for a service connection of `device` (certified on svcA) that
 /// keeps its session, with a Will on its own telemetry topic sent after
 /// `will_delay` seconds.
