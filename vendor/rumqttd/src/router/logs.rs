@@ -38,11 +38,25 @@ impl From<PubWithProp> for PublishData {
 
 // TODO: remove this from here
 impl Storage for PublishData {
-    // TODO: calculate size of publish properties as well!
+    /// fleetshift: the properties are counted too (they were not), so that
+    /// a log's byte limit bounds what an MQTT 5 publisher can make the
+    /// router hold: 250 KB of User Property counted as a few bytes.
     fn size(&self) -> usize {
         let publish = &self.publish;
-        4 + publish.topic.len() + publish.payload.len()
+        4 + publish.topic.len() + publish.payload.len() + self.properties.as_ref().map_or(0, properties_size)
     }
+}
+
+/// fleetshift: the bytes a PUBLISH's properties hold, about as encoded.
+fn properties_size(p: &PublishProperties) -> usize {
+    let strings = |s: &Option<String>| s.as_ref().map_or(0, |s| 3 + s.len());
+    2 + 5
+        + 3
+        + strings(&p.response_topic)
+        + p.correlation_data.as_ref().map_or(0, |d| 3 + d.len())
+        + p.user_properties.iter().map(|(k, v)| 5 + k.len() + v.len()).sum::<usize>()
+        + 5 * p.subscription_identifiers.len()
+        + strings(&p.content_type)
 }
 
 /// fleetshift: at most this many topics' matching filters are cached
@@ -655,6 +669,24 @@ mod test {
     use super::DataLog;
     use crate::router::shared_subs::Strategy;
     use crate::RouterConfig;
+
+    /// fleetshift: a PUBLISH's properties count towards a log's bytes.
+    #[test]
+    fn a_publish_is_counted_with_its_properties() {
+        use crate::protocol::{Publish, PublishProperties};
+        use crate::Storage;
+        let publish = Publish::new("t/1", "x", false);
+        let bare = super::PublishData::from((publish.clone(), None)).size();
+        let properties = PublishProperties {
+            user_properties: vec![("k".repeat(1_000), "v".repeat(99_000))],
+            response_topic: Some("r".repeat(500)),
+            correlation_data: Some(vec![0u8; 500].into()),
+            content_type: Some("c".repeat(500)),
+            ..Default::default()
+        };
+        let with = super::PublishData::from((publish, Some(properties))).size();
+        assert!(with >= bare + 101_500, "{with} bytes against {bare} without properties");
+    }
 
     #[test]
     fn publish_filters_updating_correctly_on_new_topic_subscription() {
