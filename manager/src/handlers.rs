@@ -1098,8 +1098,12 @@ impl Core {
         let now = now_ms();
         info!(event = %req.body.event, detail = ?req.body.detail, "device status");
         match req.body.event.as_str() {
+            // From the tenant of the current service only: a device that
+            // moved may still report from its old tenant (where it asked
+            // for its new certificate), which proves nothing of the new one.
             "online" | "change_applied"
-                if req.body.service_id == device.service_id && topic.tenant.is_some() =>
+                if req.body.service_id == device.service_id
+                    && topic.tenant.as_deref() == Some(device.service_id.as_str()) =>
             {
                 let mut next = device.clone();
                 next.last_seen_ms = Some(now);
@@ -1981,6 +1985,61 @@ mod tests {
             core.intake.shed.load(std::sync::atomic::Ordering::Relaxed),
             1
         );
+    }
+
+    /// `online` confirms the new service, and retires the certificates it
+    /// replaced, only from the new tenant: the same report from the old
+    /// tenant, over the old certificate, is answered and changes nothing.
+    #[test]
+    fn online_from_the_old_tenant_confirms_nothing() {
+        let (_dir, core) = core();
+        let factory = registered(&core, "d1");
+        let (request, eph) = activate_request("d1", &factory);
+        let reply = ask(
+            &core,
+            &Topic::bootstrap(Route::Request(RequestKind::Activate, "d1".into())),
+            request,
+        );
+        let uuid = crypto::unseal(&eph, "d1", reply.uuid.as_ref().unwrap()).unwrap();
+        assert_eq!(update(&core, "d1", "svcA", None, &uuid).status, Status::Ok);
+        let (results, _) = core.request_change(&["d1".to_string()], "svcB", None, None, None);
+        assert!(results[0].ok);
+        assert_eq!(
+            update(&core, "d1", "svcB", Some("svcA"), &uuid).status,
+            Status::Ok
+        );
+        let online = |tenant: &str| {
+            let body = StatusReport {
+                device_id: "d1".into(),
+                service_id: "svcB".into(),
+                nonce: crypto::random_bytes(16),
+                ts: now_ms(),
+                event: "online".into(),
+                change_id: None,
+                detail: None,
+            };
+            let env = Envelope::build(Kind::Status, &body, |tbs| crypto::hmac(&uuid, tbs)).unwrap();
+            let topic = Topic::in_tenant(tenant, Route::Request(RequestKind::Status, "d1".into()));
+            ask(&core, &topic, env.encode())
+        };
+        let confirmed = || {
+            let device = core.store.device("d1").unwrap().unwrap();
+            let period = core
+                .store
+                .period("d1", device.open_period.unwrap())
+                .unwrap()
+                .unwrap();
+            (
+                period.confirmed_ms.is_some(),
+                device.pending_revocation.len(),
+            )
+        };
+        let before = confirmed();
+        assert_eq!(before, (false, 1), "the svcB period, the svcA certificate");
+        assert_eq!(online("svcA").status, Status::Ok);
+        assert_eq!(confirmed(), before, "confirmed from the old tenant");
+        assert_eq!(online("svcB").status, Status::Ok);
+        assert_eq!(confirmed(), (true, 0));
     }
 
     /// A device whose reply with its new certificate was lost asks again,
