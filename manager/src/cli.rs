@@ -156,6 +156,18 @@ pub enum Command {
     },
 }
 
+/// How many per-item results in the documents a command printed are
+/// refusals (`"ok": false` in a `results` list, as a service change
+/// answers for each device).
+pub fn refused(printed: &[serde_json::Value]) -> usize {
+    printed
+        .iter()
+        .filter_map(|doc| doc["results"].as_array())
+        .flatten()
+        .filter(|r| r["ok"] == serde_json::Value::Bool(false))
+        .count()
+}
+
 /// Runs one command; returns the JSON documents it printed (operator
 /// commands print the manager's answers).
 pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {

@@ -16,6 +16,10 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,rumqttd=warn".into()),
         )
         .init();
-    fleet_manager::cli::execute(fleet_manager::cli::Cli::parse()).await?;
+    let printed = fleet_manager::cli::execute(fleet_manager::cli::Cli::parse()).await?;
+    // A command the manager answered with refusals (a service change some
+    // devices did not take) fails, for scripts that look at the exit code.
+    let refused = fleet_manager::cli::refused(&printed);
+    anyhow::ensure!(refused == 0, "{refused} refused (\"ok\": false above)");
     Ok(())
 }

@@ -102,6 +102,8 @@ async fn operator_commands_reach_the_running_manager() {
     // A change to the service a device is already on is refused, per device.
     let out = cli(&["change", "--admin", &admin, "--service", "svcB", "op1"]).await;
     assert_eq!(out[0]["results"][0]["ok"], json!(false));
+    // Which makes `fleet-manager` exit with a failure, for scripts.
+    assert_eq!(fleet_manager::cli::refused(&out), 1);
 
     let summary = &cli(&["summary", "--admin", &admin]).await[0];
     assert_eq!(summary["devices_per_service"]["svcB"], json!(2));
