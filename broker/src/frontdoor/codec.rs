@@ -152,6 +152,10 @@ pub async fn linger<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) {
     let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
+/// A read buffer larger than this, once it holds less than a quarter of it,
+/// is replaced by a small one.
+const SHRINK_ABOVE: usize = 16 * 1024;
+
 /// Reads and writes MQTT packets of one connection's version.
 pub struct Framed<S> {
     stream: S,
@@ -227,11 +231,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     }
 
     fn decode(&mut self) -> Result<Packet, SessionError> {
-        match self.version {
+        let packet = match self.version {
             Version::V311 => V4.read_mut(&mut self.buf, self.max_packet),
             Version::V5 => V5.read_mut(&mut self.buf, self.max_packet),
         }
-        .map_err(SessionError::Mqtt)
+        .map_err(SessionError::Mqtt);
+        // A large packet leaves the buffer as large as it: not kept for the
+        // rest of the connection (250 KB of CONNECT properties were, for
+        // every connection that sent them).
+        if self.buf.capacity() > SHRINK_ABOVE && self.buf.len() <= SHRINK_ABOVE / 4 {
+            let rest = self.buf.split();
+            self.buf = BytesMut::with_capacity(1024.max(rest.len()));
+            self.buf.extend_from_slice(&rest);
+        }
+        packet
     }
 
     /// Decodes the packet at the front of the buffer once it is whole.
@@ -671,6 +684,52 @@ mod tests {
             framed.version = if v5 { Version::V5 } else { Version::V311 };
             let _ = framed.decode();
         }
+    }
+
+    /// A packet of 64 KB (here a PUBLISH whose User Property is most of
+    /// it) does not leave the connection's read buffer that large.
+    #[test]
+    fn a_large_packet_leaves_no_large_buffer() {
+        fn varint(mut n: usize, out: &mut Vec<u8>) {
+            loop {
+                let byte = (n % 128) as u8;
+                n /= 128;
+                out.push(if n > 0 { byte | 0x80 } else { byte });
+                if n == 0 {
+                    return;
+                }
+            }
+        }
+        let mut property = vec![0x26, 0, 1, b'k'];
+        property.extend(u16::MAX.to_be_bytes());
+        property.extend(std::iter::repeat_n(b'v', u16::MAX as usize));
+        let mut body = vec![0, 3, b'a', b'/', b'b'];
+        varint(property.len(), &mut body);
+        body.extend(&property);
+        body.push(b'x');
+        let mut packet = vec![0x30];
+        varint(body.len(), &mut packet);
+        packet.extend(&body);
+
+        let (stream, _peer) = tokio::io::duplex(64);
+        let mut framed = Framed::new(stream, 256 * 1024);
+        framed.version = Version::V5;
+        framed.buf.extend_from_slice(&packet);
+        framed.buf.extend_from_slice(&[0xC0, 0x00]);
+        let Ok(Some(Packet::Publish(publish, Some(properties)))) = framed.next_buffered() else {
+            panic!("not the PUBLISH");
+        };
+        assert_eq!(properties.user_properties[0].1.len(), u16::MAX as usize);
+        drop((publish, properties));
+        assert!(
+            framed.buf.capacity() <= SHRINK_ABOVE,
+            "{} bytes kept",
+            framed.buf.capacity()
+        );
+        assert!(matches!(
+            framed.next_buffered(),
+            Ok(Some(Packet::PingReq(_)))
+        ));
     }
 
     /// Reserved bits set: the fixed header's flags, the CONNECT flags, the

@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use outbound::{Out, Outbound};
 
 use rumqttd::local::{LinkRx, LinkTx};
@@ -180,12 +181,18 @@ impl Will {
             .map_or(Duration::ZERO, |s| Duration::from_secs(s.into()));
         Will {
             delay,
-            publish: Publish::new(will.topic, will.message, will.retain),
+            // Copied: as parsed they are slices of the connection's read
+            // buffer, which they would keep whole for the session's life.
+            publish: Publish::new(
+                Bytes::copy_from_slice(&will.topic),
+                Bytes::copy_from_slice(&will.message),
+                will.retain,
+            ),
             properties: properties.map(|p| PublishProperties {
                 payload_format_indicator: p.payload_format_indicator,
                 message_expiry_interval: p.message_expiry_interval,
                 response_topic: p.response_topic,
-                correlation_data: p.correlation_data,
+                correlation_data: p.correlation_data.map(|d| Bytes::copy_from_slice(&d)),
                 user_properties: p.user_properties,
                 content_type: p.content_type,
                 ..Default::default()
