@@ -807,6 +807,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         untold |= !send(tx, Packet::Publish(publish, props))?;
                     }
                     Packet::Subscribe(mut subscribe, props) => {
+                        // Whatever its filters (MQTT 5 §3.8.2.1.2).
+                        if props.as_ref().and_then(|p| p.id) == Some(0) {
+                            return Err(SessionError::Violation(DisconnectReasonCode::ProtocolError, "Subscription Identifier 0".into()));
+                        }
                         let mut allowed = Vec::with_capacity(subscribe.filters.len());
                         for f in &subscribe.filters {
                             let granted = identity.may_subscribe(&f.path);

@@ -880,6 +880,33 @@ async fn an_answer_to_a_packet_never_sent_is_a_protocol_error() {
     }
 }
 
+/// A Subscription Identifier of 0 is a protocol error whether or not the
+/// SUBSCRIBE's filters are granted (it used to get a SUBACK 0x87 when none
+/// was).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_identifier_0_is_a_protocol_error_whatever_the_filters() {
+    use tokio::task::block_in_place;
+    let fleet = Fleet::start().await.unwrap();
+    for (i, filter) in ["fleet/v1/poll/sid0/reply", "fleet/v1/poll/other/reply"]
+        .into_iter()
+        .enumerate()
+    {
+        let id = format!("sid{i}");
+        let filter = filter.replace("sid0", &id);
+        let mut raw = block_in_place(|| RawTls::connect(&fleet, &id, 60, &[]));
+        // Packet id 1, properties: Subscription Identifier 0, then the filter at QoS 1.
+        let mut body = vec![0, 1, 2, 0x0B, 0];
+        body.extend((filter.len() as u16).to_be_bytes());
+        body.extend(filter.as_bytes());
+        body.push(1);
+        let (kind, body) = block_in_place(|| {
+            raw.send(&frame(0x82, &body)).unwrap();
+            raw.next()
+        });
+        assert_eq!((kind, body[0]), (0xE0, 0x82), "{filter}: {body:?}");
+    }
+}
+
 /// An MQTT 5 client driven by hand over blocking OpenSSL TLS on the
 /// bootstrap TLS listener, for what rumqttc cannot do: send a refusing
 /// PUBREC, see every packet in the order it came, or stop reading. Its
