@@ -74,6 +74,12 @@ const SERIES: &[Series] = &[
     ),
     (
         "counter",
+        "tls_tickets_unsent_total",
+        "Session tickets made at the end of a handshake and never sent, as the connection ended before its CONNACK (not counted against the certificate).",
+        |m| &m.tickets_unsent,
+    ),
+    (
+        "counter",
         "certificates_not_granted_total",
         "Client certificates refused because the registry grants their device no such service.",
         |m| &m.not_granted,

@@ -32,6 +32,19 @@ pub struct TicketHold<S> {
     handshaking: bool,
     /// The last write went out in part, so the next continues it.
     after_short: bool,
+    /// Called if what is held is never written: the ticket then does not
+    /// count as given (see [`TicketHold::on_unsent`]).
+    unsent: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl<S> Drop for TicketHold<S> {
+    fn drop(&mut self) {
+        if !self.held.is_empty() {
+            if let Some(unsent) = self.unsent.take() {
+                unsent();
+            }
+        }
+    }
 }
 
 impl<S> TicketHold<S> {
@@ -41,7 +54,19 @@ impl<S> TicketHold<S> {
             held: Vec::new(),
             handshaking: true,
             after_short: false,
+            unsent: None,
         }
+    }
+
+    /// Whether a write is held: after a handshake that ended, its ticket.
+    pub fn holds(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// Calls `unsent` when the connection ends with what is held still
+    /// unwritten (in whole or in part): its client never got the ticket.
+    pub fn on_unsent(&mut self, unsent: Box<dyn FnOnce() + Send + Sync>) {
+        self.unsent = Some(unsent);
     }
 
     /// The handshake has ended: nothing more is held, and what is held goes

@@ -65,6 +65,9 @@ pub struct Metrics {
     /// Session tickets not given: the certificate left its last ones
     /// unused.
     pub tickets_withheld: AtomicU64,
+    /// Session tickets made at a handshake's end and never written: the
+    /// connection ended before its first write (the CONNACK).
+    pub tickets_unsent: AtomicU64,
     /// Client certificates valid in themselves whose (device, service) the
     /// registry does not grant.
     pub not_granted: AtomicU64,
@@ -747,7 +750,7 @@ async fn connection(
             // 1.4 KiB, while the session runs.
             let registered;
             let result = {
-                let tls =
+                let mut tls =
                     Box::pin(handshake(stream, peer.ip(), trust.config(), shared, id)).await?;
                 if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
                     shared.metrics.resumed.fetch_add(1, Ordering::Relaxed);
@@ -768,6 +771,14 @@ async fn connection(
                 let leaf = presented.and_then(<[_]>::first);
                 if let Some(until) = leaf.and_then(|leaf| trust.path_until(leaf)) {
                     cert.not_after = cert.not_after.min(until);
+                }
+                // A ticket held for the CONNACK that never goes out is not
+                // counted against the certificate.
+                let unsent = leaf
+                    .filter(|_| tls.get_ref().0.holds())
+                    .and_then(|leaf| trust.ticket_unsent(leaf));
+                if let Some(unsent) = unsent {
+                    tls.get_mut().0.on_unsent(unsent);
                 }
                 registered = trust.register(&cert.serial, cert.not_after, id, cut.clone());
                 // A revocation that landed between the handshake and now.

@@ -262,6 +262,15 @@ impl Trust {
             .contains(serial)
     }
 
+    /// What a connection whose handshake made a ticket for `leaf` (its
+    /// client's certificate, DER) calls if the ticket is never sent, so
+    /// that it does not count as given; `None` with tickets off.
+    pub fn ticket_unsent(&self, leaf: &[u8]) -> Option<Box<dyn FnOnce() + Send + Sync>> {
+        let gate = self.tickets.clone()?;
+        let leaf = openssl::sha::sha256(leaf);
+        Some(Box::new(move || gate.unsent(&leaf)))
+    }
+
     /// The last second in which the verified path of `leaf` (a client's
     /// certificate, DER) is valid, its anchor included, if the verifier
     /// still holds it: a client that sends only its certificate presents
@@ -641,6 +650,17 @@ impl TicketGate {
         }
         u.withheld = u.withheld.wrapping_add(1);
         u.withheld % TICKET_PROBE_EVERY == 0
+    }
+
+    /// A ticket made for the certificate whose SHA-256 is `leaf` was never
+    /// sent (its connection ended before the CONNACK): it is not counted
+    /// as given.
+    fn unsent(&self, leaf: &[u8; 32]) {
+        self.metrics.tickets_unsent.fetch_add(1, Ordering::Relaxed);
+        let mut uses = self.uses.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(u) = uses.get_mut(leaf) {
+            u.given = u.given.saturating_sub(1);
+        }
     }
 
     /// The certificate of the session `plain` is resuming with a ticket.

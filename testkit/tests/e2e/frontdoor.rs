@@ -1383,6 +1383,69 @@ async fn a_device_that_leaves_its_tickets_unused_is_given_fewer() {
     assert_eq!(withheld(), after);
 }
 
+/// The ticket made at the end of a handshake goes out with the CONNACK; a
+/// connection that ends before it never sends it, and that ticket does not
+/// count against its certificate (`topics.md` §1): two handshakes dropped
+/// before their CONNECT leave the next two connects their tickets.
+#[tokio::test]
+async fn a_ticket_never_sent_does_not_count_as_given() {
+    let fleet = Fleet::start().await.unwrap();
+    let withheld = || fleet.broker.metrics.get(|m| &m.tickets_withheld);
+    let unsent = || fleet.broker.metrics.get(|m| &m.tickets_unsent);
+    // svcA's CA trusted, by another device's connect.
+    let other = certified(&fleet, "other", "svcA");
+    eventually(T, "svcA's CA to be trusted", || {
+        let device = resuming(&fleet, "other", other.clone(), &rustls::version::TLS13);
+        async move { device.connect().await.ok() }
+    })
+    .await
+    .unwrap();
+    let (chain, key) = certified(&fleet, "dropper", "svcA");
+    let root = std::fs::read(fleet.certs_dir().join("root-ca.pem")).unwrap();
+    for n in 1..=2 {
+        let config = fleet_device_sim::link::mutual_tls_over(
+            &[&rustls::version::TLS13],
+            &root,
+            &chain,
+            &key,
+        )
+        .unwrap();
+        let addr = fleet.service_addr();
+        tokio::task::spawn_blocking(move || {
+            let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+            tcp.set_read_timeout(Some(T)).unwrap();
+            let name = "localhost".try_into().unwrap();
+            let mut tls = rustls::ClientConnection::new(config, name).unwrap();
+            while tls.is_handshaking() {
+                tls.complete_io(&mut tcp).unwrap();
+            }
+            // Closed with no CONNECT.
+        })
+        .await
+        .unwrap();
+        eventually(T, "the dropped connection's ticket counted unsent", || {
+            let done = unsent() >= n;
+            async move { done.then_some(()) }
+        })
+        .await
+        .unwrap();
+    }
+    let forgetful = || {
+        resuming(
+            &fleet,
+            "dropper",
+            (chain.clone(), key.clone()),
+            &rustls::version::TLS13,
+        )
+    };
+    for n in 1..=2 {
+        assert!(!forgetful().connect().await.unwrap());
+        assert_eq!(withheld(), 0, "connect {n} was given no ticket");
+    }
+    assert!(!forgetful().connect().await.unwrap());
+    assert_eq!(withheld(), 1, "two unused tickets, then none");
+}
+
 #[tokio::test]
 async fn a_reconnecting_device_resumes_its_session_and_every_resumption_is_checked_again() {
     let fleet = Fleet::start().await.unwrap();
