@@ -231,6 +231,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     }
 
     fn decode(&mut self) -> Result<Packet, SessionError> {
+        // Taken before the packet is split off: what is left of the buffer
+        // after it still holds the whole allocation, however little of it
+        // its capacity shows.
+        let large = self.buf.capacity() > SHRINK_ABOVE;
         let packet = match self.version {
             Version::V311 => V4.read_mut(&mut self.buf, self.max_packet),
             Version::V5 => V5.read_mut(&mut self.buf, self.max_packet),
@@ -239,7 +243,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         // A large packet leaves the buffer as large as it: not kept for the
         // rest of the connection (250 KB of CONNECT properties were, for
         // every connection that sent them).
-        if self.buf.capacity() > SHRINK_ABOVE && self.buf.len() <= SHRINK_ABOVE / 4 {
+        if large && self.buf.len() <= SHRINK_ABOVE / 4 {
             let rest = self.buf.split();
             self.buf = BytesMut::with_capacity(1024.max(rest.len()));
             self.buf.extend_from_slice(&rest);
@@ -725,6 +729,29 @@ mod tests {
             framed.buf.capacity() <= SHRINK_ABOVE,
             "{} bytes kept",
             framed.buf.capacity()
+        );
+        assert!(matches!(
+            framed.next_buffered(),
+            Ok(Some(Packet::PingReq(_)))
+        ));
+
+        // The same in a buffer it fills but for a few bytes: those few are
+        // not left holding the whole allocation.
+        let (stream, _peer) = tokio::io::duplex(64);
+        let mut framed = Framed::new(stream, 256 * 1024);
+        framed.version = Version::V5;
+        framed.buf = BytesMut::with_capacity(packet.len() + 2);
+        framed.buf.extend_from_slice(&packet);
+        framed.buf.extend_from_slice(&[0xC0, 0x00]);
+        let start = framed.buf.as_ptr() as usize;
+        let allocation = start..start + packet.len() + 2;
+        assert!(matches!(
+            framed.next_buffered(),
+            Ok(Some(Packet::Publish(..)))
+        ));
+        assert!(
+            !allocation.contains(&(framed.buf.as_ptr() as usize)),
+            "the rest of the buffer is still in the packet's allocation"
         );
         assert!(matches!(
             framed.next_buffered(),
