@@ -102,6 +102,27 @@ const CUT_FAREWELL: Duration = Duration::from_millis(300);
 /// broker's memory with them.
 pub(crate) const RECEIVE_MAXIMUM: u16 = 32;
 
+/// And at most this many bytes of them (topic, payload and properties):
+/// 32 of the largest packets would be 8 MiB held for one connection.
+pub(crate) const UNRELEASED_BYTES_MAX: usize = 256 * 1024;
+
+/// About what a PUBLISH holds in memory: its topic, payload and
+/// properties.
+fn publish_bytes(publish: &Publish, properties: Option<&PublishProperties>) -> usize {
+    let strings = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    publish.topic.len()
+        + publish.payload.len()
+        + properties.map_or(0, |p| {
+            strings(&p.response_topic)
+                + strings(&p.content_type)
+                + p.correlation_data.as_ref().map_or(0, |d| d.len())
+                + p.user_properties
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>()
+        })
+}
+
 /// Filters a connection other than the manager's may hold at once: a
 /// device needs a few, a provider its service's telemetry. The router
 /// keeps a filter, and its log, for as long as anyone subscribes to it.
@@ -712,7 +733,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut partial: HashMap<u16, Vec<bool>> = HashMap::new();
     let mut aliases = TopicAliases::default();
     // Packet ids of the client's QoS 2 PUBLISHes not yet released.
-    let mut unreleased: HashSet<u16> = HashSet::new();
+    // with the bytes each holds, and their sum.
+    let mut unreleased: HashMap<u16, usize> = HashMap::new();
+    let mut unreleased_bytes = 0;
     // The filters it holds (not counted for the manager).
     let manager = matches!(identity, Identity::Manager { .. });
     let mut complaints = Complaints(0);
@@ -792,17 +815,33 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             // A packet id not yet released is a resend of that
                             // PUBLISH (MQTT 3.1.1 §4.3.3, MQTT 5 §4.3.3): the
                             // router holds it once, and is told nothing more.
-                            if !unreleased.insert(pkid) {
+                            if unreleased.contains_key(&pkid) {
                                 let again = rumqttd::protocol::PubRec { pkid, reason: rumqttd::protocol::PubRecReason::Success };
                                 framed.write(vec![Packet::PubRec(again, None)]).await?;
                                 continue;
                             }
+                            let bytes = publish_bytes(&publish, props.as_ref());
+                            unreleased.insert(pkid, bytes);
+                            unreleased_bytes += bytes;
                             if unreleased.len() > usize::from(RECEIVE_MAXIMUM) {
                                 return Err(SessionError::Violation(
                                     DisconnectReasonCode::ReceiveMaximumExceeded,
                                     format!("more than {RECEIVE_MAXIMUM} QoS 2 PUBLISHes not released"),
                                 ));
                             }
+                            if unreleased_bytes > UNRELEASED_BYTES_MAX {
+                                return Err(SessionError::Quota(format!(
+                                    "more than {UNRELEASED_BYTES_MAX} bytes of QoS 2 PUBLISHes not released"
+                                )));
+                            }
+                        }
+                        // Copied out of the read buffer: the router keeps what
+                        // it is given, and a slice of the buffer would keep
+                        // the buffer's whole allocation with it.
+                        publish.topic = Bytes::copy_from_slice(&publish.topic);
+                        publish.payload = Bytes::copy_from_slice(&publish.payload);
+                        if let Some(data) = props.as_mut().and_then(|p| p.correlation_data.as_mut()) {
+                            *data = Bytes::copy_from_slice(data);
                         }
                         untold |= !send(tx, Packet::Publish(publish, props))?;
                     }
@@ -873,7 +912,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     // nothing for: only a PUBREL of a PUBLISH it holds
                     // reaches it, and any other is completed here.
                     Packet::PubRel(pubrel, _) => {
-                        if unreleased.remove(&pubrel.pkid) {
+                        if let Some(bytes) = unreleased.remove(&pubrel.pkid) {
+                            unreleased_bytes -= bytes;
                             untold |= !send(tx, Packet::PubRel(pubrel, None))?
                         } else {
                             let done = rumqttd::protocol::PubComp {

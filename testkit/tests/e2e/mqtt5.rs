@@ -1707,6 +1707,26 @@ async fn qos2_publishes_not_released_are_capped_at_the_receive_maximum() {
         .await
         .unwrap();
     assert_eq!(disconnect_reason(&until_closed(&mut s).await), 0x93);
+
+    // And at most 256 KiB of them: a second of 200 KB is one too many bytes
+    // (DISCONNECT 0x97, Quota exceeded); released, each is taken.
+    let mut s = raw_v5(&fleet, "q2c").await;
+    let topic = "fleet/v1/status/q2c";
+    let large = vec![0u8; 200_000];
+    s.write_all(&raw_publish_qos2(topic, 1, &large))
+        .await
+        .unwrap();
+    assert_eq!(read_async(&mut s).await.0, 0x50, "PUBREC 1");
+    s.write_all(&[0x62, 0x02, 0, 1]).await.unwrap();
+    assert_eq!(read_async(&mut s).await.0, 0x70, "PUBCOMP 1");
+    s.write_all(&raw_publish_qos2(topic, 2, &large))
+        .await
+        .unwrap();
+    assert_eq!(read_async(&mut s).await.0, 0x50, "PUBREC 2");
+    s.write_all(&raw_publish_qos2(topic, 3, &large))
+        .await
+        .unwrap();
+    assert_eq!(disconnect_reason(&until_closed(&mut s).await), 0x97);
 }
 
 /// Sends `n` QoS 0 PUBLISHes of one byte to `topic` at once and reads until
