@@ -71,6 +71,35 @@ impl RunningBroker {
     pub fn stop(&self) {
         self.stop.cancel();
     }
+
+    /// Stops, then waits until every connection has ended (each told
+    /// DISCONNECT 0x8B first, where its version has one), for at most
+    /// `within`: for a process that exits next.
+    pub async fn shut_down(&self, within: std::time::Duration) {
+        self.stop();
+        let deadline = tokio::time::Instant::now() + within;
+        while self.metrics.live.load(std::sync::atomic::Ordering::Relaxed) > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Resolves at SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }
 
 impl std::fmt::Debug for RunningBroker {

@@ -189,24 +189,31 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
     match cli.command {
         Command::Serve { embedded_broker } => {
             let mut config = ManagerConfig::load(cli.config.as_deref())?;
+            let mut broker = None;
             if embedded_broker {
                 fleet_pki::Pki::open_or_create(&config.certs_dir)?;
                 let broker_config = fleet_broker::BrokerConfig {
                     certs_dir: config.certs_dir.clone(),
                     ..config.broker.clone()
                 };
-                let broker = fleet_broker::start(&broker_config)?;
-                config.broker_url = format!("mqtt://{}", broker.internal_addr);
-                config.broker_username = Some(broker.manager_credentials.0.clone());
-                config.broker_password = Some(broker.manager_credentials.1.clone());
+                let running = fleet_broker::start(&broker_config)?;
+                config.broker_url = format!("mqtt://{}", running.internal_addr);
+                config.broker_username = Some(running.manager_credentials.0.clone());
+                config.broker_password = Some(running.manager_credentials.1.clone());
+                broker = Some(running);
             }
             let shutdown = CancellationToken::new();
             let signal = shutdown.clone();
             tokio::spawn(async move {
-                shutdown_signal().await;
+                fleet_broker::shutdown_signal().await;
                 signal.cancel();
             });
             crate::run(config, shutdown).await?;
+            // Devices are told the broker is going (DISCONNECT 0x8B) before
+            // the process exits.
+            if let Some(broker) = broker {
+                broker.shut_down(std::time::Duration::from_secs(2)).await;
+            }
         }
         Command::PkiInit { dir } => {
             let pki = fleet_pki::Pki::open_or_create(&dir)?;
@@ -301,7 +308,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
                 let stop = CancellationToken::new();
                 let stopping = stop.clone();
                 tokio::spawn(async move {
-                    shutdown_signal().await;
+                    fleet_broker::shutdown_signal().await;
                     stopping.cancel();
                 });
                 let looks = WatchTimes {
@@ -676,21 +683,6 @@ async fn render_from_registry(
         .collect();
     let files = fleet_broker::mosquitto::render(params, &grants)?;
     Ok((files, grants))
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
 
 /// Writes a private key readable by its owner only.

@@ -52,8 +52,17 @@ fn main() -> anyhow::Result<()> {
         show(running.service_addr),
         show(running.metrics_addr),
     );
-    // The router and the listeners run on threads of their own.
-    loop {
-        std::thread::park();
-    }
+    // The router and the listeners run on threads of their own; this one
+    // waits for the signal to stop them.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            fleet_broker::shutdown_signal().await;
+            running.shut_down(SHUTDOWN).await;
+        });
+    Ok(())
 }
+
+/// How long a stopping broker waits for its connections to be told.
+const SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(2);

@@ -1851,14 +1851,18 @@ async fn qos2_resends_and_unknown_pubrels_release_nothing_twice() {
 }
 
 /// A broker that stops tells its MQTT 5 clients so (DISCONNECT 0x8B), and
-/// counts no revocation for it.
+/// counts no revocation for it. `shut_down`, what the binaries do at
+/// SIGTERM, returns once every connection has ended.
 #[tokio::test]
 async fn a_broker_that_stops_says_it_is_shutting_down() {
     let fleet = Fleet::start().await.unwrap();
     let root = fleet.certs_dir().join("root-ca.pem");
     let boot = fleet.broker.bootstrap_tls_addr.unwrap();
     let probe = Probe5::tls(boot, "bye1", &root).await.unwrap();
-    fleet.broker.stop();
+    tokio::time::timeout(T, fleet.broker.shut_down(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(fleet.broker.metrics.get(|m| &m.live), 0, "connections left");
     assert_eq!(
         probe.wait_cut(T).await.unwrap(),
         Some(DisconnectReasonCode::ServerShuttingDown)
