@@ -733,9 +733,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut partial: HashMap<u16, Vec<bool>> = HashMap::new();
     let mut aliases = TopicAliases::default();
     // Packet ids of the client's QoS 2 PUBLISHes not yet released.
-    // with the bytes each holds, and their sum.
+    // with the bytes each holds (at most 32 of them, summed when one comes).
     let mut unreleased: HashMap<u16, usize> = HashMap::new();
-    let mut unreleased_bytes = 0;
     // The filters it holds (not counted for the manager).
     let manager = matches!(identity, Identity::Manager { .. });
     let mut complaints = Complaints(0);
@@ -822,14 +821,13 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             }
                             let bytes = publish_bytes(&publish, props.as_ref());
                             unreleased.insert(pkid, bytes);
-                            unreleased_bytes += bytes;
                             if unreleased.len() > usize::from(RECEIVE_MAXIMUM) {
                                 return Err(SessionError::Violation(
                                     DisconnectReasonCode::ReceiveMaximumExceeded,
                                     format!("more than {RECEIVE_MAXIMUM} QoS 2 PUBLISHes not released"),
                                 ));
                             }
-                            if unreleased_bytes > UNRELEASED_BYTES_MAX {
+                            if unreleased.values().sum::<usize>() > UNRELEASED_BYTES_MAX {
                                 return Err(SessionError::Quota(format!(
                                     "more than {UNRELEASED_BYTES_MAX} bytes of QoS 2 PUBLISHes not released"
                                 )));
@@ -912,8 +910,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     // nothing for: only a PUBREL of a PUBLISH it holds
                     // reaches it, and any other is completed here.
                     Packet::PubRel(pubrel, _) => {
-                        if let Some(bytes) = unreleased.remove(&pubrel.pkid) {
-                            unreleased_bytes -= bytes;
+                        if unreleased.remove(&pubrel.pkid).is_some() {
                             untold |= !send(tx, Packet::PubRel(pubrel, None))?
                         } else {
                             let done = rumqttd::protocol::PubComp {
