@@ -1852,6 +1852,19 @@ mod tests {
         env.body().unwrap()
     }
 
+    /// Registers and activates device `d`; returns its UUID.
+    fn activated(core: &Core, d: &str) -> Vec<u8> {
+        let factory = registered(core, d);
+        let (request, eph) = activate_request(d, &factory);
+        let reply = ask(
+            core,
+            &Topic::bootstrap(Route::Request(RequestKind::Activate, d.into())),
+            request,
+        );
+        assert_eq!(reply.status, Status::Ok);
+        crypto::unseal(&eph, d, reply.uuid.as_ref().unwrap()).unwrap()
+    }
+
     fn ask(core: &Core, topic: &Topic, payload: Vec<u8>) -> Reply {
         let out = core.handle(&topic.to_string(), &payload);
         only_reply(core, &out, &topic.reply_topic().unwrap().to_string())
@@ -1993,14 +2006,7 @@ mod tests {
     #[test]
     fn online_from_the_old_tenant_confirms_nothing() {
         let (_dir, core) = core();
-        let factory = registered(&core, "d1");
-        let (request, eph) = activate_request("d1", &factory);
-        let reply = ask(
-            &core,
-            &Topic::bootstrap(Route::Request(RequestKind::Activate, "d1".into())),
-            request,
-        );
-        let uuid = crypto::unseal(&eph, "d1", reply.uuid.as_ref().unwrap()).unwrap();
+        let uuid = activated(&core, "d1");
         assert_eq!(update(&core, "d1", "svcA", None, &uuid).status, Status::Ok);
         let (results, _) = core.request_change(&["d1".to_string()], "svcB", None, None, None);
         assert!(results[0].ok);
@@ -2047,15 +2053,7 @@ mod tests {
     #[test]
     fn a_lost_rekey_reply_can_be_asked_for_again() {
         let (_dir, core) = core();
-        let factory = registered(&core, "d1");
-        let (request, eph) = activate_request("d1", &factory);
-        let reply = ask(
-            &core,
-            &Topic::bootstrap(Route::Request(RequestKind::Activate, "d1".into())),
-            request,
-        );
-        assert_eq!(reply.status, Status::Ok);
-        let uuid = crypto::unseal(&eph, "d1", reply.uuid.as_ref().unwrap()).unwrap();
+        let uuid = activated(&core, "d1");
 
         assert_eq!(update(&core, "d1", "svcA", None, &uuid).status, Status::Ok);
         // An endpoint the device would refuse (§6.3) records no change.

@@ -349,6 +349,19 @@ async fn no_client_id_spelling_takes_over_a_device() {
     assert!(!same.is_cut());
 }
 
+/// A certificate of dev1 in svcA issued by a CA the fleet does not know
+/// (itself issued by svcA's CA's key, so only its chain is wrong): chain and
+/// key, PEM.
+fn from_a_stranger(fleet: &Fleet) -> (Vec<u8>, Vec<u8>) {
+    let (ca_a, _) = fleet.core().pki.service_ca("svcA").unwrap();
+    let stranger_key = crypto::generate_p256().unwrap();
+    let stranger = {
+        let (pem, _) = forged_leaf("Stranger CA", "svcA", (&ca_a, &stranger_key), (-1, 30));
+        X509::from_pem(&pem).unwrap()
+    };
+    forged_leaf("dev1", "svcA", (&stranger, &stranger_key), (-1, 30))
+}
+
 /// A refused certificate is told why: the TLS alert reaches the client in
 /// both versions. In TLS 1.3 it is sent encrypted, after the client's
 /// Finished, as the ticket would have been (the front door holds that back
@@ -358,13 +371,7 @@ async fn a_refused_certificate_gets_the_alert_that_says_why() {
     use std::io::Read;
     let fleet = Fleet::start().await.unwrap();
     let root = std::fs::read(fleet.certs_dir().join("root-ca.pem")).unwrap();
-    let (ca_a, _) = fleet.core().pki.service_ca("svcA").unwrap();
-    let stranger_key = crypto::generate_p256().unwrap();
-    let stranger = {
-        let (pem, _) = forged_leaf("Stranger CA", "svcA", (&ca_a, &stranger_key), (-1, 30));
-        X509::from_pem(&pem).unwrap()
-    };
-    let (chain, key) = forged_leaf("dev1", "svcA", (&stranger, &stranger_key), (-1, 30));
+    let (chain, key) = from_a_stranger(&fleet);
     let addr = fleet.service_addr();
     for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
         let config =
@@ -404,13 +411,7 @@ async fn a_refused_client_that_goes_on_writing_is_not_reset() {
     use std::io::{Read, Write};
     let fleet = Fleet::start().await.unwrap();
     let root = std::fs::read(fleet.certs_dir().join("root-ca.pem")).unwrap();
-    let (ca_a, _) = fleet.core().pki.service_ca("svcA").unwrap();
-    let stranger_key = crypto::generate_p256().unwrap();
-    let stranger = {
-        let (pem, _) = forged_leaf("Stranger CA", "svcA", (&ca_a, &stranger_key), (-1, 30));
-        X509::from_pem(&pem).unwrap()
-    };
-    let (chain, key) = forged_leaf("dev1", "svcA", (&stranger, &stranger_key), (-1, 30));
+    let (chain, key) = from_a_stranger(&fleet);
     let config =
         fleet_device_sim::link::mutual_tls_over(&[&rustls::version::TLS13], &root, &chain, &key)
             .unwrap();
