@@ -152,9 +152,35 @@ pub async fn linger<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) {
     let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
-/// A read buffer larger than this, once it holds less than a quarter of it,
-/// is replaced by a small one.
+/// A read buffer larger than this is replaced, after the packet that made
+/// it so, by one just large enough for what is left.
 const SHRINK_ABOVE: usize = 16 * 1024;
+
+/// The most User Properties one packet may carry, over all its property
+/// sets. An empty pair is 5 bytes on the wire and about 50 in memory, so a
+/// packet of 256 KiB made of them would take ten times its size.
+pub const MAX_USER_PROPERTIES: usize = 64;
+
+/// How many User Properties `packet` carries.
+fn user_properties(packet: &Packet) -> usize {
+    fn n<T>(p: &Option<T>, of: impl Fn(&T) -> usize) -> usize {
+        p.as_ref().map_or(0, of)
+    }
+    match packet {
+        Packet::Connect(_, p, _, w, _) => {
+            n(p, |p| p.user_properties.len()) + n(w, |w| w.user_properties.len())
+        }
+        Packet::Publish(_, p) => n(p, |p| p.user_properties.len()),
+        Packet::PubAck(_, p) => n(p, |p| p.user_properties.len()),
+        Packet::PubRec(_, p) => n(p, |p| p.user_properties.len()),
+        Packet::PubRel(_, p) => n(p, |p| p.user_properties.len()),
+        Packet::PubComp(_, p) => n(p, |p| p.user_properties.len()),
+        Packet::Subscribe(_, p) => n(p, |p| p.user_properties.len()),
+        Packet::Unsubscribe(_, p) => n(p, |p| p.user_properties.len()),
+        Packet::Disconnect(_, p) => n(p, |p| p.user_properties.len()),
+        _ => 0,
+    }
+}
 
 /// Reads and writes MQTT packets of one connection's version.
 pub struct Framed<S> {
@@ -242,13 +268,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         .map_err(SessionError::Mqtt);
         // A large packet leaves the buffer as large as it: not kept for the
         // rest of the connection (250 KB of CONNECT properties were, for
-        // every connection that sent them).
-        if large && self.buf.len() <= SHRINK_ABOVE / 4 {
+        // every connection that sent them), whatever follows the packet.
+        if large {
             let rest = self.buf.split();
             self.buf = BytesMut::with_capacity(1024.max(rest.len()));
             self.buf.extend_from_slice(&rest);
         }
-        packet
+        let packet = packet?;
+        if user_properties(&packet) > MAX_USER_PROPERTIES {
+            return Err(SessionError::Violation(
+                DisconnectReasonCode::ImplementationSpecificError,
+                format!("more than {MAX_USER_PROPERTIES} User Properties in one packet"),
+            ));
+        }
+        Ok(packet)
     }
 
     /// Decodes the packet at the front of the buffer once it is whole.
@@ -735,6 +768,34 @@ mod tests {
             Ok(Some(Packet::PingReq(_)))
         ));
 
+        // Followed by more than a few KB (3,000 PINGREQs): what follows is
+        // not left holding the whole allocation either.
+        let (stream, _peer) = tokio::io::duplex(64);
+        let mut framed = Framed::new(stream, 256 * 1024);
+        framed.version = Version::V5;
+        framed.buf.extend_from_slice(&packet);
+        for _ in 0..3_000 {
+            framed.buf.extend_from_slice(&[0xC0, 0x00]);
+        }
+        let start = framed.buf.as_ptr() as usize;
+        let allocation = start..start + framed.buf.capacity();
+        assert!(matches!(
+            framed.next_buffered(),
+            Ok(Some(Packet::Publish(..)))
+        ));
+        assert!(!allocation.contains(&(framed.buf.as_ptr() as usize)));
+        assert!(
+            framed.buf.capacity() <= SHRINK_ABOVE,
+            "{} bytes kept",
+            framed.buf.capacity()
+        );
+        for _ in 0..3_000 {
+            assert!(matches!(
+                framed.next_buffered(),
+                Ok(Some(Packet::PingReq(_)))
+            ));
+        }
+
         // The same in a buffer it fills but for a few bytes: those few are
         // not left holding the whole allocation.
         let (stream, _peer) = tokio::io::duplex(64);
@@ -756,6 +817,47 @@ mod tests {
         assert!(matches!(
             framed.next_buffered(),
             Ok(Some(Packet::PingReq(_)))
+        ));
+    }
+
+    /// At most 64 User Properties in a packet, empty ones included: 65 end
+    /// the connection (MQTT 5: DISCONNECT 0x83).
+    #[test]
+    fn a_packet_with_too_many_user_properties_is_refused() {
+        let decode = |pairs: usize| {
+            let mut properties = Vec::new();
+            for _ in 0..pairs {
+                properties.extend([0x26, 0, 0, 0, 0]);
+            }
+            // Property length, 128 to 16,383: two bytes of variable length.
+            let len = properties.len();
+            let mut body = vec![
+                0,
+                3,
+                b'a',
+                b'/',
+                b'b',
+                (len % 128) as u8 | 0x80,
+                (len / 128) as u8,
+            ];
+            body.extend(&properties);
+            body.push(b'x');
+            let mut packet = vec![0x30];
+            packet.extend([(body.len() % 128) as u8 | 0x80, (body.len() / 128) as u8]);
+            packet.extend(&body);
+            let (stream, _peer) = tokio::io::duplex(64);
+            let mut framed = Framed::new(stream, 1024);
+            framed.version = Version::V5;
+            framed.buf.extend_from_slice(&packet);
+            framed.next_buffered()
+        };
+        assert!(matches!(decode(64), Ok(Some(Packet::Publish(..)))));
+        assert!(matches!(
+            decode(65),
+            Err(SessionError::Violation(
+                DisconnectReasonCode::ImplementationSpecificError,
+                _
+            ))
         ));
     }
 

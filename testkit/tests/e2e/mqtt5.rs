@@ -486,6 +486,38 @@ async fn oversized_and_server_only_packets_close_with_a_reason() {
     drop(ok);
 }
 
+/// A packet with more than 64 User Properties (empty ones included: 5
+/// bytes each on the wire, ten times that in memory) ends the connection
+/// with DISCONNECT 0x83; 64 are taken.
+#[tokio::test]
+async fn more_than_64_user_properties_end_the_connection() {
+    let fleet = Fleet::start().await.unwrap();
+    let publish = |pairs: usize| {
+        let topic = b"fleet/v1/status/up1";
+        let mut properties = Vec::new();
+        for _ in 0..pairs {
+            properties.extend([0x26, 0, 0, 0, 0]);
+        }
+        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+        body.extend(topic);
+        let len = properties.len();
+        body.extend([(len % 128) as u8 | 0x80, (len / 128) as u8]);
+        body.extend(properties);
+        body.push(b'x');
+        let mut packet = vec![0x30];
+        let len = body.len();
+        packet.extend([(len % 128) as u8 | 0x80, (len / 128) as u8]);
+        packet.extend(body);
+        packet
+    };
+    let mut s = raw_v5(&fleet, "up1").await;
+    s.write_all(&publish(64)).await.unwrap();
+    s.write_all(&[0xC0, 0x00]).await.unwrap();
+    assert_eq!(read_async(&mut s).await.0, 0xD0, "PINGRESP after 64");
+    s.write_all(&publish(65)).await.unwrap();
+    assert_eq!(disconnect_reason(&until_closed(&mut s).await), 0x83);
+}
+
 /// After its last word (here a DISCONNECT 0x95) the broker ends its side
 /// and reads and drops what the client still sends until it closes, for up
 /// to a second: a client that writes once more before it reads is not
