@@ -116,9 +116,10 @@ fn publish_bytes(publish: &Publish, properties: Option<&PublishProperties>) -> u
             strings(&p.response_topic)
                 + strings(&p.content_type)
                 + p.correlation_data.as_ref().map_or(0, |d| d.len())
+                // Each pair is two strings, empty or not.
                 + p.user_properties
                     .iter()
-                    .map(|(k, v)| k.len() + v.len())
+                    .map(|(k, v)| 48 + k.len() + v.len())
                     .sum::<usize>()
         })
 }

@@ -54,7 +54,8 @@ fn properties_size(p: &PublishProperties) -> usize {
         + 3
         + strings(&p.response_topic)
         + p.correlation_data.as_ref().map_or(0, |d| 3 + d.len())
-        + p.user_properties.iter().map(|(k, v)| 5 + k.len() + v.len()).sum::<usize>()
+        // Each pair is two strings in memory (48 bytes), empty or not.
+        + p.user_properties.iter().map(|(k, v)| 48 + k.len() + v.len()).sum::<usize>()
         + 5 * p.subscription_identifiers.len()
         + strings(&p.content_type)
 }
