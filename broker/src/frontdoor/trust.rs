@@ -649,7 +649,13 @@ impl TicketGate {
             return true;
         }
         u.withheld = u.withheld.wrapping_add(1);
-        u.withheld % TICKET_PROBE_EVERY == 0
+        let probe = u.withheld % TICKET_PROBE_EVERY == 0;
+        // Counted like any other, so that [`TicketGate::unsent`] takes back
+        // what was counted, a probe never sent included.
+        if probe {
+            u.given = u.given.saturating_add(1);
+        }
+        probe
     }
 
     /// A ticket made for the certificate whose SHA-256 is `leaf` was never

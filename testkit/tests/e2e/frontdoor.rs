@@ -1384,6 +1384,70 @@ async fn a_device_that_leaves_its_tickets_unused_is_given_fewer() {
     assert_eq!(withheld(), after);
 }
 
+/// A TLS 1.3 handshake with `chain` and `key`, then closed with no CONNECT.
+async fn handshake_only(fleet: &Fleet, chain: &[u8], key: &[u8]) {
+    let root = std::fs::read(fleet.certs_dir().join("root-ca.pem")).unwrap();
+    let config =
+        fleet_device_sim::link::mutual_tls_over(&[&rustls::version::TLS13], &root, chain, key)
+            .unwrap();
+    let addr = fleet.service_addr();
+    tokio::task::spawn_blocking(move || {
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(T)).unwrap();
+        let name = "localhost".try_into().unwrap();
+        let mut tls = rustls::ClientConnection::new(config, name).unwrap();
+        while tls.is_handshaking() {
+            tls.complete_io(&mut tcp).unwrap();
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// The one ticket in 16 a certificate that leaves its tickets unused is
+/// given, if never sent, leaves it where it was: the next connect is given
+/// none.
+#[tokio::test]
+async fn a_probe_ticket_never_sent_gives_no_ticket_back() {
+    let fleet = Fleet::start().await.unwrap();
+    let withheld = || fleet.broker.metrics.get(|m| &m.tickets_withheld);
+    let unsent = || fleet.broker.metrics.get(|m| &m.tickets_unsent);
+    let (chain, key) = certified(&fleet, "prober", "svcA");
+    let forgetful = || {
+        resuming(
+            &fleet,
+            "prober",
+            (chain.clone(), key.clone()),
+            &rustls::version::TLS13,
+        )
+    };
+    eventually(T, "svcA's CA to be trusted", || {
+        let device = forgetful();
+        async move { device.connect().await.ok() }
+    })
+    .await
+    .unwrap();
+    // Given: the first two; withheld: the next 15.
+    for _ in 2..=17 {
+        assert!(!forgetful().connect().await.unwrap());
+    }
+    assert_eq!(withheld(), 15);
+    // The 18th is the probe, and its connection ends before the CONNACK.
+    handshake_only(&fleet, &chain, &key).await;
+    eventually(T, "the probe counted unsent", || {
+        let done = unsent() >= 1;
+        async move { done.then_some(()) }
+    })
+    .await
+    .unwrap();
+    assert!(!forgetful().connect().await.unwrap());
+    assert_eq!(
+        withheld(),
+        16,
+        "the connect after the probe was given a ticket"
+    );
+}
+
 /// The ticket made at the end of a handshake goes out with the CONNACK; a
 /// connection that ends before it never sends it, and that ticket does not
 /// count against its certificate (`topics.md` §1): two handshakes dropped
@@ -1402,28 +1466,8 @@ async fn a_ticket_never_sent_does_not_count_as_given() {
     .await
     .unwrap();
     let (chain, key) = certified(&fleet, "dropper", "svcA");
-    let root = std::fs::read(fleet.certs_dir().join("root-ca.pem")).unwrap();
     for n in 1..=2 {
-        let config = fleet_device_sim::link::mutual_tls_over(
-            &[&rustls::version::TLS13],
-            &root,
-            &chain,
-            &key,
-        )
-        .unwrap();
-        let addr = fleet.service_addr();
-        tokio::task::spawn_blocking(move || {
-            let mut tcp = std::net::TcpStream::connect(addr).unwrap();
-            tcp.set_read_timeout(Some(T)).unwrap();
-            let name = "localhost".try_into().unwrap();
-            let mut tls = rustls::ClientConnection::new(config, name).unwrap();
-            while tls.is_handshaking() {
-                tls.complete_io(&mut tcp).unwrap();
-            }
-            // Closed with no CONNECT.
-        })
-        .await
-        .unwrap();
+        handshake_only(&fleet, &chain, &key).await;
         eventually(T, "the dropped connection's ticket counted unsent", || {
             let done = unsent() >= n;
             async move { done.then_some(()) }
