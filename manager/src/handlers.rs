@@ -270,6 +270,17 @@ impl LogPace {
     }
 }
 
+/// A request's nonce as a reply echoes it: empty if longer than any nonce a
+/// device sends (64 bytes), so that a signed reply is never made to carry
+/// kilobytes of the sender's choosing.
+fn echoable(nonce: &[u8]) -> Vec<u8> {
+    if nonce.len() <= 64 {
+        nonce.to_vec()
+    } else {
+        Vec::new()
+    }
+}
+
 /// The nonce of a request whose envelope and body pass checks 1 to 7 of
 /// topics.md §5.3, without the rest; `None` otherwise.
 fn request_nonce(kind: RequestKind, device_id: &str, payload: &[u8]) -> Option<Vec<u8>> {
@@ -278,7 +289,7 @@ fn request_nonce(kind: RequestKind, device_id: &str, payload: &[u8]) -> Option<V
         device_id: &str,
     ) -> Option<Vec<u8>> {
         let body: T = env.body().ok()?;
-        (body.device_id() == device_id).then(|| body.nonce().to_vec())
+        (body.device_id() == device_id).then(|| echoable(body.nonce()))
     }
     if payload.len() > MAX_MESSAGE_LEN {
         return None;
@@ -657,7 +668,7 @@ impl Core {
             }));
         }
         let body: T = env.body().map_err(|e| nonce_less(e.into()))?;
-        let nonce = body.nonce().to_vec();
+        let nonce = echoable(body.nonce());
         if body.device_id() != device_id {
             return Err((
                 nonce,
@@ -1911,6 +1922,55 @@ mod tests {
         core.handle("fleet/v1/activate/ghost", b"\xff not cbor");
         assert!(!core.contested("ghost"));
         assert!(!core.refused_unchecked.lock().unwrap().contains_key("ghost"));
+    }
+
+    #[test]
+    fn a_nonce_longer_than_64_bytes_is_not_echoed() {
+        let (_dir, core) = core();
+        let uuid = activated(&core, "d1");
+        let topic = Topic::bootstrap(Route::Request(RequestKind::Poll, "d1".into()));
+        let poll = |nonce: Vec<u8>| {
+            let body = PollRequest {
+                device_id: "d1".into(),
+                service_id: "svcA".into(),
+                nonce,
+                ts: now_ms(),
+            };
+            let env = Envelope::build(Kind::Poll, &body, |tbs| crypto::hmac(&uuid, tbs)).unwrap();
+            ask(&core, &topic, env.encode())
+        };
+        // Too short: malformed, echoed as §5.3 says.
+        let short = poll(vec![1; 4]);
+        assert_eq!((short.status, short.nonce), (Status::Malformed, vec![1; 4]));
+        // 15,000 bytes: malformed, and the reply carries none of them.
+        let long = poll(vec![2; 15_000]);
+        assert_eq!(long.status, Status::Malformed);
+        assert!(long.nonce.is_empty(), "{} bytes echoed", long.nonce.len());
+        assert!(core
+            .busy(
+                &topic.to_string(),
+                &{
+                    let body = PollRequest {
+                        device_id: "d1".into(),
+                        service_id: "svcA".into(),
+                        nonce: vec![3; 100],
+                        ts: now_ms(),
+                    };
+                    Envelope::build(Kind::Poll, &body, |tbs| crypto::hmac(&uuid, tbs))
+                        .unwrap()
+                        .encode()
+                },
+                std::time::Duration::from_millis(6000)
+            )
+            .iter()
+            .all(|o| {
+                Envelope::decode(&o.payload)
+                    .unwrap()
+                    .body::<Reply>()
+                    .unwrap()
+                    .nonce
+                    .is_empty()
+            }));
     }
 
     #[test]
