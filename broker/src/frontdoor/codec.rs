@@ -748,76 +748,47 @@ mod tests {
         varint(body.len(), &mut packet);
         packet.extend(&body);
 
-        let (stream, _peer) = tokio::io::duplex(64);
-        let mut framed = Framed::new(stream, 256 * 1024);
-        framed.version = Version::V5;
-        framed.buf.extend_from_slice(&packet);
-        framed.buf.extend_from_slice(&[0xC0, 0x00]);
-        let Ok(Some(Packet::Publish(publish, Some(properties)))) = framed.next_buffered() else {
-            panic!("not the PUBLISH");
+        // The packet, then `pingreqs` PINGREQs, in a buffer of `capacity`
+        // (or grown as it needs): after the packet, the rest is in a small
+        // buffer of its own, not in the allocation the packet filled.
+        let check = |capacity: Option<usize>, pingreqs: usize| {
+            let (stream, _peer) = tokio::io::duplex(64);
+            let mut framed = Framed::new(stream, 256 * 1024);
+            framed.version = Version::V5;
+            if let Some(capacity) = capacity {
+                framed.buf = BytesMut::with_capacity(capacity);
+            }
+            framed.buf.extend_from_slice(&packet);
+            for _ in 0..pingreqs {
+                framed.buf.extend_from_slice(&[0xC0, 0x00]);
+            }
+            let start = framed.buf.as_ptr() as usize;
+            let allocation = start..start + framed.buf.capacity();
+            let Ok(Some(Packet::Publish(_, Some(properties)))) = framed.next_buffered() else {
+                panic!("not the PUBLISH");
+            };
+            assert_eq!(properties.user_properties[0].1.len(), u16::MAX as usize);
+            assert!(
+                !allocation.contains(&(framed.buf.as_ptr() as usize)),
+                "the rest of the buffer is still in the packet's allocation"
+            );
+            assert!(
+                framed.buf.capacity() <= SHRINK_ABOVE,
+                "{} bytes kept",
+                framed.buf.capacity()
+            );
+            for _ in 0..pingreqs {
+                assert!(matches!(
+                    framed.next_buffered(),
+                    Ok(Some(Packet::PingReq(_)))
+                ));
+            }
         };
-        assert_eq!(properties.user_properties[0].1.len(), u16::MAX as usize);
-        drop((publish, properties));
-        assert!(
-            framed.buf.capacity() <= SHRINK_ABOVE,
-            "{} bytes kept",
-            framed.buf.capacity()
-        );
-        assert!(matches!(
-            framed.next_buffered(),
-            Ok(Some(Packet::PingReq(_)))
-        ));
-
-        // Followed by more than a few KB (3,000 PINGREQs): what follows is
-        // not left holding the whole allocation either.
-        let (stream, _peer) = tokio::io::duplex(64);
-        let mut framed = Framed::new(stream, 256 * 1024);
-        framed.version = Version::V5;
-        framed.buf.extend_from_slice(&packet);
-        for _ in 0..3_000 {
-            framed.buf.extend_from_slice(&[0xC0, 0x00]);
-        }
-        let start = framed.buf.as_ptr() as usize;
-        let allocation = start..start + framed.buf.capacity();
-        assert!(matches!(
-            framed.next_buffered(),
-            Ok(Some(Packet::Publish(..)))
-        ));
-        assert!(!allocation.contains(&(framed.buf.as_ptr() as usize)));
-        assert!(
-            framed.buf.capacity() <= SHRINK_ABOVE,
-            "{} bytes kept",
-            framed.buf.capacity()
-        );
-        for _ in 0..3_000 {
-            assert!(matches!(
-                framed.next_buffered(),
-                Ok(Some(Packet::PingReq(_)))
-            ));
-        }
-
-        // The same in a buffer it fills but for a few bytes: those few are
-        // not left holding the whole allocation.
-        let (stream, _peer) = tokio::io::duplex(64);
-        let mut framed = Framed::new(stream, 256 * 1024);
-        framed.version = Version::V5;
-        framed.buf = BytesMut::with_capacity(packet.len() + 2);
-        framed.buf.extend_from_slice(&packet);
-        framed.buf.extend_from_slice(&[0xC0, 0x00]);
-        let start = framed.buf.as_ptr() as usize;
-        let allocation = start..start + packet.len() + 2;
-        assert!(matches!(
-            framed.next_buffered(),
-            Ok(Some(Packet::Publish(..)))
-        ));
-        assert!(
-            !allocation.contains(&(framed.buf.as_ptr() as usize)),
-            "the rest of the buffer is still in the packet's allocation"
-        );
-        assert!(matches!(
-            framed.next_buffered(),
-            Ok(Some(Packet::PingReq(_)))
-        ));
+        check(None, 1);
+        // Followed by more than a few KB (3,000 PINGREQs).
+        check(None, 3_000);
+        // In a buffer it fills but for the few bytes after it.
+        check(Some(packet.len() + 2), 1);
     }
 
     /// At most 64 User Properties in a packet, empty ones included: 65 end
