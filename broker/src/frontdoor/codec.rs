@@ -126,6 +126,9 @@ pub const MAX_WRITE_STALL: Duration = Duration::from_secs(30);
 /// How long a connection the broker ends is still read from after its last
 /// word, and how much of it, before it is closed.
 pub const LINGER: Duration = Duration::from_secs(1);
+/// How long ending the broker's side may take (a TLS close_notify after
+/// whatever is still queued) before the connection is closed at once.
+const LINGER_FLUSH: Duration = Duration::from_millis(100);
 const LINGER_BYTES: usize = 64 * 1024;
 
 /// Ends the broker's side of `io` (after its last word: a TLS alert, a
@@ -137,8 +140,15 @@ const LINGER_BYTES: usize = 64 * 1024;
 /// reading it (the JDK's, on a refused certificate), and TCP stacks that
 /// drop unread data on a reset (lwIP's, on many devices) lose it outright.
 pub async fn linger<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) {
+    // A client that does not take what is still queued for it (the
+    // farewell it did not read) is not waited for: closed now.
+    if !matches!(
+        tokio::time::timeout(LINGER_FLUSH, io.shutdown()).await,
+        Ok(Ok(()))
+    ) {
+        return;
+    }
     let drain = async {
-        io.shutdown().await?;
         let mut buf = vec![0u8; 4096];
         let mut read = 0;
         while read < LINGER_BYTES {
@@ -152,8 +162,8 @@ pub async fn linger<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) {
     let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
-/// A read buffer larger than this is replaced, after the packet that made
-/// it so, by one just large enough for what is left.
+/// A read buffer more than twice this, and more than twice what is left in
+/// it after a packet, is replaced by one just large enough for that.
 const SHRINK_ABOVE: usize = 16 * 1024;
 
 /// The most User Properties one packet may carry, over all its property
@@ -206,14 +216,19 @@ pub struct Framed<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     /// [`linger`] on the connection, unless the client is already gone or
-    /// silent: it ended the connection, or stopped reading or talking.
+    /// silent (it ended the connection, or stopped reading or talking) or
+    /// the session was cut.
     pub async fn linger_after(&mut self, ended: &SessionError) {
+        // A cut session (its certificate revoked or expired, the broker
+        // stopping) is closed within the second it was promised, after its
+        // farewell only.
         let gone = matches!(
             ended,
             SessionError::Io(_)
                 | SessionError::WriteStalled(_)
                 | SessionError::KeepAlive
                 | SessionError::ConnectTimeout(_)
+                | SessionError::Revoked
         );
         if !gone {
             Box::pin(linger(&mut self.stream)).await;
@@ -260,7 +275,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         // Taken before the packet is split off: what is left of the buffer
         // after it still holds the whole allocation, however little of it
         // its capacity shows.
-        let large = self.buf.capacity() > SHRINK_ABOVE;
+        let held = self.buf.capacity();
         let packet = match self.version {
             Version::V311 => V4.read_mut(&mut self.buf, self.max_packet),
             Version::V5 => V5.read_mut(&mut self.buf, self.max_packet),
@@ -268,8 +283,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         .map_err(SessionError::Mqtt);
         // A large packet leaves the buffer as large as it: not kept for the
         // rest of the connection (250 KB of CONNECT properties were, for
-        // every connection that sent them), whatever follows the packet.
-        if large {
+        // every connection that sent them), whatever follows the packet. A
+        // buffer at least half full of what follows is kept, so the copies
+        // of a long run of packets after a large one add up to no more than
+        // that run.
+        if held > 2 * self.buf.len().max(SHRINK_ABOVE) {
             let rest = self.buf.split();
             self.buf = BytesMut::with_capacity(1024.max(rest.len()));
             self.buf.extend_from_slice(&rest);
@@ -789,6 +807,30 @@ mod tests {
         check(None, 3_000);
         // In a buffer it fills but for the few bytes after it.
         check(Some(packet.len() + 2), 1);
+
+        // Followed by 100 KB of PINGREQs read at once: the buffer is
+        // replaced a few times as they are taken, not at every one.
+        let (stream, _peer) = tokio::io::duplex(64);
+        let mut framed = Framed::new(stream, 256 * 1024);
+        framed.version = Version::V5;
+        framed.buf.extend_from_slice(&packet);
+        for _ in 0..50_000 {
+            framed.buf.extend_from_slice(&[0xC0, 0x00]);
+        }
+        assert!(matches!(
+            framed.next_buffered(),
+            Ok(Some(Packet::Publish(..)))
+        ));
+        let mut replaced = 0;
+        for _ in 0..50_000 {
+            let before = framed.buf.as_ptr() as usize;
+            assert!(matches!(
+                framed.next_buffered(),
+                Ok(Some(Packet::PingReq(_)))
+            ));
+            replaced += usize::from(framed.buf.as_ptr() as usize != before + 2);
+        }
+        assert!(replaced <= 8, "the buffer was replaced {replaced} times");
     }
 
     /// At most 64 User Properties in a packet, empty ones included: 65 end
