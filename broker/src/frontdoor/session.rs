@@ -364,14 +364,17 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             // the opened link: a named value moved apart stays in the future,
             // dead, for the life of the connection.
             let first = tokio::time::timeout(shared.limits.connect_timeout, framed.read_connect());
-            let (connect, properties, will, will_properties, login) = match first
-                .await
-                .map_err(|_| SessionError::ConnectTimeout(shared.limits.connect_timeout))??
-            {
-                Packet::Connect(connect, properties, will, will_properties, login) => {
+            // A CONNECT refused as it is read (an unknown protocol level:
+            // CONNACK 0x01) is lingered on like any refusal.
+            let (connect, properties, will, will_properties, login) = match first.await {
+                Ok(Ok(Packet::Connect(connect, properties, will, will_properties, login))) => {
                     (connect, properties, will, will_properties, login)
                 }
-                _ => break 'session Err(SessionError::NotConnect),
+                Ok(Ok(_)) => break 'session Err(SessionError::NotConnect),
+                Ok(Err(err)) => break 'session Err(err),
+                Err(_) => {
+                    break 'session Err(SessionError::ConnectTimeout(shared.limits.connect_timeout))
+                }
             };
             let version = framed.version;
             let identity = match admit(
@@ -828,9 +831,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                                     format!("more than {RECEIVE_MAXIMUM} QoS 2 PUBLISHes not released"),
                                 ));
                             }
-                            if unreleased.values().sum::<usize>() > UNRELEASED_BYTES_MAX {
+                            // Never less than one packet of the largest size.
+                            let most = UNRELEASED_BYTES_MAX.max(shared.limits.max_packet_size) + 48 * super::codec::MAX_USER_PROPERTIES;
+                            if unreleased.values().sum::<usize>() > most {
                                 return Err(SessionError::Quota(format!(
-                                    "more than {UNRELEASED_BYTES_MAX} bytes of QoS 2 PUBLISHes not released"
+                                    "more than {most} bytes of QoS 2 PUBLISHes not released"
                                 )));
                             }
                         }

@@ -537,6 +537,22 @@ async fn a_client_that_writes_after_the_broker_s_last_word_is_not_reset() {
             "write {n} after the DISCONNECT: {written:?}"
         );
     }
+    // The same after a CONNECT refused as it is read: an unknown protocol
+    // level, CONNACK 0x01.
+    let addr = fleet.broker.bootstrap_plain_addr.unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(&[
+        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 3, 2, 0, 60, 0, 1, b'x',
+    ])
+    .await
+    .unwrap();
+    assert_eq!(until_closed(&mut s).await, [0x20, 0x02, 0x00, 0x01]);
+    for n in 0..3 {
+        let written = tokio::time::timeout(T, s.write_all(&[0xC0, 0x00]))
+            .await
+            .unwrap();
+        assert!(written.is_ok(), "write {n} after the CONNACK: {written:?}");
+    }
 }
 
 /// Options for a service connection of `device` (certified on svcA) that
