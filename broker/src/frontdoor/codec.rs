@@ -345,7 +345,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
                 )));
             }
         };
-        self.decode()
+        let connect = self.decode();
+        // One that decodes but carries more User Properties than the
+        // broker takes is told so (MQTT 5 CONNACK 0x83).
+        if let (Version::V5, Err(SessionError::Violation(code, _))) = (self.version, &connect) {
+            if *code == DisconnectReasonCode::ImplementationSpecificError {
+                let refusal = Packet::ConnAck(
+                    ConnAck {
+                        session_present: false,
+                        code: ConnectReturnCode::ImplementationSpecificError,
+                    },
+                    None,
+                );
+                let _ = self.write(vec![refusal]).await;
+            }
+        }
+        connect
     }
 
     /// Reads the next packet.

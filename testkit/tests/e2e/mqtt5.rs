@@ -488,7 +488,7 @@ async fn oversized_and_server_only_packets_close_with_a_reason() {
 
 /// A packet with more than 64 User Properties (empty ones included: 5
 /// bytes each on the wire, ten times that in memory) ends the connection
-/// with DISCONNECT 0x83; 64 are taken.
+/// with DISCONNECT 0x83 (a CONNECT: CONNACK 0x83); 64 are taken.
 #[tokio::test]
 async fn more_than_64_user_properties_end_the_connection() {
     let fleet = Fleet::start().await.unwrap();
@@ -516,6 +516,23 @@ async fn more_than_64_user_properties_end_the_connection() {
     assert_eq!(read_async(&mut s).await.0, 0xD0, "PINGRESP after 64");
     s.write_all(&publish(65)).await.unwrap();
     assert_eq!(disconnect_reason(&until_closed(&mut s).await), 0x83);
+
+    // A CONNECT with 65 is refused with CONNACK 0x83.
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60];
+    let len = 65 * 5;
+    body.extend([(len % 128) as u8 | 0x80, (len / 128) as u8]);
+    for _ in 0..65 {
+        body.extend([0x26, 0, 0, 0, 0]);
+    }
+    body.extend([0, 3, b'u', b'p', b'2']);
+    let mut connect = vec![0x10];
+    let len = body.len();
+    connect.extend([(len % 128) as u8 | 0x80, (len / 128) as u8]);
+    connect.extend(body);
+    let addr = fleet.broker.bootstrap_plain_addr.unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(&connect).await.unwrap();
+    assert_eq!(until_closed(&mut s).await, [0x20, 0x03, 0x00, 0x83, 0x00]);
 }
 
 /// After its last word (here a DISCONNECT 0x95) the broker ends its side
