@@ -62,13 +62,7 @@ impl Version {
             (Version::V311, Refusal::Protocol) => ConnectReturnCode::RefusedProtocolVersion,
             (Version::V5, Refusal::Protocol) => ConnectReturnCode::ProtocolError,
         };
-        Packet::ConnAck(
-            ConnAck {
-                session_present: false,
-                code,
-            },
-            None,
-        )
+        connack_refusing(code)
     }
 
     /// The SUBACK code for a filter outside the grants.
@@ -122,6 +116,17 @@ impl Version {
 /// would otherwise hold that loop (revocation, keep-alive, its connection
 /// slot) for ever.
 pub const MAX_WRITE_STALL: Duration = Duration::from_secs(30);
+
+/// A CONNACK that refuses the connection with `code`.
+fn connack_refusing(code: ConnectReturnCode) -> Packet {
+    Packet::ConnAck(
+        ConnAck {
+            session_present: false,
+            code,
+        },
+        None,
+    )
+}
 
 /// How long a connection the broker ends is still read from after its last
 /// word, and how much of it, before it is closed.
@@ -332,13 +337,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
             Some(5) => Version::V5,
             Some(4) => Version::V311,
             level => {
-                let refusal = Packet::ConnAck(
-                    ConnAck {
-                        session_present: false,
-                        code: ConnectReturnCode::RefusedProtocolVersion,
-                    },
-                    None,
-                );
+                let refusal = connack_refusing(ConnectReturnCode::RefusedProtocolVersion);
                 let _ = self.write(vec![refusal]).await;
                 return Err(SessionError::Refused(format!(
                     "unsupported protocol level {level:?}"
@@ -350,13 +349,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         // broker takes is told so (MQTT 5 CONNACK 0x83).
         if let (Version::V5, Err(SessionError::Violation(code, _))) = (self.version, &connect) {
             if *code == DisconnectReasonCode::ImplementationSpecificError {
-                let refusal = Packet::ConnAck(
-                    ConnAck {
-                        session_present: false,
-                        code: ConnectReturnCode::ImplementationSpecificError,
-                    },
-                    None,
-                );
+                let refusal = connack_refusing(ConnectReturnCode::ImplementationSpecificError);
                 let _ = self.write(vec![refusal]).await;
             }
         }
@@ -756,20 +749,22 @@ mod tests {
         }
     }
 
+    /// Appends `n` as an MQTT Variable Byte Integer.
+    fn varint(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n % 128) as u8;
+            n /= 128;
+            out.push(if n > 0 { byte | 0x80 } else { byte });
+            if n == 0 {
+                return;
+            }
+        }
+    }
+
     /// A packet of 64 KB (here a PUBLISH whose User Property is most of
     /// it) does not leave the connection's read buffer that large.
     #[test]
     fn a_large_packet_leaves_no_large_buffer() {
-        fn varint(mut n: usize, out: &mut Vec<u8>) {
-            loop {
-                let byte = (n % 128) as u8;
-                n /= 128;
-                out.push(if n > 0 { byte | 0x80 } else { byte });
-                if n == 0 {
-                    return;
-                }
-            }
-        }
         let mut property = vec![0x26, 0, 1, b'k'];
         property.extend(u16::MAX.to_be_bytes());
         property.extend(std::iter::repeat_n(b'v', u16::MAX as usize));
@@ -858,20 +853,12 @@ mod tests {
                 properties.extend([0x26, 0, 0, 0, 0]);
             }
             // Property length, 128 to 16,383: two bytes of variable length.
-            let len = properties.len();
-            let mut body = vec![
-                0,
-                3,
-                b'a',
-                b'/',
-                b'b',
-                (len % 128) as u8 | 0x80,
-                (len / 128) as u8,
-            ];
+            let mut body = vec![0, 3, b'a', b'/', b'b'];
+            varint(properties.len(), &mut body);
             body.extend(&properties);
             body.push(b'x');
             let mut packet = vec![0x30];
-            packet.extend([(body.len() % 128) as u8 | 0x80, (body.len() / 128) as u8]);
+            varint(body.len(), &mut packet);
             packet.extend(&body);
             let (stream, _peer) = tokio::io::duplex(64);
             let mut framed = Framed::new(stream, 1024);
