@@ -1098,20 +1098,25 @@ pub fn mqtt311_connect(client_id: &str, keep_alive: u16) -> Vec<u8> {
 /// one MQTT packet, with the remaining length as MQTT encodes it.
 pub fn mqtt_frame(first: u8, body: &[u8]) -> Vec<u8> {
     let mut out = vec![first];
-    let mut len = body.len();
+    out.extend(mqtt_varint(body.len()));
+    out.extend_from_slice(body);
+    out
+}
+
+/// `n` as an MQTT Variable Byte Integer (a remaining or property length).
+pub fn mqtt_varint(mut n: usize) -> Vec<u8> {
+    let mut out = Vec::new();
     loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
+        let mut byte = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
             byte |= 0x80;
         }
         out.push(byte);
-        if len == 0 {
-            break;
+        if n == 0 {
+            return out;
         }
     }
-    out.extend_from_slice(body);
-    out
 }
 
 /// The body of `GET {path}` from an HTTP/1.1 server at `addr`, with its

@@ -10,7 +10,7 @@ use fleet_testkit::v5::{
     ConnectReturnCode, DisconnectReasonCode, LastWill, LastWillProperties, MqttOptions,
     PubAckReason, PubRecReason, PublishProperties, QoS, SubscribeReasonCode, UnsubAckReason,
 };
-use fleet_testkit::{eventually, mqtt_frame as frame, Fleet, Probe, Probe5};
+use fleet_testkit::{eventually, mqtt_frame as frame, mqtt_varint, Fleet, Probe, Probe5};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::frontdoor::{certified, running_fleet, traffic_after, T};
@@ -492,23 +492,16 @@ async fn oversized_and_server_only_packets_close_with_a_reason() {
 #[tokio::test]
 async fn more_than_64_user_properties_end_the_connection() {
     let fleet = Fleet::start().await.unwrap();
+    // `pairs` empty User Properties.
+    let properties = |pairs: usize| [0x26, 0, 0, 0, 0].repeat(pairs);
     let publish = |pairs: usize| {
         let topic = b"fleet/v1/status/up1";
-        let mut properties = Vec::new();
-        for _ in 0..pairs {
-            properties.extend([0x26, 0, 0, 0, 0]);
-        }
         let mut body = (topic.len() as u16).to_be_bytes().to_vec();
         body.extend(topic);
-        let len = properties.len();
-        body.extend([(len % 128) as u8 | 0x80, (len / 128) as u8]);
-        body.extend(properties);
+        body.extend(mqtt_varint(pairs * 5));
+        body.extend(properties(pairs));
         body.push(b'x');
-        let mut packet = vec![0x30];
-        let len = body.len();
-        packet.extend([(len % 128) as u8 | 0x80, (len / 128) as u8]);
-        packet.extend(body);
-        packet
+        frame(0x30, &body)
     };
     let mut s = raw_v5(&fleet, "up1").await;
     s.write_all(&publish(64)).await.unwrap();
@@ -518,17 +511,7 @@ async fn more_than_64_user_properties_end_the_connection() {
     assert_eq!(disconnect_reason(&until_closed(&mut s).await), 0x83);
 
     // A CONNECT with 65 is refused with CONNACK 0x83.
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60];
-    let len = 65 * 5;
-    body.extend([(len % 128) as u8 | 0x80, (len / 128) as u8]);
-    for _ in 0..65 {
-        body.extend([0x26, 0, 0, 0, 0]);
-    }
-    body.extend([0, 3, b'u', b'p', b'2']);
-    let mut connect = vec![0x10];
-    let len = body.len();
-    connect.extend([(len % 128) as u8 | 0x80, (len / 128) as u8]);
-    connect.extend(body);
+    let connect = raw_connect("up2", 60, &properties(65));
     let addr = fleet.broker.bootstrap_plain_addr.unwrap();
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(&connect).await.unwrap();
@@ -990,7 +973,7 @@ type RawPacket = (u8, Vec<u8>);
 fn raw_connect(client_id: &str, keep_alive: u16, properties: &[u8]) -> Vec<u8> {
     let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x02];
     body.extend(keep_alive.to_be_bytes());
-    body.push(properties.len() as u8);
+    body.extend(mqtt_varint(properties.len()));
     body.extend_from_slice(properties);
     body.extend((client_id.len() as u16).to_be_bytes());
     body.extend(client_id.as_bytes());
@@ -1686,18 +1669,7 @@ fn raw_publish_qos2(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
     body.extend_from_slice(&pkid.to_be_bytes());
     body.push(0);
     body.extend_from_slice(payload);
-    let mut packet = vec![0x34];
-    let mut len = body.len();
-    loop {
-        let byte = (len % 128) as u8;
-        len /= 128;
-        packet.push(if len > 0 { byte | 0x80 } else { byte });
-        if len == 0 {
-            break;
-        }
-    }
-    packet.extend(body);
-    packet
+    frame(0x34, &body)
 }
 
 /// Reads one packet's fixed-header byte and body.
