@@ -1340,6 +1340,18 @@ fn resuming(
     .unwrap()
 }
 
+/// `device`'s first connect, made again until svcA's CA is trusted (the
+/// manager writes it to `services/` when the test begins); whether it
+/// resumed.
+async fn connect_once_trusted(device: &Resuming) -> bool {
+    eventually(T, "svcA's CA to be trusted", || {
+        let device = device.clone();
+        async move { device.connect().await.ok() }
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn a_device_that_leaves_its_tickets_unused_is_given_fewer() {
     let fleet = Fleet::start().await.unwrap();
@@ -1355,13 +1367,7 @@ async fn a_device_that_leaves_its_tickets_unused_is_given_fewer() {
             &rustls::version::TLS13,
         )
     };
-    let first = eventually(T, "svcA's CA to be trusted", || {
-        let device = forgetful();
-        async move { device.connect().await.ok() }
-    })
-    .await
-    .unwrap();
-    assert!(!first);
+    assert!(!connect_once_trusted(&forgetful()).await);
     assert!(!forgetful().connect().await.unwrap());
     assert_eq!(withheld(), 0, "the first two connects are given tickets");
     for n in 1..=3 {
@@ -1421,12 +1427,7 @@ async fn a_probe_ticket_never_sent_gives_no_ticket_back() {
             &rustls::version::TLS13,
         )
     };
-    eventually(T, "svcA's CA to be trusted", || {
-        let device = forgetful();
-        async move { device.connect().await.ok() }
-    })
-    .await
-    .unwrap();
+    assert!(!connect_once_trusted(&forgetful()).await);
     // Given: the first two; withheld: the next 15.
     for _ in 2..=17 {
         assert!(!forgetful().connect().await.unwrap());
@@ -1459,12 +1460,7 @@ async fn a_ticket_never_sent_does_not_count_as_given() {
     let unsent = || fleet.broker.metrics.get(|m| &m.tickets_unsent);
     // svcA's CA trusted, by another device's connect.
     let other = certified(&fleet, "other", "svcA");
-    eventually(T, "svcA's CA to be trusted", || {
-        let device = resuming(&fleet, "other", other.clone(), &rustls::version::TLS13);
-        async move { device.connect().await.ok() }
-    })
-    .await
-    .unwrap();
+    connect_once_trusted(&resuming(&fleet, "other", other, &rustls::version::TLS13)).await;
     let (chain, key) = certified(&fleet, "dropper", "svcA");
     for n in 1..=2 {
         handshake_only(&fleet, &chain, &key).await;
@@ -1507,12 +1503,7 @@ async fn a_reconnecting_device_resumes_its_session_and_every_resumption_is_check
             .to_bn()
             .unwrap();
         let device = resuming(&fleet, id, (chain.clone(), key.clone()), version);
-        let first = eventually(T, "svcA's CA to be trusted", || {
-            let device = device.clone();
-            async move { device.connect().await.ok() }
-        })
-        .await
-        .unwrap();
+        let first = connect_once_trusted(&device).await;
         assert!(!first, "{id}: a first connection cannot resume");
         let before = resumed();
         assert!(device.connect().await.unwrap(), "{id}: not resumed");
@@ -1590,12 +1581,7 @@ async fn a_certificate_that_expires_is_refused_from_then_on_though_it_connected_
     let (chain, key) = forged_leaf_secs("exp1", "svcA", (&ca, &ca_key), (-60, 6));
     let expires = Instant::now() + Duration::from_secs(6);
     let device = resuming(&fleet, "exp1", (chain, key), &rustls::version::TLS13);
-    eventually(T, "svcA's CA to be trusted", || {
-        let device = device.clone();
-        async move { device.connect().await.ok() }
-    })
-    .await
-    .unwrap();
+    connect_once_trusted(&device).await;
     device.connect().await.unwrap();
     // A new client each time: full handshakes, no ticket.
     let fresh = || {
