@@ -768,8 +768,10 @@ async fn connection(
                     }
                 };
                 // The anchor's end too, which a leaf alone does not show.
-                let leaf = presented.and_then(<[_]>::first);
-                if let Some(until) = leaf.and_then(|leaf| trust.path_until(leaf)) {
+                let leaf = presented
+                    .and_then(<[_]>::first)
+                    .map(|leaf| openssl::sha::sha256(leaf));
+                if let Some(until) = leaf.as_ref().and_then(|leaf| trust.path_until(leaf)) {
                     cert.not_after = cert.not_after.min(until);
                 }
                 // A ticket held for the CONNACK that never goes out is not

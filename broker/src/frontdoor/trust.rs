@@ -262,22 +262,22 @@ impl Trust {
             .contains(serial)
     }
 
-    /// What a connection whose handshake made a ticket for `leaf` (its
-    /// client's certificate, DER) calls if the ticket is never sent, so
-    /// that it does not count as given; `None` with tickets off.
-    pub fn ticket_unsent(&self, leaf: &[u8]) -> Option<Box<dyn FnOnce() + Send + Sync>> {
+    /// What a connection whose handshake made a ticket for the client
+    /// certificate whose SHA-256 is `leaf` calls if the ticket is never
+    /// sent, so that it does not count as given; `None` with tickets off.
+    pub fn ticket_unsent(&self, leaf: [u8; 32]) -> Option<Box<dyn FnOnce() + Send + Sync>> {
         let gate = self.tickets.clone()?;
-        let leaf = openssl::sha::sha256(leaf);
         Some(Box::new(move || gate.unsent(&leaf)))
     }
 
-    /// The last second in which the verified path of `leaf` (a client's
-    /// certificate, DER) is valid, its anchor included, if the verifier
-    /// still holds it: a client that sends only its certificate presents
-    /// no CA, whose expiry its session must not outlive.
-    pub fn path_until(&self, leaf: &[u8]) -> Option<u64> {
+    /// The last second in which the verified path of the client
+    /// certificate whose SHA-256 is `leaf` is valid, its anchor included,
+    /// if the verifier still holds it: a client that sends only its
+    /// certificate presents no CA, whose expiry its session must not
+    /// outlive.
+    pub fn path_until(&self, leaf: &[u8; 32]) -> Option<u64> {
         let verifier = self.verifier.read().unwrap_or_else(|p| p.into_inner());
-        verifier.chains.until(&openssl::sha::sha256(leaf))
+        verifier.chains.until(leaf)
     }
 
     /// Registers a live session, which is cancelled if its certificate is
