@@ -86,6 +86,10 @@ impl RunningBroker {
     }
 }
 
+/// How long a process that stops its broker waits for the broker's
+/// connections to be told ([`RunningBroker::shut_down`]).
+pub const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Resolves at SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();

@@ -212,7 +212,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             // Devices are told the broker is going (DISCONNECT 0x8B) before
             // the process exits.
             if let Some(broker) = broker {
-                broker.shut_down(std::time::Duration::from_secs(2)).await;
+                broker.shut_down(fleet_broker::SHUTDOWN_WAIT).await;
             }
         }
         Command::PkiInit { dir } => {

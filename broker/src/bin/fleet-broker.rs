@@ -59,10 +59,7 @@ fn main() -> anyhow::Result<()> {
         .build()?
         .block_on(async {
             fleet_broker::shutdown_signal().await;
-            running.shut_down(SHUTDOWN).await;
+            running.shut_down(fleet_broker::SHUTDOWN_WAIT).await;
         });
     Ok(())
 }
-
-/// How long a stopping broker waits for its connections to be told.
-const SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(2);
