@@ -106,24 +106,6 @@ pub(crate) const RECEIVE_MAXIMUM: u16 = 32;
 /// 32 of the largest packets would be 8 MiB held for one connection.
 pub(crate) const UNRELEASED_BYTES_MAX: usize = 256 * 1024;
 
-/// About what a PUBLISH holds in memory: its topic, payload and
-/// properties.
-fn publish_bytes(publish: &Publish, properties: Option<&PublishProperties>) -> usize {
-    let strings = |s: &Option<String>| s.as_ref().map_or(0, String::len);
-    publish.topic.len()
-        + publish.payload.len()
-        + properties.map_or(0, |p| {
-            strings(&p.response_topic)
-                + strings(&p.content_type)
-                + p.correlation_data.as_ref().map_or(0, |d| d.len())
-                // Each pair is two strings, empty or not.
-                + p.user_properties
-                    .iter()
-                    .map(|(k, v)| 48 + k.len() + v.len())
-                    .sum::<usize>()
-        })
-}
-
 /// Filters a connection other than the manager's may hold at once: a
 /// device needs a few, a provider its service's telemetry. The router
 /// keeps a filter, and its log, for as long as anyone subscribes to it.
@@ -823,7 +805,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                                 framed.write(vec![Packet::PubRec(again, None)]).await?;
                                 continue;
                             }
-                            let bytes = publish_bytes(&publish, props.as_ref());
+                            let bytes = rumqttd::protocol::publish_size(&publish, props.as_ref());
                             unreleased.insert(pkid, bytes);
                             if unreleased.len() > usize::from(RECEIVE_MAXIMUM) {
                                 return Err(SessionError::Violation(

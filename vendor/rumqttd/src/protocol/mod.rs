@@ -260,6 +260,25 @@ pub struct PublishProperties {
     pub content_type: Option<String>,
 }
 
+/// fleetshift: the bytes a PUBLISH holds, about as encoded: its topic and
+/// payload, and its properties, each User Property pair counted as the two
+/// strings it is in memory (48 bytes more than its text, empty or not). By
+/// this the router's logs are filled, and the front door counts what a
+/// client leaves unreleased.
+pub fn publish_size(publish: &Publish, properties: Option<&PublishProperties>) -> usize {
+    let strings = |s: &Option<String>| s.as_ref().map_or(0, |s| 3 + s.len());
+    let held = |p: &PublishProperties| {
+        2 + 5
+            + 3
+            + strings(&p.response_topic)
+            + p.correlation_data.as_ref().map_or(0, |d| 3 + d.len())
+            + p.user_properties.iter().map(|(k, v)| 48 + k.len() + v.len()).sum::<usize>()
+            + 5 * p.subscription_identifiers.len()
+            + strings(&p.content_type)
+    };
+    4 + publish.topic.len() + publish.payload.len() + properties.map_or(0, held)
+}
+
 //--------------------------- PublishAck packet -------------------------------
 
 /// Return code in puback

@@ -42,22 +42,8 @@ impl Storage for PublishData {
     /// a log's byte limit bounds what an MQTT 5 publisher can make the
     /// router hold: 250 KB of User Property counted as a few bytes.
     fn size(&self) -> usize {
-        let publish = &self.publish;
-        4 + publish.topic.len() + publish.payload.len() + self.properties.as_ref().map_or(0, properties_size)
+        crate::protocol::publish_size(&self.publish, self.properties.as_ref())
     }
-}
-
-/// fleetshift: the bytes a PUBLISH's properties hold, about as encoded.
-fn properties_size(p: &PublishProperties) -> usize {
-    let strings = |s: &Option<String>| s.as_ref().map_or(0, |s| 3 + s.len());
-    2 + 5
-        + 3
-        + strings(&p.response_topic)
-        + p.correlation_data.as_ref().map_or(0, |d| 3 + d.len())
-        // Each pair is two strings in memory (48 bytes), empty or not.
-        + p.user_properties.iter().map(|(k, v)| 48 + k.len() + v.len()).sum::<usize>()
-        + 5 * p.subscription_identifiers.len()
-        + strings(&p.content_type)
 }
 
 /// fleetshift: at most this many topics' matching filters are cached
