@@ -473,14 +473,7 @@ async fn oversized_and_server_only_packets_close_with_a_reason() {
     s.write_all(&[0x20, 0x03, 0x00, 0x00, 0x00]).await.unwrap();
     assert_eq!(disconnect_reason(&until_closed(&mut s).await), 0x82);
     // An unknown protocol level gets CONNACK 0x01.
-    let addr = fleet.broker.bootstrap_plain_addr.unwrap();
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(&[
-        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 6, 2, 0, 60, 0, 1, b'x',
-    ])
-    .await
-    .unwrap();
-    assert_eq!(until_closed(&mut s).await, [0x20, 0x02, 0x00, 0x01]);
+    refused_level(&fleet, 6).await;
     // The listener still serves.
     let ok = raw_v5(&fleet, "raw3").await;
     drop(ok);
@@ -528,31 +521,36 @@ async fn a_client_that_writes_after_the_broker_s_last_word_is_not_reset() {
     let mut s = raw_v5(&fleet, "raw1").await;
     s.write_all(&[0x30, 0x80, 0x80, 0x40]).await.unwrap();
     assert_eq!(disconnect_reason(&until_closed(&mut s).await), 0x95);
+    writes_go_through(&mut s, "the DISCONNECT").await;
+    // The same after a CONNECT refused as it is read: an unknown protocol
+    // level, CONNACK 0x01.
+    let mut s = refused_level(&fleet, 3).await;
+    writes_go_through(&mut s, "the CONNACK").await;
+}
+
+/// Three PINGREQs written to a connection the broker has ended, after
+/// `what`: each goes through (the broker still reads), none is reset.
+async fn writes_go_through(s: &mut tokio::net::TcpStream, what: &str) {
     for n in 0..3 {
         let written = tokio::time::timeout(T, s.write_all(&[0xC0, 0x00]))
             .await
             .unwrap();
-        assert!(
-            written.is_ok(),
-            "write {n} after the DISCONNECT: {written:?}"
-        );
+        assert!(written.is_ok(), "write {n} after {what}: {written:?}");
     }
-    // The same after a CONNECT refused as it is read: an unknown protocol
-    // level, CONNACK 0x01.
+}
+
+/// A CONNECT of protocol `level` on the plain bootstrap listener, refused
+/// with CONNACK 0x01 and the broker's end of the connection.
+async fn refused_level(fleet: &Fleet, level: u8) -> tokio::net::TcpStream {
     let addr = fleet.broker.bootstrap_plain_addr.unwrap();
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(&[
-        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 3, 2, 0, 60, 0, 1, b'x',
+        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', level, 2, 0, 60, 0, 1, b'x',
     ])
     .await
     .unwrap();
     assert_eq!(until_closed(&mut s).await, [0x20, 0x02, 0x00, 0x01]);
-    for n in 0..3 {
-        let written = tokio::time::timeout(T, s.write_all(&[0xC0, 0x00]))
-            .await
-            .unwrap();
-        assert!(written.is_ok(), "write {n} after the CONNACK: {written:?}");
-    }
+    s
 }
 
 /// Options for a service connection of `device` (certified on svcA) that
