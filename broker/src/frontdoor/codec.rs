@@ -761,6 +761,19 @@ mod tests {
         }
     }
 
+    /// An MQTT 5 QoS 0 PUBLISH of `x` to `a/b` with the encoded
+    /// `properties`.
+    fn publish_with(properties: &[u8]) -> Vec<u8> {
+        let mut body = vec![0, 3, b'a', b'/', b'b'];
+        varint(properties.len(), &mut body);
+        body.extend(properties);
+        body.push(b'x');
+        let mut packet = vec![0x30];
+        varint(body.len(), &mut packet);
+        packet.extend(&body);
+        packet
+    }
+
     /// A packet of 64 KB (here a PUBLISH whose User Property is most of
     /// it) does not leave the connection's read buffer that large.
     #[test]
@@ -768,13 +781,7 @@ mod tests {
         let mut property = vec![0x26, 0, 1, b'k'];
         property.extend(u16::MAX.to_be_bytes());
         property.extend(std::iter::repeat_n(b'v', u16::MAX as usize));
-        let mut body = vec![0, 3, b'a', b'/', b'b'];
-        varint(property.len(), &mut body);
-        body.extend(&property);
-        body.push(b'x');
-        let mut packet = vec![0x30];
-        varint(body.len(), &mut packet);
-        packet.extend(&body);
+        let packet = publish_with(&property);
 
         // The packet, then `pingreqs` PINGREQs, in a buffer of `capacity`
         // (or grown as it needs): after the packet, the rest is in a small
@@ -848,18 +855,7 @@ mod tests {
     #[test]
     fn a_packet_with_too_many_user_properties_is_refused() {
         let decode = |pairs: usize| {
-            let mut properties = Vec::new();
-            for _ in 0..pairs {
-                properties.extend([0x26, 0, 0, 0, 0]);
-            }
-            // Property length, 128 to 16,383: two bytes of variable length.
-            let mut body = vec![0, 3, b'a', b'/', b'b'];
-            varint(properties.len(), &mut body);
-            body.extend(&properties);
-            body.push(b'x');
-            let mut packet = vec![0x30];
-            varint(body.len(), &mut packet);
-            packet.extend(&body);
+            let packet = publish_with(&[0x26, 0, 0, 0, 0].repeat(pairs));
             let (stream, _peer) = tokio::io::duplex(64);
             let mut framed = Framed::new(stream, 1024);
             framed.version = Version::V5;
