@@ -82,6 +82,12 @@ pub struct BrokerConfig {
     /// Longest silence allowed to a client that asks for no keep-alive, and
     /// the cap on 1.5 × the keep-alive it asks for.
     pub max_idle_secs: u64,
+    /// Longest a session is kept once its connection has ended, in
+    /// seconds: an MQTT 3.1.1 session with clean session 0 is kept this
+    /// long, and an MQTT 5 Session Expiry Interval is cut to it (the
+    /// CONNACK says so). A session whose time passes with no connection
+    /// of its identity is ended, with what it held for the client.
+    pub max_session_expiry_secs: u64,
     /// New connections per second accepted from one source address, and the burst.
     pub connects_per_sec_per_source: f64,
     pub connect_burst_per_source: f64,
@@ -125,6 +131,7 @@ impl Default for BrokerConfig {
             service_session_tickets: true,
             grant_cache: true,
             max_idle_secs: 300,
+            max_session_expiry_secs: 86_400,
             connects_per_sec_per_source: 2_000.0,
             connect_burst_per_source: 5_000.0,
             publishes_per_sec_per_device: 20.0,
@@ -166,6 +173,7 @@ impl BrokerConfig {
                 .max(1),
             pending_min_age: Duration::from_millis(self.pending_min_age_ms),
             max_idle: Duration::from_secs(self.max_idle_secs),
+            max_session_expiry: Duration::from_secs(self.max_session_expiry_secs),
             connects_per_sec_per_source: self.connects_per_sec_per_source,
             connect_burst_per_source: self.connect_burst_per_source,
             publishes_per_sec_per_device: self.publishes_per_sec_per_device,

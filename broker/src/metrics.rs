@@ -127,6 +127,18 @@ const SERIES: &[Series] = &[
         |m| &m.expired_cuts,
     ),
     (
+        "gauge",
+        "sessions_kept",
+        "Sessions kept with no connection (MQTT 3.1.1 clean session 0, MQTT 5 Session Expiry Interval), waiting for their client or their expiry.",
+        |m| &m.sessions_kept,
+    ),
+    (
+        "counter",
+        "sessions_expired_total",
+        "Kept sessions ended because their expiry passed with no connection (max_session_expiry_secs, or the MQTT 5 Session Expiry Interval).",
+        |m| &m.sessions_expired,
+    ),
+    (
         "counter",
         "publishes_discarded_total",
         "PUBLISHes not sent because they exceed the Maximum Packet Size the client announced.",

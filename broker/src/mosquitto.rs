@@ -211,6 +211,9 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
     // session keeps them while it is away, as it does on the embedded
     // broker.
     let _ = writeln!(conf, "queue_qos0_messages true");
+    // A session kept with no connection (clean session 0) ends after a
+    // day, as on the front door (`max_session_expiry_secs`).
+    let _ = writeln!(conf, "persistent_client_expiration 1d");
     let _ = writeln!(
         conf,
         "\n# internal: the manager and the bootstrap bridge (username and secret)"

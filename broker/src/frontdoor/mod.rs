@@ -43,7 +43,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use trust::{CertIdentity, Trust};
 
@@ -82,6 +82,10 @@ pub struct Metrics {
     pub revoked_cuts: AtomicU64,
     /// Live sessions closed because their certificate expired.
     pub expired_cuts: AtomicU64,
+    /// Sessions the router keeps with no connection, and those ended when
+    /// their expiry passed.
+    pub sessions_kept: AtomicU64,
+    pub sessions_expired: AtomicU64,
     /// PUBLISHes not sent to a client because they exceed the Maximum
     /// Packet Size it announced (MQTT 5).
     pub outgoing_discarded: AtomicU64,
@@ -123,6 +127,10 @@ pub struct Limits {
     /// Longest silence allowed when a client asks for no keep-alive, and the
     /// cap on 1.5 × the keep-alive it asks for.
     pub max_idle: Duration,
+    /// Longest a session is kept with no connection: an MQTT 3.1.1
+    /// session with clean session 0, and the cap on an MQTT 5 Session
+    /// Expiry Interval.
+    pub max_session_expiry: Duration,
     /// New connections per second from one source address, and the burst.
     pub connects_per_sec_per_source: f64,
     pub connect_burst_per_source: f64,
@@ -207,9 +215,9 @@ pub struct Shared {
     /// Internal-listener connections that have not authenticated yet, by
     /// connection id (oldest first), each with the token that closes it.
     internal_unauthenticated: Mutex<std::collections::BTreeMap<u64, CancellationToken>>,
-    /// The filters of each session the router keeps past its connection
-    /// (router client id → filters), counted again when it comes back.
-    kept_subscriptions: Mutex<HashMap<String, HashSet<String>>>,
+    /// Each session the router keeps past its connection, by router
+    /// client id (see [`Kept`]).
+    kept: Mutex<HashMap<String, Kept>>,
     /// Router client id → the connection that holds that session now.
     sessions: Mutex<HashMap<String, Holder>>,
     /// The one router link delayed Wills are published through, opened
@@ -242,6 +250,18 @@ impl Drop for Pending<'_> {
             .unwrap_or_else(|p| p.into_inner())
             .remove(self.source, self.id);
     }
+}
+
+/// A session the router keeps while no connection holds it.
+struct Kept {
+    /// The connection that held it last.
+    connection: u64,
+    /// Its filters, counted again when it comes back.
+    filters: HashSet<String>,
+    /// The task that publishes its delayed Will and ends the session when
+    /// its expiry passes (`session::after_session`); aborted when the
+    /// session is claimed again.
+    after: tokio::task::AbortHandle,
 }
 
 /// The connection holding a router session.
@@ -329,7 +349,7 @@ impl Shared {
             next_connection: AtomicU64::new(1),
             rate: Mutex::new(HashMap::new()),
             bootstrap_publishes: Mutex::new(HashMap::new()),
-            kept_subscriptions: Mutex::new(HashMap::new()),
+            kept: Mutex::new(HashMap::new()),
             internal_unauthenticated: Mutex::new(Default::default()),
             sessions: Mutex::new(HashMap::new()),
             will_link: tokio::sync::Mutex::new(None),
@@ -481,28 +501,108 @@ impl Shared {
 
     /// The filters a session held when its last connection ended, if the
     /// router kept it (`clean` false); a clean session starts with none,
-    /// and the router forgets what was kept.
+    /// and the router forgets what was kept. Either way the session is
+    /// no longer waiting to expire.
     pub(crate) fn kept_subscriptions(&self, router_id: &str, clean: bool) -> HashSet<String> {
-        let mut kept = self
-            .kept_subscriptions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let held = kept.remove(router_id);
-        if clean {
-            HashSet::new()
-        } else {
-            held.unwrap_or_default()
+        let held = self.unkeep(router_id);
+        match held {
+            Some(kept) => {
+                kept.after.abort();
+                if clean {
+                    HashSet::new()
+                } else {
+                    kept.filters
+                }
+            }
+            None => HashSet::new(),
         }
     }
 
-    /// Keeps a session's filters for its next connection.
-    pub(crate) fn keep_subscriptions(&self, router_id: String, filters: HashSet<String>) {
-        if !filters.is_empty() {
-            self.kept_subscriptions
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(router_id, filters);
+    fn unkeep(&self, router_id: &str) -> Option<Kept> {
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        let held = kept.remove(router_id);
+        self.metrics
+            .sessions_kept
+            .store(kept.len() as u64, Ordering::Relaxed);
+        held
+    }
+
+    /// Keeps the session `router_id`, whose last connection `connection`
+    /// has ended, with its `filters`, until a connection claims it or it
+    /// expires: `after` (`session::after_session`) runs meanwhile.
+    pub(crate) fn keep_session(
+        self: &Arc<Self>,
+        router_id: String,
+        connection: u64,
+        filters: HashSet<String>,
+        after: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        // Spawned under the lock: `after` finds its entry in place.
+        let after = tokio::spawn(after).abort_handle();
+        let before = kept.insert(
+            router_id,
+            Kept {
+                connection,
+                filters,
+                after,
+            },
+        );
+        if let Some(before) = before {
+            before.after.abort();
         }
+        self.metrics
+            .sessions_kept
+            .store(kept.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Ends the kept session `router_id` that connection `connection` left,
+    /// unless a connection has claimed it since: the router is told to
+    /// forget it (a clean link of the same client id, opened and closed).
+    /// A connection that claims it meanwhile waits for this to finish, and
+    /// starts a new session.
+    pub(crate) async fn expire_session(&self, router_id: &str, connection: u64) {
+        let me = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        let claim = {
+            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            match sessions.get(router_id) {
+                Some(holder) if holder.connection != connection => return,
+                _ => {}
+            }
+            let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+            if kept.get(router_id).map(|k| k.connection) != Some(connection) {
+                return;
+            }
+            kept.remove(router_id);
+            self.metrics
+                .sessions_kept
+                .store(kept.len() as u64, Ordering::Relaxed);
+            drop(kept);
+            let ended = CancellationToken::new();
+            if let Some(holder) = sessions.insert(
+                router_id.to_string(),
+                Holder {
+                    connection: me,
+                    taken: CancellationToken::new(),
+                    ended: ended.clone(),
+                },
+            ) {
+                holder.taken.cancel();
+            }
+            ended.drop_guard()
+        };
+        match self.link.open(router_id.to_string(), true).await {
+            Ok((mut tx, _rx, _ack)) => {
+                let _ = session::send_now(&mut tx, session::router_goodbye()).await;
+                self.metrics
+                    .sessions_expired
+                    .fetch_add(1, Ordering::Relaxed);
+                info!(session = %router_id, "kept session expired");
+            }
+            Err(why) => warn!(session = %router_id, reason = %why, "kept session not ended"),
+        }
+        self.release(router_id, me);
+        drop(claim);
     }
 
     /// Whether the bootstrap listeners take one more PUBLISH from `source`.

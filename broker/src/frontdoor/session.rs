@@ -391,7 +391,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             // MQTT 5 keeps a session past the connection only with a Session
             // Expiry Interval; bootstrap sessions are always clean: a claimed
             // identity keeps nothing.
-            let expiry = properties
+            let mut expiry = properties
                 .as_ref()
                 .and_then(|p| p.session_expiry_interval)
                 .unwrap_or(0);
@@ -436,6 +436,11 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                         Some(shared.limits.max_packet_size.min(u32::MAX as usize) as u32);
                     if clean && expiry > 0 {
                         props.session_expiry_interval = Some(0);
+                    } else if !clean
+                        && u64::from(expiry) > shared.limits.max_session_expiry.as_secs()
+                    {
+                        props.session_expiry_interval =
+                            Some(shared.limits.max_session_expiry.as_secs() as u32);
                     }
                     // The longest keep-alive the idle limit allows, announced when
                     // the client asked for none or for more.
@@ -488,9 +493,6 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 &cut,
             )
             .await;
-            if !clean {
-                shared.keep_subscriptions(router_id.clone(), subscribed);
-            }
             // A newer connection of the same identity has claimed the session:
             // the router has dropped this connection's link, whatever ended it
             // here (the router's close, or a read error that came first).
@@ -501,16 +503,16 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     Err(SessionError::TakenOver)
                 }
                 // A DISCONNECT's Session Expiry Interval replaces the CONNECT's
-                // (MQTT 5 §3.14.2.2.2) in the Will's wait; the router's stored
-                // session is kept as before (rumqttd does not time expiry). One
-                // that would keep a session the CONNECT did not is not a valid
-                // DISCONNECT.
+                // (MQTT 5 §3.14.2.2.2), for the Will's wait and the session's.
+                // One that would keep a session the CONNECT did not is not a
+                // valid DISCONNECT.
                 Ok((_, Some(ends))) if expiry == 0 && ends > 0 => Err(SessionError::Violation(
                     DisconnectReasonCode::ProtocolError,
                     "Session Expiry Interval set by DISCONNECT after 0 at CONNECT".into(),
                 )),
                 Ok((reason, Some(ends))) => {
                     will_wait = Will::wait(will.as_ref(), clean, ends);
+                    expiry = ends;
                     Ok(reason)
                 }
                 Ok((reason, None)) => Ok(reason),
@@ -537,24 +539,46 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     Err(_) if taken_over => will_wait.is_zero(),
                     Err(_) => link_alive,
                 };
-            let will = will.filter(|_| publish_will);
-            match will {
-                Some(will) if !will_wait.is_zero() => {
-                    // The session keeps its claim while the Will waits: a newer
-                    // connection of the same identity takes it, which cancels the Will.
+            let mut will = will.filter(|_| publish_will);
+            // A session the router keeps waits for its identity to come
+            // back, with its delayed Will (only a kept session's Will waits,
+            // see `Will::wait`), until it expires. One taken over is the
+            // newer connection's.
+            let delayed = will.is_some() && !will_wait.is_zero();
+            if delayed && taken_over {
+                will = None;
+            }
+            if !clean && !taken_over {
+                let will = will.take_if(|_| delayed).map(|will| {
                     debug!(identity = %label, delay = ?will_wait, "will delayed");
                     let serial = match &kind {
                         ListenerKind::Service(cert) => Some((cert.serial.clone(), cert.not_after)),
                         _ => None,
                     };
-                    tokio::spawn(publish_will_later(
-                        shared.clone(),
-                        (router_id.clone(), connection, serial),
-                        will,
-                        will_wait,
-                        cut.clone(),
-                    ));
+                    (will, will_wait, serial)
+                });
+                // MQTT 3.1.1 names no expiry; MQTT 5's is the client's.
+                let lasts = match version {
+                    Version::V5 => Duration::from_secs(expiry.into()),
+                    _ => Duration::MAX,
                 }
+                .min(shared.limits.max_session_expiry);
+                let after = after_session(
+                    shared.clone(),
+                    (router_id.clone(), connection),
+                    will,
+                    lasts,
+                    cut.clone(),
+                );
+                shared.keep_session(
+                    router_id.clone(),
+                    connection,
+                    std::mem::take(&mut subscribed),
+                    after,
+                );
+            }
+            match will {
+                None if delayed => {}
                 Some(will) if !link_alive => {
                     // This connection's router link is gone: the front door's
                     // own link carries the Will.
@@ -637,42 +661,82 @@ pub(crate) fn router_goodbye() -> Packet {
     )
 }
 
-/// Publishes `will` after `delay` unless a newer connection of the same
-/// identity claims the session `router_id` first, the certificate with
-/// `serial` is revoked or expires (its notAfter passes) meanwhile, or the
-/// listeners stop.
-async fn publish_will_later(
+/// A Will that waits: the Will, its wait, and the serial and notAfter of
+/// the certificate of its connection (service listener).
+type DelayedWill = (Will, Duration, Option<(String, u64)>);
+
+/// What follows the last connection of a session the router keeps: its
+/// delayed Will, after its wait or when the session ends if that comes
+/// first, then the end of the session after `lasts`, both counted from
+/// now. A connection of the same identity that claims the session first
+/// cancels both (the Will's wait sees the claim, and the claim aborts this
+/// task); the broker stopping ends both.
+async fn after_session(
     shared: Arc<Shared>,
-    (router_id, connection, serial): (String, u64, Option<(String, u64)>),
+    (router_id, connection): (String, u64),
+    will: Option<DelayedWill>,
+    lasts: Duration,
+    cut: CancellationToken,
+) {
+    let start = tokio::time::Instant::now();
+    if let Some((will, wait, serial)) = will {
+        let ours = publish_will_later(
+            &shared,
+            (&router_id, connection, serial),
+            will,
+            wait.min(lasts),
+            &cut,
+        )
+        .await;
+        if !ours {
+            return;
+        }
+    }
+    tokio::select! {
+        _ = shared.stopping.cancelled() => return,
+        _ = tokio::time::sleep(lasts.saturating_sub(start.elapsed())) => {}
+    }
+    shared.expire_session(&router_id, connection).await;
+}
+
+/// Publishes `will` after `delay` unless a newer connection of the same
+/// identity claims the session `router_id` first (then returns false: the
+/// session is that connection's), the certificate with `serial` is revoked
+/// or expires (its notAfter passes) meanwhile, or the connection's `cut` is
+/// cancelled (the broker stops, the certificate is revoked).
+async fn publish_will_later(
+    shared: &Shared,
+    (router_id, connection, serial): (&str, u64, Option<(String, u64)>),
     will: Will,
     delay: Duration,
-    stop: CancellationToken,
-) {
-    let taken = shared.taken(&router_id, connection);
+    cut: &CancellationToken,
+) -> bool {
+    let taken = shared.taken(router_id, connection);
     tokio::select! {
-        _ = stop.cancelled() => {
-            shared.release(&router_id, connection);
-            debug!(session = %router_id, "delayed will dropped: stopping");
-            return;
+        _ = cut.cancelled() => {
+            shared.release(router_id, connection);
+            debug!(session = %router_id, "delayed will dropped: the broker stops or the certificate was revoked");
+            return true;
         }
         _ = taken.cancelled() => {
             debug!(session = %router_id, "delayed will cancelled: the identity reconnected");
-            return;
+            return false;
         }
         _ = tokio::time::sleep(delay) => {}
     }
-    shared.release(&router_id, connection);
+    shared.release(router_id, connection);
     let now = rustls::pki_types::UnixTime::now().as_secs();
     if let Some((serial, not_after)) = &serial {
         if shared.is_revoked(serial) || now > *not_after {
             info!(session = %router_id, "delayed will dropped: its certificate was revoked or expired");
-            return;
+            return true;
         }
     }
     debug!(session = %router_id, "publishing the delayed will");
-    if let Err(why) = publish_through_will_link(&shared, will).await {
+    if let Err(why) = publish_through_will_link(shared, will).await {
         warn!(session = %router_id, reason = %why, "delayed will not published");
     }
+    true
 }
 
 /// Sends a due Will through the front door's one Will link (router id

@@ -1624,6 +1624,14 @@ async fn a_disconnect_says_when_the_will_goes() {
         .await
         .unwrap();
     assert_eq!(will.payload, b"gone");
+    // The session ended with it.
+    let expired = || fleet.broker.metrics.get(|m| &m.sessions_expired);
+    eventually(T, "the session to end", || async {
+        (expired() == 1).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(fleet.broker.metrics.get(|m| &m.sessions_kept), 0);
     // A DISCONNECT with an error reason (0x80) keeps the Will: only 0x00
     // deletes it.
     let after = ended(
@@ -1657,6 +1665,98 @@ async fn a_disconnect_says_when_the_will_goes() {
         .await
         .unwrap();
     assert_eq!(will.payload, b"gone");
+}
+
+/// A session kept past its connection ends when its expiry passes with no
+/// connection of its identity: an MQTT 5 Session Expiry Interval cut to
+/// `max_session_expiry_secs` (the CONNACK says so), and an MQTT 3.1.1
+/// session with clean session 0 after that long. Until then it keeps what
+/// comes for it.
+#[tokio::test]
+async fn a_kept_session_ends_when_its_expiry_passes() {
+    let fleet = Fleet::start_tuned(|b| b.max_session_expiry_secs = 3, |_| {})
+        .await
+        .unwrap();
+    let observer = fleet.privileged("observer").await.unwrap();
+    let metric = |m: fn(&fleet_broker::frontdoor::Metrics) -> &std::sync::atomic::AtomicU64| {
+        fleet.broker.metrics.get(m)
+    };
+    let auth = certified(&fleet, "se1", "svcA");
+    let notices = "/tenants/svcA/fleet/v1/service/change/se1";
+    let kept = || {
+        let mut o = service_options(&fleet, "se1", &auth);
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(Some(3600));
+        o
+    };
+    let first = eventually(T, "svcA's CA to be trusted", || {
+        let o = kept();
+        async move { Probe5::connect(o).await.ok() }
+    })
+    .await
+    .unwrap();
+    assert!(!first.connack.session_present);
+    let granted = first.connack.properties.as_ref();
+    assert_eq!(granted.and_then(|p| p.session_expiry_interval), Some(3));
+    first.subscribe(notices).await.unwrap();
+    drop(first);
+    eventually(T, "the session to be kept", || async {
+        (metric(|m| &m.sessions_kept) == 1).then_some(())
+    })
+    .await
+    .unwrap();
+    observer
+        .publish(notices, b"while away".to_vec())
+        .await
+        .unwrap();
+    // Back within its expiry: the session, and what came for it.
+    let back = Probe5::connect(kept()).await.unwrap();
+    assert!(back.connack.session_present);
+    let kept_for_it = back.wait_for(notices, 1, T).await.unwrap();
+    assert_eq!(kept_for_it.payload, b"while away");
+    assert_eq!(metric(|m| &m.sessions_kept), 0);
+    drop(back);
+    // Away for longer: it ends.
+    eventually(T, "the session to expire", || async {
+        (metric(|m| &m.sessions_expired) == 1).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(metric(|m| &m.sessions_kept), 0);
+    let after = Probe5::connect(kept()).await.unwrap();
+    assert!(!after.connack.session_present);
+    after.client.disconnect().await.unwrap();
+    eventually(T, "the session to be kept again", || async {
+        (metric(|m| &m.sessions_kept) == 1).then_some(())
+    })
+    .await
+    .unwrap();
+    // MQTT 3.1.1 names no expiry: clean session 0 keeps it for
+    // max_session_expiry_secs.
+    let (chain, key) = certified(&fleet, "se2", "svcA");
+    let mut o = rumqttc::MqttOptions::new("se2", "localhost", fleet.service_addr().port());
+    o.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Simple {
+        ca: std::fs::read(fleet.certs_dir().join("root-ca.pem")).unwrap(),
+        alpn: None,
+        client_auth: Some((chain.clone(), key.clone())),
+    }));
+    o.set_clean_session(false);
+    let old = Probe::connect(o).await.unwrap();
+    old.subscribe("/tenants/svcA/fleet/v1/service/change/se2")
+        .await
+        .unwrap();
+    drop(old);
+    eventually(T, "both sessions to expire", || async {
+        (metric(|m| &m.sessions_expired) == 3).then_some(())
+    })
+    .await
+    .unwrap();
+    // Whatever version comes back finds no session.
+    let mut o = service_options(&fleet, "se2", &(chain, key));
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(60));
+    let back = Probe5::connect(o).await.unwrap();
+    assert!(!back.connack.session_present);
 }
 
 /// An MQTT 5 QoS 2 PUBLISH on the wire, with no properties.
