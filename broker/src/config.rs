@@ -154,7 +154,7 @@ impl BrokerConfig {
             builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
         }
         builder
-            .add_source(config::Environment::with_prefix("FLEET_BROKER").try_parsing(true))
+            .add_source(environment::<BrokerConfig>("FLEET_BROKER", "fleet-broker"))
             .build()?
             .try_deserialize()
     }
@@ -190,9 +190,114 @@ impl BrokerConfig {
     }
 }
 
+/// The config crate's source for the `{prefix}_*` environment variables
+/// that name a setting of `T`: the name after `{prefix}_`, in lower case,
+/// with `__` between a section and its key (`FLEET_BROKER__MAX_CONNECTIONS`
+/// is `broker.max_connections` for the manager). Any other `{prefix}_*`
+/// variable is left alone, and said so on standard error: it may be
+/// another program's (fleet-broker's `FLEET_BROKER_*` beside
+/// fleet-manager's `FLEET_*`, or the manager's `FLEET_BROKER_USERNAME`
+/// beside fleet-broker), or misspelt.
+pub fn environment<T: Serialize + Default>(prefix: &str, program: &str) -> config::Environment {
+    let vars = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+    let (settings, ignored) = settings_in::<T>(prefix, vars);
+    for name in ignored {
+        eprintln!("{program}: ignoring {name}: not one of its settings");
+    }
+    config::Environment::with_prefix(prefix)
+        .prefix_separator("_")
+        .separator("__")
+        .try_parsing(true)
+        .source(Some(settings))
+}
+
+/// Of `vars`, those [`environment`] takes, and the names of the other
+/// `{prefix}_*` ones.
+fn settings_in<T: Serialize + Default>(
+    prefix: &str,
+    vars: impl Iterator<Item = (String, String)>,
+) -> (config::Map<String, String>, Vec<String>) {
+    // Every field, set or not (JSON has `null` for an unset one).
+    let defaults = serde_json::to_value(T::default()).unwrap_or_default();
+    let is_setting = |key: &str| {
+        let mut at = &defaults;
+        for part in key.split("__") {
+            match at.get(part) {
+                Some(v) => at = v,
+                None => return false,
+            }
+        }
+        !at.is_object()
+    };
+    let start = format!("{prefix}_");
+    let (mut settings, mut ignored) = (config::Map::new(), Vec::new());
+    for (name, value) in vars {
+        let Some(key) = name.strip_prefix(&start) else {
+            continue;
+        };
+        if is_setting(&key.to_lowercase()) {
+            settings.insert(name, value);
+        } else {
+            ignored.push(name);
+        }
+    }
+    ignored.sort();
+    (settings, ignored)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_environment_s_own_settings_are_taken() {
+        let vars = [
+            ("FLEET_BROKER_MAX_CONNECTIONS", "5"),
+            ("FLEET_BROKER_METRICS_LISTEN", "127.0.0.1:9883"),
+            // The manager's, beside fleet-broker.
+            ("FLEET_BROKER_USERNAME", "fleet-manager"),
+            ("FLEET_BROKER_PASSWORD_FILE", "certs/internal.secret"),
+            ("FLEET_BROKER_MAX_CONECTIONS", "5"),
+            ("HOME", "/root"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let (taken, ignored) =
+            settings_in::<BrokerConfig>("FLEET_BROKER", vars.clone().into_iter());
+        let mut taken: Vec<_> = taken.into_keys().collect();
+        taken.sort();
+        assert_eq!(
+            taken,
+            [
+                "FLEET_BROKER_MAX_CONNECTIONS",
+                "FLEET_BROKER_METRICS_LISTEN"
+            ]
+        );
+        assert_eq!(
+            ignored,
+            [
+                "FLEET_BROKER_MAX_CONECTIONS",
+                "FLEET_BROKER_PASSWORD_FILE",
+                "FLEET_BROKER_USERNAME"
+            ]
+        );
+        let cfg: BrokerConfig = config::Config::builder()
+            .add_source(
+                config::Environment::with_prefix("FLEET_BROKER")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(Some(
+                        settings_in::<BrokerConfig>("FLEET_BROKER", vars.into_iter()).0,
+                    )),
+            )
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        assert_eq!(cfg.max_connections, 5);
+        assert_eq!(cfg.metrics_listen, Some("127.0.0.1:9883".parse().unwrap()));
+    }
 
     #[test]
     fn loads_toml_over_defaults() {

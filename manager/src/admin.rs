@@ -15,6 +15,7 @@
 //! | GET | `/v1/certificates/{serial}` | one certificate by serial (lowercase hex of whole bytes) |
 //! | GET | `/v1/revoked-certificates` | the certificates with status `revoked` (not superseded): serial, device_id, service_id, revoked_ms |
 
+use anyhow::Context as _;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -226,16 +227,15 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
         ("GET", ["v1", "health"]) => {
             let intake = &admin.core.intake;
             let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-            Ok(json!({
-                "ok": true,
-                "subscribed": *admin.subscribed.borrow(),
-                "requests": {
-                    "received": n(&intake.received),
-                    "waiting_bytes": intake.waiting(),
-                    "answered_busy": n(&intake.shed),
-                    "dropped": n(&intake.dropped),
-                },
-            }))
+            return health(
+                *admin.subscribed.borrow(),
+                [
+                    n(&intake.received),
+                    intake.waiting() as u64,
+                    n(&intake.shed),
+                    n(&intake.dropped),
+                ],
+            );
         }
         ("POST", ["v1", "providers"]) => match serde_json::from_slice::<ProviderIn>(body) {
             Ok(p) => {
@@ -379,6 +379,23 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
         Ok(v) => (200, v),
         Err((code, msg)) => (code, json!({ "error": msg })),
     }
+}
+
+/// `GET /v1/health`: `ok` (and HTTP 200, else 503) while the manager is
+/// subscribed at the broker, so that it hears devices; and its requests
+/// received, bytes waiting, answered busy and dropped.
+fn health(subscribed: bool, [received, waiting, busy, dropped]: [u64; 4]) -> (u16, Value) {
+    let report = json!({
+        "ok": subscribed,
+        "subscribed": subscribed,
+        "requests": {
+            "received": received,
+            "waiting_bytes": waiting,
+            "answered_busy": busy,
+            "dropped": dropped,
+        },
+    });
+    (if subscribed { 200 } else { 503 }, report)
 }
 
 fn internal(e: impl std::fmt::Display) -> (u16, String) {
@@ -526,8 +543,15 @@ pub async fn call(
         .map(serde_json::to_vec)
         .transpose()?
         .unwrap_or_default();
-    let mut stream =
-        tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr)).await??;
+    // `host:port`, as `admin_listen`; a URL's scheme is let go.
+    let addr = addr.trim_start_matches("http://").trim_end_matches('/');
+    let unreachable = || {
+        format!("the manager's admin API at {addr} (is `fleet-manager serve` running, with this admin_listen?)")
+    };
+    let mut stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+        .await
+        .with_context(unreachable)?
+        .with_context(unreachable)?;
     let head = format!(
         "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
@@ -544,4 +568,18 @@ pub async fn call(
     let value: Value = serde_json::from_str(body)?;
     anyhow::ensure!(status == "200", "{method} {path}: HTTP {status}: {value}");
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_is_ok_only_while_subscribed() {
+        let (status, report) = health(false, [5, 0, 1, 2]);
+        assert_eq!((status, &report["ok"]), (503, &json!(false)));
+        assert_eq!(report["requests"]["dropped"], 2);
+        let (status, report) = health(true, [5, 0, 1, 2]);
+        assert_eq!((status, &report["ok"]), (200, &json!(true)));
+    }
 }

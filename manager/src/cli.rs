@@ -30,10 +30,11 @@ pub enum Command {
         #[arg(long)]
         embedded_broker: bool,
     },
-    /// Create the development PKI if missing (root CA, broker certificate, signing key).
+    /// Create the development PKI if missing (root CA, broker certificate, signing key),
+    /// in --dir, else in the configuration's certs_dir.
     PkiInit {
-        #[arg(long, default_value = "certs")]
-        dir: PathBuf,
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// Print the configuration as TOML: the defaults, overridden by --config and FLEET_* variables.
     PrintConfig,
@@ -206,6 +207,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             let signal = shutdown.clone();
             tokio::spawn(async move {
                 fleet_broker::shutdown_signal().await;
+                tracing::info!("stopping");
                 signal.cancel();
             });
             crate::run(config, shutdown).await?;
@@ -214,10 +216,17 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             if let Some(broker) = broker {
                 broker.shut_down(fleet_broker::SHUTDOWN_WAIT).await;
             }
+            tracing::info!("stopped");
         }
         Command::PkiInit { dir } => {
+            let dir = match dir {
+                Some(dir) => dir,
+                None => ManagerConfig::load(cli.config.as_deref())?.certs_dir,
+            };
+            let existed = dir.join("root-ca.pem").exists();
             let pki = fleet_pki::Pki::open_or_create(&dir)?;
-            println!("PKI ready in {}", pki.dir().display());
+            let how = if existed { "already there" } else { "created" };
+            println!("PKI {how} in {}", pki.dir().display());
         }
         Command::PrintConfig => println!(
             "{}",

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 #[serde(default, deny_unknown_fields)]
 pub struct ManagerConfig {
     /// Broker the manager connects to as an MQTT client: `mqtt://host:port`.
-    /// With `serve --embedded-broker` it is the embedded broker's bootstrap listener.
+    /// With `serve --embedded-broker` it is not used: the manager connects
+    /// to the embedded broker's internal listener.
     pub broker_url: String,
     /// MQTT client id of the manager.
     pub client_id: String,
@@ -91,7 +92,8 @@ impl Default for ManagerConfig {
 
 impl ManagerConfig {
     /// Defaults, then `file` (TOML) if given, then `FLEET_*` variables
-    /// (`FLEET_ADMIN_LISTEN=127.0.0.1:9000`).
+    /// (`FLEET_ADMIN_LISTEN=127.0.0.1:9000`; the embedded broker's with
+    /// `__`: `FLEET_BROKER__METRICS_LISTEN=127.0.0.1:9883`).
     pub fn load(file: Option<&Path>) -> anyhow::Result<ManagerConfig> {
         let mut builder = config::Config::builder();
         if let Some(file) = file {
@@ -101,10 +103,15 @@ impl ManagerConfig {
                 .map_err(|e| config::ConfigError::Message(format!("{}: {e}", file.display())))?;
             builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
         }
-        let cfg: ManagerConfig = builder
-            .add_source(config::Environment::with_prefix("FLEET").try_parsing(true))
+        let mut cfg: ManagerConfig = builder
+            .add_source(fleet_broker::config::environment::<ManagerConfig>(
+                "FLEET",
+                "fleet-manager",
+            ))
             .build()?
             .try_deserialize()?;
+        // As `broker` says: shown as it is used.
+        cfg.broker.certs_dir = cfg.certs_dir.clone();
         cfg.validate()?;
         Ok(cfg)
     }

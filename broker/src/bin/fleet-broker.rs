@@ -14,7 +14,8 @@ struct Cli {
     /// TOML configuration file; FLEET_BROKER_* environment variables override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Print the default configuration and exit.
+    /// Print the configuration it would run with (the defaults, overridden by
+    /// --config and FLEET_BROKER_* variables) and exit.
     #[arg(long)]
     print_config: bool,
 }
@@ -28,18 +29,24 @@ struct Cli {
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> anyhow::Result<()> {
+    // Logs on standard error (the commands' output is on standard out), in
+    // colour only on a terminal. rustls's own warnings are about what a
+    // client sent (an IP address as SNI, say), which the front door
+    // already judges and logs.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
+                .unwrap_or_else(|_| "info,rumqttd=warn,rustls=error".into()),
         )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    let config = BrokerConfig::load(cli.config.as_deref())?;
     if cli.print_config {
-        println!("{}", toml::to_string_pretty(&BrokerConfig::default())?);
+        println!("{}", toml::to_string_pretty(&config)?);
         return Ok(());
     }
-    let config = BrokerConfig::load(cli.config.as_deref())?;
     let running = fleet_broker::start(&config)?;
     let show =
         |a: Option<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
@@ -59,7 +66,9 @@ fn main() -> anyhow::Result<()> {
         .build()?
         .block_on(async {
             fleet_broker::shutdown_signal().await;
+            tracing::info!("stopping: telling every client");
             running.shut_down(fleet_broker::SHUTDOWN_WAIT).await;
+            tracing::info!("stopped");
         });
     Ok(())
 }

@@ -29,8 +29,11 @@ struct Cli {
     /// csr (the device keeps its key) or manager (the manager generates it).
     #[arg(long, default_value = "csr")]
     key_mode: KeyMode,
-    #[arg(long, default_value = "certs")]
-    certs: PathBuf,
+    /// The PKI (made if missing); by default one of the run's own, under
+    /// its directory in --data, so that the demo touches nothing a
+    /// `fleet-manager serve` beside it uses.
+    #[arg(long)]
+    certs: Option<PathBuf>,
     #[arg(long, default_value = "fleet-data")]
     data: PathBuf,
     /// Seconds to wait for each phase.
@@ -54,10 +57,11 @@ async fn main() -> anyhow::Result<()> {
     let within = Duration::from_secs(cli.timeout);
     let run_dir = cli.data.join(format!("demo-{}", fleet_protocol::now_ms()));
     std::fs::create_dir_all(&run_dir)?;
+    let certs = cli.certs.clone().unwrap_or_else(|| run_dir.join("certs"));
 
     phase(1, "PKI, broker and manager");
-    let created = !cli.certs.join("root-ca.pem").exists();
-    let pki = fleet_pki::Pki::open_or_create(&cli.certs).context("creating the development PKI")?;
+    let created = !certs.join("root-ca.pem").exists();
+    let pki = fleet_pki::Pki::open_or_create(&certs).context("creating the development PKI")?;
     println!(
         "PKI in {} ({})",
         pki.dir().display(),
@@ -67,7 +71,7 @@ async fn main() -> anyhow::Result<()> {
         internal_listen: "127.0.0.1:0".parse()?,
         bootstrap_tls_listen: Some("127.0.0.1:0".parse()?),
         service_listen: Some("127.0.0.1:0".parse()?),
-        certs_dir: cli.certs.clone(),
+        certs_dir: certs.clone(),
         ..Default::default()
     })?;
     let service_addr = broker.service_addr.context("service listener")?;
@@ -82,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
         broker_username: Some(broker.manager_credentials.0.clone()),
         broker_password: Some(broker.manager_credentials.1.clone()),
         data_dir: run_dir.join("manager"),
-        certs_dir: cli.certs.clone(),
+        certs_dir: certs.clone(),
         admin_listen: "127.0.0.1:0".parse()?,
         ..Default::default()
     };
@@ -114,15 +118,19 @@ async fn main() -> anyhow::Result<()> {
     fleet_manager::admin::call(&admin, "POST", "/v1/registrations", Some(&json!(regs))).await?;
     println!("{} devices registered with their factory keys", ids.len());
 
+    let keys = match cli.key_mode {
+        KeyMode::Csr => "each device makes its key and sends a CSR",
+        KeyMode::ManagerGenerated => "the manager makes each device's key pair",
+    };
     phase(
         3,
-        "power on: activate, get a certificate, connect over mutual TLS",
+        &format!("power on: activate, get a certificate ({keys}), connect over mutual TLS"),
     );
     let started = Instant::now();
     for id in &ids {
         let mut cfg = devices.config_for(
             &fleet_testkit::DeviceEndpoints::of(&broker),
-            &cli.certs,
+            &certs,
             id,
             cli.key_mode,
         );

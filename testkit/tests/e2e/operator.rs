@@ -25,6 +25,15 @@ async fn cli(args: &[&str]) -> Vec<serde_json::Value> {
 async fn operator_commands_reach_the_running_manager() {
     let fleet = Fleet::start().await.unwrap();
     let admin = fleet.admin();
+    // Subscribed at the broker: healthy (HTTP 200, which `call` requires).
+    let health = fleet_manager::admin::call(&admin, "GET", "/v1/health", None)
+        .await
+        .unwrap();
+    assert_eq!(health["ok"], true);
+    // The address as a URL, too.
+    let url = format!("http://{admin}/");
+    let summary = fleet_manager::admin::call(&url, "GET", "/v1/summary", None).await;
+    assert!(summary.is_ok(), "{summary:?}");
     let devices = Devices::new(fleet.dir.path().join("devices"));
     let mut lines = String::new();
     for id in ["op1", "op2"] {
