@@ -116,8 +116,11 @@ pub struct MosquittoFiles {
     pub crlfile: String,
 }
 
+/// `p` as an absolute path: mosquitto may run from another directory
+/// (systemd starts it in `/`). Whether `p` exists yet or not.
 fn abs(p: &Path) -> String {
     std::fs::canonicalize(p)
+        .or_else(|_| std::path::absolute(p))
         .unwrap_or_else(|_| p.to_path_buf())
         .display()
         .to_string()
@@ -483,6 +486,45 @@ pub fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A configuration written for a directory not made yet, named
+    /// relatively, names its files by absolute path all the same.
+    #[test]
+    fn files_are_named_by_absolute_path_before_they_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        fleet_pki::Pki::open_or_create(&certs).unwrap();
+        let addr = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        let p = MosquittoParams {
+            internal: addr(1883),
+            bootstrap_tls: addr(8884),
+            service: addr(8883),
+            certs_dir: certs,
+            out_dir: PathBuf::from("not-made-yet/mq"),
+            user: "nobody".into(),
+        };
+        let files = render(&p, &[]).unwrap();
+        for conf in [&files.conf, &files.bootstrap_conf] {
+            for line in conf.lines() {
+                let Some((key, value)) = line.split_once(' ') else {
+                    continue;
+                };
+                if [
+                    "acl_file",
+                    "password_file",
+                    "cafile",
+                    "crlfile",
+                    "certfile",
+                    "keyfile",
+                ]
+                .contains(&key)
+                {
+                    assert!(value.starts_with('/'), "{line}");
+                }
+            }
+        }
+        assert!(!Path::new("not-made-yet").exists());
+    }
 
     /// The bridge's secret is made once and kept; the password file holds
     /// the manager and the bridge, and a new manager secret keeps the

@@ -290,7 +290,8 @@ impl Device {
                         status: failure.error.status(),
                         error: failure.error.to_string(),
                     });
-                    if failure.error.is_final() {
+                    let recovered = self.recover(&failure.error).await;
+                    if failure.error.is_final() && !recovered {
                         warn!(stage = failure.stage, error = %failure.error, "device stopped");
                         return Err(failure);
                     }
@@ -302,6 +303,47 @@ impl Device {
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
+            }
+        }
+    }
+
+    /// What the device does when the fleet has moved on without it
+    /// (topics.md §10.1, steps 7 and 8):
+    /// - its service refused its certificate for good (revoked, expired,
+    ///   not granted): it drops that certificate, and its next pass asks for
+    ///   another with `update` on the bootstrap listener;
+    /// - the manager answered `not_registered`: an operator's reset ended
+    ///   its activation, so it drops the activation and its certificate and
+    ///   activates again.
+    ///
+    /// Returns whether it dropped anything (then the next pass starts over).
+    async fn recover(&mut self, error: &DeviceError) -> bool {
+        let service_id = self.state().service_id;
+        let dropped = match error {
+            DeviceError::Link(LinkError::CertificateRefused(why)) => {
+                let Some(svc) = service_id else { return false };
+                warn!(service_id = %svc, reason = %why, "the service refused the certificate; asking for another");
+                self.with_store(move |s| s.forget_service_credentials(&svc))
+                    .await
+            }
+            e if e.status() == Some(Status::NotRegistered) => {
+                warn!("the activation has ended (an operator's reset); activating again");
+                self.with_store(move |s| {
+                    if let Some(svc) = service_id {
+                        s.forget_service_credentials(&svc)?;
+                    }
+                    s.forget_activation()
+                })
+                .await
+            }
+            _ => return false,
+        };
+        self.service_tls = None;
+        match dropped {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, "credentials not dropped");
+                false
             }
         }
     }

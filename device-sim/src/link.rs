@@ -45,6 +45,38 @@ pub enum LinkError {
     Client(#[from] rumqttc::ClientError),
     #[error("TLS configuration: {0}")]
     Tls(String),
+    /// The server refused the client certificate with a TLS alert that
+    /// says it will not take it again (revoked, expired, not granted, bad).
+    #[error("certificate refused: {0}")]
+    CertificateRefused(String),
+}
+
+/// The TLS alert in `e`'s chain by which a server refuses a client
+/// certificate for good, if there is one: a retry with the same
+/// certificate would be refused again. An unknown CA is not among them:
+/// a broker takes a new service's CA some time after its first
+/// certificate is issued.
+fn certificate_refusal(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    use rustls::AlertDescription as A;
+    let mut at = Some(e);
+    while let Some(err) = at {
+        if let Some(rustls::Error::AlertReceived(alert)) = err.downcast_ref::<rustls::Error>() {
+            if matches!(
+                alert,
+                A::CertificateRevoked | A::CertificateExpired | A::AccessDenied | A::BadCertificate
+            ) {
+                return Some(format!("TLS alert {alert:?}"));
+            }
+        }
+        at = match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    None
 }
 
 /// A received PUBLISH.
@@ -60,6 +92,8 @@ enum LinkEvent {
     SubAck(Vec<SubscribeReasonCode>),
     Publish(Message),
     Closed(Option<String>),
+    /// See [`LinkError::CertificateRefused`].
+    CertificateRefused(String),
 }
 
 /// How to reach a listener.
@@ -177,7 +211,11 @@ async fn poll_events(mut eventloop: EventLoop, tx: mpsc::Sender<LinkEvent>) {
             Ok(_) => continue,
             Err(e) => {
                 debug!(error = %e, "connection ended");
-                let _ = tx.send(LinkEvent::Closed(Some(e.to_string()))).await;
+                let event = match certificate_refusal(&e) {
+                    Some(why) => LinkEvent::CertificateRefused(why),
+                    None => LinkEvent::Closed(Some(e.to_string())),
+                };
+                let _ = tx.send(event).await;
                 return;
             }
         };
@@ -222,6 +260,9 @@ impl Link {
                     reason.unwrap_or_else(|| "closed".into()),
                 ))
             }
+            Ok(Some(LinkEvent::CertificateRefused(why))) => {
+                return Err(LinkError::CertificateRefused(why))
+            }
             Ok(Some(other)) => {
                 return Err(LinkError::Connection(format!(
                     "expected CONNACK, got {other:?}"
@@ -262,6 +303,9 @@ impl Link {
                             reason.unwrap_or_else(|| "closed".into()),
                         ))
                     }
+                    Ok(Some(LinkEvent::CertificateRefused(why))) => {
+                        return Err(LinkError::CertificateRefused(why))
+                    }
                     Ok(Some(LinkEvent::ConnAck)) => {}
                 }
             }
@@ -296,6 +340,9 @@ impl Link {
             match self.rx.recv().await {
                 Some(LinkEvent::Publish(m)) => return Ok(m),
                 Some(LinkEvent::Closed(Some(reason))) => return Err(LinkError::Connection(reason)),
+                Some(LinkEvent::CertificateRefused(why)) => {
+                    return Err(LinkError::CertificateRefused(why))
+                }
                 Some(LinkEvent::Closed(None)) | None => return Err(LinkError::Closed),
                 Some(LinkEvent::ConnAck | LinkEvent::SubAck(_)) => {}
             }

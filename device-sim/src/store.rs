@@ -293,6 +293,31 @@ impl Store {
         write_atomic(&chain_path, &pem)
     }
 
+    /// Drops the chain and key for `service_id` (the chain first: a key
+    /// alone is never taken for credentials), if stored.
+    pub fn forget_service_credentials(&self, service_id: &str) -> Result<(), StoreError> {
+        let (key_path, chain_path) = self.service_paths(service_id)?;
+        for path in [&chain_path, &key_path] {
+            match fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io_err(path)(e));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the activation (UUID and service id) after an operator's
+    /// reset ended it: the device activates again, without a service id,
+    /// and is given its registered service (topics.md §7.1).
+    pub fn forget_activation(&mut self) -> Result<(), StoreError> {
+        self.update_state(|s| {
+            s.uuid = None;
+            s.service_id = None;
+        })
+    }
+
     /// The key and chain for `service_id`, if stored.
     pub fn service_credentials(
         &self,

@@ -202,6 +202,8 @@ pub struct Core {
     refusals_logged: Mutex<LogPace>,
     /// The same for requests answered `busy`.
     shed_logged: Mutex<LogPace>,
+    /// The same for devices' `status` reports, at INFO.
+    statuses_logged: Mutex<LogPace>,
 }
 
 /// The request queue's counters, shown by `GET /v1/health`.
@@ -262,9 +264,22 @@ impl LogPace {
     /// the second that ended, if any, and says whether to log this one at
     /// WARN.
     pub(crate) fn loud(&mut self, what: &str) -> bool {
+        self.paced(what, tracing::Level::WARN)
+    }
+
+    /// The same for what is logged at INFO.
+    pub(crate) fn loud_info(&mut self, what: &str) -> bool {
+        self.paced(what, tracing::Level::INFO)
+    }
+
+    fn paced(&mut self, what: &str, level: tracing::Level) -> bool {
         let (loud, quieted) = self.note(std::time::Instant::now());
         if quieted > 0 {
-            warn!(quieted, "{what} at debug level in the last second");
+            if level == tracing::Level::WARN {
+                warn!(quieted, "{what} at debug level in the last second");
+            } else {
+                info!(quieted, "{what} at debug level in the last second");
+            }
         }
         loud
     }
@@ -327,6 +342,7 @@ impl Core {
             refused_unchecked: Mutex::new(HashMap::new()),
             refusals_logged: Mutex::new(LogPace::new(std::time::Instant::now())),
             shed_logged: Mutex::new(LogPace::new(std::time::Instant::now())),
+            statuses_logged: Mutex::new(LogPace::new(std::time::Instant::now())),
             pending_crls: Mutex::new(Default::default()),
             crl_writer: Mutex::new(()),
             grants_dirty: Mutex::new(Default::default()),
@@ -345,7 +361,7 @@ impl Core {
         let parsed = match Topic::parse(topic) {
             Ok(t) => t,
             Err(err) => {
-                warn!(topic, error = %err, "message on an unknown topic dropped");
+                warn!(topic, error = ?err.to_string(), "message on an unknown topic dropped");
                 return Vec::new();
             }
         };
@@ -540,9 +556,9 @@ impl Core {
             .unwrap_or_else(|p| p.into_inner())
             .loud("refused requests logged");
         if loud {
-            warn!(status = %f.status, detail = %f.detail, "request refused");
+            warn!(status = %f.status, detail = ?f.detail, "request refused");
         } else {
-            debug!(status = %f.status, detail = %f.detail, "request refused");
+            debug!(status = %f.status, detail = ?f.detail, "request refused");
         }
         let reply = Reply {
             device_id: device_id.to_owned(),
@@ -1107,7 +1123,18 @@ impl Core {
         };
         let mut after = After::default();
         let now = now_ms();
-        info!(event = %req.body.event, detail = ?req.body.detail, "device status");
+        // The device's words, quoted (a newline or an escape sequence in
+        // them cannot forge a log line), at INFO up to 20 a second.
+        let loud = self
+            .statuses_logged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .loud_info("device statuses logged");
+        if loud {
+            info!(event = ?req.body.event, detail = ?req.body.detail, "device status");
+        } else {
+            debug!(event = ?req.body.event, detail = ?req.body.detail, "device status");
+        }
         match req.body.event.as_str() {
             // From the tenant of the current service only: a device that
             // moved may still report from its old tenant (where it asked
@@ -2063,6 +2090,49 @@ mod tests {
     /// `online` confirms the new service, and retires the certificates it
     /// replaced, only from the new tenant: the same report from the old
     /// tenant, over the old certificate, is answered and changes nothing.
+    #[test]
+    fn a_status_cannot_forge_a_log_line() {
+        let (_dir, core) = core();
+        let uuid = activated(&core, "d1");
+        assert_eq!(update(&core, "d1", "svcA", None, &uuid).status, Status::Ok);
+        #[derive(Clone, Default)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let body = StatusReport {
+            device_id: "d1".into(),
+            service_id: "svcA".into(),
+            nonce: crypto::random_bytes(16),
+            ts: now_ms(),
+            event: "x\nERROR forged by the device \u{1b}[2J".into(),
+            change_id: None,
+            detail: None,
+        };
+        let env = Envelope::build(Kind::Status, &body, |tbs| crypto::hmac(&uuid, tbs)).unwrap();
+        let topic = Topic::in_tenant("svcA", Route::Request(RequestKind::Status, "d1".into()));
+        tracing::subscriber::with_default(subscriber, || ask(&core, &topic, env.encode()));
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("device status"), "{text}");
+        assert!(
+            !text.lines().any(|l| l.starts_with("ERROR forged")),
+            "{text}"
+        );
+        assert!(!text.contains('\u{1b}'), "{text}");
+    }
+
     #[test]
     fn online_from_the_old_tenant_confirms_nothing() {
         let (_dir, core) = core();

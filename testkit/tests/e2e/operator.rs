@@ -214,6 +214,49 @@ async fn reset_lets_a_device_activate_again_with_a_new_uuid() {
         .any(|a| a.action == "reset" && a.device_id.as_deref() == Some("rst1")));
 }
 
+/// A running device that an operator resets comes back by itself
+/// (topics.md §10.1, steps 7 and 8): its service refuses its revoked
+/// certificate, so it asks for another; the manager answers `not_registered`,
+/// so it activates again, and connects with a new certificate.
+#[tokio::test]
+async fn a_running_device_that_is_reset_activates_again_and_comes_back() {
+    let fleet = Fleet::start().await.unwrap();
+    let devices = Devices::new(fleet.dir.path().join("devices"));
+    devices.provision(&fleet, "rst2", "svcA").await.unwrap();
+    let task = devices.spawn(devices.config(&fleet, "rst2", KeyMode::Csr));
+    devices
+        .wait_event("rst2", T, "connected", |e| {
+            matches!(e, DeviceEvent::Connected { .. })
+        })
+        .await
+        .unwrap();
+    let before = fleet.core().store.device("rst2").unwrap().unwrap();
+    cli(&["reset", "--admin", &fleet.admin(), "rst2"]).await;
+    fleet_testkit::eventually(T, "rst2 activated and connected again", || {
+        let events = devices.events_of("rst2");
+        let last = |f: fn(&DeviceEvent) -> bool| events.iter().rposition(f);
+        let activated = events
+            .iter()
+            .filter(|e| matches!(e, DeviceEvent::Activated { .. }))
+            .count();
+        let back = activated == 2
+            && last(|e| matches!(e, DeviceEvent::Connected { .. }))
+                > last(|e| matches!(e, DeviceEvent::Activated { .. }));
+        async move { back.then_some(()) }
+    })
+    .await
+    .unwrap();
+    let after = fleet.core().store.device("rst2").unwrap().unwrap();
+    assert_ne!(after.uuid, before.uuid);
+    assert_ne!(after.current_cert, before.current_cert);
+    assert_eq!(after.service_id, "svcA");
+    let refused = devices.events_of("rst2").into_iter().any(|e| {
+        matches!(e, DeviceEvent::Failed { ref error, .. } if error.contains("certificate refused"))
+    });
+    assert!(refused, "{:?}", devices.events_of("rst2"));
+    assert!(!task.is_finished());
+}
+
 #[tokio::test]
 async fn a_device_offline_during_its_change_catches_up_when_it_returns() {
     let mut fleet = Fleet::start().await.unwrap();
