@@ -46,6 +46,10 @@ pub const MAX_REPUBLISH: u32 = 3;
 pub const MAX_BUSY_RETRIES: u32 = 5;
 /// How long a pass may finish its work after shutdown before it is dropped.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// How long a request left unanswered when its connection ended is sent
+/// again as it is by the next attempt: well inside the manager's clock
+/// window (`MAX_CLOCK_SKEW_MS`), past which it would be `stale`.
+const RESEND_WITHIN: Duration = Duration::from_secs(60);
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 
@@ -202,6 +206,13 @@ pub(crate) struct Device {
     /// The service certificate's chain (PEM) and the TLS configuration
     /// built for it, kept so that reconnecting resumes the TLS session.
     service_tls: Option<(Vec<u8>, Arc<rustls::ClientConfig>)>,
+    /// A request whose reply had not come when its connection ended, with
+    /// its topic and when it was built. The next attempt on that topic
+    /// publishes the same bytes (topics.md §10.1, step 6), so the manager
+    /// answers it from its reply cache rather than carrying out a second
+    /// request: a second certificate for one update, or `already_active`
+    /// for an activation that went through.
+    unanswered: Mutex<Option<(String, Instant, Arc<Prepared>)>>,
 }
 
 impl Device {
@@ -236,6 +247,7 @@ impl Device {
             telemetry_seq: 0,
             established: false,
             service_tls: None,
+            unanswered: Mutex::new(None),
         })
     }
 
@@ -460,6 +472,35 @@ impl Device {
         })
     }
 
+    /// The request left unanswered on `topic` by the last connection, if
+    /// it is recent enough to send again.
+    fn unanswered_on(&self, topic: &Topic) -> Option<(Arc<Prepared>, Instant)> {
+        let topic = topic.to_string();
+        let mut held = self.unanswered.lock().expect("unanswered lock poisoned");
+        match held.take() {
+            Some((t, built, req)) if t == topic && built.elapsed() < RESEND_WITHIN => {
+                debug!(kind = %req.kind, "the request left unanswered, sent again as it was");
+                Some((req, built))
+            }
+            _ => None,
+        }
+    }
+
+    /// [`Device::exchange`], keeping `req` for the next attempt until a
+    /// reply comes.
+    async fn exchange_kept(
+        &self,
+        link: &mut Link,
+        topic: &Topic,
+        (req, built): (Arc<Prepared>, Instant),
+    ) -> Result<Reply, DeviceError> {
+        *self.unanswered.lock().expect("unanswered lock poisoned") =
+            Some((topic.to_string(), built, req.clone()));
+        let reply = self.exchange(link, topic, &req).await?;
+        *self.unanswered.lock().expect("unanswered lock poisoned") = None;
+        Ok(reply)
+    }
+
     async fn activate(&self, link: &mut Link) -> Result<(), DeviceError> {
         let topic = Topic::bootstrap(Route::Request(RequestKind::Activate, self.id.clone()));
         let mut busy = 0;
@@ -471,8 +512,18 @@ impl Device {
                 .expect("store lock poisoned")
                 .factory_key()
                 .clone();
-            let req = blocking(move || requests::build_activate(&id, svc.as_deref(), &key)).await?;
-            let reply = self.exchange(link, &topic, &req).await?;
+            let req = match self.unanswered_on(&topic) {
+                Some(again) => again,
+                None => (
+                    Arc::new(
+                        blocking(move || requests::build_activate(&id, svc.as_deref(), &key))
+                            .await?,
+                    ),
+                    Instant::now(),
+                ),
+            };
+            let reply = self.exchange_kept(link, &topic, req.clone()).await?;
+            let req = req.0;
             match finish_activate(&reply, &req, &self.id) {
                 Ok(act) => {
                     let service_id = act.service_id.clone();
@@ -518,8 +569,18 @@ impl Device {
         let mut busy = 0;
         loop {
             let (id, svc, uuid) = (self.id.clone(), service_id.to_owned(), uuid.clone());
-            let req = blocking(move || requests::build_update(&id, &svc, &uuid, key_mode)).await?;
-            let reply = self.exchange(link, &topic, &req).await?;
+            let req = match self.unanswered_on(&topic) {
+                Some(again) => again,
+                None => (
+                    Arc::new(
+                        blocking(move || requests::build_update(&id, &svc, &uuid, key_mode))
+                            .await?,
+                    ),
+                    Instant::now(),
+                ),
+            };
+            let reply = self.exchange_kept(link, &topic, req.clone()).await?;
+            let req = req.0;
             let (id, svc, root) = (self.id.clone(), service_id.to_owned(), self.root_ca.clone());
             let finished = blocking(move || {
                 finish_update(&reply, &req, &id, &svc, &root).map_err(DeviceError::from)

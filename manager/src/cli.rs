@@ -261,6 +261,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             devices,
         } => {
             let admin = admin_of(admin)?;
+            let from_service = from.clone();
             let body = ChangeIn {
                 devices,
                 from_service: from,
@@ -269,15 +270,18 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
                 application,
                 endpoint,
             };
-            print(
-                call(
-                    &admin,
-                    "POST",
-                    "/v1/service-change",
-                    Some(&serde_json::to_value(body)?),
-                )
-                .await?,
-            );
+            let answer = call(
+                &admin,
+                "POST",
+                "/v1/service-change",
+                Some(&serde_json::to_value(body)?),
+            )
+            .await?;
+            let none = answer["results"].as_array().is_some_and(|r| r.is_empty());
+            if let (true, Some(from)) = (none, from_service) {
+                eprintln!("fleet-manager: no device is on service {from}");
+            }
+            print(answer);
         }
         Command::Show { admin, device } => {
             let admin = admin_of(admin)?;

@@ -257,6 +257,45 @@ async fn a_running_device_that_is_reset_activates_again_and_comes_back() {
     assert!(!task.is_finished());
 }
 
+/// A request whose reply a device never saw is sent again as it was on
+/// the next connection (topics.md §10.1, step 6): an activation the
+/// manager carries out while the device has given up waiting is answered
+/// from the reply cache, not refused `already_active` as a second one.
+#[tokio::test]
+async fn an_activation_sent_again_after_a_lost_reply_is_answered_once() {
+    let mut fleet = Fleet::start().await.unwrap();
+    let devices = Devices::new(fleet.dir.path().join("devices"));
+    devices.provision(&fleet, "lost1", "svcA").await.unwrap();
+    let mut cfg = devices.config(&fleet, "lost1", KeyMode::Csr);
+    cfg.request_timeout = Duration::from_millis(300);
+    // No manager: the device's activations go unanswered; the broker keeps
+    // them for the manager's session.
+    fleet.stop_manager().await;
+    let task = devices.spawn(cfg);
+    fleet_testkit::eventually(T, "two passes without a reply", || {
+        let unanswered = devices
+            .events_of("lost1")
+            .iter()
+            .filter(|e| matches!(e, DeviceEvent::Failed { stage, .. } if stage == "activate"))
+            .count();
+        async move { (unanswered >= 2).then_some(()) }
+    })
+    .await
+    .unwrap();
+    fleet.start_manager().await.unwrap();
+    devices
+        .wait_event("lost1", T, "connected", |e| {
+            matches!(e, DeviceEvent::Connected { .. })
+        })
+        .await
+        .unwrap();
+    let refused = devices.events_of("lost1").into_iter().any(
+        |e| matches!(e, DeviceEvent::Failed { status: Some(status), .. } if status != Status::Busy),
+    );
+    assert!(!refused, "{:?}", devices.events_of("lost1"));
+    assert!(!task.is_finished());
+}
+
 #[tokio::test]
 async fn a_device_offline_during_its_change_catches_up_when_it_returns() {
     let mut fleet = Fleet::start().await.unwrap();
