@@ -5,9 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fleet_device_sim::{
-    provision_fleet, run_fleet, DeviceConfig, DeviceEvent, Endpoint, FleetConfig, KeyMode,
-};
+use fleet_device_sim::{provision_fleet, run_fleet, DeviceConfig, Endpoint, FleetConfig, KeyMode};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -129,13 +127,10 @@ async fn main() -> anyhow::Result<()> {
             tokio::spawn(cancel_on_signal(shutdown.clone()));
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
             let logger = tokio::spawn(async move {
+                // At DEBUG: each device logs what happens to it itself (at
+                // INFO, failures at WARN); these are the same facts as events.
                 while let Some((device_id, event)) = rx.recv().await {
-                    match event {
-                        DeviceEvent::Telemetry { .. } => {
-                            tracing::debug!(%device_id, ?event, "event")
-                        }
-                        _ => tracing::info!(%device_id, ?event, "event"),
-                    }
+                    tracing::debug!(%device_id, ?event, "event");
                 }
             });
             let report = run_fleet(cfg, tx, shutdown).await.context("fleet")?;
