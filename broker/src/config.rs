@@ -233,7 +233,12 @@ fn settings_in<T: Serialize + Default>(
     let start = format!("{prefix}_");
     let (mut settings, mut ignored) = (config::Map::new(), Vec::new());
     for (name, value) in vars {
-        let Some(key) = name.strip_prefix(&start) else {
+        // The prefix in any case, as the config crate takes it.
+        let Some(key) = name
+            .get(..start.len())
+            .filter(|p| p.eq_ignore_ascii_case(&start))
+            .map(|_| &name[start.len()..])
+        else {
             continue;
         };
         if is_setting(&key.to_lowercase()) {
@@ -259,6 +264,7 @@ mod tests {
             ("FLEET_BROKER_USERNAME", "fleet-manager"),
             ("FLEET_BROKER_PASSWORD_FILE", "certs/internal.secret"),
             ("FLEET_BROKER_MAX_CONECTIONS", "5"),
+            ("fleet_broker_max_idle_secs", "60"),
             ("HOME", "/root"),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string()));
@@ -270,7 +276,8 @@ mod tests {
             taken,
             [
                 "FLEET_BROKER_MAX_CONNECTIONS",
-                "FLEET_BROKER_METRICS_LISTEN"
+                "FLEET_BROKER_METRICS_LISTEN",
+                "fleet_broker_max_idle_secs"
             ]
         );
         assert_eq!(
@@ -296,6 +303,7 @@ mod tests {
             .try_deserialize()
             .unwrap();
         assert_eq!(cfg.max_connections, 5);
+        assert_eq!(cfg.max_idle_secs, 60);
         assert_eq!(cfg.metrics_listen, Some("127.0.0.1:9883".parse().unwrap()));
     }
 

@@ -47,9 +47,12 @@ pub const MAX_BUSY_RETRIES: u32 = 5;
 /// How long a pass may finish its work after shutdown before it is dropped.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// How long a request left unanswered when its connection ended is sent
-/// again as it is by the next attempt: well inside the manager's clock
+/// again as it is by the next attempt: within half the manager's clock
 /// window (`MAX_CLOCK_SKEW_MS`), past which it would be `stale`.
-const RESEND_WITHIN: Duration = Duration::from_secs(60);
+const RESEND_WITHIN: Duration = Duration::from_millis(fleet_protocol::MAX_CLOCK_SKEW_MS / 2);
+/// Refusals of a service certificate in a row after which the device asks
+/// for another (topics.md §10.1, step 7).
+pub const REFUSALS_TO_RENEW: u32 = 3;
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 
@@ -213,6 +216,12 @@ pub(crate) struct Device {
     /// request: a second certificate for one update, or `already_active`
     /// for an activation that went through.
     unanswered: Mutex<Option<(String, Instant, Arc<Prepared>)>>,
+    /// Refusals of the current service certificate in a row (see
+    /// [`Device::recover`]).
+    refusals: u32,
+    /// The service refused the certificate often enough: the next pass gets
+    /// another with `update`, and keeps this one until it has.
+    renew: bool,
 }
 
 impl Device {
@@ -248,6 +257,8 @@ impl Device {
             established: false,
             service_tls: None,
             unanswered: Mutex::new(None),
+            refusals: 0,
+            renew: false,
         })
     }
 
@@ -321,25 +332,29 @@ impl Device {
 
     /// What the device does when the fleet has moved on without it
     /// (topics.md §10.1, steps 7 and 8):
-    /// - its service refused its certificate for good (revoked, expired,
-    ///   not granted): it drops that certificate, and its next pass asks for
-    ///   another with `update` on the bootstrap listener;
+    /// - its service refused its certificate [`REFUSALS_TO_RENEW`] times in
+    ///   a row (revoked, expired, not granted): its next pass asks for
+    ///   another with `update` on the bootstrap listener, and it keeps this
+    ///   one until the new one has come (a refusal may pass, or be forged);
     /// - the manager answered `not_registered`: an operator's reset ended
     ///   its activation, so it drops the activation and its certificate and
     ///   activates again.
     ///
-    /// Returns whether it dropped anything (then the next pass starts over).
+    /// Returns whether it starts over (then the error is not final).
     async fn recover(&mut self, error: &DeviceError) -> bool {
         let service_id = self.state().service_id;
         let dropped = match error {
             DeviceError::Link(LinkError::CertificateRefused(why)) => {
-                let Some(svc) = service_id else { return false };
-                warn!(service_id = %svc, reason = %why, "the service refused the certificate; asking for another");
-                self.with_store(move |s| s.forget_service_credentials(&svc))
-                    .await
+                self.refusals += 1;
+                if self.refusals >= REFUSALS_TO_RENEW && !self.renew {
+                    warn!(service_id = ?service_id, reason = %why, refusals = self.refusals, "the service refuses the certificate; asking for another");
+                    self.renew = true;
+                }
+                return true;
             }
             e if e.status() == Some(Status::NotRegistered) => {
                 warn!("the activation has ended (an operator's reset); activating again");
+                self.renew = false;
                 self.with_store(move |s| {
                     if let Some(svc) = service_id {
                         s.forget_service_credentials(&svc)?;
@@ -373,7 +388,7 @@ impl Device {
     }
 
     /// Activation and the first certificate, on the bootstrap listener, as far as missing.
-    async fn bootstrap_phase(&self) -> Result<(), Failure> {
+    async fn bootstrap_phase(&mut self) -> Result<(), Failure> {
         let mut bootstrap: Option<Link> = None;
         if self.state().uuid.is_none() {
             let link = self.bootstrap_link(&mut bootstrap).await?;
@@ -385,14 +400,16 @@ impl Device {
             .ok_or_else(|| DeviceError::Config("activated but no service id".into()))
             .stage("load")?;
         let svc = service_id.clone();
-        if self
-            .with_store(move |s| s.service_credentials(&svc))
-            .await
-            .stage("load")?
-            .is_none()
+        if self.renew
+            || self
+                .with_store(move |s| s.service_credentials(&svc))
+                .await
+                .stage("load")?
+                .is_none()
         {
             let link = self.bootstrap_link(&mut bootstrap).await?;
             self.update(link, None, &service_id).await.stage("update")?;
+            self.renew = false;
         }
         if let Some(link) = bootstrap.take() {
             link.disconnect().await;
@@ -472,13 +489,14 @@ impl Device {
         })
     }
 
-    /// The request left unanswered on `topic` by the last connection, if
-    /// it is recent enough to send again.
-    fn unanswered_on(&self, topic: &Topic) -> Option<(Arc<Prepared>, Instant)> {
-        let topic = topic.to_string();
+    /// The request left unanswered on `topic` for `what` (the service an
+    /// update is for: one topic carries updates for any) by the last
+    /// connection, if it is recent enough to send again.
+    fn unanswered_on(&self, topic: &Topic, what: &str) -> Option<(Arc<Prepared>, Instant)> {
+        let key = format!("{topic} {what}");
         let mut held = self.unanswered.lock().expect("unanswered lock poisoned");
         match held.take() {
-            Some((t, built, req)) if t == topic && built.elapsed() < RESEND_WITHIN => {
+            Some((k, built, req)) if k == key && built.elapsed() < RESEND_WITHIN => {
                 debug!(kind = %req.kind, "the request left unanswered, sent again as it was");
                 Some((req, built))
             }
@@ -491,11 +509,11 @@ impl Device {
     async fn exchange_kept(
         &self,
         link: &mut Link,
-        topic: &Topic,
+        (topic, what): (&Topic, &str),
         (req, built): (Arc<Prepared>, Instant),
     ) -> Result<Reply, DeviceError> {
         *self.unanswered.lock().expect("unanswered lock poisoned") =
-            Some((topic.to_string(), built, req.clone()));
+            Some((format!("{topic} {what}"), built, req.clone()));
         let reply = self.exchange(link, topic, &req).await?;
         *self.unanswered.lock().expect("unanswered lock poisoned") = None;
         Ok(reply)
@@ -512,7 +530,7 @@ impl Device {
                 .expect("store lock poisoned")
                 .factory_key()
                 .clone();
-            let req = match self.unanswered_on(&topic) {
+            let req = match self.unanswered_on(&topic, "") {
                 Some(again) => again,
                 None => (
                     Arc::new(
@@ -522,7 +540,7 @@ impl Device {
                     Instant::now(),
                 ),
             };
-            let reply = self.exchange_kept(link, &topic, req.clone()).await?;
+            let reply = self.exchange_kept(link, (&topic, ""), req.clone()).await?;
             let req = req.0;
             match finish_activate(&reply, &req, &self.id) {
                 Ok(act) => {
@@ -569,7 +587,7 @@ impl Device {
         let mut busy = 0;
         loop {
             let (id, svc, uuid) = (self.id.clone(), service_id.to_owned(), uuid.clone());
-            let req = match self.unanswered_on(&topic) {
+            let req = match self.unanswered_on(&topic, service_id) {
                 Some(again) => again,
                 None => (
                     Arc::new(
@@ -579,7 +597,9 @@ impl Device {
                     Instant::now(),
                 ),
             };
-            let reply = self.exchange_kept(link, &topic, req.clone()).await?;
+            let reply = self
+                .exchange_kept(link, (&topic, service_id), req.clone())
+                .await?;
             let req = req.0;
             let (id, svc, root) = (self.id.clone(), service_id.to_owned(), self.root_ca.clone());
             let finished = blocking(move || {
@@ -662,6 +682,7 @@ impl Device {
             link = connect => link.stage("connect_service")?,
         };
         self.established = true;
+        self.refusals = 0;
         info!(service_id = %service_id, %endpoint, "connected to service");
         self.emit(DeviceEvent::Connected {
             service_id: service_id.clone(),

@@ -2087,9 +2087,8 @@ mod tests {
         );
     }
 
-    /// `online` confirms the new service, and retires the certificates it
-    /// replaced, only from the new tenant: the same report from the old
-    /// tenant, over the old certificate, is answered and changes nothing.
+    /// A device's words in its `status` are logged quoted: a newline or an
+    /// escape sequence in them forges no log line.
     #[test]
     fn a_status_cannot_forge_a_log_line() {
         let (_dir, core) = core();
@@ -2133,6 +2132,9 @@ mod tests {
         assert!(!text.contains('\u{1b}'), "{text}");
     }
 
+    /// `online` confirms the new service, and retires the certificates it
+    /// replaced, only from the new tenant: the same report from the old
+    /// tenant, over the old certificate, is answered and changes nothing.
     #[test]
     fn online_from_the_old_tenant_confirms_nothing() {
         let (_dir, core) = core();

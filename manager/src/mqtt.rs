@@ -415,8 +415,16 @@ pub async fn serve(
                     }
                 });
             }
-            Ok(Event::Incoming(Packet::SubAck(_))) => {
-                let _ = subscribed.send(true);
+            // Subscribed only if the broker granted the filters (an
+            // external broker's ACL may refuse them).
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let granted = !ack
+                    .return_codes
+                    .contains(&rumqttc::SubscribeReasonCode::Failure);
+                if !granted {
+                    warn!("the broker refused the manager's subscription");
+                }
+                let _ = subscribed.send(granted);
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let class = Class::of(&core, &p.topic);

@@ -422,6 +422,16 @@ impl Shared {
         }
     }
 
+    /// The token cancelled when `connection`'s session `router_id` has
+    /// ended (its Will published, the router told), if it holds it.
+    pub fn ended(&self, router_id: &str, connection: u64) -> Option<CancellationToken> {
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions
+            .get(router_id)
+            .filter(|h| h.connection == connection)
+            .map(|h| h.ended.clone())
+    }
+
     /// Whether `connection` still holds the router session `router_id`.
     pub fn holds(&self, router_id: &str, connection: u64) -> bool {
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());

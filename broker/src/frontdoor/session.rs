@@ -567,7 +567,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     shared.clone(),
                     (router_id.clone(), connection),
                     will,
-                    lasts,
+                    (lasts, shared.ended(&router_id, connection)),
                     cut.clone(),
                 );
                 shared.keep_session(
@@ -575,6 +575,16 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     connection,
                     std::mem::take(&mut subscribed),
                     after,
+                );
+            } else if !clean {
+                // Taken over: the router hands this session's filters to the
+                // newer connection, which counts them again once this one has
+                // ended (it waits for that); the session's end is its own.
+                shared.keep_session(
+                    router_id.clone(),
+                    connection,
+                    std::mem::take(&mut subscribed),
+                    std::future::ready(()),
                 );
             }
             match will {
@@ -661,6 +671,10 @@ pub(crate) fn router_goodbye() -> Packet {
     )
 }
 
+/// Longest a kept session's end waits for its last connection to have
+/// finished with the router (see `after_session`).
+const ENDED_WAIT: Duration = Duration::from_secs(5);
+
 /// A Will that waits: the Will, its wait, and the serial and notAfter of
 /// the certificate of its connection (service listener).
 type DelayedWill = (Will, Duration, Option<(String, u64)>);
@@ -668,14 +682,16 @@ type DelayedWill = (Will, Duration, Option<(String, u64)>);
 /// What follows the last connection of a session the router keeps: its
 /// delayed Will, after its wait or when the session ends if that comes
 /// first, then the end of the session after `lasts`, both counted from
-/// now. A connection of the same identity that claims the session first
-/// cancels both (the Will's wait sees the claim, and the claim aborts this
-/// task); the broker stopping ends both.
+/// now, and never before the connection has finished with the router
+/// (`ended`: a Will due at once published, the router told). A
+/// connection of the same identity that claims the session first cancels
+/// both (the Will's wait sees the claim, and the claim aborts this task);
+/// the broker stopping ends both.
 async fn after_session(
     shared: Arc<Shared>,
     (router_id, connection): (String, u64),
     will: Option<DelayedWill>,
-    lasts: Duration,
+    (lasts, ended): (Duration, Option<CancellationToken>),
     cut: CancellationToken,
 ) {
     let start = tokio::time::Instant::now();
@@ -691,6 +707,9 @@ async fn after_session(
         if !ours {
             return;
         }
+    }
+    if let Some(ended) = ended {
+        let _ = tokio::time::timeout(ENDED_WAIT, ended.cancelled()).await;
     }
     tokio::select! {
         _ = shared.stopping.cancelled() => return,

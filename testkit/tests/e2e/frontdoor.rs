@@ -1906,6 +1906,17 @@ async fn a_kept_session_counts_its_filters_when_it_comes_back() {
     assert!(!codes(&second, "/tenants/svcA/telemetry/d7")
         .await
         .contains(&SubscribeReasonCode::Failure));
+    // The same when a newer connection takes the session over from a live
+    // one: the filters come with it.
+    let third = Probe::connect(options()).await.unwrap();
+    second
+        .wait_cut(T, "the second connection to be taken over")
+        .await
+        .unwrap();
+    assert_eq!(
+        codes(&third, "/tenants/svcA/telemetry/d5001").await,
+        [SubscribeReasonCode::Failure]
+    );
 }
 
 /// Silent connections cannot keep the manager out of the internal
