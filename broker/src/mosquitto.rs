@@ -494,22 +494,27 @@ pub fn write(
 mod tests {
     use super::*;
 
+    /// Parameters for a PKI made in `dir`, writing to `out_dir`.
+    fn params(dir: &Path, out_dir: PathBuf) -> MosquittoParams {
+        let certs = dir.join("certs");
+        fleet_pki::Pki::open_or_create(&certs).unwrap();
+        let addr = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        MosquittoParams {
+            internal: addr(1883),
+            bootstrap_tls: addr(8884),
+            service: addr(8883),
+            certs_dir: certs,
+            out_dir,
+            user: "nobody".into(),
+        }
+    }
+
     /// A configuration written for a directory not made yet, named
     /// relatively, names its files by absolute path all the same.
     #[test]
     fn files_are_named_by_absolute_path_before_they_exist() {
         let dir = tempfile::tempdir().unwrap();
-        let certs = dir.path().join("certs");
-        fleet_pki::Pki::open_or_create(&certs).unwrap();
-        let addr = |port| SocketAddr::from(([127, 0, 0, 1], port));
-        let p = MosquittoParams {
-            internal: addr(1883),
-            bootstrap_tls: addr(8884),
-            service: addr(8883),
-            certs_dir: certs,
-            out_dir: PathBuf::from("not-made-yet/mq"),
-            user: "nobody".into(),
-        };
+        let p = params(dir.path(), PathBuf::from("not-made-yet/mq"));
         let files = render(&p, &[]).unwrap();
         for conf in [&files.conf, &files.bootstrap_conf] {
             for line in conf.lines() {
@@ -540,17 +545,7 @@ mod tests {
     fn the_bridge_secret_is_made_once_and_the_password_file_keeps_both() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let certs = dir.path().join("certs");
-        fleet_pki::Pki::open_or_create(&certs).unwrap();
-        let addr = |port| SocketAddr::from(([127, 0, 0, 1], port));
-        let p = MosquittoParams {
-            internal: addr(1883),
-            bootstrap_tls: addr(8884),
-            service: addr(8883),
-            certs_dir: certs,
-            out_dir: dir.path().join("out"),
-            user: "nobody".into(),
-        };
+        let p = params(dir.path(), dir.path().join("out"));
         let grant = |d: &str| DeviceGrant {
             device_id: d.into(),
             services: vec!["svcA".into()],

@@ -260,16 +260,18 @@ impl LogPace {
         }
     }
 
-    /// [`LogPace::note`] now; logs at WARN how many `what` went to DEBUG in
-    /// the second that ended, if any, and says whether to log this one at
-    /// WARN.
-    pub(crate) fn loud(&mut self, what: &str) -> bool {
-        self.paced(what, tracing::Level::WARN)
+    /// [`LogPace::note`] now on `pace`; logs at `level` (WARN or INFO) how
+    /// many `what` went to DEBUG in the second that ended, if any, and says
+    /// whether to log this one at `level`.
+    pub(crate) fn loud_in(pace: &Mutex<LogPace>, what: &str, level: tracing::Level) -> bool {
+        pace.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .paced(what, level)
     }
 
-    /// The same for what is logged at INFO.
-    pub(crate) fn loud_info(&mut self, what: &str) -> bool {
-        self.paced(what, tracing::Level::INFO)
+    /// The same for a pace of its own, at WARN.
+    pub(crate) fn loud(&mut self, what: &str) -> bool {
+        self.paced(what, tracing::Level::WARN)
     }
 
     fn paced(&mut self, what: &str, level: tracing::Level) -> bool {
@@ -445,11 +447,11 @@ impl Core {
         self.intake
             .shed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let loud = self
-            .shed_logged
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .loud("requests answered busy");
+        let loud = LogPace::loud_in(
+            &self.shed_logged,
+            "requests answered busy",
+            tracing::Level::WARN,
+        );
         let waited_ms = waited.as_millis();
         if loud {
             warn!(device = %device_id, kind = %kind, waited_ms, "request answered busy: the manager is behind");
@@ -550,11 +552,11 @@ impl Core {
             // was checked to refuse them.
             self.count_unchecked(device_id);
         }
-        let loud = self
-            .refusals_logged
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .loud("refused requests logged");
+        let loud = LogPace::loud_in(
+            &self.refusals_logged,
+            "refused requests logged",
+            tracing::Level::WARN,
+        );
         if loud {
             warn!(status = %f.status, detail = ?f.detail, "request refused");
         } else {
@@ -1125,11 +1127,11 @@ impl Core {
         let now = now_ms();
         // The device's words, quoted (a newline or an escape sequence in
         // them cannot forge a log line), at INFO up to 20 a second.
-        let loud = self
-            .statuses_logged
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .loud_info("device statuses logged");
+        let loud = LogPace::loud_in(
+            &self.statuses_logged,
+            "device statuses logged",
+            tracing::Level::INFO,
+        );
         if loud {
             info!(event = ?req.body.event, detail = ?req.body.detail, "device status");
         } else {
