@@ -280,7 +280,15 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
          bridge_protocol_version mqttv311\nrestart_timeout 1 10"
     );
     for (direction, topic) in BRIDGED {
-        let _ = writeln!(bootstrap_conf, "topic {topic} {direction} 1");
+        // At QoS 0 both ways. A flood of bootstrap requests fills the
+        // bridge's queue toward the main mosquitto, and mosquitto (2.0.16
+        // on, and Debian's 2.0.11 with the CVE-2023-28366 fix) then drops
+        // the PUBACKs of the replies coming back: the main one's window to
+        // the bridge never frees, and no QoS 1 reply passes again until
+        // the bridge reconnects (eclipse/mosquitto #3542). A device sends
+        // an unanswered request again (topics.md §10.1), and the manager
+        // takes bootstrap requests at QoS 0 anyway.
+        let _ = writeln!(bootstrap_conf, "topic {topic} {direction} 0");
     }
 
     let mut bootstrap_acl = String::new();
