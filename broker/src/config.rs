@@ -205,6 +205,11 @@ pub fn environment<T: Serialize + Default>(prefix: &str, program: &str) -> confi
     for name in ignored {
         eprintln!("{program}: ignoring {name}: not one of its settings");
     }
+    source(prefix, settings)
+}
+
+/// The config crate's source for `settings` (variables of `prefix`).
+fn source(prefix: &str, settings: config::Map<String, String>) -> config::Environment {
     config::Environment::with_prefix(prefix)
         .prefix_separator("_")
         .separator("__")
@@ -268,9 +273,8 @@ mod tests {
             ("HOME", "/root"),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string()));
-        let (taken, ignored) =
-            settings_in::<BrokerConfig>("FLEET_BROKER", vars.clone().into_iter());
-        let mut taken: Vec<_> = taken.into_keys().collect();
+        let (settings, ignored) = settings_in::<BrokerConfig>("FLEET_BROKER", vars.into_iter());
+        let mut taken: Vec<_> = settings.keys().cloned().collect();
         taken.sort();
         assert_eq!(
             taken,
@@ -289,15 +293,7 @@ mod tests {
             ]
         );
         let cfg: BrokerConfig = config::Config::builder()
-            .add_source(
-                config::Environment::with_prefix("FLEET_BROKER")
-                    .prefix_separator("_")
-                    .separator("__")
-                    .try_parsing(true)
-                    .source(Some(
-                        settings_in::<BrokerConfig>("FLEET_BROKER", vars.into_iter()).0,
-                    )),
-            )
+            .add_source(source("FLEET_BROKER", settings))
             .build()
             .unwrap()
             .try_deserialize()
