@@ -86,6 +86,22 @@ impl RunningBroker {
     }
 }
 
+/// Logs for the programs (`fleet-broker`, `fleet-manager`): on standard
+/// error (their output is on standard out), in colour only on a terminal,
+/// at `RUST_LOG` or INFO. rustls's own warnings are about what a client
+/// sent (an IP address as SNI, say), which the front door already judges
+/// and logs.
+pub fn init_logs() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rumqttd=warn,rustls=error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
 /// How long a process that stops its broker waits for the broker's
 /// connections to be told ([`RunningBroker::shut_down`]).
 pub const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);

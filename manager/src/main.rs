@@ -10,18 +10,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // Logs on standard error (the commands' output is on standard out), in
-    // colour only on a terminal. rustls's own warnings are about what a
-    // client sent (an IP address as SNI, say), which the front door
-    // already judges and logs.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttd=warn,rustls=error".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    fleet_broker::init_logs();
     let printed = fleet_manager::cli::execute(fleet_manager::cli::Cli::parse()).await?;
     // A command the manager answered with refusals (a service change some
     // devices did not take) fails, for scripts that look at the exit code.

@@ -29,18 +29,7 @@ struct Cli {
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> anyhow::Result<()> {
-    // Logs on standard error (the commands' output is on standard out), in
-    // colour only on a terminal. rustls's own warnings are about what a
-    // client sent (an IP address as SNI, say), which the front door
-    // already judges and logs.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttd=warn,rustls=error".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    fleet_broker::init_logs();
     let cli = Cli::parse();
     let config = BrokerConfig::load(cli.config.as_deref())?;
     if cli.print_config {
