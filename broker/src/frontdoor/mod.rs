@@ -252,6 +252,26 @@ impl Drop for Pending<'_> {
     }
 }
 
+/// [`Shared::claim`] on `sessions`, locked.
+fn claim_in(sessions: &mut HashMap<String, Holder>, router_id: &str, connection: u64) -> Claim {
+    let ended = CancellationToken::new();
+    let previous = sessions.insert(
+        router_id.to_string(),
+        Holder {
+            connection,
+            taken: CancellationToken::new(),
+            ended: ended.clone(),
+        },
+    );
+    Claim {
+        ended: ended.drop_guard(),
+        previous: previous.map(|holder| {
+            holder.taken.cancel();
+            holder.ended
+        }),
+    }
+}
+
 /// A session the router keeps while no connection holds it.
 struct Kept {
     /// The connection that held it last.
@@ -403,23 +423,8 @@ impl Shared {
     /// Records that `connection` now holds the router session `router_id`;
     /// the previous holder's [`Shared::taken`] token is cancelled.
     pub fn claim(&self, router_id: &str, connection: u64) -> Claim {
-        let ended = CancellationToken::new();
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        let previous = sessions.insert(
-            router_id.to_string(),
-            Holder {
-                connection,
-                taken: CancellationToken::new(),
-                ended: ended.clone(),
-            },
-        );
-        Claim {
-            ended: ended.drop_guard(),
-            previous: previous.map(|holder| {
-                holder.taken.cancel();
-                holder.ended
-            }),
-        }
+        claim_in(&mut sessions, router_id, connection)
     }
 
     /// The token cancelled when `connection`'s session `router_id` has
@@ -529,8 +534,17 @@ impl Shared {
     }
 
     fn unkeep(&self, router_id: &str) -> Option<Kept> {
+        self.unkeep_if(router_id, |_| true)
+    }
+
+    /// Forgets the kept session `router_id` if `which` says so.
+    fn unkeep_if(&self, router_id: &str, which: impl Fn(&Kept) -> bool) -> Option<Kept> {
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
-        let held = kept.remove(router_id);
+        let held = kept
+            .get(router_id)
+            .is_some_and(which)
+            .then(|| kept.remove(router_id))
+            .flatten();
         self.metrics
             .sessions_kept
             .store(kept.len() as u64, Ordering::Relaxed);
@@ -579,27 +593,13 @@ impl Shared {
                 Some(holder) if holder.connection != connection => return,
                 _ => {}
             }
-            let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
-            if kept.get(router_id).map(|k| k.connection) != Some(connection) {
+            if self
+                .unkeep_if(router_id, |k| k.connection == connection)
+                .is_none()
+            {
                 return;
             }
-            kept.remove(router_id);
-            self.metrics
-                .sessions_kept
-                .store(kept.len() as u64, Ordering::Relaxed);
-            drop(kept);
-            let ended = CancellationToken::new();
-            if let Some(holder) = sessions.insert(
-                router_id.to_string(),
-                Holder {
-                    connection: me,
-                    taken: CancellationToken::new(),
-                    ended: ended.clone(),
-                },
-            ) {
-                holder.taken.cancel();
-            }
-            ended.drop_guard()
+            claim_in(&mut sessions, router_id, me).ended
         };
         match self.link.open(router_id.to_string(), true).await {
             Ok((mut tx, _rx, _ack)) => {
