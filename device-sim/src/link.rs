@@ -91,9 +91,9 @@ enum LinkEvent {
     ConnAck,
     SubAck(Vec<SubscribeReasonCode>),
     Publish(Message),
-    Closed(Option<String>),
-    /// See [`LinkError::CertificateRefused`].
-    CertificateRefused(String),
+    /// The connection ended: why (a connection error, or the certificate
+    /// refused), unless the client itself disconnected.
+    Closed(Option<LinkError>),
 }
 
 /// How to reach a listener.
@@ -200,7 +200,9 @@ async fn poll_events(mut eventloop: EventLoop, tx: mpsc::Sender<LinkEvent>) {
             }),
             Ok(Event::Incoming(Packet::Disconnect)) => {
                 let _ = tx
-                    .send(LinkEvent::Closed(Some("broker sent DISCONNECT".into())))
+                    .send(LinkEvent::Closed(Some(LinkError::Connection(
+                        "broker sent DISCONNECT".into(),
+                    ))))
                     .await;
                 return;
             }
@@ -211,11 +213,11 @@ async fn poll_events(mut eventloop: EventLoop, tx: mpsc::Sender<LinkEvent>) {
             Ok(_) => continue,
             Err(e) => {
                 debug!(error = %e, "connection ended");
-                let event = match certificate_refusal(&e) {
-                    Some(why) => LinkEvent::CertificateRefused(why),
-                    None => LinkEvent::Closed(Some(e.to_string())),
+                let why = match certificate_refusal(&e) {
+                    Some(why) => LinkError::CertificateRefused(why),
+                    None => LinkError::Connection(e.to_string()),
                 };
-                let _ = tx.send(event).await;
+                let _ = tx.send(LinkEvent::Closed(Some(why))).await;
                 return;
             }
         };
@@ -255,13 +257,8 @@ impl Link {
             Err(_) => return Err(LinkError::Timeout("CONNACK")),
             Ok(None) => return Err(LinkError::Closed),
             Ok(Some(LinkEvent::ConnAck)) => {}
-            Ok(Some(LinkEvent::Closed(reason))) => {
-                return Err(LinkError::Connection(
-                    reason.unwrap_or_else(|| "closed".into()),
-                ))
-            }
-            Ok(Some(LinkEvent::CertificateRefused(why))) => {
-                return Err(LinkError::CertificateRefused(why))
+            Ok(Some(LinkEvent::Closed(why))) => {
+                return Err(why.unwrap_or_else(|| LinkError::Connection("closed".into())))
             }
             Ok(Some(other)) => {
                 return Err(LinkError::Connection(format!(
@@ -298,13 +295,8 @@ impl Link {
                     }
                     // A retained or queued message may arrive before the SUBACK: keep it.
                     Ok(Some(LinkEvent::Publish(m))) => link.deferred.push_back(m),
-                    Ok(Some(LinkEvent::Closed(reason))) => {
-                        return Err(LinkError::Connection(
-                            reason.unwrap_or_else(|| "closed".into()),
-                        ))
-                    }
-                    Ok(Some(LinkEvent::CertificateRefused(why))) => {
-                        return Err(LinkError::CertificateRefused(why))
+                    Ok(Some(LinkEvent::Closed(why))) => {
+                        return Err(why.unwrap_or_else(|| LinkError::Connection("closed".into())))
                     }
                     Ok(Some(LinkEvent::ConnAck)) => {}
                 }
@@ -339,10 +331,7 @@ impl Link {
         loop {
             match self.rx.recv().await {
                 Some(LinkEvent::Publish(m)) => return Ok(m),
-                Some(LinkEvent::Closed(Some(reason))) => return Err(LinkError::Connection(reason)),
-                Some(LinkEvent::CertificateRefused(why)) => {
-                    return Err(LinkError::CertificateRefused(why))
-                }
+                Some(LinkEvent::Closed(Some(why))) => return Err(why),
                 Some(LinkEvent::Closed(None)) | None => return Err(LinkError::Closed),
                 Some(LinkEvent::ConnAck | LinkEvent::SubAck(_)) => {}
             }
