@@ -489,34 +489,39 @@ impl Device {
         })
     }
 
-    /// The request left unanswered on `topic` for `what` (the service an
-    /// update is for: one topic carries updates for any) by the last
-    /// connection, if it is recent enough to send again.
-    fn unanswered_on(&self, topic: &Topic, what: &str) -> Option<(Arc<Prepared>, Instant)> {
-        let key = format!("{topic} {what}");
-        let mut held = self.unanswered.lock().expect("unanswered lock poisoned");
-        match held.take() {
-            Some((k, built, req)) if k == key && built.elapsed() < RESEND_WITHIN => {
-                debug!(kind = %req.kind, "the request left unanswered, sent again as it was");
-                Some((req, built))
-            }
-            _ => None,
-        }
-    }
-
-    /// [`Device::exchange`], keeping `req` for the next attempt until a
-    /// reply comes.
-    async fn exchange_kept(
+    /// [`Device::exchange`] of the request left unanswered on `topic` for
+    /// `what` (the service an update is for: one topic carries updates for
+    /// any) by the last connection, if it is recent enough to send again,
+    /// else of a new one from `build`. The request is kept for the next
+    /// attempt until a reply comes. Returns the reply and the request.
+    async fn exchange_kept<E>(
         &self,
         link: &mut Link,
         (topic, what): (&Topic, &str),
-        (req, built): (Arc<Prepared>, Instant),
-    ) -> Result<Reply, DeviceError> {
+        build: impl FnOnce() -> Result<Prepared, E> + Send + 'static,
+    ) -> Result<(Reply, Arc<Prepared>), DeviceError>
+    where
+        E: Into<DeviceError> + Send + 'static,
+    {
+        let key = format!("{topic} {what}");
+        let again = self
+            .unanswered
+            .lock()
+            .expect("unanswered lock poisoned")
+            .take()
+            .filter(|(k, built, _)| *k == key && built.elapsed() < RESEND_WITHIN);
+        let (req, built) = match again {
+            Some((_, built, req)) => {
+                debug!(kind = %req.kind, "the request left unanswered, sent again as it was");
+                (req, built)
+            }
+            None => (Arc::new(blocking(build).await?), Instant::now()),
+        };
         *self.unanswered.lock().expect("unanswered lock poisoned") =
-            Some((format!("{topic} {what}"), built, req.clone()));
+            Some((key, built, req.clone()));
         let reply = self.exchange(link, topic, &req).await?;
         *self.unanswered.lock().expect("unanswered lock poisoned") = None;
-        Ok(reply)
+        Ok((reply, req))
     }
 
     async fn activate(&self, link: &mut Link) -> Result<(), DeviceError> {
@@ -530,18 +535,11 @@ impl Device {
                 .expect("store lock poisoned")
                 .factory_key()
                 .clone();
-            let req = match self.unanswered_on(&topic, "") {
-                Some(again) => again,
-                None => (
-                    Arc::new(
-                        blocking(move || requests::build_activate(&id, svc.as_deref(), &key))
-                            .await?,
-                    ),
-                    Instant::now(),
-                ),
-            };
-            let reply = self.exchange_kept(link, (&topic, ""), req.clone()).await?;
-            let req = req.0;
+            let (reply, req) = self
+                .exchange_kept(link, (&topic, ""), move || {
+                    requests::build_activate(&id, svc.as_deref(), &key)
+                })
+                .await?;
             match finish_activate(&reply, &req, &self.id) {
                 Ok(act) => {
                     let service_id = act.service_id.clone();
@@ -587,20 +585,11 @@ impl Device {
         let mut busy = 0;
         loop {
             let (id, svc, uuid) = (self.id.clone(), service_id.to_owned(), uuid.clone());
-            let req = match self.unanswered_on(&topic, service_id) {
-                Some(again) => again,
-                None => (
-                    Arc::new(
-                        blocking(move || requests::build_update(&id, &svc, &uuid, key_mode))
-                            .await?,
-                    ),
-                    Instant::now(),
-                ),
-            };
-            let reply = self
-                .exchange_kept(link, (&topic, service_id), req.clone())
+            let (reply, req) = self
+                .exchange_kept(link, (&topic, service_id), move || {
+                    requests::build_update(&id, &svc, &uuid, key_mode)
+                })
                 .await?;
-            let req = req.0;
             let (id, svc, root) = (self.id.clone(), service_id.to_owned(), self.root_ca.clone());
             let finished = blocking(move || {
                 finish_update(&reply, &req, &id, &svc, &root).map_err(DeviceError::from)
