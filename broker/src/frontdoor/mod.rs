@@ -880,7 +880,7 @@ async fn connection(
                 // The anchor's end too, which a leaf alone does not show.
                 let leaf = presented
                     .and_then(<[_]>::first)
-                    .map(|leaf| openssl::sha::sha256(leaf));
+                    .map(|leaf| trust::sha256(leaf));
                 if let Some(until) = leaf.as_ref().and_then(|leaf| trust.path_until(leaf)) {
                     cert.not_after = cert.not_after.min(until);
                 }
