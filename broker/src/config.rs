@@ -213,7 +213,6 @@ fn source(prefix: &str, settings: config::Map<String, String>) -> config::Enviro
     config::Environment::with_prefix(prefix)
         .prefix_separator("_")
         .separator("__")
-        .try_parsing(true)
         .source(Some(settings))
 }
 
@@ -301,6 +300,30 @@ mod tests {
         assert_eq!(cfg.max_connections, 5);
         assert_eq!(cfg.max_idle_secs, 60);
         assert_eq!(cfg.metrics_listen, Some("127.0.0.1:9883".parse().unwrap()));
+    }
+
+    #[test]
+    fn an_environment_value_is_read_as_its_setting_s_type() {
+        let vars = [
+            // A text setting keeps its digits as written (a password or a
+            // directory named `0123` is not the number 123).
+            ("FLEET_BROKER_CERTS_DIR", "0123"),
+            ("FLEET_BROKER_MAX_CONNECTIONS", "7"),
+            ("FLEET_BROKER_GRANT_CACHE", "false"),
+            ("FLEET_BROKER_CONNECTS_PER_SEC_PER_SOURCE", "2.5"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let (settings, _) = settings_in::<BrokerConfig>("FLEET_BROKER", vars.into_iter());
+        let cfg: BrokerConfig = config::Config::builder()
+            .add_source(source("FLEET_BROKER", settings))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        assert_eq!(cfg.certs_dir, PathBuf::from("0123"));
+        assert_eq!(cfg.max_connections, 7);
+        assert!(!cfg.grant_cache);
+        assert_eq!(cfg.connects_per_sec_per_source, 2.5);
     }
 
     #[test]
