@@ -581,25 +581,37 @@ impl Shared {
     }
 
     /// Ends the kept session `router_id` that connection `connection` left,
-    /// unless a connection has claimed it since: the router is told to
+    /// unless a connection has taken it since: the router is told to
     /// forget it (a clean link of the same client id, opened and closed).
-    /// A connection that claims it meanwhile waits for this to finish, and
-    /// starts a new session.
+    /// While a connection holds a claim on it, this waits for that
+    /// connection to take it or end. A connection that claims it while this
+    /// runs gets a new session.
     pub(crate) async fn expire_session(&self, router_id: &str, connection: u64) {
         let me = self.next_connection.fetch_add(1, Ordering::Relaxed);
-        let claim = {
-            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-            match sessions.get(router_id) {
-                Some(holder) if holder.connection != connection => return,
-                _ => {}
+        let claim = loop {
+            // A connection that claimed the session takes it from the kept
+            // ones once its CONNACK is out (`kept_subscriptions`, which
+            // aborts this task); one that ends before leaves it kept, and
+            // it expires now.
+            let holder = {
+                let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+                match sessions.get(router_id) {
+                    Some(holder) if holder.connection != connection => holder.ended.clone(),
+                    _ => {
+                        if self
+                            .unkeep_if(router_id, |k| k.connection == connection)
+                            .is_none()
+                        {
+                            return;
+                        }
+                        break claim_in(&mut sessions, router_id, me).ended;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = self.stopping.cancelled() => return,
+                _ = holder.cancelled() => {}
             }
-            if self
-                .unkeep_if(router_id, |k| k.connection == connection)
-                .is_none()
-            {
-                return;
-            }
-            claim_in(&mut sessions, router_id, me).ended
         };
         match self.link.open(router_id.to_string(), true).await {
             Ok((mut tx, _rx, _ack)) => {

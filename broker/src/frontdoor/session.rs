@@ -685,8 +685,10 @@ type DelayedWill = (Will, Duration, Option<(String, u64)>);
 /// now, and never before the connection has finished with the router
 /// (`ended`: a Will due at once published, the router told). A
 /// connection of the same identity that claims the session first cancels
-/// both (the Will's wait sees the claim, and the claim aborts this task);
-/// the broker stopping ends both.
+/// the Will, and the expiry once it takes the session after its CONNACK
+/// (`Shared::kept_subscriptions` aborts this task); if it ends before
+/// that, the session expires when it would have. The broker stopping ends
+/// both.
 async fn after_session(
     shared: Arc<Shared>,
     (router_id, connection): (String, u64),
@@ -696,7 +698,7 @@ async fn after_session(
 ) {
     let start = tokio::time::Instant::now();
     if let Some((will, wait, serial)) = will {
-        let ours = publish_will_later(
+        publish_will_later(
             &shared,
             (&router_id, connection, serial),
             will,
@@ -704,9 +706,6 @@ async fn after_session(
             &cut,
         )
         .await;
-        if !ours {
-            return;
-        }
     }
     if let Some(ended) = ended {
         let _ = tokio::time::timeout(ENDED_WAIT, ended.cancelled()).await;
@@ -719,27 +718,27 @@ async fn after_session(
 }
 
 /// Publishes `will` after `delay` unless a newer connection of the same
-/// identity claims the session `router_id` first (then returns false: the
-/// session is that connection's), the certificate with `serial` is revoked
-/// or expires (its notAfter passes) meanwhile, or the connection's `cut` is
-/// cancelled (the broker stops, the certificate is revoked).
+/// identity claims the session `router_id` first, the certificate with
+/// `serial` is revoked or expires (its notAfter passes) meanwhile, or the
+/// connection's `cut` is cancelled (the broker stops, the certificate is
+/// revoked).
 async fn publish_will_later(
     shared: &Shared,
     (router_id, connection, serial): (&str, u64, Option<(String, u64)>),
     will: Will,
     delay: Duration,
     cut: &CancellationToken,
-) -> bool {
+) {
     let taken = shared.taken(router_id, connection);
     tokio::select! {
         _ = cut.cancelled() => {
             shared.release(router_id, connection);
             debug!(session = %router_id, "delayed will dropped: the broker stops or the certificate was revoked");
-            return true;
+            return;
         }
         _ = taken.cancelled() => {
             debug!(session = %router_id, "delayed will cancelled: the identity reconnected");
-            return false;
+            return;
         }
         _ = tokio::time::sleep(delay) => {}
     }
@@ -748,14 +747,13 @@ async fn publish_will_later(
     if let Some((serial, not_after)) = &serial {
         if shared.is_revoked(serial) || now > *not_after {
             info!(session = %router_id, "delayed will dropped: its certificate was revoked or expired");
-            return true;
+            return;
         }
     }
     debug!(session = %router_id, "publishing the delayed will");
     if let Err(why) = publish_through_will_link(shared, will).await {
         warn!(session = %router_id, reason = %why, "delayed will not published");
     }
-    true
 }
 
 /// Sends a due Will through the front door's one Will link (router id
@@ -1139,5 +1137,165 @@ mod tests {
             "a gone router is an error"
         );
         assert!(send_now(&mut tx, publish("d")).await.is_err());
+    }
+
+    /// A front door's shared state over a router of its own.
+    fn shared() -> Arc<Shared> {
+        let config = crate::BrokerConfig::default();
+        let link = crate::router::start_router(&config);
+        Shared::new(
+            link,
+            config.limits(),
+            HashMap::new(),
+            CancellationToken::new(),
+        )
+    }
+
+    /// Whether the router answered a link's Connect with a session present.
+    fn session_present(ack: &Notification) -> bool {
+        let ack: Option<Packet> = ack.clone().into();
+        match ack {
+            Some(Packet::ConnAck(ack, _)) => ack.session_present,
+            other => panic!("not a CONNACK: {other:?}"),
+        }
+    }
+
+    /// Session `id` as connection `connection` leaves it: held by the
+    /// router, kept here until `lasts` passes, with a Will delayed by
+    /// `will` if some.
+    async fn kept(
+        shared: &Arc<Shared>,
+        id: &str,
+        connection: u64,
+        lasts: Duration,
+        will: Option<Duration>,
+    ) {
+        let claim = shared.claim(id, connection);
+        let (mut tx, _rx, _ack) = shared.link.open(id.to_string(), false).await.unwrap();
+        send_now(&mut tx, router_goodbye()).await.unwrap();
+        let will = will.map(|wait| {
+            let publish = Publish::new("/tenants/svcA/telemetry/dev1/will", "gone", false);
+            let will = Will {
+                publish,
+                properties: None,
+                delay: wait,
+            };
+            (will, wait, None)
+        });
+        let after = after_session(
+            shared.clone(),
+            (id.to_string(), connection),
+            will,
+            (lasts, shared.ended(id, connection)),
+            CancellationToken::new(),
+        );
+        shared.keep_session(
+            id.to_string(),
+            connection,
+            HashSet::from(["f".to_string()]),
+            after,
+        );
+        drop(claim);
+    }
+
+    /// Waits (on the test's clock) until `what` holds of `shared`.
+    async fn until(shared: &Shared, what: impl Fn(&Shared) -> bool) {
+        tokio::time::timeout(Duration::from_secs(3600), async {
+            while !what(shared) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("in time")
+    }
+
+    /// A kept session that a connection claims and then leaves before its
+    /// CONNACK (its client gone, or the router refusing its link) is still
+    /// kept, and expires when it would have: whether its expiry came while
+    /// that connection held it, or its delayed Will was cancelled by the
+    /// claim.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_kept_session_claimed_by_a_connection_that_fails_still_expires() {
+        let shared = shared();
+        let lasts = Duration::from_secs(60);
+        for (n, will) in [None, Some(Duration::from_secs(10))]
+            .into_iter()
+            .enumerate()
+        {
+            let id = format!("svcA.dev{n}");
+            kept(&shared, &id, 1, lasts, will).await;
+            let expired = shared.metrics.sessions_expired.load(Ordering::Relaxed);
+            let second = shared.claim(&id, 2);
+            // Held past the Will's delay and the session's expiry.
+            tokio::time::sleep(lasts * 2).await;
+            assert_eq!(shared.metrics.sessions_kept.load(Ordering::Relaxed), 1);
+            assert_eq!(
+                shared.metrics.sessions_expired.load(Ordering::Relaxed),
+                expired
+            );
+            // What a connection does when its CONNACK cannot go.
+            shared.release(&id, 2);
+            drop(second);
+            until(&shared, |s| {
+                s.metrics.sessions_expired.load(Ordering::Relaxed) == expired + 1
+            })
+            .await;
+            assert_eq!(
+                shared.metrics.sessions_kept.load(Ordering::Relaxed),
+                0,
+                "{id}"
+            );
+            // The router no longer has it.
+            let (_tx, _rx, ack) = shared.link.open(id.clone(), false).await.unwrap();
+            assert!(!session_present(&ack), "{id}");
+        }
+    }
+
+    /// A connection that claims a session while its expiry is ending it
+    /// gets a new session, whose link the expiry's leaves alone: the router
+    /// takes the expiry's Connect first (claims and links are opened in
+    /// order), and the expiry's goodbye on a link the router has dropped
+    /// reaches no one.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_claim_in_the_instant_of_expiry_gets_a_new_session_and_keeps_it() {
+        let shared = shared();
+        let id = "svcA.dev1";
+        kept(&shared, id, 1, Duration::from_secs(60), None).await;
+        // The expiry claims the session and asks the router to end it ...
+        let expiry = tokio::spawn({
+            let shared = shared.clone();
+            async move { shared.expire_session(id, 1).await }
+        });
+        while shared.metrics.sessions_kept.load(Ordering::Relaxed) > 0 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!expiry.is_finished());
+        // ... when the identity comes back.
+        let claim = shared.claim(id, 2);
+        assert!(claim.previous.is_some(), "the expiry's claim");
+        let (mut tx, mut rx, ack) = shared.link.open(id.to_string(), false).await.unwrap();
+        assert!(!session_present(&ack), "the session expired");
+        expiry.await.unwrap();
+        assert_eq!(shared.metrics.sessions_expired.load(Ordering::Relaxed), 1);
+        // The link is the session's: the router answers it.
+        let subscribe = rumqttd::protocol::Subscribe {
+            pkid: 1,
+            filters: vec![rumqttd::protocol::Filter {
+                path: "/tenants/svcA/fleet/v1/service/change/dev1".into(),
+                qos: rumqttd::protocol::QoS::AtLeastOnce,
+                nolocal: false,
+                preserve_retain: false,
+                retain_forward_rule: rumqttd::protocol::RetainForwardRule::OnEverySubscribe,
+            }],
+        };
+        send_now(&mut tx, Packet::Subscribe(subscribe, None))
+            .await
+            .unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), rx.next()).await;
+        assert!(
+            matches!(answer, Ok(Ok(Some(Notification::DeviceAck(_))))),
+            "{answer:?}"
+        );
+        drop(claim.ended);
     }
 }
