@@ -8,7 +8,7 @@ use parking_lot::Mutex;
 use tracing::{error, warn};
 
 use crate::{
-    protocol::Packet,
+    protocol::{Packet, QoS}, // fleetshift: was protocol::Packet
     router::{FilterIdx, MAX_CHANNEL_CAPACITY},
     Cursor, Notification,
 };
@@ -135,6 +135,13 @@ impl Outgoing {
         }
 
         for mut p in publishes {
+            // fleetshift: a publish delivered at QoS 0 on a QoS 1 or 2
+            // subscription takes no packet id and waits for no ack
+            if p.publish.qos == QoS::AtMostOnce {
+                self.meter.publish_count += 1;
+                buffer.push_back(Notification::Forward(p));
+                continue;
+            }
             // Index and pkid of current outgoing packet
             self.last_pkid += 1;
             p.publish.pkid = self.last_pkid;

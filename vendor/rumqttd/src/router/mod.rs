@@ -196,6 +196,11 @@ pub struct DataRequest {
     max_count: usize,
     pub(crate) forward_retained: bool,
     pub(crate) group: Option<String>,
+    // fleetshift: after a reconnect, the offset up to which this request
+    // had sent before (it reads again from the oldest message not yet
+    // acknowledged): below it, what goes at QoS 0 was delivered and is
+    // not sent again
+    pub(crate) resent_before: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -670,6 +670,10 @@ impl Router {
 
             for request in tracker.data_requests.iter_mut() {
                 if let Some(cursor) = retransmissions.get(&request.filter_idx) {
+                    // fleetshift: what was sent before is read again from
+                    // `cursor`; its QoS 0 messages are not sent again
+                    let sent = request.cursor.1.max(request.resent_before.unwrap_or(0));
+                    request.resent_before = Some(sent);
                     request.cursor = *cursor;
                     // reset the group cursor
                     if let Some(group_name) = &request.group {
@@ -1153,6 +1157,7 @@ impl Router {
                 // set true for new subscriptions
                 forward_retained,
                 group,
+                resent_before: None, // fleetshift
             };
 
             self.scheduler.track(id, request);
@@ -1722,6 +1727,12 @@ fn forward_device_data(
     let filter_idx = request.filter_idx;
     request.read_count += publishes.len();
     request.cursor = next;
+    // fleetshift: a message read again after a reconnect goes again only
+    // if it goes at QoS 1 or 2 (it was not acknowledged)
+    let resent_before = request.resent_before;
+    if resent_before.is_some_and(|until| next.1 >= until) {
+        request.resent_before = None;
+    }
     // println!("{:?} {:?} {}", start, next, request.read_count);
 
     if publishes.is_empty() {
@@ -1747,8 +1758,18 @@ fn forward_device_data(
     // Fill and notify device data
     let forwards = publishes
         .into_iter()
+        // fleetshift: see resent_before
+        .filter(|((publish, _), offset)| {
+            let again = resent_before.is_some_and(|until| offset.is_some_and(|o| o.1 < until));
+            !(again && (publish.qos == QoS::AtMostOnce || qos == 0))
+        })
         .map(|((mut publish, mut properties), offset)| {
-            publish.qos = protocol::qos(qos).unwrap();
+            // fleetshift: delivered at the lower of the QoS it was published
+            // with and the subscription's (MQTT 3.1.1 §3.8.4, MQTT 5 §3.8.4);
+            // was always the subscription's
+            if (publish.qos as u8) > qos {
+                publish.qos = protocol::qos(qos).unwrap();
+            }
 
             // if there is some topic alias to use, set it in publish properties
             if topic_alias.is_some() {
