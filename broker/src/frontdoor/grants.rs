@@ -80,30 +80,33 @@ impl GrantFiles {
         }
     }
 
-    /// Whether the registry grants `principal` the service `service_id`.
-    pub fn is_granted(&self, principal: &str, service_id: &str) -> bool {
+    /// Whether the registry grants `principal` the service `service_id`;
+    /// an error if its grant file cannot be read (it is read again next
+    /// time).
+    pub fn is_granted(&self, principal: &str, service_id: &str) -> Result<bool, String> {
+        let read = || {
+            fleet_pki::grants::read_grants(&self.certs_dir, principal).map_err(|e| e.to_string())
+        };
+        let granted = |services: &[String]| services.iter().any(|s| s == service_id);
         if !self.enabled {
-            return fleet_pki::grants::is_granted(&self.certs_dir, principal, service_id);
+            return read().map(|services| granted(&services));
         }
         let mut cache = self.state.lock().unwrap_or_else(|p| p.into_inner());
         cache.catch_up(&self.certs_dir);
         if cache.watch.is_none() {
             drop(cache);
-            return fleet_pki::grants::is_granted(&self.certs_dir, principal, service_id);
+            return read().map(|services| granted(&services));
         }
         if let Some(services) = cache.files.get(principal) {
-            return services.iter().any(|s| s == service_id);
+            return Ok(granted(services));
         }
-        // An unreadable file grants nothing and is read again next time.
-        let Ok(services) = fleet_pki::grants::read_grants(&self.certs_dir, principal) else {
-            return false;
-        };
-        let granted = services.iter().any(|s| s == service_id);
+        let services = read()?;
+        let answer = granted(&services);
         if cache.files.len() >= GRANT_FILES_MAX {
             cache.files.clear();
         }
         cache.files.insert(principal.to_owned(), services);
-        granted
+        Ok(answer)
     }
 
     /// Starts afresh if the grants directory's path no longer leads to the
@@ -338,38 +341,58 @@ mod tests {
         let d = dir.path();
         let files = GrantFiles::new(d, true);
         // No grants directory yet: read each time, nothing kept.
-        assert!(!files.is_granted("dev1", "svcA"));
+        assert!(!files.is_granted("dev1", "svcA").unwrap());
         assert!(!cached(&files, "dev1"));
         add_grant(d, "dev1", "svcA").unwrap();
         // The directory appeared: watched from the next try on.
         files.state.lock().unwrap().tried = None;
-        assert!(files.is_granted("dev1", "svcA"));
+        assert!(files.is_granted("dev1", "svcA").unwrap());
         assert!(cached(&files, "dev1"));
-        assert!(files.is_granted("dev1", "svcA"));
-        assert!(!files.is_granted("dev1", "svcB"));
+        assert!(files.is_granted("dev1", "svcA").unwrap());
+        assert!(!files.is_granted("dev1", "svcB").unwrap());
         for round in 0..3 {
             // Replaced by rename (the manager's way).
             add_grant(d, "dev1", "svcB").unwrap();
-            assert!(files.is_granted("dev1", "svcB"), "round {round}");
+            assert!(files.is_granted("dev1", "svcB").unwrap(), "round {round}");
             // Withdrawn: the file removed.
             write_grants(d, "dev1", &[]).unwrap();
-            assert!(!files.is_granted("dev1", "svcA"), "round {round}");
-            assert!(!files.is_granted("dev1", "svcB"), "round {round}");
+            assert!(!files.is_granted("dev1", "svcA").unwrap(), "round {round}");
+            assert!(!files.is_granted("dev1", "svcB").unwrap(), "round {round}");
             // Edited in place.
             std::fs::write(grants_dir(d).join("dev1"), "svcA\n").unwrap();
-            assert!(files.is_granted("dev1", "svcA"), "round {round}");
-            assert!(!files.is_granted("dev1", "svcB"), "round {round}");
+            assert!(files.is_granted("dev1", "svcA").unwrap(), "round {round}");
+            assert!(!files.is_granted("dev1", "svcB").unwrap(), "round {round}");
         }
         // The directory removed and made again: everything is read again.
-        assert!(files.is_granted("dev1", "svcA"));
+        assert!(files.is_granted("dev1", "svcA").unwrap());
         std::fs::remove_dir_all(grants_dir(d)).unwrap();
-        assert!(!files.is_granted("dev1", "svcA"));
+        assert!(!files.is_granted("dev1", "svcA").unwrap());
         add_grant(d, "dev1", "svcC").unwrap();
         files.state.lock().unwrap().tried = None;
-        assert!(files.is_granted("dev1", "svcC"));
-        assert!(!files.is_granted("dev1", "svcA"));
+        assert!(files.is_granted("dev1", "svcC").unwrap());
+        assert!(!files.is_granted("dev1", "svcA").unwrap());
         write_grants(d, "dev1", &[]).unwrap();
-        assert!(!files.is_granted("dev1", "svcC"));
+        assert!(!files.is_granted("dev1", "svcC").unwrap());
+    }
+
+    /// A grant file that cannot be read is an error, not a refusal, whether
+    /// lookups are kept in memory or not; it is read again next time.
+    #[test]
+    fn an_unreadable_grant_file_is_an_error() {
+        for enabled in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let d = dir.path();
+            add_grant(d, "dev2", "svcA").unwrap();
+            let files = GrantFiles::new(d, enabled);
+            // A directory where the file should be: reading it fails.
+            std::fs::create_dir(grants_dir(d).join("dev1")).unwrap();
+            assert!(files.is_granted("dev1", "svcA").is_err(), "{enabled}");
+            assert!(!cached(&files, "dev1"));
+            assert!(files.is_granted("dev2", "svcA").unwrap(), "{enabled}");
+            std::fs::remove_dir(grants_dir(d).join("dev1")).unwrap();
+            add_grant(d, "dev1", "svcA").unwrap();
+            assert!(files.is_granted("dev1", "svcA").unwrap(), "{enabled}");
+        }
     }
 
     /// The certs directory renamed away and a new one put in its place: the
@@ -381,15 +404,18 @@ mod tests {
         let certs = dir.path().join("certs");
         add_grant(&certs, "dev1", "svcA").unwrap();
         let files = GrantFiles::new(&certs, true);
-        assert!(files.is_granted("dev1", "svcA"));
+        assert!(files.is_granted("dev1", "svcA").unwrap());
         assert!(cached(&files, "dev1"));
         std::fs::rename(&certs, dir.path().join("certs.old")).unwrap();
         add_grant(&certs, "dev1", "svcB").unwrap();
         files.check_dir();
-        assert!(files.is_granted("dev1", "svcB"), "the new directory unseen");
-        assert!(!files.is_granted("dev1", "svcA"));
+        assert!(
+            files.is_granted("dev1", "svcB").unwrap(),
+            "the new directory unseen"
+        );
+        assert!(!files.is_granted("dev1", "svcA").unwrap());
         write_grants(&certs, "dev1", &[]).unwrap();
-        assert!(!files.is_granted("dev1", "svcB"));
+        assert!(!files.is_granted("dev1", "svcB").unwrap());
     }
 
     fn boot() -> Identity {

@@ -43,7 +43,7 @@ use rustls::{
     CertificateError, CipherSuite, DigitallySignedStruct, DistinguishedName, SignatureScheme,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::grants::GrantFiles;
 use super::{der, Metrics};
@@ -1104,8 +1104,18 @@ impl ClientVerifier {
             return Err(refuse(CertificateError::Revoked));
         }
         let device = names.subject_cn.unwrap_or_default();
-        if self.grants.is_granted(&device, &service) {
-            return Ok(());
+        match self.grants.is_granted(&device, &service) {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            // Not the device's fault: `handshake_failure` (40), which a
+            // device retries, where `access_denied` would have it renew a
+            // certificate that is fine (topics.md §2.3).
+            Err(why) => {
+                error!(device, service, error = %why, "certificate not checked: its grant file cannot be read");
+                return Err(rustls::Error::General(format!(
+                    "grant file unreadable: {why}"
+                )));
+            }
         }
         if report {
             self.metrics.not_granted.fetch_add(1, Ordering::Relaxed);

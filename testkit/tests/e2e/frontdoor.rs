@@ -363,12 +363,12 @@ fn from_a_stranger(fleet: &Fleet) -> (Vec<u8>, Vec<u8>) {
 }
 
 /// A refused certificate is told why: the TLS alert reaches the client in
-/// both versions. In TLS 1.3 it is sent encrypted, after the client's
+/// both versions (here `certificate_unknown`, for a chain through a
+/// certificate that is not a CA). In TLS 1.3 it is sent encrypted, after the client's
 /// Finished, as the ticket would have been (the front door holds that back
 /// until the CONNACK, but not an alert).
 #[tokio::test]
 async fn a_refused_certificate_gets_the_alert_that_says_why() {
-    use std::io::Read;
     let fleet = Fleet::start().await.unwrap();
     let root = std::fs::read(fleet.certs_dir().join("root-ca.pem")).unwrap();
     let (chain, key) = from_a_stranger(&fleet);
@@ -376,28 +376,75 @@ async fn a_refused_certificate_gets_the_alert_that_says_why() {
     for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
         let config =
             fleet_device_sim::link::mutual_tls_over(&[version], &root, &chain, &key).unwrap();
-        let result = tokio::task::spawn_blocking(move || -> std::io::Result<usize> {
-            let mut tcp = std::net::TcpStream::connect(addr)?;
-            tcp.set_read_timeout(Some(T))?;
-            let name = "localhost".try_into().unwrap();
-            let mut tls = rustls::ClientConnection::new(config, name).unwrap();
-            while tls.is_handshaking() {
-                tls.complete_io(&mut tcp)?;
-            }
-            rustls::Stream::new(&mut tls, &mut tcp).read(&mut [0u8; 1])
-        })
-        .await
-        .unwrap();
-        let alert = result
-            .as_ref()
-            .err()
-            .and_then(|e| e.get_ref())
-            .and_then(|e| e.downcast_ref::<rustls::Error>());
+        let alert = first_read(addr, config).await;
         assert!(
-            matches!(alert, Some(rustls::Error::AlertReceived(_))),
-            "{version:?}: {result:?}, not an alert"
+            matches!(alert, Err(rustls::AlertDescription::CertificateUnknown)),
+            "{version:?}: {alert:?}"
         );
     }
+}
+
+/// Connects with `config`, finishes the client's side of the handshake
+/// and reads once: the bytes read, or the alert that came instead
+/// (panics on anything else).
+async fn first_read(
+    addr: std::net::SocketAddr,
+    config: std::sync::Arc<rustls::ClientConfig>,
+) -> Result<usize, rustls::AlertDescription> {
+    use std::io::Read;
+    let result = tokio::task::spawn_blocking(move || -> std::io::Result<usize> {
+        let mut tcp = std::net::TcpStream::connect(addr)?;
+        tcp.set_read_timeout(Some(T))?;
+        let name = "localhost".try_into().unwrap();
+        let mut tls = rustls::ClientConnection::new(config, name).unwrap();
+        while tls.is_handshaking() {
+            tls.complete_io(&mut tcp)?;
+        }
+        rustls::Stream::new(&mut tls, &mut tcp).read(&mut [0u8; 1])
+    })
+    .await
+    .unwrap();
+    match result {
+        Ok(n) => Ok(n),
+        Err(e) => match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+            Some(rustls::Error::AlertReceived(alert)) => Err(*alert),
+            _ => panic!("{e:?}, not an alert"),
+        },
+    }
+}
+
+/// A certificate the broker cannot check for now (its device's grant
+/// file unreadable) gets `handshake_failure`, which a device retries, not
+/// `access_denied`, which would have it renew a certificate that is fine;
+/// once the file can be read the device connects.
+#[tokio::test]
+async fn a_grant_file_that_cannot_be_read_is_not_a_refusal() {
+    let fleet = Fleet::start().await.unwrap();
+    let root_pem = fleet.certs_dir().join("root-ca.pem");
+    let root = std::fs::read(&root_pem).unwrap();
+    let (chain, key) = certified(&fleet, "gu1", "svcA");
+    let grant = grants::grants_dir(fleet.certs_dir()).join("gu1");
+    std::fs::remove_file(&grant).unwrap();
+    std::fs::create_dir(&grant).unwrap();
+    let config =
+        fleet_device_sim::link::mutual_tls_over(&[&rustls::version::TLS13], &root, &chain, &key)
+            .unwrap();
+    let addr = fleet.service_addr();
+    let alert = eventually(T, "svcA's CA to be trusted", || {
+        let config = config.clone();
+        async move {
+            let alert = first_read(addr, config).await;
+            (alert != Err(rustls::AlertDescription::UnknownCA)).then_some(alert)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(alert, Err(rustls::AlertDescription::HandshakeFailure));
+    std::fs::remove_dir(&grant).unwrap();
+    grants::add_grant(fleet.certs_dir(), "gu1", "svcA").unwrap();
+    Probe::mtls(addr, "gu1", &root_pem, chain, key)
+        .await
+        .unwrap();
 }
 
 /// A TLS 1.3 client has finished its side of the handshake before the
