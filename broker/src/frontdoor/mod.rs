@@ -272,12 +272,23 @@ fn claim_in(sessions: &mut HashMap<String, Holder>, router_id: &str, connection:
     }
 }
 
+/// What a kept session carries from one connection to the next.
+#[derive(Debug, Default)]
+pub(crate) struct Carried {
+    /// Its filters, counted again when it comes back.
+    pub filters: HashSet<String>,
+    /// Packet ids of the client's QoS 2 PUBLISHes it has not released
+    /// (PUBREL): a resend under one is not delivered again, and its PUBREL
+    /// is completed (MQTT 5 §4.3.3, §4.4). At most
+    /// [`session::RECEIVE_MAXIMUM`], so a list.
+    pub unreleased: Vec<u16>,
+}
+
 /// A session the router keeps while no connection holds it.
 struct Kept {
     /// The connection that held it last.
     connection: u64,
-    /// Its filters, counted again when it comes back.
-    filters: HashSet<String>,
+    carried: Carried,
     /// The task that publishes its delayed Will and ends the session when
     /// its expiry passes (`session::after_session`); aborted when the
     /// session is claimed again.
@@ -514,22 +525,21 @@ impl Shared {
         oldest.map(|(_, token)| token.cancel()).is_some()
     }
 
-    /// The filters a session held when its last connection ended, if the
-    /// router kept it (`clean` false); a clean session starts with none,
-    /// and the router forgets what was kept. Either way the session is
-    /// no longer waiting to expire.
-    pub(crate) fn kept_subscriptions(&self, router_id: &str, clean: bool) -> HashSet<String> {
-        let held = self.unkeep(router_id);
-        match held {
+    /// What a session carried when its last connection ended, if the
+    /// router kept it (`clean` false); a clean session starts with
+    /// nothing, and the router forgets what was kept. Either way the
+    /// session is no longer waiting to expire.
+    pub(crate) fn kept_state(&self, router_id: &str, clean: bool) -> Carried {
+        match self.unkeep(router_id) {
             Some(kept) => {
                 kept.after.abort();
                 if clean {
-                    HashSet::new()
+                    Carried::default()
                 } else {
-                    kept.filters
+                    kept.carried
                 }
             }
-            None => HashSet::new(),
+            None => Carried::default(),
         }
     }
 
@@ -552,13 +562,13 @@ impl Shared {
     }
 
     /// Keeps the session `router_id`, whose last connection `connection`
-    /// has ended, with its `filters`, until a connection claims it or it
-    /// expires: `after` (`session::after_session`) runs meanwhile.
+    /// has ended, with what it `carried`, until a connection claims it or
+    /// it expires: `after` (`session::after_session`) runs meanwhile.
     pub(crate) fn keep_session(
         self: &Arc<Self>,
         router_id: String,
         connection: u64,
-        filters: HashSet<String>,
+        carried: Carried,
         after: impl std::future::Future<Output = ()> + Send + 'static,
     ) {
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
@@ -568,7 +578,7 @@ impl Shared {
             router_id,
             Kept {
                 connection,
-                filters,
+                carried,
                 after,
             },
         );
@@ -590,7 +600,7 @@ impl Shared {
         let me = self.next_connection.fetch_add(1, Ordering::Relaxed);
         let claim = loop {
             // A connection that claimed the session takes it from the kept
-            // ones once its CONNACK is out (`kept_subscriptions`, which
+            // ones once its CONNACK is out (`kept_state`, which
             // aborts this task); one that ends before leaves it kept, and
             // it expires now.
             let holder = {

@@ -6,7 +6,7 @@
 
 mod outbound;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,14 +97,10 @@ const FAREWELL: Duration = Duration::from_secs(2);
 const CUT_FAREWELL: Duration = Duration::from_millis(300);
 
 /// QoS 2 PUBLISHes a client may have sent and not yet released (PUBREL);
-/// announced as Receive Maximum in an MQTT 5 CONNACK. The router keeps each
-/// until its release, so without a bound one connection could fill the
-/// broker's memory with them.
+/// announced as Receive Maximum in an MQTT 5 CONNACK. Each is delivered
+/// when it comes, and only its packet id is kept until its release, with
+/// the session.
 pub(crate) const RECEIVE_MAXIMUM: u16 = 32;
-
-/// And at most this many bytes of them (topic, payload and properties):
-/// 32 of the largest packets would be 8 MiB held for one connection.
-pub(crate) const UNRELEASED_BYTES_MAX: usize = 256 * 1024;
 
 /// Filters a connection other than the manager's may hold at once: a
 /// device needs a few, a provider its service's telemetry. The router
@@ -479,7 +475,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             let mut outbound = Outbound::new(receive_max, max_packet);
             // A session the router keeps comes back with its filters: they
             // count towards the limit again.
-            let mut subscribed = shared.kept_subscriptions(&router_id, clean);
+            let mut carried = shared.kept_state(&router_id, clean);
             let result = serve(
                 &mut framed,
                 &identity,
@@ -489,7 +485,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 keep_alive,
                 &shared,
                 source,
-                &mut subscribed,
+                &mut carried,
                 &cut,
             )
             .await;
@@ -573,17 +569,18 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 shared.keep_session(
                     router_id.clone(),
                     connection,
-                    std::mem::take(&mut subscribed),
+                    std::mem::take(&mut carried),
                     after,
                 );
             } else if !clean {
                 // Taken over: the router hands this session's filters to the
                 // newer connection, which counts them again once this one has
-                // ended (it waits for that); the session's end is its own.
+                // ended (it waits for that), and takes its unreleased QoS 2
+                // packet ids; the session's end is its own.
                 shared.keep_session(
                     router_id.clone(),
                     connection,
-                    std::mem::take(&mut subscribed),
+                    std::mem::take(&mut carried),
                     std::future::ready(()),
                 );
             }
@@ -790,7 +787,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     keep_alive: Duration,
     shared: &Shared,
     source: std::net::IpAddr,
-    subscribed: &mut HashSet<String>,
+    carried: &mut super::Carried,
     cut: &CancellationToken,
 ) -> Result<(DisconnectReasonCode, Option<u32>), SessionError> {
     let version = framed.version;
@@ -799,9 +796,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     // filters went to the router.
     let mut partial: HashMap<u16, Vec<bool>> = HashMap::new();
     let mut aliases = TopicAliases::default();
-    // Packet ids of the client's QoS 2 PUBLISHes not yet released.
-    // with the bytes each holds (at most 32 of them, summed when one comes).
-    let mut unreleased: HashMap<u16, usize> = HashMap::new();
+    let super::Carried {
+        filters: subscribed,
+        unreleased,
+    } = carried;
     // The filters it holds (not counted for the manager).
     let manager = matches!(identity, Identity::Manager { .. });
     let mut complaints = Complaints(0);
@@ -877,30 +875,30 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         if !manager {
                             publish.retain = false;
                         }
+                        // A QoS 2 PUBLISH is handed to the router at once and
+                        // released there (PUBREL) with it, and the client is
+                        // answered here: only its packet id waits for the
+                        // client's PUBREL, kept with the session, so that a
+                        // reconnect loses nothing (MQTT 5 §4.3.3, delivery
+                        // when it comes). The router's own PUBREC and PUBCOMP
+                        // for it are dropped (see the notifications below).
+                        let mut released = None;
                         if let (QoS::ExactlyOnce, pkid) = publish.qos_and_pkid() {
                             // A packet id not yet released is a resend of that
-                            // PUBLISH (MQTT 3.1.1 §4.3.3, MQTT 5 §4.3.3): the
-                            // router holds it once, and is told nothing more.
-                            if unreleased.contains_key(&pkid) {
-                                let again = rumqttd::protocol::PubRec { pkid, reason: rumqttd::protocol::PubRecReason::Success };
-                                framed.write(vec![Packet::PubRec(again, None)]).await?;
+                            // PUBLISH (MQTT 3.1.1 §4.3.3, MQTT 5 §4.3.3): it was
+                            // delivered, and is not again.
+                            if unreleased.contains(&pkid) {
+                                framed.write(vec![pubrec(pkid)]).await?;
                                 continue;
                             }
-                            let bytes = rumqttd::protocol::publish_size(&publish, props.as_ref());
-                            unreleased.insert(pkid, bytes);
+                            unreleased.push(pkid);
                             if unreleased.len() > usize::from(RECEIVE_MAXIMUM) {
                                 return Err(SessionError::Violation(
                                     DisconnectReasonCode::ReceiveMaximumExceeded,
                                     format!("more than {RECEIVE_MAXIMUM} QoS 2 PUBLISHes not released"),
                                 ));
                             }
-                            // Never less than one packet of the largest size.
-                            let most = UNRELEASED_BYTES_MAX.max(shared.limits.max_packet_size) + 48 * super::codec::MAX_USER_PROPERTIES;
-                            if unreleased.values().sum::<usize>() > most {
-                                return Err(SessionError::Quota(format!(
-                                    "more than {most} bytes of QoS 2 PUBLISHes not released"
-                                )));
-                            }
+                            released = Some(pkid);
                         }
                         // Copied out of the read buffer: the router keeps what
                         // it is given, and a slice of the buffer would keep
@@ -911,6 +909,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             *data = Bytes::copy_from_slice(data);
                         }
                         untold |= !send(tx, Packet::Publish(publish, props))?;
+                        if let Some(pkid) = released {
+                            let rel = rumqttd::protocol::PubRel { pkid, reason: rumqttd::protocol::PubRelReason::Success };
+                            untold |= !send(tx, Packet::PubRel(rel, None))?;
+                            framed.write(vec![pubrec(pkid)]).await?;
+                        }
                     }
                     Packet::Subscribe(mut subscribe, props) => {
                         // Whatever its filters (MQTT 5 §3.8.2.1.2).
@@ -973,21 +976,18 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         let expiry = props.and_then(|p| p.session_expiry_interval);
                         return Ok((bye.reason_code, expiry));
                     }
-                    // The router takes a PUBREL only without properties.
-                    // The router releases its oldest QoS 2 PUBLISH at any
-                    // PUBREL, and ends the connection at one it holds
-                    // nothing for: only a PUBREL of a PUBLISH it holds
-                    // reaches it, and any other is completed here.
+                    // The router has had the PUBLISH released since it came:
+                    // the client's PUBREL is completed here.
                     Packet::PubRel(pubrel, _) => {
-                        if unreleased.remove(&pubrel.pkid).is_some() {
-                            untold |= !send(tx, Packet::PubRel(pubrel, None))?
+                        let at = unreleased.iter().position(|p| *p == pubrel.pkid);
+                        let reason = if let Some(at) = at {
+                            unreleased.swap_remove(at);
+                            rumqttd::protocol::PubCompReason::Success
                         } else {
-                            let done = rumqttd::protocol::PubComp {
-                                pkid: pubrel.pkid,
-                                reason: rumqttd::protocol::PubCompReason::PacketIdentifierNotFound,
-                            };
-                            framed.write(vec![Packet::PubComp(done, None)]).await?;
-                        }
+                            rumqttd::protocol::PubCompReason::PacketIdentifierNotFound
+                        };
+                        let done = rumqttd::protocol::PubComp { pkid: pubrel.pkid, reason };
+                        framed.write(vec![Packet::PubComp(done, None)]).await?;
                     }
                     // Answers to the router's PUBLISHes free the client's quota.
                     ack @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
@@ -1021,6 +1021,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         Packet::SubAck(ack, props)
                     }
                     Packet::UnsubAck(..) => continue,
+                    // For the QoS 2 PUBLISHes released as they came: the
+                    // client was answered then (the router sends a PUBREC
+                    // and a PUBCOMP for nothing else).
+                    Packet::PubRec(..) | Packet::PubComp(..) => continue,
                     Packet::Disconnect(ref bye, _) => {
                         info!(identity = %identity.label(), reason = ?bye.reason_code, "router closed the session");
                         framed.write(vec![packet]).await?;
@@ -1037,6 +1041,15 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+/// A successful PUBREC for the client's QoS 2 PUBLISH `pkid`.
+fn pubrec(pkid: u16) -> Packet {
+    let rec = rumqttd::protocol::PubRec {
+        pkid,
+        reason: rumqttd::protocol::PubRecReason::Success,
+    };
+    Packet::PubRec(rec, None)
 }
 
 /// Writes what `out` has for the client and hands the router its part;
@@ -1189,12 +1202,11 @@ mod tests {
             (lasts, shared.ended(id, connection)),
             CancellationToken::new(),
         );
-        shared.keep_session(
-            id.to_string(),
-            connection,
-            HashSet::from(["f".to_string()]),
-            after,
-        );
+        let carried = crate::frontdoor::Carried {
+            filters: ["f".to_string()].into(),
+            ..Default::default()
+        };
+        shared.keep_session(id.to_string(), connection, carried, after);
         drop(claim);
     }
 
