@@ -259,9 +259,25 @@ fn settings_in<T: Serialize + Default>(
 mod tests {
     use super::*;
 
+    /// The broker's config from the environment `vars` alone: the config,
+    /// the variables taken and those left alone, each sorted.
+    fn from_environment(vars: &[(&str, &str)]) -> (BrokerConfig, Vec<String>, Vec<String>) {
+        let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let (settings, ignored) = settings_in::<BrokerConfig>("FLEET_BROKER", vars);
+        let mut taken: Vec<_> = settings.keys().cloned().collect();
+        taken.sort();
+        let cfg = config::Config::builder()
+            .add_source(source("FLEET_BROKER", settings))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        (cfg, taken, ignored)
+    }
+
     #[test]
     fn only_the_environment_s_own_settings_are_taken() {
-        let vars = [
+        let (cfg, taken, ignored) = from_environment(&[
             ("FLEET_BROKER_MAX_CONNECTIONS", "5"),
             ("FLEET_BROKER_METRICS_LISTEN", "127.0.0.1:9883"),
             // The manager's, beside fleet-broker.
@@ -270,11 +286,7 @@ mod tests {
             ("FLEET_BROKER_MAX_CONECTIONS", "5"),
             ("fleet_broker_max_idle_secs", "60"),
             ("HOME", "/root"),
-        ]
-        .map(|(k, v)| (k.to_string(), v.to_string()));
-        let (settings, ignored) = settings_in::<BrokerConfig>("FLEET_BROKER", vars.into_iter());
-        let mut taken: Vec<_> = settings.keys().cloned().collect();
-        taken.sort();
+        ]);
         assert_eq!(
             taken,
             [
@@ -291,12 +303,6 @@ mod tests {
                 "FLEET_BROKER_USERNAME"
             ]
         );
-        let cfg: BrokerConfig = config::Config::builder()
-            .add_source(source("FLEET_BROKER", settings))
-            .build()
-            .unwrap()
-            .try_deserialize()
-            .unwrap();
         assert_eq!(cfg.max_connections, 5);
         assert_eq!(cfg.max_idle_secs, 60);
         assert_eq!(cfg.metrics_listen, Some("127.0.0.1:9883".parse().unwrap()));
@@ -304,24 +310,14 @@ mod tests {
 
     #[test]
     fn an_environment_value_is_read_as_its_setting_s_type() {
-        let vars = [
+        let (cfg, _, _) = from_environment(&[
             // A text setting keeps its digits as written (a password or a
             // directory named `0123` is not the number 123).
             ("FLEET_BROKER_CERTS_DIR", "0123"),
-            ("FLEET_BROKER_MAX_CONNECTIONS", "7"),
             ("FLEET_BROKER_GRANT_CACHE", "false"),
             ("FLEET_BROKER_CONNECTS_PER_SEC_PER_SOURCE", "2.5"),
-        ]
-        .map(|(k, v)| (k.to_string(), v.to_string()));
-        let (settings, _) = settings_in::<BrokerConfig>("FLEET_BROKER", vars.into_iter());
-        let cfg: BrokerConfig = config::Config::builder()
-            .add_source(source("FLEET_BROKER", settings))
-            .build()
-            .unwrap()
-            .try_deserialize()
-            .unwrap();
+        ]);
         assert_eq!(cfg.certs_dir, PathBuf::from("0123"));
-        assert_eq!(cfg.max_connections, 7);
         assert!(!cfg.grant_cache);
         assert_eq!(cfg.connects_per_sec_per_source, 2.5);
     }

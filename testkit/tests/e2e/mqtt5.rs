@@ -2047,10 +2047,9 @@ async fn an_address_spending_its_bootstrap_budget_is_disconnected() {
 }
 
 /// A QoS 2 PUBLISH sent again under a packet id not yet released is the
-/// same message: answered PUBREC, held once, delivered once. A PUBREL for
-/// a packet id the broker holds nothing for is completed with PUBCOMP
-/// 0x92 and the connection goes on (the router would have released another
-/// message for it, or ended the connection).
+/// same message: answered PUBREC, delivered once. A PUBREL for a packet id
+/// the broker has nothing unreleased for is completed with PUBCOMP 0x92
+/// and the connection goes on.
 #[tokio::test]
 async fn qos2_resends_and_unknown_pubrels_release_nothing_twice() {
     let fleet = Fleet::start().await.unwrap();
