@@ -222,7 +222,9 @@ pub struct Shared {
     sessions: Mutex<HashMap<String, Holder>>,
     /// The one router link delayed Wills are published through, opened
     /// when the first is due.
-    pub will_link: tokio::sync::Mutex<Option<(rumqttd::local::LinkTx, rumqttd::local::LinkRx)>>,
+    /// With the packet id it last gave a Will (its answers are read and
+    /// dropped by a task of its own).
+    pub will_link: tokio::sync::Mutex<Option<(rumqttd::local::LinkTx, u16)>>,
     /// Serials of revoked certificates, kept by the service listener's
     /// [`Trust`] from the CRLs.
     pub revoked: Arc<RwLock<HashSet<String>>>,
@@ -606,7 +608,13 @@ impl Shared {
             let holder = {
                 let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
                 match sessions.get(router_id) {
-                    Some(holder) if holder.connection != connection => holder.ended.clone(),
+                    // (One whose session has ended without letting it go
+                    // holds it no longer.)
+                    Some(holder)
+                        if holder.connection != connection && !holder.ended.is_cancelled() =>
+                    {
+                        holder.ended.clone()
+                    }
                     _ => {
                         if self
                             .unkeep_if(router_id, |k| k.connection == connection)

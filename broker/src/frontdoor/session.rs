@@ -152,7 +152,10 @@ const TAKEOVER_WAIT: Duration = Duration::from_secs(1);
 
 /// A Will the grants allow, published by the front door when the
 /// connection ends without a normal DISCONNECT.
+#[derive(Clone)]
 struct Will {
+    /// At the Will's QoS, packet id 0 until it is published
+    /// ([`Will::packets`]).
     publish: Publish,
     properties: Option<PublishProperties>,
     /// The client's Will Delay Interval (MQTT 5), 0 if none.
@@ -174,6 +177,28 @@ impl Will {
         }
     }
 
+    /// What a link sends the router to publish the Will under packet id
+    /// `pkid`: at QoS 1 and 2 the router answers (PUBACK, or PUBREC and
+    /// PUBCOMP), and a QoS 2 message is released at once, as a client's is
+    /// (see `serve`); so it reaches each subscriber at the lower of its
+    /// QoS and the subscription's.
+    fn packets(self, pkid: u16) -> Vec<Packet> {
+        let mut publish = self.publish;
+        let (qos, _) = publish.qos_and_pkid();
+        if qos != QoS::AtMostOnce {
+            publish.set_qos_and_pkid(qos, pkid);
+        }
+        let mut packets = vec![Packet::Publish(publish, self.properties)];
+        if qos == QoS::ExactlyOnce {
+            let rel = rumqttd::protocol::PubRel {
+                pkid,
+                reason: rumqttd::protocol::PubRelReason::Success,
+            };
+            packets.push(Packet::PubRel(rel, None));
+        }
+        packets
+    }
+
     fn new(will: LastWill, properties: Option<LastWillProperties>) -> Will {
         let delay = properties
             .as_ref()
@@ -183,11 +208,15 @@ impl Will {
             delay,
             // Copied: as parsed they are slices of the connection's read
             // buffer, which they would keep whole for the session's life.
-            publish: Publish::new(
-                Bytes::copy_from_slice(&will.topic),
-                Bytes::copy_from_slice(&will.message),
-                will.retain,
-            ),
+            publish: {
+                let mut publish = Publish::new(
+                    Bytes::copy_from_slice(&will.topic),
+                    Bytes::copy_from_slice(&will.message),
+                    will.retain,
+                );
+                publish.set_qos_and_pkid(will.qos, 0);
+                publish
+            },
             properties: properties.map(|p| PublishProperties {
                 payload_format_indicator: p.payload_format_indicator,
                 message_expiry_interval: p.message_expiry_interval,
@@ -544,7 +573,13 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             if delayed && taken_over {
                 will = None;
             }
-            if !clean && !taken_over {
+            // Taken over, it is kept all the same: the router hands this
+            // session's filters to the newer connection, which counts them
+            // again once this one has ended (it waits for that) and takes
+            // its unreleased QoS 2 packet ids, or, if that connection ends
+            // before its CONNACK, the session expires as it would have.
+            // (A delayed Will of a session taken over was cancelled above.)
+            if !clean {
                 let will = will.take_if(|_| delayed).map(|will| {
                     debug!(identity = %label, delay = ?will_wait, "will delayed");
                     let serial = match &kind {
@@ -572,17 +607,6 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     std::mem::take(&mut carried),
                     after,
                 );
-            } else if !clean {
-                // Taken over: the router hands this session's filters to the
-                // newer connection, which counts them again once this one has
-                // ended (it waits for that), and takes its unreleased QoS 2
-                // packet ids; the session's end is its own.
-                shared.keep_session(
-                    router_id.clone(),
-                    connection,
-                    std::mem::take(&mut carried),
-                    std::future::ready(()),
-                );
             }
             match will {
                 None if delayed => {}
@@ -598,7 +622,8 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 Some(will) => {
                     shared.release(&router_id, connection);
                     debug!(identity = %label, "publishing the will");
-                    let _ = send_now(&mut tx, Packet::Publish(will.publish, will.properties)).await;
+                    // The link ends after it: the router's answer goes nowhere.
+                    let _ = send_all_now(&mut tx, will.packets(1)).await;
                 }
                 None => shared.release(&router_id, connection),
             }
@@ -762,16 +787,33 @@ async fn publish_through_will_link(shared: &Shared, will: Will) -> Result<(), St
     for _ in 0..2 {
         if link.is_none() {
             let (tx, rx, _ack) = shared.link.open(WILL_LINK.to_owned(), true).await?;
-            *link = Some((tx, rx));
+            tokio::spawn(drop_answers(rx));
+            *link = Some((tx, 0));
         }
-        let (tx, _) = link.as_mut().expect("opened above");
-        let publish = Packet::Publish(will.publish.clone(), will.properties.clone());
-        match send_now(tx, publish).await {
+        let (tx, last) = link.as_mut().expect("opened above");
+        *last = last.checked_add(1).unwrap_or(1);
+        match send_all_now(tx, will.clone().packets(*last)).await {
             Ok(()) => return Ok(()),
             Err(_) => *link = None,
         }
     }
     Err("the router refused the will link".into())
+}
+
+/// Reads what the router sends a link that only publishes (its answers to
+/// the Wills' QoS 1 and 2 PUBLISHes) until the link ends.
+async fn drop_answers(mut rx: LinkRx) {
+    loop {
+        match rx.next().await {
+            Ok(Some(Notification::Unschedule)) => {
+                if rx.wake().await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => return,
+        }
+    }
 }
 
 /// Serves packets both ways until the connection ends; returns the reason
@@ -891,13 +933,14 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                                 framed.write(vec![pubrec(pkid)]).await?;
                                 continue;
                             }
-                            unreleased.push(pkid);
-                            if unreleased.len() > usize::from(RECEIVE_MAXIMUM) {
+                            // Refused before its id is kept: it is not delivered.
+                            if unreleased.len() >= usize::from(RECEIVE_MAXIMUM) {
                                 return Err(SessionError::Violation(
                                     DisconnectReasonCode::ReceiveMaximumExceeded,
                                     format!("more than {RECEIVE_MAXIMUM} QoS 2 PUBLISHes not released"),
                                 ));
                             }
+                            unreleased.push(pkid);
                             released = Some(pkid);
                         }
                         // Copied out of the read buffer: the router keeps what
@@ -1106,6 +1149,18 @@ pub(crate) async fn send_now(tx: &mut LinkTx, packet: Packet) -> Result<(), Sess
     Ok(())
 }
 
+/// [`send_now`] for `packets`, in order; none is held across the wait.
+async fn send_all_now(tx: &mut LinkTx, packets: Vec<Packet>) -> Result<(), SessionError> {
+    let mut told = true;
+    for packet in packets {
+        told &= send(tx, packet)?;
+    }
+    if !told {
+        tell_router(tx).await?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -1261,6 +1316,22 @@ mod tests {
             let (_tx, _rx, ack) = shared.link.open(id.clone(), false).await.unwrap();
             assert!(!session_present(&ack), "{id}");
         }
+    }
+
+    /// A claim whose connection's task ended without letting the session
+    /// go (its future dropped, say) holds it no longer: the expiry goes on
+    /// instead of waiting on it, or spinning.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_claim_left_behind_does_not_hold_an_expiry() {
+        let shared = shared();
+        let id = "svcA.dev1";
+        kept(&shared, id, 1, Duration::from_secs(60), None).await;
+        drop(shared.claim(id, 2));
+        until(&shared, |s| {
+            s.metrics.sessions_expired.load(Ordering::Relaxed) == 1
+        })
+        .await;
+        assert_eq!(shared.metrics.sessions_kept.load(Ordering::Relaxed), 0);
     }
 
     /// A connection that claims a session while its expiry is ending it

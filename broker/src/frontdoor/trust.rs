@@ -702,27 +702,34 @@ impl TicketGate {
         }
         drop(refused);
         let result = self.check(plain);
-        if result.is_err() {
+        if let Err((_, true)) = result {
             refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
             if refused.len() >= REFUSED_TICKETS_MAX {
                 refused.clear();
             }
             refused.insert(digest);
         }
-        result
+        result.map_err(|(why, _)| why)
     }
 
-    fn check(&self, plain: &[u8]) -> Result<(), String> {
-        let ticket = read_ticket(plain).ok_or("not a ticket this broker writes")?;
+    /// Whether the ticket `plain` passes every check now; if not, why, and
+    /// whether for good (not if the checks could not be made: a grant file
+    /// that could not be read).
+    fn check(&self, plain: &[u8]) -> Result<(), (String, bool)> {
+        let refused = |why: &str| (why.to_string(), true);
+        let ticket = read_ticket(plain).ok_or(refused("not a ticket this broker writes"))?;
         let now = UnixTime::now();
         let age = now.as_secs().checked_sub(ticket.created);
         if !age.is_some_and(|age| age <= u64::from(self.keys.lifetime())) {
-            return Err(format!(
+            return Err(refused(&format!(
                 "issued at {}, too old or in the future",
                 ticket.created
-            ));
+            )));
         }
-        let (leaf, presented) = ticket.chain.split_first().ok_or("no certificate")?;
+        let (leaf, presented) = ticket
+            .chain
+            .split_first()
+            .ok_or(refused("no certificate"))?;
         let verifier = self
             .verifier
             .read()
@@ -730,7 +737,7 @@ impl TicketGate {
             .clone();
         verifier
             .check(leaf, presented, now)
-            .map_err(|e| e.to_string())
+            .map_err(|e| (e.to_string(), !matches!(e, rustls::Error::General(_))))
     }
 }
 
@@ -1111,7 +1118,9 @@ impl ClientVerifier {
             // device retries, where `access_denied` would have it renew a
             // certificate that is fine (topics.md §2.3).
             Err(why) => {
-                error!(device, service, error = %why, "certificate not checked: its grant file cannot be read");
+                if report {
+                    error!(device, service, error = %why, "certificate not checked: its grant file cannot be read");
+                }
                 return Err(rustls::Error::General(format!(
                     "grant file unreadable: {why}"
                 )));

@@ -907,6 +907,58 @@ async fn a_message_goes_at_the_lower_of_its_qos_and_the_subscription_s() {
     );
 }
 
+/// A Will reaches a subscriber at the lower of its own QoS and the
+/// subscription's: published when its connection ends, through the
+/// session's own link, and published later, delayed, through the front
+/// door's Will link.
+#[tokio::test]
+async fn a_will_goes_at_the_lower_of_its_qos_and_the_subscription_s() {
+    let fleet = Fleet::start().await.unwrap();
+    let observer = sender5(&fleet).await;
+    let filter = "/tenants/svcA/telemetry/+";
+    assert_eq!(
+        observer.subscribe(filter).await.unwrap(),
+        [SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    // Device, the Will's QoS, its delay, the QoS it reaches the observer at.
+    let cases = [
+        ("wq0", QoS::AtMostOnce, 0, QoS::AtMostOnce),
+        ("wq1", QoS::AtLeastOnce, 0, QoS::AtLeastOnce),
+        ("wq2", QoS::ExactlyOnce, 0, QoS::AtLeastOnce),
+        ("wq3", QoS::AtLeastOnce, 1, QoS::AtLeastOnce),
+        ("wq4", QoS::ExactlyOnce, 1, QoS::AtLeastOnce),
+        ("wq5", QoS::AtLeastOnce, 1, QoS::AtLeastOnce),
+    ];
+    for (device, qos, delay, delivered) in cases {
+        let auth = certified(&fleet, device, "svcA");
+        let mut o = lingering(&fleet, device, &auth, delay, delay > 0);
+        let properties = LastWillProperties {
+            delay_interval: Some(delay),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        };
+        let topic = format!("/tenants/svcA/telemetry/{device}");
+        o.set_last_will(LastWill::new(&topic, "gone", qos, false, Some(properties)));
+        let probe = eventually(T, "svcA's CA to be trusted", || {
+            let o = o.clone();
+            async move { Probe5::connect(o).await.ok() }
+        })
+        .await
+        .unwrap();
+        drop(probe);
+        observer.wait_for(&topic, 1, T).await.unwrap();
+        assert_eq!(
+            received(&observer, &topic),
+            [("gone".to_string(), delivered)],
+            "{device}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn no_more_than_the_receive_maximum_is_unacknowledged() {
     let fleet = Fleet::start().await.unwrap();
@@ -1985,6 +2037,47 @@ async fn a_qos2_exchange_is_completed_across_a_reconnect() {
     observer.wait_for(topic, 2, T).await.unwrap();
     let got: Vec<_> = observer.on(topic).into_iter().map(|m| m.payload).collect();
     assert_eq!(got, [b"once".to_vec(), b"marker".to_vec()]);
+}
+
+/// A QoS 2 PUBLISH over the Receive Maximum ends the connection and is
+/// not taken: sent again in the same kept session (after the client has
+/// released the others), it is delivered.
+#[tokio::test]
+async fn a_qos2_publish_over_the_receive_maximum_is_not_taken() {
+    let fleet = Fleet::start().await.unwrap();
+    let topic = "/tenants/svcA/fleet/v1/service/change/q2m";
+    let observer = fleet.privileged("q2m-observer").await.unwrap();
+    observer.subscribe(topic).await.unwrap();
+    let (mut s, _) = raw_kept(&fleet, "q2m").await;
+    for pkid in 1..=32u16 {
+        s.write_all(&raw_publish_qos2(topic, pkid, b"held"))
+            .await
+            .unwrap();
+        assert_eq!(read_async(&mut s).await.0, 0x50, "PUBREC {pkid}");
+    }
+    s.write_all(&raw_publish_qos2(topic, 33, b"over"))
+        .await
+        .unwrap();
+    assert_eq!(disconnect_reason(&until_closed(&mut s).await), 0x93);
+    let mut s = eventually(T, "the session to be let go", || async {
+        let (s, present) = raw_kept(&fleet, "q2m").await;
+        present.then_some(s)
+    })
+    .await
+    .unwrap();
+    // It releases what it had, then sends the one refused again.
+    for pkid in 1..=32u16 {
+        s.write_all(&[0x62, 0x02, (pkid >> 8) as u8, pkid as u8])
+            .await
+            .unwrap();
+        assert_eq!(read_async(&mut s).await.0, 0x70, "PUBCOMP {pkid}");
+    }
+    let mut again = raw_publish_qos2(topic, 33, b"over");
+    again[0] |= 0x08; // DUP
+    s.write_all(&again).await.unwrap();
+    assert_eq!(read_async(&mut s).await.0, 0x50, "PUBREC 33");
+    observer.wait_for(topic, 33, T).await.unwrap();
+    assert_eq!(observer.on(topic).last().unwrap().payload, b"over");
 }
 
 /// Sends `n` QoS 0 PUBLISHes of one byte to `topic` at once and reads until

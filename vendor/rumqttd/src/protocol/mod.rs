@@ -200,6 +200,13 @@ impl Publish {
         (self.qos, self.pkid)
     }
 
+    /// fleetshift: added. Sets the QoS and packet id (a Will's, published
+    /// by the front door at the QoS the client gave it).
+    pub fn set_qos_and_pkid(&mut self, qos: QoS, pkid: u16) {
+        self.qos = qos;
+        self.pkid = pkid;
+    }
+
     /// Approximate length for meter
     pub fn len(&self) -> usize {
         let len = 2 + self.topic.len() + self.payload.len();
