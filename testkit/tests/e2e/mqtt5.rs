@@ -2080,6 +2080,48 @@ async fn a_qos2_publish_over_the_receive_maximum_is_not_taken() {
     assert_eq!(observer.on(topic).last().unwrap().payload, b"over");
 }
 
+/// A kept session that was the last member of a shared subscription, and
+/// left a message of it unacknowledged, comes back to it: its leaving does
+/// not bring the router down.
+#[tokio::test]
+async fn the_last_member_of_a_shared_subscription_leaves_and_comes_back() {
+    let fleet = Fleet::start().await.unwrap();
+    let sender = sender5(&fleet).await;
+    let (user, secret) = &fleet.broker.manager_credentials;
+    let mut o = Probe5::options(fleet.broker.internal_addr, "sh1", None).unwrap();
+    o.set_credentials(user, secret);
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(600));
+    o.set_manual_acks(true);
+    let member = Probe5::connect(o.clone()).await.unwrap();
+    let topic = "fleet/v1/status/sh1";
+    assert_eq!(
+        member
+            .subscribe(&format!("$share/g/{topic}"))
+            .await
+            .unwrap(),
+        [SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    let reason = sender
+        .publish_acked(topic, None, b"m".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(reason, PubAckReason::Success);
+    member.wait_for(topic, 1, T).await.unwrap();
+    drop(member);
+    let back = eventually(T, "the session to be let go", || {
+        let o = o.clone();
+        async move {
+            let back = Probe5::connect(o).await.ok()?;
+            back.connack.session_present.then_some(back)
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!back.is_cut());
+    assert!(!sender.is_cut());
+}
+
 /// Sends `n` QoS 0 PUBLISHes of one byte to `topic` at once and reads until
 /// the broker closes; returns the reason code of its DISCONNECT.
 async fn publish_until_closed(s: &mut tokio::net::TcpStream, topic: &str, n: usize) -> u8 {
