@@ -282,9 +282,15 @@ pub(crate) struct Carried {
     /// Packet ids of the client's QoS 2 PUBLISHes it has not released
     /// (PUBREL): a resend under one is not delivered again, and its PUBREL
     /// is completed (MQTT 5 §4.3.3, §4.4). At most
-    /// [`session::RECEIVE_MAXIMUM`], so a list.
-    pub unreleased: Vec<u16>,
+    /// [`session::RECEIVE_MAXIMUM`], so a list. An id with [`UNCONFIRMED`]
+    /// set is one the router has not yet confirmed: it is not kept past
+    /// its connection (the client, which has had no PUBREC for it, sends
+    /// it again).
+    pub unreleased: Vec<u32>,
 }
+
+/// See [`Carried::unreleased`].
+pub(crate) const UNCONFIRMED: u32 = 1 << 16;
 
 /// A session the router keeps while no connection holds it.
 struct Kept {
@@ -573,6 +579,8 @@ impl Shared {
         carried: Carried,
         after: impl std::future::Future<Output = ()> + Send + 'static,
     ) {
+        let mut carried = carried;
+        carried.unreleased.retain(|id| id & UNCONFIRMED == 0);
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
         // Spawned under the lock: `after` finds its entry in place.
         let after = tokio::spawn(after).abort_handle();

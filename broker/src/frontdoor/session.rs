@@ -918,19 +918,23 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             publish.retain = false;
                         }
                         // A QoS 2 PUBLISH is handed to the router at once and
-                        // released there (PUBREL) with it, and the client is
-                        // answered here: only its packet id waits for the
-                        // client's PUBREL, kept with the session, so that a
-                        // reconnect loses nothing (MQTT 5 §4.3.3, delivery
-                        // when it comes). The router's own PUBREC and PUBCOMP
-                        // for it are dropped (see the notifications below).
+                        // released there (PUBREL) with it: delivery when it
+                        // comes (MQTT 5 §4.3.3). The client's PUBREC goes when
+                        // the router's PUBCOMP says it has the message (see
+                        // the notifications below); from then on only its
+                        // packet id waits for the client's PUBREL, kept with
+                        // the session, so that a reconnect loses nothing.
                         let mut released = None;
                         if let (QoS::ExactlyOnce, pkid) = publish.qos_and_pkid() {
                             // A packet id not yet released is a resend of that
-                            // PUBLISH (MQTT 3.1.1 §4.3.3, MQTT 5 §4.3.3): it was
-                            // delivered, and is not again.
-                            if unreleased.contains(&pkid) {
+                            // PUBLISH (MQTT 3.1.1 §4.3.3, MQTT 5 §4.3.3): it is
+                            // not delivered again; its PUBREC comes, or came.
+                            let id = u32::from(pkid);
+                            if unreleased.contains(&id) {
                                 framed.write(vec![pubrec(pkid)]).await?;
+                                continue;
+                            }
+                            if unreleased.contains(&(id | super::UNCONFIRMED)) {
                                 continue;
                             }
                             // Refused before its id is kept: it is not delivered.
@@ -940,7 +944,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                                     format!("more than {RECEIVE_MAXIMUM} QoS 2 PUBLISHes not released"),
                                 ));
                             }
-                            unreleased.push(pkid);
+                            unreleased.push(id | super::UNCONFIRMED);
                             released = Some(pkid);
                         }
                         // Copied out of the read buffer: the router keeps what
@@ -955,7 +959,6 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         if let Some(pkid) = released {
                             let rel = rumqttd::protocol::PubRel { pkid, reason: rumqttd::protocol::PubRelReason::Success };
                             untold |= !send(tx, Packet::PubRel(rel, None))?;
-                            framed.write(vec![pubrec(pkid)]).await?;
                         }
                     }
                     Packet::Subscribe(mut subscribe, props) => {
@@ -1022,7 +1025,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     // The router has had the PUBLISH released since it came:
                     // the client's PUBREL is completed here.
                     Packet::PubRel(pubrel, _) => {
-                        let at = unreleased.iter().position(|p| *p == pubrel.pkid);
+                        // (One the router has not confirmed yet, released
+                        // before its PUBREC, ends here too.)
+                        let at = unreleased.iter().position(|p| *p & 0xFFFF == u32::from(pubrel.pkid));
                         let reason = if let Some(at) = at {
                             unreleased.swap_remove(at);
                             rumqttd::protocol::PubCompReason::Success
@@ -1064,10 +1069,19 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         Packet::SubAck(ack, props)
                     }
                     Packet::UnsubAck(..) => continue,
-                    // For the QoS 2 PUBLISHes released as they came: the
-                    // client was answered then (the router sends a PUBREC
-                    // and a PUBCOMP for nothing else).
-                    Packet::PubRec(..) | Packet::PubComp(..) => continue,
+                    // For the QoS 2 PUBLISHes released as they came (the
+                    // router sends a PUBREC and a PUBCOMP for nothing else):
+                    // its PUBCOMP confirms the message, which the client's
+                    // PUBREC then says.
+                    Packet::PubRec(..) => continue,
+                    Packet::PubComp(done, _) => {
+                        let id = u32::from(done.pkid);
+                        if let Some(at) = unreleased.iter().position(|p| *p == id | super::UNCONFIRMED) {
+                            unreleased[at] = id;
+                            framed.write(vec![pubrec(done.pkid)]).await?;
+                        }
+                        continue;
+                    }
                     Packet::Disconnect(ref bye, _) => {
                         info!(identity = %identity.label(), reason = ?bye.reason_code, "router closed the session");
                         framed.write(vec![packet]).await?;
