@@ -575,6 +575,25 @@ fn lingering(
     will_delay: u32,
     keep_session: bool,
 ) -> MqttOptions {
+    lingering_at(
+        fleet,
+        device,
+        auth,
+        will_delay,
+        keep_session,
+        QoS::AtLeastOnce,
+    )
+}
+
+/// [`lingering`] with a Will of QoS `will_qos`.
+fn lingering_at(
+    fleet: &Fleet,
+    device: &str,
+    auth: &(Vec<u8>, Vec<u8>),
+    will_delay: u32,
+    keep_session: bool,
+    will_qos: QoS,
+) -> MqttOptions {
     let mut o = service_options(fleet, device, auth);
     if keep_session {
         o.set_clean_start(false);
@@ -592,7 +611,7 @@ fn lingering(
     o.set_last_will(LastWill::new(
         format!("/tenants/svcA/telemetry/{device}"),
         "gone",
-        QoS::AtLeastOnce,
+        will_qos,
         false,
         Some(properties),
     ));
@@ -931,18 +950,8 @@ async fn a_will_goes_at_the_lower_of_its_qos_and_the_subscription_s() {
     ];
     for (device, qos, delay, delivered) in cases {
         let auth = certified(&fleet, device, "svcA");
-        let mut o = lingering(&fleet, device, &auth, delay, delay > 0);
-        let properties = LastWillProperties {
-            delay_interval: Some(delay),
-            payload_format_indicator: None,
-            message_expiry_interval: None,
-            content_type: None,
-            response_topic: None,
-            correlation_data: None,
-            user_properties: Vec::new(),
-        };
+        let o = lingering_at(&fleet, device, &auth, delay, delay > 0, qos);
         let topic = format!("/tenants/svcA/telemetry/{device}");
-        o.set_last_will(LastWill::new(&topic, "gone", qos, false, Some(properties)));
         let probe = eventually(T, "svcA's CA to be trusted", || {
             let o = o.clone();
             async move { Probe5::connect(o).await.ok() }
@@ -1996,6 +2005,40 @@ async fn raw_kept(fleet: &Fleet, client_id: &str) -> (tokio::net::TcpStream, boo
     (s, body[0] & 1 == 1)
 }
 
+/// An observer with the manager's rights subscribed to `topic`, and a raw
+/// kept connection `client_id` (in a new session) to publish there.
+async fn kept_publisher(
+    fleet: &Fleet,
+    client_id: &str,
+    topic: &str,
+) -> (Probe, tokio::net::TcpStream) {
+    let observer = fleet
+        .privileged(&format!("{client_id}-observer"))
+        .await
+        .unwrap();
+    observer.subscribe(topic).await.unwrap();
+    let (s, present) = raw_kept(fleet, client_id).await;
+    assert!(!present);
+    (observer, s)
+}
+
+/// `client_id` connected again, in its kept session.
+async fn back_in_session(fleet: &Fleet, client_id: &str) -> tokio::net::TcpStream {
+    eventually(T, "the session to be let go", || async {
+        let (s, present) = raw_kept(fleet, client_id).await;
+        present.then_some(s)
+    })
+    .await
+    .unwrap()
+}
+
+/// A QoS 2 PUBLISH sent again (DUP set).
+fn qos2_again(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
+    let mut again = raw_publish_qos2(topic, pkid, payload);
+    again[0] |= 0x08;
+    again
+}
+
 /// A QoS 2 PUBLISH is delivered once, when it comes, and its packet id is
 /// kept with the session: after a reconnect the client's resend is not
 /// delivered again and its PUBREL is completed (MQTT 5 §4.3.3, §4.4).
@@ -2003,10 +2046,7 @@ async fn raw_kept(fleet: &Fleet, client_id: &str) -> (tokio::net::TcpStream, boo
 async fn a_qos2_exchange_is_completed_across_a_reconnect() {
     let fleet = Fleet::start().await.unwrap();
     let topic = "/tenants/svcA/fleet/v1/service/change/q2r";
-    let observer = fleet.privileged("q2obs").await.unwrap();
-    observer.subscribe(topic).await.unwrap();
-    let (mut s, present) = raw_kept(&fleet, "q2r").await;
-    assert!(!present);
+    let (observer, mut s) = kept_publisher(&fleet, "q2r", topic).await;
     s.write_all(&raw_publish_qos2(topic, 7, b"once"))
         .await
         .unwrap();
@@ -2015,15 +2055,8 @@ async fn a_qos2_exchange_is_completed_across_a_reconnect() {
     observer.wait_for(topic, 1, T).await.unwrap();
     // Gone before its PUBREL; back in the same session.
     drop(s);
-    let mut s = eventually(T, "the session to be let go", || async {
-        let (s, present) = raw_kept(&fleet, "q2r").await;
-        present.then_some(s)
-    })
-    .await
-    .unwrap();
-    let mut again = raw_publish_qos2(topic, 7, b"once");
-    again[0] |= 0x08; // DUP
-    s.write_all(&again).await.unwrap();
+    let mut s = back_in_session(&fleet, "q2r").await;
+    s.write_all(&qos2_again(topic, 7, b"once")).await.unwrap();
     let (first, body) = read_async(&mut s).await;
     assert_eq!((first, &body[..2]), (0x50, &[0u8, 7][..]), "PUBREC again");
     s.write_all(&[0x62, 0x02, 0, 7]).await.unwrap();
@@ -2046,9 +2079,7 @@ async fn a_qos2_exchange_is_completed_across_a_reconnect() {
 async fn a_qos2_publish_over_the_receive_maximum_is_not_taken() {
     let fleet = Fleet::start().await.unwrap();
     let topic = "/tenants/svcA/fleet/v1/service/change/q2m";
-    let observer = fleet.privileged("q2m-observer").await.unwrap();
-    observer.subscribe(topic).await.unwrap();
-    let (mut s, _) = raw_kept(&fleet, "q2m").await;
+    let (observer, mut s) = kept_publisher(&fleet, "q2m", topic).await;
     for pkid in 1..=32u16 {
         s.write_all(&raw_publish_qos2(topic, pkid, b"held"))
             .await
@@ -2059,12 +2090,7 @@ async fn a_qos2_publish_over_the_receive_maximum_is_not_taken() {
         .await
         .unwrap();
     assert_eq!(disconnect_reason(&until_closed(&mut s).await), 0x93);
-    let mut s = eventually(T, "the session to be let go", || async {
-        let (s, present) = raw_kept(&fleet, "q2m").await;
-        present.then_some(s)
-    })
-    .await
-    .unwrap();
+    let mut s = back_in_session(&fleet, "q2m").await;
     // It releases what it had, then sends the one refused again.
     for pkid in 1..=32u16 {
         s.write_all(&[0x62, 0x02, (pkid >> 8) as u8, pkid as u8])
@@ -2072,9 +2098,7 @@ async fn a_qos2_publish_over_the_receive_maximum_is_not_taken() {
             .unwrap();
         assert_eq!(read_async(&mut s).await.0, 0x70, "PUBCOMP {pkid}");
     }
-    let mut again = raw_publish_qos2(topic, 33, b"over");
-    again[0] |= 0x08; // DUP
-    s.write_all(&again).await.unwrap();
+    s.write_all(&qos2_again(topic, 33, b"over")).await.unwrap();
     assert_eq!(read_async(&mut s).await.0, 0x50, "PUBREC 33");
     observer.wait_for(topic, 33, T).await.unwrap();
     assert_eq!(observer.on(topic).last().unwrap().payload, b"over");
