@@ -282,7 +282,7 @@ pub(crate) struct Carried {
     /// Packet ids of the client's QoS 2 PUBLISHes it has not released
     /// (PUBREL): a resend under one is not delivered again, and its PUBREL
     /// is completed (MQTT 5 §4.3.3, §4.4). At most
-    /// [`session::RECEIVE_MAXIMUM`], so a list. An id with [`UNCONFIRMED`]
+    /// twice [`session::RECEIVE_MAXIMUM`], so a list. An id with [`UNCONFIRMED`]
     /// set is one the router has not yet confirmed: it is not kept past
     /// its connection (the client, which has had no PUBREC for it, sends
     /// it again).
@@ -291,6 +291,10 @@ pub(crate) struct Carried {
 
 /// See [`Carried::unreleased`].
 pub(crate) const UNCONFIRMED: u32 = 1 << 16;
+
+/// Set on the ids of [`Carried::unreleased`] that an earlier connection
+/// received: they do not count against the Receive Maximum of the next.
+pub(crate) const CARRIED: u32 = 1 << 17;
 
 /// A session the router keeps while no connection holds it.
 struct Kept {
@@ -581,6 +585,9 @@ impl Shared {
     ) {
         let mut carried = carried;
         carried.unreleased.retain(|id| id & UNCONFIRMED == 0);
+        for id in &mut carried.unreleased {
+            *id |= CARRIED;
+        }
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
         // Spawned under the lock: `after` finds its entry in place.
         let after = tokio::spawn(after).abort_handle();

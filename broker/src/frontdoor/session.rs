@@ -930,7 +930,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             // PUBLISH (MQTT 3.1.1 §4.3.3, MQTT 5 §4.3.3): it is
                             // not delivered again; its PUBREC comes, or came.
                             let id = u32::from(pkid);
-                            if unreleased.contains(&id) {
+                            if unreleased.iter().any(|p| p & !super::CARRIED == id) {
                                 framed.write(vec![pubrec(pkid)]).await?;
                                 continue;
                             }
@@ -938,7 +938,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                                 continue;
                             }
                             // Refused before its id is kept: it is not delivered.
-                            if unreleased.len() >= usize::from(RECEIVE_MAXIMUM) {
+                            // Those carried from an earlier connection do not
+                            // count against this one's Receive Maximum (MQTT 5
+                            // §4.9), but against a cap of twice it.
+                            let here = unreleased.iter().filter(|p| *p & super::CARRIED == 0).count();
+                            let most = usize::from(RECEIVE_MAXIMUM);
+                            if here >= most || unreleased.len() >= 2 * most {
                                 return Err(SessionError::Violation(
                                     DisconnectReasonCode::ReceiveMaximumExceeded,
                                     format!("more than {RECEIVE_MAXIMUM} QoS 2 PUBLISHes not released"),

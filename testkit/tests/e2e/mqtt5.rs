@@ -2074,7 +2074,8 @@ async fn a_qos2_exchange_is_completed_across_a_reconnect() {
 
 /// A QoS 2 PUBLISH over the Receive Maximum ends the connection and is
 /// not taken: sent again in the same kept session (after the client has
-/// released the others), it is delivered.
+/// released the others), it is delivered. The ids carried over do not
+/// count against the next connection's Receive Maximum.
 #[tokio::test]
 async fn a_qos2_publish_over_the_receive_maximum_is_not_taken() {
     let fleet = Fleet::start().await.unwrap();
@@ -2091,8 +2092,14 @@ async fn a_qos2_publish_over_the_receive_maximum_is_not_taken() {
         .unwrap();
     assert_eq!(disconnect_reason(&until_closed(&mut s).await), 0x93);
     let mut s = back_in_session(&fleet, "q2m").await;
+    // A new connection has a Receive Maximum of its own (MQTT 5 §4.9): the
+    // 32 carried over leave it room.
+    s.write_all(&raw_publish_qos2(topic, 34, b"new"))
+        .await
+        .unwrap();
+    assert_eq!(read_async(&mut s).await.0, 0x50, "PUBREC 34");
     // It releases what it had, then sends the one refused again.
-    for pkid in 1..=32u16 {
+    for pkid in (1..=32u16).chain([34]) {
         s.write_all(&[0x62, 0x02, (pkid >> 8) as u8, pkid as u8])
             .await
             .unwrap();
@@ -2100,7 +2107,7 @@ async fn a_qos2_publish_over_the_receive_maximum_is_not_taken() {
     }
     s.write_all(&qos2_again(topic, 33, b"over")).await.unwrap();
     assert_eq!(read_async(&mut s).await.0, 0x50, "PUBREC 33");
-    observer.wait_for(topic, 33, T).await.unwrap();
+    observer.wait_for(topic, 34, T).await.unwrap();
     assert_eq!(observer.on(topic).last().unwrap().payload, b"over");
 }
 
