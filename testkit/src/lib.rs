@@ -892,6 +892,18 @@ impl Devices {
         .with_context(|| format!("events so far: {:?}", self.events_of(device_id)))
     }
 
+    /// [`Devices::wait_event`] for the device's first `Connected` event.
+    pub async fn wait_connected(
+        &self,
+        device_id: &str,
+        within: Duration,
+    ) -> anyhow::Result<fleet_device_sim::DeviceEvent> {
+        self.wait_event(device_id, within, "connected", |e| {
+            matches!(e, fleet_device_sim::DeviceEvent::Connected { .. })
+        })
+        .await
+    }
+
     /// The device's stored state (secure element).
     pub fn store(&self, device_id: &str) -> anyhow::Result<fleet_device_sim::store::Store> {
         Ok(fleet_device_sim::store::Store::open(

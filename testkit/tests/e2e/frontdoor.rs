@@ -29,12 +29,7 @@ pub(crate) async fn running_fleet() -> (Fleet, Devices, Probe) {
         devices.spawn(devices.config(&fleet, d, KeyMode::Csr));
     }
     for d in ["dev1", "dev2"] {
-        devices
-            .wait_event(d, T, "connected", |e| {
-                matches!(e, DeviceEvent::Connected { .. })
-            })
-            .await
-            .unwrap();
+        devices.wait_connected(d, T).await.unwrap();
         // ... and its `online` report recorded, so the store is settled.
         eventually(T, "online recorded", || {
             let seen = fleet
@@ -817,12 +812,7 @@ async fn revocation_cuts_the_live_session_and_refuses_the_next_handshake() {
     let devices = Devices::new(fleet.dir.path().join("devices"));
     devices.provision(&fleet, "rev1", "svcA").await.unwrap();
     let task = devices.spawn(devices.config(&fleet, "rev1", KeyMode::Csr));
-    devices
-        .wait_event("rev1", T, "connected", |e| {
-            matches!(e, DeviceEvent::Connected { .. })
-        })
-        .await
-        .unwrap();
+    devices.wait_connected("rev1", T).await.unwrap();
     devices.shutdown.cancel();
     tokio::time::timeout(T, task)
         .await
@@ -926,12 +916,7 @@ async fn unreadable_requests_under_a_device_id_do_not_stop_its_activation() {
     .await
     .unwrap();
     devices.spawn(devices.config(&fleet, "target1", KeyMode::Csr));
-    devices
-        .wait_event("target1", T, "connected", |e| {
-            matches!(e, DeviceEvent::Connected { .. })
-        })
-        .await
-        .unwrap();
+    devices.wait_connected("target1", T).await.unwrap();
     stop.cancel();
     let failed = devices.events_of("target1");
     let failed: Vec<_> = failed

@@ -60,12 +60,7 @@ async fn operator_commands_reach_the_running_manager() {
         .map(|id| devices.spawn(devices.config(&fleet, id, KeyMode::Csr)))
         .collect();
     for id in ["op1", "op2"] {
-        devices
-            .wait_event(id, T, "connected", |e| {
-                matches!(e, DeviceEvent::Connected { .. })
-            })
-            .await
-            .unwrap();
+        devices.wait_connected(id, T).await.unwrap();
     }
     let out = cli(&[
         "change",
@@ -224,12 +219,7 @@ async fn a_running_device_that_is_reset_activates_again_and_comes_back() {
     let devices = Devices::new(fleet.dir.path().join("devices"));
     devices.provision(&fleet, "rst2", "svcA").await.unwrap();
     let task = devices.spawn(devices.config(&fleet, "rst2", KeyMode::Csr));
-    devices
-        .wait_event("rst2", T, "connected", |e| {
-            matches!(e, DeviceEvent::Connected { .. })
-        })
-        .await
-        .unwrap();
+    devices.wait_connected("rst2", T).await.unwrap();
     let before = fleet.core().store.device("rst2").unwrap().unwrap();
     cli(&["reset", "--admin", &fleet.admin(), "rst2"]).await;
     fleet_testkit::eventually(T, "rst2 activated and connected again", || {
@@ -283,12 +273,7 @@ async fn an_activation_sent_again_after_a_lost_reply_is_answered_once() {
     .await
     .unwrap();
     fleet.start_manager().await.unwrap();
-    devices
-        .wait_event("lost1", T, "connected", |e| {
-            matches!(e, DeviceEvent::Connected { .. })
-        })
-        .await
-        .unwrap();
+    devices.wait_connected("lost1", T).await.unwrap();
     let refused = devices.events_of("lost1").into_iter().any(
         |e| matches!(e, DeviceEvent::Failed { status: Some(status), .. } if status != Status::Busy),
     );

@@ -24,12 +24,7 @@ async fn sniffer_on_every_topic_sees_no_secret() {
     let _t1 = devices.spawn(devices.config(&fleet, "dev1", KeyMode::ManagerGenerated));
     let _t2 = devices.spawn(devices.config(&fleet, "dev2", KeyMode::Csr));
     for d in ["dev1", "dev2"] {
-        devices
-            .wait_event(d, T, "connected", |e| {
-                matches!(e, DeviceEvent::Connected { .. })
-            })
-            .await
-            .unwrap();
+        devices.wait_connected(d, T).await.unwrap();
     }
     fleet.change(&["dev1", "dev2"], "svcB").await.unwrap();
     for d in ["dev1", "dev2"] {
