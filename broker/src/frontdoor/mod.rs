@@ -580,10 +580,9 @@ impl Shared {
         self: &Arc<Self>,
         router_id: String,
         connection: u64,
-        carried: Carried,
+        mut carried: Carried,
         after: impl std::future::Future<Output = ()> + Send + 'static,
     ) {
-        let mut carried = carried;
         carried.unreleased.retain(|id| id & UNCONFIRMED == 0);
         for id in &mut carried.unreleased {
             *id |= CARRIED;

@@ -190,11 +190,7 @@ impl Will {
         }
         let mut packets = vec![Packet::Publish(publish, self.properties)];
         if qos == QoS::ExactlyOnce {
-            let rel = rumqttd::protocol::PubRel {
-                pkid,
-                reason: rumqttd::protocol::PubRelReason::Success,
-            };
-            packets.push(Packet::PubRel(rel, None));
+            packets.push(pubrel(pkid));
         }
         packets
     }
@@ -962,8 +958,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         }
                         untold |= !send(tx, Packet::Publish(publish, props))?;
                         if let Some(pkid) = released {
-                            let rel = rumqttd::protocol::PubRel { pkid, reason: rumqttd::protocol::PubRelReason::Success };
-                            untold |= !send(tx, Packet::PubRel(rel, None))?;
+                            untold |= !send(tx, pubrel(pkid))?;
                         }
                     }
                     Packet::Subscribe(mut subscribe, props) => {
@@ -1103,6 +1098,16 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+/// The PUBREL that releases, in the router, the QoS 2 PUBLISH `pkid` a
+/// link has just sent it.
+fn pubrel(pkid: u16) -> Packet {
+    let rel = rumqttd::protocol::PubRel {
+        pkid,
+        reason: rumqttd::protocol::PubRelReason::Success,
+    };
+    Packet::PubRel(rel, None)
 }
 
 /// A successful PUBREC for the client's QoS 2 PUBLISH `pkid`.
