@@ -263,6 +263,7 @@ fn claim_in(sessions: &mut HashMap<String, Holder>, router_id: &str, connection:
             connection,
             taken: CancellationToken::new(),
             ended: ended.clone(),
+            took: false,
         },
     );
     Claim {
@@ -314,6 +315,9 @@ struct Holder {
     taken: CancellationToken,
     /// Cancelled when the holder's session has ended (see [`Claim`]).
     ended: CancellationToken,
+    /// Whether the holder has taken the session, its CONNACK sent
+    /// ([`Shared::kept_state`]).
+    took: bool,
 }
 
 /// A connection's claim on a router session.
@@ -540,8 +544,17 @@ impl Shared {
     /// What a session carried when its last connection ended, if the
     /// router kept it (`clean` false); a clean session starts with
     /// nothing, and the router forgets what was kept. Either way the
-    /// session is no longer waiting to expire.
-    pub(crate) fn kept_state(&self, router_id: &str, clean: bool) -> Carried {
+    /// session is no longer waiting to expire, and `connection`, which
+    /// has sent its CONNACK, has taken it.
+    pub(crate) fn kept_state(&self, router_id: &str, connection: u64, clean: bool) -> Carried {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(holder) = sessions
+            .get_mut(router_id)
+            .filter(|h| h.connection == connection)
+        {
+            holder.took = true;
+        }
+        drop(sessions);
         match self.unkeep(router_id) {
             Some(kept) => {
                 kept.after.abort();
@@ -575,7 +588,11 @@ impl Shared {
 
     /// Keeps the session `router_id`, whose last connection `connection`
     /// has ended, with what it `carried`, until a connection claims it or
-    /// it expires: `after` (`session::after_session`) runs meanwhile.
+    /// it expires: `after` (`session::after_session`) runs meanwhile. A
+    /// session that a newer connection has already taken over (its CONNACK
+    /// sent while this one was still ending), or has left kept itself, is
+    /// that connection's: nothing of this one is kept, and `after` does not
+    /// run. (Connections are numbered in the order they come.)
     pub(crate) fn keep_session(
         self: &Arc<Self>,
         router_id: String,
@@ -587,7 +604,25 @@ impl Shared {
         for id in &mut carried.unreleased {
             *id |= CARRIED;
         }
+        // Locked before `kept`, and held: a newer connection takes the
+        // session either before this (and nothing is kept) or after (and
+        // takes what is).
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if sessions
+            .get(&router_id)
+            .is_some_and(|h| h.connection != connection && h.took)
+        {
+            debug!(session = %router_id, "session taken over before its last connection ended");
+            return;
+        }
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        if kept
+            .get(&router_id)
+            .is_some_and(|k| k.connection > connection)
+        {
+            debug!(session = %router_id, "session kept by a newer connection");
+            return;
+        }
         // Spawned under the lock: `after` finds its entry in place.
         let after = tokio::spawn(after).abort_handle();
         let before = kept.insert(
@@ -606,19 +641,20 @@ impl Shared {
             .store(kept.len() as u64, Ordering::Relaxed);
     }
 
-    /// Ends the kept session `router_id` that connection `connection` left,
-    /// unless a connection has taken it since: the router is told to
-    /// forget it (a clean link of the same client id, opened and closed).
-    /// While a connection holds a claim on it, this waits for that
-    /// connection to take it or end. A connection that claims it while this
-    /// runs gets a new session.
-    pub(crate) async fn expire_session(&self, router_id: &str, connection: u64) {
-        let me = self.next_connection.fetch_add(1, Ordering::Relaxed);
-        let claim = loop {
-            // A connection that claimed the session takes it from the kept
-            // ones once its CONNACK is out (`kept_state`, which
-            // aborts this task); one that ends before leaves it kept, and
-            // it expires now.
+    /// Waits until no connection other than `connection` holds a live
+    /// claim on the session `router_id`, then runs `then` on the sessions,
+    /// locked. A connection that claimed the session takes it from the
+    /// kept ones once its CONNACK is out (`kept_state`, which aborts the
+    /// task waiting here); one that ends before leaves it kept. `None` if
+    /// the broker stops first.
+    async fn after_claims<R>(
+        &self,
+        router_id: &str,
+        connection: u64,
+        then: impl FnOnce(&mut HashMap<String, Holder>) -> R,
+    ) -> Option<R> {
+        let mut then = Some(then);
+        loop {
             let holder = {
                 let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
                 match sessions.get(router_id) {
@@ -629,21 +665,63 @@ impl Shared {
                     {
                         holder.ended.clone()
                     }
-                    _ => {
-                        if self
-                            .unkeep_if(router_id, |k| k.connection == connection)
-                            .is_none()
-                        {
-                            return;
-                        }
-                        break claim_in(&mut sessions, router_id, me).ended;
-                    }
+                    _ => return then.take().map(|then| then(&mut sessions)),
                 }
             };
             tokio::select! {
-                _ = self.stopping.cancelled() => return,
+                _ = self.stopping.cancelled() => return None,
                 _ = holder.cancelled() => {}
             }
+        }
+    }
+
+    /// Whether the session `router_id` is still kept as `connection` left
+    /// it.
+    fn kept_as_left(&self, router_id: &str, connection: u64) -> bool {
+        self.kept
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(router_id)
+            .is_some_and(|k| k.connection == connection)
+    }
+
+    /// For a delayed Will of the session `router_id`, kept since
+    /// `connection` ended, whose identity has claimed it again: waits until
+    /// that claim (and any that follow it) is settled. False if the broker
+    /// stops or the session is no longer kept; true if every claim ended
+    /// before its CONNACK, and then `connection` holds the session again,
+    /// so that [`Shared::taken`] shows the next claim.
+    pub(crate) async fn claims_failed(&self, router_id: &str, connection: u64) -> bool {
+        self.after_claims(router_id, connection, |sessions| {
+            let kept = self.kept_as_left(router_id, connection);
+            if kept {
+                // Ended at once: a connection that claims it next does not
+                // wait for this one.
+                drop(claim_in(sessions, router_id, connection).ended);
+            }
+            kept
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// Ends the kept session `router_id` that connection `connection` left,
+    /// unless a connection has taken it since: the router is told to
+    /// forget it (a clean link of the same client id, opened and closed).
+    /// While a connection holds a claim on it, this waits for that
+    /// connection to take it or end. A connection that claims it while this
+    /// runs gets a new session.
+    pub(crate) async fn expire_session(&self, router_id: &str, connection: u64) {
+        let me = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        let claim = self
+            .after_claims(router_id, connection, |sessions| {
+                self.unkeep_if(router_id, |k| k.connection == connection)
+                    .map(|_| claim_in(sessions, router_id, me).ended)
+            })
+            .await
+            .flatten();
+        let Some(claim) = claim else {
+            return;
         };
         match self.link.open(router_id.to_string(), true).await {
             Ok((mut tx, _rx, _ack)) => {

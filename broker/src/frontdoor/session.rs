@@ -500,7 +500,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             let mut outbound = Outbound::new(receive_max, max_packet);
             // A session the router keeps comes back with its filters: they
             // count towards the limit again.
-            let mut carried = shared.kept_state(&router_id, clean);
+            let mut carried = shared.kept_state(&router_id, connection, clean);
             let result = serve(
                 &mut framed,
                 &identity,
@@ -547,7 +547,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             // for a certificate that is no longer valid. A session taken over by
             // a newer connection publishes its Will at once if it has no delay
             // (MQTT 5 §3.1.4, §3.1.2.5); a delayed one is cancelled by that very
-            // connection.
+            // connection once it has taken the session (its CONNACK sent).
             let now = rustls::pki_types::UnixTime::now().as_secs();
             let invalid = matches!(&kind, ListenerKind::Service(cert)
             if shared.is_revoked(&cert.serial) || cert.expired(now));
@@ -557,24 +557,20 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     // §3.1.2.5); MQTT 3.1.1's DISCONNECT reads as one.
                     Ok(reason) => *reason != DisconnectReasonCode::NormalDisconnection,
                     Err(SessionError::Revoked) => false,
-                    Err(_) if taken_over => will_wait.is_zero(),
+                    Err(_) if taken_over => true,
                     Err(_) => link_alive,
                 };
             let mut will = will.filter(|_| publish_will);
             // A session the router keeps waits for its identity to come
             // back, with its delayed Will (only a kept session's Will waits,
-            // see `Will::wait`), until it expires. One taken over is the
-            // newer connection's.
+            // see `Will::wait`), until it expires.
             let delayed = will.is_some() && !will_wait.is_zero();
-            if delayed && taken_over {
-                will = None;
-            }
             // Taken over, it is kept all the same: the router hands this
             // session's filters to the newer connection, which counts them
             // again once this one has ended (it waits for that) and takes
-            // its unreleased QoS 2 packet ids, or, if that connection ends
-            // before its CONNACK, the session expires as it would have.
-            // (A delayed Will of a session taken over was cancelled above.)
+            // its unreleased QoS 2 packet ids and cancels its delayed Will,
+            // or, if that connection ends before its CONNACK, the Will and
+            // the session go as they would have (`after_session`).
             if !clean {
                 let will = will.take_if(|_| delayed).map(|will| {
                     debug!(identity = %label, delay = ?will_wait, "will delayed");
@@ -702,11 +698,11 @@ type DelayedWill = (Will, Duration, Option<(String, u64)>);
 /// first, then the end of the session after `lasts`, both counted from
 /// now, and never before the connection has finished with the router
 /// (`ended`: a Will due at once published, the router told). A
-/// connection of the same identity that claims the session first cancels
-/// the Will, and the expiry once it takes the session after its CONNACK
-/// (`Shared::kept_subscriptions` aborts this task); if it ends before
-/// that, the session expires when it would have. The broker stopping ends
-/// both.
+/// connection of the same identity that takes the session after its
+/// CONNACK cancels both (`Shared::kept_state` aborts this task); while it
+/// has claimed the session and not yet taken it, neither goes, and if it
+/// ends before that, the Will and the session go when they would have,
+/// or at once if that time has passed. The broker stopping ends both.
 async fn after_session(
     shared: Arc<Shared>,
     (router_id, connection): (String, u64),
@@ -736,7 +732,9 @@ async fn after_session(
 }
 
 /// Publishes `will` after `delay` unless a newer connection of the same
-/// identity claims the session `router_id` first, the certificate with
+/// identity takes the session `router_id` first (a claim whose connection
+/// ends before its CONNACK only holds the Will while it lasts), the
+/// certificate with
 /// `serial` is revoked or expires (its notAfter passes) meanwhile, or the
 /// connection's `cut` is cancelled (the broker stops, the certificate is
 /// revoked).
@@ -747,18 +745,29 @@ async fn publish_will_later(
     delay: Duration,
     cut: &CancellationToken,
 ) {
-    let taken = shared.taken(router_id, connection);
-    tokio::select! {
-        _ = cut.cancelled() => {
-            shared.release(router_id, connection);
-            debug!(session = %router_id, "delayed will dropped: the broker stops or the certificate was revoked");
-            return;
+    let due = tokio::time::Instant::now() + delay;
+    loop {
+        let taken = shared.taken(router_id, connection);
+        tokio::select! {
+            biased;
+            _ = cut.cancelled() => {
+                shared.release(router_id, connection);
+                debug!(session = %router_id, "delayed will dropped: the broker stops or the certificate was revoked");
+                return;
+            }
+            _ = taken.cancelled() => {}
+            _ = tokio::time::sleep_until(due) => break,
         }
-        _ = taken.cancelled() => {
+        // The identity is back: the connection that claimed the session
+        // takes it, and cancels the Will, once its CONNACK is out (this
+        // task is aborted then). One that ends before that leaves the
+        // session as it was, and the Will waits out its delay, or goes at
+        // once if that passed meanwhile.
+        debug!(session = %router_id, "delayed will held: the identity is reconnecting");
+        if !shared.claims_failed(router_id, connection).await {
             debug!(session = %router_id, "delayed will cancelled: the identity reconnected");
             return;
         }
-        _ = tokio::time::sleep(delay) => {}
     }
     shared.release(router_id, connection);
     let now = rustls::pki_types::UnixTime::now().as_secs();
@@ -1252,6 +1261,51 @@ mod tests {
         }
     }
 
+    /// A SUBSCRIBE to `path` at QoS 1.
+    fn subscribe(path: &str) -> Packet {
+        let subscribe = rumqttd::protocol::Subscribe {
+            pkid: 1,
+            filters: vec![rumqttd::protocol::Filter {
+                path: path.into(),
+                qos: rumqttd::protocol::QoS::AtLeastOnce,
+                nolocal: false,
+                preserve_retain: false,
+                retain_forward_rule: rumqttd::protocol::RetainForwardRule::OnEverySubscribe,
+            }],
+        };
+        Packet::Subscribe(subscribe, None)
+    }
+
+    /// The topic of the Wills of [`kept`].
+    const WILL_TOPIC: &str = "/tenants/svcA/telemetry/dev1/will";
+
+    /// The instants (on the test's clock) at which Wills published on
+    /// [`WILL_TOPIC`] reach a subscriber.
+    async fn wills(shared: &Shared) -> Arc<Mutex<Vec<tokio::time::Instant>>> {
+        let (mut tx, mut rx, _ack) = shared.link.open("watcher".into(), true).await.unwrap();
+        send_now(&mut tx, subscribe(WILL_TOPIC)).await.unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let wills = seen.clone();
+        tokio::spawn(async move {
+            let _tx = tx;
+            loop {
+                match rx.next().await {
+                    Ok(Some(Notification::Forward(_))) => {
+                        wills.lock().push(tokio::time::Instant::now())
+                    }
+                    Ok(Some(Notification::Unschedule)) => {
+                        if rx.wake().await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        seen
+    }
+
     /// Session `id` as connection `connection` leaves it: held by the
     /// router, kept here until `lasts` passes, with a Will delayed by
     /// `will` if some.
@@ -1263,10 +1317,38 @@ mod tests {
         will: Option<Duration>,
     ) {
         let claim = shared.claim(id, connection);
+        leave(shared, id, connection, lasts, will).await;
+        drop(claim);
+    }
+
+    /// Session `id` as connection 1 leaves it after connection 2 has
+    /// claimed it (a takeover), with a Will delayed by `will`; connection
+    /// 2's claim.
+    async fn taken_over(
+        shared: &Arc<Shared>,
+        id: &str,
+        lasts: Duration,
+        will: Duration,
+    ) -> crate::frontdoor::Claim {
+        let first = shared.claim(id, 1);
+        let second = shared.claim(id, 2);
+        leave(shared, id, 1, lasts, Some(will)).await;
+        drop(first);
+        second
+    }
+
+    /// What [`kept`] does once the session is claimed.
+    async fn leave(
+        shared: &Arc<Shared>,
+        id: &str,
+        connection: u64,
+        lasts: Duration,
+        will: Option<Duration>,
+    ) {
         let (mut tx, _rx, _ack) = shared.link.open(id.to_string(), false).await.unwrap();
         send_now(&mut tx, router_goodbye()).await.unwrap();
         let will = will.map(|wait| {
-            let publish = Publish::new("/tenants/svcA/telemetry/dev1/will", "gone", false);
+            let publish = Publish::new(WILL_TOPIC, "gone", false);
             let will = Will {
                 publish,
                 properties: None,
@@ -1286,13 +1368,12 @@ mod tests {
             ..Default::default()
         };
         shared.keep_session(id.to_string(), connection, carried, after);
-        drop(claim);
     }
 
-    /// Waits (on the test's clock) until `what` holds of `shared`.
-    async fn until(shared: &Shared, what: impl Fn(&Shared) -> bool) {
+    /// Waits (on the test's clock) until `what` holds.
+    async fn until(what: impl Fn() -> bool) {
         tokio::time::timeout(Duration::from_secs(3600), async {
-            while !what(shared) {
+            while !what() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
@@ -1327,10 +1408,7 @@ mod tests {
             // What a connection does when its CONNACK cannot go.
             shared.release(&id, 2);
             drop(second);
-            until(&shared, |s| {
-                s.metrics.sessions_expired.load(Ordering::Relaxed) == expired + 1
-            })
-            .await;
+            until(|| shared.metrics.sessions_expired.load(Ordering::Relaxed) == expired + 1).await;
             assert_eq!(
                 shared.metrics.sessions_kept.load(Ordering::Relaxed),
                 0,
@@ -1351,11 +1429,111 @@ mod tests {
         let id = "svcA.dev1";
         kept(&shared, id, 1, Duration::from_secs(60), None).await;
         drop(shared.claim(id, 2));
-        until(&shared, |s| {
-            s.metrics.sessions_expired.load(Ordering::Relaxed) == 1
-        })
-        .await;
+        until(|| shared.metrics.sessions_expired.load(Ordering::Relaxed) == 1).await;
         assert_eq!(shared.metrics.sessions_kept.load(Ordering::Relaxed), 0);
+    }
+
+    /// A delayed Will is held while a connection of its identity claims
+    /// the session: one that ends before its CONNACK leaves the Will to go
+    /// when it would have, or at once if its delay passed meanwhile; one
+    /// that takes the session cancels it.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_delayed_will_outlives_a_claim_whose_connection_fails() {
+        let shared = shared();
+        let wills = wills(&shared).await;
+        let (delay, lasts) = (Duration::from_secs(10), Duration::from_secs(60));
+        let secs = Duration::from_secs;
+        // Claimed at 2 s, the claim ended at 5 s or 20 s: the Will at 10 s
+        // or 20 s.
+        for (n, (ended, published)) in [(secs(5), secs(10)), (secs(20), secs(20))]
+            .into_iter()
+            .enumerate()
+        {
+            let id = format!("svcA.dev{n}");
+            let start = tokio::time::Instant::now();
+            kept(&shared, &id, 1, lasts, Some(delay)).await;
+            tokio::time::sleep(secs(2)).await;
+            let claim = shared.claim(&id, 2);
+            tokio::time::sleep_until(start + ended).await;
+            assert_eq!(wills.lock().len(), n, "held while claimed");
+            // What a connection does when its CONNACK cannot go.
+            shared.release(&id, 2);
+            drop(claim);
+            until(|| wills.lock().len() == n + 1).await;
+            let at = wills.lock()[n] - start;
+            assert!(
+                at.abs_diff(published) < Duration::from_millis(100),
+                "{at:?}"
+            );
+            // The session then expires as it would have.
+            until(|| shared.metrics.sessions_expired.load(Ordering::Relaxed) == n as u64 + 1).await;
+        }
+        // Taken over from a live connection by one that then fails: the
+        // older connection's Will goes at its time all the same.
+        let start = tokio::time::Instant::now();
+        let claim = taken_over(&shared, "svcA.dev2", lasts, delay).await;
+        tokio::time::sleep(secs(5)).await;
+        assert_eq!(wills.lock().len(), 2, "held while claimed");
+        shared.release("svcA.dev2", 2);
+        drop(claim);
+        until(|| wills.lock().len() == 3).await;
+        let at = wills.lock()[2] - start;
+        assert!(at.abs_diff(delay) < Duration::from_millis(100), "{at:?}");
+        // A connection that takes the session.
+        let id = "svcA.dev9";
+        kept(&shared, id, 1, lasts, Some(delay)).await;
+        let claim = shared.claim(id, 2);
+        let carried = shared.kept_state(id, 2, false);
+        assert!(carried.filters.contains("f"));
+        // And one that takes it over.
+        let over = taken_over(&shared, "svcA.dev8", lasts, delay).await;
+        let _ = shared.kept_state("svcA.dev8", 2, false);
+        tokio::time::sleep(lasts * 2).await;
+        assert_eq!(wills.lock().len(), 3, "no Will once taken");
+        drop((claim, over));
+    }
+
+    /// A connection taken over that ends only after the newer connection
+    /// has taken the session (its CONNACK sent), or has left it kept
+    /// itself, keeps nothing: the session is the newer connection's.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_connection_taken_over_keeps_nothing_of_a_session_taken_since() {
+        let shared = shared();
+        let id = "svcA.dev1";
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let older = |ran: Arc<std::sync::atomic::AtomicBool>| {
+            let carried = crate::frontdoor::Carried {
+                filters: ["older".to_string()].into(),
+                ..Default::default()
+            };
+            let after = async move { ran.store(true, Ordering::Relaxed) };
+            (carried, after)
+        };
+        let first = shared.claim(id, 1);
+        let second = shared.claim(id, 2);
+        let _ = shared.kept_state(id, 2, false);
+        let (carried, after) = older(ran.clone());
+        shared.keep_session(id.to_string(), 1, carried, after);
+        assert_eq!(shared.metrics.sessions_kept.load(Ordering::Relaxed), 0);
+        // The newer connection ends and leaves the session kept before
+        // the older one is done.
+        let newer = crate::frontdoor::Carried {
+            filters: ["newer".to_string()].into(),
+            ..Default::default()
+        };
+        shared.keep_session(id.to_string(), 2, newer, std::future::pending());
+        shared.release(id, 2);
+        drop((first, second));
+        let (carried, after) = older(ran.clone());
+        shared.keep_session(id.to_string(), 1, carried, after);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            !ran.load(Ordering::Relaxed),
+            "the older connection's after ran"
+        );
+        let _third = shared.claim(id, 3);
+        let carried = shared.kept_state(id, 3, false);
+        assert_eq!(carried.filters, ["newer".to_string()].into());
     }
 
     /// A connection that claims a session while its expiry is ending it
@@ -1385,19 +1563,12 @@ mod tests {
         expiry.await.unwrap();
         assert_eq!(shared.metrics.sessions_expired.load(Ordering::Relaxed), 1);
         // The link is the session's: the router answers it.
-        let subscribe = rumqttd::protocol::Subscribe {
-            pkid: 1,
-            filters: vec![rumqttd::protocol::Filter {
-                path: "/tenants/svcA/fleet/v1/service/change/dev1".into(),
-                qos: rumqttd::protocol::QoS::AtLeastOnce,
-                nolocal: false,
-                preserve_retain: false,
-                retain_forward_rule: rumqttd::protocol::RetainForwardRule::OnEverySubscribe,
-            }],
-        };
-        send_now(&mut tx, Packet::Subscribe(subscribe, None))
-            .await
-            .unwrap();
+        send_now(
+            &mut tx,
+            subscribe("/tenants/svcA/fleet/v1/service/change/dev1"),
+        )
+        .await
+        .unwrap();
         let answer = tokio::time::timeout(Duration::from_secs(5), rx.next()).await;
         assert!(
             matches!(answer, Ok(Ok(Some(Notification::DeviceAck(_))))),
