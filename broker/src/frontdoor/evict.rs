@@ -71,8 +71,23 @@ pub fn source_key(addr: IpAddr) -> IpAddr {
 /// started.
 #[derive(Default)]
 pub struct PendingSet {
-    by_source: HashMap<IpAddr, BTreeMap<u64, (Instant, CancellationToken)>>,
+    by_source: HashMap<IpAddr, OfSource>,
     len: usize,
+}
+
+/// The pending connections of one source.
+#[derive(Default)]
+struct OfSource {
+    by_id: BTreeMap<u64, Entry>,
+    /// How many of them hold a bootstrap slot.
+    bootstrap: usize,
+}
+
+struct Entry {
+    started: Instant,
+    closing: CancellationToken,
+    /// Whether it holds a bootstrap slot (see [`PendingSet::make_room`]).
+    bootstrap: bool,
 }
 
 /// How many connections a [`PendingSet`] counts before it picks one to
@@ -91,34 +106,54 @@ impl PendingSet {
     /// oldest connection of the source with the most, so that a source that
     /// floods closes its own connections, not the slow handshakes of
     /// others; none if that one is younger than `limit.min_age`.
+    /// `bootstrap`: whether the connection holds a bootstrap slot.
     pub fn insert(
         &mut self,
         source: IpAddr,
         id: u64,
-        closing: CancellationToken,
+        (closing, bootstrap): (CancellationToken, bool),
         now: Instant,
         limit: PendingLimit,
     ) -> Option<CancellationToken> {
-        self.by_source
-            .entry(source)
-            .or_default()
-            .insert(id, (now, closing));
-        self.len += 1;
+        let of_source = self.by_source.entry(source).or_default();
+        let entry = Entry {
+            started: now,
+            closing,
+            bootstrap,
+        };
+        if of_source.by_id.insert(id, entry).is_none() {
+            of_source.bootstrap += usize::from(bootstrap);
+            self.len += 1;
+        }
         // Counted with the newcomer, which being the newest is never the
         // one chosen.
         if self.len > limit.max {
-            self.pop_from_largest(now, limit.min_age)
+            self.pop_from_largest(now, limit.min_age, false)
         } else {
             None
         }
     }
 
+    /// A listener is full and a new connection waits for a slot: the token
+    /// of the pending connection to close for it, chosen as by
+    /// [`PendingSet::insert`] (among those that hold a bootstrap slot, if
+    /// `bootstrap`), or none if that one is younger than `min_age`.
+    pub fn make_room(
+        &mut self,
+        now: Instant,
+        min_age: Duration,
+        bootstrap: bool,
+    ) -> Option<CancellationToken> {
+        self.pop_from_largest(now, min_age, bootstrap)
+    }
+
     pub fn remove(&mut self, source: IpAddr, id: u64) {
         if let Some(of_source) = self.by_source.get_mut(&source) {
-            if of_source.remove(&id).is_some() {
+            if let Some(entry) = of_source.by_id.remove(&id) {
+                of_source.bootstrap -= usize::from(entry.bootstrap);
                 self.len -= 1;
             }
-            if of_source.is_empty() {
+            if of_source.by_id.is_empty() {
                 self.by_source.remove(&source);
             }
         }
@@ -132,24 +167,41 @@ impl PendingSet {
         self.len == 0
     }
 
-    fn pop_from_largest(&mut self, now: Instant, min_age: Duration) -> Option<CancellationToken> {
+    /// The oldest connection (holding a bootstrap slot, if `bootstrap`) of
+    /// the source with the most such, taken out of the set, if it is at
+    /// least `min_age` old.
+    fn pop_from_largest(
+        &mut self,
+        now: Instant,
+        min_age: Duration,
+        bootstrap: bool,
+    ) -> Option<CancellationToken> {
+        let count = |of: &OfSource| match bootstrap {
+            true => of.bootstrap,
+            false => of.by_id.len(),
+        };
         // Of sources alike in number, the one whose oldest is the oldest.
         let source = *self
             .by_source
             .iter()
-            .max_by_key(|(_, of)| (of.len(), Reverse(of.keys().next().copied())))?
+            .filter(|(_, of)| count(of) > 0)
+            .max_by_key(|(_, of)| (count(of), Reverse(of.by_id.keys().next().copied())))?
             .0;
         let of_source = self.by_source.get_mut(&source)?;
-        let (_, (started, _)) = of_source.first_key_value()?;
-        if now.saturating_duration_since(*started) < min_age {
+        let (&id, entry) = of_source
+            .by_id
+            .iter()
+            .find(|(_, entry)| entry.bootstrap || !bootstrap)?;
+        if now.saturating_duration_since(entry.started) < min_age {
             return None;
         }
-        let (_, (_, closing)) = of_source.pop_first()?;
+        let entry = of_source.by_id.remove(&id)?;
+        of_source.bootstrap -= usize::from(entry.bootstrap);
         self.len -= 1;
-        if of_source.is_empty() {
+        if of_source.by_id.is_empty() {
             self.by_source.remove(&source);
         }
-        Some(closing)
+        Some(entry.closing)
     }
 }
 
@@ -276,18 +328,26 @@ mod tests {
             min_age: Duration::ZERO,
         };
         let slow_one = CancellationToken::new();
-        assert!(set.insert(slow, 1, slow_one.clone(), now, lim(4)).is_none());
+        assert!(set
+            .insert(slow, 1, (slow_one.clone(), false), now, lim(4))
+            .is_none());
         let mut floods = Vec::new();
         for id in 2..5 {
             floods.push(token(id));
             assert!(set
-                .insert(flood, id, floods.last().unwrap().clone(), now, lim(4))
+                .insert(
+                    flood,
+                    id,
+                    (floods.last().unwrap().clone(), false),
+                    now,
+                    lim(4)
+                )
                 .is_none());
         }
         // Full: each newer connection of the flood closes its oldest.
         for id in 5..20 {
             let victim = set
-                .insert(flood, id, token(id), now, lim(4))
+                .insert(flood, id, (token(id), false), now, lim(4))
                 .expect("one to close");
             victim.cancel();
             assert!(!slow_one.is_cancelled(), "the slow handshake was closed");
@@ -296,7 +356,9 @@ mod tests {
         assert_eq!(set.len(), 4);
         // The source with the most loses its oldest, to a newcomer of
         // another source too.
-        let victim = set.insert(slow, 20, token(20), now, lim(4)).unwrap();
+        let victim = set
+            .insert(slow, 20, (token(20), false), now, lim(4))
+            .unwrap();
         victim.cancel();
         assert!(!slow_one.is_cancelled());
         set.remove(flood, 17);
@@ -304,7 +366,9 @@ mod tests {
         set.remove(flood, 19);
         // 2 left: the slow source's (1 and 20), and none of the flood's.
         assert_eq!(set.len(), 2);
-        let victim = set.insert(flood, 21, token(21), now, lim(2)).unwrap();
+        let victim = set
+            .insert(flood, 21, (token(21), false), now, lim(2))
+            .unwrap();
         victim.cancel();
         assert!(slow_one.is_cancelled(), "the larger source's oldest goes");
         set.remove(slow, 20);
@@ -314,12 +378,18 @@ mod tests {
         // Two sources alike: the newcomer's, counted with it, is the larger.
         let (a, b) = (slow, flood);
         let first = CancellationToken::new();
-        assert!(set.insert(a, 30, first.clone(), now, lim(4)).is_none());
-        assert!(set.insert(a, 31, token(31), now, lim(4)).is_none());
+        assert!(set
+            .insert(a, 30, (first.clone(), false), now, lim(4))
+            .is_none());
+        assert!(set.insert(a, 31, (token(31), false), now, lim(4)).is_none());
         let b_oldest = CancellationToken::new();
-        assert!(set.insert(b, 32, b_oldest.clone(), now, lim(4)).is_none());
-        assert!(set.insert(b, 33, token(33), now, lim(4)).is_none());
-        set.insert(b, 34, token(34), now, lim(4)).unwrap().cancel();
+        assert!(set
+            .insert(b, 32, (b_oldest.clone(), false), now, lim(4))
+            .is_none());
+        assert!(set.insert(b, 33, (token(33), false), now, lim(4)).is_none());
+        set.insert(b, 34, (token(34), false), now, lim(4))
+            .unwrap()
+            .cancel();
         assert!(b_oldest.is_cancelled() && !first.is_cancelled());
 
         // A handshake younger than the age floor is not picked: the limit
@@ -330,14 +400,61 @@ mod tests {
         };
         let young = CancellationToken::new();
         let mut set = PendingSet::default();
-        assert!(set.insert(flood, 40, young.clone(), now, floor).is_none());
-        assert!(set.insert(flood, 41, token(41), now, floor).is_none());
+        assert!(set
+            .insert(flood, 40, (young.clone(), false), now, floor)
+            .is_none());
+        assert!(set
+            .insert(flood, 41, (token(41), false), now, floor)
+            .is_none());
         assert_eq!(set.len(), 2);
         let later = now + Duration::from_secs(2);
-        set.insert(flood, 42, token(42), later, floor)
+        set.insert(flood, 42, (token(42), false), later, floor)
             .expect("old enough")
             .cancel();
         assert!(young.is_cancelled());
+    }
+
+    /// A full listener makes room for a newcomer by closing the oldest
+    /// pending connection of the source with the most, of those that hold
+    /// a bootstrap slot when that is the slot it needs, if it is old enough.
+    #[test]
+    fn a_full_listener_closes_a_pending_connection_for_a_newcomer() {
+        let (a, b): (IpAddr, IpAddr) = (
+            "192.0.2.1".parse().unwrap(),
+            "198.51.100.7".parse().unwrap(),
+        );
+        let mut set = PendingSet::default();
+        let now = Instant::now();
+        let floor = Duration::from_secs(1);
+        let lim = PendingLimit {
+            max: 100,
+            min_age: floor,
+        };
+        let mut add = |source, id, bootstrap| {
+            let token = CancellationToken::new();
+            assert!(set
+                .insert(source, id, (token.clone(), bootstrap), now, lim)
+                .is_none());
+            token
+        };
+        let service_a: Vec<_> = (1..4).map(|id| add(a, id, false)).collect();
+        let boot_b = add(b, 4, true);
+        let boot_a = add(a, 5, true);
+        assert!(set.make_room(now, floor, false).is_none(), "too young");
+        let later = now + Duration::from_secs(2);
+        set.make_room(later, floor, false).unwrap().cancel();
+        assert!(service_a[0].is_cancelled(), "the oldest of the largest");
+        // One bootstrap connection each: the source whose oldest is older.
+        set.make_room(later, floor, true).unwrap().cancel();
+        assert!(boot_a.is_cancelled() && !boot_b.is_cancelled());
+        set.make_room(later, floor, true).unwrap().cancel();
+        assert!(boot_b.is_cancelled());
+        assert!(set.make_room(later, floor, true).is_none(), "none left");
+        assert_eq!(set.len(), 2);
+        assert!(service_a[1..].iter().all(|t| !t.is_cancelled()));
+        set.remove(a, 2);
+        set.remove(a, 3);
+        assert!(set.is_empty());
     }
 
     /// Told to close, a connection whose client owes the next message fails

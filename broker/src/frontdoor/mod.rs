@@ -231,6 +231,9 @@ pub struct Shared {
     /// Connections whose handshake has not finished (see
     /// [`Limits::max_pending`]).
     pending: Mutex<evict::PendingSet>,
+    /// New connections waiting for a slot a pending connection was closed
+    /// for ([`room_for`]); at most [`Limits::max_pending`].
+    making_room: Arc<Semaphore>,
     /// Cancelled when the broker stops: every session is cut then.
     pub stopping: CancellationToken,
 }
@@ -385,6 +388,7 @@ impl Shared {
             router_skipped: link.skipped.clone(),
             ..Metrics::default()
         });
+        let making_room = Arc::new(Semaphore::new(limits.max_pending.max(1)));
         Arc::new(Shared {
             link,
             slots: Arc::new(Semaphore::new(limits.max_connections)),
@@ -402,6 +406,7 @@ impl Shared {
             will_link: tokio::sync::Mutex::new(None),
             revoked: Arc::new(RwLock::new(HashSet::new())),
             pending: Mutex::new(evict::PendingSet::default()),
+            making_room,
             stopping,
         })
     }
@@ -410,8 +415,9 @@ impl Shared {
     /// pending until the guard drops; when that makes more than
     /// `max_pending`, the oldest pending connection of the source with the
     /// most, if older than `pending_min_age`, is told to close (it does if
-    /// its client owes the next message: [`evict`]).
-    fn pending(&self, source: IpAddr, id: u64) -> Pending<'_> {
+    /// its client owes the next message: [`evict`]). `bootstrap`: whether
+    /// the connection holds a bootstrap slot.
+    fn pending(&self, source: IpAddr, id: u64, bootstrap: bool) -> Pending<'_> {
         let source = evict::source_key(source);
         let closing = CancellationToken::new();
         let victim = self
@@ -421,7 +427,7 @@ impl Shared {
             .insert(
                 source,
                 id,
-                closing.clone(),
+                (closing.clone(), bootstrap),
                 Instant::now(),
                 evict::PendingLimit {
                     max: self.limits.max_pending,
@@ -866,8 +872,23 @@ pub async fn serve(
                 });
                 continue;
             }
-            shared.metrics.over_capacity.fetch_add(1, Ordering::Relaxed);
-            warn!(%peer, listener = transport.name(), "connection limit reached");
+            // A device listener full: a connection that stopped talking
+            // in its handshake is closed for this one, as for too many
+            // pending (`Shared::pending`), which alone would leave a flood
+            // faster than `pending_min_age` every slot.
+            if let Ok(waiting) = shared.making_room.clone().try_acquire_owned() {
+                let (shared, transport, stop) = (shared.clone(), transport.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let room = room_for(&shared, &transport).await;
+                    drop(waiting);
+                    match room {
+                        Some(slots) => accepted(stream, peer, transport, shared, stop, slots).await,
+                        None => over_capacity(&shared, peer, &transport),
+                    }
+                });
+                continue;
+            }
+            over_capacity(&shared, peer, &transport);
             continue;
         };
         let task = accepted(
@@ -879,6 +900,97 @@ pub async fn serve(
             slots,
         );
         tokio::spawn(task);
+    }
+}
+
+/// A connection refused for want of a slot.
+fn over_capacity(shared: &Shared, peer: SocketAddr, transport: &Transport) {
+    shared.metrics.over_capacity.fetch_add(1, Ordering::Relaxed);
+    warn!(%peer, listener = transport.name(), "connection limit reached");
+}
+
+/// Longest a new connection waits for the slot of a pending connection
+/// closed for it: one whose client owes the next message ends at once;
+/// one whose client has sent it after all is spared, and then the wait
+/// ends with no slot unless another is freed.
+const ROOM_WAIT: Duration = Duration::from_secs(1);
+
+/// The slots a new connection on a full device listener needs: in line
+/// for them first, then a pending connection that holds one (a bootstrap
+/// one if the bootstrap listeners are full) is closed for it (see
+/// [`evict::PendingSet::make_room`]). None if no pending connection can be
+/// closed (each younger than `pending_min_age`), or no slot comes within
+/// [`ROOM_WAIT`].
+async fn room_for(shared: &Shared, transport: &Transport) -> Option<Slots> {
+    let bootstrap = !matches!(transport, Transport::MutualTls(_));
+    let slot = InLine::join(&shared.slots).await;
+    let boot = match bootstrap {
+        true => Some(InLine::join(&shared.bootstrap_slots).await),
+        false => None,
+    };
+    let waiting = |line: &InLine| matches!(line, InLine::Queued(_));
+    if waiting(&slot) || boot.as_ref().is_some_and(waiting) {
+        let victim = shared
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .make_room(
+                Instant::now(),
+                shared.limits.pending_min_age,
+                boot.as_ref().is_some_and(waiting),
+            )?;
+        victim.cancel();
+    }
+    let both = async {
+        let slot = slot.permit().await?;
+        let boot = match boot {
+            Some(boot) => Some(boot.permit().await?),
+            None => None,
+        };
+        Some((Some(slot), boot))
+    };
+    tokio::time::timeout(ROOM_WAIT, both).await.ok().flatten()
+}
+
+/// A slot of a pool, or a place in its queue.
+enum InLine {
+    Got(tokio::sync::OwnedSemaphorePermit),
+    Queued(
+        std::pin::Pin<
+            Box<
+                dyn std::future::Future<
+                        Output = Result<
+                            tokio::sync::OwnedSemaphorePermit,
+                            tokio::sync::AcquireError,
+                        >,
+                    > + Send,
+            >,
+        >,
+    ),
+}
+
+impl InLine {
+    /// Takes a slot of `pool` if one is free, or else a place in its
+    /// queue, which is served before anyone who asks later (the semaphore
+    /// is fair).
+    async fn join(pool: &Arc<Semaphore>) -> InLine {
+        let mut acquire = Box::pin(pool.clone().acquire_owned());
+        let first = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(acquire.as_mut(), cx))
+        })
+        .await;
+        match first {
+            std::task::Poll::Ready(Ok(permit)) => InLine::Got(permit),
+            // (The pools are never closed.)
+            std::task::Poll::Ready(Err(_)) | std::task::Poll::Pending => InLine::Queued(acquire),
+        }
+    }
+
+    async fn permit(self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        match self {
+            InLine::Got(permit) => Some(permit),
+            InLine::Queued(acquire) => acquire.await.ok(),
+        }
     }
 }
 
@@ -964,7 +1076,7 @@ async fn connection(
             ran
         }
         Transport::ServerTls(config) => {
-            let tls = Box::pin(handshake(stream, peer.ip(), config, shared, id)).await?;
+            let tls = Box::pin(handshake(stream, (peer.ip(), true), config, shared, id)).await?;
             session::run(
                 tls,
                 ListenerKind::Bootstrap,
@@ -982,8 +1094,14 @@ async fn connection(
             // 1.4 KiB, while the session runs.
             let registered;
             let result = {
-                let mut tls =
-                    Box::pin(handshake(stream, peer.ip(), trust.config(), shared, id)).await?;
+                let mut tls = Box::pin(handshake(
+                    stream,
+                    (peer.ip(), false),
+                    trust.config(),
+                    shared,
+                    id,
+                ))
+                .await?;
                 if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
                     shared.metrics.resumed.fetch_add(1, Ordering::Relaxed);
                 }
@@ -1049,7 +1167,7 @@ async fn first_bytes(
     shared: &Shared,
     id: u64,
 ) -> Result<(), session::SessionError> {
-    let pending = shared.pending(source, id);
+    let pending = shared.pending(source, id, true);
     // Peeked, not awaited as readiness: a socket just accepted can be
     // reported readable before any byte has come.
     let mut first = [0u8; 1];
@@ -1073,14 +1191,15 @@ const ALERT_WRITE: Duration = Duration::from_secs(1);
 /// A device connection's TLS stream.
 type Tls = TlsStream<hold::TicketHold<evict::Evictable<TcpStream>>>;
 
+/// `bootstrap`: whether the connection holds a bootstrap slot.
 async fn handshake(
     stream: TcpStream,
-    source: IpAddr,
+    (source, bootstrap): (IpAddr, bool),
     configs: trust::Configs,
     shared: &Shared,
     id: u64,
 ) -> Result<Tls, session::SessionError> {
-    let pending = shared.pending(source, id);
+    let pending = shared.pending(source, id, bootstrap);
     let closing = &pending.closing;
     let accept = async {
         let io = hold::TicketHold::new(evict::Evictable::new(stream, closing.clone()));

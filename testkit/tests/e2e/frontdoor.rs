@@ -1096,6 +1096,53 @@ async fn a_flood_of_connections_that_stop_talking_keeps_no_device_out() {
     assert!(fleet.broker.metrics.get(|m| &m.evicted) >= slots as u64);
 }
 
+/// A flood that takes every slot at once, faster than `pending_min_age`
+/// (so that none of its connections may be closed as they come), keeps no
+/// device out once its connections are older: a full listener closes the
+/// oldest pending connection (holding a bootstrap slot, for the bootstrap
+/// listeners) for each newcomer.
+#[tokio::test]
+async fn a_flood_that_takes_every_slot_at_once_keeps_no_device_out() {
+    let (slots, bootstrap) = (120, 60);
+    let fleet = Fleet::start_tuned(
+        |b| {
+            b.max_connections = slots;
+            b.max_bootstrap_connections = bootstrap;
+            b.pending_min_age_ms = 300;
+            b.tls_handshake_timeout_ms = 120_000;
+            b.connect_timeout_ms = 120_000;
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let devices = Devices::new(fleet.dir.path().join("devices"));
+    devices.provision(&fleet, "dev11", "svcA").await.unwrap();
+    // Every bootstrap slot on the TLS bootstrap listener, the rest on the
+    // service listener, and a few more, refused.
+    let mut idle = Vec::new();
+    for n in 0..slots + 10 {
+        let addr = match n < bootstrap {
+            true => fleet.broker.bootstrap_tls_addr.unwrap(),
+            false => fleet.service_addr(),
+        };
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    eventually(T, "the listeners to be full", || {
+        let refused = fleet.broker.metrics.get(|m| &m.over_capacity);
+        async move { (refused > 0).then_some(()) }
+    })
+    .await
+    .unwrap();
+    assert_eq!(fleet.broker.metrics.get(|m| &m.evicted), 0);
+    devices.spawn(devices.config(&fleet, "dev11", KeyMode::Csr));
+    devices.wait_connected("dev11", T).await.unwrap();
+    // Closed for the device: a bootstrap one, and one for its service
+    // connection.
+    assert!(fleet.broker.metrics.get(|m| &m.evicted) >= 2);
+    drop(idle);
+}
+
 /// A device that answers the broker's flight late (1.5 s, past the age
 /// floor) while another address floods the service listener with
 /// connections that never speak, far over `max_pending_handshakes`: the
