@@ -220,6 +220,11 @@ pub struct Shared {
     kept: Mutex<HashMap<String, Kept>>,
     /// Router client id → the connection that holds that session now.
     sessions: Mutex<HashMap<String, Holder>>,
+    /// Router client id → its connections taken over while still running,
+    /// until they end: one that ends after a newer connection has taken
+    /// the session keeps nothing of it ([`Shared::keep_session`]). Locked
+    /// after `sessions`.
+    overtaken: Mutex<HashMap<String, Overtaken>>,
     /// The one router link delayed Wills are published through, opened
     /// when the first is due.
     /// With the packet id it last gave a Will (its answers are read and
@@ -266,7 +271,6 @@ fn claim_in(sessions: &mut HashMap<String, Holder>, router_id: &str, connection:
             connection,
             taken: CancellationToken::new(),
             ended: ended.clone(),
-            took: false,
         },
     );
     Claim {
@@ -306,8 +310,9 @@ struct Kept {
     connection: u64,
     carried: Carried,
     /// The task that publishes its delayed Will and ends the session when
-    /// its expiry passes (`session::after_session`); aborted when the
-    /// session is claimed again.
+    /// its expiry passes (`session::after_session`); aborted when a
+    /// connection takes the session (`Shared::kept_state`), or it is kept
+    /// anew.
     after: tokio::task::AbortHandle,
 }
 
@@ -318,9 +323,17 @@ struct Holder {
     taken: CancellationToken,
     /// Cancelled when the holder's session has ended (see [`Claim`]).
     ended: CancellationToken,
-    /// Whether the holder has taken the session, its CONNACK sent
-    /// ([`Shared::kept_state`]).
-    took: bool,
+}
+
+/// The connections of one router session that a newer connection took
+/// over while they still ran (see [`Shared::overtaken`]).
+#[derive(Default)]
+struct Overtaken {
+    /// Those still running.
+    running: Vec<u64>,
+    /// The newest connection that has taken the session (its CONNACK
+    /// sent) since the first of them was taken over.
+    took: u64,
 }
 
 /// A connection's claim on a router session.
@@ -403,6 +416,7 @@ impl Shared {
             kept: Mutex::new(HashMap::new()),
             internal_unauthenticated: Mutex::new(Default::default()),
             sessions: Mutex::new(HashMap::new()),
+            overtaken: Mutex::new(HashMap::new()),
             will_link: tokio::sync::Mutex::new(None),
             revoked: Arc::new(RwLock::new(HashSet::new())),
             pending: Mutex::new(evict::PendingSet::default()),
@@ -457,6 +471,15 @@ impl Shared {
     /// the previous holder's [`Shared::taken`] token is cancelled.
     pub fn claim(&self, router_id: &str, connection: u64) -> Claim {
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(running) = sessions.get(router_id).filter(|h| !h.ended.is_cancelled()) {
+            self.overtaken
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(router_id.to_string())
+                .or_default()
+                .running
+                .push(running.connection);
+        }
         claim_in(&mut sessions, router_id, connection)
     }
 
@@ -490,11 +513,27 @@ impl Shared {
         }
     }
 
-    /// Forgets `connection`'s hold on `router_id`, if it still has it.
+    /// Forgets `connection`'s hold on `router_id`, if it still has it, and
+    /// that it was taken over (see [`Shared::overtaken_ends`]).
     pub fn release(&self, router_id: &str, connection: u64) {
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         if sessions.get(router_id).map(|h| h.connection) == Some(connection) {
             sessions.remove(router_id);
+        }
+        self.overtaken_ends(router_id, connection);
+    }
+
+    /// Connection `connection` of `router_id`, if it was taken over while
+    /// it ran, has ended: it is no longer counted among the
+    /// [`Shared::overtaken`] ones. Called by every connection that claimed
+    /// a session, when it is done with it (through [`Shared::release`]).
+    pub(crate) fn overtaken_ends(&self, router_id: &str, connection: u64) {
+        let mut overtaken = self.overtaken.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(of) = overtaken.get_mut(router_id) {
+            of.running.retain(|&c| c != connection);
+            if of.running.is_empty() {
+                overtaken.remove(router_id);
+            }
         }
     }
 
@@ -553,12 +592,14 @@ impl Shared {
     /// session is no longer waiting to expire, and `connection`, which
     /// has sent its CONNACK, has taken it.
     pub(crate) fn kept_state(&self, router_id: &str, connection: u64, clean: bool) -> Carried {
-        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(holder) = sessions
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(of) = self
+            .overtaken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
             .get_mut(router_id)
-            .filter(|h| h.connection == connection)
         {
-            holder.took = true;
+            of.took = of.took.max(connection);
         }
         drop(sessions);
         match self.unkeep(router_id) {
@@ -593,12 +634,13 @@ impl Shared {
     }
 
     /// Keeps the session `router_id`, whose last connection `connection`
-    /// has ended, with what it `carried`, until a connection claims it or
+    /// has ended, with what it `carried`, until a connection takes it or
     /// it expires: `after` (`session::after_session`) runs meanwhile. A
-    /// session that a newer connection has already taken over (its CONNACK
-    /// sent while this one was still ending), or has left kept itself, is
-    /// that connection's: nothing of this one is kept, and `after` does not
-    /// run. (Connections are numbered in the order they come.)
+    /// session that a newer connection has taken since it took this one
+    /// over (its CONNACK sent while this one was still ending) is that
+    /// connection's, whether it still runs, has ended, or has left the
+    /// session kept itself: nothing of this one is kept, and `after` does
+    /// not run. (Connections are numbered in the order they come.)
     pub(crate) fn keep_session(
         self: &Arc<Self>,
         router_id: String,
@@ -610,25 +652,21 @@ impl Shared {
         for id in &mut carried.unreleased {
             *id |= CARRIED;
         }
-        // Locked before `kept`, and held: a newer connection takes the
-        // session either before this (and nothing is kept) or after (and
-        // takes what is).
-        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        if sessions
+        // Locked before `overtaken` and `kept`, and held: a newer
+        // connection takes the session either before this (and nothing is
+        // kept) or after (and takes what is).
+        let _sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if self
+            .overtaken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
             .get(&router_id)
-            .is_some_and(|h| h.connection != connection && h.took)
+            .is_some_and(|of| of.took > connection)
         {
             debug!(session = %router_id, "session taken over before its last connection ended");
             return;
         }
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
-        if kept
-            .get(&router_id)
-            .is_some_and(|k| k.connection > connection)
-        {
-            debug!(session = %router_id, "session kept by a newer connection");
-            return;
-        }
         // Spawned under the lock: `after` finds its entry in place.
         let after = tokio::spawn(after).abort_handle();
         let before = kept.insert(

@@ -567,10 +567,13 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             let delayed = will.is_some() && !will_wait.is_zero();
             // Taken over, it is kept all the same: the router hands this
             // session's filters to the newer connection, which counts them
-            // again once this one has ended (it waits for that) and takes
-            // its unreleased QoS 2 packet ids and cancels its delayed Will,
-            // or, if that connection ends before its CONNACK, the Will and
-            // the session go as they would have (`after_session`).
+            // again once this one has ended (it waits up to
+            // `TAKEOVER_WAIT` for that) and takes its unreleased QoS 2
+            // packet ids and cancels its delayed Will, or, if that
+            // connection ends before its CONNACK, the Will and the session
+            // go as they would have (`after_session`). If the newer
+            // connection has already taken the session, nothing is kept
+            // (`Shared::keep_session`).
             if !clean {
                 let will = will.take_if(|_| delayed).map(|will| {
                     debug!(identity = %label, delay = ?will_wait, "will delayed");
@@ -601,7 +604,8 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 );
             }
             match will {
-                None if delayed => {}
+                // (Held for the delayed Will, see `publish_will_later`.)
+                None if delayed => shared.overtaken_ends(&router_id, connection),
                 Some(will) if !link_alive => {
                     // This connection's router link is gone: the front door's
                     // own link carries the Will.
@@ -765,7 +769,7 @@ async fn publish_will_later(
         // once if that passed meanwhile.
         debug!(session = %router_id, "delayed will held: the identity is reconnecting");
         if !shared.claims_failed(router_id, connection).await {
-            debug!(session = %router_id, "delayed will cancelled: the identity reconnected");
+            debug!(session = %router_id, "delayed will cancelled: the identity reconnected, or the broker stops");
             return;
         }
     }
@@ -1384,8 +1388,8 @@ mod tests {
     /// A kept session that a connection claims and then leaves before its
     /// CONNACK (its client gone, or the router refusing its link) is still
     /// kept, and expires when it would have: whether its expiry came while
-    /// that connection held it, or its delayed Will was cancelled by the
-    /// claim.
+    /// that connection held it, or its delayed Will was held by the claim
+    /// meanwhile.
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn a_kept_session_claimed_by_a_connection_that_fails_still_expires() {
         let shared = shared();
@@ -1479,61 +1483,74 @@ mod tests {
         until(|| wills.lock().len() == 3).await;
         let at = wills.lock()[2] - start;
         assert!(at.abs_diff(delay) < Duration::from_millis(100), "{at:?}");
-        // A connection that takes the session.
+        // A connection that takes the session, and one that takes it
+        // over, each then gone with a clean session: no Will.
         let id = "svcA.dev9";
         kept(&shared, id, 1, lasts, Some(delay)).await;
         let claim = shared.claim(id, 2);
         let carried = shared.kept_state(id, 2, false);
         assert!(carried.filters.contains("f"));
-        // And one that takes it over.
         let over = taken_over(&shared, "svcA.dev8", lasts, delay).await;
         let _ = shared.kept_state("svcA.dev8", 2, false);
+        shared.release(id, 2);
+        shared.release("svcA.dev8", 2);
+        drop((claim, over));
         tokio::time::sleep(lasts * 2).await;
         assert_eq!(wills.lock().len(), 3, "no Will once taken");
-        drop((claim, over));
     }
 
     /// A connection taken over that ends only after the newer connection
-    /// has taken the session (its CONNACK sent), or has left it kept
-    /// itself, keeps nothing: the session is the newer connection's.
+    /// has taken the session (its CONNACK sent) keeps nothing, whether the
+    /// newer one is still there, has ended with a clean session, or has
+    /// left the session kept itself: the session is the newer
+    /// connection's. Once every connection taken over has ended, nothing
+    /// of them is remembered.
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn a_connection_taken_over_keeps_nothing_of_a_session_taken_since() {
         let shared = shared();
-        let id = "svcA.dev1";
         let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let older = |ran: Arc<std::sync::atomic::AtomicBool>| {
+        let older = |id: &str| {
             let carried = crate::frontdoor::Carried {
                 filters: ["older".to_string()].into(),
                 ..Default::default()
             };
+            let ran = ran.clone();
             let after = async move { ran.store(true, Ordering::Relaxed) };
-            (carried, after)
+            shared.keep_session(id.to_string(), 1, carried, after);
         };
-        let first = shared.claim(id, 1);
-        let second = shared.claim(id, 2);
-        let _ = shared.kept_state(id, 2, false);
-        let (carried, after) = older(ran.clone());
-        shared.keep_session(id.to_string(), 1, carried, after);
-        assert_eq!(shared.metrics.sessions_kept.load(Ordering::Relaxed), 0);
-        // The newer connection ends and leaves the session kept before
-        // the older one is done.
-        let newer = crate::frontdoor::Carried {
+        let newer = || crate::frontdoor::Carried {
             filters: ["newer".to_string()].into(),
             ..Default::default()
         };
-        shared.keep_session(id.to_string(), 2, newer, std::future::pending());
-        shared.release(id, 2);
-        drop((first, second));
-        let (carried, after) = older(ran.clone());
-        shared.keep_session(id.to_string(), 1, carried, after);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        assert!(
-            !ran.load(Ordering::Relaxed),
-            "the older connection's after ran"
-        );
-        let _third = shared.claim(id, 3);
-        let carried = shared.kept_state(id, 3, false);
-        assert_eq!(carried.filters, ["newer".to_string()].into());
+        for (n, newer_ends) in ["running", "clean", "kept"].into_iter().enumerate() {
+            let id = &format!("svcA.dev{n}");
+            let first = shared.claim(id, 1);
+            let second = shared.claim(id, 2);
+            let _ = shared.kept_state(id, 2, false);
+            match newer_ends {
+                "clean" => shared.release(id, 2),
+                "kept" => {
+                    shared.keep_session(id.to_string(), 2, newer(), std::future::pending());
+                    shared.release(id, 2);
+                }
+                _ => {}
+            }
+            older(id);
+            shared.release(id, 1);
+            drop((first, second));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert!(
+                !ran.load(Ordering::Relaxed),
+                "{newer_ends}: the older one's after ran"
+            );
+            let kept = usize::from(newer_ends == "kept");
+            assert_eq!(shared.kept.lock().unwrap().len(), kept, "{newer_ends}");
+            let _third = shared.claim(id, 3);
+            let carried = shared.kept_state(id, 3, false);
+            assert_eq!(carried.filters.contains("newer"), kept == 1, "{newer_ends}");
+            shared.release(id, 3);
+        }
+        assert!(shared.overtaken.lock().unwrap().is_empty());
     }
 
     /// A connection that claims a session while its expiry is ending it
