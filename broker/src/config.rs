@@ -95,7 +95,9 @@ pub struct BrokerConfig {
     pub connect_burst_per_source: f64,
     /// PUBLISHes per second a device connection (bootstrap or service
     /// listener) may send, and the burst; one more ends the connection
-    /// (MQTT 5: DISCONNECT 0x96). A device sends a request now and then
+    /// (MQTT 5: DISCONNECT 0x96). A certified device's are counted over
+    /// all its connections, so that reconnecting does not refill them. A
+    /// Will counts, and one over the pace is dropped. A device sends a request now and then
     /// and its telemetry; a flood of requests would keep the manager from
     /// answering anyone. Providers and the manager are not limited.
     pub publishes_per_sec_per_device: f64,

@@ -212,6 +212,9 @@ pub struct Shared {
     rate: Mutex<HashMap<IpAddr, Bucket>>,
     /// Bootstrap PUBLISHes by source (`bootstrap_publishes_per_sec_per_source`).
     bootstrap_publishes: Mutex<HashMap<IpAddr, Bucket>>,
+    /// Certified devices' publish paces (`publishes_per_sec_per_device`),
+    /// by device id ([`Shared::device_pace`]).
+    device_paces: Mutex<HashMap<String, Arc<Mutex<Bucket>>>>,
     /// Internal-listener connections that have not authenticated yet, by
     /// connection id (oldest first), each with the token that closes it.
     internal_unauthenticated: Mutex<std::collections::BTreeMap<u64, CancellationToken>>,
@@ -413,6 +416,7 @@ impl Shared {
             next_connection: AtomicU64::new(1),
             rate: Mutex::new(HashMap::new()),
             bootstrap_publishes: Mutex::new(HashMap::new()),
+            device_paces: Mutex::new(HashMap::new()),
             kept: Mutex::new(HashMap::new()),
             internal_unauthenticated: Mutex::new(Default::default()),
             sessions: Mutex::new(HashMap::new()),
@@ -779,6 +783,35 @@ impl Shared {
         }
         self.release(router_id, me);
         drop(claim);
+    }
+
+    /// The publish pace of certified device `device_id`, shared by its
+    /// connections. Paces no connection holds are forgotten once there are
+    /// many, those idle for a minute first.
+    pub(crate) fn device_pace(&self, device_id: &str) -> Arc<Mutex<Bucket>> {
+        let mut paces = self.device_paces.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pace) = paces.get(device_id) {
+            return pace.clone();
+        }
+        let many = self.limits.max_connections.max(1024);
+        if paces.len() >= 2 * many {
+            let now = tokio::time::Instant::now();
+            let held = |pace: &Arc<Mutex<Bucket>>| Arc::strong_count(pace) > 1;
+            paces.retain(|_, pace| {
+                held(pace)
+                    || now.duration_since(pace.lock().unwrap_or_else(|p| p.into_inner()).last)
+                        < Duration::from_secs(60)
+            });
+            if paces.len() >= many * 3 / 2 {
+                paces.retain(|_, pace| held(pace));
+            }
+        }
+        let pace = Arc::new(Mutex::new(Bucket::full(
+            self.limits.publishes_per_sec_per_device,
+            self.limits.publish_burst_per_device,
+        )));
+        paces.insert(device_id.to_string(), pace.clone());
+        pace
     }
 
     /// Whether the bootstrap listeners take one more PUBLISH from `source`.

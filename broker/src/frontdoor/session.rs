@@ -560,7 +560,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     Err(_) if taken_over => true,
                     Err(_) => link_alive,
                 };
-            let mut will = will.filter(|_| publish_will);
+            let mut will = will.filter(|_| publish_will && will_paced(&shared, &identity, source));
             // A session the router keeps waits for its identity to come
             // back, with its delayed Will (only a kept session's Will waits,
             // see `Will::wait`), until it expires.
@@ -825,6 +825,44 @@ async fn drop_answers(mut rx: LinkRx) {
     }
 }
 
+/// How a connection's PUBLISHes are paced.
+enum Pace {
+    Free,
+    Connection(super::Bucket),
+    /// The device's, shared by its connections ([`Shared::device_pace`]).
+    Device(Arc<std::sync::Mutex<super::Bucket>>),
+}
+
+impl Pace {
+    /// Takes a token for one PUBLISH, if there is one.
+    fn take(&mut self) -> bool {
+        match self {
+            Pace::Free => true,
+            Pace::Connection(bucket) => bucket.take(),
+            Pace::Device(bucket) => bucket.lock().unwrap_or_else(|p| p.into_inner()).take(),
+        }
+    }
+}
+
+/// Whether a Will due now may go: it is a PUBLISH, paced as the
+/// connection's were (a certified device's by its pace, a bootstrap
+/// client's by its address's budget); one over the pace is dropped.
+fn will_paced(shared: &Shared, identity: &Identity, source: std::net::IpAddr) -> bool {
+    let paced = match identity {
+        Identity::Device { device_id, .. } => Pace::Device(shared.device_pace(device_id)).take(),
+        Identity::Bootstrap { .. } => shared.admit_bootstrap_publish(source),
+        _ => true,
+    };
+    if !paced {
+        shared
+            .metrics
+            .publish_rate_exceeded
+            .fetch_add(1, Ordering::Relaxed);
+        warn!(identity = %identity.label(), %source, "will dropped: publish rate exceeded");
+    }
+    paced
+}
+
 /// Serves packets both ways until the connection ends; returns the reason
 /// of the client's DISCONNECT.
 // The connection's parts, each borrowed from `run`, which still needs them.
@@ -855,16 +893,18 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let manager = matches!(identity, Identity::Manager { .. });
     let mut complaints = Complaints(0);
     // Devices' PUBLISHes are paced; providers' and the manager's are not.
-    let mut pace = matches!(
-        identity,
-        Identity::Bootstrap { .. } | Identity::Device { .. }
-    )
-    .then(|| {
-        super::Bucket::full(
+    // A certified device's pace is its own, over all its connections, so
+    // that reconnecting does not refill it; a bootstrap connection's is its
+    // own (anyone may claim a device id there), and its address's budget
+    // is shared.
+    let mut pace = match identity {
+        Identity::Device { device_id, .. } => Pace::Device(shared.device_pace(device_id)),
+        Identity::Bootstrap { .. } => Pace::Connection(super::Bucket::full(
             shared.limits.publishes_per_sec_per_device,
             shared.limits.publish_burst_per_device,
-        )
-    });
+        )),
+        _ => Pace::Free,
+    };
     // Only a packet from the client moves the keep-alive deadline; traffic
     // the router sends it does not.
     let mut deadline = tokio::time::Instant::now() + keep_alive;
@@ -888,7 +928,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 deadline = tokio::time::Instant::now() + keep_alive;
                 match packet {
                     Packet::Publish(mut publish, mut props) => {
-                        let too_fast = if pace.as_mut().is_some_and(|p| !p.take()) {
+                        let too_fast = if !pace.take() {
                             Some("publish rate of the connection exceeded")
                         } else if matches!(identity, Identity::Bootstrap { .. }) && !shared.admit_bootstrap_publish(source) {
                             Some("bootstrap publish rate of the source address exceeded")

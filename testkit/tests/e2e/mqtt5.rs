@@ -2188,11 +2188,64 @@ async fn a_device_publishing_too_fast_is_disconnected() {
     assert!(fleet.broker.metrics.get(|m| &m.publish_rate_exceeded) >= 1);
 }
 
+/// A certified device's publish pace is the device's, not its
+/// connection's: a reconnect does not refill it. A Will is a PUBLISH too:
+/// it takes from the pace, and is dropped when none is left.
+#[tokio::test]
+async fn a_device_s_publish_pace_outlives_its_connection() {
+    let fleet = Fleet::start_tuned(
+        |b| {
+            b.publishes_per_sec_per_device = 0.01;
+            b.publish_burst_per_device = 10.0;
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let observer = fleet.privileged("observer").await.unwrap();
+    observer
+        .subscribe("/tenants/svcA/telemetry/#")
+        .await
+        .unwrap();
+    let auth = certified(&fleet, "pace1", "svcA");
+    let topic = "/tenants/svcA/telemetry/pace1";
+    // Eight of its ten, then its Will (the connection dropped): nine.
+    let first = Probe5::connect(lingering(&fleet, "pace1", &auth, 0, false))
+        .await
+        .unwrap();
+    for _ in 0..8 {
+        let reason = first.publish_acked(topic, None, b"t".to_vec()).await;
+        assert_eq!(reason.unwrap(), PubAckReason::Success);
+    }
+    drop(first);
+    observer.wait_for(topic, 9, T).await.unwrap();
+    // The tenth on the next connection, and no more: that connection is
+    // closed, and its Will finds nothing left.
+    let second = Probe5::connect(lingering(&fleet, "pace1", &auth, 0, false))
+        .await
+        .unwrap();
+    let reason = second.publish_acked(topic, None, b"t".to_vec()).await;
+    assert_eq!(reason.unwrap(), PubAckReason::Success);
+    second
+        .publish(topic, QoS::AtLeastOnce, b"t".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        second.wait_cut(T).await.unwrap(),
+        Some(DisconnectReasonCode::MessageRateTooHigh)
+    );
+    traffic_marker(&observer).await;
+    let seen: Vec<_> = observer.on(topic).into_iter().map(|m| m.payload).collect();
+    let gone = seen.iter().filter(|p| p.as_slice() == b"gone").count();
+    assert_eq!((seen.len(), gone), (10, 1), "{seen:?}");
+    assert!(fleet.broker.metrics.get(|m| &m.publish_rate_exceeded) >= 2);
+}
+
 /// The bootstrap listeners take a budget of PUBLISHes from each source
 /// address over all its connections: one connection well within its own
 /// pace (30 against a burst of 50) is closed with DISCONNECT 0x96 once its
 /// address's budget (a burst of 20 here) is spent, and so is the next
-/// connection from that address.
+/// connection from that address; the Will of a third is dropped.
 #[tokio::test]
 async fn an_address_spending_its_bootstrap_budget_is_disconnected() {
     let fleet = Fleet::start_tuned(
@@ -2210,6 +2263,35 @@ async fn an_address_spending_its_bootstrap_budget_is_disconnected() {
         assert_eq!(publish_until_closed(&mut s, &topic, 30).await, 0x96, "{id}");
     }
     assert!(fleet.broker.metrics.get(|m| &m.publish_rate_exceeded) >= 2);
+    // A Will is a PUBLISH from its address too: with the budget spent, it
+    // is dropped.
+    let observer = fleet.privileged("observer").await.unwrap();
+    observer.subscribe("fleet/v1/status/+").await.unwrap();
+    let exceeded = fleet.broker.metrics.get(|m| &m.publish_rate_exceeded);
+    let addr = fleet.broker.bootstrap_plain_addr.unwrap();
+    let mut o = rumqttc::MqttOptions::new("src3", addr.ip().to_string(), addr.port());
+    o.set_last_will(rumqttc::LastWill::new(
+        "fleet/v1/status/src3",
+        "gone",
+        rumqttc::QoS::AtMostOnce,
+        false,
+    ));
+    drop(Probe::connect(o).await.unwrap());
+    eventually(T, "the Will to be dropped", || {
+        let now = fleet.broker.metrics.get(|m| &m.publish_rate_exceeded);
+        async move { (now > exceeded).then_some(()) }
+    })
+    .await
+    .unwrap();
+    observer
+        .publish("fleet/v1/status/marker", b"m".to_vec())
+        .await
+        .unwrap();
+    observer
+        .wait_for("fleet/v1/status/marker", 1, T)
+        .await
+        .unwrap();
+    assert!(observer.on("fleet/v1/status/src3").is_empty());
 }
 
 /// A QoS 2 PUBLISH sent again under a packet id not yet released is the
