@@ -35,6 +35,12 @@ pub struct BrokerConfig {
     /// purpose, so an oversized request reaches the manager and is answered
     /// `too_large`.
     pub max_packet_size: usize,
+    /// The same on the bootstrap listeners, where anyone may connect: a
+    /// request there is at most 16 KiB (`topics.md` §3.2), and a packet
+    /// read in part is held until the rest comes, so every bootstrap
+    /// connection sending one large packet and stalling would hold
+    /// `max_bootstrap_connections` times this. At most `max_packet_size`.
+    pub max_bootstrap_packet_size: usize,
     /// Most connections held at once on the device listeners (bootstrap
     /// and service).
     pub max_connections: usize,
@@ -125,6 +131,7 @@ impl Default for BrokerConfig {
             certs_dir: PathBuf::from("certs"),
             internal_secret_file: None,
             max_packet_size: 256 * 1024,
+            max_bootstrap_packet_size: 32 * 1024,
             max_connections: 18_000,
             max_bootstrap_connections: 4_096,
             max_internal_connections: 64,
@@ -169,6 +176,7 @@ impl BrokerConfig {
             max_bootstrap_connections: self.max_bootstrap_connections.min(self.max_connections),
             max_internal_connections: self.max_internal_connections,
             max_packet_size: self.max_packet_size,
+            max_bootstrap_packet_size: self.max_bootstrap_packet_size.min(self.max_packet_size),
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             handshake_timeout: Duration::from_millis(self.tls_handshake_timeout_ms),
             max_pending: self

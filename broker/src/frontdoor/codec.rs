@@ -201,7 +201,7 @@ fn user_properties(packet: &Packet) -> usize {
 pub struct Framed<S> {
     stream: S,
     buf: BytesMut,
-    max_packet: usize,
+    pub(crate) max_packet: usize,
     pub version: Version,
     /// The largest packet the client takes: the Maximum Packet Size of its
     /// MQTT 5 CONNECT, unlimited otherwise. Nothing larger is written.
@@ -257,7 +257,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     /// an oversized one is refused on its fixed header.
     fn buffered(&self) -> Result<Option<PacketType>, SessionError> {
         match v5::check(self.buf.iter(), self.max_packet) {
-            Ok(header) => Ok(Some(header.packet_type().map_err(SessionError::Mqtt)?)),
+            Ok(header) => {
+                // The remaining length takes the fewest bytes it can (MQTT
+                // 5 §1.5.5; 3.1.1 encodes it alike), and the limit is on
+                // the whole packet, as MQTT 5's Maximum Packet Size.
+                let frame = header.frame_length();
+                let len_len = 1 + self
+                    .buf
+                    .iter()
+                    .skip(1)
+                    .take_while(|b| **b & 0x80 != 0)
+                    .count();
+                if len_len != remaining_length_len(frame - 1 - len_len) {
+                    return Err(SessionError::Mqtt(
+                        rumqttd::protocol::Error::MalformedRemainingLength,
+                    ));
+                }
+                if frame > self.max_packet {
+                    return Err(SessionError::Mqtt(
+                        rumqttd::protocol::Error::PayloadSizeLimitExceeded(frame),
+                    ));
+                }
+                Ok(Some(header.packet_type().map_err(SessionError::Mqtt)?))
+            }
             Err(rumqttd::protocol::Error::InsufficientBytes(_)) => Ok(None),
             Err(e) => Err(SessionError::Mqtt(e)),
         }
@@ -872,59 +894,62 @@ mod tests {
         ));
     }
 
+    /// What a connection of MQTT 5 (`v5`) or 3.1.1 with a limit of `max`
+    /// bytes a packet makes of `bytes`.
+    fn decoded(v5: bool, max: usize, bytes: &[u8]) -> Result<Option<Packet>, SessionError> {
+        let (stream, _peer) = tokio::io::duplex(64);
+        let mut framed = Framed::new(stream, max);
+        framed.version = if v5 { Version::V5 } else { Version::V311 };
+        framed.buf.extend_from_slice(bytes);
+        framed.next_buffered()
+    }
+
+    /// `body` framed as a packet whose first byte is `byte1`.
+    fn framed_as(byte1: u8, body: Vec<u8>) -> Vec<u8> {
+        let mut frame = vec![byte1];
+        varint(body.len(), &mut frame);
+        frame.extend(body);
+        frame
+    }
+
+    /// SUBSCRIBE (first byte `byte1`), packet id `pkid`, "a/b" with
+    /// `options`.
+    fn subscribe(byte1: u8, v5: bool, pkid: u8, options: u8) -> Vec<u8> {
+        let mut body = vec![0, pkid];
+        if v5 {
+            body.push(0);
+        }
+        body.extend([0, 3, b'a', b'/', b'b', options]);
+        framed_as(byte1, body)
+    }
+
+    /// CONNECT with `flags`, keep-alive 60, the MQTT 5 `properties` (none
+    /// in 3.1.1), client id "d1", then `tail`.
+    fn connect(v5: bool, flags: u8, properties: &[u8], tail: &[u8]) -> Vec<u8> {
+        let level = if v5 { 5 } else { 4 };
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', level, flags, 0, 60];
+        if v5 {
+            body.push(properties.len() as u8);
+            body.extend(properties);
+        }
+        body.extend([0, 2, b'd', b'1']);
+        body.extend(tail);
+        framed_as(0x10, body)
+    }
+
     /// Reserved bits set: the fixed header's flags, the CONNECT flags, the
     /// subscription options. Each is a malformed packet, which ends the
     /// connection (MQTT 3.1.1 §2.2.2, §3.1.2.3, §3.8.3.1; MQTT 5 the same).
     #[test]
     fn reserved_bits_make_a_packet_malformed() {
-        let decode = |v5: bool, bytes: &[u8]| {
-            let (stream, _peer) = tokio::io::duplex(64);
-            let mut framed = Framed::new(stream, 1024);
-            framed.version = if v5 { Version::V5 } else { Version::V311 };
-            framed.buf.extend_from_slice(bytes);
-            framed.next_buffered()
-        };
-        // SUBSCRIBE, packet id 1, "a/b" with `options`.
-        let subscribe = |byte1: u8, v5: bool, options: u8| {
-            let mut body = vec![0, 1];
-            if v5 {
-                body.push(0);
-            }
-            body.extend([0, 3, b'a', b'/', b'b', options]);
-            let mut frame = vec![byte1, body.len() as u8];
-            frame.extend(body);
-            frame
-        };
-        // CONNECT, clean session, keep-alive 60, client id "d1".
-        let connect = |v5: bool, flags: u8| {
-            let mut body = vec![
-                0,
-                4,
-                b'M',
-                b'Q',
-                b'T',
-                b'T',
-                if v5 { 5 } else { 4 },
-                flags,
-                0,
-                60,
-            ];
-            if v5 {
-                body.push(0);
-            }
-            body.extend([0, 2, b'd', b'1']);
-            let mut frame = vec![0x10, body.len() as u8];
-            frame.extend(body);
-            frame
-        };
         for v5 in [false, true] {
-            let ok = |bytes: &[u8]| matches!(decode(v5, bytes), Ok(Some(_)));
-            assert!(ok(&subscribe(0x82, v5, 1)), "v5 {v5}: a SUBSCRIBE");
+            let ok = |bytes: &[u8]| matches!(decoded(v5, 1024, bytes), Ok(Some(_)));
+            assert!(ok(&subscribe(0x82, v5, 1, 1)), "v5 {v5}: a SUBSCRIBE");
             assert!(
-                !ok(&subscribe(0x80, v5, 1)),
+                !ok(&subscribe(0x80, v5, 1, 1)),
                 "v5 {v5}: SUBSCRIBE flags 0000"
             );
-            assert!(!ok(&subscribe(0x82, v5, 0x81)), "v5 {v5}: option bit 7");
+            assert!(!ok(&subscribe(0x82, v5, 1, 0x81)), "v5 {v5}: option bit 7");
             assert!(ok(&[0xC0, 0]), "v5 {v5}: a PINGREQ");
             assert!(!ok(&[0xC1, 0]), "v5 {v5}: a PINGREQ with a flag");
             assert!(!ok(&[0x60, 2, 0, 1]), "v5 {v5}: PUBREL flags 0000");
@@ -932,18 +957,97 @@ mod tests {
                 !ok(&[0xA0, 5, 0, 1, 0, 1, b'a']),
                 "v5 {v5}: UNSUBSCRIBE flags 0000"
             );
-            assert!(ok(&connect(v5, 0b10)), "v5 {v5}: a CONNECT");
+            assert!(ok(&connect(v5, 0b10, &[], &[])), "v5 {v5}: a CONNECT");
             assert!(
-                !ok(&connect(v5, 0b11)),
+                !ok(&connect(v5, 0b11, &[], &[])),
                 "v5 {v5}: the reserved CONNECT flag"
             );
         }
         // No Local, Retain As Published: MQTT 5 options, reserved in 3.1.1.
-        assert!(decode(false, &subscribe(0x82, false, 0x0D)).is_err());
+        assert!(decoded(false, 1024, &subscribe(0x82, false, 1, 0x0D)).is_err());
         assert!(matches!(
-            decode(true, &subscribe(0x82, true, 0x0D)),
+            decoded(true, 1024, &subscribe(0x82, true, 1, 0x0D)),
             Ok(Some(_))
         ));
+    }
+
+    /// More that MQTT calls malformed (or, MQTT 5, a protocol error): a
+    /// remaining length in more bytes than it needs, a SUBSCRIBE or
+    /// UNSUBSCRIBE with packet id 0, an UNSUBSCRIBE with no filter, bytes
+    /// after a CONNECT's payload, a 3.1.1 password without a user name, a
+    /// Request Problem Information other than 0 or 1. And the limit is on
+    /// the whole packet, fixed header included.
+    #[test]
+    fn packets_mqtt_calls_malformed_are_refused() {
+        use rumqttd::protocol::Error;
+        let refused = |v5, bytes: &[u8]| match decoded(v5, 1024, bytes) {
+            Err(SessionError::Mqtt(e)) => Some(e),
+            _ => None,
+        };
+        for v5 in [false, true] {
+            let ok = |bytes: &[u8]| matches!(decoded(v5, 1024, bytes), Ok(Some(_)));
+            assert!(matches!(
+                refused(v5, &[0xC0, 0x80, 0]),
+                Some(Error::MalformedRemainingLength)
+            ));
+            // A PUBLISH of 200 bytes to "a": a two-byte remaining length.
+            let topic: &[u8] = if v5 { &[0, 1, b'a', 0] } else { &[0, 1, b'a'] };
+            assert!(ok(&framed_as(0x30, [topic, &[b'x'; 200]].concat())));
+            // UNSUBSCRIBE of "a" under `pkid`, or of nothing.
+            let unsubscribe = |pkid: u8, filter: &[u8]| {
+                let mut body = vec![0, pkid];
+                if v5 {
+                    body.push(0);
+                }
+                body.extend(filter);
+                framed_as(0xA2, body)
+            };
+            assert!(ok(&unsubscribe(1, &[0, 1, b'a'])), "v5 {v5}");
+            assert!(matches!(
+                refused(v5, &unsubscribe(0, &[0, 1, b'a'])),
+                Some(Error::PacketIdZero)
+            ));
+            assert!(matches!(
+                refused(v5, &unsubscribe(1, &[])),
+                Some(Error::EmptySubscription)
+            ));
+            assert!(matches!(
+                refused(v5, &subscribe(0x82, v5, 0, 1)),
+                Some(Error::PacketIdZero)
+            ));
+            assert!(matches!(
+                refused(v5, &connect(v5, 0b10, &[], &[0])),
+                Some(Error::MalformedPacket)
+            ));
+            // User name and password, or the password alone.
+            let login = [0, 1, b'u', 0, 1, b'p'];
+            assert!(ok(&connect(v5, 0b1100_0010, &[], &login)), "v5 {v5}");
+            let alone = connect(v5, 0b0100_0010, &[], &login[3..]);
+            assert_eq!(ok(&alone), v5, "v5 {v5}: a password alone");
+        }
+        // Request Problem Information (0x17) and Request Response
+        // Information (0x19): 0 or 1.
+        for prop in [0x17, 0x19] {
+            assert!(matches!(
+                decoded(true, 1024, &connect(true, 0b10, &[prop, 1], &[])),
+                Ok(Some(_))
+            ));
+            let err = decoded(true, 1024, &connect(true, 0b10, &[prop, 2], &[])).unwrap_err();
+            assert_eq!(
+                err.disconnect_reason(),
+                Some(DisconnectReasonCode::ProtocolError),
+                "{err:?}"
+            );
+        }
+        // 200 bytes of remaining length and 3 of fixed header.
+        let publish = framed_as(0x30, [&[0, 1, b'a', 0][..], &[b'x'; 196]].concat());
+        assert_eq!(publish.len(), 203);
+        assert!(matches!(decoded(true, 203, &publish), Ok(Some(_))));
+        let err = decoded(true, 202, &publish).unwrap_err();
+        assert_eq!(
+            err.disconnect_reason(),
+            Some(DisconnectReasonCode::PacketTooLarge)
+        );
     }
 
     /// A property given twice is a Protocol Error (MQTT 5 §2.2.2.2), but

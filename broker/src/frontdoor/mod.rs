@@ -117,6 +117,7 @@ pub struct Limits {
     pub max_bootstrap_connections: usize,
     pub max_internal_connections: usize,
     pub max_packet_size: usize,
+    pub max_bootstrap_packet_size: usize,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
     /// Most connections held whose TLS handshake has not finished (on the

@@ -75,9 +75,10 @@ impl SessionError {
             SessionError::Mqtt(rumqttd::protocol::Error::PayloadSizeLimitExceeded(_)) => {
                 Some(DisconnectReasonCode::PacketTooLarge)
             }
-            SessionError::Mqtt(rumqttd::protocol::Error::DuplicateProperty(_)) => {
-                Some(DisconnectReasonCode::ProtocolError)
-            }
+            SessionError::Mqtt(
+                rumqttd::protocol::Error::DuplicateProperty(_)
+                | rumqttd::protocol::Error::InvalidPropertyValue(_),
+            ) => Some(DisconnectReasonCode::ProtocolError),
             SessionError::Mqtt(_) => Some(DisconnectReasonCode::MalformedPacket),
             SessionError::KeepAlive => Some(DisconnectReasonCode::KeepAliveTimeout),
             SessionError::Quota(_) => Some(DisconnectReasonCode::QuotaExceeded),
@@ -360,7 +361,11 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
     source: std::net::IpAddr,
     cut: CancellationToken,
 ) -> impl std::future::Future<Output = Result<(), SessionError>> {
-    let mut framed = Framed::new(stream, shared.limits.max_packet_size);
+    let max_packet = match kind {
+        ListenerKind::Bootstrap => shared.limits.max_bootstrap_packet_size,
+        _ => shared.limits.max_packet_size,
+    };
+    let mut framed = Framed::new(stream, max_packet);
     async move {
         let result: Result<(), SessionError> = 'session: {
             // Matched and admitted without naming the packet, the admission or
@@ -453,8 +458,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     // Aliases are resolved here, not by the router (`TopicAliases`).
                     props.topic_alias_max = Some(TopicAliases::MAX);
                     props.receive_max = Some(RECEIVE_MAXIMUM);
-                    props.max_packet_size =
-                        Some(shared.limits.max_packet_size.min(u32::MAX as usize) as u32);
+                    props.max_packet_size = Some(framed.max_packet.min(u32::MAX as usize) as u32);
                     if clean && expiry > 0 {
                         props.session_expiry_interval = Some(0);
                     } else if !clean

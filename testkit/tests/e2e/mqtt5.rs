@@ -468,6 +468,10 @@ async fn oversized_and_server_only_packets_close_with_a_reason() {
     let mut s = raw_v5(&fleet, "raw1").await;
     s.write_all(&[0x30, 0x80, 0x80, 0x40]).await.unwrap();
     assert_eq!(disconnect_reason(&until_closed(&mut s).await), 0x95);
+    // One announcing 40 KiB: over the bootstrap listeners' 32 KiB.
+    let mut s = raw_v5(&fleet, "raw4").await;
+    s.write_all(&[0x30, 0x80, 0xC0, 0x02]).await.unwrap();
+    assert_eq!(disconnect_reason(&until_closed(&mut s).await), 0x95);
     // A CONNACK from a client is a protocol error, not a crash.
     let mut s = raw_v5(&fleet, "raw2").await;
     s.write_all(&[0x20, 0x03, 0x00, 0x00, 0x00]).await.unwrap();

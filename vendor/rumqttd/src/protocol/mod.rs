@@ -787,6 +787,9 @@ pub enum Error {
     /// fleetshift: a property other than User Property given twice.
     #[error("Property {0} given more than once")]
     DuplicateProperty(u8),
+    /// fleetshift: a property whose value MQTT does not allow.
+    #[error("Property {0} has a value it may not have")]
+    InvalidPropertyValue(u8),
     /// More bytes required to frame packet. Argument
     /// implies minimum additional bytes required to
     /// proceed further

@@ -53,7 +53,15 @@ pub fn read(
     let client_id = read_mqtt_bytes(&mut bytes)?;
     let client_id = std::str::from_utf8(&client_id)?.to_owned();
     let last_will = will::read(connect_flags, &mut bytes)?;
+    // fleetshift: no password without a user name (MQTT 3.1.1 §3.1.2.9).
+    if connect_flags & 0b1100_0000 == 0b0100_0000 {
+        return Err(Error::MalformedPacket);
+    }
     let login = login::read(connect_flags, &mut bytes)?;
+    // fleetshift: nothing after the payload.
+    if bytes.has_remaining() {
+        return Err(Error::MalformedPacket);
+    }
 
     let connect = Connect {
         keep_alive,

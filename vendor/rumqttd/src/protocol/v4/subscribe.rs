@@ -11,6 +11,11 @@ pub fn read(fixed_header: FixedHeader, mut bytes: Bytes) -> Result<Subscribe, Er
     bytes.advance(variable_header_index);
 
     let pkid = read_u16(&mut bytes)?;
+    // fleetshift: a SUBSCRIBE or UNSUBSCRIBE has a packet id other than 0
+    // (MQTT 3.1.1 §2.3.1, MQTT 5 §2.2.1).
+    if pkid == 0 {
+        return Err(Error::PacketIdZero);
+    }
     let filters = filter::read(&mut bytes)?;
 
     match filters.len() {

@@ -6,6 +6,11 @@ pub fn read(fixed_header: FixedHeader, mut bytes: Bytes) -> Result<Unsubscribe, 
     bytes.advance(variable_header_index);
 
     let pkid = read_u16(&mut bytes)?;
+    // fleetshift: a SUBSCRIBE or UNSUBSCRIBE has a packet id other than 0
+    // (MQTT 3.1.1 §2.3.1, MQTT 5 §2.2.1).
+    if pkid == 0 {
+        return Err(Error::PacketIdZero);
+    }
     let mut payload_bytes = fixed_header.remaining_len - 2;
     let mut filters = Vec::with_capacity(1);
 
@@ -15,6 +20,11 @@ pub fn read(fixed_header: FixedHeader, mut bytes: Bytes) -> Result<Unsubscribe, 
         filters.push(topic_filter);
     }
 
+    // fleetshift: an UNSUBSCRIBE has at least one filter (MQTT 3.1.1
+    // §3.10.3).
+    if filters.is_empty() {
+        return Err(Error::EmptySubscription);
+    }
     let unsubscribe = Unsubscribe { pkid, filters };
     Ok(unsubscribe)
 }

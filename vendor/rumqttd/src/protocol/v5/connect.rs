@@ -45,6 +45,10 @@ pub fn read(
     let client_id = read_mqtt_string(&mut bytes)?;
     let (will, willproperties) = will::read(connect_flags, &mut bytes)?;
     let login = login::read(connect_flags, &mut bytes)?;
+    // fleetshift: nothing after the payload.
+    if bytes.has_remaining() {
+        return Err(Error::MalformedPacket);
+    }
 
     let connect = Connect {
         keep_alive,
@@ -459,12 +463,13 @@ mod properties {
                     topic_alias_max = Some(read_u16(bytes)?);
                     cursor += 2;
                 }
+                // fleetshift: each is 0 or 1 (MQTT 5 §3.1.2.11.6-7).
                 PropertyType::RequestResponseInformation => {
-                    request_response_info = Some(read_u8(bytes)?);
+                    request_response_info = Some(read_flag(bytes, prop)?);
                     cursor += 1;
                 }
                 PropertyType::RequestProblemInformation => {
-                    request_problem_info = Some(read_u8(bytes)?);
+                    request_problem_info = Some(read_flag(bytes, prop)?);
                     cursor += 1;
                 }
                 PropertyType::UserProperty => {

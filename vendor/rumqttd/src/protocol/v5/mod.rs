@@ -185,6 +185,14 @@ fn once(seen: &mut u64, prop: u8, several_ids: bool) -> Result<(), Error> {
     Ok(())
 }
 
+/// fleetshift: a one-byte property that is 0 or 1.
+fn read_flag(stream: &mut Bytes, prop: u8) -> Result<u8, Error> {
+    match read_u8(stream)? {
+        flag @ (0 | 1) => Ok(flag),
+        _ => Err(Error::InvalidPropertyValue(prop)),
+    }
+}
+
 /// Checks if the stream has enough bytes to frame a packet and returns fixed header
 /// only if a packet can be framed with existing bytes in the `stream`.
 /// The passed stream doesn't modify parent stream's cursor. If this function

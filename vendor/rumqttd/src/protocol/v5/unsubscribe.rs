@@ -26,6 +26,11 @@ pub fn read(
     bytes.advance(variable_header_index);
 
     let pkid = read_u16(&mut bytes)?;
+    // fleetshift: a SUBSCRIBE or UNSUBSCRIBE has a packet id other than 0
+    // (MQTT 3.1.1 §2.3.1, MQTT 5 §2.2.1).
+    if pkid == 0 {
+        return Err(Error::PacketIdZero);
+    }
     let properties = properties::read(&mut bytes)?;
 
     let mut filters = Vec::with_capacity(1);
@@ -34,6 +39,10 @@ pub fn read(
         filters.push(filter);
     }
 
+    // fleetshift: an UNSUBSCRIBE has at least one filter (MQTT 5 §3.10.3).
+    if filters.is_empty() {
+        return Err(Error::EmptySubscription);
+    }
     let unsubscribe = Unsubscribe { pkid, filters };
     Ok((unsubscribe, properties))
 }
