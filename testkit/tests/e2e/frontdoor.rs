@@ -973,6 +973,28 @@ async fn half_open_connections_do_not_keep_devices_out() {
     assert!(fleet.broker.metrics.get(|m| &m.live) >= idle.len() as u64);
 }
 
+/// A fleet whose broker has `tune` applied and handshake and CONNECT
+/// timeouts longer than any test, so that a flood's connections stay until
+/// the broker closes them for others; and `device`, provisioned on svcA.
+async fn flooded_fleet(
+    device: &str,
+    tune: impl FnOnce(&mut fleet_broker::BrokerConfig),
+) -> (Fleet, Devices) {
+    let fleet = Fleet::start_tuned(
+        |b| {
+            b.tls_handshake_timeout_ms = 120_000;
+            b.connect_timeout_ms = 120_000;
+            tune(b);
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let devices = Devices::new(fleet.dir.path().join("devices"));
+    devices.provision(&fleet, device, "svcA").await.unwrap();
+    (fleet, devices)
+}
+
 /// A flood of connections that stop talking, kept up on the device
 /// listeners while a device activates and connects: half never send a
 /// byte, the other half (on the TLS listeners) send a recorded ClientHello
@@ -983,22 +1005,14 @@ async fn half_open_connections_do_not_keep_devices_out() {
 #[tokio::test]
 async fn a_flood_of_connections_that_stop_talking_keeps_no_device_out() {
     let (slots, pending) = (300, 40);
-    let fleet = Fleet::start_tuned(
-        |b| {
-            b.max_connections = slots;
-            b.max_pending_handshakes = pending;
-            // The flood outruns the age floor here (PendingSet's unit test
-            // has it): every pending connection may be closed.
-            b.pending_min_age_ms = 0;
-            b.tls_handshake_timeout_ms = 120_000;
-            b.connect_timeout_ms = 120_000;
-        },
-        |_| {},
-    )
-    .await
-    .unwrap();
-    let devices = Devices::new(fleet.dir.path().join("devices"));
-    devices.provision(&fleet, "dev10", "svcA").await.unwrap();
+    let (fleet, devices) = flooded_fleet("dev10", |b| {
+        b.max_connections = slots;
+        b.max_pending_handshakes = pending;
+        // The flood outruns the age floor here (PendingSet's unit test
+        // has it): every pending connection may be closed.
+        b.pending_min_age_ms = 0;
+    })
+    .await;
     // A ClientHello as a device of svcA sends it, replayed by the flood.
     let hello = {
         let device = resuming(
@@ -1104,20 +1118,12 @@ async fn a_flood_of_connections_that_stop_talking_keeps_no_device_out() {
 #[tokio::test]
 async fn a_flood_that_takes_every_slot_at_once_keeps_no_device_out() {
     let (slots, bootstrap) = (120, 60);
-    let fleet = Fleet::start_tuned(
-        |b| {
-            b.max_connections = slots;
-            b.max_bootstrap_connections = bootstrap;
-            b.pending_min_age_ms = 300;
-            b.tls_handshake_timeout_ms = 120_000;
-            b.connect_timeout_ms = 120_000;
-        },
-        |_| {},
-    )
-    .await
-    .unwrap();
-    let devices = Devices::new(fleet.dir.path().join("devices"));
-    devices.provision(&fleet, "dev11", "svcA").await.unwrap();
+    let (fleet, devices) = flooded_fleet("dev11", |b| {
+        b.max_connections = slots;
+        b.max_bootstrap_connections = bootstrap;
+        b.pending_min_age_ms = 300;
+    })
+    .await;
     // Every bootstrap slot on the TLS bootstrap listener, the rest on the
     // service listener, and a few more, refused.
     let mut idle = Vec::new();
