@@ -69,8 +69,9 @@ pub struct BrokerConfig {
     /// `pending_min_age_ms`), not all of them, and a flood from one
     /// address closes its own connections rather than the slow handshakes
     /// of other addresses. A new connection that finds its listener full
-    /// has one closed for it the same way, so a flood faster than
-    /// `pending_min_age_ms` holds every slot for that long at most.
+    /// has one older than `pending_min_age_ms` closed for it in much the
+    /// same way (`topics.md` §1), so a flood that fills the listeners
+    /// faster than that keeps devices out for no longer.
     pub max_pending_handshakes: usize,
     /// A handshake younger than this is never the one closed for others
     /// (see `max_pending_handshakes`): a device's handshake takes a few

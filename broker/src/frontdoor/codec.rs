@@ -256,30 +256,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     /// The type of the packet at the front of the buffer once it is whole;
     /// an oversized one is refused on its fixed header.
     fn buffered(&self) -> Result<Option<PacketType>, SessionError> {
-        match v5::check(self.buf.iter(), self.max_packet) {
-            Ok(header) => {
-                // The remaining length takes the fewest bytes it can (MQTT
-                // 5 §1.5.5; 3.1.1 encodes it alike), and the limit is on
-                // the whole packet, as MQTT 5's Maximum Packet Size.
-                let frame = header.frame_length();
-                let len_len = 1 + self
-                    .buf
-                    .iter()
-                    .skip(1)
-                    .take_while(|b| **b & 0x80 != 0)
-                    .count();
-                if len_len != remaining_length_len(frame - 1 - len_len) {
-                    return Err(SessionError::Mqtt(
-                        rumqttd::protocol::Error::MalformedRemainingLength,
-                    ));
-                }
-                if frame > self.max_packet {
-                    return Err(SessionError::Mqtt(
-                        rumqttd::protocol::Error::PayloadSizeLimitExceeded(frame),
-                    ));
-                }
-                Ok(Some(header.packet_type().map_err(SessionError::Mqtt)?))
+        // Checked on the fixed header, before the rest is read: the
+        // remaining length takes the fewest bytes it can (MQTT 5 §1.5.5;
+        // 3.1.1 encodes it alike), and the limit is on the whole packet, as
+        // MQTT 5's Maximum Packet Size.
+        if let Some((len_len, remaining)) = remaining_length(&self.buf) {
+            use rumqttd::protocol::Error;
+            if len_len != remaining_length_len(remaining) {
+                return Err(SessionError::Mqtt(Error::MalformedRemainingLength));
             }
+            let whole = 1 + len_len + remaining;
+            if whole > self.max_packet {
+                return Err(SessionError::Mqtt(Error::PayloadSizeLimitExceeded(whole)));
+            }
+        }
+        match v5::check(self.buf.iter(), self.max_packet) {
+            Ok(header) => Ok(Some(header.packet_type().map_err(SessionError::Mqtt)?)),
             Err(rumqttd::protocol::Error::InsufficientBytes(_)) => Ok(None),
             Err(e) => Err(SessionError::Mqtt(e)),
         }
@@ -595,6 +587,20 @@ pub struct PublishShape {
     pub pkid: u16,
     /// Bytes on the wire, MQTT 5.
     pub size: usize,
+}
+
+/// The remaining length at the front of a packet in `buf`, and the bytes
+/// it takes, once they have all come (at most four: a fifth is left to the
+/// codec, which refuses it).
+fn remaining_length(buf: &[u8]) -> Option<(usize, usize)> {
+    let mut value = 0;
+    for (i, byte) in buf.iter().skip(1).take(4).enumerate() {
+        value |= usize::from(byte & 0x7F) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((i + 1, value));
+        }
+    }
+    None
 }
 
 /// Bytes MQTT spends on a remaining length of `len`.
@@ -1043,11 +1049,14 @@ mod tests {
         let publish = framed_as(0x30, [&[0, 1, b'a', 0][..], &[b'x'; 196]].concat());
         assert_eq!(publish.len(), 203);
         assert!(matches!(decoded(true, 203, &publish), Ok(Some(_))));
-        let err = decoded(true, 202, &publish).unwrap_err();
-        assert_eq!(
-            err.disconnect_reason(),
-            Some(DisconnectReasonCode::PacketTooLarge)
-        );
+        // Refused on its fixed header alone, before the rest comes.
+        for bytes in [&publish[..], &publish[..3]] {
+            let err = decoded(true, 202, bytes).unwrap_err();
+            assert_eq!(
+                err.disconnect_reason(),
+                Some(DisconnectReasonCode::PacketTooLarge)
+            );
+        }
     }
 
     /// A property given twice is a Protocol Error (MQTT 5 §2.2.2.2), but

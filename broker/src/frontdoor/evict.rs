@@ -128,35 +128,46 @@ impl PendingSet {
         // Counted with the newcomer, which being the newest is never the
         // one chosen.
         if self.len > limit.max {
-            self.pop_from_largest(now, limit.min_age, false)
+            self.pop_from_largest(now, limit.min_age)
         } else {
             None
         }
     }
 
-    /// A listener is full and a new connection waits for a slot: the token
-    /// of the pending connection to close for it, chosen as by
-    /// [`PendingSet::insert`] (among those that hold a bootstrap slot, if
-    /// `bootstrap`), or none if that one is younger than `min_age`.
+    /// A listener is full and a new connection from `source` waits for a
+    /// slot: the token of the pending connection to close for it, taken out
+    /// of the set. Of the sources whose oldest pending connection (of those
+    /// holding a bootstrap slot, if `bootstrap`) is at least `min_age` old,
+    /// the one with the most such, the newcomer counted with its own, and
+    /// of it that oldest one. None if no source has one that old.
     pub fn make_room(
         &mut self,
+        source: IpAddr,
         now: Instant,
         min_age: Duration,
         bootstrap: bool,
     ) -> Option<CancellationToken> {
-        self.pop_from_largest(now, min_age, bootstrap)
+        let (from, id) = self
+            .by_source
+            .iter()
+            .filter_map(|(&from, of)| {
+                let (&id, oldest) = of.by_id.iter().find(|(_, e)| e.bootstrap || !bootstrap)?;
+                if now.saturating_duration_since(oldest.started) < min_age {
+                    return None;
+                }
+                let count = match bootstrap {
+                    true => of.bootstrap,
+                    false => of.by_id.len(),
+                } + usize::from(from == source);
+                Some((from, id, count))
+            })
+            .max_by_key(|&(_, id, count)| (count, Reverse(id)))
+            .map(|(from, id, _)| (from, id))?;
+        self.take(from, id)
     }
 
     pub fn remove(&mut self, source: IpAddr, id: u64) {
-        if let Some(of_source) = self.by_source.get_mut(&source) {
-            if let Some(entry) = of_source.by_id.remove(&id) {
-                of_source.bootstrap -= usize::from(entry.bootstrap);
-                self.len -= 1;
-            }
-            if of_source.by_id.is_empty() {
-                self.by_source.remove(&source);
-            }
-        }
+        self.take(source, id);
     }
 
     pub fn len(&self) -> usize {
@@ -167,34 +178,24 @@ impl PendingSet {
         self.len == 0
     }
 
-    /// The oldest connection (holding a bootstrap slot, if `bootstrap`) of
-    /// the source with the most such, taken out of the set, if it is at
-    /// least `min_age` old.
-    fn pop_from_largest(
-        &mut self,
-        now: Instant,
-        min_age: Duration,
-        bootstrap: bool,
-    ) -> Option<CancellationToken> {
-        let count = |of: &OfSource| match bootstrap {
-            true => of.bootstrap,
-            false => of.by_id.len(),
-        };
+    /// The oldest pending connection of the source with the most, taken
+    /// out of the set, if it is at least `min_age` old.
+    fn pop_from_largest(&mut self, now: Instant, min_age: Duration) -> Option<CancellationToken> {
         // Of sources alike in number, the one whose oldest is the oldest.
-        let source = *self
+        let (&source, of_source) = self
             .by_source
             .iter()
-            .filter(|(_, of)| count(of) > 0)
-            .max_by_key(|(_, of)| (count(of), Reverse(of.by_id.keys().next().copied())))?
-            .0;
-        let of_source = self.by_source.get_mut(&source)?;
-        let (&id, entry) = of_source
-            .by_id
-            .iter()
-            .find(|(_, entry)| entry.bootstrap || !bootstrap)?;
-        if now.saturating_duration_since(entry.started) < min_age {
+            .max_by_key(|(_, of)| (of.by_id.len(), Reverse(of.by_id.keys().next().copied())))?;
+        let (&id, oldest) = of_source.by_id.first_key_value()?;
+        if now.saturating_duration_since(oldest.started) < min_age {
             return None;
         }
+        self.take(source, id)
+    }
+
+    /// Takes connection `id` of `source` out of the set; its token.
+    fn take(&mut self, source: IpAddr, id: u64) -> Option<CancellationToken> {
+        let of_source = self.by_source.get_mut(&source)?;
         let entry = of_source.by_id.remove(&id)?;
         of_source.bootstrap -= usize::from(entry.bootstrap);
         self.len -= 1;
@@ -415,13 +416,15 @@ mod tests {
     }
 
     /// A full listener makes room for a newcomer by closing the oldest
-    /// pending connection of the source with the most, of those that hold
-    /// a bootstrap slot when that is the slot it needs, if it is old enough.
+    /// pending connection of the source with the most (the newcomer counted
+    /// with its own), of those that hold a bootstrap slot when that is the
+    /// slot it needs, among sources whose oldest is old enough.
     #[test]
     fn a_full_listener_closes_a_pending_connection_for_a_newcomer() {
-        let (a, b): (IpAddr, IpAddr) = (
+        let (a, b, c): (IpAddr, IpAddr, IpAddr) = (
             "192.0.2.1".parse().unwrap(),
             "198.51.100.7".parse().unwrap(),
+            "203.0.113.5".parse().unwrap(),
         );
         let mut set = PendingSet::default();
         let now = Instant::now();
@@ -430,30 +433,46 @@ mod tests {
             max: 100,
             min_age: floor,
         };
-        let mut add = |source, id, bootstrap| {
+        let mut add = |source, id, bootstrap, at| {
             let token = CancellationToken::new();
             assert!(set
-                .insert(source, id, (token.clone(), bootstrap), now, lim)
+                .insert(source, id, (token.clone(), bootstrap), at, lim)
                 .is_none());
             token
         };
-        let service_a: Vec<_> = (1..4).map(|id| add(a, id, false)).collect();
-        let boot_b = add(b, 4, true);
-        let boot_a = add(a, 5, true);
-        assert!(set.make_room(now, floor, false).is_none(), "too young");
+        let service_a: Vec<_> = (1..4).map(|id| add(a, id, false, now)).collect();
+        let boot_b = add(b, 4, true, now);
+        let boot_a = add(a, 5, true, now);
         let later = now + Duration::from_secs(2);
-        set.make_room(later, floor, false).unwrap().cancel();
-        assert!(service_a[0].is_cancelled(), "the oldest of the largest");
-        // One bootstrap connection each: the source whose oldest is older.
-        set.make_room(later, floor, true).unwrap().cancel();
-        assert!(boot_a.is_cancelled() && !boot_b.is_cancelled());
-        set.make_room(later, floor, true).unwrap().cancel();
-        assert!(boot_b.is_cancelled());
-        assert!(set.make_room(later, floor, true).is_none(), "none left");
-        assert_eq!(set.len(), 2);
+        // Five young ones of c, the most of any source.
+        let young_c: Vec<_> = (6..11).map(|id| add(c, id, false, later)).collect();
+        let newcomer = "192.0.2.200".parse().unwrap();
+        assert!(
+            set.make_room(newcomer, now, floor, false).is_none(),
+            "too young"
+        );
+        set.make_room(newcomer, later, floor, false)
+            .unwrap()
+            .cancel();
+        assert!(
+            service_a[0].is_cancelled(),
+            "the oldest of the largest old enough"
+        );
+        // One bootstrap connection each: the newcomer's source counts its own.
+        set.make_room(b, later, floor, true).unwrap().cancel();
+        assert!(boot_b.is_cancelled() && !boot_a.is_cancelled());
+        set.make_room(b, later, floor, true).unwrap().cancel();
+        assert!(boot_a.is_cancelled());
+        assert!(set.make_room(b, later, floor, true).is_none(), "none left");
+        assert_eq!(set.len(), 7);
         assert!(service_a[1..].iter().all(|t| !t.is_cancelled()));
-        set.remove(a, 2);
-        set.remove(a, 3);
+        assert!(young_c.iter().all(|t| !t.is_cancelled()));
+        for id in 2..4 {
+            set.remove(a, id);
+        }
+        for id in 6..11 {
+            set.remove(c, id);
+        }
         assert!(set.is_empty());
     }
 

@@ -947,11 +947,16 @@ pub async fn serve(
             // A device listener full: a connection that stopped talking
             // in its handshake is closed for this one, as for too many
             // pending (`Shared::pending`), which alone would leave a flood
-            // faster than `pending_min_age` every slot.
-            if let Ok(waiting) = shared.making_room.clone().try_acquire_owned() {
+            // faster than `pending_min_age` every slot. (The internal
+            // listener, full of authenticated connections, refuses.)
+            let device = !matches!(transport, Transport::Plain(ListenerKind::Internal));
+            let waiting = device
+                .then(|| shared.making_room.clone().try_acquire_owned().ok())
+                .flatten();
+            if let Some(waiting) = waiting {
                 let (shared, transport, stop) = (shared.clone(), transport.clone(), stop.clone());
                 tokio::spawn(async move {
-                    let room = room_for(&shared, &transport).await;
+                    let room = room_for(&shared, &transport, peer.ip()).await;
                     drop(waiting);
                     match room {
                         Some(slots) => accepted(stream, peer, transport, shared, stop, slots).await,
@@ -993,7 +998,7 @@ const ROOM_WAIT: Duration = Duration::from_secs(1);
 /// [`evict::PendingSet::make_room`]). None if no pending connection can be
 /// closed (each younger than `pending_min_age`), or no slot comes within
 /// [`ROOM_WAIT`].
-async fn room_for(shared: &Shared, transport: &Transport) -> Option<Slots> {
+async fn room_for(shared: &Shared, transport: &Transport, source: IpAddr) -> Option<Slots> {
     let bootstrap = !matches!(transport, Transport::MutualTls(_));
     let slot = InLine::join(&shared.slots).await;
     let boot = match bootstrap {
@@ -1007,6 +1012,7 @@ async fn room_for(shared: &Shared, transport: &Transport) -> Option<Slots> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .make_room(
+                evict::source_key(source),
                 Instant::now(),
                 shared.limits.pending_min_age,
                 boot.as_ref().is_some_and(waiting),

@@ -2006,7 +2006,8 @@ async fn a_kept_session_counts_its_filters_when_it_comes_back() {
 
 /// Silent connections cannot keep the manager out of the internal
 /// listener: when its slots are full, the oldest connection that has not
-/// authenticated is closed and the new one takes its slot.
+/// authenticated is closed and the new one takes its slot. Full of
+/// authenticated ones, it refuses the next.
 #[tokio::test]
 async fn silent_connections_keep_no_manager_out_of_the_internal_listener() {
     let fleet = Fleet::start_tuned(
@@ -2035,9 +2036,21 @@ async fn silent_connections_keep_no_manager_out_of_the_internal_listener() {
     .await
     .unwrap();
     // As the manager does, a client refused tries again.
-    eventually(T, "the manager's credentials to get in", || async {
+    let first = eventually(T, "the manager's credentials to get in", || async {
         fleet.privileged("operator-probe").await.ok()
     })
     .await
     .unwrap();
+    // Once every slot is held by an authenticated connection (the
+    // manager's among them), one more is refused: it takes no slot of the
+    // device listeners either.
+    let mut held = vec![first];
+    for n in 0..10 {
+        match fleet.privileged(&format!("operator-{n}")).await {
+            Ok(probe) => held.push(probe),
+            Err(_) => break,
+        }
+    }
+    assert_eq!(held.len(), 3, "connections beside the manager's");
+    assert!(fleet.broker.metrics.get(|m| &m.over_capacity) >= 1);
 }
