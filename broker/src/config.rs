@@ -78,6 +78,14 @@ pub struct BrokerConfig {
     /// round trips, so a flood cannot close it while it runs. The limit is
     /// exceeded meanwhile, by what arrives within this time.
     pub pending_min_age_ms: u64,
+    /// When the bootstrap listeners are full and no pending handshake can
+    /// be closed for a newcomer, a bootstrap session (TLS done, a CONNECT
+    /// awaited or read) is: of the sources whose oldest bootstrap session
+    /// is at least this old, the one with the most (the newcomer counted
+    /// with its own) loses that oldest one. A device's bootstrap exchange
+    /// takes a few seconds, so clients that connect and idle cannot keep
+    /// the bootstrap listeners from others.
+    pub bootstrap_session_min_age_ms: u64,
     /// Whether the service listener gives each client a TLS session ticket
     /// to resume its next connection with. A ticket is taken only if the
     /// certificate in it passes every check of a full handshake again.
@@ -140,6 +148,7 @@ impl Default for BrokerConfig {
             tls_handshake_timeout_ms: 10_000,
             max_pending_handshakes: 1_024,
             pending_min_age_ms: 1_000,
+            bootstrap_session_min_age_ms: 10_000,
             service_session_tickets: true,
             grant_cache: true,
             max_idle_secs: 300,
@@ -185,6 +194,7 @@ impl BrokerConfig {
                 .min(self.max_connections / 2)
                 .max(1),
             pending_min_age: Duration::from_millis(self.pending_min_age_ms),
+            bootstrap_session_min_age: Duration::from_millis(self.bootstrap_session_min_age_ms),
             max_idle: Duration::from_secs(self.max_idle_secs),
             max_session_expiry: Duration::from_secs(self.max_session_expiry_secs),
             connects_per_sec_per_source: self.connects_per_sec_per_source,

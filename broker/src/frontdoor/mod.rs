@@ -125,6 +125,8 @@ pub struct Limits {
     pub max_pending: usize,
     /// The youngest handshake [`Limits::max_pending`] may close.
     pub pending_min_age: Duration,
+    /// See `bootstrap_session_min_age_ms` in the broker's configuration.
+    pub bootstrap_session_min_age: Duration,
     /// Longest silence allowed when a client asks for no keep-alive, and the
     /// cap on 1.5 × the keep-alive it asks for.
     pub max_idle: Duration,
@@ -240,6 +242,10 @@ pub struct Shared {
     /// Connections whose handshake has not finished (see
     /// [`Limits::max_pending`]).
     pending: Mutex<evict::PendingSet>,
+    /// Bootstrap sessions (after their handshake), each with the token that
+    /// ends it, so that a full bootstrap listener can close one for a
+    /// newcomer ([`room_for`]).
+    bootstrap_sessions: Mutex<evict::PendingSet>,
     /// New connections waiting for a slot a pending connection was closed
     /// for ([`room_for`]); at most [`Limits::max_pending`].
     making_room: Arc<Semaphore>,
@@ -425,6 +431,7 @@ impl Shared {
             will_link: tokio::sync::Mutex::new(None),
             revoked: Arc::new(RwLock::new(HashSet::new())),
             pending: Mutex::new(evict::PendingSet::default()),
+            bootstrap_sessions: Mutex::new(evict::PendingSet::default()),
             making_room,
             stopping,
         })
@@ -815,6 +822,37 @@ impl Shared {
         pace
     }
 
+    /// Counts bootstrap session `connection` from `source`, which `cut`
+    /// ends, until [`Shared::bootstrap_session_ends`].
+    pub(crate) fn bootstrap_session(
+        &self,
+        source: IpAddr,
+        connection: u64,
+        cut: CancellationToken,
+    ) {
+        let limit = evict::PendingLimit {
+            max: usize::MAX,
+            min_age: Duration::MAX,
+        };
+        self.bootstrap_sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                evict::source_key(source),
+                connection,
+                (cut, false),
+                Instant::now(),
+                limit,
+            );
+    }
+
+    pub(crate) fn bootstrap_session_ends(&self, source: IpAddr, connection: u64) {
+        self.bootstrap_sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(evict::source_key(source), connection);
+    }
+
     /// Whether the bootstrap listeners take one more PUBLISH from `source`.
     pub(crate) fn admit_bootstrap_publish(&self, source: IpAddr) -> bool {
         take_from(
@@ -1007,16 +1045,30 @@ async fn room_for(shared: &Shared, transport: &Transport, source: IpAddr) -> Opt
     };
     let waiting = |line: &InLine| matches!(line, InLine::Queued(_));
     if waiting(&slot) || boot.as_ref().is_some_and(waiting) {
-        let victim = shared
+        let (source, now) = (evict::source_key(source), Instant::now());
+        let bootstrap = boot.as_ref().is_some_and(waiting);
+        let pending = shared
             .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .make_room(
-                evict::source_key(source),
-                Instant::now(),
-                shared.limits.pending_min_age,
-                boot.as_ref().is_some_and(waiting),
-            )?;
+            .make_room(source, now, shared.limits.pending_min_age, bootstrap);
+        // The bootstrap listeners full of clients past their handshake:
+        // one of their sessions goes.
+        let victim = pending.or_else(|| {
+            let min_age = shared.limits.bootstrap_session_min_age;
+            bootstrap
+                .then(|| {
+                    shared
+                        .bootstrap_sessions
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .make_room(source, now, min_age, false)
+                })
+                .flatten()
+                .inspect(|_| {
+                    shared.metrics.evicted.fetch_add(1, Ordering::Relaxed);
+                })
+        })?;
         victim.cancel();
     }
     let both = async {

@@ -367,6 +367,11 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let mut framed = Framed::new(stream, max_packet);
     async move {
+        // Closed for a newcomer when the bootstrap listeners are full
+        // (`room_for`).
+        if matches!(kind, ListenerKind::Bootstrap) {
+            shared.bootstrap_session(source, connection, cut.clone());
+        }
         let result: Result<(), SessionError> = 'session: {
             // Matched and admitted without naming the packet, the admission or
             // the opened link: a named value moved apart stays in the future,
@@ -645,6 +650,10 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     SessionError::Revoked if shared.stopping.is_cancelled() => {
                         Some(DisconnectReasonCode::ServerShuttingDown)
                     }
+                    // Closed for a newcomer (`room_for`).
+                    SessionError::Revoked if matches!(kind, ListenerKind::Bootstrap) => {
+                        Some(DisconnectReasonCode::ServerBusy)
+                    }
                     err => err.disconnect_reason(),
                 };
                 // Nothing follows a packet cut off part-way.
@@ -673,6 +682,9 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             }
             result
         };
+        if matches!(kind, ListenerKind::Bootstrap) {
+            shared.bootstrap_session_ends(source, connection);
+        }
         // However the broker ended it, what the client still sends does
         // not make the kernel reset the connection under its last word.
         if let Err(err) = &result {

@@ -1149,6 +1149,29 @@ async fn a_flood_that_takes_every_slot_at_once_keeps_no_device_out() {
     drop(idle);
 }
 
+/// Clients that finish their handshake and CONNECT on the bootstrap
+/// listeners and then idle keep no device from activating once their
+/// sessions are older than `bootstrap_session_min_age_ms`: a full
+/// bootstrap listener closes, for a newcomer, the oldest session of the
+/// source with the most.
+#[tokio::test]
+async fn idle_bootstrap_clients_keep_no_device_from_activating() {
+    let bootstrap = 20;
+    let (fleet, devices) = flooded_fleet("dev12", |b| {
+        b.max_bootstrap_connections = bootstrap;
+        b.bootstrap_session_min_age_ms = 300;
+    })
+    .await;
+    let mut idle = Vec::new();
+    for n in 0..bootstrap {
+        idle.push(fleet.bootstrap_client(&format!("idle{n}")).await.unwrap());
+    }
+    devices.spawn(devices.config(&fleet, "dev12", KeyMode::Csr));
+    devices.wait_connected("dev12", T).await.unwrap();
+    assert!(fleet.broker.metrics.get(|m| &m.evicted) >= 1);
+    assert!(idle.iter().any(|p| p.is_cut()));
+}
+
 /// A device that answers the broker's flight late (1.5 s, past the age
 /// floor) while another address floods the service listener with
 /// connections that never speak, far over `max_pending_handshakes`: the
