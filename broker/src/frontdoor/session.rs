@@ -377,6 +377,16 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             // the opened link: a named value moved apart stays in the future,
             // dead, for the life of the connection.
             let first = tokio::time::timeout(shared.limits.connect_timeout, framed.read_connect());
+            // A bootstrap session closed for a newcomer (`room_for`) may
+            // not have sent its CONNECT yet.
+            let bootstrap = matches!(kind, ListenerKind::Bootstrap);
+            let first = async {
+                tokio::select! {
+                    biased;
+                    _ = cut.cancelled(), if bootstrap => Ok(Err(SessionError::Revoked)),
+                    first = first => first,
+                }
+            };
             // A CONNECT refused as it is read (an unknown protocol level:
             // CONNACK 0x01) is lingered on like any refusal.
             let (connect, properties, will, will_properties, login) = match first.await {

@@ -1149,27 +1149,53 @@ async fn a_flood_that_takes_every_slot_at_once_keeps_no_device_out() {
     drop(idle);
 }
 
-/// Clients that finish their handshake and CONNECT on the bootstrap
-/// listeners and then idle keep no device from activating once their
-/// sessions are older than `bootstrap_session_min_age_ms`: a full
-/// bootstrap listener closes, for a newcomer, the oldest session of the
-/// source with the most.
+/// Clients that finish their handshake on the bootstrap listeners and
+/// then idle, before or after their CONNECT, keep no device from
+/// activating once their sessions are older than
+/// `bootstrap_session_min_age_ms`: a full bootstrap listener closes, for a
+/// newcomer, the oldest session of the source with the most.
 #[tokio::test]
 async fn idle_bootstrap_clients_keep_no_device_from_activating() {
     let bootstrap = 20;
-    let (fleet, devices) = flooded_fleet("dev12", |b| {
-        b.max_bootstrap_connections = bootstrap;
-        b.bootstrap_session_min_age_ms = 300;
-    })
-    .await;
-    let mut idle = Vec::new();
-    for n in 0..bootstrap {
-        idle.push(fleet.bootstrap_client(&format!("idle{n}")).await.unwrap());
+    for connect in [true, false] {
+        let (fleet, devices) = flooded_fleet("dev12", |b| {
+            b.max_bootstrap_connections = bootstrap;
+            b.bootstrap_session_min_age_ms = 300;
+        })
+        .await;
+        let mut clients = Vec::new();
+        let mut silent = Vec::new();
+        for n in 0..bootstrap {
+            match connect {
+                true => clients.push(fleet.bootstrap_client(&format!("idle{n}")).await.unwrap()),
+                false => silent.push(tls_and_nothing_more(&fleet).await),
+            }
+        }
+        devices.spawn(devices.config(&fleet, "dev12", KeyMode::Csr));
+        devices.wait_connected("dev12", T).await.unwrap();
+        assert!(
+            fleet.broker.metrics.get(|m| &m.evicted) >= 1,
+            "CONNECT {connect}"
+        );
+        assert!(clients.iter().any(|p| p.is_cut()) || !connect);
     }
-    devices.spawn(devices.config(&fleet, "dev12", KeyMode::Csr));
-    devices.wait_connected("dev12", T).await.unwrap();
-    assert!(fleet.broker.metrics.get(|m| &m.evicted) >= 1);
-    assert!(idle.iter().any(|p| p.is_cut()));
+}
+
+/// A connection to the bootstrap TLS listener that finishes its handshake
+/// and sends nothing more.
+async fn tls_and_nothing_more(fleet: &Fleet) -> openssl::ssl::SslStream<std::net::TcpStream> {
+    use openssl::ssl::{SslConnector, SslMethod};
+    let root = fleet.certs_dir().join("root-ca.pem");
+    let addr = fleet.broker.bootstrap_tls_addr.unwrap();
+    tokio::task::spawn_blocking(move || {
+        let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
+        b.set_ca_file(root).unwrap();
+        let tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(T)).unwrap();
+        b.build().connect("localhost", tcp).unwrap()
+    })
+    .await
+    .unwrap()
 }
 
 /// A device that answers the broker's flight late (1.5 s, past the age
