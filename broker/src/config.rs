@@ -79,12 +79,13 @@ pub struct BrokerConfig {
     /// exceeded meanwhile, by what arrives within this time.
     pub pending_min_age_ms: u64,
     /// When the bootstrap listeners are full and no pending handshake can
-    /// be closed for a newcomer, a bootstrap session (TLS done, a CONNECT
-    /// awaited or read) is: of the sources whose oldest bootstrap session
-    /// is at least this old, the one with the most (the newcomer counted
-    /// with its own) loses that oldest one. A device's bootstrap exchange
-    /// takes a few seconds, so clients that connect and idle cannot keep
-    /// the bootstrap listeners from others.
+    /// be closed for a newcomer, a bootstrap session (its handshake done,
+    /// or on the plain listener its first bytes come) is: of the sources
+    /// with a session that has sent nothing for at least this long, the
+    /// one with the most sessions (the newcomer counted with its own)
+    /// loses the oldest such. A device sends its requests, and its
+    /// retries, well within this, so clients that connect and idle cannot
+    /// keep the bootstrap listeners from others.
     pub bootstrap_session_min_age_ms: u64,
     /// Whether the service listener gives each client a TLS session ticket
     /// to resume its next connection with. A ticket is taken only if the

@@ -51,7 +51,7 @@ const SERIES: &[Series] = &[
     (
         "counter",
         "connections_evicted_total",
-        "Connections closed before their handshake finished, while their client owed the next message, to make room for newer ones (max_pending_handshakes).",
+        "Connections closed to make room for newer ones: before their handshake finished, while their client owed the next message (max_pending_handshakes, a full listener), or idle bootstrap sessions on full bootstrap listeners (bootstrap_session_min_age_ms).",
         |m| &m.evicted,
     ),
     (

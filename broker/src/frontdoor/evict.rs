@@ -136,10 +136,11 @@ impl PendingSet {
 
     /// A listener is full and a new connection from `source` waits for a
     /// slot: the token of the pending connection to close for it, taken out
-    /// of the set. Of the sources whose oldest pending connection (of those
-    /// holding a bootstrap slot, if `bootstrap`) is at least `min_age` old,
-    /// the one with the most such, the newcomer counted with its own, and
-    /// of it that oldest one. None if no source has one that old.
+    /// of the set. Of the sources with a connection (holding a bootstrap
+    /// slot, if `bootstrap`) at least `min_age` old, the one with the most
+    /// connections, the newcomer counted with its own, and of it the oldest
+    /// such one. None if no source has one that old. (Age counts from
+    /// `insert`, or from the last [`PendingSet::touch`].)
     pub fn make_room(
         &mut self,
         source: IpAddr,
@@ -151,10 +152,10 @@ impl PendingSet {
             .by_source
             .iter()
             .filter_map(|(&from, of)| {
-                let (&id, oldest) = of.by_id.iter().find(|(_, e)| e.bootstrap || !bootstrap)?;
-                if now.saturating_duration_since(oldest.started) < min_age {
-                    return None;
-                }
+                let (&id, _) = of.by_id.iter().find(|(_, e)| {
+                    (e.bootstrap || !bootstrap)
+                        && now.saturating_duration_since(e.started) >= min_age
+                })?;
                 let count = match bootstrap {
                     true => of.bootstrap,
                     false => of.by_id.len(),
@@ -164,6 +165,17 @@ impl PendingSet {
             .max_by_key(|&(_, id, count)| (count, Reverse(id)))
             .map(|(from, id, _)| (from, id))?;
         self.take(from, id)
+    }
+
+    /// Counts connection `id` of `source` as started `now` again.
+    pub fn touch(&mut self, source: IpAddr, id: u64, now: Instant) {
+        if let Some(entry) = self
+            .by_source
+            .get_mut(&source)
+            .and_then(|of| of.by_id.get_mut(&id))
+        {
+            entry.started = now;
+        }
     }
 
     pub fn remove(&mut self, source: IpAddr, id: u64) {
@@ -473,6 +485,34 @@ mod tests {
         for id in 6..11 {
             set.remove(c, id);
         }
+        assert!(set.is_empty());
+    }
+
+    /// A connection heard from within the age floor ([`PendingSet::touch`])
+    /// is not the one closed for a newcomer; an older one of its source is.
+    #[test]
+    fn a_connection_heard_from_lately_is_not_the_one_closed() {
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let mut set = PendingSet::default();
+        let now = Instant::now();
+        let floor = Duration::from_secs(1);
+        let lim = PendingLimit {
+            max: 100,
+            min_age: floor,
+        };
+        let (first, second) = (CancellationToken::new(), CancellationToken::new());
+        assert!(set.insert(a, 1, (first.clone(), false), now, lim).is_none());
+        assert!(set
+            .insert(a, 2, (second.clone(), false), now, lim)
+            .is_none());
+        let later = now + Duration::from_secs(2);
+        set.touch(a, 1, later);
+        set.make_room(a, later, floor, false).unwrap().cancel();
+        assert!(second.is_cancelled() && !first.is_cancelled());
+        assert!(set.make_room(a, later, floor, false).is_none());
+        let idle = later + Duration::from_secs(2);
+        set.make_room(a, idle, floor, false).unwrap().cancel();
+        assert!(first.is_cancelled());
         assert!(set.is_empty());
     }
 

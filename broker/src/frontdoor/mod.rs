@@ -53,9 +53,11 @@ pub struct Metrics {
     pub accepted: AtomicU64,
     pub live: AtomicU64,
     pub handshake_failures: AtomicU64,
-    /// Connections closed before their handshake finished, while their
-    /// client owed the next message, to make room for newer ones
-    /// (`max_pending_handshakes`).
+    /// Connections closed to make room for newer ones: before their
+    /// handshake finished, while their client owed the next message
+    /// (`max_pending_handshakes`, a full listener), or bootstrap sessions
+    /// idle past `bootstrap_session_min_age_ms` on full bootstrap
+    /// listeners.
     pub evicted: AtomicU64,
     /// Service-listener handshakes that resumed from a session ticket.
     pub resumed: AtomicU64,
@@ -844,6 +846,14 @@ impl Shared {
                 Instant::now(),
                 limit,
             );
+    }
+
+    /// Bootstrap session `connection` from `source` has sent a packet now.
+    pub(crate) fn bootstrap_session_heard(&self, source: IpAddr, connection: u64) {
+        self.bootstrap_sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .touch(evict::source_key(source), connection, Instant::now());
     }
 
     pub(crate) fn bootstrap_session_ends(&self, source: IpAddr, connection: u64) {

@@ -61,7 +61,7 @@ pub enum SessionError {
     /// reading. Nothing more can be told to it.
     #[error("the client took no data for {0:?}")]
     WriteStalled(Duration),
-    #[error("closed: certificate revoked or expired")]
+    #[error("closed: certificate revoked or expired, the broker stopping, or a bootstrap session closed for a newcomer")]
     Revoked,
 }
 
@@ -400,6 +400,9 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             };
             let version = framed.version;
+            if bootstrap {
+                shared.bootstrap_session_heard(source, connection);
+            }
             let identity = match admit(
                 &kind,
                 &connect,
@@ -528,11 +531,15 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 &mut outbound,
                 keep_alive,
                 &shared,
-                source,
+                (source, connection),
                 &mut carried,
                 &cut,
             )
             .await;
+            // No longer one to close for a newcomer: it is ending.
+            if matches!(kind, ListenerKind::Bootstrap) {
+                shared.bootstrap_session_ends(source, connection);
+            }
             // A newer connection of the same identity has claimed the session:
             // the router has dropped this connection's link, whatever ended it
             // here (the router's close, or a read error that came first).
@@ -901,7 +908,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     outbound: &mut Outbound,
     keep_alive: Duration,
     shared: &Shared,
-    source: std::net::IpAddr,
+    (source, connection): (std::net::IpAddr, u64),
     carried: &mut super::Carried,
     cut: &CancellationToken,
 ) -> Result<(DisconnectReasonCode, Option<u32>), SessionError> {
@@ -952,6 +959,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             read = tokio::time::timeout_at(deadline, framed.read()) => {
                 let packet = read.map_err(|_| SessionError::KeepAlive)??;
                 deadline = tokio::time::Instant::now() + keep_alive;
+                // A bootstrap session that sends nothing is the one closed
+                // for a newcomer (`room_for`).
+                if matches!(identity, Identity::Bootstrap { .. }) {
+                    shared.bootstrap_session_heard(source, connection);
+                }
                 match packet {
                     Packet::Publish(mut publish, mut props) => {
                         let too_fast = if !pace.take() {

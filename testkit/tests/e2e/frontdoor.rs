@@ -1151,9 +1151,10 @@ async fn a_flood_that_takes_every_slot_at_once_keeps_no_device_out() {
 
 /// Clients that finish their handshake on the bootstrap listeners and
 /// then idle, before or after their CONNECT, keep no device from
-/// activating once their sessions are older than
+/// activating once they have sent nothing for
 /// `bootstrap_session_min_age_ms`: a full bootstrap listener closes, for a
-/// newcomer, the oldest session of the source with the most.
+/// newcomer, the oldest such session of the source with the most. A
+/// client that keeps talking, the oldest of them all, is left alone.
 #[tokio::test]
 async fn idle_bootstrap_clients_keep_no_device_from_activating() {
     let bootstrap = 20;
@@ -1163,9 +1164,10 @@ async fn idle_bootstrap_clients_keep_no_device_from_activating() {
             b.bootstrap_session_min_age_ms = 300;
         })
         .await;
+        let (talking, talked) = talking_bootstrap_client(&fleet).await;
         let mut clients = Vec::new();
         let mut silent = Vec::new();
-        for n in 0..bootstrap {
+        for n in 1..bootstrap {
             match connect {
                 true => clients.push(fleet.bootstrap_client(&format!("idle{n}")).await.unwrap()),
                 false => silent.push(tls_and_nothing_more(&fleet).await),
@@ -1178,7 +1180,49 @@ async fn idle_bootstrap_clients_keep_no_device_from_activating() {
             "CONNECT {connect}"
         );
         assert!(clients.iter().any(|p| p.is_cut()) || !connect);
+        assert!(!talking.is_finished(), "the client that talks was closed");
+        assert!(talked.load(Ordering::Relaxed) > 0);
+        talking.abort();
     }
+}
+
+/// A 3.1.1 client on the plain bootstrap listener that sends a PINGREQ
+/// every 100 ms; its task ends when the broker closes the connection. With
+/// the count of PINGRESPs it got.
+async fn talking_bootstrap_client(
+    fleet: &Fleet,
+) -> (tokio::task::JoinHandle<()>, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = fleet.broker.bootstrap_plain_addr.unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // CONNECT, clean session, keep-alive 60 s, client id "talk".
+    let connect = [
+        0x10, 16, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 4, b't', b'a', b'l', b'k',
+    ];
+    s.write_all(&connect).await.unwrap();
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(T, s.read_exact(&mut connack))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    let talked = Arc::new(AtomicUsize::new(0));
+    let count = talked.clone();
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut pong = [0u8; 2];
+        loop {
+            tick.tick().await;
+            if s.write_all(&[0xC0, 0]).await.is_err() {
+                return;
+            }
+            match s.read_exact(&mut pong).await {
+                Ok(_) if pong == [0xD0, 0] => count.fetch_add(1, Ordering::Relaxed),
+                _ => return,
+            };
+        }
+    });
+    (task, talked)
 }
 
 /// A connection to the bootstrap TLS listener that finishes its handshake
