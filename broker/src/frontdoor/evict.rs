@@ -427,6 +427,17 @@ mod tests {
         assert!(young.is_cancelled());
     }
 
+    /// An empty set, now, an age floor of 1 s, and a limit with it that is
+    /// never reached.
+    fn with_floor() -> (PendingSet, Instant, Duration, PendingLimit) {
+        let floor = Duration::from_secs(1);
+        let lim = PendingLimit {
+            max: 100,
+            min_age: floor,
+        };
+        (PendingSet::default(), Instant::now(), floor, lim)
+    }
+
     /// A full listener makes room for a newcomer by closing the oldest
     /// pending connection of the source with the most (the newcomer counted
     /// with its own), of those that hold a bootstrap slot when that is the
@@ -438,13 +449,7 @@ mod tests {
             "198.51.100.7".parse().unwrap(),
             "203.0.113.5".parse().unwrap(),
         );
-        let mut set = PendingSet::default();
-        let now = Instant::now();
-        let floor = Duration::from_secs(1);
-        let lim = PendingLimit {
-            max: 100,
-            min_age: floor,
-        };
+        let (mut set, now, floor, lim) = with_floor();
         let mut add = |source, id, bootstrap, at| {
             let token = CancellationToken::new();
             assert!(set
@@ -493,13 +498,7 @@ mod tests {
     #[test]
     fn a_connection_heard_from_lately_is_not_the_one_closed() {
         let a: IpAddr = "192.0.2.1".parse().unwrap();
-        let mut set = PendingSet::default();
-        let now = Instant::now();
-        let floor = Duration::from_secs(1);
-        let lim = PendingLimit {
-            max: 100,
-            min_age: floor,
-        };
+        let (mut set, now, floor, lim) = with_floor();
         let (first, second) = (CancellationToken::new(), CancellationToken::new());
         assert!(set.insert(a, 1, (first.clone(), false), now, lim).is_none());
         assert!(set
