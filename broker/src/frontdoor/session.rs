@@ -981,6 +981,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         if version == Version::V5 {
                             aliases.route(&mut publish, props.as_mut())?;
                         }
+                        // A topic is UTF-8 with no U+0000 (MQTT 3.1.1 §1.5.3,
+                        // MQTT 5 §1.5.4): anything else is a malformed packet.
+                        if std::str::from_utf8(&publish.topic).map_or(true, |t| t.contains('\0')) {
+                            return Err(SessionError::Violation(DisconnectReasonCode::MalformedPacket, "topic not UTF-8, or with U+0000".into()));
+                        }
                         let granted = std::str::from_utf8(&publish.topic).is_ok_and(|t| identity.may_publish(t));
                         if !granted {
                             shared.metrics.refused_publishes.fetch_add(1, Ordering::Relaxed);
@@ -1056,6 +1061,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         // Whatever its filters (MQTT 5 §3.8.2.1.2).
                         if props.as_ref().and_then(|p| p.id) == Some(0) {
                             return Err(SessionError::Violation(DisconnectReasonCode::ProtocolError, "Subscription Identifier 0".into()));
+                        }
+                        if subscribe.filters.iter().any(|f| f.path.contains('\0')) {
+                            return Err(SessionError::Violation(DisconnectReasonCode::MalformedPacket, "filter with U+0000".into()));
                         }
                         let mut allowed = Vec::with_capacity(subscribe.filters.len());
                         for f in &subscribe.filters {

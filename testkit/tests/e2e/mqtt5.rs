@@ -472,6 +472,19 @@ async fn oversized_and_server_only_packets_close_with_a_reason() {
     let mut s = raw_v5(&fleet, "raw4").await;
     s.write_all(&[0x30, 0x80, 0xC0, 0x02]).await.unwrap();
     assert_eq!(disconnect_reason(&until_closed(&mut s).await), 0x95);
+    // A topic or a filter with U+0000 is a malformed packet.
+    let mut s = raw_v5(&fleet, "raw5").await;
+    assert_eq!(
+        publish_until_closed(&mut s, "fleet/v1/status/raw5\0", 1).await,
+        0x81
+    );
+    let mut s = raw_v5(&fleet, "raw6").await;
+    let filter = b"fleet/v1/status/raw6\0";
+    let mut body = vec![0, 1, 0, 0, filter.len() as u8];
+    body.extend_from_slice(filter);
+    body.push(0);
+    s.write_all(&frame(0x82, &body)).await.unwrap();
+    assert_eq!(disconnect_reason(&until_closed(&mut s).await), 0x81);
     // A CONNACK from a client is a protocol error, not a crash.
     let mut s = raw_v5(&fleet, "raw2").await;
     s.write_all(&[0x20, 0x03, 0x00, 0x00, 0x00]).await.unwrap();
