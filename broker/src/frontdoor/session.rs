@@ -377,13 +377,14 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             // the opened link: a named value moved apart stays in the future,
             // dead, for the life of the connection.
             let first = tokio::time::timeout(shared.limits.connect_timeout, framed.read_connect());
-            // A bootstrap session closed for a newcomer (`room_for`) may
-            // not have sent its CONNECT yet.
+            // Cut before its CONNECT (the broker stopping, the certificate
+            // revoked, a bootstrap session closed for a newcomer), a
+            // connection does not wait for it.
             let bootstrap = matches!(kind, ListenerKind::Bootstrap);
             let first = async {
                 tokio::select! {
                     biased;
-                    _ = cut.cancelled(), if bootstrap => Ok(Err(SessionError::Revoked)),
+                    _ = cut.cancelled() => Ok(Err(SessionError::Revoked)),
                     first = first => first,
                 }
             };

@@ -1225,6 +1225,49 @@ async fn talking_bootstrap_client(
     (task, talked)
 }
 
+/// A certified device's connection that finishes its handshake and sends
+/// no CONNECT is closed as soon as its certificate is revoked, not at the
+/// end of its CONNECT timeout.
+#[tokio::test]
+async fn a_connection_waiting_for_its_connect_ends_when_its_certificate_is_revoked() {
+    let fleet = Fleet::start_tuned(|b| b.connect_timeout_ms = 120_000, |_| {})
+        .await
+        .unwrap();
+    let auth = certified(&fleet, "quiet1", "svcA");
+    let serial = X509::from_pem(&auth.0)
+        .unwrap()
+        .serial_number()
+        .to_bn()
+        .unwrap();
+    let device = resuming(&fleet, "quiet1", auth, &rustls::version::TLS13);
+    let addr = fleet.service_addr();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let reader = tokio::task::spawn_blocking(move || {
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = rustls::ClientConnection::new(device.config, name).unwrap();
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        while tls.is_handshaking() {
+            tls.complete_io(&mut tcp).unwrap();
+        }
+        tx.send(()).unwrap();
+        // Whatever the broker still sends (a ticket), then its end.
+        let started = Instant::now();
+        let mut stream = rustls::Stream::new(&mut tls, &mut tcp);
+        let mut buf = [0u8; 512];
+        while matches!(std::io::Read::read(&mut stream, &mut buf), Ok(n) if n > 0) {}
+        started.elapsed()
+    });
+    tokio::time::timeout(T, rx).await.unwrap().unwrap();
+    let revoked = fleet_pki::RevokedEntry {
+        serial_hex: serial.to_hex_str().unwrap().to_lowercase(),
+        revoked_at: fleet_protocol::now_ms() / 1000,
+    };
+    fleet.core().pki.write_crl("svcA", &[revoked], 1).unwrap();
+    let waited = tokio::time::timeout(T, reader).await.unwrap().unwrap();
+    assert!(waited < Duration::from_secs(10), "closed after {waited:?}");
+}
+
 /// A connection to the bootstrap TLS listener that finishes its handshake
 /// and sends nothing more.
 async fn tls_and_nothing_more(fleet: &Fleet) -> openssl::ssl::SslStream<std::net::TcpStream> {
