@@ -544,44 +544,31 @@ fn without_optional_properties(p: Packet) -> Packet {
 }
 
 /// The QoS, packet id and MQTT 5 encoded size of a PUBLISH the router
-/// hands over. rumqttd keeps QoS and packet id crate-private, so they are
-/// read from the encoding of the PUBLISH without its payload (which would
-/// otherwise be copied for nothing): the fixed header byte, then the
-/// remaining length, the topic, the packet id.
+/// hands over. The size is read from the encoding of the PUBLISH without
+/// its payload (which would otherwise be copied for nothing): its
+/// remaining length, to which the payload adds.
 pub fn publish_shape(publish: &Publish, properties: &Option<PublishProperties>) -> PublishShape {
     let mut shell = publish.clone();
     let payload = std::mem::take(&mut shell.payload).len();
     let mut out = BytesMut::new();
-    if V5
-        .write(Packet::Publish(shell, properties.clone()), &mut out)
-        .is_err()
-    {
+    let written = V5.write(Packet::Publish(shell, properties.clone()), &mut out);
+    let Some((_, shell)) = written.ok().and_then(|_| remaining_length(&out)) else {
         return PublishShape {
             qos: 0,
             pkid: 0,
             size: usize::MAX,
         };
-    }
-    let qos = (out[0] >> 1) & 0b11;
-    let mut at = 1;
-    while out[at] & 0x80 != 0 {
-        at += 1;
-    }
-    let remaining = out.len() - at - 1 + payload;
-    let at = at + 1 + 2 + publish.topic.len();
-    let pkid = match qos {
-        0 => 0,
-        _ => u16::from_be_bytes([out[at], out[at + 1]]),
     };
+    let remaining = shell + payload;
+    let (qos, pkid) = publish.qos_and_pkid();
+    let qos = qos as u8;
     PublishShape {
         qos,
-        pkid,
+        pkid: if qos == 0 { 0 } else { pkid },
         size: 1 + remaining_length_len(remaining) + remaining,
     }
 }
 
-/// What [`publish_shape`] reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PublishShape {
     pub qos: u8,
     pub pkid: u16,
@@ -617,11 +604,8 @@ fn remaining_length_len(len: usize) -> usize {
 /// remaining length (1–4 bytes), the protocol name (a length-prefixed
 /// string) and the level.
 fn protocol_level(frame: &[u8]) -> Option<u8> {
-    let mut at = 1;
-    while *frame.get(at)? & 0x80 != 0 {
-        at += 1;
-    }
-    at += 1;
+    let (len_len, _) = remaining_length(frame)?;
+    let at = 1 + len_len;
     let name_len = u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]) as usize;
     frame.get(at + 2 + name_len).copied()
 }

@@ -115,6 +115,25 @@ impl PendingSet {
         now: Instant,
         limit: PendingLimit,
     ) -> Option<CancellationToken> {
+        self.add(source, id, (closing, bootstrap), now);
+        // Counted with the newcomer, which being the newest is never the
+        // one chosen.
+        if self.len > limit.max {
+            self.pop_from_largest(now, limit.min_age)
+        } else {
+            None
+        }
+    }
+
+    /// Adds connection `id` from `source`, started `now`, with no limit
+    /// (see [`PendingSet::insert`] for the arguments).
+    pub fn add(
+        &mut self,
+        source: IpAddr,
+        id: u64,
+        (closing, bootstrap): (CancellationToken, bool),
+        now: Instant,
+    ) {
         let of_source = self.by_source.entry(source).or_default();
         let entry = Entry {
             started: now,
@@ -124,13 +143,6 @@ impl PendingSet {
         if of_source.by_id.insert(id, entry).is_none() {
             of_source.bootstrap += usize::from(bootstrap);
             self.len += 1;
-        }
-        // Counted with the newcomer, which being the newest is never the
-        // one chosen.
-        if self.len > limit.max {
-            self.pop_from_largest(now, limit.min_age)
-        } else {
-            None
         }
     }
 

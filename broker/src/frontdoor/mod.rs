@@ -832,19 +832,14 @@ impl Shared {
         connection: u64,
         cut: CancellationToken,
     ) {
-        let limit = evict::PendingLimit {
-            max: usize::MAX,
-            min_age: Duration::MAX,
-        };
         self.bootstrap_sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(
+            .add(
                 evict::source_key(source),
                 connection,
                 (cut, false),
                 Instant::now(),
-                limit,
             );
     }
 
@@ -970,22 +965,14 @@ pub async fn serve(
             {
                 let (shared, transport, stop) = (shared.clone(), transport.clone(), stop.clone());
                 tokio::spawn(async move {
-                    let pool = shared.internal_slots.clone();
-                    let mut acquire = Box::pin(pool.acquire_owned());
                     // In the semaphore's queue before the slot is freed, so
                     // that it comes here and not to whoever connects next.
-                    let first = std::future::poll_fn(|cx| {
-                        std::task::Poll::Ready(std::future::Future::poll(acquire.as_mut(), cx))
-                    })
-                    .await;
-                    let waited = match first {
-                        std::task::Poll::Ready(slot) => Ok(slot),
-                        std::task::Poll::Pending => {
-                            shared.evict_unauthenticated_internal();
-                            tokio::time::timeout(shared.limits.connect_timeout, acquire).await
-                        }
-                    };
-                    if let Ok(Ok(slot)) = waited {
+                    let slot = InLine::join(&shared.internal_slots).await;
+                    if matches!(slot, InLine::Queued(_)) {
+                        shared.evict_unauthenticated_internal();
+                    }
+                    let waited = tokio::time::timeout(shared.limits.connect_timeout, slot.permit());
+                    if let Ok(Some(slot)) = waited.await {
                         let slots = (Some(slot), None);
                         accepted(stream, peer, transport, shared, stop, slots).await;
                     }

@@ -984,13 +984,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         }
                         // A topic is UTF-8 with no U+0000 (MQTT 3.1.1 §1.5.3,
                         // MQTT 5 §1.5.4): anything else is a malformed packet.
-                        if std::str::from_utf8(&publish.topic).map_or(true, |t| t.contains('\0')) {
+                        let Some(topic) = std::str::from_utf8(&publish.topic).ok().filter(|t| !t.contains('\0')) else {
                             return Err(SessionError::Violation(DisconnectReasonCode::MalformedPacket, "topic not UTF-8, or with U+0000".into()));
-                        }
-                        let granted = std::str::from_utf8(&publish.topic).is_ok_and(|t| identity.may_publish(t));
-                        if !granted {
+                        };
+                        if !identity.may_publish(topic) {
                             shared.metrics.refused_publishes.fetch_add(1, Ordering::Relaxed);
-                            let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+                            let topic = topic.to_owned();
                             let (qos, pkid) = publish.qos_and_pkid();
                             let qos = qos as u8;
                             match version.refused_publish(qos, pkid) {
