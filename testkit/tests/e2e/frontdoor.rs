@@ -1234,11 +1234,7 @@ async fn a_connection_waiting_for_its_connect_ends_when_its_certificate_is_revok
         .await
         .unwrap();
     let auth = certified(&fleet, "quiet1", "svcA");
-    let serial = X509::from_pem(&auth.0)
-        .unwrap()
-        .serial_number()
-        .to_bn()
-        .unwrap();
+    let revoked = revoked_entry(&auth.0, fleet_protocol::now_ms() / 1000);
     let device = resuming(&fleet, "quiet1", auth, &rustls::version::TLS13);
     let addr = fleet.service_addr();
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -1259,30 +1255,49 @@ async fn a_connection_waiting_for_its_connect_ends_when_its_certificate_is_revok
         started.elapsed()
     });
     tokio::time::timeout(T, rx).await.unwrap().unwrap();
-    let revoked = fleet_pki::RevokedEntry {
-        serial_hex: serial.to_hex_str().unwrap().to_lowercase(),
-        revoked_at: fleet_protocol::now_ms() / 1000,
-    };
     fleet.core().pki.write_crl("svcA", &[revoked], 1).unwrap();
     let waited = tokio::time::timeout(T, reader).await.unwrap().unwrap();
     assert!(waited < Duration::from_secs(10), "closed after {waited:?}");
 }
 
+/// The CRL entry revoking, at `revoked_at` (Unix seconds), the leaf of the
+/// chain `pem`.
+pub(crate) fn revoked_entry(pem: &[u8], revoked_at: u64) -> fleet_pki::RevokedEntry {
+    let serial = X509::from_pem(pem)
+        .unwrap()
+        .serial_number()
+        .to_bn()
+        .unwrap();
+    fleet_pki::RevokedEntry {
+        serial_hex: serial.to_hex_str().unwrap().to_lowercase(),
+        revoked_at,
+    }
+}
+
 /// A connection to the bootstrap TLS listener that finishes its handshake
 /// and sends nothing more.
 async fn tls_and_nothing_more(fleet: &Fleet) -> openssl::ssl::SslStream<std::net::TcpStream> {
-    use openssl::ssl::{SslConnector, SslMethod};
     let root = fleet.certs_dir().join("root-ca.pem");
     let addr = fleet.broker.bootstrap_tls_addr.unwrap();
-    tokio::task::spawn_blocking(move || {
-        let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
-        b.set_ca_file(root).unwrap();
-        let tcp = std::net::TcpStream::connect(addr).unwrap();
-        tcp.set_read_timeout(Some(T)).unwrap();
-        b.build().connect("localhost", tcp).unwrap()
-    })
-    .await
-    .unwrap()
+    tokio::task::spawn_blocking(move || bootstrap_tls(&root, addr))
+        .await
+        .unwrap()
+}
+
+/// A blocking OpenSSL connection to the bootstrap TLS listener at `addr`,
+/// trusting `root`, its handshake done; reads and writes time out after
+/// [`T`].
+pub(crate) fn bootstrap_tls(
+    root: &std::path::Path,
+    addr: std::net::SocketAddr,
+) -> openssl::ssl::SslStream<std::net::TcpStream> {
+    use openssl::ssl::{SslConnector, SslMethod};
+    let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
+    b.set_ca_file(root).unwrap();
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(T)).unwrap();
+    tcp.set_write_timeout(Some(T)).unwrap();
+    b.build().connect("localhost", tcp).unwrap()
 }
 
 /// A device that answers the broker's flight late (1.5 s, past the age

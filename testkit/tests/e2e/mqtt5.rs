@@ -3,7 +3,6 @@
 
 use fleet_device_sim::DeviceEvent;
 use fleet_pki::RevokedEntry;
-use openssl::x509::X509;
 use std::time::{Duration, Instant};
 
 use fleet_testkit::v5::{
@@ -13,7 +12,7 @@ use fleet_testkit::v5::{
 use fleet_testkit::{eventually, mqtt_frame as frame, mqtt_varint, Fleet, Probe, Probe5};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::frontdoor::{certified, running_fleet, traffic_after, T};
+use super::frontdoor::{bootstrap_tls, certified, revoked_entry, running_fleet, traffic_after, T};
 
 fn alias(n: u16) -> PublishProperties {
     PublishProperties {
@@ -650,15 +649,14 @@ async fn watching_telemetry() -> (Fleet, Probe) {
 /// Waits until a marker published now has reached `observer`: whatever was
 /// on its way before has arrived.
 async fn traffic_marker(observer: &Probe) {
-    let n = observer.on("/tenants/svcA/telemetry/marker").len();
-    observer
-        .publish("/tenants/svcA/telemetry/marker", b"m".to_vec())
-        .await
-        .unwrap();
-    observer
-        .wait_for("/tenants/svcA/telemetry/marker", n + 1, T)
-        .await
-        .unwrap();
+    traffic_marker_on(observer, "/tenants/svcA/telemetry/marker").await
+}
+
+/// [`traffic_marker`] on `topic`, which `observer` subscribes to.
+async fn traffic_marker_on(observer: &Probe, topic: &str) {
+    let n = observer.on(topic).len();
+    observer.publish(topic, b"m".to_vec()).await.unwrap();
+    observer.wait_for(topic, n + 1, T).await.unwrap();
 }
 
 /// Two devices of svcA, each connected with a kept session and a Will
@@ -794,22 +792,9 @@ async fn a_will_whose_certificate_is_revoked_while_it_waits_is_dropped() {
     let dropped = Instant::now();
     drop(b);
     // wd4's certificate is revoked while its Will waits.
-    let serial = |pem: &[u8]| {
-        X509::from_pem(pem)
-            .unwrap()
-            .serial_number()
-            .to_bn()
-            .unwrap()
-            .to_hex_str()
-            .unwrap()
-            .to_lowercase()
-    };
     let entries: Vec<RevokedEntry> = [&revoked.0, &witness.0]
         .into_iter()
-        .map(|pem| RevokedEntry {
-            serial_hex: serial(pem),
-            revoked_at: 0,
-        })
+        .map(|pem| revoked_entry(pem, 0))
         .collect();
     fleet.core().pki.write_crl("svcA", &entries, 1_000).unwrap();
     eventually(T, "the revocation to be loaded", || async {
@@ -1138,14 +1123,10 @@ impl RawTls {
     /// Opens TLS to the bootstrap TLS listener, sends `connect` and returns
     /// the connection with the CONNACK's reason code.
     fn open(fleet: &Fleet, connect: &[u8]) -> (RawTls, u8) {
-        use openssl::ssl::{SslConnector, SslMethod};
-        let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
-        b.set_ca_file(fleet.certs_dir().join("root-ca.pem"))
-            .unwrap();
-        let tcp = std::net::TcpStream::connect(fleet.broker.bootstrap_tls_addr.unwrap()).unwrap();
-        tcp.set_read_timeout(Some(T)).unwrap();
-        tcp.set_write_timeout(Some(T)).unwrap();
-        let tls = b.build().connect("localhost", tcp).unwrap();
+        let tls = bootstrap_tls(
+            &fleet.certs_dir().join("root-ca.pem"),
+            fleet.broker.bootstrap_tls_addr.unwrap(),
+        );
         let mut raw = RawTls { tls };
         raw.send(connect).unwrap();
         let (first, body) = raw.next();
@@ -2300,14 +2281,7 @@ async fn an_address_spending_its_bootstrap_budget_is_disconnected() {
     })
     .await
     .unwrap();
-    observer
-        .publish("fleet/v1/status/marker", b"m".to_vec())
-        .await
-        .unwrap();
-    observer
-        .wait_for("fleet/v1/status/marker", 1, T)
-        .await
-        .unwrap();
+    traffic_marker_on(&observer, "fleet/v1/status/marker").await;
     assert!(observer.on("fleet/v1/status/src3").is_empty());
 }
 
