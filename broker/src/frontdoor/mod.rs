@@ -606,6 +606,10 @@ impl Shared {
     /// session is no longer waiting to expire, and `connection`, which
     /// has sent its CONNACK, has taken it.
     pub(crate) fn kept_state(&self, router_id: &str, connection: u64, clean: bool) -> Carried {
+        // Under `sessions`, which `keep_session` holds from its look at
+        // `overtaken` to its entry in `kept`: an older connection keeps the
+        // session wholly before this (and `unkeep` below takes it) or sees
+        // that this one took it.
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(of) = self
             .overtaken
