@@ -344,8 +344,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     /// connection's version from it. An unknown protocol level gets the
     /// 3.1.1 CONNACK 0x01, as MQTT 3.1.1 answers a level it does not speak.
     pub async fn read_connect(&mut self) -> Result<Packet, SessionError> {
-        if self.fill().await? != PacketType::Connect {
-            return Err(SessionError::NotConnect);
+        match self.fill().await {
+            Ok(PacketType::Connect) => {}
+            Ok(_) => return Err(SessionError::NotConnect),
+            // Refused on its fixed header (too large, its length not
+            // minimal): an MQTT 5 CONNECT whose level has come is told why.
+            Err(err) => {
+                if self.buf.first() == Some(&0x10) && protocol_level(&self.buf) == Some(5) {
+                    self.version = Version::V5;
+                    self.refuse_connect(&err).await;
+                }
+                return Err(err);
+            }
         }
         self.version = match protocol_level(&self.buf) {
             Some(5) => Version::V5,
@@ -359,15 +369,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
             }
         };
         let connect = self.decode();
-        // One that decodes but carries more User Properties than the
-        // broker takes is told so (MQTT 5 CONNACK 0x83).
-        if let (Version::V5, Err(SessionError::Violation(code, _))) = (self.version, &connect) {
-            if *code == DisconnectReasonCode::ImplementationSpecificError {
-                let refusal = connack_refusing(ConnectReturnCode::ImplementationSpecificError);
-                let _ = self.write(vec![refusal]).await;
-            }
+        if let (Version::V5, Err(err)) = (self.version, &connect) {
+            self.refuse_connect(err).await;
         }
         connect
+    }
+
+    /// Tells an MQTT 5 client why its CONNECT ended the connection, in a
+    /// CONNACK with the reason a DISCONNECT would give (MQTT 5 §4.13.1 lets
+    /// the server send it): Malformed Packet (0x81), Protocol Error (0x82),
+    /// more User Properties than the broker takes (0x83) or Packet too
+    /// large (0x95).
+    async fn refuse_connect(&mut self, err: &SessionError) {
+        let code = match err.disconnect_reason() {
+            Some(DisconnectReasonCode::MalformedPacket) => ConnectReturnCode::MalformedPacket,
+            Some(DisconnectReasonCode::ProtocolError) => ConnectReturnCode::ProtocolError,
+            Some(DisconnectReasonCode::ImplementationSpecificError) => {
+                ConnectReturnCode::ImplementationSpecificError
+            }
+            Some(DisconnectReasonCode::PacketTooLarge) => ConnectReturnCode::PacketTooLarge,
+            _ => return,
+        };
+        let _ = self.write(vec![connack_refusing(code)]).await;
     }
 
     /// Reads the next packet.

@@ -495,6 +495,44 @@ async fn oversized_and_server_only_packets_close_with_a_reason() {
     drop(ok);
 }
 
+/// An MQTT 5 CONNECT that breaks the protocol is answered with a CONNACK
+/// that says how, and the connection closed; an MQTT 3.1.1 one, which has
+/// no code for it, only closed.
+#[tokio::test]
+async fn a_connect_that_breaks_the_protocol_is_told_why() {
+    let fleet = Fleet::start().await.unwrap();
+    let addr = fleet.broker.bootstrap_plain_addr.unwrap();
+    let answer = |connect: Vec<u8>| async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(&connect).await.unwrap();
+        until_closed(&mut s).await
+    };
+    let connack = |code: u8| vec![0x20, 0x03, 0x00, code, 0x00];
+    // 40 KiB announced, over the bootstrap listeners' 32 KiB: refused on
+    // the fixed header, before the rest comes.
+    let level = |level: u8| {
+        let mut head = vec![0x10, 0x80, 0xC0, 0x02, 0, 4, b'M', b'Q', b'T', b'T', level];
+        head.extend([0x02, 0, 60]);
+        head
+    };
+    assert_eq!(answer(level(5)).await, connack(0x95));
+    assert_eq!(answer(level(4)).await, b"");
+    // Its remaining length in two bytes where one does.
+    let mut long = raw_connect("raw7", 60, &[]);
+    long.splice(1..2, [long[1] | 0x80, 0x00]);
+    assert_eq!(answer(long).await, connack(0x81));
+    // Request Problem Information 2.
+    assert_eq!(
+        answer(raw_connect("raw8", 60, &[0x17, 2])).await,
+        connack(0x82)
+    );
+    // Session Expiry Interval twice.
+    let twice = [0x11, 0, 0, 0, 1, 0x11, 0, 0, 0, 2];
+    assert_eq!(answer(raw_connect("raw9", 60, &twice)).await, connack(0x82));
+    // The listener still serves.
+    drop(raw_v5(&fleet, "raw3").await);
+}
+
 /// A packet with more than 64 User Properties (empty ones included: 5
 /// bytes each on the wire, ten times that in memory) ends the connection
 /// with DISCONNECT 0x83 (a CONNECT: CONNACK 0x83); 64 are taken.
@@ -569,9 +607,6 @@ async fn refused_level(fleet: &Fleet, level: u8) -> tokio::net::TcpStream {
     s
 }
 
-/// Options for a service connection of `device` (certified on svcA) that
-/// keeps its session, with a Will on its own telemetry topic sent after
-/// `will_delay` seconds.
 /// MQTT 5 options for `client_id` on the service listener, presenting
 /// `auth` (chain and key, PEM).
 fn service_options(fleet: &Fleet, client_id: &str, auth: &(Vec<u8>, Vec<u8>)) -> MqttOptions {
@@ -584,6 +619,9 @@ fn service_options(fleet: &Fleet, client_id: &str, auth: &(Vec<u8>, Vec<u8>)) ->
     .unwrap()
 }
 
+/// Options for a service connection of `device` (certified on svcA) that
+/// keeps its session, with a Will on its own telemetry topic sent after
+/// `will_delay` seconds.
 fn lingering(
     fleet: &Fleet,
     device: &str,
