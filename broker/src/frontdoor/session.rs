@@ -587,11 +587,16 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     Err(_) if taken_over => true,
                     Err(_) => link_alive,
                 };
-            let mut will = will.filter(|_| publish_will && will_paced(&shared, &identity, source));
             // A session the router keeps waits for its identity to come
             // back, with its delayed Will (only a kept session's Will waits,
             // see `Will::wait`), until it expires.
-            let delayed = will.is_some() && !will_wait.is_zero();
+            let delayed = publish_will && will.is_some() && !will_wait.is_zero();
+            // A Will takes from the pace when it goes: one due now, now; a
+            // delayed one when its wait is over (a reconnect cancels it,
+            // and then it takes nothing). (Filtered in one step: a second
+            // binding of `will` would stay in this future, moved from.)
+            let mut will = will
+                .filter(|_| publish_will && (delayed || will_paced(&shared, &identity, source)));
             // Taken over, it is kept all the same: the router hands this
             // session's filters to the newer connection, which counts them
             // again once this one has ended (it waits up to
@@ -604,11 +609,17 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             if !clean {
                 let will = will.take_if(|_| delayed).map(|will| {
                     debug!(identity = %label, delay = ?will_wait, "will delayed");
-                    let serial = match &kind {
+                    let certificate = match &kind {
                         ListenerKind::Service(cert) => Some((cert.serial.clone(), cert.not_after)),
                         _ => None,
                     };
-                    (will, will_wait, serial)
+                    DelayedWill {
+                        will,
+                        wait: will_wait,
+                        identity: identity.clone(),
+                        source,
+                        certificate,
+                    }
                 });
                 // MQTT 3.1.1 names no expiry; MQTT 5's is the client's.
                 let lasts = match version {
@@ -727,9 +738,17 @@ pub(crate) fn router_goodbye() -> Packet {
 /// finished with the router (see `after_session`).
 const ENDED_WAIT: Duration = Duration::from_secs(5);
 
-/// A Will that waits: the Will, its wait, and the serial and notAfter of
-/// the certificate of its connection (service listener).
-type DelayedWill = (Will, Duration, Option<(String, u64)>);
+/// A Will that waits ([`Will::wait`]), with what decides when its wait is
+/// over whether it still goes: the certificate it came with (serial and
+/// notAfter), if any, and the pace of the identity that left it
+/// ([`will_paced`]).
+struct DelayedWill {
+    will: Will,
+    wait: Duration,
+    identity: Identity,
+    source: std::net::IpAddr,
+    certificate: Option<(String, u64)>,
+}
 
 /// What follows the last connection of a session the router keeps: its
 /// delayed Will, after its wait or when the session ends if that comes
@@ -749,15 +768,9 @@ async fn after_session(
     cut: CancellationToken,
 ) {
     let start = tokio::time::Instant::now();
-    if let Some((will, wait, serial)) = will {
-        publish_will_later(
-            &shared,
-            (&router_id, connection, serial),
-            will,
-            wait.min(lasts),
-            &cut,
-        )
-        .await;
+    if let Some(will) = will {
+        let wait = will.wait.min(lasts);
+        publish_will_later(&shared, (&router_id, connection), will, wait, &cut).await;
     }
     if let Some(ended) = ended {
         let _ = tokio::time::timeout(ENDED_WAIT, ended.cancelled()).await;
@@ -771,15 +784,14 @@ async fn after_session(
 
 /// Publishes `will` after `delay` unless a newer connection of the same
 /// identity takes the session `router_id` first (a claim whose connection
-/// ends before its CONNACK only holds the Will while it lasts), the
-/// certificate with
-/// `serial` is revoked or expires (its notAfter passes) meanwhile, or the
+/// ends before its CONNACK only holds the Will while it lasts), its
+/// certificate is revoked or expires (its notAfter passes) meanwhile, the
 /// connection's `cut` is cancelled (the broker stops, the certificate is
-/// revoked).
+/// revoked), or its identity's pace has no room for it then.
 async fn publish_will_later(
     shared: &Shared,
-    (router_id, connection, serial): (&str, u64, Option<(String, u64)>),
-    will: Will,
+    (router_id, connection): (&str, u64),
+    will: DelayedWill,
     delay: Duration,
     cut: &CancellationToken,
 ) {
@@ -809,14 +821,17 @@ async fn publish_will_later(
     }
     shared.release(router_id, connection);
     let now = rustls::pki_types::UnixTime::now().as_secs();
-    if let Some((serial, not_after)) = &serial {
+    if let Some((serial, not_after)) = &will.certificate {
         if shared.is_revoked(serial) || now > *not_after {
             info!(session = %router_id, "delayed will dropped: its certificate was revoked or expired");
             return;
         }
     }
+    if !will_paced(shared, &will.identity, will.source) {
+        return;
+    }
     debug!(session = %router_id, "publishing the delayed will");
-    if let Err(why) = publish_through_will_link(shared, will).await {
+    if let Err(why) = publish_through_will_link(shared, will.will).await {
         warn!(session = %router_id, reason = %why, "delayed will not published");
     }
 }
@@ -1444,7 +1459,16 @@ mod tests {
                 properties: None,
                 delay: wait,
             };
-            (will, wait, None)
+            DelayedWill {
+                will,
+                wait,
+                identity: Identity::Manager {
+                    name: "test".into(),
+                    client_id: id.into(),
+                },
+                source: std::net::Ipv4Addr::LOCALHOST.into(),
+                certificate: None,
+            }
         });
         let after = after_session(
             shared.clone(),

@@ -2226,7 +2226,7 @@ async fn a_device_publishing_too_fast_is_disconnected() {
 
 /// A certified device's publish pace is the device's, not its
 /// connection's: a reconnect does not refill it. A Will is a PUBLISH too:
-/// it takes from the pace, and is dropped when none is left.
+/// it takes from the pace when it goes, and is dropped when none is left.
 #[tokio::test]
 async fn a_device_s_publish_pace_outlives_its_connection() {
     let fleet = Fleet::start_tuned(
@@ -2275,6 +2275,24 @@ async fn a_device_s_publish_pace_outlives_its_connection() {
     let gone = seen.iter().filter(|p| p.as_slice() == b"gone").count();
     assert_eq!((seen.len(), gone), (10, 1), "{seen:?}");
     assert!(fleet.broker.metrics.get(|m| &m.publish_rate_exceeded) >= 2);
+
+    // A delayed Will that a reconnect cancels never goes, and takes
+    // nothing: twelve such leave the next connection all ten.
+    let auth = certified(&fleet, "pace2", "svcA");
+    let topic = "/tenants/svcA/telemetry/pace2";
+    for _ in 0..12 {
+        let dropped = Probe5::connect(lingering(&fleet, "pace2", &auth, 30, true))
+            .await
+            .unwrap();
+        drop(dropped);
+    }
+    let last = Probe5::connect(lingering(&fleet, "pace2", &auth, 30, true))
+        .await
+        .unwrap();
+    for n in 0..10 {
+        let reason = last.publish_acked(topic, None, b"t".to_vec()).await;
+        assert_eq!(reason.unwrap(), PubAckReason::Success, "PUBLISH {n}");
+    }
 }
 
 /// The bootstrap listeners take a budget of PUBLISHes from each source
