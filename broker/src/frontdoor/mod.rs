@@ -178,11 +178,16 @@ impl Bucket {
 
     /// Takes a token if there is one.
     pub(crate) fn take(&mut self) -> bool {
+        self.take_leaving(0.0)
+    }
+
+    /// Takes a token if `kept` more are left after it.
+    pub(crate) fn take_leaving(&mut self, kept: f64) -> bool {
         let now = tokio::time::Instant::now();
         self.tokens =
             (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
         self.last = now;
-        if self.tokens >= 1.0 {
+        if self.tokens >= 1.0 + kept {
             self.tokens -= 1.0;
             true
         } else {

@@ -532,7 +532,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 &mut outbound,
                 keep_alive,
                 &shared,
-                (source, connection),
+                (source, connection, will.is_some()),
                 &mut carried,
                 &cut,
             )
@@ -878,8 +878,12 @@ async fn drop_answers(mut rx: LinkRx) {
 enum Pace {
     Free,
     Connection(super::Bucket),
-    /// The device's, shared by its connections ([`Shared::device_pace`]).
-    Device(Arc<std::sync::Mutex<super::Bucket>>),
+    /// The device's, shared by its connections ([`Shared::device_pace`]),
+    /// less `kept` tokens that only the connection's Will may take.
+    Device {
+        bucket: Arc<std::sync::Mutex<super::Bucket>>,
+        kept: f64,
+    },
 }
 
 impl Pace {
@@ -888,7 +892,10 @@ impl Pace {
         match self {
             Pace::Free => true,
             Pace::Connection(bucket) => bucket.take(),
-            Pace::Device(bucket) => bucket.lock().unwrap_or_else(|p| p.into_inner()).take(),
+            Pace::Device { bucket, kept } => bucket
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take_leaving(*kept),
         }
     }
 }
@@ -898,7 +905,11 @@ impl Pace {
 /// client's by its address's budget); one over the pace is dropped.
 fn will_paced(shared: &Shared, identity: &Identity, source: std::net::IpAddr) -> bool {
     let paced = match identity {
-        Identity::Device { device_id, .. } => Pace::Device(shared.device_pace(device_id)).take(),
+        Identity::Device { device_id, .. } => Pace::Device {
+            bucket: shared.device_pace(device_id),
+            kept: 0.0,
+        }
+        .take(),
         Identity::Bootstrap { .. } => shared.admit_bootstrap_publish(source),
         _ => true,
     };
@@ -924,7 +935,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     outbound: &mut Outbound,
     keep_alive: Duration,
     shared: &Shared,
-    (source, connection): (std::net::IpAddr, u64),
+    (source, connection, has_will): (std::net::IpAddr, u64, bool),
     carried: &mut super::Carried,
     cut: &CancellationToken,
 ) -> Result<(DisconnectReasonCode, Option<u32>), SessionError> {
@@ -943,11 +954,15 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut complaints = Complaints(0);
     // Devices' PUBLISHes are paced; providers' and the manager's are not.
     // A certified device's pace is its own, over all its connections, so
-    // that reconnecting does not refill it; a bootstrap connection's is its
-    // own (anyone may claim a device id there), and its address's budget
-    // is shared.
+    // that reconnecting does not refill it, and it keeps a token for the
+    // connection's Will, so that a connection closed for its pace still
+    // has its Will published; a bootstrap connection's is its own (anyone
+    // may claim a device id there), and its address's budget is shared.
     let mut pace = match identity {
-        Identity::Device { device_id, .. } => Pace::Device(shared.device_pace(device_id)),
+        Identity::Device { device_id, .. } => Pace::Device {
+            bucket: shared.device_pace(device_id),
+            kept: if has_will { 1.0 } else { 0.0 },
+        },
         Identity::Bootstrap { .. } => Pace::Connection(super::Bucket::full(
             shared.limits.publishes_per_sec_per_device,
             shared.limits.publish_burst_per_device,
