@@ -76,7 +76,10 @@ pub struct BrokerConfig {
     /// A handshake younger than this is never the one closed for others
     /// (see `max_pending_handshakes`): a device's handshake takes a few
     /// round trips, so a flood cannot close it while it runs. The limit is
-    /// exceeded meanwhile, by what arrives within this time.
+    /// exceeded meanwhile, by what arrives within this time. Set it above
+    /// the slowest device's handshake (its round trips and its own
+    /// signature): at 0 any pending handshake may be closed for another,
+    /// one still in its first round trip too.
     pub pending_min_age_ms: u64,
     /// When the bootstrap listeners are full and no pending handshake can
     /// be closed for a newcomer, a bootstrap session (its handshake done,
