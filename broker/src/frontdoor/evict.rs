@@ -179,6 +179,26 @@ impl PendingSet {
         self.take(from, id)
     }
 
+    /// A listener is full, and nothing is old enough for
+    /// [`PendingSet::make_room`]: the token of the oldest entry of the
+    /// source with the most, taken out of the set, if that source has more
+    /// than the newcomer's `source` has with the newcomer counted. So no
+    /// source holds every slot by keeping its connections busy, and no
+    /// source loses one to its own newcomer or to a source that would end
+    /// up with more.
+    pub fn share_fairly(&mut self, source: IpAddr) -> Option<CancellationToken> {
+        let theirs = self.by_source.get(&source).map_or(0, |of| of.by_id.len()) + 1;
+        let (&from, of) = self
+            .by_source
+            .iter()
+            .max_by_key(|(_, of)| (of.by_id.len(), Reverse(of.by_id.keys().next().copied())))?;
+        if of.by_id.len() <= theirs {
+            return None;
+        }
+        let (&id, _) = of.by_id.first_key_value()?;
+        self.take(from, id)
+    }
+
     /// Counts connection `id` of `source` as started `now` again.
     pub fn touch(&mut self, source: IpAddr, id: u64, now: Instant) {
         if let Some(entry) = self
@@ -525,6 +545,32 @@ mod tests {
         set.make_room(a, idle, floor, false).unwrap().cancel();
         assert!(first.is_cancelled());
         assert!(set.is_empty());
+    }
+
+    /// With nothing old enough, a full listener still closes, for a
+    /// newcomer, the oldest of the source with the most, while that source
+    /// has more than the newcomer's would: never for a newcomer of its own,
+    /// nor down to fewer than the newcomer's source.
+    #[test]
+    fn a_source_that_holds_more_than_its_share_gives_one_up() {
+        let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let mut set = PendingSet::default();
+        let now = Instant::now();
+        let tokens: Vec<_> = (0..4).map(|_| CancellationToken::new()).collect();
+        for (id, token) in tokens.iter().enumerate() {
+            set.add(a, id as u64, (token.clone(), false), now);
+        }
+        assert!(set.share_fairly(a).is_none(), "its own newcomer");
+        // b: 1 with its newcomer against 4, then 2 against 3.
+        set.share_fairly(b).unwrap().cancel();
+        assert!(tokens[0].is_cancelled() && !tokens[1].is_cancelled());
+        set.add(b, 10, (CancellationToken::new(), false), now);
+        set.share_fairly(b).unwrap().cancel();
+        assert!(tokens[1].is_cancelled());
+        set.add(b, 11, (CancellationToken::new(), false), now);
+        // 2 each: b's next newcomer would leave a with fewer.
+        assert!(set.share_fairly(b).is_none());
+        assert_eq!(set.len(), 4);
     }
 
     /// Told to close, a connection whose client owes the next message fails

@@ -1039,9 +1039,10 @@ const ROOM_WAIT: Duration = Duration::from_secs(1);
 /// The slots a new connection on a full device listener needs: in line
 /// for them first, then a pending connection that holds one (a bootstrap
 /// one if the bootstrap listeners are full) is closed for it (see
-/// [`evict::PendingSet::make_room`]). None if no pending connection can be
-/// closed (each younger than `pending_min_age`), or no slot comes within
-/// [`ROOM_WAIT`].
+/// [`evict::PendingSet::make_room`]), or, on full bootstrap listeners, a
+/// bootstrap session (an idle one, or else one of a source that holds
+/// more than the newcomer's, [`evict::PendingSet::share_fairly`]). None if
+/// nothing can be closed, or no slot comes within [`ROOM_WAIT`].
 async fn room_for(shared: &Shared, transport: &Transport, source: IpAddr) -> Option<Slots> {
     let bootstrap = !matches!(transport, Transport::MutualTls(_));
     let slot = InLine::join(&shared.slots).await;
@@ -1059,16 +1060,19 @@ async fn room_for(shared: &Shared, transport: &Transport, source: IpAddr) -> Opt
             .unwrap_or_else(|p| p.into_inner())
             .make_room(source, now, shared.limits.pending_min_age, bootstrap);
         // The bootstrap listeners full of clients past their handshake:
-        // one of their sessions goes.
+        // one of their sessions goes, an idle one if there is one, or else
+        // one of a source that holds more than the newcomer's.
         let victim = pending.or_else(|| {
             let min_age = shared.limits.bootstrap_session_min_age;
             bootstrap
                 .then(|| {
-                    shared
+                    let mut sessions = shared
                         .bootstrap_sessions
                         .lock()
-                        .unwrap_or_else(|p| p.into_inner())
+                        .unwrap_or_else(|p| p.into_inner());
+                    sessions
                         .make_room(source, now, min_age, false)
+                        .or_else(|| sessions.share_fairly(source))
                 })
                 .flatten()
                 .inspect(|_| {

@@ -1164,7 +1164,7 @@ async fn idle_bootstrap_clients_keep_no_device_from_activating() {
             b.bootstrap_session_min_age_ms = 300;
         })
         .await;
-        let (talking, talked) = talking_bootstrap_client(&fleet).await;
+        let (talking, talked) = talking_bootstrap_client(&fleet, LOCAL).await;
         let mut clients = Vec::new();
         let mut silent = Vec::new();
         for n in 1..bootstrap {
@@ -1186,15 +1186,51 @@ async fn idle_bootstrap_clients_keep_no_device_from_activating() {
     }
 }
 
-/// A 3.1.1 client on the plain bootstrap listener that sends a PINGREQ
-/// every 100 ms; its task ends when the broker closes the connection. With
-/// the count of PINGRESPs it got.
+/// Clients that keep talking on the bootstrap listeners, all from one
+/// address and holding every bootstrap slot, keep no device of another
+/// address from activating: a full listener with no idle session closes,
+/// for a newcomer, the oldest session of a source that holds more than
+/// the newcomer's.
+#[tokio::test]
+async fn talking_bootstrap_clients_of_one_address_keep_no_device_from_activating() {
+    let bootstrap = 20;
+    let (fleet, devices) = flooded_fleet("dev13", |b| {
+        b.max_bootstrap_connections = bootstrap;
+    })
+    .await;
+    let mut talking = Vec::new();
+    for _ in 0..bootstrap {
+        talking.push(talking_bootstrap_client(&fleet, "127.0.0.2").await);
+    }
+    devices.spawn(devices.config(&fleet, "dev13", KeyMode::Csr));
+    devices.wait_connected("dev13", T).await.unwrap();
+    assert!(fleet.broker.metrics.get(|m| &m.evicted) >= 1);
+    // The oldest were the ones closed.
+    assert!(talking[0].0.is_finished());
+    assert!(!talking[bootstrap - 1].0.is_finished());
+    for (task, talked) in talking {
+        assert!(talked.load(Ordering::Relaxed) > 0);
+        task.abort();
+    }
+}
+
+/// The address the tests' devices connect from.
+const LOCAL: &str = "127.0.0.1";
+
+/// A 3.1.1 client on the plain bootstrap listener, from loopback address
+/// `from`, that sends a PINGREQ every 100 ms; its task ends when the
+/// broker closes the connection. With the count of PINGRESPs it got.
 async fn talking_bootstrap_client(
     fleet: &Fleet,
+    from: &str,
 ) -> (tokio::task::JoinHandle<()>, Arc<AtomicUsize>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = fleet.broker.bootstrap_plain_addr.unwrap();
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::new(from.parse().unwrap(), 0))
+        .unwrap();
+    let mut s = socket.connect(addr).await.unwrap();
     // CONNECT, clean session, keep-alive 60 s, client id "talk".
     let connect = [
         0x10, 16, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 4, b't', b'a', b'l', b'k',
