@@ -964,6 +964,10 @@ fn anchor_key(anchor: &TrustAnchor<'_>) -> Vec<u8> {
     key
 }
 
+/// Certificates a client may send after its leaf: its service CA, and
+/// the root (which some TLS stacks send too).
+const MAX_PRESENTED: usize = 2;
+
 fn refuse(error: CertificateError) -> rustls::Error {
     rustls::Error::InvalidCertificate(error)
 }
@@ -975,7 +979,10 @@ fn pki_error(error: webpki::Error) -> rustls::Error {
         E::CertNotValidYet { .. } => CertificateError::NotValidYet,
         E::UnknownIssuer => CertificateError::UnknownIssuer,
         E::BadDer | E::BadDerTime => CertificateError::BadEncoding,
-        E::InvalidSignatureForPublicKey => CertificateError::BadSignature,
+        // A chain signature no known CA made: an unknown issuer, as
+        // `topics.md` §2.3 says (`unknown_ca`, 48; rustls would send
+        // `decrypt_error`, 51, which reads as a failed handshake).
+        E::InvalidSignatureForPublicKey => CertificateError::UnknownIssuer,
         other => CertificateError::Other(rustls::OtherError(Arc::new(other))),
     })
 }
@@ -1000,6 +1007,12 @@ impl ClientVerifier {
         presented: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<(), rustls::Error> {
+        // Checked before any signature: a fleet chain has at most the
+        // service CA and the root after its leaf, and each certificate
+        // more is a signature to try that the client never had to make.
+        if presented.len() > MAX_PRESENTED {
+            return Err(pki_error(webpki::Error::PathLenConstraintViolated));
+        }
         let leaf = sha256(end_entity);
         if self.chains.holds(&leaf, now.as_secs()) {
             self.metrics.chains_recalled.fetch_add(1, Ordering::Relaxed);

@@ -358,25 +358,53 @@ fn from_a_stranger(fleet: &Fleet) -> (Vec<u8>, Vec<u8>) {
 }
 
 /// A refused certificate is told why: the TLS alert reaches the client in
-/// both versions (here `certificate_unknown`, for a chain through a
-/// certificate that is not a CA). In TLS 1.3 it is sent encrypted, after the client's
+/// both versions. In TLS 1.3 it is sent encrypted, after the client's
 /// Finished, as the ticket would have been (the front door holds that back
-/// until the CONNACK, but not an alert).
+/// until the CONNACK, but not an alert). Here: `certificate_unknown` for a
+/// chain through a certificate that is not a CA, and for one with more
+/// certificates after the leaf than the service CA and the root (refused
+/// before any is checked: each would be a signature the broker verifies
+/// and the client never made); `unknown_ca` for a leaf that names its
+/// service's CA as issuer but was not signed by it. A fleet chain with the
+/// root after the service CA is taken.
 #[tokio::test]
 async fn a_refused_certificate_gets_the_alert_that_says_why() {
     let fleet = Fleet::start().await.unwrap();
-    let root = std::fs::read(fleet.certs_dir().join("root-ca.pem")).unwrap();
-    let (chain, key) = from_a_stranger(&fleet);
+    let root_pem = fleet.certs_dir().join("root-ca.pem");
+    let root = std::fs::read(&root_pem).unwrap();
+    let (ca_a, _) = fleet.core().pki.service_ca("svcA").unwrap();
+    let forged = forged_leaf(
+        "dev1",
+        "svcA",
+        (&ca_a, &crypto::generate_p256().unwrap()),
+        (-1, 30),
+    );
+    let (chain, key) = certified(&fleet, "long1", "svcA");
+    let with_root = [chain.clone(), root.clone()].concat();
+    let too_long = [with_root.clone(), root.repeat(2)].concat();
     let addr = fleet.service_addr();
-    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
-        let config =
-            fleet_device_sim::link::mutual_tls_over(&[version], &root, &chain, &key).unwrap();
-        let alert = first_read(addr, config).await;
-        assert!(
-            matches!(alert, Err(rustls::AlertDescription::CertificateUnknown)),
-            "{version:?}: {alert:?}"
-        );
+    let cases = [
+        (
+            from_a_stranger(&fleet),
+            rustls::AlertDescription::CertificateUnknown,
+        ),
+        (
+            (too_long, key.clone()),
+            rustls::AlertDescription::CertificateUnknown,
+        ),
+        (forged, rustls::AlertDescription::UnknownCA),
+    ];
+    for ((chain, key), expected) in cases {
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            let config =
+                fleet_device_sim::link::mutual_tls_over(&[version], &root, &chain, &key).unwrap();
+            let alert = first_read(addr, config).await;
+            assert_eq!(alert, Err(expected), "{version:?}");
+        }
     }
+    Probe::mtls(addr, "long1", &root_pem, with_root, key)
+        .await
+        .unwrap();
 }
 
 /// Connects with `config`, finishes the client's side of the handshake
