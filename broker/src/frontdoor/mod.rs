@@ -29,6 +29,7 @@ pub mod evict;
 pub mod grants;
 pub mod hold;
 pub mod session;
+pub mod shown;
 pub mod trust;
 
 use std::collections::{HashMap, HashSet};

@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::shown::{shown_bytes, Shown};
 use bytes::Bytes;
 use outbound::{Out, Outbound};
 
@@ -239,7 +240,7 @@ fn bind_identity(
             fleet_protocol::topic::validate_device_id(&connect.client_id).map_err(|_| {
                 (
                     Refusal::ClientId,
-                    format!("client id {:?} is not a device id", connect.client_id),
+                    format!("client id {} is not a device id", Shown(&connect.client_id)),
                 )
             })?;
             Ok(Identity::Bootstrap {
@@ -251,8 +252,9 @@ fn bind_identity(
                 return Err((
                     Refusal::ClientId,
                     format!(
-                        "client id {:?} is not the certificate's CN {}",
-                        connect.client_id, cert.cn
+                        "client id {} is not the certificate's CN {}",
+                        Shown(&connect.client_id),
+                        cert.cn
                     ),
                 ));
             }
@@ -282,13 +284,13 @@ fn bind_identity(
             if !ok {
                 return Err((
                     Refusal::Credentials,
-                    format!("bad credentials for {:?}", login.username),
+                    format!("bad credentials for {}", Shown(&login.username)),
                 ));
             }
             if connect.client_id.is_empty() || connect.client_id.contains(['+', '#', '/', '$']) {
                 return Err((
                     Refusal::ClientId,
-                    format!("client id {:?}", connect.client_id),
+                    format!("client id {}", Shown(&connect.client_id)),
                 ));
             }
             Ok(Identity::Manager {
@@ -328,7 +330,7 @@ fn admit(
     if let Some(method) = properties.and_then(|p| p.authentication_method.as_ref()) {
         return Err((
             Refusal::AuthMethod,
-            format!("authentication method {method:?}"),
+            format!("authentication method {}", Shown(method)),
         ));
     }
     if let Some(will) = will {
@@ -337,8 +339,8 @@ fn admit(
             return Err((
                 Refusal::NotAuthorized,
                 format!(
-                    "will topic {:?} is outside the grants",
-                    String::from_utf8_lossy(&will.topic)
+                    "will topic {} is outside the grants",
+                    shown_bytes(&will.topic)
                 ),
             ));
         }
@@ -418,7 +420,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                         .metrics
                         .refused_connects
                         .fetch_add(1, Ordering::Relaxed);
-                    warn!(client_id = %connect.client_id, ?version, reason = %why, "connection refused");
+                    warn!(client_id = %Shown(&connect.client_id), ?version, reason = %why, "connection refused");
                     let _ = framed.write(vec![version.connack_refusal(refusal)]).await;
                     break 'session Err(SessionError::Refused(why));
                 }
@@ -1024,13 +1026,13 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             let qos = qos as u8;
                             match version.refused_publish(qos, pkid) {
                                 Some(answer) => {
-                                    refusal!(complaints, identity, identity = %identity.label(), topic, qos, "publish refused");
+                                    refusal!(complaints, identity, identity = %identity.label(), topic = %Shown(&topic), qos, "publish refused");
                                     framed.write(vec![answer]).await?;
                                     continue;
                                 }
                                 None => {
-                                    warn!(identity = %identity.label(), topic, qos, ?version, "publish refused; closing");
-                                    return Err(SessionError::Refused(format!("publish to {topic}")));
+                                    warn!(identity = %identity.label(), topic = %Shown(&topic), qos, ?version, "publish refused; closing");
+                                    return Err(SessionError::Refused(format!("publish to {}", Shown(&topic))));
                                 }
                             }
                         }
@@ -1106,7 +1108,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             } else {
                                 shared.metrics.refused_subscribes.fetch_add(1, Ordering::Relaxed);
                                 let why = if granted { "subscription refused: too many" } else { "subscription refused" };
-                                refusal!(complaints, identity, identity = %identity.label(), filter = %f.path, held = subscribed.len(), "{why}");
+                                refusal!(complaints, identity, identity = %identity.label(), filter = %Shown(&f.path), held = subscribed.len(), "{why}");
                             }
                             allowed.push(granted && room);
                         }

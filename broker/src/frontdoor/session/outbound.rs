@@ -316,7 +316,7 @@ impl Outbound {
     fn discard(&mut self, publish: &Publish, size: usize) {
         self.discarded += 1;
         debug!(
-            topic = %String::from_utf8_lossy(&publish.topic),
+            topic = %crate::frontdoor::shown::shown_bytes(&publish.topic),
             size,
             limit = self.max_packet,
             "publish over the client's Maximum Packet Size discarded"
