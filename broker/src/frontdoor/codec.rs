@@ -740,6 +740,18 @@ impl TopicAliases {
         self.topics.insert(alias, topic.to_string());
         Ok(topic.to_string())
     }
+
+    /// `topic` was refused: an alias set to it keeps no copy of it (a
+    /// client could otherwise keep 16 topics of up to a packet's size
+    /// each with the broker). A PUBLISH by that alias alone comes to the
+    /// empty topic, which no grant covers, and is refused as before.
+    pub fn refused(&mut self, topic: &str) {
+        for set in self.topics.values_mut() {
+            if set == topic {
+                *set = String::new();
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1325,6 +1337,13 @@ mod tests {
                 _
             ))
         ));
+        // A refused topic is not kept: its alias comes to the empty topic,
+        // which no grant covers; the others are as they were.
+        let long = "x".repeat(30_000);
+        assert_eq!(a.resolve(&long, Some(3)).unwrap(), long);
+        a.refused(&long);
+        assert_eq!(a.resolve("", Some(3)).unwrap(), "");
+        assert_eq!(a.resolve("", Some(1)).unwrap(), "t/2");
         for bad in [0, TopicAliases::MAX + 1] {
             assert!(matches!(
                 a.resolve("t/3", Some(bad)),

@@ -1021,6 +1021,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         };
                         if !identity.may_publish(topic) {
                             shared.metrics.refused_publishes.fetch_add(1, Ordering::Relaxed);
+                            aliases.refused(topic);
                             let topic = topic.to_owned();
                             let (qos, pkid) = publish.qos_and_pkid();
                             let qos = qos as u8;
