@@ -435,15 +435,18 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
             if manager {
                 shared.internal_settled(connection);
             }
-            // MQTT 5 keeps a session past the connection only with a Session
-            // Expiry Interval; bootstrap sessions are always clean: a claimed
-            // identity keeps nothing.
+            // A connection without Clean Start (Clean Session in 3.1.1)
+            // resumes the session its identity has; MQTT 5 keeps it past the
+            // connection only for its Session Expiry Interval (0 when absent:
+            // it ends with the connection, MQTT 5 §3.1.2.11.2). One with
+            // Clean Start and an interval is told 0 in its CONNACK: a fresh
+            // session ends with its connection. Bootstrap sessions are always
+            // clean: a claimed identity keeps nothing.
             let mut expiry = properties
                 .as_ref()
                 .and_then(|p| p.session_expiry_interval)
                 .unwrap_or(0);
-            let keeps = !connect.clean_session && (version == Version::V311 || expiry > 0);
-            let clean = !keeps || matches!(identity, Identity::Bootstrap { .. });
+            let clean = connect.clean_session || matches!(identity, Identity::Bootstrap { .. });
             let mut will_wait = Will::wait(will.as_ref(), clean, expiry);
             // What the client announced it takes (MQTT 5 §3.1.2.11.3-4).
             let (receive_max, max_packet) = match (version, properties.as_ref()) {

@@ -1934,6 +1934,56 @@ async fn a_kept_session_ends_when_its_expiry_passes() {
     assert!(!back.connack.session_present);
 }
 
+/// Clean Start 0 resumes the identity's session whatever the new
+/// connection's own Session Expiry Interval (MQTT 5 §3.1.2.4); with none
+/// (0), the session then ends with that connection.
+#[tokio::test]
+async fn a_session_is_resumed_by_a_connection_that_will_not_keep_it() {
+    let fleet = Fleet::start().await.unwrap();
+    let observer = fleet.privileged("observer").await.unwrap();
+    let metric = |m: fn(&fleet_broker::frontdoor::Metrics) -> &std::sync::atomic::AtomicU64| {
+        fleet.broker.metrics.get(m)
+    };
+    let auth = certified(&fleet, "se3", "svcA");
+    let notices = "/tenants/svcA/fleet/v1/service/change/se3";
+    let resuming = |expiry: Option<u32>| {
+        let mut o = service_options(&fleet, "se3", &auth);
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(expiry);
+        o
+    };
+    let first = eventually(T, "svcA's CA to be trusted", || {
+        let o = resuming(Some(60));
+        async move { Probe5::connect(o).await.ok() }
+    })
+    .await
+    .unwrap();
+    first.subscribe(notices).await.unwrap();
+    drop(first);
+    eventually(T, "the session to be kept", || async {
+        (metric(|m| &m.sessions_kept) == 1).then_some(())
+    })
+    .await
+    .unwrap();
+    observer
+        .publish(notices, b"while away".to_vec())
+        .await
+        .unwrap();
+    let back = Probe5::connect(resuming(None)).await.unwrap();
+    assert!(back.connack.session_present);
+    let kept_for_it = back.wait_for(notices, 1, T).await.unwrap();
+    assert_eq!(kept_for_it.payload, b"while away");
+    drop(back);
+    eventually(T, "the session to end with its connection", || async {
+        (metric(|m| &m.sessions_expired) == 1).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(metric(|m| &m.sessions_kept), 0);
+    let after = Probe5::connect(resuming(Some(60))).await.unwrap();
+    assert!(!after.connack.session_present);
+}
+
 /// An MQTT 5 QoS 2 PUBLISH on the wire, with no properties.
 fn raw_publish_qos2(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
     let mut body = Vec::new();
