@@ -119,8 +119,8 @@ pub struct BrokerConfig {
     /// listener) may send, and the burst; one more ends the connection
     /// (MQTT 5: DISCONNECT 0x96). A certified device's are counted over
     /// all its connections, so that reconnecting does not refill them. A
-    /// Will counts, and one over the pace is dropped; a connection with a
-    /// Will keeps the last token for it. A device sends a request now and then
+    /// Will counts, and one over the pace is dropped; a certified device's
+    /// connection with a Will leaves the pace's last token to Wills. A device sends a request now and then
     /// and its telemetry; a flood of requests would keep the manager from
     /// answering anyone. Providers and the manager are not limited.
     pub publishes_per_sec_per_device: f64,

@@ -966,7 +966,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut pace = match identity {
         Identity::Device { device_id, .. } => Pace::Device {
             bucket: shared.device_pace(device_id),
-            kept: if has_will { 1.0 } else { 0.0 },
+            // (Less under a burst of 2: a full pace lets a PUBLISH through.)
+            kept: match has_will {
+                true => (shared.limits.publish_burst_per_device - 1.0).clamp(0.0, 1.0),
+                false => 0.0,
+            },
         },
         Identity::Bootstrap { .. } => Pace::Connection(super::Bucket::full(
             shared.limits.publishes_per_sec_per_device,

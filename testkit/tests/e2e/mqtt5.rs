@@ -2349,6 +2349,59 @@ async fn a_device_s_publish_pace_outlives_its_connection() {
         let reason = last.publish_acked(topic, None, b"t".to_vec()).await;
         assert_eq!(reason.unwrap(), PubAckReason::Success, "PUBLISH {n}");
     }
+
+    // A delayed Will takes from the pace when its delay is over, and one
+    // that finds it spent then is dropped. (The device's connection in
+    // svcB is another session: it does not cancel the Will, but it spends
+    // the same pace.)
+    let (auth_a, auth_b) = (
+        certified(&fleet, "pace3", "svcA"),
+        certified(&fleet, "pace3", "svcB"),
+    );
+    let away = Probe5::connect(lingering(&fleet, "pace3", &auth_a, 3, true))
+        .await
+        .unwrap();
+    drop(away);
+    let other = Probe5::connect(service_options(&fleet, "pace3", &auth_b))
+        .await
+        .unwrap();
+    for n in 0..10 {
+        let reason = other
+            .publish_acked("/tenants/svcB/telemetry/pace3", None, b"t".to_vec())
+            .await;
+        assert_eq!(reason.unwrap(), PubAckReason::Success, "PUBLISH {n}");
+    }
+    let exceeded = fleet.broker.metrics.get(|m| &m.publish_rate_exceeded);
+    eventually(T, "the delayed Will to be dropped", || async {
+        (fleet.broker.metrics.get(|m| &m.publish_rate_exceeded) > exceeded).then_some(())
+    })
+    .await
+    .unwrap();
+    traffic_marker(&observer).await;
+    assert!(observer.on("/tenants/svcA/telemetry/pace3").is_empty());
+}
+
+/// Under a burst below 2 the token kept for a Will is less than one: a
+/// connection with a Will still gets its PUBLISH through a full pace.
+#[tokio::test]
+async fn a_burst_of_one_lets_a_connection_with_a_will_publish() {
+    let fleet = Fleet::start_tuned(
+        |b| {
+            b.publishes_per_sec_per_device = 0.01;
+            b.publish_burst_per_device = 1.0;
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let auth = certified(&fleet, "pace4", "svcA");
+    let will = Probe5::connect(lingering(&fleet, "pace4", &auth, 0, false))
+        .await
+        .unwrap();
+    let reason = will
+        .publish_acked("/tenants/svcA/telemetry/pace4", None, b"t".to_vec())
+        .await;
+    assert_eq!(reason.unwrap(), PubAckReason::Success);
 }
 
 /// The bootstrap listeners take a budget of PUBLISHes from each source
