@@ -337,6 +337,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
                 format!("client sent {kind:?}"),
             ));
         }
+        if let Some(only) = only_length(self.version, kind) {
+            if remaining_length(&self.buf).map(|(_, len)| len) != Some(only) {
+                return Err(SessionError::Mqtt(
+                    rumqttd::protocol::Error::MalformedPacket,
+                ));
+            }
+        }
         self.decode().map(Some)
     }
 
@@ -631,6 +638,22 @@ fn protocol_level(frame: &[u8]) -> Option<u8> {
     let at = 1 + len_len;
     let name_len = u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]) as usize;
     frame.get(at + 2 + name_len).copied()
+}
+
+/// The remaining length a packet of type `kind` must have in `version`,
+/// where it can have only one: 0 for a PINGREQ, and in MQTT 3.1.1 also
+/// for a DISCONNECT, and 2 (the packet id) for a PUBACK, PUBREC, PUBREL
+/// or PUBCOMP. (rumqttd's decoders read what they need and pass over the
+/// rest.)
+fn only_length(version: Version, kind: PacketType) -> Option<usize> {
+    match (version, kind) {
+        (_, PacketType::PingReq) | (Version::V311, PacketType::Disconnect) => Some(0),
+        (
+            Version::V311,
+            PacketType::PubAck | PacketType::PubRec | PacketType::PubRel | PacketType::PubComp,
+        ) => Some(2),
+        _ => None,
+    }
 }
 
 /// MQTT 3.1.1 packets carry no properties; the router may attach some.
@@ -1049,6 +1072,35 @@ mod tests {
             assert!(ok(&connect(v5, 0b1100_0010, &[], &login)), "v5 {v5}");
             let alone = connect(v5, 0b0100_0010, &[], &login[3..]);
             assert_eq!(ok(&alone), v5, "v5 {v5}: a password alone");
+            // A PINGREQ with a body; a PUBACK, PUBREC, PUBREL (flags 0010)
+            // or PUBCOMP with bytes after its packet id (3.1.1) or after its
+            // properties (5); a DISCONNECT with bytes after its properties,
+            // or, in 3.1.1, with any.
+            assert!(ok(&[0xC0, 0]));
+            assert!(matches!(
+                refused(v5, &[0xC0, 1, 0]),
+                Some(Error::MalformedPacket)
+            ));
+            for byte1 in [0x40, 0x50, 0x62, 0x70] {
+                assert!(ok(&[byte1, 2, 0, 1]), "{byte1:#x}");
+                let over: &[u8] = if v5 { &[0, 1, 0, 0, 7] } else { &[0, 1, 0, 0] };
+                assert!(
+                    matches!(
+                        refused(v5, &framed_as(byte1, over.to_vec())),
+                        Some(Error::MalformedPacket)
+                    ),
+                    "v5 {v5}: {byte1:#x}"
+                );
+            }
+            assert!(ok(&[0xE0, 0]));
+            let over: &[u8] = if v5 { &[0, 0, 7] } else { &[0] };
+            assert!(
+                matches!(
+                    refused(v5, &framed_as(0xE0, over.to_vec())),
+                    Some(Error::MalformedPacket)
+                ),
+                "v5 {v5}: DISCONNECT"
+            );
         }
         // Request Problem Information (0x17) and Request Response
         // Information (0x19): 0 or 1.

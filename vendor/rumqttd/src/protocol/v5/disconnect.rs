@@ -1,6 +1,6 @@
 use std::convert::{TryFrom, TryInto};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::*;
 
@@ -61,7 +61,10 @@ pub fn read(
         return Ok((disconnect, None));
     }
     let properties = properties::read(&mut bytes)?;
-
+    // Nothing may follow the properties.
+    if bytes.has_remaining() {
+        return Err(Error::MalformedPacket);
+    }
     Ok((disconnect, properties))
 }
 

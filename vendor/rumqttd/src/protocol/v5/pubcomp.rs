@@ -57,6 +57,10 @@ pub fn read(
     };
 
     let properties = properties::read(&mut bytes)?;
+    // Nothing may follow the properties.
+    if bytes.has_remaining() {
+        return Err(Error::MalformedPacket);
+    }
     Ok((puback, properties))
 }
 

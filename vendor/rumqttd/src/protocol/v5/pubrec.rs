@@ -55,7 +55,10 @@ pub fn read(
         reason: reason(ack_reason)?,
     };
     let properties = properties::read(&mut bytes)?;
-
+    // Nothing may follow the properties.
+    if bytes.has_remaining() {
+        return Err(Error::MalformedPacket);
+    }
     Ok((puback, properties))
 }
 
