@@ -38,6 +38,15 @@ pub struct ManagerConfig {
     /// request that authenticates is always served).
     pub max_auth_failures: usize,
     pub failure_window_secs: u64,
+    /// Certificates the manager issues one device within
+    /// `certificate_window_secs`; an `update` past that is answered
+    /// `rate_limited` and issues nothing. A device needs one per service
+    /// change and renewal (an identical retry is answered from the reply
+    /// cache), and every certificate it no longer uses is revoked and
+    /// stays in its CRL until it expires, so the limit bounds how fast one
+    /// device can grow the CRLs every broker loads.
+    pub max_certificates_per_device: usize,
+    pub certificate_window_secs: u64,
     /// Largest clock difference accepted in a request timestamp.
     pub max_clock_skew_ms: u64,
     /// Handler threads working on requests at once.
@@ -79,6 +88,8 @@ impl Default for ManagerConfig {
             open_enrollment: false,
             max_auth_failures: 10,
             failure_window_secs: 300,
+            max_certificates_per_device: 10,
+            certificate_window_secs: 3_600,
             max_clock_skew_ms: fleet_protocol::MAX_CLOCK_SKEW_MS,
             workers: 8,
             shed_after_ms: 5_000,
@@ -131,6 +142,10 @@ impl ManagerConfig {
         anyhow::ensure!(
             self.max_auth_failures > 0,
             "max_auth_failures must be positive"
+        );
+        anyhow::ensure!(
+            self.max_certificates_per_device > 0,
+            "max_certificates_per_device must be positive"
         );
         if let Some(endpoint) = &self.service_endpoint {
             fleet_protocol::topic::parse_endpoint(endpoint)

@@ -188,6 +188,9 @@ pub struct Core {
     /// authentication (unreadable, or `update` before activation), and
     /// when last: like `failures`, they make an id contested (§5.4).
     refused_unchecked: Mutex<HashMap<String, u64>>,
+    /// When each device was last issued certificates, the newest
+    /// `max_certificates_per_device` (only devices that authenticated).
+    issued: Mutex<HashMap<String, VecDeque<u64>>>,
     /// Services whose CRL must be rewritten once the replies that revoked
     /// certificates are published.
     pending_crls: Mutex<std::collections::BTreeSet<String>>,
@@ -342,6 +345,7 @@ impl Core {
             intake: Intake::default(),
             failures: Mutex::new(HashMap::new()),
             refused_unchecked: Mutex::new(HashMap::new()),
+            issued: Mutex::new(HashMap::new()),
             refusals_logged: Mutex::new(LogPace::new(std::time::Instant::now())),
             shed_logged: Mutex::new(LogPace::new(std::time::Instant::now())),
             statuses_logged: Mutex::new(LogPace::new(std::time::Instant::now())),
@@ -604,7 +608,8 @@ impl Core {
         map.insert(device_id.to_owned(), now_ms());
     }
 
-    /// Forgets devices whose failures are all past the window.
+    /// Forgets devices whose failures, and certificates issued, are all
+    /// past their windows.
     pub fn prune_failures(&self) {
         let window = self.config.failure_window_secs * 1000;
         let now = now_ms();
@@ -620,6 +625,15 @@ impl Core {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, t| now.saturating_sub(*t) <= window);
+        let window = self.config.certificate_window_secs * 1000;
+        self.issued
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, times| {
+                times
+                    .back()
+                    .is_some_and(|t| now.saturating_sub(*t) <= window)
+            });
     }
 
     /// Whether a request for `device_id` was refused within the failure
@@ -644,6 +658,47 @@ impl Core {
                 .unwrap_or_else(|p| p.into_inner())
                 .get(device_id)
                 .is_some_and(recent)
+    }
+
+    /// Refuses (`rate_limited`) a certificate for `device_id` when it was
+    /// issued `max_certificates_per_device` within
+    /// `certificate_window_secs`.
+    fn may_issue(&self, device_id: &str) -> Result<(), Failure> {
+        let window = self.config.certificate_window_secs * 1000;
+        let now = now_ms();
+        let mut map = self.issued.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(times) = map.get_mut(device_id) else {
+            return Ok(());
+        };
+        while times
+            .front()
+            .is_some_and(|t| now.saturating_sub(*t) > window)
+        {
+            times.pop_front();
+        }
+        if times.len() < self.config.max_certificates_per_device {
+            return Ok(());
+        }
+        let wait = times
+            .front()
+            .map_or(0, |t| (t + window).saturating_sub(now).div_ceil(1000));
+        Err(Failure {
+            status: Status::RateLimited,
+            detail: format!(
+                "{} certificates issued to this device within {} s; the next in {wait} s at the earliest",
+                times.len(),
+                window / 1000
+            ),
+        })
+    }
+
+    fn count_issued(&self, device_id: &str) {
+        let mut map = self.issued.lock().unwrap_or_else(|p| p.into_inner());
+        let times = map.entry(device_id.to_owned()).or_default();
+        times.push_back(now_ms());
+        while times.len() > self.config.max_certificates_per_device {
+            times.pop_front();
+        }
     }
 
     fn rate_limited(&self, device_id: &str) -> bool {
@@ -947,6 +1002,7 @@ impl Core {
         self.check_tenant(topic, &device, &target)?;
         let migrating = target != device.service_id;
         let d = device.device_id.clone();
+        self.may_issue(&d)?;
 
         let eph = req.body.eph.clone();
         crypto::public_from_point(&eph).map_err(|_| Failure {
@@ -977,6 +1033,7 @@ impl Core {
             &public,
             self.config.cert_lifetime_days,
         )?;
+        self.count_issued(&d);
         let now = now_ms();
         let mut batch = Batch {
             nonce: Some(self.nonce_record(&req)),

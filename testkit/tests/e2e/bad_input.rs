@@ -5,7 +5,10 @@ use fleet_protocol::crypto;
 use fleet_protocol::{Envelope, Kind, RequestKind, Status, MAX_MESSAGE_LEN};
 use fleet_testkit::{Fleet, Probe};
 
-use crate::wire::{activate, activate_request, ask, fleet_with_active_device, poll, HandDevice};
+use crate::wire::{
+    activate, activate_request, ask, fleet_with_active_device, poll, update, with_device,
+    HandDevice,
+};
 
 struct Setup {
     fleet: Fleet,
@@ -272,4 +275,35 @@ async fn repeated_failures_are_rate_limited_and_the_manager_keeps_serving() {
         .await
         .unwrap();
     activate(&s.fleet, &s.probe, &mut dev2).await;
+}
+
+/// A device is issued at most `max_certificates_per_device` certificates
+/// within `certificate_window_secs`: the next `update` is answered
+/// `rate_limited`, issues nothing and leaves the store as it was, and an
+/// identical retry of an earlier one is still answered from the cache.
+#[tokio::test]
+async fn certificates_past_a_device_s_limit_are_refused() {
+    let fleet = Fleet::start_tuned(|_| {}, |m| m.max_certificates_per_device = 3)
+        .await
+        .unwrap();
+    let (fleet, probe, mut dev) = with_device(fleet, "dev1").await;
+    activate(&fleet, &probe, &mut dev).await;
+    let first = update(&dev, "svcA");
+    for (n, request) in [first.clone(), update(&dev, "svcA"), update(&dev, "svcA")]
+        .into_iter()
+        .enumerate()
+    {
+        let (reply, _) = ask(&fleet, &probe, "dev1", RequestKind::Update, request).await;
+        assert_eq!(reply.status, Status::Ok, "update {n}: {reply:?}");
+    }
+    let s = Setup { fleet, probe, dev };
+    let next = update(&s.dev, "svcA");
+    let reply = expect_refused(&s, "dev1", RequestKind::Update, next, Status::RateLimited).await;
+    assert!(reply.chain.is_none());
+    assert!(
+        reply.detail.unwrap().starts_with("3 certificates issued"),
+        "says why"
+    );
+    let (reply, _) = ask(&s.fleet, &s.probe, "dev1", RequestKind::Update, first).await;
+    assert_eq!(reply.status, Status::Ok, "the identical retry: {reply:?}");
 }

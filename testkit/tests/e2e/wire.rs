@@ -101,6 +101,27 @@ pub async fn activate(fleet: &Fleet, probe: &Probe, dev: &mut HandDevice) {
     dev.uuid = Some(uuid);
 }
 
+/// An `update` request of `dev` for `service` with a CSR (fresh key,
+/// nonce and `ts` now), HMAC-keyed by its UUID.
+pub fn update(dev: &HandDevice, service: &str) -> Vec<u8> {
+    let key = crypto::generate_p256().unwrap();
+    let body = fleet_protocol::UpdateRequest {
+        device_id: dev.id.clone(),
+        service_id: service.into(),
+        nonce: crypto::random_bytes(16),
+        ts: fleet_protocol::now_ms(),
+        eph: crypto::public_point(&crypto::generate_p256().unwrap()).unwrap(),
+        csr: Some(serde_bytes::ByteBuf::from(
+            fleet_pki::generate_csr(&dev.id, &key).unwrap(),
+        )),
+    };
+    Envelope::build(Kind::Update, &body, |tbs| {
+        crypto::hmac(dev.uuid.as_ref().unwrap(), tbs)
+    })
+    .unwrap()
+    .encode()
+}
+
 /// A poll request with the given nonce and timestamp, HMAC-keyed by `key`.
 pub fn poll(dev: &HandDevice, service: &str, nonce: Vec<u8>, ts: u64, key: &[u8]) -> Vec<u8> {
     let body = fleet_protocol::PollRequest {
