@@ -28,13 +28,13 @@ const SEAL_INFO: &[u8] = b"fleetshift/v1 seal";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sealed {
     /// The sender's ephemeral P-256 public key, SEC1 uncompressed (65 bytes).
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "crate::strict::bytes")]
     pub epk: Vec<u8>,
     /// AES-256-GCM IV (12 bytes).
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "crate::strict::bytes")]
     pub iv: Vec<u8>,
     /// Ciphertext followed by the 16-byte GCM tag.
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "crate::strict::bytes")]
     pub ct: Vec<u8>,
 }
 

@@ -69,12 +69,12 @@ pub struct Envelope {
     pub v: u8,
     pub kind: Kind,
     /// The CBOR-encoded body map.
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "crate::strict::bytes")]
     pub body: Vec<u8>,
     /// CRC-32 (IEEE 802.3, as zlib's `crc32`) of `body`.
     pub crc: u32,
     /// Signature or HMAC over [`to_be_signed`]`(kind, body)`.
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "crate::strict::bytes")]
     pub auth: Vec<u8>,
 }
 
@@ -125,6 +125,7 @@ impl Envelope {
             return Err(ProtocolError::TooLarge(bytes.len()));
         }
         let env: Envelope = serde_cbor::from_slice(bytes)?;
+        crate::strict::no_duplicate_keys(bytes)?;
         if env.v != PROTOCOL_VERSION {
             return Err(ProtocolError::UnsupportedVersion(env.v));
         }
@@ -141,7 +142,9 @@ impl Envelope {
 
     /// Decodes the body as `T`.
     pub fn body<T: DeserializeOwned>(&self) -> Result<T, ProtocolError> {
-        Ok(serde_cbor::from_slice(&self.body)?)
+        let body = serde_cbor::from_slice(&self.body)?;
+        crate::strict::no_duplicate_keys(&self.body)?;
+        Ok(body)
     }
 }
 

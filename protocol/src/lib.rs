@@ -9,12 +9,15 @@
 //! - [`envelope`]: the frame (`v`, `kind`, `body`, `crc`, `auth`) and the to-be-signed bytes.
 //! - [`messages`]: request, reply and notice bodies.
 //! - [`status`]: the closed list of status codes.
+//! - [`strict`]: what §3.1 refuses and `serde_cbor` would take (a key
+//!   given twice, a byte field that is not a byte string).
 //! - [`crypto`]: ECDSA P-256, HMAC-SHA256, ECDH-ES + HKDF + AES-256-GCM sealing.
 
 pub mod crypto;
 pub mod envelope;
 pub mod messages;
 pub mod status;
+pub mod strict;
 pub mod topic;
 
 pub use envelope::{Envelope, Kind};
@@ -48,6 +51,10 @@ pub enum ProtocolError {
     UnsupportedVersion(u8),
     #[error("malformed CBOR: {0}")]
     Cbor(#[from] serde_cbor::Error),
+    #[error("malformed CBOR: {0}")]
+    BadCbor(&'static str),
+    #[error("malformed CBOR: a map holds a key twice")]
+    DuplicateKey,
     #[error("bad public key")]
     BadKey,
     #[error("sealed secret does not open")]

@@ -14,12 +14,12 @@ pub struct ActivateRequest {
     /// The device's service id, if it has one; absent on first activation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_id: Option<String>,
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "crate::strict::bytes")]
     pub nonce: Vec<u8>,
     /// Unix time in milliseconds.
     pub ts: u64,
     /// Fresh ephemeral P-256 public key (SEC1, 65 bytes) the reply's secrets are sealed to.
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "crate::strict::bytes")]
     pub eph: Vec<u8>,
 }
 
@@ -29,13 +29,17 @@ pub struct UpdateRequest {
     pub device_id: String,
     /// The service the certificate is for: the current one or a pending change's.
     pub service_id: String,
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "crate::strict::bytes")]
     pub nonce: Vec<u8>,
     pub ts: u64,
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "crate::strict::bytes")]
     pub eph: Vec<u8>,
     /// DER PKCS#10 request (CSR mode). Absent: the manager generates the key.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::strict::option"
+    )]
     pub csr: Option<ByteBuf>,
 }
 
@@ -44,7 +48,7 @@ pub struct UpdateRequest {
 pub struct PollRequest {
     pub device_id: String,
     pub service_id: String,
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "crate::strict::bytes")]
     pub nonce: Vec<u8>,
     pub ts: u64,
 }
@@ -54,7 +58,7 @@ pub struct PollRequest {
 pub struct StatusReport {
     pub device_id: String,
     pub service_id: String,
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "crate::strict::bytes")]
     pub nonce: Vec<u8>,
     pub ts: u64,
     /// `online`, `change_applied` or `notice_rejected`.
@@ -71,7 +75,7 @@ pub struct StatusReport {
 pub struct Reply {
     pub device_id: String,
     /// The request's nonce, echoed; empty when the request could not be read.
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "crate::strict::bytes")]
     pub nonce: Vec<u8>,
     /// Manager sequence number, increasing over every reply and notice.
     pub seq: u64,
@@ -83,7 +87,11 @@ pub struct Reply {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uuid: Option<Sealed>,
     /// update: DER certificates, device certificate first, then its service CA.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::strict::option_list"
+    )]
     pub chain: Option<Vec<ByteBuf>>,
     /// update, manager-generated-key mode: the PKCS#8 DER private key, sealed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -79,6 +79,49 @@ async fn malformed_cbor_gets_malformed() {
         Status::Malformed,
     )
     .await;
+    // A poll that would pass but for a key given twice: an unknown one, in
+    // the envelope (two more pairs in its map of five).
+    let good = poll(
+        &s.dev,
+        "svcA",
+        crypto::random_bytes(16),
+        fleet_protocol::now_ms(),
+        &uuid,
+    );
+    assert_eq!(good[0], 0xa5);
+    let twice = [&[0xa7][..], &good[1..], &[0x61, b'x', 0, 0x61, b'x', 1]].concat();
+    expect_refused(&s, "dev1", RequestKind::Poll, twice, Status::Malformed).await;
+    // A poll whose nonce is a text string, or an array of integers, not
+    // a byte string (authenticated all the same).
+    let ts = fleet_protocol::now_ms();
+    let poll_with = |nonce: serde_cbor::Value| {
+        use serde_cbor::Value::{Integer, Text};
+        let body: std::collections::BTreeMap<&str, serde_cbor::Value> = [
+            ("device_id", Text("dev1".into())),
+            ("service_id", Text("svcA".into())),
+            ("nonce", nonce),
+            ("ts", Integer(ts.into())),
+        ]
+        .into();
+        Envelope::build(Kind::Poll, &body, |tbs| crypto::hmac(&uuid, tbs))
+            .unwrap()
+            .encode()
+    };
+    let as_text = serde_cbor::Value::Text("0123456789abcdef".into());
+    let as_array = serde_cbor::Value::Array(vec![serde_cbor::Value::Integer(7); 16]);
+    for wrong in [as_text, as_array] {
+        expect_refused(
+            &s,
+            "dev1",
+            RequestKind::Poll,
+            poll_with(wrong),
+            Status::Malformed,
+        )
+        .await;
+    }
+    // The same poll done right is served.
+    let (reply, _) = ask(&s.fleet, &s.probe, "dev1", RequestKind::Poll, good).await;
+    assert_eq!(reply.status, Status::Ok, "{reply:?}");
 }
 
 #[tokio::test]
