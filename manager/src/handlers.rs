@@ -611,29 +611,24 @@ impl Core {
     /// Forgets devices whose failures, and certificates issued, are all
     /// past their windows.
     pub fn prune_failures(&self) {
-        let window = self.config.failure_window_secs * 1000;
         let now = now_ms();
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, times| {
-                times
-                    .back()
-                    .is_some_and(|t| now.saturating_sub(*t) <= window)
-            });
+        // Devices whose newest time in `map` is older than `secs`.
+        let forget = |map: &Mutex<HashMap<String, VecDeque<u64>>>, secs: u64| {
+            map.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|_, times| {
+                    times
+                        .back()
+                        .is_some_and(|t| now.saturating_sub(*t) <= secs * 1000)
+                });
+        };
+        forget(&self.failures, self.config.failure_window_secs);
+        forget(&self.issued, self.config.certificate_window_secs);
+        let window = self.config.failure_window_secs * 1000;
         self.refused_unchecked
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, t| now.saturating_sub(*t) <= window);
-        let window = self.config.certificate_window_secs * 1000;
-        self.issued
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, times| {
-                times
-                    .back()
-                    .is_some_and(|t| now.saturating_sub(*t) <= window)
-            });
     }
 
     /// Whether a request for `device_id` was refused within the failure

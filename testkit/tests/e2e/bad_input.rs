@@ -64,13 +64,11 @@ async fn malformed_cbor_gets_malformed() {
     .await;
     // A kind that does not belong on the topic.
     let uuid = s.dev.uuid.clone().unwrap();
-    let wrong_kind = poll(
-        &s.dev,
-        "svcA",
-        crypto::random_bytes(16),
-        fleet_protocol::now_ms(),
-        &uuid,
-    );
+    let fresh_poll = || {
+        let nonce = crypto::random_bytes(16);
+        poll(&s.dev, "svcA", nonce, fleet_protocol::now_ms(), &uuid)
+    };
+    let wrong_kind = fresh_poll();
     expect_refused(
         &s,
         "dev1",
@@ -81,13 +79,7 @@ async fn malformed_cbor_gets_malformed() {
     .await;
     // A poll that would pass but for a key given twice: an unknown one, in
     // the envelope (two more pairs in its map of five).
-    let good = poll(
-        &s.dev,
-        "svcA",
-        crypto::random_bytes(16),
-        fleet_protocol::now_ms(),
-        &uuid,
-    );
+    let good = fresh_poll();
     assert_eq!(good[0], 0xa5);
     let twice = [&[0xa7][..], &good[1..], &[0x61, b'x', 0, 0x61, b'x', 1]].concat();
     expect_refused(&s, "dev1", RequestKind::Poll, twice, Status::Malformed).await;

@@ -1873,17 +1873,7 @@ async fn a_kept_session_ends_when_its_expiry_passes() {
     assert!(!first.connack.session_present);
     let granted = first.connack.properties.as_ref();
     assert_eq!(granted.and_then(|p| p.session_expiry_interval), Some(3));
-    first.subscribe(notices).await.unwrap();
-    drop(first);
-    eventually(T, "the session to be kept", || async {
-        (metric(|m| &m.sessions_kept) == 1).then_some(())
-    })
-    .await
-    .unwrap();
-    observer
-        .publish(notices, b"while away".to_vec())
-        .await
-        .unwrap();
+    away_with_a_notice_waiting(&fleet, &observer, first, notices).await;
     // Back within its expiry: the session, and what came for it.
     let back = Probe5::connect(kept()).await.unwrap();
     assert!(back.connack.session_present);
@@ -1958,17 +1948,7 @@ async fn a_session_is_resumed_by_a_connection_that_will_not_keep_it() {
     })
     .await
     .unwrap();
-    first.subscribe(notices).await.unwrap();
-    drop(first);
-    eventually(T, "the session to be kept", || async {
-        (metric(|m| &m.sessions_kept) == 1).then_some(())
-    })
-    .await
-    .unwrap();
-    observer
-        .publish(notices, b"while away".to_vec())
-        .await
-        .unwrap();
+    away_with_a_notice_waiting(&fleet, &observer, first, notices).await;
     let back = Probe5::connect(resuming(None)).await.unwrap();
     assert!(back.connack.session_present);
     let kept_for_it = back.wait_for(notices, 1, T).await.unwrap();
@@ -1982,6 +1962,23 @@ async fn a_session_is_resumed_by_a_connection_that_will_not_keep_it() {
     assert_eq!(metric(|m| &m.sessions_kept), 0);
     let after = Probe5::connect(resuming(Some(60))).await.unwrap();
     assert!(!after.connack.session_present);
+}
+
+/// Subscribes `first` (a connection whose session is kept) to `notices`,
+/// ends it, waits until its session is kept, and has `observer` publish
+/// "while away" to `notices`.
+async fn away_with_a_notice_waiting(fleet: &Fleet, observer: &Probe, first: Probe5, notices: &str) {
+    first.subscribe(notices).await.unwrap();
+    drop(first);
+    eventually(T, "the session to be kept", || async {
+        (fleet.broker.metrics.get(|m| &m.sessions_kept) == 1).then_some(())
+    })
+    .await
+    .unwrap();
+    observer
+        .publish(notices, b"while away".to_vec())
+        .await
+        .unwrap();
 }
 
 /// An MQTT 5 QoS 2 PUBLISH on the wire, with no properties.
