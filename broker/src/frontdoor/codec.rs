@@ -128,6 +128,12 @@ fn connack_refusing(code: ConnectReturnCode) -> Packet {
     )
 }
 
+/// How long a CONNECT refused on its fixed header is given for its
+/// protocol level to come, and how far into it that is looked for (the
+/// protocol name is at most 6 bytes long in any version).
+const LEVEL_WAIT: Duration = Duration::from_millis(500);
+const LEVEL_BYTES: usize = 64;
+
 /// How long a connection the broker ends is still read from after its last
 /// word, and how much of it, before it is closed.
 pub const LINGER: Duration = Duration::from_secs(1);
@@ -355,11 +361,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
             Ok(PacketType::Connect) => {}
             Ok(_) => return Err(SessionError::NotConnect),
             // Refused on its fixed header (too large, its length not
-            // minimal): an MQTT 5 CONNECT whose level has come is told why.
+            // minimal): an MQTT 5 CONNECT is told why, once its protocol
+            // level has come (waited for briefly: it may come in a later
+            // segment).
             Err(err) => {
-                if self.buf.first() == Some(&0x10) && protocol_level(&self.buf) == Some(5) {
-                    self.version = Version::V5;
-                    self.refuse_connect(&err).await;
+                if self.buf.first() == Some(&0x10) && matches!(err, SessionError::Mqtt(_)) {
+                    let _ = tokio::time::timeout(LEVEL_WAIT, self.until_level()).await;
+                    if protocol_level(&self.buf) == Some(5) {
+                        self.version = Version::V5;
+                        self.refuse_connect(&err).await;
+                    }
                 }
                 return Err(err);
             }
@@ -380,6 +391,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
             self.refuse_connect(err).await;
         }
         connect
+    }
+
+    /// Reads until the protocol level of the CONNECT at the front of the
+    /// buffer has come (or [`LEVEL_BYTES`] have, or the stream ends).
+    async fn until_level(&mut self) {
+        while protocol_level(&self.buf).is_none() && self.buf.len() < LEVEL_BYTES {
+            if !matches!(self.stream.read_buf(&mut self.buf).await, Ok(n) if n > 0) {
+                return;
+            }
+        }
     }
 
     /// Tells an MQTT 5 client why its CONNECT ended the connection, in a
@@ -1166,6 +1187,38 @@ mod tests {
                 Some(DisconnectReasonCode::ProtocolError)
             );
         }
+    }
+
+    /// An MQTT 5 CONNECT refused on its fixed header whose protocol level
+    /// comes in a later segment is still told why once the level comes.
+    #[tokio::test]
+    async fn a_split_connect_refused_on_its_fixed_header_is_told_why() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (stream, mut peer) = tokio::io::duplex(1024);
+        let mut framed = Framed::new(stream, 1024);
+        // 40 KiB announced, over the limit: the fixed header first.
+        let head = [
+            0x10, 0x80, 0xC0, 0x02, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60,
+        ];
+        peer.write_all(&head[..4]).await.unwrap();
+        let mut read = Box::pin(framed.read_connect());
+        let first = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(read.as_mut(), cx))
+        })
+        .await;
+        assert!(first.is_pending(), "it waits for the protocol level");
+        peer.write_all(&head[4..]).await.unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(
+            err.disconnect_reason(),
+            Some(DisconnectReasonCode::PacketTooLarge)
+        );
+        let mut connack = [0u8; 5];
+        peer.read_exact(&mut connack).await.unwrap();
+        assert_eq!(connack, [0x20, 3, 0, 0x95, 0]);
     }
 
     #[test]
