@@ -1,7 +1,7 @@
 //! What `serde_cbor` takes and §3.1 of `topics.md` does not: a map that
-//! holds a key twice, and a byte field sent as a text string or an array
-//! of integers (which `serde_bytes` accepts). Both make a message
-//! `malformed`.
+//! holds a key twice or a key that is not a text string, a tag, and a byte
+//! field sent as a text string or an array of integers (which
+//! `serde_bytes` accepts). Each makes a message `malformed`.
 
 use std::collections::HashSet;
 
@@ -14,10 +14,13 @@ use crate::ProtocolError;
 /// Nesting deeper than this is refused (the bodies nest three levels).
 const MAX_DEPTH: usize = 32;
 
-/// Checks that no map in the CBOR item at the start of `bytes` holds a
-/// key twice (RFC 8949 §5.6: such a map is not valid, and decoders differ
-/// in which value they keep). Keys are compared as encoded. The walk reads
-/// each byte once; a map's keys are kept in a hash set.
+/// Checks that every map in the CBOR item at the start of `bytes` has
+/// text-string keys, none of them twice (RFC 8949 §5.6: such a map is not
+/// valid, and decoders differ in which value they keep; `serde_cbor` would
+/// also take an integer key as a field's position), and that no item is
+/// tagged (§3.1: no tags). Keys are compared by their text, however each
+/// is encoded. The walk reads each byte once; a map's keys are kept in a
+/// hash set.
 pub fn no_duplicate_keys(bytes: &[u8]) -> Result<(), ProtocolError> {
     let mut at = 0;
     item(bytes, &mut at, 0)
@@ -78,15 +81,7 @@ fn item(bytes: &[u8], at: &mut usize, depth: usize) -> Result<(), ProtocolError>
     }
     match head(bytes, at)? {
         (0 | 1 | 7, Some(_)) => Ok(()),
-        (2 | 3, Some(len)) => {
-            let end = usize::try_from(len)
-                .ok()
-                .and_then(|len| at.checked_add(len))
-                .filter(|end| *end <= bytes.len())
-                .ok_or(bad("truncated"))?;
-            *at = end;
-            Ok(())
-        }
+        (2 | 3, Some(len)) => content(bytes, at, len).map(drop),
         (2 | 3, None) => {
             while !broken(bytes, at)? {
                 item(bytes, at, depth + 1)?;
@@ -105,9 +100,7 @@ fn item(bytes: &[u8], at: &mut usize, depth: usize) -> Result<(), ProtocolError>
             let mut keys = HashSet::new();
             let mut left = len;
             while more(bytes, at, left)? {
-                let start = *at;
-                item(bytes, at, depth + 1)?;
-                if !keys.insert(&bytes[start..*at]) {
+                if !keys.insert(text(bytes, at)?) {
                     return Err(ProtocolError::DuplicateKey);
                 }
                 item(bytes, at, depth + 1)?;
@@ -115,8 +108,40 @@ fn item(bytes: &[u8], at: &mut usize, depth: usize) -> Result<(), ProtocolError>
             }
             Ok(())
         }
-        (6, Some(_)) => item(bytes, at, depth + 1),
+        (6, Some(_)) => Err(bad("a tag")),
         _ => Err(bad("unexpected break or indefinite length")),
+    }
+}
+
+/// The `len` bytes at `at`, taken.
+fn content<'a>(bytes: &'a [u8], at: &mut usize, len: u64) -> Result<&'a [u8], ProtocolError> {
+    let end = usize::try_from(len)
+        .ok()
+        .and_then(|len| at.checked_add(len))
+        .filter(|end| *end <= bytes.len())
+        .ok_or(bad("truncated"))?;
+    let taken = &bytes[*at..end];
+    *at = end;
+    Ok(taken)
+}
+
+/// The content of the text string at `at`, a map key: in one piece
+/// whatever its encoding (a length longer than it needs, or chunks), so
+/// that a key written twice is found however each was written.
+fn text(bytes: &[u8], at: &mut usize) -> Result<Vec<u8>, ProtocolError> {
+    match head(bytes, at)? {
+        (3, Some(len)) => Ok(content(bytes, at, len)?.to_vec()),
+        (3, None) => {
+            let mut whole = Vec::new();
+            while !broken(bytes, at)? {
+                match head(bytes, at)? {
+                    (3, Some(len)) => whole.extend_from_slice(content(bytes, at, len)?),
+                    _ => return Err(bad("a text chunk that is not definite text")),
+                }
+            }
+            Ok(whole)
+        }
+        _ => Err(bad("a map key that is not a text string")),
     }
 }
 
@@ -231,6 +256,22 @@ mod tests {
         assert!(no_duplicate_keys(&indefinite).is_ok());
         let indefinite_twice = [0xbf, 0x61, b'a', 1, 0x61, b'a', 2, 0xff];
         assert!(no_duplicate_keys(&indefinite_twice).is_err());
+        // The same key in a longer length, or in chunks.
+        let longer = [0xa2, 0x62, b'z', b'z', 1, 0x78, 2, b'z', b'z', 2];
+        assert!(matches!(
+            no_duplicate_keys(&longer),
+            Err(ProtocolError::DuplicateKey)
+        ));
+        let chunked = [
+            0xa2, 0x62, b'z', b'z', 1, 0x7f, 0x61, b'z', 0x61, b'z', 0xff, 2,
+        ];
+        assert!(matches!(
+            no_duplicate_keys(&chunked),
+            Err(ProtocolError::DuplicateKey)
+        ));
+        // An integer key, a tag.
+        assert!(no_duplicate_keys(&[0xa1, 0, 1]).is_err());
+        assert!(no_duplicate_keys(&[0xa1, 0x61, b'a', 0xc2, 0x41, 0]).is_err());
         // Truncated, a length past the end, a stray break, deep nesting.
         for broken in [
             &[0xa2, 0x61, b'a'][..],
