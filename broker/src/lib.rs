@@ -18,6 +18,7 @@
 
 pub mod config;
 pub mod frontdoor;
+pub mod log_pace;
 pub mod metrics;
 pub mod mosquitto;
 mod router;

@@ -7,6 +7,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
+use fleet_broker::frontdoor::shown::Shown;
+use fleet_broker::log_pace::LogPace;
 use fleet_pki::{grants, Pki, RevokedEntry};
 use fleet_protocol::crypto::{self, Sealed};
 use fleet_protocol::{
@@ -221,73 +223,6 @@ pub struct Intake {
     pub shed: std::sync::atomic::AtomicU64,
     /// Requests dropped because the queue was full.
     pub dropped: std::sync::atomic::AtomicU64,
-}
-
-/// Refused requests logged at WARN, at most [`LogPace::LOUD_PER_SEC`] a
-/// second; the rest at DEBUG, and their number at WARN when the second is
-/// over. Each refused request is still answered; a flood of them cannot
-/// fill the log (one line per request was 14 bytes of log per byte sent).
-#[derive(Debug)]
-pub(crate) struct LogPace {
-    second: std::time::Instant,
-    loud: u32,
-    quiet: u32,
-}
-
-impl LogPace {
-    const LOUD_PER_SEC: u32 = 20;
-
-    pub(crate) fn new(now: std::time::Instant) -> LogPace {
-        LogPace {
-            second: now,
-            loud: 0,
-            quiet: 0,
-        }
-    }
-
-    /// Counts a refusal at `now`: whether to log it at WARN, and how many
-    /// went to DEBUG in the second that ended before it.
-    pub(crate) fn note(&mut self, now: std::time::Instant) -> (bool, u32) {
-        let mut quieted = 0;
-        if now.saturating_duration_since(self.second) >= std::time::Duration::from_secs(1) {
-            quieted = std::mem::take(&mut self.quiet);
-            self.second = now;
-            self.loud = 0;
-        }
-        if self.loud < Self::LOUD_PER_SEC {
-            self.loud += 1;
-            (true, quieted)
-        } else {
-            self.quiet += 1;
-            (false, quieted)
-        }
-    }
-
-    /// [`LogPace::note`] now on `pace`; logs at `level` (WARN or INFO) how
-    /// many `what` went to DEBUG in the second that ended, if any, and says
-    /// whether to log this one at `level`.
-    pub(crate) fn loud_in(pace: &Mutex<LogPace>, what: &str, level: tracing::Level) -> bool {
-        pace.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .paced(what, level)
-    }
-
-    /// The same for a pace of its own, at WARN.
-    pub(crate) fn loud(&mut self, what: &str) -> bool {
-        self.paced(what, tracing::Level::WARN)
-    }
-
-    fn paced(&mut self, what: &str, level: tracing::Level) -> bool {
-        let (loud, quieted) = self.note(std::time::Instant::now());
-        if quieted > 0 {
-            if level == tracing::Level::WARN {
-                warn!(quieted, "{what} at debug level in the last second");
-            } else {
-                info!(quieted, "{what} at debug level in the last second");
-            }
-        }
-        loud
-    }
 }
 
 /// A request's nonce as a reply echoes it: empty if longer than any nonce a
@@ -1178,16 +1113,21 @@ impl Core {
         let mut after = After::default();
         let now = now_ms();
         // The device's words, quoted (a newline or an escape sequence in
-        // them cannot forge a log line), at INFO up to 20 a second.
+        // them cannot forge a log line) and cut (`Shown`), at INFO up to 20
+        // a second.
         let loud = LogPace::loud_in(
             &self.statuses_logged,
             "device statuses logged",
             tracing::Level::INFO,
         );
+        let (event, detail) = (
+            Shown(&req.body.event),
+            Shown(req.body.detail.as_deref().unwrap_or_default()),
+        );
         if loud {
-            info!(event = ?req.body.event, detail = ?req.body.detail, "device status");
+            info!(event = %event, detail = %detail, "device status");
         } else {
-            debug!(event = ?req.body.event, detail = ?req.body.detail, "device status");
+            debug!(event = %event, detail = %detail, "device status");
         }
         match req.body.event.as_str() {
             // From the tenant of the current service only: a device that
@@ -1868,22 +1808,6 @@ identified!(ActivateRequest, UpdateRequest, PollRequest, StatusReport);
 mod tests {
     use super::*;
 
-    #[test]
-    fn refusals_past_twenty_a_second_are_logged_quietly_and_counted() {
-        let t0 = std::time::Instant::now();
-        let mut pace = LogPace::new(t0);
-        let loud: Vec<bool> = (0..25).map(|_| pace.note(t0).0).collect();
-        assert_eq!(loud.iter().filter(|l| **l).count(), 20);
-        assert!(loud[..20].iter().all(|l| *l));
-        // Within the same second, still quiet.
-        assert_eq!(
-            pace.note(t0 + std::time::Duration::from_millis(999)),
-            (false, 0)
-        );
-        // The next second starts loud and reports the six kept quiet.
-        assert_eq!(pace.note(t0 + std::time::Duration::from_secs(1)), (true, 6));
-        assert_eq!(pace.note(t0 + std::time::Duration::from_secs(1)), (true, 0));
-    }
     use proptest::prelude::*;
 
     fn core() -> (tempfile::TempDir, Core) {

@@ -282,7 +282,7 @@ pub async fn serve(
 ) {
     let (queues, senders) = Queues::new();
     let shed_after = Duration::from_millis(core.config.shed_after_ms);
-    let mut dropped = crate::handlers::LogPace::new(Instant::now());
+    let mut dropped = fleet_broker::log_pace::LogPace::new(Instant::now());
     // CRLs are rewritten by one task, at most every CRL_DEBOUNCE, after the
     // replies that revoked certificates are published: a migration of many
     // devices writes a few CRLs, not one per device.

@@ -220,6 +220,9 @@ pub struct Shared {
     /// The internal listener's (`max_internal_connections`), apart.
     internal_slots: Arc<Semaphore>,
     next_connection: AtomicU64,
+    /// Refused connections (a CONNECT, a client certificate, a full
+    /// listener) logged at WARN, 20 a second; the metrics count them all.
+    pub(crate) refusals_logged: Mutex<crate::log_pace::LogPace>,
     rate: Mutex<HashMap<IpAddr, Bucket>>,
     /// Bootstrap PUBLISHes by source (`bootstrap_publishes_per_sec_per_source`).
     bootstrap_publishes: Mutex<HashMap<IpAddr, Bucket>>,
@@ -429,6 +432,7 @@ impl Shared {
             metrics,
             internal_users,
             next_connection: AtomicU64::new(1),
+            refusals_logged: Mutex::new(crate::log_pace::LogPace::new(std::time::Instant::now())),
             rate: Mutex::new(HashMap::new()),
             bootstrap_publishes: Mutex::new(HashMap::new()),
             device_paces: Mutex::new(HashMap::new()),
@@ -480,6 +484,16 @@ impl Shared {
     }
 
     /// Whether the certificate with this serial is revoked.
+    /// Whether a refused connection is logged at WARN now
+    /// ([`Shared::refusals_logged`]).
+    pub(crate) fn refusal_loud(&self) -> bool {
+        crate::log_pace::LogPace::loud_in(
+            &self.refusals_logged,
+            "refused connections logged",
+            tracing::Level::WARN,
+        )
+    }
+
     pub fn is_revoked(&self, serial: &str) -> bool {
         self.revoked
             .read()
@@ -1028,7 +1042,11 @@ pub async fn serve(
 /// A connection refused for want of a slot.
 fn over_capacity(shared: &Shared, peer: SocketAddr, transport: &Transport) {
     shared.metrics.over_capacity.fetch_add(1, Ordering::Relaxed);
-    warn!(%peer, listener = transport.name(), "connection limit reached");
+    if shared.refusal_loud() {
+        warn!(%peer, listener = transport.name(), "connection limit reached");
+    } else {
+        debug!(%peer, listener = transport.name(), "connection limit reached");
+    }
 }
 
 /// Longest a new connection waits for the slot of a pending connection
@@ -1254,7 +1272,11 @@ async fn connection(
                             .metrics
                             .refused_connects
                             .fetch_add(1, Ordering::Relaxed);
-                        warn!(%peer, reason = %why, "client certificate refused");
+                        if shared.refusal_loud() {
+                            warn!(%peer, reason = %why, "client certificate refused");
+                        } else {
+                            debug!(%peer, reason = %why, "client certificate refused");
+                        }
                         return Err(session::SessionError::Refused(why));
                     }
                 };

@@ -420,7 +420,11 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                         .metrics
                         .refused_connects
                         .fetch_add(1, Ordering::Relaxed);
-                    warn!(client_id = %Shown(&connect.client_id), ?version, reason = %why, "connection refused");
+                    if shared.refusal_loud() {
+                        warn!(client_id = %Shown(&connect.client_id), ?version, reason = %why, "connection refused");
+                    } else {
+                        debug!(client_id = %Shown(&connect.client_id), ?version, reason = %why, "connection refused");
+                    }
                     let _ = framed.write(vec![version.connack_refusal(refusal)]).await;
                     break 'session Err(SessionError::Refused(why));
                 }
