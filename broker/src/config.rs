@@ -90,8 +90,8 @@ pub struct BrokerConfig {
     /// retries, well within this, so clients that connect and idle cannot
     /// keep the bootstrap listeners from others. With none that silent,
     /// the source with the most sessions loses its oldest if it has more
-    /// than the newcomer's source (with the newcomer), so clients that keep
-    /// talking cannot either.
+    /// than the newcomer's source (with the newcomer) and more than its
+    /// share of the slots, so clients that keep talking cannot either.
     pub bootstrap_session_min_age_ms: u64,
     /// Whether the service listener gives each client a TLS session ticket
     /// to resume its next connection with. A ticket is taken only if the

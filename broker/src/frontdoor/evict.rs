@@ -179,20 +179,25 @@ impl PendingSet {
         self.take(from, id)
     }
 
-    /// A listener is full, and nothing is old enough for
+    /// A listener of `capacity` is full, and nothing is old enough for
     /// [`PendingSet::make_room`]: the token of the oldest entry of the
     /// source with the most, taken out of the set, if that source has more
-    /// than the newcomer's `source` has with the newcomer counted. So no
-    /// source holds every slot by keeping its connections busy, and no
-    /// source loses one to its own newcomer or to a source that would end
-    /// up with more.
-    pub fn share_fairly(&mut self, source: IpAddr) -> Option<CancellationToken> {
+    /// than its fair share (`capacity` divided among the sources, the
+    /// newcomer's counted) and more than the newcomer's `source` has with
+    /// the newcomer counted. So no source holds every slot by keeping its
+    /// connections busy, and no source loses one to its own newcomer, to a
+    /// source that would end up with more, or below its share (a client
+    /// that only comes and goes, holding nothing, trims the others to
+    /// their shares at most).
+    pub fn share_fairly(&mut self, source: IpAddr, capacity: usize) -> Option<CancellationToken> {
         let theirs = self.by_source.get(&source).map_or(0, |of| of.by_id.len()) + 1;
+        let sources = self.by_source.len() + usize::from(!self.by_source.contains_key(&source));
+        let share = capacity.div_ceil(sources);
         let (&from, of) = self
             .by_source
             .iter()
             .max_by_key(|(_, of)| (of.by_id.len(), Reverse(of.by_id.keys().next().copied())))?;
-        if of.by_id.len() <= theirs {
+        if of.by_id.len() <= theirs.max(share) {
             return None;
         }
         let (&id, _) = of.by_id.first_key_value()?;
@@ -549,27 +554,60 @@ mod tests {
 
     /// With nothing old enough, a full listener still closes, for a
     /// newcomer, the oldest of the source with the most, while that source
-    /// has more than the newcomer's would: never for a newcomer of its own,
-    /// nor down to fewer than the newcomer's source.
+    /// has more than its share and more than the newcomer's would: never
+    /// for a newcomer of its own, nor down to fewer than the newcomer's
+    /// source or its share.
     #[test]
     fn a_source_that_holds_more_than_its_share_gives_one_up() {
-        let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let [a, b, c]: [IpAddr; 3] =
+            ["192.0.2.1", "192.0.2.2", "192.0.2.3"].map(|s| s.parse().unwrap());
         let mut set = PendingSet::default();
         let now = Instant::now();
         let tokens: Vec<_> = (0..4).map(|_| CancellationToken::new()).collect();
         for (id, token) in tokens.iter().enumerate() {
             set.add(a, id as u64, (token.clone(), false), now);
         }
-        assert!(set.share_fairly(a).is_none(), "its own newcomer");
-        // b: 1 with its newcomer against 4, then 2 against 3.
-        set.share_fairly(b).unwrap().cancel();
+        assert!(set.share_fairly(a, 4).is_none(), "its own newcomer");
+        // b: 1 with its newcomer against 4, then 2 against 3 (shares of 2).
+        set.share_fairly(b, 4).unwrap().cancel();
         assert!(tokens[0].is_cancelled() && !tokens[1].is_cancelled());
         set.add(b, 10, (CancellationToken::new(), false), now);
-        set.share_fairly(b).unwrap().cancel();
+        set.share_fairly(b, 4).unwrap().cancel();
         assert!(tokens[1].is_cancelled());
         set.add(b, 11, (CancellationToken::new(), false), now);
         // 2 each: b's next newcomer would leave a with fewer.
-        assert!(set.share_fairly(b).is_none());
+        assert!(set.share_fairly(b, 4).is_none());
+        assert_eq!(set.len(), 4);
+        // c's newcomers come and go, holding nothing: a (2) and b (2) are
+        // at their shares of 6 among three sources, and keep them.
+        set.add(c, 20, (CancellationToken::new(), false), now);
+        set.remove(c, 20);
+        assert!(set.share_fairly(c, 6).is_none());
+        // Of 4 among three sources, a share is 2: still none goes.
+        assert!(set.share_fairly(c, 4).is_none());
+    }
+
+    /// A client that comes and goes holding nothing trims a busy source to
+    /// its share and no further.
+    #[test]
+    fn newcomers_that_hold_nothing_trim_a_source_to_its_share_only() {
+        let [a, b, c]: [IpAddr; 3] =
+            ["192.0.2.1", "192.0.2.2", "192.0.2.3"].map(|s| s.parse().unwrap());
+        let mut set = PendingSet::default();
+        let now = Instant::now();
+        for id in 0..4 {
+            set.add(a, id, (CancellationToken::new(), false), now);
+        }
+        for id in 10..12 {
+            set.add(b, id, (CancellationToken::new(), false), now);
+        }
+        // 6 slots among a, b and c: shares of 2.
+        let mut closed = 0;
+        while let Some(token) = set.share_fairly(c, 6) {
+            token.cancel();
+            closed += 1;
+        }
+        assert_eq!(closed, 2);
         assert_eq!(set.len(), 4);
     }
 

@@ -483,7 +483,6 @@ impl Shared {
         }
     }
 
-    /// Whether the certificate with this serial is revoked.
     /// Whether a refused connection is logged at WARN now
     /// ([`Shared::refusals_logged`]).
     pub(crate) fn refusal_loud(&self) -> bool {
@@ -494,6 +493,7 @@ impl Shared {
         )
     }
 
+    /// Whether the certificate with this serial is revoked.
     pub fn is_revoked(&self, serial: &str) -> bool {
         self.revoked
             .read()
@@ -1060,7 +1060,8 @@ const ROOM_WAIT: Duration = Duration::from_secs(1);
 /// one if the bootstrap listeners are full) is closed for it (see
 /// [`evict::PendingSet::make_room`]), or, on full bootstrap listeners, a
 /// bootstrap session (an idle one, or else one of a source that holds
-/// more than the newcomer's, [`evict::PendingSet::share_fairly`]). None if
+/// more than the newcomer's and more than its share,
+/// [`evict::PendingSet::share_fairly`]). None if
 /// nothing can be closed, or no slot comes within [`ROOM_WAIT`].
 async fn room_for(shared: &Shared, transport: &Transport, source: IpAddr) -> Option<Slots> {
     let bootstrap = !matches!(transport, Transport::MutualTls(_));
@@ -1089,9 +1090,9 @@ async fn room_for(shared: &Shared, transport: &Transport, source: IpAddr) -> Opt
                         .bootstrap_sessions
                         .lock()
                         .unwrap_or_else(|p| p.into_inner());
-                    sessions
-                        .make_room(source, now, min_age, false)
-                        .or_else(|| sessions.share_fairly(source))
+                    sessions.make_room(source, now, min_age, false).or_else(|| {
+                        sessions.share_fairly(source, shared.limits.max_bootstrap_connections)
+                    })
                 })
                 .flatten()
                 .inspect(|_| {

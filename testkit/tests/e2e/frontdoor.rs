@@ -1242,6 +1242,77 @@ async fn talking_bootstrap_clients_of_one_address_keep_no_device_from_activating
     }
 }
 
+/// Newcomers that hold nothing (silent connections from another address,
+/// each dropped within the pending age floor) trim a source's talking
+/// bootstrap sessions to its share of the listener, and no further: of 6
+/// slots, 4 held by 127.0.0.2 and the rest churned by 127.0.0.3, one
+/// session of 127.0.0.2 is closed and three keep talking.
+#[tokio::test]
+async fn newcomers_that_hold_nothing_close_no_session_below_its_share() {
+    let fleet = Fleet::start_tuned(
+        |b| {
+            b.max_bootstrap_connections = 6;
+            b.tls_handshake_timeout_ms = 120_000;
+            b.connect_timeout_ms = 120_000;
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let mut talking = Vec::new();
+    for _ in 0..4 {
+        talking.push(talking_bootstrap_client(&fleet, "127.0.0.2").await);
+    }
+    let addr = fleet.broker.bootstrap_plain_addr.unwrap();
+    let flooding = tokio_util::sync::CancellationToken::new();
+    let opened = Arc::new(AtomicUsize::new(0));
+    let flood = {
+        let (stop, opened) = (flooding.clone(), opened.clone());
+        tokio::spawn(async move {
+            let mut held = std::collections::VecDeque::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.bind("127.0.0.3:0".parse().unwrap()).unwrap();
+                if let Ok(s) = socket.connect(addr).await {
+                    held.push_back((Instant::now(), s));
+                    opened.fetch_add(1, Ordering::Relaxed);
+                }
+                // Each dropped before it is old enough to be closed.
+                while held
+                    .front()
+                    .is_some_and(|(t, _)| t.elapsed() > Duration::from_millis(600))
+                {
+                    held.pop_front();
+                }
+            }
+        })
+    };
+    let closed = || talking.iter().filter(|t| t.0.is_finished()).count();
+    eventually(T, "a session over its share to be closed", || async {
+        (closed() >= 1).then_some(())
+    })
+    .await
+    .unwrap();
+    // The flood goes on past the first closing: 40 newcomers more.
+    let evicted = fleet.broker.metrics.get(|m| &m.evicted);
+    let then = opened.load(Ordering::Relaxed);
+    eventually(T, "40 more newcomers of the flood", || async {
+        (opened.load(Ordering::Relaxed) >= then + 40).then_some(())
+    })
+    .await
+    .unwrap();
+    flooding.cancel();
+    tokio::time::timeout(T, flood).await.unwrap().unwrap();
+    assert_eq!(closed(), 1);
+    assert_eq!(fleet.broker.metrics.get(|m| &m.evicted), evicted);
+    for (task, talked) in talking {
+        assert!(talked.load(Ordering::Relaxed) > 0);
+        task.abort();
+    }
+}
+
 /// The address the tests' devices connect from.
 const LOCAL: &str = "127.0.0.1";
 
