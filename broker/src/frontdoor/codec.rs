@@ -1113,6 +1113,16 @@ mod tests {
                     "v5 {v5}: {byte1:#x}"
                 );
             }
+            if v5 {
+                // Properties longer than their length says: a Reason String
+                // of 1 byte under a property length of 1.
+                let straddling = framed_as(0x40, vec![0, 1, 0, 1, 0x1F, 0, 1, b'x']);
+                assert!(
+                    matches!(refused(v5, &straddling), Some(Error::MalformedPacket)),
+                    "a property past the property length"
+                );
+                assert!(ok(&framed_as(0x40, vec![0, 1, 0, 4, 0x1F, 0, 1, b'x'])));
+            }
             assert!(ok(&[0xE0, 0]));
             let over: &[u8] = if v5 { &[0, 0, 7] } else { &[0] };
             assert!(
@@ -1186,6 +1196,106 @@ mod tests {
                 err.disconnect_reason(),
                 Some(DisconnectReasonCode::ProtocolError)
             );
+        }
+    }
+
+    /// Every property a client's packet may carry, written by rumqttd's v5
+    /// encoder, reads back the same: each decoder counts its properties to
+    /// exactly their length (a Subscription Identifier was counted one
+    /// byte long).
+    #[test]
+    fn v5_properties_read_back_as_written() {
+        use rumqttd::protocol::*;
+        let users = vec![("k".to_string(), "v".to_string())];
+        let publish = Packet::Publish(
+            Publish::new("a/b", "x", false),
+            Some(PublishProperties {
+                payload_format_indicator: Some(1),
+                message_expiry_interval: Some(60),
+                topic_alias: Some(2),
+                response_topic: Some("r".into()),
+                correlation_data: Some(Bytes::from_static(b"c")),
+                user_properties: users.clone(),
+                subscription_identifiers: vec![1, 300],
+                content_type: Some("t".into()),
+            }),
+        );
+        let connect = Packet::Connect(
+            Connect {
+                keep_alive: 60,
+                client_id: "c".into(),
+                clean_session: true,
+            },
+            Some(ConnectProperties {
+                session_expiry_interval: Some(10),
+                receive_maximum: Some(5),
+                max_packet_size: Some(1000),
+                topic_alias_max: Some(3),
+                request_response_info: Some(1),
+                request_problem_info: Some(0),
+                user_properties: users.clone(),
+                authentication_method: None,
+                authentication_data: None,
+            }),
+            Some(LastWill {
+                topic: Bytes::from_static(b"w"),
+                message: Bytes::from_static(b"gone"),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+            }),
+            Some(LastWillProperties {
+                delay_interval: Some(5),
+                payload_format_indicator: Some(1),
+                message_expiry_interval: Some(9),
+                content_type: Some("t".into()),
+                response_topic: Some("r".into()),
+                correlation_data: Some(Bytes::from_static(b"c")),
+                user_properties: users.clone(),
+            }),
+            None,
+        );
+        let subscribe = Packet::Subscribe(
+            Subscribe {
+                pkid: 1,
+                filters: vec![Filter {
+                    path: "a/b".into(),
+                    qos: QoS::AtLeastOnce,
+                    nolocal: false,
+                    preserve_retain: false,
+                    retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+                }],
+            },
+            Some(SubscribeProperties {
+                id: Some(300),
+                user_properties: users.clone(),
+            }),
+        );
+        let puback = Packet::PubAck(
+            PubAck {
+                pkid: 1,
+                reason: PubAckReason::Success,
+            },
+            Some(PubAckProperties {
+                reason_string: Some("why".into()),
+                user_properties: users.clone(),
+            }),
+        );
+        let disconnect = Packet::Disconnect(
+            Disconnect {
+                reason_code: DisconnectReasonCode::NormalDisconnection,
+            },
+            Some(DisconnectProperties {
+                session_expiry_interval: Some(0),
+                reason_string: Some("bye".into()),
+                user_properties: users,
+                server_reference: None,
+            }),
+        );
+        for packet in [publish, connect, subscribe, puback, disconnect] {
+            let mut buf = BytesMut::new();
+            V5.write(packet.clone(), &mut buf).unwrap();
+            let read = V5.read_mut(&mut buf, 1 << 16);
+            assert_eq!(read.as_ref().ok(), Some(&packet), "{read:?}");
         }
     }
 

@@ -248,6 +248,10 @@ mod properties {
                 _ => return Err(Error::InvalidPropertyType(prop)),
             }
         }
+        // fleetshift: the properties end where their length says.
+        if cursor != properties_len {
+            return Err(Error::MalformedPacket);
+        }
 
         Ok(Some(ConnAckProperties {
             session_expiry_interval,

@@ -305,6 +305,10 @@ mod willproperties {
                 _ => return Err(Error::InvalidPropertyType(prop)),
             }
         }
+        // fleetshift: the properties end where their length says.
+        if cursor != properties_len {
+            return Err(Error::MalformedPacket);
+        }
 
         Ok(Some(LastWillProperties {
             delay_interval,
@@ -490,6 +494,10 @@ mod properties {
                 }
                 _ => return Err(Error::InvalidPropertyType(prop)),
             }
+        }
+        // fleetshift: the properties end where their length says.
+        if cursor != properties_len {
+            return Err(Error::MalformedPacket);
         }
 
         Ok(Some(ConnectProperties {

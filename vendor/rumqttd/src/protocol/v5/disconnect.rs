@@ -167,6 +167,10 @@ mod properties {
                 _ => return Err(Error::InvalidPropertyType(prop)),
             }
         }
+        // fleetshift: the properties end where their length says.
+        if cursor != properties_len {
+            return Err(Error::MalformedPacket);
+        }
 
         let properties = DisconnectProperties {
             session_expiry_interval,

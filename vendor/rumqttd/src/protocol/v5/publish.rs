@@ -188,7 +188,8 @@ mod properties {
                 }
                 PropertyType::SubscriptionIdentifier => {
                     let (id_len, id) = length(bytes.iter())?;
-                    cursor += 1 + id_len;
+                    // fleetshift: the property id is counted above.
+                    cursor += id_len;
                     bytes.advance(id_len);
                     subscription_identifiers.push(id);
                 }
@@ -199,6 +200,10 @@ mod properties {
                 }
                 _ => return Err(Error::InvalidPropertyType(prop)),
             }
+        }
+        // fleetshift: the properties end where their length says.
+        if cursor != properties_len {
+            return Err(Error::MalformedPacket);
         }
 
         Ok(Some(PublishProperties {

@@ -211,8 +211,8 @@ mod properties {
             match property(prop)? {
                 PropertyType::SubscriptionIdentifier => {
                     let (id_len, sub_id) = length(bytes.iter())?;
-                    // TODO: Validate 1 +. Tests are working either way
-                    cursor += 1 + id_len;
+                    // fleetshift: the property id is counted above.
+                    cursor += id_len;
                     bytes.advance(id_len);
                     id = Some(sub_id)
                 }
@@ -224,6 +224,10 @@ mod properties {
                 }
                 _ => return Err(Error::InvalidPropertyType(prop)),
             }
+        }
+        // fleetshift: the properties end where their length says.
+        if cursor != properties_len {
+            return Err(Error::MalformedPacket);
         }
 
         Ok(Some(SubscribeProperties {

@@ -112,6 +112,10 @@ mod properties {
                 _ => return Err(Error::InvalidPropertyType(prop)),
             }
         }
+        // fleetshift: the properties end where their length says.
+        if cursor != properties_len {
+            return Err(Error::MalformedPacket);
+        }
 
         Ok(Some(UnsubAckProperties {
             reason_string,
