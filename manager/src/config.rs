@@ -45,7 +45,8 @@ pub struct ManagerConfig {
     /// cache), and every certificate it no longer uses is revoked and
     /// stays in its CRL until it expires, so the limit bounds how fast one
     /// device can grow the CRLs every broker loads. Counted in memory: a
-    /// restart of the manager starts the count again.
+    /// restart of the manager, or an operator's reset of the device,
+    /// starts the count again.
     pub max_certificates_per_device: usize,
     pub certificate_window_secs: u64,
     /// Largest clock difference accepted in a request timestamp.

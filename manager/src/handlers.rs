@@ -496,10 +496,12 @@ impl Core {
             "refused requests logged",
             tracing::Level::WARN,
         );
+        // The detail may quote the request (a service id it named): cut.
+        let detail = Shown(&f.detail);
         if loud {
-            warn!(status = %f.status, detail = ?f.detail, "request refused");
+            warn!(status = %f.status, detail = %detail, "request refused");
         } else {
-            debug!(status = %f.status, detail = ?f.detail, "request refused");
+            debug!(status = %f.status, detail = %detail, "request refused");
         }
         let reply = Reply {
             device_id: device_id.to_owned(),
@@ -1359,6 +1361,12 @@ impl Core {
             }
         }
         self.commit(&batch)?;
+        // Its certificates are revoked: after its next activation it may
+        // have its first at once, whatever it was issued this hour.
+        self.issued
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(device_id);
         self.store
             .audit("reset", Some(device_id), "device reset by operator".into())?;
         self.publish_crls_of(&batch.certs)?;

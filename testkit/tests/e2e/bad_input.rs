@@ -341,4 +341,23 @@ async fn certificates_past_a_device_s_limit_are_refused() {
     );
     let (reply, _) = ask(&s.fleet, &s.probe, "dev1", RequestKind::Update, first).await;
     assert_eq!(reply.status, Status::Ok, "the identical retry: {reply:?}");
+    // An operator's reset revokes them all and starts the count again.
+    let Setup {
+        fleet,
+        probe,
+        mut dev,
+    } = s;
+    fleet_manager::admin::call(&fleet.admin(), "POST", "/v1/devices/dev1/reset", None)
+        .await
+        .unwrap();
+    activate(&fleet, &probe, &mut dev).await;
+    let (reply, _) = ask(
+        &fleet,
+        &probe,
+        "dev1",
+        RequestKind::Update,
+        update(&dev, "svcA"),
+    )
+    .await;
+    assert_eq!(reply.status, Status::Ok, "after a reset: {reply:?}");
 }
