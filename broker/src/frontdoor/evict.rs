@@ -552,6 +552,12 @@ mod tests {
         assert!(set.is_empty());
     }
 
+    /// Three sources, an empty set, and now.
+    fn three_sources() -> ([IpAddr; 3], PendingSet, Instant) {
+        let sources = ["192.0.2.1", "192.0.2.2", "192.0.2.3"].map(|s| s.parse().unwrap());
+        (sources, PendingSet::default(), Instant::now())
+    }
+
     /// With nothing old enough, a full listener still closes, for a
     /// newcomer, the oldest of the source with the most, while that source
     /// has more than its share and more than the newcomer's would: never
@@ -559,10 +565,7 @@ mod tests {
     /// source or its share.
     #[test]
     fn a_source_that_holds_more_than_its_share_gives_one_up() {
-        let [a, b, c]: [IpAddr; 3] =
-            ["192.0.2.1", "192.0.2.2", "192.0.2.3"].map(|s| s.parse().unwrap());
-        let mut set = PendingSet::default();
-        let now = Instant::now();
+        let ([a, b, c], mut set, now) = three_sources();
         let tokens: Vec<_> = (0..4).map(|_| CancellationToken::new()).collect();
         for (id, token) in tokens.iter().enumerate() {
             set.add(a, id as u64, (token.clone(), false), now);
@@ -591,10 +594,7 @@ mod tests {
     /// its share and no further.
     #[test]
     fn newcomers_that_hold_nothing_trim_a_source_to_its_share_only() {
-        let [a, b, c]: [IpAddr; 3] =
-            ["192.0.2.1", "192.0.2.2", "192.0.2.3"].map(|s| s.parse().unwrap());
-        let mut set = PendingSet::default();
-        let now = Instant::now();
+        let ([a, b, c], mut set, now) = three_sources();
         for id in 0..4 {
             set.add(a, id, (CancellationToken::new(), false), now);
         }
