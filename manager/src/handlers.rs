@@ -105,6 +105,9 @@ enum Outcome {
 struct After {
     crl_for: std::collections::BTreeSet<String>,
     resend_notice_of: Option<DeviceRecord>,
+    /// A certificate was counted for the device ([`Core::may_issue`]):
+    /// taken back if the state is not committed.
+    counted_certificate: bool,
 }
 
 /// The notices of one service change: on the device's tenant topic and on
@@ -331,10 +334,15 @@ impl Core {
                 let nonce = reply.nonce.clone();
                 match self.finish(kind, *reply, &mut batch) {
                     Ok(bytes) => (bytes, after),
-                    Err(f) => (
-                        self.error_reply(kind, &device_id, nonce, f),
-                        After::default(),
-                    ),
+                    Err(f) => {
+                        if after.counted_certificate {
+                            self.uncount_issued(&device_id);
+                        }
+                        (
+                            self.error_reply(kind, &device_id, nonce, f),
+                            After::default(),
+                        )
+                    }
                 }
             }
             Err((nonce, f)) => (
@@ -622,6 +630,15 @@ impl Core {
                 window / 1000
             ),
         })
+    }
+
+    /// Takes back the newest certificate counted for `device_id`: its
+    /// state was not committed, so the device got none.
+    fn uncount_issued(&self, device_id: &str) {
+        let mut map = self.issued.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(times) = map.get_mut(device_id) {
+            times.pop_back();
+        }
     }
 
     fn count_issued(&self, device_id: &str) {
@@ -965,13 +982,15 @@ impl Core {
             &public,
             self.config.cert_lifetime_days,
         )?;
-        self.count_issued(&d);
         let now = now_ms();
         let mut batch = Batch {
             nonce: Some(self.nonce_record(&req)),
             ..Batch::default()
         };
-        let after = After::default();
+        let after = After {
+            counted_certificate: true,
+            ..After::default()
+        };
         let key_mode = if generated.is_some() {
             "manager"
         } else {
@@ -1054,23 +1073,26 @@ impl Core {
             info!(service = %target, serial = %issued.serial_hex, "certificate renewed");
         }
         batch.device = Some(next);
+        let reply = Box::new(Reply {
+            device_id: d,
+            nonce: req.nonce.clone(),
+            status: Status::Ok,
+            service_id: Some(target),
+            chain: Some(
+                issued
+                    .chain
+                    .iter()
+                    .map(|c| c.to_der().map(ByteBuf::from))
+                    .collect::<Result<_, _>>()
+                    .map_err(ProtocolError::from)?,
+            ),
+            key: generated,
+            ..Reply::default()
+        });
+        // Counted once nothing here can fail; taken back if the commit does.
+        self.count_issued(&reply.device_id);
         Ok(Outcome::Reply {
-            reply: Box::new(Reply {
-                device_id: d,
-                nonce: req.nonce.clone(),
-                status: Status::Ok,
-                service_id: Some(target),
-                chain: Some(
-                    issued
-                        .chain
-                        .iter()
-                        .map(|c| c.to_der().map(ByteBuf::from))
-                        .collect::<Result<_, _>>()
-                        .map_err(ProtocolError::from)?,
-                ),
-                key: generated,
-                ..Reply::default()
-            }),
+            reply,
             batch,
             after,
         })
