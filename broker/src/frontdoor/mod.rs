@@ -220,9 +220,10 @@ pub struct Shared {
     /// The internal listener's (`max_internal_connections`), apart.
     internal_slots: Arc<Semaphore>,
     next_connection: AtomicU64,
-    /// Refused connections (a CONNECT, a client certificate, a full
-    /// listener) logged at WARN, 20 a second; the metrics count them all.
-    pub(crate) refusals_logged: Mutex<crate::log_pace::LogPace>,
+    /// Refused connections logged at WARN, 20 a second of each kind
+    /// ([`Refused`]), so that a flood of one kind keeps the others in the
+    /// log; the metrics count them all.
+    refusals_logged: [Mutex<crate::log_pace::LogPace>; 3],
     rate: Mutex<HashMap<IpAddr, Bucket>>,
     /// Bootstrap PUBLISHes by source (`bootstrap_publishes_per_sec_per_source`).
     bootstrap_publishes: Mutex<HashMap<IpAddr, Bucket>>,
@@ -432,7 +433,9 @@ impl Shared {
             metrics,
             internal_users,
             next_connection: AtomicU64::new(1),
-            refusals_logged: Mutex::new(crate::log_pace::LogPace::new(std::time::Instant::now())),
+            refusals_logged: std::array::from_fn(|_| {
+                Mutex::new(crate::log_pace::LogPace::new(std::time::Instant::now()))
+            }),
             rate: Mutex::new(HashMap::new()),
             bootstrap_publishes: Mutex::new(HashMap::new()),
             device_paces: Mutex::new(HashMap::new()),
@@ -483,12 +486,17 @@ impl Shared {
         }
     }
 
-    /// Whether a refused connection is logged at WARN now
+    /// Whether a connection refused as `kind` is logged at WARN now
     /// ([`Shared::refusals_logged`]).
-    pub(crate) fn refusal_loud(&self) -> bool {
+    pub(crate) fn refusal_loud(&self, kind: Refused) -> bool {
+        let what = match kind {
+            Refused::Connect => "refused CONNECTs logged",
+            Refused::Certificate => "refused client certificates logged",
+            Refused::Full => "connections refused for a full listener logged",
+        };
         crate::log_pace::LogPace::loud_in(
-            &self.refusals_logged,
-            "refused connections logged",
+            &self.refusals_logged[kind as usize],
+            what,
             tracing::Level::WARN,
         )
     }
@@ -893,6 +901,14 @@ impl Shared {
     }
 }
 
+/// What a refused connection was refused for, as its log lines are paced.
+#[derive(Clone, Copy)]
+pub(crate) enum Refused {
+    Connect,
+    Certificate,
+    Full,
+}
+
 /// A connection's slot and its place in the `live` gauge, both given back
 /// when it is dropped: at the end of the connection, or if its task panics
 /// or is never run.
@@ -1042,7 +1058,7 @@ pub async fn serve(
 /// A connection refused for want of a slot.
 fn over_capacity(shared: &Shared, peer: SocketAddr, transport: &Transport) {
     shared.metrics.over_capacity.fetch_add(1, Ordering::Relaxed);
-    if shared.refusal_loud() {
+    if shared.refusal_loud(Refused::Full) {
         warn!(%peer, listener = transport.name(), "connection limit reached");
     } else {
         debug!(%peer, listener = transport.name(), "connection limit reached");
@@ -1273,7 +1289,7 @@ async fn connection(
                             .metrics
                             .refused_connects
                             .fetch_add(1, Ordering::Relaxed);
-                        if shared.refusal_loud() {
+                        if shared.refusal_loud(Refused::Certificate) {
                             warn!(%peer, reason = %why, "client certificate refused");
                         } else {
                             debug!(%peer, reason = %why, "client certificate refused");

@@ -420,7 +420,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                         .metrics
                         .refused_connects
                         .fetch_add(1, Ordering::Relaxed);
-                    if shared.refusal_loud() {
+                    if shared.refusal_loud(super::Refused::Connect) {
                         warn!(client_id = %Shown(&connect.client_id), ?version, reason = %why, "connection refused");
                     } else {
                         debug!(client_id = %Shown(&connect.client_id), ?version, reason = %why, "connection refused");
