@@ -4,6 +4,20 @@ use std::sync::Mutex;
 
 use tracing::{info, warn};
 
+/// Logs one event at `$level` (`warn` or `info`) when `$loud`, and at
+/// DEBUG otherwise: the two sides of a paced line ([`LogPace`]) written
+/// once.
+#[macro_export]
+macro_rules! paced {
+    ($loud:expr, $level:ident, $($event:tt)+) => {
+        if $loud {
+            ::tracing::$level!($($event)+)
+        } else {
+            ::tracing::debug!($($event)+)
+        }
+    };
+}
+
 /// Lines of one kind (refused requests, refused connections) logged at
 /// WARN or INFO, at most [`LogPace::LOUD_PER_SEC`] a second; the rest at
 /// DEBUG, and their number at WARN or INFO when the second is over. What

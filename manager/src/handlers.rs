@@ -18,7 +18,7 @@ use fleet_protocol::{
 use openssl::hash::{hash, MessageDigest};
 use openssl::pkey::{PKey, Public};
 use serde_bytes::ByteBuf;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::store::{
     Batch, CertRecord, CertStatus, DeviceRecord, DeviceState, NonceRecord, PendingChange,
@@ -400,11 +400,7 @@ impl Core {
             tracing::Level::WARN,
         );
         let waited_ms = waited.as_millis();
-        if loud {
-            warn!(device = %device_id, kind = %kind, waited_ms, "request answered busy: the manager is behind");
-        } else {
-            debug!(device = %device_id, kind = %kind, waited_ms, "request answered busy: the manager is behind");
-        }
+        fleet_broker::paced!(loud, warn, device = %device_id, kind = %kind, waited_ms, "request answered busy: the manager is behind");
         let reply = Reply {
             device_id: device_id.clone(),
             nonce,
@@ -506,11 +502,7 @@ impl Core {
         );
         // The detail may quote the request (a service id it named): cut.
         let detail = Shown(&f.detail);
-        if loud {
-            warn!(status = %f.status, detail = %detail, "request refused");
-        } else {
-            debug!(status = %f.status, detail = %detail, "request refused");
-        }
+        fleet_broker::paced!(loud, warn, status = %f.status, detail = %detail, "request refused");
         let reply = Reply {
             device_id: device_id.to_owned(),
             nonce,
@@ -1148,11 +1140,7 @@ impl Core {
             Shown(&req.body.event),
             Shown(req.body.detail.as_deref().unwrap_or_default()),
         );
-        if loud {
-            info!(event = %event, detail = %detail, "device status");
-        } else {
-            debug!(event = %event, detail = %detail, "device status");
-        }
+        fleet_broker::paced!(loud, info, event = %event, detail = %detail, "device status");
         match req.body.event.as_str() {
             // From the tenant of the current service only: a device that
             // moved may still report from its old tenant (where it asked

@@ -1058,11 +1058,13 @@ pub async fn serve(
 /// A connection refused for want of a slot.
 fn over_capacity(shared: &Shared, peer: SocketAddr, transport: &Transport) {
     shared.metrics.over_capacity.fetch_add(1, Ordering::Relaxed);
-    if shared.refusal_loud(Refused::Full) {
-        warn!(%peer, listener = transport.name(), "connection limit reached");
-    } else {
-        debug!(%peer, listener = transport.name(), "connection limit reached");
-    }
+    crate::paced!(
+        shared.refusal_loud(Refused::Full),
+        warn,
+        %peer,
+        listener = transport.name(),
+        "connection limit reached"
+    );
 }
 
 /// Longest a new connection waits for the slot of a pending connection
@@ -1289,11 +1291,13 @@ async fn connection(
                             .metrics
                             .refused_connects
                             .fetch_add(1, Ordering::Relaxed);
-                        if shared.refusal_loud(Refused::Certificate) {
-                            warn!(%peer, reason = %why, "client certificate refused");
-                        } else {
-                            debug!(%peer, reason = %why, "client certificate refused");
-                        }
+                        crate::paced!(
+                            shared.refusal_loud(Refused::Certificate),
+                            warn,
+                            %peer,
+                            reason = %why,
+                            "client certificate refused"
+                        );
                         return Err(session::SessionError::Refused(why));
                     }
                 };

@@ -131,11 +131,7 @@ impl Complaints {
 /// A refusal, at WARN for a connection's first few and DEBUG after.
 macro_rules! refusal {
     ($complaints:expr, $identity:expr, $($event:tt)+) => {
-        if $complaints.loud($identity) {
-            tracing::warn!($($event)+)
-        } else {
-            tracing::debug!($($event)+)
-        }
+        crate::paced!($complaints.loud($identity), warn, $($event)+)
     };
 }
 
@@ -420,11 +416,14 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                         .metrics
                         .refused_connects
                         .fetch_add(1, Ordering::Relaxed);
-                    if shared.refusal_loud(super::Refused::Connect) {
-                        warn!(client_id = %Shown(&connect.client_id), ?version, reason = %why, "connection refused");
-                    } else {
-                        debug!(client_id = %Shown(&connect.client_id), ?version, reason = %why, "connection refused");
-                    }
+                    crate::paced!(
+                        shared.refusal_loud(super::Refused::Connect),
+                        warn,
+                        client_id = %Shown(&connect.client_id),
+                        ?version,
+                        reason = %why,
+                        "connection refused"
+                    );
                     let _ = framed.write(vec![version.connack_refusal(refusal)]).await;
                     break 'session Err(SessionError::Refused(why));
                 }
