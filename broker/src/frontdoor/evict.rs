@@ -193,10 +193,7 @@ impl PendingSet {
         let theirs = self.by_source.get(&source).map_or(0, |of| of.by_id.len()) + 1;
         let sources = self.by_source.len() + usize::from(!self.by_source.contains_key(&source));
         let share = capacity.div_ceil(sources);
-        let (&from, of) = self
-            .by_source
-            .iter()
-            .max_by_key(|(_, of)| (of.by_id.len(), Reverse(of.by_id.keys().next().copied())))?;
+        let (from, of) = self.largest()?;
         if of.by_id.len() <= theirs.max(share) {
             return None;
         }
@@ -230,16 +227,21 @@ impl PendingSet {
     /// The oldest pending connection of the source with the most, taken
     /// out of the set, if it is at least `min_age` old.
     fn pop_from_largest(&mut self, now: Instant, min_age: Duration) -> Option<CancellationToken> {
-        // Of sources alike in number, the one whose oldest is the oldest.
-        let (&source, of_source) = self
-            .by_source
-            .iter()
-            .max_by_key(|(_, of)| (of.by_id.len(), Reverse(of.by_id.keys().next().copied())))?;
+        let (source, of_source) = self.largest()?;
         let (&id, oldest) = of_source.by_id.first_key_value()?;
         if now.saturating_duration_since(oldest.started) < min_age {
             return None;
         }
         self.take(source, id)
+    }
+
+    /// The source with the most connections and its connections; of
+    /// sources alike in number, the one whose oldest is the oldest.
+    fn largest(&self) -> Option<(IpAddr, &OfSource)> {
+        self.by_source
+            .iter()
+            .max_by_key(|(_, of)| (of.by_id.len(), Reverse(of.by_id.keys().next().copied())))
+            .map(|(&source, of)| (source, of))
     }
 
     /// Takes connection `id` of `source` out of the set; its token.
