@@ -228,6 +228,26 @@ pub struct Intake {
     pub dropped: std::sync::atomic::AtomicU64,
 }
 
+/// Notes `now` in a device's `times` (oldest first), keeping the newest
+/// `keep`.
+fn note_time(times: &mut VecDeque<u64>, now: u64, keep: usize) {
+    times.push_back(now);
+    while times.len() > keep {
+        times.pop_front();
+    }
+}
+
+/// Drops from `times` (oldest first) those more than `window_ms` before
+/// `now`.
+fn forget_older(times: &mut VecDeque<u64>, now: u64, window_ms: u64) {
+    while times
+        .front()
+        .is_some_and(|t| now.saturating_sub(*t) > window_ms)
+    {
+        times.pop_front();
+    }
+}
+
 /// A request's nonce as a reply echoes it: empty if longer than any nonce a
 /// device sends (64 bytes), so that a signed reply is never made to carry
 /// kilobytes of the sender's choosing.
@@ -520,12 +540,9 @@ impl Core {
         if map.len() >= MAX_FAILURE_ENTRIES && !map.contains_key(device_id) {
             return;
         }
-        let times = map.entry(device_id.to_owned()).or_default();
-        times.push_back(now_ms());
         // Only the newest `max_auth_failures` matter.
-        while times.len() > self.config.max_auth_failures.max(1) {
-            times.pop_front();
-        }
+        let times = map.entry(device_id.to_owned()).or_default();
+        note_time(times, now_ms(), self.config.max_auth_failures.max(1));
     }
 
     /// Notes a refusal of a request for `device_id` that was refused before
@@ -602,12 +619,7 @@ impl Core {
         let Some(times) = map.get_mut(device_id) else {
             return Ok(());
         };
-        while times
-            .front()
-            .is_some_and(|t| now.saturating_sub(*t) > window)
-        {
-            times.pop_front();
-        }
+        forget_older(times, now, window);
         if times.len() < self.config.max_certificates_per_device {
             return Ok(());
         }
@@ -636,10 +648,7 @@ impl Core {
     fn count_issued(&self, device_id: &str) {
         let mut map = self.issued.lock().unwrap_or_else(|p| p.into_inner());
         let times = map.entry(device_id.to_owned()).or_default();
-        times.push_back(now_ms());
-        while times.len() > self.config.max_certificates_per_device {
-            times.pop_front();
-        }
+        note_time(times, now_ms(), self.config.max_certificates_per_device);
     }
 
     fn rate_limited(&self, device_id: &str) -> bool {
@@ -649,12 +658,7 @@ impl Core {
         let Some(times) = map.get_mut(device_id) else {
             return false;
         };
-        while times
-            .front()
-            .is_some_and(|t| now.saturating_sub(*t) > window)
-        {
-            times.pop_front();
-        }
+        forget_older(times, now, window);
         times.len() >= self.config.max_auth_failures
     }
 
