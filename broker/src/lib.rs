@@ -247,6 +247,11 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
                 if let Some(trust) = trust {
                     tokio::spawn(trust.watch(stop2.clone()));
                 }
+                let paced = shared.clone();
+                tokio::spawn(log_pace::every_second(
+                    move || paced.flush_refusals_logged(),
+                    stop2.clone(),
+                ));
                 if let Some(l) = metrics_listener {
                     match l
                         .set_nonblocking(true)

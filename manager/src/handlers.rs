@@ -212,6 +212,8 @@ pub struct Core {
     shed_logged: Mutex<LogPace>,
     /// The same for devices' `status` reports, at INFO.
     statuses_logged: Mutex<LogPace>,
+    /// The same for requests dropped from a full queue ([`crate::mqtt`]).
+    pub(crate) dropped_logged: Mutex<LogPace>,
 }
 
 /// The request queue's counters, shown by `GET /v1/health`.
@@ -295,6 +297,19 @@ impl Intake {
 }
 
 impl Core {
+    /// Logs the count of lines each log pace kept quiet in a second that
+    /// has ended.
+    pub(crate) fn flush_logged(&self) {
+        [
+            &self.refusals_logged,
+            &self.shed_logged,
+            &self.statuses_logged,
+            &self.dropped_logged,
+        ]
+        .into_iter()
+        .for_each(LogPace::flush_in);
+    }
+
     pub fn new(store: Store, pki: Arc<Pki>, config: ManagerConfig) -> Core {
         Core {
             store,
@@ -304,9 +319,16 @@ impl Core {
             failures: Mutex::new(HashMap::new()),
             refused_unchecked: Mutex::new(HashMap::new()),
             issued: Mutex::new(HashMap::new()),
-            refusals_logged: Mutex::new(LogPace::new(std::time::Instant::now())),
-            shed_logged: Mutex::new(LogPace::new(std::time::Instant::now())),
-            statuses_logged: Mutex::new(LogPace::new(std::time::Instant::now())),
+            refusals_logged: Mutex::new(LogPace::new(
+                "refused requests logged",
+                tracing::Level::WARN,
+            )),
+            shed_logged: Mutex::new(LogPace::new("requests answered busy", tracing::Level::WARN)),
+            statuses_logged: Mutex::new(LogPace::new(
+                "device statuses logged",
+                tracing::Level::INFO,
+            )),
+            dropped_logged: Mutex::new(LogPace::new("requests dropped", tracing::Level::WARN)),
             pending_crls: Mutex::new(Default::default()),
             crl_writer: Mutex::new(()),
             grants_dirty: Mutex::new(Default::default()),
@@ -414,11 +436,7 @@ impl Core {
         self.intake
             .shed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let loud = LogPace::loud_in(
-            &self.shed_logged,
-            "requests answered busy",
-            tracing::Level::WARN,
-        );
+        let loud = LogPace::loud_in(&self.shed_logged);
         let waited_ms = waited.as_millis();
         fleet_broker::paced!(loud, warn, device = %device_id, kind = %kind, waited_ms, "request answered busy: the manager is behind");
         let reply = Reply {
@@ -515,11 +533,7 @@ impl Core {
             // was checked to refuse them.
             self.count_unchecked(device_id);
         }
-        let loud = LogPace::loud_in(
-            &self.refusals_logged,
-            "refused requests logged",
-            tracing::Level::WARN,
-        );
+        let loud = LogPace::loud_in(&self.refusals_logged);
         // The detail may quote the request (a service id it named): cut.
         let detail = Shown(&f.detail);
         fleet_broker::paced!(loud, warn, status = %f.status, detail = %detail, "request refused");
@@ -1135,11 +1149,7 @@ impl Core {
         // The device's words, quoted (a newline or an escape sequence in
         // them cannot forge a log line) and cut (`Shown`), at INFO up to 20
         // a second.
-        let loud = LogPace::loud_in(
-            &self.statuses_logged,
-            "device statuses logged",
-            tracing::Level::INFO,
-        );
+        let loud = LogPace::loud_in(&self.statuses_logged);
         let (event, detail) = (
             Shown(&req.body.event),
             Shown(req.body.detail.as_deref().unwrap_or_default()),

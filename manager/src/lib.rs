@@ -112,6 +112,11 @@ pub async fn start(
     });
     tracker.spawn(admin::serve(admin, listener, shutdown.clone()));
     tracker.spawn(housekeeping(core.clone(), shutdown.clone()));
+    let paced = core.clone();
+    tracker.spawn(fleet_broker::log_pace::every_second(
+        move || paced.flush_logged(),
+        shutdown.clone(),
+    ));
 
     tokio::time::timeout(Duration::from_secs(30), subscribed_rx.wait_for(|s| *s))
         .await

@@ -282,7 +282,6 @@ pub async fn serve(
 ) {
     let (queues, senders) = Queues::new();
     let shed_after = Duration::from_millis(core.config.shed_after_ms);
-    let mut dropped = fleet_broker::log_pace::LogPace::new(Instant::now());
     // CRLs are rewritten by one task, at most every CRL_DEBOUNCE, after the
     // replies that revoked certificates are published: a migration of many
     // devices writes a few CRLs, not one per device.
@@ -441,11 +440,9 @@ pub async fn serve(
                 if queue.fetch_add(size, Ordering::Relaxed) + size > max {
                     queue.fetch_sub(size, Ordering::Relaxed);
                     intake.dropped.fetch_add(1, Ordering::Relaxed);
-                    if dropped.loud("requests dropped") {
-                        warn!(topic = %job.publish.topic, "request dropped: {max} bytes of its kind wait already");
-                    } else {
-                        debug!(topic = %job.publish.topic, "request dropped: the queue is full");
-                    }
+                    let loud = fleet_broker::log_pace::LogPace::loud_in(&core.dropped_logged);
+                    let topic = fleet_broker::frontdoor::shown::Shown(&job.publish.topic);
+                    fleet_broker::paced!(loud, warn, %topic, "request dropped: {max} bytes of its kind wait already");
                     continue;
                 }
                 if senders[class as usize].send(job).is_err() {

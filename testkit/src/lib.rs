@@ -8,6 +8,7 @@
 //! - [`Probe`]: a raw MQTT client that records what it receives (sniffers, forgers, attackers).
 //! - [`Probe5`]: the same over MQTT 5, also recording reason codes.
 //! - [`eventually`]: wait until a condition holds, with a deadline.
+//! - [`logged`]: the lines the broker and the manager logged at WARN and above.
 //! - [`openssl_verify`]: run the real `openssl verify` on a certificate chain.
 
 use std::future::Future;
@@ -23,15 +24,71 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Tr
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-/// Installs a test log subscriber once (`RUST_LOG` to see more).
+/// Installs a test log subscriber once (`RUST_LOG` to see more). Lines
+/// the broker and the manager log at WARN and above are also kept, as the
+/// log file would have them, for [`logged`], whatever `RUST_LOG` says.
 pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let shown = tracing_subscriber::fmt::layer()
+        .with_test_writer()
+        .with_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "warn,rumqttd=error".into()),
-        )
-        .with_test_writer()
+        );
+    let kept = tracing_subscriber::fmt::layer()
+        .with_ansi(false)
+        .with_writer(|| KeptLines(Vec::new()))
+        .with_filter(
+            tracing_subscriber::filter::Targets::new()
+                .with_target("fleet_broker", tracing::Level::WARN)
+                .with_target("fleet_manager", tracing::Level::WARN),
+        );
+    let _ = tracing_subscriber::registry()
+        .with(shown)
+        .with(kept)
         .try_init();
+}
+
+/// The lines kept by [`init_tracing`]'s second writer, the newest
+/// [`KEPT_LINES`].
+static KEPT: Mutex<std::collections::VecDeque<String>> =
+    Mutex::new(std::collections::VecDeque::new());
+const KEPT_LINES: usize = 100_000;
+
+/// One event as the log writes it; split into its lines when it is done.
+struct KeptLines(Vec<u8>);
+
+impl std::io::Write for KeptLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for KeptLines {
+    fn drop(&mut self) {
+        let text = String::from_utf8_lossy(&self.0);
+        let mut kept = KEPT.lock().unwrap_or_else(|p| p.into_inner());
+        for line in text.lines() {
+            if kept.len() == KEPT_LINES {
+                kept.pop_front();
+            }
+            kept.push_back(line.to_owned());
+        }
+    }
+}
+
+/// The lines the broker and the manager of this test process logged at
+/// WARN and above that contain `text`, oldest first (tests run side by
+/// side: look for something only yours logs).
+pub fn logged(text: &str) -> Vec<String> {
+    let kept = KEPT.lock().unwrap_or_else(|p| p.into_inner());
+    kept.iter().filter(|l| l.contains(text)).cloned().collect()
 }
 
 /// Waits until `check` returns `Some`, polling with a short backoff; fails

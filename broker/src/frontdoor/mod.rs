@@ -433,9 +433,12 @@ impl Shared {
             metrics,
             internal_users,
             next_connection: AtomicU64::new(1),
-            refusals_logged: std::array::from_fn(|_| {
-                Mutex::new(crate::log_pace::LogPace::new(std::time::Instant::now()))
-            }),
+            refusals_logged: [
+                "refused CONNECTs logged",
+                "refused client certificates logged",
+                "connections refused for a full listener logged",
+            ]
+            .map(|what| Mutex::new(crate::log_pace::LogPace::new(what, tracing::Level::WARN))),
             rate: Mutex::new(HashMap::new()),
             bootstrap_publishes: Mutex::new(HashMap::new()),
             device_paces: Mutex::new(HashMap::new()),
@@ -489,16 +492,14 @@ impl Shared {
     /// Whether a connection refused as `kind` is logged at WARN now
     /// ([`Shared::refusals_logged`]).
     pub(crate) fn refusal_loud(&self, kind: Refused) -> bool {
-        let what = match kind {
-            Refused::Connect => "refused CONNECTs logged",
-            Refused::Certificate => "refused client certificates logged",
-            Refused::Full => "connections refused for a full listener logged",
-        };
-        crate::log_pace::LogPace::loud_in(
-            &self.refusals_logged[kind as usize],
-            what,
-            tracing::Level::WARN,
-        )
+        crate::log_pace::LogPace::loud_in(&self.refusals_logged[kind as usize])
+    }
+
+    /// Logs the count of refusals kept quiet in a second that has ended.
+    pub(crate) fn flush_refusals_logged(&self) {
+        self.refusals_logged
+            .iter()
+            .for_each(crate::log_pace::LogPace::flush_in);
     }
 
     /// Whether the certificate with this serial is revoked.

@@ -520,6 +520,54 @@ async fn a_refused_client_that_goes_on_writing_is_not_reset() {
     );
 }
 
+/// What a refused client chose is logged as text, quoted, escaped and cut:
+/// a line break in its client id forges no line of the log, and a long id
+/// is not copied whole into it.
+#[tokio::test]
+async fn a_refused_client_id_forges_no_log_line() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fleet = Fleet::start().await.unwrap();
+    let marker = format!("forged-{}", uuid::Uuid::new_v4().simple());
+    let client_id = format!(
+        "x\n{marker} WARN fleet_broker: device admitted\r\n{}",
+        "A".repeat(2_000)
+    );
+    let addr = fleet.broker.bootstrap_plain_addr.unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(&fleet_testkit::mqtt311_connect(&client_id, 60))
+        .await
+        .unwrap();
+    let mut ack = [0u8; 4];
+    tokio::time::timeout(T, tcp.read_exact(&mut ack))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x02], "identifier rejected");
+
+    let lines = eventually(T, "the refusal logged", || {
+        let lines = fleet_testkit::logged(&marker);
+        async move { (!lines.is_empty()).then_some(lines) }
+    })
+    .await
+    .unwrap();
+    assert_eq!(lines.len(), 1, "one line for the refusal: {lines:#?}");
+    let line = &lines[0];
+    assert!(line.contains("connection refused"), "{line}");
+    assert!(
+        line.contains(&format!("\\n{marker}")),
+        "the line break shown escaped: {line}"
+    );
+    assert!(
+        line.contains(&format!("({} bytes)", client_id.len())),
+        "its length shown: {line}"
+    );
+    assert!(
+        line.len() < 1_000,
+        "{} bytes logged for it: {line}",
+        line.len()
+    );
+}
+
 #[tokio::test]
 async fn bad_certificates_fail_the_handshake() {
     let fleet = Fleet::start().await.unwrap();
