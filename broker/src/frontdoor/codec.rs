@@ -276,6 +276,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
                 return Err(SessionError::Mqtt(Error::PayloadSizeLimitExceeded(whole)));
             }
         }
+        // AUTH (type 15) is MQTT 5's, for enhanced authentication, which
+        // no listener offers (a CONNECT that asks for it is refused): one
+        // sent all the same is a Protocol Error (MQTT 5 §4.12). In 3.1.1
+        // the type is reserved, and the packet malformed, as below.
+        if matches!(self.version, Version::V5) && self.buf.first().is_some_and(|b| b >> 4 == 15) {
+            return Err(SessionError::Violation(
+                DisconnectReasonCode::ProtocolError,
+                "client sent AUTH".into(),
+            ));
+        }
         match v5::check(self.buf.iter(), self.max_packet) {
             Ok(header) => Ok(Some(header.packet_type().map_err(SessionError::Mqtt)?)),
             Err(rumqttd::protocol::Error::InsufficientBytes(_)) => Ok(None),
@@ -1159,6 +1169,24 @@ mod tests {
                 Some(DisconnectReasonCode::PacketTooLarge)
             );
         }
+    }
+
+    /// An AUTH packet is a Protocol Error in MQTT 5 (no listener offers
+    /// enhanced authentication), and malformed in 3.1.1 (a reserved type).
+    #[test]
+    fn an_auth_packet_is_refused_as_its_version_says() {
+        // AUTH, Continue Authentication (0x18), no properties.
+        let auth = [0xF0, 2, 0x18, 0];
+        let err = decoded(true, 1024, &auth).unwrap_err();
+        assert_eq!(
+            err.disconnect_reason(),
+            Some(DisconnectReasonCode::ProtocolError),
+            "{err:?}"
+        );
+        // Refused on its first byte, before the rest has come.
+        assert!(decoded(true, 1024, &auth[..1]).is_err());
+        let err = decoded(false, 1024, &auth).unwrap_err();
+        assert!(matches!(err, SessionError::Mqtt(_)), "{err:?}");
     }
 
     /// A property given twice is a Protocol Error (MQTT 5 §2.2.2.2), but
