@@ -1,19 +1,6 @@
-//! The operator API: JSON over HTTP/1.1 on loopback.
-//!
-//! | method | path | what |
-//! |---|---|---|
-//! | GET | `/v1/health` | liveness and broker subscription state |
-//! | POST | `/v1/registrations` | pre-register devices: `[{device_id, service_id, factory_key_hex?}]` |
-//! | POST | `/v1/service-change` | `{devices?: [..], from_service?: "A", service_id, provider?, application?, endpoint?}`; answers once the change is recorded, with `notices_queued`: the notices follow at `max_notices_per_sec` |
-//! | GET | `/v1/devices` | every active device |
-//! | GET | `/v1/devices/{id}` | one device with its service history and certificates |
-//! | POST | `/v1/devices/{id}/reset` | operator reset: the device may activate again |
-//! | GET | `/v1/summary` | devices per service, pending changes, certificates by status |
-//! | POST | `/v1/providers` | `{name, service_id}`: a service provider's certificate and key (PEM) for client id `provider.{name}` |
-//! | POST | `/v1/providers/{name}/revoke` | revoke every certificate of a provider |
-//! | GET | `/v1/grants` | the tenants each device may use at the broker (for external brokers' ACLs) |
-//! | GET | `/v1/certificates/{serial}` | one certificate by serial (lowercase hex of whole bytes) |
-//! | GET | `/v1/revoked-certificates` | the certificates with status `revoked` (not superseded): serial, device_id, service_id, revoked_ms |
+//! The operator API: JSON over HTTP/1.1 on loopback. Its routes are
+//! listed in the README ("Run it"), the one place they are described;
+//! `route` is where they are served.
 
 use anyhow::Context as _;
 use std::collections::BTreeMap;
