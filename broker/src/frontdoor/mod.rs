@@ -1208,10 +1208,12 @@ async fn connection_task(
     held: Held,
 ) {
     let internal = held.internal.clone();
-    let _held = held;
     if let Err(err) = connection(stream, peer, transport, &shared, stop, internal).await {
         debug!(%peer, error = %err, "connection ended");
     }
+    // The slots are held to the end (not rebound: a second binding would
+    // be a second copy in the future).
+    drop(held);
 }
 
 /// Largest size, in bytes, of a connection task's future. A local kept

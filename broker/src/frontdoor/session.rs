@@ -386,83 +386,110 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     first = first => first,
                 }
             };
-            // A CONNECT refused as it is read (an unknown protocol level:
-            // CONNACK 0x01) is lingered on like any refusal.
-            let (connect, properties, will, will_properties, login) = match first.await {
-                Ok(Ok(Packet::Connect(connect, properties, will, will_properties, login))) => {
-                    (connect, properties, will, will_properties, login)
+            // What the CONNECT carried is read in this block and only what the
+            // session needs leaves it: a value merely dropped (the User
+            // Properties, up to a packet's size, and the password) would keep
+            // its room in the future for the connection's life.
+            let (
+                version,
+                identity,
+                will,
+                label,
+                mut expiry,
+                clean,
+                mut will_wait,
+                receive_max,
+                max_packet,
+                keep_alive,
+            ) = {
+                // A CONNECT refused as it is read (an unknown protocol level:
+                // CONNACK 0x01) is lingered on like any refusal.
+                let (connect, properties, will, will_properties, login) = match first.await {
+                    Ok(Ok(Packet::Connect(connect, properties, will, will_properties, login))) => {
+                        (connect, properties, will, will_properties, login)
+                    }
+                    Ok(Ok(_)) => break 'session Err(SessionError::NotConnect),
+                    Ok(Err(err)) => break 'session Err(err),
+                    Err(_) => {
+                        break 'session Err(SessionError::ConnectTimeout(
+                            shared.limits.connect_timeout,
+                        ))
+                    }
+                };
+                let version = framed.version;
+                if bootstrap {
+                    shared.bootstrap_session_heard(source, connection);
                 }
-                Ok(Ok(_)) => break 'session Err(SessionError::NotConnect),
-                Ok(Err(err)) => break 'session Err(err),
-                Err(_) => {
-                    break 'session Err(SessionError::ConnectTimeout(shared.limits.connect_timeout))
+                let identity = match admit(
+                    &kind,
+                    &connect,
+                    properties.as_ref(),
+                    will.as_ref(),
+                    login.as_ref(),
+                    &shared,
+                ) {
+                    Ok(id) => id,
+                    Err((refusal, why)) => {
+                        shared
+                            .metrics
+                            .refused_connects
+                            .fetch_add(1, Ordering::Relaxed);
+                        crate::paced!(
+                            shared.refusal_loud(super::Refused::Connect),
+                            warn,
+                            client_id = %Shown(&connect.client_id),
+                            ?version,
+                            reason = %why,
+                            "connection refused"
+                        );
+                        let _ = framed.write(vec![version.connack_refusal(refusal)]).await;
+                        break 'session Err(SessionError::Refused(why));
+                    }
+                };
+                let manager = matches!(identity, Identity::Manager { .. });
+                let will = will.map(|mut w| {
+                    // As for every PUBLISH: only the manager may retain.
+                    w.retain &= manager;
+                    Will::new(w, will_properties)
+                });
+                let label = identity.label();
+                if manager {
+                    shared.internal_settled(connection);
                 }
-            };
-            let version = framed.version;
-            if bootstrap {
-                shared.bootstrap_session_heard(source, connection);
-            }
-            let identity = match admit(
-                &kind,
-                &connect,
-                properties.as_ref(),
-                will.as_ref(),
-                login.as_ref(),
-                &shared,
-            ) {
-                Ok(id) => id,
-                Err((refusal, why)) => {
-                    shared
-                        .metrics
-                        .refused_connects
-                        .fetch_add(1, Ordering::Relaxed);
-                    crate::paced!(
-                        shared.refusal_loud(super::Refused::Connect),
-                        warn,
-                        client_id = %Shown(&connect.client_id),
-                        ?version,
-                        reason = %why,
-                        "connection refused"
-                    );
-                    let _ = framed.write(vec![version.connack_refusal(refusal)]).await;
-                    break 'session Err(SessionError::Refused(why));
+                // A connection without Clean Start (Clean Session in 3.1.1)
+                // resumes the session its identity has; MQTT 5 keeps it past the
+                // connection only for its Session Expiry Interval (0 when absent:
+                // it ends with the connection, MQTT 5 §3.1.2.11.2). One with
+                // Clean Start and an interval is told 0 in its CONNACK: a fresh
+                // session ends with its connection. Bootstrap sessions are always
+                // clean: a claimed identity keeps nothing.
+                let expiry = properties
+                    .as_ref()
+                    .and_then(|p| p.session_expiry_interval)
+                    .unwrap_or(0);
+                let clean = connect.clean_session || matches!(identity, Identity::Bootstrap { .. });
+                let will_wait = Will::wait(will.as_ref(), clean, expiry);
+                // What the client announced it takes (MQTT 5 §3.1.2.11.3-4).
+                let (receive_max, max_packet) = match (version, properties.as_ref()) {
+                    (Version::V5, Some(p)) => (p.receive_maximum, p.max_packet_size),
+                    _ => (None, None),
+                };
+                if let Some(max) = max_packet {
+                    framed.peer_max = max as usize;
                 }
+                (
+                    version,
+                    identity,
+                    will,
+                    label,
+                    expiry,
+                    clean,
+                    will_wait,
+                    receive_max,
+                    max_packet,
+                    connect.keep_alive,
+                )
             };
-            let manager = matches!(identity, Identity::Manager { .. });
-            let will = will.map(|mut w| {
-                // As for every PUBLISH: only the manager may retain.
-                w.retain &= manager;
-                Will::new(w, will_properties)
-            });
-            let label = identity.label();
-            if manager {
-                shared.internal_settled(connection);
-            }
-            // A connection without Clean Start (Clean Session in 3.1.1)
-            // resumes the session its identity has; MQTT 5 keeps it past the
-            // connection only for its Session Expiry Interval (0 when absent:
-            // it ends with the connection, MQTT 5 §3.1.2.11.2). One with
-            // Clean Start and an interval is told 0 in its CONNACK: a fresh
-            // session ends with its connection. Bootstrap sessions are always
-            // clean: a claimed identity keeps nothing.
-            let mut expiry = properties
-                .as_ref()
-                .and_then(|p| p.session_expiry_interval)
-                .unwrap_or(0);
-            let clean = connect.clean_session || matches!(identity, Identity::Bootstrap { .. });
-            let mut will_wait = Will::wait(will.as_ref(), clean, expiry);
-            // What the client announced it takes (MQTT 5 §3.1.2.11.3-4).
-            let (receive_max, max_packet) = match (version, properties.as_ref()) {
-                (Version::V5, Some(p)) => (p.receive_maximum, p.max_packet_size),
-                _ => (None, None),
-            };
-            if let Some(max) = max_packet {
-                framed.peer_max = max as usize;
-            }
-            // The rest of what the CONNECT carried (its User Properties, up to a
-            // packet's size, and the password) is not kept for the connection's
-            // life.
-            drop((properties, login));
             // The session is claimed first, so the connection it replaces knows it
             // was taken over.
             let router_id = identity.router_client_id(connection);
@@ -498,7 +525,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     // the client asked for none or for more.
                     let longest =
                         (shared.limits.max_idle.as_secs() * 2 / 3).clamp(1, u16::MAX.into());
-                    if connect.keep_alive == 0 || u64::from(connect.keep_alive) > longest {
+                    if keep_alive == 0 || u64::from(keep_alive) > longest {
                         props.server_keep_alive = Some(longest as u16);
                     }
                     Some(Packet::ConnAck(ack, Some(props)))
@@ -520,7 +547,7 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 break 'session Err(err);
             }
             debug!(identity = %label, ?version, "connected");
-            let keep_alive = match connect.keep_alive {
+            let keep_alive = match keep_alive {
                 0 => shared.limits.max_idle,
                 k => (Duration::from_secs(k as u64) * 3 / 2).min(shared.limits.max_idle),
             };
