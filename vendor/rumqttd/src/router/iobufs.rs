@@ -67,6 +67,10 @@ pub struct Outgoing {
     last_pkid: u16,
     /// Metrics of outgoing messages of this connection
     pub(crate) meter: OutgoingMeter,
+    /// fleetshift: bytes (topic and payload) of the messages pushed to
+    /// the buffer since the link was last unscheduled
+    /// (`routing::MAX_OUTGOING_BYTES`)
+    pub(crate) forwarded_bytes: usize,
 }
 
 impl Outgoing {
@@ -91,6 +95,7 @@ impl Outgoing {
             handle,
             last_pkid: 0,
             meter: Default::default(),
+            forwarded_bytes: 0,
         };
 
         (outgoing, rx)
@@ -124,6 +129,7 @@ impl Outgoing {
         if qos == 0 {
             for p in publishes {
                 self.meter.publish_count += 1;
+                self.forwarded_bytes += p.publish.topic.len() + p.publish.payload.len();
                 buffer.push_back(Notification::Forward(p));
                 // self.meter.total_size += p.len();
             }
@@ -137,6 +143,7 @@ impl Outgoing {
         for mut p in publishes {
             // fleetshift: a publish delivered at QoS 0 on a QoS 1 or 2
             // subscription takes no packet id and waits for no ack
+            self.forwarded_bytes += p.publish.topic.len() + p.publish.payload.len();
             if p.publish.qos == QoS::AtMostOnce {
                 self.meter.publish_count += 1;
                 buffer.push_back(Notification::Forward(p));

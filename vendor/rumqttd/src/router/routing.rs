@@ -1597,6 +1597,13 @@ enum ConsumeStatus {
 
 /// Sweep datalog from offset in DataRequest and updates DataRequest
 /// for next sweep. Returns (busy, caughtup) status
+/// fleetshift: the most bytes (topics and payloads) of messages a link is
+/// given between two unschedules, one message at least: with the
+/// unschedule that then follows, a link holds at most about twice this
+/// (what it is writing, and the next) besides one message, however large
+/// its messages and slow its reader.
+pub const MAX_OUTGOING_BYTES: usize = 1024 * 1024;
+
 /// Returned arguments:
 /// 1. `busy`: whether the data request was completed or not.
 /// 2. `done`: whether the connection was busy or not.
@@ -1677,7 +1684,7 @@ fn forward_device_data(
             .map(|(p, offset)| (p, Some(offset))),
     );
 
-    let (start, next, caughtup) = match next {
+    let (start, mut next, mut caughtup) = match next {
         Position::Next { start, end } => (start, end, false),
         Position::Done { start, end } => (start, end, true),
     };
@@ -1725,6 +1732,31 @@ fn forward_device_data(
         publishes.len()
     );
 
+    // fleetshift: at most MAX_OUTGOING_BYTES go to the link between two
+    // unschedules, one message at least; the rest is read again from the
+    // cursor of the first left, once the link has taken what it was given.
+    // A reader slower than its filter leaves what it has not taken in the
+    // log, where it is counted and trimmed, instead of up to
+    // MAX_CHANNEL_CAPACITY messages of any size in the link's buffers (a
+    // provider that stopped reading held 50 MB of one device's telemetry
+    // there). Retained messages (no offset) are never left.
+    let room = MAX_OUTGOING_BYTES.saturating_sub(outgoing.forwarded_bytes);
+    let mut bytes = 0;
+    let cut = publishes
+        .iter()
+        .position(|((publish, _), offset)| {
+            bytes += publish.topic.len() + publish.payload.len();
+            bytes > room && offset.is_some()
+        })
+        .map(|at| at.max(1))
+        .filter(|&at| at < publishes.len());
+    if let Some(at) = cut {
+        if let Some(first_left) = publishes[at].1 {
+            next = first_left;
+            caughtup = false;
+            publishes.truncate(at);
+        }
+    }
     let qos = request.qos;
     let filter_idx = request.filter_idx;
     request.read_count += publishes.len();
@@ -1812,8 +1844,13 @@ fn forward_device_data(
         len
     );
 
-    if len >= MAX_CHANNEL_CAPACITY - 1 {
+    // fleetshift: or its bytes (above)
+    if len >= MAX_CHANNEL_CAPACITY - 1
+        || cut.is_some()
+        || outgoing.forwarded_bytes >= MAX_OUTGOING_BYTES
+    {
         debug!("Outgoing channel reached its capacity");
+        outgoing.forwarded_bytes = 0;
         outgoing.push_notification(Notification::Unschedule);
         outgoing.handle.try_send(()).ok();
         return ConsumeStatus::BufferFull;
