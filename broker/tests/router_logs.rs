@@ -572,17 +572,8 @@ async fn messages_a_slow_subscriber_never_gets_are_counted() {
     let skipped = || broker.metrics.router_skipped.load(Ordering::Relaxed);
     let (slow, events) = client(&broker, &secret, "slow", true);
     let mut to_slow = subscribe(&slow, events).await;
-    let (publisher, mut events) = client(&broker, &secret, "publisher", false);
-    let (acked_tx, mut acked) = tokio::sync::watch::channel(0u32);
-    tokio::spawn(async move {
-        let mut n = 0;
-        while let Ok(event) = events.poll().await {
-            if let Event::Incoming(Packet::PubAck(_)) = event {
-                n += 1;
-                let _ = acked_tx.send(n);
-            }
-        }
-    });
+    let (publisher, events) = client(&broker, &secret, "publisher", false);
+    let mut acked = acks_counted(events);
 
     // 6 MiB to a subscriber that acknowledges nothing: the router sends it
     // 100 and keeps the rest, up to 4 MiB. All of it is in the router (the
@@ -667,17 +658,8 @@ async fn a_subscriber_that_stops_reading_holds_little_of_large_messages() {
 
     let mut options = options(&broker, &secret, "publisher");
     options.set_max_packet_size(2 * BIG, 2 * BIG);
-    let (publisher, mut events) = AsyncClient::new(options, 256);
-    let (acked_tx, mut acked) = tokio::sync::watch::channel(0u32);
-    tokio::spawn(async move {
-        let mut n = 0;
-        while let Ok(event) = events.poll().await {
-            if let Event::Incoming(Packet::PubAck(_)) = event {
-                n += 1;
-                let _ = acked_tx.send(n);
-            }
-        }
-    });
+    let (publisher, events) = AsyncClient::new(options, 256);
+    let mut acked = acks_counted(events);
     // 25 MiB, one message at a time (each acknowledged by the broker
     // before the next, so that the router keeps up and gives the link all
     // it may take), before the subscriber reads again.
@@ -718,6 +700,21 @@ async fn a_subscriber_that_stops_reading_holds_little_of_large_messages() {
         got.len()
     );
     assert_eq!(skipped(), missing);
+}
+
+/// Runs a publisher's event loop; the count of PUBACKs it has received.
+fn acks_counted(mut events: rumqttc::EventLoop) -> tokio::sync::watch::Receiver<u32> {
+    let (acked_tx, acked) = tokio::sync::watch::channel(0u32);
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok(event) = events.poll().await {
+            if let Event::Incoming(Packet::PubAck(_)) = event {
+                n += 1;
+                let _ = acked_tx.send(n);
+            }
+        }
+    });
+    acked
 }
 
 /// `body` framed as one MQTT packet whose first byte is `first`.

@@ -1153,6 +1153,21 @@ impl Mosquitto {
     }
 }
 
+/// The CONNACK to an MQTT 3.1.1 CONNECT for `client_id` sent over plain
+/// TCP to `addr` (a plain bootstrap listener), within `within`.
+pub async fn plain_connack(
+    addr: std::net::SocketAddr,
+    client_id: &str,
+    within: Duration,
+) -> anyhow::Result<[u8; 4]> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.write_all(&mqtt311_connect(client_id, 60)).await?;
+    let mut ack = [0u8; 4];
+    tokio::time::timeout(within, tcp.read_exact(&mut ack)).await??;
+    Ok(ack)
+}
+
 /// An MQTT 3.1.1 CONNECT: clean session, no Will, no credentials.
 pub fn mqtt311_connect(client_id: &str, keep_alive: u16) -> Vec<u8> {
     let mut body = Vec::with_capacity(12 + client_id.len());
