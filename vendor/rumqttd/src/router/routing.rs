@@ -1740,6 +1740,11 @@ fn forward_device_data(
     // MAX_CHANNEL_CAPACITY messages of any size in the link's buffers (a
     // provider that stopped reading held 50 MB of one device's telemetry
     // there). Retained messages (no offset) are never left.
+    // The count starts again once the link has taken everything pushed
+    // (it then holds at most the last batch, in its cache).
+    if outgoing.data_buffer.lock().is_empty() {
+        outgoing.forwarded_bytes = 0;
+    }
     let room = MAX_OUTGOING_BYTES.saturating_sub(outgoing.forwarded_bytes);
     let mut bytes = 0;
     let cut = publishes
@@ -1850,6 +1855,13 @@ fn forward_device_data(
         || outgoing.forwarded_bytes >= MAX_OUTGOING_BYTES
     {
         debug!("Outgoing channel reached its capacity");
+        // fleetshift: the shared group's cursor and turn move on as below;
+        // left behind, the next read of the group's request starts from
+        // the group's old cursor and sends these messages again.
+        if let Some(share) = shared_group {
+            share.update_next_client();
+            share.cursor = request.cursor;
+        }
         outgoing.forwarded_bytes = 0;
         outgoing.push_notification(Notification::Unschedule);
         outgoing.handle.try_send(()).ok();
