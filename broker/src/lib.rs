@@ -249,7 +249,7 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
                 }
                 let paced = shared.clone();
                 tokio::spawn(log_pace::every_second(
-                    move || paced.flush_refusals_logged(),
+                    move |at_end| paced.flush_refusals_logged(at_end),
                     stop2.clone(),
                 ));
                 if let Some(l) = metrics_listener {

@@ -77,49 +77,56 @@ impl LogPace {
     }
 
     /// Whether to log this line loud (at the pace's level) or at DEBUG;
-    /// logs the count of the last second's quiet lines first, if any.
-    pub fn loud(&mut self) -> bool {
-        let (loud, quieted) = self.note(Instant::now());
-        self.tell(quieted);
+    /// logs the count of the last second's quiet lines first, if any,
+    /// after the lock is let go (a slow log writer does not hold up the
+    /// pace's other users).
+    pub fn loud_in(pace: &Mutex<LogPace>) -> bool {
+        let mut locked = pace.lock().unwrap_or_else(|p| p.into_inner());
+        let (loud, quieted) = locked.note(Instant::now());
+        let (what, level) = (locked.what, locked.level);
+        drop(locked);
+        tell(what, level, quieted);
         loud
     }
 
-    /// [`LogPace::loud`] on a shared pace.
-    pub fn loud_in(pace: &Mutex<LogPace>) -> bool {
-        pace.lock().unwrap_or_else(|p| p.into_inner()).loud()
-    }
-
     /// Logs the count of quiet lines of a second that has ended, if any,
-    /// though no line of the kind came since.
-    pub fn flush_in(pace: &Mutex<LogPace>) {
-        let mut pace = pace.lock().unwrap_or_else(|p| p.into_inner());
-        let quieted = pace.overdue(Instant::now());
-        pace.tell(quieted);
+    /// though no line of the kind came since; with `at_end`, of the second
+    /// under way too (the program is stopping).
+    pub fn flush_in(pace: &Mutex<LogPace>, at_end: bool) {
+        let mut locked = pace.lock().unwrap_or_else(|p| p.into_inner());
+        let quieted = match at_end {
+            true => std::mem::take(&mut locked.quiet),
+            false => locked.overdue(Instant::now()),
+        };
+        let (what, level) = (locked.what, locked.level);
+        drop(locked);
+        tell(what, level, quieted);
     }
+}
 
-    fn tell(&self, quieted: u32) {
-        if quieted == 0 {
-            return;
-        }
-        let what = self.what;
-        if self.level == tracing::Level::WARN {
-            warn!(quieted, "{what} at debug level in the last second");
-        } else {
-            info!(quieted, "{what} at debug level in the last second");
-        }
+/// Logs at `level` that `quieted` lines of `what` went to DEBUG, if any.
+fn tell(what: &str, level: tracing::Level, quieted: u32) {
+    if quieted == 0 {
+        return;
+    }
+    if level == tracing::Level::WARN {
+        warn!(quieted, "{what} at debug level in the last second");
+    } else {
+        info!(quieted, "{what} at debug level in the last second");
     }
 }
 
 /// Runs `flush` (a [`LogPace::flush_in`] of each pace it owns) every
-/// second until `stop`, so that the count of a flood's last second is
-/// logged when the flood ends.
-pub async fn every_second(flush: impl Fn(), stop: CancellationToken) {
+/// second until `stop`, and once more then, with `at_end`: the count of a
+/// flood's last second is logged when the flood ends, or when the program
+/// stops.
+pub async fn every_second(flush: impl Fn(bool), stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => flush(),
+            _ = stop.cancelled() => return flush(true),
+            _ = tick.tick() => flush(false),
         }
     }
 }

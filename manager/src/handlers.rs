@@ -298,16 +298,16 @@ impl Intake {
 
 impl Core {
     /// Logs the count of lines each log pace kept quiet in a second that
-    /// has ended.
-    pub(crate) fn flush_logged(&self) {
-        [
+    /// has ended (with `at_end`, in the second under way too).
+    pub(crate) fn flush_logged(&self, at_end: bool) {
+        for pace in [
             &self.refusals_logged,
             &self.shed_logged,
             &self.statuses_logged,
             &self.dropped_logged,
-        ]
-        .into_iter()
-        .for_each(LogPace::flush_in);
+        ] {
+            LogPace::flush_in(pace, at_end);
+        }
     }
 
     pub fn new(store: Store, pki: Arc<Pki>, config: ManagerConfig) -> Core {

@@ -114,7 +114,7 @@ pub async fn start(
     tracker.spawn(housekeeping(core.clone(), shutdown.clone()));
     let paced = core.clone();
     tracker.spawn(fleet_broker::log_pace::every_second(
-        move || paced.flush_logged(),
+        move |at_end| paced.flush_logged(at_end),
         shutdown.clone(),
     ));
 

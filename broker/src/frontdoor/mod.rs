@@ -495,11 +495,12 @@ impl Shared {
         crate::log_pace::LogPace::loud_in(&self.refusals_logged[kind as usize])
     }
 
-    /// Logs the count of refusals kept quiet in a second that has ended.
-    pub(crate) fn flush_refusals_logged(&self) {
-        self.refusals_logged
-            .iter()
-            .for_each(crate::log_pace::LogPace::flush_in);
+    /// Logs the count of refusals kept quiet in a second that has ended
+    /// (with `at_end`, in the second under way too).
+    pub(crate) fn flush_refusals_logged(&self, at_end: bool) {
+        for pace in &self.refusals_logged {
+            crate::log_pace::LogPace::flush_in(pace, at_end);
+        }
     }
 
     /// Whether the certificate with this serial is revoked.
