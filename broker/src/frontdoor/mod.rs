@@ -969,10 +969,20 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     };
     socket.set_reuseaddr(true)?;
     socket.set_nodelay(true)?;
+    // The kernel wakes a writer once less than this of what it was given
+    // is still unsent, not once half of its (self-tuned, up to MiBs) send
+    // buffer is free: a client that reads slowly, but reads, lets each
+    // write of ours go on within seconds, and is not taken for one that
+    // stopped (`Framed::write_stall`); and a stalled client's unsent bytes
+    // in the kernel stay near this. Accepted connections inherit it.
+    socket2::SockRef::from(&socket).set_tcp_notsent_lowat(NOTSENT_LOWAT)?;
     socket.bind(addr)?;
     let listener = socket.listen(4096)?;
     listener.into_std()
 }
+
+/// `TCP_NOTSENT_LOWAT` of every connection (see [`bind`]).
+const NOTSENT_LOWAT: u32 = 64 * 1024;
 
 /// Accepts connections until `stop` is cancelled.
 pub async fn serve(
@@ -1481,9 +1491,9 @@ mod tests {
     }
 
     /// Connections accepted by a listener of [`bind`] have `TCP_NODELAY`
-    /// without setting it themselves.
+    /// and `TCP_NOTSENT_LOWAT` without setting them themselves.
     #[tokio::test]
-    async fn accepted_connections_inherit_nodelay() {
+    async fn accepted_connections_inherit_their_socket_options() {
         for addr in ["127.0.0.1:0", "[::1]:0"] {
             let Ok(listener) = bind(addr.parse().unwrap()) else {
                 continue; // no IPv6 here
@@ -1494,6 +1504,13 @@ mod tests {
             let (client, accepted) = tokio::join!(client, listener.accept());
             let (accepted, _) = accepted.unwrap();
             assert!(accepted.nodelay().unwrap(), "{addr}");
+            assert_eq!(
+                socket2::SockRef::from(&accepted)
+                    .tcp_notsent_lowat()
+                    .unwrap(),
+                NOTSENT_LOWAT,
+                "{addr}"
+            );
             assert!(
                 !client.unwrap().nodelay().unwrap(),
                 "{addr}: the client's own default"
