@@ -741,6 +741,9 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                         shared.metrics.write_stalls.fetch_add(1, Ordering::Relaxed);
                         warn!(identity = %label, error = %err, "client stopped reading; connection closed")
                     }
+                    SessionError::Quota(_) => {
+                        warn!(identity = %label, error = %err, "client held back its answers; connection closed")
+                    }
                     _ => debug!(identity = %label, error = %err, "session ended"),
                 }
             }
@@ -1026,8 +1029,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             _ = cut.cancelled() => {
                 return Err(SessionError::Revoked);
             }
-            read = tokio::time::timeout_at(deadline, framed.read()) => {
-                let packet = read.map_err(|_| SessionError::KeepAlive)??;
+            read = tokio::time::timeout_at(answer_due(outbound, framed, manager).map_or(deadline, |due| due.min(deadline)), framed.read()) => {
+                // (Whether an answer was due is worked out again rather than
+                // kept across the wait: nothing it depends on changed.)
+                let packet = read.map_err(|_| timed_out(answer_due(outbound, framed, manager), deadline, framed.write_stall))??;
                 deadline = tokio::time::Instant::now() + keep_alive;
                 // A bootstrap session that sends nothing is the one closed
                 // for a newcomer (`room_for`).
@@ -1266,6 +1271,40 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 untold |= deliver(framed, tx, &mut out).await?;
             }
         }
+    }
+}
+
+/// When a client that owes an answer to a QoS 1 or 2 PUBLISH or a PUBREL
+/// and gives none is closed: as long after its last answer as it may take
+/// no byte of what is written to it ([`Framed::write_stall`]: 1.5 × its
+/// keep-alive, at most 30 s). Until then the router keeps what it would
+/// send it (up to 4 MiB per filter); a client that never acknowledges
+/// would pin that for its connection's life. The manager is not closed.
+fn answer_due<S>(
+    outbound: &Outbound,
+    framed: &Framed<S>,
+    manager: bool,
+) -> Option<tokio::time::Instant> {
+    if manager {
+        return None;
+    }
+    outbound
+        .owed_since()
+        .map(|since| since + framed.write_stall)
+}
+
+/// Why a wait for the client's next packet that ended at the earlier of
+/// `answer_due` and `deadline` (the keep-alive's) ended.
+fn timed_out(
+    answer_due: Option<tokio::time::Instant>,
+    deadline: tokio::time::Instant,
+    stall: Duration,
+) -> SessionError {
+    match answer_due {
+        Some(due) if due < deadline => SessionError::Quota(format!(
+            "no acknowledgement for {stall:?} while one was owed"
+        )),
+        _ => SessionError::KeepAlive,
     }
 }
 

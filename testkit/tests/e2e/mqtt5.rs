@@ -2527,3 +2527,88 @@ async fn a_broker_that_stops_says_it_is_shutting_down() {
     );
     assert_eq!(fleet.broker.metrics.get(|m| &m.revoked_cuts), 0);
 }
+
+/// What an [`a_client_that_acknowledges_nothing_is_closed`] client heard
+/// next: a reply (when), or the end of its connection (the reason).
+async fn next_heard(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Result<Instant, Option<DisconnectReasonCode>>>,
+) -> Result<Instant, Option<DisconnectReasonCode>> {
+    tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap()
+}
+
+/// A client that owes acknowledgements and gives none is closed once it
+/// has owed one for 1.5 × its keep-alive (at most 30 s), though it keeps
+/// pinging: otherwise the router would keep what it sends it, up to 4 MiB
+/// a filter, for the connection's life. One that acknowledges stays.
+#[tokio::test]
+async fn a_client_that_acknowledges_nothing_is_closed() {
+    use rumqttc::v5::mqttbytes::v5::Packet as P;
+    use rumqttc::v5::{ConnectionError, Event, StateError};
+    let fleet = Fleet::start().await.unwrap();
+    let addr = fleet.broker.bootstrap_plain_addr.unwrap();
+    // A bootstrap client that asks for replies (its polls are malformed)
+    // and acknowledges them or not; what it receives (Ok: when a reply
+    // came; Err: why its connection ended).
+    let start = |device: &'static str, acknowledges: bool| {
+        let mut o = MqttOptions::new(device, addr.ip().to_string(), addr.port());
+        o.set_keep_alive(Duration::from_secs(5));
+        o.set_manual_acks(true);
+        let (client, mut events) = rumqttc::v5::AsyncClient::new(o, 10);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let acker = client.clone();
+        tokio::spawn(async move {
+            loop {
+                let ended = match events.poll().await {
+                    Ok(Event::Incoming(P::Publish(p))) => {
+                        if acknowledges {
+                            acker.ack(&p).await.unwrap();
+                        }
+                        let _ = tx.send(Ok(Instant::now()));
+                        continue;
+                    }
+                    Ok(Event::Incoming(P::Disconnect(bye))) => Some(bye.reason_code),
+                    Ok(_) => continue,
+                    Err(ConnectionError::MqttState(StateError::ServerDisconnect {
+                        reason_code,
+                        ..
+                    })) => Some(reason_code),
+                    Err(_) => None,
+                };
+                let _ = tx.send(Err(ended));
+                return;
+            }
+        });
+        (client, rx)
+    };
+    let ask = |client: &rumqttc::v5::AsyncClient, device: &str| {
+        let (client, device) = (client.clone(), device.to_string());
+        async move {
+            let reply = format!("fleet/v1/poll/{device}/reply");
+            client.subscribe(&reply, QoS::AtLeastOnce).await.unwrap();
+            let request = format!("fleet/v1/poll/{device}");
+            client
+                .publish(request, QoS::AtLeastOnce, false, b"junk".to_vec())
+                .await
+                .unwrap();
+        }
+    };
+    let (silent, mut from_silent) = start("dev-silent", false);
+    let (acking, mut from_acking) = start("dev-acking", true);
+    ask(&silent, "dev-silent").await;
+    ask(&acking, "dev-acking").await;
+    let replied = next_heard(&mut from_silent).await.expect("its reply");
+    assert!(next_heard(&mut from_acking).await.is_ok(), "its reply");
+
+    let ended = next_heard(&mut from_silent).await;
+    assert_eq!(ended, Err(Some(DisconnectReasonCode::QuotaExceeded)));
+    // 1.5 × 5 s after its reply, though it pinged meanwhile.
+    let owed = replied.elapsed();
+    assert!(
+        owed >= Duration::from_secs(7),
+        "closed {owed:?} after its reply"
+    );
+
+    // The acknowledging client, connected as long, is still served.
+    ask(&acking, "dev-acking").await;
+    assert!(next_heard(&mut from_acking).await.is_ok(), "a second reply");
+}

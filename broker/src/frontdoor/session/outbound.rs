@@ -91,6 +91,10 @@ pub struct Outbound {
     /// whose answer it did not expect (and takes, say, a PUBCOMP for a
     /// PUBREL of an earlier connection).
     pub unknown_acks: u64,
+    /// Since when the client has owed an answer and given none: the time
+    /// of its last answer, or of the PUBLISH or PUBREL that it owed first
+    /// after it owed nothing ([`Outbound::owed_since`]).
+    owed_since: Option<tokio::time::Instant>,
 }
 
 impl Outbound {
@@ -107,6 +111,28 @@ impl Outbound {
             ended_qos2: Vec::new(),
             discarded: 0,
             unknown_acks: 0,
+            owed_since: None,
+        }
+    }
+
+    /// Whether the router waits for an answer the client owes (its
+    /// PUBLISHes held for the client's quota included).
+    fn owes(&self) -> bool {
+        !self.router_publishes.is_empty() || !self.router_pubrels.is_empty()
+    }
+
+    /// Since when the client has given no answer while it owed one; `None`
+    /// while it owes none. A client that stays silent past a limit from
+    /// this pins what the router keeps for it (up to 4 MiB per filter,
+    /// topics.md §2.3) and is closed.
+    pub fn owed_since(&self) -> Option<tokio::time::Instant> {
+        self.owed_since.filter(|_| self.owes())
+    }
+
+    /// The client owes one more answer: the clock starts if it owed none.
+    fn owe(&mut self) {
+        if !self.owes() {
+            self.owed_since = Some(tokio::time::Instant::now());
         }
     }
 
@@ -129,6 +155,7 @@ impl Outbound {
                         "more than {ROUTER_INFLIGHT} unacknowledged publishes from the router"
                     )));
                 }
+                self.owe();
                 self.router_publishes.push_back(InOrder {
                     pkid: shape.pkid,
                     qos: shape.qos,
@@ -155,6 +182,9 @@ impl Outbound {
                     }
                     None => false,
                 };
+                if !ours {
+                    self.owe();
+                }
                 self.router_pubrels.push_back(InOrder {
                     pkid: pubrel.pkid,
                     qos: 2,
@@ -208,6 +238,7 @@ impl Outbound {
             _ => false,
         };
         if known {
+            self.owed_since = Some(tokio::time::Instant::now());
             self.flush(out);
             self.release(out);
         } else {
@@ -448,6 +479,38 @@ mod tests {
             unreachable!()
         };
         assert_eq!(publish_shape(&p, &props).qos, 0);
+    }
+
+    /// The clock of a client's silence runs only while it owes an answer,
+    /// and starts again at each answer it gives.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_client_owes_answers_from_its_last_one() {
+        let second = std::time::Duration::from_secs(1);
+        let mut flow = Outbound::new(Some(1), None);
+        assert_eq!(flow.owed_since(), None);
+        // QoS 0 is owed nothing.
+        step(&mut flow, vec![publish(0, 0, 1)], vec![]);
+        assert_eq!(flow.owed_since(), None);
+        let t0 = tokio::time::Instant::now();
+        step(&mut flow, vec![publish(1, 1, 1), publish(1, 2, 1)], vec![]);
+        assert_eq!(flow.owed_since(), Some(t0));
+        // More owed later does not move the clock; an answer does.
+        tokio::time::advance(second).await;
+        step(&mut flow, vec![publish(1, 3, 1)], vec![]);
+        assert_eq!(flow.owed_since(), Some(t0));
+        tokio::time::advance(second).await;
+        step(&mut flow, vec![], vec![puback(1)]);
+        assert_eq!(flow.owed_since(), Some(t0 + 2 * second));
+        // An answer to nothing it was sent is no answer.
+        tokio::time::advance(second).await;
+        step(&mut flow, vec![], vec![puback(9)]);
+        assert_eq!(flow.owed_since(), Some(t0 + 2 * second));
+        step(&mut flow, vec![], vec![puback(2), puback(3)]);
+        assert_eq!(flow.owed_since(), None, "nothing owed");
+        // A PUBLISH too large for the client is owed nothing.
+        let mut small = Outbound::new(None, Some(10));
+        step(&mut small, vec![publish(1, 1, 100)], vec![]);
+        assert_eq!(small.owed_since(), None);
     }
 
     #[test]
