@@ -2612,3 +2612,100 @@ async fn a_client_that_acknowledges_nothing_is_closed() {
     ask(&acking, "dev-acking").await;
     assert!(next_heard(&mut from_acking).await.is_ok(), "a second reply");
 }
+
+/// Deliveries carry the Subscription Identifier of the latest SUBSCRIBE
+/// of their filter, none if it gave none (MQTT 5 §3.8.2.1.2), and a
+/// resumed session's carry the identifiers it subscribed with.
+#[tokio::test]
+async fn subscription_identifiers_follow_the_latest_subscribe_and_the_session() {
+    use rumqttc::v5::mqttbytes::v5::SubscribeProperties;
+    let fleet = Fleet::start().await.unwrap();
+    let sender = sender5(&fleet).await;
+    let auth = certified(&fleet, "sid1", "svcA");
+    let mut o = service_options(&fleet, "sid1", &auth);
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(600));
+    let topic = "/tenants/svcA/fleet/v1/poll/sid1/reply";
+    let with_id = |id| SubscribeProperties {
+        id: Some(id),
+        user_properties: Vec::new(),
+    };
+    let subscribe = |probe: &Probe5, id: Option<usize>| {
+        let client = probe.client.clone();
+        let acks = probe.subacks.clone();
+        async move {
+            let before = acks.lock().unwrap().len();
+            match id {
+                Some(id) => client
+                    .subscribe_with_properties(topic, QoS::AtLeastOnce, with_id(id))
+                    .await
+                    .unwrap(),
+                None => client.subscribe(topic, QoS::AtLeastOnce).await.unwrap(),
+            }
+            eventually(T, "SUBACK", || {
+                let n = acks.lock().unwrap().len();
+                async move { (n > before).then_some(()) }
+            })
+            .await
+            .unwrap();
+        }
+    };
+    // The identifiers of the `n`th delivery on the topic, once it came.
+    let ids_of = |probe: &Probe5, n: usize| {
+        let publishes = probe.publishes.clone();
+        async move {
+            eventually(T, "the delivery", || {
+                let ids = publishes
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|p| p.topic == topic.as_bytes())
+                    .nth(n)
+                    .map(|p| {
+                        p.properties
+                            .as_ref()
+                            .map(|props| props.subscription_identifiers.clone())
+                            .unwrap_or_default()
+                    });
+                async move { ids }
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let live = fleet.broker.metrics.get(|m| &m.live);
+    let probe = Probe5::connect(o.clone()).await.unwrap();
+    subscribe(&probe, Some(6)).await;
+    sender
+        .publish_acked(topic, None, b"m0".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(ids_of(&probe, 0).await, [6]);
+    subscribe(&probe, None).await;
+    sender
+        .publish_acked(topic, None, b"m1".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(ids_of(&probe, 1).await, Vec::<usize>::new(), "none given");
+    subscribe(&probe, Some(42)).await;
+    drop(probe);
+    // Sent while it is away, delivered when its session comes back.
+    eventually(T, "the connection to be gone", || {
+        let now = fleet.broker.metrics.get(|m| &m.live);
+        async move { (now == live).then_some(()) }
+    })
+    .await
+    .unwrap();
+    sender
+        .publish_acked(topic, None, b"m2".to_vec())
+        .await
+        .unwrap();
+    let back = eventually(T, "the session to be let go", || {
+        let o = o.clone();
+        async move { Probe5::connect(o).await.ok() }
+    })
+    .await
+    .unwrap();
+    assert!(back.connack.session_present);
+    assert_eq!(ids_of(&back, 0).await, [42], "in the resumed session");
+}

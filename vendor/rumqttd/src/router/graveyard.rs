@@ -41,6 +41,7 @@ impl Graveyard {
         &mut self,
         mut tracker: Tracker,
         subscriptions: HashSet<String>,
+        subscription_ids: HashMap<String, usize>,
         metrics: ConnectionEvents,
         unacked_pubrels: VecDeque<u16>,
     ) {
@@ -50,6 +51,7 @@ impl Graveyard {
         let session_state = SessionState {
             tracker,
             subscriptions,
+            subscription_ids,
             unacked_pubrels,
         };
 
@@ -84,6 +86,9 @@ pub struct SavedState {
 pub struct SessionState {
     pub tracker: Tracker,
     pub subscriptions: HashSet<String>,
+    /// fleetshift: the MQTT 5 Subscription Identifiers of its filters,
+    /// which a resumed session delivers with (MQTT 5 §3.8.2.1.2)
+    pub subscription_ids: HashMap<String, usize>,
     // used for pubrel in qos2
     pub unacked_pubrels: VecDeque<u16>,
 }

@@ -462,6 +462,8 @@ impl Router {
                 || Tracker::new(client_id.clone()),
                 |session_state| {
                     connection.subscriptions = session_state.subscriptions;
+                    // fleetshift: and their Subscription Identifiers
+                    connection.subscription_ids = session_state.subscription_ids;
                     // for using in acklog
                     pending_acks.clone_from(&session_state.unacked_pubrels);
                     outgoing.unacked_pubrels = session_state.unacked_pubrels;
@@ -691,6 +693,7 @@ impl Router {
             self.graveyard.save_state(
                 tracker,
                 connection.subscriptions,
+                connection.subscription_ids,
                 connection.events,
                 outgoing.unacked_pubrels,
             );
@@ -1135,10 +1138,18 @@ impl Router {
             shared_group.add_client(client_id);
         };
 
-        if let Some(subscription_id) = subscription_id {
-            connection
-                .subscription_ids
-                .insert(filter_path.clone(), subscription_id);
+        // fleetshift: a SUBSCRIBE without a Subscription Identifier
+        // replaces the one a filter had (MQTT 5 §3.8.2.1.2: the absence of
+        // one is stored with the subscription); it was kept
+        match subscription_id {
+            Some(subscription_id) => {
+                connection
+                    .subscription_ids
+                    .insert(filter_path.clone(), subscription_id);
+            }
+            None => {
+                connection.subscription_ids.remove(filter_path.as_str());
+            }
         }
 
         // check is group is None because retained messages aren't sent
