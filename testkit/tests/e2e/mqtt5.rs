@@ -619,6 +619,20 @@ fn service_options(fleet: &Fleet, client_id: &str, auth: &(Vec<u8>, Vec<u8>)) ->
     .unwrap()
 }
 
+/// A connection with `o` that resumes the session its identity kept, once
+/// the broker has let go of the connection before it.
+async fn resumed(o: &MqttOptions) -> Probe5 {
+    eventually(T, "the session to be let go", || {
+        let o = o.clone();
+        async move {
+            let back = Probe5::connect(o).await.ok()?;
+            back.connack.session_present.then_some(back)
+        }
+    })
+    .await
+    .unwrap()
+}
+
 /// Options for a service connection of `device` (certified on svcA) that
 /// keeps its session, with a Will on its own telemetry topic sent after
 /// `will_delay` seconds.
@@ -951,13 +965,7 @@ async fn a_message_goes_at_the_lower_of_its_qos_and_the_subscription_s() {
     drop(probe);
     let mut o = service_options(&fleet, "dq1", &certified(&fleet, "dq1", "svcA"));
     kept(&mut o);
-    let back = eventually(T, "the session to be let go", || {
-        let o = o.clone();
-        async move { Probe5::connect(o).await.ok() }
-    })
-    .await
-    .unwrap();
-    assert!(back.connack.session_present);
+    let back = resumed(&o).await;
     back.wait_for(&acked, 2, T).await.unwrap();
     // m1 would have come before m2, outside the quota.
     assert_eq!(
@@ -2223,15 +2231,7 @@ async fn the_last_member_of_a_shared_subscription_leaves_and_comes_back() {
     assert_eq!(reason, PubAckReason::Success);
     member.wait_for(topic, 1, T).await.unwrap();
     drop(member);
-    let back = eventually(T, "the session to be let go", || {
-        let o = o.clone();
-        async move {
-            let back = Probe5::connect(o).await.ok()?;
-            back.connack.session_present.then_some(back)
-        }
-    })
-    .await
-    .unwrap();
+    let back = resumed(&o).await;
     assert!(!back.is_cut());
     assert!(!sender.is_cut());
 }
@@ -2700,12 +2700,6 @@ async fn subscription_identifiers_follow_the_latest_subscribe_and_the_session() 
         .publish_acked(topic, None, b"m2".to_vec())
         .await
         .unwrap();
-    let back = eventually(T, "the session to be let go", || {
-        let o = o.clone();
-        async move { Probe5::connect(o).await.ok() }
-    })
-    .await
-    .unwrap();
-    assert!(back.connack.session_present);
+    let back = resumed(&o).await;
     assert_eq!(ids_of(&back, 0).await, [42], "in the resumed session");
 }
