@@ -223,6 +223,11 @@ pub struct Framed<S> {
     /// Set when a write ended part-way into what it had to write: the
     /// client's stream then stops inside a packet, and nothing may follow.
     pub torn: bool,
+    /// When a write of a QoS 1 or 2 PUBLISH last made progress (the stream
+    /// took bytes): a client that owes an answer is not held to it while
+    /// what it answers is still being written to it
+    /// (`session::answer_due`). Other writes (a PINGRESP) do not count.
+    pub wrote_at: tokio::time::Instant,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
@@ -256,6 +261,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
             write_stall: MAX_WRITE_STALL,
             cut: CancellationToken::new(),
             torn: false,
+            wrote_at: tokio::time::Instant::now(),
         }
     }
 
@@ -450,6 +456,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     /// (MQTT 5 §3.1.2.11.4). A PUBLISH is checked before it gets here (see
     /// `session::Outbound`), so its discard is acknowledged to the router.
     pub async fn write(&mut self, packets: Vec<Packet>) -> Result<(), SessionError> {
+        // Whether it carries a PUBLISH the client is to acknowledge.
+        let owed = packets.iter().any(
+            |p| matches!(p, Packet::Publish(p, _) if p.qos_and_pkid().0 != rumqttd::protocol::QoS::AtMostOnce),
+        );
         let mut out = BytesMut::new();
         for p in packets {
             let start = out.len();
@@ -480,13 +490,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
             }
             .map_err(SessionError::Mqtt)?;
         }
-        self.send_all(&out).await
+        self.send_all(&out, owed).await
     }
 
     /// Writes `out` and flushes it, failing once the client has taken
     /// nothing for [`Framed::write_stall`]. A slow client that keeps taking
-    /// bytes is never cut; one that stopped reading is.
-    async fn send_all(&mut self, out: &[u8]) -> Result<(), SessionError> {
+    /// bytes is not cut (unless it takes less in that time than wakes a
+    /// writer: half the `TCP_NOTSENT_LOWAT` of [`super::bind`], or over TLS
+    /// the rest of a flush); one that stopped reading is. `owed`: `out`
+    /// carries a QoS 1 or 2 PUBLISH ([`Framed::wrote_at`]).
+    async fn send_all(&mut self, out: &[u8], owed: bool) -> Result<(), SessionError> {
         let stall = self.write_stall;
         let stalled = |_| SessionError::WriteStalled(stall);
         let cut = self.cut.clone();
@@ -503,6 +516,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
                 return Err(SessionError::Io(std::io::ErrorKind::WriteZero.into()));
             }
             at += n;
+            if owed {
+                self.wrote_at = tokio::time::Instant::now();
+            }
         }
         tokio::select! {
             _ = cut.cancelled() => Err(SessionError::Revoked),

@@ -1274,12 +1274,14 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// When a client that owes an answer to a QoS 1 or 2 PUBLISH or a PUBREL
-/// and gives none is closed: as long after its last answer as it may take
-/// no byte of what is written to it ([`Framed::write_stall`]: 1.5 × its
-/// keep-alive, at most 30 s). Until then the router keeps what it would
-/// send it (up to 4 MiB per filter); a client that never acknowledges
-/// would pin that for its connection's life. The manager is not closed.
+/// When a client that owes an answer to a QoS 1 or 2 PUBLISH and gives
+/// none is closed: as long after its last answer, or after the last
+/// progress of a write to it if that came later (what it owes may still be
+/// on its way), as it may take no byte of what is written to it
+/// ([`Framed::write_stall`]: 1.5 × its keep-alive, at most 30 s). Until
+/// then the router keeps what it would send it (up to 4 MiB per filter);
+/// a client that never acknowledges would pin that for its connection's
+/// life. The manager is not closed.
 fn answer_due<S>(
     outbound: &Outbound,
     framed: &Framed<S>,
@@ -1290,7 +1292,7 @@ fn answer_due<S>(
     }
     outbound
         .owed_since()
-        .map(|since| since + framed.write_stall)
+        .map(|since| since.max(framed.wrote_at) + framed.write_stall)
 }
 
 /// Why a wait for the client's next packet that ended at the earlier of

@@ -92,8 +92,8 @@ pub struct Outbound {
     /// PUBREL of an earlier connection).
     pub unknown_acks: u64,
     /// Since when the client has owed an answer and given none: the time
-    /// of its last answer, or of the PUBLISH or PUBREL that it owed first
-    /// after it owed nothing ([`Outbound::owed_since`]).
+    /// of its last answer, or of the PUBLISH that it owed first after it
+    /// owed nothing ([`Outbound::owed_since`]).
     owed_since: Option<tokio::time::Instant>,
 }
 
@@ -115,10 +115,13 @@ impl Outbound {
         }
     }
 
-    /// Whether the router waits for an answer the client owes (its
-    /// PUBLISHes held for the client's quota included).
+    /// Whether the router waits for an answer the client owes to a
+    /// PUBLISH (those held for the client's quota included). PUBRELs are
+    /// left out: one of a flow the client ended on an earlier connection
+    /// may come again on resuming, and a client rightly leaves it
+    /// unanswered (their number is capped instead).
     fn owes(&self) -> bool {
-        !self.router_publishes.is_empty() || !self.router_pubrels.is_empty()
+        !self.router_publishes.is_empty()
     }
 
     /// Since when the client has given no answer while it owed one; `None`
@@ -182,9 +185,7 @@ impl Outbound {
                     }
                     None => false,
                 };
-                if !ours {
-                    self.owe();
-                }
+
                 self.router_pubrels.push_back(InOrder {
                     pkid: pubrel.pkid,
                     qos: 2,
