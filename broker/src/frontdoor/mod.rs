@@ -974,14 +974,19 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     // buffer is free: a client that reads slowly, but reads, lets each
     // write of ours go on within seconds, and is not taken for one that
     // stopped (`Framed::write_stall`); and a stalled client's unsent bytes
-    // in the kernel stay near this. Accepted connections inherit it.
-    socket2::SockRef::from(&socket).set_tcp_notsent_lowat(NOTSENT_LOWAT)?;
+    // in the kernel stay near this. Accepted connections inherit it. Where
+    // the kernel has no such option, writes wake as they did.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(err) = socket2::SockRef::from(&socket).set_tcp_notsent_lowat(NOTSENT_LOWAT) {
+        warn!(error = %err, "TCP_NOTSENT_LOWAT not set: slow readers may be taken for stalled ones");
+    }
     socket.bind(addr)?;
     let listener = socket.listen(4096)?;
     listener.into_std()
 }
 
 /// `TCP_NOTSENT_LOWAT` of every connection (see [`bind`]).
+#[cfg(any(target_os = "linux", target_os = "android"))]
 const NOTSENT_LOWAT: u32 = 64 * 1024;
 
 /// Accepts connections until `stop` is cancelled.
@@ -1504,6 +1509,7 @@ mod tests {
             let (client, accepted) = tokio::join!(client, listener.accept());
             let (accepted, _) = accepted.unwrap();
             assert!(accepted.nodelay().unwrap(), "{addr}");
+            #[cfg(any(target_os = "linux", target_os = "android"))]
             assert_eq!(
                 socket2::SockRef::from(&accepted)
                     .tcp_notsent_lowat()
