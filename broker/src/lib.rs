@@ -283,6 +283,9 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
                 for t in tasks {
                     let _ = t.await;
                 }
+                // What was refused while the connections drained is
+                // counted too (the pace's own task stopped with `stop`).
+                shared.flush_refusals_logged(true);
             })
         })
         .map_err(BrokerError::Thread)?;
