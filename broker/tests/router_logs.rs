@@ -627,7 +627,6 @@ async fn messages_a_slow_subscriber_never_gets_are_counted() {
 /// 256 KB telemetry for a provider that stopped reading).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_stops_reading_holds_little_of_large_messages() {
-    use std::io::Write;
     const BIG: usize = 128 * 1024;
     const MIB: usize = 1024 * 1024;
     // What the subscriber may get once it reads again: what its link held
@@ -646,28 +645,7 @@ async fn a_subscriber_that_stops_reading_holds_little_of_large_messages() {
     let (_dir, broker, secret) = internal_broker();
     let skipped = || broker.metrics.router_skipped.load(Ordering::Relaxed);
 
-    // A raw subscriber with a 4 KiB receive buffer, so that the kernel
-    // takes little of what the broker writes once it stops reading.
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&broker.internal_addr.into()).unwrap();
-    let mut slow: std::net::TcpStream = socket.into();
-    slow.set_read_timeout(Some(T)).unwrap();
-    let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60];
-    for field in ["slow-reader", "fleet-manager", secret.as_str()] {
-        connect.extend((field.len() as u16).to_be_bytes());
-        connect.extend(field.as_bytes());
-    }
-    slow.write_all(&frame(0x10, &connect)).unwrap();
-    let mut subscribe = vec![0, 1];
-    subscribe.extend((TOPIC.len() as u16).to_be_bytes());
-    subscribe.extend(TOPIC.as_bytes());
-    subscribe.push(0); // QoS 0
-    slow.write_all(&frame(0x82, &subscribe)).unwrap();
-    let (kind, _) = read_packet(&mut slow);
-    assert_eq!(kind, 0x20, "CONNACK");
-    let (kind, suback) = read_packet(&mut slow);
-    assert_eq!((kind, suback), (0x90, vec![0, 1, 0]), "SUBACK");
+    let mut slow = stalled_subscriber(&broker, &secret, TOPIC);
 
     let mut options = options(&broker, &secret, "publisher");
     options.set_max_packet_size(2 * BIG, 2 * BIG);
@@ -689,20 +667,9 @@ async fn a_subscriber_that_stops_reading_holds_little_of_large_messages() {
             .unwrap();
     }
 
-    let got = tokio::task::spawn_blocking(move || {
-        let mut got = Vec::new();
-        while got.last() != Some(&(total - 1)) {
-            let (kind, body) = read_packet(&mut slow);
-            assert_eq!(kind & 0xF0, 0x30, "PUBLISH");
-            let topic_len = u16::from_be_bytes([body[0], body[1]]) as usize;
-            let payload = &body[2 + topic_len..];
-            assert_eq!(payload.len(), BIG);
-            got.push(u32::from_be_bytes(payload[..4].try_into().unwrap()));
-        }
-        got
-    })
-    .await
-    .unwrap();
+    let got = tokio::task::spawn_blocking(move || indices_through(&mut slow, total - 1))
+        .await
+        .unwrap();
     assert!(got.windows(2).all(|w| w[0] < w[1]), "in order");
     let missing = u64::from(total) - got.len() as u64;
     // The link alone used to hold all 200.
@@ -716,7 +683,8 @@ async fn a_subscriber_that_stops_reading_holds_little_of_large_messages() {
 
 /// A member of a shared subscription gets each message once, in order,
 /// though the router stops after each MiB it gives the member's link: the
-/// group's cursor moves on with the member's.
+/// group's cursor moves on with the member's. (The member reads nothing
+/// until all are sent, so the router does stop at each MiB.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_subscription_member_gets_each_message_once() {
     const SHARED: &str = "$share/g/fleet/v1/poll/dev1";
@@ -727,9 +695,7 @@ async fn a_shared_subscription_member_gets_each_message_once() {
     let (_dir, broker, secret) = internal_broker();
     let (publisher, events) = client(&broker, &secret, "publisher", false);
     let mut acked = acks_counted(events);
-    let (sharer, events) = client(&broker, &secret, "sharer", false);
-    let mut to_sharer = packets(events);
-    subscribed(&sharer, &mut to_sharer, SHARED).await;
+    let mut sharer = stalled_subscriber(&broker, &secret, SHARED);
     // Sent at once, so that the router reads many at a time.
     for i in 0..=N {
         let mut payload = vec![0u8; BIG];
@@ -743,20 +709,56 @@ async fn a_shared_subscription_member_gets_each_message_once() {
         .await
         .expect("acknowledged by the broker")
         .unwrap();
-    let mut got = Vec::new();
-    while got.last() != Some(&N) {
-        let p = next_of(&mut to_sharer, |p| match p {
-            Packet::Publish(p) => Some(p),
-            _ => None,
-        })
-        .await;
-        got.push(u32::from_be_bytes(p.payload[..4].try_into().unwrap()));
-    }
+    let got = tokio::task::spawn_blocking(move || indices_through(&mut sharer, N))
+        .await
+        .unwrap();
     assert_eq!(
         got,
         (0..=N).collect::<Vec<_>>(),
         "each message once, in order"
     );
+}
+
+/// A raw subscriber to `filter` at QoS 0 that reads nothing more once it
+/// has its SUBACK, with a 4 KiB receive buffer, so that the kernel takes
+/// little of what the broker writes to it meanwhile.
+fn stalled_subscriber(broker: &RunningBroker, secret: &str, filter: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&broker.internal_addr.into()).unwrap();
+    let mut slow: std::net::TcpStream = socket.into();
+    slow.set_read_timeout(Some(T)).unwrap();
+    let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60];
+    for field in ["slow-reader", "fleet-manager", secret] {
+        connect.extend((field.len() as u16).to_be_bytes());
+        connect.extend(field.as_bytes());
+    }
+    slow.write_all(&frame(0x10, &connect)).unwrap();
+    let mut subscribe = vec![0, 1];
+    subscribe.extend((filter.len() as u16).to_be_bytes());
+    subscribe.extend(filter.as_bytes());
+    subscribe.push(0); // QoS 0
+    slow.write_all(&frame(0x82, &subscribe)).unwrap();
+    let (kind, _) = read_packet(&mut slow);
+    assert_eq!(kind, 0x20, "CONNACK");
+    let (kind, suback) = read_packet(&mut slow);
+    assert_eq!((kind, suback), (0x90, vec![0, 1, 0]), "SUBACK");
+    slow
+}
+
+/// The first four bytes of each PUBLISH's payload (its index), read from
+/// a raw subscriber until index `last` comes.
+fn indices_through(slow: &mut std::net::TcpStream, last: u32) -> Vec<u32> {
+    let mut got = Vec::new();
+    while got.last() != Some(&last) {
+        let (kind, body) = read_packet(slow);
+        assert_eq!(kind & 0xF0, 0x30, "PUBLISH");
+        let topic_len = u16::from_be_bytes([body[0], body[1]]) as usize;
+        let payload = &body[2 + topic_len..];
+        got.push(u32::from_be_bytes(payload[..4].try_into().unwrap()));
+    }
+    got
 }
 
 /// Runs a publisher's event loop; the count of PUBACKs it has received.
