@@ -68,8 +68,8 @@ pub struct Outgoing {
     /// Metrics of outgoing messages of this connection
     pub(crate) meter: OutgoingMeter,
     /// fleetshift: bytes (topic and payload) of the messages pushed to
-    /// the buffer since the link was last unscheduled
-    /// (`routing::MAX_OUTGOING_BYTES`)
+    /// the buffer since the link was last unscheduled or last took all
+    /// it was given (`routing::MAX_OUTGOING_BYTES`)
     pub(crate) forwarded_bytes: usize,
 }
 

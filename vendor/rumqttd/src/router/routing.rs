@@ -1606,8 +1606,6 @@ enum ConsumeStatus {
     SkipRequest,
 }
 
-/// Sweep datalog from offset in DataRequest and updates DataRequest
-/// for next sweep. Returns (busy, caughtup) status
 /// fleetshift: the most bytes (topics and payloads) of messages a link is
 /// given between two unschedules, one message at least: with the
 /// unschedule that then follows, a link holds at most about twice this
@@ -1615,6 +1613,8 @@ enum ConsumeStatus {
 /// its messages and slow its reader.
 pub const MAX_OUTGOING_BYTES: usize = 1024 * 1024;
 
+/// Sweep datalog from offset in DataRequest and updates DataRequest
+/// for next sweep. Returns (busy, caughtup) status
 /// Returned arguments:
 /// 1. `busy`: whether the data request was completed or not.
 /// 2. `done`: whether the connection was busy or not.
@@ -1860,19 +1860,22 @@ fn forward_device_data(
         len
     );
 
+    // update the state of shared subscription
+    // fleetshift: before the full-buffer return below too (it was after
+    // it): left behind there, the next read of the group's request starts
+    // from the group's old cursor and sends these messages again
+    if let Some(share) = shared_group {
+        share.update_next_client();
+        // update the shared cursor
+        share.cursor = request.cursor;
+    }
+
     // fleetshift: or its bytes (above)
     if len >= MAX_CHANNEL_CAPACITY - 1
         || cut.is_some()
         || outgoing.forwarded_bytes >= MAX_OUTGOING_BYTES
     {
         debug!("Outgoing channel reached its capacity");
-        // fleetshift: the shared group's cursor and turn move on as below;
-        // left behind, the next read of the group's request starts from
-        // the group's old cursor and sends these messages again.
-        if let Some(share) = shared_group {
-            share.update_next_client();
-            share.cursor = request.cursor;
-        }
         outgoing.forwarded_bytes = 0;
         outgoing.push_notification(Notification::Unschedule);
         outgoing.handle.try_send(()).ok();
@@ -1880,13 +1883,6 @@ fn forward_device_data(
     }
 
     outgoing.handle.try_send(()).ok();
-
-    // update the state of shared subscription
-    if let Some(share) = shared_group {
-        share.update_next_client();
-        // update the shared cursor
-        share.cursor = request.cursor;
-    }
 
     if caughtup {
         ConsumeStatus::FilterCaughtup
