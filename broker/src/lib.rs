@@ -249,7 +249,7 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
                 }
                 let paced = shared.clone();
                 tokio::spawn(log_pace::every_second(
-                    move |at_end| paced.flush_refusals_logged(at_end),
+                    move || paced.flush_refusals_logged(false),
                     stop2.clone(),
                 ));
                 if let Some(l) = metrics_listener {
@@ -283,8 +283,8 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
                 for t in tasks {
                     let _ = t.await;
                 }
-                // What was refused while the connections drained is
-                // counted too (the pace's own task stopped with `stop`).
+                // The second under way, and what was refused while the
+                // connections drained, counted too.
                 shared.flush_refusals_logged(true);
             })
         })

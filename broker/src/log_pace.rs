@@ -117,16 +117,15 @@ fn tell(what: &str, level: tracing::Level, quieted: u32) {
 }
 
 /// Runs `flush` (a [`LogPace::flush_in`] of each pace it owns) every
-/// second until `stop`, and once more then, with `at_end`: the count of a
-/// flood's last second is logged when the flood ends, or when the program
-/// stops.
-pub async fn every_second(flush: impl Fn(bool), stop: CancellationToken) {
+/// second until `stop`: the count of a flood's last second is logged when
+/// the flood ends. The owner flushes `at_end` once its tasks are done.
+pub async fn every_second(flush: impl Fn(), stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return flush(true),
-            _ = tick.tick() => flush(false),
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => flush(),
         }
     }
 }

@@ -50,6 +50,9 @@ impl RunningManager {
         {
             tracing::warn!("manager tasks did not stop within 10 s");
         }
+        // The second under way, and what was refused while the tasks
+        // ended, counted too.
+        self.core.flush_logged(true);
         let _ = self.core.store.flush();
     }
 
@@ -114,7 +117,7 @@ pub async fn start(
     tracker.spawn(housekeeping(core.clone(), shutdown.clone()));
     let paced = core.clone();
     tracker.spawn(fleet_broker::log_pace::every_second(
-        move |at_end| paced.flush_logged(at_end),
+        move || paced.flush_logged(false),
         shutdown.clone(),
     ));
 
