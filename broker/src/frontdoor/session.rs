@@ -1276,8 +1276,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// When a client that owes an answer to a QoS 1 or 2 PUBLISH and gives
 /// none is closed: as long after its last answer, or after the last
-/// progress of a write to it if that came later (what it owes may still be
-/// on its way), as it may take no byte of what is written to it
+/// progress of a write of such a PUBLISH to it if that came later (what it
+/// owes may still be on its way), as it may take no byte of what is
+/// written to it
 /// ([`Framed::write_stall`]: 1.5 × its keep-alive, at most 30 s). Until
 /// then the router keeps what it would send it (up to 4 MiB per filter);
 /// a client that never acknowledges would pin that for its connection's
