@@ -4,6 +4,7 @@
 //! client announced ([`outbound`]). The router link is in process
 //! (`LinkTx`/`LinkRx`), so a device costs one file descriptor.
 
+mod answers;
 mod outbound;
 
 use std::collections::HashMap;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::shown::{shown_bytes, Shown};
+use answers::Answers;
 use bytes::Bytes;
 use outbound::{Out, Outbound};
 
@@ -983,6 +985,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     // filters went to the router.
     let mut partial: HashMap<u16, Vec<bool>> = HashMap::new();
     let mut aliases = TopicAliases::default();
+    let mut answers = Answers::default();
     let super::Carried {
         filters: subscribed,
         unreleased,
@@ -1070,7 +1073,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             match version.refused_publish(qos, pkid) {
                                 Some(answer) => {
                                     refusal!(complaints, identity, identity = %identity.label(), topic = %Shown(&topic), qos, "publish refused");
-                                    framed.write(vec![answer]).await?;
+                                    if answers.refused(qos, pkid)? {
+                                        framed.write(vec![answer]).await?;
+                                    }
                                     continue;
                                 }
                                 None => {
@@ -1127,6 +1132,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         if let Some(data) = props.as_mut().and_then(|p| p.correlation_data.as_mut()) {
                             *data = Bytes::copy_from_slice(data);
                         }
+                        answers.passed(publish.qos_and_pkid().0 as u8);
                         untold |= !send(tx, Packet::Publish(publish, props))?;
                         if let Some(pkid) = released {
                             untold |= !send(tx, pubrel(pkid))?;
@@ -1250,10 +1256,23 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     Packet::PubRec(..) => continue,
                     Packet::PubComp(done, _) => {
                         let id = u32::from(done.pkid);
+                        let mut to_client = Vec::new();
                         if let Some(at) = unreleased.iter().position(|p| *p == id | super::UNCONFIRMED) {
                             unreleased[at] = id;
-                            framed.write(vec![pubrec(done.pkid)]).await?;
+                            to_client.push(pubrec(done.pkid));
                         }
+                        to_client.extend(answers.answered(2).into_iter().filter_map(|pkid| version.refused_publish(2, pkid)));
+                        if !to_client.is_empty() {
+                            framed.write(to_client).await?;
+                        }
+                        continue;
+                    }
+                    // The router's answer to the client's QoS 1 PUBLISH, and
+                    // the refusals that waited for it.
+                    Packet::PubAck(ack, props) => {
+                        let mut to_client = vec![Packet::PubAck(ack, props)];
+                        to_client.extend(answers.answered(1).into_iter().filter_map(|pkid| version.refused_publish(1, pkid)));
+                        framed.write(to_client).await?;
                         continue;
                     }
                     Packet::Disconnect(ref bye, _) => {

@@ -1369,6 +1369,67 @@ async fn a_refusing_pubrec_ends_the_qos2_flow_without_a_pubrel() {
     );
 }
 
+/// An MQTT 5 PUBLISH at QoS 1 or 2 of `payload` to `topic` under `pkid`,
+/// with no properties.
+fn raw_publish(qos: u8, pkid: u16, topic: &str, payload: &[u8]) -> Vec<u8> {
+    let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+    body.extend(topic.as_bytes());
+    body.extend(pkid.to_be_bytes());
+    body.push(0);
+    body.extend_from_slice(payload);
+    frame(0x30 | qos << 1, &body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_are_answered_in_the_order_they_came_refused_or_not() {
+    let fleet = Fleet::start().await.unwrap();
+    // Its own request topic goes through to the router, which answers a
+    // little later; another device's is refused by the front door at once.
+    let (own, other) = ("fleet/v1/activate/po1", "fleet/v1/activate/po2");
+    let sent = [
+        (1, 1, own),
+        (1, 2, other),
+        (1, 3, own),
+        (1, 4, other),
+        (1, 5, other),
+        (2, 6, own),
+        (2, 7, other),
+        (2, 8, own),
+    ];
+    let answers = tokio::task::block_in_place(|| {
+        let mut raw = RawTls::connect(&fleet, "po1", 60, &[]);
+        let burst: Vec<u8> = sent
+            .iter()
+            .flat_map(|(qos, pkid, topic)| raw_publish(*qos, *pkid, topic, b"x"))
+            .collect();
+        raw.send(&burst).unwrap();
+        (0..sent.len()).map(|_| raw.next()).collect::<Vec<_>>()
+    });
+    // (packet type, packet id, reason code; a success may leave it out)
+    let answers: Vec<(u8, u16, u8)> = answers
+        .iter()
+        .map(|(first, body)| {
+            let pkid = u16::from_be_bytes([body[0], body[1]]);
+            (first >> 4, pkid, body.get(2).copied().unwrap_or(0))
+        })
+        .collect();
+    let of = |kind: u8| -> Vec<(u16, u8)> {
+        answers
+            .iter()
+            .filter(|a| a.0 == kind)
+            .map(|a| (a.1, a.2))
+            .collect()
+    };
+    // PUBACKs in the order of their PUBLISHes, and PUBRECs in theirs
+    // (MQTT 5 §4.6); how the two interleave is not the client's business.
+    assert_eq!(
+        of(4),
+        [(1, 0), (2, 0x87), (3, 0), (4, 0x87), (5, 0x87)],
+        "{answers:?}"
+    );
+    assert_eq!(of(5), [(6, 0), (7, 0x87), (8, 0)], "{answers:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_maximum_packet_size_of_0_is_refused() {
     let fleet = Fleet::start().await.unwrap();
