@@ -1627,14 +1627,21 @@ impl Core {
     }
 
     /// The tenants each device may use at the broker (`GET /v1/grants`,
-    /// the mosquitto ACL): its registered service until it is active, then
-    /// [`Core::granted_services`]; then each provider's services, under
-    /// its principal `provider.{name}`.
+    /// the mosquitto ACL): its registered service until its first
+    /// activation (it holds no certificate yet, and its first connection
+    /// then need not wait for the ACL to catch up), then
+    /// [`Core::granted_services`] while it is active, and none once an
+    /// operator has reset it, until it activates again: a connection of
+    /// its revoked certificate that mosquitto still holds may then do
+    /// nothing. Then each provider's services, under its principal
+    /// `provider.{name}`.
     pub fn grants(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
         let mut out = Vec::new();
         for reg in self.store.registrations()? {
             let services = match self.store.device(&reg.device_id)? {
                 Some(d) => self.granted_services(&d)?,
+                // Reset: it has had a service period, hence a certificate.
+                None if !self.store.history(&reg.device_id)?.is_empty() => continue,
                 None => vec![reg.initial_service.clone()],
             };
             out.push((reg.device_id, services));
@@ -1959,6 +1966,40 @@ mod tests {
         core.handle("fleet/v1/activate/ghost", b"\xff not cbor");
         assert!(!core.contested("ghost"));
         assert!(!core.refused_unchecked.lock().unwrap().contains_key("ghost"));
+    }
+
+    /// The grants an external broker's ACL is made from: a registered
+    /// device's service before its first activation, its service once
+    /// certified, none once reset (its revoked certificate's connection,
+    /// if mosquitto still holds one, may then do nothing), and its service
+    /// again once it activates anew.
+    #[test]
+    fn a_reset_device_is_granted_nothing_until_it_activates_again() {
+        let (_dir, core) = core();
+        let granted = |core: &Core, d: &str| {
+            core.grants()
+                .unwrap()
+                .into_iter()
+                .find(|(id, _)| id == d)
+                .map(|(_, services)| services)
+        };
+        let factory = registered(&core, "d1");
+        assert_eq!(granted(&core, "d1"), Some(vec!["svcA".to_string()]));
+        let (request, eph) = activate_request("d1", &factory);
+        let topic = Topic::bootstrap(Route::Request(RequestKind::Activate, "d1".into()));
+        let reply = ask(&core, &topic, request);
+        let uuid = crypto::unseal(&eph, "d1", reply.uuid.as_ref().unwrap()).unwrap();
+        assert_eq!(update(&core, "d1", "svcA", None, &uuid).status, Status::Ok);
+        assert_eq!(granted(&core, "d1"), Some(vec!["svcA".to_string()]));
+
+        assert!(core.reset("d1").unwrap());
+        assert_eq!(granted(&core, "d1"), None);
+
+        let (request, eph) = activate_request("d1", &factory);
+        let reply = ask(&core, &topic, request);
+        assert_eq!(reply.status, Status::Ok);
+        crypto::unseal(&eph, "d1", reply.uuid.as_ref().unwrap()).unwrap();
+        assert_eq!(granted(&core, "d1"), Some(vec!["svcA".to_string()]));
     }
 
     #[test]
