@@ -135,7 +135,7 @@ impl std::fmt::Debug for RunningBroker {
 }
 
 /// Reads the internal secret, creating it (mode 0600) if missing.
-fn internal_secret(path: &Path) -> Result<String, BrokerError> {
+pub fn internal_secret(path: &Path) -> Result<String, BrokerError> {
     let err = |e| BrokerError::Secret(path.display().to_string(), e);
     match std::fs::read_to_string(path) {
         Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),

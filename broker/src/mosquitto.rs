@@ -58,6 +58,35 @@ pub struct MosquittoParams {
     pub out_dir: PathBuf,
     /// The OS user mosquitto keeps (the CA and broker keys are 0600).
     pub user: String,
+    /// Largest packet the main mosquitto takes (the front door's
+    /// `max_packet_size`).
+    pub max_packet_size: usize,
+    /// Largest packet the bootstrap mosquitto takes (the front door's
+    /// `max_bootstrap_packet_size`): anyone may send one there, and each
+    /// is carried to the manager.
+    pub max_bootstrap_packet_size: usize,
+}
+
+/// The file, in the output directory, where the main mosquitto writes its
+/// pid (`pid_file`): a command that reloads it reads it there, so that it
+/// follows a mosquitto that was restarted.
+pub const MAIN_PID_FILE: &str = "mosquitto.pid";
+
+/// The pid of the running mosquitto that `out_dir`'s [`MAIN_PID_FILE`]
+/// names; `None` if there is no such file, or no mosquitto runs under its
+/// pid (one that ended without removing it, its pid since reused).
+pub fn main_pid(out_dir: &Path) -> Option<u32> {
+    let pid = std::fs::read_to_string(out_dir.join(MAIN_PID_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    is_mosquitto(pid).then_some(pid)
+}
+
+/// Whether process `pid` runs and is a mosquitto.
+pub fn is_mosquitto(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "mosquitto")
 }
 
 /// One device's grant on the service listener.
@@ -189,12 +218,13 @@ pub fn runs_with_openssl_cnf(pid: u32, out_dir: &Path) -> Option<bool> {
 pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<MosquittoFiles> {
     let out = abs(&p.out_dir);
     let certs = abs(&p.certs_dir);
-    let common = |conf: &mut String, acl_file: &str| {
+    let common = |conf: &mut String, acl_file: &str, pid_file: &str, max_packet: usize| {
         let _ = writeln!(conf, "per_listener_settings false");
         let _ = writeln!(conf, "acl_file {out}/{acl_file}");
+        let _ = writeln!(conf, "pid_file {out}/{pid_file}");
         let _ = writeln!(conf, "persistence false\nlog_dest stderr");
         let _ = writeln!(conf, "user {}", p.user);
-        let _ = writeln!(conf, "max_packet_size {}", 256 * 1024);
+        let _ = writeln!(conf, "max_packet_size {max_packet}");
         // No client stores a message: the protocol retains nothing, and a
         // bootstrap client whose id has a '/' could otherwise leave one in
         // another's reply topic for it to find at its next subscribe.
@@ -211,7 +241,7 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
     // ACL per listener, mosquitto 2.0.12 to 2.0.22 refuse every message
     // for a client that is away (its listener is forgotten at disconnect),
     // so a kept session, the manager's among them, would get nothing.
-    common(&mut conf, "acl");
+    common(&mut conf, "acl", MAIN_PID_FILE, p.max_packet_size);
     let _ = writeln!(conf, "allow_anonymous false");
     let _ = writeln!(conf, "password_file {out}/passwd");
     // The manager takes bootstrap requests at QoS 0 (topics.md §5.4); its
@@ -249,7 +279,12 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
          # mosquitto (mosquitto.conf) through its internal listener.\n\
          # Run with OPENSSL_CONF={out}/openssl.cnf."
     );
-    common(&mut bootstrap_conf, "bootstrap-acl");
+    common(
+        &mut bootstrap_conf,
+        "bootstrap-acl",
+        "bootstrap.pid",
+        p.max_bootstrap_packet_size,
+    );
     // Its clients are to keep no session (as on fleetshift's broker); one
     // that asks for one keeps it an hour at most.
     let _ = writeln!(bootstrap_conf, "persistent_client_expiration 1h");
@@ -359,7 +394,7 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
         }
     }
 
-    let mut cafile = std::fs::read_to_string(p.certs_dir.join("root-ca.pem"))?;
+    let mut cafile = read_named(&p.certs_dir.join("root-ca.pem"))?;
     let mut crlfile = String::new();
     for (sub, into) in [("services", &mut cafile), ("crl", &mut crlfile)] {
         let mut files: Vec<PathBuf> = std::fs::read_dir(p.certs_dir.join(sub))
@@ -372,7 +407,7 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
             .unwrap_or_default();
         files.sort();
         for f in files {
-            into.push_str(&std::fs::read_to_string(f)?);
+            into.push_str(&read_named(&f)?);
         }
     }
     Ok(MosquittoFiles {
@@ -383,6 +418,12 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
         cafile,
         crlfile,
     })
+}
+
+/// A file's text; an error names the file.
+fn read_named(path: &Path) -> std::io::Result<String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
 /// The serials every CRL in `crlfile` (PEM CRLs one after another)
@@ -514,6 +555,8 @@ mod tests {
             certs_dir: certs,
             out_dir,
             user: "nobody".into(),
+            max_packet_size: 256 * 1024,
+            max_bootstrap_packet_size: 32 * 1024,
         }
     }
 
@@ -531,6 +574,7 @@ mod tests {
                 };
                 if [
                     "acl_file",
+                    "pid_file",
                     "password_file",
                     "cafile",
                     "crlfile",
@@ -544,6 +588,39 @@ mod tests {
             }
         }
         assert!(!Path::new("not-made-yet").exists());
+    }
+
+    /// Each mosquitto takes packets up to its front-door counterpart's
+    /// limit, and writes its pid where a reload looks for it.
+    #[test]
+    fn each_mosquitto_has_its_listener_s_packet_limit_and_a_pid_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = params(dir.path(), dir.path().join("out"));
+        let files = render(&p, &[]).unwrap();
+        let setting = |conf: &str, key: &str| -> Vec<String> {
+            conf.lines()
+                .filter_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix(' ')))
+                .map(str::to_string)
+                .collect()
+        };
+        assert_eq!(setting(&files.conf, "max_packet_size"), ["262144"]);
+        assert_eq!(setting(&files.bootstrap_conf, "max_packet_size"), ["32768"]);
+        let out = abs(&p.out_dir);
+        assert_eq!(
+            setting(&files.conf, "pid_file"),
+            [format!("{out}/{MAIN_PID_FILE}")]
+        );
+        assert_eq!(
+            setting(&files.bootstrap_conf, "pid_file"),
+            [format!("{out}/bootstrap.pid")]
+        );
+        // No pid file, or one naming no mosquitto: nothing to reload.
+        assert_eq!(main_pid(&p.out_dir), None);
+        std::fs::create_dir_all(&p.out_dir).unwrap();
+        let own = std::process::id();
+        std::fs::write(p.out_dir.join(MAIN_PID_FILE), format!("{own}\n")).unwrap();
+        assert!(!is_mosquitto(own));
+        assert_eq!(main_pid(&p.out_dir), None);
     }
 
     /// The bridge's secret is made once and kept; the password file holds

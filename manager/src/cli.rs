@@ -31,7 +31,9 @@ pub enum Command {
         embedded_broker: bool,
     },
     /// Create the development PKI if missing (root CA, broker certificate, signing key),
-    /// in --dir, else in the configuration's certs_dir.
+    /// in --dir, else in the configuration's certs_dir, and the manager's secret at
+    /// the broker's internal listener (`internal.secret` there, mode 0600), which
+    /// an external broker's configuration takes (`mosquitto-config --secret-file`).
     PkiInit {
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -86,18 +88,23 @@ pub enum Command {
     /// listeners, ACL from the registry, CA bundle, CRLs) and
     /// OUT/bootstrap.conf (the bootstrap listener, bridged to the first),
     /// and `openssl.cnf`, the OpenSSL configuration to run both with
-    /// (OPENSSL_CONF=OUT/openssl.cnf); with --reload-pid, tell the main one
-    /// to reload it.
+    /// (OPENSSL_CONF=OUT/openssl.cnf); with --reload or --reload-pid, tell
+    /// the main one to reload it.
     MosquittoConfig {
         /// The manager's admin API [default: `admin_listen` of --config and
         /// FLEET_* variables, else 127.0.0.1:8080]
         #[arg(long)]
         admin: Option<String>,
-        #[arg(long, default_value = "certs")]
-        certs: PathBuf,
+        /// The PKI's directory [default: `certs_dir` of --config and FLEET_*
+        /// variables, else certs]
+        #[arg(long)]
+        certs: Option<PathBuf>,
         #[arg(long)]
         out: PathBuf,
-        /// File with the manager's secret at the broker (written hashed to the password file).
+        /// File with the manager's secret at the broker (written hashed to
+        /// the password file); made (mode 0600) if missing, as the
+        /// embedded broker makes its own. The manager connects with the
+        /// same file (FLEET_BROKER_PASSWORD_FILE).
         #[arg(long)]
         secret_file: Option<PathBuf>,
         #[arg(long, default_value = "127.0.0.1:1883")]
@@ -106,13 +113,22 @@ pub enum Command {
         bootstrap: std::net::SocketAddr,
         #[arg(long, default_value = "127.0.0.1:8883")]
         service: std::net::SocketAddr,
+        /// Reload the main mosquitto (SIGHUP) once the files are written:
+        /// the one whose pid it writes to OUT/mosquitto.pid (the generated
+        /// configuration's `pid_file`), so that a restarted mosquitto is
+        /// followed.
+        #[arg(long)]
+        reload: bool,
+        /// The same, signalling this pid until OUT/mosquitto.pid names a
+        /// running mosquitto (for one started with a configuration that
+        /// wrote no pid file).
         #[arg(long)]
         reload_pid: Option<u32>,
         /// Keep running: look at the registry and the CRLs every this many
         /// milliseconds, and write the files (and reload mosquitto) whenever
         /// they change, so that grants and revocations reach mosquitto
-        /// without anyone running this again. With the secret and
-        /// --reload-pid, a revoked certificate's live connection is also cut
+        /// without anyone running this again. With the secret and --reload
+        /// (or --reload-pid), a revoked certificate's live connection is also cut
         /// (see topics.md §10.3).
         #[arg(long)]
         watch_ms: Option<u64>,
@@ -227,6 +243,12 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             let pki = fleet_pki::Pki::open_or_create(&dir)?;
             let how = if existed { "already there" } else { "created" };
             println!("PKI {how} in {}", pki.dir().display());
+            let secret = dir.join("internal.secret");
+            let existed = secret.exists();
+            fleet_broker::internal_secret(&secret)?;
+            if !existed {
+                println!("internal listener secret created in {}", secret.display());
+            }
         }
         Command::PrintConfig => println!(
             "{}",
@@ -298,25 +320,35 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             internal,
             bootstrap,
             service,
+            reload,
             reload_pid,
             watch_ms,
             coalesce_ms,
         } => {
             let admin = admin_of(admin)?;
             let secret = secret_file
-                .map(|f| {
-                    std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))
-                })
+                .map(|f| fleet_broker::internal_secret(&f))
                 .transpose()?;
+            let config = ManagerConfig::load(config_path.as_deref())?;
             let params = fleet_broker::mosquitto::MosquittoParams {
                 internal,
                 bootstrap_tls: bootstrap,
                 service,
-                certs_dir: certs,
+                certs_dir: certs.unwrap_or(config.certs_dir),
                 out_dir: out,
                 user: current_user(),
+                max_packet_size: config.broker.max_packet_size,
+                max_bootstrap_packet_size: config
+                    .broker
+                    .max_bootstrap_packet_size
+                    .min(config.broker.max_packet_size),
             };
-            let secret = secret.as_deref().map(str::trim);
+            let reload = match (reload_pid, reload) {
+                (Some(pid), _) => Some(Reload::Pid(pid)),
+                (None, true) => Some(Reload::PidFile),
+                (None, false) => None,
+            };
+            let secret = secret.as_deref();
             if let Some(ms) = watch_ms {
                 let stop = CancellationToken::new();
                 let stopping = stop.clone();
@@ -328,9 +360,9 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
                     every: std::time::Duration::from_millis(ms.max(100)),
                     coalesce: std::time::Duration::from_millis(coalesce_ms),
                 };
-                watch_mosquitto_config(&admin, &params, secret, reload_pid, looks, stop).await?;
+                watch_mosquitto_config(&admin, &params, secret, reload, looks, stop).await?;
             } else {
-                let n = write_mosquitto_config(&admin, &params, secret, reload_pid).await?;
+                let n = write_mosquitto_config(&admin, &params, secret, reload).await?;
                 print(json!({
                     "devices": n,
                     "out": params.out_dir,
@@ -394,17 +426,50 @@ pub fn current_user() -> String {
         .unwrap_or_else(|| "root".into())
 }
 
+/// Which mosquitto `mosquitto-config` reloads (SIGHUP) once it has written
+/// the files: the main one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reload {
+    /// The one whose pid is in the output directory's pid file
+    /// ([`fleet_broker::mosquitto::MAIN_PID_FILE`]), which the generated
+    /// configuration has mosquitto write when it starts: a mosquitto
+    /// restarted since is followed.
+    PidFile,
+    /// This pid, until the pid file names a running mosquitto.
+    Pid(u32),
+}
+
+impl Reload {
+    /// The pid to signal now. A pid under which no mosquitto runs (it
+    /// ended; its pid may since be another process's) is not signalled.
+    pub fn pid(self, out_dir: &std::path::Path) -> anyhow::Result<u32> {
+        use fleet_broker::mosquitto::{is_mosquitto, main_pid, MAIN_PID_FILE};
+        if let Some(pid) = main_pid(out_dir) {
+            return Ok(pid);
+        }
+        let file = out_dir.join(MAIN_PID_FILE);
+        match self {
+            Reload::Pid(pid) if is_mosquitto(pid) => Ok(pid),
+            Reload::Pid(pid) => anyhow::bail!(
+                "no mosquitto runs as pid {pid}, nor as the pid in {}",
+                file.display()
+            ),
+            Reload::PidFile => anyhow::bail!("{} names no running mosquitto", file.display()),
+        }
+    }
+}
+
 /// Renders the mosquitto configuration from the running manager's grants,
-/// writes it, and optionally sends SIGHUP to mosquitto. Returns the number
+/// writes it, and optionally has mosquitto reload it. Returns the number
 /// of devices granted.
 pub async fn write_mosquitto_config(
     admin: &str,
     params: &fleet_broker::mosquitto::MosquittoParams,
     secret: Option<&str>,
-    reload_pid: Option<u32>,
+    reload: Option<Reload>,
 ) -> anyhow::Result<usize> {
     let (files, grants) = render_from_registry(admin, params).await?;
-    apply_mosquitto_config(params, &files, secret, reload_pid)?;
+    apply_mosquitto_config(params, &files, secret, reload)?;
     Ok(grants.len())
 }
 
@@ -414,7 +479,11 @@ pub async fn write_mosquitto_config(
 /// [`WatchTimes`]), until `stop`. Whatever fails (the manager unreachable,
 /// a write, the reload) is logged and tried again at the next look.
 ///
-/// With the manager's `secret` and mosquitto's pid, it also cuts the live
+/// It follows a restarted mosquitto through its pid file (see [`Reload`]):
+/// the restarted one reads the files last written when it starts, and any
+/// reload that failed while it was away is done at the next look.
+///
+/// With the manager's `secret` and a `reload`, it also cuts the live
 /// connection of every certificate the CRLs newly revoke with status
 /// `revoked` (an operator's reset, a provider revoked), which mosquitto
 /// itself leaves open until the client reconnects: see
@@ -423,12 +492,14 @@ pub async fn write_mosquitto_config(
 /// (a client that re-enrolled within that look is cut once too, and
 /// reconnects). A superseded certificate is not cut: its device moved to
 /// the newer one, whose connection, under the same client id, already
-/// displaced it. Revocations from before the watcher started are not cut.
+/// displaced it. Revocations from before the watcher started are not cut;
+/// the ACL grants a reset device nothing, so a connection of its that
+/// mosquitto still holds can do nothing once mosquitto has reloaded.
 pub async fn watch_mosquitto_config(
     admin: &str,
     params: &fleet_broker::mosquitto::MosquittoParams,
     secret: Option<&str>,
-    reload_pid: Option<u32>,
+    reload: Option<Reload>,
     looks: WatchTimes,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -439,13 +510,15 @@ pub async fn watch_mosquitto_config(
     let mut known: Option<std::collections::BTreeSet<String>> = None;
     // Principals cut at the last look, cut again at this one.
     let mut cut_again: Vec<String> = Vec::new();
-    let cutting = secret.filter(|_| reload_pid.is_some());
+    let cutting = secret.filter(|_| reload.is_some());
     if cutting.is_none() {
         tracing::warn!(
-            "without --secret-file and --reload-pid, connections of revoked \
+            "without --secret-file and --reload, connections of revoked \
              certificates stay open on mosquitto until their clients reconnect"
         );
     }
+    // The pid reloaded last, to tell when mosquitto was restarted.
+    let mut reloaded: Option<u32> = None;
     loop {
         let mut to_cut = Vec::new();
         match render_from_registry(admin, params).await {
@@ -494,9 +567,19 @@ pub async fn watch_mosquitto_config(
                             params,
                             &files,
                             secret.filter(|_| first),
-                            reload_pid,
+                            reload,
                         ) {
-                            Ok(()) => {
+                            Ok(pid) => {
+                                if let (Some(before), Some(now)) = (reloaded, pid) {
+                                    if before != now {
+                                        tracing::info!(
+                                            before,
+                                            now,
+                                            "mosquitto was restarted; reloading the new one"
+                                        );
+                                    }
+                                }
+                                reloaded = pid.or(reloaded);
                                 tracing::info!(
                                     devices = grants.len(),
                                     urgent,
@@ -642,30 +725,33 @@ pub async fn cut_connection(
     .context("mosquitto did not answer within 5 s")?
 }
 
-/// Writes `files` and, with a pid, tells that mosquitto to reload them.
+/// Writes `files` and, with `reload`, tells the main mosquitto to reload
+/// them; returns the pid it told.
 fn apply_mosquitto_config(
     params: &fleet_broker::mosquitto::MosquittoParams,
     files: &fleet_broker::mosquitto::MosquittoFiles,
     secret: Option<&str>,
-    reload_pid: Option<u32>,
-) -> anyhow::Result<()> {
+    reload: Option<Reload>,
+) -> anyhow::Result<Option<u32>> {
     fleet_broker::mosquitto::write(params, files, secret)?;
-    if let Some(pid) = reload_pid {
-        if fleet_broker::mosquitto::runs_with_openssl_cnf(pid, &params.out_dir) == Some(false) {
-            tracing::warn!(
-                pid,
-                openssl_cnf = %params.out_dir.join("openssl.cnf").display(),
-                "mosquitto does not run with OPENSSL_CONF set to this openssl.cnf: \
-                 its TLS sessions resume without their certificate checked"
-            );
-        }
-        let status = std::process::Command::new("kill")
-            .arg("-HUP")
-            .arg(pid.to_string())
-            .status()?;
-        anyhow::ensure!(status.success(), "could not signal mosquitto (pid {pid})");
+    let Some(reload) = reload else {
+        return Ok(None);
+    };
+    let pid = reload.pid(&params.out_dir)?;
+    if fleet_broker::mosquitto::runs_with_openssl_cnf(pid, &params.out_dir) == Some(false) {
+        tracing::warn!(
+            pid,
+            openssl_cnf = %params.out_dir.join("openssl.cnf").display(),
+            "mosquitto does not run with OPENSSL_CONF set to this openssl.cnf: \
+             its TLS sessions resume without their certificate checked"
+        );
     }
-    Ok(())
+    let status = std::process::Command::new("kill")
+        .arg("-HUP")
+        .arg(pid.to_string())
+        .status()?;
+    anyhow::ensure!(status.success(), "could not signal mosquitto (pid {pid})");
+    Ok(Some(pid))
 }
 
 /// The files for the registry's grants now, and how many principals they

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use fleet_device_sim::{DeviceEvent, KeyMode};
+use fleet_manager::cli::Reload;
 use fleet_manager::ManagerConfig;
 use fleet_protocol::{Route, Topic};
 use fleet_testkit::{eventually, Devices, Mosquitto, Probe};
@@ -108,6 +109,8 @@ async fn generated_mosquitto_rules_hold() {
         certs_dir: certs.clone(),
         out_dir: dir.path().join("mosquitto"),
         user: fleet_manager::cli::current_user(),
+        max_packet_size: 256 * 1024,
+        max_bootstrap_packet_size: 32 * 1024,
     };
     let secret = "manager-secret-for-this-test";
     // First render, before the manager runs: no grants yet.
@@ -138,8 +141,9 @@ async fn generated_mosquitto_rules_hold() {
         .await
         .unwrap();
     let admin = manager.admin_addr.to_string();
-    let regenerate =
-        || fleet_manager::cli::write_mosquitto_config(&admin, &params, None, Some(pid));
+    let regenerate = || {
+        fleet_manager::cli::write_mosquitto_config(&admin, &params, None, Some(Reload::Pid(pid)))
+    };
 
     let devices = Devices::new(dir.path().join("devices"));
     let mut regs = Vec::new();
@@ -384,7 +388,7 @@ async fn generated_mosquitto_rules_hold() {
                 &admin,
                 &params,
                 Some(secret),
-                Some(pid),
+                Some(Reload::PidFile),
                 looks,
                 stop,
             )
@@ -486,6 +490,39 @@ async fn generated_mosquitto_rules_hold() {
         devices.events_of("ext1")
     );
     assert_eq!(connects("ext2"), connected_before[1]);
+
+    // The main mosquitto is restarted, under a new pid: the watcher
+    // follows it through the pid file mosquitto writes. An operator resets
+    // ext3, whose certificate a client then holds a connection with: the
+    // reset device leaves the ACL, and the restarted mosquitto, reloaded,
+    // refuses its certificate, and its connection is cut.
+    drop(mosquitto);
+    let mosquitto = fleet_testkit::Mosquitto::spawn(&conf, dir.path()).unwrap();
+    assert_ne!(mosquitto.id(), pid);
+    assert_eq!(
+        fleet_broker::mosquitto::main_pid(&params.out_dir),
+        Some(mosquitto.id())
+    );
+    let ext3 = |id| {
+        let (chain, key) = (creds.chain_pem.clone(), creds.key_pem.clone());
+        Probe::mtls(params.service, id, &root, chain, key)
+    };
+    let held = ext3("ext3-held").await.unwrap();
+    fleet_manager::admin::call(&admin, "POST", "/v1/devices/ext3/reset", None)
+        .await
+        .unwrap();
+    held.wait_cut(T, "the reset device's connection to be cut")
+        .await
+        .unwrap();
+    eventually(T, "the reset device's certificate to be refused", || {
+        let refused = ext3("ext3-again");
+        async move { refused.await.is_err().then_some(()) }
+    })
+    .await
+    .unwrap();
+    let acl = std::fs::read_to_string(params.out_dir.join("acl")).unwrap();
+    assert!(!acl.contains("\nuser ext3\n"), "{acl}");
+    assert!(acl.contains("\nuser ext2\n"), "{acl}");
     watching.cancel();
     watcher.await.unwrap().unwrap();
 

@@ -386,3 +386,52 @@ async fn idle_admin_connections_are_capped() {
     assert!(open(&idle) <= 64);
     drop(idle);
 }
+
+/// `pki-init` also makes the secret the manager and an external broker
+/// share (mode 0600, kept once made), and `mosquitto-config` finds the PKI
+/// where the configuration says, without `--certs`.
+#[tokio::test]
+async fn pki_init_makes_the_shared_secret_and_mosquitto_config_finds_the_pki() {
+    use std::os::unix::fs::PermissionsExt;
+    let fleet = Fleet::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("pki");
+    let certs_arg = certs.to_str().unwrap();
+    cli(&["pki-init", "--dir", certs_arg]).await;
+    let secret_path = certs.join("internal.secret");
+    let secret = std::fs::read_to_string(&secret_path).unwrap();
+    assert_eq!(secret.trim().len(), 64, "{secret:?}");
+    let mode = std::fs::metadata(&secret_path)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    cli(&["pki-init", "--dir", certs_arg]).await;
+    assert_eq!(std::fs::read_to_string(&secret_path).unwrap(), secret);
+
+    // The fleet's own PKI, named by the configuration alone.
+    let config = dir.path().join("manager.toml");
+    let fleet_certs = fleet.certs_dir();
+    std::fs::write(
+        &config,
+        format!("certs_dir = {:?}\n", fleet_certs.to_str().unwrap()),
+    )
+    .unwrap();
+    let out = dir.path().join("mq");
+    let admin = fleet.admin();
+    let config_arg = config.to_str().unwrap();
+    let out_arg = out.to_str().unwrap();
+    cli(&[
+        "--config",
+        config_arg,
+        "mosquitto-config",
+        "--admin",
+        &admin,
+        "--out",
+        out_arg,
+    ])
+    .await;
+    let root = std::fs::read_to_string(fleet_certs.join("root-ca.pem")).unwrap();
+    let cafile = std::fs::read_to_string(out.join("cafile.pem")).unwrap();
+    assert!(cafile.starts_with(&root));
+}
