@@ -1503,9 +1503,22 @@ impl Core {
 
     /// Every provider's grants, by principal (`provider.{name}`).
     pub fn provider_grants(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+        self.provider_grants_at(None)
+    }
+
+    /// [`Core::provider_grants`], leaving out certificates past their
+    /// notAfter at `now` (Unix seconds) if given.
+    fn provider_grants_at(
+        &self,
+        now: Option<u64>,
+    ) -> Result<Vec<(String, Vec<String>)>, StoreError> {
         let mut providers: std::collections::BTreeMap<String, Vec<String>> = Default::default();
         for c in self.store.certs()? {
-            if c.device_id.starts_with(grants::PROVIDER_PREFIX) && c.revoked_ms.is_none() {
+            let expired = now.is_some_and(|now| c.not_after < now);
+            if c.device_id.starts_with(grants::PROVIDER_PREFIX)
+                && c.revoked_ms.is_none()
+                && !expired
+            {
                 providers.entry(c.device_id).or_default().push(c.service_id);
             }
         }
@@ -1631,22 +1644,35 @@ impl Core {
     /// activation (it holds no certificate yet, and its first connection
     /// then need not wait for the ACL to catch up), then
     /// [`Core::granted_services`] while it is active, and none once an
-    /// operator has reset it, until it activates again: a connection of
-    /// its revoked certificate that mosquitto still holds may then do
-    /// nothing. Then each provider's services, under its principal
+    /// operator has reset it, until it activates again, nor while its
+    /// certificate is past its notAfter, until it has a new one: a
+    /// connection of a certificate that mosquitto refuses now but still
+    /// holds may then do nothing. Then each provider's services (those of
+    /// its certificates neither revoked nor expired), under its principal
     /// `provider.{name}`.
     pub fn grants(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+        let now = now_ms() / 1000;
         let mut out = Vec::new();
         for reg in self.store.registrations()? {
             let services = match self.store.device(&reg.device_id)? {
-                Some(d) => self.granted_services(&d)?,
+                Some(d) => {
+                    if let Some(serial) = &d.current_cert {
+                        // (notAfter is in whole seconds, valid through its last.)
+                        if self.store.cert(serial)?.is_some_and(|c| c.not_after < now) {
+                            continue;
+                        }
+                    }
+                    self.granted_services(&d)?
+                }
                 // Reset: it has had a service period, hence a certificate.
                 None if !self.store.history(&reg.device_id)?.is_empty() => continue,
                 None => vec![reg.initial_service.clone()],
             };
             out.push((reg.device_id, services));
         }
-        out.extend(self.provider_grants()?);
+        for (principal, services) in self.provider_grants_at(Some(now))? {
+            out.push((principal, services));
+        }
         Ok(out)
     }
 
@@ -1970,11 +1996,12 @@ mod tests {
 
     /// The grants an external broker's ACL is made from: a registered
     /// device's service before its first activation, its service once
-    /// certified, none once reset (its revoked certificate's connection,
-    /// if mosquitto still holds one, may then do nothing), and its service
-    /// again once it activates anew.
+    /// certified, none while its certificate is past its notAfter, none
+    /// once reset (its revoked certificate's connection, if mosquitto still
+    /// holds one, may then do nothing), and its service again once it
+    /// activates anew.
     #[test]
-    fn a_reset_device_is_granted_nothing_until_it_activates_again() {
+    fn a_reset_or_expired_device_is_granted_nothing_until_it_is_certified_again() {
         let (_dir, core) = core();
         let granted = |core: &Core, d: &str| {
             core.grants()
@@ -1990,6 +2017,23 @@ mod tests {
         let reply = ask(&core, &topic, request);
         let uuid = crypto::unseal(&eph, "d1", reply.uuid.as_ref().unwrap()).unwrap();
         assert_eq!(update(&core, "d1", "svcA", None, &uuid).status, Status::Ok);
+        assert_eq!(granted(&core, "d1"), Some(vec!["svcA".to_string()]));
+
+        // Its certificate past its notAfter: nothing, until a new one.
+        let serial = core
+            .store
+            .device("d1")
+            .unwrap()
+            .unwrap()
+            .current_cert
+            .unwrap();
+        let mut cert = core.store.cert(&serial).unwrap().unwrap();
+        let not_after = cert.not_after;
+        cert.not_after = now_ms() / 1000 - 1;
+        core.store.put_cert(&cert).unwrap();
+        assert_eq!(granted(&core, "d1"), None);
+        cert.not_after = not_after;
+        core.store.put_cert(&cert).unwrap();
         assert_eq!(granted(&core, "d1"), Some(vec!["svcA".to_string()]));
 
         assert!(core.reset("d1").unwrap());

@@ -523,6 +523,21 @@ async fn generated_mosquitto_rules_hold() {
     let acl = std::fs::read_to_string(params.out_dir.join("acl")).unwrap();
     assert!(!acl.contains("\nuser ext3\n"), "{acl}");
     assert!(acl.contains("\nuser ext2\n"), "{acl}");
+    // ext2's certificate past its notAfter, as the registry has it: the
+    // ACL leaves ext2 out from the next reload on, so a connection that
+    // mosquitto still holds with it (it does not cut one, §10.3) can do
+    // nothing.
+    let store = &manager.core.store;
+    let serial = store.device("ext2").unwrap().unwrap().current_cert.unwrap();
+    let mut cert = store.cert(&serial).unwrap().unwrap();
+    cert.not_after = fleet_protocol::now_ms() / 1000 - 1;
+    store.put_cert(&cert).unwrap();
+    eventually(T, "the expired device to leave the ACL", || {
+        let acl = std::fs::read_to_string(params.out_dir.join("acl")).unwrap_or_default();
+        async move { (!acl.contains("\nuser ext2\n")).then_some(()) }
+    })
+    .await
+    .unwrap();
     watching.cancel();
     watcher.await.unwrap().unwrap();
 
