@@ -72,21 +72,74 @@ pub struct MosquittoParams {
 /// follows a mosquitto that was restarted.
 pub const MAIN_PID_FILE: &str = "mosquitto.pid";
 
-/// The pid of the running mosquitto that `out_dir`'s [`MAIN_PID_FILE`]
-/// names; `None` if there is no such file, or no mosquitto runs under its
-/// pid (one that ended without removing it, its pid since reused).
+/// The pid of the main mosquitto of `out_dir`: the mosquitto process
+/// whose configuration file (`-c`) is `out_dir`'s `mosquitto.conf`. The pid
+/// in [`MAIN_PID_FILE`] is tried first; failing that (no file, one left by
+/// a mosquitto that ended, or one removed by a second mosquitto of the same
+/// configuration as it failed to start), every process is looked at.
+/// `None` if no such mosquitto runs.
 pub fn main_pid(out_dir: &Path) -> Option<u32> {
-    let pid = std::fs::read_to_string(out_dir.join(MAIN_PID_FILE))
+    let conf = out_dir.join("mosquitto.conf");
+    let from_file = std::fs::read_to_string(out_dir.join(MAIN_PID_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    if let Some(pid) = from_file.filter(|pid| runs_conf(*pid, &conf)) {
+        return Some(pid);
+    }
+    std::fs::read_dir("/proc")
         .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    is_mosquitto(pid).then_some(pid)
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .find(|pid| runs_conf(*pid, &conf))
 }
 
 /// Whether process `pid` runs and is a mosquitto.
 pub fn is_mosquitto(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "mosquitto")
+}
+
+/// Whether process `pid` is a mosquitto started with `conf` as its
+/// configuration file (`-c` or `--config-file`; a relative path is taken
+/// from the process's working directory).
+pub fn runs_conf(pid: u32, conf: &Path) -> bool {
+    if !is_mosquitto(pid) {
+        return false;
+    }
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let Some(named) = args
+        .windows(2)
+        .find(|w| w[0] == b"-c" || w[0] == b"--config-file")
+        .map(|w| PathBuf::from(String::from_utf8_lossy(w[1]).into_owned()))
+    else {
+        return false;
+    };
+    let named = if named.is_absolute() {
+        named
+    } else {
+        match std::fs::read_link(format!("/proc/{pid}/cwd")) {
+            Ok(cwd) => cwd.join(named),
+            Err(_) => return false,
+        }
+    };
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    canonical(&named) == canonical(conf)
+}
+
+/// Whether process `pid` has its own handler for SIGHUP in place. A
+/// mosquitto writes its pid file before it loads its ACL, opens its
+/// listeners and sets up its signals; a SIGHUP before then would end it.
+pub fn takes_sighup(pid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & 1 == 1) // SIGHUP is signal 1
 }
 
 /// One device's grant on the service listener.
@@ -621,6 +674,15 @@ mod tests {
         std::fs::write(p.out_dir.join(MAIN_PID_FILE), format!("{own}\n")).unwrap();
         assert!(!is_mosquitto(own));
         assert_eq!(main_pid(&p.out_dir), None);
+        // A process that set no handler for SIGHUP would be ended by one.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let takes = takes_sighup(child.id());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!takes);
     }
 
     /// The bridge's secret is made once and kept; the password file holds

@@ -32,8 +32,9 @@ pub enum Command {
     },
     /// Create the development PKI if missing (root CA, broker certificate, signing key),
     /// in --dir, else in the configuration's certs_dir, and the manager's secret at
-    /// the broker's internal listener (`internal.secret` there, mode 0600), which
-    /// an external broker's configuration takes (`mosquitto-config --secret-file`).
+    /// the broker's internal listener (mode 0600; `internal.secret` in --dir, else the
+    /// configuration's `broker.internal_secret_file`), which an external broker's
+    /// configuration takes (`mosquitto-config --secret-file`).
     PkiInit {
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -102,9 +103,8 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
         /// File with the manager's secret at the broker (written hashed to
-        /// the password file); made (mode 0600) if missing, as the
-        /// embedded broker makes its own. The manager connects with the
-        /// same file (FLEET_BROKER_PASSWORD_FILE).
+        /// the password file); `pki-init` makes one. The manager connects
+        /// with the same file (FLEET_BROKER_PASSWORD_FILE).
         #[arg(long)]
         secret_file: Option<PathBuf>,
         #[arg(long, default_value = "127.0.0.1:1883")]
@@ -117,7 +117,7 @@ pub enum Command {
         /// the one whose pid it writes to OUT/mosquitto.pid (the generated
         /// configuration's `pid_file`), so that a restarted mosquitto is
         /// followed.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "reload_pid")]
         reload: bool,
         /// The same, signalling this pid until OUT/mosquitto.pid names a
         /// running mosquitto (for one started with a configuration that
@@ -235,15 +235,17 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             tracing::info!("stopped");
         }
         Command::PkiInit { dir } => {
-            let dir = match dir {
-                Some(dir) => dir,
-                None => ManagerConfig::load(cli.config.as_deref())?.certs_dir,
+            let (dir, secret) = match dir {
+                Some(dir) => (dir.clone(), dir.join("internal.secret")),
+                None => {
+                    let config = ManagerConfig::load(cli.config.as_deref())?;
+                    (config.certs_dir, config.broker.secret_path())
+                }
             };
             let existed = dir.join("root-ca.pem").exists();
             let pki = fleet_pki::Pki::open_or_create(&dir)?;
             let how = if existed { "already there" } else { "created" };
             println!("PKI {how} in {}", pki.dir().display());
-            let secret = dir.join("internal.secret");
             let existed = secret.exists();
             fleet_broker::internal_secret(&secret)?;
             if !existed {
@@ -327,7 +329,13 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
         } => {
             let admin = admin_of(admin)?;
             let secret = secret_file
-                .map(|f| fleet_broker::internal_secret(&f))
+                .map(|f| {
+                    let secret = std::fs::read_to_string(&f).with_context(|| {
+                        format!("reading {} (pki-init makes the secret)", f.display())
+                    })?;
+                    anyhow::ensure!(!secret.trim().is_empty(), "{} is empty", f.display());
+                    Ok(secret.trim().to_string())
+                })
                 .transpose()?;
             let config = ManagerConfig::load(config_path.as_deref())?;
             let params = fleet_broker::mosquitto::MosquittoParams {
@@ -440,22 +448,31 @@ pub enum Reload {
 }
 
 impl Reload {
-    /// The pid to signal now. A pid under which no mosquitto runs (it
-    /// ended; its pid may since be another process's) is not signalled.
+    /// The pid to signal now: the main mosquitto of `out_dir`
+    /// ([`fleet_broker::mosquitto::main_pid`]), else the given pid if a
+    /// mosquitto runs under it. A pid under which no mosquitto runs (it
+    /// ended; its pid may since be another process's) is not signalled,
+    /// nor one still starting, which a SIGHUP would end: both are errors,
+    /// and a watcher tries again at its next look.
     pub fn pid(self, out_dir: &std::path::Path) -> anyhow::Result<u32> {
-        use fleet_broker::mosquitto::{is_mosquitto, main_pid, MAIN_PID_FILE};
-        if let Some(pid) = main_pid(out_dir) {
-            return Ok(pid);
-        }
-        let file = out_dir.join(MAIN_PID_FILE);
-        match self {
-            Reload::Pid(pid) if is_mosquitto(pid) => Ok(pid),
-            Reload::Pid(pid) => anyhow::bail!(
-                "no mosquitto runs as pid {pid}, nor as the pid in {}",
-                file.display()
+        use fleet_broker::mosquitto::{is_mosquitto, main_pid, takes_sighup};
+        let conf = out_dir.join("mosquitto.conf");
+        let pid = match (main_pid(out_dir), self) {
+            (Some(pid), _) => pid,
+            (None, Reload::Pid(pid)) if is_mosquitto(pid) => pid,
+            (None, Reload::Pid(pid)) => anyhow::bail!(
+                "no mosquitto runs as pid {pid}, nor with {}",
+                conf.display()
             ),
-            Reload::PidFile => anyhow::bail!("{} names no running mosquitto", file.display()),
-        }
+            (None, Reload::PidFile) => {
+                anyhow::bail!("no mosquitto runs with {}", conf.display())
+            }
+        };
+        anyhow::ensure!(
+            takes_sighup(pid),
+            "mosquitto (pid {pid}) is still starting: not reloaded yet"
+        );
+        Ok(pid)
     }
 }
 

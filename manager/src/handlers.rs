@@ -1641,11 +1641,11 @@ impl Core {
 
     /// The tenants each device may use at the broker (`GET /v1/grants`,
     /// the mosquitto ACL): its registered service until its first
-    /// activation (it holds no certificate yet, and its first connection
-    /// then need not wait for the ACL to catch up), then
-    /// [`Core::granted_services`] while it is active, and none once an
-    /// operator has reset it, until it activates again, nor while its
-    /// certificate is past its notAfter, until it has a new one: a
+    /// certificate (it holds none yet, and its first connection then need
+    /// not wait for the ACL to catch up), then [`Core::granted_services`]
+    /// while it is active, and none once an operator has reset it, until
+    /// it has a certificate again, nor while its certificate is past its
+    /// notAfter, until it has a new one: a
     /// connection of a certificate that mosquitto refuses now but still
     /// holds may then do nothing. Then each provider's services (those of
     /// its certificates neither revoked nor expired), under its principal
@@ -1656,16 +1656,19 @@ impl Core {
         for reg in self.store.registrations()? {
             let services = match self.store.device(&reg.device_id)? {
                 Some(d) => {
-                    if let Some(serial) = &d.current_cert {
+                    let none_granted = match &d.current_cert {
                         // (notAfter is in whole seconds, valid through its last.)
-                        if self.store.cert(serial)?.is_some_and(|c| c.not_after < now) {
-                            continue;
-                        }
+                        Some(serial) => self.store.cert(serial)?.is_some_and(|c| c.not_after < now),
+                        // Activated again after a reset, not certified yet.
+                        None => self.store.has_history(&reg.device_id)?,
+                    };
+                    if none_granted {
+                        continue;
                     }
                     self.granted_services(&d)?
                 }
                 // Reset: it has had a service period, hence a certificate.
-                None if !self.store.history(&reg.device_id)?.is_empty() => continue,
+                None if self.store.has_history(&reg.device_id)? => continue,
                 None => vec![reg.initial_service.clone()],
             };
             out.push((reg.device_id, services));
@@ -1998,8 +2001,8 @@ mod tests {
     /// device's service before its first activation, its service once
     /// certified, none while its certificate is past its notAfter, none
     /// once reset (its revoked certificate's connection, if mosquitto still
-    /// holds one, may then do nothing), and its service again once it
-    /// activates anew.
+    /// holds one, may then do nothing), activated again or not, and its
+    /// service again once it has a new certificate.
     #[test]
     fn a_reset_or_expired_device_is_granted_nothing_until_it_is_certified_again() {
         let (_dir, core) = core();
@@ -2039,10 +2042,14 @@ mod tests {
         assert!(core.reset("d1").unwrap());
         assert_eq!(granted(&core, "d1"), None);
 
+        // Activated again: nothing until its new certificate (a connection
+        // of the old one that mosquitto still holds stays powerless).
         let (request, eph) = activate_request("d1", &factory);
         let reply = ask(&core, &topic, request);
         assert_eq!(reply.status, Status::Ok);
-        crypto::unseal(&eph, "d1", reply.uuid.as_ref().unwrap()).unwrap();
+        let uuid = crypto::unseal(&eph, "d1", reply.uuid.as_ref().unwrap()).unwrap();
+        assert_eq!(granted(&core, "d1"), None);
+        assert_eq!(update(&core, "d1", "svcA", None, &uuid).status, Status::Ok);
         assert_eq!(granted(&core, "d1"), Some(vec!["svcA".to_string()]));
     }
 

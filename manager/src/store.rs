@@ -304,6 +304,18 @@ impl Store {
             .collect()
     }
 
+    /// Whether a device has had a service period (and so a certificate).
+    pub fn has_history(&self, device_id: &str) -> Result<bool, StoreError> {
+        let mut prefix = device_id.as_bytes().to_vec();
+        prefix.push(0);
+        Ok(self
+            .history
+            .scan_prefix(&prefix)
+            .next()
+            .transpose()?
+            .is_some())
+    }
+
     pub fn period(&self, device_id: &str, n: u64) -> Result<Option<ServicePeriod>, StoreError> {
         self.history
             .get(period_key(device_id, n))?

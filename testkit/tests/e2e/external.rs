@@ -503,6 +503,34 @@ async fn generated_mosquitto_rules_hold() {
         fleet_broker::mosquitto::main_pid(&params.out_dir),
         Some(mosquitto.id())
     );
+    // A second mosquitto of the same configuration fails to start (its
+    // ports are taken) and removes the pid file as it goes: the main one
+    // is then found among the processes.
+    let mut second = std::process::Command::new("/usr/sbin/mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > T {
+            let _ = second.kill();
+            panic!("a second mosquitto of the same configuration kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success());
+    let pid_file = params.out_dir.join(fleet_broker::mosquitto::MAIN_PID_FILE);
+    assert!(!pid_file.exists(), "the pid file stayed");
+    assert_eq!(
+        fleet_broker::mosquitto::main_pid(&params.out_dir),
+        Some(mosquitto.id())
+    );
     let ext3 = |id| {
         let (chain, key) = (creds.chain_pem.clone(), creds.key_pem.clone());
         Probe::mtls(params.service, id, &root, chain, key)
