@@ -394,8 +394,8 @@ impl Device {
             let link = self.bootstrap_link(&mut bootstrap).await?;
             self.activate(link).await.stage("activate")?;
         }
-        let service_id = self
-            .state()
+        let state = self.state();
+        let service_id = state
             .service_id
             .ok_or_else(|| DeviceError::Config("activated but no service id".into()))
             .stage("load")?;
@@ -408,7 +408,32 @@ impl Device {
                 .is_none()
         {
             let link = self.bootstrap_link(&mut bootstrap).await?;
-            self.update(link, None, &service_id).await.stage("update")?;
+            // A change it accepted and has not applied comes first
+            // (topics.md §6.3, §10.1 step 7): the manager may have re-keyed
+            // it already, its reply lost and the old certificate revoked
+            // since, and then takes an update for the new service only.
+            let mut done = false;
+            if let Some(change) = state.pending_change {
+                match self.update(link, None, &change.service_id).await {
+                    Ok(()) => {
+                        self.adopt(&change).await.stage("update")?;
+                        info!(change_id = %change.change_id, to = %change.service_id, "service change applied from the bootstrap listener");
+                        done = true;
+                    }
+                    // No longer pending (the operator moved it elsewhere):
+                    // its current service, then.
+                    Err(e) if e.status() == Some(Status::WrongService) => {
+                        warn!(change_id = %change.change_id, error = %e, "the accepted change is no longer pending; dropped");
+                        self.with_store(|s| s.update_state(|st| st.pending_change = None))
+                            .await
+                            .stage("update")?;
+                    }
+                    Err(e) => return Err(e).stage("update"),
+                }
+            }
+            if !done {
+                self.update(link, None, &service_id).await.stage("update")?;
+            }
             self.renew = false;
         }
         if let Some(link) = bootstrap.take() {
@@ -901,17 +926,7 @@ impl Device {
         };
         match updated {
             Ok(()) => {
-                let change2 = change.clone();
-                self.with_store(move |s| {
-                    s.update_state(|st| {
-                        st.service_id = Some(change2.service_id.clone());
-                        st.service_endpoint = change2.endpoint.clone();
-                        st.pending_change = None;
-                        st.unreported_change = Some(change2.change_id.clone());
-                    })
-                })
-                .await
-                .stage("service_change")?;
+                self.adopt(&change).await.stage("service_change")?;
                 link.disconnect().await;
                 info!(change_id = %change.change_id, from = %current, to = %change.service_id, "switching service");
                 Ok(Pass::Reconnect)
@@ -933,6 +948,22 @@ impl Device {
             // Transient: the pending change is resumed after reconnecting.
             Err(e) => Err(e).stage("service_change"),
         }
+    }
+
+    /// Makes `change`'s service its own, once it holds that service's
+    /// certificate: its next connection goes there and reports the change
+    /// applied.
+    async fn adopt(&self, change: &ServiceChange) -> Result<(), DeviceError> {
+        let change = change.clone();
+        self.with_store(move |s| {
+            s.update_state(|st| {
+                st.service_id = Some(change.service_id.clone());
+                st.service_endpoint = change.endpoint.clone();
+                st.pending_change = None;
+                st.unreported_change = Some(change.change_id.clone());
+            })
+        })
+        .await
     }
 
     fn uuid(&self) -> Result<Vec<u8>, DeviceError> {

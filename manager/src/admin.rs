@@ -499,10 +499,17 @@ fn summary(core: &Core) -> Result<Value, (u16, String)> {
     let mut per_service: BTreeMap<String, usize> = BTreeMap::new();
     let mut pending = 0;
     let mut confirmed = 0;
+    // Moved to (or certified for) a service it has not reported from yet:
+    // a change the manager has made but the device has not.
+    let mut unconfirmed = 0;
     for d in core.store.devices().map_err(internal)? {
         *per_service.entry(d.service_id.clone()).or_default() += 1;
         pending += d.pending.is_some() as usize;
         confirmed += d.last_seen_ms.is_some() as usize;
+        if let Some(n) = d.open_period {
+            let period = core.store.period(&d.device_id, n).map_err(internal)?;
+            unconfirmed += period.is_some_and(|p| p.confirmed_ms.is_none()) as usize;
+        }
     }
     let mut certs: BTreeMap<String, usize> = BTreeMap::new();
     for c in core.store.certs().map_err(internal)? {
@@ -514,6 +521,7 @@ fn summary(core: &Core) -> Result<Value, (u16, String)> {
         "registered": core.store.registrations().map_err(internal)?.len(),
         "devices_per_service": per_service,
         "pending_changes": pending,
+        "unconfirmed": unconfirmed,
         "seen_online": confirmed,
         "certs": certs,
     }))

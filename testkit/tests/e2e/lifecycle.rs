@@ -289,3 +289,112 @@ async fn device_moves_a_b_c_with_csr() {
 async fn device_moves_a_b_c_with_manager_generated_keys() {
     moves_a_b_c(KeyMode::ManagerGenerated).await;
 }
+
+/// A device whose re-keying reply is lost (the manager moved it to svcB,
+/// the reply never reached it) and whose svcA certificate is then revoked
+/// at the end of the grace period: refused in svcA, it asks the bootstrap
+/// listener for a certificate for the change it accepted, not for svcA,
+/// which the manager would refuse (`wrong_service`), and comes back in
+/// svcB (topics.md §10.1, step 7).
+#[tokio::test]
+async fn a_device_whose_rekey_reply_was_lost_comes_back_in_its_new_service() {
+    use fleet_protocol::{RequestKind, Status};
+    let fleet = Fleet::start().await.unwrap();
+    let devices = Devices::new(fleet.dir.path().join("devices"));
+    devices.provision(&fleet, "lost1", "svcA").await.unwrap();
+    let config = || devices.config(&fleet, "lost1", KeyMode::Csr);
+    let task = devices.spawn(config());
+    devices
+        .wait_event(
+            "lost1",
+            T,
+            "connected to svcA",
+            |e| matches!(e, DeviceEvent::Connected { service_id } if service_id == "svcA"),
+        )
+        .await
+        .unwrap();
+    task.abort();
+    let _ = task.await;
+
+    // The change, and its notice, which the device accepted (stored as
+    // pending) before its connection went.
+    let notices = fleet.privileged("notices").await.unwrap();
+    let notice_topic = Topic::in_tenant("svcA", Route::ServiceChange("lost1".into())).to_string();
+    notices.subscribe(&notice_topic).await.unwrap();
+    let body = serde_json::json!({ "devices": ["lost1"], "service_id": "svcB" });
+    fleet_manager::admin::call(&fleet.admin(), "POST", "/v1/service-change", Some(&body))
+        .await
+        .unwrap();
+    let sent = notices.wait_for(&notice_topic, 1, T).await.unwrap();
+    let notice: ServiceChange = Envelope::decode(&sent.payload).unwrap().body().unwrap();
+    let mut store = devices.store("lost1").unwrap();
+    store
+        .update_state(|st| {
+            st.last_notice_seq = notice.seq;
+            st.pending_change = Some(notice.clone());
+        })
+        .unwrap();
+
+    // Its update for svcB, whose reply it never gets: the manager moves it.
+    let uuid = store.state().uuid.clone().unwrap();
+    let request =
+        fleet_device_sim::requests::build_update("lost1", "svcB", &uuid, KeyMode::Csr).unwrap();
+    let root = fleet.certs_dir().join("root-ca.pem");
+    let thief = Probe::tls(fleet.broker.bootstrap_tls_addr.unwrap(), "lost1", &root)
+        .await
+        .unwrap();
+    thief
+        .subscribe("fleet/v1/update/lost1/reply")
+        .await
+        .unwrap();
+    let (reply, _) =
+        crate::wire::ask(&fleet, &thief, "lost1", RequestKind::Update, request.bytes).await;
+    assert_eq!(reply.status, Status::Ok, "{:?}", reply.detail);
+    drop(thief);
+    // The grace period ends: its svcA certificate is revoked.
+    assert_eq!(fleet.core().revoke_overdue(0).unwrap(), 1);
+    // The operator sees the change made, and not confirmed by the device.
+    let summary = || async {
+        fleet_manager::admin::call(&fleet.admin(), "GET", "/v1/summary", None)
+            .await
+            .unwrap()
+    };
+    let before = summary().await;
+    assert_eq!(
+        (&before["pending_changes"], &before["unconfirmed"]),
+        (&serde_json::json!(0), &serde_json::json!(1)),
+        "{before}"
+    );
+
+    let task = devices.spawn(config());
+    devices
+        .wait_event(
+            "lost1",
+            T,
+            "the change applied in svcB",
+            |e| matches!(e, DeviceEvent::ChangeAccepted { service_id, .. } if service_id == "svcB"),
+        )
+        .await
+        .unwrap();
+    let failed_for_good = devices.events_of("lost1").iter().any(|e| {
+        matches!(
+            e,
+            DeviceEvent::Failed {
+                status: Some(Status::WrongService),
+                ..
+            }
+        )
+    });
+    assert!(!failed_for_good, "{:?}", devices.events_of("lost1"));
+    let shown = fleet_manager::admin::call(&fleet.admin(), "GET", "/v1/devices/lost1", None)
+        .await
+        .unwrap();
+    assert_eq!(shown["device"]["service_id"], "svcB", "{shown}");
+    fleet_testkit::eventually(T, "the change to be confirmed", || async {
+        (summary().await["unconfirmed"] == 0).then_some(())
+    })
+    .await
+    .unwrap();
+    devices.shutdown.cancel();
+    let _ = tokio::time::timeout(T, task).await;
+}
