@@ -114,14 +114,15 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:8883")]
         service: std::net::SocketAddr,
         /// Reload the main mosquitto (SIGHUP) once the files are written:
-        /// the one whose pid it writes to OUT/mosquitto.pid (the generated
-        /// configuration's `pid_file`), so that a restarted mosquitto is
-        /// followed.
+        /// the one running OUT/mosquitto.conf, found by the pid it writes
+        /// to OUT/mosquitto.pid (the generated configuration's `pid_file`)
+        /// or else among the processes, so that a restarted mosquitto is
+        /// followed; not before it has its SIGHUP handler (one still
+        /// starting would end).
         #[arg(long, conflicts_with = "reload_pid")]
         reload: bool,
-        /// The same, signalling this pid until OUT/mosquitto.pid names a
-        /// running mosquitto (for one started with a configuration that
-        /// wrote no pid file).
+        /// The same, signalling this pid while no mosquitto running
+        /// OUT/mosquitto.conf is found (one started with another file).
         #[arg(long)]
         reload_pid: Option<u32>,
         /// Keep running: look at the registry and the CRLs every this many
@@ -353,7 +354,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             };
             let reload = match (reload_pid, reload) {
                 (Some(pid), _) => Some(Reload::Pid(pid)),
-                (None, true) => Some(Reload::PidFile),
+                (None, true) => Some(Reload::Main),
                 (None, false) => None,
             };
             let secret = secret.as_deref();
@@ -438,12 +439,12 @@ pub fn current_user() -> String {
 /// the files: the main one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reload {
-    /// The one whose pid is in the output directory's pid file
-    /// ([`fleet_broker::mosquitto::MAIN_PID_FILE`]), which the generated
-    /// configuration has mosquitto write when it starts: a mosquitto
-    /// restarted since is followed.
-    PidFile,
-    /// This pid, until the pid file names a running mosquitto.
+    /// The one running the output directory's `mosquitto.conf`
+    /// ([`fleet_broker::mosquitto::main_pid`]: by the pid file the
+    /// generated configuration has it write, or among the processes): a
+    /// mosquitto restarted since is followed.
+    Main,
+    /// This pid, while no such mosquitto is found.
     Pid(u32),
 }
 
@@ -464,7 +465,7 @@ impl Reload {
                 "no mosquitto runs as pid {pid}, nor with {}",
                 conf.display()
             ),
-            (None, Reload::PidFile) => {
+            (None, Reload::Main) => {
                 anyhow::bail!("no mosquitto runs with {}", conf.display())
             }
         };

@@ -388,7 +388,7 @@ async fn generated_mosquitto_rules_hold() {
                 &admin,
                 &params,
                 Some(secret),
-                Some(Reload::PidFile),
+                Some(Reload::Main),
                 looks,
                 stop,
             )
