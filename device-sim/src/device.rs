@@ -178,6 +178,9 @@ struct Tracked {
     bytes: Vec<u8>,
     deadline: Instant,
     attempts: u32,
+    /// Times it was answered `busy` (or another status worth sending it
+    /// again after a pause).
+    busy: u32,
 }
 
 impl Outstanding {
@@ -827,15 +830,34 @@ impl Device {
                         return Incoming::Nothing;
                     }
                 };
-                if outstanding.take(kind, &reply.nonce).is_none() {
+                let Some(mut tracked) = outstanding.take(kind, &reply.nonce) else {
                     debug!(%kind, "reply to no outstanding request ignored");
                     return Incoming::Nothing;
-                }
+                };
                 match kind {
                     RequestKind::Poll => Incoming::PollReply(Box::new(reply)),
                     _ => {
-                        if let Err(e) = require_ok(&reply) {
-                            warn!(error = %e, "status report refused");
+                        match require_ok(&reply) {
+                            Ok(()) => {}
+                            // Not carried out (§5.1, code 14): the same
+                            // report goes again after a pause, as the
+                            // manager records nothing of a request it sheds.
+                            // A `change_applied` or `online` lost so would
+                            // leave its service period unconfirmed.
+                            Err(e)
+                                if e.status().is_some_and(is_retriable)
+                                    && tracked.busy < MAX_BUSY_RETRIES =>
+                            {
+                                let delay = backoff(tracked.busy);
+                                debug!(error = %e, delay_ms = delay.as_millis() as u64, "status report not carried out; sending it again");
+                                tracked.busy += 1;
+                                // As if not yet sent: then as many resends
+                                // for want of a reply as any request has.
+                                tracked.attempts = 0;
+                                tracked.deadline = Instant::now() + delay;
+                                outstanding.entries.push(tracked);
+                            }
+                            Err(e) => warn!(error = %e, "status report refused"),
                         }
                         Incoming::Nothing
                     }
@@ -987,6 +1009,7 @@ impl Device {
             bytes: req.bytes,
             deadline: Instant::now() + self.cfg.request_timeout,
             attempts: 1,
+            busy: 0,
         });
         Ok(())
     }

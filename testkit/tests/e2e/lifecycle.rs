@@ -398,3 +398,72 @@ async fn a_device_whose_rekey_reply_was_lost_comes_back_in_its_new_service() {
     devices.shutdown.cancel();
     let _ = tokio::time::timeout(T, task).await;
 }
+
+/// A `status` report answered `busy` (not carried out, §5.1 code 14) is
+/// sent again after a pause: a `change_applied` or `online` lost so would
+/// leave the device's service period unconfirmed. The manager is stopped
+/// and its part played by a client holding its signing key, which answers
+/// the first report `busy`.
+#[tokio::test]
+async fn a_status_report_answered_busy_is_sent_again() {
+    use fleet_protocol::{Reply, Status, StatusReport};
+    let mut fleet = Fleet::start().await.unwrap();
+    let devices = Devices::new(fleet.dir.path().join("devices"));
+    devices.provision(&fleet, "busy1", "svcA").await.unwrap();
+    let config = devices.config(&fleet, "busy1", KeyMode::Csr);
+    let task = devices.spawn(config.clone());
+    let connected = |n: usize| {
+        let devices = &devices;
+        async move {
+            devices
+                .wait_event("busy1", T, "connected to svcA", |_| {
+                    devices
+                        .events_of("busy1")
+                        .iter()
+                        .filter(|e| matches!(e, DeviceEvent::Connected { .. }))
+                        .count()
+                        >= n
+                })
+                .await
+                .unwrap()
+        }
+    };
+    connected(1).await;
+    task.abort();
+    let _ = task.await;
+    let signing = fleet.core().pki.signing_key().clone();
+    fleet.stop_manager().await;
+
+    let stand_in = fleet.privileged("stand-in").await.unwrap();
+    let status_topic = Topic::in_tenant(
+        "svcA",
+        Route::Request(fleet_protocol::RequestKind::Status, "busy1".into()),
+    );
+    let reply_topic = status_topic.reply_topic().unwrap().to_string();
+    let status_topic = status_topic.to_string();
+    stand_in.subscribe(&status_topic).await.unwrap();
+    let task = devices.spawn(config);
+    connected(2).await;
+    let first = stand_in.wait_for(&status_topic, 1, T).await.unwrap();
+    let report: StatusReport = Envelope::decode(&first.payload).unwrap().body().unwrap();
+    let busy = Reply {
+        device_id: "busy1".into(),
+        nonce: report.nonce.clone(),
+        seq: u64::MAX / 4,
+        status: Status::Busy,
+        service_id: None,
+        uuid: None,
+        chain: None,
+        key: None,
+        change: None,
+        detail: Some("behind".into()),
+    };
+    let env = Envelope::build(Kind::StatusReply, &busy, |tbs| crypto::sign(&signing, tbs)).unwrap();
+    stand_in.publish(&reply_topic, env.encode()).await.unwrap();
+    // The same report again (§5.1 allows the same bytes: nothing was
+    // recorded), after the pause and well before the wait for a reply.
+    let again = stand_in.wait_for(&status_topic, 2, T).await.unwrap();
+    assert_eq!(again.payload, first.payload);
+    devices.shutdown.cancel();
+    let _ = tokio::time::timeout(T, task).await;
+}
