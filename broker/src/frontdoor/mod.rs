@@ -998,6 +998,11 @@ pub async fn serve(
 ) {
     loop {
         let (stream, peer) = tokio::select! {
+            // Once stopping, no connection is taken, though one waits: a
+            // client that reconnects at the DISCONNECT it was told would
+            // otherwise be served after the broker's connections had all
+            // ended (`RunningBroker::shut_down`).
+            biased;
             _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
