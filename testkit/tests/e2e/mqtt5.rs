@@ -2050,17 +2050,6 @@ async fn away_with_a_notice_waiting(fleet: &Fleet, observer: &Probe, first: Prob
         .unwrap();
 }
 
-/// An MQTT 5 QoS 2 PUBLISH on the wire, with no properties.
-fn raw_publish_qos2(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
-    let mut body = Vec::new();
-    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    body.extend_from_slice(topic.as_bytes());
-    body.extend_from_slice(&pkid.to_be_bytes());
-    body.push(0);
-    body.extend_from_slice(payload);
-    frame(0x34, &body)
-}
-
 /// Reads one packet's fixed-header byte and body.
 async fn read_async(s: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
     let mut first = [0u8; 1];
@@ -2099,7 +2088,7 @@ async fn qos2_publishes_not_released_are_capped_at_the_receive_maximum() {
     let topic = "fleet/v1/status/q2a";
     let mut s = raw_v5(&fleet, "q2a").await;
     for pkid in 1..=40u16 {
-        s.write_all(&raw_publish_qos2(topic, pkid, b"x"))
+        s.write_all(&raw_publish(2, pkid, topic, b"x"))
             .await
             .unwrap();
         let (first, body) = read_async(&mut s).await;
@@ -2123,13 +2112,13 @@ async fn qos2_publishes_not_released_are_capped_at_the_receive_maximum() {
     let mut s = raw_v5(&fleet, "q2b").await;
     let topic = "fleet/v1/status/q2b";
     for pkid in 1..=32u16 {
-        s.write_all(&raw_publish_qos2(topic, pkid, &[0u8; 1024]))
+        s.write_all(&raw_publish(2, pkid, topic, &[0u8; 1024]))
             .await
             .unwrap();
         let (first, _) = read_async(&mut s).await;
         assert_eq!(first, 0x50, "PUBREC {pkid}");
     }
-    s.write_all(&raw_publish_qos2(topic, 33, b"one too many"))
+    s.write_all(&raw_publish(2, 33, topic, b"one too many"))
         .await
         .unwrap();
     assert_eq!(disconnect_reason(&until_closed(&mut s).await), 0x93);
@@ -2186,7 +2175,7 @@ async fn back_in_session(fleet: &Fleet, client_id: &str) -> tokio::net::TcpStrea
 
 /// A QoS 2 PUBLISH sent again (DUP set).
 fn qos2_again(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
-    let mut again = raw_publish_qos2(topic, pkid, payload);
+    let mut again = raw_publish(2, pkid, topic, payload);
     again[0] |= 0x08;
     again
 }
@@ -2199,7 +2188,7 @@ async fn a_qos2_exchange_is_completed_across_a_reconnect() {
     let fleet = Fleet::start().await.unwrap();
     let topic = "/tenants/svcA/fleet/v1/service/change/q2r";
     let (observer, mut s) = kept_publisher(&fleet, "q2r", topic).await;
-    s.write_all(&raw_publish_qos2(topic, 7, b"once"))
+    s.write_all(&raw_publish(2, 7, topic, b"once"))
         .await
         .unwrap();
     let (first, body) = read_async(&mut s).await;
@@ -2216,7 +2205,7 @@ async fn a_qos2_exchange_is_completed_across_a_reconnect() {
     assert_eq!((first, &body[..2]), (0x70, &[0u8, 7][..]), "PUBCOMP");
     assert_eq!(body.get(2).copied().unwrap_or(0), 0, "PUBCOMP Success");
     // Delivered once: a marker published after it comes with nothing between.
-    s.write_all(&raw_publish_qos2(topic, 8, b"marker"))
+    s.write_all(&raw_publish(2, 8, topic, b"marker"))
         .await
         .unwrap();
     observer.wait_for(topic, 2, T).await.unwrap();
@@ -2234,19 +2223,19 @@ async fn a_qos2_publish_over_the_receive_maximum_is_not_taken() {
     let topic = "/tenants/svcA/fleet/v1/service/change/q2m";
     let (observer, mut s) = kept_publisher(&fleet, "q2m", topic).await;
     for pkid in 1..=32u16 {
-        s.write_all(&raw_publish_qos2(topic, pkid, b"held"))
+        s.write_all(&raw_publish(2, pkid, topic, b"held"))
             .await
             .unwrap();
         assert_eq!(read_async(&mut s).await.0, 0x50, "PUBREC {pkid}");
     }
-    s.write_all(&raw_publish_qos2(topic, 33, b"over"))
+    s.write_all(&raw_publish(2, 33, topic, b"over"))
         .await
         .unwrap();
     assert_eq!(disconnect_reason(&until_closed(&mut s).await), 0x93);
     let mut s = back_in_session(&fleet, "q2m").await;
     // A new connection has a Receive Maximum of its own (MQTT 5 §4.9): the
     // 32 carried over leave it room.
-    s.write_all(&raw_publish_qos2(topic, 34, b"new"))
+    s.write_all(&raw_publish(2, 34, topic, b"new"))
         .await
         .unwrap();
     assert_eq!(read_async(&mut s).await.0, 0x50, "PUBREC 34");
@@ -2528,11 +2517,11 @@ async fn qos2_resends_and_unknown_pubrels_release_nothing_twice() {
         body
     };
     // Sent twice (the second as a resend, DUP set), released once.
-    s.write_all(&raw_publish_qos2(topic, 7, b"one"))
+    s.write_all(&raw_publish(2, 7, topic, b"one"))
         .await
         .unwrap();
     expect(read_async(&mut s).await, 0x50, 7, "PUBREC");
-    let mut again = raw_publish_qos2(topic, 7, b"one");
+    let mut again = raw_publish(2, 7, topic, b"one");
     again[0] |= 0x08;
     s.write_all(&again).await.unwrap();
     expect(read_async(&mut s).await, 0x50, 7, "PUBREC of the resend");
@@ -2548,7 +2537,7 @@ async fn qos2_resends_and_unknown_pubrels_release_nothing_twice() {
     );
     assert_eq!(body.get(2), Some(&0x92), "Packet Identifier not found");
     // The connection goes on.
-    s.write_all(&raw_publish_qos2(topic, 8, b"two"))
+    s.write_all(&raw_publish(2, 8, topic, b"two"))
         .await
         .unwrap();
     expect(read_async(&mut s).await, 0x50, 8, "PUBREC");
