@@ -175,16 +175,21 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
     Ok(serde_cbor::from_slice(bytes)?)
 }
 
-pub fn period_key(device_id: &str, n: u64) -> Vec<u8> {
-    let mut k = device_id.as_bytes().to_vec();
+/// The prefix of a tree's keys under one id: the id and a 0 byte.
+fn key_prefix(id: &str) -> Vec<u8> {
+    let mut k = id.as_bytes().to_vec();
     k.push(0);
+    k
+}
+
+pub fn period_key(device_id: &str, n: u64) -> Vec<u8> {
+    let mut k = key_prefix(device_id);
     k.extend_from_slice(&n.to_be_bytes());
     k
 }
 
 pub fn nonce_key(device_id: &str, nonce: &[u8]) -> Vec<u8> {
-    let mut k = device_id.as_bytes().to_vec();
-    k.push(0);
+    let mut k = key_prefix(device_id);
     k.extend_from_slice(nonce);
     k
 }
@@ -201,8 +206,7 @@ pub struct Batch {
 }
 
 fn revoked_key(service_id: &str, serial: &str) -> Vec<u8> {
-    let mut k = service_id.as_bytes().to_vec();
-    k.push(0);
+    let mut k = key_prefix(service_id);
     k.extend_from_slice(serial.as_bytes());
     k
 }
@@ -291,10 +295,8 @@ impl Store {
 
     /// Every service period of a device, oldest first.
     pub fn history(&self, device_id: &str) -> Result<Vec<(u64, ServicePeriod)>, StoreError> {
-        let mut prefix = device_id.as_bytes().to_vec();
-        prefix.push(0);
         self.history
-            .scan_prefix(&prefix)
+            .scan_prefix(key_prefix(device_id))
             .map(|kv| {
                 let (k, v) = kv?;
                 let mut n = [0u8; 8];
@@ -306,11 +308,9 @@ impl Store {
 
     /// Whether a device has had a service period (and so a certificate).
     pub fn has_history(&self, device_id: &str) -> Result<bool, StoreError> {
-        let mut prefix = device_id.as_bytes().to_vec();
-        prefix.push(0);
         Ok(self
             .history
-            .scan_prefix(&prefix)
+            .scan_prefix(key_prefix(device_id))
             .next()
             .transpose()?
             .is_some())
@@ -476,8 +476,7 @@ impl Store {
 
     /// Revoked serials of one service CA with their revocation times (ms).
     pub fn revoked_of(&self, service_id: &str) -> Result<Vec<(String, u64)>, StoreError> {
-        let mut prefix = service_id.as_bytes().to_vec();
-        prefix.push(0);
+        let prefix = key_prefix(service_id);
         self.revoked
             .scan_prefix(&prefix)
             .map(|kv| {
