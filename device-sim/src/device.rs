@@ -427,9 +427,7 @@ impl Device {
                     // its current service, then.
                     Err(e) if e.status() == Some(Status::WrongService) => {
                         warn!(change_id = %change.change_id, error = %e, "the accepted change is no longer pending; dropped");
-                        self.with_store(|s| s.update_state(|st| st.pending_change = None))
-                            .await
-                            .stage("update")?;
+                        self.forget_change().await.stage("update")?;
                     }
                     Err(e) => return Err(e).stage("update"),
                 }
@@ -961,9 +959,7 @@ impl Device {
                     status: e.status(),
                     error: e.to_string(),
                 });
-                self.with_store(|s| s.update_state(|st| st.pending_change = None))
-                    .await
-                    .stage("service_change")?;
+                self.forget_change().await.stage("service_change")?;
                 link.disconnect().await;
                 Ok(Pass::Reconnect)
             }
@@ -986,6 +982,12 @@ impl Device {
             })
         })
         .await
+    }
+
+    /// Drops the change it accepted: the manager will not carry it out.
+    async fn forget_change(&self) -> Result<(), DeviceError> {
+        self.with_store(|s| s.update_state(|st| st.pending_change = None))
+            .await
     }
 
     fn uuid(&self) -> Result<Vec<u8>, DeviceError> {

@@ -1673,9 +1673,7 @@ impl Core {
             };
             out.push((reg.device_id, services));
         }
-        for (principal, services) in self.provider_grants_at(Some(now))? {
-            out.push((principal, services));
-        }
+        out.extend(self.provider_grants_at(Some(now))?);
         Ok(out)
     }
 

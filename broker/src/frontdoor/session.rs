@@ -1261,7 +1261,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             unreleased[at] = id;
                             to_client.push(pubrec(done.pkid));
                         }
-                        to_client.extend(answers.answered(2).into_iter().filter_map(|pkid| version.refused_publish(2, pkid)));
+                        to_client.extend(answers.refusals_answered(version, 2));
                         if !to_client.is_empty() {
                             framed.write(to_client).await?;
                         }
@@ -1271,7 +1271,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     // the refusals that waited for it.
                     Packet::PubAck(ack, props) => {
                         let mut to_client = vec![Packet::PubAck(ack, props)];
-                        to_client.extend(answers.answered(1).into_iter().filter_map(|pkid| version.refused_publish(1, pkid)));
+                        to_client.extend(answers.refusals_answered(version, 1));
                         framed.write(to_client).await?;
                         continue;
                     }

@@ -13,8 +13,9 @@
 
 use std::collections::VecDeque;
 
-use rumqttd::protocol::DisconnectReasonCode;
+use rumqttd::protocol::{DisconnectReasonCode, Packet};
 
+use super::super::codec::Version;
 use super::{SessionError, RECEIVE_MAXIMUM};
 
 /// One PUBLISH not yet answered.
@@ -91,6 +92,13 @@ impl Answers {
             due.push(pkid);
         }
         due
+    }
+
+    /// [`Answers::answered`], as the refusals `version` writes for them.
+    pub fn refusals_answered(&mut self, version: Version, qos: u8) -> impl Iterator<Item = Packet> {
+        self.answered(qos)
+            .into_iter()
+            .filter_map(move |pkid| version.refused_publish(qos, pkid))
     }
 }
 
