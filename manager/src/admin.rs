@@ -70,8 +70,6 @@ pub struct Admin {
     pub core: Arc<Core>,
     pub client: AsyncClient,
     pub subscribed: watch::Receiver<bool>,
-    /// Service-change notices, sent by [`crate::notices::pace_notices`].
-    pub notices: crate::notices::NoticeQueue,
 }
 
 pub async fn serve(admin: Arc<Admin>, listener: TcpListener, shutdown: CancellationToken) {
@@ -222,6 +220,7 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
                     n(&intake.shed),
                     n(&intake.dropped),
                 ],
+                admin.core.announcements.waiting(),
             );
         }
         ("POST", ["v1", "providers"]) => match serde_json::from_slice::<ProviderIn>(body) {
@@ -287,7 +286,7 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
                 match res {
                     Ok((results, changes)) => {
                         let queued = changes.len() * crate::handlers::NOTICES_PER_CHANGE;
-                        admin.notices.push(changes);
+                        admin.core.announcements.queue(changes);
                         Ok(json!({ "results": results, "notices_queued": queued }))
                     }
                     Err(e) => Err(e),
@@ -370,8 +369,13 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
 
 /// `GET /v1/health`: `ok` (and HTTP 200, else 503) while the manager is
 /// subscribed at the broker, so that it hears devices; and its requests
-/// received, bytes waiting, answered busy and dropped.
-fn health(subscribed: bool, [received, waiting, busy, dropped]: [u64; 4]) -> (u16, Value) {
+/// received, bytes waiting, answered busy and dropped; and the service
+/// changes whose notices wait for their turn.
+fn health(
+    subscribed: bool,
+    [received, waiting, busy, dropped]: [u64; 4],
+    changes_waiting: usize,
+) -> (u16, Value) {
     let report = json!({
         "ok": subscribed,
         "subscribed": subscribed,
@@ -381,6 +385,7 @@ fn health(subscribed: bool, [received, waiting, busy, dropped]: [u64; 4]) -> (u1
             "answered_busy": busy,
             "dropped": dropped,
         },
+        "changes_waiting_for_notices": changes_waiting,
     });
     (if subscribed { 200 } else { 503 }, report)
 }
@@ -571,10 +576,11 @@ mod tests {
 
     #[test]
     fn health_is_ok_only_while_subscribed() {
-        let (status, report) = health(false, [5, 0, 1, 2]);
+        let (status, report) = health(false, [5, 0, 1, 2], 7);
         assert_eq!((status, &report["ok"]), (503, &json!(false)));
         assert_eq!(report["requests"]["dropped"], 2);
-        let (status, report) = health(true, [5, 0, 1, 2]);
+        assert_eq!(report["changes_waiting_for_notices"], 7);
+        let (status, report) = health(true, [5, 0, 1, 2], 0);
         assert_eq!((status, &report["ok"]), (200, &json!(true)));
     }
 }

@@ -104,7 +104,8 @@ enum Outcome {
 #[derive(Default)]
 struct After {
     crl_for: std::collections::BTreeSet<String>,
-    resend_notice_of: Option<DeviceRecord>,
+    /// A pending change to announce again once the state is committed.
+    announce: Option<crate::notices::QueuedChange>,
     /// A certificate was counted for the device ([`Core::may_issue`]):
     /// taken back if the state is not committed.
     counted_certificate: bool,
@@ -188,6 +189,8 @@ pub struct Core {
     /// Requests taken from the broker and how they fared in the queue
     /// (topics.md §5.4).
     pub intake: Intake,
+    /// Changes waiting for their notices, and how many may be announced.
+    pub announcements: crate::notices::Announcements,
     failures: Mutex<HashMap<String, VecDeque<u64>>>,
     /// Registered device ids whose requests were refused before any
     /// authentication (unreadable, or `update` before activation), and
@@ -311,11 +314,13 @@ impl Core {
     }
 
     pub fn new(store: Store, pki: Arc<Pki>, config: ManagerConfig) -> Core {
+        let announcements = crate::notices::Announcements::new(config.max_notices_per_sec);
         Core {
             store,
             pki,
             config,
             intake: Intake::default(),
+            announcements,
             failures: Mutex::new(HashMap::new()),
             refused_unchecked: Mutex::new(HashMap::new()),
             issued: Mutex::new(HashMap::new()),
@@ -403,8 +408,8 @@ impl Core {
                 .unwrap_or_else(|p| p.into_inner())
                 .extend(after.crl_for);
         }
-        if let Some(dev) = after.resend_notice_of {
-            out.extend(self.notices(&dev));
+        if let Some(change) = after.announce {
+            self.announcements.queue(vec![change]);
         }
         out
     }
@@ -1120,10 +1125,7 @@ impl Core {
                 nonce: req.nonce.clone(),
                 status: Status::Ok,
                 service_id: Some(device.service_id.clone()),
-                change: device
-                    .pending
-                    .as_ref()
-                    .map(|p| notice_body(&device.device_id, p)),
+                change: self.announce_in_poll(&device),
                 ..Reply::default()
             }),
             batch: Batch {
@@ -1132,6 +1134,22 @@ impl Core {
             },
             after: After::default(),
         })
+    }
+
+    /// The pending change for a poll reply, if the announcements'
+    /// allowance has room for it; if not, the change is queued for its
+    /// notices instead, which follow when their turn comes (topics.md §7.5).
+    fn announce_in_poll(&self, device: &DeviceRecord) -> Option<ServiceChange> {
+        let pending = device.pending.as_ref()?;
+        if self.announcements.allowance.take(1) == 1 {
+            return Some(notice_body(&device.device_id, pending));
+        }
+        self.announcements.queue(
+            crate::notices::QueuedChange::pending_of(device)
+                .into_iter()
+                .collect(),
+        );
+        None
     }
 
     fn status(&self, topic: &Topic, req: Checked<'_, StatusReport>) -> Result<Outcome, Failure> {
@@ -1182,9 +1200,7 @@ impl Core {
                         }
                     }
                 }
-                if next.pending.is_some() {
-                    after.resend_notice_of = Some(next.clone());
-                }
+                after.announce = crate::notices::QueuedChange::pending_of(&next);
                 batch.device = Some(next);
             }
             _ => {}
@@ -2278,6 +2294,73 @@ mod tests {
         assert_eq!(confirmed(), before, "confirmed from the old tenant");
         assert_eq!(online("svcB").status, Status::Ok);
         assert_eq!(confirmed(), (true, 0));
+    }
+
+    /// A poll reply carries the pending change while the announcements'
+    /// allowance has room; past it, the reply has none and the change is
+    /// queued for its notices, and an `online` report queues it too, so
+    /// however the devices ask, changes are announced at the pace set.
+    #[test]
+    fn a_poll_reply_carries_the_change_only_within_the_allowance() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let pki = Pki::open_or_create(&dir.path().join("certs")).unwrap();
+        let config = ManagerConfig {
+            // One change a second.
+            max_notices_per_sec: 2,
+            ..ManagerConfig::default()
+        };
+        let core = Core::new(store, Arc::new(pki), config);
+        let mut queued = core.announcements.take_queue().unwrap();
+        let uuid = activated(&core, "d1");
+        assert_eq!(update(&core, "d1", "svcA", None, &uuid).status, Status::Ok);
+        let (results, changes) = core.request_change(&["d1".to_string()], "svcB", None, None, None);
+        assert!(results[0].ok);
+        let change_id = results[0].change_id.clone().unwrap();
+        fn signed<T: serde::Serialize>(kind: Kind, body: &T, uuid: &[u8]) -> Vec<u8> {
+            Envelope::build(kind, body, |tbs| crypto::hmac(uuid, tbs))
+                .unwrap()
+                .encode()
+        }
+        let poll = || {
+            let body = PollRequest {
+                device_id: "d1".into(),
+                service_id: "svcA".into(),
+                nonce: crypto::random_bytes(16),
+                ts: now_ms(),
+            };
+            let topic = Topic::in_tenant("svcA", Route::Request(RequestKind::Poll, "d1".into()));
+            ask(&core, &topic, signed(Kind::Poll, &body, &uuid))
+        };
+        let first = poll();
+        assert_eq!(first.status, Status::Ok);
+        assert_eq!(first.change.map(|c| c.change_id), Some(change_id.clone()));
+        assert!(queued.try_recv().is_err(), "nothing queued");
+        // The allowance is spent: the next poll's reply has no change, and
+        // the change waits for its notices.
+        let second = poll();
+        assert_eq!(second.status, Status::Ok);
+        assert_eq!(second.service_id.as_deref(), Some("svcA"));
+        assert!(second.change.is_none());
+        assert_eq!(queued.try_recv().unwrap(), changes);
+        // `online` with the change pending queues it again (its notices
+        // follow; nothing goes out with the reply).
+        let body = StatusReport {
+            device_id: "d1".into(),
+            service_id: "svcA".into(),
+            nonce: crypto::random_bytes(16),
+            ts: now_ms(),
+            event: "online".into(),
+            change_id: None,
+            detail: None,
+        };
+        let topic = Topic::in_tenant("svcA", Route::Request(RequestKind::Status, "d1".into()));
+        assert_eq!(
+            ask(&core, &topic, signed(Kind::Status, &body, &uuid)).status,
+            Status::Ok
+        );
+        assert_eq!(queued.try_recv().unwrap(), changes);
+        assert!(queued.try_recv().is_err());
     }
 
     /// A device whose reply with its new certificate was lost asks again,

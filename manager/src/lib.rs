@@ -86,18 +86,14 @@ pub async fn start(
 
     let (client, eventloop) = mqtt::connect(&config)?;
     let (subscribed_tx, mut subscribed_rx) = watch::channel(false);
-    let (notices, queued) = notices::NoticeQueue::new();
     tracker.spawn(notices::pace_notices(
-        queued,
         core.clone(),
         client.clone(),
-        config.max_notices_per_sec,
         shutdown.clone(),
     ));
     tracker.spawn(mqtt::serve(
         core.clone(),
         client.clone(),
-        notices.clone(),
         eventloop,
         subscribed_tx,
         shutdown.clone(),
@@ -111,7 +107,6 @@ pub async fn start(
         core: core.clone(),
         client,
         subscribed: subscribed_rx.clone(),
-        notices,
     });
     tracker.spawn(admin::serve(admin, listener, shutdown.clone()));
     tracker.spawn(housekeeping(core.clone(), shutdown.clone()));

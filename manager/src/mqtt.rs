@@ -274,7 +274,6 @@ pub async fn publish_all(client: &AsyncClient, out: Vec<Outgoing>) {
 pub async fn serve(
     core: Arc<Core>,
     client: AsyncClient,
-    notices: crate::notices::NoticeQueue,
     mut eventloop: EventLoop,
     subscribed: watch::Sender<bool>,
     shutdown: CancellationToken,
@@ -397,9 +396,9 @@ pub async fn serve(
                 // the operator's changes (a reconnect with thousands
                 // pending sent them all at once).
                 let core = core.clone();
-                let notices = notices.clone();
                 tracker.spawn(async move {
-                    match tokio::task::spawn_blocking(move || core.pending_changes()).await {
+                    let reading = core.clone();
+                    match tokio::task::spawn_blocking(move || reading.pending_changes()).await {
                         Ok(Ok(pending)) => {
                             if !pending.is_empty() {
                                 info!(
@@ -407,7 +406,7 @@ pub async fn serve(
                                     "re-sending pending service-change notices"
                                 );
                             }
-                            notices.push(pending)
+                            core.announcements.queue(pending)
                         }
                         Ok(Err(err)) => warn!(error = %err, "pending changes not read"),
                         Err(err) => warn!(error = %err, "pending changes task failed"),
