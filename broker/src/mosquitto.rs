@@ -425,6 +425,10 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
         {
             continue;
         }
+        // Granted nothing: no line, so mosquitto refuses it everything.
+        if g.services.is_empty() {
+            continue;
+        }
         let _ = writeln!(acl, "\nuser {d}");
         if d.starts_with(fleet_pki::grants::PROVIDER_PREFIX) {
             // A service provider reads its services' telemetry.

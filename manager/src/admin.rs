@@ -323,7 +323,9 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
                     .certs()
                     .map_err(internal)?
                     .into_iter()
-                    .filter(|c| c.status == crate::store::CertStatus::Revoked);
+                    .filter(|c| {
+                        c.status == crate::store::CertStatus::Revoked || c.revoked_at_grace_end
+                    });
                 Ok(Value::Array(
                     revoked
                         .map(|c| {
@@ -331,7 +333,9 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
                                 "serial": c.serial,
                                 "device_id": c.device_id,
                                 "service_id": c.service_id,
+                                "status": c.status,
                                 "revoked_ms": c.revoked_ms,
+                                "revoked_at_grace_end": c.revoked_at_grace_end,
                             })
                         })
                         .collect(),
@@ -486,6 +490,7 @@ pub fn cert_view(c: &crate::store::CertRecord) -> Value {
         "not_after": c.not_after,
         "issued_ms": c.issued_ms,
         "revoked_ms": c.revoked_ms,
+        "revoked_at_grace_end": c.revoked_at_grace_end,
         "superseded_by": c.superseded_by,
         "fingerprint_sha256": c.fingerprint_sha256,
         "pem": pem,

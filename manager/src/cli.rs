@@ -129,8 +129,9 @@ pub enum Command {
         /// milliseconds, and write the files (and reload mosquitto) whenever
         /// they change, so that grants and revocations reach mosquitto
         /// without anyone running this again. With the secret and --reload
-        /// (or --reload-pid), a revoked certificate's live connection is also cut
-        /// (see topics.md §10.3).
+        /// (or --reload-pid), the live connection of a revoked certificate,
+        /// or of a device or provider granted nothing now (expired, reset),
+        /// is also cut (see topics.md §10.3).
         #[arg(long)]
         watch_ms: Option<u64>,
         /// With --watch-ms: a change that can wait (a grant that shrinks, a
@@ -488,7 +489,7 @@ pub async fn write_mosquitto_config(
 ) -> anyhow::Result<usize> {
     let (files, grants) = render_from_registry(admin, params).await?;
     apply_mosquitto_config(params, &files, secret, reload)?;
-    Ok(grants.len())
+    Ok(grants.iter().filter(|g| !g.services.is_empty()).count())
 }
 
 /// Keeps the mosquitto configuration in step with the registry and the
@@ -501,18 +502,25 @@ pub async fn write_mosquitto_config(
 /// the restarted one reads the files last written when it starts, and any
 /// reload that failed while it was away is done at the next look.
 ///
-/// With the manager's `secret` and a `reload`, it also cuts the live
-/// connection of every certificate the CRLs newly revoke with status
-/// `revoked` (an operator's reset, a provider revoked), which mosquitto
-/// itself leaves open until the client reconnects: see
-/// [`cut_connection`]. It cuts at the look that wrote the CRL and again at
-/// the next, in case the client came back before mosquitto had reloaded
-/// (a client that re-enrolled within that look is cut once too, and
-/// reconnects). A superseded certificate is not cut: its device moved to
-/// the newer one, whose connection, under the same client id, already
-/// displaced it. Revocations from before the watcher started are not cut;
-/// the ACL grants a reset device nothing, so a connection of its that
-/// mosquitto still holds can do nothing once mosquitto has reloaded.
+/// With the manager's `secret` and a `reload`, it also cuts live
+/// connections that mosquitto itself leaves open until the client
+/// reconnects (see [`cut_connection`]), by principal (CN):
+/// - of every certificate the CRLs newly revoke with status `revoked` (an
+///   operator's reset, a provider revoked), or revoke because its device
+///   never reported from the certificate that superseded it
+///   (`revoked_at_grace_end`: the device may still be connected with it,
+///   its reply with the newer one lost);
+/// - of every principal the registry now grants nothing that had a grant
+///   at the last reload (a certificate past its notAfter, a reset), and at
+///   the first look of every principal granted nothing, so revocations
+///   from before the watcher started are cut too.
+///
+/// It cuts after the reload that applies the change and again at the next
+/// look, in case the client came back before mosquitto had reloaded (a
+/// client that re-enrolled within that look is cut once too, and
+/// reconnects). A superseded certificate whose device reported from the
+/// newer one is not cut: that connection, under the same client id,
+/// already displaced the old one.
 pub async fn watch_mosquitto_config(
     admin: &str,
     params: &fleet_broker::mosquitto::MosquittoParams,
@@ -563,6 +571,21 @@ pub async fn watch_mosquitto_config(
                 }
                 if written.as_ref().map(|(f, _)| f) != Some(&files) {
                     let pairs = grant_pairs(&grants);
+                    // Principals granted nothing now that had a grant at
+                    // the last reload (all of them at the first): their
+                    // connections are cut once mosquitto has reloaded.
+                    let lost: Vec<String> = grants
+                        .iter()
+                        .filter(|g| g.services.is_empty())
+                        .map(|g| g.device_id.clone())
+                        .filter(|p| match &written {
+                            None => true,
+                            Some((_, before)) => before
+                                .range((p.clone(), String::new())..)
+                                .next()
+                                .is_some_and(|(q, _)| q == p),
+                        })
+                        .collect();
                     let crls = |f: &str| f.matches("-----BEGIN X509 CRL-----").count();
                     // Now, or at least `looks.coalesce` after the last
                     // reload: see `WatchTimes`.
@@ -573,6 +596,7 @@ pub async fn watch_mosquitto_config(
                                 || crls(&files.crlfile) != crls(&before.crlfile)
                                 || !pairs.is_subset(before_pairs)
                                 || !to_cut.is_empty()
+                                || !lost.is_empty()
                                 // not looked up: it may be a revocation
                                 || unanswered
                         }
@@ -599,12 +623,18 @@ pub async fn watch_mosquitto_config(
                                 }
                                 reloaded = pid.or(reloaded);
                                 tracing::info!(
-                                    devices = grants.len(),
+                                    granted =
+                                        grants.iter().filter(|g| !g.services.is_empty()).count(),
                                     urgent,
                                     "mosquitto configuration written"
                                 );
                                 written = Some((files, pairs));
                                 applied_at = Some(std::time::Instant::now());
+                                for principal in lost {
+                                    if !to_cut.contains(&principal) {
+                                        to_cut.push(principal);
+                                    }
+                                }
                             }
                             Err(err) => {
                                 tracing::warn!(error = %err, "mosquitto configuration not applied");
@@ -621,16 +651,22 @@ pub async fn watch_mosquitto_config(
             Err(err) => tracing::warn!(error = %err, "mosquitto configuration not rendered"),
         }
         if let Some(secret) = cutting {
-            // All at once: one that mosquitto does not answer holds no other.
+            // Side by side, CUTS_AT_ONCE at a time: one that mosquitto does
+            // not answer holds no other, and a first look that cuts
+            // thousands (a fleet's expired certificates) does not open
+            // thousands of connections at once.
             let mut cuts = tokio::task::JoinSet::new();
+            let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(CUTS_AT_ONCE));
             for principal in to_cut.iter().chain(&cut_again) {
                 let (internal, secret) = (params.internal, secret.to_owned());
-                let principal = principal.clone();
+                let (principal, slots) = (principal.clone(), slots.clone());
                 cuts.spawn(async move {
+                    let _slot = slots.acquire_owned().await;
                     match cut_connection(internal, &secret, &principal).await {
-                        Ok(()) => {
-                            tracing::info!(principal, "connection of a revoked certificate cut")
-                        }
+                        Ok(()) => tracing::info!(
+                            principal,
+                            "connection cut: its certificate revoked, or nothing granted"
+                        ),
                         Err(err) => tracing::warn!(principal, error = %err, "connection not cut"),
                     }
                 });
@@ -647,6 +683,9 @@ pub async fn watch_mosquitto_config(
         }
     }
 }
+
+/// Connections [`watch_mosquitto_config`] cuts side by side at most.
+const CUTS_AT_ONCE: usize = 64;
 
 /// How often [`watch_mosquitto_config`] looks, and how seldom it reloads
 /// mosquitto for a change that can wait.
@@ -677,9 +716,11 @@ fn grant_pairs(grants: &[fleet_broker::mosquitto::DeviceGrant]) -> GrantPairs {
         .collect()
 }
 
-/// The principals (CNs) of the certificates `serials` that were revoked,
-/// not superseded, asked of the manager in one request; `None` if it did
-/// not answer. A manager without the request (an older one) has none.
+/// The principals (CNs) of the certificates `serials` that were revoked
+/// (not superseded, or superseded and revoked at the end of the grace
+/// period: `GET /v1/revoked-certificates` lists those), asked of the
+/// manager in one request; `None` if it did not answer. A manager without
+/// the request (an older one) has none.
 async fn revoked_principals(
     admin: &str,
     serials: &std::collections::BTreeSet<String>,

@@ -165,6 +165,7 @@ fn active_record(
         superseded_by: None,
         superseded_ms: None,
         revoked_ms: None,
+        revoked_at_grace_end: false,
         der: issued.leaf.to_der().map_err(ProtocolError::from)?,
     })
 }
@@ -1239,6 +1240,7 @@ impl Core {
                             .is_some_and(|t| now.saturating_sub(t) >= grace_ms) =>
                     {
                         c.revoked_ms = Some(now);
+                        c.revoked_at_grace_end = true;
                         self.pending_crls
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
@@ -1531,11 +1533,14 @@ impl Core {
         let mut providers: std::collections::BTreeMap<String, Vec<String>> = Default::default();
         for c in self.store.certs()? {
             let expired = now.is_some_and(|now| c.not_after < now);
-            if c.device_id.starts_with(grants::PROVIDER_PREFIX)
-                && c.revoked_ms.is_none()
-                && !expired
-            {
-                providers.entry(c.device_id).or_default().push(c.service_id);
+            if !c.device_id.starts_with(grants::PROVIDER_PREFIX) {
+                continue;
+            }
+            // Every provider is listed, one whose certificates are all
+            // revoked or expired with no service.
+            let services = providers.entry(c.device_id).or_default();
+            if c.revoked_ms.is_none() && !expired {
+                services.push(c.service_id);
             }
         }
         Ok(providers.into_iter().collect())
@@ -1665,7 +1670,8 @@ impl Core {
     /// connection of a certificate that mosquitto refuses now but still
     /// holds may then do nothing. Then each provider's services (those of
     /// its certificates neither revoked nor expired), under its principal
-    /// `provider.{name}`.
+    /// `provider.{name}`. A principal granted nothing is listed with no
+    /// service: the watcher cuts its connection (topics.md §10.3).
     pub fn grants(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
         let now = now_ms() / 1000;
         let mut out = Vec::new();
@@ -1679,12 +1685,13 @@ impl Core {
                         None => self.store.has_history(&reg.device_id)?,
                     };
                     if none_granted {
-                        continue;
+                        Vec::new()
+                    } else {
+                        self.granted_services(&d)?
                     }
-                    self.granted_services(&d)?
                 }
                 // Reset: it has had a service period, hence a certificate.
-                None if self.store.has_history(&reg.device_id)? => continue,
+                None if self.store.has_history(&reg.device_id)? => Vec::new(),
                 None => vec![reg.initial_service.clone()],
             };
             out.push((reg.device_id, services));
@@ -2016,7 +2023,8 @@ mod tests {
     /// certified, none while its certificate is past its notAfter, none
     /// once reset (its revoked certificate's connection, if mosquitto still
     /// holds one, may then do nothing), activated again or not, and its
-    /// service again once it has a new certificate.
+    /// service again once it has a new certificate. A device granted
+    /// nothing is listed with no service (the watcher cuts its connection).
     #[test]
     fn a_reset_or_expired_device_is_granted_nothing_until_it_is_certified_again() {
         let (_dir, core) = core();
@@ -2048,13 +2056,13 @@ mod tests {
         let not_after = cert.not_after;
         cert.not_after = now_ms() / 1000 - 1;
         core.store.put_cert(&cert).unwrap();
-        assert_eq!(granted(&core, "d1"), None);
+        assert_eq!(granted(&core, "d1"), Some(vec![]));
         cert.not_after = not_after;
         core.store.put_cert(&cert).unwrap();
         assert_eq!(granted(&core, "d1"), Some(vec!["svcA".to_string()]));
 
         assert!(core.reset("d1").unwrap());
-        assert_eq!(granted(&core, "d1"), None);
+        assert_eq!(granted(&core, "d1"), Some(vec![]));
 
         // Activated again: nothing until its new certificate (a connection
         // of the old one that mosquitto still holds stays powerless).
@@ -2062,7 +2070,7 @@ mod tests {
         let reply = ask(&core, &topic, request);
         assert_eq!(reply.status, Status::Ok);
         let uuid = crypto::unseal(&eph, "d1", reply.uuid.as_ref().unwrap()).unwrap();
-        assert_eq!(granted(&core, "d1"), None);
+        assert_eq!(granted(&core, "d1"), Some(vec![]));
         assert_eq!(update(&core, "d1", "svcA", None, &uuid).status, Status::Ok);
         assert_eq!(granted(&core, "d1"), Some(vec!["svcA".to_string()]));
     }

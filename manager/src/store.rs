@@ -141,6 +141,12 @@ pub struct CertRecord {
     #[serde(default)]
     pub superseded_ms: Option<u64>,
     pub revoked_ms: Option<u64>,
+    /// Revoked because its device did not report from the certificate that
+    /// superseded it within `revoke_superseded_after_secs`: its device may
+    /// still hold a connection with it (an external broker's is cut,
+    /// topics.md §10.3).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub revoked_at_grace_end: bool,
     /// The certificate itself, DER.
     #[serde(with = "serde_bytes")]
     pub der: Vec<u8>,

@@ -1026,6 +1026,46 @@ impl Resuming {
     }
 }
 
+/// Whether the mutual-TLS listener at `addr` refuses the client
+/// certificate `chain`/`key` (PEM), in TLS 1.3, with the broker checked
+/// against `root` (PEM) as `localhost`: true only once a refusal is seen
+/// (an alert, or the connection closed, after the handshake). No MQTT
+/// CONNECT is sent, so a certificate still accepted takes over no one's
+/// session (on mosquitto the client id is the certificate's CN); it gives
+/// false after `wait` with nothing read, for the caller to ask again.
+pub async fn tls_refused(
+    addr: std::net::SocketAddr,
+    root: &[u8],
+    (chain, key): (&[u8], &[u8]),
+    wait: Duration,
+) -> anyhow::Result<bool> {
+    let config =
+        fleet_device_sim::link::mutual_tls_over(&[&rustls::version::TLS13], root, chain, key)?;
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let tcp = std::net::TcpStream::connect(addr)?;
+        tcp.set_read_timeout(Some(wait))?;
+        let name = rustls::pki_types::ServerName::try_from("localhost")?;
+        let conn = rustls::ClientConnection::new(config, name)?;
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let mut byte = [0u8; 1];
+        Ok(match tls.read(&mut byte) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                false
+            }
+            Err(_) => true,
+        })
+    })
+    .await?
+}
+
 /// An MQTT 3.1.1 CONNECT (clean session, keep-alive 60 s) for `client_id`
 /// written to `tls`, and the CONNACK read back.
 pub fn connack(

@@ -376,10 +376,10 @@ async fn generated_mosquitto_rules_hold() {
     // From here on a watcher keeps mosquitto's files in step with the
     // registry and the CRLs (`mosquitto-config --watch-ms`), as a
     // deployment runs it: nothing below regenerates by hand.
-    let watching = CancellationToken::new();
-    let watcher = {
+    let watch = || {
+        let watching = CancellationToken::new();
         let (admin, params, stop) = (admin.clone(), params.clone(), watching.clone());
-        tokio::spawn(async move {
+        let watcher = tokio::spawn(async move {
             let looks = fleet_manager::cli::WatchTimes {
                 every: Duration::from_millis(100),
                 coalesce: Duration::from_millis(1000),
@@ -393,8 +393,10 @@ async fn generated_mosquitto_rules_hold() {
                 stop,
             )
             .await
-        })
+        });
+        (watching, watcher)
     };
+    let (watching, watcher) = watch();
 
     // Migration: the ACL grants both tenants while ext1 moves, then only the new one.
     let body = json!({ "devices": ["ext1"], "service_id": "svcC" });
@@ -427,14 +429,16 @@ async fn generated_mosquitto_rules_hold() {
     // The superseded svcA certificate is revoked, and mosquitto, reloaded
     // with the new CRL, refuses it at the handshake (it was started before
     // any service had a CRL: its `crlfile` holds the root's from the start).
+    // (Looked at without an MQTT CONNECT: accepted, it would take ext1's
+    // session over, the client id being the CN.)
     eventually(T, "the old certificate to be refused", || {
-        let (chain, key, root) = (old.chain_pem.clone(), old.key_pem.clone(), root.clone());
-        async move {
-            Probe::mtls(params.service, "ext1-second", &root, chain, key)
-                .await
-                .is_err()
-                .then_some(())
-        }
+        let refused = fleet_testkit::tls_refused(
+            params.service,
+            &root_pem,
+            old_key,
+            Duration::from_millis(300),
+        );
+        async move { refused.await.unwrap().then_some(()) }
     })
     .await
     .unwrap();
@@ -444,7 +448,17 @@ async fn generated_mosquitto_rules_hold() {
         keeper13.connect().await.is_err(),
         "a revoked certificate connected again"
     );
-    // For contrast, a svcA certificate still valid (the provider's) connects.
+    // For contrast, a svcA certificate still valid (the provider's) is not
+    // refused, and connects.
+    let (weather_chain, weather_key) = (pem("chain_pem"), pem("key_pem"));
+    assert!(!fleet_testkit::tls_refused(
+        params.service,
+        &root_pem,
+        (&weather_chain, &weather_key),
+        Duration::from_millis(300),
+    )
+    .await
+    .unwrap());
     let weather = Probe::mtls(
         params.service,
         "weather-check",
@@ -551,10 +565,18 @@ async fn generated_mosquitto_rules_hold() {
     let acl = std::fs::read_to_string(params.out_dir.join("acl")).unwrap();
     assert!(!acl.contains("\nuser ext3\n"), "{acl}");
     assert!(acl.contains("\nuser ext2\n"), "{acl}");
-    // ext2's certificate past its notAfter, as the registry has it: the
-    // ACL leaves ext2 out from the next reload on, so a connection that
-    // mosquitto still holds with it (it does not cut one, §10.3) can do
-    // nothing.
+    // ext2's certificate past its notAfter, as the registry has it (not
+    // as mosquitto sees it, so mosquitto alone would keep ext2's
+    // connection): the ACL leaves ext2 out from the next reload on, and
+    // the watcher cuts ext2's connection, granted nothing now.
+    // (It connected again when mosquitto restarted.)
+    eventually(T, "ext2 to connect to the restarted mosquitto", || {
+        let n = connects("ext2");
+        async move { (n > connected_before[1]).then_some(()) }
+    })
+    .await
+    .unwrap();
+    let ext2_connects = connects("ext2");
     let store = &manager.core.store;
     let serial = store.device("ext2").unwrap().unwrap().current_cert.unwrap();
     let mut cert = store.cert(&serial).unwrap().unwrap();
@@ -566,6 +588,84 @@ async fn generated_mosquitto_rules_hold() {
     })
     .await
     .unwrap();
+    eventually(T, "the expired device's connection to be cut", || {
+        let n = connects("ext2");
+        async move { (n > ext2_connects).then_some(()) }
+    })
+    .await
+    .unwrap();
+
+    // A watcher started afresh cuts, at its first look, every principal
+    // the registry grants nothing: ext2 again, whose certificate a client
+    // holds a connection with while no watcher runs.
+    watching.cancel();
+    watcher.await.unwrap().unwrap();
+    tasks[1].abort();
+    let ext2_creds = devices
+        .store("ext2")
+        .unwrap()
+        .service_credentials("svcB")
+        .unwrap()
+        .unwrap();
+    let held2 = Probe::mtls(
+        params.service,
+        "ext2-held",
+        &root,
+        ext2_creds.chain_pem.clone(),
+        ext2_creds.key_pem.clone(),
+    )
+    .await
+    .unwrap();
+    let (watching, watcher) = watch();
+    held2
+        .wait_cut(T, "the connection of a device granted nothing to be cut")
+        .await
+        .unwrap();
+
+    // ext1 asks for its certificate for svcA (a change) over its svcC
+    // connection, and the reply is lost: moved by the manager, it still
+    // holds that connection, with the superseded certificate. At the end
+    // of the grace period the certificate is revoked and the watcher cuts
+    // the connection, which mosquitto alone would keep (its ACL is by CN:
+    // the connection would have ext1's new grants).
+    tasks[0].abort();
+    let ext1_store = devices.store("ext1").unwrap();
+    let c1 = ext1_store.service_credentials("svcC").unwrap().unwrap();
+    let held1 = Probe::mtls(params.service, "ext1-held", &root, c1.chain_pem, c1.key_pem)
+        .await
+        .unwrap();
+    let body = json!({ "devices": ["ext1"], "service_id": "svcA" });
+    fleet_manager::admin::call(&admin, "POST", "/v1/service-change", Some(&body))
+        .await
+        .unwrap();
+    let uuid = ext1_store.state().uuid.clone().unwrap();
+    let update =
+        fleet_device_sim::requests::build_update("ext1", "svcA", &uuid, KeyMode::Csr).unwrap();
+    let topic = Topic::in_tenant(
+        "svcC",
+        Route::Request(fleet_protocol::RequestKind::Update, "ext1".into()),
+    );
+    let reply_topic = topic.reply_topic().unwrap().to_string();
+    held1.subscribe(&reply_topic).await.unwrap();
+    held1
+        .publish(&topic.to_string(), update.bytes)
+        .await
+        .unwrap();
+    let reply = held1.wait_for(&reply_topic, 1, T).await.unwrap();
+    let reply: fleet_protocol::Reply = fleet_protocol::Envelope::decode(&reply.payload)
+        .unwrap()
+        .body()
+        .unwrap();
+    assert_eq!(reply.status, fleet_protocol::Status::Ok, "{reply:?}");
+    assert!(!held1.is_cut());
+    assert_eq!(manager.core.revoke_overdue(0).unwrap(), 1);
+    held1
+        .wait_cut(
+            T,
+            "the connection of a certificate revoked at the grace end",
+        )
+        .await
+        .unwrap();
     watching.cancel();
     watcher.await.unwrap().unwrap();
 

@@ -351,8 +351,34 @@ async fn a_device_whose_rekey_reply_was_lost_comes_back_in_its_new_service() {
         crate::wire::ask(&fleet, &thief, "lost1", RequestKind::Update, request.bytes).await;
     assert_eq!(reply.status, Status::Ok, "{:?}", reply.detail);
     drop(thief);
-    // The grace period ends: its svcA certificate is revoked.
+    // The grace period ends: its svcA certificate is revoked, and listed
+    // as revoked there (an external broker's watcher cuts its connection).
     assert_eq!(fleet.core().revoke_overdue(0).unwrap(), 1);
+    let revoked =
+        fleet_manager::admin::call(&fleet.admin(), "GET", "/v1/revoked-certificates", None)
+            .await
+            .unwrap();
+    let listed: Vec<_> = revoked
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["device_id"] == "lost1")
+        .map(|c| {
+            (
+                c["service_id"].clone(),
+                c["status"].clone(),
+                c["revoked_at_grace_end"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [(
+            serde_json::json!("svcA"),
+            serde_json::json!("superseded"),
+            serde_json::json!(true)
+        )]
+    );
     // The operator sees the change made, and not confirmed by the device.
     let summary = || async {
         fleet_manager::admin::call(&fleet.admin(), "GET", "/v1/summary", None)
