@@ -409,8 +409,14 @@ impl Core {
                 .unwrap_or_else(|p| p.into_inner())
                 .extend(after.crl_for);
         }
+        // Sent again at once if it was announced before; if not, it takes
+        // its turn.
         if let Some(change) = after.announce {
-            self.announcements.queue(vec![change]);
+            if self.announcements.was_announced(&change) {
+                out.extend(self.notices_if_pending(&change.device_id, &change.change_id));
+            } else {
+                self.announcements.queue(vec![change]);
+            }
         }
         out
     }
@@ -1137,20 +1143,16 @@ impl Core {
         })
     }
 
-    /// The pending change for a poll reply, if the announcements'
-    /// allowance has room for it; if not, the change is queued for its
-    /// notices instead, which follow when their turn comes (topics.md §7.5).
+    /// The pending change for a poll reply, if it may be announced now
+    /// ([`crate::notices::Announcements::may_announce`]); if not, it is
+    /// queued for its notices instead, which follow when its turn comes
+    /// (topics.md §7.4, "Pace").
     fn announce_in_poll(&self, device: &DeviceRecord) -> Option<ServiceChange> {
         let pending = device.pending.as_ref()?;
-        if self.announcements.allowance.take(1) == 1 {
-            return Some(notice_body(&device.device_id, pending));
-        }
-        self.announcements.queue(
-            crate::notices::QueuedChange::pending_of(device)
-                .into_iter()
-                .collect(),
-        );
-        None
+        let change = crate::notices::QueuedChange::pending_of(device)?;
+        self.announcements
+            .may_announce(&change)
+            .then(|| notice_body(&device.device_id, pending))
     }
 
     fn status(&self, topic: &Topic, req: Checked<'_, StatusReport>) -> Result<Outcome, Failure> {
@@ -2304,12 +2306,14 @@ mod tests {
         assert_eq!(confirmed(), (true, 0));
     }
 
-    /// A poll reply carries the pending change while the announcements'
+    /// A poll reply carries a pending change while the announcements'
     /// allowance has room; past it, the reply has none and the change is
     /// queued for its notices, and an `online` report queues it too, so
-    /// however the devices ask, changes are announced at the pace set.
-    #[test]
-    fn a_poll_reply_carries_the_change_only_within_the_allowance() {
+    /// however the devices ask, changes are announced at the pace set. A
+    /// change announced once goes out again at once, with no turn: a
+    /// device that polls as fast as it may spends nobody's allowance.
+    #[tokio::test(start_paused = true)]
+    async fn a_poll_reply_carries_the_change_only_within_the_allowance() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("store")).unwrap();
         let pki = Pki::open_or_create(&dir.path().join("certs")).unwrap();
@@ -2320,55 +2324,83 @@ mod tests {
         };
         let core = Core::new(store, Arc::new(pki), config);
         let mut queued = core.announcements.take_queue().unwrap();
-        let uuid = activated(&core, "d1");
-        assert_eq!(update(&core, "d1", "svcA", None, &uuid).status, Status::Ok);
-        let (results, changes) = core.request_change(&["d1".to_string()], "svcB", None, None, None);
-        assert!(results[0].ok);
-        let change_id = results[0].change_id.clone().unwrap();
+        let ids = ["d1".to_string(), "d2".to_string()];
+        let uuids = ids.clone().map(|d| {
+            let uuid = activated(&core, &d);
+            assert_eq!(update(&core, &d, "svcA", None, &uuid).status, Status::Ok);
+            uuid
+        });
+        let (results, changes) = core.request_change(&ids, "svcB", None, None, None);
+        assert!(results.iter().all(|r| r.ok));
         fn signed<T: serde::Serialize>(kind: Kind, body: &T, uuid: &[u8]) -> Vec<u8> {
             Envelope::build(kind, body, |tbs| crypto::hmac(uuid, tbs))
                 .unwrap()
                 .encode()
         }
-        let poll = || {
+        let poll = |i: usize| {
             let body = PollRequest {
-                device_id: "d1".into(),
+                device_id: ids[i].clone(),
                 service_id: "svcA".into(),
                 nonce: crypto::random_bytes(16),
                 ts: now_ms(),
             };
-            let topic = Topic::in_tenant("svcA", Route::Request(RequestKind::Poll, "d1".into()));
-            ask(&core, &topic, signed(Kind::Poll, &body, &uuid))
+            let route = Route::Request(RequestKind::Poll, ids[i].clone());
+            let reply = ask(
+                &core,
+                &Topic::in_tenant("svcA", route),
+                signed(Kind::Poll, &body, &uuids[i]),
+            );
+            assert_eq!(reply.status, Status::Ok);
+            assert_eq!(reply.service_id.as_deref(), Some("svcA"));
+            reply.change.map(|c| c.change_id)
         };
-        let first = poll();
-        assert_eq!(first.status, Status::Ok);
-        assert_eq!(first.change.map(|c| c.change_id), Some(change_id.clone()));
+        let online = |i: usize| {
+            let body = StatusReport {
+                device_id: ids[i].clone(),
+                service_id: "svcA".into(),
+                nonce: crypto::random_bytes(16),
+                ts: now_ms(),
+                event: "online".into(),
+                change_id: None,
+                detail: None,
+            };
+            let topic =
+                Topic::in_tenant("svcA", Route::Request(RequestKind::Status, ids[i].clone()));
+            core.handle(&topic.to_string(), &signed(Kind::Status, &body, &uuids[i]))
+        };
+        let change_id = |i: usize| results[i].change_id.clone();
+        // d1's poll takes the second's one announcement.
+        assert_eq!(poll(0), change_id(0));
         assert!(queued.try_recv().is_err(), "nothing queued");
-        // The allowance is spent: the next poll's reply has no change, and
-        // the change waits for its notices.
-        let second = poll();
-        assert_eq!(second.status, Status::Ok);
-        assert_eq!(second.service_id.as_deref(), Some("svcA"));
-        assert!(second.change.is_none());
-        assert_eq!(queued.try_recv().unwrap(), changes);
-        // `online` with the change pending queues it again (its notices
-        // follow; nothing goes out with the reply).
-        let body = StatusReport {
-            device_id: "d1".into(),
-            service_id: "svcA".into(),
-            nonce: crypto::random_bytes(16),
-            ts: now_ms(),
-            event: "online".into(),
-            change_id: None,
-            detail: None,
-        };
-        let topic = Topic::in_tenant("svcA", Route::Request(RequestKind::Status, "d1".into()));
-        assert_eq!(
-            ask(&core, &topic, signed(Kind::Status, &body, &uuid)).status,
-            Status::Ok
+        // The allowance is spent: d2's poll reply has no change, and the
+        // change waits for its notices.
+        assert_eq!(poll(1), None);
+        assert_eq!(queued.try_recv().unwrap(), changes[1..]);
+        // d2's `online` queues it again (its notices follow; nothing goes
+        // out with the reply).
+        assert_eq!(online(1).len(), 1, "the reply only");
+        assert_eq!(queued.try_recv().unwrap(), changes[1..]);
+        // d1's change, announced already, goes out at once, however often
+        // d1 asks: in every poll reply, and its notices with the reply to
+        // its `online`.
+        for _ in 0..5 {
+            assert_eq!(poll(0), change_id(0));
+        }
+        let out = online(0);
+        assert_eq!(out.len(), 1 + NOTICES_PER_CHANGE);
+        assert!(
+            out[1..]
+                .iter()
+                .all(|o| o.topic.ends_with("/service/change/d1")),
+            "{:?}",
+            out.iter().map(|o| &o.topic).collect::<Vec<_>>()
         );
-        assert_eq!(queued.try_recv().unwrap(), changes);
         assert!(queued.try_recv().is_err());
+        // The allowance was left alone: d2's next poll, a second on (the
+        // allowance's clock is Tokio's), gets d2's change.
+        assert_eq!(poll(1), None);
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
+        assert_eq!(poll(1), change_id(1));
     }
 
     /// A device whose reply with its new certificate was lost asks again,

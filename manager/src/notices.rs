@@ -72,12 +72,23 @@ impl Allowance {
 
 /// The changes waiting to be announced, and the allowance every way of
 /// announcing one draws from.
+///
+/// A change takes its turn once per device while the manager runs: once
+/// announced (its notices sent, or carried in a poll reply), it goes out
+/// again at once whenever its device asks (its device's `online` report,
+/// its polls), with no turn of its own. Announcing it to the same device
+/// again starts no new re-key, and a device (compromised, or broken) that
+/// polls as fast as it may would otherwise spend the allowance that the
+/// rest of the fleet's changes wait for.
 pub struct Announcements {
     queue: mpsc::UnboundedSender<Vec<QueuedChange>>,
     queued: Mutex<Option<mpsc::UnboundedReceiver<Vec<QueuedChange>>>>,
     pub allowance: Allowance,
     /// Changes waiting in [`pace_notices`], as it last counted.
     waiting: Arc<AtomicUsize>,
+    /// The change last announced to each device, by device id: one entry
+    /// per device at most.
+    announced: Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl Announcements {
@@ -90,7 +101,41 @@ impl Announcements {
             queued: Mutex::new(Some(queued)),
             allowance: Allowance::new(changes_per_sec),
             waiting: Arc::default(),
+            announced: Mutex::default(),
         }
+    }
+
+    /// Notes that `change` was announced to its device.
+    pub fn announced(&self, change: &QueuedChange) {
+        self.announced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(change.device_id.clone(), change.change_id.clone());
+    }
+
+    /// Whether `change` was announced to its device since the manager
+    /// started: it then needs no turn.
+    pub fn was_announced(&self, change: &QueuedChange) -> bool {
+        self.announced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&change.device_id)
+            .is_some_and(|c| *c == change.change_id)
+    }
+
+    /// Whether `change` may be announced now: if it was already, or if the
+    /// allowance has room (then it counts as announced). If not, it is
+    /// queued for its notices, which follow when its turn comes.
+    pub fn may_announce(&self, change: &QueuedChange) -> bool {
+        if self.was_announced(change) {
+            return true;
+        }
+        if self.allowance.take(1) == 1 {
+            self.announced(change);
+            return true;
+        }
+        self.queue(vec![change.clone()]);
+        false
     }
 
     /// Queues changes whose notices are to be sent. One already waiting is
@@ -133,9 +178,15 @@ pub async fn pace_notices(core: Arc<Core>, client: AsyncClient, shutdown: Cancel
         let (core, client) = (core.clone(), client.clone());
         async move {
             let built = tokio::task::spawn_blocking(move || {
-                tick.iter()
-                    .flat_map(|q| core.notices_if_pending(&q.device_id, &q.change_id))
-                    .collect()
+                let mut notices = Vec::new();
+                for q in &tick {
+                    let built = core.notices_if_pending(&q.device_id, &q.change_id);
+                    if !built.is_empty() {
+                        core.announcements.announced(q);
+                    }
+                    notices.extend(built);
+                }
+                notices
             })
             .await;
             if let Ok(notices) = built {
