@@ -286,7 +286,7 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
                 match res {
                     Ok((results, changes)) => {
                         let queued = changes.len() * crate::handlers::NOTICES_PER_CHANGE;
-                        admin.core.announcements.queue(changes);
+                        admin.core.announcements.push(changes);
                         Ok(json!({ "results": results, "notices_queued": queued }))
                     }
                     Err(e) => Err(e),

@@ -415,7 +415,7 @@ impl Core {
             if self.announcements.was_announced(&change) {
                 out.extend(self.notices_if_pending(&change.device_id, &change.change_id));
             } else {
-                self.announcements.queue(vec![change]);
+                self.announcements.push(vec![change]);
             }
         }
         out
@@ -1831,6 +1831,16 @@ impl Core {
             .collect()
     }
 
+    /// Whether change `change_id` is `device_id`'s pending change (or the
+    /// store could not tell: [`Core::notices_if_pending`] logs why).
+    pub fn is_pending(&self, device_id: &str, change_id: &str) -> bool {
+        match self.store.device(device_id) {
+            Ok(Some(d)) => d.pending.is_some_and(|p| p.change_id == change_id),
+            Ok(None) => false,
+            Err(_) => true,
+        }
+    }
+
     /// The notices of change `change_id` of `device_id`, if it is still the
     /// device's pending change: none once it is applied, or replaced by a
     /// newer change (whose own notices go out instead).
@@ -2323,7 +2333,7 @@ mod tests {
             ..ManagerConfig::default()
         };
         let core = Core::new(store, Arc::new(pki), config);
-        let mut queued = core.announcements.take_queue().unwrap();
+        let queued = || core.announcements.waiting_now();
         let ids = ["d1".to_string(), "d2".to_string()];
         let uuids = ids.clone().map(|d| {
             let uuid = activated(&core, &d);
@@ -2371,15 +2381,15 @@ mod tests {
         let change_id = |i: usize| results[i].change_id.clone();
         // d1's poll takes the second's one announcement.
         assert_eq!(poll(0), change_id(0));
-        assert!(queued.try_recv().is_err(), "nothing queued");
+        assert!(queued().is_empty(), "nothing queued");
         // The allowance is spent: d2's poll reply has no change, and the
         // change waits for its notices.
         assert_eq!(poll(1), None);
-        assert_eq!(queued.try_recv().unwrap(), changes[1..]);
-        // d2's `online` queues it again (its notices follow; nothing goes
-        // out with the reply).
+        assert_eq!(queued(), changes[1..]);
+        // d2's `online` queues it again, where it waits already (its
+        // notices follow; nothing goes out with the reply).
         assert_eq!(online(1).len(), 1, "the reply only");
-        assert_eq!(queued.try_recv().unwrap(), changes[1..]);
+        assert_eq!(queued(), changes[1..]);
         // d1's change, announced already, goes out at once, however often
         // d1 asks: in every poll reply, and its notices with the reply to
         // its `online`.
@@ -2395,12 +2405,14 @@ mod tests {
             "{:?}",
             out.iter().map(|o| &o.topic).collect::<Vec<_>>()
         );
-        assert!(queued.try_recv().is_err());
+        assert_eq!(queued(), changes[1..]);
         // The allowance was left alone: d2's next poll, a second on (the
         // allowance's clock is Tokio's), gets d2's change.
         assert_eq!(poll(1), None);
         tokio::time::advance(std::time::Duration::from_secs(1)).await;
         assert_eq!(poll(1), change_id(1));
+        // Announced so, it leaves the queue: no notice will take a turn.
+        assert!(queued().is_empty());
     }
 
     /// A device whose reply with its new certificate was lost asks again,

@@ -406,7 +406,7 @@ pub async fn serve(
                                     "re-sending pending service-change notices"
                                 );
                             }
-                            core.announcements.queue(pending)
+                            core.announcements.push(pending)
                         }
                         Ok(Err(err)) => warn!(error = %err, "pending changes not read"),
                         Err(err) => warn!(error = %err, "pending changes task failed"),

@@ -10,12 +10,11 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::Hash;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::AsyncClient;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -40,7 +39,8 @@ impl QueuedChange {
 }
 
 /// How many changes a second may be announced, taken as they go: a token
-/// bucket holding a tenth of a second's worth at most.
+/// bucket holding a tenth of a second's worth at most. Its clock is
+/// Tokio's.
 pub struct Allowance {
     per_sec: f64,
     most: f64,
@@ -68,6 +68,69 @@ impl Allowance {
         *left = (tokens - taken as f64, now);
         taken
     }
+
+    /// Gives back `n` taken and not used.
+    pub fn give_back(&self, n: usize) {
+        let mut left = self.left.lock().unwrap_or_else(|p| p.into_inner());
+        left.0 = (left.0 + n as f64).min(self.most);
+    }
+}
+
+/// Items waiting their turn, in order and each once: one queued again
+/// while it waits keeps its place. One withdrawn (announced another way)
+/// leaves the count at once and its place when its turn comes.
+pub struct Queue<T> {
+    order: VecDeque<T>,
+    waiting: HashSet<T>,
+}
+
+impl<T: Clone + Eq + Hash> Default for Queue<T> {
+    fn default() -> Queue<T> {
+        Queue {
+            order: VecDeque::new(),
+            waiting: HashSet::new(),
+        }
+    }
+}
+
+impl<T: Clone + Eq + Hash> Queue<T> {
+    fn push(&mut self, items: impl IntoIterator<Item = T>) {
+        for item in items {
+            if self.waiting.insert(item.clone()) {
+                self.order.push_back(item);
+            }
+        }
+    }
+
+    fn withdraw(&mut self, item: &T) {
+        self.waiting.remove(item);
+        if self.waiting.is_empty() {
+            self.order.clear();
+        }
+    }
+
+    /// How many wait.
+    pub fn len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// Up to `n` items from the front.
+    fn pop(&mut self, n: usize) -> Vec<T> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let Some(item) = self.order.pop_front() else {
+                break;
+            };
+            if self.waiting.remove(&item) {
+                out.push(item);
+            }
+        }
+        out
+    }
 }
 
 /// The changes waiting to be announced, and the allowance every way of
@@ -81,11 +144,9 @@ impl Allowance {
 /// polls as fast as it may would otherwise spend the allowance that the
 /// rest of the fleet's changes wait for.
 pub struct Announcements {
-    queue: mpsc::UnboundedSender<Vec<QueuedChange>>,
-    queued: Mutex<Option<mpsc::UnboundedReceiver<Vec<QueuedChange>>>>,
+    queue: Mutex<Queue<QueuedChange>>,
+    queued: Notify,
     pub allowance: Allowance,
-    /// Changes waiting in [`pace_notices`], as it last counted.
-    waiting: Arc<AtomicUsize>,
     /// The change last announced to each device, by device id: one entry
     /// per device at most.
     announced: Mutex<std::collections::HashMap<String, String>>,
@@ -94,15 +155,44 @@ pub struct Announcements {
 impl Announcements {
     /// `notices_per_sec`: the manager's `max_notices_per_sec`.
     pub fn new(notices_per_sec: usize) -> Announcements {
-        let (queue, queued) = mpsc::unbounded_channel();
         let changes_per_sec = (notices_per_sec / crate::handlers::NOTICES_PER_CHANGE).max(1);
         Announcements {
-            queue,
-            queued: Mutex::new(Some(queued)),
+            queue: Mutex::default(),
+            queued: Notify::new(),
             allowance: Allowance::new(changes_per_sec),
-            waiting: Arc::default(),
             announced: Mutex::default(),
         }
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue<QueuedChange>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues changes whose notices are to be sent. One already waiting is
+    /// not queued twice.
+    pub fn push(&self, changes: Vec<QueuedChange>) {
+        if changes.is_empty() {
+            return;
+        }
+        self.queue().push(changes);
+        self.queued.notify_one();
+    }
+
+    /// How many changes wait for their notices.
+    pub fn waiting(&self) -> usize {
+        self.queue().len()
+    }
+
+    /// The changes waiting, in their order.
+    pub fn waiting_now(&self) -> Vec<QueuedChange> {
+        let queue = self.queue();
+        let mut seen = HashSet::new();
+        queue
+            .order
+            .iter()
+            .filter(|q| queue.waiting.contains(*q) && seen.insert(*q))
+            .cloned()
+            .collect()
     }
 
     /// Notes that `change` was announced to its device.
@@ -124,84 +214,75 @@ impl Announcements {
     }
 
     /// Whether `change` may be announced now: if it was already, or if the
-    /// allowance has room (then it counts as announced). If not, it is
-    /// queued for its notices, which follow when its turn comes.
+    /// allowance has room (it then counts as announced, and leaves the
+    /// queue if it waits there). If not, it is queued for its notices,
+    /// which follow when its turn comes.
     pub fn may_announce(&self, change: &QueuedChange) -> bool {
         if self.was_announced(change) {
             return true;
         }
         if self.allowance.take(1) == 1 {
             self.announced(change);
+            self.queue().withdraw(change);
             return true;
         }
-        self.queue(vec![change.clone()]);
+        self.push(vec![change.clone()]);
         false
-    }
-
-    /// Queues changes whose notices are to be sent. One already waiting is
-    /// not queued twice.
-    pub fn queue(&self, changes: Vec<QueuedChange>) {
-        if changes.is_empty() {
-            return;
-        }
-        // The pacer ends only at shutdown; the change is recorded, and its
-        // notices are sent again when the manager next starts.
-        let _ = self.queue.send(changes);
-    }
-
-    /// The receiving end of the queue, once: [`pace_notices`] takes it.
-    pub fn take_queue(&self) -> Option<mpsc::UnboundedReceiver<Vec<QueuedChange>>> {
-        self.queued.lock().unwrap_or_else(|p| p.into_inner()).take()
-    }
-
-    /// How many changes wait for their notices.
-    pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed)
     }
 }
 
 /// Sends the notices of the queued changes as [`Announcements::allowance`]
-/// allows, in ticks of 100 ms. It runs on its own, not in the operator's
-/// request: a change of a whole fleet takes longer to announce than any
-/// request may take (5,000 devices at 200 notices a second: 50 s). A
-/// notice is built when it goes out, and not at all for a change applied
-/// or replaced meanwhile (a device would take a replaced change's notice,
-/// whose `seq` is above its last, and be refused the service at its
-/// `update`). Returns at once if another pacer has the queue.
+/// allows, in ticks of 100 ms, until `shutdown`. It runs on its own, not
+/// in the operator's request: a change of a whole fleet takes longer to
+/// announce than any request may take (5,000 devices at 200 notices a
+/// second: 50 s). A change takes the allowance only if it still needs
+/// announcing when its turn comes: not once it was announced another way
+/// (a poll reply), applied, or replaced by a newer change (a device would
+/// take a replaced change's notice, whose `seq` is above its last, and be
+/// refused the service at its `update`); its notice is built as it goes
+/// out.
 pub async fn pace_notices(core: Arc<Core>, client: AsyncClient, shutdown: CancellationToken) {
-    let Some(queued) = core.announcements.take_queue() else {
-        return;
+    let announcements = &core.announcements;
+    let needed = |q: &QueuedChange| {
+        !announcements.was_announced(q) && core.is_pending(&q.device_id, &q.change_id)
     };
-    let waiting = core.announcements.waiting.clone();
-    let take = |want| core.announcements.allowance.take(want);
-    pace(queued, take, &waiting, shutdown, |tick| {
-        let (core, client) = (core.clone(), client.clone());
-        async move {
-            let built = tokio::task::spawn_blocking(move || {
-                let mut notices = Vec::new();
-                for q in &tick {
-                    let built = core.notices_if_pending(&q.device_id, &q.change_id);
-                    if !built.is_empty() {
-                        core.announcements.announced(q);
+    pace(
+        &announcements.queue,
+        &announcements.queued,
+        &announcements.allowance,
+        needed,
+        shutdown,
+        |tick| {
+            let (core, client) = (core.clone(), client.clone());
+            async move {
+                let built = tokio::task::spawn_blocking(move || {
+                    let mut notices = Vec::new();
+                    for q in &tick {
+                        let built = core.notices_if_pending(&q.device_id, &q.change_id);
+                        if !built.is_empty() {
+                            core.announcements.announced(q);
+                        }
+                        notices.extend(built);
                     }
-                    notices.extend(built);
+                    notices
+                })
+                .await;
+                if let Ok(notices) = built {
+                    crate::mqtt::publish_all(&client, notices).await;
                 }
-                notices
-            })
-            .await;
-            if let Ok(notices) = built {
-                crate::mqtt::publish_all(&client, notices).await;
             }
-        }
-    })
+        },
+    )
     .await
 }
 
-/// [`pace_notices`] with the allowance and the sending given.
+/// [`pace_notices`] with the queue, the allowance, what still needs
+/// sending and the sending given.
 async fn pace<T, F, Fut>(
-    mut queued: mpsc::UnboundedReceiver<Vec<T>>,
-    take: impl Fn(usize) -> usize,
-    waiting_count: &AtomicUsize,
+    queue: &Mutex<Queue<T>>,
+    queued: &Notify,
+    allowance: &Allowance,
+    mut needed: impl FnMut(&T) -> bool,
     shutdown: CancellationToken,
     mut send: F,
 ) where
@@ -209,47 +290,39 @@ async fn pace<T, F, Fut>(
     F: FnMut(Vec<T>) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    // In order, and as a set: a change queued again while it waits keeps
-    // its place.
-    let mut waiting = VecDeque::new();
-    let mut queued_now = HashSet::new();
-    let add = |items: Vec<T>, waiting: &mut VecDeque<T>, queued_now: &mut HashSet<T>| {
-        for item in items {
-            if queued_now.insert(item.clone()) {
-                waiting.push_back(item);
-            }
-        }
-    };
+    let lock = || queue.lock().unwrap_or_else(|p| p.into_inner());
     let mut next = Instant::now();
     loop {
-        waiting_count.store(waiting.len(), Ordering::Relaxed);
-        if waiting.is_empty() {
+        // Told before looking: a push after the look wakes the wait.
+        let told = queued.notified();
+        if lock().is_empty() {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                got = queued.recv() => match got {
-                    Some(items) => add(items, &mut waiting, &mut queued_now),
-                    None => return,
-                },
+                _ = told => continue,
             }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep_until(next) => {}
         }
-        while let Ok(items) = queued.try_recv() {
-            add(items, &mut waiting, &mut queued_now);
+        // Those that no longer need a turn leave on the way, taking none
+        // of the allowance (looked at with the queue unlocked: it may
+        // read the store).
+        let want = lock().len();
+        let allowed = allowance.take(want);
+        let mut tick = Vec::new();
+        while tick.len() < allowed {
+            let popped = lock().pop(allowed - tick.len());
+            if popped.is_empty() {
+                break;
+            }
+            tick.extend(popped.into_iter().filter(|t| needed(t)));
         }
-        let n = take(waiting.len());
-        let tick: Vec<_> = waiting.drain(..n).collect();
+        allowance.give_back(allowed - tick.len());
         next = Instant::now() + Duration::from_millis(100);
-        if tick.is_empty() {
-            continue;
+        if !tick.is_empty() {
+            send(tick).await;
         }
-        for item in &tick {
-            queued_now.remove(item);
-        }
-        waiting_count.store(waiting.len(), Ordering::Relaxed);
-        send(tick).await;
     }
 }
 
@@ -259,35 +332,72 @@ mod tests {
 
     type Sent = Arc<Mutex<Vec<(u128, Vec<u32>)>>>;
 
-    /// A pacer of `u32`s drawing from `allowance`, and what it sent, by
+    /// A pacer of `u32`s, with what it needs to run, and what it sent, by
     /// milliseconds since the start.
-    fn pacer(
+    struct Pacer {
+        queue: Arc<Mutex<Queue<u32>>>,
+        queued: Arc<Notify>,
         allowance: Arc<Allowance>,
+        /// Items that need sending no more when their turn comes.
+        done: Arc<Mutex<HashSet<u32>>>,
+        sent: Sent,
         shutdown: CancellationToken,
-    ) -> (
-        mpsc::UnboundedSender<Vec<u32>>,
-        Sent,
-        Arc<AtomicUsize>,
-        tokio::task::JoinHandle<()>,
-    ) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let sent = Sent::default();
-        let waiting = Arc::new(AtomicUsize::new(0));
-        let start = Instant::now();
-        let task = tokio::spawn({
-            let (sent, waiting) = (sent.clone(), waiting.clone());
-            async move {
-                let take = |want| allowance.take(want);
-                pace(rx, take, &waiting, shutdown, move |tick: Vec<u32>| {
-                    sent.lock()
-                        .unwrap()
-                        .push((start.elapsed().as_millis(), tick));
-                    async {}
-                })
-                .await
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Pacer {
+        fn start(per_sec: usize) -> Pacer {
+            let queue = Arc::new(Mutex::new(Queue::default()));
+            let queued = Arc::new(Notify::new());
+            let allowance = Arc::new(Allowance::new(per_sec));
+            let done = Arc::new(Mutex::new(HashSet::new()));
+            let sent = Sent::default();
+            let shutdown = CancellationToken::new();
+            let start = Instant::now();
+            let task = tokio::spawn({
+                let (queue, queued, allowance) = (queue.clone(), queued.clone(), allowance.clone());
+                let (done, sent, shutdown) = (done.clone(), sent.clone(), shutdown.clone());
+                async move {
+                    let needed = |n: &u32| !done.lock().unwrap().contains(n);
+                    pace(&queue, &queued, &allowance, needed, shutdown, move |tick| {
+                        sent.lock()
+                            .unwrap()
+                            .push((start.elapsed().as_millis(), tick));
+                        async {}
+                    })
+                    .await
+                }
+            });
+            Pacer {
+                queue,
+                queued,
+                allowance,
+                done,
+                sent,
+                shutdown,
+                task,
             }
-        });
-        (tx, sent, waiting, task)
+        }
+
+        fn push(&self, items: impl IntoIterator<Item = u32>) {
+            self.queue.lock().unwrap().push(items);
+            self.queued.notify_one();
+        }
+
+        fn waiting(&self) -> usize {
+            self.queue.lock().unwrap().len()
+        }
+
+        async fn stop(self) -> Vec<(u128, Vec<u32>)> {
+            self.shutdown.cancel();
+            self.task.await.unwrap();
+            let sent = self.sent.lock().unwrap();
+            sent.clone()
+        }
+    }
+
+    fn flat(sent: &[(u128, Vec<u32>)]) -> Vec<u32> {
+        sent.iter().flat_map(|(_, n)| n.clone()).collect()
     }
 
     /// Notices go out at most a tenth of the rate every 100 ms, however they
@@ -295,30 +405,25 @@ mod tests {
     /// the request that queued them is long over.
     #[tokio::test(start_paused = true)]
     async fn notices_are_paced_and_none_is_dropped() {
-        let shutdown = CancellationToken::new();
-        let (tx, sent, waiting, pacer) = pacer(Arc::new(Allowance::new(100)), shutdown.clone());
-        tx.send((0..25).collect()).unwrap();
+        let pacer = Pacer::start(100);
+        pacer.push(0..25);
         tokio::time::sleep(Duration::from_millis(150)).await;
-        assert_eq!(waiting.load(Ordering::Relaxed), 5, "counted as they wait");
+        assert_eq!(pacer.waiting(), 5, "counted as they wait");
         // A second change while the first is still being announced: its
         // notices fill the first one's last tick...
-        tx.send((100..103).collect()).unwrap();
+        pacer.push(100..103);
         tokio::time::sleep(Duration::from_millis(1100)).await;
-        assert_eq!(waiting.load(Ordering::Relaxed), 0);
+        assert_eq!(pacer.waiting(), 0);
         // ...and a third long after: sent at once.
-        tx.send(vec![200]).unwrap();
+        pacer.push([200]);
         tokio::time::sleep(Duration::from_millis(10)).await;
-        shutdown.cancel();
-        pacer.await.unwrap();
-
-        let sent = sent.lock().unwrap();
+        let sent = pacer.stop().await;
         let at: Vec<u128> = sent.iter().map(|(t, _)| *t).collect();
         let sizes: Vec<usize> = sent.iter().map(|(_, n)| n.len()).collect();
         assert_eq!(at, [0, 100, 200, 1250]);
         assert_eq!(sizes, [10, 10, 8, 1], "{sent:?}");
-        let all: Vec<u32> = sent.iter().flat_map(|(_, n)| n.clone()).collect();
         let want: Vec<u32> = (0..25).chain(100..103).chain([200]).collect();
-        assert_eq!(all, want);
+        assert_eq!(flat(&sent), want);
     }
 
     /// A change queued again while it waits (a restarted manager queues
@@ -327,44 +432,45 @@ mod tests {
     /// once sent, it may be queued again.
     #[tokio::test(start_paused = true)]
     async fn a_change_queued_twice_while_it_waits_is_sent_once() {
-        let shutdown = CancellationToken::new();
-        let (tx, sent, _, pacer) = pacer(Arc::new(Allowance::new(20)), shutdown.clone());
-        tx.send((0..6).collect()).unwrap();
-        tx.send(vec![5, 4, 0, 6]).unwrap();
+        let pacer = Pacer::start(20);
+        pacer.push(0..6);
+        pacer.push([5, 4, 0, 6]);
         // 0 to 3 are sent by now, 6 still waits.
         tokio::time::sleep(Duration::from_millis(150)).await;
-        tx.send(vec![6, 0]).unwrap();
+        pacer.push([6, 0]);
         tokio::time::sleep(Duration::from_millis(400)).await;
-        shutdown.cancel();
-        pacer.await.unwrap();
-        let all: Vec<u32> = sent
-            .lock()
-            .unwrap()
-            .iter()
-            .flat_map(|(_, n)| n.clone())
-            .collect();
-        assert_eq!(all, [0, 1, 2, 3, 4, 5, 6, 0]);
+        assert_eq!(flat(&pacer.stop().await), [0, 1, 2, 3, 4, 5, 6, 0]);
     }
 
     /// What others take from the allowance (poll replies that carry the
-    /// change) the pacer does not send: together they stay within it.
+    /// change) the pacer does not send: together they stay within it. A
+    /// change withdrawn (announced in a poll reply), or that needs no
+    /// notice by its turn (applied, replaced), takes none of it, and
+    /// leaves the count at once.
     #[tokio::test(start_paused = true)]
     async fn the_pacer_and_poll_replies_share_one_allowance() {
-        let shutdown = CancellationToken::new();
-        let allowance = Arc::new(Allowance::new(100));
-        let (tx, sent, _, pacer) = pacer(allowance.clone(), shutdown.clone());
+        let pacer = Pacer::start(100);
         // Poll replies take 7 of the first tenth of a second's 10.
-        assert_eq!(allowance.take(7), 7);
-        tx.send((0..20).collect()).unwrap();
+        assert_eq!(pacer.allowance.take(7), 7);
+        pacer.push(0..20);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        // And all that came back 50 ms later (5 of them).
-        assert_eq!(allowance.take(10), 5);
+        // And all that came back 50 ms later (5 of them), announcing 3, 4,
+        // 5, 6 and 7, which leave the queue.
+        assert_eq!(pacer.allowance.take(10), 5);
+        for n in 3..8 {
+            pacer.queue.lock().unwrap().withdraw(&n);
+        }
+        assert_eq!(pacer.waiting(), 20 - 3 - 5);
+        // 8 to 11 were applied meanwhile: they need no notice.
+        pacer.done.lock().unwrap().extend(8..12);
         tokio::time::sleep(Duration::from_millis(1000)).await;
-        shutdown.cancel();
-        pacer.await.unwrap();
-        let sent = sent.lock().unwrap();
-        let sizes: Vec<usize> = sent.iter().map(|(_, n)| n.len()).collect();
-        assert_eq!(sizes, [3, 5, 10, 2], "{sent:?}");
+        let sent = pacer.stop().await;
+        let ticks: Vec<Vec<u32>> = sent.iter().map(|(_, n)| n.clone()).collect();
+        assert_eq!(
+            ticks,
+            [vec![0, 1, 2], (12..17).collect(), (17..20).collect()],
+            "{sent:?}"
+        );
     }
 
     /// The allowance refills at its rate, up to a tenth of a second's worth.
@@ -375,6 +481,8 @@ mod tests {
         assert_eq!(allowance.take(1), 0);
         tokio::time::sleep(Duration::from_millis(40)).await;
         assert_eq!(allowance.take(100), 2);
+        allowance.give_back(1);
+        assert_eq!(allowance.take(100), 1);
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert_eq!(allowance.take(100), 5);
         // Below 10 a second, one at a time.

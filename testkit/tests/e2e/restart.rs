@@ -162,6 +162,15 @@ async fn changes_pending_across_a_restart_are_announced_at_the_managers_pace() {
     // the first, less the clocks' granularity. Announced as the devices
     // asked, they moved within a few hundred milliseconds of each other.
     assert!(spread >= 1_500, "moved at {moved:?}");
+    // Nothing is left waiting for a turn.
+    fleet_testkit::eventually(T, "no change waiting for its notices", || async {
+        let health = fleet_manager::admin::call(&fleet.admin(), "GET", "/v1/health", None)
+            .await
+            .ok()?;
+        (health["changes_waiting_for_notices"] == 0).then_some(())
+    })
+    .await
+    .unwrap();
     devices.shutdown.cancel();
     for task in tasks {
         let _ = tokio::time::timeout(T, task).await;
