@@ -217,9 +217,28 @@ fn revoked_key(service_id: &str, serial: &str) -> Vec<u8> {
     k
 }
 
+/// Group commit for [`Store::commit`]: what was committed before a caller
+/// asked is on disk when it returns, and callers that ask while a flush
+/// runs share the next one.
+#[derive(Default)]
+struct Durable {
+    state: std::sync::Mutex<DurableState>,
+    flushed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct DurableState {
+    /// Callers that asked so far (each one's ticket).
+    asked: u64,
+    /// Every ticket up to this one is on disk.
+    done: u64,
+    flushing: bool,
+}
+
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    durable: std::sync::Arc<Durable>,
     registrations: sled::Tree,
     devices: sled::Tree,
     history: sled::Tree,
@@ -241,7 +260,46 @@ impl Store {
             audit: db.open_tree("audit")?,
             revoked: db.open_tree("revoked")?,
             db,
+            durable: Default::default(),
         })
+    }
+
+    /// Returns once everything written before the call is on disk. A reply
+    /// goes out only after the state it reports is durable: sled writes
+    /// its log to disk every 500 ms by itself, and a manager killed in
+    /// between had sent certificates and moves that it then had no record
+    /// of. Callers that ask while a flush runs wait for the next one, which
+    /// covers them all.
+    fn sync(&self) -> Result<(), StoreError> {
+        let durable = &*self.durable;
+        let lock = || durable.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = lock();
+        state.asked += 1;
+        let mine = state.asked;
+        loop {
+            if state.done >= mine {
+                return Ok(());
+            }
+            if state.flushing {
+                state = durable
+                    .flushed
+                    .wait(state)
+                    .unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            // Covers every ticket taken so far: their writes came first.
+            let upto = state.asked;
+            state.flushing = true;
+            drop(state);
+            let flushed = self.db.flush();
+            state = lock();
+            state.flushing = false;
+            if flushed.is_ok() {
+                state.done = state.done.max(upto);
+            }
+            durable.flushed.notify_all();
+            flushed?;
+        }
     }
 
     /// A number greater than every one handed out before, across restarts.
@@ -397,8 +455,9 @@ impl Store {
         self.audit.iter().values().map(|v| decode(&v?)).collect()
     }
 
-    /// Applies a batch atomically. Fails with `Aborted("nonce")` when the
-    /// nonce was recorded meanwhile (a concurrent duplicate won).
+    /// Applies a batch atomically, and returns once it is on disk
+    /// ([`Store::sync`]). Fails with `Aborted("nonce")` when the nonce was
+    /// recorded meanwhile (a concurrent duplicate won).
     pub fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
         (
             &self.devices,
@@ -431,7 +490,7 @@ impl Store {
                 }
                 Ok(())
             })?;
-        Ok(())
+        self.sync()
     }
 
     /// Raw dump of every tree, for "nothing changed" assertions.
@@ -493,5 +552,92 @@ impl Store {
                 Ok((serial, u64::from_be_bytes(at)))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Set for the child process of
+    /// [`a_batch_committed_is_on_disk_when_commit_returns`].
+    const CHILD_STORE: &str = "FLEET_TEST_CHILD_STORE";
+
+    fn nonce_batch(i: u8) -> Batch {
+        Batch {
+            nonce: Some((
+                nonce_key("d1", &[i; 16]),
+                NonceRecord {
+                    sv: SCHEMA_VERSION,
+                    digest: vec![i; 32],
+                    reply: vec![i; 100],
+                    ts_ms: 1,
+                },
+            )),
+            ..Batch::default()
+        }
+    }
+
+    /// The child's part: commits, then dies at once, as a killed manager
+    /// would, with no flush on the way out.
+    #[test]
+    fn child_commits_and_dies() {
+        let Some(dir) = std::env::var_os(CHILD_STORE) else {
+            return;
+        };
+        let store = Store::open(std::path::Path::new(&dir)).unwrap();
+        for i in 0..3 {
+            store.commit(&nonce_batch(i)).unwrap();
+        }
+        std::process::abort();
+    }
+
+    /// What `commit` has returned for is on disk: a process that dies the
+    /// moment after (here by `abort`, with no flush on the way out) loses
+    /// none of it. sled alone writes its log every 500 ms.
+    #[test]
+    fn a_batch_committed_is_on_disk_when_commit_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "store::tests::child_commits_and_dies",
+                "--nocapture",
+            ])
+            .env(CHILD_STORE, &path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(!status.success(), "the child did not die");
+        let store = Store::open(&path).unwrap();
+        for i in 0..3 {
+            assert!(
+                store.nonce(&nonce_key("d1", &[i; 16])).unwrap().is_some(),
+                "batch {i} lost"
+            );
+        }
+    }
+
+    /// Callers side by side each find their batch on disk, sharing
+    /// flushes.
+    #[test]
+    fn commits_side_by_side_all_return() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        std::thread::scope(|scope| {
+            for t in 0..8u8 {
+                let store = store.clone();
+                scope.spawn(move || {
+                    for i in 0..20u8 {
+                        store.commit(&nonce_batch(t * 20 + i)).unwrap();
+                    }
+                });
+            }
+        });
+        let state = store.durable.state.lock().unwrap();
+        assert_eq!((state.asked, state.done), (160, 160));
+        assert!(!state.flushing);
     }
 }
