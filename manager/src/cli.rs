@@ -515,8 +515,10 @@ pub async fn write_mosquitto_config(
 ///   the first look of every principal granted nothing, so revocations
 ///   from before the watcher started are cut too.
 ///
-/// It cuts after the reload that applies the change and again at the next
-/// look, in case the client came back before mosquitto had reloaded (a
+/// It cuts after the reload that applies the change (mosquitto 2.0 acts
+/// on the SIGHUP at the end of its loop's pass, before it reads the cut's
+/// CONNECT, sent after the signal) and again at the next look, in case
+/// the client came back before mosquitto had reloaded (a
 /// client that re-enrolled within that look is cut once too, and
 /// reconnects). A superseded certificate whose device reported from the
 /// newer one is not cut: that connection, under the same client id,
@@ -540,7 +542,8 @@ pub async fn watch_mosquitto_config(
     if cutting.is_none() {
         tracing::warn!(
             "without --secret-file and --reload, connections of revoked \
-             certificates stay open on mosquitto until their clients reconnect"
+             certificates, and of devices and providers granted nothing now, \
+             stay open on mosquitto until their clients reconnect"
         );
     }
     // The pid reloaded last, to tell when mosquitto was restarted.

@@ -66,9 +66,10 @@ pub struct ManagerConfig {
     /// devices at once (each notice leads to a re-key and a reconnect). A
     /// device gets two, on its tenant's topic and its bootstrap topic; the
     /// operator's request returns once the change is recorded, and the
-    /// notices follow at this pace. A change carried in a poll reply, and a
-    /// notice sent again (after a restart, after `online`), count too
-    /// (topics.md §7.4, "Pace").
+    /// notices follow at this pace. A change carried in a poll reply counts
+    /// too, and so does a notice sent again (after a restart, after
+    /// `online`), unless a poll reply announced the change to its device
+    /// within the last minute (topics.md §7.4, "Pace").
     pub max_notices_per_sec: usize,
     /// mTLS service endpoint announced in service-change notices, if any.
     pub service_endpoint: Option<String>,

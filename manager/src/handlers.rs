@@ -106,6 +106,8 @@ struct After {
     crl_for: std::collections::BTreeSet<String>,
     /// A pending change to announce again once the state is committed.
     announce: Option<crate::notices::QueuedChange>,
+    /// A change applied, once the state is committed: it needs no notice.
+    settled: Option<crate::notices::QueuedChange>,
     /// A certificate was counted for the device ([`Core::may_issue`]):
     /// taken back if the state is not committed.
     counted_certificate: bool,
@@ -409,7 +411,10 @@ impl Core {
                 .unwrap_or_else(|p| p.into_inner())
                 .extend(after.crl_for);
         }
-        // Sent again at once if it was announced before; if not, it takes
+        if let Some(change) = after.settled {
+            self.announcements.settled(&change);
+        }
+        // Sent again at once if it was announced lately; if not, it takes
         // its turn.
         if let Some(change) = after.announce {
             if self.announcements.was_announced(&change) {
@@ -1009,7 +1014,7 @@ impl Core {
             nonce: Some(self.nonce_record(&req)),
             ..Batch::default()
         };
-        let after = After {
+        let mut after = After {
             counted_certificate: true,
             ..After::default()
         };
@@ -1078,6 +1083,10 @@ impl Core {
             next.application = pending.application;
             next.pending = None;
             info!(service = %target, change = %pending.change_id, serial = %issued.serial_hex, "device re-keyed to its new service");
+            after.settled = Some(crate::notices::QueuedChange {
+                device_id: d.clone(),
+                change_id: pending.change_id,
+            });
         } else if device.open_period.is_none() {
             let n = self.store.next_id()?;
             batch.periods.push((
@@ -1405,6 +1414,9 @@ impl Core {
             }
         }
         self.commit(&batch)?;
+        if let Some(change) = crate::notices::QueuedChange::pending_of(&device) {
+            self.announcements.settled(&change);
+        }
         // Its certificates are revoked: after its next activation it may
         // have its first at once, whatever it was issued this hour.
         self.issued
@@ -1777,6 +1789,7 @@ impl Core {
         // exist at every broker before the device asks.
         self.ensure_service(service_id)?;
         let change_id = uuid::Uuid::new_v4().to_string();
+        let replaced = crate::notices::QueuedChange::pending_of(&device);
         device.pending = Some(PendingChange {
             change_id: change_id.clone(),
             service_id: service_id.to_owned(),
@@ -1792,6 +1805,9 @@ impl Core {
             device: Some(device.clone()),
             ..Batch::default()
         })?;
+        if let Some(replaced) = replaced {
+            self.announcements.settled(&replaced);
+        }
         self.store.audit(
             "service_change",
             Some(d),
@@ -1829,16 +1845,6 @@ impl Core {
                 payload: env.clone(),
             })
             .collect()
-    }
-
-    /// Whether change `change_id` is `device_id`'s pending change (or the
-    /// store could not tell: [`Core::notices_if_pending`] logs why).
-    pub fn is_pending(&self, device_id: &str, change_id: &str) -> bool {
-        match self.store.device(device_id) {
-            Ok(Some(d)) => d.pending.is_some_and(|p| p.change_id == change_id),
-            Ok(None) => false,
-            Err(_) => true,
-        }
     }
 
     /// The notices of change `change_id` of `device_id`, if it is still the
@@ -2406,10 +2412,14 @@ mod tests {
             out.iter().map(|o| &o.topic).collect::<Vec<_>>()
         );
         assert_eq!(queued(), changes[1..]);
-        // The allowance was left alone: d2's next poll, a second on (the
-        // allowance's clock is Tokio's), gets d2's change.
-        assert_eq!(poll(1), None);
+        // A second on (the allowance's clock is Tokio's), the allowance has
+        // room for one again, and d1's asking takes none of it: d2's next
+        // poll gets d2's change.
         tokio::time::advance(std::time::Duration::from_secs(1)).await;
+        for _ in 0..5 {
+            assert_eq!(poll(0), change_id(0));
+        }
+        assert_eq!(online(0).len(), 1 + NOTICES_PER_CHANGE);
         assert_eq!(poll(1), change_id(1));
         // Announced so, it leaves the queue: no notice will take a turn.
         assert!(queued().is_empty());

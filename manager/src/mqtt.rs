@@ -394,7 +394,9 @@ pub async fn serve(
                 });
                 // Every pending change is announced again, paced with
                 // the operator's changes (a reconnect with thousands
-                // pending sent them all at once).
+                // pending sent them all at once): while the connection was
+                // down, a device may have missed any announcement.
+                core.announcements.forget();
                 let core = core.clone();
                 tracker.spawn(async move {
                     let reading = core.clone();

@@ -6,7 +6,9 @@
 //! reconnects. The operator API, the manager's broker connection (every
 //! pending change again after a reconnect), `online` reports and polls
 //! that find the allowance spent queue changes here, and one task sends
-//! their notices ([`pace_notices`]).
+//! their notices ([`pace_notices`]). Where notices go, or whether they
+//! reach anyone, is the broker's business: a change announced in its
+//! notices is counted, not remembered (see [`Announcements`]).
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::Hash;
@@ -133,23 +135,31 @@ impl<T: Clone + Eq + Hash> Queue<T> {
     }
 }
 
+/// How long a change announced in a poll reply goes out again at once when
+/// its device asks, with no turn of its own.
+pub const ANNOUNCED_FOR: Duration = Duration::from_secs(60);
+
 /// The changes waiting to be announced, and the allowance every way of
 /// announcing one draws from.
 ///
-/// A change takes its turn once per device while the manager runs: once
-/// announced (its notices sent, or carried in a poll reply), it goes out
-/// again at once whenever its device asks (its device's `online` report,
-/// its polls), with no turn of its own. Announcing it to the same device
-/// again starts no new re-key, and a device (compromised, or broken) that
-/// polls as fast as it may would otherwise spend the allowance that the
-/// rest of the fleet's changes wait for.
+/// A change announced in a poll reply (so to a device that was there to
+/// take it) goes out again at once whenever its device asks within
+/// [`ANNOUNCED_FOR`] (its polls, the notice after its `online` report),
+/// with no turn of its own: announcing it to the same device again starts
+/// no new re-key, and a device (compromised, or broken) that polls as fast
+/// as it may would otherwise spend the allowance the rest of the fleet's
+/// changes wait for; it spends one turn a minute at most. A notice the
+/// pacer sends counts for no such thing: its device may have been away,
+/// and when a fleet that was away comes back, each of its changes takes a
+/// turn again.
 pub struct Announcements {
     queue: Mutex<Queue<QueuedChange>>,
     queued: Notify,
     pub allowance: Allowance,
-    /// The change last announced to each device, by device id: one entry
-    /// per device at most.
-    announced: Mutex<std::collections::HashMap<String, String>>,
+    /// The change last announced in a poll reply to each device, and when,
+    /// by device id: one entry per device at most, dropped once its change
+    /// is applied or replaced.
+    announced: Mutex<std::collections::HashMap<String, (String, Instant)>>,
 }
 
 impl Announcements {
@@ -166,6 +176,12 @@ impl Announcements {
 
     fn queue(&self) -> std::sync::MutexGuard<'_, Queue<QueuedChange>> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn announced_map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (String, Instant)>> {
+        self.announced.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Queues changes whose notices are to be sent. One already waiting is
@@ -195,39 +211,51 @@ impl Announcements {
             .collect()
     }
 
-    /// Notes that `change` was announced to its device.
-    pub fn announced(&self, change: &QueuedChange) {
-        self.announced
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(change.device_id.clone(), change.change_id.clone());
-    }
-
-    /// Whether `change` was announced to its device since the manager
-    /// started: it then needs no turn.
+    /// Whether `change` was announced in a poll reply within
+    /// [`ANNOUNCED_FOR`]: it then goes out again with no turn.
     pub fn was_announced(&self, change: &QueuedChange) -> bool {
-        self.announced
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.announced_map()
             .get(&change.device_id)
-            .is_some_and(|c| *c == change.change_id)
+            .is_some_and(|(c, at)| *c == change.change_id && at.elapsed() < ANNOUNCED_FOR)
     }
 
-    /// Whether `change` may be announced now: if it was already, or if the
-    /// allowance has room (it then counts as announced, and leaves the
-    /// queue if it waits there). If not, it is queued for its notices,
-    /// which follow when its turn comes.
+    /// Whether `change` may go in a poll reply now: if it was announced
+    /// in one lately, or if the allowance has room (it then counts as
+    /// announced, and leaves the queue if it waits there). If not, it is
+    /// queued for its notices, which follow when its turn comes.
     pub fn may_announce(&self, change: &QueuedChange) -> bool {
         if self.was_announced(change) {
             return true;
         }
         if self.allowance.take(1) == 1 {
-            self.announced(change);
+            self.announced_map().insert(
+                change.device_id.clone(),
+                (change.change_id.clone(), Instant::now()),
+            );
             self.queue().withdraw(change);
             return true;
         }
         self.push(vec![change.clone()]);
         false
+    }
+
+    /// `change` is no longer pending (applied, replaced, or its device
+    /// reset): it leaves the queue, and is forgotten.
+    pub fn settled(&self, change: &QueuedChange) {
+        self.queue().withdraw(change);
+        let mut announced = self.announced_map();
+        if announced
+            .get(&change.device_id)
+            .is_some_and(|(c, _)| *c == change.change_id)
+        {
+            announced.remove(&change.device_id);
+        }
+    }
+
+    /// Forgets every announcement: after the manager's broker connection
+    /// was down, a device may have missed any of them.
+    pub fn forget(&self) {
+        self.announced_map().clear();
     }
 }
 
@@ -235,17 +263,15 @@ impl Announcements {
 /// allows, in ticks of 100 ms, until `shutdown`. It runs on its own, not
 /// in the operator's request: a change of a whole fleet takes longer to
 /// announce than any request may take (5,000 devices at 200 notices a
-/// second: 50 s). A change takes the allowance only if it still needs
-/// announcing when its turn comes: not once it was announced another way
-/// (a poll reply), applied, or replaced by a newer change (a device would
-/// take a replaced change's notice, whose `seq` is above its last, and be
-/// refused the service at its `update`); its notice is built as it goes
-/// out.
+/// second: 50 s). A change takes the allowance only if it still needs its
+/// notices when its turn comes: not if it was announced in a poll reply
+/// meanwhile, nor once it is applied or replaced (a device would take a
+/// replaced change's notice, whose `seq` is above its last, and be refused
+/// the service at its `update`): its notices are built as they go out, from
+/// the store.
 pub async fn pace_notices(core: Arc<Core>, client: AsyncClient, shutdown: CancellationToken) {
     let announcements = &core.announcements;
-    let needed = |q: &QueuedChange| {
-        !announcements.was_announced(q) && core.is_pending(&q.device_id, &q.change_id)
-    };
+    let needed = |q: &QueuedChange| !announcements.was_announced(q);
     pace(
         &announcements.queue,
         &announcements.queued,
@@ -256,19 +282,22 @@ pub async fn pace_notices(core: Arc<Core>, client: AsyncClient, shutdown: Cancel
             let (core, client) = (core.clone(), client.clone());
             async move {
                 let built = tokio::task::spawn_blocking(move || {
+                    let mut sent = 0;
                     let mut notices = Vec::new();
                     for q in &tick {
                         let built = core.notices_if_pending(&q.device_id, &q.change_id);
-                        if !built.is_empty() {
-                            core.announcements.announced(q);
-                        }
+                        sent += usize::from(!built.is_empty());
                         notices.extend(built);
                     }
-                    notices
+                    (sent, notices)
                 })
                 .await;
-                if let Ok(notices) = built {
-                    crate::mqtt::publish_all(&client, notices).await;
+                match built {
+                    Ok((sent, notices)) => {
+                        crate::mqtt::publish_all(&client, notices).await;
+                        sent
+                    }
+                    Err(_) => 0,
                 }
             }
         },
@@ -277,7 +306,8 @@ pub async fn pace_notices(core: Arc<Core>, client: AsyncClient, shutdown: Cancel
 }
 
 /// [`pace_notices`] with the queue, the allowance, what still needs
-/// sending and the sending given.
+/// sending and the sending given; `send` returns how many of its tick it
+/// sent, and the allowance of the rest is given back.
 async fn pace<T, F, Fut>(
     queue: &Mutex<Queue<T>>,
     queued: &Notify,
@@ -288,7 +318,7 @@ async fn pace<T, F, Fut>(
 ) where
     T: Clone + Eq + Hash,
     F: FnMut(Vec<T>) -> Fut,
-    Fut: std::future::Future<Output = ()>,
+    Fut: std::future::Future<Output = usize>,
 {
     let lock = || queue.lock().unwrap_or_else(|p| p.into_inner());
     let mut next = Instant::now();
@@ -306,8 +336,7 @@ async fn pace<T, F, Fut>(
             _ = tokio::time::sleep_until(next) => {}
         }
         // Those that no longer need a turn leave on the way, taking none
-        // of the allowance (looked at with the queue unlocked: it may
-        // read the store).
+        // of the allowance.
         let want = lock().len();
         let allowed = allowance.take(want);
         let mut tick = Vec::new();
@@ -318,11 +347,14 @@ async fn pace<T, F, Fut>(
             }
             tick.extend(popped.into_iter().filter(|t| needed(t)));
         }
-        allowance.give_back(allowed - tick.len());
         next = Instant::now() + Duration::from_millis(100);
-        if !tick.is_empty() {
-            send(tick).await;
-        }
+        let sent = if tick.is_empty() {
+            0
+        } else {
+            let n = tick.len();
+            send(tick).await.min(n)
+        };
+        allowance.give_back(allowed - sent);
     }
 }
 
@@ -358,13 +390,29 @@ mod tests {
                 let (queue, queued, allowance) = (queue.clone(), queued.clone(), allowance.clone());
                 let (done, sent, shutdown) = (done.clone(), sent.clone(), shutdown.clone());
                 async move {
-                    let needed = |n: &u32| !done.lock().unwrap().contains(n);
-                    pace(&queue, &queued, &allowance, needed, shutdown, move |tick| {
-                        sent.lock()
-                            .unwrap()
-                            .push((start.elapsed().as_millis(), tick));
-                        async {}
-                    })
+                    // Items `done` are not sent when their turn comes (as
+                    // a change applied meanwhile has no notices).
+                    let needed = |_: &u32| true;
+                    pace(
+                        &queue,
+                        &queued,
+                        &allowance,
+                        needed,
+                        shutdown,
+                        move |tick: Vec<u32>| {
+                            let tick: Vec<u32> = {
+                                let done = done.lock().unwrap();
+                                tick.into_iter().filter(|n| !done.contains(n)).collect()
+                            };
+                            let n = tick.len();
+                            if n > 0 {
+                                sent.lock()
+                                    .unwrap()
+                                    .push((start.elapsed().as_millis(), tick));
+                            }
+                            async move { n }
+                        },
+                    )
                     .await
                 }
             });
@@ -466,11 +514,56 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1000)).await;
         let sent = pacer.stop().await;
         let ticks: Vec<Vec<u32>> = sent.iter().map(|(_, n)| n.clone()).collect();
+        // (8 to 11 took their places in the second tick, and gave their
+        // allowance back for the third.)
         assert_eq!(
             ticks,
-            [vec![0, 1, 2], (12..17).collect(), (17..20).collect()],
+            [vec![0, 1, 2], vec![12], (13..20).collect()],
             "{sent:?}"
         );
+    }
+
+    fn change(d: &str, c: &str) -> QueuedChange {
+        QueuedChange {
+            device_id: d.into(),
+            change_id: c.into(),
+        }
+    }
+
+    /// A change announced in a poll reply goes out again with no turn for
+    /// a minute, and not once it is settled, replaced or forgotten; one
+    /// that found no room waits in the queue, once.
+    #[tokio::test(start_paused = true)]
+    async fn a_change_announced_in_a_poll_reply_needs_no_turn_for_a_while() {
+        let announcements = Announcements::new(20); // one tick holds one change
+        let (a, b) = (change("d1", "c1"), change("d2", "c2"));
+        assert!(announcements.may_announce(&a));
+        assert!(announcements.was_announced(&a));
+        assert!(!announcements.may_announce(&b), "no room left");
+        assert!(!announcements.may_announce(&b));
+        assert_eq!(announcements.waiting_now(), std::slice::from_ref(&b));
+        for _ in 0..10 {
+            assert!(announcements.may_announce(&a), "announced lately");
+        }
+        // Its turn comes back after a minute.
+        tokio::time::advance(ANNOUNCED_FOR).await;
+        assert!(!announcements.was_announced(&a));
+        // Room again: b is announced, and leaves the queue.
+        assert!(announcements.may_announce(&b));
+        assert!(announcements.waiting_now().is_empty());
+        // A newer change of d2 is not the one announced.
+        assert!(!announcements.was_announced(&change("d2", "c3")));
+        announcements.settled(&b);
+        assert!(!announcements.was_announced(&b));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(announcements.may_announce(&a));
+        announcements.forget();
+        assert!(!announcements.was_announced(&a));
+        // Settled while it waits: it leaves the queue.
+        announcements.push(vec![change("d3", "c4")]);
+        assert_eq!(announcements.waiting(), 1);
+        announcements.settled(&change("d3", "c4"));
+        assert_eq!(announcements.waiting(), 0);
     }
 
     /// The allowance refills at its rate, up to a tenth of a second's worth.

@@ -1028,8 +1028,9 @@ impl Resuming {
 
 /// Whether the mutual-TLS listener at `addr` refuses the client
 /// certificate `chain`/`key` (PEM), in TLS 1.3, with the broker checked
-/// against `root` (PEM) as `localhost`: true only once a refusal is seen
-/// (an alert, or the connection closed, after the handshake). No MQTT
+/// against `root` (PEM) as `localhost`: true only once the broker refuses
+/// it with an alert about the certificate (any other failure is an error,
+/// not a refusal). No MQTT
 /// CONNECT is sent, so a certificate still accepted takes over no one's
 /// session (on mosquitto the client id is the certificate's CN); it gives
 /// false after `wait` with nothing read, for the caller to ask again.
@@ -1049,19 +1050,38 @@ pub async fn tls_refused(
         let conn = rustls::ClientConnection::new(config, name)?;
         let mut tls = rustls::StreamOwned::new(conn, tcp);
         let mut byte = [0u8; 1];
-        Ok(match tls.read(&mut byte) {
-            Ok(0) => true,
-            Ok(_) => false,
+        match tls.read(&mut byte) {
+            Ok(_) => Ok(false),
             Err(e)
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                false
+                Ok(false)
             }
-            Err(_) => true,
-        })
+            Err(e) => {
+                use rustls::AlertDescription as A;
+                let refused = e
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                    .is_some_and(|err| {
+                        matches!(
+                            err,
+                            rustls::Error::AlertReceived(
+                                A::BadCertificate
+                                    | A::CertificateRevoked
+                                    | A::CertificateExpired
+                                    | A::CertificateUnknown
+                                    | A::UnknownCA
+                                    | A::AccessDenied
+                            )
+                        )
+                    });
+                anyhow::ensure!(refused, "not a refusal of the certificate: {e}");
+                Ok(true)
+            }
+        }
     })
     .await?
 }

@@ -105,7 +105,7 @@ async fn restart_after_activation_loses_nothing() {
 /// its pace (topics.md §7.4, "Pace"), however the devices that come back
 /// ask for them: each reports `online` (which queues its change again) and
 /// polls (whose reply carries the change only while the pace allows). At
-/// one change a second, three devices that come back together move one
+/// one change a second, four devices that come back together move one
 /// after another, and all arrive in svcB.
 #[tokio::test]
 async fn changes_pending_across_a_restart_are_announced_at_the_managers_pace() {
@@ -116,7 +116,7 @@ async fn changes_pending_across_a_restart_are_announced_at_the_managers_pace() {
         .await
         .unwrap();
     let devices = Devices::new(fleet.dir.path().join("devices"));
-    let ids = ["pace1", "pace2", "pace3"];
+    let ids = ["pace1", "pace2", "pace3", "pace4"];
     let spawn_all = |devices: &Devices, fleet: &Fleet| {
         ids.map(|id| devices.spawn(devices.config(fleet, id, KeyMode::Csr)))
     };
@@ -158,9 +158,11 @@ async fn changes_pending_across_a_restart_are_announced_at_the_managers_pace() {
         })
         .collect();
     let spread = moved.iter().max().unwrap() - moved.iter().min().unwrap();
-    // Three changes at one a second: the last at least two seconds after
-    // the first, less the clocks' granularity. Announced as the devices
-    // asked, they moved within a few hundred milliseconds of each other.
+    // Four changes at one a second: the last announced at least three
+    // seconds after the first. Each device moves some time after its
+    // announcement, and that time varies on a loaded machine: half of it
+    // is left for that. Announced as the devices asked, they moved within
+    // milliseconds of each other.
     assert!(spread >= 1_500, "moved at {moved:?}");
     // Nothing is left waiting for a turn.
     fleet_testkit::eventually(T, "no change waiting for its notices", || async {
