@@ -443,6 +443,8 @@ fn register(core: &Core, regs: Vec<RegistrationIn>) -> Result<Value, (u16, Strin
     core.store
         .audit("register", None, format!("{} devices", regs.len()))
         .map_err(internal)?;
+    // Answered once on disk, as a device's requests are.
+    core.store.sync().map_err(internal)?;
     Ok(json!({ "registered": regs.len() }))
 }
 

@@ -270,7 +270,7 @@ impl Store {
     /// between had sent certificates and moves that it then had no record
     /// of. Callers that ask while a flush runs wait for the next one, which
     /// covers them all.
-    fn sync(&self) -> Result<(), StoreError> {
+    pub fn sync(&self) -> Result<(), StoreError> {
         let durable = &*self.durable;
         let lock = || durable.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut state = lock();
