@@ -1264,12 +1264,14 @@ impl Core {
             }
             device.pending_revocation = keep;
             revoked += certs.len();
-            self.commit(&Batch {
+            self.apply(&Batch {
                 device: Some(device),
                 certs,
                 ..Batch::default()
             })?;
         }
+        // One flush for them all, before their CRLs are written.
+        self.store.sync()?;
         if revoked > 0 {
             info!(
                 revoked,
@@ -1368,6 +1370,20 @@ impl Core {
     /// sent.
     pub fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
         self.store.commit(batch)?;
+        self.after_commit(batch);
+        Ok(())
+    }
+
+    /// [`Core::commit`] without waiting for the disk, for a run of
+    /// batches that ends with one [`Store::sync`].
+    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+        self.store.apply(batch)?;
+        self.after_commit(batch);
+        Ok(())
+    }
+
+    /// The broker's grants after a batch.
+    fn after_commit(&self, batch: &Batch) {
         if let Some(device) = &batch.device {
             self.publish_grants(device);
         }
@@ -1377,7 +1393,6 @@ impl Core {
                 self.grants_to_retry(id);
             }
         }
-        Ok(())
     }
 
     /// An operator's reset: closes the open period, revokes every
@@ -1746,6 +1761,15 @@ impl Core {
                 }),
             }
         }
+        // One flush for the whole request, before anyone is told.
+        if let Err(err) = self.store.sync() {
+            warn!(error = %err, "service changes not saved");
+            for r in results.iter_mut().filter(|r| r.ok) {
+                r.ok = false;
+                r.detail = format!("internal: not saved: {err}");
+            }
+            out.clear();
+        }
         (results, out)
     }
 
@@ -1801,7 +1825,8 @@ impl Core {
             requested_ms: now_ms(),
             seq: self.store.next_id()?,
         });
-        self.commit(&Batch {
+        // On disk with the rest of the request's ([`Core::request_change`]).
+        self.apply(&Batch {
             device: Some(device.clone()),
             ..Batch::default()
         })?;

@@ -459,6 +459,14 @@ impl Store {
     /// ([`Store::sync`]). Fails with `Aborted("nonce")` when the nonce was
     /// recorded meanwhile (a concurrent duplicate won).
     pub fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        self.apply(batch)?;
+        self.sync()
+    }
+
+    /// [`Store::commit`] without waiting for the disk: for a run of
+    /// batches (one operator request for thousands of devices) that is
+    /// made durable at its end by one [`Store::sync`].
+    pub fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
         (
             &self.devices,
             &self.history,
@@ -490,7 +498,7 @@ impl Store {
                 }
                 Ok(())
             })?;
-        self.sync()
+        Ok(())
     }
 
     /// Raw dump of every tree, for "nothing changed" assertions.
