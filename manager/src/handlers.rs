@@ -497,7 +497,22 @@ impl Core {
         if let Some((_, rec)) = batch.nonce.as_mut() {
             rec.reply = bytes.clone();
         }
-        match self.commit(batch) {
+        // An activation's UUID and an update's certificate are on disk
+        // before the device has them: a device holding either that the
+        // registry lost could not go on (its UUID refused; a certificate
+        // for a service the registry does not give it); so is a
+        // revocation, before its CRL. A poll or a status report otherwise
+        // lost with the last half second before a crash changes nothing a
+        // device relies on: sled writes it with its next flush, and the
+        // device reports again at its next connection.
+        let durable =
+            matches!(kind, RequestKind::Activate | RequestKind::Update) || !batch.certs.is_empty();
+        let committed = if durable {
+            self.commit(batch)
+        } else {
+            self.apply(batch)
+        };
+        match committed {
             Ok(()) => Ok(bytes),
             Err(StoreError::Aborted(reason)) if reason == "nonce" => {
                 fail(Status::Replayed, "nonce recorded concurrently")
