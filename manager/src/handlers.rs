@@ -418,7 +418,11 @@ impl Core {
         // its turn.
         if let Some(change) = after.announce {
             if self.announcements.was_announced(&change) {
-                out.extend(self.notices_if_pending(&change.device_id, &change.change_id));
+                let notices = self.notices_if_pending(&change.device_id, &change.change_id);
+                // (Its change on disk first, as for a poll reply.)
+                if !notices.is_empty() && self.store.sync().is_ok() {
+                    out.extend(notices);
+                }
             } else {
                 self.announcements.push(vec![change]);
             }
@@ -493,6 +497,9 @@ impl Core {
         reply: Reply,
         batch: &mut Batch,
     ) -> Result<Vec<u8>, Failure> {
+        // A change it carries is on disk before the device has it: an
+        // operator's request for many devices flushes once at its end.
+        let carries_change = reply.change.is_some();
         let bytes = self.sign_reply(kind, reply)?;
         if let Some((_, rec)) = batch.nonce.as_mut() {
             rec.reply = bytes.clone();
@@ -505,8 +512,9 @@ impl Core {
         // lost with the last half second before a crash changes nothing a
         // device relies on: sled writes it with its next flush, and the
         // device reports again at its next connection.
-        let durable =
-            matches!(kind, RequestKind::Activate | RequestKind::Update) || !batch.certs.is_empty();
+        let durable = matches!(kind, RequestKind::Activate | RequestKind::Update)
+            || !batch.certs.is_empty()
+            || carries_change;
         let committed = if durable {
             self.commit(batch)
         } else {
@@ -1244,11 +1252,20 @@ impl Core {
         })
     }
 
+    /// Services whose CRLs are to be written (see `write_pending_crls`).
+    fn crls_due(&self, services: std::collections::BTreeSet<String>) {
+        self.pending_crls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(services);
+    }
+
     /// Revokes superseded certificates whose devices never reported from
     /// their new certificate within `grace_ms`. Returns how many.
     pub fn revoke_overdue(&self, grace_ms: u64) -> Result<usize, StoreError> {
         let now = now_ms();
         let mut revoked = 0;
+        let mut crl_for = std::collections::BTreeSet::new();
         for device in self.store.devices()? {
             if device.pending_revocation.is_empty() {
                 continue;
@@ -1267,10 +1284,7 @@ impl Core {
                     {
                         c.revoked_ms = Some(now);
                         c.revoked_at_grace_end = true;
-                        self.pending_crls
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(c.service_id.clone());
+                        crl_for.insert(c.service_id.clone());
                         certs.push(c);
                     }
                     Some(_) => keep.push(serial),
@@ -1278,15 +1292,24 @@ impl Core {
                 }
             }
             device.pending_revocation = keep;
-            revoked += certs.len();
-            self.apply(&Batch {
+            let n = certs.len();
+            let applied = self.apply(&Batch {
                 device: Some(device),
                 certs,
                 ..Batch::default()
-            })?;
+            });
+            if let Err(err) = applied {
+                // What was applied is flushed and its CRLs written.
+                self.store.sync()?;
+                self.crls_due(crl_for);
+                return Err(err);
+            }
+            revoked += n;
         }
-        // One flush for them all, before their CRLs are written.
+        // One flush for them all; their CRLs are written after it, never
+        // listing a revocation the store could lose.
         self.store.sync()?;
+        self.crls_due(crl_for);
         if revoked > 0 {
             info!(
                 revoked,

@@ -289,6 +289,11 @@ pub async fn pace_notices(core: Arc<Core>, client: AsyncClient, shutdown: Cancel
                         sent += usize::from(!built.is_empty());
                         notices.extend(built);
                     }
+                    // The changes are on disk before any device has them
+                    // (an operator's request flushes once at its end).
+                    if !notices.is_empty() && core.store.sync().is_err() {
+                        return (0, Vec::new());
+                    }
                     (sent, notices)
                 })
                 .await;

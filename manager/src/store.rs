@@ -291,14 +291,25 @@ impl Store {
             let upto = state.asked;
             state.flushing = true;
             drop(state);
+            // Whatever the flush does, panics included, the next caller
+            // may flush.
+            struct Release<'a>(&'a Durable);
+            impl Drop for Release<'_> {
+                fn drop(&mut self) {
+                    let mut state = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+                    state.flushing = false;
+                    self.0.flushed.notify_all();
+                }
+            }
+            let release = Release(durable);
             let flushed = self.db.flush();
-            state = lock();
-            state.flushing = false;
             if flushed.is_ok() {
+                let mut state = lock();
                 state.done = state.done.max(upto);
             }
-            durable.flushed.notify_all();
+            drop(release);
             flushed?;
+            state = lock();
         }
     }
 
