@@ -489,7 +489,13 @@ pub async fn write_mosquitto_config(
 ) -> anyhow::Result<usize> {
     let (files, grants) = render_from_registry(admin, params).await?;
     apply_mosquitto_config(params, &files, secret, reload)?;
-    Ok(grants.iter().filter(|g| !g.services.is_empty()).count())
+    Ok(granted(&grants))
+}
+
+/// How many principals `grants` grants something (the rest are listed with
+/// no service).
+fn granted(grants: &[fleet_broker::mosquitto::DeviceGrant]) -> usize {
+    grants.iter().filter(|g| !g.services.is_empty()).count()
 }
 
 /// Keeps the mosquitto configuration in step with the registry and the
@@ -626,8 +632,7 @@ pub async fn watch_mosquitto_config(
                                 }
                                 reloaded = pid.or(reloaded);
                                 tracing::info!(
-                                    granted =
-                                        grants.iter().filter(|g| !g.services.is_empty()).count(),
+                                    granted = granted(&grants),
                                     urgent,
                                     "mosquitto configuration written"
                                 );

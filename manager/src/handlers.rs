@@ -404,13 +404,8 @@ impl Core {
             topic: reply_topic.to_string(),
             payload: reply_bytes,
         });
-        if !after.crl_for.is_empty() {
-            // Written once the reply is on its way (see `write_pending_crls`).
-            self.pending_crls
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(after.crl_for);
-        }
+        // Written once the reply is on its way (see `write_pending_crls`).
+        self.crls_due(after.crl_for);
         if let Some(change) = after.settled {
             self.announcements.settled(&change);
         }
@@ -418,11 +413,7 @@ impl Core {
         // its turn.
         if let Some(change) = after.announce {
             if self.announcements.was_announced(&change) {
-                let notices = self.notices_if_pending(&change.device_id, &change.change_id);
-                // (Its change on disk first, as for a poll reply.)
-                if !notices.is_empty() && self.store.sync().is_ok() {
-                    out.extend(notices);
-                }
+                out.extend(self.notices_on_disk(&[change]).1);
             } else {
                 self.announcements.push(vec![change]);
             }
@@ -1929,6 +1920,27 @@ impl Core {
                 Vec::new()
             }
         }
+    }
+
+    /// The notices of those of `changes` still pending
+    /// ([`Core::notices_if_pending`]), once the store has them on disk (an
+    /// operator's request for many devices flushes once at its end), and
+    /// how many changes they announce; none if the flush fails.
+    pub fn notices_on_disk(
+        &self,
+        changes: &[crate::notices::QueuedChange],
+    ) -> (usize, Vec<Outgoing>) {
+        let mut announced = 0;
+        let mut notices = Vec::new();
+        for q in changes {
+            let built = self.notices_if_pending(&q.device_id, &q.change_id);
+            announced += usize::from(!built.is_empty());
+            notices.extend(built);
+        }
+        if !notices.is_empty() && self.store.sync().is_err() {
+            return (0, Vec::new());
+        }
+        (announced, notices)
     }
 
     /// Every pending change, announced again after a (re)connect to the

@@ -53,7 +53,7 @@ impl RunningManager {
         // The second under way, and what was refused while the tasks
         // ended, counted too.
         self.core.flush_logged(true);
-        let _ = self.core.store.flush();
+        let _ = self.core.store.sync();
     }
 
     /// Waits until shutdown is requested, then stops.

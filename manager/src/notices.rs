@@ -281,22 +281,7 @@ pub async fn pace_notices(core: Arc<Core>, client: AsyncClient, shutdown: Cancel
         |tick| {
             let (core, client) = (core.clone(), client.clone());
             async move {
-                let built = tokio::task::spawn_blocking(move || {
-                    let mut sent = 0;
-                    let mut notices = Vec::new();
-                    for q in &tick {
-                        let built = core.notices_if_pending(&q.device_id, &q.change_id);
-                        sent += usize::from(!built.is_empty());
-                        notices.extend(built);
-                    }
-                    // The changes are on disk before any device has them
-                    // (an operator's request flushes once at its end).
-                    if !notices.is_empty() && core.store.sync().is_err() {
-                        return (0, Vec::new());
-                    }
-                    (sent, notices)
-                })
-                .await;
+                let built = tokio::task::spawn_blocking(move || core.notices_on_disk(&tick)).await;
                 match built {
                     Ok((sent, notices)) => {
                         crate::mqtt::publish_all(&client, notices).await;

@@ -318,11 +318,6 @@ impl Store {
         Ok(self.db.generate_id()? + 1)
     }
 
-    pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
-    }
-
     pub fn put_registration(&self, reg: &Registration) -> Result<(), StoreError> {
         self.registrations
             .insert(reg.device_id.as_bytes(), encode(reg))?;
