@@ -4,9 +4,13 @@
 
 use anyhow::Context as _;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fleet_broker::log_pace::LogPace;
 use fleet_broker::slots::Slots;
 use rumqttc::AsyncClient;
 use serde::{Deserialize, Serialize};
@@ -70,6 +74,46 @@ pub struct Admin {
     pub core: Arc<Core>,
     pub client: AsyncClient,
     pub subscribed: watch::Receiver<bool>,
+    /// The bearer token every route but `GET /v1/health` asks for
+    /// (`admin_token_file`).
+    pub token: String,
+    /// Requests refused for a missing or wrong token, and the pace of
+    /// their log lines.
+    pub refused: AtomicU64,
+    pub refused_logged: Mutex<LogPace>,
+}
+
+impl Admin {
+    pub fn new(
+        core: Arc<Core>,
+        client: AsyncClient,
+        subscribed: watch::Receiver<bool>,
+        token: String,
+    ) -> Admin {
+        Admin {
+            core,
+            client,
+            subscribed,
+            token,
+            refused: AtomicU64::new(0),
+            refused_logged: Mutex::new(LogPace::new(
+                "operator API requests refused",
+                tracing::Level::WARN,
+            )),
+        }
+    }
+
+    /// Whether `authorization` (the header's value) carries this API's
+    /// token: `Bearer <token>`, compared in constant time.
+    fn authorized(&self, authorization: Option<&str>) -> bool {
+        let Some((scheme, token)) = authorization.and_then(|v| v.trim().split_once(' ')) else {
+            return false;
+        };
+        let (given, want) = (token.trim().as_bytes(), self.token.as_bytes());
+        scheme.eq_ignore_ascii_case("bearer")
+            && given.len() == want.len()
+            && openssl::memcmp::eq(given, want)
+    }
 }
 
 pub async fn serve(admin: Arc<Admin>, listener: TcpListener, shutdown: CancellationToken) {
@@ -116,7 +160,7 @@ pub async fn serve(admin: Arc<Admin>, listener: TcpListener, shutdown: Cancellat
                 debug!(%peer, "admin request not received within {READ_TIMEOUT:?}");
                 return;
             };
-            if tokio::time::timeout(ANSWER_TIMEOUT, answer(&admin, stream, request))
+            if tokio::time::timeout(ANSWER_TIMEOUT, answer(&admin, stream, request, peer))
                 .await
                 .is_err()
             {
@@ -135,27 +179,64 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a request may take to be carried out and answered.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
-type Request = Result<(String, String, Vec<u8>), String>;
+/// One request as read: its method, path, `authorization` header and body.
+struct HttpRequest {
+    method: String,
+    path: String,
+    authorization: Option<String>,
+    body: Vec<u8>,
+}
+
+type Request = Result<HttpRequest, String>;
 
 async fn read_request_from(mut stream: TcpStream) -> (TcpStream, Request) {
     let request = read_request(&mut stream).await;
     (stream, request)
 }
 
-async fn answer(admin: &Admin, mut stream: TcpStream, request: Request) {
+async fn answer(admin: &Admin, mut stream: TcpStream, request: Request, peer: SocketAddr) {
     let (status, body) = match request {
-        Ok((method, path, body)) => route(admin, &method, &path, &body).await,
+        // Liveness for probes and load balancers: no token, no registry data.
+        Ok(r) if r.method == "GET" && r.path.trim_end_matches('/') == "/v1/health" => {
+            health_of(admin)
+        }
+        Ok(r) if !admin.authorized(r.authorization.as_deref()) => {
+            admin.refused.fetch_add(1, Ordering::Relaxed);
+            let why = match r.authorization {
+                None => "no token",
+                Some(_) => "wrong token",
+            };
+            fleet_broker::paced!(
+                LogPace::loud_in(&admin.refused_logged),
+                warn,
+                %peer,
+                method = %r.method,
+                path = %r.path,
+                "operator API request refused: {why}"
+            );
+            (
+                401,
+                json!({ "error": format!("unauthorized: {why}; send `authorization: Bearer` with the admin token (admin_token_file)") }),
+            )
+        }
+        Ok(r) => route(admin, &r.method, &r.path, &r.body).await,
         Err(msg) => (400, json!({ "error": msg })),
     };
     let body = serde_json::to_vec_pretty(&body).unwrap_or_default();
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
         404 => "Not Found",
+        503 => "Service Unavailable",
         _ => "Internal Server Error",
     };
+    let challenge = match status {
+        401 => "www-authenticate: Bearer\r\n",
+        _ => "",
+    };
     let head = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{challenge}connection: close\r\n\r\n",
         body.len()
     );
     let _ = stream.write_all(head.as_bytes()).await;
@@ -163,7 +244,7 @@ async fn answer(admin: &Admin, mut stream: TcpStream, request: Request) {
     let _ = stream.shutdown().await;
 }
 
-async fn read_request(stream: &mut TcpStream) -> Result<(String, String, Vec<u8>), String> {
+async fn read_request(stream: &mut TcpStream) -> Request {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     let head_end = loop {
@@ -184,10 +265,16 @@ async fn read_request(stream: &mut TcpStream) -> Result<(String, String, Vec<u8>
     let mut first = lines.next().unwrap_or_default().split(' ');
     let method = first.next().unwrap_or_default().to_string();
     let path = first.next().unwrap_or_default().to_string();
-    let length = lines
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .map(|(_, v)| v.trim().parse::<usize>().map_err(|_| "bad content-length"))
+    let headers: Vec<(&str, &str)> = lines.filter_map(|l| l.split_once(':')).collect();
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim())
+    };
+    let authorization = header("authorization").map(str::to_string);
+    let length = header("content-length")
+        .map(|v| v.parse::<usize>().map_err(|_| "bad content-length"))
         .transpose()?
         .unwrap_or(0);
     if length > MAX_REQUEST {
@@ -202,27 +289,18 @@ async fn read_request(stream: &mut TcpStream) -> Result<(String, String, Vec<u8>
         body.extend_from_slice(&chunk[..n]);
     }
     body.truncate(length);
-    Ok((method, path, body))
+    Ok(HttpRequest {
+        method,
+        path,
+        authorization,
+        body,
+    })
 }
 
 async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
     let core = admin.core.clone();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let result: Result<Value, (u16, String)> = match (method, segments.as_slice()) {
-        ("GET", ["v1", "health"]) => {
-            let intake = &admin.core.intake;
-            let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-            return health(
-                *admin.subscribed.borrow(),
-                [
-                    n(&intake.received),
-                    intake.waiting() as u64,
-                    n(&intake.shed),
-                    n(&intake.dropped),
-                ],
-                admin.core.announcements.waiting(),
-            );
-        }
         ("POST", ["v1", "providers"]) => match serde_json::from_slice::<ProviderIn>(body) {
             Ok(p) => {
                 blocking(move || match core.issue_provider(&p.name, &p.service_id) {
@@ -371,14 +449,32 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
     }
 }
 
+fn health_of(admin: &Admin) -> (u16, Value) {
+    let intake = &admin.core.intake;
+    let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    health(
+        *admin.subscribed.borrow(),
+        [
+            n(&intake.received),
+            intake.waiting() as u64,
+            n(&intake.shed),
+            n(&intake.dropped),
+        ],
+        admin.core.announcements.waiting(),
+        n(&admin.refused),
+    )
+}
+
 /// `GET /v1/health`: `ok` (and HTTP 200, else 503) while the manager is
 /// subscribed at the broker, so that it hears devices; and its requests
 /// received, bytes waiting, answered busy and dropped; and the service
-/// changes whose notices wait for their turn.
+/// changes whose notices wait for their turn; and the operator API's
+/// requests refused for their token.
 fn health(
     subscribed: bool,
     [received, waiting, busy, dropped]: [u64; 4],
     changes_waiting: usize,
+    refused: u64,
 ) -> (u16, Value) {
     let report = json!({
         "ok": subscribed,
@@ -390,6 +486,7 @@ fn health(
             "dropped": dropped,
         },
         "changes_waiting_for_notices": changes_waiting,
+        "operator_requests_refused": refused,
     });
     (if subscribed { 200 } else { 503 }, report)
 }
@@ -539,9 +636,40 @@ fn summary(core: &Core) -> Result<Value, (u16, String)> {
     }))
 }
 
+/// Where the operator API is and the token it asks for: what the CLI and
+/// the tests call it with.
+#[derive(Debug, Clone)]
+pub struct AdminApi {
+    /// `host:port`, as `admin_listen` (a URL's scheme is let go).
+    pub addr: String,
+    pub token: String,
+}
+
+impl AdminApi {
+    pub fn new(addr: impl Into<String>, token: impl Into<String>) -> AdminApi {
+        let addr: String = addr.into();
+        let addr = addr.trim_start_matches("http://").trim_end_matches('/');
+        AdminApi {
+            addr: addr.to_string(),
+            token: token.into(),
+        }
+    }
+
+    /// The API at `addr`, with the token read from `token_file`.
+    pub fn with_token_file(addr: impl Into<String>, token_file: &Path) -> anyhow::Result<AdminApi> {
+        let token = std::fs::read_to_string(token_file).with_context(|| {
+            format!(
+                "reading the operator API's token from {} (admin_token_file; `fleet-manager serve` and `pki-init` write it)",
+                token_file.display()
+            )
+        })?;
+        Ok(AdminApi::new(addr, token.trim()))
+    }
+}
+
 /// A minimal HTTP client for the CLI and tests: one request, JSON in and out.
 pub async fn call(
-    addr: &str,
+    api: &AdminApi,
     method: &str,
     path: &str,
     body: Option<&Value>,
@@ -550,8 +678,7 @@ pub async fn call(
         .map(serde_json::to_vec)
         .transpose()?
         .unwrap_or_default();
-    // `host:port`, as `admin_listen`; a URL's scheme is let go.
-    let addr = addr.trim_start_matches("http://").trim_end_matches('/');
+    let addr = api.addr.as_str();
     let unreachable = || {
         format!("the manager's admin API at {addr} (is `fleet-manager serve` running, with this admin_listen?)")
     };
@@ -560,7 +687,8 @@ pub async fn call(
         .with_context(unreachable)?
         .with_context(unreachable)?;
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        api.token,
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
@@ -583,11 +711,12 @@ mod tests {
 
     #[test]
     fn health_is_ok_only_while_subscribed() {
-        let (status, report) = health(false, [5, 0, 1, 2], 7);
+        let (status, report) = health(false, [5, 0, 1, 2], 7, 3);
         assert_eq!((status, &report["ok"]), (503, &json!(false)));
         assert_eq!(report["requests"]["dropped"], 2);
         assert_eq!(report["changes_waiting_for_notices"], 7);
-        let (status, report) = health(true, [5, 0, 1, 2], 0);
+        assert_eq!(report["operator_requests_refused"], 3);
+        let (status, report) = health(true, [5, 0, 1, 2], 0, 0);
         assert_eq!((status, &report["ok"]), (200, &json!(true)));
     }
 }

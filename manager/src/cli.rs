@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{call, ChangeIn};
+use crate::admin::{call, AdminApi, ChangeIn};
 use crate::ManagerConfig;
 
 #[derive(Parser, Debug)]
@@ -19,6 +19,11 @@ pub struct Cli {
     /// TOML configuration file; FLEET_* environment variables override it.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// The operator API's token, for the commands that call it [default:
+    /// `admin_token_file` of --config and FLEET_* variables, else
+    /// `{certs_dir}/admin.token`]
+    #[arg(long, global = true)]
+    admin_token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -34,7 +39,9 @@ pub enum Command {
     /// in --dir, else in the configuration's certs_dir, and the manager's secret at
     /// the broker's internal listener (mode 0600; `internal.secret` in --dir, else the
     /// configuration's `broker.internal_secret_file`), which an external broker's
-    /// configuration takes (`mosquitto-config --secret-file`).
+    /// configuration takes (`mosquitto-config --secret-file`), and the operator API's
+    /// token (mode 0600; `admin.token` in --dir, else the configuration's
+    /// `admin_token_file`).
     PkiInit {
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -195,15 +202,17 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         printed.push(v);
     };
-    // An operator command's admin API: --admin, else the configuration's.
+    // An operator command's admin API: --admin, else the configuration's;
+    // its token from --admin-token-file, else the configuration's file.
     let config_path = cli.config.clone();
-    let admin_of = |given: Option<String>| -> anyhow::Result<String> {
-        match given {
-            Some(admin) => Ok(admin),
-            None => Ok(ManagerConfig::load(config_path.as_deref())?
-                .admin_listen
-                .to_string()),
-        }
+    let token_file = cli.admin_token_file.clone();
+    let admin_of = |given: Option<String>| -> anyhow::Result<AdminApi> {
+        let config = ManagerConfig::load(config_path.as_deref())?;
+        let addr = given.unwrap_or_else(|| config.admin_listen.to_string());
+        let token = token_file
+            .clone()
+            .unwrap_or_else(|| config.admin_token_path());
+        AdminApi::with_token_file(addr, &token)
     };
     match cli.command {
         Command::Serve { embedded_broker } => {
@@ -237,11 +246,16 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             tracing::info!("stopped");
         }
         Command::PkiInit { dir } => {
-            let (dir, secret) = match dir {
-                Some(dir) => (dir.clone(), dir.join("internal.secret")),
+            let (dir, secret, token) = match dir {
+                Some(dir) => (
+                    dir.clone(),
+                    dir.join("internal.secret"),
+                    dir.join("admin.token"),
+                ),
                 None => {
                     let config = ManagerConfig::load(cli.config.as_deref())?;
-                    (config.certs_dir, config.broker.secret_path())
+                    let token = config.admin_token_path();
+                    (config.certs_dir, config.broker.secret_path(), token)
                 }
             };
             let existed = dir.join("root-ca.pem").exists();
@@ -252,6 +266,11 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             fleet_broker::internal_secret(&secret)?;
             if !existed {
                 println!("internal listener secret created in {}", secret.display());
+            }
+            let existed = token.exists();
+            fleet_broker::internal_secret(&token)?;
+            if !existed {
+                println!("operator API token created in {}", token.display());
             }
         }
         Command::PrintConfig => println!(
@@ -482,7 +501,7 @@ impl Reload {
 /// writes it, and optionally has mosquitto reload it. Returns the number
 /// of devices granted.
 pub async fn write_mosquitto_config(
-    admin: &str,
+    admin: &AdminApi,
     params: &fleet_broker::mosquitto::MosquittoParams,
     secret: Option<&str>,
     reload: Option<Reload>,
@@ -530,7 +549,7 @@ fn granted(grants: &[fleet_broker::mosquitto::DeviceGrant]) -> usize {
 /// newer one is not cut: that connection, under the same client id,
 /// already displaced the old one.
 pub async fn watch_mosquitto_config(
-    admin: &str,
+    admin: &AdminApi,
     params: &fleet_broker::mosquitto::MosquittoParams,
     secret: Option<&str>,
     reload: Option<Reload>,
@@ -730,7 +749,7 @@ fn grant_pairs(grants: &[fleet_broker::mosquitto::DeviceGrant]) -> GrantPairs {
 /// manager in one request; `None` if it did not answer. A manager without
 /// the request (an older one) has none.
 async fn revoked_principals(
-    admin: &str,
+    admin: &AdminApi,
     serials: &std::collections::BTreeSet<String>,
 ) -> Option<Vec<String>> {
     let revoked = match call(admin, "GET", "/v1/revoked-certificates", None).await {
@@ -824,7 +843,7 @@ fn apply_mosquitto_config(
 /// The files for the registry's grants now, and how many principals they
 /// grant.
 async fn render_from_registry(
-    admin: &str,
+    admin: &AdminApi,
     params: &fleet_broker::mosquitto::MosquittoParams,
 ) -> anyhow::Result<(
     fleet_broker::mosquitto::MosquittoFiles,

@@ -28,6 +28,11 @@ pub struct ManagerConfig {
     pub certs_dir: PathBuf,
     /// Operator HTTP API; loopback only unless changed on purpose.
     pub admin_listen: SocketAddr,
+    /// The operator API's bearer token: every route but `GET /v1/health`
+    /// asks for it. Created (64 hex digits, mode 0600) by `serve` and
+    /// `pki-init` when missing; the operator commands read it from here.
+    /// [default: `{certs_dir}/admin.token`]
+    pub admin_token_file: Option<PathBuf>,
     /// Lifetime of a device certificate.
     pub cert_lifetime_days: u32,
     /// Accept activations without a factory-key signature from devices
@@ -89,6 +94,7 @@ impl Default for ManagerConfig {
             data_dir: PathBuf::from("fleet-data/manager"),
             certs_dir: PathBuf::from("certs"),
             admin_listen: "127.0.0.1:8080".parse().expect("valid address"),
+            admin_token_file: None,
             cert_lifetime_days: 30,
             open_enrollment: false,
             max_auth_failures: 10,
@@ -157,6 +163,14 @@ impl ManagerConfig {
                 .map_err(|e| anyhow::anyhow!("service_endpoint: {e}"))?;
         }
         Ok(())
+    }
+
+    /// Where the operator API's token is: `admin_token_file`, else
+    /// `{certs_dir}/admin.token`.
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.admin_token_file
+            .clone()
+            .unwrap_or_else(|| self.certs_dir.join("admin.token"))
     }
 
     /// `(host, port)` of `broker_url`.

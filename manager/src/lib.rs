@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use fleet_broker::log_pace::LogPace;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -34,6 +35,7 @@ pub use handlers::Core;
 pub struct RunningManager {
     pub admin_addr: SocketAddr,
     pub core: Arc<Core>,
+    admin: Arc<admin::Admin>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -53,7 +55,13 @@ impl RunningManager {
         // The second under way, and what was refused while the tasks
         // ended, counted too.
         self.core.flush_logged(true);
+        LogPace::flush_in(&self.admin.refused_logged, true);
         let _ = self.core.store.sync();
+    }
+
+    /// The operator API, with its token.
+    pub fn api(&self) -> admin::AdminApi {
+        admin::AdminApi::new(self.admin_addr.to_string(), self.admin.token.clone())
     }
 
     /// Waits until shutdown is requested, then stops.
@@ -74,6 +82,9 @@ pub async fn start(
         .with_context(|| format!("opening store {}", config.data_dir.display()))?;
     let pki = fleet_pki::Pki::open_or_create(&config.certs_dir)
         .with_context(|| format!("opening PKI {}", config.certs_dir.display()))?;
+    let token_path = config.admin_token_path();
+    let admin_token = fleet_broker::internal_secret(&token_path)
+        .with_context(|| format!("the operator API's token {}", token_path.display()))?;
     let core = Arc::new(Core::new(store, Arc::new(pki), config.clone()));
     // The broker's grants follow the store, whatever happened while the
     // manager was down.
@@ -103,16 +114,20 @@ pub async fn start(
         .await
         .with_context(|| format!("binding admin API on {}", config.admin_listen))?;
     let admin_addr = listener.local_addr()?;
-    let admin = Arc::new(admin::Admin {
-        core: core.clone(),
+    let admin = Arc::new(admin::Admin::new(
+        core.clone(),
         client,
-        subscribed: subscribed_rx.clone(),
-    });
-    tracker.spawn(admin::serve(admin, listener, shutdown.clone()));
+        subscribed_rx.clone(),
+        admin_token,
+    ));
+    tracker.spawn(admin::serve(admin.clone(), listener, shutdown.clone()));
     tracker.spawn(housekeeping(core.clone(), shutdown.clone()));
-    let paced = core.clone();
+    let (paced, paced_admin) = (core.clone(), admin.clone());
     tracker.spawn(fleet_broker::log_pace::every_second(
-        move || paced.flush_logged(false),
+        move || {
+            paced.flush_logged(false);
+            LogPace::flush_in(&paced_admin.refused_logged, false);
+        },
         shutdown.clone(),
     ));
 
@@ -123,6 +138,7 @@ pub async fn start(
     Ok(RunningManager {
         admin_addr,
         core,
+        admin,
         tracker,
         shutdown,
     })

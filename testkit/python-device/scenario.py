@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """End-to-end scenario against a running manager and its broker (steps 1-7).
 
-Operator actions go to the manager's admin HTTP API; device traffic goes to
+Operator actions go to the manager's admin HTTP API (with the token in
+CERTS/admin.token, or --admin-token-file); device traffic goes to
 the broker's bootstrap TLS listener and its mutual-TLS service listener.
 Needs the manager's certs dir (root-ca.pem, manager-sign.pub.pem, crl/).
 Prints PASS or FAIL per step and exits 0 only if every step passes.
@@ -59,16 +60,25 @@ class Env:
         # Straight to the admin address, whatever *_proxy says.
         self.http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-    def admin(self, method, path, body=None, timeout=30):
-        """One admin API request (JSON in, JSON out); raises unless HTTP 200."""
+    def admin(self, method, path, body=None, timeout=30, token=True):
+        """One admin API request (JSON in, JSON out), with the operator
+        token unless token=False; raises unless HTTP 200."""
         data = None if body is None else json.dumps(body).encode()
+        headers = {"content-type": "application/json"}
+        if token:
+            headers["authorization"] = f"Bearer {self.token}"
         req = urllib.request.Request(f"http://{self.a.admin}{path}", data=data, method=method,
-                                     headers={"content-type": "application/json"})
+                                     headers=headers)
         try:
             with self.http.open(req, timeout=timeout) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
             raise RuntimeError(f"{method} {path}: HTTP {e.code}: {e.read().decode(errors='replace')}")
+
+    @property
+    def token(self):
+        with open(self.a.admin_token_file) as f:
+            return f.read().strip()
 
     def wait_ready(self, timeout=30):
         """Waits until GET /v1/health answers with the manager subscribed at the broker."""
@@ -120,11 +130,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--admin", required=True, help="HOST:PORT of the manager's admin HTTP API")
     ap.add_argument("--certs", required=True, help="the manager's certs dir")
+    ap.add_argument("--admin-token-file", help="the admin API's token (default CERTS/admin.token)")
     ap.add_argument("--bootstrap", type=hp, required=True, help="HOST:PORT of the bootstrap TLS listener")
     ap.add_argument("--service-addr", type=hp, required=True, help="HOST:PORT of the mutual-TLS service listener")
     ap.add_argument("--endpoint", help="endpoint named in the service change (default mqtts://SERVICE-ADDR)")
     ap.add_argument("--work", required=True, help="scratch dir for device state")
     a = ap.parse_args()
+    if a.admin_token_file is None:
+        a.admin_token_file = os.path.join(a.certs, "admin.token")
     if a.endpoint is None:
         h, p = a.service_addr
         a.endpoint = f"mqtts://[{h}]:{p}" if ":" in h else f"mqtts://{h}:{p}"
@@ -140,6 +153,12 @@ def main():
     def s0():
         h = E.wait_ready()
         expect(h.get("subscribed") is True, f"GET /v1/health: {h}")
+        try:
+            E.admin("GET", "/v1/devices", token=False)
+            refused = None
+        except RuntimeError as e:
+            refused = str(e)
+        expect(refused is not None and "HTTP 401" in refused, f"GET /v1/devices without the token: {refused}")
 
     # ------------------------------------------------------------ step 1
     @step("1 activate (bootstrap TLS, factory key, register)")

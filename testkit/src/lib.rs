@@ -183,8 +183,20 @@ impl Fleet {
         &self.config.certs_dir
     }
 
+    /// The operator API's address (`host:port`).
     pub fn admin(&self) -> String {
         self.manager().admin_addr.to_string()
+    }
+
+    /// The operator API with its token, for `fleet_manager::admin::call`.
+    pub fn api(&self) -> fleet_manager::admin::AdminApi {
+        self.manager().api()
+    }
+
+    /// The file holding the operator API's token, for the CLI's
+    /// `--admin-token-file`.
+    pub fn admin_token_file(&self) -> String {
+        self.config.admin_token_path().display().to_string()
     }
 
     /// A client with the manager's credentials on the internal listener: it
@@ -245,7 +257,7 @@ impl Fleet {
             "service_id": service_id,
             "factory_key_hex": factory_key.map(hex::encode),
         }]);
-        fleet_manager::admin::call(&self.admin(), "POST", "/v1/registrations", Some(&body)).await?;
+        fleet_manager::admin::call(&self.api(), "POST", "/v1/registrations", Some(&body)).await?;
         Ok(())
     }
 
@@ -253,7 +265,7 @@ impl Fleet {
     pub async fn change(&self, devices: &[&str], service_id: &str) -> anyhow::Result<Value> {
         let body = json!({ "devices": devices, "service_id": service_id });
         let res =
-            fleet_manager::admin::call(&self.admin(), "POST", "/v1/service-change", Some(&body))
+            fleet_manager::admin::call(&self.api(), "POST", "/v1/service-change", Some(&body))
                 .await?;
         for r in res["results"].as_array().context("results")? {
             anyhow::ensure!(r["ok"] == json!(true), "change refused: {r}");

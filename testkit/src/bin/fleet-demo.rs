@@ -91,10 +91,11 @@ async fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     let manager = fleet_manager::start(config, CancellationToken::new()).await?;
-    let admin = manager.admin_addr.to_string();
+    let admin = manager.api();
     println!(
-        "manager: store {}  admin http://{admin}",
-        run_dir.join("manager").display()
+        "manager: store {}  admin http://{}",
+        run_dir.join("manager").display(),
+        admin.addr
     );
 
     phase(

@@ -347,7 +347,7 @@ async fn certificates_past_a_device_s_limit_are_refused() {
         probe,
         mut dev,
     } = s;
-    fleet_manager::admin::call(&fleet.admin(), "POST", "/v1/devices/dev1/reset", None)
+    fleet_manager::admin::call(&fleet.api(), "POST", "/v1/devices/dev1/reset", None)
         .await
         .unwrap();
     activate(&fleet, &probe, &mut dev).await;

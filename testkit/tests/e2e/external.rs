@@ -30,7 +30,7 @@ async fn lifecycle_through_mosquitto() {
     let manager = fleet_manager::start(config, CancellationToken::new())
         .await
         .unwrap();
-    let admin = manager.admin_addr.to_string();
+    let admin = manager.api();
 
     let devices = Devices::new(dir.path().join("devices"));
     let key = fleet_device_sim::provision(&devices.store_root, "ext1").unwrap();
@@ -140,7 +140,7 @@ async fn generated_mosquitto_rules_hold() {
     let manager = fleet_manager::start(config, CancellationToken::new())
         .await
         .unwrap();
-    let admin = manager.admin_addr.to_string();
+    let admin = manager.api();
     let regenerate = || {
         fleet_manager::cli::write_mosquitto_config(&admin, &params, None, Some(Reload::Pid(pid)))
     };

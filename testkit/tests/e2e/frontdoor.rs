@@ -857,7 +857,7 @@ async fn the_registry_grants_follow_a_device_through_migration_and_reset() {
         .unwrap();
     second.shutdown.cancel();
 
-    fleet_manager::admin::call(&fleet.admin(), "POST", "/v1/devices/mig1/reset", None)
+    fleet_manager::admin::call(&fleet.api(), "POST", "/v1/devices/mig1/reset", None)
         .await
         .unwrap();
     assert!(granted().is_empty(), "reset left grants behind");
@@ -906,7 +906,7 @@ async fn revocation_cuts_the_live_session_and_refuses_the_next_handshake() {
     .unwrap();
 
     let revoked_at = Instant::now();
-    fleet_manager::admin::call(&fleet.admin(), "POST", "/v1/devices/rev1/reset", None)
+    fleet_manager::admin::call(&fleet.api(), "POST", "/v1/devices/rev1/reset", None)
         .await
         .unwrap();
     let reason = live.wait_cut(T).await.unwrap();
@@ -1567,12 +1567,14 @@ async fn provider_add(
     service: &str,
 ) -> (serde_json::Value, std::path::PathBuf, Vec<u8>, Vec<u8>) {
     let out = fleet.dir.path().join("provider");
-    let admin = fleet.admin();
+    let (admin, token) = (fleet.admin(), fleet.admin_token_file());
     let args = [
         "fleet-manager",
         "provider-add",
         "--admin",
         &admin,
+        "--admin-token-file",
+        &token,
         "--name",
         name,
         "--service",
@@ -1686,7 +1688,7 @@ async fn a_service_provider_reads_its_own_tenants_telemetry_and_nothing_else() {
     .await
     .unwrap();
     let res =
-        fleet_manager::admin::call(&fleet.admin(), "POST", "/v1/providers/weather/revoke", None)
+        fleet_manager::admin::call(&fleet.api(), "POST", "/v1/providers/weather/revoke", None)
             .await
             .unwrap();
     assert_eq!(res["revoked"], 1);

@@ -322,7 +322,7 @@ async fn a_device_whose_rekey_reply_was_lost_comes_back_in_its_new_service() {
     let notice_topic = Topic::in_tenant("svcA", Route::ServiceChange("lost1".into())).to_string();
     notices.subscribe(&notice_topic).await.unwrap();
     let body = serde_json::json!({ "devices": ["lost1"], "service_id": "svcB" });
-    fleet_manager::admin::call(&fleet.admin(), "POST", "/v1/service-change", Some(&body))
+    fleet_manager::admin::call(&fleet.api(), "POST", "/v1/service-change", Some(&body))
         .await
         .unwrap();
     let sent = notices.wait_for(&notice_topic, 1, T).await.unwrap();
@@ -354,10 +354,9 @@ async fn a_device_whose_rekey_reply_was_lost_comes_back_in_its_new_service() {
     // The grace period ends: its svcA certificate is revoked, and listed
     // as revoked there (an external broker's watcher cuts its connection).
     assert_eq!(fleet.core().revoke_overdue(0).unwrap(), 1);
-    let revoked =
-        fleet_manager::admin::call(&fleet.admin(), "GET", "/v1/revoked-certificates", None)
-            .await
-            .unwrap();
+    let revoked = fleet_manager::admin::call(&fleet.api(), "GET", "/v1/revoked-certificates", None)
+        .await
+        .unwrap();
     let listed: Vec<_> = revoked
         .as_array()
         .unwrap()
@@ -381,7 +380,7 @@ async fn a_device_whose_rekey_reply_was_lost_comes_back_in_its_new_service() {
     );
     // The operator sees the change made, and not confirmed by the device.
     let summary = || async {
-        fleet_manager::admin::call(&fleet.admin(), "GET", "/v1/summary", None)
+        fleet_manager::admin::call(&fleet.api(), "GET", "/v1/summary", None)
             .await
             .unwrap()
     };
@@ -412,7 +411,7 @@ async fn a_device_whose_rekey_reply_was_lost_comes_back_in_its_new_service() {
         )
     });
     assert!(!failed_for_good, "{:?}", devices.events_of("lost1"));
-    let shown = fleet_manager::admin::call(&fleet.admin(), "GET", "/v1/devices/lost1", None)
+    let shown = fleet_manager::admin::call(&fleet.api(), "GET", "/v1/devices/lost1", None)
         .await
         .unwrap();
     assert_eq!(shown["device"]["service_id"], "svcB", "{shown}");

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use fleet_device_sim::{DeviceEvent, KeyMode};
+use fleet_manager::admin::AdminApi;
 use fleet_manager::cli::{execute, Cli};
 use fleet_protocol::{RequestKind, Status};
 use fleet_testkit::{Devices, Fleet};
@@ -25,13 +26,15 @@ async fn cli(args: &[&str]) -> Vec<serde_json::Value> {
 async fn operator_commands_reach_the_running_manager() {
     let fleet = Fleet::start().await.unwrap();
     let admin = fleet.admin();
+    let api = fleet.api();
+    let token = fleet.admin_token_file();
     // Subscribed at the broker: healthy (HTTP 200, which `call` requires).
-    let health = fleet_manager::admin::call(&admin, "GET", "/v1/health", None)
+    let health = fleet_manager::admin::call(&api, "GET", "/v1/health", None)
         .await
         .unwrap();
     assert_eq!(health["ok"], true);
     // The address as a URL, too.
-    let url = format!("http://{admin}/");
+    let url = AdminApi::new(format!("http://{admin}/"), api.token.clone());
     let summary = fleet_manager::admin::call(&url, "GET", "/v1/summary", None).await;
     assert!(summary.is_ok(), "{summary:?}");
     let devices = Devices::new(fleet.dir.path().join("devices"));
@@ -48,6 +51,8 @@ async fn operator_commands_reach_the_running_manager() {
         "register",
         "--admin",
         &admin,
+        "--admin-token-file",
+        &token,
         "--service",
         "svcA",
         file.to_str().unwrap(),
@@ -66,6 +71,8 @@ async fn operator_commands_reach_the_running_manager() {
         "change",
         "--admin",
         &admin,
+        "--admin-token-file",
+        &token,
         "--service",
         "svcB",
         "--from",
@@ -88,7 +95,15 @@ async fn operator_commands_reach_the_running_manager() {
             .await
             .unwrap();
     }
-    let shown = &cli(&["show", "--admin", &admin, "op1"]).await[0];
+    let shown = &cli(&[
+        "show",
+        "--admin",
+        &admin,
+        "--admin-token-file",
+        &token,
+        "op1",
+    ])
+    .await[0];
     assert_eq!(shown["device"]["service_id"], json!("svcB"));
     assert_eq!(shown["device"]["application"], json!("metering"));
     assert!(
@@ -104,16 +119,34 @@ async fn operator_commands_reach_the_running_manager() {
         .starts_with("-----BEGIN CERTIFICATE-----"));
 
     // A change to the service a device is already on is refused, per device.
-    let out = cli(&["change", "--admin", &admin, "--service", "svcB", "op1"]).await;
+    let out = cli(&[
+        "change",
+        "--admin",
+        &admin,
+        "--admin-token-file",
+        &token,
+        "--service",
+        "svcB",
+        "op1",
+    ])
+    .await;
     assert_eq!(out[0]["results"][0]["ok"], json!(false));
     // Which makes `fleet-manager` exit with a failure, for scripts.
     assert_eq!(fleet_manager::cli::refused(&out), 1);
 
-    let summary = &cli(&["summary", "--admin", &admin]).await[0];
+    let summary = &cli(&["summary", "--admin", &admin, "--admin-token-file", &token]).await[0];
     assert_eq!(summary["devices_per_service"]["svcB"], json!(2));
-    // Without --admin, the admin API of the configuration file.
+    // Without --admin, the admin API of the configuration file, and the
+    // token in its certs_dir.
     let config = fleet.dir.path().join("operator.toml");
-    std::fs::write(&config, format!("admin_listen = \"{admin}\"\n")).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "admin_listen = \"{admin}\"\ncerts_dir = \"{}\"\n",
+            fleet.certs_dir().display()
+        ),
+    )
+    .unwrap();
     let config = config.to_str().unwrap();
     assert_eq!(&cli(&["--config", config, "summary"]).await[0], summary);
     // Revoking a provider never issued is a 404, and writes nothing.
@@ -122,6 +155,8 @@ async fn operator_commands_reach_the_running_manager() {
         "provider-revoke",
         "--admin",
         &admin,
+        "--admin-token-file",
+        &token,
         "nosuch",
     ];
     let refused = execute(Cli::try_parse_from(cli_args).unwrap())
@@ -154,19 +189,18 @@ async fn operator_commands_reach_the_running_manager() {
 
     // One certificate by its serial, as a CRL names it.
     let serial = certs[0]["serial"].as_str().unwrap();
-    let one =
-        fleet_manager::admin::call(&admin, "GET", &format!("/v1/certificates/{serial}"), None)
-            .await
-            .unwrap();
+    let one = fleet_manager::admin::call(&api, "GET", &format!("/v1/certificates/{serial}"), None)
+        .await
+        .unwrap();
     assert_eq!(one["device_id"], json!("op1"));
     assert_eq!(one["status"], json!("superseded"));
     assert!(
-        fleet_manager::admin::call(&admin, "GET", "/v1/certificates/00ff", None)
+        fleet_manager::admin::call(&api, "GET", "/v1/certificates/00ff", None)
             .await
             .is_err()
     );
     // Superseded certificates are not among the revoked ones.
-    let revoked = fleet_manager::admin::call(&admin, "GET", "/v1/revoked-certificates", None)
+    let revoked = fleet_manager::admin::call(&api, "GET", "/v1/revoked-certificates", None)
         .await
         .unwrap();
     assert_eq!(revoked, json!([]));
@@ -174,7 +208,7 @@ async fn operator_commands_reach_the_running_manager() {
     for id in ["fleet-manager", "Fleet-Manager"] {
         let body = json!([{ "device_id": id, "service_id": "svcA" }]);
         let refused =
-            fleet_manager::admin::call(&admin, "POST", "/v1/registrations", Some(&body)).await;
+            fleet_manager::admin::call(&api, "POST", "/v1/registrations", Some(&body)).await;
         assert!(refused.is_err(), "{id} registered: {refused:?}");
     }
     devices.shutdown.cancel();
@@ -188,7 +222,15 @@ async fn reset_lets_a_device_activate_again_with_a_new_uuid() {
     let (fleet, probe, mut dev) = crate::wire::fleet_with_active_device("rst1").await;
     let first_uuid = dev.uuid.clone().unwrap();
 
-    cli(&["reset", "--admin", &fleet.admin(), "rst1"]).await;
+    cli(&[
+        "reset",
+        "--admin",
+        &fleet.admin(),
+        "--admin-token-file",
+        &fleet.admin_token_file(),
+        "rst1",
+    ])
+    .await;
     assert!(fleet.core().store.device("rst1").unwrap().is_none());
     // The old device-auth UUID no longer works ...
     let p = crate::wire::poll(
@@ -221,7 +263,15 @@ async fn a_running_device_that_is_reset_activates_again_and_comes_back() {
     let task = devices.spawn(devices.config(&fleet, "rst2", KeyMode::Csr));
     devices.wait_connected("rst2", T).await.unwrap();
     let before = fleet.core().store.device("rst2").unwrap().unwrap();
-    cli(&["reset", "--admin", &fleet.admin(), "rst2"]).await;
+    cli(&[
+        "reset",
+        "--admin",
+        &fleet.admin(),
+        "--admin-token-file",
+        &fleet.admin_token_file(),
+        "rst2",
+    ])
+    .await;
     fleet_testkit::eventually(T, "rst2 activated and connected again", || {
         let events = devices.events_of("rst2");
         let last = |f: fn(&DeviceEvent) -> bool| events.iter().rposition(f);
@@ -377,7 +427,16 @@ async fn idle_admin_connections_are_capped() {
     );
     // While they are held, the operator gets in: its request closes the
     // oldest silent one and takes its slot.
-    let cli = Cli::try_parse_from(["fleet-manager", "summary", "--admin", &admin]).unwrap();
+    let token = fleet.admin_token_file();
+    let cli = Cli::try_parse_from([
+        "fleet-manager",
+        "summary",
+        "--admin",
+        &admin,
+        "--admin-token-file",
+        &token,
+    ])
+    .unwrap();
     let summary = tokio::time::timeout(Duration::from_secs(5), execute(cli))
         .await
         .expect("the operator is answered while silent connections are held")
@@ -388,8 +447,9 @@ async fn idle_admin_connections_are_capped() {
 }
 
 /// `pki-init` also makes the secret the manager and an external broker
-/// share (mode 0600, kept once made), and `mosquitto-config` finds the PKI
-/// where the configuration says, without `--certs`.
+/// share and the operator API's token (mode 0600, kept once made), and
+/// `mosquitto-config` finds the PKI and the token where the configuration
+/// says, without `--certs` or `--admin-token-file`.
 #[tokio::test]
 async fn pki_init_makes_the_shared_secret_and_mosquitto_config_finds_the_pki() {
     use std::os::unix::fs::PermissionsExt;
@@ -398,16 +458,21 @@ async fn pki_init_makes_the_shared_secret_and_mosquitto_config_finds_the_pki() {
     let certs = dir.path().join("pki");
     let certs_arg = certs.to_str().unwrap();
     cli(&["pki-init", "--dir", certs_arg]).await;
-    let secret_path = certs.join("internal.secret");
-    let secret = std::fs::read_to_string(&secret_path).unwrap();
-    assert_eq!(secret.trim().len(), 64, "{secret:?}");
-    let mode = std::fs::metadata(&secret_path)
-        .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o600);
+    let mut made = Vec::new();
+    // The broker's internal secret, and the operator API's token.
+    for name in ["internal.secret", "admin.token"] {
+        let path = certs.join(name);
+        let secret = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(secret.trim().len(), 64, "{name}: {secret:?}");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{name}");
+        made.push((path, secret));
+    }
+    assert_ne!(made[0].1, made[1].1);
     cli(&["pki-init", "--dir", certs_arg]).await;
-    assert_eq!(std::fs::read_to_string(&secret_path).unwrap(), secret);
+    for (path, secret) in &made {
+        assert_eq!(&std::fs::read_to_string(path).unwrap(), secret);
+    }
 
     // The fleet's own PKI, named by the configuration alone.
     let config = dir.path().join("manager.toml");
@@ -434,4 +499,106 @@ async fn pki_init_makes_the_shared_secret_and_mosquitto_config_finds_the_pki() {
     let root = std::fs::read_to_string(fleet_certs.join("root-ca.pem")).unwrap();
     let cafile = std::fs::read_to_string(out.join("cafile.pem")).unwrap();
     assert!(cafile.starts_with(&root));
+}
+
+/// One HTTP request to the operator API as written, with `authorization`
+/// if given: its status code.
+async fn raw_status(addr: &str, method: &str, path: &str, authorization: Option<&str>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::time::timeout(T, tokio::net::TcpStream::connect(addr))
+        .await
+        .unwrap()
+        .unwrap();
+    let auth = authorization
+        .map(|a| format!("authorization: {a}\r\n"))
+        .unwrap_or_default();
+    let body = if method == "POST" { "{}" } else { "" };
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(T, stream.read_to_end(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&response);
+    text.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+/// Anyone who can reach the operator API without its token gets nothing
+/// from it but liveness: every other route, read or write, is answered 401,
+/// the store is unchanged, and the refusals are counted.
+#[tokio::test]
+async fn the_operator_api_serves_only_the_holder_of_its_token() {
+    let (fleet, _probe, _dev) = crate::wire::fleet_with_active_device("tok1").await;
+    let admin = fleet.admin();
+    let api = fleet.api();
+    let before = fleet.snapshot();
+    let routes = [
+        ("GET", "/v1/devices"),
+        ("GET", "/v1/devices/tok1"),
+        ("GET", "/v1/summary"),
+        ("GET", "/v1/grants"),
+        ("GET", "/v1/revoked-certificates"),
+        ("POST", "/v1/registrations"),
+        ("POST", "/v1/service-change"),
+        ("POST", "/v1/devices/tok1/reset"),
+        ("POST", "/v1/providers"),
+        ("POST", "/v1/providers/p1/revoke"),
+    ];
+    // The right length, one digit off; another scheme; no header at all.
+    let mut wrong = api.token.clone().into_bytes();
+    wrong[0] = if wrong[0] == b'0' { b'1' } else { b'0' };
+    let wrong = String::from_utf8(wrong).unwrap();
+    let refusals = [
+        None,
+        Some(format!("Bearer {wrong}")),
+        Some(format!("Basic {}", api.token)),
+        Some(format!("Bearer {}x", api.token)),
+        Some("Bearer".to_string()),
+    ];
+    let mut refused = 0;
+    for (method, path) in routes {
+        for auth in &refusals {
+            let status = raw_status(&admin, method, path, auth.as_deref()).await;
+            assert_eq!(status, 401, "{method} {path} with {auth:?}");
+            refused += 1;
+        }
+    }
+    // A device reset without the token leaves the device as it was.
+    assert_eq!(
+        fleet.snapshot(),
+        before,
+        "no refused request changed the store"
+    );
+    // Liveness needs no token; the refusals are counted there.
+    assert_eq!(raw_status(&admin, "GET", "/v1/health", None).await, 200);
+    let health = fleet_manager::admin::call(&api, "GET", "/v1/health", None)
+        .await
+        .unwrap();
+    assert_eq!(health["operator_requests_refused"], json!(refused));
+    // The token, its scheme in any case, is served.
+    let auth = format!("bearer {}", api.token);
+    assert_eq!(
+        raw_status(&admin, "GET", "/v1/devices/tok1", Some(&auth)).await,
+        200
+    );
+    // The CLI without the token says where it looked.
+    let missing = fleet.dir.path().join("no-such.token");
+    let err = execute(
+        Cli::try_parse_from([
+            "fleet-manager",
+            "summary",
+            "--admin",
+            &admin,
+            "--admin-token-file",
+            missing.to_str().unwrap(),
+        ])
+        .unwrap(),
+    )
+    .await
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("no-such.token"), "{err:#}");
 }

@@ -166,7 +166,7 @@ async fn changes_pending_across_a_restart_are_announced_at_the_managers_pace() {
     assert!(spread >= 1_500, "moved at {moved:?}");
     // Nothing is left waiting for a turn.
     fleet_testkit::eventually(T, "no change waiting for its notices", || async {
-        let health = fleet_manager::admin::call(&fleet.admin(), "GET", "/v1/health", None)
+        let health = fleet_manager::admin::call(&fleet.api(), "GET", "/v1/health", None)
             .await
             .ok()?;
         (health["changes_waiting_for_notices"] == 0).then_some(())
