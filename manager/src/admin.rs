@@ -206,12 +206,14 @@ async fn answer(admin: &Admin, mut stream: TcpStream, request: Request, peer: So
                 None => "no token",
                 Some(_) => "wrong token",
             };
+            // The client's words, escaped (`?`) and cut short.
+            let cut = |s: &str| s.chars().take(120).collect::<String>();
             fleet_broker::paced!(
                 LogPace::loud_in(&admin.refused_logged),
                 warn,
                 %peer,
-                method = %r.method,
-                path = %r.path,
+                method = ?cut(&r.method),
+                path = ?cut(&r.path),
                 "operator API request refused: {why}"
             );
             (
