@@ -538,7 +538,11 @@ fn granted(grants: &[fleet_broker::mosquitto::DeviceGrant]) -> usize {
 /// - of every principal the registry now grants nothing that had a grant
 ///   at the last reload (a certificate past its notAfter, a reset), and at
 ///   the first look of every principal granted nothing, so revocations
-///   from before the watcher started are cut too.
+///   from before the watcher started are cut too;
+/// - at the first look, of every certificate revoked since mosquitto
+///   started (less [`REVOKED_BEFORE_START_MS`]), which the CRLs it loaded
+///   lacked: a superseded certificate revoked at the grace end while no
+///   watcher ran leaves its principal granted, and may hold a connection.
 ///
 /// It cuts after the reload that applies the change (mosquitto 2.0 acts
 /// on the SIGHUP at the end of its loop's pass, before it reads the cut's
@@ -573,6 +577,10 @@ pub async fn watch_mosquitto_config(
     }
     // The pid reloaded last, to tell when mosquitto was restarted.
     let mut reloaded: Option<u32> = None;
+    // After the first reload: the principals of certificates revoked
+    // since then (ms) are to be cut, asked at every look until the manager
+    // answers.
+    let mut since_start: Option<u64> = None;
     loop {
         let mut to_cut = Vec::new();
         match render_from_registry(admin, params).await {
@@ -587,7 +595,7 @@ pub async fn watch_mosquitto_config(
                     Some(known) => {
                         newly = revoked_now.difference(known).cloned().collect();
                         if !newly.is_empty() {
-                            match revoked_principals(admin, &newly).await {
+                            match revoked_principals(admin, |s, _| newly.contains(s)).await {
                                 Some(principals) => {
                                     to_cut = principals;
                                     known.extend(newly.iter().cloned());
@@ -650,6 +658,15 @@ pub async fn watch_mosquitto_config(
                                     }
                                 }
                                 reloaded = pid.or(reloaded);
+                                if first {
+                                    // Certificates revoked since mosquitto
+                                    // started, which its CRLs lacked until
+                                    // now: a client may hold a connection
+                                    // with one (looked up below).
+                                    since_start = pid
+                                        .and_then(process_started_ms)
+                                        .map(|ms| ms.saturating_sub(REVOKED_BEFORE_START_MS));
+                                }
                                 tracing::info!(
                                     granted = granted(&grants),
                                     urgent,
@@ -676,6 +693,17 @@ pub async fn watch_mosquitto_config(
                 }
             }
             Err(err) => tracing::warn!(error = %err, "mosquitto configuration not rendered"),
+        }
+        if let (Some(since), Some(_)) = (since_start, cutting) {
+            let revoked = revoked_principals(admin, |_, at| at.is_some_and(|at| at >= since));
+            if let Some(principals) = revoked.await {
+                since_start = None;
+                for principal in principals {
+                    if !to_cut.contains(&principal) {
+                        to_cut.push(principal);
+                    }
+                }
+            }
         }
         if let Some(secret) = cutting {
             // Side by side, CUTS_AT_ONCE at a time: one that mosquitto does
@@ -743,14 +771,15 @@ fn grant_pairs(grants: &[fleet_broker::mosquitto::DeviceGrant]) -> GrantPairs {
         .collect()
 }
 
-/// The principals (CNs) of the certificates `serials` that were revoked
-/// (not superseded, or superseded and revoked at the end of the grace
-/// period: `GET /v1/revoked-certificates` lists those), asked of the
-/// manager in one request; `None` if it did not answer. A manager without
-/// the request (an older one) has none.
+/// The principals (CNs) of the revoked certificates that `pick` takes (by
+/// serial and time of revocation, ms): those revoked (not superseded), and
+/// those superseded and revoked at the end of the grace period (`GET
+/// /v1/revoked-certificates` lists both), asked of the manager in one
+/// request; `None` if it did not answer. A manager without the request (an
+/// older one) has none.
 async fn revoked_principals(
     admin: &AdminApi,
-    serials: &std::collections::BTreeSet<String>,
+    pick: impl Fn(&str, Option<u64>) -> bool,
 ) -> Option<Vec<String>> {
     let revoked = match call(admin, "GET", "/v1/revoked-certificates", None).await {
         Ok(v) => v,
@@ -769,12 +798,37 @@ async fn revoked_principals(
         else {
             continue;
         };
-        if serials.contains(serial) && !out.iter().any(|o| o == principal) {
+        if pick(serial, c["revoked_ms"].as_u64()) && !out.iter().any(|o| o == principal) {
             out.push(principal.to_string());
         }
     }
     Some(out)
 }
+
+/// When process `pid` started, in ms since the epoch: its start in clock
+/// ticks after boot (`/proc/{pid}/stat`, field 22; USER_HZ, 100 a second
+/// on Linux) after the boot time (`btime` in `/proc/stat`).
+fn process_started_ms(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command's name (which may hold spaces and
+    // parentheses) begin with the 3rd.
+    let (_, fields) = stat.rsplit_once(')')?;
+    let ticks: u64 = fields.split_whitespace().nth(22 - 3)?.parse().ok()?;
+    let proc_stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let boot_s: u64 = proc_stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(boot_s * 1000 + ticks * 10)
+}
+
+/// How far a certificate's time of revocation (the manager's clock) may be
+/// before mosquitto's start (the watcher's host's clock) and still be cut
+/// at the watcher's first look: the two clocks may differ a little, and
+/// one cut too many costs its client a reconnect.
+const REVOKED_BEFORE_START_MS: u64 = 60_000;
 
 /// Cuts the connection mosquitto holds for client id `principal`: connects
 /// to its internal listener as the manager with that client id, which

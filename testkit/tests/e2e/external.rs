@@ -666,6 +666,69 @@ async fn generated_mosquitto_rules_hold() {
         )
         .await
         .unwrap();
+
+    // The same while no watcher runs: ext1 holds a connection with the
+    // certificate of the reply above (svcA), asks on it for its svcB one
+    // after a change, and that reply is lost too. The svcA certificate is
+    // revoked at the grace end before a watcher starts; ext1 keeps its
+    // grants (svcB), so only the revocation since mosquitto started tells
+    // the new watcher to cut it.
+    watching.cancel();
+    watcher.await.unwrap().unwrap();
+    let chain_pem: Vec<u8> = reply
+        .chain
+        .unwrap()
+        .iter()
+        .flat_map(|der| {
+            openssl::x509::X509::from_der(der)
+                .unwrap()
+                .to_pem()
+                .unwrap()
+        })
+        .collect();
+    let key_pem = update
+        .service_key
+        .unwrap()
+        .private_key_to_pem_pkcs8()
+        .unwrap();
+    let held3 = Probe::mtls(params.service, "ext1-held-3", &root, chain_pem, key_pem)
+        .await
+        .unwrap();
+    let body = json!({ "devices": ["ext1"], "service_id": "svcB" });
+    fleet_manager::admin::call(&admin, "POST", "/v1/service-change", Some(&body))
+        .await
+        .unwrap();
+    let update =
+        fleet_device_sim::requests::build_update("ext1", "svcB", &uuid, KeyMode::Csr).unwrap();
+    let topic = Topic::in_tenant(
+        "svcA",
+        Route::Request(fleet_protocol::RequestKind::Update, "ext1".into()),
+    );
+    let reply_topic = topic.reply_topic().unwrap().to_string();
+    held3.subscribe(&reply_topic).await.unwrap();
+    held3
+        .publish(&topic.to_string(), update.bytes)
+        .await
+        .unwrap();
+    let reply = held3.wait_for(&reply_topic, 1, T).await.unwrap();
+    let reply: fleet_protocol::Reply = fleet_protocol::Envelope::decode(&reply.payload)
+        .unwrap()
+        .body()
+        .unwrap();
+    assert_eq!(reply.status, fleet_protocol::Status::Ok, "{reply:?}");
+    assert_eq!(manager.core.revoke_overdue(0).unwrap(), 1);
+    // Its CRL written now, as housekeeping would within 10 s: the new
+    // watcher's first look finds the serial revoked already.
+    manager.core.write_pending_crls();
+    assert!(!held3.is_cut());
+    let (watching, watcher) = watch();
+    held3
+        .wait_cut(
+            T,
+            "a connection of a certificate revoked while no watcher ran",
+        )
+        .await
+        .unwrap();
     watching.cancel();
     watcher.await.unwrap().unwrap();
 
