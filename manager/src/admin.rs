@@ -5,7 +5,7 @@
 use anyhow::Context as _;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -149,7 +149,7 @@ pub async fn serve(admin: Arc<Admin>, listener: TcpListener, shutdown: Cancellat
                 // A request read in full is answered, even if a newcomer
                 // has just asked for this slot.
                 biased;
-                r = tokio::time::timeout(READ_TIMEOUT, read_request_from(stream)) => r,
+                r = tokio::time::timeout(READ_TIMEOUT, read_request_from(&admin, stream)) => r,
                 _ = held.closing().cancelled() => {
                     debug!(%peer, "admin connection closed for a newer one: no request yet");
                     return;
@@ -184,23 +184,29 @@ struct HttpRequest {
     method: String,
     path: String,
     authorization: Option<String>,
+    /// `GET /v1/health`, or the token given: else the body is not read.
+    allowed: bool,
     body: Vec<u8>,
+}
+
+/// Whether a request is for `GET /v1/health`, which needs no token: for
+/// probes and load balancers, and it shows no registry data.
+fn is_health(method: &str, path: &str) -> bool {
+    let path = path.split('?').next().unwrap_or_default();
+    method == "GET" && path.trim_matches('/') == "v1/health"
 }
 
 type Request = Result<HttpRequest, String>;
 
-async fn read_request_from(mut stream: TcpStream) -> (TcpStream, Request) {
-    let request = read_request(&mut stream).await;
+async fn read_request_from(admin: &Admin, mut stream: TcpStream) -> (TcpStream, Request) {
+    let request = read_request(admin, &mut stream).await;
     (stream, request)
 }
 
 async fn answer(admin: &Admin, mut stream: TcpStream, request: Request, peer: SocketAddr) {
     let (status, body) = match request {
-        // Liveness for probes and load balancers: no token, no registry data.
-        Ok(r) if r.method == "GET" && r.path.trim_end_matches('/') == "/v1/health" => {
-            health_of(admin)
-        }
-        Ok(r) if !admin.authorized(r.authorization.as_deref()) => {
+        Ok(r) if is_health(&r.method, &r.path) => health_of(admin),
+        Ok(r) if !r.allowed => {
             admin.refused.fetch_add(1, Ordering::Relaxed);
             let why = match r.authorization {
                 None => "no token",
@@ -246,7 +252,7 @@ async fn answer(admin: &Admin, mut stream: TcpStream, request: Request, peer: So
     let _ = stream.shutdown().await;
 }
 
-async fn read_request(stream: &mut TcpStream) -> Request {
+async fn read_request(admin: &Admin, stream: &mut TcpStream) -> Request {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     let head_end = loop {
@@ -275,6 +281,18 @@ async fn read_request(stream: &mut TcpStream) -> Request {
             .map(|(_, v)| v.trim())
     };
     let authorization = header("authorization").map(str::to_string);
+    // A request without the token is answered without its body read: it
+    // holds no memory for what it sends.
+    let allowed = is_health(&method, &path) || admin.authorized(authorization.as_deref());
+    if !allowed {
+        return Ok(HttpRequest {
+            method,
+            path,
+            authorization,
+            allowed,
+            body: Vec::new(),
+        });
+    }
     let length = header("content-length")
         .map(|v| v.parse::<usize>().map_err(|_| "bad content-length"))
         .transpose()?
@@ -295,6 +313,7 @@ async fn read_request(stream: &mut TcpStream) -> Request {
         method,
         path,
         authorization,
+        allowed,
         body,
     })
 }
@@ -644,28 +663,49 @@ fn summary(core: &Core) -> Result<Value, (u16, String)> {
 pub struct AdminApi {
     /// `host:port`, as `admin_listen` (a URL's scheme is let go).
     pub addr: String,
-    pub token: String,
+    pub token: Token,
+}
+
+/// The operator API's token: given, or read from its file at every call,
+/// so that a long-running command (`mosquitto-config --watch-ms`) follows
+/// a token changed while it runs, and may start before the manager has
+/// made the file.
+#[derive(Debug, Clone)]
+pub enum Token {
+    Given(String),
+    File(PathBuf),
+}
+
+impl Token {
+    fn read(&self) -> anyhow::Result<String> {
+        match self {
+            Token::Given(token) => Ok(token.clone()),
+            Token::File(path) => {
+                let token = std::fs::read_to_string(path).with_context(|| {
+                    format!(
+                        "reading the operator API's token from {} (admin_token_file; `fleet-manager serve` and `pki-init` write it)",
+                        path.display()
+                    )
+                })?;
+                Ok(token.trim().to_string())
+            }
+        }
+    }
 }
 
 impl AdminApi {
-    pub fn new(addr: impl Into<String>, token: impl Into<String>) -> AdminApi {
+    pub fn new(addr: impl Into<String>, token: Token) -> AdminApi {
         let addr: String = addr.into();
         let addr = addr.trim_start_matches("http://").trim_end_matches('/');
         AdminApi {
             addr: addr.to_string(),
-            token: token.into(),
+            token,
         }
     }
 
-    /// The API at `addr`, with the token read from `token_file`.
-    pub fn with_token_file(addr: impl Into<String>, token_file: &Path) -> anyhow::Result<AdminApi> {
-        let token = std::fs::read_to_string(token_file).with_context(|| {
-            format!(
-                "reading the operator API's token from {} (admin_token_file; `fleet-manager serve` and `pki-init` write it)",
-                token_file.display()
-            )
-        })?;
-        Ok(AdminApi::new(addr, token.trim()))
+    /// The token given, or read from its file now.
+    pub fn token(&self) -> anyhow::Result<String> {
+        self.token.read()
     }
 }
 
@@ -681,6 +721,7 @@ pub async fn call(
         .transpose()?
         .unwrap_or_default();
     let addr = api.addr.as_str();
+    let token = api.token()?;
     let unreachable = || {
         format!("the manager's admin API at {addr} (is `fleet-manager serve` running, with this admin_listen?)")
     };
@@ -689,8 +730,7 @@ pub async fn call(
         .with_context(unreachable)?
         .with_context(unreachable)?;
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        api.token,
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{call, AdminApi, ChangeIn};
+use crate::admin::{call, AdminApi, ChangeIn, Token};
 use crate::ManagerConfig;
 
 #[derive(Parser, Debug)]
@@ -207,12 +207,18 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
     let config_path = cli.config.clone();
     let token_file = cli.admin_token_file.clone();
     let admin_of = |given: Option<String>| -> anyhow::Result<AdminApi> {
-        let config = ManagerConfig::load(config_path.as_deref())?;
-        let addr = given.unwrap_or_else(|| config.admin_listen.to_string());
-        let token = token_file
-            .clone()
-            .unwrap_or_else(|| config.admin_token_path());
-        AdminApi::with_token_file(addr, &token)
+        // The configuration only for what the command line leaves out.
+        let (addr, token) = match (given, token_file.clone()) {
+            (Some(addr), Some(token)) => (addr, token),
+            (given, token) => {
+                let config = ManagerConfig::load(config_path.as_deref())?;
+                (
+                    given.unwrap_or_else(|| config.admin_listen.to_string()),
+                    token.unwrap_or_else(|| config.admin_token_path()),
+                )
+            }
+        };
+        Ok(AdminApi::new(addr, Token::File(token)))
     };
     match cli.command {
         Command::Serve { embedded_broker } => {
@@ -666,6 +672,14 @@ pub async fn watch_mosquitto_config(
                                     since_start = pid
                                         .and_then(process_started_ms)
                                         .map(|ms| ms.saturating_sub(REVOKED_BEFORE_START_MS));
+                                    if let (None, Some(pid), Some(_)) = (since_start, pid, cutting)
+                                    {
+                                        tracing::warn!(
+                                            pid,
+                                            "mosquitto's start time is not readable in /proc: \
+                                             certificates revoked since it started are not cut"
+                                        );
+                                    }
                                 }
                                 tracing::info!(
                                     granted = granted(&grants),

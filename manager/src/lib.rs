@@ -61,7 +61,10 @@ impl RunningManager {
 
     /// The operator API, with its token.
     pub fn api(&self) -> admin::AdminApi {
-        admin::AdminApi::new(self.admin_addr.to_string(), self.admin.token.clone())
+        admin::AdminApi::new(
+            self.admin_addr.to_string(),
+            admin::Token::Given(self.admin.token.clone()),
+        )
     }
 
     /// Waits until shutdown is requested, then stops.
@@ -85,6 +88,17 @@ pub async fn start(
     let token_path = config.admin_token_path();
     let admin_token = fleet_broker::internal_secret(&token_path)
         .with_context(|| format!("the operator API's token {}", token_path.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&token_path)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                file = %token_path.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "the operator API's token can be read by others than its owner (chmod 600)"
+            );
+        }
+    }
     let core = Arc::new(Core::new(store, Arc::new(pki), config.clone()));
     // The broker's grants follow the store, whatever happened while the
     // manager was down.

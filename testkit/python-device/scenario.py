@@ -86,7 +86,7 @@ class Env:
         last = None
         while True:
             try:
-                last = self.admin("GET", "/v1/health", timeout=5)
+                last = self.admin("GET", "/v1/health", timeout=5, token=False)
                 if last.get("ok") and last.get("subscribed"):
                     return last
             except (OSError, RuntimeError, ValueError) as e:

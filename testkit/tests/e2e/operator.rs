@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use fleet_device_sim::{DeviceEvent, KeyMode};
-use fleet_manager::admin::AdminApi;
+use fleet_manager::admin::{AdminApi, Token};
 use fleet_manager::cli::{execute, Cli};
 use fleet_protocol::{RequestKind, Status};
 use fleet_testkit::{Devices, Fleet};
@@ -549,14 +549,14 @@ async fn the_operator_api_serves_only_the_holder_of_its_token() {
         ("POST", "/v1/providers/p1/revoke"),
     ];
     // The right length, one digit off; another scheme; no header at all.
-    let mut wrong = api.token.clone().into_bytes();
+    let mut wrong = api.token().unwrap().into_bytes();
     wrong[0] = if wrong[0] == b'0' { b'1' } else { b'0' };
     let wrong = String::from_utf8(wrong).unwrap();
     let refusals = [
         None,
         Some(format!("Bearer {wrong}")),
-        Some(format!("Basic {}", api.token)),
-        Some(format!("Bearer {}x", api.token)),
+        Some(format!("Basic {}", api.token().unwrap())),
+        Some(format!("Bearer {}x", api.token().unwrap())),
         Some("Bearer".to_string()),
     ];
     let mut refused = 0;
@@ -580,7 +580,7 @@ async fn the_operator_api_serves_only_the_holder_of_its_token() {
         .unwrap();
     assert_eq!(health["operator_requests_refused"], json!(refused));
     // The token, its scheme in any case, is served.
-    let auth = format!("bearer {}", api.token);
+    let auth = format!("bearer {}", api.token().unwrap());
     assert_eq!(
         raw_status(&admin, "GET", "/v1/devices/tok1", Some(&auth)).await,
         200
@@ -601,4 +601,21 @@ async fn the_operator_api_serves_only_the_holder_of_its_token() {
     .await
     .unwrap_err();
     assert!(format!("{err:#}").contains("no-such.token"), "{err:#}");
+    // A client given the token's file reads it at each request: it follows
+    // a token that changes while it runs (a watcher does).
+    let file = fleet.dir.path().join("changing.token");
+    let by_file = AdminApi::new(admin.clone(), Token::File(file.clone()));
+    std::fs::write(&file, wrong).unwrap();
+    let err = fleet_manager::admin::call(&by_file, "GET", "/v1/summary", None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("HTTP 401"), "{err:#}");
+    std::fs::write(&file, format!("{}\n", api.token().unwrap())).unwrap();
+    fleet_manager::admin::call(&by_file, "GET", "/v1/summary", None)
+        .await
+        .unwrap();
+    // Liveness in any spelling of its path.
+    for path in ["/v1/health?probe=1", "//v1/health/"] {
+        assert_eq!(raw_status(&admin, "GET", path, None).await, 200, "{path}");
+    }
 }
