@@ -548,7 +548,9 @@ fn granted(grants: &[fleet_broker::mosquitto::DeviceGrant]) -> usize {
 /// - at the first look, of every certificate revoked since mosquitto
 ///   started (less [`REVOKED_BEFORE_START_MS`]), which the CRLs it loaded
 ///   lacked: a superseded certificate revoked at the grace end while no
-///   watcher ran leaves its principal granted, and may hold a connection.
+///   watcher ran leaves its principal granted, and may hold a connection;
+///   and of every certificate revoked now that the CRL file last written
+///   in the output directory (what mosquitto loaded) does not list.
 ///
 /// It cuts after the reload that applies the change (mosquitto 2.0 acts
 /// on the SIGHUP at the end of its loop's pass, before it reads the cut's
@@ -569,7 +571,8 @@ pub async fn watch_mosquitto_config(
     // The files last written, and the (principal, service) pairs they grant.
     let mut written: Option<(fleet_broker::mosquitto::MosquittoFiles, GrantPairs)> = None;
     let mut applied_at: Option<std::time::Instant> = None;
-    // Revoked serials already looked up (or there when the watcher started).
+    // Revoked serials already looked up (or in the CRLs mosquitto had when
+    // the watcher started).
     let mut known: Option<std::collections::BTreeSet<String>> = None;
     // Principals cut at the last look, cut again at this one.
     let mut cut_again: Vec<String> = Vec::new();
@@ -594,21 +597,24 @@ pub async fn watch_mosquitto_config(
                 // Serials the CRLs revoke that were not looked up yet: asked
                 // at every look until the manager answers.
                 let revoked_now = fleet_broker::mosquitto::revoked_serials(&files.crlfile);
-                let mut newly = std::collections::BTreeSet::new();
                 let mut unanswered = false;
-                match &mut known {
-                    None => known = Some(revoked_now),
-                    Some(known) => {
-                        newly = revoked_now.difference(known).cloned().collect();
-                        if !newly.is_empty() {
-                            match revoked_principals(admin, |s, _| newly.contains(s)).await {
-                                Some(principals) => {
-                                    to_cut = principals;
-                                    known.extend(newly.iter().cloned());
-                                }
-                                None => unanswered = true,
-                            }
+                // At the first look, what mosquitto may have loaded: the
+                // CRLs last written here (read at its start or last
+                // reload), or, with none, what is revoked now.
+                let seen = known.get_or_insert_with(|| {
+                    std::fs::read_to_string(params.out_dir.join("crl.pem"))
+                        .map(|crls| fleet_broker::mosquitto::revoked_serials(&crls))
+                        .unwrap_or_else(|_| revoked_now.clone())
+                });
+                let newly: std::collections::BTreeSet<String> =
+                    revoked_now.difference(seen).cloned().collect();
+                if !newly.is_empty() {
+                    match revoked_principals(admin, |s, _| newly.contains(s)).await {
+                        Some(principals) => {
+                            to_cut = principals;
+                            seen.extend(newly.iter().cloned());
                         }
+                        None => unanswered = true,
                     }
                 }
                 if written.as_ref().map(|(f, _)| f) != Some(&files) {
@@ -698,9 +704,7 @@ pub async fn watch_mosquitto_config(
                                 tracing::warn!(error = %err, "mosquitto configuration not applied");
                                 // Looked up again, and cut, once applied.
                                 to_cut.clear();
-                                if let Some(known) = &mut known {
-                                    known.retain(|s| !newly.contains(s));
-                                }
+                                seen.retain(|s| !newly.contains(s));
                             }
                         }
                     }
