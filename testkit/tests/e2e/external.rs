@@ -641,29 +641,8 @@ async fn generated_mosquitto_rules_hold() {
     let held1 = Probe::mtls(params.service, "ext1-held", &root, c1.chain_pem, c1.key_pem)
         .await
         .unwrap();
-    let body = json!({ "devices": ["ext1"], "service_id": "svcA" });
-    fleet_manager::admin::call(&admin, "POST", "/v1/service-change", Some(&body))
-        .await
-        .unwrap();
     let uuid = ext1_store.state().uuid.clone().unwrap();
-    let update =
-        fleet_device_sim::requests::build_update("ext1", "svcA", &uuid, KeyMode::Csr).unwrap();
-    let topic = Topic::in_tenant(
-        "svcC",
-        Route::Request(fleet_protocol::RequestKind::Update, "ext1".into()),
-    );
-    let reply_topic = topic.reply_topic().unwrap().to_string();
-    held1.subscribe(&reply_topic).await.unwrap();
-    held1
-        .publish(&topic.to_string(), update.bytes)
-        .await
-        .unwrap();
-    let reply = held1.wait_for(&reply_topic, 1, T).await.unwrap();
-    let reply: fleet_protocol::Reply = fleet_protocol::Envelope::decode(&reply.payload)
-        .unwrap()
-        .body()
-        .unwrap();
-    assert_eq!(reply.status, fleet_protocol::Status::Ok, "{reply:?}");
+    let (reply, key) = moved_reply_lost(&admin, &held1, &uuid, "svcC", "svcA").await;
     assert!(!held1.is_cut());
     assert_eq!(manager.core.revoke_overdue(0).unwrap(), 1);
     held1
@@ -693,36 +672,11 @@ async fn generated_mosquitto_rules_hold() {
                 .unwrap()
         })
         .collect();
-    let key_pem = update
-        .service_key
-        .unwrap()
-        .private_key_to_pem_pkcs8()
-        .unwrap();
+    let key_pem = key.private_key_to_pem_pkcs8().unwrap();
     let held3 = Probe::mtls(params.service, "ext1-held-3", &root, chain_pem, key_pem)
         .await
         .unwrap();
-    let body = json!({ "devices": ["ext1"], "service_id": "svcB" });
-    fleet_manager::admin::call(&admin, "POST", "/v1/service-change", Some(&body))
-        .await
-        .unwrap();
-    let update =
-        fleet_device_sim::requests::build_update("ext1", "svcB", &uuid, KeyMode::Csr).unwrap();
-    let topic = Topic::in_tenant(
-        "svcA",
-        Route::Request(fleet_protocol::RequestKind::Update, "ext1".into()),
-    );
-    let reply_topic = topic.reply_topic().unwrap().to_string();
-    held3.subscribe(&reply_topic).await.unwrap();
-    held3
-        .publish(&topic.to_string(), update.bytes)
-        .await
-        .unwrap();
-    let reply = held3.wait_for(&reply_topic, 1, T).await.unwrap();
-    let reply: fleet_protocol::Reply = fleet_protocol::Envelope::decode(&reply.payload)
-        .unwrap()
-        .body()
-        .unwrap();
-    assert_eq!(reply.status, fleet_protocol::Status::Ok, "{reply:?}");
+    moved_reply_lost(&admin, &held3, &uuid, "svcA", "svcB").await;
     assert_eq!(manager.core.revoke_overdue(0).unwrap(), 1);
     // Its CRL written now, as housekeeping would within 10 s: the new
     // watcher's first look finds the serial revoked already.
@@ -742,4 +696,41 @@ async fn generated_mosquitto_rules_hold() {
     devices.shutdown.cancel();
     manager.stop().await;
     drop((mosquitto, bootstrap));
+}
+
+/// Moves ext1 from `from` to `to` and asks for its certificate for `to`
+/// over `held`, a connection ext1's certificate for `from` holds, as the
+/// device would; the reply reaches only `held`, so for the device it is
+/// lost. Returns the reply and the key its certificate is for.
+async fn moved_reply_lost(
+    admin: &fleet_manager::admin::AdminApi,
+    held: &Probe,
+    uuid: &[u8],
+    from: &str,
+    to: &str,
+) -> (
+    fleet_protocol::Reply,
+    openssl::pkey::PKey<openssl::pkey::Private>,
+) {
+    let body = json!({ "devices": ["ext1"], "service_id": to });
+    fleet_manager::admin::call(admin, "POST", "/v1/service-change", Some(&body))
+        .await
+        .unwrap();
+    let update = fleet_device_sim::requests::build_update("ext1", to, uuid, KeyMode::Csr).unwrap();
+    let topic = Topic::in_tenant(
+        from,
+        Route::Request(fleet_protocol::RequestKind::Update, "ext1".into()),
+    );
+    let reply_topic = topic.reply_topic().unwrap().to_string();
+    held.subscribe(&reply_topic).await.unwrap();
+    held.publish(&topic.to_string(), update.bytes)
+        .await
+        .unwrap();
+    let reply = held.wait_for(&reply_topic, 1, T).await.unwrap();
+    let reply: fleet_protocol::Reply = fleet_protocol::Envelope::decode(&reply.payload)
+        .unwrap()
+        .body()
+        .unwrap();
+    assert_eq!(reply.status, fleet_protocol::Status::Ok, "{reply:?}");
+    (reply, update.service_key.unwrap())
 }

@@ -22,6 +22,14 @@ async fn cli(args: &[&str]) -> Vec<serde_json::Value> {
     execute(cli).await.unwrap()
 }
 
+/// `fleet-manager COMMAND` at the fleet's operator API, with its token.
+async fn cli_at(fleet: &Fleet, command: &str, args: &[&str]) -> Vec<serde_json::Value> {
+    let (admin, token) = (fleet.admin(), fleet.admin_token_file());
+    let mut all = vec![command, "--admin", &admin, "--admin-token-file", &token];
+    all.extend_from_slice(args);
+    cli(&all).await
+}
+
 #[tokio::test]
 async fn operator_commands_reach_the_running_manager() {
     let fleet = Fleet::start().await.unwrap();
@@ -47,16 +55,11 @@ async fn operator_commands_reach_the_running_manager() {
     }
     let file =
         fleet_testkit::write_file(fleet.dir.path(), "devices.jsonl", lines.as_bytes()).unwrap();
-    let out = cli(&[
+    let out = cli_at(
+        &fleet,
         "register",
-        "--admin",
-        &admin,
-        "--admin-token-file",
-        &token,
-        "--service",
-        "svcA",
-        file.to_str().unwrap(),
-    ])
+        &["--service", "svcA", file.to_str().unwrap()],
+    )
     .await;
     assert_eq!(out[0]["registered"], json!(2));
 
@@ -67,19 +70,18 @@ async fn operator_commands_reach_the_running_manager() {
     for id in ["op1", "op2"] {
         devices.wait_connected(id, T).await.unwrap();
     }
-    let out = cli(&[
+    let out = cli_at(
+        &fleet,
         "change",
-        "--admin",
-        &admin,
-        "--admin-token-file",
-        &token,
-        "--service",
-        "svcB",
-        "--from",
-        "svcA",
-        "--application",
-        "metering",
-    ])
+        &[
+            "--service",
+            "svcB",
+            "--from",
+            "svcA",
+            "--application",
+            "metering",
+        ],
+    )
     .await;
     let results = out[0]["results"].as_array().unwrap();
     assert_eq!(results.len(), 2);
@@ -95,15 +97,7 @@ async fn operator_commands_reach_the_running_manager() {
             .await
             .unwrap();
     }
-    let shown = &cli(&[
-        "show",
-        "--admin",
-        &admin,
-        "--admin-token-file",
-        &token,
-        "op1",
-    ])
-    .await[0];
+    let shown = &cli_at(&fleet, "show", &["op1"]).await[0];
     assert_eq!(shown["device"]["service_id"], json!("svcB"));
     assert_eq!(shown["device"]["application"], json!("metering"));
     assert!(
@@ -119,22 +113,12 @@ async fn operator_commands_reach_the_running_manager() {
         .starts_with("-----BEGIN CERTIFICATE-----"));
 
     // A change to the service a device is already on is refused, per device.
-    let out = cli(&[
-        "change",
-        "--admin",
-        &admin,
-        "--admin-token-file",
-        &token,
-        "--service",
-        "svcB",
-        "op1",
-    ])
-    .await;
+    let out = cli_at(&fleet, "change", &["--service", "svcB", "op1"]).await;
     assert_eq!(out[0]["results"][0]["ok"], json!(false));
     // Which makes `fleet-manager` exit with a failure, for scripts.
     assert_eq!(fleet_manager::cli::refused(&out), 1);
 
-    let summary = &cli(&["summary", "--admin", &admin, "--admin-token-file", &token]).await[0];
+    let summary = &cli_at(&fleet, "summary", &[]).await[0];
     assert_eq!(summary["devices_per_service"]["svcB"], json!(2));
     // Without --admin, the admin API of the configuration file, and the
     // token in its certs_dir.
@@ -222,15 +206,7 @@ async fn reset_lets_a_device_activate_again_with_a_new_uuid() {
     let (fleet, probe, mut dev) = crate::wire::fleet_with_active_device("rst1").await;
     let first_uuid = dev.uuid.clone().unwrap();
 
-    cli(&[
-        "reset",
-        "--admin",
-        &fleet.admin(),
-        "--admin-token-file",
-        &fleet.admin_token_file(),
-        "rst1",
-    ])
-    .await;
+    cli_at(&fleet, "reset", &["rst1"]).await;
     assert!(fleet.core().store.device("rst1").unwrap().is_none());
     // The old device-auth UUID no longer works ...
     let p = crate::wire::poll(
@@ -263,15 +239,7 @@ async fn a_running_device_that_is_reset_activates_again_and_comes_back() {
     let task = devices.spawn(devices.config(&fleet, "rst2", KeyMode::Csr));
     devices.wait_connected("rst2", T).await.unwrap();
     let before = fleet.core().store.device("rst2").unwrap().unwrap();
-    cli(&[
-        "reset",
-        "--admin",
-        &fleet.admin(),
-        "--admin-token-file",
-        &fleet.admin_token_file(),
-        "rst2",
-    ])
-    .await;
+    cli_at(&fleet, "reset", &["rst2"]).await;
     fleet_testkit::eventually(T, "rst2 activated and connected again", || {
         let events = devices.events_of("rst2");
         let last = |f: fn(&DeviceEvent) -> bool| events.iter().rposition(f);
