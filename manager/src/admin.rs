@@ -160,11 +160,14 @@ pub async fn serve(admin: Arc<Admin>, listener: TcpListener, shutdown: Cancellat
                 debug!(%peer, "admin request not received within {READ_TIMEOUT:?}");
                 return;
             };
-            if tokio::time::timeout(ANSWER_TIMEOUT, answer(&admin, stream, request, peer))
-                .await
-                .is_err()
-            {
-                warn!("admin request timed out");
+            let answered =
+                tokio::time::timeout(ANSWER_TIMEOUT, answer(&admin, stream, request, peer)).await;
+            // The manager's state is let go before the drain: a stopped
+            // manager's store is free once its requests are answered.
+            drop(admin);
+            match answered {
+                Ok(stream) => drain(stream).await,
+                Err(_) => warn!("admin request timed out"),
             }
         });
     }
@@ -203,7 +206,13 @@ async fn read_request_from(admin: &Admin, mut stream: TcpStream) -> (TcpStream, 
     (stream, request)
 }
 
-async fn answer(admin: &Admin, mut stream: TcpStream, request: Request, peer: SocketAddr) {
+/// Answers `request`; returns the stream, its writing side shut.
+async fn answer(
+    admin: &Admin,
+    mut stream: TcpStream,
+    request: Request,
+    peer: SocketAddr,
+) -> TcpStream {
     let (status, body) = match request {
         Ok(r) if is_health(&r.method, &r.path) => health_of(admin),
         Ok(r) if !r.allowed => {
@@ -250,7 +259,30 @@ async fn answer(admin: &Admin, mut stream: TcpStream, request: Request, peer: So
     let _ = stream.write_all(head.as_bytes()).await;
     let _ = stream.write_all(&body).await;
     let _ = stream.shutdown().await;
+    stream
 }
+
+/// Reads what the client still sends (a body not read) and drops it, until
+/// the client closes, for a second at most: a socket closed with unread
+/// bytes is reset, and a client still sending would see the reset, not
+/// the answer.
+async fn drain(mut stream: TcpStream) {
+    let mut sink = [0u8; 8192];
+    let drain = async {
+        let mut left = MAX_REQUEST + 64 * 1024;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
+}
+
+/// How long an answered connection is read from, and what is read
+/// dropped, before it is closed.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 async fn read_request(admin: &Admin, stream: &mut TcpStream) -> Request {
     let mut buf = Vec::new();
@@ -281,10 +313,12 @@ async fn read_request(admin: &Admin, stream: &mut TcpStream) -> Request {
             .map(|(_, v)| v.trim())
     };
     let authorization = header("authorization").map(str::to_string);
-    // A request without the token is answered without its body read: it
-    // holds no memory for what it sends.
-    let allowed = is_health(&method, &path) || admin.authorized(authorization.as_deref());
-    if !allowed {
+    // Health, and a request without the token, are answered without their
+    // body read: a client without the token holds no memory with what it
+    // sends (what it sent is drained after the answer).
+    let health = is_health(&method, &path);
+    let allowed = health || admin.authorized(authorization.as_deref());
+    if health || !allowed {
         return Ok(HttpRequest {
             method,
             path,

@@ -207,9 +207,10 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
     let config_path = cli.config.clone();
     let token_file = cli.admin_token_file.clone();
     let admin_of = |given: Option<String>| -> anyhow::Result<AdminApi> {
-        // The configuration only for what the command line leaves out.
+        // The configuration only for what the command line leaves out
+        // (or when it names one).
         let (addr, token) = match (given, token_file.clone()) {
-            (Some(addr), Some(token)) => (addr, token),
+            (Some(addr), Some(token)) if config_path.is_none() => (addr, token),
             (given, token) => {
                 let config = ManagerConfig::load(config_path.as_deref())?;
                 (

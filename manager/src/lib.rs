@@ -90,12 +90,15 @@ pub async fn start(
         .with_context(|| format!("the operator API's token {}", token_path.display()))?;
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&token_path)?.permissions().mode();
+        let mode = std::fs::metadata(&token_path)
+            .with_context(|| format!("the operator API's token {}", token_path.display()))?
+            .permissions()
+            .mode();
         if mode & 0o077 != 0 {
             tracing::warn!(
                 file = %token_path.display(),
                 mode = format!("{:o}", mode & 0o777),
-                "the operator API's token can be read by others than its owner (chmod 600)"
+                "others than its owner may read or write the operator API's token (chmod 600)"
             );
         }
     }
