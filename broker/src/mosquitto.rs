@@ -501,6 +501,27 @@ pub fn revoked_serials(crlfile: &str) -> std::collections::BTreeSet<String> {
         .collect()
 }
 
+/// The serials the CRLs in `crlfile` revoke, if each of them is signed by
+/// one of the CA certificates in `cafile`; `None` when `crlfile` holds no
+/// CRL, or one that none of them signed (another PKI's).
+pub fn revoked_if_signed_by(
+    crlfile: &str,
+    cafile: &str,
+) -> Option<std::collections::BTreeSet<String>> {
+    const BEGIN: &str = "-----BEGIN X509 CRL-----";
+    let cas = openssl::x509::X509::stack_from_pem(cafile.as_bytes()).ok()?;
+    let keys: Vec<_> = cas.iter().filter_map(|ca| ca.public_key().ok()).collect();
+    let mut crls = 0;
+    for (at, _) in crlfile.match_indices(BEGIN) {
+        let crl = openssl::x509::X509Crl::from_pem(&crlfile.as_bytes()[at..]).ok()?;
+        if !keys.iter().any(|k| crl.verify(k).unwrap_or(false)) {
+            return None;
+        }
+        crls += 1;
+    }
+    (crls > 0).then(|| revoked_serials(crlfile))
+}
+
 /// Replaces `path` with `bytes` (a new file gets `mode`) through the PKI's
 /// atomic write, so mosquitto never reads a half-written file and two
 /// writers (a watcher and a run by hand) never rename each other's.
@@ -615,6 +636,22 @@ mod tests {
             max_packet_size: 256 * 1024,
             max_bootstrap_packet_size: 32 * 1024,
         }
+    }
+
+    /// CRLs written for another PKI (a directory reused) are not taken
+    /// for what mosquitto loaded; this PKI's are.
+    #[test]
+    fn only_crls_this_pki_signed_count_as_loaded() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let ours = render(&params(a.path(), a.path().join("out")), &[]).unwrap();
+        let theirs = render(&params(b.path(), b.path().join("out")), &[]).unwrap();
+        assert!(ours.crlfile.contains("BEGIN X509 CRL"));
+        assert_eq!(
+            revoked_if_signed_by(&ours.crlfile, &ours.cafile),
+            Some(Default::default())
+        );
+        assert_eq!(revoked_if_signed_by(&theirs.crlfile, &ours.cafile), None);
+        assert_eq!(revoked_if_signed_by("", &ours.cafile), None);
     }
 
     /// A configuration written for a directory not made yet, named

@@ -601,11 +601,14 @@ pub async fn watch_mosquitto_config(
                 let mut unanswered = false;
                 // At the first look, what mosquitto may have loaded: the
                 // CRLs last written here (read at its start or last
-                // reload), or, with none, what is revoked now.
+                // reload) if this PKI signed them, else what is revoked now.
                 let seen = known.get_or_insert_with(|| {
                     std::fs::read_to_string(params.out_dir.join("crl.pem"))
-                        .map(|crls| fleet_broker::mosquitto::revoked_serials(&crls))
-                        .unwrap_or_else(|_| revoked_now.clone())
+                        .ok()
+                        .and_then(|loaded| {
+                            fleet_broker::mosquitto::revoked_if_signed_by(&loaded, &files.cafile)
+                        })
+                        .unwrap_or_else(|| revoked_now.clone())
                 });
                 let newly: std::collections::BTreeSet<String> =
                     revoked_now.difference(seen).cloned().collect();

@@ -484,21 +484,40 @@ async fn generated_mosquitto_rules_hold() {
         .await
         .unwrap();
     tracing::info!(elapsed = ?revoked_at.elapsed(), "revoked connection cut");
-    // Refused from mosquitto's reload on; a connect that raced the reload
-    // (the cut follows the signal at once, and a loaded mosquitto may take
-    // a moment) is cut again at the watcher's next look, as ext3's below.
+    // Refused at the handshake from mosquitto's reload on. A connect that
+    // raced the reload (the cut follows the signal at once, and a loaded
+    // mosquitto may take a moment) is cut at the watcher's next look.
     eventually(
         T,
         "the revoked provider's certificate to be refused",
         || {
-            let again = Probe::mtls(
+            let refused = fleet_testkit::tls_refused(
                 params.service,
-                "weather-again",
-                &root,
-                pem("chain_pem"),
-                pem("key_pem"),
+                &root_pem,
+                (&weather_chain, &weather_key),
+                Duration::from_millis(300),
             );
-            async move { again.await.is_err().then_some(()) }
+            let again = || {
+                Probe::mtls(
+                    params.service,
+                    "weather-again",
+                    &root,
+                    weather_chain.clone(),
+                    weather_key.clone(),
+                )
+            };
+            async move {
+                if refused.await.unwrap() {
+                    return Some(());
+                }
+                if let Ok(raced) = again().await {
+                    raced
+                        .wait_cut(T, "a revoked provider that raced the reload to be cut")
+                        .await
+                        .unwrap();
+                }
+                None
+            }
         },
     )
     .await
