@@ -517,11 +517,13 @@ fn health_of(admin: &Admin) -> (u16, Value) {
         ],
         admin.core.announcements.waiting(),
         n(&admin.refused),
+        !admin.core.store.failed(),
     )
 }
 
 /// `GET /v1/health`: `ok` (and HTTP 200, else 503) while the manager is
-/// subscribed at the broker, so that it hears devices; and its requests
+/// subscribed at the broker, so that it hears devices, and its store
+/// writes (`store_ok`: no I/O error since it started); and its requests
 /// received, bytes waiting, answered busy and dropped; and the service
 /// changes whose notices wait for their turn; and the operator API's
 /// requests refused for their token.
@@ -530,10 +532,13 @@ fn health(
     [received, waiting, busy, dropped]: [u64; 4],
     changes_waiting: usize,
     refused: u64,
+    store_ok: bool,
 ) -> (u16, Value) {
+    let ok = subscribed && store_ok;
     let report = json!({
-        "ok": subscribed,
+        "ok": ok,
         "subscribed": subscribed,
+        "store_ok": store_ok,
         "requests": {
             "received": received,
             "waiting_bytes": waiting,
@@ -543,7 +548,7 @@ fn health(
         "changes_waiting_for_notices": changes_waiting,
         "operator_requests_refused": refused,
     });
-    (if subscribed { 200 } else { 503 }, report)
+    (if ok { 200 } else { 503 }, report)
 }
 
 fn internal(e: impl std::fmt::Display) -> (u16, String) {
@@ -786,13 +791,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn health_is_ok_only_while_subscribed() {
-        let (status, report) = health(false, [5, 0, 1, 2], 7, 3);
+    fn health_is_ok_only_while_subscribed_and_the_store_writes() {
+        let (status, report) = health(false, [5, 0, 1, 2], 7, 3, true);
         assert_eq!((status, &report["ok"]), (503, &json!(false)));
         assert_eq!(report["requests"]["dropped"], 2);
         assert_eq!(report["changes_waiting_for_notices"], 7);
         assert_eq!(report["operator_requests_refused"], 3);
-        let (status, report) = health(true, [5, 0, 1, 2], 0, 0);
+        // A store that failed to write makes the manager unhealthy.
+        let (status, report) = health(true, [5, 0, 1, 2], 0, 0, false);
+        assert_eq!((status, &report["ok"]), (503, &json!(false)));
+        assert_eq!(report["store_ok"], json!(false));
+        let (status, report) = health(true, [5, 0, 1, 2], 0, 0, true);
         assert_eq!((status, &report["ok"]), (200, &json!(true)));
     }
 }

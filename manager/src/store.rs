@@ -239,6 +239,9 @@ struct DurableState {
 pub struct Store {
     db: sled::Db,
     durable: std::sync::Arc<Durable>,
+    /// Set at the first I/O error of a write or a flush: sled then fails
+    /// every operation that follows, and the manager says so in its health.
+    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
     registrations: sled::Tree,
     devices: sled::Tree,
     history: sled::Tree,
@@ -261,7 +264,29 @@ impl Store {
             revoked: db.open_tree("revoked")?,
             db,
             durable: Default::default(),
+            failed: Default::default(),
         })
+    }
+
+    /// Whether a write or a flush met an I/O error (a full or failing
+    /// disk): from then on sled fails every operation, and what was
+    /// answered since the last flush may not be on disk.
+    pub fn failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// `result`, noting an I/O error in it ([`Store::failed`]), logged once.
+    fn noted<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(StoreError::Sled(sled::Error::Io(err))) = &result {
+            if !self.failed.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::error!(
+                    error = %err,
+                    "the store failed to write: requests that change state are answered \
+                     `internal` until the manager is restarted on a working disk"
+                );
+            }
+        }
+        result
     }
 
     /// Returns once everything written before the call is on disk. A reply
@@ -302,7 +327,7 @@ impl Store {
                 }
             }
             let release = Release(durable);
-            let flushed = self.db.flush();
+            let flushed = self.noted(self.db.flush().map_err(StoreError::from));
             if flushed.is_ok() {
                 let mut state = lock();
                 state.done = state.done.max(upto);
@@ -473,6 +498,10 @@ impl Store {
     /// batches (one operator request for thousands of devices) that is
     /// made durable at its end by one [`Store::sync`].
     pub fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+        self.noted(self.transact(batch))
+    }
+
+    fn transact(&self, batch: &Batch) -> Result<(), StoreError> {
         (
             &self.devices,
             &self.history,
@@ -604,6 +633,60 @@ mod tests {
             store.commit(&nonce_batch(i)).unwrap();
         }
         std::process::abort();
+    }
+
+    /// Set for the child process of [`a_store_whose_disk_fills_says_so`].
+    const CHILD_FULL: &str = "FLEET_TEST_CHILD_FULL";
+
+    /// The child's part, run with a limit on the size of the files it
+    /// writes (`ulimit -f`): commits until its disk is "full", then checks
+    /// that the store says so and fails what follows. Prints what it saw.
+    #[test]
+    fn child_fills_its_disk() {
+        let Some(dir) = std::env::var_os(CHILD_FULL) else {
+            return;
+        };
+        let store = Store::open(std::path::Path::new(&dir)).unwrap();
+        assert!(!store.failed());
+        for i in 0..1000u32 {
+            let mut batch = nonce_batch(0);
+            if let Some((key, rec)) = &mut batch.nonce {
+                key.extend_from_slice(&i.to_be_bytes());
+                rec.reply = vec![7; 64 * 1024];
+            }
+            if store.commit(&batch).is_err() {
+                assert!(store.failed(), "an I/O error noted");
+                assert!(store.commit(&nonce_batch(1)).is_err());
+                assert!(store.sync().is_err());
+                println!("FULL after {i} batches");
+                return;
+            }
+        }
+        panic!("the disk never filled");
+    }
+
+    /// A store whose disk fills (here: a file grows past the process's
+    /// limit, EFBIG) reports it through [`Store::failed`], which the
+    /// health answers with, and fails every write that follows.
+    #[test]
+    fn a_store_whose_disk_fills_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = std::env::current_exe().unwrap();
+        // 4 MiB of file at most (in 1 KiB blocks); SIGXFSZ ignored, so
+        // that the write fails rather than the process.
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg("trap '' XFSZ; ulimit -f 4096; exec \"$0\" --exact store::tests::child_fills_its_disk --nocapture")
+            .arg(exe)
+            .env(CHILD_FULL, dir.path().join("store"))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("FULL after"),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// What `commit` has returned for is on disk: a process that dies the
