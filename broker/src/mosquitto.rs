@@ -483,43 +483,54 @@ fn read_named(path: &Path) -> std::io::Result<String> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
-/// The serials every CRL in `crlfile` (PEM CRLs one after another)
-/// revokes, spelled as the registry spells them: OpenSSL's hex of whole
-/// bytes, lowercase. A CRL that does not parse is left out.
-pub fn revoked_serials(crlfile: &str) -> std::collections::BTreeSet<String> {
+/// Each CRL in `crlfile` (PEM CRLs one after another), parsed; `None` for
+/// one that does not parse.
+fn crls(crlfile: &str) -> impl Iterator<Item = Option<openssl::x509::X509Crl>> + '_ {
     const BEGIN: &str = "-----BEGIN X509 CRL-----";
     crlfile
         .match_indices(BEGIN)
-        .filter_map(|(at, _)| openssl::x509::X509Crl::from_pem(&crlfile.as_bytes()[at..]).ok())
-        .flat_map(|crl| {
-            crl.get_revoked()
-                .into_iter()
-                .flatten()
-                .map(|r| crate::frontdoor::trust::hex_serial(r.serial_number()))
-                .collect::<Vec<_>>()
-        })
+        .map(|(at, _)| openssl::x509::X509Crl::from_pem(&crlfile.as_bytes()[at..]).ok())
+}
+
+/// The serials `crl` revokes, spelled as the registry spells them:
+/// OpenSSL's hex of whole bytes, lowercase.
+fn serials_of(crl: &openssl::x509::X509CrlRef) -> impl Iterator<Item = String> + '_ {
+    crl.get_revoked()
+        .into_iter()
+        .flatten()
+        .map(|r| crate::frontdoor::trust::hex_serial(r.serial_number()))
+}
+
+/// The serials every CRL in `crlfile` revokes ([`serials_of`]). A CRL
+/// that does not parse is left out.
+pub fn revoked_serials(crlfile: &str) -> std::collections::BTreeSet<String> {
+    crls(crlfile)
+        .flatten()
+        .flat_map(|crl| serials_of(&crl).collect::<Vec<_>>())
         .collect()
 }
 
 /// The serials the CRLs in `crlfile` revoke, if each of them is signed by
 /// one of the CA certificates in `cafile`; `None` when `crlfile` holds no
-/// CRL, or one that none of them signed (another PKI's).
+/// CRL, one that does not parse, or one that none of them signed (another
+/// PKI's).
 pub fn revoked_if_signed_by(
     crlfile: &str,
     cafile: &str,
 ) -> Option<std::collections::BTreeSet<String>> {
-    const BEGIN: &str = "-----BEGIN X509 CRL-----";
     let cas = openssl::x509::X509::stack_from_pem(cafile.as_bytes()).ok()?;
     let keys: Vec<_> = cas.iter().filter_map(|ca| ca.public_key().ok()).collect();
-    let mut crls = 0;
-    for (at, _) in crlfile.match_indices(BEGIN) {
-        let crl = openssl::x509::X509Crl::from_pem(&crlfile.as_bytes()[at..]).ok()?;
+    let mut serials = std::collections::BTreeSet::new();
+    let mut any = false;
+    for crl in crls(crlfile) {
+        let crl = crl?;
         if !keys.iter().any(|k| crl.verify(k).unwrap_or(false)) {
             return None;
         }
-        crls += 1;
+        serials.extend(serials_of(&crl));
+        any = true;
     }
-    (crls > 0).then(|| revoked_serials(crlfile))
+    any.then_some(serials)
 }
 
 /// Replaces `path` with `bytes` (a new file gets `mode`) through the PKI's
