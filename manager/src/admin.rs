@@ -79,8 +79,8 @@ pub struct Admin {
     pub token: String,
     /// Requests refused for a missing or wrong token, and the pace of
     /// their log lines.
-    pub refused: AtomicU64,
-    pub refused_logged: Mutex<LogPace>,
+    refused: AtomicU64,
+    refused_logged: Mutex<LogPace>,
 }
 
 impl Admin {
@@ -101,6 +101,14 @@ impl Admin {
                 tracing::Level::WARN,
             )),
         }
+    }
+
+    /// Logs the count of lines each of the manager's log paces, this API's
+    /// included, kept quiet in a second that has ended (with `at_end`, in
+    /// the second under way too).
+    pub(crate) fn flush_logged(&self, at_end: bool) {
+        self.core.flush_logged(at_end);
+        LogPace::flush_in(&self.refused_logged, at_end);
     }
 
     /// Whether `authorization` (the header's value) carries this API's

@@ -269,15 +269,15 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             let pki = fleet_pki::Pki::open_or_create(&dir)?;
             let how = if existed { "already there" } else { "created" };
             println!("PKI {how} in {}", pki.dir().display());
-            let existed = secret.exists();
-            fleet_broker::internal_secret(&secret)?;
-            if !existed {
-                println!("internal listener secret created in {}", secret.display());
-            }
-            let existed = token.exists();
-            fleet_broker::internal_secret(&token)?;
-            if !existed {
-                println!("operator API token created in {}", token.display());
+            for (path, what) in [
+                (&secret, "internal listener secret"),
+                (&token, "operator API token"),
+            ] {
+                let existed = path.exists();
+                fleet_broker::internal_secret(path)?;
+                if !existed {
+                    println!("{what} created in {}", path.display());
+                }
             }
         }
         Command::PrintConfig => println!(
@@ -698,11 +698,7 @@ pub async fn watch_mosquitto_config(
                                 );
                                 written = Some((files, pairs));
                                 applied_at = Some(std::time::Instant::now());
-                                for principal in lost {
-                                    if !to_cut.contains(&principal) {
-                                        to_cut.push(principal);
-                                    }
-                                }
+                                add_cuts(&mut to_cut, lost);
                             }
                             Err(err) => {
                                 tracing::warn!(error = %err, "mosquitto configuration not applied");
@@ -720,11 +716,7 @@ pub async fn watch_mosquitto_config(
             let revoked = revoked_principals(admin, |_, at| at.is_some_and(|at| at >= since));
             if let Some(principals) = revoked.await {
                 since_start = None;
-                for principal in principals {
-                    if !to_cut.contains(&principal) {
-                        to_cut.push(principal);
-                    }
-                }
+                add_cuts(&mut to_cut, principals);
             }
         }
         if let Some(secret) = cutting {
@@ -757,6 +749,15 @@ pub async fn watch_mosquitto_config(
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             _ = tokio::time::sleep(looks.every) => {}
+        }
+    }
+}
+
+/// Adds `principals` to `to_cut`, each once.
+fn add_cuts(to_cut: &mut Vec<String>, principals: Vec<String>) {
+    for principal in principals {
+        if !to_cut.contains(&principal) {
+            to_cut.push(principal);
         }
     }
 }

@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use fleet_broker::log_pace::LogPace;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -54,8 +53,7 @@ impl RunningManager {
         }
         // The second under way, and what was refused while the tasks
         // ended, counted too.
-        self.core.flush_logged(true);
-        LogPace::flush_in(&self.admin.refused_logged, true);
+        self.admin.flush_logged(true);
         let _ = self.core.store.sync();
     }
 
@@ -139,12 +137,9 @@ pub async fn start(
     ));
     tracker.spawn(admin::serve(admin.clone(), listener, shutdown.clone()));
     tracker.spawn(housekeeping(core.clone(), shutdown.clone()));
-    let (paced, paced_admin) = (core.clone(), admin.clone());
+    let paced = admin.clone();
     tracker.spawn(fleet_broker::log_pace::every_second(
-        move || {
-            paced.flush_logged(false);
-            LogPace::flush_in(&paced_admin.refused_logged, false);
-        },
+        move || paced.flush_logged(false),
         shutdown.clone(),
     ));
 
