@@ -197,10 +197,12 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
     ));
 
     let mut bootstrap_tls_addr = None;
+    let mut server_tls = None;
     if let Some(addr) = config.bootstrap_tls_listen {
         let l = bind(addr)?;
         bootstrap_tls_addr = Some(l.local_addr().map_err(|e| BrokerError::NoPort(addr, e))?);
-        let tls = frontdoor::trust::server_config(&config.certs_dir)?;
+        let tls = frontdoor::trust::ServerTls::load(&config.certs_dir)?;
+        server_tls = Some(tls.clone());
         plan.push((l, frontdoor::Transport::ServerTls(tls)));
     }
     let mut bootstrap_plain_addr = None;
@@ -246,6 +248,9 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
             runtime.block_on(async move {
                 if let Some(trust) = trust {
                     tokio::spawn(trust.watch(stop2.clone()));
+                }
+                if let Some(tls) = server_tls {
+                    tokio::spawn(tls.watch(stop2.clone()));
                 }
                 let paced = shared.clone();
                 tokio::spawn(log_pace::every_second(

@@ -71,6 +71,8 @@ pub struct MosquittoParams {
 /// pid (`pid_file`): a command that reloads it reads it there, so that it
 /// follows a mosquitto that was restarted.
 pub const MAIN_PID_FILE: &str = "mosquitto.pid";
+/// Where the bootstrap mosquitto writes its pid, in the output directory.
+pub const BOOTSTRAP_PID_FILE: &str = "bootstrap.pid";
 
 /// The pid of the main mosquitto of `out_dir`: the mosquitto process
 /// whose configuration file (`-c`) is `out_dir`'s `mosquitto.conf`. The pid
@@ -79,8 +81,18 @@ pub const MAIN_PID_FILE: &str = "mosquitto.pid";
 /// configuration as it failed to start), every process is looked at.
 /// `None` if no such mosquitto runs.
 pub fn main_pid(out_dir: &Path) -> Option<u32> {
-    let conf = out_dir.join("mosquitto.conf");
-    let from_file = std::fs::read_to_string(out_dir.join(MAIN_PID_FILE))
+    pid_of(out_dir, MAIN_PID_FILE, "mosquitto.conf")
+}
+
+/// The pid of the bootstrap mosquitto of `out_dir` (`bootstrap.conf`),
+/// found as [`main_pid`] finds the main one.
+pub fn bootstrap_pid(out_dir: &Path) -> Option<u32> {
+    pid_of(out_dir, BOOTSTRAP_PID_FILE, "bootstrap.conf")
+}
+
+fn pid_of(out_dir: &Path, pid_file: &str, conf: &str) -> Option<u32> {
+    let conf = out_dir.join(conf);
+    let from_file = std::fs::read_to_string(out_dir.join(pid_file))
         .ok()
         .and_then(|s| s.trim().parse().ok());
     if let Some(pid) = from_file.filter(|pid| runs_conf(*pid, &conf)) {
@@ -196,6 +208,11 @@ pub struct MosquittoFiles {
     pub cafile: String,
     /// Every service CA's CRL in one file.
     pub crlfile: String,
+    /// The broker certificate (`certs/broker.pem`) as it is now. It is
+    /// not written anywhere: a new one (issued again for other server
+    /// names, or renewed) makes the files differ, so that a watcher
+    /// reloads mosquitto, which reads its certificate again on SIGHUP.
+    pub server_cert: String,
 }
 
 /// `p` as an absolute path: mosquitto may run from another directory
@@ -335,7 +352,7 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
     common(
         &mut bootstrap_conf,
         "bootstrap-acl",
-        "bootstrap.pid",
+        BOOTSTRAP_PID_FILE,
         p.max_bootstrap_packet_size,
     );
     // Its clients are to keep no session (as on fleetshift's broker); one
@@ -474,6 +491,7 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
         bootstrap_acl,
         cafile,
         crlfile,
+        server_cert: std::fs::read_to_string(p.certs_dir.join("broker.pem")).unwrap_or_default(),
     })
 }
 
@@ -717,7 +735,7 @@ mod tests {
         );
         assert_eq!(
             setting(&files.bootstrap_conf, "pid_file"),
-            [format!("{out}/bootstrap.pid")]
+            [format!("{out}/{BOOTSTRAP_PID_FILE}")]
         );
         // No pid file, or one naming no mosquitto: nothing to reload.
         assert_eq!(main_pid(&p.out_dir), None);

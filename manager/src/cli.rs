@@ -41,10 +41,16 @@ pub enum Command {
     /// configuration's `broker.internal_secret_file`), which an external broker's
     /// configuration takes (`mosquitto-config --secret-file`), and the operator API's
     /// token (mode 0600; `admin.token` in --dir, else the configuration's
-    /// `admin_token_file`).
+    /// `admin_token_file`). The broker certificate names what --server-name
+    /// gives, else the configuration's `server_names` (without --dir), with
+    /// localhost, 127.0.0.1 and ::1; with neither, it keeps its names.
     PkiInit {
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// A host name or IP address devices reach the broker by (repeat
+        /// for more).
+        #[arg(long = "server-name", value_name = "NAME")]
+        server_names: Vec<String>,
     },
     /// Print the configuration as TOML: the defaults, overridden by --config and FLEET_* variables.
     PrintConfig,
@@ -252,23 +258,38 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             }
             tracing::info!("stopped");
         }
-        Command::PkiInit { dir } => {
-            let (dir, secret, token) = match dir {
+        Command::PkiInit { dir, server_names } => {
+            let (dir, secret, token, names) = match dir {
                 Some(dir) => (
                     dir.clone(),
                     dir.join("internal.secret"),
                     dir.join("admin.token"),
+                    None,
                 ),
                 None => {
                     let config = ManagerConfig::load(cli.config.as_deref())?;
                     let token = config.admin_token_path();
-                    (config.certs_dir, config.broker.secret_path(), token)
+                    let names = config.broker_names()?;
+                    (config.certs_dir, config.broker.secret_path(), token, names)
                 }
+            };
+            let names = match server_names.is_empty() {
+                true => names,
+                false => Some(fleet_pki::ServerNames::with_local(&server_names)?),
             };
             let existed = dir.join("root-ca.pem").exists();
             let pki = fleet_pki::Pki::open_or_create(&dir)?;
             let how = if existed { "already there" } else { "created" };
             println!("PKI {how} in {}", pki.dir().display());
+            if pki.ensure_broker_cert(names.as_ref())? || !existed {
+                let pem = std::fs::read(pki.broker_cert_path())?;
+                let cert = openssl::x509::X509::from_pem(&pem)?;
+                let names = fleet_pki::ServerNames::of(&cert);
+                println!(
+                    "broker certificate {} names: {names}",
+                    pki.broker_cert_path().display()
+                );
+            }
             for (path, what) in [
                 (&secret, "internal listener secret"),
                 (&token, "operator API token"),
@@ -696,6 +717,12 @@ pub async fn watch_mosquitto_config(
                                     urgent,
                                     "mosquitto configuration written"
                                 );
+                                let new_cert = written
+                                    .as_ref()
+                                    .is_some_and(|(f, _)| f.server_cert != files.server_cert);
+                                if new_cert && reload.is_some() {
+                                    reload_bootstrap(&params.out_dir);
+                                }
                                 written = Some((files, pairs));
                                 applied_at = Some(std::time::Instant::now());
                                 add_cuts(&mut to_cut, lost);
@@ -915,6 +942,36 @@ fn apply_mosquitto_config(
         .status()?;
     anyhow::ensure!(status.success(), "could not signal mosquitto (pid {pid})");
     Ok(Some(pid))
+}
+
+/// Has the bootstrap mosquitto of `out_dir` reload (SIGHUP), so that it
+/// takes up a new broker certificate as the main one does.
+fn reload_bootstrap(out_dir: &std::path::Path) {
+    use fleet_broker::mosquitto::{bootstrap_pid, takes_sighup};
+    match bootstrap_pid(out_dir) {
+        Some(pid) if takes_sighup(pid) => {
+            let signalled = std::process::Command::new("kill")
+                .arg("-HUP")
+                .arg(pid.to_string())
+                .status()
+                .is_ok_and(|s| s.success());
+            if signalled {
+                tracing::info!(
+                    pid,
+                    "broker certificate changed: bootstrap mosquitto reloaded"
+                );
+            } else {
+                tracing::warn!(pid, "could not signal the bootstrap mosquitto: it keeps the broker certificate it has");
+            }
+        }
+        Some(pid) => tracing::warn!(
+            pid,
+            "bootstrap mosquitto still starting: it reads the new broker certificate as it starts"
+        ),
+        None => tracing::info!(
+            "broker certificate changed; no bootstrap mosquitto of this configuration runs"
+        ),
+    }
 }
 
 /// The files for the registry's grants now, and how many principals they

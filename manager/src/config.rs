@@ -26,6 +26,14 @@ pub struct ManagerConfig {
     pub data_dir: PathBuf,
     /// PKI directory (see `certs/README.md`).
     pub certs_dir: PathBuf,
+    /// The host names and IP addresses devices reach the broker by, which
+    /// their TLS clients check: the broker certificate (`broker.pem`)
+    /// names exactly these, with `localhost`, `127.0.0.1` and `::1`, and
+    /// is issued again at start when they change. A list in TOML; in the
+    /// environment, `FLEET_SERVER_NAMES=broker.example.com,10.0.0.7`.
+    /// [default: unset, the certificate keeps the names it has]
+    #[serde(deserialize_with = "names_list")]
+    pub server_names: Option<Vec<String>>,
     /// Operator HTTP API; loopback only unless changed on purpose.
     pub admin_listen: SocketAddr,
     /// The operator API's bearer token: every route but `GET /v1/health`
@@ -93,6 +101,7 @@ impl Default for ManagerConfig {
             broker_password_file: None,
             data_dir: PathBuf::from("fleet-data/manager"),
             certs_dir: PathBuf::from("certs"),
+            server_names: None,
             admin_listen: "127.0.0.1:8080".parse().expect("valid address"),
             admin_token_file: None,
             cert_lifetime_days: 30,
@@ -158,11 +167,21 @@ impl ManagerConfig {
             self.max_certificates_per_device > 0,
             "max_certificates_per_device must be positive"
         );
+        self.broker_names()?;
         if let Some(endpoint) = &self.service_endpoint {
             fleet_protocol::topic::parse_endpoint(endpoint)
                 .map_err(|e| anyhow::anyhow!("service_endpoint: {e}"))?;
         }
         Ok(())
+    }
+
+    /// `server_names` as the broker certificate takes them.
+    pub fn broker_names(&self) -> anyhow::Result<Option<fleet_pki::ServerNames>> {
+        self.server_names
+            .as_deref()
+            .map(fleet_pki::ServerNames::with_local)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("server_names: {e}"))
     }
 
     /// Where the operator API's token is: `admin_token_file`, else
@@ -183,6 +202,26 @@ impl ManagerConfig {
     }
 }
 
+/// A list, or one string of names separated by commas (as an environment
+/// variable gives it).
+fn names_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Names {
+        List(Vec<String>),
+        Commas(String),
+    }
+    Ok(Option::<Names>::deserialize(d)?.map(|names| match names {
+        Names::List(list) => list,
+        Names::Commas(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,5 +237,32 @@ mod tests {
         assert_eq!(cfg.admin_listen, ManagerConfig::default().admin_listen);
         std::fs::write(&file, "workers = 0\n").unwrap();
         assert!(ManagerConfig::load(Some(&file)).is_err(), "validation runs");
+    }
+
+    #[test]
+    fn server_names_are_a_list_or_names_between_commas() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("manager.toml");
+        let names = |toml: &str| {
+            std::fs::write(&file, toml).unwrap();
+            ManagerConfig::load(Some(&file)).map(|cfg| cfg.server_names)
+        };
+        let both = Some(vec![
+            "broker.example.com".to_string(),
+            "10.0.0.7".to_string(),
+        ]);
+        assert_eq!(names("").unwrap(), None);
+        assert_eq!(
+            names("server_names = [\"broker.example.com\", \"10.0.0.7\"]\n").unwrap(),
+            both
+        );
+        // What `FLEET_SERVER_NAMES=broker.example.com,10.0.0.7` gives.
+        assert_eq!(
+            names("server_names = \"broker.example.com, 10.0.0.7,\"\n").unwrap(),
+            both
+        );
+        assert_eq!(names("server_names = []\n").unwrap(), Some(vec![]));
+        let err = names("server_names = [\"broker example\"]\n").unwrap_err();
+        assert!(err.to_string().contains("server_names"), "{err}");
     }
 }

@@ -83,6 +83,10 @@ pub async fn start(
         .with_context(|| format!("opening store {}", config.data_dir.display()))?;
     let pki = fleet_pki::Pki::open_or_create(&config.certs_dir)
         .with_context(|| format!("opening PKI {}", config.certs_dir.display()))?;
+    if let Some(names) = config.broker_names()? {
+        pki.ensure_broker_cert(Some(&names))
+            .context("issuing the broker certificate for server_names")?;
+    }
     let token_path = config.admin_token_path();
     let admin_token = fleet_broker::internal_secret(&token_path)
         .with_context(|| format!("the operator API's token {}", token_path.display()))?;
@@ -180,6 +184,10 @@ async fn housekeeping(core: Arc<Core>, shutdown: CancellationToken) {
             }
             core.write_pending_crls();
             core.refresh_crls();
+            // Renewed at half its validity, with the names it has.
+            if let Err(err) = core.pki.ensure_broker_cert(None) {
+                tracing::warn!(error = %err, "broker certificate not renewed");
+            }
         };
         let _ = tokio::task::spawn_blocking(work).await;
     }

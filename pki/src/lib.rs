@@ -34,6 +34,9 @@ mod crl;
 mod der;
 mod files;
 pub mod grants;
+mod names;
+
+pub use names::ServerNames;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -62,8 +65,6 @@ pub const MAX_CSR_LEN: usize = 4096;
 
 const ROOT_CN: &str = "fleetshift root CA";
 const BROKER_CN: &str = "fleetshift broker";
-const BROKER_DNS: &[&str] = &["localhost"];
-const BROKER_IPS: &[&str] = &["127.0.0.1", "::1"];
 
 /// Errors of this layer.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +90,8 @@ pub enum PkiError {
     BadLifetime(u32),
     #[error("bad serial {0:?}")]
     BadSerial(String),
+    #[error("bad server name {0:?}: neither an IP address nor a DNS name")]
+    BadServerName(String),
     /// The PKI directory holds something we did not expect, e.g. a
     /// certificate without its key or a service CA not signed by the root.
     #[error("inconsistent PKI directory: {0}")]
@@ -170,7 +173,7 @@ impl Pki {
             signing_key,
             service_cas: Mutex::new(HashMap::new()),
         };
-        pki.ensure_broker_cert()?;
+        pki.ensure_broker_cert(None)?;
         pki.refresh_root_crl()?;
         Ok(pki)
     }
@@ -474,22 +477,67 @@ impl Pki {
         Ok(path)
     }
 
-    /// Makes sure `broker.pem`/`broker.key` exist and come from this root.
-    fn ensure_broker_cert(&self) -> Result<(), PkiError> {
+    /// Makes sure `broker.pem`/`broker.key` exist, match, come from this
+    /// root, name exactly `names` (`None`: the names the certificate has,
+    /// or only the local ones for a new one) and are not past half their
+    /// validity; issues the certificate again if not, and says whether it
+    /// did. It keeps its key if that key is sound, so the pair on disk
+    /// matches at every moment; a new key is written before the
+    /// certificate. A running broker takes the new certificate up within
+    /// a second (the front door watches both files).
+    pub fn ensure_broker_cert(&self, names: Option<&ServerNames>) -> Result<bool, PkiError> {
+        self.ensure_broker_cert_at(names, unix_now())
+    }
+
+    fn ensure_broker_cert_at(
+        &self,
+        names: Option<&ServerNames>,
+        now: u64,
+    ) -> Result<bool, PkiError> {
         let cert_path = self.broker_cert_path();
         let key_path = self.broker_key_path();
+        let mut have = None;
         if cert_path.exists() && key_path.exists() {
             let cert = files::load_cert(&cert_path)?;
             let key = files::load_private_key(&key_path)?;
-            check_pair(&cert, &key, &cert_path)?;
-            if cert.verify(&self.root_key)? {
-                return Ok(());
-            }
-            tracing::warn!(path = %cert_path.display(), "broker certificate not signed by this root; replacing it");
+            have = Some((cert, key));
         }
-        let key = certs::new_p256_key()?;
-        let now = unix_now();
+        // Why, and whether the files on disk were wrong (not merely due).
+        let (key, names, (why, wrong)) = match have {
+            Some((cert, key)) if cert.public_key()?.public_eq(&key) => {
+                let carried = ServerNames::of(&cert);
+                let wanted = names.cloned().unwrap_or_else(|| carried.clone());
+                let (from, until) = (unix_of(cert.not_before())?, unix_of(cert.not_after())?);
+                let why = if !cert.verify(&self.root_key)? {
+                    ("not signed by this root", true)
+                } else if wanted != carried {
+                    ("its names change", false)
+                } else if until <= now || (until - now) * 2 < until.saturating_sub(from) {
+                    ("past half its validity", false)
+                } else {
+                    return Ok(false);
+                };
+                (Some(key), Some(wanted), why)
+            }
+            Some((cert, _)) => {
+                let names = names.cloned().unwrap_or_else(|| ServerNames::of(&cert));
+                (None, Some(names), ("does not match its key", true))
+            }
+            None => (None, names.cloned(), ("missing", false)),
+        };
+        let names = match names {
+            Some(names) => names,
+            None => ServerNames::with_local::<&str>(&[])?,
+        };
+        let fresh = key.is_none();
+        let key = match key {
+            Some(key) => key,
+            None => certs::new_p256_key()?,
+        };
         let subject = certs::name(None, BROKER_CN)?;
+        let dns: Vec<&str> = names.dns().collect();
+        let ips: Vec<String> = names.ips().map(|ip| ip.to_string()).collect();
+        let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
         let cert = certs::build(
             &Template {
                 subject: &subject,
@@ -498,8 +546,8 @@ impl Pki {
                 not_before: now.saturating_sub(certs::BACKDATE_SECS),
                 not_after: now + BROKER_LIFETIME_DAYS * DAY,
                 profile: Profile::Server {
-                    dns: BROKER_DNS,
-                    ips: BROKER_IPS,
+                    dns: &dns,
+                    ips: &ips,
                 },
             },
             Some(&Issuer {
@@ -508,10 +556,17 @@ impl Pki {
             }),
             None,
         )?;
-        write_private_key(&key_path, &key)?;
+        if fresh {
+            write_private_key(&key_path, &key)?;
+        }
         files::write_atomic(&cert_path, &cert.to_pem()?, PUBLIC_MODE)?;
-        tracing::info!(path = %cert_path.display(), "created broker certificate");
-        Ok(())
+        let path = cert_path.display();
+        if wrong {
+            tracing::warn!(%path, %names, new_key = fresh, "replaced the broker certificate: {why}");
+        } else {
+            tracing::info!(%path, %names, new_key = fresh, "issued the broker certificate: {why}");
+        }
+        Ok(true)
     }
 }
 
@@ -816,6 +871,110 @@ mod tests {
         assert_eq!(ca.to_der().unwrap(), ca_der);
         assert!(ca.public_key().unwrap().public_eq(&ca_key));
         assert_eq!(std::fs::read(pki.broker_cert_path()).unwrap(), broker_pem);
+    }
+
+    /// `openssl verify` of the broker certificate against the root, as a
+    /// client reaching the broker by `name` (`-verify_ip` for an address).
+    fn verifies_as(pki: &Pki, name: &str) -> bool {
+        let flag = match name.parse::<std::net::IpAddr>() {
+            Ok(_) => "-verify_ip",
+            Err(_) => "-verify_hostname",
+        };
+        let out = std::process::Command::new("openssl")
+            .args(["verify", "-CAfile"])
+            .arg(pki.root_pem_path())
+            .args([flag, name])
+            .arg(pki.broker_cert_path())
+            .output()
+            .expect("openssl runs");
+        out.status.success()
+    }
+
+    #[test]
+    fn the_broker_certificate_names_what_it_is_told_and_is_renewed_at_half_life() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::open_or_create(tmp.path()).unwrap();
+        let key_pem = std::fs::read(pki.broker_key_path()).unwrap();
+        let serial = |pki: &Pki| {
+            let cert = files::load_cert(&pki.broker_cert_path()).unwrap();
+            cert.serial_number()
+                .to_bn()
+                .unwrap()
+                .to_hex_str()
+                .unwrap()
+                .to_string()
+        };
+        let first = serial(&pki);
+        for name in ["localhost", "127.0.0.1", "::1"] {
+            assert!(verifies_as(&pki, name), "{name}");
+        }
+        assert!(!verifies_as(&pki, "broker.example.com"));
+        assert!(!pki.ensure_broker_cert(None).unwrap(), "nothing to change");
+
+        // Names given: exactly those and the local ones, with the same key.
+        let names = ServerNames::with_local(&["broker.example.com", "10.9.8.7"]).unwrap();
+        assert!(pki.ensure_broker_cert(Some(&names)).unwrap());
+        for name in [
+            "broker.example.com",
+            "BROKER.example.com",
+            "10.9.8.7",
+            "localhost",
+            "::1",
+        ] {
+            assert!(verifies_as(&pki, name), "{name}");
+        }
+        for name in ["example.com", "other.example.com", "10.9.8.8"] {
+            assert!(!verifies_as(&pki, name), "{name}");
+        }
+        assert_eq!(std::fs::read(pki.broker_key_path()).unwrap(), key_pem);
+        let named = serial(&pki);
+        assert_ne!(named, first);
+        // Kept by whoever opens the PKI without names, and by a reopening.
+        assert!(!pki.ensure_broker_cert(None).unwrap());
+        assert!(!pki.ensure_broker_cert(Some(&names)).unwrap());
+        let pki = Pki::open_or_create(tmp.path()).unwrap();
+        assert_eq!(serial(&pki), named);
+        assert!(verifies_as(&pki, "broker.example.com"));
+
+        // A name taken away is gone.
+        let fewer = ServerNames::with_local(&["10.9.8.7"]).unwrap();
+        assert!(pki.ensure_broker_cert(Some(&fewer)).unwrap());
+        assert!(!verifies_as(&pki, "broker.example.com"));
+        assert!(verifies_as(&pki, "10.9.8.7"));
+
+        // Renewed, names and key kept, once past half its validity.
+        let cert = files::load_cert(&pki.broker_cert_path()).unwrap();
+        let (from, until) = (
+            unix_of(cert.not_before()).unwrap(),
+            unix_of(cert.not_after()).unwrap(),
+        );
+        let before_half = from + (until - from) / 2 - 60;
+        let fewer_serial = serial(&pki);
+        assert!(!pki.ensure_broker_cert_at(None, before_half).unwrap());
+        assert_eq!(serial(&pki), fewer_serial);
+        assert!(pki.ensure_broker_cert_at(None, before_half + 120).unwrap());
+        assert_ne!(serial(&pki), fewer_serial);
+        let renewed = files::load_cert(&pki.broker_cert_path()).unwrap();
+        assert_eq!(ServerNames::of(&renewed), fewer);
+        assert!(unix_of(renewed.not_after()).unwrap() > until);
+        assert_eq!(std::fs::read(pki.broker_key_path()).unwrap(), key_pem);
+
+        // A key that does not match gets a new pair, with the names asked.
+        std::fs::write(
+            pki.broker_key_path(),
+            certs::new_p256_key()
+                .unwrap()
+                .private_key_to_pem_pkcs8()
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(pki.ensure_broker_cert(Some(&names)).unwrap());
+        let cert = files::load_cert(&pki.broker_cert_path()).unwrap();
+        let key = files::load_private_key(&pki.broker_key_path()).unwrap();
+        assert!(cert.public_key().unwrap().public_eq(&key));
+        assert_ne!(std::fs::read(pki.broker_key_path()).unwrap(), key_pem);
+        assert_eq!(mode(&pki.broker_key_path()), 0o600);
+        assert!(verifies_as(&pki, "broker.example.com"));
     }
 
     #[test]

@@ -1098,6 +1098,59 @@ pub async fn tls_refused(
     .await?
 }
 
+/// Whether the TLS listener at `addr` shows a certificate that `root`
+/// (PEM) vouches for as `name`, a host name or an IP address, as a device
+/// that reached the broker by that name checks it: true once the client's
+/// side of the handshake completes, false if the certificate is not valid
+/// for `name`; any other failure is an error. The client sends no
+/// certificate, so on the service listener the broker refuses it after.
+pub async fn server_name_served(
+    addr: std::net::SocketAddr,
+    root: &[u8],
+    name: &str,
+) -> anyhow::Result<bool> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(root) {
+        roots.add(cert?)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(name.to_owned())?;
+    tokio::task::spawn_blocking(move || {
+        let mut tcp = std::net::TcpStream::connect(addr)?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name)?;
+        while conn.is_handshaking() {
+            match conn.complete_io(&mut tcp) {
+                Ok(_) => {}
+                Err(e) => {
+                    let invalid_for_name = e
+                        .get_ref()
+                        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                        .is_some_and(|err| {
+                            matches!(
+                                err,
+                                rustls::Error::InvalidCertificate(
+                                    rustls::CertificateError::NotValidForName
+                                        | rustls::CertificateError::NotValidForNameContext { .. }
+                                )
+                            )
+                        });
+                    anyhow::ensure!(invalid_for_name, "handshake failed otherwise: {e}");
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    })
+    .await?
+}
+
 /// An MQTT 3.1.1 CONNECT (clean session, keep-alive 60 s) for `client_id`
 /// written to `tls`, and the CONNACK read back.
 pub fn connack(

@@ -380,7 +380,7 @@ pub enum ListenerKind {
 #[derive(Clone)]
 pub enum Transport {
     Plain(ListenerKind),
-    ServerTls(trust::Configs),
+    ServerTls(Arc<trust::ServerTls>),
     MutualTls(Arc<Trust>),
 }
 
@@ -1277,7 +1277,8 @@ async fn connection(
             shared.internal_settled(id);
             ran
         }
-        Transport::ServerTls(config) => {
+        Transport::ServerTls(tls) => {
+            let config = tls.config();
             let tls = Box::pin(handshake(stream, (peer.ip(), true), config, shared, id)).await?;
             session::run(
                 tls,

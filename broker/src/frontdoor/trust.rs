@@ -841,8 +841,8 @@ fn read_ticket(plain: &[u8]) -> Option<Ticket<'_>> {
 }
 
 /// The bootstrap listener's TLS: the broker certificate, TLS 1.2 or 1.3,
-/// no client certificate. Built once; shared by every handshake.
-pub fn server_config(certs_dir: &Path) -> Result<Configs, BrokerError> {
+/// no client certificate, as the files are now.
+fn server_config(certs_dir: &Path) -> Result<Configs, BrokerError> {
     let tls = |e: rustls::Error| BrokerError::Tls(e.to_string());
     let (chain, key) = broker_identity(certs_dir)?;
     let config = ServerConfig::builder_with_provider(provider())
@@ -852,6 +852,91 @@ pub fn server_config(certs_dir: &Path) -> Result<Configs, BrokerError> {
         .with_single_cert(chain, key)
         .map_err(tls)?;
     Ok(finish(config, None))
+}
+
+/// The bootstrap listener's TLS ([`server_config`]), built again when
+/// `broker.pem` or `broker.key` changes on disk, as the service
+/// listener's [`Trust`] is: the PKI issues the broker certificate again
+/// when its server names change and renews it at half its validity. A
+/// pair that does not load (read between the writes of a new key and its
+/// certificate) leaves the previous configuration in use until the next
+/// look.
+pub struct ServerTls {
+    certs_dir: PathBuf,
+    config: RwLock<Configs>,
+    seen: Mutex<Fingerprint>,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl ServerTls {
+    pub fn load(certs_dir: &Path) -> Result<Arc<ServerTls>, BrokerError> {
+        let seen = identity_fingerprint(certs_dir);
+        Ok(Arc::new(ServerTls {
+            certs_dir: certs_dir.to_path_buf(),
+            config: RwLock::new(server_config(certs_dir)?),
+            seen: Mutex::new(seen),
+            failing: Default::default(),
+        }))
+    }
+
+    /// The configuration for the next handshake.
+    pub fn config(&self) -> Configs {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Rebuilds the configuration if the broker's certificate or key
+    /// changed on disk.
+    pub fn reload_if_changed(&self) {
+        let now = identity_fingerprint(&self.certs_dir);
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            if *seen == now {
+                return;
+            }
+            *seen = now;
+        }
+        match server_config(&self.certs_dir) {
+            Ok(config) => {
+                *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+                self.failing.store(false, Ordering::Relaxed);
+                info!("bootstrap TLS context rebuilt: broker certificate changed");
+            }
+            Err(err) => {
+                self.seen.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    warn!(error = %err, "bootstrap TLS context not rebuilt; keeping the previous one until it can be");
+                }
+            }
+        }
+    }
+
+    /// Watches the broker's certificate and key until `stop` is cancelled.
+    pub async fn watch(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(RELOAD_EVERY);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let me = self.clone();
+            let _ = tokio::task::spawn_blocking(move || me.reload_if_changed()).await;
+        }
+    }
+}
+
+/// The broker certificate's and key's modification times.
+fn identity_fingerprint(dir: &Path) -> Fingerprint {
+    ["broker.pem", "broker.key"]
+        .into_iter()
+        .map(|file| {
+            let p = dir.join(file);
+            let mtime = std::fs::metadata(&p).and_then(|m| m.modified()).ok();
+            (p, mtime)
+        })
+        .collect()
 }
 
 /// Whether `root` issued `ca`: names match and the signature verifies.

@@ -709,6 +709,36 @@ async fn generated_mosquitto_rules_hold() {
         )
         .await
         .unwrap();
+
+    // The broker certificate issued again for a name devices reach the
+    // broker by (`server_names`): the watcher has both mosquittos reload,
+    // and they serve it.
+    let served = |addr, name: &'static str| {
+        let root = root_pem.clone();
+        async move {
+            fleet_testkit::server_name_served(addr, &root, name)
+                .await
+                .unwrap()
+        }
+    };
+    let listeners = [
+        ("service", params.service),
+        ("bootstrap", params.bootstrap_tls),
+    ];
+    for (_, addr) in listeners {
+        assert!(!served(addr, "fleet.test").await);
+    }
+    let names = fleet_pki::ServerNames::with_local(&["fleet.test"]).unwrap();
+    let pki = fleet_pki::Pki::open_or_create(&certs).unwrap();
+    assert!(pki.ensure_broker_cert(Some(&names)).unwrap());
+    for (mosquitto, addr) in listeners {
+        let what = format!("the {mosquitto} mosquitto to serve the new certificate");
+        eventually(T, &what, || async move {
+            served(addr, "fleet.test").await.then_some(())
+        })
+        .await
+        .unwrap();
+    }
     watching.cancel();
     watcher.await.unwrap().unwrap();
 

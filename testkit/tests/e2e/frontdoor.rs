@@ -2383,3 +2383,95 @@ async fn silent_connections_keep_no_manager_out_of_the_internal_listener() {
     assert_eq!(held.len(), 3, "connections beside the manager's");
     assert!(fleet.broker.metrics.get(|m| &m.over_capacity) >= 1);
 }
+
+#[tokio::test]
+async fn the_broker_certificate_names_the_hosts_devices_reach_it_by() {
+    use fleet_testkit::server_name_served;
+    // The broker starts on the PKI's first certificate (local names only);
+    // the manager issues it again for its server names, and both TLS
+    // listeners take it up while they run.
+    let mut fleet = Fleet::start_with(|c| {
+        c.server_names = Some(vec!["Fleet.Test".into(), "10.9.8.7".into()]);
+    })
+    .await
+    .unwrap();
+    let root = std::fs::read(fleet.certs_dir().join("root-ca.pem")).unwrap();
+    let listeners = [
+        ("bootstrap", fleet.broker.bootstrap_tls_addr.unwrap()),
+        ("service", fleet.service_addr()),
+    ];
+    let served = |addr, name: &'static str| {
+        let root = root.clone();
+        async move { server_name_served(addr, &root, name).await.unwrap() }
+    };
+    for (listener, addr) in listeners {
+        for name in ["fleet.test", "10.9.8.7", "localhost", "127.0.0.1", "::1"] {
+            eventually(
+                T,
+                &format!("{listener} listener served as {name}"),
+                || async move { served(addr, name).await.then_some(()) },
+            )
+            .await
+            .unwrap();
+        }
+        for name in ["other.test", "test", "10.9.8.8"] {
+            assert!(
+                !served(addr, name).await,
+                "{listener} listener served as {name}"
+            );
+        }
+    }
+    let (cert, root_file) = (
+        fleet.certs_dir().join("broker.pem"),
+        fleet.certs_dir().join("root-ca.pem"),
+    );
+    let verify = |name: &str| {
+        std::process::Command::new("openssl")
+            .args(["verify", "-CAfile"])
+            .arg(&root_file)
+            .args(["-verify_hostname", name])
+            .arg(&cert)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(verify("fleet.test") && !verify("other.test"));
+
+    // Devices that reach it as localhost still activate and connect.
+    let devices = Devices::new(fleet.dir.path().join("devices"));
+    devices.provision(&fleet, "named1", "svcA").await.unwrap();
+    devices.spawn(devices.config(&fleet, "named1", KeyMode::Csr));
+    devices.wait_connected("named1", T).await.unwrap();
+
+    // Another name in place of the first: the first is no longer served.
+    fleet.config.server_names = Some(vec!["other.test".into()]);
+    fleet.restart_manager().await.unwrap();
+    for (listener, addr) in listeners {
+        eventually(
+            T,
+            &format!("{listener} listener served as other.test"),
+            || async move { served(addr, "other.test").await.then_some(()) },
+        )
+        .await
+        .unwrap();
+        assert!(
+            !served(addr, "fleet.test").await,
+            "{listener}: the old name stayed"
+        );
+        assert!(
+            !served(addr, "10.9.8.7").await,
+            "{listener}: the old address stayed"
+        );
+        assert!(served(addr, "localhost").await, "{listener}");
+    }
+    // A bad name stops the manager at start, saying which.
+    fleet.stop_manager().await;
+    fleet.config.server_names = Some(vec!["other test".into()]);
+    let err = fleet.start_manager().await.unwrap_err();
+    assert!(format!("{err:#}").contains("server_names"), "{err:#}");
+    assert!(
+        verify("other.test"),
+        "the certificate was changed by a refused start"
+    );
+}

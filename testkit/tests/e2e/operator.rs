@@ -415,7 +415,8 @@ async fn idle_admin_connections_are_capped() {
 }
 
 /// `pki-init` also makes the secret the manager and an external broker
-/// share and the operator API's token (mode 0600, kept once made), and
+/// share and the operator API's token (mode 0600, kept once made), names
+/// the broker certificate's hosts (`--server-name`), and
 /// `mosquitto-config` finds the PKI and the token where the configuration
 /// says, without `--certs` or `--admin-token-file`.
 #[tokio::test]
@@ -440,6 +441,37 @@ async fn pki_init_makes_the_shared_secret_and_mosquitto_config_finds_the_pki() {
     cli(&["pki-init", "--dir", certs_arg]).await;
     for (path, secret) in &made {
         assert_eq!(&std::fs::read_to_string(path).unwrap(), secret);
+    }
+    // The broker certificate names what --server-name gives, and a run
+    // without it keeps those names.
+    let verifies_as = |flag: &str, name: &str| {
+        std::process::Command::new("openssl")
+            .args(["verify", "-CAfile"])
+            .arg(certs.join("root-ca.pem"))
+            .args([flag, name])
+            .arg(certs.join("broker.pem"))
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(!verifies_as("-verify_hostname", "fleet.test"));
+    let named = [
+        "pki-init",
+        "--dir",
+        certs_arg,
+        "--server-name",
+        "fleet.test",
+        "--server-name",
+        "10.9.8.7",
+    ];
+    cli(&named).await;
+    for _ in 0..2 {
+        assert!(verifies_as("-verify_hostname", "fleet.test"));
+        assert!(verifies_as("-verify_ip", "10.9.8.7"));
+        assert!(verifies_as("-verify_hostname", "localhost"));
+        assert!(!verifies_as("-verify_hostname", "other.test"));
+        cli(&["pki-init", "--dir", certs_arg]).await;
     }
 
     // The fleet's own PKI, named by the configuration alone.
