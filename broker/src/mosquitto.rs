@@ -551,6 +551,35 @@ pub fn revoked_if_signed_by(
     any.then_some(serials)
 }
 
+/// The file, in the output directory, holding the CRLs a reload of the main
+/// mosquitto was last signalled with (see [`note_loaded`]).
+pub const LOADED_CRL_FILE: &str = "crl.loaded.pem";
+
+/// Records, after the main mosquitto of `out_dir` was signalled to reload,
+/// the CRLs it was to load (`crlfile`, as [`write`] wrote them).
+pub fn note_loaded(out_dir: &Path, crlfile: &str) -> std::io::Result<()> {
+    replace(&out_dir.join(LOADED_CRL_FILE), crlfile.as_bytes())
+}
+
+/// The CRLs the main mosquitto of `out_dir` loaded, as far as the files
+/// tell: `crl.pem` if the process started (`started_ms`, Unix ms) after
+/// the file was last written, since mosquitto reads it as it starts; else
+/// those its last reload was signalled with ([`note_loaded`]). `crl.pem`
+/// alone proves nothing: it is written before the signal, which may not
+/// follow (a watcher stopped in between, a mosquitto not running).
+pub fn loaded_crls(out_dir: &Path, started_ms: Option<u64>) -> Option<String> {
+    let crl = out_dir.join("crl.pem");
+    let written_ms = std::fs::metadata(&crl)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64);
+    match (written_ms, started_ms) {
+        (Some(written), Some(started)) if written <= started => std::fs::read_to_string(crl).ok(),
+        _ => std::fs::read_to_string(out_dir.join(LOADED_CRL_FILE)).ok(),
+    }
+}
+
 /// Replaces `path` with `bytes` (a new file gets `mode`) through the PKI's
 /// atomic write, so mosquitto never reads a half-written file and two
 /// writers (a watcher and a run by hand) never rename each other's.
@@ -681,6 +710,34 @@ mod tests {
         );
         assert_eq!(revoked_if_signed_by(&theirs.crlfile, &ours.cafile), None);
         assert_eq!(revoked_if_signed_by("", &ours.cafile), None);
+    }
+
+    /// `crl.pem` counts as loaded only if mosquitto started after it was
+    /// written; otherwise what its last reload was signalled with does.
+    #[test]
+    fn the_crls_loaded_are_those_read_at_start_or_signalled() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        let now_ms = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64
+        };
+        assert_eq!(loaded_crls(out, Some(now_ms())), None);
+        let before = now_ms() - 1_000;
+        std::fs::write(out.join("crl.pem"), "written").unwrap();
+        let after = now_ms() + 1_000;
+        // Written, never signalled: not known to be loaded.
+        assert_eq!(loaded_crls(out, Some(before)), None);
+        assert_eq!(loaded_crls(out, None), None);
+        // Read by a mosquitto that started after it was written.
+        assert_eq!(loaded_crls(out, Some(after)).as_deref(), Some("written"));
+        // A reload signalled with it, then a newer file not signalled.
+        note_loaded(out, "written").unwrap();
+        std::fs::write(out.join("crl.pem"), "newer").unwrap();
+        assert_eq!(loaded_crls(out, Some(before)).as_deref(), Some("written"));
+        assert_eq!(loaded_crls(out, None).as_deref(), Some("written"));
     }
 
     /// A configuration written for a directory not made yet, named

@@ -620,12 +620,14 @@ pub async fn watch_mosquitto_config(
                 // at every look until the manager answers.
                 let revoked_now = fleet_broker::mosquitto::revoked_serials(&files.crlfile);
                 let mut unanswered = false;
-                // At the first look, what mosquitto may have loaded: the
-                // CRLs last written here (read at its start or last
-                // reload) if this PKI signed them, else what is revoked now.
+                // At the first look, what mosquitto has loaded: the CRLs
+                // it read at its start, or those its last reload was
+                // signalled with (`loaded_crls`), if this PKI signed them;
+                // else what is revoked now.
                 let seen = known.get_or_insert_with(|| {
-                    std::fs::read_to_string(params.out_dir.join("crl.pem"))
-                        .ok()
+                    let started = fleet_broker::mosquitto::main_pid(&params.out_dir)
+                        .and_then(process_started_ms);
+                    fleet_broker::mosquitto::loaded_crls(&params.out_dir, started)
                         .and_then(|loaded| {
                             fleet_broker::mosquitto::revoked_if_signed_by(&loaded, &files.cafile)
                         })
@@ -941,6 +943,9 @@ fn apply_mosquitto_config(
         .arg(pid.to_string())
         .status()?;
     anyhow::ensure!(status.success(), "could not signal mosquitto (pid {pid})");
+    if let Err(err) = fleet_broker::mosquitto::note_loaded(&params.out_dir, &files.crlfile) {
+        tracing::warn!(error = %err, "could not record the CRLs mosquitto was reloaded with");
+    }
     Ok(Some(pid))
 }
 
