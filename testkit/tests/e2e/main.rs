@@ -2,6 +2,7 @@
 //! a sled store in a temporary directory, real certificates.
 
 mod bad_input;
+mod disk;
 mod external;
 mod frontdoor;
 mod lifecycle;
