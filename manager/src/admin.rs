@@ -1,6 +1,7 @@
-//! The operator API: JSON over HTTP/1.1 on loopback. Its routes are
-//! listed in the README ("Run it"), the one place they are described;
-//! `route` is where they are served.
+//! The operator API: JSON over HTTP/1.1, on loopback, or over TLS with
+//! the broker's certificate (`admin_tls`). Its routes are listed in the
+//! README ("Run it"), the one place they are described; `route` is where
+//! they are served.
 
 use anyhow::Context as _;
 use std::collections::BTreeMap;
@@ -10,12 +11,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fleet_broker::frontdoor::trust::ServerTls;
 use fleet_broker::log_pace::LogPace;
 use fleet_broker::slots::Slots;
 use rumqttc::AsyncClient;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +27,11 @@ use crate::handlers::Core;
 use crate::store::{DeviceRecord, Registration, SCHEMA_VERSION};
 
 const MAX_REQUEST: usize = 4 * 1024 * 1024;
+
+/// A connection of the API, over TLS or not.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+type Stream = Box<dyn Io>;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RegistrationIn {
@@ -124,7 +131,14 @@ impl Admin {
     }
 }
 
-pub async fn serve(admin: Arc<Admin>, listener: TcpListener, shutdown: CancellationToken) {
+/// Serves the API on `listener` until `shutdown`; over TLS with `tls`
+/// (the broker's certificate, taken up again when it changes).
+pub async fn serve(
+    admin: Arc<Admin>,
+    listener: TcpListener,
+    tls: Option<Arc<ServerTls>>,
+    shutdown: CancellationToken,
+) {
     // At the limit, the oldest connection that has not sent its whole
     // request yet is closed for a newcomer: silent clients cannot keep the
     // operator out, nor hold the descriptors the process shares with the
@@ -148,25 +162,47 @@ pub async fn serve(admin: Arc<Admin>, listener: TcpListener, shutdown: Cancellat
             debug!(%peer, "admin connection refused: {MAX_CONNECTIONS} requests in progress");
             continue;
         };
-        let admin = admin.clone();
+        let (admin, tls) = (admin.clone(), tls.clone());
         tokio::spawn(async move {
             let Some(held) = claim.take().await else {
                 return;
+            };
+            // The TLS handshake counts in the time a client has to send its
+            // request, and in the slot it holds.
+            let read = async {
+                let stream: Stream = match tls {
+                    None => Box::new(stream),
+                    Some(tls) => {
+                        let config = tls.config().for_client(&[]);
+                        match tokio_rustls::TlsAcceptor::from(config).accept(stream).await {
+                            Ok(stream) => Box::new(stream),
+                            Err(err) => {
+                                debug!(%peer, error = %err, "admin TLS handshake failed");
+                                return None;
+                            }
+                        }
+                    }
+                };
+                Some(read_request_from(&admin, stream).await)
             };
             let request = tokio::select! {
                 // A request read in full is answered, even if a newcomer
                 // has just asked for this slot.
                 biased;
-                r = tokio::time::timeout(READ_TIMEOUT, read_request_from(&admin, stream)) => r,
+                r = tokio::time::timeout(READ_TIMEOUT, read) => r,
                 _ = held.closing().cancelled() => {
                     debug!(%peer, "admin connection closed for a newer one: no request yet");
                     return;
                 }
             };
             held.received();
-            let Ok((stream, request)) = request else {
-                debug!(%peer, "admin request not received within {READ_TIMEOUT:?}");
-                return;
+            let (stream, request) = match request {
+                Ok(Some(read)) => read,
+                Ok(None) => return,
+                Err(_) => {
+                    debug!(%peer, "admin request not received within {READ_TIMEOUT:?}");
+                    return;
+                }
             };
             let answered =
                 tokio::time::timeout(ANSWER_TIMEOUT, answer(&admin, stream, request, peer)).await;
@@ -209,18 +245,13 @@ fn is_health(method: &str, path: &str) -> bool {
 
 type Request = Result<HttpRequest, String>;
 
-async fn read_request_from(admin: &Admin, mut stream: TcpStream) -> (TcpStream, Request) {
+async fn read_request_from(admin: &Admin, mut stream: Stream) -> (Stream, Request) {
     let request = read_request(admin, &mut stream).await;
     (stream, request)
 }
 
 /// Answers `request`; returns the stream, its writing side shut.
-async fn answer(
-    admin: &Admin,
-    mut stream: TcpStream,
-    request: Request,
-    peer: SocketAddr,
-) -> TcpStream {
+async fn answer(admin: &Admin, mut stream: Stream, request: Request, peer: SocketAddr) -> Stream {
     let (status, body) = match request {
         Ok(r) if is_health(&r.method, &r.path) => health_of(admin),
         Ok(r) if !r.allowed => {
@@ -274,7 +305,7 @@ async fn answer(
 /// the client closes, for a second at most: a socket closed with unread
 /// bytes is reset, and a client still sending would see the reset, not
 /// the answer.
-async fn drain(mut stream: TcpStream) {
+async fn drain(mut stream: Stream) {
     let mut sink = [0u8; 8192];
     let drain = async {
         let mut left = MAX_REQUEST + 64 * 1024;
@@ -292,7 +323,7 @@ async fn drain(mut stream: TcpStream) {
 /// dropped, before it is closed.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
-async fn read_request(admin: &Admin, stream: &mut TcpStream) -> Request {
+async fn read_request(admin: &Admin, stream: &mut Stream) -> Request {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     let head_end = loop {
@@ -711,6 +742,10 @@ pub struct AdminApi {
     /// `host:port`, as `admin_listen` (a URL's scheme is let go).
     pub addr: String,
     pub token: Token,
+    /// Over TLS (`admin_tls`): an `https://` address, or a root given.
+    https: bool,
+    /// The root CA (PEM file) the API's certificate is checked against.
+    root: Option<PathBuf>,
 }
 
 /// The operator API's token: given, or read from its file at every call,
@@ -741,13 +776,69 @@ impl Token {
 }
 
 impl AdminApi {
+    /// At `addr`, `host:port` or a URL: `https://` is over TLS, which
+    /// needs [`AdminApi::with_root`].
     pub fn new(addr: impl Into<String>, token: Token) -> AdminApi {
         let addr: String = addr.into();
-        let addr = addr.trim_start_matches("http://").trim_end_matches('/');
+        let https = addr.starts_with("https://");
+        let addr = addr
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .trim_end_matches('/');
         AdminApi {
             addr: addr.to_string(),
             token,
+            https,
+            root: None,
         }
+    }
+
+    /// Over TLS, the API's certificate checked against `root` (PEM), for
+    /// the name or address in `addr`.
+    pub fn with_root(self, root: PathBuf) -> AdminApi {
+        AdminApi {
+            https: true,
+            root: Some(root),
+            ..self
+        }
+    }
+
+    /// Whether requests go over TLS.
+    pub fn is_https(&self) -> bool {
+        self.https
+    }
+
+    /// A TLS connection over `tcp` to the API, its certificate checked.
+    async fn tls(&self, tcp: TcpStream) -> anyhow::Result<Stream> {
+        use rustls::pki_types::pem::PemObject;
+        let root = self.root.as_ref().with_context(|| {
+            format!(
+                "https://{}: no root CA to check the operator API's certificate against (--admin-ca)",
+                self.addr
+            )
+        })?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(root)
+            .with_context(|| format!("reading {}", root.display()))?
+        {
+            roots.add(cert.with_context(|| format!("reading {}", root.display()))?)?;
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        // The host of `host:port`, an IPv6 address without its brackets.
+        let host = self.addr.rsplit_once(':').map_or(&*self.addr, |(h, _)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+            .with_context(|| format!("{host} is neither a host name nor an IP address"))?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .with_context(|| format!("TLS with the operator API at https://{}", self.addr))?;
+        Ok(Box::new(tls))
     }
 
     /// The token given, or read from its file now.
@@ -772,10 +863,16 @@ pub async fn call(
     let unreachable = || {
         format!("the manager's admin API at {addr} (is `fleet-manager serve` running, with this admin_listen?)")
     };
-    let mut stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
         .await
         .with_context(unreachable)?
         .with_context(unreachable)?;
+    let mut stream: Stream = match api.https {
+        true => tokio::time::timeout(Duration::from_secs(10), api.tls(tcp))
+            .await
+            .context("TLS handshake with the operator API")??,
+        false => Box::new(tcp),
+    };
     let head = format!(
         "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()

@@ -1,5 +1,6 @@
 //! The `fleet-manager` command line, as a library so tests drive it too.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -24,6 +25,12 @@ pub struct Cli {
     /// `{certs_dir}/admin.token`]
     #[arg(long, global = true)]
     admin_token_file: Option<PathBuf>,
+    /// The root CA the operator API's certificate is checked against when
+    /// it is served over TLS (`--admin https://...`, or `admin_tls`)
+    /// [default: `{certs_dir}/root-ca.pem` of --config and FLEET_*
+    /// variables]
+    #[arg(long, global = true)]
+    admin_ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -212,20 +219,42 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
     // its token from --admin-token-file, else the configuration's file.
     let config_path = cli.config.clone();
     let token_file = cli.admin_token_file.clone();
+    let admin_ca = cli.admin_ca.clone();
     let admin_of = |given: Option<String>| -> anyhow::Result<AdminApi> {
         // The configuration only for what the command line leaves out
         // (or when it names one).
-        let (addr, token) = match (given, token_file.clone()) {
-            (Some(addr), Some(token)) if config_path.is_none() => (addr, token),
-            (given, token) => {
+        let https = given.as_deref().is_some_and(|a| a.starts_with("https://"));
+        let (addr, token, ca) = match (given, token_file.clone(), admin_ca.clone()) {
+            (Some(addr), Some(token), ca) if config_path.is_none() && (!https || ca.is_some()) => {
+                (addr, token, ca)
+            }
+            (given, token, ca) => {
                 let config = ManagerConfig::load(config_path.as_deref())?;
+                // A listener on every address is reached on loopback,
+                // which the broker certificate names.
+                let mut local = config.admin_listen;
+                if local.ip().is_unspecified() {
+                    local.set_ip(match local {
+                        SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                        SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                    });
+                }
+                let addr = given.unwrap_or_else(|| match config.admin_tls {
+                    true => format!("https://{local}"),
+                    false => local.to_string(),
+                });
                 (
-                    given.unwrap_or_else(|| config.admin_listen.to_string()),
+                    addr,
                     token.unwrap_or_else(|| config.admin_token_path()),
+                    Some(ca.unwrap_or_else(|| config.certs_dir.join("root-ca.pem"))),
                 )
             }
         };
-        Ok(AdminApi::new(addr, Token::File(token)))
+        let api = AdminApi::new(addr, Token::File(token));
+        Ok(match (api.is_https(), ca) {
+            (true, Some(ca)) => api.with_root(ca),
+            _ => api,
+        })
     };
     match cli.command {
         Command::Serve { embedded_broker } => {

@@ -36,6 +36,11 @@ pub struct ManagerConfig {
     pub server_names: Option<Vec<String>>,
     /// Operator HTTP API; loopback only unless changed on purpose.
     pub admin_listen: SocketAddr,
+    /// Serve the operator API over TLS, with the broker's certificate
+    /// (`certs/broker.pem`, which names `server_names`): clients check it
+    /// against `certs/root-ca.pem` and reach it as `https://`. Off by
+    /// default; with it, `GET /v1/health` is HTTPS too.
+    pub admin_tls: bool,
     /// The operator API's bearer token: every route but `GET /v1/health`
     /// asks for it. Created (64 hex digits, mode 0600) by `serve` and
     /// `pki-init` when missing; the operator commands read it from here.
@@ -103,6 +108,7 @@ impl Default for ManagerConfig {
             certs_dir: PathBuf::from("certs"),
             server_names: None,
             admin_listen: "127.0.0.1:8080".parse().expect("valid address"),
+            admin_tls: false,
             admin_token_file: None,
             cert_lifetime_days: 30,
             open_enrollment: false,

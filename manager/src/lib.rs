@@ -33,6 +33,9 @@ pub use handlers::Core;
 /// A started manager.
 pub struct RunningManager {
     pub admin_addr: SocketAddr,
+    /// The root the operator API's certificate chains to, when it is
+    /// served over TLS (`admin_tls`).
+    admin_tls_root: Option<std::path::PathBuf>,
     pub core: Arc<Core>,
     admin: Arc<admin::Admin>,
     tracker: TaskTracker,
@@ -59,10 +62,14 @@ impl RunningManager {
 
     /// The operator API, with its token.
     pub fn api(&self) -> admin::AdminApi {
-        admin::AdminApi::new(
+        let api = admin::AdminApi::new(
             self.admin_addr.to_string(),
             admin::Token::Given(self.admin.token.clone()),
-        )
+        );
+        match &self.admin_tls_root {
+            Some(root) => api.with_root(root.clone()),
+            None => api,
+        }
     }
 
     /// Waits until shutdown is requested, then stops.
@@ -139,7 +146,16 @@ pub async fn start(
         subscribed_rx.clone(),
         admin_token,
     ));
-    tracker.spawn(admin::serve(admin.clone(), listener, shutdown.clone()));
+    let tls = match config.admin_tls {
+        true => {
+            let tls = fleet_broker::frontdoor::trust::ServerTls::load(&config.certs_dir)
+                .context("the operator API's TLS (admin_tls)")?;
+            tracker.spawn(tls.clone().watch(shutdown.clone()));
+            Some(tls)
+        }
+        false => None,
+    };
+    tracker.spawn(admin::serve(admin.clone(), listener, tls, shutdown.clone()));
     tracker.spawn(housekeeping(core.clone(), shutdown.clone()));
     let paced = admin.clone();
     tracker.spawn(fleet_broker::log_pace::every_second(
@@ -153,6 +169,9 @@ pub async fn start(
     tracing::info!(%admin_addr, broker = %config.broker_url, "manager ready");
     Ok(RunningManager {
         admin_addr,
+        admin_tls_root: config
+            .admin_tls
+            .then(|| config.certs_dir.join("root-ca.pem")),
         core,
         admin,
         tracker,

@@ -631,3 +631,87 @@ async fn the_operator_api_serves_only_the_holder_of_its_token() {
         assert_eq!(raw_status(&admin, "GET", path, None).await, 200, "{path}");
     }
 }
+
+/// With `admin_tls` the operator API speaks only TLS, with the broker's
+/// certificate: the commands reach it as `https://` and check it against
+/// the fleet root; a client that trusts another root, or speaks plain
+/// HTTP, gets nothing from it.
+#[tokio::test]
+async fn the_operator_api_over_tls_is_checked_and_speaks_nothing_else() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fleet = Fleet::start_with(|c| c.admin_tls = true).await.unwrap();
+    let api = fleet.api();
+    assert!(api.is_https());
+    let summary = fleet_manager::admin::call(&api, "GET", "/v1/summary", None)
+        .await
+        .unwrap();
+    assert!(summary["devices_per_service"].is_object(), "{summary}");
+
+    // The commands, given the address as https:// and the root.
+    let https = format!("https://{}", fleet.admin());
+    let (token, root) = (
+        fleet.admin_token_file(),
+        fleet.certs_dir().join("root-ca.pem"),
+    );
+    let root_arg = root.to_str().unwrap();
+    let shown = cli(&[
+        "summary",
+        "--admin",
+        &https,
+        "--admin-token-file",
+        &token,
+        "--admin-ca",
+        root_arg,
+    ])
+    .await;
+    assert!(shown[0]["devices_per_service"].is_object(), "{shown:?}");
+    // By name too: the certificate names localhost.
+    let by_name = AdminApi::new(
+        format!("https://localhost:{}", fleet.manager().admin_addr.port()),
+        Token::File(token.clone().into()),
+    )
+    .with_root(root.clone());
+    fleet_manager::admin::call(&by_name, "GET", "/v1/health", None)
+        .await
+        .unwrap();
+
+    // A client that trusts another PKI's root refuses the API's
+    // certificate before it sends its request (and its token).
+    let other = tempfile::tempdir().unwrap();
+    let other_pki = fleet_pki::Pki::open_or_create(other.path()).unwrap();
+    let stranger = AdminApi::new(https.clone(), Token::File(token.clone().into()))
+        .with_root(other_pki.root_pem_path());
+    let err = fleet_manager::admin::call(&stranger, "GET", "/v1/summary", None)
+        .await
+        .unwrap_err();
+    // (Both roots are named alike: the signature is what fails.)
+    assert!(
+        format!("{err:#}").contains("invalid peer certificate"),
+        "{err:#}"
+    );
+    // An https:// address without a root to check it against is an error,
+    // not a connection left unchecked.
+    let unchecked = AdminApi::new(https.clone(), Token::File(token.into()));
+    let err = fleet_manager::admin::call(&unchecked, "GET", "/v1/health", None)
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("no root CA"), "{err:#}");
+
+    // Plain HTTP gets no HTTP answer.
+    let mut plain = tokio::net::TcpStream::connect(fleet.manager().admin_addr)
+        .await
+        .unwrap();
+    plain
+        .write_all(b"GET /v1/health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(T, plain.read_to_end(&mut answer))
+        .await
+        .unwrap();
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+}
