@@ -261,7 +261,11 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             let mut config = ManagerConfig::load(cli.config.as_deref())?;
             let mut broker = None;
             if embedded_broker {
-                fleet_pki::Pki::open_or_create(&config.certs_dir)?;
+                // The broker starts on the certificate for `server_names`.
+                let pki = fleet_pki::Pki::open_or_create(&config.certs_dir)?;
+                if let Some(names) = config.broker_names()? {
+                    pki.ensure_broker_cert(Some(&names))?;
+                }
                 let broker_config = fleet_broker::BrokerConfig {
                     certs_dir: config.certs_dir.clone(),
                     ..config.broker.clone()
@@ -748,12 +752,6 @@ pub async fn watch_mosquitto_config(
                                     urgent,
                                     "mosquitto configuration written"
                                 );
-                                let new_cert = written
-                                    .as_ref()
-                                    .is_some_and(|(f, _)| f.server_cert != files.server_cert);
-                                if new_cert && reload.is_some() {
-                                    reload_bootstrap(&params.out_dir);
-                                }
                                 written = Some((files, pairs));
                                 applied_at = Some(std::time::Instant::now());
                                 add_cuts(&mut to_cut, lost);
@@ -975,36 +973,72 @@ fn apply_mosquitto_config(
     if let Err(err) = fleet_broker::mosquitto::note_loaded(&params.out_dir, &files.crlfile) {
         tracing::warn!(error = %err, "could not record the CRLs mosquitto was reloaded with");
     }
+    reload_bootstrap_if_stale(params);
     Ok(Some(pid))
 }
 
-/// Has the bootstrap mosquitto of `out_dir` reload (SIGHUP), so that it
-/// takes up a new broker certificate as the main one does.
-fn reload_bootstrap(out_dir: &std::path::Path) {
+/// Where, in the output directory, the broker certificate the bootstrap
+/// mosquitto has is recorded: the one it was last signalled to reload
+/// with, or found as it started.
+const BOOTSTRAP_CERT_FILE: &str = "bootstrap-cert.pem";
+
+/// Has the bootstrap mosquitto of `params.out_dir` reload (SIGHUP) if the
+/// broker certificate changed since it last read it (at its last reload
+/// from here, or at its start), as the main one is at every reload: it
+/// serves the same certificate.
+fn reload_bootstrap_if_stale(params: &fleet_broker::mosquitto::MosquittoParams) {
     use fleet_broker::mosquitto::{bootstrap_pid, takes_sighup};
-    match bootstrap_pid(out_dir) {
-        Some(pid) if takes_sighup(pid) => {
-            let signalled = std::process::Command::new("kill")
-                .arg("-HUP")
-                .arg(pid.to_string())
-                .status()
-                .is_ok_and(|s| s.success());
-            if signalled {
-                tracing::info!(
-                    pid,
-                    "broker certificate changed: bootstrap mosquitto reloaded"
-                );
-            } else {
-                tracing::warn!(pid, "could not signal the bootstrap mosquitto: it keeps the broker certificate it has");
-            }
+    let Ok(cert) = std::fs::read_to_string(params.certs_dir.join("broker.pem")) else {
+        return;
+    };
+    let record = params.out_dir.join(BOOTSTRAP_CERT_FILE);
+    if std::fs::read_to_string(&record).is_ok_and(|had| had == cert) {
+        return;
+    }
+    let noted = |what: &str| {
+        if let Err(err) = std::fs::write(&record, &cert) {
+            tracing::warn!(error = %err, file = %record.display(), "could not record {what}");
         }
-        Some(pid) => tracing::warn!(
+    };
+    let conf = params.out_dir.join("bootstrap.conf");
+    let Some(pid) = bootstrap_pid(&params.out_dir) else {
+        tracing::warn!(
+            conf = %conf.display(),
+            "the broker certificate changed and no mosquitto runs with this bootstrap configuration: \
+             a bootstrap mosquitto running with another one keeps its certificate until restarted"
+        );
+        noted("the broker certificate");
+        return;
+    };
+    let written_ms = std::fs::metadata(params.certs_dir.join("broker.pem"))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64);
+    let read_at_start = matches!(
+        (written_ms, process_started_ms(pid)),
+        (Some(written), Some(started)) if started >= written
+    );
+    if read_at_start {
+        noted("the broker certificate");
+    } else if !takes_sighup(pid) {
+        tracing::info!(pid, "bootstrap mosquitto still starting: not reloaded yet");
+    } else if std::process::Command::new("kill")
+        .arg("-HUP")
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        tracing::info!(
             pid,
-            "bootstrap mosquitto still starting: it reads the new broker certificate as it starts"
-        ),
-        None => tracing::info!(
-            "broker certificate changed; no bootstrap mosquitto of this configuration runs"
-        ),
+            "broker certificate changed: bootstrap mosquitto reloaded"
+        );
+        noted("the broker certificate");
+    } else {
+        tracing::warn!(
+            pid,
+            "could not signal the bootstrap mosquitto: it keeps its broker certificate"
+        );
     }
 }
 

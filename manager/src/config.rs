@@ -31,7 +31,8 @@ pub struct ManagerConfig {
     /// names exactly these, with `localhost`, `127.0.0.1` and `::1`, and
     /// is issued again at start when they change. A list in TOML; in the
     /// environment, `FLEET_SERVER_NAMES=broker.example.com,10.0.0.7`.
-    /// [default: unset, the certificate keeps the names it has]
+    /// `[]` leaves the local names only; an empty variable counts as
+    /// unset. [default: unset, the certificate keeps the names it has]
     #[serde(deserialize_with = "names_list")]
     pub server_names: Option<Vec<String>>,
     /// Operator HTTP API; loopback only unless changed on purpose.
@@ -217,15 +218,20 @@ fn names_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<Strin
         List(Vec<String>),
         Commas(String),
     }
-    Ok(Option::<Names>::deserialize(d)?.map(|names| match names {
-        Names::List(list) => list,
-        Names::Commas(text) => text
-            .split(',')
-            .map(str::trim)
-            .filter(|n| !n.is_empty())
-            .map(str::to_owned)
-            .collect(),
-    }))
+    Ok(
+        Option::<Names>::deserialize(d)?.and_then(|names| match names {
+            Names::List(list) => Some(list),
+            // Empty, as `FLEET_SERVER_NAMES=` leaves it: unset.
+            Names::Commas(text) if text.trim().is_empty() => None,
+            Names::Commas(text) => Some(
+                text.split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            ),
+        }),
+    )
 }
 
 #[cfg(test)]
@@ -268,6 +274,8 @@ mod tests {
             both
         );
         assert_eq!(names("server_names = []\n").unwrap(), Some(vec![]));
+        // What an empty `FLEET_SERVER_NAMES=` gives: unset.
+        assert_eq!(names("server_names = \" \"\n").unwrap(), None);
         let err = names("server_names = [\"broker example\"]\n").unwrap_err();
         assert!(err.to_string().contains("server_names"), "{err}");
     }

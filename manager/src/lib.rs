@@ -203,8 +203,10 @@ async fn housekeeping(core: Arc<Core>, shutdown: CancellationToken) {
             }
             core.write_pending_crls();
             core.refresh_crls();
-            // Renewed at half its validity, with the names it has.
-            if let Err(err) = core.pki.ensure_broker_cert(None) {
+            // Renewed at half its validity; with `server_names`, put back
+            // to those names if the files changed under the manager.
+            let names = core.config.broker_names().ok().flatten();
+            if let Err(err) = core.pki.ensure_broker_cert(names.as_ref()) {
                 tracing::warn!(error = %err, "broker certificate not renewed");
             }
         };

@@ -502,28 +502,38 @@ impl Pki {
             let key = files::load_private_key(&key_path)?;
             have = Some((cert, key));
         }
+        // A certificate whose key is gone keeps its names, if it reads.
+        let orphan_names = match have {
+            None => files::load_cert(&cert_path)
+                .ok()
+                .map(|c| ServerNames::of(&c)),
+            Some(_) => None,
+        };
         // Why, and whether the files on disk were wrong (not merely due).
         let (key, names, (why, wrong)) = match have {
             Some((cert, key)) if cert.public_key()?.public_eq(&key) => {
                 let carried = ServerNames::of(&cert);
                 let wanted = names.cloned().unwrap_or_else(|| carried.clone());
                 let (from, until) = (unix_of(cert.not_before())?, unix_of(cert.not_after())?);
-                let why = if !cert.verify(&self.root_key)? {
-                    ("not signed by this root", true)
-                } else if wanted != carried {
-                    ("its names change", false)
-                } else if until <= now || (until - now) * 2 < until.saturating_sub(from) {
-                    ("past half its validity", false)
+                if !cert.verify(&self.root_key)? {
+                    // Another PKI's: its key is not kept either.
+                    (None, Some(wanted), ("not signed by this root", true))
                 } else {
-                    return Ok(false);
-                };
-                (Some(key), Some(wanted), why)
+                    let why = if wanted != carried {
+                        ("its names change", false)
+                    } else if until <= now || (until - now) * 2 < until.saturating_sub(from) {
+                        ("past half its validity", false)
+                    } else {
+                        return Ok(false);
+                    };
+                    (Some(key), Some(wanted), why)
+                }
             }
             Some((cert, _)) => {
                 let names = names.cloned().unwrap_or_else(|| ServerNames::of(&cert));
                 (None, Some(names), ("does not match its key", true))
             }
-            None => (None, names.cloned(), ("missing", false)),
+            None => (None, names.cloned().or(orphan_names), ("missing", false)),
         };
         let names = match names {
             Some(names) => names,
@@ -958,6 +968,44 @@ mod tests {
         assert_eq!(ServerNames::of(&renewed), fewer);
         assert!(unix_of(renewed.not_after()).unwrap() > until);
         assert_eq!(std::fs::read(pki.broker_key_path()).unwrap(), key_pem);
+
+        // Signed by another root (a PKI made again): a new pair.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = Pki::open_or_create(other_dir.path()).unwrap();
+        let key = files::load_private_key(&pki.broker_key_path()).unwrap();
+        let foreign = certs::build(
+            &Template {
+                subject: &certs::name(None, BROKER_CN).unwrap(),
+                public_key: &key,
+                serial: &certs::random_serial().unwrap(),
+                not_before: unix_now() - 60,
+                not_after: unix_now() + 365 * DAY,
+                profile: Profile::Server {
+                    dns: &["localhost"],
+                    ips: &[],
+                },
+            },
+            Some(&Issuer {
+                cert: &other.root,
+                key: &other.root_key,
+            }),
+            None,
+        )
+        .unwrap();
+        std::fs::write(pki.broker_cert_path(), foreign.to_pem().unwrap()).unwrap();
+        assert!(pki.ensure_broker_cert(None).unwrap());
+        assert!(verifies_as(&pki, "localhost"));
+        assert_ne!(std::fs::read(pki.broker_key_path()).unwrap(), key_pem);
+
+        // A key deleted (to have a new one made): a new pair, the same names.
+        assert!(pki.ensure_broker_cert(Some(&fewer)).unwrap());
+        std::fs::remove_file(pki.broker_key_path()).unwrap();
+        assert!(pki.ensure_broker_cert(None).unwrap());
+        assert_eq!(
+            ServerNames::of(&files::load_cert(&pki.broker_cert_path()).unwrap()),
+            fewer
+        );
+        let key_pem = std::fs::read(pki.broker_key_path()).unwrap();
 
         // A key that does not match gets a new pair, with the names asked.
         std::fs::write(

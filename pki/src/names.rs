@@ -45,6 +45,13 @@ impl ServerNames {
                 .and_then(|n| n.strip_suffix(']'))
                 .unwrap_or(name);
             if let Ok(ip) = bare.parse::<IpAddr>() {
+                // `::ffff:10.0.0.7` is how a client reaching 10.0.0.7 has it.
+                let ip = ip.to_canonical();
+                // A listener's "every address", or a group: no client
+                // reaches a broker by either.
+                if ip.is_unspecified() || ip.is_multicast() {
+                    return Err(PkiError::BadServerName(name.to_string()));
+                }
                 out.ips.insert(ip);
             } else if is_dns_name(name) {
                 out.dns.insert(name.to_ascii_lowercase());
@@ -94,9 +101,16 @@ impl fmt::Display for ServerNames {
     }
 }
 
-/// A host name as RFC 1123 has it, with an optional `*.` in front.
+/// A host name as RFC 1123 has it, with an optional `*.` in front of at
+/// least two labels (`*.example.com`, not `*.com`).
 fn is_dns_name(name: &str) -> bool {
-    let host = name.strip_prefix("*.").unwrap_or(name);
+    let (host, wildcard) = match name.strip_prefix("*.") {
+        Some(host) => (host, true),
+        None => (name, false),
+    };
+    if wildcard && !host.contains('.') {
+        return false;
+    }
     let label = |l: &str| {
         (1..=63).contains(&l.len())
             && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
@@ -117,7 +131,7 @@ mod tests {
     fn names_are_read_as_addresses_or_host_names_and_nothing_else() {
         let names = ServerNames::with_local(&[
             "Fleet.Example.COM",
-            "10.0.0.7",
+            "::ffff:10.0.0.7",
             "[fd00::7]",
             "*.brokers.example.com",
             "localhost",
@@ -138,6 +152,12 @@ mod tests {
             "broker.example/path",
             "mqtts://broker.example",
             &"a".repeat(64),
+            "0.0.0.0",
+            "::",
+            "[::]",
+            "224.0.0.1",
+            "ff02::1",
+            "*.lan",
         ] {
             assert!(
                 matches!(ServerNames::with_local(&[bad]), Err(PkiError::BadServerName(n)) if n == bad.trim()),

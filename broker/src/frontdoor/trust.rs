@@ -135,23 +135,30 @@ pub fn identity_of(peer: Option<&[CertificateDer<'_>]>) -> Result<CertIdentity, 
     })
 }
 
-/// What is on disk: file name → modification time, to notice changes.
-type Fingerprint = BTreeMap<PathBuf, Option<SystemTime>>;
+/// What is on disk: file name → modification time, inode and length, to
+/// notice changes. The PKI replaces a file by renaming a new one over it,
+/// so a file written twice within the file system's clock tick still
+/// shows a new inode.
+type Fingerprint = BTreeMap<PathBuf, Option<(SystemTime, u64, u64)>>;
+
+fn stamp(meta: std::io::Result<std::fs::Metadata>) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = meta.ok()?;
+    Some((meta.modified().ok()?, meta.ino(), meta.len()))
+}
 
 fn fingerprint(dir: &Path) -> Fingerprint {
     let mut out = BTreeMap::new();
     for file in ["root-ca.pem", "broker.pem", "broker.key"] {
         let p = dir.join(file);
-        let mtime = std::fs::metadata(&p).and_then(|m| m.modified()).ok();
-        out.insert(p, mtime);
+        out.insert(p.clone(), stamp(std::fs::metadata(&p)));
     }
     for sub in ["services", "crl"] {
         if let Ok(entries) = std::fs::read_dir(dir.join(sub)) {
             for e in entries.flatten() {
                 let p = e.path();
                 if p.extension().is_some_and(|x| x == "pem") {
-                    let mtime = e.metadata().and_then(|m| m.modified()).ok();
-                    out.insert(p, mtime);
+                    out.insert(p, stamp(e.metadata()));
                 }
             }
         }
@@ -927,14 +934,14 @@ impl ServerTls {
     }
 }
 
-/// The broker certificate's and key's modification times.
+/// The broker certificate's and key's [`Fingerprint`].
 fn identity_fingerprint(dir: &Path) -> Fingerprint {
     ["broker.pem", "broker.key"]
         .into_iter()
         .map(|file| {
             let p = dir.join(file);
-            let mtime = std::fs::metadata(&p).and_then(|m| m.modified()).ok();
-            (p, mtime)
+            let stamp = stamp(std::fs::metadata(&p));
+            (p, stamp)
         })
         .collect()
 }

@@ -711,8 +711,11 @@ async fn generated_mosquitto_rules_hold() {
         .unwrap();
 
     // The broker certificate issued again for a name devices reach the
-    // broker by (`server_names`): the watcher has both mosquittos reload,
-    // and they serve it.
+    // broker by (`server_names`): both mosquittos serve it once a watcher
+    // has reloaded them, though it changed while no watcher ran, and once
+    // a one-shot run has (`mosquitto-config --reload`).
+    watching.cancel();
+    watcher.await.unwrap().unwrap();
     let served = |addr, name: &'static str| {
         let root = root_pem.clone();
         async move {
@@ -725,22 +728,36 @@ async fn generated_mosquitto_rules_hold() {
         ("service", params.service),
         ("bootstrap", params.bootstrap_tls),
     ];
-    for (_, addr) in listeners {
-        assert!(!served(addr, "fleet.test").await);
-    }
-    let names = fleet_pki::ServerNames::with_local(&["fleet.test"]).unwrap();
     let pki = fleet_pki::Pki::open_or_create(&certs).unwrap();
-    assert!(pki.ensure_broker_cert(Some(&names)).unwrap());
-    for (mosquitto, addr) in listeners {
-        let what = format!("the {mosquitto} mosquitto to serve the new certificate");
-        eventually(T, &what, || async move {
-            served(addr, "fleet.test").await.then_some(())
-        })
-        .await
-        .unwrap();
+    for (name, by) in [
+        ("fleet.test", "a watcher"),
+        ("other.test", "a one-shot run"),
+    ] {
+        for (_, addr) in listeners {
+            assert!(!served(addr, name).await);
+        }
+        let names = fleet_pki::ServerNames::with_local(&[name]).unwrap();
+        assert!(pki.ensure_broker_cert(Some(&names)).unwrap());
+        let watched = match by {
+            "a watcher" => Some(watch()),
+            _ => {
+                regenerate().await.unwrap();
+                None
+            }
+        };
+        for (mosquitto, addr) in listeners {
+            let what = format!("the {mosquitto} mosquitto to serve {name}, reloaded by {by}");
+            eventually(T, &what, || async move {
+                served(addr, name).await.then_some(())
+            })
+            .await
+            .unwrap();
+        }
+        if let Some((watching, watcher)) = watched {
+            watching.cancel();
+            watcher.await.unwrap().unwrap();
+        }
     }
-    watching.cancel();
-    watcher.await.unwrap().unwrap();
 
     devices.shutdown.cancel();
     manager.stop().await;
