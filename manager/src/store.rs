@@ -340,13 +340,14 @@ impl Store {
 
     /// A number greater than every one handed out before, across restarts.
     pub fn next_id(&self) -> Result<u64, StoreError> {
-        Ok(self.db.generate_id()? + 1)
+        self.noted(self.db.generate_id().map(|id| id + 1).map_err(Into::into))
     }
 
     pub fn put_registration(&self, reg: &Registration) -> Result<(), StoreError> {
-        self.registrations
-            .insert(reg.device_id.as_bytes(), encode(reg))?;
-        Ok(())
+        let put = self
+            .registrations
+            .insert(reg.device_id.as_bytes(), encode(reg));
+        self.noted(put.map(drop).map_err(Into::into))
     }
 
     /// Whether the registry has `device_id` (a store error counts as no).
@@ -366,14 +367,14 @@ impl Store {
     }
 
     pub fn put_device(&self, device: &DeviceRecord) -> Result<(), StoreError> {
-        self.devices
-            .insert(device.device_id.as_bytes(), encode(device))?;
-        Ok(())
+        let put = self
+            .devices
+            .insert(device.device_id.as_bytes(), encode(device));
+        self.noted(put.map(drop).map_err(Into::into))
     }
 
     pub fn remove_device(&self, device_id: &str) -> Result<(), StoreError> {
-        self.devices.remove(device_id)?;
-        Ok(())
+        self.noted(self.devices.remove(device_id).map(drop).map_err(Into::into))
     }
 
     pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
@@ -419,8 +420,8 @@ impl Store {
     }
 
     pub fn put_period(&self, device_id: &str, n: u64, p: &ServicePeriod) -> Result<(), StoreError> {
-        self.history.insert(period_key(device_id, n), encode(p))?;
-        Ok(())
+        let put = self.history.insert(period_key(device_id, n), encode(p));
+        self.noted(put.map(drop).map_err(Into::into))
     }
 
     pub fn cert(&self, serial: &str) -> Result<Option<CertRecord>, StoreError> {
@@ -446,22 +447,25 @@ impl Store {
     }
 
     pub fn put_nonce(&self, key: &[u8], rec: &NonceRecord) -> Result<(), StoreError> {
-        self.nonces.insert(key, encode(rec))?;
-        Ok(())
+        let put = self.nonces.insert(key, encode(rec));
+        self.noted(put.map(drop).map_err(Into::into))
     }
 
     /// Drops nonce records older than `before_ms`; their requests are stale anyway.
     pub fn prune_nonces(&self, before_ms: u64) -> Result<usize, StoreError> {
-        let mut dropped = 0;
-        for kv in self.nonces.iter() {
-            let (k, v) = kv?;
-            let rec: NonceRecord = decode(&v)?;
-            if rec.ts_ms < before_ms {
-                self.nonces.remove(k)?;
-                dropped += 1;
+        let prune = || {
+            let mut dropped = 0;
+            for kv in self.nonces.iter() {
+                let (k, v) = kv?;
+                let rec: NonceRecord = decode(&v)?;
+                if rec.ts_ms < before_ms {
+                    self.nonces.remove(k)?;
+                    dropped += 1;
+                }
             }
-        }
-        Ok(dropped)
+            Ok(dropped)
+        };
+        self.noted(prune())
     }
 
     pub fn audit(
@@ -478,8 +482,8 @@ impl Store {
             device_id: device_id.map(str::to_owned),
             detail,
         };
-        self.audit.insert(id.to_be_bytes(), encode(&rec))?;
-        Ok(())
+        let put = self.audit.insert(id.to_be_bytes(), encode(&rec));
+        self.noted(put.map(drop).map_err(Into::into))
     }
 
     pub fn audit_log(&self) -> Result<Vec<AuditRecord>, StoreError> {
@@ -572,14 +576,14 @@ fn put_certs(
 impl Store {
     /// Stores a certificate record; a revoked one also enters its CA's revocation list.
     pub fn put_cert(&self, c: &CertRecord) -> Result<(), StoreError> {
-        (&self.certs, &self.revoked).transaction(|(certs, revoked)| {
+        let put = (&self.certs, &self.revoked).transaction(|(certs, revoked)| {
             certs.insert(c.serial.as_bytes(), encode(c))?;
             if let Some(at) = c.revoked_ms {
                 revoked.insert(revoked_key(&c.service_id, &c.serial), &at.to_be_bytes())?;
             }
             Ok::<_, ConflictableTransactionError<String>>(())
-        })?;
-        Ok(())
+        });
+        self.noted(put.map_err(Into::into))
     }
 
     /// Revoked serials of one service CA with their revocation times (ms).
