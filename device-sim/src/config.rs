@@ -104,4 +104,49 @@ pub struct DeviceConfig {
     pub telemetry_interval: Duration,
     /// Wait for a reply before re-publishing the identical request (3 times at most).
     pub request_timeout: Duration,
+    /// When it renews its certificate while connected: at a random point
+    /// between these two fractions of the certificate's validity (from
+    /// notBefore to notAfter), so that a fleet certified at once does not
+    /// renew at once ([`RENEW_WINDOW`] by default).
+    pub renew_window: (f64, f64),
+}
+
+/// Renewal between two thirds and three quarters of a certificate's
+/// validity: a 30-day certificate is renewed with 7.5 to 10 days left.
+pub const RENEW_WINDOW: (f64, f64) = (2.0 / 3.0, 0.75);
+
+/// Reads `FROM,TO` (fractions of a certificate's validity, FROM <= TO,
+/// both in 0..=1).
+pub fn parse_renew_window(s: &str) -> Result<(f64, f64), String> {
+    let bad = || format!("expected FROM,TO with 0 <= FROM <= TO <= 1, got {s:?}");
+    let (from, to) = s.split_once(',').ok_or_else(bad)?;
+    let (from, to): (f64, f64) = (
+        from.trim().parse().map_err(|_| bad())?,
+        to.trim().parse().map_err(|_| bad())?,
+    );
+    match (0.0..=1.0).contains(&from) && (from..=1.0).contains(&to) {
+        true => Ok((from, to)),
+        false => Err(bad()),
+    }
+}
+
+#[cfg(test)]
+mod renew_tests {
+    use super::*;
+
+    #[test]
+    fn a_renewal_window_is_two_fractions_in_order() {
+        assert_eq!(parse_renew_window("0.5, 0.75"), Ok((0.5, 0.75)));
+        assert_eq!(parse_renew_window("1,1"), Ok((1.0, 1.0)));
+        for bad in [
+            "0.75,0.5",
+            "0.5",
+            "-0.1,0.5",
+            "0.5,1.5",
+            "a,b",
+            "0.5,0.6,0.7",
+        ] {
+            assert!(parse_renew_window(bad).is_err(), "{bad}");
+        }
+    }
 }

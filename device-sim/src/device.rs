@@ -671,6 +671,7 @@ impl Device {
             .and_then(Endpoint::parse)
             .unwrap_or_else(|| self.cfg.service.clone());
         let subscriptions = service_subscriptions(&service_id, &self.id);
+        let mut renew_at = renewal_due(&creds.chain_pem, self.cfg.renew_window);
         let tls = match &self.service_tls {
             Some((chain, config)) if *chain == creds.chain_pem => config.clone(),
             _ => {
@@ -748,12 +749,46 @@ impl Device {
         telemetry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut repoll_at: Option<Instant> = None;
         let mut busy_polls = 0u32;
+        let mut renewals_failed = 0u32;
         loop {
             let next_resend = outstanding.next_deadline();
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     link.disconnect().await;
                     return Ok(Pass::Stopped);
+                }
+                _ = sleep_until_opt(renew_at) => {
+                    // Before it expires (topics.md §10.1): a new
+                    // certificate for the same service, then a connection
+                    // with it; the manager revokes the old one once the
+                    // device reports from the new.
+                    info!(service_id = %service_id, "renewing the certificate");
+                    let renewed = tokio::select! {
+                        _ = shutdown.cancelled() => {
+                            link.disconnect().await;
+                            return Ok(Pass::Stopped);
+                        }
+                        r = self.update(&mut link, Some(&service_id), &service_id) => r,
+                    };
+                    match renewed {
+                        Ok(()) => {
+                            link.disconnect().await;
+                            info!(service_id = %service_id, "certificate renewed; connecting with it");
+                            return Ok(Pass::Reconnect);
+                        }
+                        Err(e) => {
+                            // It keeps the certificate it has, and asks again.
+                            let again = backoff(renewals_failed).max(RENEW_RETRY_MIN);
+                            renewals_failed += 1;
+                            warn!(error = %e, retry_in_s = again.as_secs(), "certificate not renewed");
+                            self.emit(DeviceEvent::Failed {
+                                stage: "renew".into(),
+                                status: e.status(),
+                                error: e.to_string(),
+                            });
+                            renew_at = Some(Instant::now() + again);
+                        }
+                    }
                 }
                 _ = telemetry.tick() => {
                     self.publish_telemetry(&link, &service_id).await.stage("session")?;
@@ -1108,6 +1143,30 @@ enum Incoming {
     Notice(Result<ServiceChange, VerifyError>),
     PollReply(Box<Reply>),
     Nothing,
+}
+
+/// The least wait before a renewal that failed is asked again.
+const RENEW_RETRY_MIN: Duration = Duration::from_secs(60);
+
+/// When to renew the certificate whose chain is `chain_pem` (its leaf
+/// first): at a random point of `window` of its validity, now if that has
+/// passed; never if its validity does not read.
+fn renewal_due(chain_pem: &[u8], window: (f64, f64)) -> Option<Instant> {
+    let leaf = X509::from_pem(chain_pem).ok()?;
+    let epoch = openssl::asn1::Asn1Time::from_unix(0).ok()?;
+    let secs = |t: &openssl::asn1::Asn1TimeRef| {
+        let d = epoch.diff(t).ok()?;
+        Some(f64::from(d.days) * 86_400.0 + f64::from(d.secs))
+    };
+    let (from, to) = (secs(leaf.not_before())?, secs(leaf.not_after())?);
+    let r = crypto::random_bytes(2);
+    let share = f64::from(u16::from_le_bytes([r[0], r[1]])) / f64::from(u16::MAX);
+    let at = from + (to - from) * (window.0 + (window.1 - window.0) * share);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs_f64();
+    Some(Instant::now() + Duration::from_secs_f64((at - now).max(0.0)))
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

@@ -40,7 +40,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use config::{
-    DeviceConfig, Endpoint, KeyMode, DEFAULT_REQUEST_TIMEOUT, DEFAULT_TELEMETRY_INTERVAL,
+    parse_renew_window, DeviceConfig, Endpoint, KeyMode, DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_TELEMETRY_INTERVAL, RENEW_WINDOW,
 };
 pub use device::{backoff, is_retriable, DeviceError, Failure, MAX_BUSY_RETRIES, MAX_REPUBLISH};
 pub use fleet::{fleet_device_id, provision_fleet, run_fleet, FleetConfig, FleetReport};

@@ -62,6 +62,10 @@ enum Command {
         telemetry_interval_ms: u64,
         #[arg(long, default_value_t = 10_000)]
         request_timeout_ms: u64,
+        /// Renew the certificate at a random point between these fractions
+        /// of its validity, FROM,TO [default: 0.667,0.75]
+        #[arg(long, value_parser = fleet_device_sim::parse_renew_window)]
+        renew_window: Option<(f64, f64)>,
     },
 }
 
@@ -99,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
             rate,
             telemetry_interval_ms,
             request_timeout_ms,
+            renew_window,
         } => {
             let root_ca_pem = certs.join("root-ca.pem");
             let manager_pub_pem = certs.join("manager-sign.pub.pem");
@@ -121,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
                     key_mode,
                     telemetry_interval: Duration::from_millis(telemetry_interval_ms),
                     request_timeout: Duration::from_millis(request_timeout_ms),
+                    renew_window: renew_window.unwrap_or(fleet_device_sim::RENEW_WINDOW),
                 },
             };
             let shutdown = CancellationToken::new();

@@ -369,6 +369,7 @@ async fn full_flow(key_mode: KeyMode) {
         key_mode,
         telemetry_interval: Duration::from_millis(200),
         request_timeout: Duration::from_secs(1),
+        renew_window: fleet_device_sim::RENEW_WINDOW,
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
     let shutdown = CancellationToken::new();
@@ -565,6 +566,7 @@ async fn unprovisioned_device_fails_at_load() {
         key_mode: KeyMode::Csr,
         telemetry_interval: Duration::from_secs(1),
         request_timeout: Duration::from_secs(1),
+        renew_window: fleet_device_sim::RENEW_WINDOW,
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
     let res = run_device(cfg, tx, CancellationToken::new()).await;

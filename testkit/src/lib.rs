@@ -920,6 +920,7 @@ impl Devices {
             key_mode,
             telemetry_interval: Duration::from_millis(200),
             request_timeout: Duration::from_secs(5),
+            renew_window: fleet_device_sim::RENEW_WINDOW,
         }
     }
 

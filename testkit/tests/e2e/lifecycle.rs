@@ -492,3 +492,85 @@ async fn a_status_report_answered_busy_is_sent_again() {
     devices.shutdown.cancel();
     let _ = tokio::time::timeout(T, task).await;
 }
+
+/// A device renews its certificate before it expires, while connected: a
+/// new certificate for the same service (`update` in its tenant), a new
+/// connection with it, and the old one revoked as superseded once the
+/// device reports from the new one; its service period stays open and its
+/// telemetry goes on. Here the renewal window is moved to 3.5 s after the
+/// first certificate was issued (its notBefore is 5 minutes before that,
+/// its lifetime a day).
+#[tokio::test]
+async fn a_device_renews_its_certificate_before_it_expires() {
+    let fleet = Fleet::start_with(|c| c.cert_lifetime_days = 1)
+        .await
+        .unwrap();
+    let devices = Devices::new(fleet.dir.path().join("devices"));
+    let observer = fleet.privileged("observer").await.unwrap();
+    observer
+        .subscribe(&telemetry("svcA", "renew1"))
+        .await
+        .unwrap();
+    devices.provision(&fleet, "renew1", "svcA").await.unwrap();
+    let mut config = devices.config(&fleet, "renew1", KeyMode::Csr);
+    let at = (300.0 + 3.5) / (86_400.0 + 300.0);
+    config.renew_window = (at, at);
+    devices.spawn(config);
+    let installed = |devices: &Devices| -> Vec<String> {
+        devices
+            .events_of("renew1")
+            .iter()
+            .filter_map(|e| match e {
+                DeviceEvent::CertificateInstalled {
+                    service_id,
+                    serial_hex,
+                } => {
+                    assert_eq!(service_id, "svcA");
+                    // As the manager writes serials.
+                    Some(serial_hex.to_ascii_lowercase())
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    devices
+        .wait_event("renew1", T, "a second certificate", |_| {
+            installed(&devices).len() >= 2
+        })
+        .await
+        .unwrap();
+    let serials = installed(&devices);
+    let (first, second) = (serials[0].clone(), serials[1].clone());
+    assert_ne!(first, second);
+    // Superseded by it, and revoked (in svcA's CRL) once the device
+    // reported from it. (The test's window renews every 3.5 s from here.)
+    let first_cert = fleet.core().store.cert(&first).unwrap().unwrap();
+    assert_eq!(first_cert.status, CertStatus::Superseded);
+    assert_eq!(first_cert.superseded_by.as_deref(), Some(second.as_str()));
+    fleet_testkit::eventually(T, "the first certificate revoked", || {
+        let revoked = fleet.core().store.revoked_of("svcA").unwrap();
+        let done = revoked.iter().any(|(serial, _)| *serial == first);
+        async move { done.then_some(()) }
+    })
+    .await
+    .unwrap();
+    let record = fleet.core().store.device("renew1").unwrap().unwrap();
+    let now = installed(&devices);
+    assert_eq!(record.current_cert.as_ref(), now.last());
+    assert_eq!(record.service_id, "svcA");
+    assert_eq!(fleet.core().store.history("renew1").unwrap().len(), 1);
+    let seen = observer.on(&telemetry("svcA", "renew1")).len();
+    observer
+        .wait_for(&telemetry("svcA", "renew1"), seen + 2, T)
+        .await
+        .unwrap();
+    assert!(
+        devices
+            .events_of("renew1")
+            .iter()
+            .all(|e| !matches!(e, DeviceEvent::Failed { .. })),
+        "{:?}",
+        devices.events_of("renew1")
+    );
+    devices.shutdown.cancel();
+}
