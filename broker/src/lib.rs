@@ -201,7 +201,11 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
     if let Some(addr) = config.bootstrap_tls_listen {
         let l = bind(addr)?;
         bootstrap_tls_addr = Some(l.local_addr().map_err(|e| BrokerError::NoPort(addr, e))?);
-        let tls = frontdoor::trust::ServerTls::load(&config.certs_dir)?;
+        let tls = frontdoor::trust::ServerTls::load(
+            &config.certs_dir,
+            frontdoor::trust::BROKER_FILES,
+            "bootstrap",
+        )?;
         server_tls = Some(tls.clone());
         plan.push((l, frontdoor::Transport::ServerTls(tls)));
     }

@@ -563,21 +563,27 @@ pub fn note_loaded(out_dir: &Path, crlfile: &str) -> std::io::Result<()> {
 
 /// The CRLs the main mosquitto of `out_dir` loaded, as far as the files
 /// tell: `crl.pem` if the process started (`started_ms`, Unix ms) after
-/// the file was last written, since mosquitto reads it as it starts; else
+/// the file was last written ([`changed_ms`]), since mosquitto reads it as it starts; else
 /// those its last reload was signalled with ([`note_loaded`]). `crl.pem`
 /// alone proves nothing: it is written before the signal, which may not
 /// follow (a watcher stopped in between, a mosquitto not running).
 pub fn loaded_crls(out_dir: &Path, started_ms: Option<u64>) -> Option<String> {
     let crl = out_dir.join("crl.pem");
-    let written_ms = std::fs::metadata(&crl)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as u64);
+    let written_ms = changed_ms(&crl);
     match (written_ms, started_ms) {
         (Some(written), Some(started)) if written <= started => std::fs::read_to_string(crl).ok(),
         _ => std::fs::read_to_string(out_dir.join(LOADED_CRL_FILE)).ok(),
     }
+}
+
+/// When `path` last changed (its inode's ctime), Unix ms: unlike its
+/// modification time, no copy that keeps times (`cp -p`, `rsync -a`,
+/// `tar x`) sets it back.
+pub fn changed_ms(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    let secs = u64::try_from(meta.ctime()).ok()?;
+    Some(secs * 1000 + u64::try_from(meta.ctime_nsec()).ok()? / 1_000_000)
 }
 
 /// Replaces `path` with `bytes` (a new file gets `mode`) through the PKI's
@@ -731,6 +737,15 @@ mod tests {
         // Written, never signalled: not known to be loaded.
         assert_eq!(loaded_crls(out, Some(before)), None);
         assert_eq!(loaded_crls(out, None), None);
+        // Its modification time set back, as a copy that keeps times does:
+        // written now all the same.
+        std::fs::File::options()
+            .write(true)
+            .open(out.join("crl.pem"))
+            .unwrap()
+            .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1))
+            .unwrap();
+        assert_eq!(loaded_crls(out, Some(before)), None);
         // Read by a mosquitto that started after it was written.
         assert_eq!(loaded_crls(out, Some(after)).as_deref(), Some("written"));
         // A reload signalled with it, then a newer file not signalled.

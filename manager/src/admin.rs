@@ -177,7 +177,15 @@ pub async fn serve(
                         match tokio_rustls::TlsAcceptor::from(config).accept(stream).await {
                             Ok(stream) => Box::new(stream),
                             Err(err) => {
-                                debug!(%peer, error = %err, "admin TLS handshake failed");
+                                // A client on plain HTTP, or one that does
+                                // not trust the certificate: said, paced.
+                                fleet_broker::paced!(
+                                    LogPace::loud_in(&admin.refused_logged),
+                                    warn,
+                                    %peer,
+                                    error = %err,
+                                    "operator API: TLS handshake failed"
+                                );
                                 return None;
                             }
                         }
@@ -735,6 +743,18 @@ fn summary(core: &Core) -> Result<Value, (u16, String)> {
     }))
 }
 
+/// The address to reach a listener bound to `addr` at: loopback for a
+/// listener on every address (which the certificates name).
+pub fn reachable(mut addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    addr
+}
+
 /// Where the operator API is and the token it asks for: what the CLI and
 /// the tests call it with.
 #[derive(Debug, Clone)]
@@ -746,6 +766,8 @@ pub struct AdminApi {
     https: bool,
     /// The root CA (PEM file) the API's certificate is checked against.
     root: Option<PathBuf>,
+    /// The TLS client's configuration, made from `root` at the first call.
+    tls_config: Arc<std::sync::OnceLock<Arc<rustls::ClientConfig>>>,
 }
 
 /// The operator API's token: given, or read from its file at every call,
@@ -790,6 +812,7 @@ impl AdminApi {
             token,
             https,
             root: None,
+            tls_config: Default::default(),
         }
     }
 
@@ -799,17 +822,13 @@ impl AdminApi {
         AdminApi {
             https: true,
             root: Some(root),
+            tls_config: Default::default(),
             ..self
         }
     }
 
-    /// Whether requests go over TLS.
-    pub fn is_https(&self) -> bool {
-        self.https
-    }
-
-    /// A TLS connection over `tcp` to the API, its certificate checked.
-    async fn tls(&self, tcp: TcpStream) -> anyhow::Result<Stream> {
+    /// A TLS client that trusts `root` alone.
+    fn client_config(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
         use rustls::pki_types::pem::PemObject;
         let root = self.root.as_ref().with_context(|| {
             format!(
@@ -823,18 +842,36 @@ impl AdminApi {
         {
             roots.add(cert.with_context(|| format!("reading {}", root.display()))?)?;
         }
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
+        Ok(Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
         ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    }
+
+    /// Whether requests go over TLS.
+    pub fn is_https(&self) -> bool {
+        self.https
+    }
+
+    /// A TLS connection over `tcp` to the API, its certificate checked.
+    async fn tls(&self, tcp: TcpStream) -> anyhow::Result<Stream> {
+        let config = match self.tls_config.get() {
+            Some(config) => config.clone(),
+            None => {
+                let config = self.client_config()?;
+                self.tls_config.get_or_init(|| config).clone()
+            }
+        };
         // The host of `host:port`, an IPv6 address without its brackets.
         let host = self.addr.rsplit_once(':').map_or(&*self.addr, |(h, _)| h);
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let name = rustls::pki_types::ServerName::try_from(host.to_owned())
             .with_context(|| format!("{host} is neither a host name nor an IP address"))?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        let tls = tokio_rustls::TlsConnector::from(config)
             .connect(name, tcp)
             .await
             .with_context(|| format!("TLS with the operator API at https://{}", self.addr))?;
@@ -881,6 +918,11 @@ pub async fn call(
     stream.write_all(&body).await?;
     let mut response = Vec::new();
     tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut response)).await??;
+    // A TLS alert record: the API speaks TLS, and this client did not.
+    anyhow::ensure!(
+        response.first() != Some(&0x15),
+        "{addr}: the operator API answered in TLS: reach it as https:// (admin_tls)"
+    );
     let text = String::from_utf8_lossy(&response);
     let (head, body) = text
         .split_once("\r\n\r\n")

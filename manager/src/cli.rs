@@ -1,6 +1,5 @@
 //! The `fleet-manager` command line, as a library so tests drive it too.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -63,8 +62,10 @@ pub enum Command {
     PrintConfig,
     /// Pre-register devices from a JSON-lines file of {"device_id","factory_key_hex"}.
     Register {
-        /// The manager's admin API [default: `admin_listen` of --config and
-        /// FLEET_* variables, else 127.0.0.1:8080]
+        /// The manager's admin API, `host:port`, over TLS if `https://` is
+        /// given, or --admin-ca, or `admin_tls` is set [default:
+        /// `admin_listen` of --config and FLEET_* variables, else
+        /// 127.0.0.1:8080]
         #[arg(long)]
         admin: Option<String>,
         #[arg(long)]
@@ -73,8 +74,10 @@ pub enum Command {
     },
     /// Assign a new service to devices (by id, or every device of --from).
     Change {
-        /// The manager's admin API [default: `admin_listen` of --config and
-        /// FLEET_* variables, else 127.0.0.1:8080]
+        /// The manager's admin API, `host:port`, over TLS if `https://` is
+        /// given, or --admin-ca, or `admin_tls` is set [default:
+        /// `admin_listen` of --config and FLEET_* variables, else
+        /// 127.0.0.1:8080]
         #[arg(long)]
         admin: Option<String>,
         #[arg(long)]
@@ -91,16 +94,20 @@ pub enum Command {
     },
     /// Show a device's state, service history and certificates.
     Show {
-        /// The manager's admin API [default: `admin_listen` of --config and
-        /// FLEET_* variables, else 127.0.0.1:8080]
+        /// The manager's admin API, `host:port`, over TLS if `https://` is
+        /// given, or --admin-ca, or `admin_tls` is set [default:
+        /// `admin_listen` of --config and FLEET_* variables, else
+        /// 127.0.0.1:8080]
         #[arg(long)]
         admin: Option<String>,
         device: String,
     },
     /// Show counts per service and certificate status.
     Summary {
-        /// The manager's admin API [default: `admin_listen` of --config and
-        /// FLEET_* variables, else 127.0.0.1:8080]
+        /// The manager's admin API, `host:port`, over TLS if `https://` is
+        /// given, or --admin-ca, or `admin_tls` is set [default:
+        /// `admin_listen` of --config and FLEET_* variables, else
+        /// 127.0.0.1:8080]
         #[arg(long)]
         admin: Option<String>,
     },
@@ -112,8 +119,10 @@ pub enum Command {
     /// (OPENSSL_CONF=OUT/openssl.cnf); with --reload or --reload-pid, tell
     /// the main one to reload it.
     MosquittoConfig {
-        /// The manager's admin API [default: `admin_listen` of --config and
-        /// FLEET_* variables, else 127.0.0.1:8080]
+        /// The manager's admin API, `host:port`, over TLS if `https://` is
+        /// given, or --admin-ca, or `admin_tls` is set [default:
+        /// `admin_listen` of --config and FLEET_* variables, else
+        /// 127.0.0.1:8080]
         #[arg(long)]
         admin: Option<String>,
         /// The PKI's directory [default: `certs_dir` of --config and FLEET_*
@@ -164,8 +173,10 @@ pub enum Command {
     },
     /// Operator reset: the device may activate again.
     Reset {
-        /// The manager's admin API [default: `admin_listen` of --config and
-        /// FLEET_* variables, else 127.0.0.1:8080]
+        /// The manager's admin API, `host:port`, over TLS if `https://` is
+        /// given, or --admin-ca, or `admin_tls` is set [default:
+        /// `admin_listen` of --config and FLEET_* variables, else
+        /// 127.0.0.1:8080]
         #[arg(long)]
         admin: Option<String>,
         device: String,
@@ -174,8 +185,10 @@ pub enum Command {
     /// (chain) and `.key` (0600); it connects to the service listener with
     /// client id `provider.{name}` and reads its service's telemetry.
     ProviderAdd {
-        /// The manager's admin API [default: `admin_listen` of --config and
-        /// FLEET_* variables, else 127.0.0.1:8080]
+        /// The manager's admin API, `host:port`, over TLS if `https://` is
+        /// given, or --admin-ca, or `admin_tls` is set [default:
+        /// `admin_listen` of --config and FLEET_* variables, else
+        /// 127.0.0.1:8080]
         #[arg(long)]
         admin: Option<String>,
         #[arg(long)]
@@ -187,8 +200,10 @@ pub enum Command {
     },
     /// Revoke every certificate of a service provider.
     ProviderRevoke {
-        /// The manager's admin API [default: `admin_listen` of --config and
-        /// FLEET_* variables, else 127.0.0.1:8080]
+        /// The manager's admin API, `host:port`, over TLS if `https://` is
+        /// given, or --admin-ca, or `admin_tls` is set [default:
+        /// `admin_listen` of --config and FLEET_* variables, else
+        /// 127.0.0.1:8080]
         #[arg(long)]
         admin: Option<String>,
         name: String,
@@ -221,39 +236,51 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
     let token_file = cli.admin_token_file.clone();
     let admin_ca = cli.admin_ca.clone();
     let admin_of = |given: Option<String>| -> anyhow::Result<AdminApi> {
-        // The configuration only for what the command line leaves out
-        // (or when it names one).
+        // Over TLS: `https://`, `--admin-ca`, or the configuration's
+        // `admin_tls`. The configuration is read unless the command line
+        // names everything for TLS: a bare address or `http://` is sent in
+        // clear only once the configuration says the API is not on TLS, so
+        // the token never goes out in clear to an API that speaks TLS.
         let https = given.as_deref().is_some_and(|a| a.starts_with("https://"));
-        let (addr, token, ca) = match (given, token_file.clone(), admin_ca.clone()) {
-            (Some(addr), Some(token), ca) if config_path.is_none() && (!https || ca.is_some()) => {
-                (addr, token, ca)
-            }
-            (given, token, ca) => {
-                let config = ManagerConfig::load(config_path.as_deref())?;
-                // A listener on every address is reached on loopback,
-                // which the broker certificate names.
-                let mut local = config.admin_listen;
-                if local.ip().is_unspecified() {
-                    local.set_ip(match local {
-                        SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                        SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-                    });
-                }
-                let addr = given.unwrap_or_else(|| match config.admin_tls {
+        let complete =
+            given.is_some() && token_file.is_some() && admin_ca.is_some() && config_path.is_none();
+        let config = match complete {
+            true => None,
+            false => Some(ManagerConfig::load(config_path.as_deref())?),
+        };
+        let admin_tls = config.as_ref().is_some_and(|c| c.admin_tls);
+        let addr = match (given, &config) {
+            (Some(addr), _) => addr,
+            (None, Some(config)) => {
+                let local = crate::admin::reachable(config.admin_listen);
+                match config.admin_tls {
                     true => format!("https://{local}"),
                     false => local.to_string(),
-                });
-                (
-                    addr,
-                    token.unwrap_or_else(|| config.admin_token_path()),
-                    Some(ca.unwrap_or_else(|| config.certs_dir.join("root-ca.pem"))),
-                )
+                }
             }
+            (None, None) => unreachable!("complete only with an address"),
+        };
+        anyhow::ensure!(
+            !(admin_tls && addr.starts_with("http://")),
+            "{addr}: the operator API speaks TLS only (admin_tls): use https://, the token is not sent in clear"
+        );
+        let token = match (token_file.clone(), &config) {
+            (Some(token), _) => token,
+            (None, Some(config)) => config.admin_token_path(),
+            (None, None) => unreachable!("complete only with a token file"),
         };
         let api = AdminApi::new(addr, Token::File(token));
-        Ok(match (api.is_https(), ca) {
-            (true, Some(ca)) => api.with_root(ca),
-            _ => api,
+        let tls = https || api.is_https() || admin_tls || admin_ca.is_some();
+        Ok(match tls {
+            true => {
+                let ca = match (admin_ca.clone(), &config) {
+                    (Some(ca), _) => ca,
+                    (None, Some(config)) => config.certs_dir.join("root-ca.pem"),
+                    (None, None) => unreachable!("complete only with a CA"),
+                };
+                api.with_root(ca)
+            }
+            false => api,
         })
     };
     match cli.command {
@@ -604,8 +631,13 @@ fn granted(grants: &[fleet_broker::mosquitto::DeviceGrant]) -> usize {
 ///   started (less [`REVOKED_BEFORE_START_MS`]), which the CRLs it loaded
 ///   lacked: a superseded certificate revoked at the grace end while no
 ///   watcher ran leaves its principal granted, and may hold a connection;
-///   and of every certificate revoked now that the CRL file last written
-///   in the output directory (what mosquitto loaded) does not list.
+///   and of every certificate revoked now that the CRLs mosquitto loaded
+///   do not list ([`fleet_broker::mosquitto::loaded_crls`]: `crl.pem` if
+///   it started after the file was written, else `crl.loaded.pem`, written
+///   after each reload; with neither, or another PKI's, none of these).
+///
+/// It also has the bootstrap mosquitto reload when the broker certificate
+/// changed since it last read it (`reload_bootstrap_if_stale`).
 ///
 /// It cuts after the reload that applies the change (mosquitto 2.0 acts
 /// on the SIGHUP at the end of its loop's pass, before it reads the cut's
@@ -767,6 +799,11 @@ pub async fn watch_mosquitto_config(
                 }
             }
             Err(err) => tracing::warn!(error = %err, "mosquitto configuration not rendered"),
+        }
+        // A reload of the bootstrap mosquitto that could not be made yet
+        // (still starting, a failed signal) is tried again at every look.
+        if reload.is_some() && written.is_some() {
+            reload_bootstrap_if_stale(params);
         }
         if let (Some(since), Some(_)) = (since_start, cutting) {
             let revoked = revoked_principals(admin, |_, at| at.is_some_and(|at| at >= since));
@@ -1010,11 +1047,7 @@ fn reload_bootstrap_if_stale(params: &fleet_broker::mosquitto::MosquittoParams) 
         noted("the broker certificate");
         return;
     };
-    let written_ms = std::fs::metadata(params.certs_dir.join("broker.pem"))
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as u64);
+    let written_ms = fleet_broker::mosquitto::changed_ms(&params.certs_dir.join("broker.pem"));
     let read_at_start = matches!(
         (written_ms, process_started_ms(pid)),
         (Some(written), Some(started)) if started >= written

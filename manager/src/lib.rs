@@ -63,7 +63,7 @@ impl RunningManager {
     /// The operator API, with its token.
     pub fn api(&self) -> admin::AdminApi {
         let api = admin::AdminApi::new(
-            self.admin_addr.to_string(),
+            admin::reachable(self.admin_addr).to_string(),
             admin::Token::Given(self.admin.token.clone()),
         );
         match &self.admin_tls_root {
@@ -79,6 +79,9 @@ impl RunningManager {
     }
 }
 
+/// The operator API's certificate and key over TLS, in `certs/`.
+pub const ADMIN_FILES: (&str, &str) = ("admin.pem", "admin.key");
+
 /// Opens the store and PKI, connects to the broker, subscribes, and serves
 /// the operator API. Returns once the request topics are subscribed.
 pub async fn start(
@@ -90,10 +93,27 @@ pub async fn start(
         .with_context(|| format!("opening store {}", config.data_dir.display()))?;
     let pki = fleet_pki::Pki::open_or_create(&config.certs_dir)
         .with_context(|| format!("opening PKI {}", config.certs_dir.display()))?;
-    if let Some(names) = config.broker_names()? {
-        pki.ensure_broker_cert(Some(&names))
+    let names = config.broker_names()?;
+    if let Some(names) = &names {
+        pki.ensure_broker_cert(Some(names))
             .context("issuing the broker certificate for server_names")?;
     }
+    // The operator API's TLS, before anything runs: a certificate that does
+    // not load stops the start with nothing left behind.
+    let admin_tls = match config.admin_tls {
+        true => {
+            pki.ensure_admin_cert(names.as_ref())
+                .context("issuing the operator API's certificate (admin_tls)")?;
+            let tls = fleet_broker::frontdoor::trust::ServerTls::load(
+                &config.certs_dir,
+                ADMIN_FILES,
+                "operator API",
+            )
+            .context("the operator API's TLS (admin_tls)")?;
+            Some(tls)
+        }
+        false => None,
+    };
     let token_path = config.admin_token_path();
     let admin_token = fleet_broker::internal_secret(&token_path)
         .with_context(|| format!("the operator API's token {}", token_path.display()))?;
@@ -146,16 +166,15 @@ pub async fn start(
         subscribed_rx.clone(),
         admin_token,
     ));
-    let tls = match config.admin_tls {
-        true => {
-            let tls = fleet_broker::frontdoor::trust::ServerTls::load(&config.certs_dir)
-                .context("the operator API's TLS (admin_tls)")?;
-            tracker.spawn(tls.clone().watch(shutdown.clone()));
-            Some(tls)
-        }
-        false => None,
-    };
-    tracker.spawn(admin::serve(admin.clone(), listener, tls, shutdown.clone()));
+    if let Some(tls) = &admin_tls {
+        tracker.spawn(tls.clone().watch(shutdown.clone()));
+    }
+    tracker.spawn(admin::serve(
+        admin.clone(),
+        listener,
+        admin_tls,
+        shutdown.clone(),
+    ));
     tracker.spawn(housekeeping(core.clone(), shutdown.clone()));
     let paced = admin.clone();
     tracker.spawn(fleet_broker::log_pace::every_second(
@@ -208,6 +227,11 @@ async fn housekeeping(core: Arc<Core>, shutdown: CancellationToken) {
             let names = core.config.broker_names().ok().flatten();
             if let Err(err) = core.pki.ensure_broker_cert(names.as_ref()) {
                 tracing::warn!(error = %err, "broker certificate not renewed");
+            }
+            if core.config.admin_tls {
+                if let Err(err) = core.pki.ensure_admin_cert(names.as_ref()) {
+                    tracing::warn!(error = %err, "operator API certificate not renewed");
+                }
             }
         };
         let _ = tokio::task::spawn_blocking(work).await;

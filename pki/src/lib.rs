@@ -65,6 +65,7 @@ pub const MAX_CSR_LEN: usize = 4096;
 
 const ROOT_CN: &str = "fleetshift root CA";
 const BROKER_CN: &str = "fleetshift broker";
+const ADMIN_CN: &str = "fleetshift operator API";
 
 /// Errors of this layer.
 #[derive(Debug, thiserror::Error)]
@@ -494,8 +495,36 @@ impl Pki {
         names: Option<&ServerNames>,
         now: u64,
     ) -> Result<bool, PkiError> {
-        let cert_path = self.broker_cert_path();
-        let key_path = self.broker_key_path();
+        self.ensure_server_cert(ServerCert::Broker, names, now)
+    }
+
+    /// `admin.pem`/`admin.key`: the operator API's certificate over TLS
+    /// (`admin_tls`), a pair of its own, so that whoever holds the broker's
+    /// key (an external broker's user) cannot pose as the API and collect
+    /// its token. As [`Pki::ensure_broker_cert`] in all else.
+    pub fn ensure_admin_cert(&self, names: Option<&ServerNames>) -> Result<bool, PkiError> {
+        self.ensure_server_cert(ServerCert::Admin, names, unix_now())
+    }
+
+    /// `dir/admin.pem`.
+    pub fn admin_cert_path(&self) -> PathBuf {
+        self.dir.join(ServerCert::Admin.files().0)
+    }
+
+    /// `dir/admin.key`.
+    pub fn admin_key_path(&self) -> PathBuf {
+        self.dir.join(ServerCert::Admin.files().1)
+    }
+
+    fn ensure_server_cert(
+        &self,
+        which: ServerCert,
+        names: Option<&ServerNames>,
+        now: u64,
+    ) -> Result<bool, PkiError> {
+        let (cert_file, key_file) = which.files();
+        let cert_path = self.dir.join(cert_file);
+        let key_path = self.dir.join(key_file);
         let mut have = None;
         if cert_path.exists() && key_path.exists() {
             let cert = files::load_cert(&cert_path)?;
@@ -544,7 +573,7 @@ impl Pki {
             Some(key) => key,
             None => certs::new_p256_key()?,
         };
-        let subject = certs::name(None, BROKER_CN)?;
+        let subject = certs::name(None, which.common_name())?;
         let dns: Vec<&str> = names.dns().collect();
         let ips: Vec<String> = names.ips().map(|ip| ip.to_string()).collect();
         let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
@@ -572,11 +601,34 @@ impl Pki {
         files::write_atomic(&cert_path, &cert.to_pem()?, PUBLIC_MODE)?;
         let path = cert_path.display();
         if wrong {
-            tracing::warn!(%path, %names, new_key = fresh, "replaced the broker certificate: {why}");
+            tracing::warn!(%path, %names, new_key = fresh, "replaced the {} certificate: {why}", which.common_name());
         } else {
-            tracing::info!(%path, %names, new_key = fresh, "issued the broker certificate: {why}");
+            tracing::info!(%path, %names, new_key = fresh, "issued the {} certificate: {why}", which.common_name());
         }
         Ok(true)
+    }
+}
+
+/// The TLS server certificates the PKI keeps, each in a pair of files.
+#[derive(Debug, Clone, Copy)]
+enum ServerCert {
+    Broker,
+    Admin,
+}
+
+impl ServerCert {
+    fn files(self) -> (&'static str, &'static str) {
+        match self {
+            ServerCert::Broker => ("broker.pem", "broker.key"),
+            ServerCert::Admin => ("admin.pem", "admin.key"),
+        }
+    }
+
+    fn common_name(self) -> &'static str {
+        match self {
+            ServerCert::Broker => BROKER_CN,
+            ServerCert::Admin => ADMIN_CN,
+        }
     }
 }
 

@@ -4,6 +4,11 @@
 # what calls it read dir, the run's directory, whose certs/ holds the
 # operator API's token.
 
+# The managers these scripts start serve their operator API in plain HTTP
+# on loopback, where the scripts reach it with curl: an admin_tls from the
+# caller's environment would leave them without answers.
+unset FLEET_ADMIN_TLS
+
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) { print "-"; exit } print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f\n", b - a }'; }

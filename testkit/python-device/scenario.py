@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -58,7 +59,9 @@ class Env:
         self.work = a.work
         os.makedirs(self.work, exist_ok=True)
         # Straight to the admin address, whatever *_proxy says.
-        self.http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        tls = ssl.create_default_context(cafile=os.path.join(a.certs, "root-ca.pem"))
+        self.http = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                                urllib.request.HTTPSHandler(context=tls))
 
     def admin(self, method, path, body=None, timeout=30, token=True):
         """One admin API request (JSON in, JSON out), with the operator
@@ -67,7 +70,10 @@ class Env:
         headers = {"content-type": "application/json"}
         if token:
             headers["authorization"] = f"Bearer {self.token}"
-        req = urllib.request.Request(f"http://{self.a.admin}{path}", data=data, method=method,
+        # `https://host:port` (admin_tls): the API's certificate checked
+        # against the fleet root; a bare address is plain HTTP.
+        url = self.a.admin if "://" in self.a.admin else f"http://{self.a.admin}"
+        req = urllib.request.Request(f"{url}{path}", data=data, method=method,
                                      headers=headers)
         try:
             with self.http.open(req, timeout=timeout) as r:
@@ -128,7 +134,7 @@ def raw(d, kind, fields, tenant="auto", crc=None, v=1, env_kind=None, signer=Non
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--admin", required=True, help="HOST:PORT of the manager's admin HTTP API")
+    ap.add_argument("--admin", required=True, help="HOST:PORT of the manager's admin HTTP API, or https://HOST:PORT (admin_tls; checked against CERTS/root-ca.pem)")
     ap.add_argument("--certs", required=True, help="the manager's certs dir")
     ap.add_argument("--admin-token-file", help="the admin API's token (default CERTS/admin.token)")
     ap.add_argument("--bootstrap", type=hp, required=True, help="HOST:PORT of the bootstrap TLS listener")

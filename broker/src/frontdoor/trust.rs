@@ -507,8 +507,19 @@ fn provider() -> Arc<CryptoProvider> {
 fn broker_identity(
     certs_dir: &Path,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), BrokerError> {
-    let cert = certs_dir.join("broker.pem");
-    let key = certs_dir.join("broker.key");
+    identity(certs_dir, BROKER_FILES)
+}
+
+/// The broker's certificate and key, in `certs/`.
+pub const BROKER_FILES: (&str, &str) = ("broker.pem", "broker.key");
+
+/// A certificate chain and its key from `certs/`: `files` names them.
+fn identity(
+    certs_dir: &Path,
+    files: (&str, &str),
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), BrokerError> {
+    let cert = certs_dir.join(files.0);
+    let key = certs_dir.join(files.1);
     for p in [&cert, &key] {
         if !p.exists() {
             return Err(BrokerError::MissingFile(p.display().to_string()));
@@ -847,11 +858,12 @@ fn read_ticket(plain: &[u8]) -> Option<Ticket<'_>> {
     r.is_empty().then_some(Ticket { chain, created })
 }
 
-/// The bootstrap listener's TLS: the broker certificate, TLS 1.2 or 1.3,
-/// no client certificate, as the files are now.
-fn server_config(certs_dir: &Path) -> Result<Configs, BrokerError> {
+/// A server-authenticated TLS configuration with the certificate and key
+/// `files` name in `certs_dir`, TLS 1.2 or 1.3, no client certificate, as
+/// the files are now.
+fn server_config(certs_dir: &Path, files: (&str, &str)) -> Result<Configs, BrokerError> {
     let tls = |e: rustls::Error| BrokerError::Tls(e.to_string());
-    let (chain, key) = broker_identity(certs_dir)?;
+    let (chain, key) = identity(certs_dir, files)?;
     let config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(tls)?
@@ -861,26 +873,37 @@ fn server_config(certs_dir: &Path) -> Result<Configs, BrokerError> {
     Ok(finish(config, None))
 }
 
-/// The bootstrap listener's TLS ([`server_config`]), built again when
-/// `broker.pem` or `broker.key` changes on disk, as the service
-/// listener's [`Trust`] is: the PKI issues the broker certificate again
-/// when its server names change and renews it at half its validity. A
-/// pair that does not load (read between the writes of a new key and its
-/// certificate) leaves the previous configuration in use until the next
-/// look.
+/// A server-authenticated TLS listener's configuration ([`server_config`]):
+/// the bootstrap listener's, with the broker's certificate, and the
+/// operator API's, with its own. Built again when the certificate or key
+/// changes on disk, as the service listener's [`Trust`] is: the PKI issues
+/// a server certificate again when its names change and renews it at half
+/// its validity. A pair that does not load (read between the writes of a
+/// new key and its certificate) leaves the previous configuration in use
+/// until the next look.
 pub struct ServerTls {
     certs_dir: PathBuf,
+    files: (&'static str, &'static str),
+    /// Whose configuration, for the log.
+    label: &'static str,
     config: RwLock<Configs>,
     seen: Mutex<Fingerprint>,
     failing: std::sync::atomic::AtomicBool,
 }
 
 impl ServerTls {
-    pub fn load(certs_dir: &Path) -> Result<Arc<ServerTls>, BrokerError> {
-        let seen = identity_fingerprint(certs_dir);
+    /// With the certificate and key `files` name in `certs_dir`.
+    pub fn load(
+        certs_dir: &Path,
+        files: (&'static str, &'static str),
+        label: &'static str,
+    ) -> Result<Arc<ServerTls>, BrokerError> {
+        let seen = identity_fingerprint(certs_dir, files);
         Ok(Arc::new(ServerTls {
             certs_dir: certs_dir.to_path_buf(),
-            config: RwLock::new(server_config(certs_dir)?),
+            files,
+            label,
+            config: RwLock::new(server_config(certs_dir, files)?),
             seen: Mutex::new(seen),
             failing: Default::default(),
         }))
@@ -894,10 +917,10 @@ impl ServerTls {
             .clone()
     }
 
-    /// Rebuilds the configuration if the broker's certificate or key
-    /// changed on disk.
+    /// Rebuilds the configuration if its certificate or key changed on
+    /// disk.
     pub fn reload_if_changed(&self) {
-        let now = identity_fingerprint(&self.certs_dir);
+        let now = identity_fingerprint(&self.certs_dir, self.files);
         {
             let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
             if *seen == now {
@@ -905,22 +928,26 @@ impl ServerTls {
             }
             *seen = now;
         }
-        match server_config(&self.certs_dir) {
+        let label = self.label;
+        match server_config(&self.certs_dir, self.files) {
             Ok(config) => {
                 *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
                 self.failing.store(false, Ordering::Relaxed);
-                info!("bootstrap TLS context rebuilt: broker certificate changed");
+                info!(
+                    certificate = self.files.0,
+                    "{label} TLS context rebuilt: its certificate changed"
+                );
             }
             Err(err) => {
                 self.seen.lock().unwrap_or_else(|p| p.into_inner()).clear();
                 if !self.failing.swap(true, Ordering::Relaxed) {
-                    warn!(error = %err, "bootstrap TLS context not rebuilt; keeping the previous one until it can be");
+                    warn!(error = %err, "{label} TLS context not rebuilt; keeping the previous one until it can be");
                 }
             }
         }
     }
 
-    /// Watches the broker's certificate and key until `stop` is cancelled.
+    /// Watches the certificate and key until `stop` is cancelled.
     pub async fn watch(self: Arc<Self>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(RELOAD_EVERY);
         loop {
@@ -934,9 +961,9 @@ impl ServerTls {
     }
 }
 
-/// The broker certificate's and key's [`Fingerprint`].
-fn identity_fingerprint(dir: &Path) -> Fingerprint {
-    ["broker.pem", "broker.key"]
+/// The [`Fingerprint`] of a certificate and key.
+fn identity_fingerprint(dir: &Path, files: (&str, &str)) -> Fingerprint {
+    [files.0, files.1]
         .into_iter()
         .map(|file| {
             let p = dir.join(file);

@@ -21,11 +21,12 @@ const CHILD_CONFIG: &str = "FLEETSHIFT_E2E_SERVE_CONFIG";
 /// [`a_manager_whose_disk_fills_refuses_changes_and_keeps_serving`], which
 /// runs this binary again with [`CHILD_CONFIG`] set. Without it, it returns
 /// at once.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn child_serves() {
     let Some(config) = std::env::var_os(CHILD_CONFIG) else {
         return;
     };
+    fleet_broker::init_logs();
     let config = config.to_str().unwrap().to_owned();
     let args = [
         "fleet-manager",
@@ -58,6 +59,18 @@ async fn health(addr: SocketAddr) -> Option<(u16, Value)> {
     Some((status, serde_json::from_str(body).ok()?))
 }
 
+/// Prints the manager's log if the test fails.
+struct ShownOnFailure(std::path::PathBuf);
+
+impl Drop for ShownOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.0).unwrap_or_default();
+            eprintln!("--- the manager's log ---\n{log}");
+        }
+    }
+}
+
 fn free() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -65,10 +78,14 @@ fn free() -> SocketAddr {
         .unwrap()
 }
 
-/// The store's records of `device`: its device record and its history.
-fn records(store: &Path, device: &str) -> (Option<String>, usize) {
+/// The store's records of `device`: as the operator API shows it, and
+/// its history's length.
+fn records(store: &Path, device: &str) -> (Option<Value>, usize) {
     let store = fleet_manager::store::Store::open(store).unwrap();
-    let record = store.device(device).unwrap().map(|r| format!("{r:?}"));
+    let record = store
+        .device(device)
+        .unwrap()
+        .map(|r| fleet_manager::admin::device_view(&r));
     (record, store.history(device).unwrap().len())
 }
 
@@ -107,6 +124,7 @@ async fn a_manager_whose_disk_fills_refuses_changes_and_keeps_serving() {
         .spawn()
         .unwrap();
     let _child = KillOnDrop(child);
+    let _log = ShownOnFailure(dir.path().join("manager.log"));
     eventually(T, "the manager to serve", || async move {
         health(admin).await.filter(|(status, _)| *status == 200)
     })
@@ -213,8 +231,16 @@ async fn a_manager_whose_disk_fills_refuses_changes_and_keeps_serving() {
     devices.shutdown.cancel();
     drop(_child);
     let (full1_record, full1_history) = records(&store, "full1");
-    assert!(full1_record.is_some());
+    let full1_record = full1_record.expect("full1's record");
+    for field in ["service_id", "current_cert", "activated_ms", "pending"] {
+        assert_eq!(full1_record[field], full1["device"][field], "{field}");
+    }
+    assert_eq!(full1_record["service_id"], "svcA");
+    // Seen again since (its `online` went on being reported), never less.
+    assert!(
+        full1_record["last_seen_ms"].as_u64() >= full1["device"]["last_seen_ms"].as_u64(),
+        "{full1_record} {full1}"
+    );
     assert_eq!(full1_history, 1);
     assert_eq!(records(&store, "full2"), (None, 0));
-    assert_eq!(full1["device"]["service_id"], "svcA", "{full1}");
 }

@@ -697,6 +697,67 @@ async fn the_operator_api_over_tls_is_checked_and_speaks_nothing_else() {
         .unwrap_err();
     assert!(format!("{err:#}").contains("no root CA"), "{err:#}");
 
+    // The certificate is the API's own, not the broker's.
+    let addr = fleet.manager().admin_addr;
+    let ca = root.clone();
+    let cn = tokio::task::spawn_blocking(move || {
+        let mut tls = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls()).unwrap();
+        tls.set_ca_file(&ca).unwrap();
+        let tcp = std::net::TcpStream::connect(addr).unwrap();
+        let stream = tls.build().connect("localhost", tcp).unwrap();
+        let cert = stream.ssl().peer_certificate().unwrap();
+        let cn = cert
+            .subject_name()
+            .entries_by_nid(openssl::nid::Nid::COMMONNAME)
+            .next()
+            .unwrap()
+            .data()
+            .to_string();
+        cn
+    })
+    .await
+    .unwrap();
+    assert_eq!(cn.unwrap(), "fleetshift operator API");
+
+    // The everyday way: the configuration says admin_tls, and the commands
+    // reach the API over TLS, at its address or at a bare --admin; an
+    // http:// address is refused before anything is sent.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("manager.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "admin_tls = true\nadmin_listen = \"{addr}\"\ncerts_dir = {:?}\n",
+            fleet.certs_dir().to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let bare = addr.to_string();
+    let plain = format!("http://{addr}");
+    for args in [
+        vec!["--config", config, "summary"],
+        vec!["--config", config, "summary", "--admin", &bare],
+    ] {
+        let shown = cli(&args).await;
+        assert!(
+            shown[0]["devices_per_service"].is_object(),
+            "{args:?}: {shown:?}"
+        );
+    }
+    let args = [
+        "fleet-manager",
+        "--config",
+        config,
+        "summary",
+        "--admin",
+        &plain,
+    ];
+    let err = execute(Cli::try_parse_from(args).unwrap())
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("TLS only"), "{err:#}");
+
     // Plain HTTP gets no HTTP answer.
     let mut plain = tokio::net::TcpStream::connect(fleet.manager().admin_addr)
         .await
