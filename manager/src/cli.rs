@@ -436,7 +436,12 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             watch_ms,
             coalesce_ms,
         } => {
-            let admin = admin_of(admin)?;
+            let mut admin = admin_of(admin)?;
+            // Over TLS, the API's certificate chains to the root of the
+            // PKI that --certs names, unless --admin-ca says otherwise.
+            if let (true, None, Some(certs)) = (admin.is_https(), &admin_ca, &certs) {
+                admin = admin.with_root(certs.join("root-ca.pem"));
+            }
             let secret = secret_file
                 .map(|f| {
                     let secret = std::fs::read_to_string(&f).with_context(|| {

@@ -1075,22 +1075,19 @@ pub async fn tls_refused(
             }
             Err(e) => {
                 use rustls::AlertDescription as A;
-                let refused = e
-                    .get_ref()
-                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                    .is_some_and(|err| {
-                        matches!(
-                            err,
-                            rustls::Error::AlertReceived(
-                                A::BadCertificate
-                                    | A::CertificateRevoked
-                                    | A::CertificateExpired
-                                    | A::CertificateUnknown
-                                    | A::UnknownCA
-                                    | A::AccessDenied
-                            )
+                let refused = rustls_error(&e).is_some_and(|err| {
+                    matches!(
+                        err,
+                        rustls::Error::AlertReceived(
+                            A::BadCertificate
+                                | A::CertificateRevoked
+                                | A::CertificateExpired
+                                | A::CertificateUnknown
+                                | A::UnknownCA
+                                | A::AccessDenied
                         )
-                    });
+                    )
+                });
                 anyhow::ensure!(refused, "not a refusal of the certificate: {e}");
                 Ok(true)
             }
@@ -1130,18 +1127,15 @@ pub async fn server_name_served(
             match conn.complete_io(&mut tcp) {
                 Ok(_) => {}
                 Err(e) => {
-                    let invalid_for_name = e
-                        .get_ref()
-                        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                        .is_some_and(|err| {
-                            matches!(
-                                err,
-                                rustls::Error::InvalidCertificate(
-                                    rustls::CertificateError::NotValidForName
-                                        | rustls::CertificateError::NotValidForNameContext { .. }
-                                )
+                    let invalid_for_name = rustls_error(&e).is_some_and(|err| {
+                        matches!(
+                            err,
+                            rustls::Error::InvalidCertificate(
+                                rustls::CertificateError::NotValidForName
+                                    | rustls::CertificateError::NotValidForNameContext { .. }
                             )
-                        });
+                        )
+                    });
                     anyhow::ensure!(invalid_for_name, "handshake failed otherwise: {e}");
                     return Ok(false);
                 }
@@ -1150,6 +1144,12 @@ pub async fn server_name_served(
         Ok(true)
     })
     .await?
+}
+
+/// The TLS error inside an I/O error of a rustls stream, if it is one.
+fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
 }
 
 /// An MQTT 3.1.1 CONNECT (clean session, keep-alive 60 s) for `client_id`

@@ -435,12 +435,7 @@ impl Trust {
 
     /// Watches `certs/` until `stop` is cancelled.
     pub async fn watch(self: Arc<Self>, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(RELOAD_EVERY);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        every_look(stop, || async {
             self.cut_expired(UnixTime::now().as_secs());
             let me = self.clone();
             if let Ok(cuts) = tokio::task::spawn_blocking(move || me.reload_if_changed()).await {
@@ -451,7 +446,23 @@ impl Trust {
                     });
                 }
             }
+        })
+        .await
+    }
+}
+
+/// Runs `look` every [`RELOAD_EVERY`] until `stop` is cancelled.
+async fn every_look<F: std::future::Future<Output = ()>>(
+    stop: CancellationToken,
+    mut look: impl FnMut() -> F,
+) {
+    let mut tick = tokio::time::interval(RELOAD_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
         }
+        look().await;
     }
 }
 
@@ -949,15 +960,11 @@ impl ServerTls {
 
     /// Watches the certificate and key until `stop` is cancelled.
     pub async fn watch(self: Arc<Self>, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(RELOAD_EVERY);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        every_look(stop, || async {
             let me = self.clone();
             let _ = tokio::task::spawn_blocking(move || me.reload_if_changed()).await;
-        }
+        })
+        .await
     }
 }
 
