@@ -115,16 +115,16 @@ pub struct DeviceConfig {
 /// validity: a 30-day certificate is renewed with 7.5 to 10 days left.
 pub const RENEW_WINDOW: (f64, f64) = (2.0 / 3.0, 0.75);
 
-/// Reads `FROM,TO` (fractions of a certificate's validity, FROM <= TO,
-/// both in 0..=1).
+/// Reads `FROM,TO` (fractions of a certificate's validity, 0 < FROM <= TO
+/// <= 1; a window at 0 would renew at every connection).
 pub fn parse_renew_window(s: &str) -> Result<(f64, f64), String> {
-    let bad = || format!("expected FROM,TO with 0 <= FROM <= TO <= 1, got {s:?}");
+    let bad = || format!("expected FROM,TO with 0 < FROM <= TO <= 1, got {s:?}");
     let (from, to) = s.split_once(',').ok_or_else(bad)?;
     let (from, to): (f64, f64) = (
         from.trim().parse().map_err(|_| bad())?,
         to.trim().parse().map_err(|_| bad())?,
     );
-    match (0.0..=1.0).contains(&from) && (from..=1.0).contains(&to) {
+    match from > 0.0 && from <= 1.0 && (from..=1.0).contains(&to) {
         true => Ok((from, to)),
         false => Err(bad()),
     }
@@ -142,6 +142,7 @@ mod renew_tests {
             "0.75,0.5",
             "0.5",
             "-0.1,0.5",
+            "0,0",
             "0.5,1.5",
             "a,b",
             "0.5,0.6,0.7",

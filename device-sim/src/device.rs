@@ -671,7 +671,11 @@ impl Device {
             .and_then(Endpoint::parse)
             .unwrap_or_else(|| self.cfg.service.clone());
         let subscriptions = service_subscriptions(&service_id, &self.id);
-        let mut renew_at = renewal_due(&creds.chain_pem, self.cfg.renew_window);
+        // Not before its `online` is answered (a report in the tenant
+        // revokes a superseded certificate: it must come from the new one).
+        let settled = Instant::now() + self.cfg.request_timeout;
+        let mut renew_at =
+            renewal_due(&creds.chain_pem, self.cfg.renew_window).map(|at| at.max(settled));
         let tls = match &self.service_tls {
             Some((chain, config)) if *chain == creds.chain_pem => config.clone(),
             _ => {
@@ -707,6 +711,15 @@ impl Device {
         if let Some(change) = state.pending_change {
             info!(change_id = %change.change_id, "resuming an accepted service change");
             return self.apply_change(link, &service_id, change).await;
+        }
+
+        // A renewal whose reply was lost (the connection ended first) is
+        // asked again, identical, before anything is reported from this
+        // certificate: its `online` would have the manager revoke it.
+        if self.renewal_left(&service_id) {
+            info!(service_id = %service_id, "a renewal left unanswered: asking again first");
+            let renewed = self.renew(&mut link, &service_id).await.stage("renew")?;
+            return Ok(closed(link, renewed).await);
         }
 
         let mut outstanding = Outstanding::default();
@@ -758,27 +771,16 @@ impl Device {
                     return Ok(Pass::Stopped);
                 }
                 _ = sleep_until_opt(renew_at) => {
-                    // Before it expires (topics.md §10.1): a new
-                    // certificate for the same service, then a connection
-                    // with it; the manager revokes the old one once the
-                    // device reports from the new.
-                    info!(service_id = %service_id, "renewing the certificate");
-                    let renewed = tokio::select! {
-                        _ = shutdown.cancelled() => {
-                            link.disconnect().await;
-                            return Ok(Pass::Stopped);
-                        }
-                        r = self.update(&mut link, Some(&service_id), &service_id) => r,
-                    };
-                    match renewed {
-                        Ok(()) => {
-                            link.disconnect().await;
-                            info!(service_id = %service_id, "certificate renewed; connecting with it");
-                            return Ok(Pass::Reconnect);
+                    match self.renew(&mut link, &service_id).await {
+                        Ok(renewed) => return Ok(closed(link, renewed).await),
+                        // An operator's reset: `recover` activates again.
+                        Err(e) if e.status() == Some(Status::NotRegistered) => {
+                            return Err(e).stage("renew");
                         }
                         Err(e) => {
-                            // It keeps the certificate it has, and asks again.
-                            let again = backoff(renewals_failed).max(RENEW_RETRY_MIN);
+                            // It keeps the certificate it has, and asks
+                            // again later, later each time.
+                            let again = renew_retry(renewals_failed);
                             renewals_failed += 1;
                             warn!(error = %e, retry_in_s = again.as_secs(), "certificate not renewed");
                             self.emit(DeviceEvent::Failed {
@@ -1003,6 +1005,35 @@ impl Device {
         }
     }
 
+    /// Renews the certificate for `service_id` over `link` (topics.md
+    /// §10.1 step 5): an `update` for its own service in its tenant, the
+    /// new certificate stored. Then the link is to be closed (`closed`),
+    /// to connect with it; the manager revokes the old one once the device
+    /// reports from the new. False if stopped first.
+    async fn renew(&mut self, link: &mut Link, service_id: &str) -> Result<bool, DeviceError> {
+        info!(service_id, "renewing the certificate");
+        let shutdown = self.shutdown.clone();
+        tokio::select! {
+            _ = shutdown.cancelled() => Ok(false),
+            r = self.update(link, Some(service_id), service_id) => r.map(|()| true),
+        }
+    }
+
+    /// Whether a renewal for `service_id` was sent recently and left
+    /// unanswered (see [`Device::exchange_kept`]).
+    fn renewal_left(&self, service_id: &str) -> bool {
+        let topic = Topic::in_tenant(
+            service_id,
+            Route::Request(RequestKind::Update, self.id.clone()),
+        );
+        let key = format!("{topic} {service_id}");
+        self.unanswered
+            .lock()
+            .expect("unanswered lock poisoned")
+            .as_ref()
+            .is_some_and(|(k, built, _)| *k == key && built.elapsed() < RESEND_WITHIN)
+    }
+
     /// Makes `change`'s service its own, once it holds that service's
     /// certificate: its next connection goes there and reports the change
     /// applied.
@@ -1145,13 +1176,58 @@ enum Incoming {
     Nothing,
 }
 
-/// The least wait before a renewal that failed is asked again.
-const RENEW_RETRY_MIN: Duration = Duration::from_secs(60);
+/// Closes `link` after a renewal: to connect with the new certificate if
+/// `renewed`, else because the device stops.
+async fn closed(link: Link, renewed: bool) -> Pass {
+    link.disconnect().await;
+    match renewed {
+        true => {
+            info!("certificate renewed; connecting with it");
+            Pass::Reconnect
+        }
+        false => Pass::Stopped,
+    }
+}
+
+/// The wait before a renewal that failed is asked again: a minute, twice
+/// that at each failure after, an hour at most, less up to half at random,
+/// so that devices refused together do not come back together.
+fn renew_retry(failures: u32) -> Duration {
+    let step = (Duration::from_secs(60) * (1u32 << failures.min(6))).min(Duration::from_secs(3600));
+    let r = crypto::random_bytes(2);
+    step.mul_f64(0.5 + f64::from(u16::from_le_bytes([r[0], r[1]])) / f64::from(u16::MAX) / 2.0)
+}
 
 /// When to renew the certificate whose chain is `chain_pem` (its leaf
-/// first): at a random point of `window` of its validity, now if that has
-/// passed; never if its validity does not read.
+/// first): at a point of `window` of its validity that its serial picks,
+/// the same at every connection; if that point has passed (the device was
+/// away), after a random delay of up to a tenth of what is left, an hour at
+/// most, so that a fleet coming back at once does not renew at once. Never
+/// if its validity does not read (said).
 fn renewal_due(chain_pem: &[u8], window: (f64, f64)) -> Option<Instant> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs_f64();
+    let at = renewal_point(chain_pem, window);
+    let Some((at, to)) = at else {
+        warn!("the certificate's validity does not read: it will not be renewed before it expires");
+        return None;
+    };
+    let wait = if at > now {
+        at - now
+    } else {
+        let r = crypto::random_bytes(2);
+        let share = f64::from(u16::from_le_bytes([r[0], r[1]])) / f64::from(u16::MAX);
+        share * ((to - now).max(0.0) / 10.0).min(3600.0)
+    };
+    Some(Instant::now() + Duration::from_secs_f64(wait))
+}
+
+/// The renewal point of the leaf of `chain_pem` in Unix seconds, and its
+/// notAfter: `window` of its validity, the share of it taken from a hash of
+/// the serial.
+fn renewal_point(chain_pem: &[u8], window: (f64, f64)) -> Option<(f64, f64)> {
     let leaf = X509::from_pem(chain_pem).ok()?;
     let epoch = openssl::asn1::Asn1Time::from_unix(0).ok()?;
     let secs = |t: &openssl::asn1::Asn1TimeRef| {
@@ -1159,14 +1235,13 @@ fn renewal_due(chain_pem: &[u8], window: (f64, f64)) -> Option<Instant> {
         Some(f64::from(d.days) * 86_400.0 + f64::from(d.secs))
     };
     let (from, to) = (secs(leaf.not_before())?, secs(leaf.not_after())?);
-    let r = crypto::random_bytes(2);
-    let share = f64::from(u16::from_le_bytes([r[0], r[1]])) / f64::from(u16::MAX);
-    let at = from + (to - from) * (window.0 + (window.1 - window.0) * share);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()?
-        .as_secs_f64();
-    Some(Instant::now() + Duration::from_secs_f64((at - now).max(0.0)))
+    let serial = leaf.serial_number().to_bn().ok()?.to_vec();
+    let h = openssl::sha::sha256(&serial);
+    let share = f64::from(u16::from_le_bytes([h[0], h[1]])) / f64::from(u16::MAX);
+    Some((
+        from + (to - from) * (window.0 + (window.1 - window.0) * share),
+        to,
+    ))
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -1185,6 +1260,38 @@ async fn read(path: &std::path::Path) -> Result<Vec<u8>, DeviceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_certificate_is_renewed_at_the_point_its_serial_picks() {
+        let key = crypto::generate_p256().unwrap();
+        // Valid from now for a day.
+        let pem = crate::testutil::self_signed("dev1", &key).to_pem().unwrap();
+        let now = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64()
+        };
+        let (at, to) = renewal_point(&pem, (0.5, 0.75)).unwrap();
+        assert_eq!(
+            renewal_point(&pem, (0.5, 0.75)),
+            Some((at, to)),
+            "the same each time"
+        );
+        let start = now();
+        assert!(at > start + 0.5 * 86_400.0 - 5.0 && at < start + 0.75 * 86_400.0 + 5.0);
+        // Ahead: then.
+        let due = renewal_due(&pem, (0.5, 0.75)).unwrap() - Instant::now();
+        assert!((due.as_secs_f64() - (at - start)).abs() < 5.0, "{due:?}");
+        // Passed: within a tenth of what is left, an hour at most.
+        let due = renewal_due(&pem, (1e-9, 1e-9)).unwrap() - Instant::now();
+        assert!(due <= Duration::from_secs(3600), "{due:?}");
+        // Unreadable: never.
+        assert!(renewal_due(b"no certificate", (0.5, 0.75)).is_none());
+        // After a failure: a minute or less at first, up to an hour.
+        assert!((30..=60).contains(&renew_retry(0).as_secs()));
+        assert!((1800..=3600).contains(&renew_retry(20).as_secs()));
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

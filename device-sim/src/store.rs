@@ -327,10 +327,25 @@ impl Store {
         if !key_path.exists() || !chain_path.exists() {
             return Ok(None);
         }
-        Ok(Some(ServiceCredentials {
+        let creds = ServiceCredentials {
             key_pem: fs::read(&key_path).map_err(io_err(&key_path))?,
             chain_pem: fs::read(&chain_path).map_err(io_err(&chain_path))?,
-        }))
+        };
+        // The two files are replaced one after the other: a device stopped
+        // between them (a renewal's new key beside the old chain) has no
+        // usable pair, and asks for another as if it had none.
+        let matches = PKey::private_key_from_pem(&creds.key_pem)
+            .ok()
+            .zip(X509::from_pem(&creds.chain_pem).ok())
+            .is_some_and(|(key, leaf)| leaf.public_key().is_ok_and(|p| p.public_eq(&key)));
+        if !matches {
+            tracing::warn!(
+                service_id,
+                "the stored key and certificate do not match: asking for another"
+            );
+            return Ok(None);
+        }
+        Ok(Some(creds))
     }
 }
 
@@ -411,5 +426,14 @@ mod tests {
         let dir = root.path().join("dev1");
         assert_eq!(mode(&dir.join("service-svcA.key")), 0o600);
         assert!(store.service_credentials("../x").is_err());
+        // Stopped between the two writes of a renewal: a new key beside
+        // the old chain is no pair at all.
+        let new_key = crypto::generate_p256().unwrap();
+        write_atomic(
+            &dir.join("service-svcA.key"),
+            &new_key.private_key_to_pem_pkcs8().unwrap(),
+        )
+        .unwrap();
+        assert!(store.service_credentials("svcA").unwrap().is_none());
     }
 }
