@@ -672,7 +672,8 @@ impl Device {
             .unwrap_or_else(|| self.cfg.service.clone());
         let subscriptions = service_subscriptions(&service_id, &self.id);
         // Not before its `online` is answered (a report in the tenant
-        // revokes a superseded certificate: it must come from the new one).
+        // revokes a superseded certificate: it must come from the new one):
+        // a reply's time at least, then until none is outstanding (below).
         let settled = Instant::now() + self.cfg.request_timeout;
         let mut renew_at =
             renewal_due(&creds.chain_pem, self.cfg.renew_window).map(|at| at.max(settled));
@@ -771,6 +772,13 @@ impl Device {
                     return Ok(Pass::Stopped);
                 }
                 _ = sleep_until_opt(renew_at) => {
+                    // Its status reports answered first: an `online` the
+                    // manager took after the renewal would revoke the
+                    // certificate this connection still holds.
+                    if outstanding.entries.iter().any(|t| t.kind == RequestKind::Status) {
+                        renew_at = Some(Instant::now() + Duration::from_secs(1));
+                        continue;
+                    }
                     match self.renew(&mut link, &service_id).await {
                         Ok(renewed) => return Ok(closed(link, renewed).await),
                         // An operator's reset: `recover` activates again.
