@@ -674,7 +674,9 @@ impl Device {
         // Not before its `online` is answered (a report in the tenant
         // revokes a superseded certificate: it must come from the new one):
         // a reply's time at least, then until none is outstanding (below).
-        let settled = Instant::now() + self.cfg.request_timeout;
+        // In wall-clock time, looked at again every hour at most: the
+        // monotonic clock stands still while a host sleeps.
+        let settled = wall_now() + self.cfg.request_timeout.as_secs_f64();
         let mut renew_at =
             renewal_due(&creds.chain_pem, self.cfg.renew_window).map(|at| at.max(settled));
         let tls = match &self.service_tls {
@@ -771,12 +773,15 @@ impl Device {
                     link.disconnect().await;
                     return Ok(Pass::Stopped);
                 }
-                _ = sleep_until_opt(renew_at) => {
+                _ = sleep_until_opt(renew_at.map(wall_instant)) => {
+                    if renew_at.is_some_and(|at| at > wall_now() + 0.5) {
+                        continue;
+                    }
                     // Its status reports answered first: an `online` the
                     // manager took after the renewal would revoke the
                     // certificate this connection still holds.
                     if outstanding.entries.iter().any(|t| t.kind == RequestKind::Status) {
-                        renew_at = Some(Instant::now() + Duration::from_secs(1));
+                        renew_at = Some(wall_now() + 1.0);
                         continue;
                     }
                     match self.renew(&mut link, &service_id).await {
@@ -796,7 +801,7 @@ impl Device {
                                 status: e.status(),
                                 error: e.to_string(),
                             });
-                            renew_at = Some(Instant::now() + again);
+                            renew_at = Some(wall_now() + again.as_secs_f64());
                         }
                     }
                 }
@@ -1212,11 +1217,9 @@ fn renew_retry(failures: u32) -> Duration {
 /// away), after a random delay of up to a tenth of what is left, an hour at
 /// most, so that a fleet coming back at once does not renew at once. Never
 /// if its validity does not read (said).
-fn renewal_due(chain_pem: &[u8], window: (f64, f64)) -> Option<Instant> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()?
-        .as_secs_f64();
+/// In Unix seconds.
+fn renewal_due(chain_pem: &[u8], window: (f64, f64)) -> Option<f64> {
+    let now = wall_now();
     let at = renewal_point(chain_pem, window);
     let Some((at, to)) = at else {
         warn!("the certificate's validity does not read: it will not be renewed before it expires");
@@ -1229,7 +1232,20 @@ fn renewal_due(chain_pem: &[u8], window: (f64, f64)) -> Option<Instant> {
         let share = f64::from(u16::from_le_bytes([r[0], r[1]])) / f64::from(u16::MAX);
         share * ((to - now).max(0.0) / 10.0).min(3600.0)
     };
-    Some(Instant::now() + Duration::from_secs_f64(wait))
+    Some(now + wait)
+}
+
+/// The wall clock, in Unix seconds.
+fn wall_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// When to look at a wall-clock time `at` (Unix seconds) again: then, or in
+/// an hour if that is sooner.
+fn wall_instant(at: f64) -> Instant {
+    Instant::now() + Duration::from_secs_f64((at - wall_now()).clamp(0.0, 3600.0))
 }
 
 /// The renewal point of the leaf of `chain_pem` in Unix seconds, and its
@@ -1289,11 +1305,13 @@ mod tests {
         let start = now();
         assert!(at > start + 0.5 * 86_400.0 - 5.0 && at < start + 0.75 * 86_400.0 + 5.0);
         // Ahead: then.
-        let due = renewal_due(&pem, (0.5, 0.75)).unwrap() - Instant::now();
-        assert!((due.as_secs_f64() - (at - start)).abs() < 5.0, "{due:?}");
+        let due = renewal_due(&pem, (0.5, 0.75)).unwrap();
+        assert!((due - at).abs() < 0.001, "{due} {at}");
+        // Looked at again within the hour.
+        assert!(wall_instant(due) <= Instant::now() + Duration::from_secs(3600));
         // Passed: within a tenth of what is left, an hour at most.
-        let due = renewal_due(&pem, (1e-9, 1e-9)).unwrap() - Instant::now();
-        assert!(due <= Duration::from_secs(3600), "{due:?}");
+        let due = renewal_due(&pem, (1e-9, 1e-9)).unwrap() - now();
+        assert!((0.0..=3600.0).contains(&due), "{due}");
         // Unreadable: never.
         assert!(renewal_due(b"no certificate", (0.5, 0.75)).is_none());
         // After a failure: a minute or less at first, up to an hour.

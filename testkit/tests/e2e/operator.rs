@@ -757,6 +757,13 @@ async fn the_operator_api_over_tls_is_checked_and_speaks_nothing_else() {
         .await
         .unwrap_err();
     assert!(format!("{err:#}").contains("TLS only"), "{err:#}");
+    // An external broker's configuration, from the registry over TLS.
+    let out = dir.path().join("mq");
+    let out_arg = out.to_str().unwrap();
+    cli(&["--config", config, "mosquitto-config", "--out", out_arg]).await;
+    assert!(std::fs::read_to_string(out.join("cafile.pem"))
+        .unwrap()
+        .starts_with(&std::fs::read_to_string(&root).unwrap()));
 
     // Plain HTTP gets no HTTP answer.
     let mut plain = tokio::net::TcpStream::connect(fleet.manager().admin_addr)
