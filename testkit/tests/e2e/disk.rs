@@ -1,5 +1,6 @@
-//! A whole manager (`fleet-manager serve --embedded-broker`, in a process
-//! of its own) whose disk fills while devices are online.
+//! A whole manager with its embedded broker (what `fleet-manager serve
+//! --embedded-broker` runs), in a process of its own, whose disk fills
+//! while devices are online.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -7,36 +8,60 @@ use std::time::Duration;
 
 use fleet_device_sim::{DeviceEvent, KeyMode};
 use fleet_manager::admin::{call, AdminApi, Token};
-use fleet_manager::cli::{execute, Cli};
 use fleet_protocol::{Route, Status, Topic};
 use fleet_testkit::{eventually, Devices, KillOnDrop, Probe};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(30);
 
-/// Set to a configuration file: [`child_serves`] runs the manager with it.
-const CHILD_CONFIG: &str = "FLEETSHIFT_E2E_SERVE_CONFIG";
+/// Set to a directory: [`child_serves`] runs the manager in it.
+const CHILD_DIR: &str = "FLEETSHIFT_E2E_SERVE_DIR";
 
 /// Not a test of its own: the manager process of
 /// [`a_manager_whose_disk_fills_refuses_changes_and_keeps_serving`], which
-/// runs this binary again with [`CHILD_CONFIG`] set. Without it, it returns
-/// at once.
+/// runs this binary again with [`CHILD_DIR`] set. It does what `serve
+/// --embedded-broker` does, on ephemeral ports, writes the addresses it
+/// got to `addresses.json` there, and serves until killed. Without it, it
+/// returns at once.
 #[tokio::test(flavor = "multi_thread")]
 async fn child_serves() {
-    let Some(config) = std::env::var_os(CHILD_CONFIG) else {
+    let Some(dir) = std::env::var_os(CHILD_DIR) else {
         return;
     };
     fleet_broker::init_logs();
-    let config = config.to_str().unwrap().to_owned();
-    let args = [
-        "fleet-manager",
-        "--config",
-        &config,
-        "serve",
-        "--embedded-broker",
-    ];
-    let cli = <Cli as clap::Parser>::try_parse_from(args).unwrap();
-    execute(cli).await.unwrap();
+    let dir = std::path::PathBuf::from(dir);
+    let certs = dir.join("certs");
+    fleet_pki::Pki::open_or_create(&certs).unwrap();
+    let broker_config = fleet_broker::BrokerConfig {
+        internal_listen: "127.0.0.1:0".parse().unwrap(),
+        bootstrap_tls_listen: Some("127.0.0.1:0".parse().unwrap()),
+        service_listen: Some("127.0.0.1:0".parse().unwrap()),
+        certs_dir: certs.clone(),
+        ..Default::default()
+    };
+    let broker = fleet_broker::start(&broker_config).unwrap();
+    let config = fleet_manager::ManagerConfig {
+        broker_url: format!("mqtt://{}", broker.internal_addr),
+        broker_username: Some(broker.manager_credentials.0.clone()),
+        broker_password: Some(broker.manager_credentials.1.clone()),
+        data_dir: dir.join("store"),
+        certs_dir: certs,
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    };
+    let manager = fleet_manager::start(config, Default::default())
+        .await
+        .unwrap();
+    let addresses = json!({
+        "admin": manager.admin_addr,
+        "internal": broker.internal_addr,
+        "bootstrap": broker.bootstrap_tls_addr,
+        "service": broker.service_addr,
+    });
+    let path = dir.join("addresses.json");
+    std::fs::write(dir.join("addresses.tmp"), addresses.to_string()).unwrap();
+    std::fs::rename(dir.join("addresses.tmp"), path).unwrap();
+    std::future::pending::<()>().await;
 }
 
 /// The operator API's health: its status and body.
@@ -71,13 +96,6 @@ impl Drop for ShownOnFailure {
     }
 }
 
-fn free() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 /// The store's records of `device`: as the operator API shows it, and
 /// its history's length.
 fn records(store: &Path, device: &str) -> (Option<Value>, usize) {
@@ -100,24 +118,13 @@ async fn a_manager_whose_disk_fills_refuses_changes_and_keeps_serving() {
     fleet_testkit::init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let (certs, store) = (dir.path().join("certs"), dir.path().join("store"));
-    let (admin, internal, bootstrap, service) = (free(), free(), free(), free());
-    let config = dir.path().join("manager.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = {store:?}\ncerts_dir = {certs:?}\nadmin_listen = \"{admin}\"\n\
-             [broker]\ninternal_listen = \"{internal}\"\nbootstrap_tls_listen = \"{bootstrap}\"\n\
-             service_listen = \"{service}\"\n"
-        ),
-    )
-    .unwrap();
     // SIGXFSZ ignored, so that the write fails rather than the process.
     let log = std::fs::File::create(dir.path().join("manager.log")).unwrap();
     let child = std::process::Command::new("bash")
         .arg("-c")
         .arg("trap '' XFSZ; ulimit -f 8192; exec \"$0\" --exact disk::child_serves --nocapture")
         .arg(std::env::current_exe().unwrap())
-        .env(CHILD_CONFIG, &config)
+        .env(CHILD_DIR, dir.path())
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
         .stderr(log)
@@ -125,11 +132,21 @@ async fn a_manager_whose_disk_fills_refuses_changes_and_keeps_serving() {
         .unwrap();
     let _child = KillOnDrop(child);
     let _log = ShownOnFailure(dir.path().join("manager.log"));
-    eventually(T, "the manager to serve", || async move {
-        health(admin).await.filter(|(status, _)| *status == 200)
+    let addresses = dir.path().join("addresses.json");
+    let at: Value = eventually(T, "the manager to serve", || {
+        let read = std::fs::read_to_string(&addresses).ok();
+        async move { read.and_then(|text| serde_json::from_str(&text).ok()) }
     })
     .await
     .unwrap();
+    let addr = |name: &str| -> SocketAddr { at[name].as_str().unwrap().parse().unwrap() };
+    let (admin, internal, bootstrap, service) = (
+        addr("admin"),
+        addr("internal"),
+        addr("bootstrap"),
+        addr("service"),
+    );
+    assert_eq!(health(admin).await.unwrap().0, 200);
     let api = AdminApi::new(admin.to_string(), Token::File(certs.join("admin.token")));
 
     let devices = Devices::new(dir.path().join("devices"));
