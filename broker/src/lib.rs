@@ -292,6 +292,19 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
                 for t in tasks {
                     let _ = t.await;
                 }
+                // The connections, each a task of this runtime, say their
+                // farewell (MQTT 5: DISCONNECT 0x8B) before the runtime, and
+                // they with it, is dropped.
+                let deadline = tokio::time::Instant::now() + SHUTDOWN_WAIT;
+                while shared
+                    .metrics
+                    .live
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > 0
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
                 // The second under way, and what was refused while the
                 // connections drained, counted too.
                 shared.flush_refusals_logged(true);

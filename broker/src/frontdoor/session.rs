@@ -713,7 +713,11 @@ pub fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     SessionError::RouterClosed(_) if !taken_over && outbound.unknown_acks > 0 => {
                         Some(DisconnectReasonCode::ProtocolError)
                     }
-                    SessionError::Revoked if shared.stopping.is_cancelled() => {
+                    // The broker stops: its listeners cut the sessions, and
+                    // its router may close a link before the cut is seen.
+                    SessionError::Revoked | SessionError::RouterClosed(_)
+                        if shared.stopping.is_cancelled() =>
+                    {
                         Some(DisconnectReasonCode::ServerShuttingDown)
                     }
                     // Closed for a newcomer (`room_for`).
