@@ -1165,6 +1165,19 @@ pub fn connack(
     Ok(ack)
 }
 
+/// A port no one listens on now, on loopback, for a process that cannot
+/// bind port 0 and say which it got (mosquitto). Someone may take it before
+/// that process binds it: see [`port_taken`].
+pub fn free_port() -> anyhow::Result<std::net::SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// Whether `err` (of [`Mosquitto::spawn`]) says a port was taken: then the
+/// caller picks others and tries again.
+pub fn port_taken(err: &anyhow::Error) -> bool {
+    format!("{err:#}").contains("Address already in use")
+}
+
 /// A mosquitto broker run by a test: a plain listener (manager, bootstrap)
 /// and a mutual-TLS listener trusting the fleet root, on ephemeral ports.
 /// A child process killed (and reaped) when this is dropped, a failing
@@ -1198,11 +1211,20 @@ pub struct Mosquitto {
 }
 
 impl Mosquitto {
+    /// On free ports: mosquitto cannot report ports it chose, so they are
+    /// picked here, and picked again if one was taken in between.
     pub fn start(dir: &Path, certs: &Path) -> anyhow::Result<Mosquitto> {
-        let free = || -> anyhow::Result<std::net::SocketAddr> {
-            Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-        };
-        let (plain, mtls) = (free()?, free()?);
+        let mut attempt = 0;
+        loop {
+            match Self::start_once(dir, certs) {
+                Err(err) if port_taken(&err) && attempt < 3 => attempt += 1,
+                started => return started,
+            }
+        }
+    }
+
+    fn start_once(dir: &Path, certs: &Path) -> anyhow::Result<Mosquitto> {
+        let (plain, mtls) = (free_port()?, free_port()?);
         let user = fleet_manager::cli::current_user();
         let conf = format!(
             "per_listener_settings false\nallow_anonymous true\npersistence false\nlog_dest stderr\n\

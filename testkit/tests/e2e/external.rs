@@ -96,32 +96,39 @@ async fn generated_mosquitto_rules_hold() {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
     fleet_pki::Pki::open_or_create(&certs).unwrap();
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
-    let params = MosquittoParams {
-        internal: free(),
-        bootstrap_tls: free(),
-        service: free(),
-        certs_dir: certs.clone(),
-        out_dir: dir.path().join("mosquitto"),
-        user: fleet_manager::cli::current_user(),
-        max_packet_size: 256 * 1024,
-        max_bootstrap_packet_size: 32 * 1024,
-    };
     let secret = "manager-secret-for-this-test";
-    // First render, before the manager runs: no grants yet.
-    let files = fleet_broker::mosquitto::render(&params, &[]).unwrap();
-    fleet_broker::mosquitto::write(&params, &files, Some(secret)).unwrap();
+    // On free ports, picked again if one was taken before mosquitto bound it.
+    let mut attempt = 0;
+    let (params, mosquitto, bootstrap) = loop {
+        let free = || fleet_testkit::free_port().unwrap();
+        let params = MosquittoParams {
+            internal: free(),
+            bootstrap_tls: free(),
+            service: free(),
+            certs_dir: certs.clone(),
+            out_dir: dir.path().join("mosquitto"),
+            user: fleet_manager::cli::current_user(),
+            max_packet_size: 256 * 1024,
+            max_bootstrap_packet_size: 32 * 1024,
+        };
+        // First render, before the manager runs: no grants yet.
+        let files = fleet_broker::mosquitto::render(&params, &[]).unwrap();
+        fleet_broker::mosquitto::write(&params, &files, Some(secret)).unwrap();
+        let conf = params.out_dir.join("mosquitto.conf");
+        // Both are killed when dropped, when the test fails too. The
+        // bootstrap listener is a mosquitto of its own, bridged to the first.
+        let bootstrap_conf = params.out_dir.join("bootstrap.conf");
+        let spawned = fleet_testkit::Mosquitto::spawn(&conf, dir.path()).and_then(|main| {
+            let bootstrap = fleet_testkit::Mosquitto::spawn(&bootstrap_conf, dir.path())?;
+            Ok((main, bootstrap))
+        });
+        match spawned {
+            Ok((main, bootstrap)) => break (params, main, bootstrap),
+            Err(err) if fleet_testkit::port_taken(&err) && attempt < 3 => attempt += 1,
+            Err(err) => panic!("mosquitto: {err:#}"),
+        }
+    };
     let conf = params.out_dir.join("mosquitto.conf");
-    // Both are killed when dropped, when the test fails too.
-    let mosquitto = fleet_testkit::Mosquitto::spawn(&conf, dir.path()).unwrap();
-    // The bootstrap listener is a mosquitto of its own, bridged to the first.
-    let bootstrap_conf = params.out_dir.join("bootstrap.conf");
-    let bootstrap = fleet_testkit::Mosquitto::spawn(&bootstrap_conf, dir.path()).unwrap();
     let pid = mosquitto.id();
     assert_eq!(
         fleet_broker::mosquitto::runs_with_openssl_cnf(pid, &params.out_dir),
