@@ -203,7 +203,7 @@ pub fn start(config: &BrokerConfig) -> Result<RunningBroker, BrokerError> {
         bootstrap_tls_addr = Some(l.local_addr().map_err(|e| BrokerError::NoPort(addr, e))?);
         let tls = frontdoor::trust::ServerTls::load(
             &config.certs_dir,
-            frontdoor::trust::BROKER_FILES,
+            fleet_pki::BROKER_FILES,
             "bootstrap",
         )?;
         server_tls = Some(tls.clone());

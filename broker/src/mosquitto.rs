@@ -563,23 +563,29 @@ pub fn note_loaded(out_dir: &Path, crlfile: &str) -> std::io::Result<()> {
 
 /// The CRLs the main mosquitto of `out_dir` loaded, as far as the files
 /// tell: `crl.pem` if the process started (`started_ms`, Unix ms) after
-/// the file was last written ([`changed_ms`]), since mosquitto reads it as it starts; else
+/// the file was last written ([`read_at_start`]), since mosquitto reads it as it starts; else
 /// those its last reload was signalled with ([`note_loaded`]). `crl.pem`
 /// alone proves nothing: it is written before the signal, which may not
 /// follow (a watcher stopped in between, a mosquitto not running).
 pub fn loaded_crls(out_dir: &Path, started_ms: Option<u64>) -> Option<String> {
     let crl = out_dir.join("crl.pem");
-    let written_ms = changed_ms(&crl);
-    match (written_ms, started_ms) {
-        (Some(written), Some(started)) if written <= started => std::fs::read_to_string(crl).ok(),
-        _ => std::fs::read_to_string(out_dir.join(LOADED_CRL_FILE)).ok(),
+    match read_at_start(&crl, started_ms) {
+        true => std::fs::read_to_string(crl).ok(),
+        false => std::fs::read_to_string(out_dir.join(LOADED_CRL_FILE)).ok(),
     }
+}
+
+/// Whether a process that started at `started_ms` (Unix ms) read `path` as
+/// it is now at its start: the file last changed before ([`changed_ms`]).
+/// False if either time is unknown.
+pub fn read_at_start(path: &Path, started_ms: Option<u64>) -> bool {
+    matches!((changed_ms(path), started_ms), (Some(changed), Some(started)) if changed <= started)
 }
 
 /// When `path` last changed (its inode's ctime), Unix ms: unlike its
 /// modification time, no copy that keeps times (`cp -p`, `rsync -a`,
 /// `tar x`) sets it back.
-pub fn changed_ms(path: &Path) -> Option<u64> {
+fn changed_ms(path: &Path) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
     let secs = u64::try_from(meta.ctime()).ok()?;

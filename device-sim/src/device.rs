@@ -137,9 +137,18 @@ pub fn backoff(attempt: u32) -> Duration {
     let step = BACKOFF_BASE
         .saturating_mul(1u32 << attempt.min(10))
         .min(BACKOFF_CAP);
+    jittered(step)
+}
+
+/// `step`, less up to half of it at random.
+fn jittered(step: Duration) -> Duration {
+    step.mul_f64(0.5 + random_share() / 2.0)
+}
+
+/// A random fraction in [0, 1].
+fn random_share() -> f64 {
     let r = crypto::random_bytes(2);
-    let frac = 0.5 + f64::from(u16::from_le_bytes([r[0], r[1]])) / f64::from(u16::MAX) / 2.0;
-    step.mul_f64(frac)
+    f64::from(u16::from_le_bytes([r[0], r[1]])) / f64::from(u16::MAX)
 }
 
 /// Runs CPU or disk work off the async workers.
@@ -1207,8 +1216,7 @@ async fn closed(link: Link, renewed: bool) -> Pass {
 /// so that devices refused together do not come back together.
 fn renew_retry(failures: u32) -> Duration {
     let step = (Duration::from_secs(60) * (1u32 << failures.min(6))).min(Duration::from_secs(3600));
-    let r = crypto::random_bytes(2);
-    step.mul_f64(0.5 + f64::from(u16::from_le_bytes([r[0], r[1]])) / f64::from(u16::MAX) / 2.0)
+    jittered(step)
 }
 
 /// When to renew the certificate whose chain is `chain_pem` (its leaf
@@ -1228,9 +1236,7 @@ fn renewal_due(chain_pem: &[u8], window: (f64, f64)) -> Option<f64> {
     let wait = if at > now {
         at - now
     } else {
-        let r = crypto::random_bytes(2);
-        let share = f64::from(u16::from_le_bytes([r[0], r[1]])) / f64::from(u16::MAX);
-        share * ((to - now).max(0.0) / 10.0).min(3600.0)
+        random_share() * ((to - now).max(0.0) / 10.0).min(3600.0)
     };
     Some(now + wait)
 }

@@ -807,8 +807,8 @@ pub async fn watch_mosquitto_config(
         }
         // A reload of the bootstrap mosquitto that could not be made yet
         // (still starting, a failed signal) is tried again at every look.
-        if reload.is_some() && written.is_some() {
-            reload_bootstrap_if_stale(params);
+        if let (Some(_), Some((files, _))) = (reload, &written) {
+            reload_bootstrap_if_stale(params, &files.server_cert);
         }
         if let (Some(since), Some(_)) = (since_start, cutting) {
             let revoked = revoked_principals(admin, |_, at| at.is_some_and(|at| at >= since));
@@ -1015,7 +1015,7 @@ fn apply_mosquitto_config(
     if let Err(err) = fleet_broker::mosquitto::note_loaded(&params.out_dir, &files.crlfile) {
         tracing::warn!(error = %err, "could not record the CRLs mosquitto was reloaded with");
     }
-    reload_bootstrap_if_stale(params);
+    reload_bootstrap_if_stale(params, &files.server_cert);
     Ok(Some(pid))
 }
 
@@ -1028,18 +1028,18 @@ const BOOTSTRAP_CERT_FILE: &str = "bootstrap-cert.pem";
 /// broker certificate changed since it last read it (at its last reload
 /// from here, or at its start), as the main one is at every reload: it
 /// serves the same certificate.
-fn reload_bootstrap_if_stale(params: &fleet_broker::mosquitto::MosquittoParams) {
-    use fleet_broker::mosquitto::{bootstrap_pid, takes_sighup};
-    let Ok(cert) = std::fs::read_to_string(params.certs_dir.join("broker.pem")) else {
+fn reload_bootstrap_if_stale(params: &fleet_broker::mosquitto::MosquittoParams, cert: &str) {
+    use fleet_broker::mosquitto::{bootstrap_pid, read_at_start, takes_sighup};
+    if cert.is_empty() {
         return;
-    };
+    }
     let record = params.out_dir.join(BOOTSTRAP_CERT_FILE);
     if std::fs::read_to_string(&record).is_ok_and(|had| had == cert) {
         return;
     }
-    let noted = |what: &str| {
-        if let Err(err) = std::fs::write(&record, &cert) {
-            tracing::warn!(error = %err, file = %record.display(), "could not record {what}");
+    let noted = || {
+        if let Err(err) = std::fs::write(&record, cert) {
+            tracing::warn!(error = %err, file = %record.display(), "could not record the broker certificate");
         }
     };
     let conf = params.out_dir.join("bootstrap.conf");
@@ -1049,16 +1049,14 @@ fn reload_bootstrap_if_stale(params: &fleet_broker::mosquitto::MosquittoParams) 
             "the broker certificate changed and no mosquitto runs with this bootstrap configuration: \
              a bootstrap mosquitto running with another one keeps its certificate until restarted"
         );
-        noted("the broker certificate");
+        noted();
         return;
     };
-    let written_ms = fleet_broker::mosquitto::changed_ms(&params.certs_dir.join("broker.pem"));
-    let read_at_start = matches!(
-        (written_ms, process_started_ms(pid)),
-        (Some(written), Some(started)) if started >= written
-    );
-    if read_at_start {
-        noted("the broker certificate");
+    if read_at_start(
+        &params.certs_dir.join("broker.pem"),
+        process_started_ms(pid),
+    ) {
+        noted();
     } else if !takes_sighup(pid) {
         tracing::info!(pid, "bootstrap mosquitto still starting: not reloaded yet");
     } else if std::process::Command::new("kill")
@@ -1071,7 +1069,7 @@ fn reload_bootstrap_if_stale(params: &fleet_broker::mosquitto::MosquittoParams) 
             pid,
             "broker certificate changed: bootstrap mosquitto reloaded"
         );
-        noted("the broker certificate");
+        noted();
     } else {
         tracing::warn!(
             pid,

@@ -79,9 +79,6 @@ impl RunningManager {
     }
 }
 
-/// The operator API's certificate and key over TLS, in `certs/`.
-pub const ADMIN_FILES: (&str, &str) = ("admin.pem", "admin.key");
-
 /// Opens the store and PKI, connects to the broker, subscribes, and serves
 /// the operator API. Returns once the request topics are subscribed.
 pub async fn start(
@@ -106,7 +103,7 @@ pub async fn start(
                 .context("issuing the operator API's certificate (admin_tls)")?;
             let tls = fleet_broker::frontdoor::trust::ServerTls::load(
                 &config.certs_dir,
-                ADMIN_FILES,
+                fleet_pki::ADMIN_FILES,
                 "operator API",
             )
             .context("the operator API's TLS (admin_tls)")?;

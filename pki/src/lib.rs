@@ -66,6 +66,11 @@ pub const MAX_CSR_LEN: usize = 4096;
 const ROOT_CN: &str = "fleetshift root CA";
 const BROKER_CN: &str = "fleetshift broker";
 const ADMIN_CN: &str = "fleetshift operator API";
+/// The broker's TLS server certificate and key, in the PKI directory.
+pub const BROKER_FILES: (&str, &str) = ("broker.pem", "broker.key");
+/// The operator API's TLS server certificate and key (`admin_tls`), in the
+/// PKI directory.
+pub const ADMIN_FILES: (&str, &str) = ("admin.pem", "admin.key");
 
 /// Errors of this layer.
 #[derive(Debug, thiserror::Error)]
@@ -227,11 +232,11 @@ impl Pki {
     }
 
     pub fn broker_cert_path(&self) -> PathBuf {
-        self.dir.join("broker.pem")
+        self.dir.join(BROKER_FILES.0)
     }
 
     pub fn broker_key_path(&self) -> PathBuf {
-        self.dir.join("broker.key")
+        self.dir.join(BROKER_FILES.1)
     }
 
     /// The manager's message-signing key.
@@ -506,16 +511,6 @@ impl Pki {
         self.ensure_server_cert(ServerCert::Admin, names, unix_now())
     }
 
-    /// `dir/admin.pem`.
-    pub fn admin_cert_path(&self) -> PathBuf {
-        self.dir.join(ServerCert::Admin.files().0)
-    }
-
-    /// `dir/admin.key`.
-    pub fn admin_key_path(&self) -> PathBuf {
-        self.dir.join(ServerCert::Admin.files().1)
-    }
-
     fn ensure_server_cert(
         &self,
         which: ServerCert,
@@ -531,13 +526,6 @@ impl Pki {
             let key = files::load_private_key(&key_path)?;
             have = Some((cert, key));
         }
-        // A certificate whose key is gone keeps its names, if it reads.
-        let orphan_names = match have {
-            None => files::load_cert(&cert_path)
-                .ok()
-                .map(|c| ServerNames::of(&c)),
-            Some(_) => None,
-        };
         // Why, and whether the files on disk were wrong (not merely due).
         let (key, names, (why, wrong)) = match have {
             Some((cert, key)) if cert.public_key()?.public_eq(&key) => {
@@ -562,7 +550,15 @@ impl Pki {
                 let names = names.cloned().unwrap_or_else(|| ServerNames::of(&cert));
                 (None, Some(names), ("does not match its key", true))
             }
-            None => (None, names.cloned().or(orphan_names), ("missing", false)),
+            // A certificate whose key is gone keeps its names, if it reads.
+            None => {
+                let orphan = || {
+                    files::load_cert(&cert_path)
+                        .ok()
+                        .map(|c| ServerNames::of(&c))
+                };
+                (None, names.cloned().or_else(orphan), ("missing", false))
+            }
         };
         let names = match names {
             Some(names) => names,
@@ -619,8 +615,8 @@ enum ServerCert {
 impl ServerCert {
     fn files(self) -> (&'static str, &'static str) {
         match self {
-            ServerCert::Broker => ("broker.pem", "broker.key"),
-            ServerCert::Admin => ("admin.pem", "admin.key"),
+            ServerCert::Broker => BROKER_FILES,
+            ServerCert::Admin => ADMIN_FILES,
         }
     }
 

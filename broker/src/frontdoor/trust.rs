@@ -518,11 +518,8 @@ fn provider() -> Arc<CryptoProvider> {
 fn broker_identity(
     certs_dir: &Path,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), BrokerError> {
-    identity(certs_dir, BROKER_FILES)
+    identity(certs_dir, fleet_pki::BROKER_FILES)
 }
-
-/// The broker's certificate and key, in `certs/`.
-pub const BROKER_FILES: (&str, &str) = ("broker.pem", "broker.key");
 
 /// A certificate chain and its key from `certs/`: `files` names them.
 fn identity(
