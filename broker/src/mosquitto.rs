@@ -906,9 +906,9 @@ mod tests {
             revoked_at: 1_700_000_000,
         };
         let a = pki
-            .write_crl("svcA", &[entry("1a2b"), entry("ff")], 1)
+            .write_crl("svcA", 1, &[entry("1a2b"), entry("ff")], 1)
             .unwrap();
-        let b = pki.write_crl("svcB", &[entry("0c")], 2).unwrap();
+        let b = pki.write_crl("svcB", 1, &[entry("0c")], 2).unwrap();
         let mut file = std::fs::read_to_string(pki.root_crl_path()).unwrap();
         file += &std::fs::read_to_string(a).unwrap();
         file += "not a CRL\n";

@@ -531,6 +531,21 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
             })
             .await
         }
+        ("GET", ["v1", "services", service, "ca"]) => {
+            let service = service.to_string();
+            blocking(move || service_cas(&core, &service)).await
+        }
+        ("POST", ["v1", "services", service, "ca", "roll"]) => {
+            let service = service.to_string();
+            blocking(move || {
+                service_cas(&core, &service)?;
+                let rolled = core
+                    .roll_service_ca(&service)
+                    .map_err(|f| (500, f.to_string()))?;
+                Ok(ca_view(&rolled, true))
+            })
+            .await
+        }
         ("GET", ["v1", "grants"]) => {
             blocking(move || {
                 let grants = core.grants().map_err(internal)?;
@@ -699,7 +714,53 @@ pub fn cert_view(c: &crate::store::CertRecord) -> Value {
         "revoked_at_grace_end": c.revoked_at_grace_end,
         "superseded_by": c.superseded_by,
         "fingerprint_sha256": c.fingerprint_sha256,
+        "ca_generation": c.ca_generation,
         "pem": pem,
+    })
+}
+
+/// The generations of a service's CA, oldest first; 404 for a service
+/// without one.
+fn service_cas(core: &Core, service: &str) -> Result<Value, (u16, String)> {
+    let generations = core
+        .pki
+        .service_ca_generations(service)
+        .map_err(|e| match e {
+            fleet_pki::PkiError::BadServiceId(_) => (400, e.to_string()),
+            _ => internal(e),
+        })?;
+    let Some(last) = generations.last().map(|ca| ca.generation) else {
+        return Err((404, format!("service {service} has no CA")));
+    };
+    Ok(json!({
+        "service_id": service,
+        "generations": generations
+            .iter()
+            .map(|ca| ca_view(ca, ca.generation == last))
+            .collect::<Vec<_>>(),
+    }))
+}
+
+fn ca_view(ca: &fleet_pki::CaGeneration, issuing: bool) -> Value {
+    let subject = ca
+        .cert
+        .subject_name()
+        .entries()
+        .filter_map(|e| {
+            let value = e.data().to_string().ok()?;
+            Some(format!("{}={}", e.object().nid().short_name().ok()?, value))
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    json!({
+        "generation": ca.generation,
+        "issuing": issuing,
+        "subject": subject,
+        "serial": ca.serial_hex,
+        "not_before": ca.not_before,
+        "not_after": ca.not_after,
+        "cert_path": ca.cert_path,
+        "crl_path": ca.crl_path,
     })
 }
 

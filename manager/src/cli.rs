@@ -111,6 +111,23 @@ pub enum Command {
         #[arg(long)]
         admin: Option<String>,
     },
+    /// Show the generations of a service's CA; with --roll, make a
+    /// successor that issues from then on. The CAs before it stay trusted,
+    /// each with its CRL, until they expire, so no certificate is cut
+    /// short: devices move to the new CA as they renew. The manager rolls
+    /// a CA over by itself once it has less than a year left.
+    ServiceCa {
+        /// The manager's admin API, `host:port`, over TLS if `https://` is
+        /// given, or --admin-ca, or `admin_tls` is set [default:
+        /// `admin_listen` of --config and FLEET_* variables, else
+        /// 127.0.0.1:8080]
+        #[arg(long)]
+        admin: Option<String>,
+        service: String,
+        /// Make a successor of the CA that issues now.
+        #[arg(long)]
+        roll: bool,
+    },
     /// Write the configuration of two mosquitto 2.0 processes for running
     /// the fleet on mosquitto: OUT/mosquitto.conf (internal and service
     /// listeners, ACL from the registry, CA bundle, CRLs) and
@@ -422,6 +439,18 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
         }
         Command::Summary { admin } => {
             print(call(&admin_of(admin)?, "GET", "/v1/summary", None).await?)
+        }
+        Command::ServiceCa {
+            admin,
+            service,
+            roll,
+        } => {
+            let admin = admin_of(admin)?;
+            let path = format!("/v1/services/{service}/ca");
+            print(match roll {
+                true => call(&admin, "POST", &format!("{path}/roll"), None).await?,
+                false => call(&admin, "GET", &path, None).await?,
+            })
         }
         Command::MosquittoConfig {
             admin,

@@ -18,7 +18,7 @@ use fleet_protocol::{
 use openssl::hash::{hash, MessageDigest};
 use openssl::pkey::{PKey, Public};
 use serde_bytes::ByteBuf;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::store::{
     Batch, CertRecord, CertStatus, DeviceRecord, DeviceState, NonceRecord, PendingChange,
@@ -169,6 +169,7 @@ fn active_record(
         revoked_ms: None,
         revoked_at_grace_end: false,
         der: issued.leaf.to_der().map_err(ProtocolError::from)?,
+        ca_generation: issued.ca_generation,
     })
 }
 
@@ -1340,26 +1341,45 @@ impl Core {
         Ok(())
     }
 
-    /// Rewrites the CRL of a service CA from its revocation list.
+    /// Rewrites the CRL of each generation of a service's CA from its
+    /// revocation list: each lists the revoked certificates it issued.
+    /// Returns the path of the issuing generation's CRL.
     pub fn publish_crl(&self, service_id: &str) -> Result<std::path::PathBuf, Failure> {
         let _writer = self.crl_writer.lock().unwrap_or_else(|p| p.into_inner());
-        let revoked: Vec<RevokedEntry> = self
-            .store
-            .revoked_of(service_id)?
-            .into_iter()
-            .map(|(serial_hex, at_ms)| RevokedEntry {
-                serial_hex,
-                revoked_at: at_ms / 1000,
-            })
-            .collect();
-        let number = self.store.next_id()?;
-        Ok(self.pki.write_crl(service_id, &revoked, number)?)
+        self.publish_crl_locked(service_id)
     }
 
-    /// Writes again the root's CRL and every service's CRL past half its
-    /// validity (housekeeping), so that none expires while nothing is
-    /// revoked: a broker that checks CRLs would then refuse the service's
-    /// certificates.
+    fn publish_crl_locked(&self, service_id: &str) -> Result<std::path::PathBuf, Failure> {
+        let revoked = self.store.revoked_of(service_id)?;
+        let mut generations = self.pki.service_ca_generations(service_id)?;
+        if generations.is_empty() {
+            // A service that never had a CA: its first is made here.
+            self.pki.service_ca(service_id)?;
+            generations = self.pki.service_ca_generations(service_id)?;
+        }
+        let mut issuing = None;
+        for ca in &generations {
+            let entries: Vec<RevokedEntry> = revoked
+                .iter()
+                .filter(|r| r.ca_generation == ca.generation)
+                .map(|r| RevokedEntry {
+                    serial_hex: r.serial.clone(),
+                    revoked_at: r.at_ms / 1000,
+                })
+                .collect();
+            let number = self.store.next_id()?;
+            issuing = Some(
+                self.pki
+                    .write_crl(service_id, ca.generation, &entries, number)?,
+            );
+        }
+        Ok(issuing.unwrap_or_else(|| self.pki.crl_path(service_id)))
+    }
+
+    /// Writes again the root's CRL and every service's CRLs past half
+    /// their validity (housekeeping), so that none expires while nothing
+    /// is revoked: a broker that checks CRLs would then refuse the
+    /// service's certificates.
     pub fn refresh_crls(&self) {
         if let Err(err) = self.pki.refresh_root_crl() {
             warn!(error = %err, "root CRL not written");
@@ -1367,31 +1387,82 @@ impl Core {
         let Ok(entries) = std::fs::read_dir(self.pki.dir().join("crl")) else {
             return;
         };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(service) = name.to_str().and_then(|n| n.strip_suffix(".crl.pem")) else {
-                continue;
-            };
-            if fleet_protocol::topic::validate_service_id(service).is_err()
-                || !self.pki.crl_due(service)
-            {
+        let services: std::collections::BTreeSet<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(fleet_pki::parse_crl_file))
+            .map(|(service, _)| service)
+            .collect();
+        for service in services {
+            if !self.pki.crl_due(&service) {
                 continue;
             }
-            if let Err(err) = self.publish_crl(service) {
+            if let Err(err) = self.publish_crl(&service) {
                 warn!(service, error = %err, "CRL not renewed");
             }
         }
     }
 
     /// Makes sure a service has its CA, created on first use, and a CRL
-    /// file, empty if nothing is revoked: brokers that check CRLs
+    /// file for it, empty if nothing is revoked: brokers that check CRLs
     /// (mosquitto's `crlfile`) refuse certificates of a CA without one.
     pub fn ensure_service(&self, service_id: &str) -> Result<(), Failure> {
-        self.pki.service_ca(service_id)?;
-        if !self.pki.crl_path(service_id).exists() {
+        let ca = self.pki.issuing_generation(service_id)?;
+        if !ca.crl_path.exists() {
             self.publish_crl(service_id)?;
         }
         Ok(())
+    }
+
+    /// Makes a successor of the service's issuing CA (see
+    /// [`fleet_pki::Pki::roll_service_ca`]) and writes its CRL before it
+    /// issues anything. The certificates the older CAs issued stay good:
+    /// devices move to the new one as they renew.
+    pub fn roll_service_ca(&self, service_id: &str) -> Result<fleet_pki::CaGeneration, Failure> {
+        let _writer = self.crl_writer.lock().unwrap_or_else(|p| p.into_inner());
+        let rolled = self.pki.roll_service_ca(service_id)?;
+        if let Err(err) = self.publish_crl_locked(service_id) {
+            // The new CA issues only once its CRL is out: a broker that
+            // checks CRLs would refuse what it issued. Written again by the
+            // next housekeeping, which finds it missing.
+            error!(service_id, generation = rolled.generation, error = %err, "CRL of the new service CA not written");
+            return Err(err);
+        }
+        info!(
+            service_id,
+            generation = rolled.generation,
+            serial = %rolled.serial_hex,
+            not_after = rolled.not_after,
+            "service CA rolled over"
+        );
+        Ok(rolled)
+    }
+
+    /// Housekeeping for service CAs: a successor for each issuing CA with
+    /// less than a year left, and the generations past their end retired.
+    pub fn maintain_service_cas(&self) {
+        let now = fleet_protocol::now_ms() / 1000;
+        let services = match self.pki.services_with_ca() {
+            Ok(services) => services,
+            Err(err) => {
+                warn!(error = %err, "service CAs not listed");
+                return;
+            }
+        };
+        for service in &services {
+            match self.pki.roll_due(service, now) {
+                Ok(false) => {}
+                Ok(true) => {
+                    if let Err(err) = self.roll_service_ca(service) {
+                        warn!(service, error = %err, "service CA not rolled over");
+                    }
+                }
+                Err(err) => warn!(service, error = %err, "service CA not checked"),
+            }
+        }
+        let _writer = self.crl_writer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(err) = self.pki.retire_expired_service_cas(now) {
+            warn!(error = %err, "expired service CAs not retired");
+        }
     }
 
     /// Commits a batch, then brings the broker's grants of the device it

@@ -218,6 +218,7 @@ async fn housekeeping(core: Arc<Core>, shutdown: CancellationToken) {
                 tracing::warn!(error = %err, "overdue revocations failed");
             }
             core.write_pending_crls();
+            core.maintain_service_cas();
             core.refresh_crls();
             // Renewed at half its validity; with `server_names`, put back
             // to those names if the files changed under the manager.

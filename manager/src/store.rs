@@ -6,7 +6,10 @@
 //! - `service_history`: device id ‖ 0x00 ‖ big-endian u64 → [`ServicePeriod`].
 //! - `certs`: serial hex → [`CertRecord`].
 //! - `nonces`: device id ‖ 0x00 ‖ nonce → [`NonceRecord`] (replay guard and reply cache).
-//! - `revoked`: service id ‖ 0x00 ‖ serial → revocation time (ms, big-endian), the CRL's source.
+//! - `revoked`: service id ‖ 0x00 ‖ serial → revocation time (ms, big-endian
+//!   u64) ‖ the issuing CA's generation (big-endian u32; absent in entries
+//!   written before CA roll-over, which are all of generation 1), the
+//!   source of the service's CRLs.
 //! - `audit`: big-endian u64 id → [`AuditRecord`] (operator actions).
 //!
 //! A transition that issues a certificate and opens a service period is one
@@ -150,6 +153,30 @@ pub struct CertRecord {
     /// The certificate itself, DER.
     #[serde(with = "serde_bytes")]
     pub der: Vec<u8>,
+    /// The generation of the service CA that issued it (1, the first, for
+    /// records from before CA roll-over).
+    #[serde(default = "first_generation")]
+    pub ca_generation: u32,
+}
+
+fn first_generation() -> u32 {
+    1
+}
+
+/// A revocation list entry: the time and the issuing CA's generation.
+fn revoked_value(c: &CertRecord, at_ms: u64) -> [u8; 12] {
+    let mut v = [0u8; 12];
+    v[..8].copy_from_slice(&at_ms.to_be_bytes());
+    v[8..].copy_from_slice(&c.ca_generation.to_be_bytes());
+    v
+}
+
+/// One entry of a service's revocation list ([`Store::revoked_of`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    pub serial: String,
+    pub at_ms: u64,
+    pub ca_generation: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -530,7 +557,8 @@ impl Store {
                 put_certs(certs, &batch.certs)?;
                 for c in &batch.certs {
                     if let Some(at) = c.revoked_ms {
-                        revoked.insert(revoked_key(&c.service_id, &c.serial), &at.to_be_bytes())?;
+                        revoked
+                            .insert(revoked_key(&c.service_id, &c.serial), &revoked_value(c, at))?;
                     }
                 }
                 Ok(())
@@ -577,7 +605,7 @@ impl Store {
         let put = (&self.certs, &self.revoked).transaction(|(certs, revoked)| {
             certs.insert(c.serial.as_bytes(), encode(c))?;
             if let Some(at) = c.revoked_ms {
-                revoked.insert(revoked_key(&c.service_id, &c.serial), &at.to_be_bytes())?;
+                revoked.insert(revoked_key(&c.service_id, &c.serial), &revoked_value(c, at))?;
             }
             Ok::<_, ConflictableTransactionError<String>>(())
         });
@@ -585,7 +613,7 @@ impl Store {
     }
 
     /// Revoked serials of one service CA with their revocation times (ms).
-    pub fn revoked_of(&self, service_id: &str) -> Result<Vec<(String, u64)>, StoreError> {
+    pub fn revoked_of(&self, service_id: &str) -> Result<Vec<Revoked>, StoreError> {
         let prefix = key_prefix(service_id);
         self.revoked
             .scan_prefix(&prefix)
@@ -594,7 +622,15 @@ impl Store {
                 let serial = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
                 let mut at = [0u8; 8];
                 at.copy_from_slice(&v[..8.min(v.len())]);
-                Ok((serial, u64::from_be_bytes(at)))
+                let ca_generation = v
+                    .get(8..12)
+                    .and_then(|g| <[u8; 4]>::try_from(g).ok())
+                    .map_or(1, u32::from_be_bytes);
+                Ok(Revoked {
+                    serial,
+                    at_ms: u64::from_be_bytes(at),
+                    ca_generation,
+                })
             })
             .collect()
     }

@@ -16,6 +16,8 @@
 //! - `files`: atomic writes with an explicit mode, PEM loading.
 //! - [`grants`]: the registry's grants per device, read by the broker at
 //!   every mutual-TLS handshake.
+//! - `generations`: the file names of each generation of a service CA,
+//!   and when one is rolled over or retired.
 //!
 //! # Directory
 //! ```text
@@ -23,7 +25,9 @@
 //! manager-sign.key, manager-sign.pub.pem
 //! broker.pem, broker.key              broker server certificate (signed by the root)
 //! services/{svc}-ca.pem, {svc}-ca.key per-service intermediate CAs
-//! crl/{svc}.crl.pem                   per-service CRLs
+//! services/{svc}-ca.{n}.pem, .key     their successors (generation n ≥ 2)
+//! services/retired/                   generations past their end
+//! crl/{svc}.crl.pem, {svc}.{n}.crl.pem one CRL per service CA generation
 //! grants/{device_id}                  services the registry grants the device
 //! ```
 //! Private keys are PKCS#8 PEM with mode 0600; every file is written
@@ -33,9 +37,11 @@ mod certs;
 mod crl;
 mod der;
 mod files;
+mod generations;
 pub mod grants;
 mod names;
 
+pub use generations::{parse_crl_file, service_ca_cert_files, RETIRED_DIR};
 pub use names::ServerNames;
 
 use std::collections::HashMap;
@@ -98,6 +104,10 @@ pub enum PkiError {
     BadSerial(String),
     #[error("bad server name {0:?}: neither an IP address nor a DNS name")]
     BadServerName(String),
+    #[error("service {0:?} has no CA")]
+    NoServiceCa(String),
+    #[error("service {service:?} has no CA generation {generation}")]
+    NoGeneration { service: String, generation: u32 },
     /// The PKI directory holds something we did not expect, e.g. a
     /// certificate without its key or a service CA not signed by the root.
     #[error("inconsistent PKI directory: {0}")]
@@ -118,6 +128,25 @@ pub struct IssuedCert {
     pub not_before: u64,
     /// Unix seconds.
     pub not_after: u64,
+    /// The generation of the service CA that issued it (1 for the first).
+    pub ca_generation: u32,
+}
+
+/// One generation of a service's CA.
+#[derive(Debug, Clone)]
+pub struct CaGeneration {
+    pub service_id: String,
+    /// 1 for the first CA of the service, n for its (n-1)th successor.
+    pub generation: u32,
+    pub cert: X509,
+    /// Lowercase hex of the serial, no leading zeros.
+    pub serial_hex: String,
+    /// Unix seconds.
+    pub not_before: u64,
+    /// Unix seconds.
+    pub not_after: u64,
+    pub cert_path: PathBuf,
+    pub crl_path: PathBuf,
 }
 
 /// One line of a CRL.
@@ -133,6 +162,7 @@ pub struct RevokedEntry {
 struct ServiceCa {
     cert: X509,
     key: PKey<Private>,
+    generation: u32,
 }
 
 /// The PKI directory with its root CA, signing key and service CAs loaded.
@@ -209,13 +239,19 @@ impl Pki {
         Ok(())
     }
 
-    /// Whether the CRL of `service_id` is past half its validity (or
-    /// unreadable): it is to be written again before it expires, since a
-    /// broker that checks CRLs refuses the service's certificates once it
-    /// has. Missing is not due: a service without one has none to renew.
+    /// Whether a CRL of `service_id` (one per CA generation) is past half
+    /// its validity (or unreadable): it is to be written again before it
+    /// expires, since a broker that checks CRLs refuses the service's
+    /// certificates once it has. Missing is not due: a service without one
+    /// has none to renew.
     pub fn crl_due(&self, service_id: &str) -> bool {
-        let path = self.crl_path(service_id);
-        path.exists() && crl_due(&path)
+        let Ok(found) = generations::on_disk(&self.dir, Some(service_id)) else {
+            return true;
+        };
+        found.pairs.iter().any(|(_, generation)| {
+            let path = self.crl_path_of(service_id, *generation);
+            path.exists() && crl_due(&path)
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -249,30 +285,170 @@ impl Pki {
         self.dir.join("manager-sign.pub.pem")
     }
 
-    /// `dir/services/{svc}-ca.pem`. The id is not checked here.
+    /// `dir/services/{svc}-ca.pem`, the certificate of the service's first
+    /// CA generation. The id is not checked here.
     pub fn service_ca_path(&self, service_id: &str) -> PathBuf {
-        self.dir
-            .join("services")
-            .join(format!("{service_id}-ca.pem"))
+        self.service_ca_path_of(service_id, 1)
     }
 
-    fn service_ca_key_path(&self, service_id: &str) -> PathBuf {
-        self.dir
-            .join("services")
-            .join(format!("{service_id}-ca.key"))
+    /// The certificate of generation `generation` of the service's CA:
+    /// `services/{svc}-ca.pem` for the first, `services/{svc}-ca.{n}.pem`
+    /// for generation n ≥ 2.
+    pub fn service_ca_path_of(&self, service_id: &str, generation: u32) -> PathBuf {
+        generations::ca_file(&self.dir, service_id, generation, "pem")
     }
 
-    /// `dir/crl/{svc}.crl.pem`. The id is not checked here.
+    fn service_ca_key_path(&self, service_id: &str, generation: u32) -> PathBuf {
+        generations::ca_file(&self.dir, service_id, generation, "key")
+    }
+
+    /// `dir/crl/{svc}.crl.pem`, the CRL of the service's first CA
+    /// generation. The id is not checked here.
     pub fn crl_path(&self, service_id: &str) -> PathBuf {
-        self.dir.join("crl").join(format!("{service_id}.crl.pem"))
+        self.crl_path_of(service_id, 1)
     }
 
-    /// The intermediate CA of `service_id`, loaded from `services/` or created
+    /// The CRL of generation `generation` of the service's CA:
+    /// `crl/{svc}.crl.pem` for the first, `crl/{svc}.{n}.crl.pem` for
+    /// generation n ≥ 2.
+    pub fn crl_path_of(&self, service_id: &str, generation: u32) -> PathBuf {
+        generations::crl_file(&self.dir, service_id, generation)
+    }
+
+    /// The issuing CA of `service_id`, loaded from `services/` or created
     /// there on first use (CN "fleetshift service CA {svc}", O = svc,
     /// pathlen 0, 5 years). Returns clones (reference-counted in OpenSSL).
     pub fn service_ca(&self, service_id: &str) -> Result<(X509, PKey<Private>), PkiError> {
         let ca = self.service_ca_entry(service_id)?;
         Ok((ca.cert, ca.key))
+    }
+
+    /// The generation of `service_id`'s CA that issues now, created on
+    /// first use as [`Pki::service_ca`] does.
+    pub fn issuing_generation(&self, service_id: &str) -> Result<CaGeneration, PkiError> {
+        let ca = self.service_ca_entry(service_id)?;
+        self.generation_info(service_id, ca.generation, ca.cert)
+    }
+
+    fn generation_info(
+        &self,
+        service_id: &str,
+        generation: u32,
+        cert: X509,
+    ) -> Result<CaGeneration, PkiError> {
+        Ok(CaGeneration {
+            service_id: service_id.to_owned(),
+            generation,
+            serial_hex: cert
+                .serial_number()
+                .to_bn()?
+                .to_hex_str()?
+                .to_ascii_lowercase(),
+            not_before: unix_of(cert.not_before())?,
+            not_after: unix_of(cert.not_after())?,
+            cert,
+            cert_path: self.service_ca_path_of(service_id, generation),
+            crl_path: self.crl_path_of(service_id, generation),
+        })
+    }
+
+    /// Every generation of `service_id`'s CA in `services/`, oldest first;
+    /// the last one issues. Empty for a service without a CA.
+    pub fn service_ca_generations(&self, service_id: &str) -> Result<Vec<CaGeneration>, PkiError> {
+        fleet_protocol::topic::validate_service_id(service_id)
+            .map_err(|_| PkiError::BadServiceId(service_id.to_owned()))?;
+        let found = generations::on_disk(&self.dir, Some(service_id))
+            .map_err(|e| files::file_error(&self.dir.join("services"), e))?;
+        found
+            .pairs
+            .into_iter()
+            .map(|(service, generation)| {
+                let cert = files::load_cert(&self.service_ca_path_of(&service, generation))?;
+                self.generation_info(&service, generation, cert)
+            })
+            .collect()
+    }
+
+    /// Every service with a CA in `services/`, sorted.
+    pub fn services_with_ca(&self) -> Result<Vec<String>, PkiError> {
+        let found = generations::on_disk(&self.dir, None)
+            .map_err(|e| files::file_error(&self.dir.join("services"), e))?;
+        let mut services: Vec<String> = found.pairs.into_iter().map(|(s, _)| s).collect();
+        services.dedup();
+        Ok(services)
+    }
+
+    /// Makes a successor of `service_id`'s issuing CA: generation n + 1,
+    /// CN "fleetshift service CA {svc} {n+1}", O = svc, a new key, five
+    /// years but no later than the root. It issues from then on; the CAs
+    /// before it stay trusted (and keep their CRLs) until they expire, so
+    /// every certificate they issued stays good until it is renewed. The
+    /// caller writes the new generation's CRL before it issues anything
+    /// (brokers that check CRLs want one for every CA).
+    pub fn roll_service_ca(&self, service_id: &str) -> Result<CaGeneration, PkiError> {
+        fleet_protocol::topic::validate_service_id(service_id)
+            .map_err(|_| PkiError::BadServiceId(service_id.to_owned()))?;
+        let mut cache = self.lock_cache();
+        let current = match cache.get(service_id) {
+            Some(ca) => ca.clone(),
+            None => self
+                .load_service_ca(service_id)?
+                .ok_or_else(|| PkiError::NoServiceCa(service_id.to_owned()))?,
+        };
+        let next = self.create_service_ca(service_id, current.generation + 1)?;
+        let info = self.generation_info(service_id, next.generation, next.cert.clone())?;
+        cache.insert(service_id.to_owned(), next);
+        Ok(info)
+    }
+
+    /// Whether `service_id`'s issuing CA is due for a successor at `now`:
+    /// less than a year left, and a successor would end at least 30 days
+    /// later (it cannot outlive the root).
+    pub fn roll_due(&self, service_id: &str, now: u64) -> Result<bool, PkiError> {
+        let current = self.issuing_generation(service_id)?;
+        let successor_end = self.service_ca_end(now)?;
+        Ok(current.not_after < now + generations::ROLL_BEFORE_SECS
+            && successor_end >= current.not_after + generations::ROLL_GAIN_SECS)
+    }
+
+    /// Moves every generation of a service CA that has expired by `now`,
+    /// other than the one that issues, with its CRL, to `retired/` under
+    /// `services/` and `crl/`: every certificate it issued has expired
+    /// with it. Returns the generations moved.
+    pub fn retire_expired_service_cas(&self, now: u64) -> Result<Vec<CaGeneration>, PkiError> {
+        let mut retired = Vec::new();
+        for service in self.services_with_ca()? {
+            let all = self.service_ca_generations(&service)?;
+            let Some((_, older)) = all.split_last() else {
+                continue;
+            };
+            for ca in older.iter().filter(|ca| ca.not_after < now) {
+                let key = self.service_ca_key_path(&service, ca.generation);
+                for (path, sub) in [
+                    (&ca.crl_path, "crl"),
+                    (&ca.cert_path, "services"),
+                    (&key, "services"),
+                ] {
+                    let into = self.dir.join(sub).join(RETIRED_DIR);
+                    files::create_dir(&into)?;
+                    let Some(name) = path.file_name() else {
+                        continue;
+                    };
+                    match std::fs::rename(path, into.join(name)) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(files::file_error(path, e)),
+                    }
+                }
+                tracing::info!(
+                    service,
+                    generation = ca.generation,
+                    "retired an expired service CA"
+                );
+                retired.push(ca.clone());
+            }
+        }
+        Ok(retired)
     }
 
     fn service_ca_entry(&self, service_id: &str) -> Result<ServiceCa, PkiError> {
@@ -283,9 +459,29 @@ impl Pki {
         if let Some(ca) = cache.get(service_id) {
             return Ok(ca.clone());
         }
-        let ca = self.load_or_create_service_ca(service_id)?;
+        let ca = match self.load_service_ca(service_id)? {
+            Some(ca) => ca,
+            None => self.create_service_ca(service_id, 1)?,
+        };
         cache.insert(service_id.to_owned(), ca.clone());
         Ok(ca)
+    }
+
+    /// Generation `generation` of `service_id`'s CA with its key: the
+    /// issuing one (created on first use), or an older one from disk.
+    fn service_ca_of(&self, service_id: &str, generation: u32) -> Result<ServiceCa, PkiError> {
+        let issuing = self.service_ca_entry(service_id)?;
+        if issuing.generation == generation {
+            return Ok(issuing);
+        }
+        let cert_path = self.service_ca_path_of(service_id, generation);
+        if !cert_path.exists() {
+            return Err(PkiError::NoGeneration {
+                service: service_id.to_owned(),
+                generation,
+            });
+        }
+        self.load_pair(service_id, generation)
     }
 
     fn lock_cache(&self) -> MutexGuard<'_, HashMap<String, ServiceCa>> {
@@ -294,54 +490,103 @@ impl Pki {
         self.service_cas.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn load_or_create_service_ca(&self, service_id: &str) -> Result<ServiceCa, PkiError> {
-        let cert_path = self.service_ca_path(service_id);
-        let key_path = self.service_ca_key_path(service_id);
-        match (cert_path.exists(), key_path.exists()) {
-            (true, true) => {
-                let cert = files::load_cert(&cert_path)?;
-                let key = files::load_private_key(&key_path)?;
-                check_pair(&cert, &key, &cert_path)?;
-                if !cert.verify(&self.root_key)? {
-                    return Err(PkiError::Inconsistent(format!(
-                        "{} is not signed by the root CA",
-                        cert_path.display()
-                    )));
-                }
-                Ok(ServiceCa { cert, key })
+    /// The highest generation of `service_id`'s CA on disk, checked;
+    /// `None` if it has none. A key without its certificate one generation
+    /// above it is what a roll-over stopped midway leaves (the key is
+    /// written first) and never signed anything: it is removed.
+    fn load_service_ca(&self, service_id: &str) -> Result<Option<ServiceCa>, PkiError> {
+        let found = generations::on_disk(&self.dir, Some(service_id))
+            .map_err(|e| files::file_error(&self.dir.join("services"), e))?;
+        let top = found.pairs.last().map(|(_, g)| *g);
+        for (_, generation) in &found.keys_alone {
+            if *generation >= 2 && Some(*generation) > top {
+                let key = self.service_ca_key_path(service_id, *generation);
+                tracing::warn!(path = %key.display(), "removed the key of a service CA roll-over that did not finish");
+                std::fs::remove_file(&key).map_err(|e| files::file_error(&key, e))?;
+            } else if top.is_none() || *generation == 1 {
+                return Err(half_pair(
+                    &self.service_ca_path_of(service_id, *generation),
+                    &self.service_ca_key_path(service_id, *generation),
+                ));
             }
-            (false, false) => {
-                let key = certs::new_p256_key()?;
-                let now = unix_now();
-                let subject = certs::name(
-                    Some(service_id),
-                    &format!("fleetshift service CA {service_id}"),
-                )?;
-                let cert = certs::build(
-                    &Template {
-                        subject: &subject,
-                        public_key: &key,
-                        serial: &certs::random_serial()?,
-                        not_before: now.saturating_sub(certs::BACKDATE_SECS),
-                        not_after: now + SERVICE_CA_LIFETIME_DAYS * DAY,
-                        profile: Profile::Ca { path_len: Some(0) },
-                    },
-                    Some(&Issuer {
-                        cert: &self.root,
-                        key: &self.root_key,
-                    }),
-                    None,
-                )?;
-                // Key first: a crash in between leaves a key without a
-                // certificate, which is reported, never a certificate whose
-                // key is lost.
-                write_private_key(&key_path, &key)?;
-                files::write_atomic(&cert_path, &cert.to_pem()?, PUBLIC_MODE)?;
-                tracing::info!(service_id, path = %cert_path.display(), "created service CA");
-                Ok(ServiceCa { cert, key })
-            }
-            _ => Err(half_pair(&cert_path, &key_path)),
         }
+        if let Some((_, generation)) = found.certs_alone.iter().find(|(_, g)| Some(*g) > top) {
+            return Err(half_pair(
+                &self.service_ca_path_of(service_id, *generation),
+                &self.service_ca_key_path(service_id, *generation),
+            ));
+        }
+        top.map(|generation| self.load_pair(service_id, generation))
+            .transpose()
+    }
+
+    fn load_pair(&self, service_id: &str, generation: u32) -> Result<ServiceCa, PkiError> {
+        let cert_path = self.service_ca_path_of(service_id, generation);
+        let key_path = self.service_ca_key_path(service_id, generation);
+        let cert = files::load_cert(&cert_path)?;
+        let key = files::load_private_key(&key_path)?;
+        check_pair(&cert, &key, &cert_path)?;
+        if !cert.verify(&self.root_key)? {
+            return Err(PkiError::Inconsistent(format!(
+                "{} is not signed by the root CA",
+                cert_path.display()
+            )));
+        }
+        Ok(ServiceCa {
+            cert,
+            key,
+            generation,
+        })
+    }
+
+    /// The end of a service CA made at `now`: five years, but no later
+    /// than the root, which a CA cannot usefully outlive.
+    fn service_ca_end(&self, now: u64) -> Result<u64, PkiError> {
+        Ok((now + SERVICE_CA_LIFETIME_DAYS * DAY).min(unix_of(self.root.not_after())?))
+    }
+
+    fn create_service_ca(&self, service_id: &str, generation: u32) -> Result<ServiceCa, PkiError> {
+        let cert_path = self.service_ca_path_of(service_id, generation);
+        let key_path = self.service_ca_key_path(service_id, generation);
+        if cert_path.exists() || key_path.exists() {
+            return Err(PkiError::Inconsistent(format!(
+                "{} or its key is already there",
+                cert_path.display()
+            )));
+        }
+        let key = certs::new_p256_key()?;
+        let now = unix_now();
+        let cn = match generation {
+            1 => format!("fleetshift service CA {service_id}"),
+            n => format!("fleetshift service CA {service_id} {n}"),
+        };
+        let subject = certs::name(Some(service_id), &cn)?;
+        let cert = certs::build(
+            &Template {
+                subject: &subject,
+                public_key: &key,
+                serial: &certs::random_serial()?,
+                not_before: now.saturating_sub(certs::BACKDATE_SECS),
+                not_after: self.service_ca_end(now)?,
+                profile: Profile::Ca { path_len: Some(0) },
+            },
+            Some(&Issuer {
+                cert: &self.root,
+                key: &self.root_key,
+            }),
+            None,
+        )?;
+        // Key first: a crash in between leaves a key without a
+        // certificate, which is reported (or, for a successor, removed),
+        // never a certificate whose key is lost.
+        write_private_key(&key_path, &key)?;
+        files::write_atomic(&cert_path, &cert.to_pem()?, PUBLIC_MODE)?;
+        tracing::info!(service_id, generation, path = %cert_path.display(), "created service CA");
+        Ok(ServiceCa {
+            cert,
+            key,
+            generation,
+        })
     }
 
     /// Checks a DER PKCS#10 CSR: size, parse, self-signature, EC P-256 key.
@@ -456,20 +701,25 @@ impl Pki {
             fingerprint_sha256,
             not_before,
             not_after,
+            ca_generation: ca.generation,
         })
     }
 
-    /// Writes `crl/{svc}.crl.pem`, signed by the service's CA, listing
-    /// `revoked` (duplicates dropped), with `crl_number`, thisUpdate now and
+    /// Writes the CRL of generation `generation` of the service's CA
+    /// ([`Pki::crl_path_of`]), signed by that CA, listing `revoked`
+    /// (duplicates dropped), with `crl_number`, thisUpdate now and
     /// nextUpdate in 7 days. Atomic; returns the path. Callers keep
     /// `crl_number` increasing.
     pub fn write_crl(
         &self,
         service_id: &str,
+        generation: u32,
         revoked: &[RevokedEntry],
         crl_number: u64,
     ) -> Result<PathBuf, PkiError> {
-        let ca = self.service_ca_entry(service_id)?;
+        fleet_protocol::topic::validate_service_id(service_id)
+            .map_err(|_| PkiError::BadServiceId(service_id.to_owned()))?;
+        let ca = self.service_ca_of(service_id, generation)?;
         let now = unix_now();
         let params = crl::CrlParams {
             crl_number,
@@ -477,9 +727,15 @@ impl Pki {
             next_update: (now + CRL_VALIDITY_DAYS * DAY) as i64,
         };
         let der = crl::build_crl_der(&ca.cert, &ca.key, revoked, &params)?;
-        let path = self.crl_path(service_id);
+        let path = self.crl_path_of(service_id, generation);
         files::write_atomic(&path, &crl::crl_der_to_pem(&der), PUBLIC_MODE)?;
-        tracing::info!(service_id, crl_number, revoked = revoked.len(), "wrote CRL");
+        tracing::info!(
+            service_id,
+            generation,
+            crl_number,
+            revoked = revoked.len(),
+            "wrote CRL"
+        );
         Ok(path)
     }
 
@@ -809,7 +1065,7 @@ mod tests {
         assert!(crl.get_revoked().is_none_or(|r| r.is_empty()));
         assert!(!crl_due(&pki.root_crl_path()), "a fresh CRL is due");
         assert!(!pki.crl_due("svcA"), "a missing CRL is due");
-        pki.write_crl("svcA", &[], 1).unwrap();
+        pki.write_crl("svcA", 1, &[], 1).unwrap();
         assert!(!pki.crl_due("svcA"));
         // Written 5 days ago for 7 days: past half.
         let (ca, key) = pki.service_ca("svcA").unwrap();
@@ -852,7 +1108,7 @@ mod tests {
             None,
         )
         .unwrap();
-        write_private_key(&pki.service_ca_key_path("svcQ"), &key).unwrap();
+        write_private_key(&pki.service_ca_key_path("svcQ", 1), &key).unwrap();
         files::write_atomic(
             &pki.service_ca_path("svcQ"),
             &cert.to_pem().unwrap(),
@@ -1092,6 +1348,101 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    /// What a roll-over stopped midway leaves is cleaned up or reported;
+    /// expired generations other than the issuing one are retired; no roll
+    /// is due while a successor could not outlive the issuing CA.
+    #[test]
+    fn service_ca_generations_survive_interruptions_and_retire() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::open_or_create(tmp.path()).unwrap();
+        assert!(matches!(
+            pki.roll_service_ca("svcA"),
+            Err(PkiError::NoServiceCa(_))
+        ));
+        pki.service_ca("svcA").unwrap();
+        pki.roll_service_ca("svcA").unwrap();
+
+        // A key written for generation 3, then a crash before its certificate.
+        let orphan = pki.service_ca_key_path("svcA", 3);
+        write_private_key(&orphan, &certs::new_p256_key().unwrap()).unwrap();
+        let pki = Pki::open_or_create(tmp.path()).unwrap();
+        assert_eq!(pki.issuing_generation("svcA").unwrap().generation, 2);
+        assert!(!orphan.exists(), "the unfinished roll's key was removed");
+        assert_eq!(pki.roll_service_ca("svcA").unwrap().generation, 3);
+
+        // A certificate whose key is gone is reported, not skipped.
+        std::fs::remove_file(pki.service_ca_key_path("svcA", 3)).unwrap();
+        let reopened = Pki::open_or_create(tmp.path()).unwrap();
+        assert!(matches!(
+            reopened.issuing_generation("svcA"),
+            Err(PkiError::Inconsistent(_))
+        ));
+        std::fs::remove_file(pki.service_ca_path_of("svcA", 3)).unwrap();
+        let pki = Pki::open_or_create(tmp.path()).unwrap();
+        assert_eq!(pki.issuing_generation("svcA").unwrap().generation, 2);
+
+        // Retired once expired, but never the one that issues.
+        for generation in [1, 2] {
+            pki.write_crl("svcA", generation, &[], u64::from(generation))
+                .unwrap();
+        }
+        let cas = pki.service_ca_generations("svcA").unwrap();
+        assert!(pki
+            .retire_expired_service_cas(unix_now())
+            .unwrap()
+            .is_empty());
+        let far = cas[1].not_after + DAY;
+        let retired = pki.retire_expired_service_cas(far).unwrap();
+        assert_eq!(retired.len(), 1);
+        assert_eq!(retired[0].generation, 1);
+        assert!(!pki.service_ca_path_of("svcA", 1).exists());
+        assert!(!pki.crl_path_of("svcA", 1).exists());
+        let away = tmp.path().join("services").join(RETIRED_DIR);
+        assert!(away.join("svcA-ca.pem").exists() && away.join("svcA-ca.key").exists());
+        assert!(tmp
+            .path()
+            .join("crl")
+            .join(RETIRED_DIR)
+            .join("svcA.crl.pem")
+            .exists());
+        assert_eq!(pki.issuing_generation("svcA").unwrap().generation, 2);
+        assert!(pki.crl_path_of("svcA", 2).exists());
+
+        // Due a year before the end, while a successor gains something.
+        let end = cas[1].not_after;
+        assert!(!pki.roll_due("svcA", unix_now()).unwrap());
+        assert!(pki.roll_due("svcA", end - 300 * DAY).unwrap());
+        // A CA that ends with the root cannot be outlived: never due.
+        let root_end = unix_of(pki.root.not_after()).unwrap();
+        let key = certs::new_p256_key().unwrap();
+        let cert = certs::build(
+            &Template {
+                subject: &certs::name(Some("svcA"), "fleetshift service CA svcA 3").unwrap(),
+                public_key: &key,
+                serial: &certs::random_serial().unwrap(),
+                not_before: unix_now() - 60,
+                not_after: root_end - 10 * DAY,
+                profile: Profile::Ca { path_len: Some(0) },
+            },
+            Some(&Issuer {
+                cert: &pki.root,
+                key: &pki.root_key,
+            }),
+            None,
+        )
+        .unwrap();
+        write_private_key(&pki.service_ca_key_path("svcA", 3), &key).unwrap();
+        files::write_atomic(
+            &pki.service_ca_path_of("svcA", 3),
+            &cert.to_pem().unwrap(),
+            PUBLIC_MODE,
+        )
+        .unwrap();
+        let pki = Pki::open_or_create(tmp.path()).unwrap();
+        assert_eq!(pki.issuing_generation("svcA").unwrap().generation, 3);
+        assert!(!pki.roll_due("svcA", root_end - 100 * DAY).unwrap());
     }
 
     #[test]

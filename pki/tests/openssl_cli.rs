@@ -202,7 +202,7 @@ fn crl_is_signed_and_revokes_with_openssl_cli() {
             revoked_at: 1_700_000_000,
         },
     ];
-    let crl_path = pki.write_crl("svcA", &entries, 42).unwrap();
+    let crl_path = pki.write_crl("svcA", 1, &entries, 42).unwrap();
     assert_eq!(crl_path, pki.crl_path("svcA"));
 
     let out = openssl(&[
@@ -311,7 +311,7 @@ fn empty_crl_omits_the_revoked_list() {
     let pki = Pki::open_or_create(tmp.path()).unwrap();
     let leaf = issue(&pki, "dev1", "svcA");
     let leaf_path = write_leaf(tmp.path(), "leaf.pem", &leaf);
-    let crl_path = pki.write_crl("svcA", &[], 1).unwrap();
+    let crl_path = pki.write_crl("svcA", 1, &[], 1).unwrap();
 
     let out = openssl(&[
         &"crl",
@@ -343,4 +343,137 @@ fn empty_crl_omits_the_revoked_list() {
         &leaf_path,
     ]);
     assert!(out.status.success(), "{}", combined(&out));
+}
+
+/// A service CA rolled over: the successor is a CA of the same service
+/// under the root, issues from then on, and each generation has a CRL of
+/// its own that `openssl verify -crl_check` reads; the certificates the
+/// first one issued stay good until revoked.
+#[test]
+fn a_rolled_over_service_ca_issues_and_both_generations_are_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::open_or_create(&tmp.path().join("pki")).unwrap();
+    let old = issue(&pki, "dev1", "svcA");
+    assert_eq!(old.ca_generation, 1);
+    let kept = issue(&pki, "dev3", "svcA");
+
+    let rolled = pki.roll_service_ca("svcA").unwrap();
+    assert_eq!(rolled.generation, 2);
+    assert_eq!(rolled.cert_path, pki.service_ca_path_of("svcA", 2));
+    assert!(rolled.cert_path.ends_with("services/svcA-ca.2.pem"));
+    let subject = combined(&openssl(&[
+        &"x509",
+        &"-in",
+        &rolled.cert_path,
+        &"-noout",
+        &"-subject",
+        &"-ext",
+        &"basicConstraints",
+    ]));
+    assert!(subject.contains("O = svcA"), "{subject}");
+    assert!(
+        subject.contains("CN = fleetshift service CA svcA 2"),
+        "{subject}"
+    );
+    assert!(subject.contains("CA:TRUE, pathlen:0"), "{subject}");
+    let out = openssl(&[
+        &"verify",
+        &"-CAfile",
+        &pki.root_pem_path(),
+        &rolled.cert_path,
+    ]);
+    assert!(out.status.success(), "{}", combined(&out));
+
+    let new = issue(&pki, "dev2", "svcA");
+    assert_eq!(new.ca_generation, 2);
+    assert_eq!(
+        new.chain[1].to_der().unwrap(),
+        rolled.cert.to_der().unwrap()
+    );
+    let (old_leaf, new_leaf, kept_leaf) = (
+        write_leaf(tmp.path(), "old.pem", &old),
+        write_leaf(tmp.path(), "new.pem", &new),
+        write_leaf(tmp.path(), "kept.pem", &kept),
+    );
+    let verify = |leaf: &Path, untrusted: &Path| {
+        openssl(&[
+            &"verify",
+            &"-CAfile",
+            &pki.root_pem_path(),
+            &"-untrusted",
+            &untrusted,
+            &leaf,
+        ])
+    };
+    let first_ca = pki.service_ca_path_of("svcA", 1);
+    assert!(verify(&new_leaf, &rolled.cert_path).status.success());
+    assert!(!verify(&new_leaf, &first_ca).status.success());
+    assert!(verify(&old_leaf, &first_ca).status.success());
+    assert!(!verify(&old_leaf, &rolled.cert_path).status.success());
+
+    // One CRL per generation, each signed by its own CA.
+    let revoked = |c: &IssuedCert| RevokedEntry {
+        serial_hex: c.serial_hex.clone(),
+        revoked_at: 1_700_000_000,
+    };
+    let crl1 = pki.write_crl("svcA", 1, &[revoked(&old)], 10).unwrap();
+    let crl2 = pki.write_crl("svcA", 2, &[revoked(&new)], 11).unwrap();
+    assert_eq!(crl2, pki.crl_path_of("svcA", 2));
+    assert!(crl2.ends_with("crl/svcA.2.crl.pem"));
+    for (crl, ca, other) in [
+        (&crl1, &first_ca, &rolled.cert_path),
+        (&crl2, &rolled.cert_path, &first_ca),
+    ] {
+        let out = openssl(&[&"crl", &"-in", crl, &"-noout", &"-CAfile", ca]);
+        assert!(combined(&out).contains("verify OK"), "{}", combined(&out));
+        let out = openssl(&[&"crl", &"-in", crl, &"-noout", &"-CAfile", other]);
+        assert!(!combined(&out).contains("verify OK"), "{}", combined(&out));
+    }
+    // Both CAs and both CRLs in one place, as a broker loads them.
+    let bundle = tmp.path().join("cas.pem");
+    let crls = tmp.path().join("crls.pem");
+    let cat = |paths: &[&Path]| -> Vec<u8> {
+        paths
+            .iter()
+            .flat_map(|p| std::fs::read(p).unwrap())
+            .collect()
+    };
+    std::fs::write(
+        &bundle,
+        cat(&[&pki.root_pem_path(), &first_ca, &rolled.cert_path]),
+    )
+    .unwrap();
+    std::fs::write(&crls, cat(&[&crl1, &crl2])).unwrap();
+    let checked = |leaf: &Path| {
+        let out = openssl(&[
+            &"verify",
+            &"-crl_check",
+            &"-CAfile",
+            &bundle,
+            &"-CRLfile",
+            &crls,
+            &leaf,
+        ]);
+        (out.status.success(), combined(&out))
+    };
+    for leaf in [&old_leaf, &new_leaf] {
+        let (ok, text) = checked(leaf);
+        assert!(!ok && text.contains("revoked"), "{text}");
+    }
+    let (ok, text) = checked(&kept_leaf);
+    assert!(ok, "{text}");
+
+    // Reopened, the successor still issues.
+    let pki = Pki::open_or_create(&tmp.path().join("pki")).unwrap();
+    assert_eq!(pki.issuing_generation("svcA").unwrap().generation, 2);
+    assert_eq!(issue(&pki, "dev4", "svcA").ca_generation, 2);
+    let listed: Vec<u32> = pki
+        .service_ca_generations("svcA")
+        .unwrap()
+        .iter()
+        .map(|g| g.generation)
+        .collect();
+    assert_eq!(listed, [1, 2]);
+    // Another service is not touched.
+    assert_eq!(issue(&pki, "dev5", "svcB").ca_generation, 1);
 }

@@ -1272,8 +1272,9 @@ impl ClientVerifier {
         Err(refuse(CertificateError::ApplicationVerificationFailure))
     }
 
-    /// Whether `ca` is its service's CA file now: one created since the
-    /// last reload (the watcher looks every [`RELOAD_EVERY`]).
+    /// Whether `ca` is in one of its service's CA files now: one created
+    /// (a new service, or a successor of its CA) since the last reload
+    /// (the watcher looks every [`RELOAD_EVERY`]).
     fn service_ca_on_disk(&self, ca: &CertificateDer<'_>) -> bool {
         let Some(service) = der::names(ca).and_then(|n| n.subject_o) else {
             return false;
@@ -1281,13 +1282,14 @@ impl ClientVerifier {
         if fleet_protocol::topic::validate_service_id(&service).is_err() {
             return false;
         }
-        let path = self
-            .certs_dir
-            .join("services")
-            .join(format!("{service}-ca.pem"));
-        CertificateDer::pem_file_iter(&path)
-            .map(|certs| certs.flatten().any(|c| c.as_ref() == ca.as_ref()))
-            .unwrap_or(false)
+        fleet_pki::service_ca_cert_files(&self.certs_dir, &service)
+            .iter()
+            .rev()
+            .any(|path| {
+                CertificateDer::pem_file_iter(path)
+                    .map(|certs| certs.flatten().any(|c| c.as_ref() == ca.as_ref()))
+                    .unwrap_or(false)
+            })
     }
 }
 

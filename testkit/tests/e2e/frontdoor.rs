@@ -1431,7 +1431,11 @@ async fn a_connection_waiting_for_its_connect_ends_when_its_certificate_is_revok
         started.elapsed()
     });
     tokio::time::timeout(T, rx).await.unwrap().unwrap();
-    fleet.core().pki.write_crl("svcA", &[revoked], 1).unwrap();
+    fleet
+        .core()
+        .pki
+        .write_crl("svcA", 1, &[revoked], 1)
+        .unwrap();
     let waited = tokio::time::timeout(T, reader).await.unwrap().unwrap();
     assert!(waited < Duration::from_secs(10), "closed after {waited:?}");
 }
@@ -1950,7 +1954,7 @@ async fn a_reconnecting_device_resumes_its_session_and_every_resumption_is_check
         fleet
             .core()
             .pki
-            .write_crl("svcA", &[revoked], crl_number)
+            .write_crl("svcA", 1, &[revoked], crl_number)
             .unwrap();
         let root = certs.join("root-ca.pem");
         eventually(T, "the revoked certificate to be refused", || {
@@ -1971,7 +1975,7 @@ async fn a_reconnecting_device_resumes_its_session_and_every_resumption_is_check
         fleet
             .core()
             .pki
-            .write_crl("svcA", &[], crl_number + 1)
+            .write_crl("svcA", 1, &[], crl_number + 1)
             .unwrap();
     }
     // No resumption by TLS 1.2 session id: the broker keeps no sessions.

@@ -550,7 +550,7 @@ async fn a_device_renews_its_certificate_before_it_expires() {
     assert_eq!(first_cert.superseded_by.as_deref(), Some(second.as_str()));
     fleet_testkit::eventually(T, "the first certificate revoked", || {
         let revoked = fleet.core().store.revoked_of("svcA").unwrap();
-        let done = revoked.iter().any(|(serial, _)| *serial == first);
+        let done = revoked.iter().any(|r| r.serial == first);
         async move { done.then_some(()) }
     })
     .await

@@ -11,5 +11,6 @@ mod operator;
 mod overload;
 mod python_device;
 mod restart;
+mod rollover;
 mod secrecy;
 mod wire;

@@ -848,7 +848,11 @@ async fn a_will_whose_certificate_is_revoked_while_it_waits_is_dropped() {
         .into_iter()
         .map(|pem| revoked_entry(pem, 0))
         .collect();
-    fleet.core().pki.write_crl("svcA", &entries, 1_000).unwrap();
+    fleet
+        .core()
+        .pki
+        .write_crl("svcA", 1, &entries, 1_000)
+        .unwrap();
     eventually(T, "the revocation to be loaded", || async {
         connect_witness().await.is_err().then_some(())
     })

@@ -1,0 +1,280 @@
+//! A service CA rolled over by the operator while its devices are online:
+//! the devices it certified keep working, new certificates come from the
+//! successor, and each generation revokes through its own CRL.
+
+use std::path::Path;
+use std::time::Duration;
+
+use fleet_device_sim::{DeviceEvent, KeyMode};
+use fleet_manager::admin::call;
+use fleet_protocol::{Route, Topic};
+use fleet_testkit::{openssl_verify, tls_refused, write_file, Devices, Fleet};
+use openssl::x509::{CrlStatus, X509Crl, X509};
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(30);
+
+fn telemetry(service: &str, device: &str) -> String {
+    Topic::in_tenant(service, Route::Telemetry(device.into())).to_string()
+}
+
+/// Whether the CRL at `crl` revokes `serial` (hex, as the store keeps it).
+fn lists(crl: &Path, serial: &str) -> bool {
+    let Some(crl) = std::fs::read(crl)
+        .ok()
+        .and_then(|pem| X509Crl::from_pem(&pem).ok())
+    else {
+        return false;
+    };
+    let serial = openssl::bn::BigNum::from_hex_str(serial)
+        .unwrap()
+        .to_asn1_integer()
+        .unwrap();
+    matches!(crl.get_by_serial(&serial), CrlStatus::Revoked(_))
+}
+
+/// `device`'s key and chain for svcA, as it stored them.
+fn credentials(devices: &Devices, device: &str) -> (Vec<u8>, Vec<u8>) {
+    let creds = devices
+        .store(device)
+        .unwrap()
+        .service_credentials("svcA")
+        .unwrap()
+        .expect("credentials for svcA");
+    (creds.chain_pem, creds.key_pem)
+}
+
+async fn connected_to(devices: &Devices, device: &str, service: &str) {
+    let service = service.to_owned();
+    devices
+        .wait_event(
+            device,
+            T,
+            &format!("connected to {service}"),
+            |e| matches!(e, DeviceEvent::Connected { service_id } if *service_id == service),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_rolled_over_service_ca_keeps_its_devices_and_certifies_under_the_successor() {
+    let fleet = Fleet::start().await.unwrap();
+    let devices = Devices::new(fleet.dir.path().join("devices"));
+    let observer = fleet.privileged("observer").await.unwrap();
+    observer.subscribe("/tenants/+/telemetry/+").await.unwrap();
+    let api = fleet.api();
+    let root_path = fleet.certs_dir().join("root-ca.pem");
+    let root = std::fs::read(&root_path).unwrap();
+    let pki = &fleet.core().pki;
+
+    devices.provision(&fleet, "old1", "svcA").await.unwrap();
+    devices.spawn(devices.config(&fleet, "old1", KeyMode::Csr));
+    connected_to(&devices, "old1", "svcA").await;
+    let (old_chain, old_key) = credentials(&devices, "old1");
+    let old_serial = fleet
+        .core()
+        .store
+        .device("old1")
+        .unwrap()
+        .unwrap()
+        .current_cert
+        .unwrap();
+
+    // The operator rolls svcA's CA over.
+    let rolled = call(&api, "POST", "/v1/services/svcA/ca/roll", None)
+        .await
+        .unwrap();
+    assert_eq!(rolled["generation"], json!(2));
+    assert_eq!(rolled["issuing"], json!(true));
+    assert_eq!(
+        rolled["subject"],
+        json!("O=svcA, CN=fleetshift service CA svcA 2")
+    );
+    let listed = call(&api, "GET", "/v1/services/svcA/ca", None)
+        .await
+        .unwrap();
+    let generations: Vec<_> = listed["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| (g["generation"].clone(), g["issuing"].clone()))
+        .collect();
+    assert_eq!(
+        generations,
+        [(json!(1), json!(false)), (json!(2), json!(true))]
+    );
+    for (path, code) in [
+        ("/v1/services/svcZ/ca", "404"),
+        ("/v1/services/sv-c/ca", "400"),
+    ] {
+        let err = call(&api, "GET", path, None).await.unwrap_err().to_string();
+        assert!(err.contains(code), "{path}: {err}");
+    }
+    let err = call(&api, "POST", "/v1/services/svcZ/ca/roll", None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("404"), "{err}");
+    assert!(
+        !pki.service_ca_path_of("svcZ", 1).exists(),
+        "no CA made for svcZ"
+    );
+    // The successor's CRL is there before it issues anything.
+    let successor = pki.service_ca_path_of("svcA", 2);
+    let out = std::process::Command::new("openssl")
+        .args(["crl", "-noout", "-in"])
+        .arg(pki.crl_path_of("svcA", 2))
+        .arg("-CAfile")
+        .arg(&successor)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("verify OK"),
+        "{out:?}"
+    );
+
+    // A device certified now gets the successor's chain and connects with
+    // it at once, before or after the broker looked at `services/` again.
+    devices.provision(&fleet, "new1", "svcA").await.unwrap();
+    devices.spawn(devices.config(&fleet, "new1", KeyMode::Csr));
+    connected_to(&devices, "new1", "svcA").await;
+    observer
+        .wait_for(&telemetry("svcA", "new1"), 1, T)
+        .await
+        .unwrap();
+    let (new_chain, new_key) = credentials(&devices, "new1");
+    let new_certs = X509::stack_from_pem(&new_chain).unwrap();
+    let successor_der = X509::from_pem(&std::fs::read(&successor).unwrap())
+        .unwrap()
+        .to_der()
+        .unwrap();
+    assert_eq!(new_certs[1].to_der().unwrap(), successor_der);
+    let dir = fleet.dir.path();
+    let new_leaf = write_file(dir, "new1.pem", &new_certs[0].to_pem().unwrap()).unwrap();
+    openssl_verify(&root_path, &successor, &new_leaf, None).unwrap();
+    assert!(openssl_verify(&root_path, &pki.service_ca_path("svcA"), &new_leaf, None).is_err());
+    let new_serial = fleet
+        .core()
+        .store
+        .device("new1")
+        .unwrap()
+        .unwrap()
+        .current_cert
+        .unwrap();
+    assert_eq!(
+        fleet
+            .core()
+            .store
+            .cert(&new_serial)
+            .unwrap()
+            .unwrap()
+            .ca_generation,
+        2
+    );
+
+    // Once the broker has the successor loaded, the leaf alone is enough
+    // (the successor is a trust anchor); and the first generation's
+    // certificate is still taken, so no device had to move.
+    let leaf_only = new_certs[0].to_pem().unwrap();
+    fleet_testkit::eventually(T, "the successor loaded by the broker", || {
+        let (root, leaf, key) = (root.clone(), leaf_only.clone(), new_key.clone());
+        let addr = fleet.service_addr();
+        async move {
+            let refused = tls_refused(addr, &root, (&leaf, &key), Duration::from_millis(300))
+                .await
+                .unwrap();
+            (!refused).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!tls_refused(
+        fleet.service_addr(),
+        &root,
+        (&old_chain, &old_key),
+        Duration::from_millis(300)
+    )
+    .await
+    .unwrap());
+    let seen = observer.on(&telemetry("svcA", "old1")).len();
+    observer
+        .wait_for(&telemetry("svcA", "old1"), seen + 2, T)
+        .await
+        .unwrap();
+
+    // Both move to svcB: each svcA certificate is revoked in the CRL of
+    // the generation that issued it, and refused at the handshake.
+    fleet.change(&["old1", "new1"], "svcB").await.unwrap();
+    for device in ["old1", "new1"] {
+        connected_to(&devices, device, "svcB").await;
+    }
+    let (first_crl, second_crl) = (pki.crl_path_of("svcA", 1), pki.crl_path_of("svcA", 2));
+    fleet_testkit::eventually(T, "both svcA certificates revoked", || {
+        let done = lists(&first_crl, &old_serial) && lists(&second_crl, &new_serial);
+        async move { done.then_some(()) }
+    })
+    .await
+    .unwrap();
+    assert!(!lists(&first_crl, &new_serial));
+    assert!(!lists(&second_crl, &old_serial));
+    let generations: Vec<(String, u32)> = fleet
+        .core()
+        .store
+        .revoked_of("svcA")
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.serial, r.ca_generation))
+        .collect();
+    assert!(
+        generations.contains(&(old_serial.clone(), 1)),
+        "{generations:?}"
+    );
+    assert!(
+        generations.contains(&(new_serial.clone(), 2)),
+        "{generations:?}"
+    );
+    for (chain, key) in [(&old_chain, &old_key), (&new_chain, &new_key)] {
+        fleet_testkit::eventually(T, "a revoked svcA certificate refused", || {
+            let (root, chain, key) = (root.clone(), chain.clone(), key.clone());
+            let addr = fleet.service_addr();
+            async move {
+                tls_refused(addr, &root, (&chain, &key), Duration::from_millis(300))
+                    .await
+                    .unwrap()
+                    .then_some(())
+            }
+        })
+        .await
+        .unwrap();
+    }
+    // Each CRL as `openssl verify -crl_check` reads it with its CA.
+    let old_leaf = write_file(
+        dir,
+        "old1.pem",
+        &X509::stack_from_pem(&old_chain).unwrap()[0]
+            .to_pem()
+            .unwrap(),
+    )
+    .unwrap();
+    for (ca, leaf, crl) in [
+        (pki.service_ca_path("svcA"), &old_leaf, &first_crl),
+        (successor.clone(), &new_leaf, &second_crl),
+    ] {
+        let err = openssl_verify(&root_path, &ca, leaf, Some(crl))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("revoked"), "{err}");
+    }
+    for device in ["old1", "new1"] {
+        assert!(
+            devices
+                .events_of(device)
+                .iter()
+                .all(|e| !matches!(e, DeviceEvent::Failed { .. })),
+            "{:?}",
+            devices.events_of(device)
+        );
+    }
+    devices.shutdown.cancel();
+}
