@@ -1421,9 +1421,9 @@ impl Core {
         let _writer = self.crl_writer.lock().unwrap_or_else(|p| p.into_inner());
         let rolled = self.pki.roll_service_ca(service_id)?;
         if let Err(err) = self.publish_crl_locked(service_id) {
-            // The new CA issues only once its CRL is out: a broker that
-            // checks CRLs would refuse what it issued. Written again by the
-            // next housekeeping, which finds it missing.
+            // A broker that checks CRLs refuses what the new CA issues
+            // until its CRL is out: the next housekeeping (10 s) writes it,
+            // finding it missing (`Pki::crl_due`).
             error!(service_id, generation = rolled.generation, error = %err, "CRL of the new service CA not written");
             return Err(err);
         }

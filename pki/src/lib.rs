@@ -239,19 +239,25 @@ impl Pki {
         Ok(())
     }
 
-    /// Whether a CRL of `service_id` (one per CA generation) is past half
-    /// its validity (or unreadable): it is to be written again before it
-    /// expires, since a broker that checks CRLs refuses the service's
-    /// certificates once it has. Missing is not due: a service without one
-    /// has none to renew.
+    /// Whether a CRL of `service_id` (one per CA generation) is to be
+    /// written: past half its validity or unreadable, since a broker that
+    /// checks CRLs refuses the service's certificates once it has expired;
+    /// or missing for a generation while another has one (a roll-over
+    /// whose CRL was not written). A service without any CRL has none to
+    /// renew.
     pub fn crl_due(&self, service_id: &str) -> bool {
         let Ok(found) = generations::on_disk(&self.dir, Some(service_id)) else {
             return true;
         };
-        found.pairs.iter().any(|(_, generation)| {
-            let path = self.crl_path_of(service_id, *generation);
-            path.exists() && crl_due(&path)
-        })
+        let paths: Vec<PathBuf> = found
+            .pairs
+            .iter()
+            .map(|(_, generation)| self.crl_path_of(service_id, *generation))
+            .collect();
+        if !paths.iter().any(|p| p.exists()) {
+            return false;
+        }
+        paths.iter().any(|p| !p.exists() || crl_due(p))
     }
 
     pub fn dir(&self) -> &Path {
@@ -1080,6 +1086,12 @@ mod tests {
         assert!(pki.crl_due("svcA"));
         std::fs::write(pki.crl_path("svcA"), b"not a CRL").unwrap();
         assert!(pki.crl_due("svcA"));
+        // A successor whose CRL is missing is due too.
+        pki.write_crl("svcA", 1, &[], 3).unwrap();
+        pki.roll_service_ca("svcA").unwrap();
+        assert!(pki.crl_due("svcA"));
+        pki.write_crl("svcA", 2, &[], 4).unwrap();
+        assert!(!pki.crl_due("svcA"));
     }
 
     /// A certificate asked for longer than its service CA has left ends

@@ -538,6 +538,58 @@ async fn generated_mosquitto_rules_hold() {
     );
     assert_eq!(connects("ext2"), connected_before[1]);
 
+    // svcB's CA is rolled over. Reloaded by the watcher with the successor
+    // and its CRL, mosquitto (which checks the CRL of every leaf's CA)
+    // takes a device the successor certified, and ext2's first-generation
+    // certificate still passes its handshake.
+    let rolled = fleet_manager::admin::call(&admin, "POST", "/v1/services/svcB/ca/roll", None)
+        .await
+        .unwrap();
+    assert_eq!(rolled["generation"], json!(2));
+    let successor = std::fs::read_to_string(pki.service_ca_path_of("svcB", 2)).unwrap();
+    eventually(T, "the successor in mosquitto's CA file", || {
+        let cafile = std::fs::read_to_string(params.out_dir.join("cafile.pem")).unwrap_or_default();
+        let found = cafile.contains(successor.trim());
+        async move { found.then_some(()) }
+    })
+    .await
+    .unwrap();
+    let key = fleet_device_sim::provision(&devices.store_root, "ext4").unwrap();
+    let reg =
+        json!([{ "device_id": "ext4", "service_id": "svcB", "factory_key_hex": hex::encode(key) }]);
+    fleet_manager::admin::call(&admin, "POST", "/v1/registrations", Some(&reg))
+        .await
+        .unwrap();
+    let ext4 = devices.spawn(devices.config_for(&endpoints, &certs, "ext4", KeyMode::Csr));
+    observer.wait_for(&on("svcB", "ext4"), 1, T).await.unwrap();
+    let ext4_chain = devices
+        .store("ext4")
+        .unwrap()
+        .service_credentials("svcB")
+        .unwrap()
+        .unwrap()
+        .chain_pem;
+    let ext4_ca = openssl::x509::X509::stack_from_pem(&ext4_chain).unwrap()[1]
+        .to_pem()
+        .unwrap();
+    assert_eq!(String::from_utf8(ext4_ca).unwrap().trim(), successor.trim());
+    let ext2 = devices
+        .store("ext2")
+        .unwrap()
+        .service_credentials("svcB")
+        .unwrap()
+        .unwrap();
+    assert!(!fleet_testkit::tls_refused(
+        params.service,
+        &root_pem,
+        (&ext2.chain_pem, &ext2.key_pem),
+        Duration::from_millis(300),
+    )
+    .await
+    .unwrap());
+    two_more(on("svcB", "ext2")).await.unwrap();
+    ext4.abort();
+
     // The main mosquitto is restarted, under a new pid: the watcher
     // follows it through the pid file mosquitto writes. An operator resets
     // ext3, whose certificate a client then holds a connection with: the

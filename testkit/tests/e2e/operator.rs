@@ -23,7 +23,7 @@ async fn cli(args: &[&str]) -> Vec<serde_json::Value> {
 }
 
 /// `fleet-manager COMMAND` at the fleet's operator API, with its token.
-async fn cli_at(fleet: &Fleet, command: &str, args: &[&str]) -> Vec<serde_json::Value> {
+pub(crate) async fn cli_at(fleet: &Fleet, command: &str, args: &[&str]) -> Vec<serde_json::Value> {
     let (admin, token) = (fleet.admin(), fleet.admin_token_file());
     let mut all = vec![command, "--admin", &admin, "--admin-token-file", &token];
     all.extend_from_slice(args);

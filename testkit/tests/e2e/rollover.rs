@@ -9,6 +9,8 @@ use fleet_device_sim::{DeviceEvent, KeyMode};
 use fleet_manager::admin::call;
 use fleet_protocol::{Route, Topic};
 use fleet_testkit::{openssl_verify, tls_refused, write_file, Devices, Fleet};
+
+use crate::operator::cli_at;
 use openssl::x509::{CrlStatus, X509Crl, X509};
 use serde_json::json;
 
@@ -81,19 +83,16 @@ async fn a_rolled_over_service_ca_keeps_its_devices_and_certifies_under_the_succ
         .current_cert
         .unwrap();
 
-    // The operator rolls svcA's CA over.
-    let rolled = call(&api, "POST", "/v1/services/svcA/ca/roll", None)
-        .await
-        .unwrap();
+    // The operator rolls svcA's CA over (`fleet-manager service-ca svcA
+    // --roll`) and lists its generations.
+    let rolled = cli_at(&fleet, "service-ca", &["svcA", "--roll"]).await[0].clone();
     assert_eq!(rolled["generation"], json!(2));
     assert_eq!(rolled["issuing"], json!(true));
     assert_eq!(
         rolled["subject"],
         json!("O=svcA, CN=fleetshift service CA svcA 2")
     );
-    let listed = call(&api, "GET", "/v1/services/svcA/ca", None)
-        .await
-        .unwrap();
+    let listed = cli_at(&fleet, "service-ca", &["svcA"]).await[0].clone();
     let generations: Vec<_> = listed["generations"]
         .as_array()
         .unwrap()
