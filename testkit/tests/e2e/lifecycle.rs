@@ -583,3 +583,98 @@ async fn a_device_renews_its_certificate_before_it_expires() {
     );
     devices.shutdown.cancel();
 }
+
+/// A renewal whose reply never reached the device (its connection ended
+/// first) is asked again, byte for byte, when it reconnects and before it
+/// reports `online` from the certificate it still holds (topics.md §10.1
+/// step 5): the manager answers the repeat from its replay cache, so one
+/// renewal is one certificate, and the device ends up with the one the
+/// manager recorded. The manager is stopped while the renewal is in
+/// flight (the broker keeps its session's requests for it) and the
+/// device's connection is taken over by a client with its certificate.
+#[tokio::test]
+async fn a_renewal_whose_reply_was_lost_is_asked_again_and_issues_once() {
+    use fleet_protocol::RequestKind;
+    let mut fleet = Fleet::start_with(|c| c.cert_lifetime_days = 1)
+        .await
+        .unwrap();
+    let devices = Devices::new(fleet.dir.path().join("devices"));
+    let observer = fleet.privileged("observer").await.unwrap();
+    let in_tenant = |route| Topic::in_tenant("svcA", route).to_string();
+    let renewals = in_tenant(Route::Request(RequestKind::Update, "lost2".into()));
+    let status_replies = in_tenant(Route::Reply(RequestKind::Status, "lost2".into()));
+    observer.subscribe(&renewals).await.unwrap();
+    observer.subscribe(&status_replies).await.unwrap();
+    devices.provision(&fleet, "lost2", "svcA").await.unwrap();
+    let mut config = devices.config(&fleet, "lost2", KeyMode::Csr);
+    // Renews 6 s after its certificate was issued (not before its
+    // `online` could have been answered: 5 s, the request timeout, after
+    // it connected).
+    let at = (300.0 + 6.0) / (86_400.0 + 300.0);
+    config.renew_window = (at, at);
+    devices.spawn(config);
+    let installed = |devices: &Devices| -> Vec<String> {
+        devices
+            .events_of("lost2")
+            .iter()
+            .filter_map(|e| match e {
+                DeviceEvent::CertificateInstalled { serial_hex, .. } => {
+                    Some(serial_hex.to_ascii_lowercase())
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    // Its `online` answered, the manager stops; the renewal comes later.
+    observer.wait_for(&status_replies, 1, T).await.unwrap();
+    fleet.stop_manager().await;
+    let first = observer.wait_for(&renewals, 1, T).await.unwrap();
+    assert_eq!(installed(&devices).len(), 1);
+
+    // The connection ends before any reply: a client with the device's
+    // own certificate takes its session over.
+    let creds = devices
+        .store("lost2")
+        .unwrap()
+        .service_credentials("svcA")
+        .unwrap()
+        .unwrap();
+    let root = fleet.certs_dir().join("root-ca.pem");
+    let taker = Probe::mtls(
+        fleet.service_addr(),
+        "lost2",
+        &root,
+        creds.chain_pem.clone(),
+        creds.key_pem.clone(),
+    )
+    .await
+    .unwrap();
+    // Reconnected, it asks again, identical, and reports nothing first.
+    let again = observer.wait_for(&renewals, 2, T).await.unwrap();
+    drop(taker);
+    assert_eq!(again.payload, first.payload, "the renewal was built anew");
+    assert_eq!(observer.on(&status_replies).len(), 1);
+
+    fleet.start_manager().await.unwrap();
+    devices
+        .wait_event("lost2", T, "the renewed certificate", |_| {
+            installed(&devices).len() >= 2
+        })
+        .await
+        .unwrap();
+    let serials = installed(&devices);
+    let record = fleet.core().store.device("lost2").unwrap().unwrap();
+    assert_eq!(record.current_cert.as_deref(), Some(serials[1].as_str()));
+    // One certificate for the two copies (the broker kept both for the
+    // manager's session: the second is answered from its replay cache).
+    let certs = fleet.core().store.certs_of("lost2").unwrap();
+    assert_eq!(certs.len(), 2, "{certs:?}");
+    fleet_testkit::eventually(T, "the first certificate revoked", || {
+        let revoked = fleet.core().store.revoked_of("svcA").unwrap();
+        let done = revoked.iter().any(|r| r.serial == serials[0]);
+        async move { done.then_some(()) }
+    })
+    .await
+    .unwrap();
+    devices.shutdown.cancel();
+}
