@@ -18,7 +18,7 @@ use fleet_protocol::{
 use openssl::hash::{hash, MessageDigest};
 use openssl::pkey::{PKey, Public};
 use serde_bytes::ByteBuf;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::store::{
     Batch, CertRecord, CertStatus, DeviceRecord, DeviceState, NonceRecord, PendingChange,
@@ -1384,18 +1384,14 @@ impl Core {
         if let Err(err) = self.pki.refresh_root_crl() {
             warn!(error = %err, "root CRL not written");
         }
-        let Ok(entries) = std::fs::read_dir(self.pki.dir().join("crl")) else {
-            return;
-        };
-        let services: std::collections::BTreeSet<String> = entries
-            .flatten()
-            .filter_map(|e| e.file_name().to_str().and_then(fleet_pki::parse_crl_file))
-            .map(|(service, _)| service)
-            .collect();
-        for service in services {
-            if !self.pki.crl_due(&service) {
-                continue;
+        let services = match self.pki.services_with_crls_due() {
+            Ok(services) => services,
+            Err(err) => {
+                warn!(error = %err, "service CAs not listed: CRLs not renewed");
+                return;
             }
+        };
+        for service in services {
             if let Err(err) = self.publish_crl(&service) {
                 warn!(service, error = %err, "CRL not renewed");
             }
@@ -1413,20 +1409,13 @@ impl Core {
         Ok(())
     }
 
-    /// Makes a successor of the service's issuing CA (see
-    /// [`fleet_pki::Pki::roll_service_ca`]) and writes its CRL before it
-    /// issues anything. The certificates the older CAs issued stay good:
-    /// devices move to the new one as they renew.
+    /// Makes a successor of the service's issuing CA, with its CRL (see
+    /// [`fleet_pki::Pki::roll_service_ca`]). The certificates the older
+    /// CAs issued stay good: devices move to the new one as they renew.
     pub fn roll_service_ca(&self, service_id: &str) -> Result<fleet_pki::CaGeneration, Failure> {
         let _writer = self.crl_writer.lock().unwrap_or_else(|p| p.into_inner());
-        let rolled = self.pki.roll_service_ca(service_id)?;
-        if let Err(err) = self.publish_crl_locked(service_id) {
-            // A broker that checks CRLs refuses what the new CA issues
-            // until its CRL is out: the next housekeeping (10 s) writes it,
-            // finding it missing (`Pki::crl_due`).
-            error!(service_id, generation = rolled.generation, error = %err, "CRL of the new service CA not written");
-            return Err(err);
-        }
+        let number = self.store.next_id()?;
+        let rolled = self.pki.roll_service_ca(service_id, number)?;
         info!(
             service_id,
             generation = rolled.generation,
@@ -1434,6 +1423,14 @@ impl Core {
             not_after = rolled.not_after,
             "service CA rolled over"
         );
+        // Done whatever the audit log says.
+        let detail = format!(
+            "{service_id}: generation {} (serial {})",
+            rolled.generation, rolled.serial_hex
+        );
+        if let Err(err) = self.store.audit("service_ca_roll", None, detail) {
+            warn!(service_id, error = %err, "service CA roll-over not in the audit log");
+        }
         Ok(rolled)
     }
 
@@ -2071,6 +2068,99 @@ mod tests {
             dir,
             Core::new(store, Arc::new(pki), ManagerConfig::default()),
         )
+    }
+
+    /// Housekeeping rolls a service CA over once it has less than a year
+    /// left (here one made to end in 100 days), with its CRL and an audit
+    /// record, and then leaves the successor alone.
+    #[test]
+    fn housekeeping_rolls_over_a_service_ca_near_its_end() {
+        use openssl::asn1::Asn1Time;
+        use openssl::x509::extension::{BasicConstraints, KeyUsage};
+        let (dir, core) = core();
+        let certs = dir.path().join("certs");
+        let read = |name: &str| std::fs::read(certs.join(name)).unwrap();
+        let root = openssl::x509::X509::from_pem(&read("root-ca.pem")).unwrap();
+        let root_key = PKey::private_key_from_pem(&read("root-ca.key")).unwrap();
+        let key = crypto::generate_p256().unwrap();
+        let mut name = openssl::x509::X509NameBuilder::new().unwrap();
+        name.append_entry_by_text("O", "svcQ").unwrap();
+        name.append_entry_by_text("CN", "fleetshift service CA svcQ")
+            .unwrap();
+        let name = name.build();
+        let mut b = openssl::x509::X509::builder().unwrap();
+        b.set_version(2).unwrap();
+        let serial = openssl::bn::BigNum::from_u32(77).unwrap();
+        b.set_serial_number(&serial.to_asn1_integer().unwrap())
+            .unwrap();
+        b.set_subject_name(&name).unwrap();
+        b.set_issuer_name(root.subject_name()).unwrap();
+        b.set_pubkey(&key).unwrap();
+        b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        b.set_not_after(&Asn1Time::days_from_now(100).unwrap())
+            .unwrap();
+        b.append_extension(
+            BasicConstraints::new()
+                .critical()
+                .ca()
+                .pathlen(0)
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+        b.append_extension(
+            KeyUsage::new()
+                .critical()
+                .key_cert_sign()
+                .crl_sign()
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+        let ski = openssl::x509::extension::SubjectKeyIdentifier::new()
+            .build(&b.x509v3_context(Some(&root), None))
+            .unwrap();
+        b.append_extension(ski).unwrap();
+        b.sign(&root_key, MessageDigest::sha256()).unwrap();
+        fleet_pki::write_private_key(&certs.join("services/svcQ-ca.key"), &key).unwrap();
+        std::fs::write(
+            certs.join("services/svcQ-ca.pem"),
+            b.build().to_pem().unwrap(),
+        )
+        .unwrap();
+        core.ensure_service("svcQ").unwrap();
+        core.ensure_service("svcA").unwrap();
+
+        core.maintain_service_cas();
+        let generations = core.pki.service_ca_generations("svcQ").unwrap();
+        assert_eq!(generations.len(), 2);
+        let successor = &generations[1];
+        assert_eq!(successor.generation, 2);
+        let now = now_ms() / 1000;
+        assert!(successor.not_after > now + 4 * 365 * 86_400);
+        let crl =
+            openssl::x509::X509Crl::from_pem(&std::fs::read(&successor.crl_path).unwrap()).unwrap();
+        assert!(crl.verify(&successor.cert.public_key().unwrap()).unwrap());
+        let audit = core.store.audit_log().unwrap();
+        assert!(
+            audit.iter().any(
+                |a| a.action == "service_ca_roll" && a.detail.starts_with("svcQ: generation 2")
+            ),
+            "{audit:?}"
+        );
+        // A new certificate comes from the successor.
+        let device = crypto::generate_p256().unwrap();
+        let public = PKey::public_key_from_der(&device.public_key_to_der().unwrap()).unwrap();
+        let issued = core
+            .pki
+            .issue_device_certificate("dev1", "svcQ", &public, 30)
+            .unwrap();
+        assert_eq!(issued.ca_generation, 2);
+        // Nothing more to do, for either service.
+        core.maintain_service_cas();
+        assert_eq!(core.pki.service_ca_generations("svcQ").unwrap().len(), 2);
+        assert_eq!(core.pki.service_ca_generations("svcA").unwrap().len(), 1);
     }
 
     /// Registers `device_id` for svcA with a new factory key, returned.

@@ -76,6 +76,13 @@ pub(crate) fn read(path: &Path) -> Result<Vec<u8>, PkiError> {
     fs::read(path).map_err(|e| file_error(path, e))
 }
 
+/// Makes the renames and removals in directory `path` durable.
+pub(crate) fn sync_dir(path: &Path) -> Result<(), PkiError> {
+    fs::File::open(path)
+        .and_then(|dir| dir.sync_all())
+        .map_err(|e| file_error(path, e))
+}
+
 pub(crate) fn create_dir(path: &Path) -> Result<(), PkiError> {
     fs::create_dir_all(path).map_err(|e| file_error(path, e))
 }

@@ -41,10 +41,10 @@ mod generations;
 pub mod grants;
 mod names;
 
-pub use generations::{parse_crl_file, service_ca_cert_files, RETIRED_DIR};
+pub use generations::{service_ca_cert_files, RETIRED_DIR};
 pub use names::ServerNames;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -249,10 +249,30 @@ impl Pki {
         let Ok(found) = generations::on_disk(&self.dir, Some(service_id)) else {
             return true;
         };
-        let paths: Vec<PathBuf> = found
-            .pairs
+        let generations: Vec<u32> = found.pairs.iter().map(|(_, g)| *g).collect();
+        self.crls_due_of(service_id, &generations)
+    }
+
+    /// Every service with a CRL to write ([`Pki::crl_due`]), from one look
+    /// at `services/`.
+    pub fn services_with_crls_due(&self) -> Result<Vec<String>, PkiError> {
+        let found = generations::on_disk(&self.dir, None)
+            .map_err(|e| files::file_error(&self.dir.join("services"), e))?;
+        let mut by_service: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+        for (service, generation) in &found.pairs {
+            by_service.entry(service).or_default().push(*generation);
+        }
+        Ok(by_service
+            .into_iter()
+            .filter(|(service, generations)| self.crls_due_of(service, generations))
+            .map(|(service, _)| service.to_owned())
+            .collect())
+    }
+
+    fn crls_due_of(&self, service_id: &str, generations: &[u32]) -> bool {
+        let paths: Vec<PathBuf> = generations
             .iter()
-            .map(|(_, generation)| self.crl_path_of(service_id, *generation))
+            .map(|generation| self.crl_path_of(service_id, *generation))
             .collect();
         if !paths.iter().any(|p| p.exists()) {
             return false;
@@ -386,12 +406,17 @@ impl Pki {
 
     /// Makes a successor of `service_id`'s issuing CA: generation n + 1,
     /// CN "fleetshift service CA {svc} {n+1}", O = svc, a new key, five
-    /// years but no later than the root. It issues from then on; the CAs
-    /// before it stay trusted (and keep their CRLs) until they expire, so
-    /// every certificate they issued stays good until it is renewed. The
-    /// caller writes the new generation's CRL before it issues anything
-    /// (brokers that check CRLs want one for every CA).
-    pub fn roll_service_ca(&self, service_id: &str) -> Result<CaGeneration, PkiError> {
+    /// years but no later than the root, and its CRL (empty, number
+    /// `crl_number`), written before it issues anything: brokers that check
+    /// CRLs want one for every CA. It issues from then on; the CAs before
+    /// it stay trusted (and keep their CRLs) until they expire, so every
+    /// certificate they issued stays good until it is renewed. On an error
+    /// nothing has changed.
+    pub fn roll_service_ca(
+        &self,
+        service_id: &str,
+        crl_number: u64,
+    ) -> Result<CaGeneration, PkiError> {
         fleet_protocol::topic::validate_service_id(service_id)
             .map_err(|_| PkiError::BadServiceId(service_id.to_owned()))?;
         let mut cache = self.lock_cache();
@@ -402,6 +427,12 @@ impl Pki {
                 .ok_or_else(|| PkiError::NoServiceCa(service_id.to_owned()))?,
         };
         let next = self.create_service_ca(service_id, current.generation + 1)?;
+        if let Err(err) = self.sign_crl(service_id, &next, &[], crl_number) {
+            // Not issuing without its CRL: undone, certificate first.
+            let _ = std::fs::remove_file(self.service_ca_path_of(service_id, next.generation));
+            let _ = std::fs::remove_file(self.service_ca_key_path(service_id, next.generation));
+            return Err(err);
+        }
         let info = self.generation_info(service_id, next.generation, next.cert.clone())?;
         cache.insert(service_id.to_owned(), next);
         Ok(info)
@@ -417,42 +448,61 @@ impl Pki {
             && successor_end >= current.not_after + generations::ROLL_GAIN_SECS)
     }
 
-    /// Moves every generation of a service CA that has expired by `now`,
-    /// other than the one that issues, with its CRL, to `retired/` under
-    /// `services/` and `crl/`: every certificate it issued has expired
-    /// with it. Returns the generations moved.
+    /// Retires every generation of a service CA that has expired by `now`,
+    /// other than the one that issues: every certificate it issued has
+    /// expired with it. Its key is deleted first, then its certificate and
+    /// CRL are moved to `retired/` under `services/` and `crl/`, so an
+    /// interruption leaves a certificate without its key, which is no
+    /// longer loaded for signing and is moved at the next call. Returns the
+    /// generations retired.
     pub fn retire_expired_service_cas(&self, now: u64) -> Result<Vec<CaGeneration>, PkiError> {
+        let found = generations::on_disk(&self.dir, None)
+            .map_err(|e| files::file_error(&self.dir.join("services"), e))?;
+        let mut top: HashMap<&str, u32> = HashMap::new();
+        for (service, generation) in &found.pairs {
+            top.insert(service, *generation);
+        }
         let mut retired = Vec::new();
-        for service in self.services_with_ca()? {
-            let all = self.service_ca_generations(&service)?;
-            let Some((_, older)) = all.split_last() else {
+        let older = found
+            .pairs
+            .iter()
+            .chain(&found.certs_alone)
+            .filter(|(service, generation)| {
+                top.get(service.as_str()).is_some_and(|t| generation < t)
+            });
+        for (service, generation) in older {
+            let cert = files::load_cert(&self.service_ca_path_of(service, *generation))?;
+            let ca = self.generation_info(service, *generation, cert)?;
+            if ca.not_after >= now {
                 continue;
-            };
-            for ca in older.iter().filter(|ca| ca.not_after < now) {
-                let key = self.service_ca_key_path(&service, ca.generation);
-                for (path, sub) in [
-                    (&ca.crl_path, "crl"),
-                    (&ca.cert_path, "services"),
-                    (&key, "services"),
-                ] {
-                    let into = self.dir.join(sub).join(RETIRED_DIR);
-                    files::create_dir(&into)?;
-                    let Some(name) = path.file_name() else {
-                        continue;
-                    };
-                    match std::fs::rename(path, into.join(name)) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(files::file_error(path, e)),
-                    }
-                }
-                tracing::info!(
-                    service,
-                    generation = ca.generation,
-                    "retired an expired service CA"
-                );
-                retired.push(ca.clone());
             }
+            let key = self.service_ca_key_path(service, *generation);
+            match std::fs::remove_file(&key) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(files::file_error(&key, e)),
+            }
+            for (path, sub) in [(&ca.cert_path, "services"), (&ca.crl_path, "crl")] {
+                let into = self.dir.join(sub).join(RETIRED_DIR);
+                files::create_dir(&into)?;
+                let Some(name) = path.file_name() else {
+                    continue;
+                };
+                match std::fs::rename(path, into.join(name)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(files::file_error(path, e)),
+                }
+            }
+            for sub in ["services", "crl"] {
+                files::sync_dir(&self.dir.join(sub))?;
+            }
+            tracing::info!(
+                service = %service,
+                generation,
+                "retired an expired service CA"
+            );
+            retired.push(ca);
         }
         Ok(retired)
     }
@@ -496,31 +546,47 @@ impl Pki {
         self.service_cas.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The highest generation of `service_id`'s CA on disk, checked;
-    /// `None` if it has none. A key without its certificate one generation
-    /// above it is what a roll-over stopped midway leaves (the key is
-    /// written first) and never signed anything: it is removed.
+    /// The highest generation of `service_id`'s CA on disk with both its
+    /// certificate and its key, checked; `None` if it has none.
+    ///
+    /// What an interruption leaves is told apart. A key without its
+    /// certificate above that generation is a roll-over stopped midway
+    /// (the key is written first): it never signed anything, and is
+    /// removed once a minute old (younger, it may be another process's
+    /// roll under way). A certificate without its key below it is a
+    /// retirement stopped midway (the key is deleted first): it stays
+    /// trusted until it is moved. A certificate without its key above it
+    /// may have issued certificates that could then never be revoked: an
+    /// error, as is a first generation that is half there.
     fn load_service_ca(&self, service_id: &str) -> Result<Option<ServiceCa>, PkiError> {
         let found = generations::on_disk(&self.dir, Some(service_id))
             .map_err(|e| files::file_error(&self.dir.join("services"), e))?;
         let top = found.pairs.last().map(|(_, g)| *g);
-        for (_, generation) in &found.keys_alone {
-            if *generation >= 2 && Some(*generation) > top {
-                let key = self.service_ca_key_path(service_id, *generation);
-                tracing::warn!(path = %key.display(), "removed the key of a service CA roll-over that did not finish");
-                std::fs::remove_file(&key).map_err(|e| files::file_error(&key, e))?;
-            } else if top.is_none() || *generation == 1 {
-                return Err(half_pair(
-                    &self.service_ca_path_of(service_id, *generation),
-                    &self.service_ca_key_path(service_id, *generation),
-                ));
-            }
-        }
+        let half = |generation: u32| {
+            half_pair(
+                &self.service_ca_path_of(service_id, generation),
+                &self.service_ca_key_path(service_id, generation),
+            )
+        };
         if let Some((_, generation)) = found.certs_alone.iter().find(|(_, g)| Some(*g) > top) {
-            return Err(half_pair(
-                &self.service_ca_path_of(service_id, *generation),
-                &self.service_ca_key_path(service_id, *generation),
-            ));
+            return Err(half(*generation));
+        }
+        for (_, generation) in &found.keys_alone {
+            match top {
+                None if *generation == 1 => return Err(half(1)),
+                Some(top) if *generation < top => {}
+                _ => {
+                    let key = self.service_ca_key_path(service_id, *generation);
+                    let age = std::fs::metadata(&key)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|at| at.elapsed().ok());
+                    if age.is_some_and(|age| age.as_secs() >= 60) {
+                        tracing::warn!(path = %key.display(), "removed the key of a service CA roll-over that did not finish");
+                        std::fs::remove_file(&key).map_err(|e| files::file_error(&key, e))?;
+                    }
+                }
+            }
         }
         top.map(|generation| self.load_pair(service_id, generation))
             .transpose()
@@ -584,9 +650,17 @@ impl Pki {
         )?;
         // Key first: a crash in between leaves a key without a
         // certificate, which is reported (or, for a successor, removed),
-        // never a certificate whose key is lost.
+        // never a certificate whose key is lost. A certificate that could
+        // not be written takes its key with it, so the next try can start.
         write_private_key(&key_path, &key)?;
-        files::write_atomic(&cert_path, &cert.to_pem()?, PUBLIC_MODE)?;
+        if let Err(err) = cert
+            .to_pem()
+            .map_err(PkiError::from)
+            .and_then(|pem| files::write_atomic(&cert_path, &pem, PUBLIC_MODE))
+        {
+            let _ = std::fs::remove_file(&key_path);
+            return Err(err);
+        }
         tracing::info!(service_id, generation, path = %cert_path.display(), "created service CA");
         Ok(ServiceCa {
             cert,
@@ -726,6 +800,16 @@ impl Pki {
         fleet_protocol::topic::validate_service_id(service_id)
             .map_err(|_| PkiError::BadServiceId(service_id.to_owned()))?;
         let ca = self.service_ca_of(service_id, generation)?;
+        self.sign_crl(service_id, &ca, revoked, crl_number)
+    }
+
+    fn sign_crl(
+        &self,
+        service_id: &str,
+        ca: &ServiceCa,
+        revoked: &[RevokedEntry],
+        crl_number: u64,
+    ) -> Result<PathBuf, PkiError> {
         let now = unix_now();
         let params = crl::CrlParams {
             crl_number,
@@ -733,11 +817,11 @@ impl Pki {
             next_update: (now + CRL_VALIDITY_DAYS * DAY) as i64,
         };
         let der = crl::build_crl_der(&ca.cert, &ca.key, revoked, &params)?;
-        let path = self.crl_path_of(service_id, generation);
+        let path = self.crl_path_of(service_id, ca.generation);
         files::write_atomic(&path, &crl::crl_der_to_pem(&der), PUBLIC_MODE)?;
         tracing::info!(
             service_id,
-            generation,
+            generation = ca.generation,
             crl_number,
             revoked = revoked.len(),
             "wrote CRL"
@@ -1086,9 +1170,11 @@ mod tests {
         assert!(pki.crl_due("svcA"));
         std::fs::write(pki.crl_path("svcA"), b"not a CRL").unwrap();
         assert!(pki.crl_due("svcA"));
-        // A successor whose CRL is missing is due too.
+        // A successor's CRL is written with it; if lost, it is due.
         pki.write_crl("svcA", 1, &[], 3).unwrap();
-        pki.roll_service_ca("svcA").unwrap();
+        pki.roll_service_ca("svcA", 9).unwrap();
+        assert!(!pki.crl_due("svcA"));
+        std::fs::remove_file(pki.crl_path_of("svcA", 2)).unwrap();
         assert!(pki.crl_due("svcA"));
         pki.write_crl("svcA", 2, &[], 4).unwrap();
         assert!(!pki.crl_due("svcA"));
@@ -1370,19 +1456,40 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let pki = Pki::open_or_create(tmp.path()).unwrap();
         assert!(matches!(
-            pki.roll_service_ca("svcA"),
+            pki.roll_service_ca("svcA", 9),
             Err(PkiError::NoServiceCa(_))
         ));
         pki.service_ca("svcA").unwrap();
-        pki.roll_service_ca("svcA").unwrap();
+        pki.roll_service_ca("svcA", 9).unwrap();
 
-        // A key written for generation 3, then a crash before its certificate.
+        // A key written for generation 3, then a crash before its
+        // certificate: kept while it may be another process's roll under
+        // way, removed once a minute old.
         let orphan = pki.service_ca_key_path("svcA", 3);
         write_private_key(&orphan, &certs::new_p256_key().unwrap()).unwrap();
         let pki = Pki::open_or_create(tmp.path()).unwrap();
         assert_eq!(pki.issuing_generation("svcA").unwrap().generation, 2);
+        assert!(orphan.exists(), "a fresh key was removed");
+        assert!(matches!(
+            pki.roll_service_ca("svcA", 9),
+            Err(PkiError::Inconsistent(_))
+        ));
+        std::fs::File::options()
+            .write(true)
+            .open(&orphan)
+            .unwrap()
+            .set_modified(SystemTime::now() - std::time::Duration::from_secs(120))
+            .unwrap();
+        let pki = Pki::open_or_create(tmp.path()).unwrap();
+        assert_eq!(pki.issuing_generation("svcA").unwrap().generation, 2);
         assert!(!orphan.exists(), "the unfinished roll's key was removed");
-        assert_eq!(pki.roll_service_ca("svcA").unwrap().generation, 3);
+        assert_eq!(pki.roll_service_ca("svcA", 9).unwrap().generation, 3);
+        // Its CRL was written with it, signed by it.
+        let crl =
+            openssl::x509::X509Crl::from_pem(&std::fs::read(pki.crl_path_of("svcA", 3)).unwrap())
+                .unwrap();
+        let third = pki.issuing_generation("svcA").unwrap();
+        assert!(crl.verify(&third.cert.public_key().unwrap()).unwrap());
 
         // A certificate whose key is gone is reported, not skipped.
         std::fs::remove_file(pki.service_ca_key_path("svcA", 3)).unwrap();
@@ -1395,7 +1502,8 @@ mod tests {
         let pki = Pki::open_or_create(tmp.path()).unwrap();
         assert_eq!(pki.issuing_generation("svcA").unwrap().generation, 2);
 
-        // Retired once expired, but never the one that issues.
+        // Retired once expired, but never the one that issues: its key
+        // deleted, its certificate and CRL moved.
         for generation in [1, 2] {
             pki.write_crl("svcA", generation, &[], u64::from(generation))
                 .unwrap();
@@ -1406,13 +1514,18 @@ mod tests {
             .unwrap()
             .is_empty());
         let far = cas[1].not_after + DAY;
+        // Stopped after the key went: loaded as before, finished next time.
+        std::fs::remove_file(pki.service_ca_key_path("svcA", 1)).unwrap();
+        let pki = Pki::open_or_create(tmp.path()).unwrap();
+        assert_eq!(pki.issuing_generation("svcA").unwrap().generation, 2);
+        pki.write_crl("svcA", 2, &[], 5).unwrap();
         let retired = pki.retire_expired_service_cas(far).unwrap();
         assert_eq!(retired.len(), 1);
         assert_eq!(retired[0].generation, 1);
         assert!(!pki.service_ca_path_of("svcA", 1).exists());
         assert!(!pki.crl_path_of("svcA", 1).exists());
         let away = tmp.path().join("services").join(RETIRED_DIR);
-        assert!(away.join("svcA-ca.pem").exists() && away.join("svcA-ca.key").exists());
+        assert!(away.join("svcA-ca.pem").exists() && !away.join("svcA-ca.key").exists());
         assert!(tmp
             .path()
             .join("crl")
@@ -1421,6 +1534,7 @@ mod tests {
             .exists());
         assert_eq!(pki.issuing_generation("svcA").unwrap().generation, 2);
         assert!(pki.crl_path_of("svcA", 2).exists());
+        assert!(pki.retire_expired_service_cas(far).unwrap().is_empty());
 
         // Due a year before the end, while a successor gains something.
         let end = cas[1].not_after;

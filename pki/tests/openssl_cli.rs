@@ -357,7 +357,7 @@ fn a_rolled_over_service_ca_issues_and_both_generations_are_checked() {
     assert_eq!(old.ca_generation, 1);
     let kept = issue(&pki, "dev3", "svcA");
 
-    let rolled = pki.roll_service_ca("svcA").unwrap();
+    let rolled = pki.roll_service_ca("svcA", 7).unwrap();
     assert_eq!(rolled.generation, 2);
     assert_eq!(rolled.cert_path, pki.service_ca_path_of("svcA", 2));
     assert!(rolled.cert_path.ends_with("services/svcA-ca.2.pem"));

@@ -796,9 +796,11 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Prepare { certs, service } => {
             let pki = fleet_pki::Pki::open_or_create(&certs)?;
-            let (ca, _) = pki.service_ca(&service)?;
+            pki.service_ca(&service)?;
             let mut pem = pki.root_cert().to_pem()?;
-            pem.extend(ca.to_pem()?);
+            for ca in pki.service_ca_generations(&service)? {
+                pem.extend(ca.cert.to_pem()?);
+            }
             let path = certs.join("bench-cafile.pem");
             std::fs::write(&path, pem)?;
             println!("{}", json!({"mode": "prepare", "cafile": path}));

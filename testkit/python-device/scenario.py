@@ -349,7 +349,8 @@ def main():
         crls = os.path.join(a.work, "crls.pem")
         with open(crls, "wb") as f:
             for n in sorted(os.listdir(os.path.join(a.certs, "crl"))):
-                f.write(open(os.path.join(a.certs, "crl", n), "rb").read())
+                if n.endswith(".pem"):
+                    f.write(open(os.path.join(a.certs, "crl", n), "rb").read())
         pems = re.findall(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n",
                           open(A.p(old_chain), "rb").read(), re.S)
         open(A.p("old-leaf.pem"), "wb").write(pems[0])

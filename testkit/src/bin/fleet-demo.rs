@@ -226,7 +226,7 @@ async fn main() -> anyhow::Result<()> {
         "\n{} certificates: {active} active on {}, {revoked} superseded and revoked in {}",
         certs.len(),
         cli.to,
-        core.pki.crl_path(&cli.from).display()
+        core.pki.issuing_generation(&cli.from)?.crl_path.display()
     );
     anyhow::ensure!(
         active == ids.len() && revoked == ids.len(),
