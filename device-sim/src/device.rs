@@ -53,6 +53,10 @@ const RESEND_WITHIN: Duration = Duration::from_millis(fleet_protocol::MAX_CLOCK_
 /// Refusals of a service certificate in a row after which the device asks
 /// for another (topics.md §10.1, step 7).
 pub const REFUSALS_TO_RENEW: u32 = 3;
+/// How long a service may answer `unknown_ca` before the device takes it
+/// for good (its CA retired) and asks for another certificate: a broker
+/// loads a new service's CA within seconds (topics.md §10.1, step 7).
+pub const UNKNOWN_CA_PATIENCE: Duration = Duration::from_secs(60);
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 
@@ -234,6 +238,8 @@ pub(crate) struct Device {
     /// The service refused the certificate often enough: the next pass gets
     /// another with `update`, and keeps this one until it has.
     renew: bool,
+    /// `unknown_ca` refusals in a row, and when the first came.
+    unknown_ca: Option<(u32, Instant)>,
 }
 
 impl Device {
@@ -270,6 +276,7 @@ impl Device {
             service_tls: None,
             unanswered: Mutex::new(None),
             refusals: 0,
+            unknown_ca: None,
             renew: false,
         })
     }
@@ -345,9 +352,11 @@ impl Device {
     /// What the device does when the fleet has moved on without it
     /// (topics.md §10.1, steps 7 and 8):
     /// - its service refused its certificate [`REFUSALS_TO_RENEW`] times in
-    ///   a row (revoked, expired, not granted): its next pass asks for
-    ///   another with `update` on the bootstrap listener, and it keeps this
-    ///   one until the new one has come (a refusal may pass, or be forged);
+    ///   a row (revoked, expired, not granted), or did not know its CA as
+    ///   many times over [`UNKNOWN_CA_PATIENCE`] (the CA retired): its next
+    ///   pass asks for another with `update` on the bootstrap listener, and
+    ///   it keeps this one until the new one has come (a refusal may pass,
+    ///   or be forged);
     /// - the manager answered `not_registered`: an operator's reset ended
     ///   its activation, so it drops the activation and its certificate and
     ///   activates again.
@@ -360,6 +369,18 @@ impl Device {
                 self.refusals += 1;
                 if self.refusals >= REFUSALS_TO_RENEW && !self.renew {
                     warn!(service_id = ?service_id, reason = %why, refusals = self.refusals, "the service refuses the certificate; asking for another");
+                    self.renew = true;
+                }
+                return true;
+            }
+            DeviceError::Link(LinkError::UnknownCa) => {
+                let (count, since) = self.unknown_ca.get_or_insert((0, Instant::now()));
+                *count += 1;
+                if *count >= REFUSALS_TO_RENEW
+                    && since.elapsed() >= UNKNOWN_CA_PATIENCE
+                    && !self.renew
+                {
+                    warn!(service_id = ?service_id, refusals = *count, "the service has not known the certificate's CA for a minute; asking for another");
                     self.renew = true;
                 }
                 return true;
@@ -715,6 +736,7 @@ impl Device {
         };
         self.established = true;
         self.refusals = 0;
+        self.unknown_ca = None;
         info!(service_id = %service_id, %endpoint, "connected to service");
         self.emit(DeviceEvent::Connected {
             service_id: service_id.clone(),

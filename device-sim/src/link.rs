@@ -49,6 +49,11 @@ pub enum LinkError {
     /// says it will not take it again (revoked, expired, not granted, bad).
     #[error("certificate refused: {0}")]
     CertificateRefused(String),
+    /// The server does not know the client certificate's CA (`unknown_ca`):
+    /// usually for seconds, a new service's CA not yet loaded; for good
+    /// when its CA was retired.
+    #[error("certificate's CA unknown to the server")]
+    UnknownCa,
 }
 
 /// The TLS alert in `e`'s chain by which a server refuses a client
@@ -58,15 +63,22 @@ pub enum LinkError {
 /// certificate is issued.
 fn certificate_refusal(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     use rustls::AlertDescription as A;
+    alert_in(e)
+        .filter(|alert| {
+            matches!(
+                alert,
+                A::CertificateRevoked | A::CertificateExpired | A::AccessDenied | A::BadCertificate
+            )
+        })
+        .map(|alert| format!("TLS alert {alert:?}"))
+}
+
+/// The TLS alert received in `e`'s chain, if there is one.
+fn alert_in(e: &(dyn std::error::Error + 'static)) -> Option<rustls::AlertDescription> {
     let mut at = Some(e);
     while let Some(err) = at {
         if let Some(rustls::Error::AlertReceived(alert)) = err.downcast_ref::<rustls::Error>() {
-            if matches!(
-                alert,
-                A::CertificateRevoked | A::CertificateExpired | A::AccessDenied | A::BadCertificate
-            ) {
-                return Some(format!("TLS alert {alert:?}"));
-            }
+            return Some(*alert);
         }
         at = match err
             .downcast_ref::<std::io::Error>()
@@ -215,6 +227,9 @@ async fn poll_events(mut eventloop: EventLoop, tx: mpsc::Sender<LinkEvent>) {
                 debug!(error = %e, "connection ended");
                 let why = match certificate_refusal(&e) {
                     Some(why) => LinkError::CertificateRefused(why),
+                    None if alert_in(&e) == Some(rustls::AlertDescription::UnknownCA) => {
+                        LinkError::UnknownCa
+                    }
                     None => LinkError::Connection(e.to_string()),
                 };
                 let _ = tx.send(LinkEvent::Closed(Some(why))).await;

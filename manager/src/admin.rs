@@ -537,14 +537,28 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
         }
         ("POST", ["v1", "services", service, "ca", "roll"]) => {
             let service = service.to_string();
-            blocking(move || {
-                service_cas(&core, &service)?;
-                let rolled = core
-                    .roll_service_ca(&service)
-                    .map_err(|f| (500, f.to_string()))?;
-                Ok(ca_view(&rolled, true))
-            })
-            .await
+            let retire_older = match body {
+                [] => Ok(false),
+                body => serde_json::from_slice::<RollIn>(body)
+                    .map(|r| r.retire_older)
+                    .map_err(|e| (400, e.to_string())),
+            };
+            match retire_older {
+                Ok(retire_older) => {
+                    blocking(move || {
+                        service_cas(&core, &service)?;
+                        let rolled = core
+                            .roll_service_ca(&service, retire_older)
+                            .map_err(|f| (500, f.to_string()))?;
+                        let mut view = ca_view(&rolled.ca, true);
+                        view["revoked"] = json!(rolled.revoked);
+                        view["retired"] = json!(rolled.retired);
+                        Ok(view)
+                    })
+                    .await
+                }
+                Err(e) => Err(e),
+            }
         }
         ("GET", ["v1", "grants"]) => {
             blocking(move || {
@@ -717,6 +731,14 @@ pub fn cert_view(c: &crate::store::CertRecord) -> Value {
         "ca_generation": c.ca_generation,
         "pem": pem,
     })
+}
+
+/// The body of `POST /v1/services/{service}/ca/roll` (optional).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollIn {
+    #[serde(default)]
+    retire_older: bool,
 }
 
 /// The generations of a service's CA, oldest first; 404 for a service

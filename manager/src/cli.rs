@@ -127,6 +127,13 @@ pub enum Command {
         /// Make a successor of the CA that issues now.
         #[arg(long)]
         roll: bool,
+        /// With --roll, for a CA key known to be stolen: revoke every
+        /// certificate the older generations issued and retire them now
+        /// (their keys deleted, no longer trusted). Devices come back
+        /// through the bootstrap listener for a certificate of the new CA;
+        /// providers need new ones (provider-add).
+        #[arg(long, requires = "roll")]
+        retire_older: bool,
     },
     /// Write the configuration of two mosquitto 2.0 processes for running
     /// the fleet on mosquitto: OUT/mosquitto.conf (internal and service
@@ -444,11 +451,13 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             admin,
             service,
             roll,
+            retire_older,
         } => {
             let admin = admin_of(admin)?;
             let path = format!("/v1/services/{service}/ca");
+            let body = json!({ "retire_older": retire_older });
             print(match roll {
-                true => call(&admin, "POST", &format!("{path}/roll"), None).await?,
+                true => call(&admin, "POST", &format!("{path}/roll"), Some(&body)).await?,
                 false => call(&admin, "GET", &path, None).await?,
             })
         }

@@ -144,6 +144,17 @@ pub struct ProviderCredentials {
     pub key_pem: Vec<u8>,
 }
 
+/// What [`Core::roll_service_ca`] did.
+#[derive(Debug)]
+pub struct RolledCa {
+    /// The new generation, which issues from now on.
+    pub ca: fleet_pki::CaGeneration,
+    /// Certificates of the older generations revoked (`retire_older`).
+    pub revoked: usize,
+    /// Older generations retired (`retire_older`).
+    pub retired: Vec<u32>,
+}
+
 /// The record of a certificate just issued to `owner` (a device id or a
 /// provider's principal).
 fn active_record(
@@ -1412,26 +1423,110 @@ impl Core {
     /// Makes a successor of the service's issuing CA, with its CRL (see
     /// [`fleet_pki::Pki::roll_service_ca`]). The certificates the older
     /// CAs issued stay good: devices move to the new one as they renew.
-    pub fn roll_service_ca(&self, service_id: &str) -> Result<fleet_pki::CaGeneration, Failure> {
+    ///
+    /// With `retire_older`, for a CA key known to be stolen, every
+    /// certificate of the service the older generations issued that has not
+    /// expired is revoked (listed in its CRL, so live sessions that use it
+    /// are cut), and then the older generations are retired at once: their
+    /// keys deleted and their certificates no longer trusted
+    /// ([`fleet_pki::Pki::retire_service_cas`]). Each device is refused at
+    /// its next handshake and asks the bootstrap listener for a certificate
+    /// from the successor (topics.md §10.1 step 7); providers need new
+    /// certificates (`provider-add`).
+    pub fn roll_service_ca(
+        &self,
+        service_id: &str,
+        retire_older: bool,
+    ) -> Result<RolledCa, Failure> {
         let _writer = self.crl_writer.lock().unwrap_or_else(|p| p.into_inner());
         let number = self.store.next_id()?;
-        let rolled = self.pki.roll_service_ca(service_id, number)?;
+        let ca = self.pki.roll_service_ca(service_id, number)?;
         info!(
             service_id,
-            generation = rolled.generation,
-            serial = %rolled.serial_hex,
-            not_after = rolled.not_after,
+            generation = ca.generation,
+            serial = %ca.serial_hex,
+            not_after = ca.not_after,
             "service CA rolled over"
         );
+        let mut rolled = RolledCa {
+            ca,
+            revoked: 0,
+            retired: Vec::new(),
+        };
+        if retire_older {
+            rolled.revoked = self.revoke_generations_before(service_id, rolled.ca.generation)?;
+            // Their CRLs, signed while the old keys are still there.
+            self.publish_crl_locked(service_id)?;
+            rolled.retired = self
+                .pki
+                .retire_service_cas(service_id, rolled.ca.generation)?
+                .into_iter()
+                .map(|ca| ca.generation)
+                .collect();
+            warn!(
+                service_id,
+                revoked = rolled.revoked,
+                retired = ?rolled.retired,
+                "older service CAs retired before their end and their certificates revoked"
+            );
+        }
         // Done whatever the audit log says.
         let detail = format!(
-            "{service_id}: generation {} (serial {})",
-            rolled.generation, rolled.serial_hex
+            "{service_id}: generation {} (serial {}){}",
+            rolled.ca.generation,
+            rolled.ca.serial_hex,
+            match retire_older {
+                true => format!(
+                    "; generations {:?} retired, {} certificates revoked",
+                    rolled.retired, rolled.revoked
+                ),
+                false => String::new(),
+            }
         );
         if let Err(err) = self.store.audit("service_ca_roll", None, detail) {
             warn!(service_id, error = %err, "service CA roll-over not in the audit log");
         }
         Ok(rolled)
+    }
+
+    /// Revokes every certificate of `service_id` that a CA generation below
+    /// `generation` issued and that has neither expired nor been revoked,
+    /// each owner's under its lock; one flush for them all. Returns how
+    /// many.
+    fn revoke_generations_before(
+        &self,
+        service_id: &str,
+        generation: u32,
+    ) -> Result<usize, Failure> {
+        let now = now_ms();
+        let mut owners: Vec<String> = self
+            .store
+            .certs()?
+            .into_iter()
+            .filter(|c| c.service_id == service_id && c.ca_generation < generation)
+            .map(|c| c.device_id)
+            .collect();
+        owners.sort();
+        owners.dedup();
+        let mut revoked = 0;
+        for owner in owners {
+            let _guard = self.lock(&owner);
+            let mut batch = Batch::default();
+            for mut c in self.store.certs_of(&owner)? {
+                let live = c.service_id == service_id
+                    && c.ca_generation < generation
+                    && c.not_after * 1000 > now;
+                if live && revoke(&mut c, now) {
+                    batch.certs.push(c);
+                }
+            }
+            if !batch.certs.is_empty() {
+                revoked += batch.certs.len();
+                self.apply(&batch)?;
+            }
+        }
+        self.store.sync()?;
+        Ok(revoked)
     }
 
     /// Housekeeping for service CAs: a successor for each issuing CA with
@@ -1449,7 +1544,7 @@ impl Core {
             match self.pki.roll_due(service, now) {
                 Ok(false) => {}
                 Ok(true) => {
-                    if let Err(err) = self.roll_service_ca(service) {
+                    if let Err(err) = self.roll_service_ca(service, false) {
                         warn!(service, error = %err, "service CA not rolled over");
                     }
                 }

@@ -74,6 +74,17 @@ pub(crate) fn parse_ca_file(name: &str) -> Option<(String, u32, &str)> {
     Some((service_of(service)?, generation_of(digits)?, ext))
 }
 
+/// The service and generation a CRL's file name in `crl/` is for:
+/// `{svc}.crl.pem` (generation 1) or `{svc}.{n}.crl.pem`. The root's
+/// (`_root.crl.pem`) is no service's.
+pub(crate) fn parse_crl_file(name: &str) -> Option<(String, u32)> {
+    let stem = name.strip_suffix(".crl.pem")?;
+    match stem.split_once('.') {
+        None => Some((service_of(stem)?, 1)),
+        Some((service, digits)) => Some((service_of(service)?, generation_of(digits)?)),
+    }
+}
+
 /// The certificate files of every generation of `service_id`'s CA in
 /// `certs_dir/services/`, oldest first (with or without their keys, as a
 /// broker that holds no keys sees them).
@@ -183,6 +194,17 @@ mod tests {
             "svcA-ca.99999999999.pem",
         ] {
             assert_eq!(parse_ca_file(bad), None, "{bad}");
+        }
+        assert_eq!(parse_crl_file("svcA.crl.pem"), Some(("svcA".into(), 1)));
+        assert_eq!(parse_crl_file("svcA.4.crl.pem"), Some(("svcA".into(), 4)));
+        for bad in [
+            "_root.crl.pem",
+            "svcA.1.crl.pem",
+            "svcA.0.crl.pem",
+            "svcA.crl",
+            "svcA.4.5.crl.pem",
+        ] {
+            assert_eq!(parse_crl_file(bad), None, "{bad}");
         }
     }
 }

@@ -450,13 +450,67 @@ impl Pki {
 
     /// Retires every generation of a service CA that has expired by `now`,
     /// other than the one that issues: every certificate it issued has
-    /// expired with it. Its key is deleted first, then its certificate and
-    /// CRL are moved to `retired/` under `services/` and `crl/`, so an
-    /// interruption leaves a certificate without its key, which is no
-    /// longer loaded for signing and is moved at the next call. Returns the
-    /// generations retired.
+    /// expired with it. See [`Pki::retire_service_cas`]; its CRL goes to
+    /// `crl/retired/` with it, as does, once past half its validity, the
+    /// CRL of a generation retired before its end. Returns the generations
+    /// retired.
     pub fn retire_expired_service_cas(&self, now: u64) -> Result<Vec<CaGeneration>, PkiError> {
-        let found = generations::on_disk(&self.dir, None)
+        let retired = self.retire_where(None, |ca| ca.not_after < now, true)?;
+        // CRLs left behind by a retirement before the end, once stale.
+        let kept = generations::on_disk(&self.dir, None)
+            .map_err(|e| files::file_error(&self.dir.join("services"), e))?;
+        let trusted: std::collections::HashSet<(String, u32)> =
+            kept.pairs.into_iter().chain(kept.certs_alone).collect();
+        let crl_dir = self.dir.join("crl");
+        let entries = std::fs::read_dir(&crl_dir).map_err(|e| files::file_error(&crl_dir, e))?;
+        for entry in entries.flatten() {
+            let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(generations::parse_crl_file)
+            else {
+                continue;
+            };
+            if !trusted.contains(&id) && crl_due(&entry.path()) {
+                let into = crl_dir.join(RETIRED_DIR);
+                files::create_dir(&into)?;
+                std::fs::rename(entry.path(), into.join(entry.file_name()))
+                    .map_err(|e| files::file_error(&entry.path(), e))?;
+            }
+        }
+        Ok(retired)
+    }
+
+    /// Retires every generation of `service_id`'s CA older than
+    /// `generation` now, expired or not: what to do once a CA key is known
+    /// to be stolen, after its certificates are revoked. Its key is
+    /// deleted first, then its certificate is moved to `services/retired/`,
+    /// so brokers that load `services/` trust it no more. Its CRL stays in
+    /// `crl/` (see [`Pki::retire_expired_service_cas`]), so a broker that cuts live
+    /// sessions by the serials it lists still does (moved once past half
+    /// its validity). The issuing generation is never retired. Returns the generations retired.
+    pub fn retire_service_cas(
+        &self,
+        service_id: &str,
+        generation: u32,
+    ) -> Result<Vec<CaGeneration>, PkiError> {
+        fleet_protocol::topic::validate_service_id(service_id)
+            .map_err(|_| PkiError::BadServiceId(service_id.to_owned()))?;
+        self.retire_where(Some(service_id), |ca| ca.generation < generation, false)
+    }
+
+    /// Retires the generations below each service's issuing one that
+    /// `retire` picks: key deleted first, then certificate (and, with
+    /// `with_crl`, CRL) moved, directories synced. An interruption leaves
+    /// a certificate without its key, which is no longer loaded for
+    /// signing and is moved at the next call.
+    fn retire_where(
+        &self,
+        only: Option<&str>,
+        retire: impl Fn(&CaGeneration) -> bool,
+        with_crl: bool,
+    ) -> Result<Vec<CaGeneration>, PkiError> {
+        let found = generations::on_disk(&self.dir, only)
             .map_err(|e| files::file_error(&self.dir.join("services"), e))?;
         let mut top: HashMap<&str, u32> = HashMap::new();
         for (service, generation) in &found.pairs {
@@ -473,7 +527,7 @@ impl Pki {
         for (service, generation) in older {
             let cert = files::load_cert(&self.service_ca_path_of(service, *generation))?;
             let ca = self.generation_info(service, *generation, cert)?;
-            if ca.not_after >= now {
+            if !retire(&ca) {
                 continue;
             }
             let key = self.service_ca_key_path(service, *generation);
@@ -482,7 +536,11 @@ impl Pki {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(files::file_error(&key, e)),
             }
-            for (path, sub) in [(&ca.cert_path, "services"), (&ca.crl_path, "crl")] {
+            let mut moves = vec![(&ca.cert_path, "services")];
+            if with_crl {
+                moves.push((&ca.crl_path, "crl"));
+            }
+            for (path, sub) in moves {
                 let into = self.dir.join(sub).join(RETIRED_DIR);
                 files::create_dir(&into)?;
                 let Some(name) = path.file_name() else {
@@ -500,7 +558,8 @@ impl Pki {
             tracing::info!(
                 service = %service,
                 generation,
-                "retired an expired service CA"
+                expired = with_crl,
+                "retired a service CA"
             );
             retired.push(ca);
         }

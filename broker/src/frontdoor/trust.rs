@@ -1227,25 +1227,32 @@ impl ClientVerifier {
         now: UnixTime,
         report: bool,
     ) -> Result<(), rustls::Error> {
+        // Revoked is said first, before the chain: a certificate whose CA
+        // was retired before its end (a stolen key) is listed revoked, and
+        // its device, told so rather than `unknown_ca`, asks for another
+        // (topics.md §10.1 step 7). The lists come from the manager's own
+        // CRLs; serials are 128-bit random, so one names one certificate.
+        let names = der::names(end_entity);
+        let revoked = |names: &der::CertNames| {
+            self.revoked
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&names.serial)
+        };
+        if names.as_ref().is_some_and(revoked) {
+            return Err(refuse(CertificateError::Revoked));
+        }
         self.verify_chain(end_entity, presented, now)?;
         // The device certificate: issued by the CA of the service it names
-        // (a service CA cannot mint another service's devices), not
-        // revoked, and granted that service by the registry.
-        let names = der::names(end_entity).ok_or(refuse(CertificateError::BadEncoding))?;
+        // (a service CA cannot mint another service's devices), and granted
+        // that service by the registry.
+        let names = names.ok_or(refuse(CertificateError::BadEncoding))?;
         let Some(service) = names
             .subject_o
             .filter(|o| Some(o) == names.issuer_o.as_ref())
         else {
             return Err(refuse(CertificateError::ApplicationVerificationFailure));
         };
-        if self
-            .revoked
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&names.serial)
-        {
-            return Err(refuse(CertificateError::Revoked));
-        }
         let device = names.subject_cn.unwrap_or_default();
         match self.grants.is_granted(&device, &service) {
             Ok(true) => return Ok(()),

@@ -277,3 +277,104 @@ async fn a_rolled_over_service_ca_keeps_its_devices_and_certifies_under_the_succ
     }
     devices.shutdown.cancel();
 }
+
+/// A service CA key known to be stolen: the operator rolls the CA over and
+/// retires the older generation at once (`service-ca svcA --roll
+/// --retire-older`). Its certificates are revoked, so the live session of
+/// one is cut; the old CA is trusted no more; and the device, refused,
+/// comes back through the bootstrap listener with a certificate of the
+/// successor.
+#[tokio::test]
+async fn a_stolen_service_ca_is_retired_at_once_and_its_devices_come_back_under_the_successor() {
+    let fleet = Fleet::start().await.unwrap();
+    let devices = Devices::new(fleet.dir.path().join("devices"));
+    let observer = fleet.privileged("observer").await.unwrap();
+    observer.subscribe("/tenants/+/telemetry/+").await.unwrap();
+    let root = std::fs::read(fleet.certs_dir().join("root-ca.pem")).unwrap();
+    let pki = &fleet.core().pki;
+
+    devices.provision(&fleet, "vic1", "svcA").await.unwrap();
+    devices.spawn(devices.config(&fleet, "vic1", KeyMode::Csr));
+    connected_to(&devices, "vic1", "svcA").await;
+    let (old_chain, old_key) = credentials(&devices, "vic1");
+    let old_serial = fleet
+        .core()
+        .store
+        .device("vic1")
+        .unwrap()
+        .unwrap()
+        .current_cert
+        .unwrap();
+
+    let rolled =
+        cli_at(&fleet, "service-ca", &["svcA", "--roll", "--retire-older"]).await[0].clone();
+    assert_eq!(rolled["generation"], json!(2));
+    assert_eq!(rolled["revoked"], json!(1));
+    assert_eq!(rolled["retired"], json!([1]));
+    // The old generation: its key gone, its certificate out of `services/`,
+    // its CRL still there, listing the device's certificate.
+    let services = fleet.certs_dir().join("services");
+    assert!(!services.join("svcA-ca.key").exists());
+    assert!(!services.join("svcA-ca.pem").exists());
+    assert!(services.join("retired").join("svcA-ca.pem").exists());
+    assert!(lists(&pki.crl_path("svcA"), &old_serial));
+    let listed = cli_at(&fleet, "service-ca", &["svcA"]).await[0].clone();
+    assert_eq!(listed["generations"].as_array().unwrap().len(), 1);
+    fleet_testkit::eventually(T, "the old certificate refused", || {
+        let (root, chain, key) = (root.clone(), old_chain.clone(), old_key.clone());
+        let addr = fleet.service_addr();
+        async move {
+            tls_refused(addr, &root, (&chain, &key), Duration::from_millis(300))
+                .await
+                .unwrap()
+                .then_some(())
+        }
+    })
+    .await
+    .unwrap();
+
+    // Cut, refused, the device asks for another certificate and comes back.
+    devices
+        .wait_event("vic1", T, "a certificate of the successor", |_| {
+            credentials(&devices, "vic1").0 != old_chain
+        })
+        .await
+        .unwrap();
+    let (new_chain, _) = credentials(&devices, "vic1");
+    let successor =
+        X509::from_pem(&std::fs::read(pki.service_ca_path_of("svcA", 2)).unwrap()).unwrap();
+    assert_eq!(
+        X509::stack_from_pem(&new_chain).unwrap()[1]
+            .to_der()
+            .unwrap(),
+        successor.to_der().unwrap()
+    );
+    let connects = |devices: &Devices| {
+        devices
+            .events_of("vic1")
+            .iter()
+            .filter(|e| matches!(e, DeviceEvent::Connected { .. }))
+            .count()
+    };
+    devices
+        .wait_event("vic1", T, "connected again", |_| connects(&devices) >= 2)
+        .await
+        .unwrap();
+    let seen = observer.on(&telemetry("svcA", "vic1")).len();
+    observer
+        .wait_for(&telemetry("svcA", "vic1"), seen + 2, T)
+        .await
+        .unwrap();
+    let old = fleet.core().store.cert(&old_serial).unwrap().unwrap();
+    assert!(old.revoked_ms.is_some());
+    let record = fleet.core().store.device("vic1").unwrap().unwrap();
+    assert_eq!(record.service_id, "svcA");
+    let current = fleet
+        .core()
+        .store
+        .cert(record.current_cert.as_deref().unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(current.ca_generation, 2);
+    devices.shutdown.cancel();
+}
