@@ -109,7 +109,15 @@ pub struct DeviceConfig {
     /// notBefore to notAfter), so that a fleet certified at once does not
     /// renew at once ([`RENEW_WINDOW`] by default).
     pub renew_window: (f64, f64),
+    /// How long its service may answer `unknown_ca` (3 times at least)
+    /// before the device takes its CA for retired and asks for another
+    /// certificate ([`UNKNOWN_CA_PATIENCE`] by default).
+    pub unknown_ca_patience: Duration,
 }
+
+/// A broker loads a new service's CA within seconds; a minute of
+/// `unknown_ca` means the CA was retired (topics.md §10.1, step 7).
+pub const UNKNOWN_CA_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Renewal between two thirds and three quarters of a certificate's
 /// validity: a 30-day certificate is renewed with 7.5 to 10 days left.

@@ -53,10 +53,6 @@ const RESEND_WITHIN: Duration = Duration::from_millis(fleet_protocol::MAX_CLOCK_
 /// Refusals of a service certificate in a row after which the device asks
 /// for another (topics.md §10.1, step 7).
 pub const REFUSALS_TO_RENEW: u32 = 3;
-/// How long a service may answer `unknown_ca` before the device takes it
-/// for good (its CA retired) and asks for another certificate: a broker
-/// loads a new service's CA within seconds (topics.md §10.1, step 7).
-pub const UNKNOWN_CA_PATIENCE: Duration = Duration::from_secs(60);
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 
@@ -353,7 +349,7 @@ impl Device {
     /// (topics.md §10.1, steps 7 and 8):
     /// - its service refused its certificate [`REFUSALS_TO_RENEW`] times in
     ///   a row (revoked, expired, not granted), or did not know its CA as
-    ///   many times over [`UNKNOWN_CA_PATIENCE`] (the CA retired): its next
+    ///   many times over `unknown_ca_patience` (the CA retired): its next
     ///   pass asks for another with `update` on the bootstrap listener, and
     ///   it keeps this one until the new one has come (a refusal may pass,
     ///   or be forged);
@@ -377,7 +373,7 @@ impl Device {
                 let (count, since) = self.unknown_ca.get_or_insert((0, Instant::now()));
                 *count += 1;
                 if *count >= REFUSALS_TO_RENEW
-                    && since.elapsed() >= UNKNOWN_CA_PATIENCE
+                    && since.elapsed() >= self.cfg.unknown_ca_patience
                     && !self.renew
                 {
                     warn!(service_id = ?service_id, refusals = *count, "the service has not known the certificate's CA for a minute; asking for another");

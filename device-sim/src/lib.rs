@@ -41,7 +41,7 @@ use tracing::Instrument;
 
 pub use config::{
     parse_renew_window, DeviceConfig, Endpoint, KeyMode, DEFAULT_REQUEST_TIMEOUT,
-    DEFAULT_TELEMETRY_INTERVAL, RENEW_WINDOW,
+    DEFAULT_TELEMETRY_INTERVAL, RENEW_WINDOW, UNKNOWN_CA_PATIENCE,
 };
 pub use device::{backoff, is_retriable, DeviceError, Failure, MAX_BUSY_RETRIES, MAX_REPUBLISH};
 pub use fleet::{fleet_device_id, provision_fleet, run_fleet, FleetConfig, FleetReport};

@@ -127,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
                     telemetry_interval: Duration::from_millis(telemetry_interval_ms),
                     request_timeout: Duration::from_millis(request_timeout_ms),
                     renew_window: renew_window.unwrap_or(fleet_device_sim::RENEW_WINDOW),
+                    unknown_ca_patience: fleet_device_sim::UNKNOWN_CA_PATIENCE,
                 },
             };
             let shutdown = CancellationToken::new();

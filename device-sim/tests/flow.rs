@@ -370,6 +370,7 @@ async fn full_flow(key_mode: KeyMode) {
         telemetry_interval: Duration::from_millis(200),
         request_timeout: Duration::from_secs(1),
         renew_window: fleet_device_sim::RENEW_WINDOW,
+        unknown_ca_patience: fleet_device_sim::UNKNOWN_CA_PATIENCE,
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
     let shutdown = CancellationToken::new();
@@ -567,6 +568,7 @@ async fn unprovisioned_device_fails_at_load() {
         telemetry_interval: Duration::from_secs(1),
         request_timeout: Duration::from_secs(1),
         renew_window: fleet_device_sim::RENEW_WINDOW,
+        unknown_ca_patience: fleet_device_sim::UNKNOWN_CA_PATIENCE,
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
     let res = run_device(cfg, tx, CancellationToken::new()).await;

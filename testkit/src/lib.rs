@@ -921,6 +921,7 @@ impl Devices {
             telemetry_interval: Duration::from_millis(200),
             request_timeout: Duration::from_secs(5),
             renew_window: fleet_device_sim::RENEW_WINDOW,
+            unknown_ca_patience: fleet_device_sim::UNKNOWN_CA_PATIENCE,
         }
     }
 
@@ -1050,9 +1051,19 @@ impl Resuming {
 pub async fn tls_refused(
     addr: std::net::SocketAddr,
     root: &[u8],
-    (chain, key): (&[u8], &[u8]),
+    chain_key: (&[u8], &[u8]),
     wait: Duration,
 ) -> anyhow::Result<bool> {
+    Ok(tls_refusal(addr, root, chain_key, wait).await?.is_some())
+}
+
+/// [`tls_refused`], saying with which alert: `None` if not refused.
+pub async fn tls_refusal(
+    addr: std::net::SocketAddr,
+    root: &[u8],
+    (chain, key): (&[u8], &[u8]),
+    wait: Duration,
+) -> anyhow::Result<Option<rustls::AlertDescription>> {
     let config =
         fleet_device_sim::link::mutual_tls_over(&[&rustls::version::TLS13], root, chain, key)?;
     tokio::task::spawn_blocking(move || {
@@ -1064,32 +1075,29 @@ pub async fn tls_refused(
         let mut tls = rustls::StreamOwned::new(conn, tcp);
         let mut byte = [0u8; 1];
         match tls.read(&mut byte) {
-            Ok(_) => Ok(false),
+            Ok(_) => Ok(None),
             Err(e)
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                Ok(false)
+                Ok(None)
             }
             Err(e) => {
                 use rustls::AlertDescription as A;
-                let refused = rustls_error(&e).is_some_and(|err| {
-                    matches!(
-                        err,
-                        rustls::Error::AlertReceived(
-                            A::BadCertificate
-                                | A::CertificateRevoked
-                                | A::CertificateExpired
-                                | A::CertificateUnknown
-                                | A::UnknownCA
-                                | A::AccessDenied
-                        )
-                    )
-                });
-                anyhow::ensure!(refused, "not a refusal of the certificate: {e}");
-                Ok(true)
+                let alert = match rustls_error(&e) {
+                    Some(rustls::Error::AlertReceived(
+                        alert @ (A::BadCertificate
+                        | A::CertificateRevoked
+                        | A::CertificateExpired
+                        | A::CertificateUnknown
+                        | A::UnknownCA
+                        | A::AccessDenied),
+                    )) => *alert,
+                    _ => anyhow::bail!("not a refusal of the certificate: {e}"),
+                };
+                Ok(Some(alert))
             }
         }
     })

@@ -378,3 +378,93 @@ async fn a_stolen_service_ca_is_retired_at_once_and_its_devices_come_back_under_
     assert_eq!(current.ca_generation, 2);
     devices.shutdown.cancel();
 }
+
+/// A device away while its CA was retired for a stolen key, and long
+/// enough for that CA's CRL to have been swept: its certificate is now
+/// refused with `unknown_ca` only, and once its patience is out (here 2 s,
+/// 60 by default) it asks the bootstrap listener for another.
+#[tokio::test]
+async fn a_device_away_while_its_ca_was_retired_asks_for_another_after_unknown_ca() {
+    let fleet = Fleet::start().await.unwrap();
+    let devices = Devices::new(fleet.dir.path().join("devices"));
+    devices.provision(&fleet, "away1", "svcA").await.unwrap();
+    let task = devices.spawn(devices.config(&fleet, "away1", KeyMode::Csr));
+    connected_to(&devices, "away1", "svcA").await;
+    task.abort();
+    let _ = task.await;
+    let (old_chain, old_key) = credentials(&devices, "away1");
+    let root = std::fs::read(fleet.certs_dir().join("root-ca.pem")).unwrap();
+    // Waits until the broker refuses the old certificate with `alert`.
+    let refused_with = |alert: rustls::AlertDescription| {
+        let (root, chain, key) = (root.clone(), old_chain.clone(), old_key.clone());
+        let addr = fleet.service_addr();
+        let what = format!("the old certificate refused with {alert:?}");
+        async move {
+            fleet_testkit::eventually(T, &what, || {
+                let (root, chain, key) = (root.clone(), chain.clone(), key.clone());
+                async move {
+                    let wait = Duration::from_millis(300);
+                    let said = fleet_testkit::tls_refusal(addr, &root, (&chain, &key), wait)
+                        .await
+                        .unwrap();
+                    (said == Some(alert)).then_some(())
+                }
+            })
+            .await
+            .unwrap()
+        }
+    };
+
+    let rolled =
+        cli_at(&fleet, "service-ca", &["svcA", "--roll", "--retire-older"]).await[0].clone();
+    assert_eq!(rolled["revoked"], json!(1));
+    refused_with(rustls::AlertDescription::CertificateRevoked).await;
+    // Swept, as housekeeping does once it is past half its validity.
+    let crl = fleet.core().pki.crl_path("svcA");
+    let swept = crl.parent().unwrap().join("retired");
+    std::fs::create_dir_all(&swept).unwrap();
+    std::fs::rename(&crl, swept.join("svcA.crl.pem")).unwrap();
+    refused_with(rustls::AlertDescription::UnknownCA).await;
+
+    let mut config = devices.config(&fleet, "away1", KeyMode::Csr);
+    config.unknown_ca_patience = Duration::from_secs(2);
+    devices.spawn(config);
+    devices
+        .wait_event("away1", T, "a certificate of the successor", |_| {
+            credentials(&devices, "away1").0 != old_chain
+        })
+        .await
+        .unwrap();
+    devices
+        .wait_event("away1", T, "connected again", |e| {
+            matches!(e, DeviceEvent::Connected { .. })
+        })
+        .await
+        .unwrap();
+    let refusals: Vec<String> = devices
+        .events_of("away1")
+        .iter()
+        .filter_map(|e| match e {
+            DeviceEvent::Failed { error, .. } => Some(error.clone()),
+            _ => None,
+        })
+        .collect();
+    let unknown = refusals
+        .iter()
+        .filter(|e| e.contains("CA unknown to the server"))
+        .count();
+    assert!(unknown >= 3, "{refusals:?}");
+    assert!(
+        refusals.iter().all(|e| !e.contains("Revoked")),
+        "{refusals:?}"
+    );
+    let (new_chain, _) = credentials(&devices, "away1");
+    let successor = std::fs::read(fleet.core().pki.service_ca_path_of("svcA", 2)).unwrap();
+    assert_eq!(
+        X509::stack_from_pem(&new_chain).unwrap()[1]
+            .to_der()
+            .unwrap(),
+        X509::from_pem(&successor).unwrap().to_der().unwrap()
+    );
+    devices.shutdown.cancel();
+}
