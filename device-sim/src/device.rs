@@ -236,6 +236,10 @@ pub(crate) struct Device {
     renew: bool,
     /// `unknown_ca` refusals in a row, and when the first came.
     unknown_ca: Option<(u32, Instant)>,
+    /// Certificates asked for since the last connection for `unknown_ca`:
+    /// each doubles the patience, so a broker that never takes the new
+    /// CA (or forged alerts) cannot have the device ask again and again.
+    unknown_ca_renewals: u32,
 }
 
 impl Device {
@@ -273,6 +277,7 @@ impl Device {
             unanswered: Mutex::new(None),
             refusals: 0,
             unknown_ca: None,
+            unknown_ca_renewals: 0,
             renew: false,
         })
     }
@@ -360,6 +365,10 @@ impl Device {
     /// Returns whether it starts over (then the error is not final).
     async fn recover(&mut self, error: &DeviceError) -> bool {
         let service_id = self.state().service_id;
+        // `unknown_ca` counts only in a row.
+        if !matches!(error, DeviceError::Link(LinkError::UnknownCa)) {
+            self.unknown_ca = None;
+        }
         let dropped = match error {
             DeviceError::Link(LinkError::CertificateRefused(why)) => {
                 self.refusals += 1;
@@ -372,12 +381,12 @@ impl Device {
             DeviceError::Link(LinkError::UnknownCa) => {
                 let (count, since) = self.unknown_ca.get_or_insert((0, Instant::now()));
                 *count += 1;
-                if *count >= REFUSALS_TO_RENEW
-                    && since.elapsed() >= self.cfg.unknown_ca_patience
-                    && !self.renew
-                {
-                    warn!(service_id = ?service_id, refusals = *count, "the service has not known the certificate's CA for a minute; asking for another");
+                let patience =
+                    self.cfg.unknown_ca_patience * (1 << self.unknown_ca_renewals.min(6));
+                if *count >= REFUSALS_TO_RENEW && since.elapsed() >= patience && !self.renew {
+                    warn!(service_id = ?service_id, refusals = *count, patience_s = patience.as_secs(), "the service has not known the certificate's CA for long: asking for another");
                     self.renew = true;
+                    self.unknown_ca_renewals += 1;
                 }
                 return true;
             }
@@ -461,7 +470,10 @@ impl Device {
             if !done {
                 self.update(link, None, &service_id).await.stage("update")?;
             }
+            // A new certificate: refusals of the old one count no more.
             self.renew = false;
+            self.refusals = 0;
+            self.unknown_ca = None;
         }
         if let Some(link) = bootstrap.take() {
             link.disconnect().await;
@@ -733,6 +745,7 @@ impl Device {
         self.established = true;
         self.refusals = 0;
         self.unknown_ca = None;
+        self.unknown_ca_renewals = 0;
         info!(service_id = %service_id, %endpoint, "connected to service");
         self.emit(DeviceEvent::Connected {
             service_id: service_id.clone(),

@@ -560,6 +560,17 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
                 Err(e) => Err(e),
             }
         }
+        ("POST", ["v1", "services", service, "ca", "retire-older"]) => {
+            let service = service.to_string();
+            blocking(move || {
+                service_cas(&core, &service)?;
+                let (revoked, retired) = core
+                    .retire_older_service_cas(&service)
+                    .map_err(|f| (500, f.to_string()))?;
+                Ok(json!({ "service_id": service, "revoked": revoked, "retired": retired }))
+            })
+            .await
+        }
         ("GET", ["v1", "grants"]) => {
             blocking(move || {
                 let grants = core.grants().map_err(internal)?;

@@ -127,12 +127,13 @@ pub enum Command {
         /// Make a successor of the CA that issues now.
         #[arg(long)]
         roll: bool,
-        /// With --roll, for a CA key known to be stolen: revoke every
-        /// certificate the older generations issued and retire them now
-        /// (their keys deleted, no longer trusted). Devices come back
-        /// through the bootstrap listener for a certificate of the new CA;
-        /// providers need new ones (provider-add).
-        #[arg(long, requires = "roll")]
+        /// For a CA key known to be stolen (with --roll, after it): revoke
+        /// every certificate the generations older than the issuing one
+        /// issued and retire them now (their keys deleted, no longer
+        /// trusted). Devices come back through the bootstrap listener for a
+        /// certificate of the issuing CA; providers need new ones
+        /// (provider-add). Run again after an error, it finishes the job.
+        #[arg(long)]
         retire_older: bool,
     },
     /// Write the configuration of two mosquitto 2.0 processes for running
@@ -456,9 +457,12 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             let admin = admin_of(admin)?;
             let path = format!("/v1/services/{service}/ca");
             let body = json!({ "retire_older": retire_older });
-            print(match roll {
-                true => call(&admin, "POST", &format!("{path}/roll"), Some(&body)).await?,
-                false => call(&admin, "GET", &path, None).await?,
+            print(match (roll, retire_older) {
+                (true, _) => call(&admin, "POST", &format!("{path}/roll"), Some(&body)).await?,
+                (false, true) => {
+                    call(&admin, "POST", &format!("{path}/retire-older"), None).await?
+                }
+                (false, false) => call(&admin, "GET", &path, None).await?,
             })
         }
         Command::MosquittoConfig {

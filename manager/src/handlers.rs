@@ -1423,24 +1423,18 @@ impl Core {
     /// Makes a successor of the service's issuing CA, with its CRL (see
     /// [`fleet_pki::Pki::roll_service_ca`]). The certificates the older
     /// CAs issued stay good: devices move to the new one as they renew.
-    ///
-    /// With `retire_older`, for a CA key known to be stolen, every
-    /// certificate of the service the older generations issued that has not
-    /// expired is revoked (listed in its CRL, so live sessions that use it
-    /// are cut), and then the older generations are retired at once: their
-    /// keys deleted and their certificates no longer trusted
-    /// ([`fleet_pki::Pki::retire_service_cas`]). Each device is refused at
-    /// its next handshake and asks the bootstrap listener for a certificate
-    /// from the successor (topics.md §10.1 step 7); providers need new
-    /// certificates (`provider-add`).
+    /// With `retire_older` (a CA key known to be stolen), then
+    /// [`Core::retire_older_service_cas`].
     pub fn roll_service_ca(
         &self,
         service_id: &str,
         retire_older: bool,
     ) -> Result<RolledCa, Failure> {
-        let _writer = self.crl_writer.lock().unwrap_or_else(|p| p.into_inner());
-        let number = self.store.next_id()?;
-        let ca = self.pki.roll_service_ca(service_id, number)?;
+        let ca = {
+            let _writer = self.crl_writer.lock().unwrap_or_else(|p| p.into_inner());
+            let number = self.store.next_id()?;
+            self.pki.roll_service_ca(service_id, number)?
+        };
         info!(
             service_id,
             generation = ca.generation,
@@ -1448,45 +1442,103 @@ impl Core {
             not_after = ca.not_after,
             "service CA rolled over"
         );
+        self.audit_quietly(
+            "service_ca_roll",
+            format!(
+                "{service_id}: generation {} (serial {})",
+                ca.generation, ca.serial_hex
+            ),
+        );
+        let generation = ca.generation;
         let mut rolled = RolledCa {
             ca,
             revoked: 0,
             retired: Vec::new(),
         };
         if retire_older {
-            rolled.revoked = self.revoke_generations_before(service_id, rolled.ca.generation)?;
-            // Their CRLs, signed while the old keys are still there.
-            self.publish_crl_locked(service_id)?;
-            rolled.retired = self
+            let (revoked, retired) =
+                self.retire_older_service_cas(service_id)
+                    .map_err(|f| Failure {
+                        status: f.status,
+                        detail: format!(
+                            "rolled over to generation {generation}, but the older generations are not all retired ({}): `service-ca {service_id} --retire-older` finishes it",
+                            f.detail
+                        ),
+                    })?;
+            rolled.revoked = revoked;
+            rolled.retired = retired;
+        }
+        Ok(rolled)
+    }
+
+    /// For a CA key known to be stolen: every certificate of the service
+    /// that a generation older than the issuing one issued, and that has
+    /// neither expired nor been revoked, is revoked and listed in its CRL
+    /// (so live sessions that use it are cut), and then those generations
+    /// are retired at once: their keys deleted, their certificates no
+    /// longer trusted ([`fleet_pki::Pki::retire_service_cas`]). Each device
+    /// is refused at its next handshake and asks the bootstrap listener for
+    /// a certificate from the issuing generation (topics.md §10.1 step 7);
+    /// providers need new certificates (`provider-add`). Run again after an
+    /// error, it finishes the job. Returns the certificates revoked and the
+    /// generations retired.
+    pub fn retire_older_service_cas(&self, service_id: &str) -> Result<(usize, Vec<u32>), Failure> {
+        let issuing = self.pki.issuing_generation(service_id)?.generation;
+        let done = (|| {
+            // Each owner's certificates under its lock, and never with the
+            // CRL writer held: `reset` and the providers' calls take an
+            // owner's lock and then the CRL writer.
+            let mut revoked = self.revoke_generations_before(service_id, issuing)?;
+            self.publish_crl(service_id)?;
+            // A certificate from an older generation whose issuing began
+            // before the roll and was recorded since.
+            let late = self.revoke_generations_before(service_id, issuing)?;
+            let _writer = self.crl_writer.lock().unwrap_or_else(|p| p.into_inner());
+            if late > 0 {
+                revoked += late;
+                self.publish_crl_locked(service_id)?;
+            }
+            // Their CRLs are signed: the keys can go.
+            let retired: Vec<u32> = self
                 .pki
-                .retire_service_cas(service_id, rolled.ca.generation)?
+                .retire_service_cas(service_id, issuing)?
                 .into_iter()
                 .map(|ca| ca.generation)
                 .collect();
-            warn!(
-                service_id,
-                revoked = rolled.revoked,
-                retired = ?rolled.retired,
-                "older service CAs retired before their end and their certificates revoked"
-            );
-        }
-        // Done whatever the audit log says.
-        let detail = format!(
-            "{service_id}: generation {} (serial {}){}",
-            rolled.ca.generation,
-            rolled.ca.serial_hex,
-            match retire_older {
-                true => format!(
-                    "; generations {:?} retired, {} certificates revoked",
-                    rolled.retired, rolled.revoked
-                ),
-                false => String::new(),
+            Ok::<_, Failure>((revoked, retired))
+        })();
+        match &done {
+            Ok((revoked, retired)) => {
+                warn!(
+                    service_id,
+                    revoked,
+                    retired = ?retired,
+                    "older service CAs retired before their end and their certificates revoked"
+                );
+                self.audit_quietly(
+                    "service_ca_retire",
+                    format!(
+                        "{service_id}: generations {retired:?} retired, {revoked} certificates revoked"
+                    ),
+                );
             }
-        );
-        if let Err(err) = self.store.audit("service_ca_roll", None, detail) {
-            warn!(service_id, error = %err, "service CA roll-over not in the audit log");
+            Err(f) => {
+                warn!(service_id, error = %f, "older service CAs not retired");
+                self.audit_quietly(
+                    "service_ca_retire",
+                    format!("{service_id}: failed, to be run again: {f}"),
+                );
+            }
         }
-        Ok(rolled)
+        done
+    }
+
+    /// An audit record whose failure is logged, not returned: for actions
+    /// already done.
+    fn audit_quietly(&self, action: &str, detail: String) {
+        if let Err(err) = self.store.audit(action, None, detail) {
+            warn!(action, error = %err, "not in the audit log");
+        }
     }
 
     /// Revokes every certificate of `service_id` that a CA generation below

@@ -455,7 +455,15 @@ impl Pki {
     /// CRL of a generation retired before its end. Returns the generations
     /// retired.
     pub fn retire_expired_service_cas(&self, now: u64) -> Result<Vec<CaGeneration>, PkiError> {
-        let retired = self.retire_where(None, |ca| ca.not_after < now, true)?;
+        // Expired: with its CRL. Without its key but not expired: a
+        // retirement before the end that stopped midway (the key goes
+        // first), finished here, its CRL kept.
+        let retired =
+            self.retire_where(None, |ca, has_key| match (ca.not_after < now, has_key) {
+                (true, _) => Some(true),
+                (false, false) => Some(false),
+                (false, true) => None,
+            })?;
         // CRLs left behind by a retirement before the end, once stale.
         let kept = generations::on_disk(&self.dir, None)
             .map_err(|e| files::file_error(&self.dir.join("services"), e))?;
@@ -496,19 +504,22 @@ impl Pki {
     ) -> Result<Vec<CaGeneration>, PkiError> {
         fleet_protocol::topic::validate_service_id(service_id)
             .map_err(|_| PkiError::BadServiceId(service_id.to_owned()))?;
-        self.retire_where(Some(service_id), |ca| ca.generation < generation, false)
+        self.retire_where(Some(service_id), |ca, _| {
+            (ca.generation < generation).then_some(false)
+        })
     }
 
     /// Retires the generations below each service's issuing one that
-    /// `retire` picks: key deleted first, then certificate (and, with
-    /// `with_crl`, CRL) moved, directories synced. An interruption leaves
-    /// a certificate without its key, which is no longer loaded for
-    /// signing and is moved at the next call.
+    /// `retire` picks (given the generation and whether its key is there;
+    /// it answers whether the CRL goes too): key deleted first, then
+    /// certificate (and CRL) moved, directories synced. An interruption
+    /// leaves a certificate without its key, which is no longer loaded for
+    /// signing, and which housekeeping retires
+    /// ([`Pki::retire_expired_service_cas`]).
     fn retire_where(
         &self,
         only: Option<&str>,
-        retire: impl Fn(&CaGeneration) -> bool,
-        with_crl: bool,
+        retire: impl Fn(&CaGeneration, bool) -> Option<bool>,
     ) -> Result<Vec<CaGeneration>, PkiError> {
         let found = generations::on_disk(&self.dir, only)
             .map_err(|e| files::file_error(&self.dir.join("services"), e))?;
@@ -520,16 +531,17 @@ impl Pki {
         let older = found
             .pairs
             .iter()
-            .chain(&found.certs_alone)
-            .filter(|(service, generation)| {
+            .map(|id| (id, true))
+            .chain(found.certs_alone.iter().map(|id| (id, false)))
+            .filter(|((service, generation), _)| {
                 top.get(service.as_str()).is_some_and(|t| generation < t)
             });
-        for (service, generation) in older {
+        for ((service, generation), has_key) in older {
             let cert = files::load_cert(&self.service_ca_path_of(service, *generation))?;
             let ca = self.generation_info(service, *generation, cert)?;
-            if !retire(&ca) {
+            let Some(with_crl) = retire(&ca, has_key) else {
                 continue;
-            }
+            };
             let key = self.service_ca_key_path(service, *generation);
             match std::fs::remove_file(&key) {
                 Ok(()) => {}
@@ -558,7 +570,7 @@ impl Pki {
             tracing::info!(
                 service = %service,
                 generation,
-                expired = with_crl,
+                with_crl,
                 "retired a service CA"
             );
             retired.push(ca);
@@ -1628,6 +1640,84 @@ mod tests {
         let pki = Pki::open_or_create(tmp.path()).unwrap();
         assert_eq!(pki.issuing_generation("svcA").unwrap().generation, 3);
         assert!(!pki.roll_due("svcA", root_end - 100 * DAY).unwrap());
+    }
+
+    /// Retired before its end (a stolen key): the key deleted, the
+    /// certificate moved, the CRL kept until past half its validity and
+    /// then swept; the issuing generation stays; a retirement stopped after
+    /// the key is finished by housekeeping.
+    #[test]
+    fn a_service_ca_retired_before_its_end_keeps_its_crl_a_while() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::open_or_create(tmp.path()).unwrap();
+        pki.service_ca("svcA").unwrap();
+        pki.write_crl("svcA", 1, &[], 1).unwrap();
+        pki.roll_service_ca("svcA", 2).unwrap();
+        pki.roll_service_ca("svcA", 3).unwrap();
+        let retired = pki.retire_service_cas("svcA", 2).unwrap();
+        assert_eq!(
+            retired.iter().map(|c| c.generation).collect::<Vec<_>>(),
+            [1]
+        );
+        let services = tmp.path().join("services");
+        assert!(!services.join("svcA-ca.key").exists());
+        assert!(!services.join("svcA-ca.pem").exists());
+        assert!(services.join(RETIRED_DIR).join("svcA-ca.pem").exists());
+        assert!(pki.crl_path("svcA").exists(), "its CRL is kept");
+        let listed: Vec<u32> = pki
+            .service_ca_generations("svcA")
+            .unwrap()
+            .iter()
+            .map(|c| c.generation)
+            .collect();
+        assert_eq!(listed, [2, 3]);
+        // Not the issuing one, whatever is asked.
+        assert_eq!(pki.retire_service_cas("svcA", 99).unwrap().len(), 1);
+        assert_eq!(pki.issuing_generation("svcA").unwrap().generation, 3);
+        assert!(pki.service_ca_path_of("svcA", 3).exists());
+
+        // The kept CRL goes once past half its validity, not before.
+        let now = unix_now();
+        assert!(pki.retire_expired_service_cas(now).unwrap().is_empty());
+        assert!(pki.crl_path("svcA").exists());
+        let ca =
+            X509::from_pem(&std::fs::read(services.join(RETIRED_DIR).join("svcA-ca.pem")).unwrap())
+                .unwrap();
+        // Its key is gone: a stale CRL made with a stand-in key, named as
+        // the retired one's.
+        let stand_in = certs::new_p256_key().unwrap();
+        let params = crl::CrlParams {
+            crl_number: 9,
+            this_update: now as i64 - 5 * 86_400,
+            next_update: now as i64 + 2 * 86_400,
+        };
+        let der = crl::build_crl_der(&ca, &stand_in, &[], &params).unwrap();
+        std::fs::write(pki.crl_path("svcA"), crl::crl_der_to_pem(&der)).unwrap();
+        pki.retire_expired_service_cas(now).unwrap();
+        assert!(!pki.crl_path("svcA").exists());
+        assert!(tmp
+            .path()
+            .join("crl")
+            .join(RETIRED_DIR)
+            .join("svcA.crl.pem")
+            .exists());
+        assert!(
+            pki.crl_path_of("svcA", 3).exists(),
+            "the issuing one's stays"
+        );
+
+        // Stopped after deleting generation 3's key (once 4 issues):
+        // finished by housekeeping, expired or not, its CRL kept.
+        pki.roll_service_ca("svcA", 10).unwrap();
+        std::fs::remove_file(pki.service_ca_key_path("svcA", 3)).unwrap();
+        let retired = pki.retire_expired_service_cas(now).unwrap();
+        assert_eq!(
+            retired.iter().map(|c| c.generation).collect::<Vec<_>>(),
+            [3]
+        );
+        assert!(!pki.service_ca_path_of("svcA", 3).exists());
+        assert!(pki.crl_path_of("svcA", 3).exists());
+        assert_eq!(pki.issuing_generation("svcA").unwrap().generation, 4);
     }
 
     #[test]

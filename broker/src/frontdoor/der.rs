@@ -1,8 +1,9 @@
-//! Just enough DER to read the names, serial and validity of a client certificate
-//! that webpki has already verified: the front door's identity comes from
-//! them, and reading them here spares every handshake a second, far
-//! costlier parse (OpenSSL 3 decodes the public key of every certificate
-//! it parses).
+//! Just enough DER to read the names, serial and validity of a client
+//! certificate: the front door's identity comes from them once webpki has
+//! verified the certificate (before that, they serve only to refuse one
+//! its issuer's CRL lists), and reading them here spares every handshake a
+//! second, far costlier parse (OpenSSL 3 decodes the public key of every
+//! certificate it parses).
 //!
 //! Anything this reader does not understand is `None`, which the caller
 //! refuses; it never guesses.
@@ -194,6 +195,23 @@ pub fn validity(cert: &[u8]) -> Option<(u64, u64)> {
     let from = time(tag, from)?;
     let (tag, until, _) = tlv(rest)?;
     Some((from, time(tag, until)?))
+}
+
+/// SHA-256 over the contents of a certificate's issuer Name: how a leaf is
+/// matched to its CA ([`subject_key`]) and to its CA's CRLs ([`name_key`]).
+pub fn issuer_key(cert: &[u8]) -> Option<[u8; 32]> {
+    Some(openssl::sha::sha256(tbs(cert)?.issuer))
+}
+
+/// SHA-256 over the contents of a certificate's subject Name.
+pub fn subject_key(cert: &[u8]) -> Option<[u8; 32]> {
+    Some(openssl::sha::sha256(tbs(cert)?.subject))
+}
+
+/// SHA-256 over the contents of a DER Name, as a CRL's issuer is given.
+pub fn name_key(name: &[u8]) -> Option<[u8; 32]> {
+    let (contents, _) = expect(name, SEQUENCE)?;
+    Some(openssl::sha::sha256(contents))
 }
 
 /// Reads subject CN and O, issuer O and serial from a DER certificate.

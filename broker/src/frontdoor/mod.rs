@@ -1330,6 +1330,10 @@ async fn connection(
                 let leaf = presented
                     .and_then(<[_]>::first)
                     .map(|leaf| trust::sha256(leaf));
+                let issuer = presented
+                    .and_then(<[_]>::first)
+                    .and_then(|leaf| der::issuer_key(leaf))
+                    .unwrap_or_default();
                 if let Some(until) = leaf.as_ref().and_then(|leaf| trust.path_until(leaf)) {
                     cert.not_after = cert.not_after.min(until);
                 }
@@ -1341,7 +1345,7 @@ async fn connection(
                 if let Some(unsent) = unsent {
                     tls.get_mut().0.on_unsent(unsent);
                 }
-                registered = trust.register(&cert.serial, cert.not_after, id, cut.clone());
+                registered = trust.register(&cert.serial, cert.not_after, issuer, id, cut.clone());
                 // A revocation that landed between the handshake and now.
                 if trust.is_revoked(&cert.serial) {
                     cut.cancel();

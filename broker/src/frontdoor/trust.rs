@@ -166,12 +166,15 @@ fn fingerprint(dir: &Path) -> Fingerprint {
     out
 }
 
+/// One live session: connection, end, its certificate's issuer
+/// ([`der::issuer_key`]) and its cut.
+type Live = (u64, u64, [u8; 32], CancellationToken);
+
 /// Live service sessions by certificate serial, and by the second their
 /// certificate expires after.
 #[derive(Default)]
 struct Sessions {
-    /// (connection, notAfter, cut)
-    by_serial: HashMap<String, Vec<(u64, u64, CancellationToken)>>,
+    by_serial: HashMap<String, Vec<Live>>,
     /// (notAfter, connection): a certificate is valid through its
     /// notAfter second, as the verifier reads it.
     by_expiry: BTreeMap<(u64, u64), CancellationToken>,
@@ -299,13 +302,15 @@ impl Trust {
     }
 
     /// Registers a live session, which is cancelled if its certificate is
-    /// revoked or expires, until the returned guard is dropped (however the
-    /// session's task ends, dropped with it too).
+    /// revoked or expires, or its issuer (`issuer`, [`der::issuer_key`]) is
+    /// no longer a CA the broker trusts, until the returned guard is
+    /// dropped (however the session's task ends, dropped with it too).
     /// `not_after` is the certificate's, in Unix seconds.
     pub fn register<'a>(
         &'a self,
         serial: &str,
         not_after: u64,
+        issuer: [u8; 32],
         connection: u64,
         cut: CancellationToken,
     ) -> Registered<'a> {
@@ -314,7 +319,7 @@ impl Trust {
         s.by_serial
             .entry(serial.to_owned())
             .or_default()
-            .push((connection, not_after, cut));
+            .push((connection, not_after, issuer, cut));
         Registered {
             trust: self,
             serial: serial.to_owned(),
@@ -329,10 +334,10 @@ impl Trust {
         let Some(list) = s.by_serial.get_mut(serial) else {
             return false;
         };
-        let Some(at) = list.iter().position(|(c, _, _)| *c == connection) else {
+        let Some(at) = list.iter().position(|(c, ..)| *c == connection) else {
             return false;
         };
-        let (_, not_after, _) = list.swap_remove(at);
+        let (_, not_after, ..) = list.swap_remove(at);
         if list.is_empty() {
             s.by_serial.remove(serial);
         }
@@ -362,7 +367,9 @@ impl Trust {
     }
 
     /// Rebuilds the context if anything under `certs/` changed, and returns
-    /// the live sessions of revoked certificates, to be cut.
+    /// the live sessions to be cut: those of revoked certificates, and of
+    /// certificates whose CA the broker no longer trusts (retired, its key
+    /// stolen: a certificate the thief made is on no CRL).
     pub fn reload_if_changed(&self) -> Vec<CancellationToken> {
         self.verifier
             .read()
@@ -397,8 +404,10 @@ impl Trust {
                 build_config(&self.certs_dir, v, self.tickets.clone())?,
             ))
         });
+        let mut trusted = None;
         match rebuilt {
             Ok((verifier, config)) => {
+                trusted = Some(verifier.ca_subjects.clone());
                 *self.verifier.write().unwrap_or_else(|p| p.into_inner()) = verifier;
                 *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
                 if self.rebuild_failing.swap(false, Ordering::Relaxed) {
@@ -417,18 +426,26 @@ impl Trust {
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         let mut cuts = Vec::new();
         for (serial, list) in &sessions.by_serial {
-            if revoked.contains(serial) {
-                for (connection, _, cut) in list {
+            for (connection, _, issuer, cut) in list {
+                if revoked.contains(serial) {
                     info!(
                         serial,
                         connection, "certificate revoked: closing its live session"
                     );
-                    cuts.push(cut.clone());
+                } else if trusted.as_ref().is_some_and(|t| !t.contains(issuer)) {
+                    warn!(
+                        serial,
+                        connection, "certificate's CA no longer trusted: closing its live session"
+                    );
+                } else {
+                    continue;
                 }
+                cuts.push(cut.clone());
             }
         }
         if !self.rebuild_failing.load(Ordering::Relaxed) {
-            info!(revoked = revoked.len(), "service trust reloaded");
+            let serials = revoked.iter().filter(|r| !r.contains(':')).count();
+            info!(revoked = serials, "service trust reloaded");
         }
         cuts
     }
@@ -466,6 +483,8 @@ async fn every_look<F: std::future::Future<Output = ()>>(
     }
 }
 
+/// Every serial the CRLs in `certs/crl/` list, and each also as
+/// [`issued_revoked`] spells it with its CRL's issuer.
 fn load_revoked(certs_dir: &Path) -> HashSet<String> {
     let mut out = HashSet::new();
     let Ok(entries) = std::fs::read_dir(certs_dir.join("crl")) else {
@@ -486,11 +505,32 @@ fn load_revoked(certs_dir: &Path) -> HashSet<String> {
             warn!(path = %path.display(), "CRL unreadable; ignored");
             continue;
         };
+        let issuer = crl
+            .issuer_name()
+            .to_der()
+            .ok()
+            .and_then(|name| der::name_key(&name));
         for r in crl.get_revoked().into_iter().flatten() {
-            out.insert(hex_serial(r.serial_number()));
+            let serial = hex_serial(r.serial_number());
+            if let Some(issuer) = &issuer {
+                out.insert(issued_revoked(issuer, &serial));
+            }
+            out.insert(serial);
         }
     }
     out
+}
+
+/// A revoked serial with its issuer ([`der::name_key`]), as the revoked
+/// set holds it beside the bare serial (which has no `:`).
+fn issued_revoked(issuer: &[u8; 32], serial: &str) -> String {
+    let mut key = String::with_capacity(65 + serial.len());
+    for byte in issuer {
+        key.push_str(&format!("{byte:02x}"));
+    }
+    key.push(':');
+    key.push_str(serial);
+    key
 }
 
 /// The rustls provider every listener uses: aws-lc-rs, whose P-256 and
@@ -1012,6 +1052,9 @@ pub struct ClientVerifier {
     /// Every service CA loaded from `services/`: DER → validity (Unix
     /// seconds).
     service_cas: HashMap<Vec<u8>, (u64, u64)>,
+    /// The subject of every service CA loaded ([`der::subject_key`]): the
+    /// issuers a live session's certificate may have.
+    ca_subjects: HashSet<[u8; 32]>,
     chains: Arc<Chains>,
     revoked: Arc<RwLock<HashSet<String>>>,
     metrics: Arc<Metrics>,
@@ -1233,13 +1276,15 @@ impl ClientVerifier {
         // (topics.md §10.1 step 7). The lists come from the manager's own
         // CRLs; serials are 128-bit random, so one names one certificate.
         let names = der::names(end_entity);
-        let revoked = |names: &der::CertNames| {
+        let issuer = der::issuer_key(end_entity);
+        // Only for the issuer the CRL names: not an oracle on serials.
+        let revoked = |(names, issuer): (&der::CertNames, &[u8; 32])| {
             self.revoked
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
-                .contains(&names.serial)
+                .contains(&issued_revoked(issuer, &names.serial))
         };
-        if names.as_ref().is_some_and(revoked) {
+        if names.as_ref().zip(issuer.as_ref()).is_some_and(revoked) {
             return Err(refuse(CertificateError::Revoked));
         }
         self.verify_chain(end_entity, presented, now)?;
@@ -1440,11 +1485,16 @@ fn build_verifier(
         anchor_info.insert(anchor_key(&anchor), info);
         anchors.push(anchor);
     }
+    let ca_subjects = loaded
+        .keys()
+        .filter_map(|der| der::subject_key(der))
+        .collect();
     Ok(ClientVerifier {
         algorithms: provider().signature_verification_algorithms,
         anchors,
         intermediates,
         anchor_info,
+        ca_subjects,
         service_cas: loaded,
         chains,
         revoked,
@@ -1502,7 +1552,7 @@ mod tests {
         let task = tokio::spawn({
             let trust = trust.clone();
             async move {
-                let _registered = trust.register("ab", 100, 7, CancellationToken::new());
+                let _registered = trust.register("ab", 100, [0; 32], 7, CancellationToken::new());
                 let _ = started_tx.send(());
                 std::future::pending::<()>().await
             }
@@ -1524,11 +1574,11 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let trust = Trust::load(dir.path(), metrics, Default::default(), false, false).unwrap();
         let cuts: Vec<_> = (0..4).map(|_| CancellationToken::new()).collect();
-        let a = trust.register("a", 100, 1, cuts[0].clone());
-        let b = trust.register("b", 200, 2, cuts[1].clone());
+        let a = trust.register("a", 100, [0; 32], 1, cuts[0].clone());
+        let b = trust.register("b", 200, [0; 32], 2, cuts[1].clone());
         // Two sessions of one certificate.
-        let c = trust.register("c", 300, 3, cuts[2].clone());
-        let gone = trust.register("c", 300, 4, cuts[3].clone());
+        let c = trust.register("c", 300, [0; 32], 3, cuts[2].clone());
+        let gone = trust.register("c", 300, [0; 32], 4, cuts[3].clone());
         assert!(!gone.end());
         let cut = || cuts.iter().map(|c| c.is_cancelled()).collect::<Vec<_>>();
         // Valid through its notAfter second.

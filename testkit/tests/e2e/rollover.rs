@@ -8,7 +8,7 @@ use std::time::Duration;
 use fleet_device_sim::{DeviceEvent, KeyMode};
 use fleet_manager::admin::call;
 use fleet_protocol::{Route, Topic};
-use fleet_testkit::{openssl_verify, tls_refused, write_file, Devices, Fleet};
+use fleet_testkit::{openssl_verify, tls_refused, write_file, Devices, Fleet, Probe};
 
 use crate::operator::cli_at;
 use openssl::x509::{CrlStatus, X509Crl, X509};
@@ -306,11 +306,46 @@ async fn a_stolen_service_ca_is_retired_at_once_and_its_devices_come_back_under_
         .current_cert
         .unwrap();
 
+    // The thief, with the old CA's key, makes itself a certificate for a
+    // provider the registry grants svcA, and holds a session with it: a
+    // serial on no CRL.
+    call(
+        &fleet.api(),
+        "POST",
+        "/v1/providers",
+        Some(&json!({ "name": "prov1", "service_id": "svcA" })),
+    )
+    .await
+    .unwrap();
+    let (old_ca, old_ca_key) = pki.service_ca("svcA").unwrap();
+    let (forged_chain, forged_key) =
+        crate::frontdoor::forged_leaf("provider.prov1", "svcA", (&old_ca, &old_ca_key), (-1, 30));
+    let thief = Probe::mtls(
+        fleet.service_addr(),
+        "provider.prov1",
+        &fleet.certs_dir().join("root-ca.pem"),
+        forged_chain,
+        forged_key,
+    )
+    .await
+    .unwrap();
+    thief.subscribe("/tenants/svcA/telemetry/+").await.unwrap();
+    thief
+        .wait_for(&telemetry("svcA", "vic1"), 1, T)
+        .await
+        .unwrap();
+
     let rolled =
         cli_at(&fleet, "service-ca", &["svcA", "--roll", "--retire-older"]).await[0].clone();
     assert_eq!(rolled["generation"], json!(2));
-    assert_eq!(rolled["revoked"], json!(1));
+    // The device's certificate and the provider's.
+    assert_eq!(rolled["revoked"], json!(2));
     assert_eq!(rolled["retired"], json!([1]));
+    // The forged session is cut too: its CA is no longer trusted.
+    thief
+        .wait_cut(T, "the session of the forged certificate cut")
+        .await
+        .unwrap();
     // The old generation: its key gone, its certificate out of `services/`,
     // its CRL still there, listing the device's certificate.
     let services = fleet.certs_dir().join("services");
