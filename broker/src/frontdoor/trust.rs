@@ -407,7 +407,7 @@ impl Trust {
         let mut trusted = None;
         match rebuilt {
             Ok((verifier, config)) => {
-                trusted = Some(verifier.ca_subjects.clone());
+                trusted = verifier.all_read.then(|| verifier.ca_subjects.clone());
                 *self.verifier.write().unwrap_or_else(|p| p.into_inner()) = verifier;
                 *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
                 if self.rebuild_failing.swap(false, Ordering::Relaxed) {
@@ -1055,6 +1055,9 @@ pub struct ClientVerifier {
     /// The subject of every service CA loaded ([`der::subject_key`]): the
     /// issuers a live session's certificate may have.
     ca_subjects: HashSet<[u8; 32]>,
+    /// Whether every file in `services/` could be read: only then does a
+    /// CA missing from `ca_subjects` mean it is no longer trusted.
+    all_read: bool,
     chains: Arc<Chains>,
     revoked: Arc<RwLock<HashSet<String>>>,
     metrics: Arc<Metrics>,
@@ -1400,8 +1403,17 @@ fn build_verifier(
     let root_der = root.to_der().map_err(ssl)?;
     // Service CAs, each checked against the root here, once.
     let mut service_cas = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(certs_dir.join("services")) {
-        for e in entries.flatten() {
+    // Whether every file in `services/` was read: a CA missing for a
+    // failed read (no file descriptor left, say) is not a CA retired.
+    let mut all_read = true;
+    let entries = std::fs::read_dir(certs_dir.join("services"));
+    all_read &= entries.is_ok();
+    if let Ok(entries) = entries {
+        for e in entries {
+            let Ok(e) = e else {
+                all_read = false;
+                continue;
+            };
             let p = e.path();
             if p.extension().is_some_and(|x| x == "pem") {
                 match std::fs::read(&p)
@@ -1417,7 +1429,10 @@ fn build_verifier(
                     Some(_) => {
                         warn!(path = %p.display(), "service CA not issued by the fleet root; ignored")
                     }
-                    None => warn!(path = %p.display(), "service CA unreadable; ignored"),
+                    None => {
+                        all_read = false;
+                        warn!(path = %p.display(), "service CA unreadable; ignored")
+                    }
                 }
             }
         }
@@ -1495,6 +1510,7 @@ fn build_verifier(
         intermediates,
         anchor_info,
         ca_subjects,
+        all_read,
         service_cas: loaded,
         chains,
         revoked,
