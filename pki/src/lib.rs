@@ -1253,21 +1253,19 @@ mod tests {
 
     /// A certificate asked for longer than its service CA has left ends
     /// with the CA.
-    #[test]
-    fn a_certificate_ends_no_later_than_its_service_ca() {
-        let tmp = tempfile::tempdir().unwrap();
-        let pki = Pki::open_or_create(tmp.path()).unwrap();
-        // svcQ's CA, valid 10 more days, written where the PKI keeps it.
+    /// Writes generation `generation` of `service`'s CA, signed by the
+    /// root, valid from a minute ago until `not_after`, where the PKI
+    /// keeps it.
+    fn write_service_ca(pki: &Pki, service: &str, generation: u32, not_after: u64) {
         let key = certs::new_p256_key().unwrap();
-        let now = unix_now();
-        let ca_until = now + 10 * DAY;
+        let cn = format!("fleetshift service CA {service} {generation}");
         let cert = certs::build(
             &Template {
-                subject: &certs::name(Some("svcQ"), "fleetshift service CA svcQ").unwrap(),
+                subject: &certs::name(Some(service), &cn).unwrap(),
                 public_key: &key,
                 serial: &certs::random_serial().unwrap(),
-                not_before: now - 60,
-                not_after: ca_until,
+                not_before: unix_now() - 60,
+                not_after,
                 profile: Profile::Ca { path_len: Some(0) },
             },
             Some(&Issuer {
@@ -1277,13 +1275,22 @@ mod tests {
             None,
         )
         .unwrap();
-        write_private_key(&pki.service_ca_key_path("svcQ", 1), &key).unwrap();
+        write_private_key(&pki.service_ca_key_path(service, generation), &key).unwrap();
         files::write_atomic(
-            &pki.service_ca_path("svcQ"),
+            &pki.service_ca_path_of(service, generation),
             &cert.to_pem().unwrap(),
             PUBLIC_MODE,
         )
         .unwrap();
+    }
+
+    #[test]
+    fn a_certificate_ends_no_later_than_its_service_ca() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::open_or_create(tmp.path()).unwrap();
+        // svcQ's CA, valid 10 more days, written where the PKI keeps it.
+        let ca_until = unix_now() + 10 * DAY;
+        write_service_ca(&pki, "svcQ", 1, ca_until);
         let device = certs::new_p256_key().unwrap();
         let public = PKey::public_key_from_der(&device.public_key_to_der().unwrap()).unwrap();
         let issued = pki
@@ -1613,30 +1620,7 @@ mod tests {
         assert!(pki.roll_due("svcA", end - 300 * DAY).unwrap());
         // A CA that ends with the root cannot be outlived: never due.
         let root_end = unix_of(pki.root.not_after()).unwrap();
-        let key = certs::new_p256_key().unwrap();
-        let cert = certs::build(
-            &Template {
-                subject: &certs::name(Some("svcA"), "fleetshift service CA svcA 3").unwrap(),
-                public_key: &key,
-                serial: &certs::random_serial().unwrap(),
-                not_before: unix_now() - 60,
-                not_after: root_end - 10 * DAY,
-                profile: Profile::Ca { path_len: Some(0) },
-            },
-            Some(&Issuer {
-                cert: &pki.root,
-                key: &pki.root_key,
-            }),
-            None,
-        )
-        .unwrap();
-        write_private_key(&pki.service_ca_key_path("svcA", 3), &key).unwrap();
-        files::write_atomic(
-            &pki.service_ca_path_of("svcA", 3),
-            &cert.to_pem().unwrap(),
-            PUBLIC_MODE,
-        )
-        .unwrap();
+        write_service_ca(&pki, "svcA", 3, root_end - 10 * DAY);
         let pki = Pki::open_or_create(tmp.path()).unwrap();
         assert_eq!(pki.issuing_generation("svcA").unwrap().generation, 3);
         assert!(!pki.roll_due("svcA", root_end - 100 * DAY).unwrap());

@@ -8,7 +8,7 @@ use std::time::Duration;
 use fleet_device_sim::{DeviceEvent, KeyMode};
 use fleet_manager::admin::call;
 use fleet_protocol::{Route, Topic};
-use fleet_testkit::{openssl_verify, tls_refused, write_file, Devices, Fleet, Probe};
+use fleet_testkit::{openssl_verify, tls_refusal, tls_refused, write_file, Devices, Fleet, Probe};
 
 use crate::operator::cli_at;
 use openssl::x509::{CrlStatus, X509Crl, X509};
@@ -44,6 +44,26 @@ fn credentials(devices: &Devices, device: &str) -> (Vec<u8>, Vec<u8>) {
         .unwrap()
         .expect("credentials for svcA");
     (creds.chain_pem, creds.key_pem)
+}
+
+/// Waits until the service listener refuses `chain`/`key` (PEM) at the
+/// handshake, with `alert` if given.
+async fn refused(
+    fleet: &Fleet,
+    root: &[u8],
+    (chain, key): (&[u8], &[u8]),
+    alert: Option<rustls::AlertDescription>,
+) {
+    let addr = fleet.service_addr();
+    let what = format!("the certificate refused ({alert:?})");
+    fleet_testkit::eventually(T, &what, || async move {
+        let said = tls_refusal(addr, root, (chain, key), Duration::from_millis(300))
+            .await
+            .unwrap();
+        (said.is_some() && (alert.is_none() || said == alert)).then_some(())
+    })
+    .await
+    .unwrap();
 }
 
 async fn connected_to(devices: &Devices, device: &str, service: &str) {
@@ -234,18 +254,7 @@ async fn a_rolled_over_service_ca_keeps_its_devices_and_certifies_under_the_succ
         "{generations:?}"
     );
     for (chain, key) in [(&old_chain, &old_key), (&new_chain, &new_key)] {
-        fleet_testkit::eventually(T, "a revoked svcA certificate refused", || {
-            let (root, chain, key) = (root.clone(), chain.clone(), key.clone());
-            let addr = fleet.service_addr();
-            async move {
-                tls_refused(addr, &root, (&chain, &key), Duration::from_millis(300))
-                    .await
-                    .unwrap()
-                    .then_some(())
-            }
-        })
-        .await
-        .unwrap();
+        refused(&fleet, &root, (chain, key), None).await;
     }
     // Each CRL as `openssl verify -crl_check` reads it with its CA.
     let old_leaf = write_file(
@@ -355,18 +364,7 @@ async fn a_stolen_service_ca_is_retired_at_once_and_its_devices_come_back_under_
     assert!(lists(&pki.crl_path("svcA"), &old_serial));
     let listed = cli_at(&fleet, "service-ca", &["svcA"]).await[0].clone();
     assert_eq!(listed["generations"].as_array().unwrap().len(), 1);
-    fleet_testkit::eventually(T, "the old certificate refused", || {
-        let (root, chain, key) = (root.clone(), old_chain.clone(), old_key.clone());
-        let addr = fleet.service_addr();
-        async move {
-            tls_refused(addr, &root, (&chain, &key), Duration::from_millis(300))
-                .await
-                .unwrap()
-                .then_some(())
-        }
-    })
-    .await
-    .unwrap();
+    refused(&fleet, &root, (&old_chain, &old_key), None).await;
 
     // Cut, refused, the device asks for another certificate and comes back.
     devices
@@ -429,37 +427,29 @@ async fn a_device_away_while_its_ca_was_retired_asks_for_another_after_unknown_c
     let _ = task.await;
     let (old_chain, old_key) = credentials(&devices, "away1");
     let root = std::fs::read(fleet.certs_dir().join("root-ca.pem")).unwrap();
-    // Waits until the broker refuses the old certificate with `alert`.
-    let refused_with = |alert: rustls::AlertDescription| {
-        let (root, chain, key) = (root.clone(), old_chain.clone(), old_key.clone());
-        let addr = fleet.service_addr();
-        let what = format!("the old certificate refused with {alert:?}");
-        async move {
-            fleet_testkit::eventually(T, &what, || {
-                let (root, chain, key) = (root.clone(), chain.clone(), key.clone());
-                async move {
-                    let wait = Duration::from_millis(300);
-                    let said = fleet_testkit::tls_refusal(addr, &root, (&chain, &key), wait)
-                        .await
-                        .unwrap();
-                    (said == Some(alert)).then_some(())
-                }
-            })
-            .await
-            .unwrap()
-        }
-    };
-
     let rolled =
         cli_at(&fleet, "service-ca", &["svcA", "--roll", "--retire-older"]).await[0].clone();
     assert_eq!(rolled["revoked"], json!(1));
-    refused_with(rustls::AlertDescription::CertificateRevoked).await;
+    let old = (&old_chain[..], &old_key[..]);
+    refused(
+        &fleet,
+        &root,
+        old,
+        Some(rustls::AlertDescription::CertificateRevoked),
+    )
+    .await;
     // Swept, as housekeeping does once it is past half its validity.
     let crl = fleet.core().pki.crl_path("svcA");
     let swept = crl.parent().unwrap().join("retired");
     std::fs::create_dir_all(&swept).unwrap();
     std::fs::rename(&crl, swept.join("svcA.crl.pem")).unwrap();
-    refused_with(rustls::AlertDescription::UnknownCA).await;
+    refused(
+        &fleet,
+        &root,
+        old,
+        Some(rustls::AlertDescription::UnknownCA),
+    )
+    .await;
 
     let mut config = devices.config(&fleet, "away1", KeyMode::Csr);
     config.unknown_ca_patience = Duration::from_secs(2);
