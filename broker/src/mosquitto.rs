@@ -468,9 +468,7 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
         }
     }
 
-    let mut cafile = read_named(&p.certs_dir.join("root-ca.pem"))?;
-    let mut crlfile = String::new();
-    for (sub, into) in [("services", &mut cafile), ("crl", &mut crlfile)] {
+    let pems_in = |sub: &str| -> std::io::Result<Vec<String>> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(p.certs_dir.join(sub))
             .map(|rd| {
                 rd.flatten()
@@ -480,8 +478,30 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
             })
             .unwrap_or_default();
         files.sort();
-        for f in files {
-            into.push_str(&read_named(&f)?);
+        files.iter().map(|f| read_named(f)).collect()
+    };
+    let mut cafile = read_named(&p.certs_dir.join("root-ca.pem"))?;
+    for ca in pems_in("services")? {
+        cafile.push_str(&ca);
+    }
+    // Only the CRLs of CAs in the bundle. mosquitto wants the CRL of every
+    // leaf's issuer, so it then refuses every certificate of a service CA
+    // retired before its end (its key stolen), whose CRL the PKI keeps a
+    // while for brokers that cut sessions by it: with that CRL, a client
+    // presenting the retired CA as its intermediate, which still chains to
+    // the root, would pass with any serial its thief chose.
+    let subjects: Vec<Vec<u8>> = openssl::x509::X509::stack_from_pem(cafile.as_bytes())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|ca| ca.subject_name().to_der().ok())
+        .collect();
+    let mut crlfile = String::new();
+    for crl in pems_in("crl")? {
+        let issuer = openssl::x509::X509Crl::from_pem(crl.as_bytes())
+            .ok()
+            .and_then(|c| c.issuer_name().to_der().ok());
+        if issuer.is_some_and(|issuer| subjects.contains(&issuer)) {
+            crlfile.push_str(&crl);
         }
     }
     Ok(MosquittoFiles {
@@ -722,6 +742,32 @@ mod tests {
         );
         assert_eq!(revoked_if_signed_by(&theirs.crlfile, &ours.cafile), None);
         assert_eq!(revoked_if_signed_by("", &ours.cafile), None);
+    }
+
+    /// A service CA retired before its end leaves the bundle, and its CRL,
+    /// which the PKI keeps a while, leaves the CRL file: mosquitto then
+    /// refuses its certificates for want of a CRL, whatever chain a client
+    /// presents. Its successor and the root keep theirs.
+    #[test]
+    fn a_retired_service_ca_leaves_the_bundle_with_its_crl() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = fleet_pki::Pki::open_or_create(&dir.path().join("certs")).unwrap();
+        pki.write_crl("svcA", 1, &[], 1).unwrap();
+        pki.roll_service_ca("svcA", 2).unwrap();
+        let first = std::fs::read_to_string(pki.crl_path("svcA")).unwrap();
+        let first_ca = std::fs::read_to_string(pki.service_ca_path("svcA")).unwrap();
+        let second = std::fs::read_to_string(pki.crl_path_of("svcA", 2)).unwrap();
+        let both = render(&params(dir.path(), dir.path().join("out")), &[]).unwrap();
+        assert!(both.crlfile.contains(&first) && both.crlfile.contains(&second));
+        assert!(both.cafile.contains(&first_ca));
+        pki.retire_service_cas("svcA", 2).unwrap();
+        assert!(pki.crl_path("svcA").exists(), "the PKI keeps it");
+        let after = render(&params(dir.path(), dir.path().join("out")), &[]).unwrap();
+        assert!(!after.cafile.contains(&first_ca));
+        assert!(!after.crlfile.contains(&first));
+        assert!(after.crlfile.contains(&second));
+        let root_crl = std::fs::read_to_string(pki.root_crl_path()).unwrap();
+        assert!(after.crlfile.contains(&root_crl));
     }
 
     /// `crl.pem` counts as loaded only if mosquitto started after it was

@@ -590,6 +590,37 @@ async fn generated_mosquitto_rules_hold() {
     two_more(on("svcB", "ext2")).await.unwrap();
     ext4.abort();
 
+    // svcA's first CA key is stolen, and svcA rolled over with the old
+    // generation retired at once. A certificate the thief makes still
+    // chains to the root through the old CA it presents itself: mosquitto
+    // refuses it only because that CA's CRL leaves its CRL file with the
+    // CA (the PKI keeps the CRL a while).
+    let thief = forged("thief", "svcA", (&ca_a, &ca_a_key), (-1, 30));
+    let thief = (&thief.0[..], &thief.1[..]);
+    let wait = Duration::from_millis(300);
+    assert!(
+        !fleet_testkit::tls_refused(params.service, &root_pem, thief, wait)
+            .await
+            .unwrap()
+    );
+    let retired = fleet_manager::admin::call(
+        &admin,
+        "POST",
+        "/v1/services/svcA/ca/roll",
+        Some(&json!({ "retire_older": true })),
+    )
+    .await
+    .unwrap();
+    assert_eq!(retired["retired"], json!([1]));
+    eventually(T, "the thief's certificate refused", || async {
+        fleet_testkit::tls_refused(params.service, &root_pem, thief, wait)
+            .await
+            .unwrap()
+            .then_some(())
+    })
+    .await
+    .unwrap();
+
     // The main mosquitto is restarted, under a new pid: the watcher
     // follows it through the pid file mosquitto writes. An operator resets
     // ext3, whose certificate a client then holds a connection with: the
