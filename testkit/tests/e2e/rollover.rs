@@ -333,8 +333,8 @@ async fn a_stolen_service_ca_is_retired_at_once_and_its_devices_come_back_under_
         fleet.service_addr(),
         "provider.prov1",
         &fleet.certs_dir().join("root-ca.pem"),
-        forged_chain,
-        forged_key,
+        forged_chain.clone(),
+        forged_key.clone(),
     )
     .await
     .unwrap();
@@ -355,6 +355,8 @@ async fn a_stolen_service_ca_is_retired_at_once_and_its_devices_come_back_under_
         .wait_cut(T, "the session of the forged certificate cut")
         .await
         .unwrap();
+    // And it cannot come back, old CA in hand.
+    refused(&fleet, &root, (&forged_chain, &forged_key), None).await;
     // The old generation: its key gone, its certificate out of `services/`,
     // its CRL still there, listing the device's certificate.
     let services = fleet.certs_dir().join("services");
