@@ -234,12 +234,45 @@ pub(crate) struct Device {
     /// The service refused the certificate often enough: the next pass gets
     /// another with `update`, and keeps this one until it has.
     renew: bool,
-    /// `unknown_ca` refusals in a row, and when the first came.
-    unknown_ca: Option<(u32, Instant)>,
-    /// Certificates asked for since the last connection for `unknown_ca`:
-    /// each doubles the patience, so a broker that never takes the new
-    /// CA (or forged alerts) cannot have the device ask again and again.
-    unknown_ca_renewals: u32,
+    /// `unknown_ca` refusals, and when to take them for a retired CA.
+    unknown_ca: UnknownCa,
+}
+
+/// `unknown_ca` refusals of the service certificate (topics.md §10.1
+/// step 7): usually a new service CA the broker has not loaded yet, which
+/// passes within seconds; a CA retired for good if it lasts. The device
+/// asks for another certificate after [`REFUSALS_TO_RENEW`] in a row over
+/// the patience, which doubles after each certificate so asked for until
+/// the device connects again: a broker that never loads the new CA, or
+/// forged alerts, cannot have it ask again and again.
+#[derive(Debug, Default)]
+struct UnknownCa {
+    /// Refusals in a row, and when the first came.
+    run: Option<(u32, Instant)>,
+    /// Certificates asked for since the last connection.
+    renewals: u32,
+}
+
+impl UnknownCa {
+    /// One more refusal at `now`: whether to ask for another certificate.
+    fn refused(&mut self, now: Instant, patience: Duration) -> bool {
+        let (count, since) = self.run.get_or_insert((0, now));
+        *count += 1;
+        let patience = patience * (1u32 << self.renewals.min(6));
+        *count >= REFUSALS_TO_RENEW && now.duration_since(*since) >= patience
+    }
+
+    /// A certificate asked for: the patience doubles, and the count starts over.
+    fn renewing(&mut self) {
+        self.renewals += 1;
+        self.run = None;
+    }
+
+    /// Anything else happened (another failure, a new certificate): the
+    /// run of refusals is broken.
+    fn interrupted(&mut self) {
+        self.run = None;
+    }
 }
 
 impl Device {
@@ -276,8 +309,7 @@ impl Device {
             service_tls: None,
             unanswered: Mutex::new(None),
             refusals: 0,
-            unknown_ca: None,
-            unknown_ca_renewals: 0,
+            unknown_ca: UnknownCa::default(),
             renew: false,
         })
     }
@@ -367,7 +399,7 @@ impl Device {
         let service_id = self.state().service_id;
         // `unknown_ca` counts only in a row.
         if !matches!(error, DeviceError::Link(LinkError::UnknownCa)) {
-            self.unknown_ca = None;
+            self.unknown_ca.interrupted();
         }
         let dropped = match error {
             DeviceError::Link(LinkError::CertificateRefused(why)) => {
@@ -379,14 +411,11 @@ impl Device {
                 return true;
             }
             DeviceError::Link(LinkError::UnknownCa) => {
-                let (count, since) = self.unknown_ca.get_or_insert((0, Instant::now()));
-                *count += 1;
-                let patience =
-                    self.cfg.unknown_ca_patience * (1 << self.unknown_ca_renewals.min(6));
-                if *count >= REFUSALS_TO_RENEW && since.elapsed() >= patience && !self.renew {
-                    warn!(service_id = ?service_id, refusals = *count, patience_s = patience.as_secs(), "the service has not known the certificate's CA for long: asking for another");
+                let patience = self.cfg.unknown_ca_patience;
+                if self.unknown_ca.refused(Instant::now(), patience) && !self.renew {
+                    warn!(service_id = ?service_id, "the service has not known the certificate's CA for long: asking for another");
                     self.renew = true;
-                    self.unknown_ca_renewals += 1;
+                    self.unknown_ca.renewing();
                 }
                 return true;
             }
@@ -473,7 +502,7 @@ impl Device {
             // A new certificate: refusals of the old one count no more.
             self.renew = false;
             self.refusals = 0;
-            self.unknown_ca = None;
+            self.unknown_ca.interrupted();
         }
         if let Some(link) = bootstrap.take() {
             link.disconnect().await;
@@ -744,8 +773,7 @@ impl Device {
         };
         self.established = true;
         self.refusals = 0;
-        self.unknown_ca = None;
-        self.unknown_ca_renewals = 0;
+        self.unknown_ca = UnknownCa::default();
         info!(service_id = %service_id, %endpoint, "connected to service");
         self.emit(DeviceEvent::Connected {
             service_id: service_id.clone(),
@@ -1321,6 +1349,46 @@ async fn read(path: &std::path::Path) -> Result<Vec<u8>, DeviceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `unknown_ca` is taken for a retired CA only 3 times in a row over
+    /// the patience, which doubles with each certificate so asked for.
+    #[test]
+    fn unknown_ca_asks_for_a_certificate_only_when_it_lasts() {
+        let patience = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let at = |secs| t0 + Duration::from_secs(secs);
+        let mut u = UnknownCa::default();
+        // Three quick ones: a CA not loaded yet.
+        assert!(!u.refused(at(0), patience));
+        assert!(!u.refused(at(1), patience));
+        assert!(!u.refused(at(3), patience));
+        // A minute on: it lasts.
+        assert!(u.refused(at(61), patience));
+        u.renewing();
+        // The next certificate: two minutes now, counted afresh.
+        assert!(!u.refused(at(62), patience));
+        assert!(!u.refused(at(100), patience));
+        assert!(!u.refused(at(150), patience));
+        assert!(u.refused(at(182), patience));
+        u.renewing();
+        // Broken by anything else, it starts over.
+        assert!(!u.refused(at(200), patience));
+        assert!(!u.refused(at(300), patience));
+        u.interrupted();
+        assert!(!u.refused(at(500), patience));
+        assert!(!u.refused(at(501), patience));
+        assert!(!u.refused(at(502), patience));
+        assert!(u.refused(at(500 + 240), patience));
+        // Capped at 64 times the patience.
+        let mut long = UnknownCa {
+            run: None,
+            renewals: 40,
+        };
+        assert!(!long.refused(at(0), patience));
+        assert!(!long.refused(at(1), patience));
+        assert!(!long.refused(at(64 * 60 - 1), patience));
+        assert!(long.refused(at(64 * 60), patience));
+    }
 
     #[test]
     fn a_certificate_is_renewed_at_the_point_its_serial_picks() {
