@@ -1292,8 +1292,8 @@ impl ClientVerifier {
         }
         self.verify_chain(end_entity, presented, now)?;
         // The device certificate: issued by the CA of the service it names
-        // (a service CA cannot mint another service's devices), and granted
-        // that service by the registry.
+        // (a service CA cannot mint another service's devices), not
+        // revoked, and granted that service by the registry.
         let names = names.ok_or(refuse(CertificateError::BadEncoding))?;
         let Some(service) = names
             .subject_o
@@ -1301,6 +1301,16 @@ impl ClientVerifier {
         else {
             return Err(refuse(CertificateError::ApplicationVerificationFailure));
         };
+        // Verified: its serial on any CRL is enough, whatever the CRL's
+        // issuer is spelled as.
+        if self
+            .revoked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&names.serial)
+        {
+            return Err(refuse(CertificateError::Revoked));
+        }
         let device = names.subject_cn.unwrap_or_default();
         match self.grants.is_granted(&device, &service) {
             Ok(true) => return Ok(()),
