@@ -481,8 +481,9 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
         files.iter().map(|f| read_named(f)).collect()
     };
     let mut cafile = read_named(&p.certs_dir.join("root-ca.pem"))?;
-    for ca in pems_in("services")? {
-        cafile.push_str(&ca);
+    let cas = pems_in("services")?;
+    for ca in &cas {
+        cafile.push_str(ca);
     }
     // Only the CRLs of CAs in the bundle. mosquitto wants the CRL of every
     // leaf's issuer, so it then refuses every certificate of a service CA
@@ -490,9 +491,10 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
     // while for brokers that cut sessions by it: with that CRL, a client
     // presenting the retired CA as its intermediate, which still chains to
     // the root, would pass with any serial its thief chose.
-    let subjects: Vec<Vec<u8>> = openssl::x509::X509::stack_from_pem(cafile.as_bytes())
-        .unwrap_or_default()
-        .iter()
+    // Each file on its own: one that does not parse costs only its CRL.
+    let subjects: Vec<Vec<u8>> = std::iter::once(&read_named(&p.certs_dir.join("root-ca.pem"))?)
+        .chain(&cas)
+        .filter_map(|pem| openssl::x509::X509::from_pem(pem.as_bytes()).ok())
         .filter_map(|ca| ca.subject_name().to_der().ok())
         .collect();
     let mut crlfile = String::new();
@@ -768,6 +770,10 @@ mod tests {
         assert!(after.crlfile.contains(&second));
         let root_crl = std::fs::read_to_string(pki.root_crl_path()).unwrap();
         assert!(after.crlfile.contains(&root_crl));
+        // A file there that does not parse costs no other CA its CRL.
+        std::fs::write(pki.dir().join("services/junk.pem"), "not a certificate").unwrap();
+        let junk = render(&params(dir.path(), dir.path().join("out")), &[]).unwrap();
+        assert!(junk.crlfile.contains(&root_crl) && junk.crlfile.contains(&second));
     }
 
     /// `crl.pem` counts as loaded only if mosquitto started after it was

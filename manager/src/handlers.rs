@@ -1368,8 +1368,11 @@ impl Core {
             self.pki.service_ca(service_id)?;
             generations = self.pki.service_ca_generations(service_id)?;
         }
-        let mut issuing = None;
-        for ca in &generations {
+        // The issuing generation first, and each one whatever became of
+        // the others: one damaged older key must not hold back the rest.
+        let mut written = None;
+        let mut failed = None;
+        for ca in generations.iter().rev() {
             let entries: Vec<RevokedEntry> = revoked
                 .iter()
                 .filter(|r| r.ca_generation == ca.generation)
@@ -1379,12 +1382,27 @@ impl Core {
                 })
                 .collect();
             let number = self.store.next_id()?;
-            issuing = Some(
-                self.pki
-                    .write_crl(service_id, ca.generation, &entries, number)?,
-            );
+            match self
+                .pki
+                .write_crl(service_id, ca.generation, &entries, number)
+            {
+                Ok(path) => {
+                    written.get_or_insert(path);
+                }
+                Err(err) => {
+                    warn!(service_id, generation = ca.generation, error = %err, "CRL not written");
+                    failed.get_or_insert(Failure::from(err));
+                }
+            }
         }
-        Ok(issuing.unwrap_or_else(|| self.pki.crl_path(service_id)))
+        match (failed, written) {
+            (Some(failure), _) => Err(failure),
+            (None, Some(path)) => Ok(path),
+            (None, None) => fail(
+                Status::Internal,
+                format!("service {service_id} has no CA files in services/"),
+            ),
+        }
     }
 
     /// Writes again the root's CRL and every service's CRLs past half

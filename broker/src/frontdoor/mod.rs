@@ -1346,8 +1346,9 @@ async fn connection(
                     tls.get_mut().0.on_unsent(unsent);
                 }
                 registered = trust.register(&cert.serial, cert.not_after, issuer, id, cut.clone());
-                // A revocation that landed between the handshake and now.
-                if trust.is_revoked(&cert.serial) {
+                // A revocation, or a CA retired, that landed between the
+                // handshake and now.
+                if trust.is_revoked(&cert.serial) || !trust.issuer_trusted(&issuer) {
                     cut.cancel();
                 }
                 session::run(

@@ -283,6 +283,14 @@ impl Trust {
             .contains(serial)
     }
 
+    /// Whether a session whose certificate's issuer is `issuer`
+    /// ([`der::issuer_key`]) may go on: its CA is loaded now, or not every
+    /// file in `services/` could be read (then nothing is concluded).
+    pub fn issuer_trusted(&self, issuer: &[u8; 32]) -> bool {
+        let verifier = self.verifier.read().unwrap_or_else(|p| p.into_inner());
+        !verifier.all_read || verifier.ca_subjects.contains(issuer)
+    }
+
     /// What a connection whose handshake made a ticket for the client
     /// certificate whose SHA-256 is `leaf` calls if the ticket is never
     /// sent, so that it does not count as given; `None` with tickets off.
@@ -408,6 +416,11 @@ impl Trust {
         match rebuilt {
             Ok((verifier, config)) => {
                 trusted = verifier.all_read.then(|| verifier.ca_subjects.clone());
+                if !verifier.all_read {
+                    // Read again at the next look, not only when another
+                    // file changes.
+                    self.seen.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                }
                 *self.verifier.write().unwrap_or_else(|p| p.into_inner()) = verifier;
                 *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
                 if self.rebuild_failing.swap(false, Ordering::Relaxed) {

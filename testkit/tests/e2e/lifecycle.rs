@@ -603,14 +603,16 @@ async fn a_renewal_whose_reply_was_lost_is_asked_again_and_issues_once() {
     let in_tenant = |route| Topic::in_tenant("svcA", route).to_string();
     let renewals = in_tenant(Route::Request(RequestKind::Update, "lost2".into()));
     let status_replies = in_tenant(Route::Reply(RequestKind::Status, "lost2".into()));
+    let reports = in_tenant(Route::Request(RequestKind::Status, "lost2".into()));
     observer.subscribe(&renewals).await.unwrap();
     observer.subscribe(&status_replies).await.unwrap();
+    observer.subscribe(&reports).await.unwrap();
     devices.provision(&fleet, "lost2", "svcA").await.unwrap();
     let mut config = devices.config(&fleet, "lost2", KeyMode::Csr);
-    // Renews 6 s after its certificate was issued (not before its
+    // Renews 10 s after its certificate was issued (never before its
     // `online` could have been answered: 5 s, the request timeout, after
-    // it connected).
-    let at = (300.0 + 6.0) / (86_400.0 + 300.0);
+    // it connected), time enough to stop the manager first.
+    let at = (300.0 + 10.0) / (86_400.0 + 300.0);
     config.renew_window = (at, at);
     devices.spawn(config);
     let installed = |devices: &Devices| -> Vec<String> {
@@ -653,7 +655,11 @@ async fn a_renewal_whose_reply_was_lost_is_asked_again_and_issues_once() {
     let again = observer.wait_for(&renewals, 2, T).await.unwrap();
     drop(taker);
     assert_eq!(again.payload, first.payload, "the renewal was built anew");
-    assert_eq!(observer.on(&status_replies).len(), 1);
+    assert_eq!(
+        observer.on(&reports).len(),
+        1,
+        "a report before the renewal"
+    );
 
     fleet.start_manager().await.unwrap();
     devices
