@@ -284,11 +284,26 @@ impl Trust {
     }
 
     /// Whether a session whose certificate's issuer is `issuer`
-    /// ([`der::issuer_key`]) may go on: its CA is loaded now, or not every
-    /// file in `services/` could be read (then nothing is concluded).
+    /// ([`der::issuer_key`]) may go on: its CA is loaded now, or is in
+    /// `services/` and not loaded yet (a new service's, taken up at the
+    /// next look), or not every file there could be read (then nothing is
+    /// concluded).
     pub fn issuer_trusted(&self, issuer: &[u8; 32]) -> bool {
-        let verifier = self.verifier.read().unwrap_or_else(|p| p.into_inner());
-        !verifier.all_read || verifier.ca_subjects.contains(issuer)
+        {
+            let verifier = self.verifier.read().unwrap_or_else(|p| p.into_inner());
+            if !verifier.all_read || verifier.ca_subjects.contains(issuer) {
+                return true;
+            }
+        }
+        let Ok(entries) = std::fs::read_dir(self.certs_dir.join("services")) else {
+            return true;
+        };
+        entries.flatten().any(|e| {
+            e.path().extension().is_some_and(|x| x == "pem")
+                && CertificateDer::pem_file_iter(e.path()).is_ok_and(|mut certs| {
+                    certs.any(|c| c.is_ok_and(|c| der::subject_key(&c) == Some(*issuer)))
+                })
+        })
     }
 
     /// What a connection whose handshake made a ticket for the client
