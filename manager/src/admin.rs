@@ -4,7 +4,7 @@
 //! they are served.
 
 use anyhow::Context as _;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -765,11 +765,24 @@ fn service_cas(core: &Core, service: &str) -> Result<Value, (u16, String)> {
     let Some(last) = generations.last().map(|ca| ca.generation) else {
         return Err((404, format!("service {service} has no CA")));
     };
+    // What each generation issued that is still good (neither revoked nor
+    // expired): what a retirement would cut off.
+    let now = fleet_protocol::now_ms();
+    let mut live: HashMap<u32, usize> = HashMap::new();
+    for c in core.store.certs().map_err(internal)? {
+        if c.service_id == service && c.revoked_ms.is_none() && c.not_after * 1000 > now {
+            *live.entry(c.ca_generation).or_default() += 1;
+        }
+    }
     Ok(json!({
         "service_id": service,
         "generations": generations
             .iter()
-            .map(|ca| ca_view(ca, ca.generation == last))
+            .map(|ca| {
+                let mut view = ca_view(ca, ca.generation == last);
+                view["live_certificates"] = json!(live.get(&ca.generation).copied().unwrap_or(0));
+                view
+            })
             .collect::<Vec<_>>(),
     }))
 }

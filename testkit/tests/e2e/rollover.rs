@@ -117,11 +117,21 @@ async fn a_rolled_over_service_ca_keeps_its_devices_and_certifies_under_the_succ
         .as_array()
         .unwrap()
         .iter()
-        .map(|g| (g["generation"].clone(), g["issuing"].clone()))
+        .map(|g| {
+            (
+                g["generation"].clone(),
+                g["issuing"].clone(),
+                g["live_certificates"].clone(),
+            )
+        })
         .collect();
+    // old1's certificate is the first generation's one live certificate.
     assert_eq!(
         generations,
-        [(json!(1), json!(false)), (json!(2), json!(true))]
+        [
+            (json!(1), json!(false), json!(1)),
+            (json!(2), json!(true), json!(0))
+        ]
     );
     for (path, code) in [
         ("/v1/services/svcZ/ca", "404"),
