@@ -523,6 +523,28 @@ fn read_named(path: &Path) -> std::io::Result<String> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
+/// The services whose CA was in `before` (a CA bundle, PEM) and is not in
+/// `after` though it has not expired: retired before its end, its key
+/// stolen. A session with a certificate the thief made is on no CRL, so
+/// the watcher cuts every principal of such a service.
+pub fn services_retired_early(before: &str, after: &str) -> std::collections::BTreeSet<String> {
+    let cas = |pem: &str| openssl::x509::X509::stack_from_pem(pem.as_bytes()).unwrap_or_default();
+    let kept: Vec<Vec<u8>> = cas(after).iter().filter_map(|c| c.to_der().ok()).collect();
+    let now = openssl::asn1::Asn1Time::days_from_now(0).ok();
+    cas(before)
+        .iter()
+        .filter(|ca| ca.to_der().is_ok_and(|der| !kept.contains(&der)))
+        .filter(|ca| now.as_ref().is_some_and(|now| ca.not_after() > now))
+        .filter_map(|ca| {
+            let o = ca
+                .subject_name()
+                .entries_by_nid(openssl::nid::Nid::ORGANIZATIONNAME)
+                .next()?;
+            o.data().to_string().ok()
+        })
+        .collect()
+}
+
 /// Each CRL in `crlfile` (PEM CRLs one after another), parsed; `None` for
 /// one that does not parse.
 fn crls(crlfile: &str) -> impl Iterator<Item = Option<openssl::x509::X509Crl>> + '_ {

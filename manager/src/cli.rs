@@ -674,6 +674,9 @@ fn granted(grants: &[fleet_broker::mosquitto::DeviceGrant]) -> usize {
 ///   at the last reload (a certificate past its notAfter, a reset), and at
 ///   the first look of every principal granted nothing, so revocations
 ///   from before the watcher started are cut too;
+/// - of every principal granted a service whose CA left the bundle before
+///   its end (retired for a stolen key: a certificate the thief made is
+///   on no CRL);
 /// - at the first look, of every certificate revoked since mosquitto
 ///   started (less [`REVOKED_BEFORE_START_MS`]), which the CRLs it loaded
 ///   lacked: a superseded certificate revoked at the grace end while no
@@ -772,6 +775,11 @@ pub async fn watch_mosquitto_config(
                                 .next()
                                 .is_some_and(|(q, _)| q == p),
                         })
+                        .chain(retired_early(
+                            written.as_ref().map(|(f, _)| f),
+                            &files,
+                            &grants,
+                        ))
                         .collect();
                     let crls = |f: &str| f.matches("-----BEGIN X509 CRL-----").count();
                     // Now, or at least `looks.coalesce` after the last
@@ -894,6 +902,26 @@ pub async fn watch_mosquitto_config(
 }
 
 /// Adds `principals` to `to_cut`, each once.
+/// Every principal granted a service whose CA left the bundle since the
+/// files last written, though it had not expired (retired for a stolen
+/// key): mosquitto refuses that CA's certificates at the next handshake,
+/// but a live session with one the thief made is on no CRL.
+fn retired_early(
+    before: Option<&fleet_broker::mosquitto::MosquittoFiles>,
+    files: &fleet_broker::mosquitto::MosquittoFiles,
+    grants: &[fleet_broker::mosquitto::DeviceGrant],
+) -> Vec<String> {
+    let Some(before) = before.filter(|b| b.cafile != files.cafile) else {
+        return Vec::new();
+    };
+    let services = fleet_broker::mosquitto::services_retired_early(&before.cafile, &files.cafile);
+    grants
+        .iter()
+        .filter(|g| g.services.iter().any(|s| services.contains(s)))
+        .map(|g| g.device_id.clone())
+        .collect()
+}
+
 fn add_cuts(to_cut: &mut Vec<String>, principals: Vec<String>) {
     for principal in principals {
         if !to_cut.contains(&principal) {

@@ -595,28 +595,51 @@ async fn generated_mosquitto_rules_hold() {
     two_more(on("svcB", "ext2")).await.unwrap();
     ext4.abort();
 
-    // svcA's first CA key is stolen, and svcA rolled over with the old
-    // generation retired at once. A certificate the thief makes still
-    // chains to the root through the old CA it presents itself: mosquitto
-    // refuses it only because that CA's CRL leaves its CRL file with the
-    // CA (the PKI keeps the CRL a while).
-    let thief = forged("thief", "svcA", (&ca_a, &ca_a_key), (-1, 30));
-    let thief = (&thief.0[..], &thief.1[..]);
+    // svcA's first CA key is stolen. svcA is rolled over, and ext5, a
+    // device of svcA, is certified by the successor and goes offline; the
+    // registry still grants it svcA. The thief makes itself a certificate
+    // named ext5 with the old key, which chains to the root through the
+    // old CA it presents, and holds a session with it. Then the older
+    // generation is retired (`service-ca svcA --retire-older`): mosquitto
+    // refuses the thief's certificate because that CA's CRL leaves its
+    // CRL file with the CA (the PKI keeps the CRL a while), and the
+    // watcher cuts the thief's session, whose serial is on no CRL, as it
+    // cuts every principal of a service whose CA was retired early.
+    fleet_manager::admin::call(&admin, "POST", "/v1/services/svcA/ca/roll", None)
+        .await
+        .unwrap();
+    let key = fleet_device_sim::provision(&devices.store_root, "ext5").unwrap();
+    let reg =
+        json!([{ "device_id": "ext5", "service_id": "svcA", "factory_key_hex": hex::encode(key) }]);
+    fleet_manager::admin::call(&admin, "POST", "/v1/registrations", Some(&reg))
+        .await
+        .unwrap();
+    let ext5 = devices.spawn(devices.config_for(&endpoints, &certs, "ext5", KeyMode::Csr));
+    observer.wait_for(&on("svcA", "ext5"), 1, T).await.unwrap();
+    ext5.abort();
+    let _ = ext5.await;
+    let (thief_chain, thief_key) = forged("ext5", "svcA", (&ca_a, &ca_a_key), (-1, 30));
+    let thief = (&thief_chain[..], &thief_key[..]);
     let wait = Duration::from_millis(300);
-    assert!(
-        !fleet_testkit::tls_refused(params.service, &root_pem, thief, wait)
-            .await
-            .unwrap()
-    );
-    let retired = fleet_manager::admin::call(
-        &admin,
-        "POST",
-        "/v1/services/svcA/ca/roll",
-        Some(&json!({ "retire_older": true })),
-    )
+    let held = eventually(T, "the thief connected as ext5", || async {
+        Probe::mtls(
+            params.service,
+            "ext5",
+            &root,
+            thief_chain.clone(),
+            thief_key.clone(),
+        )
+        .await
+        .ok()
+    })
     .await
     .unwrap();
+    let retired =
+        fleet_manager::admin::call(&admin, "POST", "/v1/services/svcA/ca/retire-older", None)
+            .await
+            .unwrap();
     assert_eq!(retired["retired"], json!([1]));
+    held.wait_cut(T, "the thief's session cut").await.unwrap();
     eventually(T, "the thief's certificate refused", || async {
         fleet_testkit::tls_refused(params.service, &root_pem, thief, wait)
             .await
