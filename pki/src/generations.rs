@@ -106,7 +106,9 @@ pub fn service_ca_cert_files(certs_dir: &Path, service_id: &str) -> Vec<PathBuf>
 }
 
 /// Every `(service, generation)` whose certificate and whose key are in
-/// `services/`, and the keys without a certificate, each sorted.
+/// `services/`, the keys without a certificate and the certificates
+/// without a key, each sorted.
+#[derive(Default)]
 pub(crate) struct OnDisk {
     pub pairs: Vec<(String, u32)>,
     pub keys_alone: Vec<(String, u32)>,
@@ -118,13 +120,7 @@ pub(crate) fn on_disk(dir: &Path, only: Option<&str>) -> std::io::Result<OnDisk>
     let mut seen: BTreeMap<(String, u32), (bool, bool)> = BTreeMap::new();
     let entries = match std::fs::read_dir(dir.join("services")) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(OnDisk {
-                pairs: Vec::new(),
-                keys_alone: Vec::new(),
-                certs_alone: Vec::new(),
-            })
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(OnDisk::default()),
         Err(e) => return Err(e),
     };
     for entry in entries {
@@ -141,11 +137,7 @@ pub(crate) fn on_disk(dir: &Path, only: Option<&str>) -> std::io::Result<OnDisk>
             _ => slot.1 = true,
         }
     }
-    let mut out = OnDisk {
-        pairs: Vec::new(),
-        keys_alone: Vec::new(),
-        certs_alone: Vec::new(),
-    };
+    let mut out = OnDisk::default();
     for (id, (cert, key)) in seen {
         match (cert, key) {
             (true, true) => out.pairs.push(id),

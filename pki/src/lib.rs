@@ -246,7 +246,7 @@ impl Pki {
     /// whose CRL was not written). A service without any CRL has none to
     /// renew.
     pub fn crl_due(&self, service_id: &str) -> bool {
-        let Ok(found) = generations::on_disk(&self.dir, Some(service_id)) else {
+        let Ok(found) = self.on_disk(Some(service_id)) else {
             return true;
         };
         let generations: Vec<u32> = found.pairs.iter().map(|(_, g)| *g).collect();
@@ -256,8 +256,7 @@ impl Pki {
     /// Every service with a CRL to write ([`Pki::crl_due`]), from one look
     /// at `services/`.
     pub fn services_with_crls_due(&self) -> Result<Vec<String>, PkiError> {
-        let found = generations::on_disk(&self.dir, None)
-            .map_err(|e| files::file_error(&self.dir.join("services"), e))?;
+        let found = self.on_disk(None)?;
         let mut by_service: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
         for (service, generation) in &found.pairs {
             by_service.entry(service).or_default().push(*generation);
@@ -381,10 +380,8 @@ impl Pki {
     /// Every generation of `service_id`'s CA in `services/`, oldest first;
     /// the last one issues. Empty for a service without a CA.
     pub fn service_ca_generations(&self, service_id: &str) -> Result<Vec<CaGeneration>, PkiError> {
-        fleet_protocol::topic::validate_service_id(service_id)
-            .map_err(|_| PkiError::BadServiceId(service_id.to_owned()))?;
-        let found = generations::on_disk(&self.dir, Some(service_id))
-            .map_err(|e| files::file_error(&self.dir.join("services"), e))?;
+        check_service_id(service_id)?;
+        let found = self.on_disk(Some(service_id))?;
         found
             .pairs
             .into_iter()
@@ -397,8 +394,7 @@ impl Pki {
 
     /// Every service with a CA in `services/`, sorted.
     pub fn services_with_ca(&self) -> Result<Vec<String>, PkiError> {
-        let found = generations::on_disk(&self.dir, None)
-            .map_err(|e| files::file_error(&self.dir.join("services"), e))?;
+        let found = self.on_disk(None)?;
         let mut services: Vec<String> = found.pairs.into_iter().map(|(s, _)| s).collect();
         services.dedup();
         Ok(services)
@@ -417,8 +413,7 @@ impl Pki {
         service_id: &str,
         crl_number: u64,
     ) -> Result<CaGeneration, PkiError> {
-        fleet_protocol::topic::validate_service_id(service_id)
-            .map_err(|_| PkiError::BadServiceId(service_id.to_owned()))?;
+        check_service_id(service_id)?;
         let mut cache = self.lock_cache();
         let current = match cache.get(service_id) {
             Some(ca) => ca.clone(),
@@ -465,8 +460,7 @@ impl Pki {
                 (false, true) => None,
             })?;
         // CRLs left behind by a retirement before the end, once stale.
-        let kept = generations::on_disk(&self.dir, None)
-            .map_err(|e| files::file_error(&self.dir.join("services"), e))?;
+        let kept = self.on_disk(None)?;
         let trusted: std::collections::HashSet<(String, u32)> =
             kept.pairs.into_iter().chain(kept.certs_alone).collect();
         let crl_dir = self.dir.join("crl");
@@ -480,10 +474,7 @@ impl Pki {
                 continue;
             };
             if !trusted.contains(&id) && crl_due(&entry.path()) {
-                let into = crl_dir.join(RETIRED_DIR);
-                files::create_dir(&into)?;
-                std::fs::rename(entry.path(), into.join(entry.file_name()))
-                    .map_err(|e| files::file_error(&entry.path(), e))?;
+                self.move_to_retired(&entry.path(), "crl")?;
             }
         }
         Ok(retired)
@@ -502,8 +493,7 @@ impl Pki {
         service_id: &str,
         generation: u32,
     ) -> Result<Vec<CaGeneration>, PkiError> {
-        fleet_protocol::topic::validate_service_id(service_id)
-            .map_err(|_| PkiError::BadServiceId(service_id.to_owned()))?;
+        check_service_id(service_id)?;
         self.retire_where(Some(service_id), |ca, _| {
             (ca.generation < generation).then_some(false)
         })
@@ -521,8 +511,7 @@ impl Pki {
         only: Option<&str>,
         retire: impl Fn(&CaGeneration, bool) -> Option<bool>,
     ) -> Result<Vec<CaGeneration>, PkiError> {
-        let found = generations::on_disk(&self.dir, only)
-            .map_err(|e| files::file_error(&self.dir.join("services"), e))?;
+        let found = self.on_disk(only)?;
         let mut top: HashMap<&str, u32> = HashMap::new();
         for (service, generation) in &found.pairs {
             top.insert(service, *generation);
@@ -553,16 +542,7 @@ impl Pki {
                 moves.push((&ca.crl_path, "crl"));
             }
             for (path, sub) in moves {
-                let into = self.dir.join(sub).join(RETIRED_DIR);
-                files::create_dir(&into)?;
-                let Some(name) = path.file_name() else {
-                    continue;
-                };
-                match std::fs::rename(path, into.join(name)) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(files::file_error(path, e)),
-                }
+                self.move_to_retired(path, sub)?;
             }
             for sub in ["services", "crl"] {
                 files::sync_dir(&self.dir.join(sub))?;
@@ -579,8 +559,7 @@ impl Pki {
     }
 
     fn service_ca_entry(&self, service_id: &str) -> Result<ServiceCa, PkiError> {
-        fleet_protocol::topic::validate_service_id(service_id)
-            .map_err(|_| PkiError::BadServiceId(service_id.to_owned()))?;
+        check_service_id(service_id)?;
         // Held across load-or-create so two callers cannot mint two CAs.
         let mut cache = self.lock_cache();
         if let Some(ca) = cache.get(service_id) {
@@ -611,6 +590,27 @@ impl Pki {
         self.load_pair(service_id, generation)
     }
 
+    /// What `services/` holds, of `only` or of every service.
+    fn on_disk(&self, only: Option<&str>) -> Result<generations::OnDisk, PkiError> {
+        generations::on_disk(&self.dir, only)
+            .map_err(|e| files::file_error(&self.dir.join("services"), e))
+    }
+
+    /// Moves `path` into `retired/` under `sub` (`services` or `crl`); one
+    /// already gone is no error.
+    fn move_to_retired(&self, path: &Path, sub: &str) -> Result<(), PkiError> {
+        let into = self.dir.join(sub).join(RETIRED_DIR);
+        files::create_dir(&into)?;
+        let Some(name) = path.file_name() else {
+            return Ok(());
+        };
+        match std::fs::rename(path, into.join(name)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(files::file_error(path, e)),
+        }
+    }
+
     fn lock_cache(&self) -> MutexGuard<'_, HashMap<String, ServiceCa>> {
         // The map is only ever inserted into whole entries, so a panic while
         // it was held cannot have left it half-updated.
@@ -630,8 +630,7 @@ impl Pki {
     /// may have issued certificates that could then never be revoked: an
     /// error, as is a first generation that is half there.
     fn load_service_ca(&self, service_id: &str) -> Result<Option<ServiceCa>, PkiError> {
-        let found = generations::on_disk(&self.dir, Some(service_id))
-            .map_err(|e| files::file_error(&self.dir.join("services"), e))?;
+        let found = self.on_disk(Some(service_id))?;
         let top = found.pairs.last().map(|(_, g)| *g);
         let half = |generation: u32| {
             half_pair(
@@ -868,8 +867,7 @@ impl Pki {
         revoked: &[RevokedEntry],
         crl_number: u64,
     ) -> Result<PathBuf, PkiError> {
-        fleet_protocol::topic::validate_service_id(service_id)
-            .map_err(|_| PkiError::BadServiceId(service_id.to_owned()))?;
+        check_service_id(service_id)?;
         let ca = self.service_ca_of(service_id, generation)?;
         self.sign_crl(service_id, &ca, revoked, crl_number)
     }
@@ -1116,6 +1114,11 @@ fn load_or_create_signing_key(dir: &Path) -> Result<PKey<Private>, PkiError> {
     Ok(key)
 }
 
+fn check_service_id(service_id: &str) -> Result<(), PkiError> {
+    fleet_protocol::topic::validate_service_id(service_id)
+        .map_err(|_| PkiError::BadServiceId(service_id.to_owned()))
+}
+
 fn check_pair(cert: &X509, key: &PKey<Private>, cert_path: &Path) -> Result<(), PkiError> {
     if cert.public_key()?.public_eq(key) {
         Ok(())
@@ -1251,8 +1254,6 @@ mod tests {
         assert!(!pki.crl_due("svcA"));
     }
 
-    /// A certificate asked for longer than its service CA has left ends
-    /// with the CA.
     /// Writes generation `generation` of `service`'s CA, signed by the
     /// root, valid from a minute ago until `not_after`, where the PKI
     /// keeps it.
@@ -1284,6 +1285,8 @@ mod tests {
         .unwrap();
     }
 
+    /// A certificate asked for longer than its service CA has left ends
+    /// with the CA.
     #[test]
     fn a_certificate_ends_no_later_than_its_service_ca() {
         let tmp = tempfile::tempdir().unwrap();
