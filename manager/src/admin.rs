@@ -1,5 +1,5 @@
-//! The operator API: JSON over HTTP/1.1, on loopback, or over TLS with
-//! the broker's certificate (`admin_tls`). Its routes are listed in the
+//! The operator API: JSON over HTTP/1.1, on loopback, or over TLS with a
+//! certificate of its own (`admin_tls`, `certs/admin.pem`). Its routes are listed in the
 //! README ("Run it"), the one place they are described; `route` is where
 //! they are served.
 
@@ -132,7 +132,7 @@ impl Admin {
 }
 
 /// Serves the API on `listener` until `shutdown`; over TLS with `tls`
-/// (the broker's certificate, taken up again when it changes).
+/// (its own certificate, taken up again when it changes).
 pub async fn serve(
     admin: Arc<Admin>,
     listener: TcpListener,
@@ -770,7 +770,7 @@ fn service_cas(core: &Core, service: &str) -> Result<Value, (u16, String)> {
     let now = fleet_protocol::now_ms();
     let mut live: HashMap<u32, usize> = HashMap::new();
     for c in core.store.certs().map_err(internal)? {
-        if c.service_id == service && c.revoked_ms.is_none() && c.not_after * 1000 > now {
+        if c.service_id == service && c.is_live(now) {
             *live.entry(c.ca_generation).or_default() += 1;
         }
     }

@@ -4,7 +4,7 @@
 //! [`Core::handle`] is synchronous (OpenSSL and sled work) and is called off
 //! the MQTT event loop. It returns the messages to publish.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use fleet_broker::frontdoor::shown::Shown;
@@ -1569,24 +1569,23 @@ impl Core {
         generation: u32,
     ) -> Result<usize, Failure> {
         let now = now_ms();
-        let mut owners: Vec<String> = self
-            .store
-            .certs()?
-            .into_iter()
-            .filter(|c| c.service_id == service_id && c.ca_generation < generation)
-            .map(|c| c.device_id)
-            .collect();
-        owners.sort();
-        owners.dedup();
+        // One scan, then each owner's records read again by serial under
+        // its lock (a handler may have changed them meanwhile).
+        let mut owners: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for c in self.store.certs()? {
+            if c.service_id == service_id && c.ca_generation < generation && c.is_live(now) {
+                owners.entry(c.device_id).or_default().push(c.serial);
+            }
+        }
         let mut revoked = 0;
-        for owner in owners {
+        for (owner, serials) in owners {
             let _guard = self.lock(&owner);
             let mut batch = Batch::default();
-            for mut c in self.store.certs_of(&owner)? {
-                let live = c.service_id == service_id
-                    && c.ca_generation < generation
-                    && c.not_after * 1000 > now;
-                if live && revoke(&mut c, now) {
+            for serial in serials {
+                let Some(mut c) = self.store.cert(&serial)? else {
+                    continue;
+                };
+                if c.is_live(now) && revoke(&mut c, now) {
                     batch.certs.push(c);
                 }
             }

@@ -159,6 +159,13 @@ pub struct CertRecord {
     pub ca_generation: u32,
 }
 
+impl CertRecord {
+    /// Neither revoked nor expired at `now_ms`.
+    pub fn is_live(&self, now_ms: u64) -> bool {
+        self.revoked_ms.is_none() && self.not_after * 1000 > now_ms
+    }
+}
+
 fn first_generation() -> u32 {
     1
 }
@@ -303,6 +310,11 @@ impl Store {
     }
 
     /// `result`, noting an I/O error in it ([`Store::failed`]), logged once.
+    /// A single write to a tree, [`Store::noted`].
+    fn wrote<T>(&self, result: sled::Result<T>) -> Result<(), StoreError> {
+        self.noted(result.map(drop).map_err(Into::into))
+    }
+
     fn noted<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
         if let Err(StoreError::Sled(sled::Error::Io(err))) = &result {
             if !self.failed.swap(true, std::sync::atomic::Ordering::Relaxed) {
@@ -374,7 +386,7 @@ impl Store {
         let put = self
             .registrations
             .insert(reg.device_id.as_bytes(), encode(reg));
-        self.noted(put.map(drop).map_err(Into::into))
+        self.wrote(put)
     }
 
     /// Whether the registry has `device_id` (a store error counts as no).
@@ -397,11 +409,11 @@ impl Store {
         let put = self
             .devices
             .insert(device.device_id.as_bytes(), encode(device));
-        self.noted(put.map(drop).map_err(Into::into))
+        self.wrote(put)
     }
 
     pub fn remove_device(&self, device_id: &str) -> Result<(), StoreError> {
-        self.noted(self.devices.remove(device_id).map(drop).map_err(Into::into))
+        self.wrote(self.devices.remove(device_id))
     }
 
     pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
@@ -448,7 +460,7 @@ impl Store {
 
     pub fn put_period(&self, device_id: &str, n: u64, p: &ServicePeriod) -> Result<(), StoreError> {
         let put = self.history.insert(period_key(device_id, n), encode(p));
-        self.noted(put.map(drop).map_err(Into::into))
+        self.wrote(put)
     }
 
     pub fn cert(&self, serial: &str) -> Result<Option<CertRecord>, StoreError> {
@@ -475,7 +487,7 @@ impl Store {
 
     pub fn put_nonce(&self, key: &[u8], rec: &NonceRecord) -> Result<(), StoreError> {
         let put = self.nonces.insert(key, encode(rec));
-        self.noted(put.map(drop).map_err(Into::into))
+        self.wrote(put)
     }
 
     /// Drops nonce records older than `before_ms`; their requests are stale anyway.
@@ -508,7 +520,7 @@ impl Store {
             detail,
         };
         let put = self.audit.insert(id.to_be_bytes(), encode(&rec));
-        self.noted(put.map(drop).map_err(Into::into))
+        self.wrote(put)
     }
 
     pub fn audit_log(&self) -> Result<Vec<AuditRecord>, StoreError> {
