@@ -480,8 +480,9 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
         files.sort();
         files.iter().map(|f| read_named(f)).collect()
     };
-    let mut cafile = read_named(&p.certs_dir.join("root-ca.pem"))?;
+    let root = read_named(&p.certs_dir.join("root-ca.pem"))?;
     let cas = pems_in("services")?;
+    let mut cafile = root.clone();
     for ca in &cas {
         cafile.push_str(ca);
     }
@@ -492,7 +493,7 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
     // presenting the retired CA as its intermediate, which still chains to
     // the root, would pass with any serial its thief chose.
     // Each file on its own: one that does not parse costs only its CRL.
-    let subjects: Vec<Vec<u8>> = std::iter::once(&read_named(&p.certs_dir.join("root-ca.pem"))?)
+    let subjects: Vec<Vec<u8>> = std::iter::once(&root)
         .chain(&cas)
         .filter_map(|pem| openssl::x509::X509::from_pem(pem.as_bytes()).ok())
         .filter_map(|ca| ca.subject_name().to_der().ok())

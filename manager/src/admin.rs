@@ -936,27 +936,16 @@ impl AdminApi {
 
     /// A TLS client that trusts `root` alone.
     fn client_config(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-        use rustls::pki_types::pem::PemObject;
         let root = self.root.as_ref().with_context(|| {
             format!(
                 "https://{}: no root CA to check the operator API's certificate against (--admin-ca)",
                 self.addr
             )
         })?;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls::pki_types::CertificateDer::pem_file_iter(root)
-            .with_context(|| format!("reading {}", root.display()))?
-        {
-            roots.add(cert.with_context(|| format!("reading {}", root.display()))?)?;
-        }
-        Ok(Arc::new(
-            rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::aws_lc_rs::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-        ))
+        let reading = || format!("reading {}", root.display());
+        let pem = std::fs::read(root).with_context(reading)?;
+        let config = fleet_broker::frontdoor::trust::client_trusting(&pem).with_context(reading)?;
+        Ok(Arc::new(config))
     }
 
     /// Whether requests go over TLS.

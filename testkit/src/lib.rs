@@ -1115,17 +1115,7 @@ pub async fn server_name_served(
     root: &[u8],
     name: &str,
 ) -> anyhow::Result<bool> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(root) {
-        roots.add(cert?)?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config = fleet_broker::frontdoor::trust::client_trusting(root)?;
     let name = rustls::pki_types::ServerName::try_from(name.to_owned())?;
     tokio::task::spawn_blocking(move || {
         let mut tcp = std::net::TcpStream::connect(addr)?;

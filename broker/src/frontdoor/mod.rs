@@ -1348,7 +1348,9 @@ async fn connection(
                 registered = trust.register(&cert.serial, cert.not_after, issuer, id, cut.clone());
                 // A revocation, or a CA retired, that landed between the
                 // handshake and now.
-                if trust.is_revoked(&cert.serial) || !trust.issuer_trusted(&issuer) {
+                if trust.is_revoked(&cert.serial)
+                    || !trust.issuer_trusted(&cert.service_id, &issuer)
+                {
                     cut.cancel();
                 }
                 session::run(

@@ -283,26 +283,20 @@ impl Trust {
             .contains(serial)
     }
 
-    /// Whether a session whose certificate's issuer is `issuer`
-    /// ([`der::issuer_key`]) may go on: its CA is loaded now, or is in
-    /// `services/` and not loaded yet (a new service's, taken up at the
-    /// next look), or not every file there could be read (then nothing is
-    /// concluded).
-    pub fn issuer_trusted(&self, issuer: &[u8; 32]) -> bool {
+    /// Whether a session of `service` whose certificate's issuer is
+    /// `issuer` ([`der::issuer_key`]) may go on: its CA is loaded now, or
+    /// is in the service's CA files and not loaded yet (a new service's,
+    /// taken up at the next look), or not every file in `services/` could
+    /// be read (then nothing is concluded).
+    pub fn issuer_trusted(&self, service: &str, issuer: &[u8; 32]) -> bool {
         {
             let verifier = self.verifier.read().unwrap_or_else(|p| p.into_inner());
             if !verifier.all_read || verifier.ca_subjects.contains(issuer) {
                 return true;
             }
         }
-        let Ok(entries) = std::fs::read_dir(self.certs_dir.join("services")) else {
-            return true;
-        };
-        entries.flatten().any(|e| {
-            e.path().extension().is_some_and(|x| x == "pem")
-                && CertificateDer::pem_file_iter(e.path()).is_ok_and(|mut certs| {
-                    certs.any(|c| c.is_ok_and(|c| der::subject_key(&c) == Some(*issuer)))
-                })
+        in_service_ca_files(&self.certs_dir, service, |ca| {
+            der::subject_key(ca) == Some(*issuer)
         })
     }
 
@@ -511,6 +505,25 @@ async fn every_look<F: std::future::Future<Output = ()>>(
     }
 }
 
+/// Whether a certificate in one of `service`'s CA files in
+/// `certs_dir/services/` (newest first) is one `wanted` takes.
+fn in_service_ca_files(
+    certs_dir: &Path,
+    service: &str,
+    wanted: impl Fn(&CertificateDer<'_>) -> bool,
+) -> bool {
+    if fleet_protocol::topic::validate_service_id(service).is_err() {
+        return false;
+    }
+    fleet_pki::service_ca_cert_files(certs_dir, service)
+        .iter()
+        .rev()
+        .any(|path| {
+            CertificateDer::pem_file_iter(path)
+                .is_ok_and(|mut certs| certs.any(|c| c.is_ok_and(|c| wanted(&c))))
+        })
+}
+
 /// Every serial the CRLs in `certs/crl/` list, and each also as
 /// [`issued_revoked`] spells it with its CRL's issuer.
 fn load_revoked(certs_dir: &Path) -> HashSet<String> {
@@ -552,9 +565,10 @@ fn load_revoked(certs_dir: &Path) -> HashSet<String> {
 /// A revoked serial with its issuer ([`der::name_key`]), as the revoked
 /// set holds it beside the bare serial (which has no `:`).
 fn issued_revoked(issuer: &[u8; 32], serial: &str) -> String {
+    use std::fmt::Write as _;
     let mut key = String::with_capacity(65 + serial.len());
     for byte in issuer {
-        key.push_str(&format!("{byte:02x}"));
+        let _ = write!(key, "{byte:02x}");
     }
     key.push(':');
     key.push_str(serial);
@@ -580,6 +594,24 @@ fn provider() -> Arc<CryptoProvider> {
         )
     });
     Arc::new(provider)
+}
+
+/// A TLS client that checks servers against the CA certificates in
+/// `root_pem` (PEM) and shows no certificate of its own: the operator
+/// API's client, and tests that look at what a listener serves.
+pub fn client_trusting(root_pem: &[u8]) -> Result<rustls::ClientConfig, BrokerError> {
+    let tls = |e: &dyn std::fmt::Display| BrokerError::Tls(e.to_string());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(root_pem) {
+        roots.add(cert.map_err(|e| tls(&e))?).map_err(|e| tls(&e))?;
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| tls(&e))?
+    .with_root_certificates(roots)
+    .with_no_client_auth())
 }
 
 /// The broker certificate chain and key from `certs/`.
@@ -1372,17 +1404,7 @@ impl ClientVerifier {
         let Some(service) = der::names(ca).and_then(|n| n.subject_o) else {
             return false;
         };
-        if fleet_protocol::topic::validate_service_id(&service).is_err() {
-            return false;
-        }
-        fleet_pki::service_ca_cert_files(&self.certs_dir, &service)
-            .iter()
-            .rev()
-            .any(|path| {
-                CertificateDer::pem_file_iter(path)
-                    .map(|certs| certs.flatten().any(|c| c.as_ref() == ca.as_ref()))
-                    .unwrap_or(false)
-            })
+        in_service_ca_files(&self.certs_dir, &service, |c| c.as_ref() == ca.as_ref())
     }
 }
 
