@@ -182,6 +182,25 @@ async fn generated_mosquitto_rules_hold() {
         .map(|d| devices.spawn(devices.config_for(&endpoints, &certs, d, KeyMode::Csr)))
         .collect();
     let on = |svc: &str, d: &str| Topic::in_tenant(svc, Route::Telemetry(d.into())).to_string();
+    // Registers a device in a service, starts it and waits for its first
+    // telemetry there; yields the device's task for the caller to stop.
+    #[allow(clippy::async_yields_async)]
+    let enroll = |d: &'static str, svc: &'static str| {
+        let (devices, admin, endpoints, certs, observer) =
+            (&devices, &admin, &endpoints, &certs, &observer);
+        async move {
+            let key = fleet_device_sim::provision(&devices.store_root, d).unwrap();
+            let reg =
+                json!([{ "device_id": d, "service_id": svc, "factory_key_hex": hex::encode(key) }]);
+            fleet_manager::admin::call(admin, "POST", "/v1/registrations", Some(&reg))
+                .await
+                .unwrap();
+            let task = devices.spawn(devices.config_for(endpoints, certs, d, KeyMode::Csr));
+            let topic = Topic::in_tenant(svc, Route::Telemetry(d.into())).to_string();
+            observer.wait_for(&topic, 1, T).await.unwrap();
+            task
+        }
+    };
     // Waits for two more messages on a topic than it has now.
     let two_more = |topic: String| {
         let n = observer.on(&topic).len() + 2;
@@ -554,14 +573,7 @@ async fn generated_mosquitto_rules_hold() {
     })
     .await
     .unwrap();
-    let key = fleet_device_sim::provision(&devices.store_root, "ext4").unwrap();
-    let reg =
-        json!([{ "device_id": "ext4", "service_id": "svcB", "factory_key_hex": hex::encode(key) }]);
-    fleet_manager::admin::call(&admin, "POST", "/v1/registrations", Some(&reg))
-        .await
-        .unwrap();
-    let ext4 = devices.spawn(devices.config_for(&endpoints, &certs, "ext4", KeyMode::Csr));
-    observer.wait_for(&on("svcB", "ext4"), 1, T).await.unwrap();
+    let ext4 = enroll("ext4", "svcB").await;
     let ext4_chain = devices
         .store("ext4")
         .unwrap()
@@ -608,14 +620,7 @@ async fn generated_mosquitto_rules_hold() {
     fleet_manager::admin::call(&admin, "POST", "/v1/services/svcA/ca/roll", None)
         .await
         .unwrap();
-    let key = fleet_device_sim::provision(&devices.store_root, "ext5").unwrap();
-    let reg =
-        json!([{ "device_id": "ext5", "service_id": "svcA", "factory_key_hex": hex::encode(key) }]);
-    fleet_manager::admin::call(&admin, "POST", "/v1/registrations", Some(&reg))
-        .await
-        .unwrap();
-    let ext5 = devices.spawn(devices.config_for(&endpoints, &certs, "ext5", KeyMode::Csr));
-    observer.wait_for(&on("svcA", "ext5"), 1, T).await.unwrap();
+    let ext5 = enroll("ext5", "svcA").await;
     ext5.abort();
     let _ = ext5.await;
     let (thief_chain, thief_key) = forged("ext5", "svcA", (&ca_a, &ca_a_key), (-1, 30));

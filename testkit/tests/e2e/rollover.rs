@@ -66,6 +66,19 @@ async fn refused(
     .unwrap();
 }
 
+/// `device`'s current certificate, as the manager recorded it.
+fn current_serial(fleet: &Fleet, device: &str) -> String {
+    let record = fleet.core().store.device(device).unwrap().unwrap();
+    record.current_cert.unwrap()
+}
+
+/// Provisions `device` in svcA, starts it and waits until it is connected.
+async fn online_in_svca(fleet: &Fleet, devices: &Devices, device: &str) {
+    devices.provision(fleet, device, "svcA").await.unwrap();
+    devices.spawn(devices.config(fleet, device, KeyMode::Csr));
+    connected_to(devices, device, "svcA").await;
+}
+
 async fn connected_to(devices: &Devices, device: &str, service: &str) {
     let service = service.to_owned();
     devices
@@ -90,18 +103,9 @@ async fn a_rolled_over_service_ca_keeps_its_devices_and_certifies_under_the_succ
     let root = std::fs::read(&root_path).unwrap();
     let pki = &fleet.core().pki;
 
-    devices.provision(&fleet, "old1", "svcA").await.unwrap();
-    devices.spawn(devices.config(&fleet, "old1", KeyMode::Csr));
-    connected_to(&devices, "old1", "svcA").await;
+    online_in_svca(&fleet, &devices, "old1").await;
     let (old_chain, old_key) = credentials(&devices, "old1");
-    let old_serial = fleet
-        .core()
-        .store
-        .device("old1")
-        .unwrap()
-        .unwrap()
-        .current_cert
-        .unwrap();
+    let old_serial = current_serial(&fleet, "old1");
 
     // The operator rolls svcA's CA over (`fleet-manager service-ca svcA
     // --roll`) and lists its generations.
@@ -165,9 +169,7 @@ async fn a_rolled_over_service_ca_keeps_its_devices_and_certifies_under_the_succ
 
     // A device certified now gets the successor's chain and connects with
     // it at once, before or after the broker looked at `services/` again.
-    devices.provision(&fleet, "new1", "svcA").await.unwrap();
-    devices.spawn(devices.config(&fleet, "new1", KeyMode::Csr));
-    connected_to(&devices, "new1", "svcA").await;
+    online_in_svca(&fleet, &devices, "new1").await;
     observer
         .wait_for(&telemetry("svcA", "new1"), 1, T)
         .await
@@ -183,14 +185,7 @@ async fn a_rolled_over_service_ca_keeps_its_devices_and_certifies_under_the_succ
     let new_leaf = write_file(dir, "new1.pem", &new_certs[0].to_pem().unwrap()).unwrap();
     openssl_verify(&root_path, &successor, &new_leaf, None).unwrap();
     assert!(openssl_verify(&root_path, &pki.service_ca_path("svcA"), &new_leaf, None).is_err());
-    let new_serial = fleet
-        .core()
-        .store
-        .device("new1")
-        .unwrap()
-        .unwrap()
-        .current_cert
-        .unwrap();
+    let new_serial = current_serial(&fleet, "new1");
     assert_eq!(
         fleet
             .core()
@@ -318,18 +313,9 @@ async fn a_stolen_service_ca_is_retired_at_once_and_its_devices_come_back_under_
     let root = std::fs::read(fleet.certs_dir().join("root-ca.pem")).unwrap();
     let pki = &fleet.core().pki;
 
-    devices.provision(&fleet, "vic1", "svcA").await.unwrap();
-    devices.spawn(devices.config(&fleet, "vic1", KeyMode::Csr));
-    connected_to(&devices, "vic1", "svcA").await;
+    online_in_svca(&fleet, &devices, "vic1").await;
     let (old_chain, old_key) = credentials(&devices, "vic1");
-    let old_serial = fleet
-        .core()
-        .store
-        .device("vic1")
-        .unwrap()
-        .unwrap()
-        .current_cert
-        .unwrap();
+    let old_serial = current_serial(&fleet, "vic1");
 
     // The thief, with the old CA's key, makes itself a certificate for a
     // provider the registry grants svcA, and holds a session with it: a
