@@ -31,6 +31,32 @@ fn subject(cert: &X509, nid: Nid) -> String {
         .unwrap_or_default()
 }
 
+/// The serials of the certificates `device` installed, each for svcA,
+/// in order, spelled as the manager writes them.
+fn installed_in_svca(devices: &Devices, device: &str) -> Vec<String> {
+    devices
+        .events_of(device)
+        .iter()
+        .filter_map(|e| match e {
+            DeviceEvent::CertificateInstalled {
+                service_id,
+                serial_hex,
+            } => {
+                assert_eq!(service_id, "svcA");
+                Some(serial_hex.to_ascii_lowercase())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// A renewal window that has a device renew `secs` after its certificate
+/// was issued, under `cert_lifetime_days = 1` (notBefore 300 s back).
+fn renews_after(secs: f64) -> (f64, f64) {
+    let at = (300.0 + secs) / (86_400.0 + 300.0);
+    (at, at)
+}
+
 async fn moves_a_b_c(key_mode: KeyMode) {
     let fleet = Fleet::start().await.unwrap();
     let devices = Devices::new(fleet.dir.path().join("devices"));
@@ -514,26 +540,9 @@ async fn a_device_renews_its_certificate_before_it_expires() {
         .unwrap();
     devices.provision(&fleet, "renew1", "svcA").await.unwrap();
     let mut config = devices.config(&fleet, "renew1", KeyMode::Csr);
-    let at = (300.0 + 3.5) / (86_400.0 + 300.0);
-    config.renew_window = (at, at);
+    config.renew_window = renews_after(3.5);
     devices.spawn(config);
-    let installed = |devices: &Devices| -> Vec<String> {
-        devices
-            .events_of("renew1")
-            .iter()
-            .filter_map(|e| match e {
-                DeviceEvent::CertificateInstalled {
-                    service_id,
-                    serial_hex,
-                } => {
-                    assert_eq!(service_id, "svcA");
-                    // As the manager writes serials.
-                    Some(serial_hex.to_ascii_lowercase())
-                }
-                _ => None,
-            })
-            .collect()
-    };
+    let installed = |devices: &Devices| installed_in_svca(devices, "renew1");
     devices
         .wait_event("renew1", T, "a second certificate", |_| {
             installed(&devices).len() >= 2
@@ -612,21 +621,9 @@ async fn a_renewal_whose_reply_was_lost_is_asked_again_and_issues_once() {
     // Renews 10 s after its certificate was issued (never before its
     // `online` could have been answered: 5 s, the request timeout, after
     // it connected), time enough to stop the manager first.
-    let at = (300.0 + 10.0) / (86_400.0 + 300.0);
-    config.renew_window = (at, at);
+    config.renew_window = renews_after(10.0);
     devices.spawn(config);
-    let installed = |devices: &Devices| -> Vec<String> {
-        devices
-            .events_of("lost2")
-            .iter()
-            .filter_map(|e| match e {
-                DeviceEvent::CertificateInstalled { serial_hex, .. } => {
-                    Some(serial_hex.to_ascii_lowercase())
-                }
-                _ => None,
-            })
-            .collect()
-    };
+    let installed = |devices: &Devices| installed_in_svca(devices, "lost2");
     // Its `online` answered, the manager stops; the renewal comes later.
     observer.wait_for(&status_replies, 1, T).await.unwrap();
     fleet.stop_manager().await;
