@@ -1395,12 +1395,7 @@ mod tests {
         let key = crypto::generate_p256().unwrap();
         // Valid from now for a day.
         let pem = crate::testutil::self_signed("dev1", &key).to_pem().unwrap();
-        let now = || {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs_f64()
-        };
+        let now = wall_now;
         let (at, to) = renewal_point(&pem, (0.5, 0.75)).unwrap();
         assert_eq!(
             renewal_point(&pem, (0.5, 0.75)),
