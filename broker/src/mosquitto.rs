@@ -480,9 +480,13 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
         files.sort();
         files.iter().map(|f| read_named(f)).collect()
     };
-    let root = read_named(&p.certs_dir.join("root-ca.pem"))?;
+    // Every root generation, then every service CA.
+    let mut roots = vec![read_named(&p.certs_dir.join("root-ca.pem"))?];
+    for root in fleet_pki::root_cert_files(&p.certs_dir).iter().skip(1) {
+        roots.push(read_named(root)?);
+    }
     let cas = pems_in("services")?;
-    let mut cafile = root.clone();
+    let mut cafile = roots.concat();
     for ca in &cas {
         cafile.push_str(ca);
     }
@@ -493,7 +497,8 @@ pub fn render(p: &MosquittoParams, grants: &[DeviceGrant]) -> std::io::Result<Mo
     // presenting the retired CA as its intermediate, which still chains to
     // the root, would pass with any serial its thief chose.
     // Each file on its own: one that does not parse costs only its CRL.
-    let subjects: Vec<Vec<u8>> = std::iter::once(&root)
+    let subjects: Vec<Vec<u8>> = roots
+        .iter()
         .chain(&cas)
         .filter_map(|pem| openssl::x509::X509::from_pem(pem.as_bytes()).ok())
         .filter_map(|ca| ca.subject_name().to_der().ok())

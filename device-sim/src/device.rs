@@ -34,7 +34,7 @@ use crate::link::{
 };
 use crate::replies::{
     check_nonce, check_notice_seq, check_notice_target, finish_activate, finish_update,
-    open_notice, open_reply, require_ok, ReplyError, VerifyError,
+    open_notice, open_reply, require_ok, roots_of, ReplyError, VerifyError,
 };
 use crate::requests::{self, event, Prepared};
 use crate::store::{DeviceState, Store, StoreError};
@@ -211,16 +211,18 @@ pub(crate) struct Device {
     cfg: DeviceConfig,
     store: Arc<Mutex<Store>>,
     manager: PKey<Public>,
-    root_ca_pem: Vec<u8>,
-    root_ca: X509,
+    /// The pinned root CAs: those the manager last gave (`roots`, stored),
+    /// else the configured root file.
+    roots: std::sync::RwLock<PinnedRoots>,
     events: UnboundedSender<(String, DeviceEvent)>,
     shutdown: CancellationToken,
     telemetry_seq: u64,
     /// Set when a service session came up; resets the backoff.
     established: bool,
-    /// The service certificate's chain (PEM) and the TLS configuration
-    /// built for it, kept so that reconnecting resumes the TLS session.
-    service_tls: Option<(Vec<u8>, Arc<rustls::ClientConfig>)>,
+    /// The service certificate's chain and the pinned roots (PEM), and
+    /// the TLS configuration built for them, kept so that reconnecting
+    /// resumes the TLS session.
+    service_tls: Option<(Vec<u8>, Vec<u8>, Arc<rustls::ClientConfig>)>,
     /// A request whose reply had not come when its connection ended, with
     /// its topic and when it was built. The next attempt on that topic
     /// publishes the same bytes (topics.md §10.1, step 6), so the manager
@@ -236,6 +238,20 @@ pub(crate) struct Device {
     renew: bool,
     /// `unknown_ca` refusals, and when to take them for a retired CA.
     unknown_ca: UnknownCa,
+}
+
+/// Root CAs a device trusts, as PEM (for TLS) and parsed (for chains).
+#[derive(Clone)]
+struct PinnedRoots {
+    pem: Vec<u8>,
+    certs: Vec<X509>,
+}
+
+impl PinnedRoots {
+    fn from_pem(pem: Vec<u8>) -> Result<PinnedRoots, openssl::error::ErrorStack> {
+        let certs = X509::stack_from_pem(&pem)?;
+        Ok(PinnedRoots { pem, certs })
+    }
 }
 
 /// `unknown_ca` refusals of the service certificate (topics.md §10.1
@@ -288,20 +304,40 @@ impl Device {
             ));
         }
         let (root, id) = (cfg.store_root.clone(), cfg.device_id.clone());
-        let store = blocking(move || Store::open(&root, &id)).await?;
+        let (store, pinned) = blocking(move || {
+            let store = Store::open(&root, &id)?;
+            let pinned = store.pinned_roots()?;
+            Ok::<_, StoreError>((store, pinned))
+        })
+        .await?;
         let manager_pem = read(&cfg.manager_pub_pem).await?;
         let manager = PKey::public_key_from_pem(&manager_pem)
             .map_err(|e| DeviceError::Config(format!("{}: {e}", cfg.manager_pub_pem.display())))?;
-        let root_ca_pem = read(&cfg.root_ca_pem).await?;
-        let root_ca = X509::from_pem(&root_ca_pem)
-            .map_err(|e| DeviceError::Config(format!("{}: {e}", cfg.root_ca_pem.display())))?;
+        let learned = pinned.and_then(|pem| match PinnedRoots::from_pem(pem) {
+            Ok(roots) if !roots.certs.is_empty() => Some(roots),
+            _ => {
+                warn!("stored roots unreadable; the configured root file is used");
+                None
+            }
+        });
+        let roots = match learned {
+            Some(roots) => roots,
+            None => PinnedRoots::from_pem(read(&cfg.root_ca_pem).await?)
+                .ok()
+                .filter(|r| !r.certs.is_empty())
+                .ok_or_else(|| {
+                    DeviceError::Config(format!(
+                        "{}: no PEM certificate",
+                        cfg.root_ca_pem.display()
+                    ))
+                })?,
+        };
         Ok(Device {
             id: cfg.device_id.clone(),
             cfg,
             store: Arc::new(Mutex::new(store)),
             manager,
-            root_ca_pem,
-            root_ca,
+            roots: std::sync::RwLock::new(roots),
             events,
             shutdown,
             telemetry_seq: 0,
@@ -513,7 +549,7 @@ impl Device {
     fn bootstrap_security(&self) -> Security {
         if self.cfg.bootstrap_tls {
             Security::ServerTls {
-                root_ca_pem: self.root_ca_pem.clone(),
+                root_ca_pem: self.pinned().pem,
             }
         } else {
             Security::Plain
@@ -568,7 +604,10 @@ impl Device {
                 let checked = open_reply(&msg.payload, reply_kind, &self.manager, &self.id)
                     .and_then(|r| check_nonce(&r, &req.nonce).map(|()| r));
                 match checked {
-                    Ok(reply) => return Ok(reply),
+                    Ok(reply) => {
+                        self.learn_roots(&reply).await;
+                        return Ok(reply);
+                    }
                     Err(VerifyError::NonceMismatch) => {
                         debug!("reply to an earlier request ignored")
                     }
@@ -580,6 +619,44 @@ impl Device {
             kind: req.kind,
             attempts: MAX_REPUBLISH + 1,
         })
+    }
+
+    fn pinned(&self) -> PinnedRoots {
+        self.roots.read().expect("roots lock poisoned").clone()
+    }
+
+    /// Pins the roots a verified reply gives (topics.md §8), if they
+    /// differ from those pinned: stored first, then used for every
+    /// connection and chain from then on. Roots that do not read are
+    /// logged and left alone: the reply is still good.
+    async fn learn_roots(&self, reply: &Reply) {
+        let roots = match roots_of(reply) {
+            Ok(Some(roots)) => roots,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(error = %e, "roots in a reply ignored");
+                return;
+            }
+        };
+        let mut pem = Vec::new();
+        for root in &roots {
+            match root.to_pem() {
+                Ok(one) => pem.extend(one),
+                Err(_) => return,
+            }
+        }
+        if pem == self.pinned().pem {
+            return;
+        }
+        let stored = pem.clone();
+        match self.with_store(move |s| s.pin_roots(&stored)).await {
+            Ok(()) => {
+                info!(roots = roots.len(), "pinned the roots the manager gave");
+                *self.roots.write().expect("roots lock poisoned") =
+                    PinnedRoots { pem, certs: roots };
+            }
+            Err(e) => warn!(error = %e, "roots not stored; pinned next time"),
+        }
     }
 
     /// [`Device::exchange`] of the request left unanswered on `topic` for
@@ -683,9 +760,9 @@ impl Device {
                     requests::build_update(&id, &svc, &uuid, key_mode)
                 })
                 .await?;
-            let (id, svc, root) = (self.id.clone(), service_id.to_owned(), self.root_ca.clone());
+            let (id, svc, roots) = (self.id.clone(), service_id.to_owned(), self.pinned().certs);
             let finished = blocking(move || {
-                finish_update(&reply, &req, &id, &svc, &root).map_err(DeviceError::from)
+                finish_update(&reply, &req, &id, &svc, &roots).map_err(DeviceError::from)
             })
             .await;
             match finished {
@@ -746,16 +823,18 @@ impl Device {
         let settled = wall_now() + self.cfg.request_timeout.as_secs_f64();
         let mut renew_at =
             renewal_due(&creds.chain_pem, self.cfg.renew_window).map(|at| at.max(settled));
+        let roots = self.pinned().pem;
         let tls = match &self.service_tls {
-            Some((chain, config)) if *chain == creds.chain_pem => config.clone(),
+            Some((chain, pinned, config)) if *chain == creds.chain_pem && *pinned == roots => {
+                config.clone()
+            }
             _ => {
                 // A stored certificate or key that rustls cannot use will
                 // not become usable by retrying.
-                let config =
-                    crate::link::mutual_tls(&self.root_ca_pem, &creds.chain_pem, &creds.key_pem)
-                        .map_err(|e| DeviceError::Config(e.to_string()))
-                        .stage("connect_service")?;
-                self.service_tls = Some((creds.chain_pem, config.clone()));
+                let config = crate::link::mutual_tls(&roots, &creds.chain_pem, &creds.key_pem)
+                    .map_err(|e| DeviceError::Config(e.to_string()))
+                    .stage("connect_service")?;
+                self.service_tls = Some((creds.chain_pem, roots, config.clone()));
                 config
             }
         };
@@ -886,6 +965,9 @@ impl Device {
                 msg = link.recv() => {
                     let msg = msg.stage("session")?;
                     let incoming = self.classify(msg, &mut outstanding);
+                    if let Incoming::PollReply(reply) | Incoming::StatusReply(reply) = &incoming {
+                        self.learn_roots(reply).await;
+                    }
                     let notice = match incoming {
                         Incoming::Notice(n) => Some(n),
                         Incoming::PollReply(reply) => match require_ok(&reply) {
@@ -905,7 +987,7 @@ impl Device {
                                 None
                             }
                         },
-                        Incoming::Nothing => None,
+                        Incoming::StatusReply(_) | Incoming::Nothing => None,
                     };
                     if let Some(notice) = notice {
                         if let Some(change) = self
@@ -954,7 +1036,7 @@ impl Device {
                     RequestKind::Poll => Incoming::PollReply(Box::new(reply)),
                     _ => {
                         match require_ok(&reply) {
-                            Ok(()) => {}
+                            Ok(()) => return Incoming::StatusReply(Box::new(reply)),
                             // Not carried out (§5.1, code 14): the same
                             // report goes again after a pause, as the
                             // manager records nothing of a request it sheds.
@@ -1254,6 +1336,8 @@ impl Device {
 enum Incoming {
     Notice(Result<ServiceChange, VerifyError>),
     PollReply(Box<Reply>),
+    /// A status report's `ok` (the report is done).
+    StatusReply(Box<Reply>),
     Nothing,
 }
 

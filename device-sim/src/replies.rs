@@ -197,13 +197,13 @@ impl std::fmt::Debug for Installed {
 
 /// Checks an Ok update reply for `service_id` and extracts the key and
 /// chain: the leaf names the device, holds our key (CSR mode) or the
-/// unsealed key (manager mode), and chains to the pinned root CA.
+/// unsealed key (manager mode), and chains to one of the pinned root CAs.
 pub fn finish_update(
     reply: &Reply,
     request: &Prepared,
     device_id: &str,
     service_id: &str,
-    root_ca: &X509,
+    roots: &[X509],
 ) -> Result<Installed, ReplyError> {
     require_ok(reply)?;
     if let Some(svc) = &reply.service_id {
@@ -250,7 +250,7 @@ pub fn finish_update(
     if cn.as_deref() != Some(device_id) {
         return Err(ReplyError::Invalid(format!("certificate CN {cn:?}")));
     }
-    verify_chain(root_ca, &chain)?;
+    verify_chain(roots, &chain)?;
     let serial_hex = leaf.serial_number().to_bn()?.to_hex_str()?.to_string();
     Ok(Installed {
         service_id: service_id.to_owned(),
@@ -260,10 +260,36 @@ pub fn finish_update(
     })
 }
 
-/// The leaf must chain through the rest to `root_ca`.
-fn verify_chain(root_ca: &X509, chain: &[X509]) -> Result<(), ReplyError> {
+/// The roots of an Ok reply's `roots` (topics.md §8), if it has them:
+/// one to four DER certificates, each self-signed.
+pub fn roots_of(reply: &Reply) -> Result<Option<Vec<X509>>, ReplyError> {
+    let Some(ders) = reply.roots.as_ref().filter(|_| reply.status == Status::Ok) else {
+        return Ok(None);
+    };
+    if ders.is_empty() || ders.len() > MAX_ROOTS {
+        return Err(ReplyError::Invalid(format!("{} roots", ders.len())));
+    }
+    let mut roots = Vec::with_capacity(ders.len());
+    for der in ders {
+        let root =
+            X509::from_der(der).map_err(|e| ReplyError::Invalid(format!("root DER: {e}")))?;
+        if !root.verify(root.public_key()?.as_ref())? {
+            return Err(ReplyError::Invalid("a root that is not self-signed".into()));
+        }
+        roots.push(root);
+    }
+    Ok(Some(roots))
+}
+
+/// Most roots a reply may name: a fleet has two during a roll-over.
+const MAX_ROOTS: usize = 4;
+
+/// The leaf must chain through the rest to one of `roots`.
+fn verify_chain(roots: &[X509], chain: &[X509]) -> Result<(), ReplyError> {
     let mut store = X509StoreBuilder::new()?;
-    store.add_cert(root_ca.clone())?;
+    for root in roots {
+        store.add_cert(root.clone())?;
+    }
     let store = store.build();
     let mut intermediates = Stack::new()?;
     for cert in &chain[1..] {
@@ -411,7 +437,14 @@ mod tests {
         let csr = X509Req::from_der(body.csr.as_ref().unwrap()).unwrap();
         let leaf = mgr.issue("dev1", &csr.public_key().unwrap());
         let reply = mgr.update_reply(&body, vec![leaf.clone(), mgr.service_ca.clone()], None);
-        let installed = finish_update(&reply, &req, "dev1", "svcB", &mgr.root).unwrap();
+        let installed = finish_update(
+            &reply,
+            &req,
+            "dev1",
+            "svcB",
+            std::slice::from_ref(&mgr.root),
+        )
+        .unwrap();
         assert_eq!(installed.chain[0], leaf);
         assert!(installed.key.public_eq(req.service_key.as_ref().unwrap()));
         assert_eq!(
@@ -428,12 +461,51 @@ mod tests {
         let stranger = crypto::generate_p256().unwrap();
         let wrong = mgr.issue("dev1", &stranger);
         let reply = mgr.update_reply(&body, vec![wrong, mgr.service_ca.clone()], None);
-        assert!(finish_update(&reply, &req, "dev1", "svcB", &mgr.root).is_err());
+        assert!(finish_update(
+            &reply,
+            &req,
+            "dev1",
+            "svcB",
+            std::slice::from_ref(&mgr.root)
+        )
+        .is_err());
         // So is one that does not chain to the pinned root.
         let other = FakeManager::new();
         let foreign = other.issue("dev1", &csr.public_key().unwrap());
         let reply = mgr.update_reply(&body, vec![foreign, other.service_ca.clone()], None);
-        assert!(finish_update(&reply, &req, "dev1", "svcB", &mgr.root).is_err());
+        let pinned = std::slice::from_ref(&mgr.root);
+        assert!(finish_update(&reply, &req, "dev1", "svcB", pinned).is_err());
+        // Unless that root is pinned too (after a root roll-over).
+        let both = [other.root.clone(), mgr.root.clone()];
+        assert!(finish_update(&reply, &req, "dev1", "svcB", &both).is_ok());
+    }
+
+    #[test]
+    fn roots_are_taken_from_ok_replies_only_and_must_be_self_signed() {
+        let (a, b) = (FakeManager::new(), FakeManager::new());
+        use serde_bytes::ByteBuf;
+        let der = |c: &X509| ByteBuf::from(c.to_der().unwrap());
+        let mut reply = Reply {
+            status: Status::Ok,
+            roots: Some(vec![der(&a.root), der(&b.root)]),
+            ..Reply::default()
+        };
+        let roots = roots_of(&reply).unwrap().unwrap();
+        assert_eq!(roots, vec![a.root.clone(), b.root.clone()]);
+        reply.status = Status::Busy;
+        assert!(roots_of(&reply).unwrap().is_none());
+        reply.status = Status::Ok;
+        reply.roots = None;
+        assert!(roots_of(&reply).unwrap().is_none());
+        for bad in [
+            vec![],
+            vec![der(&a.service_ca)],
+            vec![ByteBuf::from(vec![0x30, 0x03, 1, 2, 3])],
+            vec![der(&a.root); 5],
+        ] {
+            reply.roots = Some(bad);
+            assert!(roots_of(&reply).is_err(), "{:?}", reply.roots);
+        }
     }
 
     #[test]
@@ -445,13 +517,26 @@ mod tests {
         let sealed = crypto::seal(&body.eph, "dev1", &key.private_key_to_pkcs8().unwrap()).unwrap();
         let leaf = mgr.issue("dev1", &key);
         let reply = mgr.update_reply(&body, vec![leaf, mgr.service_ca.clone()], Some(sealed));
-        let installed = finish_update(&reply, &req, "dev1", "svcB", &mgr.root).unwrap();
+        let installed = finish_update(
+            &reply,
+            &req,
+            "dev1",
+            "svcB",
+            std::slice::from_ref(&mgr.root),
+        )
+        .unwrap();
         assert!(installed.key.public_eq(&key));
         // Without the sealed key there is nothing to install.
         let leaf = mgr.issue("dev1", &key);
         let reply = mgr.update_reply(&body, vec![leaf, mgr.service_ca.clone()], None);
         assert!(matches!(
-            finish_update(&reply, &req, "dev1", "svcB", &mgr.root),
+            finish_update(
+                &reply,
+                &req,
+                "dev1",
+                "svcB",
+                std::slice::from_ref(&mgr.root)
+            ),
             Err(ReplyError::Missing("key"))
         ));
     }

@@ -29,6 +29,8 @@ use crate::config::KeyMode;
 const STATE_VERSION: u8 = 1;
 const FACTORY_KEY: &str = "factory.key";
 const STATE_FILE: &str = "state.cbor";
+/// The root CAs learned from the manager (topics.md §8), PEM.
+pub const ROOTS_FILE: &str = "roots.pem";
 
 /// Errors of the store layer.
 #[derive(Debug, thiserror::Error)]
@@ -274,6 +276,22 @@ impl Store {
             self.dir.join(format!("service-{service_id}.key")),
             self.dir.join(format!("service-{service_id}.pem")),
         ))
+    }
+
+    /// The root CAs the manager gave the device to pin (`roots` in a
+    /// reply), PEM, if it gave any; they replace the configured root file.
+    pub fn pinned_roots(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.dir.join(ROOTS_FILE);
+        match fs::read(&path) {
+            Ok(pem) => Ok(Some(pem)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    /// Stores the roots to pin from now on (PEM), replacing those before.
+    pub fn pin_roots(&self, pem: &[u8]) -> Result<(), StoreError> {
+        write_atomic(&self.dir.join(ROOTS_FILE), pem)
     }
 
     /// Stores the key and chain (DER, leaf first) for `service_id`. The key

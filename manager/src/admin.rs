@@ -531,6 +531,14 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
             })
             .await
         }
+        ("GET", ["v1", "root-ca"]) => blocking(move || root_cas(&core)).await,
+        ("POST", ["v1", "root-ca", "roll"]) => {
+            blocking(move || {
+                let rolled = core.roll_root().map_err(|f| (500, f.to_string()))?;
+                Ok(root_view(&rolled, true))
+            })
+            .await
+        }
         ("GET", ["v1", "services", service, "ca"]) => {
             let service = service.to_string();
             blocking(move || service_cas(&core, &service)).await
@@ -787,17 +795,47 @@ fn service_cas(core: &Core, service: &str) -> Result<Value, (u16, String)> {
     }))
 }
 
-fn ca_view(ca: &fleet_pki::CaGeneration, issuing: bool) -> Value {
-    let subject = ca
-        .cert
-        .subject_name()
+/// The generations of the fleet's root CA, oldest first; the last one
+/// issues.
+fn root_cas(core: &Core) -> Result<Value, (u16, String)> {
+    let generations = core.pki.root_generations().map_err(internal)?;
+    let last = generations.last().map(|r| r.generation);
+    Ok(json!({
+        "generations": generations
+            .iter()
+            .map(|r| root_view(r, Some(r.generation) == last))
+            .collect::<Vec<_>>(),
+    }))
+}
+
+fn root_view(root: &fleet_pki::RootGeneration, issuing: bool) -> Value {
+    json!({
+        "generation": root.generation,
+        "issuing": issuing,
+        "subject": subject_of(&root.cert),
+        "serial": root.serial_hex,
+        "not_before": root.not_before,
+        "not_after": root.not_after,
+        "cert_path": root.cert_path,
+        "cross_path": root.cross_path,
+        "has_key": root.has_key,
+    })
+}
+
+/// A certificate's subject as `CN=..., O=...`.
+fn subject_of(cert: &openssl::x509::X509) -> String {
+    cert.subject_name()
         .entries()
         .filter_map(|e| {
             let value = e.data().to_string().ok()?;
             Some(format!("{}={}", e.object().nid().short_name().ok()?, value))
         })
         .collect::<Vec<_>>()
-        .join(", ");
+        .join(", ")
+}
+
+fn ca_view(ca: &fleet_pki::CaGeneration, issuing: bool) -> Value {
+    let subject = subject_of(&ca.cert);
     json!({
         "generation": ca.generation,
         "issuing": issuing,

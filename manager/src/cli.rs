@@ -111,6 +111,23 @@ pub enum Command {
         #[arg(long)]
         admin: Option<String>,
     },
+    /// Show the generations of the fleet's root CA; with --roll, make a
+    /// successor that issues from then on (service CAs made after it, and
+    /// the server certificates, which carry it certified by the root
+    /// before). Devices pin it from their next reply; the roots before it
+    /// stay trusted until they expire. The manager rolls the root over by
+    /// itself once it has less than two years left.
+    RootCa {
+        /// The manager's admin API, `host:port`, over TLS if `https://` is
+        /// given, or --admin-ca, or `admin_tls` is set [default:
+        /// `admin_listen` of --config and FLEET_* variables, else
+        /// 127.0.0.1:8080]
+        #[arg(long)]
+        admin: Option<String>,
+        /// Make a successor of the root that issues now.
+        #[arg(long)]
+        roll: bool,
+    },
     /// Show the generations of a service's CA; with --roll, make a
     /// successor that issues from then on. The CAs before it stay trusted,
     /// each with its CRL, until they expire, so no certificate is cut
@@ -447,6 +464,13 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
         }
         Command::Summary { admin } => {
             print(call(&admin_of(admin)?, "GET", "/v1/summary", None).await?)
+        }
+        Command::RootCa { admin, roll } => {
+            let admin = admin_of(admin)?;
+            print(match roll {
+                true => call(&admin, "POST", "/v1/root-ca/roll", None).await?,
+                false => call(&admin, "GET", "/v1/root-ca", None).await?,
+            })
         }
         Command::ServiceCa {
             admin,

@@ -500,6 +500,10 @@ impl Core {
         reply: Reply,
         batch: &mut Batch,
     ) -> Result<Vec<u8>, Failure> {
+        let mut reply = reply;
+        if reply.status == Status::Ok {
+            reply.roots = self.roots_to_pin();
+        }
         // A change it carries is on disk before the device has it: an
         // operator's request for many devices flushes once at its end.
         let carries_change = reply.change.is_some();
@@ -530,6 +534,19 @@ impl Core {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// `roots` of a reply: every root that has not expired, newest first,
+    /// once the first root has a successor (§8).
+    fn roots_to_pin(&self) -> Option<Vec<ByteBuf>> {
+        let now = fleet_protocol::now_ms() / 1000;
+        let roots: Vec<ByteBuf> = self
+            .pki
+            .roots_to_pin(now)
+            .iter()
+            .filter_map(|root| root.to_der().ok().map(ByteBuf::from))
+            .collect();
+        (!roots.is_empty()).then_some(roots)
     }
 
     fn sign_reply(&self, kind: RequestKind, mut reply: Reply) -> Result<Vec<u8>, Failure> {
@@ -1596,6 +1613,61 @@ impl Core {
         }
         self.store.sync()?;
         Ok(revoked)
+    }
+
+    /// Makes a successor of the fleet's root CA
+    /// ([`fleet_pki::Pki::roll_root`]) and issues the server certificates
+    /// again from it at once, with its cross-certificate, so that brokers
+    /// serve it within a second. Devices learn it from their next reply
+    /// (`roots`, §8); service CAs move to it as they roll over.
+    pub fn roll_root(&self) -> Result<fleet_pki::RootGeneration, Failure> {
+        let root = self.pki.roll_root()?;
+        info!(
+            generation = root.generation,
+            serial = %root.serial_hex,
+            not_after = root.not_after,
+            "root CA rolled over"
+        );
+        self.audit_quietly(
+            "root_ca_roll",
+            format!(
+                "generation {} (serial {})",
+                root.generation, root.serial_hex
+            ),
+        );
+        self.renew_server_certs();
+        Ok(root)
+    }
+
+    /// Housekeeping for the root CA: a successor once it has less than
+    /// two years left.
+    pub fn maintain_root(&self) {
+        let now = fleet_protocol::now_ms() / 1000;
+        match self.pki.root_roll_due(now) {
+            Ok(false) => {}
+            Ok(true) => {
+                if let Err(err) = self.roll_root() {
+                    warn!(error = %err, "root CA not rolled over");
+                }
+            }
+            Err(err) => warn!(error = %err, "root CA not checked"),
+        }
+    }
+
+    /// The broker's (and with `admin_tls` the operator API's) server
+    /// certificate, issued again past half its validity, after a root
+    /// roll-over, or (with `server_names`) when the files no longer name
+    /// those names.
+    pub fn renew_server_certs(&self) {
+        let names = self.config.broker_names().ok().flatten();
+        if let Err(err) = self.pki.ensure_broker_cert(names.as_ref()) {
+            warn!(error = %err, "broker certificate not renewed");
+        }
+        if self.config.admin_tls {
+            if let Err(err) = self.pki.ensure_admin_cert(names.as_ref()) {
+                warn!(error = %err, "operator API certificate not renewed");
+            }
+        }
     }
 
     /// Housekeeping for service CAs: a successor for each issuing CA with

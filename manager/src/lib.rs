@@ -218,19 +218,10 @@ async fn housekeeping(core: Arc<Core>, shutdown: CancellationToken) {
                 tracing::warn!(error = %err, "overdue revocations failed");
             }
             core.write_pending_crls();
+            core.maintain_root();
             core.maintain_service_cas();
             core.refresh_crls();
-            // Renewed at half its validity; with `server_names`, put back
-            // to those names if the files changed under the manager.
-            let names = core.config.broker_names().ok().flatten();
-            if let Err(err) = core.pki.ensure_broker_cert(names.as_ref()) {
-                tracing::warn!(error = %err, "broker certificate not renewed");
-            }
-            if core.config.admin_tls {
-                if let Err(err) = core.pki.ensure_admin_cert(names.as_ref()) {
-                    tracing::warn!(error = %err, "operator API certificate not renewed");
-                }
-            }
+            core.renew_server_certs();
         };
         let _ = tokio::task::spawn_blocking(work).await;
     }

@@ -47,7 +47,7 @@ pub(crate) fn crl_file(dir: &Path, service_id: &str, generation: u32) -> PathBuf
 
 /// A generation number as file names spell it: decimal, 2 or more, no
 /// leading zero.
-fn generation_of(digits: &str) -> Option<u32> {
+pub(crate) fn generation_of(digits: &str) -> Option<u32> {
     let ok = !digits.is_empty() && !digits.starts_with('0') && digits.len() <= 9;
     let n: u32 = digits.parse().ok().filter(|_| ok)?;
     (n >= 2).then_some(n)

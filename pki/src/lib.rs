@@ -22,12 +22,15 @@
 //! # Directory
 //! ```text
 //! root-ca.pem, root-ca.key            fleet root CA
+//! root-ca.{n}.pem, .key, .cross.pem   its successors (generation n ≥ 2), each
+//!                                     also certified by the one before
 //! manager-sign.key, manager-sign.pub.pem
 //! broker.pem, broker.key              broker server certificate (signed by the root)
 //! services/{svc}-ca.pem, {svc}-ca.key per-service intermediate CAs
 //! services/{svc}-ca.{n}.pem, .key     their successors (generation n ≥ 2)
 //! services/retired/                   generations past their end
 //! crl/{svc}.crl.pem, {svc}.{n}.crl.pem one CRL per service CA generation
+//! crl/_root.crl.pem, _root.{n}.crl.pem one CRL per root generation
 //! grants/{device_id}                  services the registry grants the device
 //! ```
 //! Private keys are PKCS#8 PEM with mode 0600; every file is written
@@ -40,13 +43,15 @@ mod files;
 mod generations;
 pub mod grants;
 mod names;
+mod roots;
 
 pub use generations::{service_ca_cert_files, RETIRED_DIR};
 pub use names::ServerNames;
+pub use roots::root_cert_files;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use openssl::hash::MessageDigest;
@@ -55,6 +60,7 @@ use openssl::x509::{X509Req, X509};
 
 use certs::{Issuer, Profile, Template, DAY};
 use files::{KEY_MODE, PUBLIC_MODE};
+use roots::RootPart;
 
 /// Root CA lifetime.
 const ROOT_LIFETIME_DAYS: u64 = 10 * 365;
@@ -149,6 +155,26 @@ pub struct CaGeneration {
     pub crl_path: PathBuf,
 }
 
+/// One generation of the fleet root CA.
+#[derive(Debug, Clone)]
+pub struct RootGeneration {
+    /// 1 for the first root (`root-ca.pem`), n for its (n-1)th successor.
+    pub generation: u32,
+    pub cert: X509,
+    /// Lowercase hex of the serial, no leading zeros.
+    pub serial_hex: String,
+    /// Unix seconds.
+    pub not_before: u64,
+    /// Unix seconds.
+    pub not_after: u64,
+    pub cert_path: PathBuf,
+    /// Its certificate by the generation before it (none for the first).
+    pub cross_path: Option<PathBuf>,
+    /// Whether its key is on disk (it signs its CRL; the issuing one
+    /// signs service CAs and server certificates too).
+    pub has_key: bool,
+}
+
 /// One line of a CRL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RevokedEntry {
@@ -156,6 +182,20 @@ pub struct RevokedEntry {
     pub serial_hex: String,
     /// Unix seconds.
     pub revoked_at: u64,
+}
+
+#[derive(Clone)]
+struct Root {
+    cert: X509,
+    key: PKey<Private>,
+    generation: u32,
+}
+
+/// The root generations loaded: every one on disk, oldest first; the last
+/// issues.
+struct Roots {
+    all: Vec<(u32, X509, Option<PKey<Private>>)>,
+    issuing: Root,
 }
 
 #[derive(Clone)]
@@ -169,8 +209,7 @@ struct ServiceCa {
 /// `Send + Sync`; share it behind an `Arc`.
 pub struct Pki {
     dir: PathBuf,
-    root: X509,
-    root_key: PKey<Private>,
+    roots: RwLock<Roots>,
     signing_key: PKey<Private>,
     service_cas: Mutex<HashMap<String, ServiceCa>>,
 }
@@ -200,12 +239,11 @@ impl Pki {
         files::create_dir(&dir.join("services"))?;
         files::create_dir(&dir.join("crl"))?;
 
-        let (root, root_key) = load_or_create_root(dir)?;
+        let roots = load_or_create_roots(dir)?;
         let signing_key = load_or_create_signing_key(dir)?;
         let pki = Pki {
             dir: dir.to_path_buf(),
-            root,
-            root_key,
+            roots: RwLock::new(roots),
             signing_key,
             service_cas: Mutex::new(HashMap::new()),
         };
@@ -214,28 +252,34 @@ impl Pki {
         Ok(pki)
     }
 
-    /// `dir/crl/_root.crl.pem`: the root's CRL (it revokes nothing; `_`
-    /// keeps it apart from every service id). It makes `crl/` a CRL file
-    /// any OpenSSL tool accepts from the start, before any service exists:
-    /// mosquitto reads its `crlfile` setting only when it starts.
+    /// `dir/crl/_root.crl.pem`: the first root's CRL (it revokes nothing;
+    /// `_` keeps it apart from every service id). It makes `crl/` a CRL
+    /// file any OpenSSL tool accepts from the start, before any service
+    /// exists: mosquitto reads its `crlfile` setting only when it starts.
+    /// Generation n's is `crl/_root.{n}.crl.pem`.
     pub fn root_crl_path(&self) -> PathBuf {
-        self.dir.join("crl").join("_root.crl.pem")
+        roots::root_crl_file(&self.dir, 1)
     }
 
-    /// Writes the root's CRL if it is missing or past half its validity.
+    /// Writes the CRL of every root generation whose key is here, if it
+    /// is missing or past half its validity.
     pub fn refresh_root_crl(&self) -> Result<(), PkiError> {
-        let path = self.root_crl_path();
-        if !crl_due(&path) {
-            return Ok(());
+        let roots = self.read_roots();
+        for (generation, cert, key) in &roots.all {
+            let Some(key) = key else { continue };
+            let path = roots::root_crl_file(&self.dir, *generation);
+            if !crl_due(&path) {
+                continue;
+            }
+            let now = unix_now();
+            let params = crl::CrlParams {
+                crl_number: now,
+                this_update: now as i64,
+                next_update: (now + CRL_VALIDITY_DAYS * DAY) as i64,
+            };
+            let der = crl::build_crl_der(cert, key, &[], &params)?;
+            files::write_atomic(&path, &crl::crl_der_to_pem(&der), PUBLIC_MODE)?;
         }
-        let now = unix_now();
-        let params = crl::CrlParams {
-            crl_number: now,
-            this_update: now as i64,
-            next_update: (now + CRL_VALIDITY_DAYS * DAY) as i64,
-        };
-        let der = crl::build_crl_der(&self.root, &self.root_key, &[], &params)?;
-        files::write_atomic(&path, &crl::crl_der_to_pem(&der), PUBLIC_MODE)?;
         Ok(())
     }
 
@@ -283,13 +327,171 @@ impl Pki {
         &self.dir
     }
 
-    pub fn root_cert(&self) -> &X509 {
-        &self.root
+    /// The root CA that issues now: the newest generation.
+    pub fn root_cert(&self) -> X509 {
+        self.read_roots().issuing.cert.clone()
     }
 
-    /// `dir/root-ca.pem`.
+    /// `dir/root-ca.pem`, the first root's certificate, which every
+    /// device is given with its factory key. See
+    /// [`Pki::root_generations`] for its successors.
     pub fn root_pem_path(&self) -> PathBuf {
         self.dir.join("root-ca.pem")
+    }
+
+    /// Every root generation on disk, oldest first; the last one issues.
+    pub fn root_generations(&self) -> Result<Vec<RootGeneration>, PkiError> {
+        let roots = self.read_roots();
+        roots
+            .all
+            .iter()
+            .map(|(generation, cert, key)| {
+                let cross = roots::root_file(&self.dir, *generation, RootPart::Cross);
+                Ok(RootGeneration {
+                    generation: *generation,
+                    cert: cert.clone(),
+                    serial_hex: serial_hex(cert)?,
+                    not_before: unix_of(cert.not_before())?,
+                    not_after: unix_of(cert.not_after())?,
+                    cert_path: roots::root_file(&self.dir, *generation, RootPart::Cert),
+                    cross_path: (*generation >= 2).then_some(cross),
+                    has_key: key.is_some(),
+                })
+            })
+            .collect()
+    }
+
+    /// The roots a device is to pin at `now`, newest first: every
+    /// generation that has not expired. Empty while the first root is the
+    /// only one: there is nothing to learn.
+    pub fn roots_to_pin(&self, now: u64) -> Vec<X509> {
+        let roots = self.read_roots();
+        if roots.issuing.generation == 1 {
+            return Vec::new();
+        }
+        roots
+            .all
+            .iter()
+            .rev()
+            .filter(|(_, cert, _)| unix_of(cert.not_after()).is_ok_and(|end| end >= now))
+            .map(|(_, cert, _)| cert.clone())
+            .collect()
+    }
+
+    /// Whether the issuing root is due for a successor at `now`: less
+    /// than two years left.
+    pub fn root_roll_due(&self, now: u64) -> Result<bool, PkiError> {
+        let end = unix_of(self.read_roots().issuing.cert.not_after())?;
+        Ok(end < now + roots::ROOT_ROLL_BEFORE_SECS)
+    }
+
+    /// Makes a successor of the issuing root: generation n + 1, CN
+    /// "fleetshift root CA {n+1}", a new key, ten years, self-signed
+    /// (`root-ca.{n+1}.pem`); the same name and key certified by the root
+    /// before it until that one's end (`root-ca.{n+1}.cross.pem`); and its
+    /// CRL. It issues from then on: service CAs made after it (first CAs
+    /// and roll-overs) and the server certificates, which carry the
+    /// cross-certificate after them, so a device that pins only the root
+    /// before still verifies them. The roots before it stay trusted, with
+    /// their keys (they sign their CRLs), until they expire. Files are
+    /// written key first, certificate last; on an error nothing loaded
+    /// changes, and what a roll that stopped midway left behind is
+    /// removed by the next one.
+    pub fn roll_root(&self) -> Result<RootGeneration, PkiError> {
+        let mut roots = self.roots.write().unwrap_or_else(|e| e.into_inner());
+        let before = roots.issuing.clone();
+        let generation = roots.all.last().map_or(before.generation, |(g, _, _)| *g) + 1;
+        let path = |part| roots::root_file(&self.dir, generation, part);
+        for part in [RootPart::Cert, RootPart::Key, RootPart::Cross] {
+            match std::fs::remove_file(path(part)) {
+                Ok(()) => {
+                    tracing::warn!(path = %path(part).display(), "removed what a root roll-over that did not finish left")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(files::file_error(&path(part), e)),
+            }
+        }
+        let key = certs::new_p256_key()?;
+        let now = unix_now();
+        let subject = certs::name(None, &format!("{ROOT_CN} {generation}"))?;
+        let not_before = now.saturating_sub(certs::BACKDATE_SECS);
+        let not_after = now + ROOT_LIFETIME_DAYS * DAY;
+        let cert = certs::build(
+            &Template {
+                subject: &subject,
+                public_key: &key,
+                serial: &certs::random_serial()?,
+                not_before,
+                not_after,
+                profile: Profile::Ca { path_len: None },
+            },
+            None,
+            Some(&key),
+        )?;
+        let cross = certs::build(
+            &Template {
+                subject: &subject,
+                public_key: &key,
+                serial: &certs::random_serial()?,
+                not_before,
+                not_after: not_after.min(unix_of(before.cert.not_after())?),
+                profile: Profile::Ca { path_len: None },
+            },
+            Some(&Issuer {
+                cert: &before.cert,
+                key: &before.key,
+            }),
+            None,
+        )?;
+        let crl_path = roots::root_crl_file(&self.dir, generation);
+        let written = (|| {
+            write_private_key(&path(RootPart::Key), &key)?;
+            files::write_atomic(&path(RootPart::Cross), &cross.to_pem()?, PUBLIC_MODE)?;
+            let params = crl::CrlParams {
+                crl_number: now,
+                this_update: now as i64,
+                next_update: (now + CRL_VALIDITY_DAYS * DAY) as i64,
+            };
+            let der = crl::build_crl_der(&cert, &key, &[], &params)?;
+            files::write_atomic(&crl_path, &crl::crl_der_to_pem(&der), PUBLIC_MODE)?;
+            files::write_atomic(&path(RootPart::Cert), &cert.to_pem()?, PUBLIC_MODE)?;
+            files::sync_dir(&self.dir)
+        })();
+        if let Err(err) = written {
+            for undo in [
+                path(RootPart::Cert),
+                crl_path,
+                path(RootPart::Cross),
+                path(RootPart::Key),
+            ] {
+                let _ = std::fs::remove_file(undo);
+            }
+            return Err(err);
+        }
+        tracing::info!(generation, path = %path(RootPart::Cert).display(), "rolled the root CA over");
+        roots
+            .all
+            .push((generation, cert.clone(), Some(key.clone())));
+        roots.issuing = Root {
+            cert: cert.clone(),
+            key,
+            generation,
+        };
+        Ok(RootGeneration {
+            generation,
+            serial_hex: serial_hex(&cert)?,
+            not_before: unix_of(cert.not_before())?,
+            not_after: unix_of(cert.not_after())?,
+            cert,
+            cert_path: path(RootPart::Cert),
+            cross_path: Some(path(RootPart::Cross)),
+            has_key: true,
+        })
+    }
+
+    fn read_roots(&self) -> std::sync::RwLockReadGuard<'_, Roots> {
+        // Replaced only whole under the write lock.
+        self.roots.read().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn broker_cert_path(&self) -> PathBuf {
@@ -364,11 +566,7 @@ impl Pki {
         Ok(CaGeneration {
             service_id: service_id.to_owned(),
             generation,
-            serial_hex: cert
-                .serial_number()
-                .to_bn()?
-                .to_hex_str()?
-                .to_ascii_lowercase(),
+            serial_hex: serial_hex(&cert)?,
             not_before: unix_of(cert.not_before())?,
             not_after: unix_of(cert.not_after())?,
             cert,
@@ -668,9 +866,9 @@ impl Pki {
         let cert = files::load_cert(&cert_path)?;
         let key = files::load_private_key(&key_path)?;
         check_pair(&cert, &key, &cert_path)?;
-        if !cert.verify(&self.root_key)? {
+        if !self.signed_by_a_root(&cert)? {
             return Err(PkiError::Inconsistent(format!(
-                "{} is not signed by the root CA",
+                "{} is not signed by a root CA",
                 cert_path.display()
             )));
         }
@@ -681,10 +879,23 @@ impl Pki {
         })
     }
 
+    /// Whether `cert` is signed by one of the root generations.
+    fn signed_by_a_root(&self, cert: &X509) -> Result<bool, PkiError> {
+        for (_, root, _) in &self.read_roots().all {
+            if root.subject_name().to_der()? == cert.issuer_name().to_der()?
+                && cert.verify(root.public_key()?.as_ref())?
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// The end of a service CA made at `now`: five years, but no later
-    /// than the root, which a CA cannot usefully outlive.
+    /// than the issuing root, which a CA cannot usefully outlive.
     fn service_ca_end(&self, now: u64) -> Result<u64, PkiError> {
-        Ok((now + SERVICE_CA_LIFETIME_DAYS * DAY).min(unix_of(self.root.not_after())?))
+        let root_end = unix_of(self.read_roots().issuing.cert.not_after())?;
+        Ok((now + SERVICE_CA_LIFETIME_DAYS * DAY).min(root_end))
     }
 
     fn create_service_ca(&self, service_id: &str, generation: u32) -> Result<ServiceCa, PkiError> {
@@ -703,6 +914,7 @@ impl Pki {
             n => format!("fleetshift service CA {service_id} {n}"),
         };
         let subject = certs::name(Some(service_id), &cn)?;
+        let root = self.read_roots().issuing.clone();
         let cert = certs::build(
             &Template {
                 subject: &subject,
@@ -713,8 +925,8 @@ impl Pki {
                 profile: Profile::Ca { path_len: Some(0) },
             },
             Some(&Issuer {
-                cert: &self.root,
-                key: &self.root_key,
+                cert: &root.cert,
+                key: &root.key,
             }),
             None,
         )?;
@@ -941,15 +1153,20 @@ impl Pki {
             let key = files::load_private_key(&key_path)?;
             have = Some((cert, key));
         }
+        let root = self.read_roots().issuing.clone();
         // Why, and whether the files on disk were wrong (not merely due).
         let (key, names, (why, wrong)) = match have {
             Some((cert, key)) if cert.public_key()?.public_eq(&key) => {
                 let carried = ServerNames::of(&cert);
                 let wanted = names.cloned().unwrap_or_else(|| carried.clone());
                 let (from, until) = (unix_of(cert.not_before())?, unix_of(cert.not_after())?);
-                if !cert.verify(&self.root_key)? {
-                    // Another PKI's: its key is not kept either.
-                    (None, Some(wanted), ("not signed by this root", true))
+                if !cert.verify(&root.key)? {
+                    if self.signed_by_a_root(&cert)? {
+                        (Some(key), Some(wanted), ("the root rolled over", false))
+                    } else {
+                        // Another PKI's: its key is not kept either.
+                        (None, Some(wanted), ("not signed by this root", true))
+                    }
                 } else {
                     let why = if wanted != carried {
                         ("its names change", false)
@@ -1001,15 +1218,29 @@ impl Pki {
                 },
             },
             Some(&Issuer {
-                cert: &self.root,
-                key: &self.root_key,
+                cert: &root.cert,
+                key: &root.key,
             }),
             None,
         )?;
+        // After a successor root, the certificate carries it as certified
+        // by the root before (while that lasts): a client that pins only
+        // the root before verifies it through that.
+        let mut pem = cert.to_pem()?;
+        if root.generation >= 2 {
+            let cross_path = roots::root_file(&self.dir, root.generation, RootPart::Cross);
+            match files::load_cert(&cross_path) {
+                Ok(cross) if unix_of(cross.not_after())? > now => pem.extend(cross.to_pem()?),
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, "the server certificate goes without the cross-certificate of its root")
+                }
+            }
+        }
         if fresh {
             write_private_key(&key_path, &key)?;
         }
-        files::write_atomic(&cert_path, &cert.to_pem()?, PUBLIC_MODE)?;
+        files::write_atomic(&cert_path, &pem, PUBLIC_MODE)?;
         let path = cert_path.display();
         if wrong {
             tracing::warn!(%path, %names, new_key = fresh, "replaced the {} certificate: {why}", which.common_name());
@@ -1076,6 +1307,53 @@ fn load_or_create_root(dir: &Path) -> Result<(X509, PKey<Private>), PkiError> {
         }
         _ => Err(half_pair(&cert_path, &key_path)),
     }
+}
+
+/// The first root (created if the directory is new) and its successors.
+/// A successor's certificate without its key is an error when it is the
+/// newest (it may have issued what no key can now revoke); a key without
+/// its certificate above the newest is a roll-over that stopped midway,
+/// left for the next roll to remove.
+fn load_or_create_roots(dir: &Path) -> Result<Roots, PkiError> {
+    let (first, first_key) = load_or_create_root(dir)?;
+    let mut all = vec![(1, first, Some(first_key))];
+    let generations =
+        roots::generations_with(dir, RootPart::Cert).map_err(|e| files::file_error(dir, e))?;
+    for generation in generations.into_iter().filter(|g| *g >= 2) {
+        let cert_path = roots::root_file(dir, generation, RootPart::Cert);
+        let key_path = roots::root_file(dir, generation, RootPart::Key);
+        let cert = files::load_cert(&cert_path)?;
+        if !cert.verify(cert.public_key()?.as_ref())? {
+            return Err(PkiError::Inconsistent(format!(
+                "{} is not self-signed",
+                cert_path.display()
+            )));
+        }
+        let key = if key_path.exists() {
+            let key = files::load_private_key(&key_path)?;
+            check_pair(&cert, &key, &cert_path)?;
+            Some(key)
+        } else {
+            None
+        };
+        all.push((generation, cert, key));
+    }
+    let issuing = match all.last() {
+        Some((generation, cert, Some(key))) => Root {
+            cert: cert.clone(),
+            key: key.clone(),
+            generation: *generation,
+        },
+        Some((generation, _, None)) => {
+            let generation = *generation;
+            return Err(half_pair(
+                &roots::root_file(dir, generation, RootPart::Cert),
+                &roots::root_file(dir, generation, RootPart::Key),
+            ));
+        }
+        None => unreachable!("the first root is always loaded"),
+    };
+    Ok(Roots { all, issuing })
 }
 
 fn load_or_create_signing_key(dir: &Path) -> Result<PKey<Private>, PkiError> {
@@ -1166,6 +1444,14 @@ fn crl_due(path: &Path) -> bool {
 }
 
 /// An ASN.1 time as Unix seconds (0 for one before 1970).
+fn serial_hex(cert: &X509) -> Result<String, PkiError> {
+    Ok(cert
+        .serial_number()
+        .to_bn()?
+        .to_hex_str()?
+        .to_ascii_lowercase())
+}
+
 fn unix_of(t: &openssl::asn1::Asn1TimeRef) -> Result<u64, PkiError> {
     let diff = openssl::asn1::Asn1Time::from_unix(0)?.diff(t)?;
     Ok(u64::try_from(i64::from(diff.days) * 86_400 + i64::from(diff.secs)).unwrap_or(0))
@@ -1270,8 +1556,8 @@ mod tests {
                 profile: Profile::Ca { path_len: Some(0) },
             },
             Some(&Issuer {
-                cert: &pki.root,
-                key: &pki.root_key,
+                cert: &pki.read_roots().issuing.cert,
+                key: &pki.read_roots().issuing.key,
             }),
             None,
         )
@@ -1469,8 +1755,8 @@ mod tests {
                 },
             },
             Some(&Issuer {
-                cert: &other.root,
-                key: &other.root_key,
+                cert: &other.read_roots().issuing.cert,
+                key: &other.read_roots().issuing.key,
             }),
             None,
         )
@@ -1513,6 +1799,48 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         Pki::open_or_create(tmp.path()).unwrap();
         std::fs::remove_file(tmp.path().join("root-ca.key")).unwrap();
+        let err = Pki::open_or_create(tmp.path()).unwrap_err();
+        assert!(matches!(err, PkiError::Inconsistent(_)), "{err}");
+    }
+
+    #[test]
+    fn a_root_roll_over_survives_interruptions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::open_or_create(tmp.path()).unwrap();
+        let now = unix_now();
+        assert!(!pki.root_roll_due(now).unwrap());
+        assert!(pki.root_roll_due(now + 8 * 365 * DAY + DAY).unwrap());
+        // A roll that stopped after its key (and cross-certificate): the
+        // directory still opens on the first root, and the next roll
+        // starts that generation again.
+        std::fs::write(tmp.path().join("root-ca.2.key"), b"half").unwrap();
+        std::fs::write(tmp.path().join("root-ca.2.cross.pem"), b"half").unwrap();
+        let pki = Pki::open_or_create(tmp.path()).unwrap();
+        assert_eq!(pki.root_generations().unwrap().len(), 1);
+        let rolled = pki.roll_root().unwrap();
+        assert_eq!(rolled.generation, 2);
+        assert!(rolled
+            .cert
+            .verify(&rolled.cert.public_key().unwrap())
+            .unwrap());
+        let cross = files::load_cert(rolled.cross_path.as_ref().unwrap()).unwrap();
+        let first = pki.root_generations().unwrap()[0].cert.clone();
+        assert!(cross.verify(&first.public_key().unwrap()).unwrap());
+        assert!(cross
+            .public_key()
+            .unwrap()
+            .public_eq(&rolled.cert.public_key().unwrap()));
+        assert!(!pki.root_roll_due(now).unwrap(), "ten years again");
+        // Service CAs made before it still load.
+        let reopened = Pki::open_or_create(tmp.path()).unwrap();
+        assert_eq!(reopened.root_generations().unwrap().len(), 2);
+        assert_eq!(
+            reopened.root_cert().to_der().unwrap(),
+            rolled.cert.to_der().unwrap()
+        );
+        // The newest root without its key: it may have issued what
+        // nothing can revoke now.
+        std::fs::remove_file(tmp.path().join("root-ca.2.key")).unwrap();
         let err = Pki::open_or_create(tmp.path()).unwrap_err();
         assert!(matches!(err, PkiError::Inconsistent(_)), "{err}");
     }
@@ -1622,7 +1950,7 @@ mod tests {
         assert!(!pki.roll_due("svcA", unix_now()).unwrap());
         assert!(pki.roll_due("svcA", end - 300 * DAY).unwrap());
         // A CA that ends with the root cannot be outlived: never due.
-        let root_end = unix_of(pki.root.not_after()).unwrap();
+        let root_end = unix_of(pki.root_cert().not_after()).unwrap();
         write_service_ca(&pki, "svcA", 3, root_end - 10 * DAY);
         let pki = Pki::open_or_create(tmp.path()).unwrap();
         assert_eq!(pki.issuing_generation("svcA").unwrap().generation, 3);

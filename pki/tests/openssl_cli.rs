@@ -477,3 +477,127 @@ fn a_rolled_over_service_ca_issues_and_both_generations_are_checked() {
     // Another service is not touched.
     assert_eq!(issue(&pki, "dev5", "svcB").ca_generation, 1);
 }
+
+#[test]
+fn a_rolled_over_root_is_verified_by_devices_that_pin_either_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("pki");
+    let pki = Pki::open_or_create(&dir).unwrap();
+    let old = issue(&pki, "dev1", "svcA");
+    let old_leaf = write_leaf(tmp.path(), "old.pem", &old);
+    assert!(pki.roots_to_pin(0).is_empty(), "nothing to learn yet");
+
+    let rolled = pki.roll_root().unwrap();
+    assert_eq!(rolled.generation, 2);
+    assert!(rolled.cert_path.ends_with("root-ca.2.pem"));
+    let cross = rolled.cross_path.clone().unwrap();
+    assert!(cross.ends_with("root-ca.2.cross.pem"));
+    let first_root = pki.root_pem_path();
+    let second_root = rolled.cert_path.clone();
+    let subject = |path: &Path| {
+        let out = openssl(&[&"x509", &"-in", &path, &"-noout", &"-subject", &"-issuer"]);
+        combined(&out)
+    };
+    assert!(
+        subject(&second_root).contains("CN = fleetshift root CA 2"),
+        "{}",
+        subject(&second_root)
+    );
+    assert!(
+        subject(&cross).contains("issuer=CN = fleetshift root CA\n"),
+        "{}",
+        subject(&cross)
+    );
+
+    let verify = |ca_file: &Path, untrusted: Option<&Path>, cert: &Path| {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"verify", &"-CAfile", &ca_file];
+        if let Some(untrusted) = &untrusted {
+            args.extend([&"-untrusted" as &dyn AsRef<std::ffi::OsStr>, untrusted]);
+        }
+        args.push(&cert);
+        let out = openssl(&args);
+        (out.status.success(), combined(&out))
+    };
+
+    // The broker's certificate comes from the new root, with the
+    // cross-certificate after it: either root verifies it.
+    assert!(pki.ensure_broker_cert(None).unwrap(), "issued again");
+    assert!(!pki.ensure_broker_cert(None).unwrap(), "and only once");
+    let broker = std::fs::read(pki.broker_cert_path()).unwrap();
+    let certs = openssl::x509::X509::stack_from_pem(&broker).unwrap();
+    assert_eq!(certs.len(), 2, "leaf and cross-certificate");
+    let broker_leaf = tmp.path().join("broker-leaf.pem");
+    std::fs::write(&broker_leaf, certs[0].to_pem().unwrap()).unwrap();
+    let (ok, text) = verify(&first_root, Some(&cross), &broker_leaf);
+    assert!(ok, "pinning the first root: {text}");
+    let (ok, text) = verify(&second_root, None, &broker_leaf);
+    assert!(ok, "pinning the second root: {text}");
+    let (ok, _) = verify(&first_root, None, &broker_leaf);
+    assert!(!ok, "the first root alone does not sign it");
+
+    // A service created now has its CA from the new root; one created
+    // before keeps the first root's until it rolls over, and its
+    // successor comes from the new root too.
+    let new_service = issue(&pki, "dev2", "svcB");
+    let new_leaf = write_leaf(tmp.path(), "new.pem", &new_service);
+    let svc_b = pki.service_ca_path("svcB");
+    let (ok, text) = verify(&second_root, None, &svc_b);
+    assert!(ok, "{text}");
+    let (ok, text) = verify(&first_root, Some(&cross), &svc_b);
+    assert!(ok, "through the cross-certificate: {text}");
+    let (ok, _) = verify(&first_root, None, &svc_b);
+    assert!(!ok);
+    let svc_a = pki.service_ca_path("svcA");
+    let (ok, text) = verify(&first_root, None, &svc_a);
+    assert!(ok, "{text}");
+    let successor = pki.roll_service_ca("svcA", 5).unwrap();
+    let (ok, text) = verify(&second_root, None, &successor.cert_path);
+    assert!(ok, "{text}");
+    let (ok, _) = verify(&first_root, None, &successor.cert_path);
+    assert!(!ok);
+
+    // Leaves of both roots, with both roots in one place.
+    let both = tmp.path().join("roots.pem");
+    let mut pem = std::fs::read(&first_root).unwrap();
+    pem.extend(std::fs::read(&second_root).unwrap());
+    std::fs::write(&both, pem).unwrap();
+    for (leaf, ca) in [(&old_leaf, &svc_a), (&new_leaf, &svc_b)] {
+        let (ok, text) = verify(&both, Some(ca), leaf);
+        assert!(ok, "{text}");
+    }
+
+    // Each root signs its own CRL.
+    for (generation, root) in [(1, &first_root), (2, &second_root)] {
+        let crl = match generation {
+            1 => dir.join("crl/_root.crl.pem"),
+            _ => dir.join("crl/_root.2.crl.pem"),
+        };
+        let out = openssl(&[&"crl", &"-in", &crl, &"-noout", &"-CAfile", root]);
+        assert!(combined(&out).contains("verify OK"), "{}", combined(&out));
+    }
+
+    // Reopened, the new root issues and both are to be pinned, newest first.
+    let pki = Pki::open_or_create(&dir).unwrap();
+    assert_eq!(
+        pki.root_cert().to_der().unwrap(),
+        rolled.cert.to_der().unwrap()
+    );
+    let pinned: Vec<Vec<u8>> = pki
+        .roots_to_pin(0)
+        .iter()
+        .map(|c| c.to_der().unwrap())
+        .collect();
+    let generations = pki.root_generations().unwrap();
+    assert_eq!(
+        pinned,
+        vec![
+            generations[1].cert.to_der().unwrap(),
+            generations[0].cert.to_der().unwrap()
+        ]
+    );
+    assert!(!pki.ensure_broker_cert(None).unwrap(), "still good");
+    let dev3 = issue(&pki, "dev3", "svcB");
+    let dev3_leaf = write_leaf(tmp.path(), "dev3.pem", &dev3);
+    let (ok, text) = verify(&second_root, Some(&svc_b), &dev3_leaf);
+    assert!(ok, "{text}");
+}

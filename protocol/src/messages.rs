@@ -99,6 +99,15 @@ pub struct Reply {
     /// poll: the pending service change, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub change: Option<ServiceChange>,
+    /// Every reply with status `ok`, once the fleet's root CA has rolled
+    /// over: the root CA certificates (DER) the device pins from now on,
+    /// newest first.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::strict::option_list"
+    )]
+    pub roots: Option<Vec<ByteBuf>>,
     /// A human-readable reason for a failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,

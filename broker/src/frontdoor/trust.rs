@@ -149,9 +149,11 @@ fn stamp(meta: std::io::Result<std::fs::Metadata>) -> Option<(SystemTime, u64, u
 
 fn fingerprint(dir: &Path) -> Fingerprint {
     let mut out = BTreeMap::new();
-    for file in ["root-ca.pem", "broker.pem", "broker.key"] {
-        let p = dir.join(file);
-        out.insert(p.clone(), stamp(std::fs::metadata(&p)));
+    let roots = fleet_pki::root_cert_files(dir);
+    let files = ["root-ca.pem", "broker.pem", "broker.key"].map(|f| dir.join(f));
+    for p in files.into_iter().chain(roots) {
+        let meta = std::fs::metadata(&p);
+        out.insert(p, stamp(meta));
     }
     for sub in ["services", "crl"] {
         if let Ok(entries) = std::fs::read_dir(dir.join(sub)) {
@@ -1459,9 +1461,23 @@ fn build_verifier(
     let read = |p: PathBuf| {
         std::fs::read(&p).map_err(|_| BrokerError::MissingFile(p.display().to_string()))
     };
-    let root = X509::from_pem(&read(certs_dir.join("root-ca.pem"))?).map_err(ssl)?;
-    let root_der = root.to_der().map_err(ssl)?;
-    // Service CAs, each checked against the root here, once.
+    // Every root generation: the first one must be there; a successor
+    // that does not read is left out (its service CAs with it).
+    let mut roots = vec![X509::from_pem(&read(certs_dir.join("root-ca.pem"))?).map_err(ssl)?];
+    for p in fleet_pki::root_cert_files(certs_dir).into_iter().skip(1) {
+        match std::fs::read(&p)
+            .ok()
+            .and_then(|pem| X509::from_pem(&pem).ok())
+        {
+            Some(root) => roots.push(root),
+            None => warn!(path = %p.display(), "root CA unreadable; ignored"),
+        }
+    }
+    let mut root_ders = Vec::new();
+    for root in &roots {
+        root_ders.push(root.to_der().map_err(ssl)?);
+    }
+    // Service CAs, each checked against its root here, once.
     let mut service_cas = Vec::new();
     // Whether every file in `services/` was read: a CA missing for a
     // failed read (no file descriptor left, say) is not a CA retired.
@@ -1480,15 +1496,14 @@ fn build_verifier(
                     .ok()
                     .and_then(|pem| X509::from_pem(&pem).ok())
                 {
-                    Some(ca)
-                        if issued_by(&ca, &root)
-                            && ca.to_der().ok().as_deref() != Some(root_der.as_slice()) =>
-                    {
-                        service_cas.push(ca)
-                    }
-                    Some(_) => {
-                        warn!(path = %p.display(), "service CA not issued by the fleet root; ignored")
-                    }
+                    Some(ca) => match roots.iter().position(|root| issued_by(&ca, root)) {
+                        Some(i) if ca.to_der().ok().as_ref() != Some(&root_ders[i]) => {
+                            service_cas.push((ca, i))
+                        }
+                        _ => {
+                            warn!(path = %p.display(), "service CA not issued by a fleet root; ignored")
+                        }
+                    },
                     None => {
                         all_read = false;
                         warn!(path = %p.display(), "service CA unreadable; ignored")
@@ -1497,14 +1512,17 @@ fn build_verifier(
             }
         }
     }
-    let root_validity = validity(&root).map_err(ssl)?;
+    let mut root_validity = Vec::new();
+    for root in &roots {
+        root_validity.push(validity(root).map_err(ssl)?);
+    }
     let mut cas = Vec::new();
-    for ca in &service_cas {
-        cas.push((ca.to_der().map_err(ssl)?, validity(ca).map_err(ssl)?));
+    for (ca, root) in &service_cas {
+        cas.push((ca.to_der().map_err(ssl)?, validity(ca).map_err(ssl)?, *root));
     }
     cas.sort();
     let mut digest = openssl::sha::Sha256::new();
-    for der in std::iter::once(&root_der).chain(cas.iter().map(|(der, _)| der)) {
+    for der in root_ders.iter().chain(cas.iter().map(|(der, _, _)| der)) {
         digest.update(&(der.len() as u64).to_be_bytes());
         digest.update(der);
     }
@@ -1522,22 +1540,27 @@ fn build_verifier(
             u64::try_from(until).unwrap_or(0),
         )
     };
-    // The root is always an anchor (a client may present its service CA).
+    // The roots are always anchors (a client may present its service CA).
     // A client's chain may also end at its service CA, already checked
-    // against the root above: one signature check less per handshake. Only
-    // while no service CA outlives the root, so that the service CA's
+    // against its root above: one signature check less per handshake. Only
+    // while no service CA outlives its root, so that the service CA's
     // validity, still checked on every handshake, implies the root's.
-    // Otherwise the service CAs are intermediates on the way to the root.
-    let within_root = cas
-        .iter()
-        .all(|(_, (from, until))| *from >= root_validity.0 && *until <= root_validity.1);
+    // Otherwise the service CAs are intermediates on the way to the roots.
+    let within_root = cas.iter().all(|(_, (from, until), root)| {
+        let (root_from, root_until) = root_validity[*root];
+        *from >= root_from && *until <= root_until
+    });
     let loaded: HashMap<Vec<u8>, (u64, u64)> = cas
         .iter()
-        .map(|(der, window)| (der.clone(), secs(*window)))
+        .map(|(der, window, _)| (der.clone(), secs(*window)))
         .collect();
-    let mut anchor_certs = vec![(root_der, root_validity, true)];
+    let mut anchor_certs: Vec<_> = root_ders
+        .into_iter()
+        .zip(root_validity)
+        .map(|(der, window)| (der, window, true))
+        .collect();
     let mut intermediates = Vec::new();
-    for (der, window) in cas {
+    for (der, window, _) in cas {
         if within_root {
             anchor_certs.push((der, window, false));
         } else {

@@ -507,6 +507,7 @@ async fn a_status_report_answered_busy_is_sent_again() {
         chain: None,
         key: None,
         change: None,
+        roots: None,
         detail: Some("behind".into()),
     };
     let env = Envelope::build(Kind::StatusReply, &busy, |tbs| crypto::sign(&signing, tbs)).unwrap();

@@ -497,3 +497,131 @@ async fn a_device_away_while_its_ca_was_retired_asks_for_another_after_unknown_c
     );
     devices.shutdown.cancel();
 }
+
+/// Whether the TLS listener at `addr` serves a certificate that `root`
+/// (PEM) alone vouches for, as `localhost`.
+async fn served_under(addr: std::net::SocketAddr, root: &[u8]) -> bool {
+    fleet_testkit::server_name_served(addr, root, "localhost")
+        .await
+        .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn a_rolled_over_root_is_pinned_by_devices_and_either_root_verifies_the_broker() {
+    let fleet = Fleet::start().await.unwrap();
+    let devices = Devices::new(fleet.dir.path().join("devices"));
+    let certs = fleet.certs_dir().to_path_buf();
+    let first_root = std::fs::read(certs.join("root-ca.pem")).unwrap();
+    let endpoints = fleet_testkit::DeviceEndpoints::of(&fleet.broker);
+    assert!(
+        endpoints.bootstrap_tls,
+        "the bootstrap listener is TLS here"
+    );
+
+    online_in_svca(&fleet, &devices, "early1").await;
+    // Before the roll there is nothing to learn.
+    let stored = |device: &str| {
+        std::fs::read(
+            fleet
+                .dir
+                .path()
+                .join("devices")
+                .join(device)
+                .join(fleet_device_sim::store::ROOTS_FILE),
+        )
+        .ok()
+    };
+    assert!(stored("early1").is_none());
+
+    // The operator rolls the root over (`fleet-manager root-ca --roll`).
+    let rolled = cli_at(&fleet, "root-ca", &["--roll"]).await[0].clone();
+    assert_eq!(rolled["generation"], json!(2));
+    assert_eq!(rolled["subject"], json!("CN=fleetshift root CA 2"));
+    let listed = cli_at(&fleet, "root-ca", &[]).await[0].clone();
+    let issuing: Vec<_> = listed["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| (g["generation"].clone(), g["issuing"].clone()))
+        .collect();
+    assert_eq!(issuing, [(json!(1), json!(false)), (json!(2), json!(true))]);
+    let second_root = std::fs::read(certs.join("root-ca.2.pem")).unwrap();
+    let svc_a_ca = std::fs::read(certs.join("services/svcA-ca.pem")).unwrap();
+
+    // Both listeners serve the new root's certificate within a second or
+    // so, and a client that pins only the first root still verifies it,
+    // through the cross-certificate served after it.
+    for addr in [fleet.service_addr(), endpoints.bootstrap] {
+        fleet_testkit::eventually(T, "the new root's certificate served", || {
+            let root = second_root.clone();
+            async move { served_under(addr, &root).await.then_some(()) }
+        })
+        .await
+        .unwrap();
+        assert!(
+            served_under(addr, &first_root).await,
+            "through the cross-certificate"
+        );
+        assert!(!served_under(addr, &svc_a_ca).await, "not by just any CA");
+    }
+
+    // A device online since before the roll pins both roots, newest
+    // first, at its next reply (here, its `online` report after a
+    // reconnection forced by taking over its session).
+    let (chain, key) = credentials(&devices, "early1");
+    let taker = Probe::mtls(
+        fleet.service_addr(),
+        "early1",
+        &certs.join("root-ca.pem"),
+        chain,
+        key,
+    )
+    .await
+    .unwrap();
+    drop(taker);
+    let expected: Vec<u8> = [second_root.clone(), first_root.clone()].concat();
+    fleet_testkit::eventually(T, "early1 pins both roots", || {
+        let found = stored("early1");
+        let expected = expected.clone();
+        async move { (found.as_deref() == Some(expected.as_slice())).then_some(()) }
+    })
+    .await
+    .unwrap();
+
+    // svcB is new: its CA comes from the second root, so early1 checks
+    // its svcB chain with the root it learned, and connects.
+    fleet.change(&["early1"], "svcB").await.unwrap();
+    connected_to(&devices, "early1", "svcB").await;
+    let svc_b_ca = certs.join("services/svcB-ca.pem");
+    let roots_dir = fleet.dir.path();
+    let second_root_path = write_file(roots_dir, "second-root.pem", &second_root).unwrap();
+    let first_root_path = write_file(roots_dir, "first-root.pem", &first_root).unwrap();
+    let leaf = write_file(roots_dir, "early1-svcb.pem", &{
+        let creds = devices
+            .store("early1")
+            .unwrap()
+            .service_credentials("svcB")
+            .unwrap()
+            .expect("credentials for svcB");
+        creds.chain_pem
+    })
+    .unwrap();
+    openssl_verify(&second_root_path, &svc_b_ca, &leaf, None).unwrap();
+    assert!(openssl_verify(&first_root_path, &svc_b_ca, &leaf, None).is_err());
+
+    // A device that pins only the first root and was away during the
+    // roll: it activates through the bootstrap listener (the cross-
+    // certificate), learns the new root from its activation's reply,
+    // and takes a svcB certificate that only the new root verifies.
+    devices.provision(&fleet, "away1", "svcB").await.unwrap();
+    devices.spawn(devices.config(&fleet, "away1", KeyMode::Csr));
+    connected_to(&devices, "away1", "svcB").await;
+    assert_eq!(stored("away1").as_deref(), Some(expected.as_slice()));
+
+    // A device made after the roll, given only the new root.
+    devices.provision(&fleet, "late1", "svcA").await.unwrap();
+    let mut config = devices.config(&fleet, "late1", KeyMode::ManagerGenerated);
+    config.root_ca_pem = certs.join("root-ca.2.pem");
+    devices.spawn(config);
+    connected_to(&devices, "late1", "svcA").await;
+}
