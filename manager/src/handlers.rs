@@ -2399,6 +2399,104 @@ mod tests {
         assert_eq!(core.pki.service_ca_generations("svcA").unwrap().len(), 1);
     }
 
+    /// Housekeeping rolls the root over once it has less than two years
+    /// left (here one made to end in 300 days): the broker's certificate
+    /// comes from the successor with its cross-certificate, every ok reply
+    /// carries both roots, and a service CA the old root capped to its
+    /// end rolls over to the new root and gains its five years.
+    #[test]
+    fn housekeeping_rolls_over_a_root_near_its_end() {
+        use openssl::asn1::Asn1Time;
+        use openssl::x509::extension::{BasicConstraints, KeyUsage, SubjectKeyIdentifier};
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        std::fs::create_dir_all(&certs).unwrap();
+        let key = crypto::generate_p256().unwrap();
+        let mut name = openssl::x509::X509NameBuilder::new().unwrap();
+        name.append_entry_by_text("CN", "fleetshift root CA")
+            .unwrap();
+        let name = name.build();
+        let mut b = openssl::x509::X509::builder().unwrap();
+        b.set_version(2).unwrap();
+        let serial = openssl::bn::BigNum::from_u32(78).unwrap();
+        b.set_serial_number(&serial.to_asn1_integer().unwrap())
+            .unwrap();
+        b.set_subject_name(&name).unwrap();
+        b.set_issuer_name(&name).unwrap();
+        b.set_pubkey(&key).unwrap();
+        b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        b.set_not_after(&Asn1Time::days_from_now(300).unwrap())
+            .unwrap();
+        b.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
+            .unwrap();
+        b.append_extension(
+            KeyUsage::new()
+                .critical()
+                .key_cert_sign()
+                .crl_sign()
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+        let ski = SubjectKeyIdentifier::new()
+            .build(&b.x509v3_context(None, None))
+            .unwrap();
+        b.append_extension(ski).unwrap();
+        b.sign(&key, MessageDigest::sha256()).unwrap();
+        fleet_pki::write_private_key(&certs.join("root-ca.key"), &key).unwrap();
+        std::fs::write(certs.join("root-ca.pem"), b.build().to_pem().unwrap()).unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let pki = Pki::open_or_create(&certs).unwrap();
+        let core = Core::new(store, Arc::new(pki), ManagerConfig::default());
+        core.ensure_service("svcA").unwrap();
+        let now = now_ms() / 1000;
+        let first_end = core.pki.root_generations().unwrap()[0].not_after;
+        assert!(core.pki.service_ca_generations("svcA").unwrap()[0].not_after <= first_end);
+        assert!(core.roots_to_pin().is_none(), "one root: nothing to pin");
+
+        core.maintain_root();
+        let roots = core.pki.root_generations().unwrap();
+        assert_eq!(roots.len(), 2);
+        let successor = roots[1].cert.clone();
+        assert!(roots[1].not_after > now + 9 * 365 * 86_400);
+        let audit = core.store.audit_log().unwrap();
+        assert!(
+            audit
+                .iter()
+                .any(|a| a.action == "root_ca_roll" && a.detail.starts_with("generation 2")),
+            "{audit:?}"
+        );
+        let broker =
+            openssl::x509::X509::stack_from_pem(&std::fs::read(certs.join("broker.pem")).unwrap())
+                .unwrap();
+        assert_eq!(broker.len(), 2, "leaf and cross-certificate");
+        assert!(broker[0].verify(&successor.public_key().unwrap()).unwrap());
+        assert!(broker[1].verify(&key).unwrap(), "the cross-certificate");
+        let pinned = core.roots_to_pin().unwrap();
+        assert_eq!(
+            pinned,
+            vec![
+                ByteBuf::from(successor.to_der().unwrap()),
+                ByteBuf::from(roots[0].cert.to_der().unwrap())
+            ]
+        );
+        // Once is enough.
+        core.maintain_root();
+        assert_eq!(core.pki.root_generations().unwrap().len(), 2);
+
+        // svcA's CA ends with the first root, within a year: its
+        // successor comes from the new root, for five years.
+        core.maintain_service_cas();
+        let generations = core.pki.service_ca_generations("svcA").unwrap();
+        assert_eq!(generations.len(), 2);
+        assert!(generations[1]
+            .cert
+            .verify(&successor.public_key().unwrap())
+            .unwrap());
+        assert!(generations[1].not_after > now + 4 * 365 * 86_400);
+    }
+
     /// Registers `device_id` for svcA with a new factory key, returned.
     fn registered(core: &Core, device_id: &str) -> PKey<openssl::pkey::Private> {
         let factory = crypto::generate_p256().unwrap();

@@ -882,6 +882,61 @@ async fn generated_mosquitto_rules_hold() {
         }
     }
 
+    // The root rolled over under a watcher: both mosquittos serve the
+    // broker's certificate from the new root, followed by its
+    // cross-certificate, so a client that pins either root alone verifies
+    // it; the service mosquitto trusts both roots, and takes ext6, a
+    // device that pins only the first root and whose service, svcD, is new:
+    // its CA comes from the new root, which ext6 learns at activation.
+    let (watching, watcher) = watch();
+    let rolled = fleet_manager::admin::call(&admin, "POST", "/v1/root-ca/roll", None)
+        .await
+        .unwrap();
+    assert_eq!(rolled["generation"], json!(2));
+    let second_root = std::fs::read(certs.join("root-ca.2.pem")).unwrap();
+    for (mosquitto, addr) in listeners {
+        let what = format!("the {mosquitto} mosquitto to serve the new root's certificate");
+        let second_root = &second_root;
+        eventually(T, &what, || async move {
+            fleet_testkit::server_name_served(addr, second_root, "localhost")
+                .await
+                .unwrap_or(false)
+                .then_some(())
+        })
+        .await
+        .unwrap();
+        assert!(
+            served(addr, "localhost").await,
+            "through the cross-certificate"
+        );
+    }
+    let key = fleet_device_sim::provision(&devices.store_root, "ext6").unwrap();
+    let reg =
+        json!([{ "device_id": "ext6", "service_id": "svcD", "factory_key_hex": hex::encode(key) }]);
+    fleet_manager::admin::call(&admin, "POST", "/v1/registrations", Some(&reg))
+        .await
+        .unwrap();
+    let ext6 = devices.spawn(devices.config_for(&endpoints, &certs, "ext6", KeyMode::Csr));
+    devices
+        .wait_event(
+            "ext6",
+            T,
+            "connected to svcD",
+            |e| matches!(e, DeviceEvent::Connected { service_id } if service_id == "svcD"),
+        )
+        .await
+        .unwrap();
+    let svc_d_ca =
+        openssl::x509::X509::from_pem(&std::fs::read(certs.join("services/svcD-ca.pem")).unwrap())
+            .unwrap();
+    let new_root = openssl::x509::X509::from_pem(&second_root).unwrap();
+    assert!(svc_d_ca.verify(&new_root.public_key().unwrap()).unwrap());
+    let pinned = std::fs::read(devices.store_root.join("ext6").join("roots.pem")).unwrap();
+    assert_eq!(pinned, [second_root, root_pem.clone()].concat());
+    ext6.abort();
+    watching.cancel();
+    watcher.await.unwrap().unwrap();
+
     devices.shutdown.cancel();
     manager.stop().await;
     drop((mosquitto, bootstrap));
