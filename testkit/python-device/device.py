@@ -151,6 +151,8 @@ class Device:
         os.makedirs(state_dir, exist_ok=True)
         self.certs = certs_dir
         self.root_ca = os.path.join(certs_dir, "root-ca.pem")
+        if os.path.exists(self.p("roots.pem")):  # roots the manager gave (§3.5.5, §10.1 step 1)
+            self.root_ca = self.p("roots.pem")
         mp = os.path.join(certs_dir, "manager-sign.pub.pem")
         self.mpub = proto.load_pem_public(open(mp, "rb").read()) if os.path.exists(mp) else None
         self.bootstrap = bootstrap
@@ -327,6 +329,8 @@ class Device:
                     continue
                 if body["nonce"] == nonce or (body["nonce"] == b"" and accept_empty_nonce):
                     r = Reply(env, body, rp, rt)
+                    if body["status"] == 0 and "roots" in body:
+                        self.pin_roots(body["roots"])
                     if body["seq"] <= self.last_seq:
                         log(f"[{self.id}] note: reply seq {body['seq']} <= previous {self.last_seq} (cached?)")
                     self.last_seq = max(self.last_seq, body["seq"])
@@ -338,6 +342,23 @@ class Device:
                     + ", ignored")
             log(f"[{self.id}] no reply to {kind} (attempt {attempt + 1}), republishing the same bytes")
         return None
+
+    def pin_roots(self, roots):
+        """§3.5.5: pin the roots an ok reply carries, in place of those pinned, if they differ."""
+        assert isinstance(roots, list) and 1 <= len(roots) <= 4, f"{len(roots)} roots"
+        pem = b""
+        for der in roots:
+            c = x509.load_der_x509_certificate(der)
+            c.verify_directly_issued_by(c)  # self-signed
+            pem += c.public_bytes(serialization.Encoding.PEM)
+        path = self.p("roots.pem")
+        if self.root_ca == path and open(path, "rb").read() == pem:
+            return
+        with open(path + ".tmp", "wb") as f:
+            f.write(pem)
+        os.replace(path + ".tmp", path)
+        self.root_ca = path
+        log(f"[{self.id}] pinned {len(roots)} roots the manager gave")
 
     def base(self, service_id=None, **extra):
         f = {"device_id": self.id, "nonce": os.urandom(16), "ts": proto.now_ms()}

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""End-to-end scenario against a running manager and its broker (steps 1-7).
+"""End-to-end scenario against a running manager and its broker (steps 0-8).
 
 Operator actions go to the manager's admin HTTP API (with the token in
 CERTS/admin.token, or --admin-token-file); device traffic goes to
@@ -24,6 +24,8 @@ import urllib.error
 import urllib.request
 
 import cbor2
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 import proto
 from device import Device, Conn, probe_service, log
@@ -446,6 +448,57 @@ def main():
         r = d.send("poll", None, payload=b"\xffnot cbor", tries=1, accept_empty_nonce=True)
         expect(r.status == proto.CODE["malformed"] and r.body["nonce"] == b"", "garbage -> malformed, empty nonce")
 
+    # ------------------------------------------------------------ step 8
+    @step("8 root roll-over: roots pinned from a reply, either root verifies the broker")
+    def s8():
+        d = B  # on the service listener, tenant weather
+        root1 = os.path.join(a.certs, "root-ca.pem")
+        root2 = os.path.join(a.certs, "root-ca.2.pem")
+        out = E.admin("POST", "/v1/root-ca/roll")
+        expect(out.get("generation") == 2 and out.get("issuing") is True, f"root rolled over: {out}")
+        r = d.poll()
+        roots = r.body.get("roots") if r else None
+        der2 = x509.load_pem_x509_certificate(open(root2, "rb").read()).public_bytes(serialization.Encoding.DER)
+        der1 = x509.load_pem_x509_certificate(open(root1, "rb").read()).public_bytes(serialization.Encoding.DER)
+        expect(r and r.status == 0 and roots == [der2, der1], "poll_reply carries roots: the new root, then the first")
+        expect(d.root_ca == d.p("roots.pem"), "the device pins them (roots.pem)")
+        d.disconnect()
+        # The broker's certificate from the new root, with its cross-certificate:
+        # a client that pins either root alone verifies it (§1, §8).
+        probes = []
+
+        def new_chain_served():
+            probes.append(probe_service(a.service_addr, root2, d.p("chain.pem"), d.p("service.key"), d.id))
+            return probes[-1] == ("connack", 0)
+
+        wait_until(new_chain_served, 15, pause=0.25)
+        expect(probes[-1] == ("connack", 0), f"pinning only the new root: {probes[-1]}")
+        res = probe_service(a.service_addr, root1, d.p("chain.pem"), d.p("service.key"), d.id)
+        expect(res == ("connack", 0), f"pinning only the first root, through the cross-certificate: {res}")
+        # A service made after the roll has its CA from the new root: the
+        # device checks that chain with the roots it pinned.
+        d.connect_service()
+        d.on_connect_service()
+        out = E.admin("POST", "/v1/service-change", {"devices": [d.id], "service_id": "rain"})
+        res = out.get("results") or []
+        expect(len(res) == 1 and res[0].get("ok") is True, f"service change to rain recorded: {res}")
+        ch = d.wait_notice(15)
+        expect(isinstance(ch, dict) and ch["service_id"] == "rain", "notice for rain accepted")
+        d.follow_change(ch)
+        expect(d.tenant == "rain", "reconnected in tenant rain")
+        pems = re.findall(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n",
+                          open(d.p("chain.pem"), "rb").read(), re.S)
+        open(d.p("rain-leaf.pem"), "wb").write(pems[0])
+        open(d.p("rain-ca.pem"), "wb").write(pems[1])
+
+        def verifies(root):
+            p = subprocess.run(["openssl", "verify", "-CAfile", root, "-untrusted", d.p("rain-ca.pem"),
+                                d.p("rain-leaf.pem")], capture_output=True, text=True)
+            return p.returncode == 0
+
+        expect(verifies(root2) and not verifies(root1), "rain's chain verifies to the new root only")
+        expect(d.telemetry(3), "telemetry in rain PUBACK")
+
     s0()
     s1()
     s2()
@@ -453,6 +506,7 @@ def main():
     s5()
     s4()
     s7()
+    s8()
     for d in (A, B, C):
         d.disconnect()
     if "prov" in ctx:

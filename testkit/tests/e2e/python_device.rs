@@ -1,8 +1,9 @@
 //! Conformance: a device written in Python from topics.md alone
 //! (testkit/python-device) checks the spec's examples, then goes through
 //! activation, both update modes, mutual TLS and telemetry, poll and status,
-//! a service change with its reconnect and the old certificate refused, and
-//! the error paths, against the real broker and manager. Operator actions
+//! a service change with its reconnect and the old certificate refused, the
+//! error paths, and a root roll-over (the roots pinned from a reply, a
+//! service of the new root), against the real broker and manager. Operator actions
 //! go through the admin HTTP API. Needs the venv `scripts/install-deps`
 //! creates in target/python-device-venv.
 
