@@ -796,16 +796,39 @@ fn service_cas(core: &Core, service: &str) -> Result<Value, (u16, String)> {
 }
 
 /// The generations of the fleet's root CA, oldest first; the last one
-/// issues.
+/// issues. After a roll-over, also the devices that have reported
+/// `online` since (the answer carries the roots to pin) and how many have
+/// not, with the first 100 of those: they pin only the roots before until
+/// they report, and must before the oldest expires.
 fn root_cas(core: &Core) -> Result<Value, (u16, String)> {
     let generations = core.pki.root_generations().map_err(internal)?;
     let last = generations.last().map(|r| r.generation);
-    Ok(json!({
+    let mut view = json!({
         "generations": generations
             .iter()
             .map(|r| root_view(r, Some(r.generation) == last))
             .collect::<Vec<_>>(),
-    }))
+    });
+    if let Some(newest) = generations.last().filter(|r| r.generation >= 2) {
+        // `made_at` is whole seconds: a report in that second may have been
+        // answered before the roll, so it does not count.
+        let since_ms = (newest.made_at + 1).saturating_mul(1000);
+        let mut reported = 0;
+        let mut not_reported = Vec::new();
+        for d in core.store.devices().map_err(internal)? {
+            if d.last_seen_ms.is_some_and(|at| at >= since_ms) {
+                reported += 1;
+            } else {
+                not_reported.push(d.device_id);
+            }
+        }
+        view["devices_reported_since_roll"] = json!(reported);
+        view["devices_not_reported_since_roll"] = json!(not_reported.len());
+        not_reported.sort();
+        not_reported.truncate(100);
+        view["not_reported"] = json!(not_reported);
+    }
+    Ok(view)
 }
 
 fn root_view(root: &fleet_pki::RootGeneration, issuing: bool) -> Value {
@@ -816,6 +839,7 @@ fn root_view(root: &fleet_pki::RootGeneration, issuing: bool) -> Value {
         "serial": root.serial_hex,
         "not_before": root.not_before,
         "not_after": root.not_after,
+        "made_at": root.made_at,
         "cert_path": root.cert_path,
         "cross_path": root.cross_path,
         "has_key": root.has_key,

@@ -167,6 +167,8 @@ pub struct RootGeneration {
     pub not_before: u64,
     /// Unix seconds.
     pub not_after: u64,
+    /// When it was made, Unix seconds (its notBefore is backdated).
+    pub made_at: u64,
     pub cert_path: PathBuf,
     /// Its certificate by the generation before it (none for the first).
     pub cross_path: Option<PathBuf>,
@@ -353,6 +355,7 @@ impl Pki {
                     serial_hex: serial_hex(cert)?,
                     not_before: unix_of(cert.not_before())?,
                     not_after: unix_of(cert.not_after())?,
+                    made_at: unix_of(cert.not_before())? + certs::BACKDATE_SECS,
                     cert_path: roots::root_file(&self.dir, *generation, RootPart::Cert),
                     cross_path: (*generation >= 2).then_some(cross),
                     has_key: key.is_some(),
@@ -482,6 +485,7 @@ impl Pki {
             serial_hex: serial_hex(&cert)?,
             not_before: unix_of(cert.not_before())?,
             not_after: unix_of(cert.not_after())?,
+            made_at: now,
             cert,
             cert_path: path(RootPart::Cert),
             cross_path: Some(path(RootPart::Cross)),

@@ -545,6 +545,9 @@ async fn a_rolled_over_root_is_pinned_by_devices_and_either_root_verifies_the_br
         .map(|g| (g["generation"].clone(), g["issuing"].clone()))
         .collect();
     assert_eq!(issuing, [(json!(1), json!(false)), (json!(2), json!(true))]);
+    // early1 has not reported since: it pins only the first root so far.
+    assert_eq!(listed["devices_reported_since_roll"], json!(0));
+    assert_eq!(listed["not_reported"], json!(["early1"]));
     let second_root = std::fs::read(certs.join("root-ca.2.pem")).unwrap();
     let svc_a_ca = std::fs::read(certs.join("services/svcA-ca.pem")).unwrap();
 
@@ -568,6 +571,14 @@ async fn a_rolled_over_root_is_pinned_by_devices_and_either_root_verifies_the_br
     // A device online since before the roll pins both roots, newest
     // first, at its next reply (here, its `online` report after a
     // reconnection forced by taking over its session).
+    // Reports count from the second after the roll's (its time is in
+    // whole seconds).
+    let made_at = rolled["made_at"].as_u64().unwrap();
+    fleet_testkit::eventually(T, "the second after the roll", || async move {
+        (fleet_protocol::now_ms() / 1000 > made_at).then_some(())
+    })
+    .await
+    .unwrap();
     let (chain, key) = credentials(&devices, "early1");
     let taker = Probe::mtls(
         fleet.service_addr(),
@@ -587,6 +598,9 @@ async fn a_rolled_over_root_is_pinned_by_devices_and_either_root_verifies_the_br
     })
     .await
     .unwrap();
+    let listed = cli_at(&fleet, "root-ca", &[]).await[0].clone();
+    assert_eq!(listed["devices_reported_since_roll"], json!(1));
+    assert_eq!(listed["devices_not_reported_since_roll"], json!(0));
 
     // svcB is new: its CA comes from the second root, so early1 checks
     // its svcB chain with the root it learned, and connects.
