@@ -630,7 +630,7 @@ impl Device {
     /// connection and chain from then on. Roots that do not read are
     /// logged and left alone: the reply is still good.
     async fn learn_roots(&self, reply: &Reply) {
-        let roots = match roots_of(reply) {
+        let roots = match roots_of(reply, &self.pinned().certs) {
             Ok(Some(roots)) => roots,
             Ok(None) => return,
             Err(e) => {

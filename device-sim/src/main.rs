@@ -49,7 +49,7 @@ enum Command {
         /// Service listener, host:port (mutual TLS; host is the TLS server name).
         #[arg(long)]
         service: Endpoint,
-        /// Directory with root-ca.pem and manager-sign.pub.pem.
+        /// Directory with roots.pem (or root-ca.pem) and manager-sign.pub.pem.
         #[arg(long)]
         certs: PathBuf,
         /// csr (device keeps its key) or manager (manager-generated key).
@@ -105,7 +105,12 @@ async fn main() -> anyhow::Result<()> {
             request_timeout_ms,
             renew_window,
         } => {
-            let root_ca_pem = certs.join("root-ca.pem");
+            // Every root that has not expired (`roots.pem`), as a device
+            // made now is given; `root-ca.pem` in a PKI without successors.
+            let root_ca_pem = match certs.join("roots.pem") {
+                bundle if bundle.is_file() => bundle,
+                _ => certs.join("root-ca.pem"),
+            };
             let manager_pub_pem = certs.join("manager-sign.pub.pem");
             for path in [&root_ca_pem, &manager_pub_pem] {
                 anyhow::ensure!(path.is_file(), "{} is missing", path.display());

@@ -260,28 +260,98 @@ pub fn finish_update(
     })
 }
 
-/// The roots of an Ok reply's `roots` (topics.md §8), if it has them:
-/// one to four DER certificates, each self-signed.
-pub fn roots_of(reply: &Reply) -> Result<Option<Vec<X509>>, ReplyError> {
+/// The roots to pin from an Ok reply's `roots` (topics.md §3.5.5), if it
+/// has them (one to four self-signed certificates): those that `pinned`
+/// holds already or that a cross-certificate in `crosses` links to a root
+/// so kept (its name and key, signed by that root), in the order given;
+/// an error if that leaves none. The
+/// manager's signature alone does not make a root: whoever stole its
+/// signing key cannot have the device trust a broker of their own.
+pub fn roots_of(reply: &Reply, pinned: &[X509]) -> Result<Option<Vec<X509>>, ReplyError> {
     let Some(ders) = reply.roots.as_ref().filter(|_| reply.status == Status::Ok) else {
         return Ok(None);
     };
     if ders.is_empty() || ders.len() > MAX_ROOTS {
         return Err(ReplyError::Invalid(format!("{} roots", ders.len())));
     }
+    let crosses_der = reply.crosses.as_deref().unwrap_or_default();
+    if crosses_der.len() > 2 * (MAX_ROOTS - 1) {
+        return Err(ReplyError::Invalid(format!(
+            "{} crosses",
+            crosses_der.len()
+        )));
+    }
+    let parse = |der: &[u8], what: &str| {
+        X509::from_der(der).map_err(|e| ReplyError::Invalid(format!("{what} DER: {e}")))
+    };
     let mut roots = Vec::with_capacity(ders.len());
     for der in ders {
-        let root =
-            X509::from_der(der).map_err(|e| ReplyError::Invalid(format!("root DER: {e}")))?;
+        let root = parse(der, "root")?;
         if !root.verify(root.public_key()?.as_ref())? {
             return Err(ReplyError::Invalid("a root that is not self-signed".into()));
         }
         roots.push(root);
     }
-    Ok(Some(roots))
+    let mut crosses = Vec::with_capacity(crosses_der.len());
+    for der in crosses_der {
+        crosses.push(parse(der, "cross-certificate")?);
+    }
+    let pinned_der: Vec<Vec<u8>> = pinned.iter().filter_map(|r| r.to_der().ok()).collect();
+    let mut trusted: Vec<X509> = pinned.to_vec();
+    let mut kept = vec![false; roots.len()];
+    // Until nothing more links: a link may run either way.
+    loop {
+        let mut more = false;
+        for (i, root) in roots.iter().enumerate() {
+            if kept[i] {
+                continue;
+            }
+            if pinned_der.contains(&root.to_der()?)
+                || crosses.iter().any(|c| links(c, root, &trusted))
+            {
+                kept[i] = true;
+                trusted.push(root.clone());
+                more = true;
+            }
+        }
+        if !more {
+            break;
+        }
+    }
+    let kept: Vec<X509> = roots
+        .into_iter()
+        .zip(kept)
+        .filter_map(|(root, kept)| kept.then_some(root))
+        .collect();
+    if kept.is_empty() {
+        return Err(ReplyError::Invalid(
+            "no root pinned or linked to one by a cross-certificate".into(),
+        ));
+    }
+    Ok(Some(kept))
 }
 
-/// Most roots a reply may name: a fleet has two during a roll-over.
+/// Whether `cross` carries `root`'s name and key and is signed by one of
+/// `trusted`.
+fn links(cross: &X509, root: &X509, trusted: &[X509]) -> bool {
+    let same_name = cross.subject_name().to_der().ok() == root.subject_name().to_der().ok();
+    let same_key = cross
+        .public_key()
+        .ok()
+        .zip(root.public_key().ok())
+        .is_some_and(|(a, b)| a.public_eq(&b));
+    same_name
+        && same_key
+        && trusted.iter().any(|t| {
+            t.issued(cross) == openssl::x509::X509VerifyResult::OK
+                && t.public_key()
+                    .and_then(|key| cross.verify(&key))
+                    .unwrap_or(false)
+        })
+}
+
+/// Most roots a reply may name: a fleet has two during a roll-over. It
+/// names up to two cross-certificates for each pair of them, one each way.
 const MAX_ROOTS: usize = 4;
 
 /// The leaf must chain through the rest to one of `roots`.
@@ -481,30 +551,89 @@ mod tests {
     }
 
     #[test]
-    fn roots_are_taken_from_ok_replies_only_and_must_be_self_signed() {
-        let (a, b) = (FakeManager::new(), FakeManager::new());
+    fn roots_are_taken_only_when_pinned_or_linked_to_a_pinned_one() {
         use serde_bytes::ByteBuf;
-        let der = |c: &X509| ByteBuf::from(c.to_der().unwrap());
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = fleet_pki::Pki::open_or_create(tmp.path()).unwrap();
+        let r1 = pki.root_cert();
+        pki.roll_root().unwrap();
+        pki.roll_root().unwrap();
+        let (roots, crosses) = pki.roots_to_pin(0);
+        let (r3, r2) = (roots[0].clone(), roots[1].clone());
+        let der = |certs: &[X509]| {
+            Some(
+                certs
+                    .iter()
+                    .map(|c| ByteBuf::from(c.to_der().unwrap()))
+                    .collect::<Vec<_>>(),
+            )
+        };
         let mut reply = Reply {
             status: Status::Ok,
-            roots: Some(vec![der(&a.root), der(&b.root)]),
+            roots: der(&roots),
+            crosses: der(&crosses),
             ..Reply::default()
         };
-        let roots = roots_of(&reply).unwrap().unwrap();
-        assert_eq!(roots, vec![a.root.clone(), b.root.clone()]);
+        // Pinning the first root only, both successors are linked to it.
+        let all = vec![r3.clone(), r2.clone(), r1.clone()];
+        assert_eq!(
+            roots_of(&reply, std::slice::from_ref(&r1)).unwrap(),
+            Some(all.clone())
+        );
+        // Pinning the second only: the third is linked to it, and the
+        // first too, by the back-certificate the second gave it.
+        assert_eq!(
+            roots_of(&reply, std::slice::from_ref(&r2)).unwrap(),
+            Some(all.clone())
+        );
+        // Pinning the newest only: each before it by its back-certificate.
+        assert_eq!(
+            roots_of(&reply, std::slice::from_ref(&r3)).unwrap(),
+            Some(all.clone())
+        );
+        // Without the back-certificates, pinning the newest only, the
+        // others are left out.
+        reply.crosses = der(&[crosses[0].clone(), crosses[2].clone()]);
+        assert_eq!(
+            roots_of(&reply, std::slice::from_ref(&r3)).unwrap(),
+            Some(vec![r3.clone()])
+        );
+        // Without the cross-certificate that links the second root to the
+        // first, neither successor is taken.
+        reply.crosses = der(&crosses[..1]);
+        assert_eq!(
+            roots_of(&reply, std::slice::from_ref(&r1)).unwrap(),
+            Some(vec![r1.clone()])
+        );
+        // Roots of another fleet, signed by the manager's key alone: none.
+        let other = FakeManager::new();
+        reply.roots = der(std::slice::from_ref(&other.root));
+        reply.crosses = None;
+        assert!(roots_of(&reply, std::slice::from_ref(&r1)).is_err());
+        // Only from an ok reply.
+        reply.roots = der(&all);
+        reply.crosses = der(&crosses);
         reply.status = Status::Busy;
-        assert!(roots_of(&reply).unwrap().is_none());
+        assert!(roots_of(&reply, std::slice::from_ref(&r1))
+            .unwrap()
+            .is_none());
         reply.status = Status::Ok;
         reply.roots = None;
-        assert!(roots_of(&reply).unwrap().is_none());
+        assert!(roots_of(&reply, std::slice::from_ref(&r1))
+            .unwrap()
+            .is_none());
         for bad in [
             vec![],
-            vec![der(&a.service_ca)],
+            vec![ByteBuf::from(other.service_ca.to_der().unwrap())],
             vec![ByteBuf::from(vec![0x30, 0x03, 1, 2, 3])],
-            vec![der(&a.root); 5],
+            vec![ByteBuf::from(r1.to_der().unwrap()); 5],
         ] {
             reply.roots = Some(bad);
-            assert!(roots_of(&reply).is_err(), "{:?}", reply.roots);
+            assert!(
+                roots_of(&reply, std::slice::from_ref(&r1)).is_err(),
+                "{:?}",
+                reply.roots
+            );
         }
     }
 

@@ -317,7 +317,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             true => {
                 let ca = match (admin_ca.clone(), &config) {
                     (Some(ca), _) => ca,
-                    (None, Some(config)) => config.certs_dir.join("root-ca.pem"),
+                    (None, Some(config)) => fleet_pki::roots_pem_path(&config.certs_dir),
                     (None, None) => unreachable!("complete only with a CA"),
                 };
                 api.with_root(ca)
@@ -506,7 +506,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             // Over TLS, the API's certificate chains to the root of the
             // PKI that --certs names, unless --admin-ca says otherwise.
             if let (true, None, Some(certs)) = (admin.is_https(), &admin_ca, &certs) {
-                admin = admin.with_root(certs.join("root-ca.pem"));
+                admin = admin.with_root(fleet_pki::roots_pem_path(certs));
             }
             let secret = secret_file
                 .map(|f| {

@@ -502,7 +502,7 @@ impl Core {
     ) -> Result<Vec<u8>, Failure> {
         let mut reply = reply;
         if reply.status == Status::Ok {
-            reply.roots = self.roots_to_pin();
+            (reply.roots, reply.crosses) = self.roots_to_pin();
         }
         // A change it carries is on disk before the device has it: an
         // operator's request for many devices flushes once at its end.
@@ -536,17 +536,23 @@ impl Core {
         }
     }
 
-    /// `roots` of a reply: every root that has not expired, newest first,
-    /// once the first root has a successor (§8).
-    fn roots_to_pin(&self) -> Option<Vec<ByteBuf>> {
+    /// `roots` and `crosses` of a reply: every root that has not expired,
+    /// newest first, and the cross-certificates that link them, once the
+    /// first root has a successor (§8).
+    fn roots_to_pin(&self) -> (Option<Vec<ByteBuf>>, Option<Vec<ByteBuf>>) {
         let now = fleet_protocol::now_ms() / 1000;
-        let roots: Vec<ByteBuf> = self
-            .pki
-            .roots_to_pin(now)
-            .iter()
-            .filter_map(|root| root.to_der().ok().map(ByteBuf::from))
-            .collect();
-        (!roots.is_empty()).then_some(roots)
+        let (roots, crosses) = self.pki.roots_to_pin(now);
+        let der = |certs: Vec<openssl::x509::X509>| -> Option<Vec<ByteBuf>> {
+            let ders: Vec<ByteBuf> = certs
+                .iter()
+                .filter_map(|c| c.to_der().ok().map(ByteBuf::from))
+                .collect();
+            (!ders.is_empty()).then_some(ders)
+        };
+        match der(roots) {
+            Some(roots) => (Some(roots), der(crosses)),
+            None => (None, None),
+        }
     }
 
     fn sign_reply(&self, kind: RequestKind, mut reply: Reply) -> Result<Vec<u8>, Failure> {
@@ -1622,6 +1628,13 @@ impl Core {
     /// (`roots`, §8); service CAs move to it as they roll over.
     pub fn roll_root(&self) -> Result<fleet_pki::RootGeneration, Failure> {
         let root = self.pki.roll_root()?;
+        self.rolled_root(&root);
+        Ok(root)
+    }
+
+    /// After a root roll-over: the log, the audit log and the server
+    /// certificates.
+    fn rolled_root(&self, root: &fleet_pki::RootGeneration) {
         info!(
             generation = root.generation,
             serial = %root.serial_hex,
@@ -1636,21 +1649,16 @@ impl Core {
             ),
         );
         self.renew_server_certs();
-        Ok(root)
     }
 
     /// Housekeeping for the root CA: a successor once it has less than
     /// two years left.
     pub fn maintain_root(&self) {
         let now = fleet_protocol::now_ms() / 1000;
-        match self.pki.root_roll_due(now) {
-            Ok(false) => {}
-            Ok(true) => {
-                if let Err(err) = self.roll_root() {
-                    warn!(error = %err, "root CA not rolled over");
-                }
-            }
-            Err(err) => warn!(error = %err, "root CA not checked"),
+        match self.pki.roll_root_if_due(now) {
+            Ok(None) => {}
+            Ok(Some(root)) => self.rolled_root(&root),
+            Err(err) => warn!(error = %err, "root CA not rolled over"),
         }
     }
 
@@ -2453,7 +2461,11 @@ mod tests {
         let now = now_ms() / 1000;
         let first_end = core.pki.root_generations().unwrap()[0].not_after;
         assert!(core.pki.service_ca_generations("svcA").unwrap()[0].not_after <= first_end);
-        assert!(core.roots_to_pin().is_none(), "one root: nothing to pin");
+        assert_eq!(
+            core.roots_to_pin(),
+            (None, None),
+            "one root: nothing to pin"
+        );
 
         core.maintain_root();
         let roots = core.pki.root_generations().unwrap();
@@ -2473,14 +2485,22 @@ mod tests {
         assert_eq!(broker.len(), 2, "leaf and cross-certificate");
         assert!(broker[0].verify(&successor.public_key().unwrap()).unwrap());
         assert!(broker[1].verify(&key).unwrap(), "the cross-certificate");
-        let pinned = core.roots_to_pin().unwrap();
+        let (pinned, crosses) = core.roots_to_pin();
         assert_eq!(
-            pinned,
+            pinned.unwrap(),
             vec![
                 ByteBuf::from(successor.to_der().unwrap()),
                 ByteBuf::from(roots[0].cert.to_der().unwrap())
             ]
         );
+        // Both ways: the new root by the first (the broker serves it), and
+        // the first by the new one.
+        let crosses = crosses.unwrap();
+        assert_eq!(crosses.len(), 2);
+        assert_eq!(crosses[0], ByteBuf::from(broker[1].to_der().unwrap()));
+        let back = openssl::x509::X509::from_der(&crosses[1]).unwrap();
+        assert!(back.verify(&successor.public_key().unwrap()).unwrap());
+        assert!(back.public_key().unwrap().public_eq(&key));
         // Once is enough.
         core.maintain_root();
         assert_eq!(core.pki.root_generations().unwrap().len(), 2);

@@ -187,7 +187,7 @@ pub async fn start(
         admin_addr,
         admin_tls_root: config
             .admin_tls
-            .then(|| config.certs_dir.join("root-ca.pem")),
+            .then(|| fleet_pki::roots_pem_path(&config.certs_dir)),
         core,
         admin,
         tracker,

@@ -23,7 +23,9 @@
 //! ```text
 //! root-ca.pem, root-ca.key            fleet root CA
 //! root-ca.{n}.pem, .key, .cross.pem   its successors (generation n ≥ 2), each
-//!                                     also certified by the one before
+//!   .back.pem                         also certified by the one before, and
+//!                                     certifying it back
+//! roots.pem                           every root that has not expired
 //! manager-sign.key, manager-sign.pub.pem
 //! broker.pem, broker.key              broker server certificate (signed by the root)
 //! services/{svc}-ca.pem, {svc}-ca.key per-service intermediate CAs
@@ -70,6 +72,9 @@ const SERVICE_CA_LIFETIME_DAYS: u64 = 5 * 365;
 const BROKER_LIFETIME_DAYS: u64 = 2 * 365;
 /// A CRL's nextUpdate, counted from its thisUpdate.
 const CRL_VALIDITY_DAYS: u64 = 7;
+/// Most roots a device is given to pin (`roots` in a reply): a fleet has
+/// two during a roll-over.
+pub const MAX_PINNED_ROOTS: usize = 4;
 /// Longest device certificate we issue: it must not outlive a fresh service CA.
 pub const MAX_DEVICE_LIFETIME_DAYS: u32 = 5 * 365;
 /// Largest CSR we parse; a P-256 CSR is a few hundred bytes.
@@ -78,6 +83,20 @@ pub const MAX_CSR_LEN: usize = 4096;
 const ROOT_CN: &str = "fleetshift root CA";
 const BROKER_CN: &str = "fleetshift broker";
 const ADMIN_CN: &str = "fleetshift operator API";
+/// Every root CA that has not expired, newest first (PEM), in the PKI
+/// directory: what to give a device or a client made now to pin.
+pub const ROOTS_FILE: &str = "roots.pem";
+
+/// The roots to trust in `certs_dir`: [`ROOTS_FILE`], or `root-ca.pem`
+/// where that is missing (a directory no manager of this version opened).
+pub fn roots_pem_path(certs_dir: &Path) -> PathBuf {
+    let bundle = certs_dir.join(ROOTS_FILE);
+    match bundle.exists() {
+        true => bundle,
+        false => certs_dir.join("root-ca.pem"),
+    }
+}
+
 /// The broker's TLS server certificate and key, in the PKI directory.
 pub const BROKER_FILES: (&str, &str) = ("broker.pem", "broker.key");
 /// The operator API's TLS server certificate and key (`admin_tls`), in the
@@ -251,6 +270,7 @@ impl Pki {
         };
         pki.ensure_broker_cert(None)?;
         pki.refresh_root_crl()?;
+        pki.write_roots_bundle()?;
         Ok(pki)
     }
 
@@ -267,13 +287,14 @@ impl Pki {
     /// is missing or past half its validity.
     pub fn refresh_root_crl(&self) -> Result<(), PkiError> {
         let roots = self.read_roots();
+        let now = unix_now();
         for (generation, cert, key) in &roots.all {
             let Some(key) = key else { continue };
             let path = roots::root_crl_file(&self.dir, *generation);
-            if !crl_due(&path) {
+            // An expired root vouches for nothing; neither does its CRL.
+            if unix_of(cert.not_after())? < now || !crl_due(&path) {
                 continue;
             }
-            let now = unix_now();
             let params = crl::CrlParams {
                 crl_number: now,
                 this_update: now as i64,
@@ -357,28 +378,92 @@ impl Pki {
                     not_after: unix_of(cert.not_after())?,
                     made_at: unix_of(cert.not_before())? + certs::BACKDATE_SECS,
                     cert_path: roots::root_file(&self.dir, *generation, RootPart::Cert),
-                    cross_path: (*generation >= 2).then_some(cross),
+                    cross_path: (*generation >= 2 && cross.exists()).then_some(cross),
                     has_key: key.is_some(),
                 })
             })
             .collect()
     }
 
-    /// The roots a device is to pin at `now`, newest first: every
-    /// generation that has not expired. Empty while the first root is the
-    /// only one: there is nothing to learn.
-    pub fn roots_to_pin(&self, now: u64) -> Vec<X509> {
+    /// The roots a device is to pin at `now`, newest first, and the
+    /// cross-certificates that link each to the one before (§8 of
+    /// topics.md): every generation that has not expired, at most
+    /// [`MAX_PINNED_ROOTS`]. Empty while the first root is the only one:
+    /// there is nothing to learn.
+    pub fn roots_to_pin(&self, now: u64) -> (Vec<X509>, Vec<X509>) {
         let roots = self.read_roots();
         if roots.issuing.generation == 1 {
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         }
-        roots
+        let pinned: Vec<(u32, X509)> = roots
             .all
             .iter()
             .rev()
             .filter(|(_, cert, _)| unix_of(cert.not_after()).is_ok_and(|end| end >= now))
-            .map(|(_, cert, _)| cert.clone())
-            .collect()
+            .take(MAX_PINNED_ROOTS)
+            .map(|(g, cert, _)| (*g, cert.clone()))
+            .collect();
+        // Each successor's link both ways, where both ends are pinned.
+        let generations: Vec<u32> = pinned.iter().map(|(g, _)| *g).collect();
+        let crosses = generations
+            .iter()
+            .filter(|g| generations.contains(&(*g - 1)))
+            .flat_map(|g| [RootPart::Cross, RootPart::Back].map(|part| (*g, part)))
+            .filter_map(|(g, part)| self.cross_of(&roots, g, part))
+            .collect();
+        (pinned.into_iter().map(|(_, cert)| cert).collect(), crosses)
+    }
+
+    /// Generation `generation`'s cross-certificate (`part` Cross, its name
+    /// and key signed by the generation before) or back-certificate (Back,
+    /// the one before's name and key signed by it), if it is on disk and
+    /// is what it should be.
+    fn cross_of(&self, roots: &Roots, generation: u32, part: RootPart) -> Option<X509> {
+        let path = roots::root_file(&self.dir, generation, part);
+        let root = |g: u32| {
+            roots
+                .all
+                .iter()
+                .find(|(n, _, _)| *n == g)
+                .map(|(_, c, _)| c)
+        };
+        let (root, before) = match part {
+            RootPart::Back => (root(generation - 1)?, root(generation)?),
+            _ => (root(generation)?, root(generation - 1)?),
+        };
+        let cross = files::load_cert(&path).ok()?;
+        let sound = cross.subject_name().to_der().ok() == root.subject_name().to_der().ok()
+            && cross
+                .public_key()
+                .ok()
+                .zip(root.public_key().ok())
+                .is_some_and(|(a, b)| a.public_eq(&b))
+            && before
+                .public_key()
+                .and_then(|key| cross.verify(&key))
+                .unwrap_or(false);
+        if !sound {
+            tracing::warn!(path = %path.display(), "not the cross-certificate of its root; left out");
+        }
+        sound.then_some(cross)
+    }
+
+    /// The cross-certificates a server certificate of the issuing root
+    /// carries after it at `now`: the issuing root's by the one before,
+    /// that one's by the one before it, and so on while each lasts, so
+    /// that a client that pins any root that has not expired verifies it.
+    fn server_chain(&self, now: u64) -> Vec<X509> {
+        let roots = self.read_roots();
+        let mut chain = Vec::new();
+        for generation in (2..=roots.issuing.generation).rev() {
+            match self.cross_of(&roots, generation, RootPart::Cross) {
+                Some(cross) if unix_of(cross.not_after()).is_ok_and(|end| end > now) => {
+                    chain.push(cross)
+                }
+                _ => break,
+            }
+        }
+        chain
     }
 
     /// Whether the issuing root is due for a successor at `now`: less
@@ -391,28 +476,68 @@ impl Pki {
     /// Makes a successor of the issuing root: generation n + 1, CN
     /// "fleetshift root CA {n+1}", a new key, ten years, self-signed
     /// (`root-ca.{n+1}.pem`); the same name and key certified by the root
-    /// before it until that one's end (`root-ca.{n+1}.cross.pem`); and its
-    /// CRL. It issues from then on: service CAs made after it (first CAs
-    /// and roll-overs) and the server certificates, which carry the
-    /// cross-certificate after them, so a device that pins only the root
+    /// before it until that one's end (`root-ca.{n+1}.cross.pem`; none if
+    /// that one has ended); and its CRL. It issues from then on: service
+    /// CAs made after it (first CAs and roll-overs) and the server
+    /// certificates, which carry the cross-certificates after them
+    /// ([`Pki::ensure_broker_cert`]), so a device that pins only a root
     /// before still verifies them. The roots before it stay trusted, with
     /// their keys (they sign their CRLs), until they expire. Files are
     /// written key first, certificate last; on an error nothing loaded
-    /// changes, and what a roll that stopped midway left behind is
-    /// removed by the next one.
+    /// changes. A key or cross-certificate left by a roll that stopped
+    /// midway is removed once a minute old (younger, it may be another
+    /// process's roll under way: an error); a newer root on disk than the
+    /// one loaded (another process rolled) is an error too.
     pub fn roll_root(&self) -> Result<RootGeneration, PkiError> {
-        let mut roots = self.roots.write().unwrap_or_else(|e| e.into_inner());
-        let before = roots.issuing.clone();
-        let generation = roots.all.last().map_or(before.generation, |(g, _, _)| *g) + 1;
-        let path = |part| roots::root_file(&self.dir, generation, part);
-        for part in [RootPart::Cert, RootPart::Key, RootPart::Cross] {
-            match std::fs::remove_file(path(part)) {
-                Ok(()) => {
-                    tracing::warn!(path = %path(part).display(), "removed what a root roll-over that did not finish left")
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(files::file_error(&path(part), e)),
+        let rolled = {
+            let mut roots = self.roots.write().unwrap_or_else(|e| e.into_inner());
+            self.roll_root_locked(&mut roots)?
+        };
+        self.write_roots_bundle()?;
+        Ok(rolled)
+    }
+
+    /// [`Pki::roll_root`] if [`Pki::root_roll_due`] at `now`, checked
+    /// under the same lock, so that two callers make one successor.
+    pub fn roll_root_if_due(&self, now: u64) -> Result<Option<RootGeneration>, PkiError> {
+        let rolled = {
+            let mut roots = self.roots.write().unwrap_or_else(|e| e.into_inner());
+            let end = unix_of(roots.issuing.cert.not_after())?;
+            if end >= now + roots::ROOT_ROLL_BEFORE_SECS {
+                return Ok(None);
             }
+            self.roll_root_locked(&mut roots)?
+        };
+        self.write_roots_bundle()?;
+        Ok(Some(rolled))
+    }
+
+    fn roll_root_locked(&self, roots: &mut Roots) -> Result<RootGeneration, PkiError> {
+        let before = roots.issuing.clone();
+        let loaded = roots.all.last().map_or(before.generation, |(g, _, _)| *g);
+        let on_disk = roots::generations_with(&self.dir, RootPart::Cert)
+            .map_err(|e| files::file_error(&self.dir, e))?;
+        if on_disk.last().is_some_and(|top| *top > loaded) {
+            return Err(PkiError::Inconsistent(format!(
+                "a root CA newer than generation {loaded} is on disk: another process rolled the root over; restart to load it"
+            )));
+        }
+        let generation = loaded + 1;
+        let path = |part| roots::root_file(&self.dir, generation, part);
+        for part in [RootPart::Key, RootPart::Cross, RootPart::Back] {
+            let leftover = path(part);
+            let Ok(meta) = std::fs::metadata(&leftover) else {
+                continue;
+            };
+            let age = meta.modified().ok().and_then(|at| at.elapsed().ok());
+            if !age.is_some_and(|age| age.as_secs() >= 60) {
+                return Err(PkiError::Inconsistent(format!(
+                    "{} is new: a root roll-over may be under way",
+                    leftover.display()
+                )));
+            }
+            std::fs::remove_file(&leftover).map_err(|e| files::file_error(&leftover, e))?;
+            tracing::warn!(path = %leftover.display(), "removed what a root roll-over that did not finish left");
         }
         let key = certs::new_p256_key()?;
         let now = unix_now();
@@ -431,25 +556,51 @@ impl Pki {
             None,
             Some(&key),
         )?;
-        let cross = certs::build(
-            &Template {
-                subject: &subject,
-                public_key: &key,
-                serial: &certs::random_serial()?,
-                not_before,
-                not_after: not_after.min(unix_of(before.cert.not_after())?),
-                profile: Profile::Ca { path_len: None },
-            },
-            Some(&Issuer {
-                cert: &before.cert,
-                key: &before.key,
-            }),
-            None,
-        )?;
+        // Nothing to link to once the root before has ended.
+        let before_end = unix_of(before.cert.not_after())?;
+        let links = match before_end > now {
+            true => {
+                let cross = certs::build(
+                    &Template {
+                        subject: &subject,
+                        public_key: &key,
+                        serial: &certs::random_serial()?,
+                        not_before,
+                        not_after: before_end,
+                        profile: Profile::Ca { path_len: None },
+                    },
+                    Some(&Issuer {
+                        cert: &before.cert,
+                        key: &before.key,
+                    }),
+                    None,
+                )?;
+                let back = certs::build(
+                    &Template {
+                        subject: before.cert.subject_name(),
+                        public_key: &before.key,
+                        serial: &certs::random_serial()?,
+                        not_before,
+                        not_after: before_end,
+                        profile: Profile::Ca { path_len: None },
+                    },
+                    Some(&Issuer {
+                        cert: &cert,
+                        key: &key,
+                    }),
+                    None,
+                )?;
+                Some((cross, back))
+            }
+            false => None,
+        };
         let crl_path = roots::root_crl_file(&self.dir, generation);
         let written = (|| {
             write_private_key(&path(RootPart::Key), &key)?;
-            files::write_atomic(&path(RootPart::Cross), &cross.to_pem()?, PUBLIC_MODE)?;
+            if let Some((cross, back)) = &links {
+                files::write_atomic(&path(RootPart::Cross), &cross.to_pem()?, PUBLIC_MODE)?;
+                files::write_atomic(&path(RootPart::Back), &back.to_pem()?, PUBLIC_MODE)?;
+            }
             let params = crl::CrlParams {
                 crl_number: now,
                 this_update: now as i64,
@@ -461,9 +612,16 @@ impl Pki {
             files::sync_dir(&self.dir)
         })();
         if let Err(err) = written {
+            // Certificate first: if it cannot be removed, its key stays
+            // with it, so the directory still loads.
+            match std::fs::remove_file(path(RootPart::Cert)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(_) => return Err(err),
+            }
             for undo in [
-                path(RootPart::Cert),
                 crl_path,
+                path(RootPart::Back),
                 path(RootPart::Cross),
                 path(RootPart::Key),
             ] {
@@ -488,9 +646,27 @@ impl Pki {
             made_at: now,
             cert,
             cert_path: path(RootPart::Cert),
-            cross_path: Some(path(RootPart::Cross)),
+            cross_path: links.is_some().then(|| path(RootPart::Cross)),
             has_key: true,
         })
+    }
+
+    /// Writes `roots.pem` ([`ROOTS_FILE`]): every root generation that has
+    /// not expired, newest first, what a device or a client made now is
+    /// to pin; if it differs from what is there.
+    fn write_roots_bundle(&self) -> Result<(), PkiError> {
+        let now = unix_now();
+        let mut pem = Vec::new();
+        for (_, cert, _) in self.read_roots().all.iter().rev() {
+            if unix_of(cert.not_after())? >= now {
+                pem.extend(cert.to_pem()?);
+            }
+        }
+        let path = self.dir.join(ROOTS_FILE);
+        if std::fs::read(&path).ok().as_deref() != Some(pem.as_slice()) {
+            files::write_atomic(&path, &pem, PUBLIC_MODE)?;
+        }
+        Ok(())
     }
 
     fn read_roots(&self) -> std::sync::RwLockReadGuard<'_, Roots> {
@@ -1152,12 +1328,24 @@ impl Pki {
         let cert_path = self.dir.join(cert_file);
         let key_path = self.dir.join(key_file);
         let mut have = None;
+        // The cross-certificates the file carries after the certificate,
+        // and those it should carry now.
+        let mut tail = Vec::new();
         if cert_path.exists() && key_path.exists() {
+            let pem = files::read(&cert_path)?;
             let cert = files::load_cert(&cert_path)?;
             let key = files::load_private_key(&key_path)?;
+            for extra in X509::stack_from_pem(&pem)?.iter().skip(1) {
+                tail.push(extra.to_der()?);
+            }
             have = Some((cert, key));
         }
         let root = self.read_roots().issuing.clone();
+        let chain = self.server_chain(now);
+        let mut chain_der = Vec::new();
+        for cross in &chain {
+            chain_der.push(cross.to_der()?);
+        }
         // Why, and whether the files on disk were wrong (not merely due).
         let (key, names, (why, wrong)) = match have {
             Some((cert, key)) if cert.public_key()?.public_eq(&key) => {
@@ -1176,6 +1364,8 @@ impl Pki {
                         ("its names change", false)
                     } else if until <= now || (until - now) * 2 < until.saturating_sub(from) {
                         ("past half its validity", false)
+                    } else if tail != chain_der {
+                        ("the cross-certificates after it change", false)
                     } else {
                         return Ok(false);
                     };
@@ -1227,19 +1417,12 @@ impl Pki {
             }),
             None,
         )?;
-        // After a successor root, the certificate carries it as certified
-        // by the root before (while that lasts): a client that pins only
-        // the root before verifies it through that.
+        // After a successor root, the certificate carries the chain of
+        // cross-certificates back to the oldest root that lasts: a client
+        // that pins only a root before verifies it through that.
         let mut pem = cert.to_pem()?;
-        if root.generation >= 2 {
-            let cross_path = roots::root_file(&self.dir, root.generation, RootPart::Cross);
-            match files::load_cert(&cross_path) {
-                Ok(cross) if unix_of(cross.not_after())? > now => pem.extend(cross.to_pem()?),
-                Ok(_) => {}
-                Err(err) => {
-                    tracing::warn!(error = %err, "the server certificate goes without the cross-certificate of its root")
-                }
-            }
+        for cross in &chain {
+            pem.extend(cross.to_pem()?);
         }
         if fresh {
             write_private_key(&key_path, &key)?;
@@ -1319,10 +1502,18 @@ fn load_or_create_root(dir: &Path) -> Result<(X509, PKey<Private>), PkiError> {
 /// its certificate above the newest is a roll-over that stopped midway,
 /// left for the next roll to remove.
 fn load_or_create_roots(dir: &Path) -> Result<Roots, PkiError> {
-    let (first, first_key) = load_or_create_root(dir)?;
-    let mut all = vec![(1, first, Some(first_key))];
     let generations =
         roots::generations_with(dir, RootPart::Cert).map_err(|e| files::file_error(dir, e))?;
+    // A new first root beside its successors would be trusted by every
+    // broker and pinned by no device.
+    if generations.iter().any(|g| *g >= 2) && !dir.join("root-ca.pem").exists() {
+        return Err(PkiError::Inconsistent(format!(
+            "{} is missing but its successors are there",
+            dir.join("root-ca.pem").display()
+        )));
+    }
+    let (first, first_key) = load_or_create_root(dir)?;
+    let mut all = vec![(1, first, Some(first_key))];
     for generation in generations.into_iter().filter(|g| *g >= 2) {
         let cert_path = roots::root_file(dir, generation, RootPart::Cert);
         let key_path = roots::root_file(dir, generation, RootPart::Key);
@@ -1821,6 +2012,17 @@ mod tests {
         std::fs::write(tmp.path().join("root-ca.2.cross.pem"), b"half").unwrap();
         let pki = Pki::open_or_create(tmp.path()).unwrap();
         assert_eq!(pki.root_generations().unwrap().len(), 1);
+        // Young, they may be another process's roll under way.
+        let err = pki.roll_root().unwrap_err();
+        assert!(err.to_string().contains("may be under way"), "{err}");
+        for name in ["root-ca.2.key", "root-ca.2.cross.pem"] {
+            std::fs::File::options()
+                .write(true)
+                .open(tmp.path().join(name))
+                .unwrap()
+                .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(120))
+                .unwrap();
+        }
         let rolled = pki.roll_root().unwrap();
         assert_eq!(rolled.generation, 2);
         assert!(rolled
@@ -1842,6 +2044,15 @@ mod tests {
             reopened.root_cert().to_der().unwrap(),
             rolled.cert.to_der().unwrap()
         );
+        // No new first root beside its successors.
+        let first = tmp.path().join("root-ca.pem");
+        std::fs::rename(&first, tmp.path().join("aside.pem")).unwrap();
+        std::fs::rename(tmp.path().join("root-ca.key"), tmp.path().join("aside.key")).unwrap();
+        let err = Pki::open_or_create(tmp.path()).unwrap_err();
+        assert!(err.to_string().contains("successors"), "{err}");
+        assert!(!first.exists());
+        std::fs::rename(tmp.path().join("aside.pem"), &first).unwrap();
+        std::fs::rename(tmp.path().join("aside.key"), tmp.path().join("root-ca.key")).unwrap();
         // The newest root without its key: it may have issued what
         // nothing can revoke now.
         std::fs::remove_file(tmp.path().join("root-ca.2.key")).unwrap();

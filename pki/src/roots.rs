@@ -6,8 +6,10 @@
 //! n ≥ 2: `root-ca.{n}.pem` (self-signed, CN "fleetshift root CA {n}"),
 //! `root-ca.{n}.key`, `root-ca.{n}.cross.pem` (the same name and key,
 //! certified by generation n-1, so that a device that pins only the
-//! root before still verifies a chain of the new one) and
-//! `crl/_root.{n}.crl.pem`. The highest generation with its certificate
+//! root before still verifies a chain of the new one, and takes the new
+//! root), `root-ca.{n}.back.pem` (generation n-1's name and key certified
+//! by generation n, so that a device that pins only the new root takes
+//! the one before) and `crl/_root.{n}.crl.pem`. The highest generation with its certificate
 //! and key both on disk issues; every generation that has not expired is
 //! trusted, and is handed to devices to pin (`roots` in a reply).
 
@@ -25,6 +27,8 @@ pub(crate) enum RootPart {
     Key,
     /// The certificate of generation n's name and key by generation n-1.
     Cross,
+    /// The certificate of generation n-1's name and key by generation n.
+    Back,
 }
 
 impl RootPart {
@@ -33,6 +37,7 @@ impl RootPart {
             RootPart::Cert => "pem",
             RootPart::Key => "key",
             RootPart::Cross => "cross.pem",
+            RootPart::Back => "back.pem",
         }
     }
 }
@@ -60,7 +65,11 @@ pub(crate) fn root_crl_file(dir: &Path, generation: u32) -> PathBuf {
 pub(crate) fn parse_root_file(name: &str) -> Option<(u32, RootPart)> {
     let rest = name.strip_prefix("root-ca.")?;
     let (digits, suffix) = match rest.split_once('.') {
-        Some((digits, suffix)) if digits.bytes().all(|b| b.is_ascii_digit()) => (digits, suffix),
+        Some((digits, suffix))
+            if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            (digits, suffix)
+        }
         _ => ("", rest),
     };
     let generation = if digits.is_empty() {
@@ -68,11 +77,17 @@ pub(crate) fn parse_root_file(name: &str) -> Option<(u32, RootPart)> {
     } else {
         super::generations::generation_of(digits)?
     };
-    let part = [RootPart::Cert, RootPart::Key, RootPart::Cross]
-        .into_iter()
-        .find(|p| p.suffix() == suffix)?;
-    // The first root has no cross-certificate.
-    (generation >= 2 || part != RootPart::Cross).then_some((generation, part))
+    let part = [
+        RootPart::Cert,
+        RootPart::Key,
+        RootPart::Cross,
+        RootPart::Back,
+    ]
+    .into_iter()
+    .find(|p| p.suffix() == suffix)?;
+    // The first root has no cross-certificates.
+    (generation >= 2 || matches!(part, RootPart::Cert | RootPart::Key))
+        .then_some((generation, part))
 }
 
 /// The generations of the root in `dir` whose `part` is on disk, sorted.
@@ -106,8 +121,13 @@ mod tests {
     fn root_file_names_round_trip() {
         let dir = Path::new("/pki");
         for generation in [1, 2, 17] {
-            for part in [RootPart::Cert, RootPart::Key, RootPart::Cross] {
-                if generation == 1 && part == RootPart::Cross {
+            for part in [
+                RootPart::Cert,
+                RootPart::Key,
+                RootPart::Cross,
+                RootPart::Back,
+            ] {
+                if generation == 1 && matches!(part, RootPart::Cross | RootPart::Back) {
                     continue;
                 }
                 let path = root_file(dir, generation, part);
@@ -117,6 +137,7 @@ mod tests {
         }
         for name in [
             "root-ca.cross.pem",
+            "root-ca.back.pem",
             "root-ca.1.pem",
             "root-ca.02.pem",
             "root-ca.2.crt",
@@ -124,6 +145,7 @@ mod tests {
             "root-ca",
             "broker.pem",
             "root-ca.x.pem",
+            "root-ca..pem",
         ] {
             assert_eq!(parse_root_file(name), None, "{name}");
         }

@@ -485,7 +485,7 @@ fn a_rolled_over_root_is_verified_by_devices_that_pin_either_root() {
     let pki = Pki::open_or_create(&dir).unwrap();
     let old = issue(&pki, "dev1", "svcA");
     let old_leaf = write_leaf(tmp.path(), "old.pem", &old);
-    assert!(pki.roots_to_pin(0).is_empty(), "nothing to learn yet");
+    assert!(pki.roots_to_pin(0).0.is_empty(), "nothing to learn yet");
 
     let rolled = pki.roll_root().unwrap();
     assert_eq!(rolled.generation, 2);
@@ -576,17 +576,30 @@ fn a_rolled_over_root_is_verified_by_devices_that_pin_either_root() {
         assert!(combined(&out).contains("verify OK"), "{}", combined(&out));
     }
 
+    // roots.pem: both, newest first, what a device made now is given.
+    let bundle = std::fs::read(dir.join(fleet_pki::ROOTS_FILE)).unwrap();
+    let mut expected = std::fs::read(&second_root).unwrap();
+    expected.extend(std::fs::read(&first_root).unwrap());
+    assert_eq!(bundle, expected);
+
     // Reopened, the new root issues and both are to be pinned, newest first.
     let pki = Pki::open_or_create(&dir).unwrap();
     assert_eq!(
         pki.root_cert().to_der().unwrap(),
         rolled.cert.to_der().unwrap()
     );
-    let pinned: Vec<Vec<u8>> = pki
-        .roots_to_pin(0)
-        .iter()
-        .map(|c| c.to_der().unwrap())
-        .collect();
+    let (pinned, crosses) = pki.roots_to_pin(0);
+    assert_eq!(crosses.len(), 2, "the link both ways");
+    assert_eq!(
+        crosses[0].to_der().unwrap(),
+        std::fs::read(&cross)
+            .map(|pem| openssl::x509::X509::from_pem(&pem)
+                .unwrap()
+                .to_der()
+                .unwrap())
+            .unwrap()
+    );
+    let pinned: Vec<Vec<u8>> = pinned.iter().map(|c| c.to_der().unwrap()).collect();
     let generations = pki.root_generations().unwrap();
     assert_eq!(
         pinned,
@@ -600,4 +613,44 @@ fn a_rolled_over_root_is_verified_by_devices_that_pin_either_root() {
     let dev3_leaf = write_leaf(tmp.path(), "dev3.pem", &dev3);
     let (ok, text) = verify(&second_root, Some(&svc_b), &dev3_leaf);
     assert!(ok, "{text}");
+
+    // Another process with the directory open, loaded before the next
+    // roll, cannot roll over what it has not loaded.
+    let other = Pki::open_or_create(&dir).unwrap();
+    // A second roll: the broker's certificate carries both
+    // cross-certificates, so a client that pins any one of the three
+    // roots alone verifies it.
+    let third = pki.roll_root().unwrap();
+    assert_eq!(third.generation, 3);
+    let err = other.roll_root().unwrap_err();
+    assert!(err.to_string().contains("another process"), "{err}");
+    assert!(third.cert_path.exists() && dir.join("root-ca.3.key").exists());
+    assert!(pki.ensure_broker_cert(None).unwrap());
+    let served =
+        openssl::x509::X509::stack_from_pem(&std::fs::read(pki.broker_cert_path()).unwrap())
+            .unwrap();
+    assert_eq!(served.len(), 3, "leaf and two cross-certificates");
+    std::fs::write(&broker_leaf, served[0].to_pem().unwrap()).unwrap();
+    let crosses_pem = tmp.path().join("crosses.pem");
+    let mut pem = served[1].to_pem().unwrap();
+    pem.extend(served[2].to_pem().unwrap());
+    std::fs::write(&crosses_pem, pem).unwrap();
+    for root in [&first_root, &second_root, &third.cert_path] {
+        let (ok, text) = verify(root, Some(&crosses_pem), &broker_leaf);
+        assert!(ok, "pinning {}: {text}", root.display());
+    }
+    let (pinned, crosses) = pki.roots_to_pin(0);
+    assert_eq!((pinned.len(), crosses.len()), (3, 4));
+    // The back-certificate links the first root to a client that pins
+    // only the second.
+    let back = dir.join("root-ca.2.back.pem");
+    let (ok, text) = verify(&second_root, None, &back);
+    assert!(ok, "{text}");
+    let (ok, _) = verify(&first_root, None, &back);
+    assert!(!ok);
+    assert_eq!(
+        pinned[0].to_der().unwrap(),
+        third.cert.to_der().unwrap(),
+        "newest first"
+    );
 }

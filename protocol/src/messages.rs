@@ -108,6 +108,15 @@ pub struct Reply {
         with = "crate::strict::option_list"
     )]
     pub roots: Option<Vec<ByteBuf>>,
+    /// With `roots`: the cross-certificates (DER) that link each of them
+    /// to the root before it, by which a device accepts a root it does
+    /// not pin yet.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::strict::option_list"
+    )]
+    pub crosses: Option<Vec<ByteBuf>>,
     /// A human-readable reason for a failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,

@@ -797,7 +797,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Prepare { certs, service } => {
             let pki = fleet_pki::Pki::open_or_create(&certs)?;
             pki.service_ca(&service)?;
-            let mut pem = pki.root_cert().to_pem()?;
+            let mut pem = Vec::new();
+            for root in pki.root_generations()? {
+                pem.extend(root.cert.to_pem()?);
+            }
             for ca in pki.service_ca_generations(&service)? {
                 pem.extend(ca.cert.to_pem()?);
             }

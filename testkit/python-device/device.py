@@ -330,7 +330,7 @@ class Device:
                 if body["nonce"] == nonce or (body["nonce"] == b"" and accept_empty_nonce):
                     r = Reply(env, body, rp, rt)
                     if body["status"] == 0 and "roots" in body:
-                        self.pin_roots(body["roots"])
+                        self.pin_roots(body["roots"], body.get("crosses", []))
                     if body["seq"] <= self.last_seq:
                         log(f"[{self.id}] note: reply seq {body['seq']} <= previous {self.last_seq} (cached?)")
                     self.last_seq = max(self.last_seq, body["seq"])
@@ -343,14 +343,49 @@ class Device:
             log(f"[{self.id}] no reply to {kind} (attempt {attempt + 1}), republishing the same bytes")
         return None
 
-    def pin_roots(self, roots):
-        """§3.5.5: pin the roots an ok reply carries, in place of those pinned, if they differ."""
-        assert isinstance(roots, list) and 1 <= len(roots) <= 4, f"{len(roots)} roots"
-        pem = b""
-        for der in roots:
-            c = x509.load_der_x509_certificate(der)
-            c.verify_directly_issued_by(c)  # self-signed
-            pem += c.public_bytes(serialization.Encoding.PEM)
+    def pin_roots(self, roots, crosses):
+        """§3.5.5: pin the roots an ok reply carries that are pinned already or linked to
+        one by a cross-certificate, in place of those pinned, if they differ.
+        Roots that do not read, or none that can be kept, leave the pinned ones as they are."""
+        try:
+            assert isinstance(roots, list) and 1 <= len(roots) <= 4, f"{len(roots)} roots"
+            assert isinstance(crosses, list) and len(crosses) <= 6, f"{len(crosses)} crosses"
+            certs = [x509.load_der_x509_certificate(der) for der in roots]
+            for c in certs:
+                c.verify_directly_issued_by(c)  # self-signed
+            links = [x509.load_der_x509_certificate(der) for der in crosses]
+        except Exception as e:  # the reply stands
+            log(f"[{self.id}] roots in a reply ignored: {e}")
+            return
+        with open(self.root_ca, "rb") as f:
+            pinned = x509.load_pem_x509_certificates(f.read())
+        trusted = list(pinned)
+        kept = []
+
+        def linked(root):
+            for c in links:
+                if c.subject != root.subject or c.public_key() != root.public_key():
+                    continue
+                for t in trusted:
+                    try:
+                        c.verify_directly_issued_by(t)
+                        return True
+                    except Exception:
+                        pass
+            return False
+
+        more = True
+        while more:  # until nothing more links: a link may run either way
+            more = False
+            for root in certs:
+                if root not in kept and (root in pinned or linked(root)):
+                    trusted.append(root)
+                    kept.append(root)
+                    more = True
+        if not kept:
+            log(f"[{self.id}] roots in a reply ignored: none pinned or linked to a pinned one")
+            return
+        pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs if c in kept)
         path = self.p("roots.pem")
         if self.root_ca == path and open(path, "rb").read() == pem:
             return
@@ -358,7 +393,7 @@ class Device:
             f.write(pem)
         os.replace(path + ".tmp", path)
         self.root_ca = path
-        log(f"[{self.id}] pinned {len(roots)} roots the manager gave")
+        log(f"[{self.id}] pinned {len(kept)} roots the manager gave")
 
     def base(self, service_id=None, **extra):
         f = {"device_id": self.id, "nonce": os.urandom(16), "ts": proto.now_ms()}

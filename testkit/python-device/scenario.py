@@ -461,6 +461,10 @@ def main():
         der2 = x509.load_pem_x509_certificate(open(root2, "rb").read()).public_bytes(serialization.Encoding.DER)
         der1 = x509.load_pem_x509_certificate(open(root1, "rb").read()).public_bytes(serialization.Encoding.DER)
         expect(r and r.status == 0 and roots == [der2, der1], "poll_reply carries roots: the new root, then the first")
+        links = [x509.load_pem_x509_certificate(open(os.path.join(a.certs, f"root-ca.2.{n}.pem"), "rb").read())
+                 .public_bytes(serialization.Encoding.DER) for n in ("cross", "back")]
+        expect(r.body.get("crosses") == links,
+               "and the cross-certificates that link the new root and the first both ways")
         expect(d.root_ca == d.p("roots.pem"), "the device pins them (roots.pem)")
         d.disconnect()
         # The broker's certificate from the new root, with its cross-certificate:

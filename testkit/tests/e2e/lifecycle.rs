@@ -508,6 +508,7 @@ async fn a_status_report_answered_busy_is_sent_again() {
         key: None,
         change: None,
         roots: None,
+        crosses: None,
         detail: Some("behind".into()),
     };
     let env = Envelope::build(Kind::StatusReply, &busy, |tbs| crypto::sign(&signing, tbs)).unwrap();
