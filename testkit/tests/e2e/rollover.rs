@@ -596,9 +596,19 @@ async fn a_rolled_over_root_is_pinned_by_devices_and_either_root_verifies_the_br
     })
     .await
     .unwrap();
-    let listed = cli_at(&fleet, "root-ca", &[]).await[0].clone();
-    assert_eq!(listed["devices_reported_since_roll"], json!(1));
-    assert_eq!(listed["devices_not_reported_since_roll"], json!(0));
+    // Its `online` report since counts (its answer, or a poll's, gave it
+    // the roots).
+    fleet_testkit::eventually(T, "early1 counted as reported since the roll", || {
+        let fleet = &fleet;
+        async move {
+            let listed = cli_at(fleet, "root-ca", &[]).await[0].clone();
+            (listed["devices_reported_since_roll"] == json!(1)
+                && listed["devices_not_reported_since_roll"] == json!(0))
+            .then_some(())
+        }
+    })
+    .await
+    .unwrap();
 
     // svcB is new: its CA comes from the second root, so early1 checks
     // its svcB chain with the root it learned, and connects.
@@ -626,14 +636,37 @@ async fn a_rolled_over_root_is_pinned_by_devices_and_either_root_verifies_the_br
     // certificate), learns the new root from its activation's reply,
     // and takes a svcB certificate that only the new root verifies.
     devices.provision(&fleet, "away1", "svcB").await.unwrap();
-    devices.spawn(devices.config(&fleet, "away1", KeyMode::Csr));
+    let away1 = devices.spawn(devices.config(&fleet, "away1", KeyMode::Csr));
     connected_to(&devices, "away1", "svcB").await;
     assert_eq!(stored("away1").as_deref(), Some(expected.as_slice()));
+    // Started again with a configured root file no broker certificate
+    // chains to, it connects with the roots it stored.
+    away1.abort();
+    let _ = away1.await;
+    let connects = |device: &str| {
+        devices
+            .events_of(device)
+            .iter()
+            .filter(|e| matches!(e, DeviceEvent::Connected { .. }))
+            .count()
+    };
+    let before = connects("away1");
+    let mut config = devices.config(&fleet, "away1", KeyMode::Csr);
+    config.root_ca_pem = certs.join("services/svcA-ca.pem");
+    devices.spawn(config);
+    fleet_testkit::eventually(T, "away1 connected again, by its stored roots", || {
+        let now = connects("away1");
+        async move { (now > before).then_some(()) }
+    })
+    .await
+    .unwrap();
 
-    // A device made after the roll, given only the new root.
+    // A device made after the roll, given only the new root: it links the
+    // first root to it by the back-certificate, and pins both.
     devices.provision(&fleet, "late1", "svcA").await.unwrap();
     let mut config = devices.config(&fleet, "late1", KeyMode::ManagerGenerated);
     config.root_ca_pem = certs.join("root-ca.2.pem");
     devices.spawn(config);
     connected_to(&devices, "late1", "svcA").await;
+    assert_eq!(stored("late1").as_deref(), Some(expected.as_slice()));
 }
