@@ -232,7 +232,24 @@ pub struct Core {
     statuses_logged: Mutex<LogPace>,
     /// The same for requests dropped from a full queue ([`crate::mqtt`]).
     pub(crate) dropped_logged: Mutex<LogPace>,
+    /// `roots` and `crosses` of replies, as last worked out: for the
+    /// issuing root generation, at a second.
+    pinned: Mutex<Option<PinnedRoots>>,
 }
+
+/// `roots` and `crosses` of replies ([`Core::roots_to_pin`]), kept: they
+/// change with a roll-over or when a root expires, and reading and checking
+/// the cross-certificates for every reply would cost more than the reply.
+struct PinnedRoots {
+    generation: u32,
+    at: u64,
+    roots: Option<Vec<ByteBuf>>,
+    crosses: Option<Vec<ByteBuf>>,
+}
+
+/// How long [`PinnedRoots`] are kept: a root that expires leaves the
+/// replies within this long.
+const PINNED_ROOTS_FOR_SECS: u64 = 60;
 
 /// The request queue's counters, shown by `GET /v1/health`.
 #[derive(Debug, Default)]
@@ -339,6 +356,7 @@ impl Core {
             failures: Mutex::new(HashMap::new()),
             refused_unchecked: Mutex::new(HashMap::new()),
             issued: Mutex::new(HashMap::new()),
+            pinned: Mutex::new(None),
             refusals_logged: Mutex::new(LogPace::new(
                 "refused requests logged",
                 tracing::Level::WARN,
@@ -541,6 +559,13 @@ impl Core {
     /// first root has a successor (§8).
     fn roots_to_pin(&self) -> (Option<Vec<ByteBuf>>, Option<Vec<ByteBuf>>) {
         let now = fleet_protocol::now_ms() / 1000;
+        let generation = self.pki.issuing_root_generation();
+        let mut kept = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = kept.as_ref() {
+            if p.generation == generation && now.abs_diff(p.at) < PINNED_ROOTS_FOR_SECS {
+                return (p.roots.clone(), p.crosses.clone());
+            }
+        }
         let (roots, crosses) = self.pki.roots_to_pin(now);
         let der = |certs: Vec<openssl::x509::X509>| -> Option<Vec<ByteBuf>> {
             let ders: Vec<ByteBuf> = certs
@@ -549,10 +574,17 @@ impl Core {
                 .collect();
             (!ders.is_empty()).then_some(ders)
         };
-        match der(roots) {
+        let (roots, crosses) = match der(roots) {
             Some(roots) => (Some(roots), der(crosses)),
             None => (None, None),
-        }
+        };
+        *kept = Some(PinnedRoots {
+            generation,
+            at: now,
+            roots: roots.clone(),
+            crosses: crosses.clone(),
+        });
+        (roots, crosses)
     }
 
     fn sign_reply(&self, kind: RequestKind, mut reply: Reply) -> Result<Vec<u8>, Failure> {

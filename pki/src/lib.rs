@@ -466,6 +466,11 @@ impl Pki {
         chain
     }
 
+    /// The generation of the root that issues now.
+    pub fn issuing_root_generation(&self) -> u32 {
+        self.read_roots().issuing.generation
+    }
+
     /// Whether the issuing root is due for a successor at `now`: less
     /// than two years left.
     pub fn root_roll_due(&self, now: u64) -> Result<bool, PkiError> {
