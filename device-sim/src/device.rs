@@ -630,7 +630,7 @@ impl Device {
     /// connection and chain from then on. Roots that do not read are
     /// logged and left alone: the reply is still good.
     async fn learn_roots(&self, reply: &Reply) {
-        let roots = match roots_of(reply, &self.pinned().certs) {
+        let roots = match roots_of(reply, &self.pinned().certs, wall_now() as u64) {
             Ok(Some(roots)) => roots,
             Ok(None) => return,
             Err(e) => {

@@ -260,14 +260,17 @@ pub fn finish_update(
     })
 }
 
-/// The roots to pin from an Ok reply's `roots` (topics.md §3.5.5), if it
-/// has them (one to four self-signed certificates): those that `pinned`
-/// holds already or that a cross-certificate in `crosses` links to a root
-/// so kept (its name and key, signed by that root), in the order given;
-/// an error if that leaves none. The
-/// manager's signature alone does not make a root: whoever stole its
-/// signing key cannot have the device trust a broker of their own.
-pub fn roots_of(reply: &Reply, pinned: &[X509]) -> Result<Option<Vec<X509>>, ReplyError> {
+/// The roots to pin after an Ok reply's `roots` (topics.md §3.5.5), if it
+/// has them (one to four self-signed root CA certificates), at `now`
+/// (Unix seconds): those that `pinned` holds already or that a
+/// cross-certificate in `crosses` (a root CA certificate too) links to a
+/// root so kept (its name and key, signed by that root), in the order
+/// given, then every root of `pinned` the reply left out; none that has
+/// expired. An error if no root of the reply is kept. The manager's
+/// signature alone does not make a root, nor drop one: whoever stole its
+/// signing key cannot have the device trust a broker of their own, nor
+/// forget the roots it has.
+pub fn roots_of(reply: &Reply, pinned: &[X509], now: u64) -> Result<Option<Vec<X509>>, ReplyError> {
     let Some(ders) = reply.roots.as_ref().filter(|_| reply.status == Status::Ok) else {
         return Ok(None);
     };
@@ -282,7 +285,14 @@ pub fn roots_of(reply: &Reply, pinned: &[X509]) -> Result<Option<Vec<X509>>, Rep
         )));
     }
     let parse = |der: &[u8], what: &str| {
-        X509::from_der(der).map_err(|e| ReplyError::Invalid(format!("{what} DER: {e}")))
+        let cert =
+            X509::from_der(der).map_err(|e| ReplyError::Invalid(format!("{what} DER: {e}")))?;
+        match is_root_ca(&cert, der) {
+            true => Ok(cert),
+            false => Err(ReplyError::Invalid(format!(
+                "a {what} that is not a CA certificate without a path length limit and with keyCertSign"
+            ))),
+        }
     };
     let mut roots = Vec::with_capacity(ders.len());
     for der in ders {
@@ -318,32 +328,121 @@ pub fn roots_of(reply: &Reply, pinned: &[X509]) -> Result<Option<Vec<X509>>, Rep
             break;
         }
     }
-    let kept: Vec<X509> = roots
+    let mut answer: Vec<X509> = roots
         .into_iter()
         .zip(kept)
         .filter_map(|(root, kept)| kept.then_some(root))
         .collect();
-    if kept.is_empty() {
+    if answer.is_empty() {
         return Err(ReplyError::Invalid(
             "no root pinned or linked to one by a cross-certificate".into(),
         ));
     }
-    Ok(Some(kept))
+    let mut listed: Vec<Vec<u8>> = answer.iter().filter_map(|r| r.to_der().ok()).collect();
+    for (root, der) in pinned.iter().zip(&pinned_der) {
+        if !listed.contains(der) {
+            listed.push(der.clone());
+            answer.push(root.clone());
+        }
+    }
+    answer.retain(|root| unix_of(root.not_after()).is_some_and(|end| end >= now));
+    Ok(Some(answer))
+}
+
+/// An ASN.1 time as Unix seconds.
+fn unix_of(t: &openssl::asn1::Asn1TimeRef) -> Option<u64> {
+    let epoch = openssl::asn1::Asn1Time::from_unix(0).ok()?;
+    let d = epoch.diff(t).ok()?;
+    u64::try_from(i64::from(d.days) * 86_400 + i64::from(d.secs)).ok()
+}
+
+/// Whether `cert` (whose DER is `der`) is a CA certificate that may sign
+/// other CAs: basicConstraints with cA true and no path length limit, and
+/// keyUsage with keyCertSign. Roots and cross-certificates are; a server,
+/// device or service CA certificate a root signed is not.
+fn is_root_ca(cert: &X509, der: &[u8]) -> bool {
+    use openssl::x509::X509KeyUsage;
+    cert.key_usage()
+        .is_some_and(|ku| ku.contains(X509KeyUsage::KEY_CERT_SIGN))
+        && cert.pathlen().is_none()
+        && basic_constraints_ca(der) == Some(true)
+}
+
+/// The cA flag of a DER certificate's basicConstraints extension: `None`
+/// if the certificate does not read, false if the extension is absent.
+fn basic_constraints_ca(der: &[u8]) -> Option<bool> {
+    const BASIC_CONSTRAINTS: &[u8] = &[0x55, 0x1d, 0x13];
+    let (cert, _) = der_item(der, 0x30)?;
+    let (mut tbs, _) = der_item(cert, 0x30)?;
+    // The tbsCertificate's fields up to [3] extensions.
+    let extensions = loop {
+        let (tag, content, rest) = der_any(tbs)?;
+        if tag == 0xa3 {
+            break der_item(content, 0x30)?.0;
+        }
+        if rest.is_empty() {
+            return Some(false);
+        }
+        tbs = rest;
+    };
+    let mut list = extensions;
+    while !list.is_empty() {
+        let (extension, rest) = der_item(list, 0x30)?;
+        list = rest;
+        let (oid, mut fields) = der_item(extension, 0x06)?;
+        if oid != BASIC_CONSTRAINTS {
+            continue;
+        }
+        if let Some((0x01, _, rest)) = der_any(fields) {
+            fields = rest;
+        }
+        let (value, _) = der_item(fields, 0x04)?;
+        let (constraints, _) = der_item(value, 0x30)?;
+        return Some(matches!(der_any(constraints), Some((0x01, [0xff], _))));
+    }
+    Some(false)
+}
+
+/// One DER item of tag `tag` at the start of `b`: its content and what follows.
+fn der_item(b: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    match der_any(b)? {
+        (t, content, rest) if t == tag => Some((content, rest)),
+        _ => None,
+    }
+}
+
+/// One DER item at the start of `b`: its tag, content and what follows.
+fn der_any(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, b) = b.split_first()?;
+    let (&first, mut b) = b.split_first()?;
+    let len = match first {
+        n if n < 0x80 => usize::from(n),
+        0x81..=0x84 => {
+            let n = usize::from(first & 0x7f);
+            let (bytes, rest) = (b.get(..n)?, b.get(n..)?);
+            b = rest;
+            bytes
+                .iter()
+                .fold(0usize, |acc, x| (acc << 8) | usize::from(*x))
+        }
+        _ => return None,
+    };
+    Some((tag, b.get(..len)?, b.get(len..)?))
 }
 
 /// Whether `cross` carries `root`'s name and key and is signed by one of
 /// `trusted`.
 fn links(cross: &X509, root: &X509, trusted: &[X509]) -> bool {
-    let same_name = cross.subject_name().to_der().ok() == root.subject_name().to_der().ok();
-    let same_key = cross
-        .public_key()
-        .ok()
-        .zip(root.public_key().ok())
-        .is_some_and(|(a, b)| a.public_eq(&b));
+    let der_eq = |a: Result<Vec<u8>, _>, b: Result<Vec<u8>, openssl::error::ErrorStack>| matches!((a, b), (Ok(a), Ok(b)) if a == b);
+    let same_name = der_eq(cross.subject_name().to_der(), root.subject_name().to_der());
+    let same_key = der_eq(
+        cross.public_key().and_then(|k| k.public_key_to_der()),
+        root.public_key().and_then(|k| k.public_key_to_der()),
+    );
     same_name
         && same_key
         && trusted.iter().any(|t| {
-            t.issued(cross) == openssl::x509::X509VerifyResult::OK
+            der_eq(cross.issuer_name().to_der(), t.subject_name().to_der())
                 && t.public_key()
                     .and_then(|key| cross.verify(&key))
                     .unwrap_or(false)
@@ -577,49 +676,49 @@ mod tests {
         // Pinning the first root only, both successors are linked to it.
         let all = vec![r3.clone(), r2.clone(), r1.clone()];
         assert_eq!(
-            roots_of(&reply, std::slice::from_ref(&r1)).unwrap(),
+            roots_of(&reply, std::slice::from_ref(&r1), 0).unwrap(),
             Some(all.clone())
         );
         // Pinning the second only: the third is linked to it, and the
         // first too, by the back-certificate the second gave it.
         assert_eq!(
-            roots_of(&reply, std::slice::from_ref(&r2)).unwrap(),
+            roots_of(&reply, std::slice::from_ref(&r2), 0).unwrap(),
             Some(all.clone())
         );
         // Pinning the newest only: each before it by its back-certificate.
         assert_eq!(
-            roots_of(&reply, std::slice::from_ref(&r3)).unwrap(),
+            roots_of(&reply, std::slice::from_ref(&r3), 0).unwrap(),
             Some(all.clone())
         );
         // Without the back-certificates, pinning the newest only, the
         // others are left out.
         reply.crosses = der(&[crosses[0].clone(), crosses[2].clone()]);
         assert_eq!(
-            roots_of(&reply, std::slice::from_ref(&r3)).unwrap(),
+            roots_of(&reply, std::slice::from_ref(&r3), 0).unwrap(),
             Some(vec![r3.clone()])
         );
         // Without the cross-certificate that links the second root to the
         // first, neither successor is taken.
         reply.crosses = der(&crosses[..1]);
         assert_eq!(
-            roots_of(&reply, std::slice::from_ref(&r1)).unwrap(),
+            roots_of(&reply, std::slice::from_ref(&r1), 0).unwrap(),
             Some(vec![r1.clone()])
         );
         // Roots of another fleet, signed by the manager's key alone: none.
         let other = FakeManager::new();
         reply.roots = der(std::slice::from_ref(&other.root));
         reply.crosses = None;
-        assert!(roots_of(&reply, std::slice::from_ref(&r1)).is_err());
+        assert!(roots_of(&reply, std::slice::from_ref(&r1), 0).is_err());
         // Only from an ok reply.
         reply.roots = der(&all);
         reply.crosses = der(&crosses);
         reply.status = Status::Busy;
-        assert!(roots_of(&reply, std::slice::from_ref(&r1))
+        assert!(roots_of(&reply, std::slice::from_ref(&r1), 0)
             .unwrap()
             .is_none());
         reply.status = Status::Ok;
         reply.roots = None;
-        assert!(roots_of(&reply, std::slice::from_ref(&r1))
+        assert!(roots_of(&reply, std::slice::from_ref(&r1), 0)
             .unwrap()
             .is_none());
         for bad in [
@@ -630,11 +729,130 @@ mod tests {
         ] {
             reply.roots = Some(bad);
             assert!(
-                roots_of(&reply, std::slice::from_ref(&r1)).is_err(),
+                roots_of(&reply, std::slice::from_ref(&r1), 0).is_err(),
                 "{:?}",
                 reply.roots
             );
         }
+    }
+
+    /// What whoever holds the manager's signing key (and perhaps a key a
+    /// root certified, such as the broker's) could send: none of it makes
+    /// the device trust a root of its own or forget one it has.
+    #[test]
+    fn the_signing_key_alone_neither_adds_a_root_nor_drops_one() {
+        use openssl::x509::extension::{BasicConstraints, KeyUsage};
+        use serde_bytes::ByteBuf;
+        let tmp = tempfile::tempdir().unwrap();
+        // A first root that ends in 300 days, long before its successor.
+        let key = crypto::generate_p256().unwrap();
+        let mut name = openssl::x509::X509NameBuilder::new().unwrap();
+        name.append_entry_by_text("CN", "fleetshift root CA")
+            .unwrap();
+        let name = name.build();
+        let mut b = X509::builder().unwrap();
+        b.set_version(2).unwrap();
+        b.set_subject_name(&name).unwrap();
+        b.set_issuer_name(&name).unwrap();
+        b.set_pubkey(&key).unwrap();
+        b.set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        b.set_not_after(&openssl::asn1::Asn1Time::days_from_now(300).unwrap())
+            .unwrap();
+        b.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
+            .unwrap();
+        b.append_extension(
+            KeyUsage::new()
+                .critical()
+                .key_cert_sign()
+                .crl_sign()
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+        let ski = openssl::x509::extension::SubjectKeyIdentifier::new()
+            .build(&b.x509v3_context(None, None))
+            .unwrap();
+        b.append_extension(ski).unwrap();
+        b.sign(&key, openssl::hash::MessageDigest::sha256())
+            .unwrap();
+        fleet_pki::write_private_key(&tmp.path().join("root-ca.key"), &key).unwrap();
+        std::fs::write(tmp.path().join("root-ca.pem"), b.build().to_pem().unwrap()).unwrap();
+        let pki = fleet_pki::Pki::open_or_create(tmp.path()).unwrap();
+        let r1 = pki.root_cert();
+        let read = |name: &str| std::fs::read(tmp.path().join(name)).unwrap();
+        let der = |certs: &[&X509]| {
+            Some(
+                certs
+                    .iter()
+                    .map(|c| ByteBuf::from(c.to_der().unwrap()))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        // A root CA of the thief's own, under the name and key of a
+        // certificate the root signed.
+        let forged_root = |of: &X509, key: &PKey<Private>| {
+            let mut b = X509::builder().unwrap();
+            b.set_version(2).unwrap();
+            b.set_subject_name(of.subject_name()).unwrap();
+            b.set_issuer_name(of.subject_name()).unwrap();
+            b.set_pubkey(key).unwrap();
+            b.set_not_before(of.not_before()).unwrap();
+            b.set_not_after(of.not_after()).unwrap();
+            b.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
+                .unwrap();
+            b.append_extension(
+                KeyUsage::new()
+                    .critical()
+                    .key_cert_sign()
+                    .crl_sign()
+                    .build()
+                    .unwrap(),
+            )
+            .unwrap();
+            b.sign(key, openssl::hash::MessageDigest::sha256()).unwrap();
+            b.build()
+        };
+        let broker = X509::from_pem(&read("broker.pem")).unwrap();
+        let broker_key = PKey::private_key_from_pem(&read("broker.key")).unwrap();
+        let (svc_ca, svc_key) = pki.service_ca("svcA").unwrap();
+        for (cert, key) in [(&broker, &broker_key), (&svc_ca, &svc_key)] {
+            let fake = forged_root(cert, key);
+            let reply = Reply {
+                status: Status::Ok,
+                roots: der(&[&fake, &r1]),
+                crosses: der(&[cert]),
+                ..Reply::default()
+            };
+            assert!(
+                roots_of(&reply, std::slice::from_ref(&r1), 0).is_err(),
+                "a certificate that is no root CA links nothing"
+            );
+        }
+
+        // A reply that leaves pinned roots out does not drop them while
+        // they last; one that names an expired root does not keep it.
+        pki.roll_root().unwrap();
+        let r2 = pki.root_cert();
+        let back = X509::from_pem(&read("root-ca.2.back.pem")).unwrap();
+        let reply = Reply {
+            status: Status::Ok,
+            roots: der(&[&r1]),
+            crosses: der(&[&back]),
+            ..Reply::default()
+        };
+        let pinned = [r2.clone(), r1.clone()];
+        let kept = roots_of(&reply, &pinned, 0).unwrap().unwrap();
+        assert_eq!(kept, vec![r1.clone(), r2.clone()], "r2 stays");
+        let kept = roots_of(&reply, std::slice::from_ref(&r2), 0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(kept, vec![r1.clone(), r2.clone()]);
+        let r1_end = super::unix_of(r1.not_after()).unwrap();
+        let kept = roots_of(&reply, std::slice::from_ref(&r2), r1_end + 1)
+            .unwrap()
+            .unwrap();
+        assert_eq!(kept, vec![r2.clone()], "an expired root is not kept");
     }
 
     #[test]

@@ -797,9 +797,11 @@ fn service_cas(core: &Core, service: &str) -> Result<Value, (u16, String)> {
 
 /// The generations of the fleet's root CA, oldest first; the last one
 /// issues. After a roll-over, also the devices that have reported
-/// `online` since (the answer carries the roots to pin) and how many have
-/// not, with the first 100 of those: they pin only the roots before until
-/// they report, and must before the oldest expires.
+/// `online` since (the answer offered them the roots to pin) and how many
+/// have not, with the first 100 of those: they pin only the roots before
+/// until they report, and must before the oldest expires. A device may
+/// still refuse the roots (topics.md §3.5.5); its next handshake with a
+/// certificate of the new root's service CAs then tells.
 fn root_cas(core: &Core) -> Result<Value, (u16, String)> {
     let generations = core.pki.root_generations().map_err(internal)?;
     let last = generations.last().map(|r| r.generation);

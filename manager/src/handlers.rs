@@ -1692,6 +1692,10 @@ impl Core {
             Ok(Some(root)) => self.rolled_root(&root),
             Err(err) => warn!(error = %err, "root CA not rolled over"),
         }
+        // Also drops a root that has expired, and retries a failed write.
+        if let Err(err) = self.pki.write_roots_bundle() {
+            warn!(error = %err, "roots.pem not written");
+        }
     }
 
     /// The broker's (and with `admin_tls` the operator API's) server

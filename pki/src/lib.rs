@@ -231,6 +231,8 @@ struct ServiceCa {
 pub struct Pki {
     dir: PathBuf,
     roots: RwLock<Roots>,
+    /// Held while `roots.pem` is written.
+    bundle_writer: Mutex<()>,
     signing_key: PKey<Private>,
     service_cas: Mutex<HashMap<String, ServiceCa>>,
 }
@@ -265,6 +267,7 @@ impl Pki {
         let pki = Pki {
             dir: dir.to_path_buf(),
             roots: RwLock::new(roots),
+            bundle_writer: Mutex::new(()),
             signing_key,
             service_cas: Mutex::new(HashMap::new()),
         };
@@ -452,11 +455,10 @@ impl Pki {
     /// carries after it at `now`: the issuing root's by the one before,
     /// that one's by the one before it, and so on while each lasts, so
     /// that a client that pins any root that has not expired verifies it.
-    fn server_chain(&self, now: u64) -> Vec<X509> {
-        let roots = self.read_roots();
+    fn server_chain_of(&self, roots: &Roots, now: u64) -> Vec<X509> {
         let mut chain = Vec::new();
         for generation in (2..=roots.issuing.generation).rev() {
-            match self.cross_of(&roots, generation, RootPart::Cross) {
+            match self.cross_of(roots, generation, RootPart::Cross) {
                 Some(cross) if unix_of(cross.not_after()).is_ok_and(|end| end > now) => {
                     chain.push(cross)
                 }
@@ -498,8 +500,17 @@ impl Pki {
             let mut roots = self.roots.write().unwrap_or_else(|e| e.into_inner());
             self.roll_root_locked(&mut roots)?
         };
-        self.write_roots_bundle()?;
+        self.after_roll();
         Ok(rolled)
+    }
+
+    /// `roots.pem` after a roll that went through: a failure to write it
+    /// is logged, and [`Pki::write_roots_bundle`] is tried again by
+    /// housekeeping.
+    fn after_roll(&self) {
+        if let Err(err) = self.write_roots_bundle() {
+            tracing::warn!(error = %err, "roots.pem not written; written again later");
+        }
     }
 
     /// [`Pki::roll_root`] if [`Pki::root_roll_due`] at `now`, checked
@@ -513,7 +524,7 @@ impl Pki {
             }
             self.roll_root_locked(&mut roots)?
         };
-        self.write_roots_bundle()?;
+        self.after_roll();
         Ok(Some(rolled))
     }
 
@@ -525,6 +536,17 @@ impl Pki {
         if on_disk.last().is_some_and(|top| *top > loaded) {
             return Err(PkiError::Inconsistent(format!(
                 "a root CA newer than generation {loaded} is on disk: another process rolled the root over; restart to load it"
+            )));
+        }
+        let now = unix_now();
+        let lasting = roots
+            .all
+            .iter()
+            .filter(|(_, cert, _)| unix_of(cert.not_after()).is_ok_and(|end| end >= now))
+            .count();
+        if lasting >= MAX_PINNED_ROOTS {
+            return Err(PkiError::Inconsistent(format!(
+                "{lasting} root CAs have not expired: devices pin at most {MAX_PINNED_ROOTS}, so no more until one expires"
             )));
         }
         let generation = loaded + 1;
@@ -545,7 +567,6 @@ impl Pki {
             tracing::warn!(path = %leftover.display(), "removed what a root roll-over that did not finish left");
         }
         let key = certs::new_p256_key()?;
-        let now = unix_now();
         let subject = certs::name(None, &format!("{ROOT_CN} {generation}"))?;
         let not_before = now.saturating_sub(certs::BACKDATE_SECS);
         let not_after = now + ROOT_LIFETIME_DAYS * DAY;
@@ -658,8 +679,9 @@ impl Pki {
 
     /// Writes `roots.pem` ([`ROOTS_FILE`]): every root generation that has
     /// not expired, newest first, what a device or a client made now is
-    /// to pin; if it differs from what is there.
-    fn write_roots_bundle(&self) -> Result<(), PkiError> {
+    /// to pin; if it differs from what is there (one writer at a time).
+    pub fn write_roots_bundle(&self) -> Result<(), PkiError> {
+        let _writing = self.bundle_writer.lock().unwrap_or_else(|e| e.into_inner());
         let now = unix_now();
         let mut pem = Vec::new();
         for (_, cert, _) in self.read_roots().all.iter().rev() {
@@ -1340,13 +1362,21 @@ impl Pki {
             let pem = files::read(&cert_path)?;
             let cert = files::load_cert(&cert_path)?;
             let key = files::load_private_key(&key_path)?;
-            for extra in X509::stack_from_pem(&pem)?.iter().skip(1) {
-                tail.push(extra.to_der()?);
+            // A tail that does not read is one to write again.
+            match X509::stack_from_pem(&pem) {
+                Ok(certs) => {
+                    for extra in certs.iter().skip(1) {
+                        tail.push(extra.to_der()?);
+                    }
+                }
+                Err(_) => tail.push(Vec::new()),
             }
             have = Some((cert, key));
         }
-        let root = self.read_roots().issuing.clone();
-        let chain = self.server_chain(now);
+        let (root, chain) = {
+            let roots = self.read_roots();
+            (roots.issuing.clone(), self.server_chain_of(&roots, now))
+        };
         let mut chain_der = Vec::new();
         for cross in &chain {
             chain_der.push(cross.to_der()?);
@@ -2042,13 +2072,23 @@ mod tests {
             .unwrap()
             .public_eq(&rolled.cert.public_key().unwrap()));
         assert!(!pki.root_roll_due(now).unwrap(), "ten years again");
-        // Service CAs made before it still load.
+        // The broker's certificate with a tail that does not read is
+        // written again, once.
+        assert!(pki.ensure_broker_cert(None).unwrap());
+        let mut pem = std::fs::read(pki.broker_cert_path()).unwrap();
+        pem.extend(b"-----BEGIN CERTIFICATE-----\nMIIB\n");
+        std::fs::write(pki.broker_cert_path(), pem).unwrap();
+        assert!(pki.ensure_broker_cert(None).unwrap());
+        assert!(!pki.ensure_broker_cert(None).unwrap());
+        // Devices pin four roots at most: no fifth while four last.
+        pki.roll_root().unwrap();
+        pki.roll_root().unwrap();
+        let err = pki.roll_root().unwrap_err();
+        assert!(err.to_string().contains("at most 4"), "{err}");
+        assert_eq!(pki.root_generations().unwrap().len(), 4);
         let reopened = Pki::open_or_create(tmp.path()).unwrap();
-        assert_eq!(reopened.root_generations().unwrap().len(), 2);
-        assert_eq!(
-            reopened.root_cert().to_der().unwrap(),
-            rolled.cert.to_der().unwrap()
-        );
+        assert_eq!(reopened.root_generations().unwrap().len(), 4);
+        assert_eq!(reopened.issuing_root_generation(), 4);
         // No new first root beside its successors.
         let first = tmp.path().join("root-ca.pem");
         std::fs::rename(&first, tmp.path().join("aside.pem")).unwrap();
@@ -2060,7 +2100,7 @@ mod tests {
         std::fs::rename(tmp.path().join("aside.key"), tmp.path().join("root-ca.key")).unwrap();
         // The newest root without its key: it may have issued what
         // nothing can revoke now.
-        std::fs::remove_file(tmp.path().join("root-ca.2.key")).unwrap();
+        std::fs::remove_file(tmp.path().join("root-ca.4.key")).unwrap();
         let err = Pki::open_or_create(tmp.path()).unwrap_err();
         assert!(matches!(err, PkiError::Inconsistent(_)), "{err}");
     }

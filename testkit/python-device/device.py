@@ -344,16 +344,29 @@ class Device:
         return None
 
     def pin_roots(self, roots, crosses):
-        """§3.5.5: pin the roots an ok reply carries that are pinned already or linked to
-        one by a cross-certificate, in place of those pinned, if they differ.
-        Roots that do not read, or none that can be kept, leave the pinned ones as they are."""
+        """§3.5.5: keep the roots an ok reply carries that are pinned already or linked to
+        one by a cross-certificate, add the pinned ones it leaves out, drop expired ones,
+        and pin those if they differ. A list that does not read, or of which no root is
+        kept, leaves the pinned roots as they are (the reply stands)."""
+        def root_ca(c):
+            try:
+                bc = c.extensions.get_extension_for_class(x509.BasicConstraints).value
+                ku = c.extensions.get_extension_for_class(x509.KeyUsage).value
+            except x509.ExtensionNotFound:
+                return False
+            return bc.ca and bc.path_length is None and ku.key_cert_sign
+
         try:
-            assert isinstance(roots, list) and 1 <= len(roots) <= 4, f"{len(roots)} roots"
-            assert isinstance(crosses, list) and len(crosses) <= 6, f"{len(crosses)} crosses"
+            if not (isinstance(roots, list) and 1 <= len(roots) <= 4):
+                raise ValueError(f"{len(roots)} roots")
+            if not (isinstance(crosses, list) and len(crosses) <= 6):
+                raise ValueError(f"{len(crosses)} crosses")
             certs = [x509.load_der_x509_certificate(der) for der in roots]
+            links = [x509.load_der_x509_certificate(der) for der in crosses]
             for c in certs:
                 c.verify_directly_issued_by(c)  # self-signed
-            links = [x509.load_der_x509_certificate(der) for der in crosses]
+            if not all(root_ca(c) for c in certs + links):
+                raise ValueError("a root or cross-certificate that is no root CA")
         except Exception as e:  # the reply stands
             log(f"[{self.id}] roots in a reply ignored: {e}")
             return
@@ -362,9 +375,16 @@ class Device:
         trusted = list(pinned)
         kept = []
 
+        def der(c):
+            return c.public_bytes(serialization.Encoding.DER)
+
+        def spki(c):
+            return c.public_key().public_bytes(serialization.Encoding.DER,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+
         def linked(root):
             for c in links:
-                if c.subject != root.subject or c.public_key() != root.public_key():
+                if c.subject.public_bytes() != root.subject.public_bytes() or spki(c) != spki(root):
                     continue
                 for t in trusted:
                     try:
@@ -378,14 +398,17 @@ class Device:
         while more:  # until nothing more links: a link may run either way
             more = False
             for root in certs:
-                if root not in kept and (root in pinned or linked(root)):
+                if root not in kept and (der(root) in map(der, pinned) or linked(root)):
                     trusted.append(root)
                     kept.append(root)
                     more = True
         if not kept:
             log(f"[{self.id}] roots in a reply ignored: none pinned or linked to a pinned one")
             return
-        pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs if c in kept)
+        now = time.time()
+        keep = [c for c in certs if c in kept] + [c for c in pinned if der(c) not in map(der, certs)]
+        keep = [c for c in keep if c.not_valid_after_utc.timestamp() >= now]
+        pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in keep)
         path = self.p("roots.pem")
         if self.root_ca == path and open(path, "rb").read() == pem:
             return
@@ -393,7 +416,7 @@ class Device:
             f.write(pem)
         os.replace(path + ".tmp", path)
         self.root_ca = path
-        log(f"[{self.id}] pinned {len(kept)} roots the manager gave")
+        log(f"[{self.id}] pinned {len(keep)} roots")
 
     def base(self, service_id=None, **extra):
         f = {"device_id": self.id, "nonce": os.urandom(16), "ts": proto.now_ms()}

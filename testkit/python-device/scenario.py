@@ -465,7 +465,9 @@ def main():
                  .public_bytes(serialization.Encoding.DER) for n in ("cross", "back")]
         expect(r.body.get("crosses") == links,
                "and the cross-certificates that link the new root and the first both ways")
-        expect(d.root_ca == d.p("roots.pem"), "the device pins them (roots.pem)")
+        pem = b"".join(x509.load_der_x509_certificate(c).public_bytes(serialization.Encoding.PEM) for c in (der2, der1))
+        expect(d.root_ca == d.p("roots.pem") and open(d.p("roots.pem"), "rb").read() == pem,
+               "the device pins both (roots.pem)")
         d.disconnect()
         # The broker's certificate from the new root, with its cross-certificate:
         # a client that pins either root alone verifies it (§1, §8).

@@ -931,7 +931,13 @@ async fn generated_mosquitto_rules_hold() {
             .unwrap();
     let new_root = openssl::x509::X509::from_pem(&second_root).unwrap();
     assert!(svc_d_ca.verify(&new_root.public_key().unwrap()).unwrap());
-    let pinned = std::fs::read(devices.store_root.join("ext6").join("roots.pem")).unwrap();
+    let pinned = std::fs::read(
+        devices
+            .store_root
+            .join("ext6")
+            .join(fleet_device_sim::store::ROOTS_FILE),
+    )
+    .unwrap();
     assert_eq!(pinned, [second_root, root_pem.clone()].concat());
     ext6.abort();
     watching.cancel();
