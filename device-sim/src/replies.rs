@@ -741,43 +741,15 @@ mod tests {
     /// the device trust a root of its own or forget one it has.
     #[test]
     fn the_signing_key_alone_neither_adds_a_root_nor_drops_one() {
-        use openssl::x509::extension::{BasicConstraints, KeyUsage};
+        use fleet_pki::testing;
         use serde_bytes::ByteBuf;
         let tmp = tempfile::tempdir().unwrap();
         // A first root that ends in 300 days, long before its successor.
         let key = crypto::generate_p256().unwrap();
-        let mut name = openssl::x509::X509NameBuilder::new().unwrap();
-        name.append_entry_by_text("CN", "fleetshift root CA")
-            .unwrap();
-        let name = name.build();
-        let mut b = X509::builder().unwrap();
-        b.set_version(2).unwrap();
-        b.set_subject_name(&name).unwrap();
-        b.set_issuer_name(&name).unwrap();
-        b.set_pubkey(&key).unwrap();
-        b.set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
-            .unwrap();
-        b.set_not_after(&openssl::asn1::Asn1Time::days_from_now(300).unwrap())
-            .unwrap();
-        b.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
-            .unwrap();
-        b.append_extension(
-            KeyUsage::new()
-                .critical()
-                .key_cert_sign()
-                .crl_sign()
-                .build()
-                .unwrap(),
-        )
-        .unwrap();
-        let ski = openssl::x509::extension::SubjectKeyIdentifier::new()
-            .build(&b.x509v3_context(None, None))
-            .unwrap();
-        b.append_extension(ski).unwrap();
-        b.sign(&key, openssl::hash::MessageDigest::sha256())
-            .unwrap();
+        let name = testing::name(None, "fleetshift root CA").unwrap();
+        let first = testing::ca_certificate(&name, &key, None, 300, None).unwrap();
         fleet_pki::write_private_key(&tmp.path().join("root-ca.key"), &key).unwrap();
-        std::fs::write(tmp.path().join("root-ca.pem"), b.build().to_pem().unwrap()).unwrap();
+        std::fs::write(tmp.path().join("root-ca.pem"), first.to_pem().unwrap()).unwrap();
         let pki = fleet_pki::Pki::open_or_create(tmp.path()).unwrap();
         let r1 = pki.root_cert();
         let read = |name: &str| std::fs::read(tmp.path().join(name)).unwrap();
@@ -792,26 +764,7 @@ mod tests {
         // A root CA of the thief's own, under the name and key of a
         // certificate the root signed.
         let forged_root = |of: &X509, key: &PKey<Private>| {
-            let mut b = X509::builder().unwrap();
-            b.set_version(2).unwrap();
-            b.set_subject_name(of.subject_name()).unwrap();
-            b.set_issuer_name(of.subject_name()).unwrap();
-            b.set_pubkey(key).unwrap();
-            b.set_not_before(of.not_before()).unwrap();
-            b.set_not_after(of.not_after()).unwrap();
-            b.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
-                .unwrap();
-            b.append_extension(
-                KeyUsage::new()
-                    .critical()
-                    .key_cert_sign()
-                    .crl_sign()
-                    .build()
-                    .unwrap(),
-            )
-            .unwrap();
-            b.sign(key, openssl::hash::MessageDigest::sha256()).unwrap();
-            b.build()
+            testing::ca_certificate(of.subject_name(), key, None, 365, None).unwrap()
         };
         let broker = X509::from_pem(&read("broker.pem")).unwrap();
         let broker_key = PKey::private_key_from_pem(&read("broker.key")).unwrap();

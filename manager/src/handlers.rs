@@ -2355,60 +2355,18 @@ mod tests {
     /// record, and then leaves the successor alone.
     #[test]
     fn housekeeping_rolls_over_a_service_ca_near_its_end() {
-        use openssl::asn1::Asn1Time;
-        use openssl::x509::extension::{BasicConstraints, KeyUsage};
+        use fleet_pki::testing;
         let (dir, core) = core();
         let certs = dir.path().join("certs");
         let read = |name: &str| std::fs::read(certs.join(name)).unwrap();
         let root = openssl::x509::X509::from_pem(&read("root-ca.pem")).unwrap();
         let root_key = PKey::private_key_from_pem(&read("root-ca.key")).unwrap();
         let key = crypto::generate_p256().unwrap();
-        let mut name = openssl::x509::X509NameBuilder::new().unwrap();
-        name.append_entry_by_text("O", "svcQ").unwrap();
-        name.append_entry_by_text("CN", "fleetshift service CA svcQ")
-            .unwrap();
-        let name = name.build();
-        let mut b = openssl::x509::X509::builder().unwrap();
-        b.set_version(2).unwrap();
-        let serial = openssl::bn::BigNum::from_u32(77).unwrap();
-        b.set_serial_number(&serial.to_asn1_integer().unwrap())
-            .unwrap();
-        b.set_subject_name(&name).unwrap();
-        b.set_issuer_name(root.subject_name()).unwrap();
-        b.set_pubkey(&key).unwrap();
-        b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
-            .unwrap();
-        b.set_not_after(&Asn1Time::days_from_now(100).unwrap())
-            .unwrap();
-        b.append_extension(
-            BasicConstraints::new()
-                .critical()
-                .ca()
-                .pathlen(0)
-                .build()
-                .unwrap(),
-        )
-        .unwrap();
-        b.append_extension(
-            KeyUsage::new()
-                .critical()
-                .key_cert_sign()
-                .crl_sign()
-                .build()
-                .unwrap(),
-        )
-        .unwrap();
-        let ski = openssl::x509::extension::SubjectKeyIdentifier::new()
-            .build(&b.x509v3_context(Some(&root), None))
-            .unwrap();
-        b.append_extension(ski).unwrap();
-        b.sign(&root_key, MessageDigest::sha256()).unwrap();
+        let name = testing::name(Some("svcQ"), "fleetshift service CA svcQ").unwrap();
+        let ca =
+            testing::ca_certificate(&name, &key, Some((&root, &root_key)), 100, Some(0)).unwrap();
         fleet_pki::write_private_key(&certs.join("services/svcQ-ca.key"), &key).unwrap();
-        std::fs::write(
-            certs.join("services/svcQ-ca.pem"),
-            b.build().to_pem().unwrap(),
-        )
-        .unwrap();
+        std::fs::write(certs.join("services/svcQ-ca.pem"), ca.to_pem().unwrap()).unwrap();
         core.ensure_service("svcQ").unwrap();
         core.ensure_service("svcA").unwrap();
 
@@ -2450,46 +2408,15 @@ mod tests {
     /// end rolls over to the new root and gains its five years.
     #[test]
     fn housekeeping_rolls_over_a_root_near_its_end() {
-        use openssl::asn1::Asn1Time;
-        use openssl::x509::extension::{BasicConstraints, KeyUsage, SubjectKeyIdentifier};
+        use fleet_pki::testing;
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
         std::fs::create_dir_all(&certs).unwrap();
         let key = crypto::generate_p256().unwrap();
-        let mut name = openssl::x509::X509NameBuilder::new().unwrap();
-        name.append_entry_by_text("CN", "fleetshift root CA")
-            .unwrap();
-        let name = name.build();
-        let mut b = openssl::x509::X509::builder().unwrap();
-        b.set_version(2).unwrap();
-        let serial = openssl::bn::BigNum::from_u32(78).unwrap();
-        b.set_serial_number(&serial.to_asn1_integer().unwrap())
-            .unwrap();
-        b.set_subject_name(&name).unwrap();
-        b.set_issuer_name(&name).unwrap();
-        b.set_pubkey(&key).unwrap();
-        b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
-            .unwrap();
-        b.set_not_after(&Asn1Time::days_from_now(300).unwrap())
-            .unwrap();
-        b.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
-            .unwrap();
-        b.append_extension(
-            KeyUsage::new()
-                .critical()
-                .key_cert_sign()
-                .crl_sign()
-                .build()
-                .unwrap(),
-        )
-        .unwrap();
-        let ski = SubjectKeyIdentifier::new()
-            .build(&b.x509v3_context(None, None))
-            .unwrap();
-        b.append_extension(ski).unwrap();
-        b.sign(&key, MessageDigest::sha256()).unwrap();
+        let name = testing::name(None, "fleetshift root CA").unwrap();
+        let root = testing::ca_certificate(&name, &key, None, 300, None).unwrap();
         fleet_pki::write_private_key(&certs.join("root-ca.key"), &key).unwrap();
-        std::fs::write(certs.join("root-ca.pem"), b.build().to_pem().unwrap()).unwrap();
+        std::fs::write(certs.join("root-ca.pem"), root.to_pem().unwrap()).unwrap();
         let store = Store::open(&dir.path().join("store")).unwrap();
         let pki = Pki::open_or_create(&certs).unwrap();
         let core = Core::new(store, Arc::new(pki), ManagerConfig::default());

@@ -1622,6 +1622,47 @@ fn load_or_create_signing_key(dir: &Path) -> Result<PKey<Private>, PkiError> {
     Ok(key)
 }
 
+/// Certificates for tests elsewhere in the workspace, made as the PKI
+/// makes its own: a root that ends soon, a service CA near its end, or a
+/// thief's self-signed root under a name the PKI uses.
+#[doc(hidden)]
+pub mod testing {
+    use openssl::pkey::{PKeyRef, Private};
+    use openssl::x509::{X509Name, X509NameRef, X509Ref, X509};
+
+    use crate::certs::{self, Issuer, Profile, Template, DAY};
+    use crate::PkiError;
+
+    /// A name with an optional O and a CN.
+    pub fn name(organization: Option<&str>, common_name: &str) -> Result<X509Name, PkiError> {
+        certs::name(organization, common_name)
+    }
+
+    /// A CA certificate for `subject` and `key`, signed by `issuer` (self-
+    /// signed if none), valid from now for `days`.
+    pub fn ca_certificate(
+        subject: &X509NameRef,
+        key: &PKeyRef<Private>,
+        issuer: Option<(&X509Ref, &PKeyRef<Private>)>,
+        days: u64,
+        path_len: Option<u32>,
+    ) -> Result<X509, PkiError> {
+        let now = super::unix_now();
+        certs::build(
+            &Template {
+                subject,
+                public_key: key,
+                serial: &certs::random_serial()?,
+                not_before: now - 60,
+                not_after: now + days * DAY,
+                profile: Profile::Ca { path_len },
+            },
+            issuer.map(|(cert, key)| Issuer { cert, key }).as_ref(),
+            Some(key),
+        )
+    }
+}
+
 fn check_service_id(service_id: &str) -> Result<(), PkiError> {
     fleet_protocol::topic::validate_service_id(service_id)
         .map_err(|_| PkiError::BadServiceId(service_id.to_owned()))
