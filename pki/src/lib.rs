@@ -389,10 +389,10 @@ impl Pki {
     }
 
     /// The roots a device is to pin at `now`, newest first, and the
-    /// cross-certificates that link each to the one before (§8 of
-    /// topics.md): every generation that has not expired, at most
-    /// [`MAX_PINNED_ROOTS`]. Empty while the first root is the only one:
-    /// there is nothing to learn.
+    /// cross-certificates that link each to the one before, both ways
+    /// (§3.5.5 and §8 of topics.md): every generation that has not
+    /// expired, at most [`MAX_PINNED_ROOTS`]. Empty while the first root
+    /// is the only one: there is nothing to learn.
     pub fn roots_to_pin(&self, now: u64) -> (Vec<X509>, Vec<X509>) {
         let roots = self.read_roots();
         if roots.issuing.generation == 1 {
@@ -435,7 +435,9 @@ impl Pki {
             _ => (root(generation)?, root(generation - 1)?),
         };
         let cross = files::load_cert(&path).ok()?;
-        let sound = cross.subject_name().to_der().ok() == root.subject_name().to_der().ok()
+        let name = |c: &X509| c.subject_name().to_der().ok();
+        let sound = name(&cross).is_some()
+            && name(&cross) == name(root)
             && cross
                 .public_key()
                 .ok()
