@@ -464,8 +464,59 @@ fn check_reply(
         }
         Kind::StatusReply => {
             assert!(reply.service_id.is_none() && reply.change.is_none());
+            check_roots(spec, name, reply);
         }
         other => panic!("{name}: unexpected reply kind {other:?}"),
+    }
+}
+
+/// `roots` and `crosses` of an example after a root roll-over (§3.5.5):
+/// the successor, then the published root; the successor certified by
+/// the published root, and the published root by the successor; every one
+/// a root CA certificate, as a device checks.
+fn check_roots(spec: &Spec, name: &str, reply: &Reply) {
+    let certs = |list: &Option<Vec<ByteBuf>>| -> Vec<X509> {
+        list.as_ref()
+            .unwrap_or_else(|| panic!("{name}: roots and crosses"))
+            .iter()
+            .map(|der| X509::from_der(der).unwrap())
+            .collect()
+    };
+    let (roots, crosses) = (certs(&reply.roots), certs(&reply.crosses));
+    assert_eq!(roots.len(), 2, "{name}: two roots");
+    assert_eq!(crosses.len(), 2, "{name}: a link each way");
+    let (new, first) = (&roots[0], &roots[1]);
+    assert_eq!(
+        first.to_der().unwrap(),
+        spec.root_ca().to_der().unwrap(),
+        "{name}: the published root second"
+    );
+    assert!(
+        new.verify(&new.public_key().unwrap()).unwrap(),
+        "{name}: self-signed"
+    );
+    let same = |a: &X509, b: &X509| {
+        a.subject_name().to_der().unwrap() == b.subject_name().to_der().unwrap()
+            && a.public_key().unwrap().public_eq(&b.public_key().unwrap())
+    };
+    for (link, of, by) in [(&crosses[0], new, first), (&crosses[1], first, new)] {
+        assert!(
+            same(link, of),
+            "{name}: a link carries its root's name and key"
+        );
+        assert_eq!(
+            link.issuer_name().to_der().unwrap(),
+            by.subject_name().to_der().unwrap()
+        );
+        assert!(
+            link.verify(&by.public_key().unwrap()).unwrap(),
+            "{name}: signed by the other root"
+        );
+    }
+    for cert in roots.iter().chain(&crosses) {
+        let usage = cert.key_usage().expect("keyUsage");
+        assert!(usage.contains(openssl::x509::X509KeyUsage::KEY_CERT_SIGN));
+        assert!(cert.pathlen().is_none(), "{name}: no path length limit");
     }
 }
 
@@ -857,6 +908,34 @@ fn generate(spec: &Spec) -> BTreeMap<String, String> {
     );
     g.out
         .insert("pem cert=root-ca".into(), pem(&root.to_pem().unwrap()));
+    // Its successor (§8), and the links between the two, both ways.
+    let root2_key = crypto::generate_p256().unwrap();
+    let root2_name = name(None, "fleetshift root CA 2");
+    let root2 = make_cert(
+        &root2_name,
+        &root2_key,
+        None,
+        &root2_key,
+        Profile::Ca(None),
+        (t0 - 300, t0 + 3650 * DAY_SECS),
+    );
+    let cross = make_cert(
+        &root2_name,
+        &root2_key,
+        Some((&root, &root_key)),
+        &root_key,
+        Profile::Ca(None),
+        (t0 - 300, t0 + 3650 * DAY_SECS),
+    );
+    let back = make_cert(
+        &name(None, "fleetshift root CA"),
+        &root_key,
+        Some((&root2, &root2_key)),
+        &root2_key,
+        Profile::Ca(None),
+        (t0 - 300, t0 + 3650 * DAY_SECS),
+    );
+    let der = |c: &X509| ByteBuf::from(c.to_der().unwrap());
     let service_ca = |svc: &str| {
         let key = crypto::generate_p256().unwrap();
         let cert = make_cert(
@@ -1043,6 +1122,8 @@ fn generate(spec: &Spec) -> BTreeMap<String, String> {
             nonce: status.nonce.clone(),
             seq: 14,
             status: Status::Ok,
+            roots: Some(vec![der(&root2), der(&root)]),
+            crosses: Some(vec![der(&cross), der(&back)]),
             ..Reply::default()
         },
     );

@@ -42,7 +42,7 @@ ORDER = {
     "poll": ["device_id", "service_id", "nonce", "ts"],
     "status": ["device_id", "service_id", "nonce", "ts", "event", "change_id", "detail"],
     "reply": ["device_id", "nonce", "seq", "status", "service_id", "uuid", "chain",
-              "key", "change", "detail"],
+              "key", "change", "roots", "crosses", "detail"],
     "service_change": ["device_id", "seq", "change_id", "service_id", "provider",
                        "application", "endpoint", "ts"],
     "sealed": ["epk", "iv", "ct"],
