@@ -168,6 +168,31 @@ pub(crate) fn build<T: HasPublic>(
     Ok(b.build())
 }
 
+/// A CA certificate for `subject` and `public_key` with a fresh serial,
+/// valid over `validity` (Unix seconds): signed by `issuer`, or
+/// self-signed with `self_key`.
+pub(crate) fn ca<T: HasPublic>(
+    subject: &X509NameRef,
+    public_key: &PKeyRef<T>,
+    (not_before, not_after): (u64, u64),
+    path_len: Option<u32>,
+    issuer: Option<&Issuer<'_>>,
+    self_key: Option<&PKeyRef<Private>>,
+) -> Result<X509, PkiError> {
+    build(
+        &Template {
+            subject,
+            public_key,
+            serial: &random_serial()?,
+            not_before,
+            not_after,
+            profile: Profile::Ca { path_len },
+        },
+        issuer,
+        self_key,
+    )
+}
+
 pub(crate) fn asn1_time(unix_seconds: u64) -> Result<Asn1Time, PkiError> {
     let t = i64::try_from(unix_seconds)
         .map_err(|_| PkiError::Inconsistent(format!("time {unix_seconds} out of range")))?;

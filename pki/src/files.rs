@@ -72,6 +72,16 @@ fn replace(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> Result<(), Pk
     })
 }
 
+/// Whether `path` was last modified at least `secs` seconds ago (false if
+/// that cannot be told, a time ahead of the clock included).
+pub(crate) fn older_than(path: &Path, secs: u64) -> bool {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|at| at.elapsed().ok())
+        .is_some_and(|age| age.as_secs() >= secs)
+}
+
 pub(crate) fn read(path: &Path) -> Result<Vec<u8>, PkiError> {
     fs::read(path).map_err(|e| file_error(path, e))
 }

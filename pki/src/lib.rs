@@ -72,6 +72,10 @@ const SERVICE_CA_LIFETIME_DAYS: u64 = 5 * 365;
 const BROKER_LIFETIME_DAYS: u64 = 2 * 365;
 /// A CRL's nextUpdate, counted from its thisUpdate.
 const CRL_VALIDITY_DAYS: u64 = 7;
+/// A key or certificate without its other half left by a roll-over is
+/// taken for one that did not finish once this old; younger, it may be
+/// another process's roll under way.
+const LEFTOVER_AGE_SECS: u64 = 60;
 /// Most roots a device is given to pin (`roots` in a reply): a fleet has
 /// two during a roll-over.
 pub const MAX_PINNED_ROOTS: usize = 4;
@@ -298,13 +302,7 @@ impl Pki {
             if unix_of(cert.not_after())? < now || !crl_due(&path) {
                 continue;
             }
-            let params = crl::CrlParams {
-                crl_number: now,
-                this_update: now as i64,
-                next_update: (now + CRL_VALIDITY_DAYS * DAY) as i64,
-            };
-            let der = crl::build_crl_der(cert, key, &[], &params)?;
-            files::write_atomic(&path, &crl::crl_der_to_pem(&der), PUBLIC_MODE)?;
+            write_crl_file(&path, cert, key, &[], now)?;
         }
         Ok(())
     }
@@ -555,11 +553,10 @@ impl Pki {
         let path = |part| roots::root_file(&self.dir, generation, part);
         for part in [RootPart::Key, RootPart::Cross, RootPart::Back] {
             let leftover = path(part);
-            let Ok(meta) = std::fs::metadata(&leftover) else {
+            if !leftover.exists() {
                 continue;
-            };
-            let age = meta.modified().ok().and_then(|at| at.elapsed().ok());
-            if !age.is_some_and(|age| age.as_secs() >= 60) {
+            }
+            if !files::older_than(&leftover, LEFTOVER_AGE_SECS) {
                 return Err(PkiError::Inconsistent(format!(
                     "{} is new: a root roll-over may be under way",
                     leftover.display()
@@ -568,55 +565,41 @@ impl Pki {
             std::fs::remove_file(&leftover).map_err(|e| files::file_error(&leftover, e))?;
             tracing::warn!(path = %leftover.display(), "removed what a root roll-over that did not finish left");
         }
-        let key = certs::new_p256_key()?;
-        let subject = certs::name(None, &format!("{ROOT_CN} {generation}"))?;
-        let not_before = now.saturating_sub(certs::BACKDATE_SECS);
-        let not_after = now + ROOT_LIFETIME_DAYS * DAY;
-        let cert = certs::build(
-            &Template {
-                subject: &subject,
-                public_key: &key,
-                serial: &certs::random_serial()?,
-                not_before,
-                not_after,
-                profile: Profile::Ca { path_len: None },
-            },
-            None,
-            Some(&key),
-        )?;
+        let (cert, key) = new_root(&format!("{ROOT_CN} {generation}"), now)?;
         // Nothing to link to once the root before has ended.
         let before_end = unix_of(before.cert.not_after())?;
         let links = match before_end > now {
             true => {
-                let cross = certs::build(
-                    &Template {
-                        subject: &subject,
-                        public_key: &key,
-                        serial: &certs::random_serial()?,
-                        not_before,
-                        not_after: before_end,
-                        profile: Profile::Ca { path_len: None },
-                    },
-                    Some(&Issuer {
+                let validity = (unix_of(cert.not_before())?, before_end);
+                // The new root by the one before, and the one before by it.
+                let link = |of: &Root, by: &Issuer<'_>| {
+                    certs::ca(
+                        of.cert.subject_name(),
+                        &of.key,
+                        validity,
+                        None,
+                        Some(by),
+                        None,
+                    )
+                };
+                let new = Root {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    generation,
+                };
+                let cross = link(
+                    &new,
+                    &Issuer {
                         cert: &before.cert,
                         key: &before.key,
-                    }),
-                    None,
-                )?;
-                let back = certs::build(
-                    &Template {
-                        subject: before.cert.subject_name(),
-                        public_key: &before.key,
-                        serial: &certs::random_serial()?,
-                        not_before,
-                        not_after: before_end,
-                        profile: Profile::Ca { path_len: None },
                     },
-                    Some(&Issuer {
+                )?;
+                let back = link(
+                    &before,
+                    &Issuer {
                         cert: &cert,
                         key: &key,
-                    }),
-                    None,
+                    },
                 )?;
                 Some((cross, back))
             }
@@ -629,13 +612,7 @@ impl Pki {
                 files::write_atomic(&path(RootPart::Cross), &cross.to_pem()?, PUBLIC_MODE)?;
                 files::write_atomic(&path(RootPart::Back), &back.to_pem()?, PUBLIC_MODE)?;
             }
-            let params = crl::CrlParams {
-                crl_number: now,
-                this_update: now as i64,
-                next_update: (now + CRL_VALIDITY_DAYS * DAY) as i64,
-            };
-            let der = crl::build_crl_der(&cert, &key, &[], &params)?;
-            files::write_atomic(&crl_path, &crl::crl_der_to_pem(&der), PUBLIC_MODE)?;
+            write_crl_file(&crl_path, &cert, &key, &[], now)?;
             files::write_atomic(&path(RootPart::Cert), &cert.to_pem()?, PUBLIC_MODE)?;
             files::sync_dir(&self.dir)
         })();
@@ -1054,11 +1031,7 @@ impl Pki {
                 Some(top) if *generation < top => {}
                 _ => {
                     let key = self.service_ca_key_path(service_id, *generation);
-                    let age = std::fs::metadata(&key)
-                        .and_then(|m| m.modified())
-                        .ok()
-                        .and_then(|at| at.elapsed().ok());
-                    if age.is_some_and(|age| age.as_secs() >= 60) {
+                    if files::older_than(&key, LEFTOVER_AGE_SECS) {
                         tracing::warn!(path = %key.display(), "removed the key of a service CA roll-over that did not finish");
                         std::fs::remove_file(&key).map_err(|e| files::file_error(&key, e))?;
                     }
@@ -1124,15 +1097,14 @@ impl Pki {
         };
         let subject = certs::name(Some(service_id), &cn)?;
         let root = self.read_roots().issuing.clone();
-        let cert = certs::build(
-            &Template {
-                subject: &subject,
-                public_key: &key,
-                serial: &certs::random_serial()?,
-                not_before: now.saturating_sub(certs::BACKDATE_SECS),
-                not_after: self.service_ca_end(now)?,
-                profile: Profile::Ca { path_len: Some(0) },
-            },
+        let cert = certs::ca(
+            &subject,
+            &key,
+            (
+                now.saturating_sub(certs::BACKDATE_SECS),
+                self.service_ca_end(now)?,
+            ),
+            Some(0),
             Some(&Issuer {
                 cert: &root.cert,
                 key: &root.key,
@@ -1300,15 +1272,8 @@ impl Pki {
         revoked: &[RevokedEntry],
         crl_number: u64,
     ) -> Result<PathBuf, PkiError> {
-        let now = unix_now();
-        let params = crl::CrlParams {
-            crl_number,
-            this_update: now as i64,
-            next_update: (now + CRL_VALIDITY_DAYS * DAY) as i64,
-        };
-        let der = crl::build_crl_der(&ca.cert, &ca.key, revoked, &params)?;
         let path = self.crl_path_of(service_id, ca.generation);
-        files::write_atomic(&path, &crl::crl_der_to_pem(&der), PUBLIC_MODE)?;
+        write_crl_file(&path, &ca.cert, &ca.key, revoked, crl_number)?;
         tracing::info!(
             service_id,
             generation = ca.generation,
@@ -1362,7 +1327,7 @@ impl Pki {
         let mut tail = Vec::new();
         if cert_path.exists() && key_path.exists() {
             let pem = files::read(&cert_path)?;
-            let cert = files::load_cert(&cert_path)?;
+            let cert = X509::from_pem(&pem)?;
             let key = files::load_private_key(&key_path)?;
             // A tail that does not read is one to write again.
             match X509::stack_from_pem(&pem) {
@@ -1509,21 +1474,7 @@ fn load_or_create_root(dir: &Path) -> Result<(X509, PKey<Private>), PkiError> {
             Ok((cert, key))
         }
         (false, false) => {
-            let key = certs::new_p256_key()?;
-            let now = unix_now();
-            let subject = certs::name(None, ROOT_CN)?;
-            let cert = certs::build(
-                &Template {
-                    subject: &subject,
-                    public_key: &key,
-                    serial: &certs::random_serial()?,
-                    not_before: now.saturating_sub(certs::BACKDATE_SECS),
-                    not_after: now + ROOT_LIFETIME_DAYS * DAY,
-                    profile: Profile::Ca { path_len: None },
-                },
-                None,
-                Some(&key),
-            )?;
+            let (cert, key) = new_root(ROOT_CN, unix_now())?;
             write_private_key(&key_path, &key)?;
             files::write_atomic(&cert_path, &cert.to_pem()?, PUBLIC_MODE)?;
             tracing::info!(path = %cert_path.display(), "created root CA");
@@ -1531,6 +1482,37 @@ fn load_or_create_root(dir: &Path) -> Result<(X509, PKey<Private>), PkiError> {
         }
         _ => Err(half_pair(&cert_path, &key_path)),
     }
+}
+
+/// A new root CA made at `now`: a new key, self-signed, ten years.
+fn new_root(common_name: &str, now: u64) -> Result<(X509, PKey<Private>), PkiError> {
+    let key = certs::new_p256_key()?;
+    let validity = (
+        now.saturating_sub(certs::BACKDATE_SECS),
+        now + ROOT_LIFETIME_DAYS * DAY,
+    );
+    let subject = certs::name(None, common_name)?;
+    let cert = certs::ca(&subject, &key, validity, None, None, Some(&key))?;
+    Ok((cert, key))
+}
+
+/// Writes at `path` a CRL signed by `cert`'s `key`, listing `revoked`,
+/// with `crl_number`, thisUpdate now and nextUpdate in 7 days.
+fn write_crl_file(
+    path: &Path,
+    cert: &X509,
+    key: &PKey<Private>,
+    revoked: &[RevokedEntry],
+    crl_number: u64,
+) -> Result<(), PkiError> {
+    let now = unix_now();
+    let params = crl::CrlParams {
+        crl_number,
+        this_update: now as i64,
+        next_update: (now + CRL_VALIDITY_DAYS * DAY) as i64,
+    };
+    let der = crl::build_crl_der(cert, key, revoked, &params)?;
+    files::write_atomic(path, &crl::crl_der_to_pem(&der), PUBLIC_MODE)
 }
 
 /// The first root (created if the directory is new) and its successors.
@@ -1632,7 +1614,7 @@ pub mod testing {
     use openssl::pkey::{PKeyRef, Private};
     use openssl::x509::{X509Name, X509NameRef, X509Ref, X509};
 
-    use crate::certs::{self, Issuer, Profile, Template, DAY};
+    use crate::certs::{self, Issuer, DAY};
     use crate::PkiError;
 
     /// A name with an optional O and a CN.
@@ -1650,15 +1632,11 @@ pub mod testing {
         path_len: Option<u32>,
     ) -> Result<X509, PkiError> {
         let now = super::unix_now();
-        certs::build(
-            &Template {
-                subject,
-                public_key: key,
-                serial: &certs::random_serial()?,
-                not_before: now - 60,
-                not_after: now + days * DAY,
-                profile: Profile::Ca { path_len },
-            },
+        certs::ca(
+            subject,
+            key,
+            (now - 60, now + days * DAY),
+            path_len,
             issuer.map(|(cert, key)| Issuer { cert, key }).as_ref(),
             Some(key),
         )
@@ -1819,18 +1797,15 @@ mod tests {
     fn write_service_ca(pki: &Pki, service: &str, generation: u32, not_after: u64) {
         let key = certs::new_p256_key().unwrap();
         let cn = format!("fleetshift service CA {service} {generation}");
-        let cert = certs::build(
-            &Template {
-                subject: &certs::name(Some(service), &cn).unwrap(),
-                public_key: &key,
-                serial: &certs::random_serial().unwrap(),
-                not_before: unix_now() - 60,
-                not_after,
-                profile: Profile::Ca { path_len: Some(0) },
-            },
+        let root = pki.read_roots().issuing.clone();
+        let cert = certs::ca(
+            &certs::name(Some(service), &cn).unwrap(),
+            &key,
+            (unix_now() - 60, not_after),
+            Some(0),
             Some(&Issuer {
-                cert: &pki.read_roots().issuing.cert,
-                key: &pki.read_roots().issuing.key,
+                cert: &root.cert,
+                key: &root.key,
             }),
             None,
         )
