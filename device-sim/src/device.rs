@@ -630,7 +630,11 @@ impl Device {
     /// connection and chain from then on. Roots that do not read are
     /// logged and left alone: the reply is still good.
     async fn learn_roots(&self, reply: &Reply) {
-        let roots = match roots_of(reply, &self.pinned().certs, wall_now() as u64) {
+        if reply.roots.is_none() {
+            return;
+        }
+        let pinned = self.pinned();
+        let roots = match roots_of(reply, &pinned.certs, wall_now() as u64) {
             Ok(Some(roots)) => roots,
             Ok(None) => return,
             Err(e) => {
@@ -645,7 +649,7 @@ impl Device {
                 Err(_) => return,
             }
         }
-        if pem == self.pinned().pem {
+        if pem == pinned.pem {
             return;
         }
         let stored = pem.clone();

@@ -606,14 +606,7 @@ mod tests {
         let csr = X509Req::from_der(body.csr.as_ref().unwrap()).unwrap();
         let leaf = mgr.issue("dev1", &csr.public_key().unwrap());
         let reply = mgr.update_reply(&body, vec![leaf.clone(), mgr.service_ca.clone()], None);
-        let installed = finish_update(
-            &reply,
-            &req,
-            "dev1",
-            "svcB",
-            std::slice::from_ref(&mgr.root),
-        )
-        .unwrap();
+        let installed = finish_update(&reply, &req, "dev1", "svcB", mgr.roots()).unwrap();
         assert_eq!(installed.chain[0], leaf);
         assert!(installed.key.public_eq(req.service_key.as_ref().unwrap()));
         assert_eq!(
@@ -630,20 +623,12 @@ mod tests {
         let stranger = crypto::generate_p256().unwrap();
         let wrong = mgr.issue("dev1", &stranger);
         let reply = mgr.update_reply(&body, vec![wrong, mgr.service_ca.clone()], None);
-        assert!(finish_update(
-            &reply,
-            &req,
-            "dev1",
-            "svcB",
-            std::slice::from_ref(&mgr.root)
-        )
-        .is_err());
+        assert!(finish_update(&reply, &req, "dev1", "svcB", mgr.roots()).is_err());
         // So is one that does not chain to the pinned root.
         let other = FakeManager::new();
         let foreign = other.issue("dev1", &csr.public_key().unwrap());
         let reply = mgr.update_reply(&body, vec![foreign, other.service_ca.clone()], None);
-        let pinned = std::slice::from_ref(&mgr.root);
-        assert!(finish_update(&reply, &req, "dev1", "svcB", pinned).is_err());
+        assert!(finish_update(&reply, &req, "dev1", "svcB", mgr.roots()).is_err());
         // Unless that root is pinned too (after a root roll-over).
         let both = [other.root.clone(), mgr.root.clone()];
         assert!(finish_update(&reply, &req, "dev1", "svcB", &both).is_ok());
@@ -706,7 +691,7 @@ mod tests {
         );
         // Roots of another fleet, signed by the manager's key alone: none.
         let other = FakeManager::new();
-        reply.roots = der(std::slice::from_ref(&other.root));
+        reply.roots = der(other.roots());
         reply.crosses = None;
         assert!(roots_of(&reply, std::slice::from_ref(&r1), 0).is_err());
         // Only from an ok reply.
@@ -817,26 +802,13 @@ mod tests {
         let sealed = crypto::seal(&body.eph, "dev1", &key.private_key_to_pkcs8().unwrap()).unwrap();
         let leaf = mgr.issue("dev1", &key);
         let reply = mgr.update_reply(&body, vec![leaf, mgr.service_ca.clone()], Some(sealed));
-        let installed = finish_update(
-            &reply,
-            &req,
-            "dev1",
-            "svcB",
-            std::slice::from_ref(&mgr.root),
-        )
-        .unwrap();
+        let installed = finish_update(&reply, &req, "dev1", "svcB", mgr.roots()).unwrap();
         assert!(installed.key.public_eq(&key));
         // Without the sealed key there is nothing to install.
         let leaf = mgr.issue("dev1", &key);
         let reply = mgr.update_reply(&body, vec![leaf, mgr.service_ca.clone()], None);
         assert!(matches!(
-            finish_update(
-                &reply,
-                &req,
-                "dev1",
-                "svcB",
-                std::slice::from_ref(&mgr.root)
-            ),
+            finish_update(&reply, &req, "dev1", "svcB", mgr.roots()),
             Err(ReplyError::Missing("key"))
         ));
     }

@@ -61,6 +61,11 @@ pub struct FakeManager {
 }
 
 impl FakeManager {
+    /// Its root, as the roots a device pins.
+    pub fn roots(&self) -> &[X509] {
+        std::slice::from_ref(&self.root)
+    }
+
     pub fn new() -> Self {
         let signing = crypto::generate_p256().unwrap();
         let public = PKey::public_key_from_pem(&signing.public_key_to_pem().unwrap()).unwrap();

@@ -861,11 +861,10 @@ fn subject_of(cert: &openssl::x509::X509) -> String {
 }
 
 fn ca_view(ca: &fleet_pki::CaGeneration, issuing: bool) -> Value {
-    let subject = subject_of(&ca.cert);
     json!({
         "generation": ca.generation,
         "issuing": issuing,
-        "subject": subject,
+        "subject": subject_of(&ca.cert),
         "serial": ca.serial_hex,
         "not_before": ca.not_before,
         "not_after": ca.not_after,

@@ -149,8 +149,9 @@ fn stamp(meta: std::io::Result<std::fs::Metadata>) -> Option<(SystemTime, u64, u
 
 fn fingerprint(dir: &Path) -> Fingerprint {
     let mut out = BTreeMap::new();
+    // Every root generation's certificate (`root-ca.pem` among them).
     let roots = fleet_pki::root_cert_files(dir);
-    let files = ["root-ca.pem", "broker.pem", "broker.key"].map(|f| dir.join(f));
+    let files = ["broker.pem", "broker.key"].map(|f| dir.join(f));
     for p in files.into_iter().chain(roots) {
         let meta = std::fs::metadata(&p);
         out.insert(p, stamp(meta));
