@@ -115,6 +115,12 @@ enum Cmd {
         certs: PathBuf,
         #[arg(long, default_value = "svcA")]
         service: String,
+        /// Then roll the root CA over once, as a fleet's does two years
+        /// before its end, and issue the broker's certificate again: it
+        /// carries the cross-certificate to the first root, which the
+        /// generator still pins alone.
+        #[arg(long)]
+        roll_root: bool,
     },
     /// Run the fleetshift broker alone in this process, as `fleet-broker
     /// --config FILE` does, but with a Tokio runtime entered around
@@ -794,9 +800,17 @@ fn hold(c: Common, count: usize, settle_secs: u64, subscribe: bool) -> anyhow::R
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
-        Cmd::Prepare { certs, service } => {
+        Cmd::Prepare {
+            certs,
+            service,
+            roll_root,
+        } => {
             let pki = fleet_pki::Pki::open_or_create(&certs)?;
             pki.service_ca(&service)?;
+            if roll_root {
+                pki.roll_root()?;
+                pki.ensure_broker_cert(None)?;
+            }
             let mut pem = Vec::new();
             for root in pki.root_generations()? {
                 pem.extend(root.cert.to_pem()?);
