@@ -252,6 +252,16 @@ impl PinnedRoots {
         let certs = X509::stack_from_pem(&pem)?;
         Ok(PinnedRoots { pem, certs })
     }
+
+    /// The SHA-256 of each root's DER, as a `status` report names them
+    /// (topics.md §3.5.4).
+    fn digests(&self) -> Vec<[u8; 32]> {
+        self.certs
+            .iter()
+            .filter_map(|c| c.to_der().ok())
+            .map(|der| openssl::sha::sha256(&der))
+            .collect()
+    }
 }
 
 /// `unknown_ca` refusals of the service certificate (topics.md §10.1
@@ -628,29 +638,30 @@ impl Device {
     /// Pins the roots a verified reply gives (topics.md §8), if they
     /// differ from those pinned: stored first, then used for every
     /// connection and chain from then on. Roots that do not read are
-    /// logged and left alone: the reply is still good.
-    async fn learn_roots(&self, reply: &Reply) {
+    /// logged and left alone: the reply is still good. Says whether the
+    /// roots pinned changed.
+    async fn learn_roots(&self, reply: &Reply) -> bool {
         if reply.roots.is_none() {
-            return;
+            return false;
         }
         let pinned = self.pinned();
         let roots = match roots_of(reply, &pinned.certs, wall_now() as u64) {
             Ok(Some(roots)) => roots,
-            Ok(None) => return,
+            Ok(None) => return false,
             Err(e) => {
                 warn!(error = %e, "roots in a reply ignored");
-                return;
+                return false;
             }
         };
         let mut pem = Vec::new();
         for root in &roots {
             match root.to_pem() {
                 Ok(one) => pem.extend(one),
-                Err(_) => return,
+                Err(_) => return false,
             }
         }
         if pem == pinned.pem {
-            return;
+            return false;
         }
         let stored = pem.clone();
         match self.with_store(move |s| s.pin_roots(&stored)).await {
@@ -658,8 +669,12 @@ impl Device {
                 info!(roots = roots.len(), "pinned the roots the manager gave");
                 *self.roots.write().expect("roots lock poisoned") =
                     PinnedRoots { pem, certs: roots };
+                true
             }
-            Err(e) => warn!(error = %e, "roots not stored; pinned next time"),
+            Err(e) => {
+                warn!(error = %e, "roots not stored; pinned next time");
+                false
+            }
         }
     }
 
@@ -970,7 +985,13 @@ impl Device {
                     let msg = msg.stage("session")?;
                     let incoming = self.classify(msg, &mut outstanding);
                     if let Incoming::PollReply(reply) | Incoming::StatusReply(reply) = &incoming {
-                        self.learn_roots(reply).await;
+                        // Newly pinned roots are reported at once, so the
+                        // operator sees which devices pin them (§3.5.4).
+                        if self.learn_roots(reply).await {
+                            self.send_status(&link, &mut outstanding, &service_id, event::ROOTS_PINNED, None, None)
+                                .await
+                                .stage("session")?;
+                        }
                     }
                     let notice = match incoming {
                         Incoming::Notice(n) => Some(n),
@@ -1265,6 +1286,7 @@ impl Device {
             event,
             change_id,
             detail,
+            self.pinned().digests(),
         )?;
         let topic = Topic::in_tenant(
             service_id,

@@ -143,9 +143,12 @@ pub mod event {
     pub const ONLINE: &str = "online";
     pub const CHANGE_APPLIED: &str = "change_applied";
     pub const NOTICE_REJECTED: &str = "notice_rejected";
+    pub const ROOTS_PINNED: &str = "roots_pinned";
 }
 
-/// `status`: `online`, `change_applied` or `notice_rejected`.
+/// `status`: `online`, `change_applied`, `notice_rejected` or
+/// `roots_pinned`; `pinned_roots`, the SHA-256 of each root the device
+/// pins, goes with every one.
 pub fn build_status(
     device_id: &str,
     service_id: &str,
@@ -153,6 +156,7 @@ pub fn build_status(
     event: &str,
     change_id: Option<String>,
     detail: Option<String>,
+    pinned_roots: Vec<[u8; 32]>,
 ) -> Result<Prepared, ProtocolError> {
     let body = StatusReport {
         device_id: device_id.to_owned(),
@@ -162,6 +166,13 @@ pub fn build_status(
         event: event.to_owned(),
         change_id,
         detail,
+        pinned_roots: (!pinned_roots.is_empty()).then(|| {
+            pinned_roots
+                .iter()
+                .take(fleet_protocol::messages::MAX_PINNED_ROOTS_REPORTED)
+                .map(|d| ByteBuf::from(d.to_vec()))
+                .collect()
+        }),
     };
     let env = Envelope::build(Kind::Status, &body, |tbs| crypto::hmac(uuid, tbs))?;
     Ok(Prepared {
@@ -247,6 +258,7 @@ mod tests {
             event::CHANGE_APPLIED,
             Some("c1".into()),
             None,
+            vec![[7; 32]],
         )
         .unwrap();
         let env = Envelope::decode(&s.bytes).unwrap();
@@ -256,5 +268,6 @@ mod tests {
         assert_eq!(body.event, "change_applied");
         assert_eq!(body.change_id.as_deref(), Some("c1"));
         assert_eq!(body.nonce, s.nonce);
+        assert_eq!(body.pinned_roots, Some(vec![ByteBuf::from(vec![7; 32])]));
     }
 }

@@ -74,6 +74,7 @@ pub fn device_view(d: &DeviceRecord) -> Value {
         "current_cert": d.current_cert,
         "pending": d.pending,
         "last_seen_ms": d.last_seen_ms,
+        "pinned_roots": d.pinned_roots,
     })
 }
 
@@ -796,39 +797,72 @@ fn service_cas(core: &Core, service: &str) -> Result<Value, (u16, String)> {
 }
 
 /// The generations of the fleet's root CA, oldest first; the last one
-/// issues. After a roll-over, also the devices that have reported
-/// `online` since (the answer offered them the roots to pin) and how many
-/// have not, with the first 100 of those: they pin only the roots before
-/// until they report, and must before the oldest expires. A device may
-/// still refuse the roots (topics.md §3.5.5); its next handshake with a
-/// certificate of the new root's service CAs then tells.
+/// issues; each with how many devices said they pin it (`pinned_roots`,
+/// topics.md §3.5.4). After a roll-over, also:
+/// - the devices that have reported `online` since (the answer offered
+///   them the roots to pin) and how many have not, with the first 100 of
+///   those;
+/// - the devices that said they pin the newest root, and how many have
+///   not, with the first 100 of those: they must before the oldest root
+///   expires. A device that never said which roots it pins (built without
+///   `pinned_roots`) is among them, and counted in `devices_not_saying`.
 fn root_cas(core: &Core) -> Result<Value, (u16, String)> {
     let generations = core.pki.root_generations().map_err(internal)?;
+    let devices = core.store.devices().map_err(internal)?;
     let last = generations.last().map(|r| r.generation);
+    let pinning = |generation: u32| {
+        devices
+            .iter()
+            .filter(|d| {
+                d.pinned_roots
+                    .as_ref()
+                    .is_some_and(|p| p.contains(&generation))
+            })
+            .count()
+    };
     let mut view = json!({
         "generations": generations
             .iter()
-            .map(|r| root_view(r, Some(r.generation) == last))
+            .map(|r| {
+                let mut view = root_view(r, Some(r.generation) == last);
+                view["devices_pinning"] = json!(pinning(r.generation));
+                view
+            })
             .collect::<Vec<_>>(),
     });
     if let Some(newest) = generations.last().filter(|r| r.generation >= 2) {
         // `made_at` is whole seconds: a report in that second may have been
         // answered before the roll, so it does not count.
         let since_ms = (newest.made_at + 1).saturating_mul(1000);
-        let mut reported = 0;
-        let mut not_reported = Vec::new();
-        for d in core.store.devices().map_err(internal)? {
+        let (mut reported, mut not_reported) = (0, Vec::new());
+        let (mut pinned, mut not_pinned, mut not_saying) = (0, Vec::new(), 0);
+        for d in &devices {
             if d.last_seen_ms.is_some_and(|at| at >= since_ms) {
                 reported += 1;
             } else {
-                not_reported.push(d.device_id);
+                not_reported.push(d.device_id.clone());
+            }
+            match &d.pinned_roots {
+                Some(p) if p.contains(&newest.generation) => pinned += 1,
+                Some(_) => not_pinned.push(d.device_id.clone()),
+                None => {
+                    not_saying += 1;
+                    not_pinned.push(d.device_id.clone());
+                }
             }
         }
+        let first = |mut ids: Vec<String>| {
+            ids.sort();
+            ids.truncate(100);
+            ids
+        };
         view["devices_reported_since_roll"] = json!(reported);
         view["devices_not_reported_since_roll"] = json!(not_reported.len());
-        not_reported.sort();
-        not_reported.truncate(100);
-        view["not_reported"] = json!(not_reported);
+        view["not_reported"] = json!(first(not_reported));
+        view["devices_pinning_newest"] = json!(pinned);
+        view["devices_not_pinning_newest"] = json!(not_pinned.len());
+        view["devices_not_saying"] = json!(not_saying);
+        view["not_pinning_newest"] = json!(first(not_pinned));
     }
     Ok(view)
 }

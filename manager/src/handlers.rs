@@ -53,6 +53,30 @@ fn fail<T>(status: Status, detail: impl Into<String>) -> Result<T, Failure> {
     })
 }
 
+/// The digests of a `status` report's `pinned_roots`: 1 to
+/// [`fleet_protocol::messages::MAX_PINNED_ROOTS_REPORTED`] of 32 bytes
+/// each, or `malformed` (topics.md §5.3, check 20).
+fn pinned_roots_of(body: &StatusReport) -> Result<Option<Vec<[u8; 32]>>, Failure> {
+    let Some(list) = &body.pinned_roots else {
+        return Ok(None);
+    };
+    if list.is_empty() || list.len() > fleet_protocol::messages::MAX_PINNED_ROOTS_REPORTED {
+        return fail(
+            Status::Malformed,
+            format!(
+                "pinned_roots holds {} digests (1 to {})",
+                list.len(),
+                fleet_protocol::messages::MAX_PINNED_ROOTS_REPORTED
+            ),
+        );
+    }
+    list.iter()
+        .map(|d| <[u8; 32]>::try_from(d.as_slice()))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+        .or_else(|_| fail(Status::Malformed, "a pinned_roots digest is not 32 bytes"))
+}
+
 impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Self {
         Failure {
@@ -968,6 +992,7 @@ impl Core {
             pending: None,
             last_seen_ms: None,
             pending_revocation: Vec::new(),
+            pinned_roots: None,
         };
         info!(service = %service_id, "device activated");
         Ok(Outcome::Reply {
@@ -1251,6 +1276,7 @@ impl Core {
             return Ok(Outcome::Cached(cached));
         }
         self.check_tenant(topic, &device, &req.body.service_id)?;
+        let pinned = pinned_roots_of(&req.body)?;
         let mut batch = Batch {
             nonce: Some(self.nonce_record(&req)),
             ..Batch::default()
@@ -1297,6 +1323,15 @@ impl Core {
                 batch.device = Some(next);
             }
             _ => {}
+        }
+        // Which of the fleet's roots it pins, whatever the event, from any
+        // tenant it may report from: its word about itself, under its HMAC.
+        if let Some(digests) = pinned {
+            let generations = self.pki.root_generations_of(&digests);
+            if device.pinned_roots.as_ref() != Some(&generations) {
+                let next = batch.device.get_or_insert_with(|| device.clone());
+                next.pinned_roots = Some(generations);
+            }
         }
         Ok(Outcome::Reply {
             reply: Box::new(Reply {
@@ -2480,6 +2515,71 @@ mod tests {
         assert!(generations[1].not_after > now + 4 * 365 * 86_400);
     }
 
+    /// `pinned_roots` of a `status` report is kept as the generations of
+    /// the fleet's roots it names, whatever the event; a list that is not
+    /// 1 to 8 digests of 32 bytes is `malformed` and changes nothing.
+    #[test]
+    fn status_reports_say_which_roots_a_device_pins() {
+        let (_dir, core) = core();
+        let uuid = activated(&core, "d1");
+        assert_eq!(update(&core, "d1", "svcA", None, &uuid).status, Status::Ok);
+        core.roll_root().unwrap();
+        let roots = core.pki.root_generations().unwrap();
+        let digest = |i: usize| {
+            ByteBuf::from(openssl::sha::sha256(&roots[i].cert.to_der().unwrap()).to_vec())
+        };
+        let report = |event: &str, pinned: Option<Vec<ByteBuf>>| {
+            let body = StatusReport {
+                device_id: "d1".into(),
+                service_id: "svcA".into(),
+                nonce: crypto::random_bytes(16),
+                ts: now_ms(),
+                event: event.into(),
+                change_id: None,
+                detail: None,
+                pinned_roots: pinned,
+            };
+            let env = Envelope::build(Kind::Status, &body, |tbs| crypto::hmac(&uuid, tbs)).unwrap();
+            let topic = Topic::in_tenant("svcA", Route::Request(RequestKind::Status, "d1".into()));
+            ask(&core, &topic, env.encode())
+        };
+        let kept = || core.store.device("d1").unwrap().unwrap().pinned_roots;
+        assert_eq!(kept(), None, "not said yet");
+
+        assert_eq!(report("online", None).status, Status::Ok);
+        assert_eq!(kept(), None);
+        assert_eq!(report("online", Some(vec![digest(0)])).status, Status::Ok);
+        assert_eq!(kept(), Some(vec![1]));
+        let reply = report("roots_pinned", Some(vec![digest(1), digest(0)]));
+        assert_eq!(reply.status, Status::Ok);
+        assert_eq!(
+            reply.roots.map(|r| r.len()),
+            Some(2),
+            "the roots, offered again"
+        );
+        assert_eq!(kept(), Some(vec![1, 2]));
+        // A root that is not the fleet's names nothing.
+        let stranger = ByteBuf::from(vec![0xAB; 32]);
+        assert_eq!(
+            report("online", Some(vec![digest(1), stranger.clone()])).status,
+            Status::Ok
+        );
+        assert_eq!(kept(), Some(vec![2]));
+
+        let before = core.store.device("d1").unwrap().unwrap();
+        for (bad, why) in [
+            (vec![], "no digest"),
+            (vec![ByteBuf::from(vec![1; 31])], "31 bytes"),
+            (vec![digest(0), ByteBuf::from(vec![1; 33])], "33 bytes"),
+            (vec![stranger; 9], "nine digests"),
+        ] {
+            let reply = report("roots_pinned", Some(bad));
+            assert_eq!(reply.status, Status::Malformed, "{why}");
+            assert!(reply.detail.unwrap().contains("pinned_roots"), "{why}");
+            assert_eq!(core.store.device("d1").unwrap().unwrap(), before, "{why}");
+        }
+    }
+
     /// Registers `device_id` for svcA with a new factory key, returned.
     fn registered(core: &Core, device_id: &str) -> PKey<openssl::pkey::Private> {
         let factory = crypto::generate_p256().unwrap();
@@ -2814,6 +2914,7 @@ mod tests {
             event: "x\nERROR forged by the device \u{1b}[2J".into(),
             change_id: None,
             detail: None,
+            pinned_roots: None,
         };
         let env = Envelope::build(Kind::Status, &body, |tbs| crypto::hmac(&uuid, tbs)).unwrap();
         let topic = Topic::in_tenant("svcA", Route::Request(RequestKind::Status, "d1".into()));
@@ -2850,6 +2951,7 @@ mod tests {
                 event: "online".into(),
                 change_id: None,
                 detail: None,
+                pinned_roots: None,
             };
             let env = Envelope::build(Kind::Status, &body, |tbs| crypto::hmac(&uuid, tbs)).unwrap();
             let topic = Topic::in_tenant(tenant, Route::Request(RequestKind::Status, "d1".into()));
@@ -2932,6 +3034,7 @@ mod tests {
                 event: "online".into(),
                 change_id: None,
                 detail: None,
+                pinned_roots: None,
             };
             let topic =
                 Topic::in_tenant("svcA", Route::Request(RequestKind::Status, ids[i].clone()));

@@ -97,6 +97,11 @@ pub struct DeviceRecord {
     /// device whose reply is still in flight is never stranded.
     #[serde(default)]
     pub pending_revocation: Vec<String>,
+    /// The generations of the fleet's root CA the device said it pins
+    /// (`pinned_roots` of its last `status` report that had them, topics.md
+    /// §3.5.4), ascending; `None` until it says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned_roots: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

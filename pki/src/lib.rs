@@ -473,6 +473,25 @@ impl Pki {
         self.read_roots().issuing.generation
     }
 
+    /// The generations of the roots loaded now whose certificate's DER
+    /// hashes (SHA-256) to one of `digests`, in ascending order: which of
+    /// this PKI's roots a device that reports those digests pins. A digest
+    /// of no root here names nothing.
+    pub fn root_generations_of(&self, digests: &[[u8; 32]]) -> Vec<u32> {
+        let roots = self.read_roots();
+        let mut found: Vec<u32> = roots
+            .all
+            .iter()
+            .filter(|(_, cert, _)| {
+                cert.to_der()
+                    .is_ok_and(|der| digests.contains(&openssl::sha::sha256(&der)))
+            })
+            .map(|(generation, _, _)| *generation)
+            .collect();
+        found.sort_unstable();
+        found
+    }
+
     /// Whether the issuing root is due for a successor at `now`: less
     /// than two years left.
     pub fn root_roll_due(&self, now: u64) -> Result<bool, PkiError> {

@@ -67,7 +67,19 @@ pub struct StatusReport {
     pub change_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The SHA-256 of the DER of every root CA certificate the device pins
+    /// (topics.md §3.5.4): the manager keeps which of its roots each
+    /// device pins. 1 to [`MAX_PINNED_ROOTS_REPORTED`] digests of 32 bytes.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::strict::option_list"
+    )]
+    pub pinned_roots: Option<Vec<ByteBuf>>,
 }
+
+/// The most root digests a `status` report may carry in `pinned_roots`.
+pub const MAX_PINNED_ROOTS_REPORTED: usize = 8;
 
 /// The one reply body of every request kind; the envelope's kind says which
 /// request it answers and which optional fields it may carry.

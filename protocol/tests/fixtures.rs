@@ -1112,6 +1112,12 @@ fn generate(spec: &Spec) -> BTreeMap<String, String> {
         event: "change_applied".into(),
         change_id: Some(change.change_id.clone()),
         detail: None,
+        // It pins the first root only: its reply brings the second.
+        pinned_roots: Some(vec![ByteBuf::from(
+            hash(MessageDigest::sha256(), &root.to_der().unwrap())
+                .unwrap()
+                .to_vec(),
+        )]),
     };
     g.fixture("status", &t, &status);
     g.fixture(

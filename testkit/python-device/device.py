@@ -12,6 +12,7 @@ Examples (8884 and 8883 are the broker's default listeners):
   device.py run      --state st/dev-a --certs certs --service-addr 127.0.0.1:8883 --seconds 30
 """
 import argparse
+import hashlib
 import json
 import os
 import queue
@@ -501,7 +502,14 @@ class Device:
             self.consider_change(r.body["change"], "change in poll_reply")
         return r
 
+    def pinned_digests(self):
+        """§3.5.4: the SHA-256 of the DER of each root the device pins."""
+        with open(self.root_ca, "rb") as f:
+            certs = x509.load_pem_x509_certificates(f.read())
+        return [hashlib.sha256(c.public_bytes(serialization.Encoding.DER)).digest() for c in certs]
+
     def status(self, event, service_id=None, tenant="auto", **extra):
+        extra.setdefault("pinned_roots", self.pinned_digests())
         return self.send("status", self.base(service_id or self.st["service_id"], event=event, **extra),
                          tenant=tenant)
 

@@ -468,6 +468,15 @@ def main():
         pem = b"".join(x509.load_der_x509_certificate(c).public_bytes(serialization.Encoding.PEM) for c in (der2, der1))
         expect(d.root_ca == d.p("roots.pem") and open(d.p("roots.pem"), "rb").read() == pem,
                "the device pins both (roots.pem)")
+        # It says so (§3.5.4), and the operator sees it among those pinning the new root.
+        r = d.status("roots_pinned")
+        expect(r and r.status == 0, "roots_pinned answered ok")
+        listed = E.admin("GET", "/v1/root-ca")
+        gens = {g["generation"]: g["devices_pinning"] for g in listed.get("generations", [])}
+        expect(d.id not in listed.get("not_pinning_newest", [d.id]) and gens.get(2, 0) >= 1,
+               f"root-ca counts it as pinning the new root: {listed.get('not_pinning_newest')}, {gens}")
+        dev = (E.admin("GET", f"/v1/devices/{d.id}").get("device") or {})
+        expect(dev.get("pinned_roots") == [1, 2], f"its record: pinned_roots {dev.get('pinned_roots')}")
         d.disconnect()
         # The broker's certificate from the new root, with its cross-certificate:
         # a client that pins either root alone verifies it (§1, §8).

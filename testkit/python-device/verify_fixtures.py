@@ -11,6 +11,7 @@ echoes its request's nonce; sealed fields open; chains verify to the test root
 """
 import argparse
 import binascii
+import hashlib
 import os
 import re
 import subprocess
@@ -330,10 +331,16 @@ def main():
     body = cbor2.loads(env)["body"]
     pl, _ = proto.build("poll", cbor2.loads(body), proto.hmac_signer(uuid))
     check(pl == fixtures["poll"][1], "poll example rebuilt from scratch (fields in any order) = hex byte for byte")
+    # pinned_roots (§3.5.4): the SHA-256 of the DER of the test root, the one root the device pins then
+    root_digest = hashlib.sha256(x509.load_pem_x509_certificate(root_pem)
+                                 .public_bytes(serialization.Encoding.DER)).digest()
+    check(opened["status"][2].get("pinned_roots") == [root_digest],
+          "status example: pinned_roots = [SHA-256 of the test root-ca's DER]")
     pl, _ = proto.build("status", {"device_id": "dev-0001", "service_id": "traffic",
                                    "nonce": bytes.fromhex("073c1634c496cdb649d1afe0a312bbb4"),
                                    "ts": 1796083300000, "event": "change_applied",
-                                   "change_id": "7c9e6679-7425-40de-944b-e07fc1f90ae7"}, proto.hmac_signer(uuid))
+                                   "change_id": "7c9e6679-7425-40de-944b-e07fc1f90ae7",
+                                   "pinned_roots": [root_digest]}, proto.hmac_signer(uuid))
     check(pl == fixtures["status"][1], "status example rebuilt from scratch = hex byte for byte")
 
     print(f"\n{PASSES[0]} checks passed, {len(FAILS)} failed")

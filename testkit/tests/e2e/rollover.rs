@@ -545,9 +545,22 @@ async fn a_rolled_over_root_is_pinned_by_devices_and_either_root_verifies_the_br
         .map(|g| (g["generation"].clone(), g["issuing"].clone()))
         .collect();
     assert_eq!(issuing, [(json!(1), json!(false)), (json!(2), json!(true))]);
-    // early1 has not reported since: it pins only the first root so far.
+    // early1 has not reported since: it pins only the first root so far,
+    // as its reports said (`pinned_roots`).
     assert_eq!(listed["devices_reported_since_roll"], json!(0));
     assert_eq!(listed["not_reported"], json!(["early1"]));
+    let pinning = |listed: &serde_json::Value| -> Vec<serde_json::Value> {
+        listed["generations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["devices_pinning"].clone())
+            .collect()
+    };
+    assert_eq!(pinning(&listed), [json!(1), json!(0)]);
+    assert_eq!(listed["devices_pinning_newest"], json!(0));
+    assert_eq!(listed["not_pinning_newest"], json!(["early1"]));
+    assert_eq!(listed["devices_not_saying"], json!(0));
     let second_root = std::fs::read(certs.join("root-ca.2.pem")).unwrap();
 
     // Both listeners serve the new root's certificate within a second or
@@ -604,6 +617,19 @@ async fn a_rolled_over_root_is_pinned_by_devices_and_either_root_verifies_the_br
             let listed = cli_at(fleet, "root-ca", &[]).await[0].clone();
             (listed["devices_reported_since_roll"] == json!(1)
                 && listed["devices_not_reported_since_roll"] == json!(0))
+            .then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    // And it said it pins the new root (`roots_pinned`, at once).
+    fleet_testkit::eventually(T, "early1 counted as pinning the new root", || {
+        let fleet = &fleet;
+        async move {
+            let listed = cli_at(fleet, "root-ca", &[]).await[0].clone();
+            (listed["devices_pinning_newest"] == json!(1)
+                && listed["devices_not_pinning_newest"] == json!(0)
+                && pinning(&listed) == [json!(1), json!(1)])
             .then_some(())
         }
     })
@@ -669,4 +695,15 @@ async fn a_rolled_over_root_is_pinned_by_devices_and_either_root_verifies_the_br
     devices.spawn(config);
     connected_to(&devices, "late1", "svcA").await;
     assert_eq!(stored("late1").as_deref(), Some(expected.as_slice()));
+    fleet_testkit::eventually(T, "all three counted as pinning the new root", || {
+        let fleet = &fleet;
+        async move {
+            let listed = cli_at(fleet, "root-ca", &[]).await[0].clone();
+            (listed["devices_pinning_newest"] == json!(3)
+                && listed["not_pinning_newest"] == json!([]))
+            .then_some(())
+        }
+    })
+    .await
+    .unwrap();
 }
