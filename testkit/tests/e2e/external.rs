@@ -272,7 +272,6 @@ async fn generated_mosquitto_rules_hold() {
     for (probe, topic) in &injected {
         probe.publish(topic, b"injected".to_vec()).await.unwrap();
     }
-    let mark = observer.messages().len();
     two_more(on("svcA", "ext1")).await.unwrap();
     assert!(
         evil.messages().is_empty(),
@@ -294,9 +293,7 @@ async fn generated_mosquitto_rules_hold() {
         devices.events_of("ext2")
     );
     assert!(
-        observer.messages()[mark..]
-            .iter()
-            .all(|m| m.payload != b"injected"),
+        observer.messages().iter().all(|m| m.payload != b"injected"),
         "an injected message was delivered"
     );
 
@@ -320,13 +317,38 @@ async fn generated_mosquitto_rules_hold() {
         assert!(r.is_err(), "{what} certificate accepted");
     }
     assert!(Probe::tls(params.service, "ext1", &root).await.is_err());
-    // For contrast, the same helper's valid leaf is accepted (no grants).
+    // For contrast, the same helper's valid leaf is accepted: mosquitto
+    // cannot ask the registry at the handshake (topics.md §10.3). ext9 is
+    // registered nowhere, so the ACL file grants it nothing: it reads
+    // nothing and nothing it writes is delivered, its own service's topics
+    // included.
     let (chain, key) = forged("ext9", "svcA", (&ca_a, &ca_a_key), (-1, 30));
-    drop(
-        Probe::mtls(params.service, "ext9", &root, chain, key)
+    let unregistered = Probe::mtls(params.service, "ext9", &root, chain, key)
+        .await
+        .unwrap();
+    for filter in ["#", "/tenants/svcA/#", &on("svcA", "ext9")] {
+        unregistered.subscribe(filter).await.unwrap();
+    }
+    for topic in [on("svcA", "ext9"), on("svcA", "ext1")] {
+        unregistered
+            .publish(&topic, b"unregistered".to_vec())
             .await
-            .unwrap(),
+            .unwrap();
+    }
+    two_more(on("svcA", "ext1")).await.unwrap();
+    assert!(
+        unregistered.messages().is_empty(),
+        "an unregistered certificate read {} messages",
+        unregistered.messages().len()
     );
+    assert!(
+        observer
+            .messages()
+            .iter()
+            .all(|m| m.payload != b"unregistered"),
+        "a message of an unregistered certificate was delivered"
+    );
+    drop(unregistered);
 
     // A service provider of svcA, issued by the manager, reads svcA's
     // telemetry through mosquitto and nothing of svcB's.

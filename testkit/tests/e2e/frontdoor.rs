@@ -173,11 +173,15 @@ pub(crate) async fn traffic_after(observer: &Probe, mark: usize) {
 async fn wildcards_and_foreign_topics_are_refused_on_every_listener() {
     let (fleet, _devices, observer) = running_fleet().await;
     let root = fleet.certs_dir().join("root-ca.pem");
-    let boot = Probe::tls(fleet.broker.bootstrap_tls_addr.unwrap(), "evil1", &root)
+    let boot = Probe::tls(fleet.broker.bootstrap_tls_addr.unwrap(), "wild1", &root)
         .await
         .unwrap();
-    let (chain, key) = certified(&fleet, "evil2", "svcB");
-    let svc = Probe::mtls(fleet.service_addr(), "evil2", &root, chain, key)
+    // The plain bootstrap listener (development only) is the same policy.
+    let plain = Probe::plain(fleet.broker.bootstrap_plain_addr.unwrap(), "wild3")
+        .await
+        .unwrap();
+    let (chain, key) = certified(&fleet, "wild2", "svcB");
+    let svc = Probe::mtls(fleet.service_addr(), "wild2", &root, chain, key)
         .await
         .unwrap();
     let hostile = [
@@ -197,7 +201,7 @@ async fn wildcards_and_foreign_topics_are_refused_on_every_listener() {
         "$share/g//tenants/svcB/telemetry/dev2",
         "$SYS/#",
     ];
-    for probe in [&boot, &svc] {
+    for probe in [&boot, &plain, &svc] {
         for filter in hostile {
             assert_eq!(
                 codes(probe, filter).await,
@@ -208,11 +212,15 @@ async fn wildcards_and_foreign_topics_are_refused_on_every_listener() {
     }
     // Their own topics are granted.
     assert!(matches!(
-        codes(&boot, "fleet/v1/update/evil1/reply").await[..],
+        codes(&boot, "fleet/v1/update/wild1/reply").await[..],
         [SubscribeReasonCode::Success(_)]
     ));
     assert!(matches!(
-        codes(&svc, "/tenants/svcB/fleet/v1/service/change/evil2").await[..],
+        codes(&plain, "fleet/v1/update/wild3/reply").await[..],
+        [SubscribeReasonCode::Success(_)]
+    ));
+    assert!(matches!(
+        codes(&svc, "/tenants/svcB/fleet/v1/service/change/wild2").await[..],
         [SubscribeReasonCode::Success(_)]
     ));
     let mark = observer.messages().len();
@@ -228,10 +236,26 @@ async fn wildcards_and_foreign_topics_are_refused_on_every_listener() {
         svc.messages()
     );
     assert!(
-        !boot.is_cut() && !svc.is_cut(),
+        plain.messages().is_empty(),
+        "plain bootstrap intruder received {:?}",
+        plain.messages()
+    );
+    assert!(
+        !boot.is_cut() && !svc.is_cut() && !plain.is_cut(),
         "refused subscriptions do not close the connection"
     );
-    assert!(fleet.broker.metrics.get(|m| &m.refused_subscribes) >= 2 * hostile.len() as u64);
+    assert!(fleet.broker.metrics.get(|m| &m.refused_subscribes) >= 3 * hostile.len() as u64);
+    // Refusals are logged with the identity that asked (the first ten of
+    // a connection at WARN, the rest counted at DEBUG).
+    for label in ["bootstrap:wild1", "bootstrap:wild3", "device:svcB/wild2"] {
+        let lines = fleet_testkit::logged("subscription refused");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(label) && l.contains("filter=\"/tenants/svcA/#\"")),
+            "no refusal logged for {label}: {lines:?}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -252,12 +276,12 @@ async fn publishing_outside_the_grants_is_cut_and_delivers_nothing() {
     ];
     for (listener, topic) in &cases {
         let probe = match *listener {
-            "bootstrap" => Probe::tls(fleet.broker.bootstrap_tls_addr.unwrap(), "evil1", &root)
+            "bootstrap" => Probe::tls(fleet.broker.bootstrap_tls_addr.unwrap(), "inject1", &root)
                 .await
                 .unwrap(),
             _ => {
-                let (chain, key) = certified(&fleet, "evil2", "svcB");
-                Probe::mtls(fleet.service_addr(), "evil2", &root, chain, key)
+                let (chain, key) = certified(&fleet, "inject2", "svcB");
+                Probe::mtls(fleet.service_addr(), "inject2", &root, chain, key)
                     .await
                     .unwrap()
             }
@@ -283,6 +307,18 @@ async fn publishing_outside_the_grants_is_cut_and_delivers_nothing() {
         assert!(!rejected, "{d} saw an injected notice");
     }
     assert!(fleet.broker.metrics.get(|m| &m.refused_publishes) >= cases.len() as u64);
+    // Each refusal is logged with the identity and the topic.
+    let lines = fleet_testkit::logged("publish refused");
+    for (listener, topic) in &cases {
+        let label = match *listener {
+            "bootstrap" => "bootstrap:inject1",
+            _ => "device:svcB/inject2",
+        };
+        assert!(
+            lines.iter().any(|l| l.contains(label) && l.contains(topic)),
+            "no refusal logged for {label} on {topic}: {lines:?}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -933,6 +969,235 @@ async fn revocation_cuts_the_live_session_and_refuses_the_next_handshake() {
     assert!(fleet.broker.metrics.get(|m| &m.revoked_cuts) >= 1);
 }
 
+/// After A → B, a session still on A with the certificate the move
+/// superseded is cut once that certificate is revoked (here by
+/// `revoke_superseded_after_secs`, as for a device that never reports from
+/// B), though nobody takes its client id over; the certificate is then
+/// refused at the handshake. A device that moved keeps nothing on A.
+#[tokio::test]
+async fn a_session_left_on_the_old_service_is_cut_after_a_migration() {
+    let fleet = Fleet::start_with(|c| c.revoke_superseded_after_secs = 1)
+        .await
+        .unwrap();
+    let devices = Devices::new(fleet.dir.path().join("devices"));
+    devices.provision(&fleet, "mig2", "svcA").await.unwrap();
+    let task = devices.spawn(devices.config(&fleet, "mig2", KeyMode::Csr));
+    devices.wait_connected("mig2", T).await.unwrap();
+    devices.shutdown.cancel();
+    tokio::time::timeout(T, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let store = devices.store("mig2").unwrap();
+    let creds = store.service_credentials("svcA").unwrap().unwrap();
+    let root = fleet.certs_dir().join("root-ca.pem");
+    // What stays on A: the svcA certificate's live session.
+    let left = Probe5::mtls(
+        fleet.service_addr(),
+        "mig2",
+        &root,
+        creds.chain_pem.clone(),
+        creds.key_pem.clone(),
+    )
+    .await
+    .unwrap();
+    let serial_a = fleet
+        .core()
+        .store
+        .device("mig2")
+        .unwrap()
+        .unwrap()
+        .current_cert
+        .unwrap();
+
+    // The operator moves it to svcB; the device takes its svcB
+    // certificate (here by hand, on the bootstrap listener) and never
+    // connects to B, so no session of its id on B takes the one on A over.
+    fleet.change(&["mig2"], "svcB").await.unwrap();
+    let probe = fleet.privileged("tester").await.unwrap();
+    probe.subscribe("fleet/v1/+/+/reply").await.unwrap();
+    let dev = crate::wire::HandDevice {
+        uuid: store.state().uuid.clone(),
+        ..crate::wire::HandDevice::new("mig2")
+    };
+    let (reply, _) = crate::wire::ask(
+        &fleet,
+        &probe,
+        "mig2",
+        fleet_protocol::RequestKind::Update,
+        crate::wire::update(&dev, "svcB"),
+    )
+    .await;
+    assert_eq!(reply.status, fleet_protocol::Status::Ok, "{reply:?}");
+    assert!(!left.is_cut(), "cut before its certificate was revoked");
+
+    // Revoked a second after it was superseded (housekeeping looks every
+    // few seconds); then the session is cut, and told why.
+    let reason = left.wait_cut(T).await.unwrap();
+    let revoked = fleet
+        .core()
+        .store
+        .cert(&serial_a)
+        .unwrap()
+        .unwrap()
+        .revoked_ms
+        .expect("the svcA certificate revoked");
+    let after_ms = fleet_protocol::now_ms().saturating_sub(revoked);
+    println!("session on svcA cut {after_ms} ms after its certificate was revoked");
+    // Within a second by design (trust::RELOAD_EVERY + CUT_GRACE); twice
+    // that allowed for a loaded machine, as for a reset's revocation.
+    assert!(after_ms < 2000, "cut {after_ms} ms after the revocation");
+    assert_eq!(
+        reason,
+        Some(rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::AdministrativeAction)
+    );
+    let again = Probe::mtls(
+        fleet.service_addr(),
+        "mig2",
+        &root,
+        creds.chain_pem,
+        creds.key_pem,
+    )
+    .await;
+    assert!(
+        again.is_err(),
+        "the svcA certificate accepted after the move"
+    );
+    assert_eq!(
+        grants::read_grants(fleet.certs_dir(), "mig2").unwrap(),
+        ["svcB"]
+    );
+}
+
+/// The reply an attacker on the bootstrap listener gets to its `activate`
+/// for `device`, with the manager's signature checked.
+async fn activate_as(
+    fleet: &Fleet,
+    attacker: &Probe,
+    device: &str,
+    signer: &PKey<Private>,
+) -> fleet_protocol::Reply {
+    let reply_topic = format!("fleet/v1/activate/{device}/reply");
+    let n = attacker.on(&reply_topic).len() + 1;
+    let eph = crypto::generate_p256().unwrap();
+    let request = crate::wire::activate_request(device, &eph, signer);
+    attacker
+        .publish(&format!("fleet/v1/activate/{device}"), request)
+        .await
+        .unwrap();
+    let got = attacker.wait_for(&reply_topic, n, T).await.unwrap();
+    let env = fleet_protocol::Envelope::decode(&got.payload).unwrap();
+    assert!(crypto::verify(
+        fleet.core().pki.signing_key(),
+        &env.tbs(),
+        &env.auth
+    ));
+    env.body().unwrap()
+}
+
+/// Someone who knows only a device's id, on the bootstrap listener under
+/// that id, cannot activate it: `auth_failed`, nothing stored; the real
+/// device then activates and connects at its first attempt, and once it
+/// is active nobody activates it again (`already_active`) until an
+/// operator resets it.
+#[tokio::test]
+async fn knowing_a_device_id_is_not_enough_to_activate_it() {
+    let fleet = Fleet::start().await.unwrap();
+    let devices = Devices::new(fleet.dir.path().join("devices"));
+    devices.provision(&fleet, "known1", "svcA").await.unwrap();
+    let root = fleet.certs_dir().join("root-ca.pem");
+    let boot = fleet.broker.bootstrap_tls_addr.unwrap();
+    let attacker = Probe::tls(boot, "known1", &root).await.unwrap();
+    attacker
+        .subscribe("fleet/v1/activate/known1/reply")
+        .await
+        .unwrap();
+    let own_key = crypto::generate_p256().unwrap();
+    let reply = activate_as(&fleet, &attacker, "known1", &own_key).await;
+    assert_eq!(
+        reply.status,
+        fleet_protocol::Status::AuthFailed,
+        "{reply:?}"
+    );
+    assert!(reply.uuid.is_none());
+    assert!(fleet.core().store.device("known1").unwrap().is_none());
+
+    devices.spawn(devices.config(&fleet, "known1", KeyMode::Csr));
+    devices.wait_connected("known1", T).await.unwrap();
+    let failed: Vec<_> = devices
+        .events_of("known1")
+        .into_iter()
+        .filter(|e| matches!(e, DeviceEvent::Failed { .. }))
+        .collect();
+    assert!(failed.is_empty(), "{failed:?}");
+
+    // Active now: not even its own factory key activates it again.
+    let factory = devices.store("known1").unwrap().factory_key().clone();
+    let reply = activate_as(&fleet, &attacker, "known1", &factory).await;
+    assert_eq!(
+        reply.status,
+        fleet_protocol::Status::AlreadyActive,
+        "{reply:?}"
+    );
+    let reply = activate_as(&fleet, &attacker, "known1", &own_key).await;
+    assert_eq!(
+        reply.status,
+        fleet_protocol::Status::AuthFailed,
+        "{reply:?}"
+    );
+    // After an operator's reset, the factory key does.
+    fleet_manager::admin::call(&fleet.api(), "POST", "/v1/devices/known1/reset", None)
+        .await
+        .unwrap();
+    let reply = activate_as(&fleet, &attacker, "known1", &factory).await;
+    assert_eq!(reply.status, fleet_protocol::Status::Ok, "{reply:?}");
+}
+
+/// Open enrollment is a policy the operator turns on: without it a device
+/// registered with no factory key cannot activate; with it, it can, with
+/// any `auth`. A device registered with a factory key still needs it.
+#[tokio::test]
+async fn open_enrollment_is_an_explicit_policy() {
+    for open in [false, true] {
+        let fleet = Fleet::start_with(|c| c.open_enrollment = open)
+            .await
+            .unwrap();
+        fleet.register("nokey1", "svcA", None).await.unwrap();
+        let keyed = crypto::generate_p256().unwrap();
+        fleet
+            .register(
+                "keyed1",
+                "svcA",
+                Some(&crypto::public_point(&keyed).unwrap()),
+            )
+            .await
+            .unwrap();
+        let root = fleet.certs_dir().join("root-ca.pem");
+        let boot = fleet.broker.bootstrap_tls_addr.unwrap();
+        let anyone = crypto::generate_p256().unwrap();
+        for device in ["nokey1", "keyed1"] {
+            let client = Probe::tls(boot, device, &root).await.unwrap();
+            client
+                .subscribe(&format!("fleet/v1/activate/{device}/reply"))
+                .await
+                .unwrap();
+            let reply = activate_as(&fleet, &client, device, &anyone).await;
+            let expected = if open && device == "nokey1" {
+                fleet_protocol::Status::Ok
+            } else {
+                fleet_protocol::Status::AuthFailed
+            };
+            assert_eq!(reply.status, expected, "open enrollment {open}, {device}");
+            assert_eq!(
+                fleet.core().store.device(device).unwrap().is_some(),
+                expected == fleet_protocol::Status::Ok,
+                "open enrollment {open}, {device}"
+            );
+        }
+    }
+}
+
 /// Anyone may publish under a device's id on the bootstrap listener. The
 /// manager answers unreadable requests with an empty nonce, which is no
 /// answer to the device's own request (topics.md §5.2): a device that
@@ -1007,6 +1272,99 @@ async fn unreadable_requests_under_a_device_id_do_not_stop_its_activation() {
     println!("{sent} unreadable requests under the device's id; one of their senders saw {empty} empty-nonce replies");
     assert!(empty >= 2, "{empty} empty-nonce replies");
     assert!(attackers.iter().all(|a| !a.is_cut()));
+}
+
+/// How long until the broker closes `stream`, which sends nothing: `None`
+/// if it is still open after `within`.
+async fn closed_within(mut stream: tokio::net::TcpStream, within: Duration) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let start = Instant::now();
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout_at((start + within).into(), stream.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(start.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// `tls_handshake_timeout_ms`: a connection that never sends its
+/// ClientHello is closed once it is up, on both TLS listeners, and counted
+/// as a failed handshake; with the default (10 s) it is still open after
+/// that long.
+#[tokio::test]
+async fn a_handshake_that_does_not_finish_in_time_is_closed() {
+    let fleet = Fleet::start_tuned(|b| b.tls_handshake_timeout_ms = 500, |_| {})
+        .await
+        .unwrap();
+    let failures = fleet.broker.metrics.get(|m| &m.handshake_failures);
+    for addr in [
+        fleet.broker.bootstrap_tls_addr.unwrap(),
+        fleet.service_addr(),
+    ] {
+        let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let took = closed_within(silent, T).await.expect("closed");
+        println!("{addr}: a silent connection closed after {took:?}");
+        assert!(took >= Duration::from_millis(450), "closed after {took:?}");
+    }
+    assert!(fleet.broker.metrics.get(|m| &m.handshake_failures) >= failures + 2);
+
+    let fleet = Fleet::start().await.unwrap();
+    let silent = tokio::net::TcpStream::connect(fleet.service_addr())
+        .await
+        .unwrap();
+    assert_eq!(
+        closed_within(silent, Duration::from_millis(1500)).await,
+        None
+    );
+}
+
+/// `connects_per_sec_per_source`: past its burst, a source's new
+/// connections are closed at once, unread, and counted; once its tokens
+/// come back, it connects again. The manager's own connection, from the
+/// same address, was made before.
+#[tokio::test]
+async fn connects_past_a_sources_rate_are_closed_at_once() {
+    let fleet = Fleet::start_tuned(
+        |b| {
+            b.connects_per_sec_per_source = 2.0;
+            b.connect_burst_per_source = 10.0;
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let boot = fleet.broker.bootstrap_tls_addr.unwrap();
+    let before = fleet.broker.metrics.get(|m| &m.rate_limited);
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..30 {
+        let stream = tokio::net::TcpStream::connect(boot).await.unwrap();
+        held.push(stream);
+    }
+    for stream in held {
+        // Admitted ones wait for their ClientHello (10 s); the others are
+        // closed at once.
+        if closed_within(stream, Duration::from_millis(1000))
+            .await
+            .is_some()
+        {
+            refused += 1;
+        }
+    }
+    let counted = fleet.broker.metrics.get(|m| &m.rate_limited) - before;
+    println!("{refused} of 30 connects closed at once; {counted} counted");
+    assert!(refused >= 15, "{refused} closed");
+    assert_eq!(counted, refused as u64);
+    // Two a second come back: a device connects again within its timeout.
+    let root = fleet.certs_dir().join("root-ca.pem");
+    eventually(T, "a TLS connect admitted again", || {
+        let root = root.clone();
+        async move { Probe::tls(boot, "later1", &root).await.ok().map(|_| ()) }
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
