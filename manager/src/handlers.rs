@@ -993,6 +993,7 @@ impl Core {
             last_seen_ms: None,
             pending_revocation: Vec::new(),
             pinned_roots: None,
+            pinned_roots_ts: None,
         };
         info!(service = %service_id, "device activated");
         Ok(Outcome::Reply {
@@ -1326,11 +1327,16 @@ impl Core {
         }
         // Which of the fleet's roots it pins, whatever the event, from any
         // tenant it may report from: its word about itself, under its HMAC.
+        // A report older (by its `ts`) than the one that last changed them
+        // says nothing new: a report sent again after a `busy` may carry
+        // the roots from before a later `roots_pinned`.
         if let Some(digests) = pinned {
             let generations = self.pki.root_generations_of(&digests);
-            if device.pinned_roots.as_ref() != Some(&generations) {
+            let newer = device.pinned_roots_ts.map_or(true, |at| req.body.ts >= at);
+            if newer && device.pinned_roots.as_ref() != Some(&generations) {
                 let next = batch.device.get_or_insert_with(|| device.clone());
                 next.pinned_roots = Some(generations);
+                next.pinned_roots_ts = Some(req.body.ts);
             }
         }
         Ok(Outcome::Reply {
@@ -2528,12 +2534,12 @@ mod tests {
         let digest = |i: usize| {
             ByteBuf::from(openssl::sha::sha256(&roots[i].cert.to_der().unwrap()).to_vec())
         };
-        let report = |event: &str, pinned: Option<Vec<ByteBuf>>| {
+        let report_at = |event: &str, pinned: Option<Vec<ByteBuf>>, ts: u64| {
             let body = StatusReport {
                 device_id: "d1".into(),
                 service_id: "svcA".into(),
                 nonce: crypto::random_bytes(16),
-                ts: now_ms(),
+                ts,
                 event: event.into(),
                 change_id: None,
                 detail: None,
@@ -2543,6 +2549,7 @@ mod tests {
             let topic = Topic::in_tenant("svcA", Route::Request(RequestKind::Status, "d1".into()));
             ask(&core, &topic, env.encode())
         };
+        let report = |event: &str, pinned: Option<Vec<ByteBuf>>| report_at(event, pinned, now_ms());
         let kept = || core.store.device("d1").unwrap().unwrap().pinned_roots;
         assert_eq!(kept(), None, "not said yet");
 
@@ -2564,6 +2571,11 @@ mod tests {
             report("online", Some(vec![digest(1), stranger.clone()])).status,
             Status::Ok
         );
+        assert_eq!(kept(), Some(vec![2]));
+        // A report older than the one that changed them (sent again after
+        // a `busy`, say) changes nothing.
+        let stale = report_at("online", Some(vec![digest(0)]), now_ms() - 60_000);
+        assert_eq!(stale.status, Status::Ok);
         assert_eq!(kept(), Some(vec![2]));
 
         let before = core.store.device("d1").unwrap().unwrap();

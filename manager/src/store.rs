@@ -102,6 +102,10 @@ pub struct DeviceRecord {
     /// §3.5.4), ascending; `None` until it says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pinned_roots: Option<Vec<u32>>,
+    /// The `ts` of the report that last changed `pinned_roots`: an older
+    /// report changes them no more (topics.md §3.5.4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned_roots_ts: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -163,6 +163,7 @@ class Device:
         self._load()
         self.conn = None
         self.tenant = None  # service id of the live service connection, None on bootstrap
+        self.roots_changed = False  # pinned roots changed since the last status named them
         self.notices = queue.Queue()
         self.last_seq = 0
         self.rejections = []  # manager messages that failed §4.3 / §6.3
@@ -331,7 +332,8 @@ class Device:
                 if body["nonce"] == nonce or (body["nonce"] == b"" and accept_empty_nonce):
                     r = Reply(env, body, rp, rt)
                     if body["status"] == 0 and "roots" in body:
-                        self.pin_roots(body["roots"], body.get("crosses", []))
+                        if self.pin_roots(body["roots"], body.get("crosses", [])):
+                            self.roots_changed = True
                     if body["seq"] <= self.last_seq:
                         log(f"[{self.id}] note: reply seq {body['seq']} <= previous {self.last_seq} (cached?)")
                     self.last_seq = max(self.last_seq, body["seq"])
@@ -418,6 +420,7 @@ class Device:
         os.replace(path + ".tmp", path)
         self.root_ca = path
         log(f"[{self.id}] pinned {len(keep)} roots")
+        return True
 
     def base(self, service_id=None, **extra):
         f = {"device_id": self.id, "nonce": os.urandom(16), "ts": proto.now_ms()}
@@ -498,20 +501,33 @@ class Device:
 
     def poll(self, service_id=None, tenant="auto"):
         r = self.send("poll", self.base(service_id or self.st["service_id"]), tenant=tenant)
+        self.report_roots_if_changed(tenant)
         if r and r.status == 0 and "change" in r.body:
             self.consider_change(r.body["change"], "change in poll_reply")
         return r
 
     def pinned_digests(self):
-        """§3.5.4: the SHA-256 of the DER of each root the device pins."""
+        """§3.5.4: the SHA-256 of the DER of each root the device pins (at most four, §3.5.5)."""
         with open(self.root_ca, "rb") as f:
             certs = x509.load_pem_x509_certificates(f.read())
-        return [hashlib.sha256(c.public_bytes(serialization.Encoding.DER)).digest() for c in certs]
+        return [hashlib.sha256(c.public_bytes(serialization.Encoding.DER)).digest() for c in certs][:8]
+
+    def report_roots_if_changed(self, tenant="auto"):
+        """§3.5.4: roots_pinned at once after a poll or status reply on the service
+        listener changed the roots it pins."""
+        if self.roots_changed and self.conn is not None and self.tenant:
+            self.roots_changed = False
+            r = self.status("roots_pinned", tenant=tenant)
+            log(f"[{self.id}] told the manager the roots it pins: {r.status_name if r else 'no reply'}")
 
     def status(self, event, service_id=None, tenant="auto", **extra):
         extra.setdefault("pinned_roots", self.pinned_digests())
-        return self.send("status", self.base(service_id or self.st["service_id"], event=event, **extra),
-                         tenant=tenant)
+        self.roots_changed = False  # this report names the roots pinned now
+        r = self.send("status", self.base(service_id or self.st["service_id"], event=event, **extra),
+                      tenant=tenant)
+        if event != "roots_pinned":
+            self.report_roots_if_changed(tenant)
+        return r
 
     def telemetry(self, seq, temp=21.5):
         t = f"/tenants/{self.tenant}/telemetry/{self.id}"
