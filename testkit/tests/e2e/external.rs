@@ -233,6 +233,7 @@ async fn generated_mosquitto_rules_hold() {
     // mosquitto gives it its certificate's CN instead
     // (`use_username_as_clientid`), so it displaces no one.
     let root = certs.join("root-ca.pem");
+    let stored = manager.core.store.snapshot().unwrap();
     let evil = Probe::tls(params.bootstrap_tls, "evil1", &root)
         .await
         .unwrap();
@@ -295,6 +296,10 @@ async fn generated_mosquitto_rules_hold() {
     assert!(
         observer.messages().iter().all(|m| m.payload != b"injected"),
         "an injected message was delivered"
+    );
+    assert!(
+        manager.core.store.snapshot().unwrap() == stored,
+        "stored history changed"
     );
 
     // Certificates mosquitto must refuse at the handshake: expired, signed
