@@ -365,69 +365,7 @@ fn is_root_ca(cert: &X509, der: &[u8]) -> bool {
     cert.key_usage()
         .is_some_and(|ku| ku.contains(X509KeyUsage::KEY_CERT_SIGN))
         && cert.pathlen().is_none()
-        && basic_constraints_ca(der) == Some(true)
-}
-
-/// The cA flag of a DER certificate's basicConstraints extension: `None`
-/// if the certificate does not read, false if the extension is absent.
-fn basic_constraints_ca(der: &[u8]) -> Option<bool> {
-    const BASIC_CONSTRAINTS: &[u8] = &[0x55, 0x1d, 0x13];
-    let (cert, _) = der_item(der, 0x30)?;
-    let (mut tbs, _) = der_item(cert, 0x30)?;
-    // The tbsCertificate's fields up to [3] extensions.
-    let extensions = loop {
-        let (tag, content, rest) = der_any(tbs)?;
-        if tag == 0xa3 {
-            break der_item(content, 0x30)?.0;
-        }
-        if rest.is_empty() {
-            return Some(false);
-        }
-        tbs = rest;
-    };
-    let mut list = extensions;
-    while !list.is_empty() {
-        let (extension, rest) = der_item(list, 0x30)?;
-        list = rest;
-        let (oid, mut fields) = der_item(extension, 0x06)?;
-        if oid != BASIC_CONSTRAINTS {
-            continue;
-        }
-        if let Some((0x01, _, rest)) = der_any(fields) {
-            fields = rest;
-        }
-        let (value, _) = der_item(fields, 0x04)?;
-        let (constraints, _) = der_item(value, 0x30)?;
-        return Some(matches!(der_any(constraints), Some((0x01, [0xff], _))));
-    }
-    Some(false)
-}
-
-/// One DER item of tag `tag` at the start of `b`: its content and what follows.
-fn der_item(b: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
-    match der_any(b)? {
-        (t, content, rest) if t == tag => Some((content, rest)),
-        _ => None,
-    }
-}
-
-/// One DER item at the start of `b`: its tag, content and what follows.
-fn der_any(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, b) = b.split_first()?;
-    let (&first, mut b) = b.split_first()?;
-    let len = match first {
-        n if n < 0x80 => usize::from(n),
-        0x81..=0x84 => {
-            let n = usize::from(first & 0x7f);
-            let (bytes, rest) = (b.get(..n)?, b.get(n..)?);
-            b = rest;
-            bytes
-                .iter()
-                .fold(0usize, |acc, x| (acc << 8) | usize::from(*x))
-        }
-        _ => return None,
-    };
-    Some((tag, b.get(..len)?, b.get(len..)?))
+        && fleet_protocol::certificate::basic_constraints_ca(der) == Some(true)
 }
 
 /// Whether `cross` carries `root`'s name and key and is signed by one of

@@ -13,6 +13,7 @@
 //!   given twice, a byte field that is not a byte string).
 //! - [`crypto`]: ECDSA P-256, HMAC-SHA256, ECDH-ES + HKDF + AES-256-GCM sealing.
 
+pub mod certificate;
 pub mod crypto;
 pub mod envelope;
 pub mod messages;

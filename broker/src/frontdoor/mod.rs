@@ -24,7 +24,8 @@
 //! - [`codec`]: MQTT 3.1.1 and 5 on the wire, and how each spells a refusal.
 
 pub mod codec;
-pub mod der;
+/// Certificate fields read from DER ([`fleet_protocol::certificate`]).
+pub use fleet_protocol::certificate as der;
 pub mod evict;
 pub mod grants;
 pub mod hold;

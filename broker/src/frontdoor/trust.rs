@@ -65,16 +65,9 @@ pub(crate) fn hex_serial(serial: &Asn1IntegerRef) -> String {
         .unwrap_or_default()
 }
 
-/// SHA-256 of `data`, by which certificates and tickets are known. It runs
-/// on every handshake, so it hashes with OpenSSL's low-level SHA-256:
-/// OpenSSL 3's one-shot `SHA256()` looks the algorithm up by name on
-/// every call, under a lock both workers take, which cost 1.5 % of the
-/// broker's CPU per connect (`perf`, 8,000 connects).
-pub(crate) fn sha256(data: &[u8]) -> [u8; 32] {
-    let mut digest = openssl::sha::Sha256::new();
-    digest.update(data);
-    digest.finish()
-}
+/// SHA-256 of `data`, by which certificates and tickets are known: it
+/// runs on every handshake ([`der::sha256`]).
+pub(crate) use der::sha256;
 
 /// The identity a verified client certificate carries.
 #[derive(Debug, Clone)]
