@@ -917,31 +917,7 @@ async fn the_registry_grants_follow_a_device_through_migration_and_reset() {
 async fn revocation_cuts_the_live_session_and_refuses_the_next_handshake() {
     let fleet = Fleet::start().await.unwrap();
     let devices = Devices::new(fleet.dir.path().join("devices"));
-    devices.provision(&fleet, "rev1", "svcA").await.unwrap();
-    let task = devices.spawn(devices.config(&fleet, "rev1", KeyMode::Csr));
-    devices.wait_connected("rev1", T).await.unwrap();
-    devices.shutdown.cancel();
-    tokio::time::timeout(T, task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let creds = devices
-        .store("rev1")
-        .unwrap()
-        .service_credentials("svcA")
-        .unwrap()
-        .unwrap();
-    let root = fleet.certs_dir().join("root-ca.pem");
-    let live = Probe5::mtls(
-        fleet.service_addr(),
-        "rev1",
-        &root,
-        creds.chain_pem.clone(),
-        creds.key_pem.clone(),
-    )
-    .await
-    .unwrap();
+    let (live, creds) = held_session(&fleet, &devices, "rev1").await;
 
     let revoked_at = Instant::now();
     fleet_manager::admin::call(&fleet.api(), "POST", "/v1/devices/rev1/reset", None)
@@ -951,15 +927,61 @@ async fn revocation_cuts_the_live_session_and_refuses_the_next_handshake() {
     let took = revoked_at.elapsed();
     println!("live session of a revoked certificate closed {took:?} after the reset");
     assert!(took < Duration::from_secs(2), "took {took:?}");
-    // The client is told why.
+    cut_and_refused(&fleet, reason, "rev1", creds).await;
+    assert!(fleet.broker.metrics.get(|m| &m.revoked_cuts) >= 1);
+}
+
+/// `device`, provisioned for svcA, brought online by its simulator and
+/// switched off; then a live session of its svcA certificate, held by the
+/// test, and those credentials.
+async fn held_session(
+    fleet: &Fleet,
+    devices: &Devices,
+    device: &str,
+) -> (Probe5, fleet_device_sim::store::ServiceCredentials) {
+    devices.provision(fleet, device, "svcA").await.unwrap();
+    let task = devices.spawn(devices.config(fleet, device, KeyMode::Csr));
+    devices.wait_connected(device, T).await.unwrap();
+    devices.shutdown.cancel();
+    tokio::time::timeout(T, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let creds = devices
+        .store(device)
+        .unwrap()
+        .service_credentials("svcA")
+        .unwrap()
+        .unwrap();
+    let live = Probe5::mtls(
+        fleet.service_addr(),
+        device,
+        &fleet.certs_dir().join("root-ca.pem"),
+        creds.chain_pem.clone(),
+        creds.key_pem.clone(),
+    )
+    .await
+    .unwrap();
+    (live, creds)
+}
+
+/// A live session cut for its revoked certificate was told why, and the
+/// certificate is refused at the next handshake.
+async fn cut_and_refused(
+    fleet: &Fleet,
+    reason: Option<rumqttc::v5::mqttbytes::v5::DisconnectReasonCode>,
+    device: &str,
+    creds: fleet_device_sim::store::ServiceCredentials,
+) {
     assert_eq!(
         reason,
         Some(rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::AdministrativeAction)
     );
     let again = Probe::mtls(
         fleet.service_addr(),
-        "rev1",
-        &root,
+        device,
+        &fleet.certs_dir().join("root-ca.pem"),
         creds.chain_pem,
         creds.key_pem,
     )
@@ -968,7 +990,6 @@ async fn revocation_cuts_the_live_session_and_refuses_the_next_handshake() {
         again.is_err(),
         "revoked certificate accepted at the next handshake"
     );
-    assert!(fleet.broker.metrics.get(|m| &m.revoked_cuts) >= 1);
 }
 
 /// After A → B, a session still on A with the certificate the move
@@ -982,28 +1003,8 @@ async fn a_session_left_on_the_old_service_is_cut_after_a_migration() {
         .await
         .unwrap();
     let devices = Devices::new(fleet.dir.path().join("devices"));
-    devices.provision(&fleet, "mig2", "svcA").await.unwrap();
-    let task = devices.spawn(devices.config(&fleet, "mig2", KeyMode::Csr));
-    devices.wait_connected("mig2", T).await.unwrap();
-    devices.shutdown.cancel();
-    tokio::time::timeout(T, task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let store = devices.store("mig2").unwrap();
-    let creds = store.service_credentials("svcA").unwrap().unwrap();
-    let root = fleet.certs_dir().join("root-ca.pem");
     // What stays on A: the svcA certificate's live session.
-    let left = Probe5::mtls(
-        fleet.service_addr(),
-        "mig2",
-        &root,
-        creds.chain_pem.clone(),
-        creds.key_pem.clone(),
-    )
-    .await
-    .unwrap();
+    let (left, creds) = held_session(&fleet, &devices, "mig2").await;
     let serial_a = fleet
         .core()
         .store
@@ -1020,7 +1021,7 @@ async fn a_session_left_on_the_old_service_is_cut_after_a_migration() {
     let probe = fleet.privileged("tester").await.unwrap();
     probe.subscribe("fleet/v1/+/+/reply").await.unwrap();
     let dev = crate::wire::HandDevice {
-        uuid: store.state().uuid.clone(),
+        uuid: devices.store("mig2").unwrap().state().uuid.clone(),
         ..crate::wire::HandDevice::new("mig2")
     };
     let (reply, _) = crate::wire::ask(
@@ -1050,22 +1051,7 @@ async fn a_session_left_on_the_old_service_is_cut_after_a_migration() {
     // Within a second by design (trust::RELOAD_EVERY + CUT_GRACE); twice
     // that allowed for a loaded machine, as for a reset's revocation.
     assert!(after_ms < 2000, "cut {after_ms} ms after the revocation");
-    assert_eq!(
-        reason,
-        Some(rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::AdministrativeAction)
-    );
-    let again = Probe::mtls(
-        fleet.service_addr(),
-        "mig2",
-        &root,
-        creds.chain_pem,
-        creds.key_pem,
-    )
-    .await;
-    assert!(
-        again.is_err(),
-        "the svcA certificate accepted after the move"
-    );
+    cut_and_refused(&fleet, reason, "mig2", creds).await;
     assert_eq!(
         grants::read_grants(fleet.certs_dir(), "mig2").unwrap(),
         ["svcB"]
