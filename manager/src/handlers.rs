@@ -259,6 +259,9 @@ pub struct Core {
     /// `roots` and `crosses` of replies, as last worked out: for the
     /// issuing root generation, at a second.
     pinned: Mutex<Option<PinnedRoots>>,
+    /// When housekeeping last looked for devices that pin only roots
+    /// near their end ([`Core::warn_roots_ending`]), Unix seconds.
+    roots_ending_looked: Mutex<Option<u64>>,
 }
 
 /// `roots` and `crosses` of replies ([`Core::roots_to_pin`]), kept: they
@@ -270,6 +273,12 @@ struct PinnedRoots {
     roots: Option<Vec<ByteBuf>>,
     crosses: Option<Vec<ByteBuf>>,
 }
+
+/// How far ahead [`Core::warn_roots_ending`] looks: half a year.
+pub const ROOTS_ENDING_WITHIN_SECS: u64 = 183 * 86_400;
+
+/// How often housekeeping runs [`Core::warn_roots_ending`]: daily.
+const ROOTS_ENDING_EVERY_SECS: u64 = 86_400;
 
 /// How long [`PinnedRoots`] are kept: a root that expires leaves the
 /// replies within this long.
@@ -381,6 +390,7 @@ impl Core {
             refused_unchecked: Mutex::new(HashMap::new()),
             issued: Mutex::new(HashMap::new()),
             pinned: Mutex::new(None),
+            roots_ending_looked: Mutex::new(None),
             refusals_logged: Mutex::new(LogPace::new(
                 "refused requests logged",
                 tracing::Level::WARN,
@@ -1737,6 +1747,63 @@ impl Core {
         if let Err(err) = self.pki.write_roots_bundle() {
             warn!(error = %err, "roots.pem not written");
         }
+        let due = {
+            let mut looked = self
+                .roots_ending_looked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let due = looked.map_or(true, |at| now.saturating_sub(at) >= ROOTS_ENDING_EVERY_SECS);
+            if due {
+                *looked = Some(now);
+            }
+            due
+        };
+        if due {
+            if let Err(err) = self.warn_roots_ending(now) {
+                warn!(error = %err, "devices' pinned roots not looked at");
+            }
+        }
+    }
+
+    /// Says, at WARN, how many devices pin no root but those that end
+    /// within [`ROOTS_ENDING_WITHIN_SECS`] from `now` (by the
+    /// `pinned_roots` of their reports), and how many never said which
+    /// roots they pin, while a root ends within that time: when it ends, a
+    /// device that pins only it can verify the broker no more. Returns
+    /// those counts.
+    pub fn warn_roots_ending(&self, now: u64) -> Result<(usize, usize), Failure> {
+        let roots = self.pki.root_generations()?;
+        let ending: Vec<u32> = roots
+            .iter()
+            .filter(|r| (now..now + ROOTS_ENDING_WITHIN_SECS).contains(&r.not_after))
+            .map(|r| r.generation)
+            .collect();
+        let Some(first_end) = roots
+            .iter()
+            .filter(|r| ending.contains(&r.generation))
+            .map(|r| r.not_after)
+            .min()
+        else {
+            return Ok((0, 0));
+        };
+        let (mut stranded, mut silent) = (0, 0);
+        for d in self.store.devices()? {
+            match &d.pinned_roots {
+                Some(p) if p.iter().all(|g| ending.contains(g)) => stranded += 1,
+                Some(_) => {}
+                None => silent += 1,
+            }
+        }
+        if stranded + silent > 0 {
+            warn!(
+                devices = stranded,
+                not_saying = silent,
+                ending = ?ending,
+                days_left = first_end.saturating_sub(now) / 86_400,
+                "devices pin no root that outlasts the root CA ending soonest: they need a report answered with the roots to pin before it ends (GET /v1/root-ca lists them)"
+            );
+        }
+        Ok((stranded, silent))
     }
 
     /// The broker's (and with `admin_tls` the operator API's) server
@@ -2590,6 +2657,59 @@ mod tests {
             assert!(reply.detail.unwrap().contains("pinned_roots"), "{why}");
             assert_eq!(core.store.device("d1").unwrap().unwrap(), before, "{why}");
         }
+    }
+
+    /// Half a year before a root ends, housekeeping says how many devices
+    /// pin no root that outlasts it, and how many never said.
+    #[test]
+    fn devices_that_pin_only_an_ending_root_are_counted() {
+        use fleet_pki::testing;
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        std::fs::create_dir_all(&certs).unwrap();
+        let key = crypto::generate_p256().unwrap();
+        let name = testing::name(None, "fleetshift root CA").unwrap();
+        let root = testing::ca_certificate(&name, &key, None, 100, None).unwrap();
+        fleet_pki::write_private_key(&certs.join("root-ca.key"), &key).unwrap();
+        std::fs::write(certs.join("root-ca.pem"), root.to_pem().unwrap()).unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let pki = Pki::open_or_create(&certs).unwrap();
+        let core = Core::new(store, Arc::new(pki), ManagerConfig::default());
+        core.ensure_service("svcA").unwrap();
+        let now = now_ms() / 1000;
+        let digest = |cert: &openssl::x509::X509| {
+            ByteBuf::from(openssl::sha::sha256(&cert.to_der().unwrap()).to_vec())
+        };
+        let report = |d: &str, uuid: &[u8], pinned: Vec<ByteBuf>| {
+            let body = StatusReport {
+                device_id: d.into(),
+                service_id: "svcA".into(),
+                nonce: crypto::random_bytes(16),
+                ts: now_ms(),
+                event: "online".into(),
+                change_id: None,
+                detail: None,
+                pinned_roots: Some(pinned),
+            };
+            let env = Envelope::build(Kind::Status, &body, |tbs| crypto::hmac(uuid, tbs)).unwrap();
+            let topic = Topic::in_tenant("svcA", Route::Request(RequestKind::Status, d.into()));
+            assert_eq!(ask(&core, &topic, env.encode()).status, Status::Ok);
+        };
+        let uuid = activated(&core, "d1");
+        assert_eq!(update(&core, "d1", "svcA", None, &uuid).status, Status::Ok);
+        report("d1", &uuid, vec![digest(&root)]);
+        activated(&core, "d2");
+
+        // Housekeeping rolls the root (it ends within two years) and looks.
+        core.maintain_root();
+        let successor = core.pki.root_generations().unwrap()[1].cert.clone();
+        assert_eq!(core.warn_roots_ending(now).unwrap(), (1, 1));
+        report("d1", &uuid, vec![digest(&successor), digest(&root)]);
+        assert_eq!(core.warn_roots_ending(now).unwrap(), (0, 1));
+        // Once the first root has ended, nothing ends within half a year:
+        // nothing to say.
+        let later = now + 200 * 86_400;
+        assert_eq!(core.warn_roots_ending(later).unwrap(), (0, 0));
     }
 
     /// Registers `device_id` for svcA with a new factory key, returned.
