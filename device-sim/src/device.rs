@@ -34,7 +34,7 @@ use crate::link::{
 };
 use crate::replies::{
     check_nonce, check_notice_seq, check_notice_target, finish_activate, finish_update,
-    open_notice, open_reply, require_ok, roots_of, ReplyError, VerifyError,
+    open_notice, open_reply, require_ok, roots_of, ManagerTrust, ReplyError, VerifyError,
 };
 use crate::requests::{self, event, Prepared};
 use crate::store::{DeviceState, Store, StoreError};
@@ -210,7 +210,9 @@ pub(crate) struct Device {
     id: String,
     cfg: DeviceConfig,
     store: Arc<Mutex<Store>>,
-    manager: PKey<Public>,
+    /// The pinned manager signing key: the last successor learned from a
+    /// message's `signer` (stored), else the configured public key.
+    signer: std::sync::RwLock<PinnedSigner>,
     /// The pinned root CAs: those the manager last gave (`roots`, stored),
     /// else the configured root file.
     roots: std::sync::RwLock<PinnedRoots>,
@@ -238,6 +240,23 @@ pub(crate) struct Device {
     renew: bool,
     /// `unknown_ca` refusals, and when to take them for a retired CA.
     unknown_ca: UnknownCa,
+}
+
+/// The manager signing key a device takes messages by, and the notBefore
+/// of its certificate (`None`: the key the device was made with).
+struct PinnedSigner {
+    key: PKey<Public>,
+    since: Option<u64>,
+}
+
+impl PinnedSigner {
+    fn from_pem(pem: &[u8]) -> Option<PinnedSigner> {
+        let cert = X509::from_pem(pem).ok()?;
+        Some(PinnedSigner {
+            key: cert.public_key().ok()?,
+            since: Some(crate::replies::unix_of(cert.not_before())?),
+        })
+    }
 }
 
 /// Root CAs a device trusts, as PEM (for TLS) and parsed (for chains).
@@ -314,15 +333,30 @@ impl Device {
             ));
         }
         let (root, id) = (cfg.store_root.clone(), cfg.device_id.clone());
-        let (store, pinned) = blocking(move || {
+        let (store, pinned, learned_signer) = blocking(move || {
             let store = Store::open(&root, &id)?;
             let pinned = store.pinned_roots()?;
-            Ok::<_, StoreError>((store, pinned))
+            let signer = store.pinned_signer()?;
+            Ok::<_, StoreError>((store, pinned, signer))
         })
         .await?;
         let manager_pem = read(&cfg.manager_pub_pem).await?;
         let manager = PKey::public_key_from_pem(&manager_pem)
             .map_err(|e| DeviceError::Config(format!("{}: {e}", cfg.manager_pub_pem.display())))?;
+        let signer = match learned_signer.map(|pem| PinnedSigner::from_pem(&pem)) {
+            Some(Some(signer)) => signer,
+            Some(None) => {
+                warn!("stored manager signing key unreadable; the configured key is used");
+                PinnedSigner {
+                    key: manager,
+                    since: None,
+                }
+            }
+            None => PinnedSigner {
+                key: manager,
+                since: None,
+            },
+        };
         let learned = pinned.and_then(|pem| match PinnedRoots::from_pem(pem) {
             Ok(roots) if !roots.certs.is_empty() => Some(roots),
             _ => {
@@ -346,7 +380,7 @@ impl Device {
             id: cfg.device_id.clone(),
             cfg,
             store: Arc::new(Mutex::new(store)),
-            manager,
+            signer: std::sync::RwLock::new(signer),
             roots: std::sync::RwLock::new(roots),
             events,
             shutdown,
@@ -611,10 +645,12 @@ impl Device {
                     link.defer(msg);
                     continue;
                 }
-                let checked = open_reply(&msg.payload, reply_kind, &self.manager, &self.id)
-                    .and_then(|r| check_nonce(&r, &req.nonce).map(|()| r));
+                let checked = self
+                    .with_trust(|trust| open_reply(&msg.payload, reply_kind, trust, &self.id))
+                    .and_then(|(r, signer)| check_nonce(&r, &req.nonce).map(|()| (r, signer)));
                 match checked {
-                    Ok(reply) => {
+                    Ok((reply, signer)) => {
+                        self.learn_signer(signer).await;
                         self.learn_roots(&reply).await;
                         return Ok(reply);
                     }
@@ -633,6 +669,40 @@ impl Device {
 
     fn pinned(&self) -> PinnedRoots {
         self.roots.read().expect("roots lock poisoned").clone()
+    }
+
+    /// `check` with what the device takes manager messages by now: its
+    /// pinned signing key and roots (topics.md §4.3).
+    fn with_trust<T>(&self, check: impl FnOnce(ManagerTrust<'_>) -> T) -> T {
+        let signer = self.signer.read().expect("signer lock poisoned");
+        let roots = self.roots.read().expect("roots lock poisoned");
+        check(ManagerTrust {
+            key: &signer.key,
+            key_since: signer.since,
+            roots: &roots.certs,
+            now: wall_now() as u64,
+        })
+    }
+
+    /// Pins the successor signing key a message proved (topics.md §4.3):
+    /// stored first, then the only key messages are taken by.
+    async fn learn_signer(&self, cert: Option<X509>) {
+        let Some(cert) = cert else { return };
+        let Some(pinned) = cert
+            .to_pem()
+            .ok()
+            .and_then(|pem| PinnedSigner::from_pem(&pem).map(|signer| (pem, signer)))
+        else {
+            return;
+        };
+        let (pem, signer) = pinned;
+        match self.with_store(move |s| s.pin_signer(&pem)).await {
+            Ok(()) => {
+                info!(since = ?signer.since, "pinned the manager's new signing key");
+                *self.signer.write().expect("signer lock poisoned") = signer;
+            }
+            Err(e) => warn!(error = %e, "manager signing key not stored; pinned next time"),
+        }
     }
 
     /// Pins the roots a verified reply gives (topics.md §8), if they
@@ -983,7 +1053,9 @@ impl Device {
                 }
                 msg = link.recv() => {
                     let msg = msg.stage("session")?;
-                    let incoming = self.classify(msg, &mut outstanding);
+                    let mut signer = None;
+                    let incoming = self.classify(msg, &mut outstanding, &mut signer);
+                    self.learn_signer(signer).await;
                     if let Incoming::PollReply(reply) | Incoming::StatusReply(reply) = &incoming {
                         // Newly pinned roots are reported at once, so the
                         // operator sees which devices pin them (§3.5.4).
@@ -1031,7 +1103,14 @@ impl Device {
     /// Sorts a message received on the service session. Replies to poll and
     /// status are matched against what is outstanding; anything that does not
     /// verify is logged and dropped.
-    fn classify(&self, msg: Message, outstanding: &mut Outstanding) -> Incoming {
+    /// What `msg` is; `signer`, the certificate of a successor signing key
+    /// that signed it, to pin.
+    fn classify(
+        &self,
+        msg: Message,
+        outstanding: &mut Outstanding,
+        signer: &mut Option<X509>,
+    ) -> Incoming {
         let topic = match Topic::parse(&msg.topic) {
             Ok(t) => t,
             Err(e) => {
@@ -1040,14 +1119,24 @@ impl Device {
             }
         };
         match topic.route {
-            Route::ServiceChange(_) => match open_notice(&msg.payload, &self.manager, &self.id) {
-                Ok(n) => Incoming::Notice(Ok(n)),
-                Err(e) => Incoming::Notice(Err(e)),
-            },
+            Route::ServiceChange(_) => {
+                match self.with_trust(|trust| open_notice(&msg.payload, trust, &self.id)) {
+                    Ok((n, learned)) => {
+                        *signer = learned;
+                        Incoming::Notice(Ok(n))
+                    }
+                    Err(e) => Incoming::Notice(Err(e)),
+                }
+            }
             Route::Reply(kind @ (RequestKind::Poll | RequestKind::Status), _) => {
                 let reply_kind = Kind::from(kind).reply().expect("requests have replies");
-                let reply = match open_reply(&msg.payload, reply_kind, &self.manager, &self.id) {
-                    Ok(r) => r,
+                let reply = match self
+                    .with_trust(|trust| open_reply(&msg.payload, reply_kind, trust, &self.id))
+                {
+                    Ok((r, learned)) => {
+                        *signer = learned;
+                        r
+                    }
                     Err(e) => {
                         warn!(topic = %msg.topic, error = %e, "unverifiable reply ignored");
                         return Incoming::Nothing;

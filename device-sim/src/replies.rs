@@ -1,6 +1,7 @@
 //! Checking what the manager sends: replies and service-change notices.
 //! Pure functions; the manager's key is pinned, so anything not signed by
-//! it is ignored, whatever topic it arrived on.
+//! it, or by a successor certified by a pinned root (topics.md §4.3), is
+//! ignored, whatever topic it arrived on.
 
 use fleet_protocol::crypto;
 use fleet_protocol::{Envelope, Kind, ProtocolError, Reply, ServiceChange, Status};
@@ -23,6 +24,8 @@ pub enum VerifyError {
     WrongKind { expected: Kind, got: Kind },
     #[error("signature does not verify with the pinned manager key")]
     BadSignature,
+    #[error("signer refused: {0}")]
+    BadSigner(String),
     #[error("addressed to device {0:?}")]
     WrongDevice(String),
     #[error("nonce does not match the request")]
@@ -31,12 +34,32 @@ pub enum VerifyError {
     Replayed { seq: u64, last: u64 },
 }
 
-/// Decodes and authenticates a manager message of `kind` and returns the envelope.
+/// What a device takes manager messages by (topics.md §4.3): the signing
+/// key it pins, and the roots it pins, by which it takes a successor of
+/// that key from a message's `signer`.
+#[derive(Clone, Copy)]
+pub struct ManagerTrust<'a> {
+    pub key: &'a PKeyRef<Public>,
+    /// The notBefore of the pinned key's certificate; `None` for the key
+    /// the device was made with.
+    pub key_since: Option<u64>,
+    pub roots: &'a [X509],
+    /// Unix seconds.
+    pub now: u64,
+}
+
+/// The most certificates a `signer` holds: the key's and a cross-
+/// certificate per root before its own (devices pin at most four).
+const MAX_SIGNER_LEN: usize = 4;
+
+/// Decodes and authenticates a manager message of `kind`; returns the
+/// envelope and, when a successor of the pinned key signed it, that key's
+/// certificate, to pin.
 fn open_signed(
     bytes: &[u8],
     kind: Kind,
-    manager: &PKeyRef<Public>,
-) -> Result<Envelope, VerifyError> {
+    trust: ManagerTrust<'_>,
+) -> Result<(Envelope, Option<X509>), VerifyError> {
     let env = Envelope::decode(bytes).map_err(|e| VerifyError::Decode(e.to_string()))?;
     if !env.crc_ok() {
         return Err(VerifyError::BadCrc);
@@ -47,27 +70,84 @@ fn open_signed(
             got: env.kind,
         });
     }
-    if !crypto::verify(manager, &env.tbs(), &env.auth) {
+    if crypto::verify(trust.key, &env.tbs(), &env.auth) {
+        return Ok((env, None));
+    }
+    let Some(signer) = &env.signer else {
+        return Err(VerifyError::BadSignature);
+    };
+    let cert = signer_of(signer, trust).map_err(VerifyError::BadSigner)?;
+    let key = cert
+        .public_key()
+        .map_err(|e| VerifyError::BadSigner(e.to_string()))?;
+    if !crypto::verify(&key, &env.tbs(), &env.auth) {
         return Err(VerifyError::BadSignature);
     }
-    Ok(env)
+    Ok((env, Some(cert)))
+}
+
+/// The certificate of a successor signing key, if `signer` proves one
+/// (topics.md §4.3): its first certificate is not a CA, has the manager
+/// signing key usage, is valid now, began after the pinned key's, and
+/// verifies to a pinned root through the cross-certificates after it,
+/// each a root CA certificate.
+pub fn signer_of(signer: &[serde_bytes::ByteBuf], trust: ManagerTrust<'_>) -> Result<X509, String> {
+    use fleet_protocol::certificate::MANAGER_SIGNING_EKU_DER;
+    use fleet_protocol::certificate::{basic_constraints_ca, extended_key_usages};
+    if signer.is_empty() || signer.len() > MAX_SIGNER_LEN {
+        return Err(format!("{} certificates", signer.len()));
+    }
+    let der = &signer[0];
+    if basic_constraints_ca(der) != Some(false) {
+        return Err("a CA certificate, or one that does not read".into());
+    }
+    if !extended_key_usages(der).is_some_and(|u| u.contains(&MANAGER_SIGNING_EKU_DER)) {
+        return Err("not for signing the manager's messages".into());
+    }
+    let chain = signer
+        .iter()
+        .map(|c| X509::from_der(c))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("certificate DER: {e}"))?;
+    // Only roots' links may stand between the key and a pinned root: a
+    // service CA (path length 0) signs devices, never the manager's key,
+    // so the holder of a service CA's key cannot make one.
+    if !chain[1..]
+        .iter()
+        .zip(&signer[1..])
+        .all(|(cert, der)| is_root_ca(cert, der))
+    {
+        return Err("a certificate after the key's that is no root's link".into());
+    }
+    let since = unix_of(chain[0].not_before()).ok_or("notBefore out of range")?;
+    if trust.key_since.is_some_and(|pinned| since <= pinned) {
+        return Err("not newer than the signing key pinned".into());
+    }
+    verify_chain(trust.roots, &chain).map_err(|e| e.to_string())?;
+    let until = unix_of(chain[0].not_after()).ok_or("notAfter out of range")?;
+    if !(since..=until).contains(&trust.now) {
+        return Err("not valid now".into());
+    }
+    Ok(chain.into_iter().next().expect("one certificate at least"))
 }
 
 /// A signed reply of `kind` for `device_id`; the nonce is checked by the caller
 /// (see [`check_nonce`]) because some replies are matched against several
 /// outstanding requests.
+/// With the reply, the certificate of a successor signing key that signed
+/// it, to pin.
 pub fn open_reply(
     bytes: &[u8],
     kind: Kind,
-    manager: &PKeyRef<Public>,
+    trust: ManagerTrust<'_>,
     device_id: &str,
-) -> Result<Reply, VerifyError> {
-    let env = open_signed(bytes, kind, manager)?;
+) -> Result<(Reply, Option<X509>), VerifyError> {
+    let (env, signer) = open_signed(bytes, kind, trust)?;
     let reply: Reply = env.body().map_err(|e| VerifyError::Decode(e.to_string()))?;
     if reply.device_id != device_id {
         return Err(VerifyError::WrongDevice(reply.device_id));
     }
-    Ok(reply)
+    Ok((reply, signer))
 }
 
 pub fn check_nonce(reply: &Reply, nonce: &[u8]) -> Result<(), VerifyError> {
@@ -83,13 +163,13 @@ pub fn check_nonce(reply: &Reply, nonce: &[u8]) -> Result<(), VerifyError> {
 /// checking is [`check_notice_seq`], shared with notices inside poll replies.
 pub fn open_notice(
     bytes: &[u8],
-    manager: &PKeyRef<Public>,
+    trust: ManagerTrust<'_>,
     device_id: &str,
-) -> Result<ServiceChange, VerifyError> {
-    let env = open_signed(bytes, Kind::ServiceChange, manager)?;
+) -> Result<(ServiceChange, Option<X509>), VerifyError> {
+    let (env, signer) = open_signed(bytes, Kind::ServiceChange, trust)?;
     let notice: ServiceChange = env.body().map_err(|e| VerifyError::Decode(e.to_string()))?;
     check_notice_target(&notice, device_id)?;
-    Ok(notice)
+    Ok((notice, signer))
 }
 
 pub fn check_notice_target(notice: &ServiceChange, device_id: &str) -> Result<(), VerifyError> {
@@ -350,7 +430,7 @@ pub fn roots_of(reply: &Reply, pinned: &[X509], now: u64) -> Result<Option<Vec<X
 }
 
 /// An ASN.1 time as Unix seconds.
-fn unix_of(t: &openssl::asn1::Asn1TimeRef) -> Option<u64> {
+pub(crate) fn unix_of(t: &openssl::asn1::Asn1TimeRef) -> Option<u64> {
     let epoch = openssl::asn1::Asn1Time::from_unix(0).ok()?;
     let d = epoch.diff(t).ok()?;
     u64::try_from(i64::from(d.days) * 86_400 + i64::from(d.secs)).ok()
@@ -420,6 +500,258 @@ mod tests {
     use crate::requests::{build_activate, build_update};
     use crate::testutil::{FakeManager, UUID};
 
+    /// Taking messages by `key` alone, as a device made with it.
+    fn trusting(key: &PKeyRef<Public>) -> ManagerTrust<'_> {
+        ManagerTrust {
+            key,
+            key_since: None,
+            roots: &[],
+            now: fleet_protocol::now_ms() / 1000,
+        }
+    }
+
+    /// A reply for dev1 signed by `key`, with `signer`.
+    fn signed_with(key: &PKeyRef<Private>, signer: Option<Vec<Vec<u8>>>) -> Vec<u8> {
+        let reply = Reply {
+            device_id: "dev1".into(),
+            status: Status::Ok,
+            ..Reply::default()
+        };
+        let mut env =
+            Envelope::build(Kind::PollReply, &reply, |tbs| crypto::sign(key, tbs)).unwrap();
+        env.signer =
+            signer.map(|chain| chain.into_iter().map(serde_bytes::ByteBuf::from).collect());
+        env.encode()
+    }
+
+    /// A successor signing key is taken from `signer` only when a pinned
+    /// root certifies it for signing the manager's messages, it began
+    /// after the key pinned, and it is valid now; the signature must then
+    /// verify with it. The broker's key, or a key no pinned root
+    /// certified, cannot pass for one.
+    #[test]
+    fn a_successor_signing_key_is_taken_only_as_the_roots_certify_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = fleet_pki::Pki::open_or_create(dir.path()).unwrap();
+        let first = pki.signing_key();
+        let first_pub = PKey::public_key_from_der(&first.public_key_to_der().unwrap()).unwrap();
+        let root = X509::from_pem(&std::fs::read(dir.path().join("root-ca.pem")).unwrap()).unwrap();
+        let roots = [root];
+        let now = fleet_protocol::now_ms() / 1000;
+        let trust = ManagerTrust {
+            key: &first_pub,
+            key_since: None,
+            roots: &roots,
+            now,
+        };
+        pki.roll_signing_key().unwrap();
+        let second = pki.signing();
+        let chain = second.signer.clone().unwrap();
+        assert_eq!(
+            chain.len(),
+            1,
+            "no roll-over of the root: no cross-certificate"
+        );
+
+        // Before: the first key still verifies, with no signer to take.
+        let (_, learned) =
+            open_reply(&signed_with(&first, None), Kind::PollReply, trust, "dev1").unwrap();
+        assert!(learned.is_none());
+        // The successor, certified by the pinned root: taken.
+        let good = signed_with(&second.key, Some(chain.clone()));
+        let (_, learned) = open_reply(&good, Kind::PollReply, trust, "dev1").unwrap();
+        let cert = learned.expect("the successor's certificate");
+        assert_eq!(cert.to_der().unwrap(), chain[0]);
+        // Without its signer, or with a signature by another key.
+        assert_eq!(
+            open_reply(
+                &signed_with(&second.key, None),
+                Kind::PollReply,
+                trust,
+                "dev1"
+            )
+            .unwrap_err(),
+            VerifyError::BadSignature
+        );
+        assert_eq!(
+            open_reply(
+                &signed_with(&crypto::generate_p256().unwrap(), Some(chain.clone())),
+                Kind::PollReply,
+                trust,
+                "dev1"
+            )
+            .unwrap_err(),
+            VerifyError::BadSignature
+        );
+        // Not by a pinned root.
+        let stranger = FakeManager::new();
+        let unrooted = ManagerTrust {
+            roots: stranger.roots(),
+            ..trust
+        };
+        assert!(matches!(
+            open_reply(&good, Kind::PollReply, unrooted, "dev1"),
+            Err(VerifyError::BadSigner(_))
+        ));
+        // The broker's certificate and key: the root certified them, but
+        // not for signing the manager's messages.
+        let broker_key =
+            PKey::private_key_from_pem(&std::fs::read(dir.path().join("broker.key")).unwrap())
+                .unwrap();
+        let broker =
+            X509::from_pem(&std::fs::read(dir.path().join("broker.pem")).unwrap()).unwrap();
+        let forged = signed_with(&broker_key, Some(vec![broker.to_der().unwrap()]));
+        assert!(matches!(
+            open_reply(&forged, Kind::PollReply, trust, "dev1"),
+            Err(VerifyError::BadSigner(why)) if why.contains("not for signing")
+        ));
+        // Nor a key a service CA certified for that usage: only roots'
+        // links may stand between the key and the root.
+        let (svc_ca, svc_key) = pki.service_ca("svcA").unwrap();
+        let thief = crypto::generate_p256().unwrap();
+        let mut b = openssl::x509::X509Builder::new().unwrap();
+        b.set_version(2).unwrap();
+        b.set_subject_name(svc_ca.subject_name()).unwrap();
+        b.set_issuer_name(svc_ca.subject_name()).unwrap();
+        b.set_pubkey(&thief).unwrap();
+        b.set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        b.set_not_after(&openssl::asn1::Asn1Time::days_from_now(30).unwrap())
+            .unwrap();
+        b.append_extension(
+            openssl::x509::extension::BasicConstraints::new()
+                .critical()
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+        b.append_extension(
+            openssl::x509::extension::ExtendedKeyUsage::new()
+                .critical()
+                .other(fleet_pki::MANAGER_SIGNING_EKU)
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+        b.sign(&svc_key, openssl::hash::MessageDigest::sha256())
+            .unwrap();
+        let by_service_ca = b.build();
+        let forged = signed_with(
+            &thief,
+            Some(vec![
+                by_service_ca.to_der().unwrap(),
+                svc_ca.to_der().unwrap(),
+            ]),
+        );
+        assert!(matches!(
+            open_reply(&forged, Kind::PollReply, trust, "dev1"),
+            Err(VerifyError::BadSigner(why)) if why.contains("no root's link")
+        ));
+        // A root (a CA) cannot either.
+        let root_key =
+            PKey::private_key_from_pem(&std::fs::read(dir.path().join("root-ca.key")).unwrap())
+                .unwrap();
+        let as_root = signed_with(&root_key, Some(vec![roots[0].to_der().unwrap()]));
+        assert!(matches!(
+            open_reply(&as_root, Kind::PollReply, trust, "dev1"),
+            Err(VerifyError::BadSigner(_))
+        ));
+        // Once a later key is pinned, an earlier one is taken no more.
+        let since = unix_of(cert.not_before()).unwrap();
+        let pinned_pub = cert.public_key().unwrap();
+        let moved_on = ManagerTrust {
+            key: &pinned_pub,
+            key_since: Some(since),
+            ..trust
+        };
+        assert!(
+            open_reply(&good, Kind::PollReply, moved_on, "dev1").is_ok(),
+            "by the key pinned"
+        );
+        let (_, learned) = open_reply(&good, Kind::PollReply, moved_on, "dev1").unwrap();
+        assert!(learned.is_none(), "nothing new to pin");
+        assert_eq!(
+            open_reply(
+                &signed_with(&first, None),
+                Kind::PollReply,
+                moved_on,
+                "dev1"
+            )
+            .unwrap_err(),
+            VerifyError::BadSignature,
+            "the first key, replaced"
+        );
+        pki.roll_signing_key().unwrap();
+        let third = pki.signing();
+        let older_pinned = ManagerTrust {
+            key_since: Some(since + 1),
+            ..trust
+        };
+        let newer = signed_with(&third.key, third.signer.clone());
+        assert!(matches!(
+            open_reply(&newer, Kind::PollReply, older_pinned, "dev1"),
+            Err(VerifyError::BadSigner(why)) if why.contains("not newer")
+        ));
+        // Not valid at the device's time.
+        let later = ManagerTrust {
+            now: now + 20 * 365 * 86_400,
+            ..trust
+        };
+        assert!(matches!(
+            open_reply(&good, Kind::PollReply, later, "dev1"),
+            Err(VerifyError::BadSigner(_))
+        ));
+        // After a root roll-over, a key the new root certified comes with
+        // the cross-certificate: a device that pins only the first root
+        // takes it.
+        pki.roll_root().unwrap();
+        pki.roll_signing_key().unwrap();
+        let fourth = pki.signing();
+        let chain = fourth.signer.clone().unwrap();
+        assert_eq!(
+            chain.len(),
+            2,
+            "the key's certificate and the cross-certificate"
+        );
+        let (_, learned) = open_reply(
+            &signed_with(&fourth.key, Some(chain.clone())),
+            Kind::PollReply,
+            trust,
+            "dev1",
+        )
+        .unwrap();
+        assert!(learned.is_some());
+        assert!(
+            matches!(
+                open_reply(
+                    &signed_with(&fourth.key, Some(chain[..1].to_vec())),
+                    Kind::PollReply,
+                    trust,
+                    "dev1"
+                ),
+                Err(VerifyError::BadSigner(_))
+            ),
+            "without the cross-certificate"
+        );
+    }
+
+    fn opened(
+        bytes: &[u8],
+        kind: Kind,
+        key: &PKeyRef<Public>,
+        device_id: &str,
+    ) -> Result<Reply, VerifyError> {
+        open_reply(bytes, kind, trusting(key), device_id).map(|(reply, _)| reply)
+    }
+
+    fn notice_opened(
+        bytes: &[u8],
+        key: &PKeyRef<Public>,
+        device_id: &str,
+    ) -> Result<ServiceChange, VerifyError> {
+        open_notice(bytes, trusting(key), device_id).map(|(notice, _)| notice)
+    }
+
     #[test]
     fn activate_reply_round_trip() {
         let mgr = FakeManager::new();
@@ -437,7 +769,7 @@ mod tests {
                 ..Reply::default()
             },
         );
-        let reply = open_reply(&bytes, Kind::ActivateReply, &mgr.public, "dev1").unwrap();
+        let reply = opened(&bytes, Kind::ActivateReply, &mgr.public, "dev1").unwrap();
         check_nonce(&reply, &req.nonce).unwrap();
         let act = finish_activate(&reply, &req, "dev1").unwrap();
         assert_eq!(act.service_id, "svcA");
@@ -464,27 +796,27 @@ mod tests {
         };
         let forged = impostor.sign(Kind::PollReply, &reply);
         assert_eq!(
-            open_reply(&forged, Kind::PollReply, &mgr.public, "dev1"),
+            opened(&forged, Kind::PollReply, &mgr.public, "dev1"),
             Err(VerifyError::BadSignature)
         );
         let good = mgr.sign(Kind::PollReply, &reply);
-        assert!(open_reply(&good, Kind::PollReply, &mgr.public, "dev1").is_ok());
+        assert!(opened(&good, Kind::PollReply, &mgr.public, "dev1").is_ok());
         assert!(matches!(
-            open_reply(&good, Kind::UpdateReply, &mgr.public, "dev1"),
+            opened(&good, Kind::UpdateReply, &mgr.public, "dev1"),
             Err(VerifyError::WrongKind { .. })
         ));
         assert_eq!(
-            open_reply(&good, Kind::PollReply, &mgr.public, "dev2"),
+            opened(&good, Kind::PollReply, &mgr.public, "dev2"),
             Err(VerifyError::WrongDevice("dev1".into()))
         );
         let mut env = Envelope::decode(&good).unwrap();
         env.crc ^= 1;
         assert_eq!(
-            open_reply(&env.encode(), Kind::PollReply, &mgr.public, "dev1"),
+            opened(&env.encode(), Kind::PollReply, &mgr.public, "dev1"),
             Err(VerifyError::BadCrc)
         );
         assert!(matches!(
-            open_reply(b"junk", Kind::PollReply, &mgr.public, "dev1"),
+            opened(b"junk", Kind::PollReply, &mgr.public, "dev1"),
             Err(VerifyError::Decode(_))
         ));
     }
@@ -514,19 +846,19 @@ mod tests {
             ts: fleet_protocol::now_ms(),
         };
         let bytes = mgr.sign(Kind::ServiceChange, &notice);
-        assert_eq!(open_notice(&bytes, &mgr.public, "dev1").unwrap(), notice);
+        assert_eq!(notice_opened(&bytes, &mgr.public, "dev1").unwrap(), notice);
         assert_eq!(
-            open_notice(&bytes, &FakeManager::new().public, "dev1"),
+            notice_opened(&bytes, &FakeManager::new().public, "dev1"),
             Err(VerifyError::BadSignature)
         );
         assert!(matches!(
-            open_notice(&bytes, &mgr.public, "dev2"),
+            notice_opened(&bytes, &mgr.public, "dev2"),
             Err(VerifyError::WrongDevice(_))
         ));
         // A reply signed by the manager cannot pass as a notice.
         let as_reply = mgr.sign(Kind::PollReply, &notice);
         assert!(matches!(
-            open_notice(&as_reply, &mgr.public, "dev1"),
+            notice_opened(&as_reply, &mgr.public, "dev1"),
             Err(VerifyError::WrongKind { .. })
         ));
         assert!(check_notice_seq(&notice, 9).is_ok());

@@ -31,6 +31,9 @@ const FACTORY_KEY: &str = "factory.key";
 const STATE_FILE: &str = "state.cbor";
 /// The root CAs learned from the manager (topics.md §8), PEM.
 pub const ROOTS_FILE: &str = "roots.pem";
+/// The certificate of the manager signing key learned from a message's
+/// `signer` (topics.md §4.3), PEM.
+pub const SIGNER_FILE: &str = "manager-sign.pem";
 
 /// Errors of the store layer.
 #[derive(Debug, thiserror::Error)]
@@ -292,6 +295,23 @@ impl Store {
     /// Stores the roots to pin from now on (PEM), replacing those before.
     pub fn pin_roots(&self, pem: &[u8]) -> Result<(), StoreError> {
         write_atomic(&self.dir.join(ROOTS_FILE), pem)
+    }
+
+    /// The certificate of the manager signing key learned last (PEM), if
+    /// any; it replaces the configured public key.
+    pub fn pinned_signer(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.dir.join(SIGNER_FILE);
+        match fs::read(&path) {
+            Ok(pem) => Ok(Some(pem)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    /// Stores the certificate of the manager signing key to take messages
+    /// by from now on (PEM), replacing the key before.
+    pub fn pin_signer(&self, pem: &[u8]) -> Result<(), StoreError> {
+        write_atomic(&self.dir.join(SIGNER_FILE), pem)
     }
 
     /// Stores the key and chain (DER, leaf first) for `service_id`. The key

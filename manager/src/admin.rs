@@ -533,6 +533,22 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
             .await
         }
         ("GET", ["v1", "root-ca"]) => blocking(move || root_cas(&core)).await,
+        ("GET", ["v1", "signing-key"]) => {
+            blocking(move || {
+                let generations = core.pki.signing_generations().map_err(internal)?;
+                Ok(json!({
+                    "generations": generations.iter().map(signing_view).collect::<Vec<_>>(),
+                }))
+            })
+            .await
+        }
+        ("POST", ["v1", "signing-key", "roll"]) => {
+            blocking(move || {
+                let rolled = core.roll_signing_key().map_err(|f| (500, f.to_string()))?;
+                Ok(signing_view(&rolled))
+            })
+            .await
+        }
         ("POST", ["v1", "root-ca", "roll"]) => {
             blocking(move || {
                 let rolled = core.roll_root().map_err(|f| (500, f.to_string()))?;
@@ -865,6 +881,16 @@ fn root_cas(core: &Core) -> Result<Value, (u16, String)> {
         view["not_pinning_newest"] = json!(first(not_pinned));
     }
     Ok(view)
+}
+
+fn signing_view(g: &fleet_pki::SigningGeneration) -> Value {
+    json!({
+        "generation": g.generation,
+        "signing": g.signing,
+        "path": g.path,
+        "not_before": g.not_before,
+        "not_after": g.not_after,
+    })
 }
 
 fn root_view(root: &fleet_pki::RootGeneration, issuing: bool) -> Value {

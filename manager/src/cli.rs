@@ -128,6 +128,19 @@ pub enum Command {
         #[arg(long)]
         roll: bool,
     },
+    /// Show the generations of the manager's message-signing key; with
+    /// --roll, make a successor, certified by the root that issues now,
+    /// that signs every message from then on. Devices take it from the
+    /// certificate each message carries, by the roots they pin, and
+    /// accept the keys before it no more.
+    SigningKey {
+        /// The manager's admin API, as for `root-ca`.
+        #[arg(long)]
+        admin: Option<String>,
+        /// Make a successor of the signing key.
+        #[arg(long)]
+        roll: bool,
+    },
     /// Show the generations of a service's CA; with --roll, make a
     /// successor that issues from then on. The CAs before it stay trusted,
     /// each with its CRL, until they expire, so no certificate is cut
@@ -470,6 +483,13 @@ pub async fn execute(cli: Cli) -> anyhow::Result<Vec<serde_json::Value>> {
             print(match roll {
                 true => call(&admin, "POST", "/v1/root-ca/roll", None).await?,
                 false => call(&admin, "GET", "/v1/root-ca", None).await?,
+            })
+        }
+        Command::SigningKey { admin, roll } => {
+            let admin = admin_of(admin)?;
+            print(match roll {
+                true => call(&admin, "POST", "/v1/signing-key/roll", None).await?,
+                false => call(&admin, "GET", "/v1/signing-key", None).await?,
             })
         }
         Command::ServiceCa {

@@ -53,6 +53,16 @@ fn fail<T>(status: Status, detail: impl Into<String>) -> Result<T, Failure> {
     })
 }
 
+/// The `signer` of a message signed by `signing` (topics.md §4.3): for a
+/// successor of the first signing key, its certificate and the cross-
+/// certificates after it.
+fn signer_of(signing: &fleet_pki::Signing) -> Option<Vec<ByteBuf>> {
+    signing
+        .signer
+        .as_ref()
+        .map(|chain| chain.iter().cloned().map(ByteBuf::from).collect())
+}
+
 /// The digests of a `status` report's `pinned_roots`: 1 to
 /// [`fleet_protocol::messages::MAX_PINNED_ROOTS_REPORTED`] of 32 bytes
 /// each, or `malformed` (topics.md §5.3, check 20).
@@ -626,9 +636,9 @@ impl Core {
         let reply_kind = Kind::from(kind)
             .reply()
             .expect("request kinds have replies");
-        let env = Envelope::build(reply_kind, &reply, |tbs| {
-            crypto::sign(self.pki.signing_key(), tbs)
-        })?;
+        let signing = self.pki.signing();
+        let mut env = Envelope::build(reply_kind, &reply, |tbs| crypto::sign(&signing.key, tbs))?;
+        env.signer = signer_of(&signing);
         Ok(env.encode())
     }
 
@@ -1734,6 +1744,23 @@ impl Core {
         self.renew_server_certs();
     }
 
+    /// A successor of the manager's signing key, certified by the root
+    /// that issues now: it signs every message from then on, which carry
+    /// its certificate (`signer`, topics.md §4.3), so devices take it by
+    /// the roots they pin. Logged and audited.
+    pub fn roll_signing_key(&self) -> Result<fleet_pki::SigningGeneration, Failure> {
+        let rolled = self.pki.roll_signing_key()?;
+        info!(
+            generation = rolled.generation,
+            "manager signing key rolled over"
+        );
+        self.audit_quietly(
+            "signing_key_roll",
+            format!("generation {}", rolled.generation),
+        );
+        Ok(rolled)
+    }
+
     /// Housekeeping for the root CA: a successor once it has less than
     /// two years left.
     pub fn maintain_root(&self) {
@@ -2334,10 +2361,14 @@ impl Core {
             return Vec::new();
         };
         let body = notice_body(&device.device_id, pending);
+        let signing = self.pki.signing();
         let env = match Envelope::build(Kind::ServiceChange, &body, |tbs| {
-            crypto::sign(self.pki.signing_key(), tbs)
+            crypto::sign(&signing.key, tbs)
         }) {
-            Ok(env) => env.encode(),
+            Ok(mut env) => {
+                env.signer = signer_of(&signing);
+                env.encode()
+            }
             Err(err) => {
                 warn!(error = %err, "notice not signed");
                 return Vec::new();
@@ -2753,7 +2784,7 @@ mod tests {
         let env = Envelope::decode(&out[0].payload).unwrap();
         assert!(env.crc_ok());
         assert!(crypto::verify(
-            core.pki.signing_key(),
+            &core.pki.signing_key(),
             &env.tbs(),
             &env.auth
         ));
@@ -3338,6 +3369,7 @@ mod tests {
                 crc: fleet_protocol::envelope::crc32(&body),
                 body,
                 auth: vec![0; 32],
+                signer: None,
             };
             let out = core.handle("fleet/v1/update/dev1", &env.encode());
             let reply = only_reply(&core, &out, "fleet/v1/update/dev1/reply");

@@ -72,6 +72,8 @@ pub(crate) enum Profile<'a> {
     },
     /// A TLS client identified by SAN URIs.
     Client { uris: &'a [String] },
+    /// A key that signs messages for the extended key usage `eku` only.
+    MessageSigner { eku: &'a str },
 }
 
 pub(crate) struct Template<'a, T: HasPublic> {
@@ -133,6 +135,11 @@ pub(crate) fn build<T: HasPublic>(
             }
             let ext = san.build(&b.x509v3_context(issuer.map(|i| i.cert), None))?;
             b.append_extension(ext)?;
+        }
+        Profile::MessageSigner { eku } => {
+            b.append_extension(BasicConstraints::new().critical().build()?)?;
+            b.append_extension(KeyUsage::new().critical().digital_signature().build()?)?;
+            b.append_extension(ExtendedKeyUsage::new().critical().other(eku).build()?)?;
         }
         Profile::Client { uris } => {
             b.append_extension(BasicConstraints::new().critical().build()?)?;

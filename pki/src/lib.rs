@@ -46,10 +46,12 @@ mod generations;
 pub mod grants;
 mod names;
 mod roots;
+mod signing;
 
 pub use generations::{service_ca_cert_files, RETIRED_DIR};
 pub use names::ServerNames;
 pub use roots::root_cert_files;
+pub use signing::{Signing, SigningGeneration, MANAGER_SIGNING_EKU};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -237,7 +239,10 @@ pub struct Pki {
     roots: RwLock<Roots>,
     /// Held while `roots.pem` is written.
     bundle_writer: Mutex<()>,
-    signing_key: PKey<Private>,
+    /// The key that signs messages now ([`Pki::signing`]).
+    signing: RwLock<std::sync::Arc<Signing>>,
+    /// Held while the signing key rolls over.
+    signing_roll: Mutex<()>,
     service_cas: Mutex<HashMap<String, ServiceCa>>,
 }
 
@@ -267,14 +272,21 @@ impl Pki {
         files::create_dir(&dir.join("crl"))?;
 
         let roots = load_or_create_roots(dir)?;
-        let signing_key = load_or_create_signing_key(dir)?;
+        let first = load_or_create_signing_key(dir)?;
         let pki = Pki {
             dir: dir.to_path_buf(),
             roots: RwLock::new(roots),
             bundle_writer: Mutex::new(()),
-            signing_key,
+            signing: RwLock::new(std::sync::Arc::new(Signing {
+                generation: 1,
+                key: first.clone(),
+                signer: None,
+            })),
+            signing_roll: Mutex::new(()),
             service_cas: Mutex::new(HashMap::new()),
         };
+        let signing = signing::load(dir, first, &pki.read_roots(), &pki)?;
+        *pki.signing.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(signing);
         pki.ensure_broker_cert(None)?;
         pki.refresh_root_crl()?;
         pki.write_roots_bundle()?;
@@ -705,11 +717,6 @@ impl Pki {
 
     pub fn broker_key_path(&self) -> PathBuf {
         self.dir.join(BROKER_FILES.1)
-    }
-
-    /// The manager's message-signing key.
-    pub fn signing_key(&self) -> &PKey<Private> {
-        &self.signing_key
     }
 
     /// The signing key's public half, SubjectPublicKeyInfo PEM; devices pin it.
@@ -1773,6 +1780,53 @@ mod tests {
 
     fn mode(path: &Path) -> u32 {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    /// A rolled-over signing key: its key 0600 beside a certificate by the
+    /// issuing root for the manager-signing usage only; it signs from then
+    /// on, and again after the PKI is opened anew. A second roll that finds
+    /// the files there (another process rolled) is refused.
+    #[test]
+    fn a_signing_key_rolls_over_to_a_key_the_root_certifies() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::open_or_create(tmp.path()).unwrap();
+        let first = pki.signing_key();
+        assert!(pki.signing().signer.is_none());
+        let rolled = pki.roll_signing_key().unwrap();
+        assert_eq!(rolled.generation, 2);
+        assert_eq!(mode(&signing::key_file(tmp.path(), 2)), 0o600);
+        let cert = X509::from_pem(&std::fs::read(&rolled.path).unwrap()).unwrap();
+        let signing = pki.signing();
+        assert!(cert.public_key().unwrap().public_eq(&signing.key));
+        assert!(!signing.key.public_eq(&first));
+        assert_eq!(signing.signer.as_ref().unwrap()[0], cert.to_der().unwrap());
+        let root = pki.read_roots().issuing.cert.clone();
+        assert!(cert.verify(&root.public_key().unwrap()).unwrap());
+        let der = cert.to_der().unwrap();
+        assert_eq!(
+            fleet_protocol::certificate::basic_constraints_ca(&der),
+            Some(false)
+        );
+        assert_eq!(
+            fleet_protocol::certificate::extended_key_usages(&der),
+            Some(vec![fleet_protocol::certificate::MANAGER_SIGNING_EKU_DER])
+        );
+        let generations = pki.signing_generations().unwrap();
+        assert_eq!(
+            generations
+                .iter()
+                .map(|g| (g.generation, g.signing))
+                .collect::<Vec<_>>(),
+            [(1, false), (2, true)]
+        );
+
+        let again = Pki::open_or_create(tmp.path()).unwrap();
+        assert_eq!(again.signing().generation, 2);
+        assert!(again.signing_key().public_eq(&signing.key));
+        // The first process, not knowing of a third generation made by
+        // another, refuses to make one over it.
+        again.roll_signing_key().unwrap();
+        assert!(pki.roll_signing_key().is_err());
     }
 
     #[test]

@@ -248,9 +248,21 @@ pub fn names(cert: &[u8]) -> Option<CertNames> {
     })
 }
 
-/// The cA flag of a certificate's basicConstraints extension: false when
-/// the certificate has no such extension, `None` when it does not read.
-pub fn basic_constraints_ca(cert: &[u8]) -> Option<bool> {
+/// id-ce-extKeyUsage, 2.5.29.37.
+const OID_EXT_KEY_USAGE: &[u8] = &[0x55, 0x1d, 0x25];
+
+/// The extended key usage of the manager's signing keys' certificates,
+/// `2.25.122450229210474948527528967594312682113`, as DER content: a
+/// message's `signer` must carry it (topics.md §4.3).
+pub const MANAGER_SIGNING_EKU_DER: &[u8] = &[
+    0x69, 0x81, 0xb8, 0x9f, 0x87, 0x9a, 0xd1, 0xd4, 0xda, 0xbd, 0xdd, 0x9a, 0x9e, 0x8a, 0xef, 0xd1,
+    0xf0, 0xbd, 0x95, 0x01,
+];
+
+/// The value (the OCTET STRING's content) of the extension `oid` of a
+/// certificate: `Some(None)` when it has no such extension, `None` when it
+/// does not read.
+fn extension<'a>(cert: &'a [u8], oid: &[u8]) -> Option<Option<&'a [u8]>> {
     let (certificate, _) = expect(cert, SEQUENCE)?;
     let (mut fields, _) = expect(certificate, SEQUENCE)?;
     // The TBSCertificate's fields up to `[3] extensions`, which is last.
@@ -260,7 +272,7 @@ pub fn basic_constraints_ca(cert: &[u8]) -> Option<bool> {
             break expect(value, SEQUENCE)?.0;
         }
         if rest.is_empty() {
-            return Some(false);
+            return Some(None);
         }
         fields = rest;
     };
@@ -268,19 +280,43 @@ pub fn basic_constraints_ca(cert: &[u8]) -> Option<bool> {
     while !list.is_empty() {
         let (extension, rest) = expect(list, SEQUENCE)?;
         list = rest;
-        let (oid, mut rest) = expect(extension, OID)?;
-        if oid != OID_BASIC_CONSTRAINTS {
+        let (id, mut rest) = expect(extension, OID)?;
+        if id != oid {
             continue;
         }
         // `critical`, when present.
         if let Some((BOOLEAN, _, after)) = tlv(rest) {
             rest = after;
         }
-        let (value, _) = expect(rest, OCTET_STRING)?;
-        let (constraints, _) = expect(value, SEQUENCE)?;
-        return Some(matches!(tlv(constraints), Some((BOOLEAN, [0xff], _))));
+        return Some(Some(expect(rest, OCTET_STRING)?.0));
     }
-    Some(false)
+    Some(None)
+}
+
+/// The cA flag of a certificate's basicConstraints extension: false when
+/// the certificate has no such extension, `None` when it does not read.
+pub fn basic_constraints_ca(cert: &[u8]) -> Option<bool> {
+    let Some(value) = extension(cert, OID_BASIC_CONSTRAINTS)? else {
+        return Some(false);
+    };
+    let (constraints, _) = expect(value, SEQUENCE)?;
+    Some(matches!(tlv(constraints), Some((BOOLEAN, [0xff], _))))
+}
+
+/// The key purposes (OID contents) of a certificate's extendedKeyUsage:
+/// empty when it has none, `None` when it does not read.
+pub fn extended_key_usages(cert: &[u8]) -> Option<Vec<&[u8]>> {
+    let Some(value) = extension(cert, OID_EXT_KEY_USAGE)? else {
+        return Some(Vec::new());
+    };
+    let (mut list, _) = expect(value, SEQUENCE)?;
+    let mut out = Vec::new();
+    while !list.is_empty() {
+        let (purpose, rest) = expect(list, OID)?;
+        out.push(purpose);
+        list = rest;
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -395,6 +431,43 @@ mod tests {
         let plain = cert(&[1], &[("CN", "dev1")], "svcA");
         assert_eq!(basic_constraints_ca(&plain.to_der().unwrap()), Some(false));
         assert_eq!(basic_constraints_ca(&root[..root.len() / 2]), None);
+    }
+
+    #[test]
+    fn key_purposes_are_read_from_extended_key_usage() {
+        let key = PKey::from_ec_key(
+            EcKey::generate(&EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap()).unwrap(),
+        )
+        .unwrap();
+        let plain = with_constraints(&key, None);
+        assert_eq!(extended_key_usages(&plain), Some(vec![]));
+        let mut name = X509NameBuilder::new().unwrap();
+        name.append_entry_by_text("CN", "signer").unwrap();
+        let name = name.build();
+        let mut b = X509Builder::new().unwrap();
+        b.set_version(2).unwrap();
+        b.set_subject_name(&name).unwrap();
+        b.set_issuer_name(&name).unwrap();
+        b.set_pubkey(&key).unwrap();
+        b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        b.set_not_after(&Asn1Time::days_from_now(1).unwrap())
+            .unwrap();
+        let eku = openssl::x509::extension::ExtendedKeyUsage::new()
+            .critical()
+            .server_auth()
+            .other("2.25.122450229210474948527528967594312682113")
+            .build()
+            .unwrap();
+        b.append_extension(eku).unwrap();
+        b.sign(&key, MessageDigest::sha256()).unwrap();
+        let der = b.build().to_der().unwrap();
+        let server_auth: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x01];
+        assert_eq!(
+            extended_key_usages(&der),
+            Some(vec![server_auth, MANAGER_SIGNING_EKU_DER])
+        );
+        assert_eq!(extended_key_usages(&der[..der.len() / 2]), None);
     }
 
     fn openssl_serial(cert: &X509) -> String {
@@ -522,6 +595,7 @@ mod tests {
             let _ = names(&bytes);
             let _ = validity(&bytes);
             let _ = basic_constraints_ca(&bytes);
+            let _ = extended_key_usages(&bytes);
         }
     }
 }

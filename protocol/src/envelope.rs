@@ -63,7 +63,8 @@ impl From<crate::RequestKind> for Kind {
     }
 }
 
-/// `{ "v": uint, "kind": tstr, "body": bstr, "crc": uint, "auth": bstr }`
+/// `{ "v": uint, "kind": tstr, "body": bstr, "crc": uint, "auth": bstr,
+/// ? "signer": [+ bstr] }`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
     pub v: u8,
@@ -76,6 +77,16 @@ pub struct Envelope {
     /// Signature or HMAC over [`to_be_signed`]`(kind, body)`.
     #[serde(with = "crate::strict::bytes")]
     pub auth: Vec<u8>,
+    /// Manager messages signed by a successor of the first signing key:
+    /// that key's certificate (DER), then the cross-certificates from its
+    /// root back to older roots (topics.md §4.3). Not covered by `auth`:
+    /// it proves itself by the roots a device pins.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::strict::option_list"
+    )]
+    pub signer: Option<Vec<serde_bytes::ByteBuf>>,
 }
 
 /// CRC-32 (IEEE) of `data`.
@@ -111,6 +122,7 @@ impl Envelope {
             crc: crc32(&body),
             body,
             auth,
+            signer: None,
         })
     }
 
@@ -160,6 +172,7 @@ mod tests {
             body: vec![0xa0],
             crc: crc32(&[0xa0]),
             auth: vec![],
+            signer: None,
         };
         let mut bytes = env.encode();
         // "poll" -> "pole": still a text string of the same length.
@@ -198,7 +211,7 @@ mod props {
         /// Any envelope round-trips byte for byte.
         #[test]
         fn round_trip(body in proptest::collection::vec(any::<u8>(), 0..512), auth in proptest::collection::vec(any::<u8>(), 0..80)) {
-            let env = Envelope { v: PROTOCOL_VERSION, kind: Kind::Status, crc: crc32(&body), body, auth };
+            let env = Envelope { v: PROTOCOL_VERSION, kind: Kind::Status, crc: crc32(&body), body, auth, signer: None };
             let bytes = env.encode();
             let back = Envelope::decode(&bytes).unwrap();
             prop_assert!(back.crc_ok());

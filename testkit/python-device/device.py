@@ -156,6 +156,10 @@ class Device:
             self.root_ca = self.p("roots.pem")
         mp = os.path.join(certs_dir, "manager-sign.pub.pem")
         self.mpub = proto.load_pem_public(open(mp, "rb").read()) if os.path.exists(mp) else None
+        self.signer_since = None  # notBefore of the pinned signing key's certificate (§4.3)
+        if os.path.exists(self.p("manager-sign.pem")):  # a successor key taken from a signer
+            cert = x509.load_pem_x509_certificate(open(self.p("manager-sign.pem"), "rb").read())
+            self.mpub, self.signer_since = cert.public_key(), cert.not_valid_before_utc.timestamp()
         self.bootstrap = bootstrap
         self.service_addr = service_addr
         self.st = {"device_id": device_id, "uuid": None, "service_id": None, "last_notice_seq": 0,
@@ -255,7 +259,9 @@ class Device:
 
     def _handle_notice(self, topic, payload):
         try:
-            env, change = proto.open_manager_message(payload, "service_change", self.mpub, self.id)
+            env, change = proto.open_manager_message(payload, "service_change", self.mpub, self.id,
+                                                     self.take_signer)
+            self.learn_signer(env)
         except proto.ProtocolError as e:
             self.rejections.append(("notice", topic, str(e)))
             log(f"[{self.id}] notice on {topic} rejected: {e}")
@@ -324,7 +330,9 @@ class Device:
                     log(f"[{self.id}] message on {rt} while waiting on {reply_topic}, ignored")
                     continue
                 try:
-                    env, body = proto.open_manager_message(rp, proto.REPLY_KIND[kind], self.mpub, dev)
+                    env, body = proto.open_manager_message(rp, proto.REPLY_KIND[kind], self.mpub, dev,
+                                                           self.take_signer)
+                    self.learn_signer(env)
                 except proto.ProtocolError as e:
                     self.rejections.append(("reply", rt, str(e)))
                     log(f"[{self.id}] reply on {rt} failed §4.3: {e}")
@@ -345,6 +353,71 @@ class Device:
                     + ", ignored")
             log(f"[{self.id}] no reply to {kind} (attempt {attempt + 1}), republishing the same bytes")
         return None
+
+    def take_signer(self, signer):
+        """§4.3 check 4: the certificate of a successor signing key, if `signer` proves one:
+        not a CA, for the manager-signing usage, begun after the key pinned, valid now, and
+        issued by a pinned root, directly or through the cross-certificates after it."""
+        if not (isinstance(signer, list) and 1 <= len(signer) <= 4):
+            raise ValueError(f"{len(signer)} certificates")
+        certs = [x509.load_der_x509_certificate(d) for d in signer]
+        leaf = certs[0]
+        try:
+            if leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+                raise ValueError("a CA certificate")
+        except x509.ExtensionNotFound:
+            pass
+        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        if x509.ObjectIdentifier(proto.MANAGER_SIGNING_EKU) not in list(eku):
+            raise ValueError("not for signing the manager's messages")
+        for c in certs[1:]:  # only roots' links: never a service CA (path length 0)
+            try:
+                bc = c.extensions.get_extension_for_class(x509.BasicConstraints).value
+                ku = c.extensions.get_extension_for_class(x509.KeyUsage).value
+            except x509.ExtensionNotFound:
+                raise ValueError("a certificate after the key's that is no root's link")
+            if not (bc.ca and bc.path_length is None and ku.key_cert_sign):
+                raise ValueError("a certificate after the key's that is no root's link")
+        since = leaf.not_valid_before_utc.timestamp()
+        if self.signer_since is not None and since <= self.signer_since:
+            raise ValueError("not newer than the signing key pinned")
+        now = time.time()
+        if not (since <= now <= leaf.not_valid_after_utc.timestamp()):
+            raise ValueError("not valid now")
+        with open(self.root_ca, "rb") as f:
+            pinned = x509.load_pem_x509_certificates(f.read())
+        cur = leaf
+        for _ in range(len(certs)):
+            for root in pinned:
+                try:
+                    cur.verify_directly_issued_by(root)
+                    return leaf
+                except Exception:
+                    pass
+            nxt = None
+            for c in certs[1:]:
+                try:
+                    cur.verify_directly_issued_by(c)
+                    nxt = c
+                    break
+                except Exception:
+                    pass
+            if nxt is None:
+                break
+            cur = nxt
+        raise ValueError("no pinned root certifies it")
+
+    def learn_signer(self, env):
+        """Pins the successor key a message proved: stored, then the only key messages are taken by."""
+        cert = env.pop("_learned", None)
+        if cert is None:
+            return
+        path = self.p("manager-sign.pem")
+        with open(path + ".tmp", "wb") as f:
+            f.write(cert.public_bytes(serialization.Encoding.PEM))
+        os.replace(path + ".tmp", path)
+        self.mpub, self.signer_since = cert.public_key(), cert.not_valid_before_utc.timestamp()
+        log(f"[{self.id}] pinned the manager's new signing key ({cert.subject.rfc4514_string()})")
 
     def pin_roots(self, roots, crosses):
         """§3.5.5: keep the roots an ok reply carries that are pinned already or linked to

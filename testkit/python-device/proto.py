@@ -36,7 +36,7 @@ REPLY_KIND = {k: k + "_reply" for k in REQUEST_KINDS}
 
 # Field order of every map, from the CDDL of §3.3-§3.5 and §4.4.
 ORDER = {
-    "envelope": ["v", "kind", "body", "crc", "auth"],
+    "envelope": ["v", "kind", "body", "crc", "auth", "signer"],
     "activate": ["device_id", "service_id", "nonce", "ts", "eph"],
     "update": ["device_id", "service_id", "nonce", "ts", "eph", "csr"],
     "poll": ["device_id", "service_id", "nonce", "ts"],
@@ -296,8 +296,14 @@ def _check_map(d, typ):
         raise ProtocolError(f"{typ}: missing {sorted(missing)}")
 
 
-def open_manager_message(payload: bytes, expected_kind: str, manager_pub, device_id: str):
-    """§4.3 checks 1-5. Returns (envelope, body_dict)."""
+# The extended key usage of a manager signing key's certificate (§4.3, §8).
+MANAGER_SIGNING_EKU = "2.25.122450229210474948527528967594312682113"
+
+
+def open_manager_message(payload: bytes, expected_kind: str, manager_pub, device_id: str, take_signer=None):
+    """§4.3 checks 1-5. Returns (envelope, body_dict). When the pinned key does not verify
+    `auth` and the envelope has a `signer`, take_signer(signer) returns the certificate of a
+    successor key the device may take (or raises); the envelope then has it under "_learned"."""
     if len(payload) > MAX_MESSAGE_LEN:
         raise ProtocolError("too large")
     try:
@@ -315,7 +321,16 @@ def open_manager_message(payload: bytes, expected_kind: str, manager_pub, device
     if env["kind"] != expected_kind:
         raise ProtocolError(f"kind {env['kind']!r}, expected {expected_kind!r}")
     if not ecdsa_verify(manager_pub, env["auth"], tbs(env["kind"], env["body"])):
-        raise ProtocolError("manager signature does not verify")
+        signer = env.get("signer")
+        if signer is None or take_signer is None:
+            raise ProtocolError("manager signature does not verify")
+        try:
+            cert = take_signer(signer)
+        except Exception as e:
+            raise ProtocolError(f"signer refused: {e}")
+        if not ecdsa_verify(cert.public_key(), env["auth"], tbs(env["kind"], env["body"])):
+            raise ProtocolError("signature does not verify with the signer's key")
+        env["_learned"] = cert
     try:
         body = cbor2.loads(env["body"])
     except Exception as e:

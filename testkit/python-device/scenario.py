@@ -513,6 +513,28 @@ def main():
         expect(verifies(root2) and not verifies(root1), "rain's chain verifies to the new root only")
         expect(d.telemetry(3), "telemetry in rain PUBACK")
 
+    # ------------------------------------------------------------ step 9
+    @step("9 signing key roll-over: the new key taken from a message's signer, the old one refused")
+    def s9():
+        d = B  # in tenant rain, pinning both roots since step 8
+        before = d.poll()
+        expect(before and before.status == 0, "poll answered before the roll")
+        out = E.admin("POST", "/v1/signing-key/roll")
+        expect(out.get("generation") == 2 and out.get("signing") is True, f"signing key rolled over: {out}")
+        r = d.poll()
+        expect(r and r.status == 0 and "signer" in r.env, "poll_reply signed by the new key, with its signer")
+        stored = open(d.p("manager-sign.pem"), "rb").read() if os.path.exists(d.p("manager-sign.pem")) else b""
+        want = open(os.path.join(a.certs, "manager-sign.2.pem"), "rb").read()
+        expect(stored == want, "the device pins the new key's certificate (manager-sign.pem)")
+        expect(len(r.env["signer"]) == 2, "the signer: the key's certificate and the cross-certificate to the first root")
+        again = d.poll()
+        expect(again and again.status == 0, "the next reply is taken by the key pinned")
+        try:
+            proto.open_manager_message(before.payload, "poll_reply", d.mpub, d.id, d.take_signer)
+            expect(False, "a reply signed by the key before is refused")
+        except proto.ProtocolError as e:
+            expect(True, f"a reply signed by the key before is refused ({e})")
+
     s0()
     s1()
     s2()
@@ -521,6 +543,7 @@ def main():
     s4()
     s7()
     s8()
+    s9()
     for d in (A, B, C):
         d.disconnect()
     if "prov" in ctx:

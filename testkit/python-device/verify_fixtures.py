@@ -172,7 +172,7 @@ def main():
     for name, (topic, payload) in fixtures.items():
         kind = name.split(".")[0]
         env = cbor2.loads(payload)
-        check(list(env) == proto.ORDER["envelope"], f"{name}: envelope key order")
+        check(list(env) == [k for k in proto.ORDER["envelope"] if k in env], f"{name}: envelope key order")
         check(env["v"] == 1 and env["kind"] == kind, f"{name}: v=1 and kind from name")
         body = env["body"]
         # our CRC

@@ -111,7 +111,7 @@ fn reply_on(fleet: &Fleet, probe: &Probe, topic: &str) -> Option<Reply> {
     let env = Envelope::decode(&got.payload).expect("reply decodes");
     assert!(env.crc_ok());
     assert!(
-        crypto::verify(fleet.core().pki.signing_key(), &env.tbs(), &env.auth),
+        crypto::verify(&fleet.core().pki.signing_key(), &env.tbs(), &env.auth),
         "reply is signed by the manager"
     );
     Some(env.body().expect("reply body"))

@@ -59,7 +59,7 @@ async fn restart_after_activation_loses_nothing() {
         .unwrap();
     let env = Envelope::decode(&got.payload).unwrap();
     assert!(crypto::verify(
-        fleet.core().pki.signing_key(),
+        &fleet.core().pki.signing_key(),
         &env.tbs(),
         &env.auth
     ));

@@ -707,3 +707,88 @@ async fn a_rolled_over_root_is_pinned_by_devices_and_either_root_verifies_the_br
     .await
     .unwrap();
 }
+
+/// The operator rolls the manager's signing key over while a device is
+/// online. Every message from then on is signed by the new key and
+/// carries its certificate: the device takes the key by the root it pins
+/// (a service-change notice moves it), stores it, and takes messages by
+/// it after a restart too.
+#[tokio::test]
+async fn a_rolled_over_signing_key_is_taken_by_devices_from_its_certificate() {
+    let fleet = Fleet::start().await.unwrap();
+    let devices = Devices::new(fleet.dir.path().join("devices"));
+    let certs = fleet.certs_dir().to_path_buf();
+    let first_key = fleet.core().pki.signing_key();
+    let task = {
+        devices.provision(&fleet, "sig1", "svcA").await.unwrap();
+        devices.spawn(devices.config(&fleet, "sig1", KeyMode::Csr))
+    };
+    connected_to(&devices, "sig1", "svcA").await;
+    let stored = || {
+        std::fs::read(
+            fleet
+                .dir
+                .path()
+                .join("devices/sig1")
+                .join(fleet_device_sim::store::SIGNER_FILE),
+        )
+        .ok()
+    };
+    assert!(stored().is_none());
+
+    let rolled = cli_at(&fleet, "signing-key", &["--roll"]).await[0].clone();
+    assert_eq!(rolled["generation"], json!(2));
+    assert_eq!(rolled["signing"], json!(true));
+    let listed = cli_at(&fleet, "signing-key", &[]).await[0].clone();
+    let generations: Vec<_> = listed["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| (g["generation"].clone(), g["signing"].clone()))
+        .collect();
+    assert_eq!(
+        generations,
+        [(json!(1), json!(false)), (json!(2), json!(true))]
+    );
+    let cert_pem = std::fs::read(certs.join("manager-sign.2.pem")).unwrap();
+    let cert = X509::from_pem(&cert_pem).unwrap();
+    assert!(!cert.public_key().unwrap().public_eq(&first_key));
+    // Its certificate verifies to the root, as a device checks it.
+    let root = certs.join("root-ca.pem");
+    let leaf = write_file(fleet.dir.path(), "signer.pem", &cert_pem).unwrap();
+    openssl_verify(&root, &root, &leaf, None).unwrap();
+    assert!(fleet
+        .core()
+        .store
+        .audit_log()
+        .unwrap()
+        .iter()
+        .any(|a| a.action == "signing_key_roll"));
+
+    // The notice of a change is signed by the new key alone: the device
+    // takes it, and moves.
+    fleet.change(&["sig1"], "svcB").await.unwrap();
+    connected_to(&devices, "sig1", "svcB").await;
+    assert_eq!(stored(), Some(cert.to_pem().unwrap()));
+    // Started again, it takes messages by the key it stored: a second
+    // change moves it as well.
+    task.abort();
+    let _ = task.await;
+    let connects = |service: &str| {
+        devices
+            .events_of("sig1")
+            .iter()
+            .filter(|e| matches!(e, DeviceEvent::Connected { service_id } if service_id == service))
+            .count()
+    };
+    let before = connects("svcA");
+    devices.spawn(devices.config(&fleet, "sig1", KeyMode::Csr));
+    fleet.change(&["sig1"], "svcA").await.unwrap();
+    fleet_testkit::eventually(T, "sig1 back in svcA", || {
+        let now = connects("svcA");
+        async move { (now > before).then_some(()) }
+    })
+    .await
+    .unwrap();
+    assert_eq!(stored(), Some(cert.to_pem().unwrap()));
+}

@@ -49,7 +49,7 @@ pub async fn ask(
     assert_eq!(env.kind, Kind::from(kind).reply().unwrap());
     assert!(env.crc_ok(), "reply CRC");
     assert!(
-        crypto::verify(fleet.core().pki.signing_key(), &env.tbs(), &env.auth),
+        crypto::verify(&fleet.core().pki.signing_key(), &env.tbs(), &env.auth),
         "reply is signed by the manager"
     );
     (env.body().expect("reply body"), got.payload)

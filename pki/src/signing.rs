@@ -1,0 +1,227 @@
+//! Generations of the manager's message-signing key (topics.md §8).
+//!
+//! Generation 1 is `manager-sign.key`, whose public half devices are made
+//! with. A successor, generation n ≥ 2, is `manager-sign.{n}.key` with
+//! `manager-sign.{n}.pem`: a certificate of its key by the root that
+//! issued when it was made, for [`MANAGER_SIGNING_EKU`] only. Every
+//! message signed by it carries that certificate and the cross-
+//! certificates back to the oldest root that lasts (`signer`), by which a
+//! device that pins any of those roots takes the new key.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use openssl::pkey::{PKey, Private};
+use openssl::x509::X509;
+
+use crate::certs::{self, Issuer, Profile, Template};
+use crate::files::{self, PUBLIC_MODE};
+use crate::roots::RootPart;
+use crate::{unix_of, Pki, PkiError, Roots};
+
+/// The extended key usage a certificate of a manager signing key carries,
+/// and no other certificate of the fleet: an OID under `2.25` (ITU-T
+/// X.667, from a UUID), so that no server, device or CA certificate can
+/// pass for one.
+pub const MANAGER_SIGNING_EKU: &str = "2.25.122450229210474948527528967594312682113";
+
+/// CN of generation n's certificate: `fleetshift manager signing key {n}`.
+const SIGNING_CN: &str = "fleetshift manager signing key";
+
+/// How long a signing key's certificate is valid at most (never past its
+/// root's end).
+const SIGNING_LIFETIME_SECS: u64 = 10 * 365 * 86_400;
+
+/// The key the manager signs with now.
+pub struct Signing {
+    pub generation: u32,
+    pub key: PKey<Private>,
+    /// For a generation ≥ 2: its certificate (DER), then the cross-
+    /// certificates from its root back to the oldest root that lasts.
+    pub signer: Option<Vec<Vec<u8>>>,
+}
+
+/// A signing key generation as the operator API lists it.
+#[derive(Debug, Clone)]
+pub struct SigningGeneration {
+    pub generation: u32,
+    /// The generation that signs now (the newest).
+    pub signing: bool,
+    /// `manager-sign.pub.pem` for the first, else `manager-sign.{n}.pem`.
+    pub path: PathBuf,
+    /// Of its certificate (none for the first).
+    pub not_before: Option<u64>,
+    pub not_after: Option<u64>,
+}
+
+pub(crate) fn key_file(dir: &Path, generation: u32) -> PathBuf {
+    dir.join(format!("manager-sign.{generation}.key"))
+}
+
+pub(crate) fn cert_file(dir: &Path, generation: u32) -> PathBuf {
+    dir.join(format!("manager-sign.{generation}.pem"))
+}
+
+/// The newest generation on disk whose key and certificate are both there
+/// and match: generation 1's key (`first`) if there is none.
+pub(crate) fn load(
+    dir: &Path,
+    first: PKey<Private>,
+    roots: &Roots,
+    pki: &Pki,
+) -> Result<Signing, PkiError> {
+    let mut signing = Signing {
+        generation: 1,
+        key: first,
+        signer: None,
+    };
+    let mut generation = 2;
+    while key_file(dir, generation).exists() && cert_file(dir, generation).exists() {
+        let key = files::load_private_key(&key_file(dir, generation))?;
+        let cert = X509::from_pem(&files::read(&cert_file(dir, generation))?)?;
+        if !cert.public_key()?.public_eq(&key) {
+            return Err(PkiError::Inconsistent(format!(
+                "{} does not match {}",
+                cert_file(dir, generation).display(),
+                key_file(dir, generation).display()
+            )));
+        }
+        signing = Signing {
+            generation,
+            key,
+            signer: Some(pki.signer_chain(roots, &cert)?),
+        };
+        generation += 1;
+    }
+    Ok(signing)
+}
+
+impl Pki {
+    /// The key the manager signs its messages with now, and the `signer`
+    /// its messages carry.
+    pub fn signing(&self) -> Arc<Signing> {
+        self.signing
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The manager's message-signing key now.
+    pub fn signing_key(&self) -> PKey<Private> {
+        self.signing().key.clone()
+    }
+
+    /// A successor of the signing key: a new key, certified by the root
+    /// that issues now, which signs every message from then on. The
+    /// key is written before its certificate, so a certificate on disk
+    /// always has its key.
+    pub fn roll_signing_key(&self) -> Result<SigningGeneration, PkiError> {
+        let _one = self.signing_roll.lock().unwrap_or_else(|e| e.into_inner());
+        let generation = self.signing().generation + 1;
+        let (key_path, cert_path) = (
+            key_file(&self.dir, generation),
+            cert_file(&self.dir, generation),
+        );
+        if key_path.exists() || cert_path.exists() {
+            return Err(PkiError::Inconsistent(format!(
+                "{} or its certificate is there already (another process rolled the signing key?)",
+                key_path.display()
+            )));
+        }
+        let key = certs::new_p256_key()?;
+        let now = crate::unix_now();
+        let cert = {
+            let roots = self.read_roots();
+            let root_end = unix_of(roots.issuing.cert.not_after())?;
+            let subject = certs::name(None, &format!("{SIGNING_CN} {generation}"))?;
+            certs::build(
+                &Template {
+                    subject: &subject,
+                    public_key: &key,
+                    serial: &certs::random_serial()?,
+                    not_before: now - 60,
+                    not_after: root_end.min(now + SIGNING_LIFETIME_SECS),
+                    profile: Profile::MessageSigner {
+                        eku: MANAGER_SIGNING_EKU,
+                    },
+                },
+                Some(&Issuer {
+                    cert: &roots.issuing.cert,
+                    key: &roots.issuing.key,
+                }),
+                None,
+            )?
+        };
+        crate::write_private_key(&key_path, &key)?;
+        files::write_atomic(&cert_path, &cert.to_pem()?, PUBLIC_MODE)?;
+        let signer = {
+            let roots = self.read_roots();
+            self.signer_chain(&roots, &cert)?
+        };
+        *self.signing.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Signing {
+            generation,
+            key,
+            signer: Some(signer),
+        });
+        tracing::info!(generation, path = %cert_path.display(), "manager signing key rolled over");
+        Ok(SigningGeneration {
+            generation,
+            signing: true,
+            path: cert_path,
+            not_before: Some(unix_of(cert.not_before())?),
+            not_after: Some(unix_of(cert.not_after())?),
+        })
+    }
+
+    /// Every signing key generation, oldest first; the last signs.
+    pub fn signing_generations(&self) -> Result<Vec<SigningGeneration>, PkiError> {
+        let now = self.signing().generation;
+        let mut out = vec![SigningGeneration {
+            generation: 1,
+            signing: now == 1,
+            path: self.signing_pub_path(),
+            not_before: None,
+            not_after: None,
+        }];
+        for generation in 2..=now {
+            let path = cert_file(&self.dir, generation);
+            let cert = X509::from_pem(&files::read(&path)?)?;
+            out.push(SigningGeneration {
+                generation,
+                signing: generation == now,
+                path,
+                not_before: Some(unix_of(cert.not_before())?),
+                not_after: Some(unix_of(cert.not_after())?),
+            });
+        }
+        Ok(out)
+    }
+
+    /// `cert`, then the cross-certificates from the root that signed it
+    /// back to the oldest root that lasts, DER.
+    fn signer_chain(&self, roots: &Roots, cert: &X509) -> Result<Vec<Vec<u8>>, PkiError> {
+        let mut chain = vec![cert.to_der()?];
+        let issuer = roots
+            .all
+            .iter()
+            .find(|(_, root, _)| {
+                root.public_key()
+                    .and_then(|k| cert.verify(&k))
+                    .unwrap_or(false)
+            })
+            .map(|(generation, _, _)| *generation)
+            .ok_or_else(|| {
+                PkiError::Inconsistent("a signing key's certificate from no root here".into())
+            })?;
+        let now = crate::unix_now();
+        for generation in (2..=issuer).rev() {
+            match self.cross_of(roots, generation, RootPart::Cross) {
+                Some(cross) if unix_of(cross.not_after()).is_ok_and(|end| end > now) => {
+                    chain.push(cross.to_der()?)
+                }
+                _ => break,
+            }
+        }
+        Ok(chain)
+    }
+}
