@@ -345,12 +345,13 @@ impl Device {
             .map_err(|e| DeviceError::Config(format!("{}: {e}", cfg.manager_pub_pem.display())))?;
         let signer = match learned_signer.map(|pem| PinnedSigner::from_pem(&pem)) {
             Some(Some(signer)) => signer,
+            // Not the configured key in its place: that may be the very
+            // key the roll-over replaced.
             Some(None) => {
-                warn!("stored manager signing key unreadable; the configured key is used");
-                PinnedSigner {
-                    key: manager,
-                    since: None,
-                }
+                return Err(DeviceError::Config(format!(
+                    "{}: the stored manager signing key does not read",
+                    crate::store::SIGNER_FILE
+                )))
             }
             None => PinnedSigner {
                 key: manager,
@@ -1120,23 +1121,20 @@ impl Device {
         };
         match topic.route {
             Route::ServiceChange(_) => {
+                // A notice's `signer` is checked each time; the key is
+                // pinned from a reply to a request of this device's only
+                // (topics.md §4.3), after every check.
                 match self.with_trust(|trust| open_notice(&msg.payload, trust, &self.id)) {
-                    Ok((n, learned)) => {
-                        *signer = learned;
-                        Incoming::Notice(Ok(n))
-                    }
+                    Ok((n, _)) => Incoming::Notice(Ok(n)),
                     Err(e) => Incoming::Notice(Err(e)),
                 }
             }
             Route::Reply(kind @ (RequestKind::Poll | RequestKind::Status), _) => {
                 let reply_kind = Kind::from(kind).reply().expect("requests have replies");
-                let reply = match self
+                let (reply, learned) = match self
                     .with_trust(|trust| open_reply(&msg.payload, reply_kind, trust, &self.id))
                 {
-                    Ok((r, learned)) => {
-                        *signer = learned;
-                        r
-                    }
+                    Ok(opened) => opened,
                     Err(e) => {
                         warn!(topic = %msg.topic, error = %e, "unverifiable reply ignored");
                         return Incoming::Nothing;
@@ -1146,6 +1144,7 @@ impl Device {
                     debug!(%kind, "reply to no outstanding request ignored");
                     return Incoming::Nothing;
                 };
+                *signer = learned;
                 match kind {
                     RequestKind::Poll => Incoming::PollReply(Box::new(reply)),
                     _ => {

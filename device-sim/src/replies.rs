@@ -681,15 +681,22 @@ mod tests {
             VerifyError::BadSignature,
             "the first key, replaced"
         );
+        // A third key, rolled within the same second: it begins later
+        // all the same, so a device that pins the second takes it.
         pki.roll_signing_key().unwrap();
         let third = pki.signing();
-        let older_pinned = ManagerTrust {
-            key_since: Some(since + 1),
-            ..trust
-        };
         let newer = signed_with(&third.key, third.signer.clone());
+        let (_, learned) = open_reply(&newer, Kind::PollReply, moved_on, "dev1").unwrap();
+        assert!(learned.is_some(), "the third key, after the second");
+        // A device that pins a key as new as it refuses it.
+        let third_since = third.validity.unwrap().0;
+        assert!(third_since > since);
+        let as_new = ManagerTrust {
+            key_since: Some(third_since),
+            ..moved_on
+        };
         assert!(matches!(
-            open_reply(&newer, Kind::PollReply, older_pinned, "dev1"),
+            open_reply(&newer, Kind::PollReply, as_new, "dev1"),
             Err(VerifyError::BadSigner(why)) if why.contains("not newer")
         ));
         // Not valid at the device's time.

@@ -53,6 +53,36 @@ fn fail<T>(status: Status, detail: impl Into<String>) -> Result<T, Failure> {
     })
 }
 
+impl Core {
+    /// A cached reply as the signing key now signs it: the same body (and
+    /// so the same `seq`), signed again if a key rolled over since, so a
+    /// device that took the new key takes the answer to its retry
+    /// (topics.md §6.1).
+    fn signed_now(&self, cached: Vec<u8>) -> Vec<u8> {
+        let signing = self.pki.signing();
+        if signing.generation == 1 {
+            return cached;
+        }
+        let Ok(mut env) = Envelope::decode(&cached) else {
+            return cached;
+        };
+        if crypto::verify(&signing.key, &env.tbs(), &env.auth) {
+            return cached;
+        }
+        match crypto::sign(&signing.key, &env.tbs()) {
+            Ok(auth) => {
+                env.auth = auth;
+                env.signer = signer_of(&signing);
+                env.encode()
+            }
+            Err(err) => {
+                warn!(error = %err, "cached reply not signed again");
+                cached
+            }
+        }
+    }
+}
+
 /// The `signer` of a message signed by `signing` (topics.md §4.3): for a
 /// successor of the first signing key, its certificate and the cross-
 /// certificates after it.
@@ -448,7 +478,7 @@ impl Core {
         let (reply_bytes, after) = match self.process(kind, &parsed, &device_id, payload) {
             Ok(Outcome::Cached(bytes)) => {
                 info!("identical retry answered from the reply cache");
-                (bytes, After::default())
+                (self.signed_now(bytes), After::default())
             }
             Ok(Outcome::Reply {
                 reply,
@@ -1770,6 +1800,22 @@ impl Core {
             Ok(Some(root)) => self.rolled_root(&root),
             Err(err) => warn!(error = %err, "root CA not rolled over"),
         }
+        // A successor signing key's certificate ends with its root at the
+        // latest: rolled over with the root, after it.
+        match self.pki.roll_signing_key_if_due(now) {
+            Ok(None) => {}
+            Ok(Some(rolled)) => {
+                info!(
+                    generation = rolled.generation,
+                    "manager signing key rolled over with the root"
+                );
+                self.audit_quietly(
+                    "signing_key_roll",
+                    format!("generation {} (with the root)", rolled.generation),
+                );
+            }
+            Err(err) => warn!(error = %err, "manager signing key not rolled over"),
+        }
         // Also drops a root that has expired, and retries a failed write.
         if let Err(err) = self.pki.write_roots_bundle() {
             warn!(error = %err, "roots.pem not written");
@@ -2563,6 +2609,9 @@ mod tests {
         let now = now_ms() / 1000;
         let first_end = core.pki.root_generations().unwrap()[0].not_after;
         assert!(core.pki.service_ca_generations("svcA").unwrap()[0].not_after <= first_end);
+        // A successor signing key made now ends with this root.
+        let signer = core.roll_signing_key().unwrap();
+        assert!(signer.not_after.unwrap() <= first_end);
         assert_eq!(
             core.roots_to_pin(),
             (None, None),
@@ -2603,9 +2652,16 @@ mod tests {
         let back = openssl::x509::X509::from_der(&crosses[1]).unwrap();
         assert!(back.verify(&successor.public_key().unwrap()).unwrap());
         assert!(back.public_key().unwrap().public_eq(&key));
+        // The signing key rolled with it, onto the new root: its
+        // certificate lasts, and comes with the cross-certificate.
+        let signing = core.pki.signing();
+        assert_eq!(signing.generation, 3);
+        assert!(signing.validity.unwrap().1 > now + 9 * 365 * 86_400);
+        assert_eq!(signing.signer.as_ref().unwrap().len(), 2);
         // Once is enough.
         core.maintain_root();
         assert_eq!(core.pki.root_generations().unwrap().len(), 2);
+        assert_eq!(core.pki.signing().generation, 3);
 
         // svcA's CA ends with the first root, within a year: its
         // successor comes from the new root, for five years.
@@ -2741,6 +2797,43 @@ mod tests {
         // nothing to say.
         let later = now + 200 * 86_400;
         assert_eq!(core.warn_roots_ending(later).unwrap(), (0, 0));
+    }
+
+    /// A retry answered from the reply cache after the signing key rolled
+    /// over comes signed by the new key, with its `signer`, and with the
+    /// same body.
+    #[test]
+    fn a_cached_reply_is_signed_again_after_a_signing_key_roll() {
+        let (_dir, core) = core();
+        let uuid = activated(&core, "d1");
+        assert_eq!(update(&core, "d1", "svcA", None, &uuid).status, Status::Ok);
+        let body = PollRequest {
+            device_id: "d1".into(),
+            service_id: "svcA".into(),
+            nonce: crypto::random_bytes(16),
+            ts: now_ms(),
+        };
+        let request = Envelope::build(Kind::Poll, &body, |tbs| crypto::hmac(&uuid, tbs))
+            .unwrap()
+            .encode();
+        let topic = Topic::in_tenant("svcA", Route::Request(RequestKind::Poll, "d1".into()));
+        let first = core.handle(&topic.to_string(), &request);
+        let first = Envelope::decode(&first[0].payload).unwrap();
+        assert!(first.signer.is_none());
+        core.roll_signing_key().unwrap();
+        let again = core.handle(&topic.to_string(), &request);
+        let again_env = Envelope::decode(&again[0].payload).unwrap();
+        assert_eq!(again_env.body, first.body, "the same reply");
+        assert!(crypto::verify(
+            &core.pki.signing_key(),
+            &again_env.tbs(),
+            &again_env.auth
+        ));
+        assert_eq!(
+            again_env.signer.map(|s| s.len()),
+            Some(1),
+            "with the new key's certificate"
+        );
     }
 
     /// Registers `device_id` for svcA with a new factory key, returned.

@@ -281,6 +281,7 @@ impl Pki {
                 generation: 1,
                 key: first.clone(),
                 signer: None,
+                validity: None,
             })),
             signing_roll: Mutex::new(()),
             service_cas: Mutex::new(HashMap::new()),

@@ -39,6 +39,8 @@ pub struct Signing {
     /// For a generation ≥ 2: its certificate (DER), then the cross-
     /// certificates from its root back to the oldest root that lasts.
     pub signer: Option<Vec<Vec<u8>>>,
+    /// For a generation ≥ 2: its certificate's notBefore and notAfter.
+    pub validity: Option<(u64, u64)>,
 }
 
 /// A signing key generation as the operator API lists it.
@@ -74,6 +76,7 @@ pub(crate) fn load(
         generation: 1,
         key: first,
         signer: None,
+        validity: None,
     };
     let mut generation = 2;
     while key_file(dir, generation).exists() && cert_file(dir, generation).exists() {
@@ -90,6 +93,7 @@ pub(crate) fn load(
             generation,
             key,
             signer: Some(pki.signer_chain(roots, &cert)?),
+            validity: Some((unix_of(cert.not_before())?, unix_of(cert.not_after())?)),
         };
         generation += 1;
     }
@@ -117,7 +121,23 @@ impl Pki {
     /// always has its key.
     pub fn roll_signing_key(&self) -> Result<SigningGeneration, PkiError> {
         let _one = self.signing_roll.lock().unwrap_or_else(|e| e.into_inner());
-        let generation = self.signing().generation + 1;
+        let before = self.signing();
+        let generation = before.generation + 1;
+        // Later than the key before's, always: a device takes a key only
+        // if it began after the one it pins (topics.md §4.3), so two rolls
+        // in one second, or a clock set back, must not give it an equal
+        // or earlier one.
+        let now = crate::unix_now();
+        let not_before = match before.validity {
+            Some((since, _)) => (now - 60).max(since + 1),
+            None => now - 60,
+        };
+        if not_before > now {
+            return Err(PkiError::Inconsistent(format!(
+                "the signing key before begins {}s from now; roll again later",
+                not_before - now + 60
+            )));
+        }
         let (key_path, cert_path) = (
             key_file(&self.dir, generation),
             cert_file(&self.dir, generation),
@@ -129,7 +149,6 @@ impl Pki {
             )));
         }
         let key = certs::new_p256_key()?;
-        let now = crate::unix_now();
         let cert = {
             let roots = self.read_roots();
             let root_end = unix_of(roots.issuing.cert.not_after())?;
@@ -139,7 +158,7 @@ impl Pki {
                     subject: &subject,
                     public_key: &key,
                     serial: &certs::random_serial()?,
-                    not_before: now - 60,
+                    not_before,
                     not_after: root_end.min(now + SIGNING_LIFETIME_SECS),
                     profile: Profile::MessageSigner {
                         eku: MANAGER_SIGNING_EKU,
@@ -158,19 +177,42 @@ impl Pki {
             let roots = self.read_roots();
             self.signer_chain(&roots, &cert)?
         };
+        let validity = (unix_of(cert.not_before())?, unix_of(cert.not_after())?);
         *self.signing.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Signing {
             generation,
             key,
             signer: Some(signer),
+            validity: Some(validity),
         });
         tracing::info!(generation, path = %cert_path.display(), "manager signing key rolled over");
         Ok(SigningGeneration {
             generation,
             signing: true,
             path: cert_path,
-            not_before: Some(unix_of(cert.not_before())?),
-            not_after: Some(unix_of(cert.not_after())?),
+            not_before: Some(validity.0),
+            not_after: Some(validity.1),
         })
+    }
+
+    /// A successor of the signing key if the one that signs now is a
+    /// successor whose certificate ends within two years (it ends with its
+    /// root at the latest): rolled by housekeeping with the root, so that
+    /// a device that has not heard from the manager yet can still take
+    /// the key messages are signed by. Says what it rolled.
+    ///
+    /// Only when the root that issues now ends later than that
+    /// certificate, so that a successor gains something: after the root
+    /// rolled over.
+    pub fn roll_signing_key_if_due(&self, now: u64) -> Result<Option<SigningGeneration>, PkiError> {
+        let Some((_, until)) = self.signing().validity else {
+            return Ok(None);
+        };
+        let root_end = unix_of(self.read_roots().issuing.cert.not_after())?;
+        if until < now + crate::roots::ROOT_ROLL_BEFORE_SECS && root_end > until {
+            self.roll_signing_key().map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     /// Every signing key generation, oldest first; the last signs.

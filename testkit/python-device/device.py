@@ -259,9 +259,9 @@ class Device:
 
     def _handle_notice(self, topic, payload):
         try:
+            # a notice's signer is checked each time; the key is pinned from a reply (§4.3)
             env, change = proto.open_manager_message(payload, "service_change", self.mpub, self.id,
                                                      self.take_signer)
-            self.learn_signer(env)
         except proto.ProtocolError as e:
             self.rejections.append(("notice", topic, str(e)))
             log(f"[{self.id}] notice on {topic} rejected: {e}")
@@ -332,12 +332,13 @@ class Device:
                 try:
                     env, body = proto.open_manager_message(rp, proto.REPLY_KIND[kind], self.mpub, dev,
                                                            self.take_signer)
-                    self.learn_signer(env)
                 except proto.ProtocolError as e:
                     self.rejections.append(("reply", rt, str(e)))
                     log(f"[{self.id}] reply on {rt} failed §4.3: {e}")
                     continue
                 if body["nonce"] == nonce or (body["nonce"] == b"" and accept_empty_nonce):
+                    if body["nonce"] == nonce:
+                        self.learn_signer(env)  # only from the answer to our own request (§4.3)
                     r = Reply(env, body, rp, rt)
                     if body["status"] == 0 and "roots" in body:
                         if self.pin_roots(body["roots"], body.get("crosses", [])):
@@ -386,20 +387,25 @@ class Device:
             raise ValueError("not valid now")
         with open(self.root_ca, "rb") as f:
             pinned = x509.load_pem_x509_certificates(f.read())
+        def valid(c):
+            return c.not_valid_before_utc.timestamp() <= now <= c.not_valid_after_utc.timestamp()
+
         cur = leaf
         for _ in range(len(certs)):
             for root in pinned:
                 try:
                     cur.verify_directly_issued_by(root)
-                    return leaf
+                    if valid(root):
+                        return leaf
                 except Exception:
                     pass
             nxt = None
             for c in certs[1:]:
                 try:
                     cur.verify_directly_issued_by(c)
-                    nxt = c
-                    break
+                    if valid(c):
+                        nxt = c
+                        break
                 except Exception:
                     pass
             if nxt is None:

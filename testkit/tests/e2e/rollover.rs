@@ -791,4 +791,44 @@ async fn a_rolled_over_signing_key_is_taken_by_devices_from_its_certificate() {
     .await
     .unwrap();
     assert_eq!(stored(), Some(cert.to_pem().unwrap()));
+    // And it takes them by that key alone: a notice signed by the key
+    // before, as whoever stole it would send one, is rejected.
+    let rejected = || {
+        devices
+            .events_of("sig1")
+            .iter()
+            .filter(|e| matches!(e, DeviceEvent::NoticeRejected { .. }))
+            .count()
+    };
+    let (before, in_b) = (rejected(), connects("svcB"));
+    let forged = fleet_protocol::ServiceChange {
+        device_id: "sig1".into(),
+        seq: u64::MAX / 2,
+        change_id: "forged".into(),
+        service_id: "svcB".into(),
+        provider: None,
+        application: None,
+        endpoint: None,
+        ts: fleet_protocol::now_ms(),
+    };
+    let env =
+        fleet_protocol::Envelope::build(fleet_protocol::Kind::ServiceChange, &forged, |tbs| {
+            fleet_protocol::crypto::sign(&first_key, tbs)
+        })
+        .unwrap();
+    let thief = fleet.privileged("thief").await.unwrap();
+    thief
+        .publish(
+            &Topic::in_tenant("svcA", Route::ServiceChange("sig1".into())).to_string(),
+            env.encode(),
+        )
+        .await
+        .unwrap();
+    fleet_testkit::eventually(T, "the forged notice rejected", || {
+        let now = rejected();
+        async move { (now > before).then_some(()) }
+    })
+    .await
+    .unwrap();
+    assert_eq!(connects("svcB"), in_b, "it did not move");
 }
