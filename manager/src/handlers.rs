@@ -2593,19 +2593,8 @@ mod tests {
     /// end rolls over to the new root and gains its five years.
     #[test]
     fn housekeeping_rolls_over_a_root_near_its_end() {
-        use fleet_pki::testing;
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, core, key, _) = core_with_root_ending_in(300);
         let certs = dir.path().join("certs");
-        std::fs::create_dir_all(&certs).unwrap();
-        let key = crypto::generate_p256().unwrap();
-        let name = testing::name(None, "fleetshift root CA").unwrap();
-        let root = testing::ca_certificate(&name, &key, None, 300, None).unwrap();
-        fleet_pki::write_private_key(&certs.join("root-ca.key"), &key).unwrap();
-        std::fs::write(certs.join("root-ca.pem"), root.to_pem().unwrap()).unwrap();
-        let store = Store::open(&dir.path().join("store")).unwrap();
-        let pki = Pki::open_or_create(&certs).unwrap();
-        let core = Core::new(store, Arc::new(pki), ManagerConfig::default());
-        core.ensure_service("svcA").unwrap();
         let now = now_ms() / 1000;
         let first_end = core.pki.root_generations().unwrap()[0].not_after;
         assert!(core.pki.service_ca_generations("svcA").unwrap()[0].not_after <= first_end);
@@ -2750,19 +2739,7 @@ mod tests {
     /// pin no root that outlasts it, and how many never said.
     #[test]
     fn devices_that_pin_only_an_ending_root_are_counted() {
-        use fleet_pki::testing;
-        let dir = tempfile::tempdir().unwrap();
-        let certs = dir.path().join("certs");
-        std::fs::create_dir_all(&certs).unwrap();
-        let key = crypto::generate_p256().unwrap();
-        let name = testing::name(None, "fleetshift root CA").unwrap();
-        let root = testing::ca_certificate(&name, &key, None, 100, None).unwrap();
-        fleet_pki::write_private_key(&certs.join("root-ca.key"), &key).unwrap();
-        std::fs::write(certs.join("root-ca.pem"), root.to_pem().unwrap()).unwrap();
-        let store = Store::open(&dir.path().join("store")).unwrap();
-        let pki = Pki::open_or_create(&certs).unwrap();
-        let core = Core::new(store, Arc::new(pki), ManagerConfig::default());
-        core.ensure_service("svcA").unwrap();
+        let (_dir, core, _, root) = core_with_root_ending_in(100);
         let now = now_ms() / 1000;
         let digest = |cert: &openssl::x509::X509| {
             ByteBuf::from(openssl::sha::sha256(&cert.to_der().unwrap()).to_vec())
@@ -2834,6 +2811,32 @@ mod tests {
             Some(1),
             "with the new key's certificate"
         );
+    }
+
+    /// A core whose PKI has a first root that ends in `days`, with its
+    /// key and certificate, and svcA.
+    fn core_with_root_ending_in(
+        days: u64,
+    ) -> (
+        tempfile::TempDir,
+        Core,
+        PKey<openssl::pkey::Private>,
+        openssl::x509::X509,
+    ) {
+        use fleet_pki::testing;
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        std::fs::create_dir_all(&certs).unwrap();
+        let key = crypto::generate_p256().unwrap();
+        let name = testing::name(None, "fleetshift root CA").unwrap();
+        let root = testing::ca_certificate(&name, &key, None, days, None).unwrap();
+        fleet_pki::write_private_key(&certs.join("root-ca.key"), &key).unwrap();
+        std::fs::write(certs.join("root-ca.pem"), root.to_pem().unwrap()).unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let pki = Pki::open_or_create(&certs).unwrap();
+        let core = Core::new(store, Arc::new(pki), ManagerConfig::default());
+        core.ensure_service("svcA").unwrap();
+        (dir, core, key, root)
     }
 
     /// Registers `device_id` for svcA with a new factory key, returned.
