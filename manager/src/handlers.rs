@@ -1780,15 +1780,21 @@ impl Core {
     /// the roots they pin. Logged and audited.
     pub fn roll_signing_key(&self) -> Result<fleet_pki::SigningGeneration, Failure> {
         let rolled = self.pki.roll_signing_key()?;
+        self.rolled_signing_key(&rolled, "");
+        Ok(rolled)
+    }
+
+    /// Logs and audits a signing key roll-over (`why`, if any, said after
+    /// its generation).
+    fn rolled_signing_key(&self, rolled: &fleet_pki::SigningGeneration, why: &str) {
         info!(
             generation = rolled.generation,
-            "manager signing key rolled over"
+            why, "manager signing key rolled over"
         );
         self.audit_quietly(
             "signing_key_roll",
-            format!("generation {}", rolled.generation),
+            format!("generation {}{why}", rolled.generation),
         );
-        Ok(rolled)
     }
 
     /// Housekeeping for the root CA: a successor once it has less than
@@ -1804,16 +1810,7 @@ impl Core {
         // latest: rolled over with the root, after it.
         match self.pki.roll_signing_key_if_due(now) {
             Ok(None) => {}
-            Ok(Some(rolled)) => {
-                info!(
-                    generation = rolled.generation,
-                    "manager signing key rolled over with the root"
-                );
-                self.audit_quietly(
-                    "signing_key_roll",
-                    format!("generation {} (with the root)", rolled.generation),
-                );
-            }
+            Ok(Some(rolled)) => self.rolled_signing_key(&rolled, " (with the root)"),
             Err(err) => warn!(error = %err, "manager signing key not rolled over"),
         }
         // Also drops a root that has expired, and retries a failed write.
