@@ -250,6 +250,13 @@ struct PinnedSigner {
 }
 
 impl PinnedSigner {
+    /// The SHA-256 of the key's DER SubjectPublicKeyInfo, as a `status`
+    /// report names it (topics.md §3.5.4).
+    fn digest(&self) -> Option<[u8; 32]> {
+        let der = self.key.public_key_to_der().ok()?;
+        Some(openssl::sha::sha256(&der))
+    }
+
     fn from_pem(pem: &[u8]) -> Option<PinnedSigner> {
         let cert = X509::from_pem(pem).ok()?;
         Some(PinnedSigner {
@@ -1374,7 +1381,10 @@ impl Device {
             event,
             change_id,
             detail,
-            self.pinned().digests(),
+            requests::Pinned {
+                roots: self.pinned().digests(),
+                signing_key: self.signer.read().expect("signer lock poisoned").digest(),
+            },
         )?;
         let topic = Topic::in_tenant(
             service_id,

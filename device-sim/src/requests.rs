@@ -146,9 +146,17 @@ pub mod event {
     pub const ROOTS_PINNED: &str = "roots_pinned";
 }
 
+/// What a `status` report says of the device's trust (topics.md §3.5.4):
+/// the SHA-256 of each root it pins, and of the manager signing key it
+/// takes messages by (its DER SubjectPublicKeyInfo).
+#[derive(Debug, Clone, Default)]
+pub struct Pinned {
+    pub roots: Vec<[u8; 32]>,
+    pub signing_key: Option<[u8; 32]>,
+}
+
 /// `status`: `online`, `change_applied`, `notice_rejected` or
-/// `roots_pinned`; `pinned_roots`, the SHA-256 of each root the device
-/// pins, goes with every one.
+/// `roots_pinned`; what the device pins goes with every one.
 pub fn build_status(
     device_id: &str,
     service_id: &str,
@@ -156,8 +164,9 @@ pub fn build_status(
     event: &str,
     change_id: Option<String>,
     detail: Option<String>,
-    pinned_roots: Vec<[u8; 32]>,
+    pinned: Pinned,
 ) -> Result<Prepared, ProtocolError> {
+    let pinned_roots = pinned.roots;
     let body = StatusReport {
         device_id: device_id.to_owned(),
         service_id: service_id.to_owned(),
@@ -173,6 +182,7 @@ pub fn build_status(
                 .map(|d| ByteBuf::from(d.to_vec()))
                 .collect()
         }),
+        signing_key: pinned.signing_key.map(|d| ByteBuf::from(d.to_vec())),
     };
     let env = Envelope::build(Kind::Status, &body, |tbs| crypto::hmac(uuid, tbs))?;
     Ok(Prepared {
@@ -258,7 +268,10 @@ mod tests {
             event::CHANGE_APPLIED,
             Some("c1".into()),
             None,
-            vec![[7; 32]],
+            Pinned {
+                roots: vec![[7; 32]],
+                signing_key: Some([8; 32]),
+            },
         )
         .unwrap();
         let env = Envelope::decode(&s.bytes).unwrap();
@@ -269,5 +282,6 @@ mod tests {
         assert_eq!(body.change_id.as_deref(), Some("c1"));
         assert_eq!(body.nonce, s.nonce);
         assert_eq!(body.pinned_roots, Some(vec![ByteBuf::from(vec![7; 32])]));
+        assert_eq!(body.signing_key, Some(ByteBuf::from(vec![8; 32])));
     }
 }

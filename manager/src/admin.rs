@@ -75,6 +75,7 @@ pub fn device_view(d: &DeviceRecord) -> Value {
         "pending": d.pending,
         "last_seen_ms": d.last_seen_ms,
         "pinned_roots": d.pinned_roots,
+        "signing_key": d.signing_key,
     })
 }
 
@@ -533,15 +534,7 @@ async fn route(admin: &Admin, method: &str, path: &str, body: &[u8]) -> (u16, Va
             .await
         }
         ("GET", ["v1", "root-ca"]) => blocking(move || root_cas(&core)).await,
-        ("GET", ["v1", "signing-key"]) => {
-            blocking(move || {
-                let generations = core.pki.signing_generations().map_err(internal)?;
-                Ok(json!({
-                    "generations": generations.iter().map(signing_view).collect::<Vec<_>>(),
-                }))
-            })
-            .await
-        }
+        ("GET", ["v1", "signing-key"]) => blocking(move || signing_keys(&core)).await,
         ("POST", ["v1", "signing-key", "roll"]) => {
             blocking(move || {
                 let rolled = core.roll_signing_key().map_err(|f| (500, f.to_string()))?;
@@ -881,6 +874,48 @@ fn root_cas(core: &Core) -> Result<Value, (u16, String)> {
         view["not_pinning_newest"] = json!(first(not_pinned));
     }
     Ok(view)
+}
+
+/// The generations of the manager's signing key, oldest first; the last
+/// signs. Each with how many devices said they take messages by it
+/// (`signing_key` of their reports, topics.md §3.5.4); also how many
+/// devices have not said they take the newest, with the first 100 of
+/// those, and how many never said which key they take (firmware without
+/// `signing_key`, which may not implement `signer` either: roll only once
+/// none is left).
+fn signing_keys(core: &Core) -> Result<Value, (u16, String)> {
+    let generations = core.pki.signing_generations().map_err(internal)?;
+    let devices = core.store.devices().map_err(internal)?;
+    let newest = generations.last().map(|g| g.generation);
+    let mut not_on_newest = Vec::new();
+    let mut not_saying = 0;
+    for d in &devices {
+        if d.signing_key.is_none() {
+            not_saying += 1;
+        }
+        if d.signing_key != newest {
+            not_on_newest.push(d.device_id.clone());
+        }
+    }
+    let count = not_on_newest.len();
+    not_on_newest.sort();
+    not_on_newest.truncate(100);
+    Ok(json!({
+        "generations": generations
+            .iter()
+            .map(|g| {
+                let mut view = signing_view(g);
+                view["devices_taking"] = json!(devices
+                    .iter()
+                    .filter(|d| d.signing_key == Some(g.generation))
+                    .count());
+                view
+            })
+            .collect::<Vec<_>>(),
+        "devices_not_on_newest": count,
+        "not_on_newest": not_on_newest,
+        "devices_not_saying": not_saying,
+    }))
 }
 
 fn signing_view(g: &fleet_pki::SigningGeneration) -> Value {

@@ -1044,6 +1044,8 @@ impl Core {
             pending_revocation: Vec::new(),
             pinned_roots: None,
             pinned_roots_ts: None,
+            signing_key: None,
+            signing_key_ts: None,
         };
         info!(service = %service_id, "device activated");
         Ok(Outcome::Reply {
@@ -1328,6 +1330,13 @@ impl Core {
         }
         self.check_tenant(topic, &device, &req.body.service_id)?;
         let pinned = pinned_roots_of(&req.body)?;
+        let signing_key = match &req.body.signing_key {
+            None => None,
+            Some(d) => Some(
+                <[u8; 32]>::try_from(d.as_slice())
+                    .or_else(|_| fail(Status::Malformed, "signing_key is not 32 bytes"))?,
+            ),
+        };
         let mut batch = Batch {
             nonce: Some(self.nonce_record(&req)),
             ..Batch::default()
@@ -1387,6 +1396,16 @@ impl Core {
                 let next = batch.device.get_or_insert_with(|| device.clone());
                 next.pinned_roots = Some(generations);
                 next.pinned_roots_ts = Some(req.body.ts);
+            }
+        }
+        // Likewise the signing key it takes messages by.
+        if let Some(digest) = signing_key {
+            let generation = self.pki.signing().generation_of(&digest);
+            let newer = device.signing_key_ts.map_or(true, |at| req.body.ts >= at);
+            if newer && generation.is_some() && device.signing_key != generation {
+                let next = batch.device.get_or_insert_with(|| device.clone());
+                next.signing_key = generation;
+                next.signing_key_ts = Some(req.body.ts);
             }
         }
         Ok(Outcome::Reply {
@@ -2684,6 +2703,7 @@ mod tests {
                 change_id: None,
                 detail: None,
                 pinned_roots: pinned,
+                signing_key: None,
             };
             let env = Envelope::build(Kind::Status, &body, |tbs| crypto::hmac(&uuid, tbs)).unwrap();
             let topic = Topic::in_tenant("svcA", Route::Request(RequestKind::Status, "d1".into()));
@@ -2751,6 +2771,7 @@ mod tests {
                 change_id: None,
                 detail: None,
                 pinned_roots: Some(pinned),
+                signing_key: None,
             };
             let env = Envelope::build(Kind::Status, &body, |tbs| crypto::hmac(uuid, tbs)).unwrap();
             let topic = Topic::in_tenant("svcA", Route::Request(RequestKind::Status, d.into()));
@@ -2771,6 +2792,44 @@ mod tests {
         // nothing to say.
         let later = now + 200 * 86_400;
         assert_eq!(core.warn_roots_ending(later).unwrap(), (0, 0));
+    }
+
+    /// `signing_key` of a report is kept as the generation of the signing
+    /// key it names; one of no key of the manager's names nothing, and
+    /// one that is not 32 bytes is `malformed`.
+    #[test]
+    fn status_reports_say_which_signing_key_a_device_takes() {
+        let (_dir, core) = core();
+        let uuid = activated(&core, "d1");
+        let report = |key: Option<Vec<u8>>| {
+            let body = StatusReport {
+                device_id: "d1".into(),
+                service_id: "svcA".into(),
+                nonce: crypto::random_bytes(16),
+                ts: now_ms(),
+                event: "online".into(),
+                change_id: None,
+                detail: None,
+                pinned_roots: None,
+                signing_key: key.map(ByteBuf::from),
+            };
+            let env = Envelope::build(Kind::Status, &body, |tbs| crypto::hmac(&uuid, tbs)).unwrap();
+            let topic = Topic::in_tenant("svcA", Route::Request(RequestKind::Status, "d1".into()));
+            ask(&core, &topic, env.encode()).status
+        };
+        let digest = |key: &PKey<openssl::pkey::Private>| {
+            openssl::sha::sha256(&key.public_key_to_der().unwrap()).to_vec()
+        };
+        let kept = || core.store.device("d1").unwrap().unwrap().signing_key;
+        assert_eq!(report(Some(digest(&core.pki.signing_key()))), Status::Ok);
+        assert_eq!(kept(), Some(1));
+        core.roll_signing_key().unwrap();
+        assert_eq!(report(Some(vec![0xAB; 32])), Status::Ok);
+        assert_eq!(kept(), Some(1), "no key of the manager's");
+        assert_eq!(report(Some(digest(&core.pki.signing_key()))), Status::Ok);
+        assert_eq!(kept(), Some(2));
+        assert_eq!(report(Some(vec![1; 31])), Status::Malformed);
+        assert_eq!(kept(), Some(2));
     }
 
     /// A retry answered from the reply cache after the signing key rolled
@@ -3171,6 +3230,7 @@ mod tests {
             change_id: None,
             detail: None,
             pinned_roots: None,
+            signing_key: None,
         };
         let env = Envelope::build(Kind::Status, &body, |tbs| crypto::hmac(&uuid, tbs)).unwrap();
         let topic = Topic::in_tenant("svcA", Route::Request(RequestKind::Status, "d1".into()));
@@ -3208,6 +3268,7 @@ mod tests {
                 change_id: None,
                 detail: None,
                 pinned_roots: None,
+                signing_key: None,
             };
             let env = Envelope::build(Kind::Status, &body, |tbs| crypto::hmac(&uuid, tbs)).unwrap();
             let topic = Topic::in_tenant(tenant, Route::Request(RequestKind::Status, "d1".into()));
@@ -3291,6 +3352,7 @@ mod tests {
                 change_id: None,
                 detail: None,
                 pinned_roots: None,
+                signing_key: None,
             };
             let topic =
                 Topic::in_tenant("svcA", Route::Request(RequestKind::Status, ids[i].clone()));

@@ -106,6 +106,14 @@ pub struct DeviceRecord {
     /// report changes them no more (topics.md §3.5.4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pinned_roots_ts: Option<u64>,
+    /// The generation of the manager signing key the device said it takes
+    /// messages by (`signing_key` of its reports, topics.md §3.5.4); `None`
+    /// until it says, or if it named no key of the manager's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key: Option<u32>,
+    /// The `ts` of the report that last changed `signing_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key_ts: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -282,6 +282,7 @@ impl Pki {
                 key: first.clone(),
                 signer: None,
                 validity: None,
+                digests: Vec::new(),
             })),
             signing_roll: Mutex::new(()),
             service_cas: Mutex::new(HashMap::new()),

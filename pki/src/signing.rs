@@ -41,6 +41,24 @@ pub struct Signing {
     pub signer: Option<Vec<Vec<u8>>>,
     /// For a generation ≥ 2: its certificate's notBefore and notAfter.
     pub validity: Option<(u64, u64)>,
+    /// The SHA-256 of the DER SubjectPublicKeyInfo of every generation's
+    /// key, the first's first: how devices name the key they pin.
+    pub digests: Vec<[u8; 32]>,
+}
+
+/// The SHA-256 of `key`'s DER SubjectPublicKeyInfo.
+fn digest_of<T: openssl::pkey::HasPublic>(
+    key: &openssl::pkey::PKeyRef<T>,
+) -> Result<[u8; 32], PkiError> {
+    Ok(openssl::sha::sha256(&key.public_key_to_der()?))
+}
+
+impl Signing {
+    /// The generation of the signing key whose digest is `digest`.
+    pub fn generation_of(&self, digest: &[u8; 32]) -> Option<u32> {
+        let at = self.digests.iter().position(|d| d == digest)?;
+        u32::try_from(at + 1).ok()
+    }
 }
 
 /// A signing key generation as the operator API lists it.
@@ -72,11 +90,13 @@ pub(crate) fn load(
     roots: &Roots,
     pki: &Pki,
 ) -> Result<Signing, PkiError> {
+    let mut digests = vec![digest_of(&first)?];
     let mut signing = Signing {
         generation: 1,
         key: first,
         signer: None,
         validity: None,
+        digests: digests.clone(),
     };
     let mut generation = 2;
     while key_file(dir, generation).exists() && cert_file(dir, generation).exists() {
@@ -89,11 +109,13 @@ pub(crate) fn load(
                 key_file(dir, generation).display()
             )));
         }
+        digests.push(digest_of(&key)?);
         signing = Signing {
             generation,
             key,
             signer: Some(pki.signer_chain(roots, &cert)?),
             validity: Some((unix_of(cert.not_before())?, unix_of(cert.not_after())?)),
+            digests: digests.clone(),
         };
         generation += 1;
     }
@@ -178,11 +200,14 @@ impl Pki {
             self.signer_chain(&roots, &cert)?
         };
         let validity = (unix_of(cert.not_before())?, unix_of(cert.not_after())?);
+        let mut digests = before.digests.clone();
+        digests.push(digest_of(&key)?);
         *self.signing.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Signing {
             generation,
             key,
             signer: Some(signer),
             validity: Some(validity),
+            digests,
         });
         tracing::info!(generation, path = %cert_path.display(), "manager signing key rolled over");
         Ok(SigningGeneration {

@@ -76,6 +76,15 @@ pub struct StatusReport {
         with = "crate::strict::option_list"
     )]
     pub pinned_roots: Option<Vec<ByteBuf>>,
+    /// The SHA-256 of the DER SubjectPublicKeyInfo of the manager signing
+    /// key the device takes messages by (topics.md §3.5.4, §4.3): the
+    /// manager keeps which of its signing keys each device has taken.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::strict::option"
+    )]
+    pub signing_key: Option<ByteBuf>,
 }
 
 /// The most root digests a `status` report may carry in `pinned_roots`.

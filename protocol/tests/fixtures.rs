@@ -1118,6 +1118,7 @@ fn generate(spec: &Spec) -> BTreeMap<String, String> {
                 .unwrap()
                 .to_vec(),
         )]),
+        signing_key: None,
     };
     g.fixture("status", &t, &status);
     g.fixture(

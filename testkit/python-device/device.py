@@ -601,6 +601,9 @@ class Device:
 
     def status(self, event, service_id=None, tenant="auto", **extra):
         extra.setdefault("pinned_roots", self.pinned_digests())
+        # §3.5.4: the SHA-256 of the DER SubjectPublicKeyInfo of the manager key it takes messages by
+        extra.setdefault("signing_key", hashlib.sha256(self.mpub.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).digest())
         self.roots_changed = False  # this report names the roots pinned now
         r = self.send("status", self.base(service_id or self.st["service_id"], event=event, **extra),
                       tenant=tenant)

@@ -41,7 +41,7 @@ ORDER = {
     "update": ["device_id", "service_id", "nonce", "ts", "eph", "csr"],
     "poll": ["device_id", "service_id", "nonce", "ts"],
     "status": ["device_id", "service_id", "nonce", "ts", "event", "change_id", "detail",
-               "pinned_roots"],
+               "pinned_roots", "signing_key"],
     "reply": ["device_id", "nonce", "seq", "status", "service_id", "uuid", "chain",
               "key", "change", "roots", "crosses", "detail"],
     "service_change": ["device_id", "seq", "change_id", "service_id", "provider",

@@ -529,6 +529,12 @@ def main():
         expect(len(r.env["signer"]) == 2, "the signer: the key's certificate and the cross-certificate to the first root")
         again = d.poll()
         expect(again and again.status == 0, "the next reply is taken by the key pinned")
+        r = d.status("online")
+        expect(r and r.status == 0, "online reported, naming the key it takes messages by")
+        dev = (E.admin("GET", f"/v1/devices/{d.id}").get("device") or {})
+        expect(dev.get("signing_key") == 2, f"its record: signing_key {dev.get('signing_key')}")
+        keys = E.admin("GET", "/v1/signing-key")
+        expect(d.id not in keys.get("not_on_newest", [d.id]), f"signing-key counts it on the newest: {keys}")
         try:
             proto.open_manager_message(before.payload, "poll_reply", d.mpub, d.id, d.take_signer)
             expect(False, "a reply signed by the key before is refused")

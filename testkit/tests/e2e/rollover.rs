@@ -735,6 +735,25 @@ async fn a_rolled_over_signing_key_is_taken_by_devices_from_its_certificate() {
         .ok()
     };
     assert!(stored().is_none());
+    // Its reports name the key it takes messages by: the first.
+    let taking = |listed: &serde_json::Value| -> Vec<serde_json::Value> {
+        listed["generations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["devices_taking"].clone())
+            .collect()
+    };
+    fleet_testkit::eventually(T, "sig1 counted on the first key", || {
+        let fleet = &fleet;
+        async move {
+            let listed = cli_at(fleet, "signing-key", &[]).await[0].clone();
+            (taking(&listed) == [json!(1)] && listed["devices_not_saying"] == json!(0))
+                .then_some(())
+        }
+    })
+    .await
+    .unwrap();
 
     let rolled = cli_at(&fleet, "signing-key", &["--roll"]).await[0].clone();
     assert_eq!(rolled["generation"], json!(2));
@@ -770,6 +789,17 @@ async fn a_rolled_over_signing_key_is_taken_by_devices_from_its_certificate() {
     fleet.change(&["sig1"], "svcB").await.unwrap();
     connected_to(&devices, "sig1", "svcB").await;
     assert_eq!(stored(), Some(cert.to_pem().unwrap()));
+    // Its report from svcB names the new key.
+    fleet_testkit::eventually(T, "sig1 counted on the new key", || {
+        let fleet = &fleet;
+        async move {
+            let listed = cli_at(fleet, "signing-key", &[]).await[0].clone();
+            (taking(&listed) == [json!(0), json!(1)] && listed["devices_not_on_newest"] == json!(0))
+                .then_some(())
+        }
+    })
+    .await
+    .unwrap();
     // Started again, it takes messages by the key it stored: a second
     // change moves it as well.
     task.abort();
