@@ -2694,20 +2694,10 @@ mod tests {
             ByteBuf::from(openssl::sha::sha256(&roots[i].cert.to_der().unwrap()).to_vec())
         };
         let report_at = |event: &str, pinned: Option<Vec<ByteBuf>>, ts: u64| {
-            let body = StatusReport {
-                device_id: "d1".into(),
-                service_id: "svcA".into(),
-                nonce: crypto::random_bytes(16),
-                ts,
-                event: event.into(),
-                change_id: None,
-                detail: None,
-                pinned_roots: pinned,
-                signing_key: None,
-            };
-            let env = Envelope::build(Kind::Status, &body, |tbs| crypto::hmac(&uuid, tbs)).unwrap();
-            let topic = Topic::in_tenant("svcA", Route::Request(RequestKind::Status, "d1".into()));
-            ask(&core, &topic, env.encode())
+            let report = online_report("d1", "svcA", &uuid, |r| {
+                (r.event, r.pinned_roots, r.ts) = (event.into(), pinned, ts);
+            });
+            ask(&core, &status_topic("svcA", "d1"), report)
         };
         let report = |event: &str, pinned: Option<Vec<ByteBuf>>| report_at(event, pinned, now_ms());
         let kept = || core.store.device("d1").unwrap().unwrap().pinned_roots;
@@ -2762,20 +2752,11 @@ mod tests {
             ByteBuf::from(openssl::sha::sha256(&cert.to_der().unwrap()).to_vec())
         };
         let report = |d: &str, uuid: &[u8], pinned: Vec<ByteBuf>| {
-            let body = StatusReport {
-                device_id: d.into(),
-                service_id: "svcA".into(),
-                nonce: crypto::random_bytes(16),
-                ts: now_ms(),
-                event: "online".into(),
-                change_id: None,
-                detail: None,
-                pinned_roots: Some(pinned),
-                signing_key: None,
-            };
-            let env = Envelope::build(Kind::Status, &body, |tbs| crypto::hmac(uuid, tbs)).unwrap();
-            let topic = Topic::in_tenant("svcA", Route::Request(RequestKind::Status, d.into()));
-            assert_eq!(ask(&core, &topic, env.encode()).status, Status::Ok);
+            let report = online_report(d, "svcA", uuid, |r| r.pinned_roots = Some(pinned));
+            assert_eq!(
+                ask(&core, &status_topic("svcA", d), report).status,
+                Status::Ok
+            );
         };
         let uuid = activated(&core, "d1");
         assert_eq!(update(&core, "d1", "svcA", None, &uuid).status, Status::Ok);
@@ -2802,20 +2783,10 @@ mod tests {
         let (_dir, core) = core();
         let uuid = activated(&core, "d1");
         let report = |key: Option<Vec<u8>>| {
-            let body = StatusReport {
-                device_id: "d1".into(),
-                service_id: "svcA".into(),
-                nonce: crypto::random_bytes(16),
-                ts: now_ms(),
-                event: "online".into(),
-                change_id: None,
-                detail: None,
-                pinned_roots: None,
-                signing_key: key.map(ByteBuf::from),
-            };
-            let env = Envelope::build(Kind::Status, &body, |tbs| crypto::hmac(&uuid, tbs)).unwrap();
-            let topic = Topic::in_tenant("svcA", Route::Request(RequestKind::Status, "d1".into()));
-            ask(&core, &topic, env.encode()).status
+            let report = online_report("d1", "svcA", &uuid, |r| {
+                r.signing_key = key.map(ByteBuf::from)
+            });
+            ask(&core, &status_topic("svcA", "d1"), report).status
         };
         let digest = |key: &PKey<openssl::pkey::Private>| {
             openssl::sha::sha256(&key.public_key_to_der().unwrap()).to_vec()
@@ -2893,6 +2864,36 @@ mod tests {
         let core = Core::new(store, Arc::new(pki), ManagerConfig::default());
         core.ensure_service("svcA").unwrap();
         (dir, core, key, root)
+    }
+
+    /// An `online` report of `device` for `service`, keyed by `uuid`, as
+    /// `fill` changes it.
+    fn online_report(
+        device: &str,
+        service: &str,
+        uuid: &[u8],
+        fill: impl FnOnce(&mut StatusReport),
+    ) -> Vec<u8> {
+        let mut body = StatusReport {
+            device_id: device.into(),
+            service_id: service.into(),
+            nonce: crypto::random_bytes(16),
+            ts: now_ms(),
+            event: "online".into(),
+            change_id: None,
+            detail: None,
+            pinned_roots: None,
+            signing_key: None,
+        };
+        fill(&mut body);
+        Envelope::build(Kind::Status, &body, |tbs| crypto::hmac(uuid, tbs))
+            .unwrap()
+            .encode()
+    }
+
+    /// `device`'s status topic in `tenant`.
+    fn status_topic(tenant: &str, device: &str) -> Topic {
+        Topic::in_tenant(tenant, Route::Request(RequestKind::Status, device.into()))
     }
 
     /// Registers `device_id` for svcA with a new factory key, returned.
@@ -3259,20 +3260,8 @@ mod tests {
             Status::Ok
         );
         let online = |tenant: &str| {
-            let body = StatusReport {
-                device_id: "d1".into(),
-                service_id: "svcB".into(),
-                nonce: crypto::random_bytes(16),
-                ts: now_ms(),
-                event: "online".into(),
-                change_id: None,
-                detail: None,
-                pinned_roots: None,
-                signing_key: None,
-            };
-            let env = Envelope::build(Kind::Status, &body, |tbs| crypto::hmac(&uuid, tbs)).unwrap();
-            let topic = Topic::in_tenant(tenant, Route::Request(RequestKind::Status, "d1".into()));
-            ask(&core, &topic, env.encode())
+            let report = online_report("d1", "svcB", &uuid, |_| {});
+            ask(&core, &status_topic(tenant, "d1"), report)
         };
         let confirmed = || {
             let device = core.store.device("d1").unwrap().unwrap();
@@ -3343,20 +3332,8 @@ mod tests {
             reply.change.map(|c| c.change_id)
         };
         let online = |i: usize| {
-            let body = StatusReport {
-                device_id: ids[i].clone(),
-                service_id: "svcA".into(),
-                nonce: crypto::random_bytes(16),
-                ts: now_ms(),
-                event: "online".into(),
-                change_id: None,
-                detail: None,
-                pinned_roots: None,
-                signing_key: None,
-            };
-            let topic =
-                Topic::in_tenant("svcA", Route::Request(RequestKind::Status, ids[i].clone()));
-            core.handle(&topic.to_string(), &signed(Kind::Status, &body, &uuids[i]))
+            let report = online_report(&ids[i], "svcA", &uuids[i], |_| {});
+            core.handle(&status_topic("svcA", &ids[i]).to_string(), &report)
         };
         let change_id = |i: usize| results[i].change_id.clone();
         // d1's poll takes the second's one announcement.
