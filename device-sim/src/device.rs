@@ -258,7 +258,11 @@ impl PinnedSigner {
     }
 
     fn from_pem(pem: &[u8]) -> Option<PinnedSigner> {
-        let cert = X509::from_pem(pem).ok()?;
+        Self::of(&X509::from_pem(pem).ok()?)
+    }
+
+    /// The key of a successor's certificate, since its notBefore.
+    fn of(cert: &X509) -> Option<PinnedSigner> {
         Some(PinnedSigner {
             key: cert.public_key().ok()?,
             since: Some(crate::replies::unix_of(cert.not_before())?),
@@ -695,15 +699,11 @@ impl Device {
     /// Pins the successor signing key a message proved (topics.md §4.3):
     /// stored first, then the only key messages are taken by.
     async fn learn_signer(&self, cert: Option<X509>) {
-        let Some(cert) = cert else { return };
-        let Some(pinned) = cert
-            .to_pem()
-            .ok()
-            .and_then(|pem| PinnedSigner::from_pem(&pem).map(|signer| (pem, signer)))
+        let Some((pem, signer)) =
+            cert.and_then(|cert| Some((cert.to_pem().ok()?, PinnedSigner::of(&cert)?)))
         else {
             return;
         };
-        let (pem, signer) = pinned;
         match self.with_store(move |s| s.pin_signer(&pem)).await {
             Ok(()) => {
                 info!(since = ?signer.since, "pinned the manager's new signing key");

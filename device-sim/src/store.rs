@@ -67,6 +67,15 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
+/// The bytes of `path`, or `None` if there is no such file.
+fn read_if_there(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
 /// Everything the device remembers besides its key files.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceState {
@@ -284,12 +293,7 @@ impl Store {
     /// The root CAs the manager gave the device to pin (`roots` in a
     /// reply), PEM, if it gave any; they replace the configured root file.
     pub fn pinned_roots(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        let path = self.dir.join(ROOTS_FILE);
-        match fs::read(&path) {
-            Ok(pem) => Ok(Some(pem)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err(&path)(e)),
-        }
+        read_if_there(&self.dir.join(ROOTS_FILE))
     }
 
     /// Stores the roots to pin from now on (PEM), replacing those before.
@@ -300,12 +304,7 @@ impl Store {
     /// The certificate of the manager signing key learned last (PEM), if
     /// any; it replaces the configured public key.
     pub fn pinned_signer(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        let path = self.dir.join(SIGNER_FILE);
-        match fs::read(&path) {
-            Ok(pem) => Ok(Some(pem)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err(&path)(e)),
-        }
+        read_if_there(&self.dir.join(SIGNER_FILE))
     }
 
     /// Stores the certificate of the manager signing key to take messages

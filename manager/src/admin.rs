@@ -860,18 +860,13 @@ fn root_cas(core: &Core) -> Result<Value, (u16, String)> {
                 }
             }
         }
-        let first = |mut ids: Vec<String>| {
-            ids.sort();
-            ids.truncate(100);
-            ids
-        };
         view["devices_reported_since_roll"] = json!(reported);
         view["devices_not_reported_since_roll"] = json!(not_reported.len());
-        view["not_reported"] = json!(first(not_reported));
+        view["not_reported"] = json!(first_hundred(not_reported));
         view["devices_pinning_newest"] = json!(pinned);
         view["devices_not_pinning_newest"] = json!(not_pinned.len());
         view["devices_not_saying"] = json!(not_saying);
-        view["not_pinning_newest"] = json!(first(not_pinned));
+        view["not_pinning_newest"] = json!(first_hundred(not_pinned));
     }
     Ok(view)
 }
@@ -898,8 +893,6 @@ fn signing_keys(core: &Core) -> Result<Value, (u16, String)> {
         }
     }
     let count = not_on_newest.len();
-    not_on_newest.sort();
-    not_on_newest.truncate(100);
     Ok(json!({
         "generations": generations
             .iter()
@@ -913,9 +906,16 @@ fn signing_keys(core: &Core) -> Result<Value, (u16, String)> {
             })
             .collect::<Vec<_>>(),
         "devices_not_on_newest": count,
-        "not_on_newest": not_on_newest,
+        "not_on_newest": first_hundred(not_on_newest),
         "devices_not_saying": not_saying,
     }))
+}
+
+/// The first 100 of `ids`, sorted: the devices a listing names.
+fn first_hundred(mut ids: Vec<String>) -> Vec<String> {
+    ids.sort();
+    ids.truncate(100);
+    ids
 }
 
 fn signing_view(g: &fleet_pki::SigningGeneration) -> Value {

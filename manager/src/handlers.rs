@@ -666,8 +666,18 @@ impl Core {
         let reply_kind = Kind::from(kind)
             .reply()
             .expect("request kinds have replies");
+        Ok(self.manager_signed(reply_kind, &reply)?)
+    }
+
+    /// `body` as a manager message of `kind`: signed by the key that signs
+    /// now, with its `signer` after a roll-over (topics.md §4.3).
+    fn manager_signed<T: serde::Serialize>(
+        &self,
+        kind: Kind,
+        body: &T,
+    ) -> Result<Vec<u8>, ProtocolError> {
         let signing = self.pki.signing();
-        let mut env = Envelope::build(reply_kind, &reply, |tbs| crypto::sign(&signing.key, tbs))?;
+        let mut env = Envelope::build(kind, body, |tbs| crypto::sign(&signing.key, tbs))?;
         env.signer = signer_of(&signing);
         Ok(env.encode())
     }
@@ -2423,14 +2433,8 @@ impl Core {
             return Vec::new();
         };
         let body = notice_body(&device.device_id, pending);
-        let signing = self.pki.signing();
-        let env = match Envelope::build(Kind::ServiceChange, &body, |tbs| {
-            crypto::sign(&signing.key, tbs)
-        }) {
-            Ok(mut env) => {
-                env.signer = signer_of(&signing);
-                env.encode()
-            }
+        let env = match self.manager_signed(Kind::ServiceChange, &body) {
+            Ok(env) => env,
             Err(err) => {
                 warn!(error = %err, "notice not signed");
                 return Vec::new();

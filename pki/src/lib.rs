@@ -466,12 +466,18 @@ impl Pki {
     }
 
     /// The cross-certificates a server certificate of the issuing root
-    /// carries after it at `now`: the issuing root's by the one before,
-    /// that one's by the one before it, and so on while each lasts, so
-    /// that a client that pins any root that has not expired verifies it.
+    /// carries after it at `now` ([`Pki::crosses_back_from`]).
     fn server_chain_of(&self, roots: &Roots, now: u64) -> Vec<X509> {
+        self.crosses_back_from(roots, roots.issuing.generation, now)
+    }
+
+    /// The cross-certificates a certificate of root `generation` carries
+    /// after it at `now`: that root's by the one before, that one's by the
+    /// one before it, and so on while each lasts, so that a client that
+    /// pins any root that has not expired verifies it.
+    fn crosses_back_from(&self, roots: &Roots, generation: u32, now: u64) -> Vec<X509> {
         let mut chain = Vec::new();
-        for generation in (2..=roots.issuing.generation).rev() {
+        for generation in (2..=generation).rev() {
             match self.cross_of(roots, generation, RootPart::Cross) {
                 Some(cross) if unix_of(cross.not_after()).is_ok_and(|end| end > now) => {
                     chain.push(cross)

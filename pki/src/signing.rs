@@ -16,7 +16,6 @@ use openssl::x509::X509;
 
 use crate::certs::{self, Issuer, Profile, Template};
 use crate::files::{self, PUBLIC_MODE};
-use crate::roots::RootPart;
 use crate::{unix_of, Pki, PkiError, Roots};
 
 /// The extended key usage a certificate of a manager signing key carries,
@@ -280,14 +279,8 @@ impl Pki {
             .ok_or_else(|| {
                 PkiError::Inconsistent("a signing key's certificate from no root here".into())
             })?;
-        let now = crate::unix_now();
-        for generation in (2..=issuer).rev() {
-            match self.cross_of(roots, generation, RootPart::Cross) {
-                Some(cross) if unix_of(cross.not_after()).is_ok_and(|end| end > now) => {
-                    chain.push(cross.to_der()?)
-                }
-                _ => break,
-            }
+        for cross in self.crosses_back_from(roots, issuer, crate::unix_now()) {
+            chain.push(cross.to_der()?);
         }
         Ok(chain)
     }

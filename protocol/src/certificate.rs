@@ -364,6 +364,20 @@ mod tests {
         key: &PKey<openssl::pkey::Private>,
         constraints: Option<openssl::x509::extension::BasicConstraints>,
     ) -> Vec<u8> {
+        let key_usage = openssl::x509::extension::KeyUsage::new()
+            .critical()
+            .key_cert_sign()
+            .build()
+            .unwrap();
+        let constraints = constraints.map(|c| c.build().unwrap());
+        self_signed(key, constraints.into_iter().chain([key_usage]).collect())
+    }
+
+    /// A self-signed certificate of `key` (DER) with `extensions`.
+    fn self_signed(
+        key: &PKey<openssl::pkey::Private>,
+        extensions: Vec<openssl::x509::X509Extension>,
+    ) -> Vec<u8> {
         let mut name = X509NameBuilder::new().unwrap();
         name.append_entry_by_text("CN", "a root").unwrap();
         let name = name.build();
@@ -376,15 +390,9 @@ mod tests {
         b.set_not_after(&Asn1Time::days_from_now(1).unwrap())
             .unwrap();
         b.set_pubkey(key).unwrap();
-        if let Some(constraints) = constraints {
-            b.append_extension(constraints.build().unwrap()).unwrap();
+        for extension in extensions {
+            b.append_extension(extension).unwrap();
         }
-        let key_usage = openssl::x509::extension::KeyUsage::new()
-            .critical()
-            .key_cert_sign()
-            .build()
-            .unwrap();
-        b.append_extension(key_usage).unwrap();
         b.sign(key, MessageDigest::sha256()).unwrap();
         b.build().to_der().unwrap()
     }
@@ -441,27 +449,13 @@ mod tests {
         .unwrap();
         let plain = with_constraints(&key, None);
         assert_eq!(extended_key_usages(&plain), Some(vec![]));
-        let mut name = X509NameBuilder::new().unwrap();
-        name.append_entry_by_text("CN", "signer").unwrap();
-        let name = name.build();
-        let mut b = X509Builder::new().unwrap();
-        b.set_version(2).unwrap();
-        b.set_subject_name(&name).unwrap();
-        b.set_issuer_name(&name).unwrap();
-        b.set_pubkey(&key).unwrap();
-        b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
-            .unwrap();
-        b.set_not_after(&Asn1Time::days_from_now(1).unwrap())
-            .unwrap();
         let eku = openssl::x509::extension::ExtendedKeyUsage::new()
             .critical()
             .server_auth()
             .other("2.25.122450229210474948527528967594312682113")
             .build()
             .unwrap();
-        b.append_extension(eku).unwrap();
-        b.sign(&key, MessageDigest::sha256()).unwrap();
-        let der = b.build().to_der().unwrap();
+        let der = self_signed(&key, vec![eku]);
         let server_auth: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x01];
         assert_eq!(
             extended_key_usages(&der),
